@@ -1,0 +1,1 @@
+"""tinyllm: how a large language model is made, in readable NumPy + autograd code."""
