@@ -1,0 +1,90 @@
+"""Hyperparameters as frozen dataclasses: sizes and flags live here, arrays live in param dicts.
+
+Each default carries the reason it was chosen. `validate()` turns a bad setting into a one-line
+`TinyLLMError` that names the flag, so the CLI never shows a traceback for a typo.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import TinyLLMError
+
+
+def _require_positive(obj, names):
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            flag = "--" + name.replace("_", "-")
+            raise TinyLLMError(f"{flag} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The shape of a decoder-only transformer (GPT)."""
+
+    vocab_size: int = 65  # tokens the model can read and emit; set from the tokenizer
+    block_size: int = 64  # context length T: the most tokens the model sees at once
+    n_layer: int = 4  # decoder blocks; nanoGPT's CPU recipe for tiny Shakespeare uses 4
+    n_head: int = 4  # attention heads per block; head size D = n_embd / n_head = 32
+    n_embd: int = 128  # channels C of the residual stream
+    dropout: float = 0.0  # 0 for tiny models on small data trained briefly: they underfit, not overfit
+    bias: bool = True  # biases in linear layers and layer norms, as in GPT-2 (off is a bit faster)
+    tie_weights: bool = True  # LM head shares the token embedding matrix (Press & Wolf, 2017)
+
+    def validate(self):
+        """Raise TinyLLMError for sizes that cannot make a model; return self."""
+        _require_positive(self, ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"))
+        if self.n_embd % self.n_head:
+            raise TinyLLMError(
+                f"--n-embd ({self.n_embd}) must be divisible by --n-head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise TinyLLMError(f"--dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: batch, schedule, optimizer and bookkeeping."""
+
+    batch_size: int = 12  # sequences per step; B * T = 768 tokens per step at block 64
+    max_iters: int = 2000  # optimizer steps in the whole run
+    lr: float = 1e-3  # peak learning rate; tiny models tolerate a large one
+    min_lr: float = 1e-4  # cosine decay floor, lr / 10 (Chinchilla's rule of thumb)
+    warmup_iters: int = 100  # linear warm-up: Adam's moment estimates are noisy in the first steps
+    weight_decay: float = 0.1  # decoupled weight decay on matrices only (AdamW)
+    beta1: float = 0.9  # Adam first-moment decay
+    beta2: float = 0.99  # second-moment decay; 0.99 rather than 0.999 because batches are small
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
+    eval_interval: int = 250  # evaluate and checkpoint every this many steps
+    eval_iters: int = 20  # batches per split in each evaluation
+    seed: int = 1337  # everything random (init, batches, dropout) follows from it
+
+    def validate(self):
+        """Raise TinyLLMError for settings that cannot train; return self."""
+        _require_positive(self, ("batch_size", "max_iters", "eval_interval", "eval_iters"))
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise TinyLLMError(
+                f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr}, min_lr={self.min_lr}"
+            )
+        for name in ("warmup_iters", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise TinyLLMError(f"--{name.replace('_', '-')} must not be negative")
+        return self
+
+
+def to_dict(config):
+    """A dataclass as a plain dict, for config.json."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls, data, where="config"):
+    """Build `cls` from a dict, ignoring unknown keys only if they are absent from the class."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise TinyLLMError(f"{where}: unknown {cls.__name__} fields {sorted(unknown)}")
+    try:
+        return cls(**data)
+    except TypeError as err:
+        raise TinyLLMError(f"{where}: {err}") from None

@@ -1,0 +1,126 @@
+"""Models as pure functions over dicts of arrays: GPT (decoder-only) init, forward and loss.
+
+Parameter tree of a GPT (shapes with V vocab, T block size, C channels, L layers):
+    wte (V, C)            token embedding
+    wpe (T, C)            learned position embedding
+    h   [L blocks]        each {"ln_1", "attn": {"c_attn", "c_proj"}, "ln_2", "mlp": {"c_fc", "c_proj"}}
+    ln_f {"g", "b"}       final layer norm
+    lm_head {"w": (C, V)} only when the head is not tied to wte
+A linear layer is {"w": (C_in, C_out), "b": (C_out,)} and a layer norm {"g": (C,), "b": (C,)};
+the "b" entries are absent when config.bias is False.
+"""
+
+import math
+
+import autograd.numpy as np
+import numpy as onp
+from autograd.tracer import getval
+
+from .blocks import decoder_block
+from .errors import TinyLLMError
+from .ops import causal_mask, cross_entropy, dropout, embedding, layer_norm, linear
+from .tree import tree_leaves
+
+INIT_STD = 0.02  # GPT-2's initialisation scale for every weight matrix and embedding
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+def init_linear(rng, c_in, c_out, bias, std=INIT_STD, dtype="float32"):
+    """A linear layer: weights ~ N(0, std^2), zero bias."""
+    layer = {"w": (rng.standard_normal((c_in, c_out)) * std).astype(dtype)}
+    if bias:
+        layer["b"] = onp.zeros(c_out, dtype=dtype)
+    return layer
+
+
+def init_layer_norm(c, bias, dtype="float32"):
+    """A layer norm that starts as the identity on normalised input: gain 1, shift 0."""
+    norm = {"g": onp.ones(c, dtype=dtype)}
+    if bias:
+        norm["b"] = onp.zeros(c, dtype=dtype)
+    return norm
+
+
+def init_decoder_block(rng, config, dtype="float32"):
+    """One GPT block's parameters."""
+    c, bias = config.n_embd, config.bias
+    # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 L), since each
+    # of the 2 L residual additions adds variance and the stream should not grow with depth.
+    proj_std = INIT_STD / math.sqrt(2 * config.n_layer)
+    return {
+        "ln_1": init_layer_norm(c, bias, dtype),
+        "attn": {
+            "c_attn": init_linear(rng, c, 3 * c, bias, dtype=dtype),
+            "c_proj": init_linear(rng, c, c, bias, std=proj_std, dtype=dtype),
+        },
+        "ln_2": init_layer_norm(c, bias, dtype),
+        "mlp": {
+            "c_fc": init_linear(rng, c, 4 * c, bias, dtype=dtype),
+            "c_proj": init_linear(rng, 4 * c, c, bias, std=proj_std, dtype=dtype),
+        },
+    }
+
+
+def init_gpt(config, rng, dtype="float32"):
+    """Fresh GPT parameters for `config`, drawn from the numpy Generator `rng`."""
+    config.validate()
+    v, t, c = config.vocab_size, config.block_size, config.n_embd
+    params = {
+        "wte": (rng.standard_normal((v, c)) * INIT_STD).astype(dtype),
+        "wpe": (rng.standard_normal((t, c)) * INIT_STD).astype(dtype),
+        "h": [init_decoder_block(rng, config, dtype) for _ in range(config.n_layer)],
+        "ln_f": init_layer_norm(c, config.bias, dtype),
+    }
+    if not config.tie_weights:
+        params["lm_head"] = {"w": (rng.standard_normal((c, v)) * INIT_STD).astype(dtype)}
+    return params
+
+
+def count_params(params):
+    """Total number of scalars in a parameter tree."""
+    return sum(int(onp.size(leaf)) for leaf in tree_leaves(params))
+
+
+# ----------------------------------------------------------------------------- forward and loss
+
+
+def gpt_hidden(params, ids, config, rng=None):
+    """The final-normed residual stream of a GPT: token ids (B, T) -> hidden states (B, T, C).
+
+    `rng` turns dropout on (training); None means evaluation.
+    """
+    t = ids.shape[1]
+    if t > config.block_size:
+        raise TinyLLMError(f"sequence of {t} tokens is longer than block_size {config.block_size}")
+    x = embedding(params["wte"], ids) + params["wpe"][:t]  # (B, T, C) + (T, C) -> (B, T, C)
+    x = dropout(x, config.dropout, rng)
+    mask = causal_mask(t, getval(params["wte"]).dtype)  # (T, T), broadcast over (B, H)
+    for block in params["h"]:
+        x = decoder_block(x, **block, n_head=config.n_head, mask=mask,
+                          dropout_p=config.dropout, rng=rng)  # (B, T, C)
+    return layer_norm(x, **params["ln_f"])  # (B, T, C)
+
+
+def lm_head_weight(params):
+    """The (C, V) matrix that turns hidden states into logits: wte^T when tied."""
+    if "lm_head" in params:
+        return params["lm_head"]["w"]
+    return np.transpose(params["wte"])  # (V, C) -> (C, V)
+
+
+def gpt_forward(params, ids, config, rng=None):
+    """Next-token logits: token ids (B, T) -> (B, T, V)."""
+    return linear(gpt_hidden(params, ids, config, rng), lm_head_weight(params))
+
+
+def gpt_loss(params, ids, targets, config, rng=None, mask=None):
+    """Mean next-token cross-entropy: ids (B, T), targets (B, T), mask (B, T) or None -> scalar.
+
+    The targets are the inputs shifted left by one: the text makes its own labels.
+    """
+    logits = gpt_forward(params, ids, config, rng)  # (B, T, V)
+    flat_mask = None if mask is None else np.reshape(mask, (-1,))
+    return cross_entropy(np.reshape(logits, (-1, logits.shape[-1])), np.reshape(targets, (-1,)),
+                         flat_mask)

@@ -1,0 +1,367 @@
+"""Tensor ops for transformers on `autograd.numpy`: each in a readable reference form, and where it
+pays, a fused form with a hand-written gradient.
+
+Shape letters used across tinyllm: B batch, T time (sequence position), C channels (n_embd),
+H heads, D head size (C / H), V vocabulary, N = B * T rows, K classes.
+
+Why fused forms? autograd differentiates a function by recording every numpy call and replaying
+their gradients backwards. A layer norm written as six numpy calls records six nodes, allocates
+six intermediate arrays and, in the backward pass, six more. A fused op is one
+`autograd.extend.primitive` whose vector-Jacobian product (VJP) we write by hand from the maths,
+so the whole op is one node with the minimum of temporaries. `tests/test_ops.py` proves each fused
+form equals its reference form in value and gradient, and checks every hand-written VJP against
+finite differences.
+
+float32 discipline: every constant below is a Python float, never a numpy float64 scalar, because
+numpy promotes `float32_array * float64_scalar` to float64 and the whole step silently doubles in
+cost (see AUTOGRAD_NOTES.md).
+"""
+
+import concurrent.futures
+import math
+
+import autograd.numpy as np
+import numpy as onp  # plain numpy inside primitives: their insides are never traced
+from autograd.extend import defvjp, defvjp_argnums, primitive
+from autograd.tracer import getval, isbox
+
+LN_EPS = 1e-5  # layer norm's variance floor, as in PyTorch and GPT-2
+GELU_C = math.sqrt(2.0 / math.pi)  # the tanh approximation's constant (Hendrycks & Gimpel, 2016)
+MASK_VALUE = -1e9  # additive mask: large enough that exp() underflows to exactly 0, finite in float32
+
+
+# ----------------------------------------------------------------------------- linear, embedding
+
+
+def linear(x, w, b=None):
+    """Affine map y = x W + b over the last axis: (..., C_in) -> (..., C_out).
+
+    We flatten the leading axes and do one 2-D matmul: a 2-D matmul uses both cores, and its
+    gradient in autograd is cheaper than a broadcast 3-D one.
+    """
+    lead = x.shape[:-1]
+    y = np.reshape(x, (-1, x.shape[-1])) @ w  # (N, C_in) @ (C_in, C_out) -> (N, C_out)
+    if b is not None:
+        y = y + b
+    return np.reshape(y, lead + (w.shape[1],))  # (N, C_out) -> (..., C_out)
+
+
+def embedding(table, ids):
+    """Look up rows of `table` (V, C) for integer `ids` (...) -> (..., C).
+
+    Example: table = [[0, 0], [1, 1], [2, 2]], ids = [2, 0] -> [[2, 2], [0, 0]].
+    The gradient adds each incoming row back into the row it came from (autograd does this).
+    """
+    return table[ids]
+
+
+# ----------------------------------------------------------------------------- GELU
+
+
+def gelu_reference(x):
+    """GELU in GPT-2's tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + 0.044715 * x**3)))
+
+
+def _gelu_rows(x, y, slope):
+    """Fill y = gelu(x) and, unless slope is None, slope = gelu'(x), sharing one tanh.
+
+    gelu(x)  = x G,  with the gate G = 0.5 (1 + t) and t = tanh(c x (1 + a x^2)), a = 0.044715
+    gelu'(x) = G + 0.5 c x (1 - t^2) (1 + 3 a x^2)
+    Every step writes into an existing buffer: on this machine class an elementwise pass over the
+    MLP activations costs about as much as a small matmul, so the number of passes is the cost.
+    """
+    x2 = x * x
+    t = x2 * (0.044715 * GELU_C)
+    t += GELU_C
+    t *= x
+    onp.tanh(t, out=t)  # t = tanh(c x (1 + a x^2))
+    gate = onp.add(t, 1.0, out=slope if slope is not None else None)
+    gate *= 0.5  # G
+    onp.multiply(x, gate, out=y)  # y = x G
+    if slope is None:
+        return
+    x2 *= 3 * 0.044715
+    x2 += 1.0
+    x2 *= x
+    x2 *= 0.5 * GELU_C  # 0.5 c x (1 + 3 a x^2)
+    onp.multiply(t, t, out=t)
+    onp.subtract(1.0, t, out=t)  # 1 - t^2
+    x2 *= t
+    slope += x2  # slope held G; now G + 0.5 c x (1 - t^2)(1 + 3 a x^2)
+
+
+def gelu(x):
+    """GELU (tanh form) as one fused op; same values as `gelu_reference`.
+
+    The forward pass computes the value and the slope together (they share the tanh), and
+    `_with_slope` hands both to autograd: the backward pass is then a single multiply.
+    """
+    xv = getval(x)
+    y = onp.empty_like(xv)
+    if not isbox(x):  # not being differentiated (evaluation, sampling): skip the slope
+        _in_two_halves(_gelu_rows, xv, y, None)
+        return y
+    slope = onp.empty_like(xv)
+    _in_two_halves(_gelu_rows, xv, y, slope)
+    return _with_slope(x, y, slope)
+
+
+@primitive
+def _with_slope(x, y, slope):
+    """An elementwise op whose value y = f(x) and slope f'(x) were computed ahead: returns y.
+
+    Its VJP is g * f'(x). Passing the precomputed arrays in as arguments (rather than stashing them
+    somewhere) keeps the op a pure function that autograd can trace.
+    """
+    return y
+
+
+defvjp(_with_slope, lambda ans, x, y, slope: lambda g: g * slope)
+
+
+# ----------------------------------------------------------------------------- two cores
+
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+_MIN_PARALLEL_SIZE = 1 << 15  # below ~32k elements the thread hand-off costs more than it saves
+
+
+def _in_two_halves(fn, *arrays):
+    """Run fn(*arrays) as two calls on the first and second halves of each array's rows, at once.
+
+    numpy's matmuls use both cores but its elementwise loops use one; they do release the GIL,
+    so two threads each working on half of the rows run in parallel. `fn` must write its results
+    into output arrays passed among `arrays` (row i of the output depends on row i of the input);
+    None entries are passed through.
+    """
+    rows = arrays[0].shape[0]
+    if rows < 2 or arrays[0].size < _MIN_PARALLEL_SIZE:
+        fn(*arrays)
+        return
+    half = rows // 2
+    first = _POOL.submit(fn, *(a if a is None else a[:half] for a in arrays))
+    fn(*(a if a is None else a[half:] for a in arrays))
+    first.result()  # re-raises any error from the other thread
+
+
+# ----------------------------------------------------------------------------- layer norm
+
+
+def layer_norm_reference(x, g, b=None):
+    """Layer norm over the last axis (Ba, Kiros & Hinton, 2016): normalise, then scale and shift."""
+    n = x.shape[-1]
+    mu = np.sum(x, axis=-1, keepdims=True) * (1.0 / n)  # (..., 1)
+    xc = x - mu  # (..., C)
+    var = np.sum(xc * xc, axis=-1, keepdims=True) * (1.0 / n)  # (..., 1)
+    y = xc / np.sqrt(var + LN_EPS) * g  # (..., C)
+    return y if b is None else y + b
+
+
+def _normalize(x):
+    """Return (x_hat, 1/std) for a plain array x (..., C): x_hat has mean 0, variance 1 per row."""
+    n = x.shape[-1]
+    x_hat = x - x.sum(axis=-1, keepdims=True) * (1.0 / n)  # (..., C), centred
+    var = onp.einsum("...c,...c->...", x_hat, x_hat)[..., None] * (1.0 / n)  # (..., 1)
+    rstd = 1.0 / onp.sqrt(var + LN_EPS)  # (..., 1)
+    x_hat *= rstd
+    return x_hat, rstd
+
+
+def layer_norm(x, g, b=None):
+    """Layer norm as one fused op; same values as `layer_norm_reference`.
+
+    x_hat and 1/std are computed once here and handed to the primitive, whose VJP needs them.
+    (autograd traces only positional arguments, so the primitive is called positionally: this
+    is what lets a caller write `layer_norm(x, **params)` and still get gradients for g and b.)
+    """
+    x_hat, rstd = _normalize(getval(x))
+    return _layer_norm_fused(x, g, b, x_hat, rstd)
+
+
+@primitive
+def _layer_norm_fused(x, g, b, x_hat, rstd):
+    y = x_hat * g
+    if b is not None:
+        y += b
+    return y
+
+
+def _layer_norm_vjp(argnums, ans, args, kwargs):
+    _, g, _, x_hat, rstd = args
+    n = x_hat.shape[-1]  # g and b are broadcast over all the other axes: sum over those
+
+    def vjp(dy):
+        grads = []
+        for argnum in argnums:
+            if argnum == 0:
+                # dx = (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)) / std, per row
+                dx_hat = dy * g
+                mean_d = dx_hat.sum(axis=-1, keepdims=True) * (1.0 / n)
+                mean_dx = onp.einsum("...c,...c->...", dx_hat, x_hat)[..., None] * (1.0 / n)
+                dx_hat -= mean_d
+                dx_hat -= x_hat * mean_dx
+                dx_hat *= rstd
+                grads.append(dx_hat)
+            elif argnum == 1:
+                grads.append(onp.einsum("nc,nc->c", dy.reshape(-1, n), x_hat.reshape(-1, n)))
+            else:
+                grads.append(dy.reshape(-1, n).sum(axis=0))
+        return tuple(grads)
+
+    return vjp
+
+
+defvjp_argnums(_layer_norm_fused, _layer_norm_vjp)
+
+
+# ----------------------------------------------------------------------------- softmax family
+
+
+def softmax(x, axis=-1):
+    """exp(x) / sum(exp(x)) along `axis`; rows sum to 1.
+
+    Softmax is unchanged by adding a constant to a row, so we subtract the row maximum to keep
+    exp() from overflowing. The maximum is taken with `getval` (no gradient flows through it):
+    the result does not depend on it, and differentiating np.max is slow and promotes to float64.
+    """
+    e = np.exp(x - getval(x).max(axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def log_softmax(x, axis=-1):
+    """log(softmax(x)), computed as x - logsumexp(x) so that it never takes log(0)."""
+    shifted = x - getval(x).max(axis=axis, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+
+
+def cross_entropy_reference(logits, targets, mask=None):
+    """Mean of -log p(target) over positions whose mask is 1: (N, V), (N,), (N,) -> scalar.
+
+    Example: logits [[0, 0]] (p = [0.5, 0.5]), targets [1] -> ln 2 = 0.693.
+    `mask` marks the positions that count (1) and those ignored (0), such as padding.
+    """
+    logp = log_softmax(logits)  # (N, V)
+    picked = logp[np.arange(logits.shape[0]), targets]  # (N,)
+    if mask is None:
+        return -np.sum(picked) * (1.0 / logits.shape[0])
+    return -np.sum(picked * mask) / np.maximum(np.sum(mask), 1.0)
+
+
+@primitive
+def cross_entropy(logits, targets, mask=None):
+    """Softmax cross-entropy as one fused op; same value as `cross_entropy_reference`."""
+    logp = log_softmax(logits)
+    picked = logp[np.arange(logits.shape[0]), targets]
+    if mask is None:
+        return -np.sum(picked) * (1.0 / logits.shape[0])
+    return -np.sum(picked * mask) / max(float(np.sum(mask)), 1.0)
+
+
+def _cross_entropy_vjp(ans, logits, targets, mask=None):
+    # d loss / d logits = (softmax(logits) - onehot(targets)) * weight, weight = mask / count.
+    n = logits.shape[0]
+    count = n if mask is None else max(float(np.sum(mask)), 1.0)
+    grad = softmax(logits)  # (N, V)
+    grad[np.arange(n), targets] -= 1.0
+    weight = (1.0 / count) if mask is None else (mask / count)[:, None].astype(logits.dtype)
+    grad = grad * weight
+    return lambda g: g * grad
+
+
+defvjp(cross_entropy, _cross_entropy_vjp)
+
+
+# ----------------------------------------------------------------------------- masks, dropout
+
+
+def causal_mask(t, dtype="float32"):
+    """Additive causal mask (T, T): 0 where query i may see key j (j <= i), MASK_VALUE above.
+
+    Example: causal_mask(3) -> [[0, -1e9, -1e9], [0, 0, -1e9], [0, 0, 0]].
+    Added to the attention scores before softmax, it gives the future zero weight.
+    """
+    upper = np.triu(np.ones((t, t), dtype=dtype), k=1)  # 1 strictly above the diagonal
+    return upper * MASK_VALUE
+
+
+def padding_mask(valid, dtype="float32"):
+    """Additive key mask (B, 1, 1, T) from a 0/1 array `valid` (B, T): keys that are padding get
+    MASK_VALUE, so no query attends to them.
+
+    Example: valid [[1, 1, 0]] -> [[[[0, 0, -1e9]]]].
+    """
+    return ((1.0 - np.asarray(valid, dtype=dtype)) * MASK_VALUE)[:, None, None, :]
+
+
+def dropout(x, p, rng):
+    """Zero each element with probability p and scale the rest by 1 / (1 - p) (Srivastava et al.).
+
+    `rng` is a numpy Generator, passed in so that a run is reproducible from its seed; with p = 0
+    or rng = None (evaluation) this is the identity.
+    """
+    if p == 0.0 or rng is None:
+        return x
+    keep = rng.random(getval(x).shape, dtype="float32") >= p  # (...) bool
+    return x * (keep.astype(getval(x).dtype) * (1.0 / (1.0 - p)))
+
+
+# ----------------------------------------------------------------------------- attention core
+
+
+def attention_reference(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(D) + mask) v, written plainly (Vaswani et al. 2017, eq. 1).
+
+    q (..., Tq, D), k (..., Tk, D), v (..., Tk, D), mask broadcastable to (..., Tq, Tk)
+    -> (..., Tq, D).
+    """
+    scores = q @ np.swapaxes(k, -1, -2) * (1.0 / math.sqrt(q.shape[-1]))  # (..., Tq, Tk)
+    if mask is not None:
+        scores = scores + mask
+    return softmax(scores) @ v  # (..., Tq, Tk) @ (..., Tk, D) -> (..., Tq, D)
+
+
+@primitive
+def attention_weights(q, k, mask=None):
+    """softmax(q k^T / sqrt(D) + mask) as one fused op: (..., Tq, D), (..., Tk, D) -> (..., Tq, Tk).
+
+    Why this boundary: the gradient of softmax needs only its output P, which autograd hands to
+    the VJP as `ans`, so nothing is recomputed. The product P v is left to autograd.
+    """
+    scores = q @ np.swapaxes(k, -1, -2) * (1.0 / math.sqrt(q.shape[-1]))  # (..., Tq, Tk)
+    if mask is not None:
+        scores += mask
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores
+
+
+def _attention_weights_vjp(argnums, p, args, kwargs):
+    q, k = args[0], args[1]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+
+    def vjp(dp):
+        # softmax: dS = P * (dP - rowsum(dP * P)); then S = scale * q k^T gives dq and dk.
+        ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))  # (..., Tq, Tk)
+        ds *= scale
+        grads = []
+        for argnum in argnums:
+            if argnum == 0:
+                grads.append(ds @ k)  # (..., Tq, Tk) @ (..., Tk, D) -> (..., Tq, D)
+            else:
+                grads.append(np.swapaxes(ds, -1, -2) @ q)  # (..., Tk, Tq) @ (..., Tq, D)
+        return tuple(grads)
+
+    return vjp
+
+
+defvjp_argnums(attention_weights, _attention_weights_vjp)
+
+
+def attention(q, k, v, mask=None, dropout_p=0.0, rng=None):
+    """Scaled dot-product attention with the fused weights: same values as `attention_reference`.
+
+    Dropout, when on, drops attention weights as in the paper and in GPT-2.
+    """
+    weights = attention_weights(q, k, mask)  # (..., Tq, Tk)
+    return dropout(weights, dropout_p, rng) @ v  # (..., Tq, D)
