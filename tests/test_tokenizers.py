@@ -1,0 +1,346 @@
+"""Tests for tinyllm/tokenizers.py: worked examples, round-trip properties, files and their errors."""
+
+import json
+from collections import Counter
+
+import numpy as onp
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyllm.errors import TinyLLMError
+from tinyllm.tokenizers import (
+    BPETokenizer,
+    CharTokenizer,
+    apply_merge,
+    best_pair,
+    build_pair_index,
+    encode_chunk,
+    get_pair_counts,
+    learn_merges,
+    load_tokenizer,
+    merge_pair,
+    split_into_chunks,
+    train_tokenizer,
+)
+
+EOT = "<|endoftext|>"
+
+# A small training text with some non-ASCII, so merges also join multi-byte characters.
+SMALL_TEXT = (
+    "The cat sat on the mat. The cat's hat is on the mat!\n"
+    "Der Hund läuft über die Straße; le café est très bon. 12 + 30 = 42\n"
+) * 3
+
+
+@pytest.fixture(scope="module")
+def small_bpe():
+    """A BPE tokenizer with 40 merges and one special token, trained once for the module."""
+    return BPETokenizer.train(SMALL_TEXT, vocab_size=256 + 40 + 1, special_tokens=[EOT])
+
+
+def trained(cls):
+    """A small trained tokenizer of class `cls`, with one special token."""
+    if cls is CharTokenizer:
+        return CharTokenizer.train(SMALL_TEXT, special_tokens=[EOT])
+    return BPETokenizer.train(SMALL_TEXT, vocab_size=256 + 40 + 1, special_tokens=[EOT])
+
+
+# ---------------------------------------------------------------------------------------------
+# BPE building blocks: the docstring examples, checked
+
+
+def test_merge_pair_worked_example():
+    assert merge_pair([1, 2, 3, 1, 2], pair=(1, 2), new_id=4) == [4, 3, 4]
+    assert merge_pair([7, 7, 7], pair=(7, 7), new_id=9) == [9, 7]  # overlaps go to the leftmost
+    assert merge_pair([], pair=(1, 2), new_id=4) == []
+
+
+def test_get_pair_counts_worked_example():
+    assert get_pair_counts([1, 2, 3, 1, 2]) == {(1, 2): 2, (2, 3): 1, (3, 1): 1}
+
+
+def test_best_pair_breaks_ties_by_smallest_pair():
+    assert best_pair({(97, 98): 2, (256, 97): 2, (98, 99): 1}) == (97, 98)
+    assert best_pair({(5, 1): 3, (1, 9): 3, (1, 8): 3}) == (1, 8)
+
+
+def test_split_into_chunks_worked_example():
+    assert split_into_chunks("Hello world's 42 cats!!\n") == [
+        "Hello", " world", "'s", " 42", " cats", "!!", "\n"]
+    # Whitespace before a word leaves its last space to that word.
+    assert split_into_chunks("a   b") == ["a", "  ", " b"]
+
+
+@given(st.text())
+def test_chunks_join_back_to_the_text(text):
+    assert "".join(split_into_chunks(text)) == text
+
+
+def test_build_pair_index_and_apply_merge_worked_example():
+    words, counts = [[1, 2, 3], [1, 2]], [5, 2]
+    pair_counts, where = build_pair_index(words, counts)
+    assert pair_counts == {(1, 2): 7, (2, 3): 5}
+    assert where == {(1, 2): {0, 1}, (2, 3): {0}}
+    apply_merge(words, counts, pair_counts, where, (1, 2), 4)
+    assert words == [[4, 3], [4]]
+    assert pair_counts == {(4, 3): 5}
+
+
+def test_encode_chunk_worked_example():
+    ranks = {(97, 97): 0, (97, 98): 1, (256, 257): 2}
+    assert encode_chunk(b"aaab", ranks) == [258]
+    assert encode_chunk(b"ba", ranks) == [98, 97]  # no learned pair: bytes stay as they are
+
+
+def naive_learn_merges(chunk_counts, n_merges):
+    """Reference trainer: recount every pair of every chunk before each merge (slow, obvious)."""
+    words = {chunk: list(chunk.encode("utf-8")) for chunk in chunk_counts}
+    merges = []
+    for new_id in range(256, 256 + n_merges):
+        totals = Counter()
+        for chunk, ids in words.items():
+            for pair, n in get_pair_counts(ids).items():
+                totals[pair] += n * chunk_counts[chunk]
+        if not totals:
+            break
+        pair = max(totals, key=lambda p: (totals[p], -p[0], -p[1]))  # same tie rule, said another way
+        words = {chunk: merge_pair(ids, pair, new_id) for chunk, ids in words.items()}
+        merges.append(pair)
+    return merges
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet="ab cé!\n", max_size=80), st.integers(0, 25))
+def test_incremental_training_matches_naive_recounting(text, n_merges):
+    chunk_counts = Counter(split_into_chunks(text))
+    assert learn_merges(chunk_counts, n_merges) == naive_learn_merges(chunk_counts, n_merges)
+
+
+# ---------------------------------------------------------------------------------------------
+# BPE tokenizer
+
+
+def test_bpe_hand_worked_example():
+    # "aaabdaaabac" is all letters, so the pre-split keeps it as one chunk. Bytes: a=97 b=98
+    # c=99 d=100, so the ids are [97, 97, 97, 98, 100, 97, 97, 97, 98, 97, 99].
+    # Merge 0: pair counts (97,97)=4 (overlapping pairs count: "aaa" holds two), (97,98)=2, the
+    #   rest 1. (97,97) -> 256, merged left to right: [256, 97, 98, 100, 256, 97, 98, 97, 99].
+    # Merge 1: (256,97)=2 and (97,98)=2 tie; the smaller pair (97,98) wins -> 257:
+    #   [256, 257, 100, 256, 257, 97, 99].
+    # Merge 2: (256,257)=2 is the only pair seen twice -> 258: [258, 100, 258, 97, 99].
+    tok = BPETokenizer.train("aaabdaaabac", vocab_size=256 + 3)
+    assert tok.merges == [(97, 97), (97, 98), (256, 257)]
+    assert tok.encode("aaabdaaabac") == [258, 100, 258, 97, 99]
+    assert tok.encode("aaab") == [258]
+
+
+def test_bpe_merges_stay_inside_chunks_and_stop_early():
+    # "ab ab" splits into "ab" and " ab", so the pair (98, 32) = "b " is never counted.
+    # Merge 0: (97,98)=2 beats (32,97)=1 -> 256; chunks [256] and [32, 256].
+    # Merge 1: (32,256)=1 -> 257; chunks [256] and [257]. No pairs are left, so training
+    # stops after 2 merges although vocab_size 300 asked for 44.
+    tok = BPETokenizer.train("ab ab", vocab_size=300)
+    assert tok.merges == [(97, 98), (32, 256)]
+    assert tok.vocab_size == 258
+    assert tok.encode("ab ab") == [256, 257]
+    assert tok.encode("ba") == [98, 97]
+
+
+@given(st.text())
+def test_bpe_round_trip_any_unicode(small_bpe, text):
+    assert small_bpe.decode(small_bpe.encode(text)) == text
+
+
+@given(st.text())
+def test_bpe_encode_never_produces_special_ids(small_bpe, text):
+    ids = small_bpe.encode(text + EOT)
+    assert small_bpe.special_tokens[EOT] not in ids
+    assert all(0 <= i < small_bpe.vocab_size - 1 for i in ids)
+
+
+def test_bpe_vocab_size_accounting():
+    tok = BPETokenizer.train(SMALL_TEXT, vocab_size=256 + 10 + 2, special_tokens=[EOT, "<|pad|>"])
+    assert len(tok.merges) == 10
+    assert tok.vocab_size == 268
+    assert tok.special_tokens == {EOT: 266, "<|pad|>": 267}
+
+
+def test_bpe_vocab_size_too_small_names_the_minimum():
+    with pytest.raises(TinyLLMError, match="at least 258"):
+        BPETokenizer.train(SMALL_TEXT, vocab_size=257, special_tokens=[EOT, "<|pad|>"])
+
+
+def test_bpe_progress_is_called_after_each_merge():
+    calls = []
+    BPETokenizer.train(SMALL_TEXT, vocab_size=256 + 5, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+
+
+def test_bpe_training_is_deterministic():
+    first = BPETokenizer.train(SMALL_TEXT, vocab_size=256 + 60)
+    second = BPETokenizer.train(SMALL_TEXT, vocab_size=256 + 60)
+    assert first.merges == second.merges
+    assert len(first.merges) == 60
+
+
+def test_bpe_decode_replaces_partial_utf8():
+    tok = BPETokenizer([])
+    euro = list("€".encode("utf-8"))  # [226, 130, 172]
+    assert tok.decode(euro) == "€"
+    assert tok.decode(euro[:2]) == "\ufffd"  # a model cut off mid-character
+
+
+def test_bpe_decode_accepts_numpy_ids(small_bpe):
+    ids = small_bpe.encode("The cat")
+    assert small_bpe.decode(onp.array(ids, dtype=onp.int64)) == "The cat"
+
+
+# ---------------------------------------------------------------------------------------------
+# Char tokenizer
+
+CHAR_TEXT = "hello world!\n"
+
+
+def test_char_vocab_is_sorted_distinct_chars_then_specials():
+    tok = CharTokenizer.train(CHAR_TEXT, special_tokens=[EOT])
+    assert tok.chars == ["\n", " ", "!", "d", "e", "h", "l", "o", "r", "w"]
+    assert tok.special_tokens == {EOT: 10}
+    assert tok.vocab_size == 11
+    assert tok.encode("hole") == [5, 7, 6, 4]
+
+
+@given(st.text(alphabet=CHAR_TEXT))
+def test_char_round_trip_over_training_alphabet(text):
+    tok = CharTokenizer.train(CHAR_TEXT)
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_char_unknown_character_is_named_with_its_position():
+    tok = CharTokenizer.train(CHAR_TEXT)
+    with pytest.raises(TinyLLMError, match="character 'é' at position 3 that the char tokenizer never saw"):
+        tok.encode("helé")
+
+
+def test_char_empty_training_text_is_an_error():
+    with pytest.raises(TinyLLMError, match="empty text"):
+        CharTokenizer.train("")
+
+
+# ---------------------------------------------------------------------------------------------
+# Both tokenizers
+
+
+@pytest.mark.parametrize("cls", [CharTokenizer, BPETokenizer])
+def test_special_token_has_the_last_id_and_decodes_to_its_name(cls):
+    tok = trained(cls)
+    eot = tok.special_tokens[EOT]
+    assert eot == tok.vocab_size - 1
+    assert tok.decode(tok.encode("The cat") + [eot]) == "The cat" + EOT
+
+
+def test_special_token_text_is_encoded_literally(small_bpe):
+    # Typed "<|endoftext|>" is 13 ordinary bytes, encoded like a tokenizer without specials would.
+    plain = BPETokenizer(small_bpe.merges)
+    ids = small_bpe.encode("a" + EOT)
+    assert small_bpe.special_tokens[EOT] not in ids
+    assert ids == plain.encode("a" + EOT)
+    assert small_bpe.decode(ids) == "a" + EOT
+    # The char tokenizer never saw '<', so it refuses the text rather than emit the special id.
+    with pytest.raises(TinyLLMError, match="'<' at position 0"):
+        trained(CharTokenizer).encode(EOT)
+
+
+@pytest.mark.parametrize("cls", [CharTokenizer, BPETokenizer])
+def test_decode_rejects_ids_outside_the_vocabulary(cls):
+    tok = trained(cls)
+    for bad in (tok.vocab_size, -1):
+        with pytest.raises(TinyLLMError, match=f"token id {bad} is outside"):
+            tok.decode([0, bad])
+
+
+@pytest.mark.parametrize("cls", [CharTokenizer, BPETokenizer])
+def test_save_then_load_gives_identical_encodings(cls, tmp_path):
+    tok = trained(cls)
+    path = tmp_path / "tok.json"
+    tok.save(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[:3] == ["{", '  "format": "tinyllm-tokenizer",', '  "version": 1,']
+    assert json.loads(path.read_text(encoding="utf-8"))["type"] == cls.kind
+    for loaded in (cls.load(path), load_tokenizer(path)):
+        assert type(loaded) is cls
+        assert loaded.encode(SMALL_TEXT) == tok.encode(SMALL_TEXT)
+        assert loaded.vocab_size == tok.vocab_size
+        assert loaded.special_tokens == tok.special_tokens
+
+
+def test_bpe_file_lists_readable_tokens(small_bpe, tmp_path):
+    path = tmp_path / "bpe.json"
+    small_bpe.save(path)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert len(data["tokens"]) == len(data["merges"]) == 40
+    a, b = data["merges"][0]
+    assert data["tokens"][0] == (bytes([a]) + bytes([b])).decode("utf-8", errors="backslashreplace")
+
+
+def write_bad_file(tmp_path, case):
+    """Write a broken tokenizer file of the given kind of damage; return its path."""
+    path = tmp_path / f"{case}.json"
+    good = trained(BPETokenizer).to_dict()
+    if case == "missing":
+        return path
+    if case == "truncated":
+        path.write_text(json.dumps(good)[:50], encoding="utf-8")
+    elif case == "newer_version":
+        path.write_text(json.dumps({**good, "version": 2}), encoding="utf-8")
+    elif case == "wrong_format":
+        path.write_text(json.dumps({**good, "format": "something-else"}), encoding="utf-8")
+    elif case == "missing_field":
+        path.write_text(json.dumps({k: v for k, v in good.items() if k != "merges"}), encoding="utf-8")
+    elif case == "bad_merge":
+        path.write_text(json.dumps({**good, "merges": [[97, 999]]}), encoding="utf-8")
+    elif case == "bad_special_ids":
+        path.write_text(json.dumps({**good, "special_tokens": {EOT: 7}}), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("truncated", "not valid JSON"),
+    ("newer_version", "format version 2; this tinyllm reads version 1 or older: upgrade tinyllm"),
+    ("wrong_format", "not a tinyllm tokenizer file"),
+    ("missing_field", 'no "merges" field'),
+    ("bad_merge", "bad merge"),
+    ("bad_special_ids", "special token ids"),
+])
+def test_load_errors_name_the_file(tmp_path, case, message):
+    path = write_bad_file(tmp_path, case)
+    for load in (load_tokenizer, BPETokenizer.load):
+        with pytest.raises(TinyLLMError, match=message) as info:
+            load(path)
+        assert str(path) in str(info.value)
+
+
+def test_loading_the_wrong_kind_is_an_error(tmp_path):
+    path = tmp_path / "char.json"
+    trained(CharTokenizer).save(path)
+    with pytest.raises(TinyLLMError, match="holds a char tokenizer, not a bpe one"):
+        BPETokenizer.load(path)
+
+
+def test_train_tokenizer_dispatches_on_kind():
+    assert isinstance(train_tokenizer("char", CHAR_TEXT, None), CharTokenizer)
+    bpe = train_tokenizer("bpe", SMALL_TEXT, 256 + 3, special_tokens=[EOT])
+    assert isinstance(bpe, BPETokenizer)
+    assert len(bpe.merges) == 2 and bpe.vocab_size == 259  # the special token counts in vocab_size
+    with pytest.raises(TinyLLMError, match="needs a vocab_size"):
+        train_tokenizer("bpe", SMALL_TEXT, None)
+    with pytest.raises(TinyLLMError, match="unknown tokenizer kind 'word'"):
+        train_tokenizer("word", SMALL_TEXT, 300)
+
+
+def test_bad_special_tokens_are_errors():
+    with pytest.raises(TinyLLMError, match="more than once"):
+        CharTokenizer.train(CHAR_TEXT, special_tokens=[EOT, EOT])
+    with pytest.raises(TinyLLMError, match="not the string"):
+        BPETokenizer.train(CHAR_TEXT, 300, special_tokens=EOT)

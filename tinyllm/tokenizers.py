@@ -1,0 +1,531 @@
+"""Tokenizers: turn text into a list of integer ids and back.
+
+A language model never sees characters; it sees ids from a fixed vocabulary. This module has two
+ways to build that vocabulary from a training text:
+
+* `CharTokenizer`: one id per distinct character of the training text. Simple and exact, but it
+  cannot encode a character it never saw, and every character costs one position of context.
+* `BPETokenizer`: byte-level byte-pair encoding (Sennrich et al. 2016, "Neural Machine Translation
+  of Rare Words with Subword Units"; byte-level as in GPT-2, Radford et al. 2019). The base
+  vocabulary is the 256 byte values, so any Unicode text can be encoded; training then adds one
+  new id at a time by merging the most frequent adjacent pair of ids into a new one.
+
+Both tokenizers can have *special tokens* (such as "<|endoftext|>"). They get the ids right after
+the ordinary vocabulary. `encode` never produces them: text is always encoded literally, so a user
+who types "<|endoftext|>" gets ordinary tokens and cannot forge a document boundary. Code that
+needs one inserts it by id, `tok.special_tokens["<|endoftext|>"]`, and `decode` turns it back
+into its string.
+
+How BPE training works here
+---------------------------
+1. Pre-split the text into chunks with `SPLIT_PATTERN` (runs of letters with an optional leading
+   space, runs of digits, runs of other symbols, whitespace, English contractions). Merges never
+   cross a chunk boundary, so a token never glues the end of one word to the start of the next.
+2. Count the distinct chunks. Natural text repeats words a lot, so 1 MB of text has only a few
+   ten thousand distinct chunks; we merge over those, weighting each by its count.
+3. Keep a table of pair counts and, for each pair, the chunks that contain it. After a merge only
+   the chunks that held the merged pair are recounted (an incremental update), instead of
+   recounting the whole text for each of the hundreds of merges.
+4. Ties: when several pairs share the highest count, the pair with the smallest ids wins
+   (compared as tuples, first id then second). So training is reproducible: the same text and
+   settings always give the same merges, whatever order Python's dicts happen to be in.
+5. If no pair is left to merge (a tiny text) training stops early, and the tokenizer has fewer
+   ids than the `vocab_size` asked for. `tok.vocab_size` always gives the true size.
+
+Encoding applies the learned merges to each chunk in the order they were learned, and remembers
+the ids of each distinct chunk, so a word that appears a thousand times is encoded once.
+
+Cost: training and encoding take time proportional to the length of the distinct chunks times
+the number of merges. Natural text has short chunks (1 MB trains to 512 tokens in about a
+second), but a text that is one enormous chunk (say 200 kB of letters with no space or
+punctuation) is slow: tens of seconds, because that one chunk is rescanned for every merge.
+
+File format
+-----------
+A tokenizer is saved as one indented UTF-8 JSON file that a person can read, written atomically
+(the old file stays whole if a save is interrupted). Both kinds share the first keys:
+
+    {"format": "tinyllm-tokenizer", "version": 1, "type": "char", ...}
+
+A char tokenizer adds its characters in id order (id i is chars[i]) and its special tokens:
+
+    {"format": "tinyllm-tokenizer", "version": 1, "type": "char",
+     "chars": ["\\n", " ", "!", ...], "special_tokens": {"<|endoftext|>": 65}}
+
+A BPE tokenizer adds the pre-split regex (Python `re` syntax), the merges in order (merge i joins
+the pair [a, b] into id 256 + i), its special tokens, and "tokens": a readable rendering of each
+merged token (tokens[i] is id 256 + i; bytes that are not whole UTF-8 characters are shown as
+\\xNN). "tokens" is there for people only and is ignored on load.
+
+    {"format": "tinyllm-tokenizer", "version": 1, "type": "bpe", "pattern": "...",
+     "merges": [[32, 116], ...], "special_tokens": {"<|endoftext|>": 511},
+     "tokens": [" t", ...]}
+
+Special-token ids must follow the ordinary vocabulary without gaps. `load` checks all of this and
+raises `TinyLLMError` naming the file for a missing file, broken JSON, a wrong "format", a
+"version" newer than `FORMAT_VERSION`, or a missing or ill-typed field.
+"""
+
+import json
+import numbers
+import re
+from collections import Counter
+
+from tinyllm.errors import TinyLLMError
+from tinyllm.fileio import atomic_write_json
+
+FORMAT_NAME = "tinyllm-tokenizer"
+FORMAT_VERSION = 1  # bump when the file layout changes; `load` reads this version and older
+
+# The pre-split regex, in stdlib `re` syntax (the GPT-2 pattern uses \p{L} from the `regex`
+# package; `[^\W\d_]` is the stdlib way to say "a letter": a word character that is not a digit
+# or an underscore). Alternatives are tried left to right; every character matches one of them,
+# so the chunks always join back to the exact text.
+SPLIT_PATTERN = "|".join([
+    r"'(?:[sdmt]|ll|ve|re)",  # English contractions: 's 'd 'm 't 'll 've 're
+    r" ?[^\W\d_]+",           # a run of letters, with the space before it
+    r" ?\d+",                 # a run of digits, with the space before it
+    r" ?(?:[^\s\w]|_)+",      # a run of other symbols (punctuation, _, emoji, ...)
+    r"\s+(?!\S)",             # whitespace, leaving its last space to the word that follows
+    r"\s+",                   # other whitespace, e.g. a lone newline right before a word
+])
+
+N_BYTES = 256  # byte-level BPE: ids 0..255 are the raw byte values
+_CHUNK_CACHE_LIMIT = 100_000  # distinct chunks remembered by `encode`; caps its memory
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared checks
+
+
+def _check_special_tokens(special_tokens):
+    """Return `special_tokens` as a tuple of distinct non-empty strings, or raise TinyLLMError."""
+    if isinstance(special_tokens, str):
+        # A lone string would be iterated character by character: almost surely a mistake.
+        raise TinyLLMError(f"special_tokens must be a list of strings, not the string {special_tokens!r}")
+    names = tuple(special_tokens)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TinyLLMError(f"special token {name!r} must be a non-empty string")
+    duplicates = sorted(name for name, n in Counter(names).items() if n > 1)
+    if duplicates:
+        raise TinyLLMError(f"special token {duplicates[0]!r} is given more than once")
+    return names
+
+
+def _special_token_ids(names, first_id):
+    """Give special tokens consecutive ids after the ordinary vocabulary.
+
+    Example: names=("<|endoftext|>", "<|pad|>"), first_id=65 -> {"<|endoftext|>": 65, "<|pad|>": 66}
+    """
+    return {name: first_id + i for i, name in enumerate(names)}
+
+
+def _check_utf8_encodable(text):
+    """Raise TinyLLMError if `text` holds a lone surrogate, which UTF-8 cannot represent."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = text[error.start]
+        raise TinyLLMError(
+            f"text has character {bad!r} at position {error.start}, "
+            "an unpaired surrogate that UTF-8 cannot encode") from None
+
+
+def _check_id(i, vocab_size):
+    """Return id `i` as a Python int, or raise TinyLLMError if it is outside the vocabulary."""
+    i = int(i)  # accept numpy integers, e.g. from a model's argmax
+    if not 0 <= i < vocab_size:
+        raise TinyLLMError(f"token id {i} is outside the vocabulary (ids 0..{vocab_size - 1})")
+    return i
+
+
+# ---------------------------------------------------------------------------------------------
+# Character tokenizer
+
+
+class CharTokenizer:
+    """One id per distinct character of the training text, then the special tokens."""
+
+    kind = "char"
+
+    def __init__(self, chars, special_tokens=()):
+        """`chars`: the characters in id order; `special_tokens`: names, given ids after them."""
+        self.chars = list(chars)
+        self.special_tokens = _special_token_ids(_check_special_tokens(special_tokens), len(self.chars))
+        self._id_of = {c: i for i, c in enumerate(self.chars)}
+        self._special_of = {i: name for name, i in self.special_tokens.items()}
+
+    @classmethod
+    def train(cls, text, special_tokens=()):
+        """Build the vocabulary: the sorted distinct characters of `text`, then the special tokens.
+
+        Example: train("hello") has chars ['e', 'h', 'l', 'o'], so encode("hole") -> [1, 3, 2, 0].
+        """
+        if not text:
+            raise TinyLLMError("cannot train a char tokenizer on empty text")
+        _check_utf8_encodable(text)  # so that `save` can write every character
+        return cls(sorted(set(text)), special_tokens)
+
+    @property
+    def vocab_size(self):
+        """Number of ids: the characters plus the special tokens."""
+        return len(self.chars) + len(self.special_tokens)
+
+    def encode(self, text):
+        """Text -> ids, one per character; special-token names in `text` are encoded literally."""
+        try:
+            return [self._id_of[c] for c in text]
+        except KeyError:
+            position = next(i for i, c in enumerate(text) if c not in self._id_of)
+            raise TinyLLMError(
+                f"text has character {text[position]!r} at position {position} that the char "
+                f"tokenizer never saw (it knows {len(self.chars)} characters)") from None
+
+    def decode(self, ids):
+        """Ids (any iterable of ints, e.g. a numpy array) -> text."""
+        pieces = []
+        for i in ids:
+            i = _check_id(i, self.vocab_size)
+            pieces.append(self.chars[i] if i < len(self.chars) else self._special_of[i])
+        return "".join(pieces)
+
+    def to_dict(self):
+        """The JSON-ready contents of a saved file (see the module docstring)."""
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "type": self.kind,
+                "chars": self.chars, "special_tokens": self.special_tokens}
+
+    def save(self, path):
+        """Write the tokenizer to `path` as readable JSON, atomically."""
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data, path):
+        """Rebuild from a loaded file's contents; `path` is used only in error messages."""
+        chars = _field(data, "chars", list, path)
+        if not all(isinstance(c, str) and len(c) == 1 for c in chars):
+            raise TinyLLMError(f"tokenizer file {path} has a \"chars\" entry that is not one character")
+        if len(set(chars)) != len(chars):
+            raise TinyLLMError(f"tokenizer file {path} lists a character twice in \"chars\"")
+        return cls(chars, _read_special_tokens(data, len(chars), path))
+
+    @classmethod
+    def load(cls, path):
+        """Read a tokenizer saved by `save`; raises TinyLLMError naming `path` if the file is bad."""
+        return cls.from_dict(_read_tokenizer_file(path, expected_type=cls.kind), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# BPE building blocks: small functions, each with a worked example
+
+
+def split_into_chunks(text, pattern=SPLIT_PATTERN):
+    """Pre-split text into the chunks that BPE merges within (never across).
+
+    Example: "Hello world's 42 cats!!\\n" -> ["Hello", " world", "'s", " 42", " cats", "!!", "\\n"]
+    """
+    return re.findall(pattern, text)
+
+
+def get_pair_counts(ids):
+    """Count each adjacent pair of ids.
+
+    Example: ids=[1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}
+    """
+    return Counter(zip(ids, ids[1:]))
+
+
+def merge_pair(ids, pair, new_id):
+    """Replace every non-overlapping occurrence of `pair`, left to right, with `new_id`.
+
+    Example: ids=[1, 2, 3, 1, 2], pair=(1, 2), new_id=4 -> [4, 3, 4]
+    Overlaps go to the leftmost: ids=[7, 7, 7], pair=(7, 7), new_id=9 -> [9, 7]
+    """
+    merged = []
+    i = 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(ids[i])
+            i += 1
+    return merged
+
+
+def best_pair(pair_counts):
+    """The pair to merge next: the highest count; on a tie, the smallest pair (as a tuple).
+
+    Example: {(97, 98): 2, (256, 97): 2, (98, 99): 1} -> (97, 98)
+    """
+    return min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
+
+
+def build_pair_index(words, counts):
+    """Weighted pair counts over distinct chunks, and which chunks hold each pair.
+
+    `words[w]` is chunk w as a list of ids and `counts[w]` how often it occurs in the text.
+    Example: words=[[1, 2, 3], [1, 2]], counts=[5, 2]
+      -> pair_counts={(1, 2): 7, (2, 3): 5}, where={(1, 2): {0, 1}, (2, 3): {0}}
+    """
+    pair_counts, where = Counter(), {}
+    for w, (word, count) in enumerate(zip(words, counts)):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += count
+            where.setdefault(pair, set()).add(w)
+    return pair_counts, where
+
+
+def apply_merge(words, counts, pair_counts, where, pair, new_id):
+    """Merge `pair` into `new_id` in every chunk that holds it, updating the counts in place.
+
+    Only those chunks are recounted: their old pairs are subtracted and their new pairs added.
+    `where` may list a chunk that no longer holds a pair (we do not prune it); merging such a
+    chunk changes nothing, and the subtract-then-add leaves the counts as they were.
+    Example: words=[[1, 2, 3]], counts=[5], pair=(1, 2), new_id=4
+      -> words=[[4, 3]], pair_counts={(4, 3): 5} ((1, 2) and (2, 3) drop to zero and are removed)
+    """
+    for w in sorted(where.pop(pair)):  # sorted only so the work is done in a fixed order
+        old_word, count = words[w], counts[w]
+        new_word = merge_pair(old_word, pair, new_id)
+        for old_pair in zip(old_word, old_word[1:]):
+            pair_counts[old_pair] -= count
+        for new_pair in zip(new_word, new_word[1:]):
+            pair_counts[new_pair] += count
+            where.setdefault(new_pair, set()).add(w)
+        words[w] = new_word
+    for p in [p for p, n in pair_counts.items() if n <= 0]:
+        del pair_counts[p]  # a pair that no longer occurs must not be chosen as the best pair
+
+
+def learn_merges(chunk_counts, n_merges, progress=None):
+    """Learn up to `n_merges` merges from {chunk: count}; merge i creates id 256 + i.
+
+    Stops early when no adjacent pair is left. Calls progress(done, n_merges) after each merge.
+    Example (one chunk "aaabdaaabac", a=97 b=98 c=99 d=100), n_merges=3
+      -> [(97, 97), (97, 98), (256, 257)]   (worked out step by step in the tests)
+    """
+    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
+    counts = list(chunk_counts.values())
+    pair_counts, where = build_pair_index(words, counts)
+    merges = []
+    while len(merges) < n_merges and pair_counts:
+        pair = best_pair(pair_counts)
+        apply_merge(words, counts, pair_counts, where, pair, N_BYTES + len(merges))
+        merges.append(pair)
+        if progress is not None:
+            progress(len(merges), n_merges)
+    return merges
+
+
+def encode_chunk(chunk_bytes, ranks):
+    """Apply merges to one chunk in the order they were learned; `ranks` maps pair -> merge index.
+
+    At each step the pair with the lowest rank present is merged, which replays training.
+    Example: chunk_bytes=b"aaab", ranks={(97, 97): 0, (97, 98): 1, (256, 257): 2}
+      [97, 97, 97, 98] -> (97, 97) first: [256, 97, 98] -> (97, 98): [256, 257] -> [258]
+    """
+    ids = list(chunk_bytes)
+    while len(ids) >= 2:
+        pair = min(zip(ids, ids[1:]), key=lambda p: ranks.get(p, float("inf")))
+        if pair not in ranks:
+            break  # no pair in this chunk was ever merged
+        ids = merge_pair(ids, pair, N_BYTES + ranks[pair])
+    return ids
+
+
+def token_bytes_table(merges):
+    """The bytes of every non-special id: 256 single bytes, then each merge's two halves joined.
+
+    Example: merges=[(104, 105), (256, 33)] -> [..., b"hi", b"hi!"] (ids 256 and 257)
+    """
+    table = [bytes([b]) for b in range(N_BYTES)]
+    for a, b in merges:
+        table.append(table[a] + table[b])
+    return table
+
+
+def render_token(token_bytes):
+    r"""A readable string for a token's bytes; bytes that are not whole UTF-8 become \xNN.
+
+    Example: b" the" -> " the"; b"\xe2\x82" (the first two of the three bytes of "€") -> the
+    eight characters \xe2\x82, so a reader sees that the token is part of a character.
+    """
+    return token_bytes.decode("utf-8", errors="backslashreplace")
+
+
+# ---------------------------------------------------------------------------------------------
+# BPE tokenizer
+
+
+class BPETokenizer:
+    """Byte-level BPE: ids 0..255 are bytes, 256.. are merges, then the special tokens."""
+
+    kind = "bpe"
+
+    def __init__(self, merges, special_tokens=(), pattern=SPLIT_PATTERN):
+        """`merges`: pairs in merge order (merge i creates id 256 + i); `pattern`: the pre-split regex."""
+        self.merges = [(int(a), int(b)) for a, b in merges]
+        self.pattern = pattern
+        self._regex = re.compile(pattern)
+        self._ranks = {pair: i for i, pair in enumerate(self.merges)}
+        self._bytes = token_bytes_table(self.merges)  # (N_BYTES + n_merges) entries
+        first_special = N_BYTES + len(self.merges)
+        self.special_tokens = _special_token_ids(_check_special_tokens(special_tokens), first_special)
+        for name in self.special_tokens:
+            self._bytes.append(name.encode("utf-8"))  # so decode(special id) gives its name
+        # chunk -> ids. A memo, not state: encode's result never depends on it, only its speed.
+        self._chunk_cache = {}
+
+    @classmethod
+    def train(cls, text, vocab_size, special_tokens=(), progress=None):
+        """Learn vocab_size - 256 - len(special_tokens) merges from `text`.
+
+        `progress`, if given, is called as progress(done_merges, total_merges) after each merge.
+        If the text runs out of pairs first, training stops early and `vocab_size` is smaller.
+        """
+        names = _check_special_tokens(special_tokens)
+        minimum = N_BYTES + len(names)
+        if not isinstance(vocab_size, numbers.Integral):
+            raise TinyLLMError(f"vocab_size must be a whole number, not {vocab_size!r}")
+        if vocab_size < minimum:
+            raise TinyLLMError(
+                f"vocab_size {vocab_size} is too small: a byte-level BPE tokenizer needs at least "
+                f"{minimum} (256 bytes + {len(names)} special tokens)")
+        _check_utf8_encodable(text)
+        chunk_counts = Counter(split_into_chunks(text))
+        merges = learn_merges(chunk_counts, vocab_size - minimum, progress)
+        return cls(merges, names)
+
+    @property
+    def vocab_size(self):
+        """Number of ids: 256 bytes + the merges + the special tokens."""
+        return len(self._bytes)
+
+    def encode(self, text):
+        """Text -> ids. Special-token names in `text` are encoded literally, as ordinary bytes."""
+        _check_utf8_encodable(text)
+        ids = []
+        for chunk in self._regex.findall(text):
+            chunk_ids = self._chunk_cache.get(chunk)
+            if chunk_ids is None:
+                chunk_ids = encode_chunk(chunk.encode("utf-8"), self._ranks)
+                if len(self._chunk_cache) >= _CHUNK_CACHE_LIMIT:
+                    self._chunk_cache.clear()  # crude but bounded; common chunks return quickly
+                self._chunk_cache[chunk] = chunk_ids
+            ids.extend(chunk_ids)
+        return ids
+
+    def decode(self, ids):
+        """Ids (any iterable of ints) -> text. Partial UTF-8 (a model may emit it) becomes U+FFFD."""
+        data = b"".join(self._bytes[_check_id(i, self.vocab_size)] for i in ids)
+        return data.decode("utf-8", errors="replace")
+
+    def to_dict(self):
+        """The JSON-ready contents of a saved file (see the module docstring)."""
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "type": self.kind,
+                "pattern": self.pattern, "merges": [list(pair) for pair in self.merges],
+                "special_tokens": self.special_tokens,
+                "tokens": [render_token(b) for b in self._bytes[N_BYTES:N_BYTES + len(self.merges)]]}
+
+    def save(self, path):
+        """Write the tokenizer to `path` as readable JSON, atomically."""
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data, path):
+        """Rebuild from a loaded file's contents; `path` is used only in error messages."""
+        pattern = _field(data, "pattern", str, path)
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise TinyLLMError(f"tokenizer file {path} has an invalid \"pattern\" regex: {error}") from None
+        merges = _field(data, "merges", list, path)
+        for i, pair in enumerate(merges):
+            # A merge may only join ids that exist before it: bytes and earlier merges.
+            if not (isinstance(pair, list) and len(pair) == 2
+                    and all(_is_int(x) and 0 <= x < N_BYTES + i for x in pair)):
+                raise TinyLLMError(f"tokenizer file {path} has a bad merge {pair!r} at index {i}")
+        return cls(merges, _read_special_tokens(data, N_BYTES + len(merges), path), pattern)
+
+    @classmethod
+    def load(cls, path):
+        """Read a tokenizer saved by `save`; raises TinyLLMError naming `path` if the file is bad."""
+        return cls.from_dict(_read_tokenizer_file(path, expected_type=cls.kind), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files and choosing a tokenizer by kind
+
+TOKENIZERS = {CharTokenizer.kind: CharTokenizer, BPETokenizer.kind: BPETokenizer}
+
+
+def _is_int(x):
+    """True for a JSON integer (json gives bool for true/false, and bool is a subclass of int)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _field(data, key, kind, path):
+    """data[key], checked to be of type `kind`, or a TinyLLMError naming the file."""
+    if key not in data:
+        raise TinyLLMError(f"tokenizer file {path} has no \"{key}\" field")
+    value = data[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TinyLLMError(f"tokenizer file {path} has a \"{key}\" field that is not a {kind.__name__}")
+    return value
+
+
+def _read_special_tokens(data, first_id, path):
+    """Special-token names in id order, checking their ids run first_id, first_id + 1, ..."""
+    special = _field(data, "special_tokens", dict, path)
+    if "" in special:
+        raise TinyLLMError(f"tokenizer file {path} has a special token with an empty name")
+    by_id = sorted(special.items(), key=lambda item: item[1] if _is_int(item[1]) else -1)
+    if [i for _, i in by_id] != list(range(first_id, first_id + len(by_id))):
+        raise TinyLLMError(
+            f"tokenizer file {path} has special token ids that are not the whole numbers "
+            f"{first_id}, {first_id + 1}, ... right after the ordinary vocabulary")
+    return [name for name, _ in by_id]
+
+
+def _read_tokenizer_file(path, expected_type=None):
+    """Read and check a tokenizer file's JSON and header; return the dict, or raise TinyLLMError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise TinyLLMError(f"tokenizer file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TinyLLMError(f"tokenizer file {path} is not valid JSON (truncated or corrupted?): {error}") from None
+    except OSError as error:
+        raise TinyLLMError(f"cannot read tokenizer file {path}: {error.strerror}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise TinyLLMError(f"{path} is not a tinyllm tokenizer file (its \"format\" is not \"{FORMAT_NAME}\")")
+    version = _field(data, "version", int, path)
+    if version > FORMAT_VERSION:
+        raise TinyLLMError(
+            f"tokenizer file {path} has format version {version}; this tinyllm reads version "
+            f"{FORMAT_VERSION} or older: upgrade tinyllm")
+    kind = _field(data, "type", str, path)
+    if kind not in TOKENIZERS:
+        raise TinyLLMError(f"tokenizer file {path} has unknown type {kind!r} (known: {', '.join(TOKENIZERS)})")
+    if expected_type is not None and kind != expected_type:
+        raise TinyLLMError(f"tokenizer file {path} holds a {kind} tokenizer, not a {expected_type} one")
+    return data
+
+
+def load_tokenizer(path):
+    """Load a saved tokenizer of either kind, chosen by the file's "type" field."""
+    data = _read_tokenizer_file(path)
+    return TOKENIZERS[data["type"]].from_dict(data, path)
+
+
+def train_tokenizer(kind, text, vocab_size, special_tokens=(), progress=None):
+    """Train a tokenizer of `kind` ("char" or "bpe"); `vocab_size` is ignored for "char"."""
+    if kind == CharTokenizer.kind:
+        return CharTokenizer.train(text, special_tokens)
+    if kind == BPETokenizer.kind:
+        if vocab_size is None:
+            raise TinyLLMError("a bpe tokenizer needs a vocab_size (for example 512)")
+        return BPETokenizer.train(text, vocab_size, special_tokens, progress)
+    raise TinyLLMError(f"unknown tokenizer kind {kind!r}; choose one of: {', '.join(TOKENIZERS)}")
