@@ -1,0 +1,161 @@
+"""The `tinyllm` command line: thin Click commands that map flags onto configs and call the library.
+
+Every user-fixable problem surfaces as a `TinyLLMError` and is printed as one line,
+`Error: ...`, with exit code 1. Ctrl-C during training saves a checkpoint and exits with 130.
+"""
+
+import functools
+import sys
+
+import click
+
+from .config import GPTConfig, TrainConfig
+from .errors import TinyLLMError
+from .system import tune_malloc
+
+DEFAULT_RUN = "runs/pretrain"
+
+
+def user_errors(command):
+    """Turn library errors into one-line messages and exit codes instead of tracebacks."""
+    from .train import TrainingInterrupted
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except TinyLLMError as err:
+            raise click.ClickException(str(err)) from None
+        except TrainingInterrupted as stop:
+            click.echo(f"\n{stop}. Continue with: tinyllm pretrain --out {stop.out_dir} --resume",
+                       err=True)
+            sys.exit(130)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="tinyllm")
+def main():
+    """tinyllm: make a (tiny) large language model on a CPU.
+
+    Pretrain a GPT on raw text, then sample from it. Run a command with --help for its flags.
+    """
+    tune_malloc()  # keep freed memory in the process: faster numpy steps (see tinyllm/system.py)
+
+
+def positive(ctx, param, value):
+    """Click callback: reject zero and negative sizes with the flag's name."""
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"must be positive, got {value}")
+    return value
+
+
+@main.command()
+@click.option("--data", default=None, metavar="FILE|NAME",
+              help="UTF-8 text file to train on, or the name of an embedded corpus."
+                   "  [default: pydoc, the help texts that ship with Python]")
+@click.option("--tokenizer", "tokenizer_kind", type=click.Choice(["char", "bpe"]), default="char",
+              help="char: one token per character; bpe: byte-level BPE trained on the data.")
+@click.option("--vocab-size", default=512, callback=positive,
+              help="BPE vocabulary size (256 bytes + merges + 1 special token); ignored for char.")
+@click.option("--n-layer", default=4, callback=positive, help="Number of decoder blocks.")
+@click.option("--n-head", default=4, callback=positive, help="Attention heads per block.")
+@click.option("--n-embd", default=128, callback=positive,
+              help="Embedding width (channels); must be divisible by --n-head.")
+@click.option("--block-size", default=64, callback=positive,
+              help="Context length in tokens.")
+@click.option("--bias/--no-bias", default=False,
+              help="Biases in linear layers and layer norms (GPT-2 has them; off is faster).")
+@click.option("--dropout", default=0.0, help="Dropout probability during training.")
+@click.option("--batch-size", default=12, callback=positive, help="Sequences per step.")
+@click.option("--max-iters", default=2000, callback=positive,
+              help="Optimizer steps in the whole run (with --resume: the new total).")
+@click.option("--lr", default=1e-3, help="Peak learning rate, reached after the warm-up.")
+@click.option("--min-lr", default=1e-4, help="Learning rate at the end of the cosine decay.")
+@click.option("--warmup-iters", default=100, help="Steps of linear learning-rate warm-up.")
+@click.option("--weight-decay", default=0.1, help="AdamW decoupled weight decay (matrices only).")
+@click.option("--grad-clip", default=1.0, help="Clip the global gradient norm to this (0: off).")
+@click.option("--eval-interval", default=250, callback=positive,
+              help="Evaluate, log metrics and save a checkpoint every this many steps.")
+@click.option("--eval-iters", default=20, callback=positive,
+              help="Batches per split in each evaluation.")
+@click.option("--seed", default=1337, help="Seed for initialisation, batches and dropout.")
+@click.option("--out", default=DEFAULT_RUN, type=click.Path(file_okay=False),
+              help="Run directory for checkpoints and metrics.jsonl.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its last checkpoint (its settings are kept;"
+                   " only --max-iters may change).")
+@click.option("--force", is_flag=True, help="Overwrite an existing run in --out.")
+@click.option("--sample-tokens", default=300,
+              help="Tokens to sample from the model at the end (0: none).")
+@user_errors
+def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_size, bias, dropout,
+             batch_size, max_iters, lr, min_lr, warmup_iters, weight_decay, grad_clip,
+             eval_interval, eval_iters, seed, out, resume, force, sample_tokens):
+    """Pretrain a GPT on raw text by next-token prediction.
+
+    With no flags it trains a 0.8M-parameter model on the embedded default corpus for
+    2000 steps (2 to 3 minutes on 2 CPU cores), then prints a sample.
+    """
+    from .generate import generate_text
+    from .train import pretrain as run_pretrain
+
+    model_config = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head,
+                             n_embd=n_embd, dropout=dropout, bias=bias).validate()
+    train_config = TrainConfig(batch_size=batch_size, max_iters=max_iters, lr=lr, min_lr=min_lr,
+                               warmup_iters=warmup_iters, weight_decay=weight_decay,
+                               grad_clip=grad_clip, eval_interval=eval_interval,
+                               eval_iters=eval_iters, seed=seed).validate()
+    result = run_pretrain(model_config, train_config, out, data=data,
+                          tokenizer_kind=tokenizer_kind, vocab_size=vocab_size, resume=resume,
+                          force=force, max_iters=max_iters if resume else None, log=click.echo)
+    final = result["final"]
+    click.echo(f"done: iteration {final['iter']}, train loss {final['train_loss']:.4f},"
+               f" val loss {final['val_loss']:.4f}, {result['seconds']:.0f} s; checkpoint in {out}")
+    if sample_tokens:
+        text = generate_text(result["params"], result["model_config"], result["tokenizer"], "",
+                             max_new_tokens=sample_tokens, temperature=0.8, seed=seed)
+        click.echo(f"--- sample (temperature 0.8) ---\n{text}\n---")
+
+
+@main.command()
+@click.option("--checkpoint", default=DEFAULT_RUN, type=click.Path(file_okay=False),
+              help="Run directory written by `tinyllm pretrain`.")
+@click.option("--prompt", default="", help="Text to continue (empty: start from a newline).")
+@click.option("--max-new-tokens", default=200, help="Most tokens to generate.")
+@click.option("--temperature", default=0.8,
+              help="Sampling temperature: <1 sharper, >1 more random, 0 greedy.")
+@click.option("--top-k", default=None, type=int, help="Sample only from the k likeliest tokens.")
+@click.option("--top-p", default=None, type=float,
+              help="Sample only from the smallest set of tokens with total probability >= p.")
+@click.option("--seed", default=None, type=int, help="Seed for sampling (default: random).")
+@click.option("--stop", "stop_text", default=None,
+              help="Stop before this text if the model produces it.")
+@user_errors
+def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_text):
+    """Continue a prompt with a pretrained model and print prompt plus completion."""
+    from .checkpoint import load_checkpoint
+    from .generate import generate_text
+
+    ckpt = load_checkpoint(checkpoint)
+    if prompt:
+        _check_prompt(ckpt.tokenizer, prompt)
+    text = generate_text(ckpt.params, ckpt.model_config, ckpt.tokenizer, prompt,
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, seed=seed, stop_text=stop_text)
+    click.echo(prompt + text)
+
+
+def _check_prompt(tokenizer, prompt):
+    try:
+        tokenizer.encode(prompt)
+    except TinyLLMError as err:
+        raise TinyLLMError(f"--prompt: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Sampling text from a trained model, one token at a time.
+
+Autoregressive generation: feed the context, take the logits at the last position, turn them
+into a distribution, draw a token, append it, repeat. The model sees at most block_size tokens,
+so a longer context keeps its last block_size tokens.
+
+Shaping the distribution (applied in this order):
+- temperature: divide the logits by it. < 1 sharpens, > 1 flattens; 0 means greedy (argmax).
+- top-k: keep the k most likely tokens.
+- top-p (nucleus, Holtzman et al. 2020): keep the smallest set of most likely tokens whose
+  probabilities add up to at least p.
+"""
+
+import numpy as onp
+
+from .errors import TinyLLMError
+from .models import gpt_forward
+
+
+def top_k_filter(logits, k):
+    """Set all but the k largest logits to -inf. Example: [1, 3, 2], k=2 -> [-inf, 3, 2]."""
+    if k is None or k >= logits.shape[-1]:
+        return logits
+    kth = onp.sort(logits)[-k]
+    return onp.where(logits < kth, -onp.inf, logits)
+
+
+def top_p_filter(probs, p):
+    """Zero the tail of a distribution outside the top-p nucleus and renormalise.
+
+    Example: probs [0.5, 0.3, 0.2], p=0.7 -> keeps 0.5 and 0.3 (sum 0.8 >= 0.7) -> [0.625, 0.375, 0].
+    """
+    if p is None or p >= 1.0:
+        return probs
+    order = onp.argsort(-probs)  # most likely first
+    before = onp.cumsum(probs[order]) - probs[order]  # mass strictly before each token
+    keep = onp.zeros_like(probs, dtype=bool)
+    keep[order[before < p]] = True  # a token is in if the mass before it is still short of p
+    kept = onp.where(keep, probs, 0.0)
+    return kept / kept.sum()
+
+
+def next_token_distribution(logits, temperature=1.0, top_k=None, top_p=None):
+    """Logits (V,) -> probabilities (V,) after temperature, top-k and top-p. Temperature > 0."""
+    logits = top_k_filter(logits.astype(onp.float64) / temperature, top_k)
+    probs = onp.exp(logits - logits.max())
+    return top_p_filter(probs / probs.sum(), top_p)
+
+
+def sample_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """Choose the next token id from the last position's logits (V,)."""
+    if temperature == 0:
+        return int(onp.argmax(logits))
+    probs = next_token_distribution(logits, temperature, top_k, top_p)
+    return int(rng.choice(len(probs), p=probs))
+
+
+def generate_ids(params, config, ids, max_new_tokens, rng, temperature=1.0, top_k=None,
+                 top_p=None, stop=None):
+    """Extend token ids by up to max_new_tokens; returns the new ids only.
+
+    `stop(new_ids) -> bool` ends generation early when it returns True (e.g. a stop text or
+    an end-of-text token was produced).
+    """
+    if not ids:
+        raise TinyLLMError("generation needs at least one token of context")
+    context, new = list(ids), []
+    for _ in range(max_new_tokens):
+        window = onp.asarray(context[-config.block_size:], dtype=onp.int32)[None, :]  # (1, T)
+        logits = gpt_forward(params, window, config)[0, -1]  # (1, T, V) -> (V,)
+        token = sample_token(logits, rng, temperature, top_k, top_p)
+        context.append(token)
+        new.append(token)
+        if stop is not None and stop(new):
+            break
+    return new
+
+
+def generate_text(params, config, tokenizer, prompt, max_new_tokens=200, temperature=1.0,
+                  top_k=None, top_p=None, seed=None, stop_text=None):
+    """Complete `prompt` with the model; returns the completion (without the prompt).
+
+    Generation ends at max_new_tokens, at the end-of-text token, or just before `stop_text`,
+    whichever comes first. An empty prompt starts from a newline (or end-of-text).
+    """
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    eot = tokenizer.special_tokens.get("<|endoftext|>")
+    ids = tokenizer.encode(prompt) if prompt else _start_ids(tokenizer, eot)
+
+    def stop(new):
+        if eot is not None and new[-1] == eot:
+            return True
+        return bool(stop_text) and stop_text in tokenizer.decode(new)
+
+    rng = onp.random.default_rng(seed)
+    new = generate_ids(params, config, ids, max_new_tokens, rng, temperature, top_k, top_p, stop)
+    if eot is not None and new and new[-1] == eot:
+        new = new[:-1]
+    text = tokenizer.decode(new)
+    if stop_text and stop_text in text:
+        text = text[: text.index(stop_text)]
+    return text
+
+
+def _start_ids(tokenizer, eot):
+    try:
+        return tokenizer.encode("\n")
+    except TinyLLMError:
+        if eot is None:
+            raise TinyLLMError("the prompt is empty and the tokenizer has no newline") from None
+        return [eot]
+
+
+def check_sampling_args(temperature, top_k, top_p, max_new_tokens):
+    """One-line errors for sampling settings that make no sense."""
+    if temperature < 0:
+        raise TinyLLMError(f"--temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise TinyLLMError(f"--top-k must be at least 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise TinyLLMError(f"--top-p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise TinyLLMError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")

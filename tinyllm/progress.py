@@ -1,0 +1,53 @@
+"""A dependency-free progress bar for the training loop, on stderr.
+
+On a terminal it redraws one line in place; elsewhere (a log file, CI, a test) it prints a plain
+line every `every` updates so the output stays readable.
+"""
+
+import sys
+import time
+
+
+def format_seconds(seconds):
+    """75 -> '1m15s', 3700 -> '1h01m', 9 -> '9s'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """Shows `done/total`, a bar, the latest loss, ms per iteration, tokens/s and time left."""
+
+    def __init__(self, total, start=0, stream=None, width=24, every=None):
+        self.total, self.done, self.start = total, start, start
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.width = width
+        self.every = every or max(1, (total - start) // 10)
+        self.t0 = time.perf_counter()
+
+    def update(self, done, loss, ms_per_iter, tokens_per_s):
+        self.done = done
+        if not self.tty and (done - self.start) % self.every and done != self.total:
+            return
+        filled = int(self.width * done / max(1, self.total))
+        bar = "#" * filled + "." * (self.width - filled)
+        rate = (time.perf_counter() - self.t0) / max(1, done - self.start)
+        eta = format_seconds(rate * (self.total - done))
+        line = (f"iter {done}/{self.total} [{bar}] loss {loss:.4f} | {ms_per_iter:.0f} ms/it"
+                f" | {tokens_per_s:,.0f} tok/s | eta {eta}")
+        self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
+        self.stream.flush()
+
+    def message(self, text):
+        """Print a line (an evaluation, a checkpoint) without garbling the bar."""
+        self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
