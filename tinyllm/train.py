@@ -199,7 +199,7 @@ def prepare_out_dir(out_dir, resume, force):
 
 
 def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind="char", vocab_size=512,
-             resume=False, force=False, max_iters=None, log=print):
+             resume=False, force=False, max_iters=None, log=print, special_tokens=SPECIAL_TOKENS):
     """Pretrain a GPT on a corpus (a file or an embedded name) and keep checkpoints in out_dir.
 
     With resume=True the model, tokenizer and training settings come from the checkpoint;
@@ -215,7 +215,7 @@ def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind="char", vocab_
     if resume and ckpt.meta.get("data_sha256") != text_fingerprint(text):
         raise TinyLLMError(f"--resume: the data {data!r} has changed since the run began")
     if not resume:
-        tokenizer = train_tokenizer(tokenizer_kind, text, vocab_size, special_tokens=SPECIAL_TOKENS)
+        tokenizer = train_tokenizer(tokenizer_kind, text, vocab_size, special_tokens=special_tokens)
         model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
     model_config.validate()
     ids = onp.asarray(tokenizer.encode(text), dtype=onp.int32)
