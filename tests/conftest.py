@@ -1,0 +1,43 @@
+"""Shared test fixtures: one tiny GPT config and parameter builders, so the suite stays fast.
+
+Fixtures that Hypothesis tests use are session-scoped and immutable (a frozen config, a pure
+builder function): Hypothesis reuses a fixture across its examples, so it must not carry state.
+"""
+
+import numpy as onp
+import pytest
+
+from tinyllm.config import GPTConfig
+from tinyllm.models import init_gpt
+
+# Small enough that a forward pass takes well under a millisecond, big enough to have
+# more than one layer and more than one head (head size D = 16 / 2 = 8).
+TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """A tiny GPTConfig: vocab 11, block 8, 2 layers, 2 heads, 16 channels, no dropout."""
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def make_params():
+    """Builder for fresh GPT parameters: make_params(config, dtype="float32", seed=0) -> dict."""
+
+    def build(config=TINY, dtype="float32", seed=0):
+        return init_gpt(config, onp.random.default_rng(seed), dtype=dtype)
+
+    return build
+
+
+@pytest.fixture
+def params32(make_params):
+    """Fresh float32 parameters for the tiny config."""
+    return make_params(dtype="float32")
+
+
+@pytest.fixture
+def params64(make_params):
+    """Fresh float64 parameters for the tiny config (for finite differences and tight tolerances)."""
+    return make_params(dtype="float64")
