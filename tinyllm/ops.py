@@ -97,7 +97,9 @@ def gelu(x):
     The forward pass computes the value and the slope together (they share the tanh), and
     `_with_slope` hands both to autograd: the backward pass is then a single multiply.
     """
-    xv = getval(x)
+    xv = onp.asarray(getval(x))
+    if xv.ndim == 0:  # a single number: nothing to fuse
+        return gelu_reference(x)
     y = onp.empty_like(xv)
     if not isbox(x):  # not being differentiated (evaluation, sampling): skip the slope
         _in_two_halves(_gelu_rows, xv, y, None)
@@ -134,7 +136,7 @@ def _in_two_halves(fn, *arrays):
     into output arrays passed among `arrays` (row i of the output depends on row i of the input);
     None entries are passed through.
     """
-    rows = arrays[0].shape[0]
+    rows = arrays[0].shape[0] if arrays[0].ndim else 0
     if rows < 2 or arrays[0].size < _MIN_PARALLEL_SIZE:
         fn(*arrays)
         return
@@ -247,28 +249,41 @@ def cross_entropy_reference(logits, targets, mask=None):
     return -np.sum(picked * mask) / np.maximum(np.sum(mask), 1.0)
 
 
-@primitive
 def cross_entropy(logits, targets, mask=None):
-    """Softmax cross-entropy as one fused op; same value as `cross_entropy_reference`."""
-    logp = log_softmax(logits)
-    picked = logp[np.arange(logits.shape[0]), targets]
+    """Softmax cross-entropy as one fused op; same value as `cross_entropy_reference`.
+
+    The log-probabilities and the per-row weights (mask / count) are computed once here and
+    handed to the primitive, whose VJP reuses them: d loss / d logits = (softmax - onehot) * weight.
+    """
+    lv = getval(logits)  # (N, V)
+    logp = lv - lv.max(axis=-1, keepdims=True)
+    logp -= onp.log(onp.exp(logp).sum(axis=-1, keepdims=True))  # (N, V) log-softmax
+    n = lv.shape[0]
     if mask is None:
-        return -np.sum(picked) * (1.0 / logits.shape[0])
-    return -np.sum(picked * mask) / max(float(np.sum(mask)), 1.0)
+        weight = onp.full(n, 1.0 / n, dtype=lv.dtype)  # (N,)
+    else:
+        weight = onp.asarray(mask, dtype=lv.dtype)  # (N,) a 0/1 mask of any dtype, as float
+        weight = weight * (1.0 / max(float(weight.sum()), 1.0))
+    return _cross_entropy_fused(logits, targets, weight, logp)
 
 
-def _cross_entropy_vjp(ans, logits, targets, mask=None):
-    # d loss / d logits = (softmax(logits) - onehot(targets)) * weight, weight = mask / count.
-    n = logits.shape[0]
-    count = n if mask is None else max(float(np.sum(mask)), 1.0)
-    grad = softmax(logits)  # (N, V)
-    grad[np.arange(n), targets] -= 1.0
-    weight = (1.0 / count) if mask is None else (mask / count)[:, None].astype(logits.dtype)
-    grad = grad * weight
-    return lambda g: g * grad
+@primitive
+def _cross_entropy_fused(logits, targets, weight, logp):
+    picked = logp[onp.arange(logp.shape[0]), targets]  # (N,) log p(target)
+    return -onp.dot(picked, weight)
 
 
-defvjp(cross_entropy, _cross_entropy_vjp)
+def _cross_entropy_vjp(ans, logits, targets, weight, logp):
+    def vjp(g):
+        grad = onp.exp(logp)  # (N, V) softmax
+        grad[onp.arange(logp.shape[0]), targets] -= 1.0
+        grad *= weight[:, None] * g
+        return grad
+
+    return vjp
+
+
+defvjp(_cross_entropy_fused, _cross_entropy_vjp)
 
 
 # ----------------------------------------------------------------------------- masks, dropout
