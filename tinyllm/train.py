@@ -184,7 +184,7 @@ def text_fingerprint(text):
 
 
 def prepare_out_dir(out_dir, resume, force):
-    """Refuse to overwrite an existing run unless told to; with --force, start it afresh."""
+    """Refuse to overwrite an existing run unless told to. Checks only: see start_out_dir."""
     has_run = os.path.exists(os.path.join(out_dir, "config.json"))
     if resume and not has_run:
         raise TinyLLMError(f"--resume: no checkpoint in {out_dir!r} to resume")
@@ -193,6 +193,11 @@ def prepare_out_dir(out_dir, resume, force):
             f"--out {out_dir!r} already holds a run: pass --resume to continue it or --force to"
             " start over (which replaces it)"
         )
+
+
+def start_out_dir(out_dir, resume, force):
+    """Create out_dir; with --force, start the run afresh. Called only once the data has been
+    checked, so a bad --data or --block-size never costs an existing run its files."""
     os.makedirs(out_dir, exist_ok=True)
     if force and not resume and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
         os.remove(os.path.join(out_dir, "metrics.jsonl"))
@@ -222,6 +227,7 @@ def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind="char", vocab_
     splits = dict(zip(("train", "val"), train_val_split(ids)))
     for name, split_ids in splits.items():
         check_long_enough(split_ids, model_config.block_size, f"the {name} split of {data or 'pydoc'}")
+    start_out_dir(out_dir, resume, force)
 
     if resume:
         state = Committed(ckpt.params, ckpt.opt_state, ckpt.rng_state, ckpt.iter,
