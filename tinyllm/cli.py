@@ -8,6 +8,7 @@ import functools
 import sys
 
 import click
+from click.core import ParameterSource
 
 from .config import GPTConfig, TrainConfig
 from .errors import TinyLLMError
@@ -110,9 +111,12 @@ def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_si
                                warmup_iters=warmup_iters, weight_decay=weight_decay,
                                grad_clip=grad_clip, eval_interval=eval_interval,
                                eval_iters=eval_iters, seed=seed).validate()
+    # --resume keeps the run's own --max-iters unless this command line sets one
+    source = click.get_current_context().get_parameter_source("max_iters")
+    new_total = max_iters if resume and source is not ParameterSource.DEFAULT else None
     result = run_pretrain(model_config, train_config, out, data=data,
                           tokenizer_kind=tokenizer_kind, vocab_size=vocab_size, resume=resume,
-                          force=force, max_iters=max_iters if resume else None, log=click.echo)
+                          force=force, max_iters=new_total, log=click.echo)
     final = result["final"]
     click.echo(f"done: iteration {final['iter']}, train loss {final['train_loss']:.4f},"
                f" val loss {final['val_loss']:.4f}, {result['seconds']:.0f} s; checkpoint in {out}")
