@@ -5,6 +5,7 @@ Every user-fixable problem surfaces as a `TinyLLMError` and is printed as one li
 """
 
 import functools
+import importlib.metadata
 import sys
 
 import click
@@ -38,8 +39,16 @@ def user_errors(command):
     return wrapper
 
 
+def package_version():
+    """tinyllm's installed version; `python cli.py` from a checkout has no package metadata."""
+    try:
+        return importlib.metadata.version("tinyllm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (run from a checkout that is not installed)"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.version_option(package_name="tinyllm")
+@click.version_option(version=package_version(), prog_name="tinyllm")
 def main():
     """tinyllm: make a (tiny) large language model on a CPU.
 
