@@ -1,0 +1,232 @@
+"""Tests for tinyllm/checkpoint.py and tinyllm/fileio.py: round trips, plain .npz files, errors."""
+
+import json
+import os
+import shutil
+
+import numpy as onp
+import pytest
+
+from tinyllm import fileio
+from tinyllm.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from tinyllm.config import GPTConfig, TrainConfig
+from tinyllm.errors import TinyLLMError
+from tinyllm.fileio import atomic_save_npz
+from tinyllm.models import gpt_forward, init_gpt
+from tinyllm.optim import adamw_init, adamw_step
+from tinyllm.tokenizers import CharTokenizer
+from tinyllm.tree import flatten, tree_map
+
+TEXT = "the quick brown fox jumps over the lazy dog\n"
+TRAIN = TrainConfig(batch_size=4, max_iters=10, eval_interval=5, eval_iters=1, seed=3)
+
+
+def build_run(iteration=5, seed=0):
+    """A small model after two AdamW steps, a used Generator and a tokenizer: what a run holds."""
+    tokenizer = CharTokenizer.train(TEXT, special_tokens=["<|endoftext|>"])
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2,
+                       n_embd=16)
+    rng = onp.random.default_rng(seed)
+    params = init_gpt(config, rng)
+    state = adamw_init(params)
+    for _ in range(2):  # non-zero moments, step 2
+        grads = tree_map(lambda p: rng.standard_normal(p.shape).astype(p.dtype), params)
+        params, state = adamw_step(params, grads, state, 1e-2)
+    return dict(params=params, opt_state=state, rng_state=rng.bit_generator.state,
+                model_config=config, train_config=TRAIN, tokenizer=tokenizer, iteration=iteration)
+
+
+def save(run_dir, run, extra=None):
+    return save_checkpoint(str(run_dir), run["params"], run["opt_state"], run["rng_state"],
+                           run["model_config"], run["train_config"], run["tokenizer"],
+                           run["iteration"], extra=extra)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """(run directory, the run saved in it)."""
+    run = build_run()
+    save(tmp_path / "run", run, extra={"data": "x.txt", "last_eval_iter": 5})
+    return tmp_path / "run", run
+
+
+def assert_trees_equal(a, b):
+    fa, fb = flatten(a), flatten(b)
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        assert fa[key].dtype == fb[key].dtype, key
+        onp.testing.assert_array_equal(fa[key], fb[key], err_msg=key)
+
+
+def test_round_trip_gives_identical_params_logits_optimizer_and_rng(saved):
+    run_dir, run = saved
+    ckpt = load_checkpoint(str(run_dir), with_optimizer=True)
+    assert_trees_equal(ckpt.params, run["params"])
+    ids = onp.array([[0, 3, 5, 7, 1, 2, 9, 4]], dtype=onp.int32)
+    onp.testing.assert_array_equal(gpt_forward(ckpt.params, ids, ckpt.model_config),
+                                   gpt_forward(run["params"], ids, run["model_config"]))
+    assert_trees_equal(ckpt.opt_state["m"], run["opt_state"]["m"])
+    assert_trees_equal(ckpt.opt_state["v"], run["opt_state"]["v"])
+    assert ckpt.opt_state["step"] == 2
+    assert ckpt.rng_state == run["rng_state"]
+    restored, original = onp.random.default_rng(), onp.random.default_rng()
+    restored.bit_generator.state, original.bit_generator.state = ckpt.rng_state, run["rng_state"]
+    onp.testing.assert_array_equal(restored.random(5), original.random(5))
+    assert ckpt.model_config == run["model_config"] and ckpt.train_config == TRAIN
+    assert ckpt.iter == 5 and ckpt.meta["data"] == "x.txt" and ckpt.meta["last_eval_iter"] == 5
+    assert ckpt.tokenizer.encode("lazy fox") == run["tokenizer"].encode("lazy fox")
+
+
+def test_loading_for_inference_skips_the_optimizer(saved):
+    ckpt = load_checkpoint(str(saved[0]))
+    assert ckpt.opt_state is None and ckpt.rng_state is None
+
+
+def test_files_are_plain_npz_and_readable_json(saved):
+    run_dir, run = saved
+    assert sorted(os.listdir(run_dir)) == ["config.json", "model.npz", "optim.npz",
+                                           "tokenizer.json"]
+    with onp.load(run_dir / "model.npz", allow_pickle=False) as model:
+        assert int(model["_iter"]) == 5
+        onp.testing.assert_array_equal(model["h.0.attn.c_attn.w"],
+                                       run["params"]["h"][0]["attn"]["c_attn"]["w"])
+        assert set(model.files) == set(flatten(run["params"])) | {"_iter"}
+    with onp.load(run_dir / "optim.npz", allow_pickle=False) as optim:
+        assert int(optim["step"]) == 2 and int(optim["_iter"]) == 5
+        assert "m.wte" in optim.files and "v.wte" in optim.files
+        assert json.loads(optim["rng_state"].tobytes().decode("utf-8")) == run["rng_state"]
+    meta = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    assert meta["format"] == "tinyllm-checkpoint" and meta["version"] == FORMAT_VERSION
+    assert meta["iter"] == 5 and meta["model"]["n_embd"] == 16 and meta["dtype"] == "float32"
+
+
+def test_saves_are_atomic_and_leave_no_temp_files(saved):
+    run_dir, run = saved
+    save(run_dir, {**run, "iteration": 6})  # overwrite in place
+    assert not [n for n in os.listdir(run_dir) if n.startswith(".tmp-")]
+    assert load_checkpoint(str(run_dir), with_optimizer=True).iter == 6
+
+
+def test_an_interrupted_write_keeps_the_old_file(saved, monkeypatch):
+    run_dir, _ = saved
+    before = (run_dir / "model.npz").read_bytes()
+
+    def interrupted_replace(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fileio.os, "replace", interrupted_replace)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save_npz(str(run_dir / "model.npz"), {"x": onp.zeros(3)})
+    monkeypatch.undo()
+    assert (run_dir / "model.npz").read_bytes() == before
+    assert not [n for n in os.listdir(run_dir) if n.startswith(".tmp-")]
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def load_error(run_dir, with_optimizer=True):
+    """The one-line message of the TinyLLMError that loading `run_dir` raises."""
+    with pytest.raises(TinyLLMError) as err:
+        load_checkpoint(str(run_dir), with_optimizer=with_optimizer)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def edit_config(run_dir, **changes):
+    path = run_dir / "config.json"
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta.update(changes)
+    path.write_text(json.dumps(meta), encoding="utf-8")
+
+
+def test_missing_directory(tmp_path):
+    message = load_error(tmp_path / "nowhere")
+    assert "nowhere" in message and "not found" in message
+
+
+def test_directory_without_config_json(tmp_path):
+    message = load_error(tmp_path)
+    assert "no config.json" in message and str(tmp_path) in message
+
+
+def test_corrupted_config_json(saved):
+    run_dir, _ = saved
+    path = run_dir / "config.json"
+    path.write_bytes(path.read_bytes()[:40])
+    message = load_error(run_dir)
+    assert "config.json" in message and "corrupted" in message
+
+
+def test_config_json_of_something_else(saved):
+    run_dir, _ = saved
+    (run_dir / "config.json").write_text('{"n_embd": 16}', encoding="utf-8")
+    assert "not a tinyllm checkpoint" in load_error(run_dir)
+
+
+def test_newer_format_version_is_refused(saved):
+    run_dir, _ = saved
+    edit_config(run_dir, version=FORMAT_VERSION + 1)
+    message = load_error(run_dir)
+    assert f"version {FORMAT_VERSION + 1}" in message and "upgrade tinyllm" in message
+
+
+@pytest.mark.parametrize("name", ["model.npz", "optim.npz"])
+def test_truncated_npz(saved, name):
+    run_dir, _ = saved
+    path = run_dir / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    message = load_error(run_dir)
+    assert name in message and "truncated or corrupted" in message
+
+
+@pytest.mark.parametrize("name", ["model.npz", "optim.npz"])
+def test_missing_npz(saved, name):
+    run_dir, _ = saved
+    (run_dir / name).unlink()
+    message = load_error(run_dir)
+    assert name in message and "missing" in message
+
+
+@pytest.mark.parametrize("name", ["model.npz", "optim.npz"])
+def test_iter_stamp_disagreeing_with_config_json(tmp_path, saved, name):
+    """A crash between two renames: one file is from another step than config.json says."""
+    run_dir, run = saved
+    save(tmp_path / "older", {**run, "iteration": 4})
+    shutil.copy(tmp_path / "older" / name, run_dir / name)
+    message = load_error(run_dir)
+    assert name in message and "step 4" in message and "says 5" in message
+
+
+def test_params_of_the_wrong_shape(saved):
+    run_dir, run = saved
+    flat = flatten(run["params"])
+    flat["wpe"] = onp.zeros((8, 16), "float32")  # block_size 16 in config.json
+    atomic_save_npz(str(run_dir / "model.npz"), {**flat, "_iter": onp.array(5)})
+    message = load_error(run_dir)
+    assert "model.npz" in message and "wpe" in message
+
+
+def test_missing_param(saved):
+    run_dir, run = saved
+    flat = {k: a for k, a in flatten(run["params"]).items() if k != "ln_f.g"}
+    atomic_save_npz(str(run_dir / "model.npz"), {**flat, "_iter": onp.array(5)})
+    message = load_error(run_dir)
+    assert "model.npz" in message and "ln_f.g" in message
+
+
+def test_config_json_describing_another_model(saved):
+    run_dir, run = saved
+    edit_config(run_dir, model={**json.loads((run_dir / "config.json").read_text())["model"],
+                                "n_embd": 32, "n_head": 2})
+    message = load_error(run_dir, with_optimizer=False)
+    assert "model.npz" in message and "wrong shapes" in message
+
+
+def test_config_json_with_an_unknown_model_field(saved):
+    run_dir, _ = saved
+    meta = json.loads((run_dir / "config.json").read_text())
+    edit_config(run_dir, model={**meta["model"], "n_experts": 8})
+    message = load_error(run_dir)
+    assert "n_experts" in message and "config.json" in message

@@ -1,0 +1,312 @@
+"""End-to-end tests of the Click commands (`pretrain`, `generate`) on a tiny model, and of the
+`python cli.py` launcher. Bad input must give a non-zero exit, one line naming the problem, no
+traceback, and leave an existing run's files byte for byte as they were."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tinyllm import train
+from tinyllm.cli import main
+
+REPO = Path(__file__).resolve().parent.parent  # the checkout: cli.py sits at its top
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n"
+    "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow.\n"
+) * 12
+TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
+        "--batch-size", "4", "--eval-iters", "1"]
+RUN_FILES = ["config.json", "metrics.jsonl", "model.npz", "optim.npz", "tokenizer.json"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def snapshot(directory):
+    """Name -> bytes of every file in a directory."""
+    return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))}
+
+
+def metrics_iters(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["iter"] for line in lines]
+
+
+def assert_user_error(result, *words):
+    """Exit != 0 through a handled error (not a crash), one 'Error:' line that names `words`."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # handled, no crash
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, result.output
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, data_file):
+    """A run directory made by the documented `pretrain` command (6 steps); treat as read-only."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    result = invoke("pretrain", "--data", data_file, "--out", out, *TINY, "--max-iters", 6,
+                    "--eval-interval", 3, "--sample-tokens", 5)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    """A private copy of the trained run, for tests that resume, force or damage it."""
+    out = tmp_path / "run"
+    shutil.copytree(trained_run[0], out)
+    return out
+
+
+# ----------------------------------------------------------------------------- happy paths
+
+
+def test_pretrain_writes_the_run_directory(trained_run):
+    out, result = trained_run
+    assert sorted(os.listdir(out)) == RUN_FILES
+    meta = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert meta["iter"] == 6
+    assert meta["model"]["n_layer"] == 1 and meta["model"]["n_embd"] == 16
+    assert meta["model"]["block_size"] == 16 and meta["train"]["eval_interval"] == 3
+    assert metrics_iters(out) == [0, 3, 6]
+    assert "done: iteration 6" in result.output and "--- sample" in result.output
+
+
+def test_generate_continues_the_prompt(trained_run):
+    out, _ = trained_run
+    result = invoke("generate", "--checkpoint", out, "--prompt", "The quick", "--seed", 1,
+                    "--max-new-tokens", 20)
+    assert result.exit_code == 0, result.output
+    text = result.stdout.rstrip("\n")
+    assert text.startswith("The quick") and 9 < len(text) <= 9 + 20
+    again = invoke("generate", "--checkpoint", out, "--prompt", "The quick", "--seed", 1,
+                   "--max-new-tokens", 20)
+    assert again.stdout == result.stdout  # same seed, same text
+
+
+def test_generate_greedy_with_stop_text(trained_run):
+    out, _ = trained_run
+    full = invoke("generate", "--checkpoint", out, "--prompt", "jump", "--temperature", 0,
+                  "--max-new-tokens", 12)
+    assert full.exit_code == 0, full.output
+    completion = full.stdout.rstrip("\n")[len("jump"):]
+    stop = completion[3:5]
+    cut = invoke("generate", "--checkpoint", out, "--prompt", "jump", "--temperature", 0,
+                 "--max-new-tokens", 12, "--stop", stop)
+    assert cut.exit_code == 0, cut.output
+    assert cut.stdout.rstrip("\n") == "jump" + completion[: completion.index(stop)]
+
+
+def test_pretrain_with_a_bpe_tokenizer(tmp_path, data_file):
+    out = tmp_path / "bpe"
+    result = invoke("pretrain", "--data", data_file, "--out", out, *TINY, "--max-iters", 2,
+                    "--eval-interval", 2, "--sample-tokens", 0, "--tokenizer", "bpe",
+                    "--vocab-size", 260)
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(out)) == RUN_FILES
+    tokenizer = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    assert tokenizer["type"] == "bpe"
+    assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == 260
+    gen = invoke("generate", "--checkpoint", out, "--prompt", "Sphinx ✓", "--seed", 1,
+                 "--max-new-tokens", 5)  # byte-level: any text is a valid prompt
+    assert gen.exit_code == 0, gen.output
+    assert gen.stdout.startswith("Sphinx ✓")
+
+
+def test_resume_continues_to_a_larger_max_iters(run_copy):
+    result = invoke("pretrain", "--out", run_copy, "--resume", "--max-iters", 9,
+                    "--sample-tokens", 0)
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output and "done: iteration 9" in result.output
+    assert json.loads((run_copy / "config.json").read_text())["iter"] == 9
+    assert metrics_iters(run_copy) == [0, 3, 6, 9]
+
+
+def test_ctrl_c_exits_130_and_the_suggested_resume_finishes_the_run(tmp_path, data_file,
+                                                                   monkeypatch):
+    real, calls = train.adamw_step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "adamw_step", interrupted)
+    out = tmp_path / "run"
+    result = invoke("pretrain", "--data", data_file, "--out", out, *TINY, "--max-iters", 6,
+                    "--eval-interval", 3, "--sample-tokens", 0)
+    monkeypatch.undo()
+    assert result.exit_code == 130
+    assert "interrupted at iteration 4" in result.output and "--resume" in result.output
+    assert json.loads((out / "config.json").read_text())["iter"] == 4
+    # The command the message suggests: the run keeps its own --max-iters (6), not the default.
+    resumed = invoke("pretrain", "--out", out, "--resume", "--sample-tokens", 0)
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "config.json").read_text())["iter"] == 6
+    assert metrics_iters(out) == [0, 3, 6]
+
+
+def test_force_replaces_an_existing_run(run_copy, data_file):
+    before = snapshot(run_copy)
+    result = invoke("pretrain", "--data", data_file, "--out", run_copy, *TINY, "--max-iters", 4,
+                    "--eval-interval", 2, "--seed", 7, "--sample-tokens", 0, "--force")
+    assert result.exit_code == 0, result.output
+    after = snapshot(run_copy)
+    assert after["model.npz"] != before["model.npz"]
+    assert metrics_iters(run_copy) == [0, 2, 4]
+
+
+# ----------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("command", ["pretrain", "generate"])
+def test_help_mentions_every_flag_and_its_default(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())  # undo Click's line wrapping
+    options = [p for p in main.commands[command].params if p.name != "help"]
+    position = 0
+    for option, following in zip(options, options[1:] + [None]):
+        for flag in option.opts + option.secondary_opts:
+            assert flag in text, flag
+        start = text.index(option.opts[0], position)
+        end = text.index(following.opts[0], start + 1) if following else len(text)
+        entry, position = text[start:end], start + 1
+        on_off_flag = option.is_flag and not option.secondary_opts  # --resume, --force: off
+        if option.default is not None and not on_off_flag:
+            assert "[default: " in entry, entry
+    if command == "pretrain":
+        assert "--n-layer INTEGER Number of decoder blocks. [default: 4]" in text
+        assert "[default: pydoc" in text
+    else:
+        assert "--temperature FLOAT" in text and "[default: 0.8]" in text
+
+
+def test_main_help_lists_the_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "pretrain" in result.output and "generate" in result.output
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--help"], "pretrain"),
+    (["pretrain", "--help"], "--max-iters"),
+    (["generate", "--help"], "--checkpoint"),
+    (["--version"], "tinyllm, version"),  # with or without the package installed
+])
+def test_launcher_runs_from_the_checkout(args, expected):
+    proc = subprocess.run([sys.executable, "cli.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert expected in proc.stdout and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "empty.txt").write_bytes(b"")
+    (folder / "binary.dat").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 20)
+    (folder / "short.txt").write_text("tiny text", encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--data", "{bad}/missing.txt"], ["missing.txt", "not found"]),
+    (["--data", "{bad}/empty.txt"], ["empty.txt", "empty"]),
+    (["--data", "{bad}/binary.dat"], ["binary.dat", "binary"]),
+    (["--data", "{bad}/short.txt"], ["short.txt", "block_size + 1"]),
+    (["--data", "{data}", "--n-embd", "30", "--n-head", "4"], ["--n-embd", "--n-head"]),
+    (["--data", "{data}", "--n-layer", "0"], ["--n-layer"]),
+])
+def test_bad_pretrain_input_keeps_the_existing_run(run_copy, bad_files, data_file, args, words):
+    """Even with --force, nothing of the old run is touched until the new one can start."""
+    args = [a.format(bad=bad_files, data=data_file) for a in args]
+    before = snapshot(run_copy)
+    result = invoke("pretrain", "--out", run_copy, *TINY, "--max-iters", 2, "--sample-tokens", 0,
+                    "--force", *args)
+    assert_user_error(result, *words)
+    assert snapshot(run_copy) == before
+
+
+def test_existing_run_without_resume_or_force_is_refused(run_copy, data_file):
+    before = snapshot(run_copy)
+    result = invoke("pretrain", "--data", data_file, "--out", run_copy, *TINY, "--max-iters", 2,
+                    "--sample-tokens", 0)
+    assert_user_error(result, str(run_copy), "--resume", "--force")
+    assert snapshot(run_copy) == before
+
+
+def test_resume_with_changed_data_is_refused(tmp_path, data_file):
+    data = tmp_path / "data.txt"
+    shutil.copy(data_file, data)
+    out = tmp_path / "run"
+    assert invoke("pretrain", "--data", data, "--out", out, *TINY, "--max-iters", 2,
+                  "--eval-interval", 2, "--sample-tokens", 0).exit_code == 0
+    before = snapshot(out)
+    data.write_text(TEXT + "more\n", encoding="utf-8")
+    result = invoke("pretrain", "--out", out, "--resume", "--max-iters", 4)
+    assert_user_error(result, "changed")
+    assert snapshot(out) == before
+
+
+def test_generate_from_a_missing_checkpoint(tmp_path):
+    assert_user_error(invoke("generate", "--checkpoint", tmp_path / "nowhere"), "nowhere",
+                      "not found")
+
+
+def test_generate_from_a_truncated_model(run_copy):
+    path = run_copy / "model.npz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    before = snapshot(run_copy)
+    result = invoke("generate", "--checkpoint", run_copy, "--prompt", "The", "--seed", 1)
+    assert_user_error(result, "model.npz", "truncated")
+    assert snapshot(run_copy) == before
+
+
+def test_generate_from_a_newer_format(run_copy):
+    path = run_copy / "config.json"
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**meta, "version": 99}), encoding="utf-8")
+    before = snapshot(run_copy)
+    result = invoke("generate", "--checkpoint", run_copy, "--prompt", "The", "--seed", 1)
+    assert_user_error(result, "config.json", "version 99", "upgrade")
+    assert snapshot(run_copy) == before
+
+
+def test_generate_with_a_character_the_tokenizer_never_saw(trained_run):
+    out, _ = trained_run
+    before = snapshot(out)
+    result = invoke("generate", "--checkpoint", out, "--prompt", "snow☃man", "--seed", 1)
+    assert_user_error(result, "--prompt", "'☃'", "position 4")
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-k", "0"], "--top-k"),
+    (["--top-p", "1.5"], "--top-p"),
+])
+def test_generate_with_bad_sampling_settings(trained_run, args, flag):
+    out, _ = trained_run
+    assert_user_error(invoke("generate", "--checkpoint", out, "--prompt", "The", *args), flag)

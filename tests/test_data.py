@@ -1,0 +1,144 @@
+"""Tests for tinyllm/data.py: reading corpora and their errors, the split, batches of windows."""
+
+import numpy as onp
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyllm.data import (
+    check_long_enough,
+    get_batch,
+    load_corpus,
+    pydoc_corpus,
+    read_text_file,
+    train_val_split,
+)
+from tinyllm.errors import TinyLLMError
+
+# ----------------------------------------------------------------------------- split
+
+
+def test_split_is_90_10_at_one_point():
+    ids = onp.arange(100)
+    train, val = train_val_split(ids)
+    onp.testing.assert_array_equal(train, onp.arange(90))
+    onp.testing.assert_array_equal(val, onp.arange(90, 100))
+
+
+@given(st.integers(0, 5000))
+def test_split_keeps_every_token_once_in_order(n):
+    ids = onp.arange(n)
+    train, val = train_val_split(ids)
+    assert len(train) == int(n * 0.9)
+    onp.testing.assert_array_equal(onp.concatenate([train, val]), ids)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def test_get_batch_docstring_example():
+    ids = onp.array([5, 9, 2, 7], dtype=onp.int32)
+    x, y = get_batch(ids, 1, 3, onp.random.default_rng(0))  # only one window fits: start 0
+    onp.testing.assert_array_equal(x, [[5, 9, 2]])
+    onp.testing.assert_array_equal(y, [[9, 2, 7]])
+    assert x.dtype == y.dtype == onp.int32
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_extra=st.integers(0, 100), batch=st.integers(1, 8), block=st.integers(1, 16),
+       seed=st.integers(0, 2**32 - 1))
+def test_targets_are_inputs_shifted_by_one_inside_the_data(n_extra, batch, block, seed):
+    n = block + 1 + n_extra
+    values = onp.random.default_rng(seed).integers(0, 50, size=n).astype(onp.int32)
+    x, y = get_batch(values, batch, block, onp.random.default_rng(seed))
+    assert x.shape == y.shape == (batch, block)
+    onp.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+    # With ids = 0..n-1 each row is its own start position, so windows can be located exactly.
+    positions = onp.arange(n, dtype=onp.int32)
+    px, py = get_batch(positions, batch, block, onp.random.default_rng(seed))
+    onp.testing.assert_array_equal(py, px + 1)
+    assert px.min() >= 0 and py.max() <= n - 1
+    for row, start in zip(px, px[:, 0]):
+        onp.testing.assert_array_equal(row, onp.arange(start, start + block))
+    # The same draw on the real values picks the same windows.
+    onp.testing.assert_array_equal(x, values[px])
+    onp.testing.assert_array_equal(y, values[py])
+
+
+def test_batches_are_reproducible_from_the_seed():
+    ids = onp.arange(1000, dtype=onp.int32)
+    first = [get_batch(ids, 4, 8, rng) for rng in [onp.random.default_rng(7)] for _ in range(3)]
+    again = [get_batch(ids, 4, 8, rng) for rng in [onp.random.default_rng(7)] for _ in range(3)]
+    other = get_batch(ids, 4, 8, onp.random.default_rng(8))
+    for (x1, y1), (x2, y2) in zip(first, again):
+        onp.testing.assert_array_equal(x1, x2)
+        onp.testing.assert_array_equal(y1, y2)
+    assert not onp.array_equal(first[0][0], other[0])
+    assert not onp.array_equal(first[0][0], first[1][0])  # the generator moves on between calls
+
+
+def test_every_start_position_can_be_drawn():
+    ids = onp.arange(12, dtype=onp.int32)
+    x, _ = get_batch(ids, 2000, 4, onp.random.default_rng(0))
+    assert set(x[:, 0].tolist()) == set(range(12 - 4))  # starts 0..7: the last window ends at 11
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def test_read_text_file_reads_utf8(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("héllo ✓\n", encoding="utf-8")
+    assert read_text_file(str(path)) == "héllo ✓\n"
+    assert load_corpus(str(path)) == "héllo ✓\n"
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("missing.txt", None, "not found"),
+    ("empty.txt", b"", "empty"),
+    ("blank.txt", b"  \n\n ", "empty"),
+    ("binary.bin", b"abc\x00\x01\x02def", "binary"),
+    ("latin1.txt", "café crème".encode("latin-1"), "not UTF-8"),
+])
+@pytest.mark.parametrize("reader", [read_text_file, load_corpus])
+def test_bad_files_give_one_line_errors_naming_the_file(tmp_path, name, content, words, reader):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(TinyLLMError) as err:
+        reader(str(path))
+    message = str(err.value)
+    assert "\n" not in message
+    assert name in message and words in message
+
+
+def test_a_directory_is_not_a_data_file(tmp_path):
+    with pytest.raises(TinyLLMError, match="directory"):
+        read_text_file(str(tmp_path))
+
+
+def test_load_corpus_none_is_the_embedded_pydoc_corpus():
+    text = load_corpus(None)
+    assert text == load_corpus("pydoc") == pydoc_corpus()
+    assert len(text) > 100_000  # about 460 KB of help texts
+    assert "for" in text and "while" in text and "\x00" not in text
+
+
+def test_a_file_named_like_an_embedded_corpus_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pydoc").write_text("my own text", encoding="utf-8")
+    assert load_corpus("pydoc") == "my own text"
+
+
+def test_unknown_corpus_name_lists_the_embedded_ones():
+    with pytest.raises(TinyLLMError, match="pydoc"):
+        load_corpus("no-such-corpus-name")
+
+
+def test_check_long_enough():
+    check_long_enough(onp.arange(9), 8, "the train split")  # exactly block_size + 1: fine
+    with pytest.raises(TinyLLMError) as err:
+        check_long_enough(onp.arange(8), 8, "the val split of x.txt")
+    message = str(err.value)
+    assert "the val split of x.txt has 8 tokens" in message and "block_size + 1 = 9" in message
+    assert "--block-size" in message and "\n" not in message

@@ -1,0 +1,221 @@
+"""Tests for tinyllm/generate.py: the filters, greedy decoding, seeds, long prompts, stop text."""
+
+import numpy as onp
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from tinyllm.config import GPTConfig
+from tinyllm.errors import TinyLLMError
+from tinyllm.generate import (
+    generate_ids,
+    generate_text,
+    next_token_distribution,
+    sample_token,
+    top_k_filter,
+    top_p_filter,
+)
+from tinyllm.models import gpt_forward, init_gpt
+from tinyllm.tokenizers import CharTokenizer
+from tinyllm.tree import tree_map
+
+EOT = "<|endoftext|>"
+ALPHABET = "abcdefghij "
+
+
+@pytest.fixture(scope="module")
+def model():
+    """(params, config, tokenizer): a random tiny GPT over 11 characters, no special tokens.
+
+    Weight matrices 40 times larger than GPT-2's init make the next-token distributions uneven
+    and context-dependent, so greedy continuations vary with the prompt instead of repeating the
+    one token that near-uniform logits happen to favour.
+    """
+    tokenizer = CharTokenizer.train(ALPHABET)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=8, n_layer=1, n_head=2,
+                       n_embd=16)
+    params = init_gpt(config, onp.random.default_rng(0))
+    params = tree_map(lambda p: p * 40 if p.ndim >= 2 else p, params)
+    return params, config, tokenizer
+
+
+# ----------------------------------------------------------------------------- filters
+
+
+def test_top_k_worked_example():
+    out = top_k_filter(onp.array([1.0, 3.0, 2.0]), 2)
+    onp.testing.assert_array_equal(out, [-onp.inf, 3.0, 2.0])
+
+
+def test_top_k_none_or_large_k_changes_nothing():
+    logits = onp.array([1.0, 3.0, 2.0])
+    assert top_k_filter(logits, None) is logits
+    assert top_k_filter(logits, 3) is logits
+
+
+@given(arrays("float64", st.integers(1, 12), elements=st.floats(-50, 50)), st.integers(1, 12))
+def test_top_k_keeps_the_k_largest(logits, k):
+    out = top_k_filter(logits, k)
+    kept = onp.isfinite(out)
+    assert kept.sum() >= min(k, len(logits))  # ties at the k-th value are all kept
+    onp.testing.assert_array_equal(out[kept], logits[kept])
+    if (~kept).any():
+        assert logits[kept].min() > logits[~kept].max()
+
+
+def test_top_p_worked_example():
+    out = top_p_filter(onp.array([0.5, 0.3, 0.2]), 0.7)
+    onp.testing.assert_allclose(out, [0.625, 0.375, 0.0])
+
+
+def test_top_p_boundary_cases():
+    probs = onp.array([0.2, 0.5, 0.3])
+    onp.testing.assert_allclose(top_p_filter(probs, 0.5), [0.0, 1.0, 0.0])  # 0.5 alone reaches p
+    onp.testing.assert_allclose(top_p_filter(probs, 0.01), [0.0, 1.0, 0.0])
+    assert top_p_filter(probs, 1.0) is probs and top_p_filter(probs, None) is probs
+
+
+@settings(max_examples=200)
+@given(arrays("float64", st.integers(1, 10), elements=st.floats(0, 1)),
+       st.floats(0.001, 0.999))
+def test_top_p_properties(weights, p):
+    assume(weights.sum() > 1e-6)
+    probs = weights / weights.sum()
+    out = top_p_filter(probs, p)
+    assert out.sum() == pytest.approx(1.0)
+    assert out[probs == probs.max()].max() > 0  # a most likely token (ties: one of them) is kept
+    kept = out > 0
+    if (~kept).any() and kept.any():
+        # never keeps a token less likely than one it dropped
+        assert probs[kept].min() >= probs[~kept].max()
+    # the kept mass reaches p, and without its least likely member it would not
+    assert probs[kept].sum() >= p - 1e-9
+    assert probs[kept].sum() - probs[kept].min() < p + 1e-9
+    onp.testing.assert_allclose(out[kept], probs[kept] / probs[kept].sum())
+
+
+def test_next_token_distribution_applies_temperature_then_filters():
+    logits = onp.log(onp.array([0.1, 0.2, 0.7]))
+    onp.testing.assert_allclose(next_token_distribution(logits), [0.1, 0.2, 0.7])
+    sharp = next_token_distribution(logits, temperature=0.5)  # p^2, renormalised
+    onp.testing.assert_allclose(sharp, onp.array([0.01, 0.04, 0.49]) / 0.54)
+    onp.testing.assert_allclose(next_token_distribution(logits, top_k=2), [0, 2 / 9, 7 / 9])
+    onp.testing.assert_allclose(next_token_distribution(logits, top_p=0.6), [0, 0, 1])
+
+
+def test_sample_token_follows_the_distribution():
+    logits = onp.log(onp.array([0.25, 0.75, 1e-12]))
+    rng = onp.random.default_rng(0)
+    draws = onp.array([sample_token(logits, rng) for _ in range(4000)])
+    assert abs((draws == 1).mean() - 0.75) < 0.03 and not (draws == 2).any()
+    assert {sample_token(logits, rng, top_k=1) for _ in range(50)} == {1}
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def greedy_reference(params, config, ids, n):
+    """Greedy decoding written out: argmax of the last position's logits, n times."""
+    ids = list(ids)
+    for _ in range(n):
+        logits = gpt_forward(params, onp.array([ids[-config.block_size:]], dtype=onp.int32), config)
+        ids.append(int(onp.argmax(logits[0, -1])))
+    return ids
+
+
+def test_temperature_zero_is_greedy_and_ignores_the_seed(model):
+    params, config, _ = model
+    prompt = [1, 2, 3]
+    want = greedy_reference(params, config, prompt, 12)[3:]
+    assert len(set(want)) > 1  # a varied continuation, not one repeated token
+    for seed in (0, 1, 2):
+        assert generate_ids(params, config, prompt, 12, onp.random.default_rng(seed),
+                            temperature=0) == want
+
+
+def test_same_seed_same_text_and_another_seed_differs(model):
+    params, config, tokenizer = model
+    texts = [generate_text(params, config, tokenizer, "abc", 40, temperature=1.0, seed=s)
+             for s in (5, 5, 6)]
+    assert texts[0] == texts[1]
+    assert texts[0] != texts[2]
+    assert set(texts[0]) <= set(ALPHABET)
+
+
+def test_prompt_longer_than_block_size_keeps_its_last_block(model):
+    params, config, tokenizer = model
+    prompt = "abcdefghij abcdefghij"  # 21 characters, block_size is 8
+    assert len(prompt) > config.block_size
+    long = generate_text(params, config, tokenizer, prompt, 10, temperature=0)
+    tail = generate_text(params, config, tokenizer, prompt[-config.block_size:], 10, temperature=0)
+    assert long == tail and len(long) == 10
+    # ...and the comparison can fail: another context gives another continuation.
+    assert generate_text(params, config, tokenizer, "abc", 10, temperature=0) != long
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 25])
+def test_max_new_tokens_is_respected(model, n):
+    params, config, tokenizer = model
+    assert len(generate_ids(params, config, [0], n, onp.random.default_rng(0))) == n
+    assert len(generate_text(params, config, tokenizer, "a", n, seed=0)) == n
+
+
+def test_stop_text_cuts_the_output_before_it(model):
+    params, config, tokenizer = model
+    full = generate_text(params, config, tokenizer, "abc", 60, temperature=1.0, seed=3)
+    stop = full[10:12]
+    cut = full.index(stop)
+    got = generate_text(params, config, tokenizer, "abc", 60, temperature=1.0, seed=3,
+                        stop_text=stop)
+    assert got == full[:cut]
+    assert stop not in got
+
+
+def test_generation_ends_at_end_of_text_without_printing_it():
+    tokenizer = CharTokenizer.train("ab", special_tokens=[EOT])  # ids: a=0, b=1, EOT=2
+    config = GPTConfig(vocab_size=3, block_size=4, n_layer=1, n_head=1, n_embd=4,
+                       tie_weights=False)
+    params = init_gpt(config, onp.random.default_rng(0))
+    # Final layer norm outputs all ones, so logits are the column sums of the LM head.
+    params["ln_f"] = {"g": onp.zeros(4, "float32"), "b": onp.ones(4, "float32")}
+    params["lm_head"]["w"] = onp.array([[0, 1, 2]] * 4, dtype="float32")
+    assert generate_text(params, config, tokenizer, "ab", 10, temperature=0) == ""
+    params["lm_head"]["w"] = onp.array([[0, 2, 1]] * 4, dtype="float32")
+    assert generate_text(params, config, tokenizer, "ab", 5, temperature=0) == "bbbbb"
+
+
+def test_empty_prompt_starts_from_a_newline():
+    tokenizer = CharTokenizer.train("ab\n")
+    config = GPTConfig(vocab_size=3, block_size=4, n_layer=1, n_head=1, n_embd=4)
+    params = init_gpt(config, onp.random.default_rng(0))
+    assert len(generate_text(params, config, tokenizer, "", 3, seed=0)) == 3
+    no_newline = CharTokenizer.train("ab")
+    config2 = GPTConfig(vocab_size=2, block_size=4, n_layer=1, n_head=1, n_embd=4)
+    with pytest.raises(TinyLLMError, match="empty"):
+        generate_text(init_gpt(config2, onp.random.default_rng(0)), config2, no_newline, "", 3)
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    (dict(temperature=-0.1), "--temperature"),
+    (dict(top_k=0), "--top-k"),
+    (dict(top_p=0.0), "--top-p"),
+    (dict(top_p=1.5), "--top-p"),
+    (dict(max_new_tokens=-1), "--max-new-tokens"),
+])
+def test_bad_sampling_arguments(model, kwargs, flag):
+    params, config, tokenizer = model
+    with pytest.raises(TinyLLMError, match=flag):
+        generate_text(params, config, tokenizer, "a", **{"max_new_tokens": 3, **kwargs})
+
+
+def test_generate_ids_needs_context(model):
+    params, config, _ = model
+    with pytest.raises(TinyLLMError, match="at least one token"):
+        generate_ids(params, config, [], 3, onp.random.default_rng(0))
+
+
+def test_prompt_with_unknown_character_is_a_user_error(model):
+    params, config, tokenizer = model
+    with pytest.raises(TinyLLMError, match="'Z'"):
+        generate_text(params, config, tokenizer, "abZ", 3)
