@@ -17,6 +17,7 @@ from autograd.test_util import check_grads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tinyllm import ops
 from tinyllm.ops import (
     MASK_VALUE,
     attention,
@@ -229,16 +230,29 @@ def test_cross_entropy_vjp_matches_finite_differences(with_mask, n, v, seed):
     check_grads(lambda lg: cross_entropy(lg, targets, mask), modes=["rev"], order=1)(logits)
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "causal", "random"])
 @settings(max_examples=25, deadline=None)
-@given(tq=small, tk=small, d=small, seed=seeds)
-def test_attention_weights_vjp_matches_finite_differences(mask_kind, tq, tk, d, seed):
+@given(tq=small, tk=small, d=small, p=st.floats(0.1, 0.7), seed=seeds)
+def test_attention_with_dropout_vjp_matches_finite_differences(tq, tk, d, p, seed):
+    # A fresh Generator with a fixed seed on every call draws the same dropout mask, so the
+    # function is deterministic and finite differences apply.
     rng = rng_for(seed)
-    if mask_kind == "causal":
-        tk = tq
-    q, k, _, mask = _attention_case(rng, (2,), tq, tk, d, mask_kind)
-    check_grads(lambda q, k: attention_weights(q, k, mask), modes=["rev"], order=1,
-                argnum=(0, 1))(q, k)
+    q, k, v, mask = _attention_case(rng, (2, 2), tq, tk, d, "random")
+    check_grads(lambda q, k, v: attention(q, k, v, mask, p, onp.random.default_rng(seed)),
+                modes=["rev"], order=1, argnum=(0, 1, 2))(q, k, v)
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(2, 5), tq=small, tk=small, d=small, seed=seeds)
+def test_attention_with_per_sequence_padding_mask_vjp_matches_finite_differences(b, tq, tk, d, seed):
+    rng = rng_for(seed)
+    q, k, v = (rng.standard_normal((b, 2, t, d)) for t in (tq, tk, tk))
+    valid = (rng.random((b, tk)) < 0.7).astype("float64")
+    valid[:, 0] = 1.0  # every sequence keeps at least one key
+    mask = padding_mask(valid, dtype="float64")  # (B, 1, 1, Tk)
+    fused = attention(q, k, v, mask)
+    onp.testing.assert_allclose(fused, attention_reference(q, k, v, mask), **F64)
+    check_grads(lambda q, k, v: attention(q, k, v, mask), modes=["rev"], order=1,
+                argnum=(0, 1, 2))(q, k, v)
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "causal", "random"])
@@ -488,3 +502,24 @@ def test_cross_entropy_with_an_integer_mask_stays_float32():
 @pytest.mark.parametrize("x", [0.5, onp.array(0.5)])
 def test_gelu_of_a_scalar_equals_reference(x):
     onp.testing.assert_allclose(gelu(x), gelu_reference(x), **F64)
+
+
+# ============================================================================ the two-halves path
+
+@pytest.mark.parametrize("b", [2, 3, 7])
+def test_ops_split_across_two_threads_equal_reference(monkeypatch, b):
+    """Large inputs are processed as two halves of the batch in two threads; force that path on
+    small inputs (odd batch sizes too) and compare values and gradients with the references."""
+    monkeypatch.setattr(ops, "_MIN_PARALLEL_SIZE", 1)
+    rng = rng_for(b)
+    x = rng.standard_normal((b, 3, 4))
+    assert_same_value_and_grads(gelu, gelu_reference, (x,), [0], rng)
+    q, k, v = (rng.standard_normal((b, 2, t, 4)) for t in (3, 5, 5))
+    valid = (rng.random((b, 5)) < 0.7).astype("float64")
+    valid[:, 0] = 1.0
+    for mask in (None, padding_mask(valid, dtype="float64"), rng.standard_normal((3, 5))):
+        assert_same_value_and_grads(lambda q, k, v: attention(q, k, v, mask),
+                                    lambda q, k, v: attention_reference(q, k, v, mask),
+                                    (q, k, v), [0, 1, 2], rng)
+    check_grads(lambda q, k, v: attention(q, k, v, None, 0.5, onp.random.default_rng(0)),
+                modes=["rev"], order=1, argnum=(0, 1, 2))(q, k, v)

@@ -335,48 +335,84 @@ def attention_reference(q, k, v, mask=None):
     return softmax(scores) @ v  # (..., Tq, Tk) @ (..., Tk, D) -> (..., Tq, D)
 
 
-@primitive
-def attention_weights(q, k, mask=None):
-    """softmax(q k^T / sqrt(D) + mask) as one fused op: (..., Tq, D), (..., Tk, D) -> (..., Tq, Tk).
+def attention(q, k, v, mask=None, dropout_p=0.0, rng=None):
+    """Scaled dot-product attention as one fused op: same values as `attention_reference`.
 
-    Why this boundary: the gradient of softmax needs only its output P, which autograd hands to
-    the VJP as `ans`, so nothing is recomputed. The product P v is left to autograd.
+    q (B, H, Tq, D), k and v (B, H, Tk, D), mask broadcastable to (B, H, Tq, Tk) -> (B, H, Tq, D).
+    The attention weights P are computed here, once, and handed to the primitive, whose VJP
+    needs them. Dropout, when on, drops attention weights as in the paper and in GPT-2.
     """
-    scores = q @ np.swapaxes(k, -1, -2) * (1.0 / math.sqrt(q.shape[-1]))  # (..., Tq, Tk)
+    qv, kv, vv = getval(q), getval(k), getval(v)
+    p = onp.empty(qv.shape[:-1] + (kv.shape[-2],), dtype=qv.dtype)  # (B, H, Tq, Tk)
+    per_batch_mask = mask is not None and onp.ndim(mask) == 4 and onp.shape(mask)[0] > 1
+    if per_batch_mask:  # a padding mask differs per sequence: split it along with the batch
+        _in_two_halves(_attention_weights_rows, qv, kv, mask, p)
+    else:
+        _in_two_halves(lambda q_, k_, p_: _attention_weights_rows(q_, k_, mask, p_), qv, kv, p)
+    keep = None
+    if dropout_p > 0.0 and rng is not None:
+        keep = (rng.random(p.shape, dtype="float32") >= dropout_p).astype(p.dtype)
+        keep *= 1.0 / (1.0 - dropout_p)
+    return _attention_fused(q, k, v, p, keep)
+
+
+def _attention_weights_rows(q, k, mask, p):
+    """Fill p with softmax(q k^T / sqrt(D) + mask), in place (q, k, p share their leading axes)."""
+    onp.matmul(q, onp.swapaxes(k, -1, -2), out=p)  # (..., Tq, D) @ (..., D, Tk) -> (..., Tq, Tk)
+    p *= 1.0 / math.sqrt(q.shape[-1])
     if mask is not None:
-        scores += mask
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    return scores
+        p += mask
+    p -= p.max(axis=-1, keepdims=True)  # softmax is shift-invariant; this keeps exp() finite
+    onp.exp(p, out=p)
+    p /= p.sum(axis=-1, keepdims=True)
 
 
-def _attention_weights_vjp(argnums, p, args, kwargs):
-    q, k = args[0], args[1]
-    scale = 1.0 / math.sqrt(q.shape[-1])
+def attention_weights(q, k, mask=None):
+    """The attention weights softmax(q k^T / sqrt(D) + mask) alone, as plain arrays: for looking
+    at what a head attends to (not differentiated). (..., Tq, D), (..., Tk, D) -> (..., Tq, Tk)."""
+    q, k = onp.asarray(getval(q)), onp.asarray(getval(k))
+    p = onp.empty(q.shape[:-1] + (k.shape[-2],), dtype=onp.result_type(q, k))
+    _attention_weights_rows(q, k, mask, p)
+    return p
 
-    def vjp(dp):
-        # softmax: dS = P * (dP - rowsum(dP * P)); then S = scale * q k^T gives dq and dk.
-        ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))  # (..., Tq, Tk)
-        ds *= scale
-        grads = []
-        for argnum in argnums:
-            if argnum == 0:
-                grads.append(ds @ k)  # (..., Tq, Tk) @ (..., Tk, D) -> (..., Tq, D)
-            else:
-                grads.append(np.swapaxes(ds, -1, -2) @ q)  # (..., Tk, Tq) @ (..., Tq, D)
-        return tuple(grads)
+
+@primitive
+def _attention_fused(q, k, v, p, keep):
+    return (p if keep is None else p * keep) @ v  # (..., Tq, Tk) @ (..., Tk, D) -> (..., Tq, D)
+
+
+def _attention_backward_rows(q, k, v, p, keep, g, dq, dk, dv):
+    """The VJP of attention for a slice of the batch, written into dq, dk, dv.
+
+    out = P' v with P' = P * keep:  dv = P'^T g,  dP = (g v^T) * keep
+    P = softmax(S):                  dS = P * (dP - rowsum(dP * P))
+    S = q k^T / sqrt(D):             dq = dS k / sqrt(D),  dk = dS^T q / sqrt(D)
+    """
+    dropped = p if keep is None else p * keep
+    onp.matmul(onp.swapaxes(dropped, -1, -2), g, out=dv)
+    dp = g @ onp.swapaxes(v, -1, -2)  # (..., Tq, Tk)
+    if keep is not None:
+        dp *= keep
+    ds = dp * p
+    ds -= p * ds.sum(axis=-1, keepdims=True)
+    ds *= 1.0 / math.sqrt(q.shape[-1])
+    onp.matmul(ds, k, out=dq)
+    onp.matmul(onp.swapaxes(ds, -1, -2), q, out=dk)
+
+
+def _attention_vjp(argnums, ans, args, kwargs):
+    q, k, v, p, keep = args
+
+    def vjp(g):
+        dq, dk, dv = onp.empty_like(q), onp.empty_like(k), onp.empty_like(v)
+        if keep is None:
+            _in_two_halves(lambda *a: _attention_backward_rows(*a[:4], None, *a[4:]),
+                           q, k, v, p, g, dq, dk, dv)
+        else:
+            _in_two_halves(_attention_backward_rows, q, k, v, p, keep, g, dq, dk, dv)
+        return tuple((dq, dk, dv)[i] for i in argnums)
 
     return vjp
 
 
-defvjp_argnums(attention_weights, _attention_weights_vjp)
-
-
-def attention(q, k, v, mask=None, dropout_p=0.0, rng=None):
-    """Scaled dot-product attention with the fused weights: same values as `attention_reference`.
-
-    Dropout, when on, drops attention weights as in the paper and in GPT-2.
-    """
-    weights = attention_weights(q, k, mask)  # (..., Tq, Tk)
-    return dropout(weights, dropout_p, rng) @ v  # (..., Tq, D)
+defvjp_argnums(_attention_fused, _attention_vjp)
