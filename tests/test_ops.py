@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from tinyllm import ops
 from tinyllm.ops import (
+    linear_reference,
     MASK_VALUE,
     attention,
     attention_reference,
@@ -523,3 +524,19 @@ def test_ops_split_across_two_threads_equal_reference(monkeypatch, b):
                                     (q, k, v), [0, 1, 2], rng)
     check_grads(lambda q, k, v: attention(q, k, v, None, 0.5, onp.random.default_rng(0)),
                 modes=["rev"], order=1, argnum=(0, 1, 2))(q, k, v)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@settings(max_examples=25, deadline=None)
+@given(lead=st.lists(small, min_size=1, max_size=3).map(tuple), c_in=small, c_out=small, seed=seeds)
+def test_fused_linear_equals_reference_and_its_vjp_matches_finite_differences(
+        with_bias, lead, c_in, c_out, seed):
+    rng = rng_for(seed)
+    x, w = rng.standard_normal(lead + (c_in,)), rng.standard_normal((c_in, c_out))
+    if with_bias:
+        b = rng.standard_normal(c_out)
+        assert_same_value_and_grads(linear, linear_reference, (x, w, b), [0, 1, 2], rng)
+        check_grads(linear, modes=["rev"], order=1, argnum=(0, 1, 2))(x, w, b)
+    else:
+        assert_same_value_and_grads(linear, linear_reference, (x, w), [0, 1], rng)
+        check_grads(linear, modes=["rev"], order=1, argnum=(0, 1))(x, w)

@@ -33,17 +33,45 @@ MASK_VALUE = -1e9  # additive mask: large enough that exp() underflows to exactl
 # ----------------------------------------------------------------------------- linear, embedding
 
 
-def linear(x, w, b=None):
-    """Affine map y = x W + b over the last axis: (..., C_in) -> (..., C_out).
+def linear_reference(x, w, b=None):
+    """Affine map y = x W + b over the last axis: (..., C_in) -> (..., C_out)."""
+    y = x @ w
+    return y if b is None else y + b
 
-    We flatten the leading axes and do one 2-D matmul: a 2-D matmul uses both cores, and its
-    gradient in autograd is cheaper than a broadcast 3-D one.
+
+def linear(x, w, b=None):
+    """Affine map y = x W + b as one fused op; same values as `linear_reference`.
+
+    The leading axes are flattened so that the forward and both gradients are single 2-D
+    matmuls, which use both cores (a broadcast 3-D matmul and its gradient are slower).
     """
-    lead = x.shape[:-1]
-    y = np.reshape(x, (-1, x.shape[-1])) @ w  # (N, C_in) @ (C_in, C_out) -> (N, C_out)
+    return _linear_fused(x, w, b)
+
+
+@primitive
+def _linear_fused(x, w, b):
+    y = x.reshape(-1, x.shape[-1]) @ w  # (N, C_in) @ (C_in, C_out) -> (N, C_out)
     if b is not None:
-        y = y + b
-    return np.reshape(y, lead + (w.shape[1],))  # (N, C_out) -> (..., C_out)
+        y += b
+    return y.reshape(x.shape[:-1] + (w.shape[1],))  # (N, C_out) -> (..., C_out)
+
+
+def _linear_vjp(argnums, ans, args, kwargs):
+    x, w, _ = args
+
+    def vjp(g):
+        g2 = g.reshape(-1, w.shape[1])  # (N, C_out)
+        grads = {
+            0: lambda: (g2 @ w.T).reshape(x.shape),  # dx = g W^T
+            1: lambda: x.reshape(-1, w.shape[0]).T @ g2,  # dW = x^T g, summed over rows
+            2: lambda: g2.sum(axis=0),  # db = g summed over rows
+        }
+        return tuple(grads[i]() for i in argnums)
+
+    return vjp
+
+
+defvjp_argnums(_linear_fused, _linear_vjp)
 
 
 def embedding(table, ids):
