@@ -175,3 +175,21 @@ def test_lr_rises_then_falls_and_stays_in_range(a, b):
         assert la <= lb
     if a >= SCHEDULE["warmup_iters"] - 1:
         assert la >= lb - 1e-15
+
+
+@settings(max_examples=30, deadline=None)
+@given(scale=st.floats(0.01, 1.0), seed=st.integers(0, 2**16))
+def test_adamw_grad_scale_equals_stepping_on_scaled_gradients(scale, seed):
+    """Clipping is applied inside AdamW as grad_scale; it must equal scaling the gradients first."""
+    rng = onp.random.default_rng(seed)
+    params = {"w": rng.standard_normal((3, 4)).astype("float32"), "b": rng.standard_normal(4).astype("float32")}
+    state = adamw_init(params)
+    for _ in range(3):
+        grads = {k: rng.standard_normal(p.shape).astype("float32") for k, p in params.items()}
+        scaled = {k: g * onp.float32(scale) for k, g in grads.items()}
+        p1, s1 = adamw_step(params, grads, state, 1e-2, grad_scale=scale)
+        p2, s2 = adamw_step(params, scaled, state, 1e-2)
+        for k in params:
+            onp.testing.assert_allclose(p1[k], p2[k], rtol=1e-5, atol=1e-7)
+            onp.testing.assert_allclose(s1["v"][k], s2["v"][k], rtol=1e-5, atol=1e-12)
+        params, state = p1, s1

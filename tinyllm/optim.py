@@ -31,19 +31,33 @@ def decays(p):
     return p.ndim >= 2
 
 
-def _adamw_leaf(p, g, m, v, lr, step, beta1, beta2, weight_decay):
-    """One AdamW update for one array: returns (p, m, v), new arrays of p's dtype."""
-    m = beta1 * m + (1.0 - beta1) * g
-    v = beta2 * v + (1.0 - beta2) * (g * g)
-    m_hat_scale = 1.0 / (1.0 - beta1**step)  # Python floats keep float32 arrays float32
-    v_hat_scale = 1.0 / (1.0 - beta2**step)
-    update = (m * m_hat_scale) / (onp.sqrt(v * v_hat_scale) + ADAM_EPS)
+def _adamw_leaf(p, g, m, v, lr, step, beta1, beta2, weight_decay, grad_scale=1.0):
+    """One AdamW update for one array: returns new (p, m, v) of p's dtype; g is used as
+    grad_scale * g (that is how clipping is applied, at no extra pass over the gradients).
+
+    Written as the Adam paper's "more efficient" ordering (Kingma & Ba, end of section 2): the
+    bias corrections are folded into the step size and epsilon, so that
+        m_hat / (sqrt(v_hat) + eps) = [sqrt(1 - b2^t) / (1 - b1^t)] m / (sqrt(v) + eps sqrt(1 - b2^t)).
+    Each line is one pass over the array; the constants are Python floats so float32 stays float32.
+    """
+    m = m * beta1
+    m += g * ((1.0 - beta1) * grad_scale)  # m = b1 m + (1 - b1) g
+    v = v * beta2
+    v += (g * g) * ((1.0 - beta2) * grad_scale**2)  # v = b2 v + (1 - b2) g^2
+    bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step  # bias corrections: m and v start at 0
+    denom = onp.sqrt(v)
+    denom += ADAM_EPS * math.sqrt(bc2)
+    update = m / denom
+    update *= lr * math.sqrt(bc2) / bc1
     if weight_decay and decays(p):
-        update += weight_decay * p
-    return p - lr * update, m, v
+        new_p = p * (1.0 - lr * weight_decay)  # decoupled decay: shrink the weights directly
+        new_p -= update
+    else:
+        new_p = p - update
+    return new_p, m, v
 
 
-def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.99, weight_decay=0.1):
+def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.99, weight_decay=0.1, grad_scale=1.0):
     """One AdamW step over a whole tree: (params, grads, state, lr) -> (new params, new state).
 
     Pure: the inputs are not modified.
@@ -56,7 +70,8 @@ def adamw_step(params, grads, state, lr, beta1=0.9, beta2=0.99, weight_decay=0.1
     new_p, new_m, new_v = {}, {}, {}
     for key, p in flatten(params).items():
         new_p[key], new_m[key], new_v[key] = _adamw_leaf(
-            p, flat_g[key], flat_m[key], flat_v[key], float(lr), step, beta1, beta2, weight_decay
+            p, flat_g[key], flat_m[key], flat_v[key], float(lr), step, beta1, beta2, weight_decay,
+            grad_scale,
         )
     return unflatten(new_p), {"m": unflatten(new_m), "v": unflatten(new_v), "step": step}
 
@@ -66,6 +81,14 @@ def global_norm(grads):
     return math.sqrt(sum(float(onp.vdot(g, g)) for g in tree_leaves(grads)))
 
 
+def clip_scale(norm, max_norm):
+    """The factor that brings a gradient of global norm `norm` down to max_norm (1 if already
+    below; max_norm <= 0 turns clipping off). Example: norm 4, max_norm 1 -> ~0.25."""
+    if max_norm <= 0 or norm <= max_norm:
+        return 1.0
+    return max_norm / (norm + 1e-6)
+
+
 def clip_by_global_norm(grads, max_norm):
     """Scale all gradients by one factor so that their global norm is at most max_norm.
 
@@ -73,9 +96,9 @@ def clip_by_global_norm(grads, max_norm):
     the step; max_norm <= 0 turns clipping off.
     """
     norm = global_norm(grads)
-    if max_norm <= 0 or norm <= max_norm:
+    scale = clip_scale(norm, max_norm)
+    if scale == 1.0:
         return grads, norm
-    scale = max_norm / (norm + 1e-6)
     return tree_map(lambda g: g * scale, grads), norm
 
 

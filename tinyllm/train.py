@@ -27,9 +27,10 @@ from .data import check_long_enough, get_batch, load_corpus, train_val_split
 from .errors import TinyLLMError
 from .fileio import atomic_write_text
 from .models import count_params, gpt_loss, init_gpt
-from .optim import adamw_init, adamw_step, clip_by_global_norm, lr_at
+from .optim import adamw_init, adamw_step, clip_scale, global_norm, lr_at
 from .progress import Progress
 from .tokenizers import train_tokenizer
+from .tree import flatten, unflatten
 
 SPECIAL_TOKENS = ("<|endoftext|>",)  # reserved now so fine-tuning can end responses with it
 
@@ -68,11 +69,32 @@ def estimate_loss(loss_fn, params, sample, eval_iters, rng):
 
 
 def train_step(value_and_grad, params, opt_state, batch, lr, tc, rng):
-    """One optimizer step: gradients, clipping, AdamW. Returns (params, opt_state, loss, norm)."""
+    """One optimizer step: gradients, clipping, AdamW. Returns (params, opt_state, loss, norm).
+
+    Clipping scales all gradients by one factor; AdamW applies that factor as it reads them.
+    """
     loss, grads = value_and_grad(params, batch, rng)
-    grads, norm = clip_by_global_norm(grads, tc.grad_clip)
-    params, opt_state = adamw_step(params, grads, opt_state, lr, tc.beta1, tc.beta2, tc.weight_decay)
+    norm = global_norm(grads)
+    params, opt_state = adamw_step(params, grads, opt_state, lr, tc.beta1, tc.beta2,
+                                   tc.weight_decay, grad_scale=clip_scale(norm, tc.grad_clip))
     return params, opt_state, float(loss), norm
+
+
+def flat_value_and_grad(loss_fn):
+    """autograd.value_and_grad of loss_fn(params, batch, rng) in its params tree, taken through a
+    flat {path: array} dict.
+
+    Why: autograd differentiates a dict lookup by adding the looked-up gradient into a
+    zero-filled copy of the whole dict. A nested tree pays that at every level for every leaf;
+    a flat dict pays it once. The gradients are the same; the step is ~2 ms faster.
+    """
+    flat_vg = autograd.value_and_grad(lambda flat, batch, rng: loss_fn(unflatten(flat), batch, rng))
+
+    def value_and_grad(params, batch, rng):
+        loss, flat_grads = flat_vg(flatten(params), batch, rng)
+        return loss, unflatten(flat_grads)
+
+    return value_and_grad
 
 
 def eval_rng(seed, iteration):
@@ -120,7 +142,7 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
     Returns the final Committed state. On Ctrl-C, saves the last committed state and raises
     TrainingInterrupted.
     """
-    value_and_grad = autograd.value_and_grad(loss_fn)
+    value_and_grad = flat_value_and_grad(loss_fn)
     rng = onp.random.default_rng()
     rng.bit_generator.state = state.rng_state
     progress = Progress(tc.max_iters, start=state.iteration)
