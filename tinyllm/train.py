@@ -57,15 +57,28 @@ class Committed:
 # ----------------------------------------------------------------------------- pure pieces
 
 
-def estimate_loss(loss_fn, params, sample, eval_iters, rng):
-    """Mean loss over `eval_iters` batches of each split, without dropout: {"train": .., "val": ..}."""
+def estimate_loss(loss_fn, params, sample, eval_iters, rng, group=4):
+    """Mean loss over `eval_iters` batches of each split, without dropout: {"train": .., "val": ..}.
+
+    Batches are evaluated `group` at a time, stacked into one larger batch: the same numbers
+    from fewer, larger matmuls. Each group's loss is weighted by its number of batches.
+    """
     losses = {}
     for split in ("train", "val"):
+        batches = [sample(split, rng) for _ in range(eval_iters)]
         total = 0.0
-        for _ in range(eval_iters):
-            total += float(loss_fn(params, sample(split, rng), None))
+        for start in range(0, eval_iters, group):
+            chunk = batches[start:start + group]
+            total += float(loss_fn(params, stack_batches(chunk), None)) * len(chunk)
         losses[split] = total / eval_iters
     return losses
+
+
+def stack_batches(batches):
+    """[(x1, y1), (x2, y2)] -> (x1 ++ x2, y1 ++ y2), joined along the batch axis."""
+    if len(batches) == 1:
+        return batches[0]
+    return tuple(onp.concatenate(parts) for parts in zip(*batches))
 
 
 def train_step(value_and_grad, params, opt_state, batch, lr, tc, rng):
@@ -138,6 +151,9 @@ def truncate_metrics(out_dir, iteration):
 
 def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=None):
     """Train from `state` (Committed) to tc.max_iters; evaluate, log and `save(state)` as we go.
+
+    `sample(split, rng)` returns a batch for `loss_fn(params, batch, rng)`: a tuple of arrays
+    whose first axis is the batch (split is "train" or "val").
 
     Returns the final Committed state. On Ctrl-C, saves the last committed state and raises
     TrainingInterrupted.
