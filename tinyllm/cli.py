@@ -142,9 +142,11 @@ def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_si
 @click.option("--max-new-tokens", default=200, help="Most tokens to generate.")
 @click.option("--temperature", default=0.8,
               help="Sampling temperature: <1 sharper, >1 more random, 0 greedy.")
-@click.option("--top-k", default=None, type=int, help="Sample only from the k likeliest tokens.")
+@click.option("--top-k", default=None, type=int,
+              help="Sample only from the k likeliest tokens.  [default: off]")
 @click.option("--top-p", default=None, type=float,
-              help="Sample only from the smallest set of tokens with total probability >= p.")
+              help="Sample only from the smallest set of tokens with total probability >= p."
+                   "  [default: off]")
 @click.option("--seed", default=None, type=int, help="Seed for sampling (default: random).")
 @click.option("--stop", "stop_text", default=None,
               help="Stop before this text if the model produces it.")
