@@ -1,4 +1,4 @@
-"""Transformer blocks: the feed-forward MLP and the pre-LayerNorm decoder block (GPT-2 style).
+"""Transformer blocks: the feed-forward MLP, and the pre-LayerNorm decoder and encoder blocks.
 
 A block reads the residual stream x (B, T, C) and adds to it twice:
     x = x + attention(layer_norm(x))    # tokens exchange information
@@ -23,3 +23,12 @@ def decoder_block(x, ln_1, attn, ln_2, mlp, n_head, mask, dropout_p=0.0, rng=Non
                        dropout_p=dropout_p, rng=rng)  # (B, T, C)
     x = x + dropout(a, dropout_p, rng)
     return x + feed_forward(layer_norm(x, **ln_2), **mlp, dropout_p=dropout_p, rng=rng)
+
+
+def encoder_block(x, ln_1, attn, ln_2, mlp, n_head, pad_mask=None, dropout_p=0.0, rng=None):
+    """One encoder block (Vaswani et al. 2017, pre-LN): bidirectional self-attention, then MLP.
+
+    It is the decoder block's computation with another mask: no causal mask, so every token sees
+    every other token, and only padding (pad_mask, additive, (B, 1, 1, T) or None) is hidden.
+    """
+    return decoder_block(x, ln_1, attn, ln_2, mlp, n_head, pad_mask, dropout_p, rng)

@@ -35,6 +35,21 @@ FORMAT = "tinyllm-checkpoint"
 FORMAT_VERSION = 1
 FILES = ("config.json", "model.npz", "optim.npz", "tokenizer.json")
 
+# Model families a checkpoint can hold: kind -> (config dataclass, init function(config, rng)).
+# Loading builds a fresh model of the saved config to check every array's name and shape.
+MODEL_KINDS = {}
+
+
+def register_model_kind(kind, config_cls, init_fn):
+    """Let checkpoints hold another model family (the fine-tuning and seq2seq modules do this)."""
+    MODEL_KINDS[kind] = (config_cls, init_fn)
+
+
+def _register_gpt():
+    from .models import init_gpt  # imported late: models does not need to know about checkpoints
+
+    register_model_kind("gpt", GPTConfig, init_gpt)
+
 
 @dataclass
 class Checkpoint:
@@ -57,8 +72,11 @@ class Checkpoint:
 
 
 def save_checkpoint(out_dir, params, opt_state, rng_state, model_config, train_config,
-                    tokenizer, iteration, extra=None):
-    """Write a checkpoint into out_dir (created if needed); see the module docstring."""
+                    tokenizer, iteration, extra=None, kind="gpt"):
+    """Write a checkpoint into out_dir (created if needed); see the module docstring.
+
+    `kind` names the model family (see MODEL_KINDS); `extra` adds fields to config.json.
+    """
     os.makedirs(out_dir, exist_ok=True)
     stamp = {"_iter": onp.array(iteration, dtype=onp.int64)}
     tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
@@ -71,12 +89,12 @@ def save_checkpoint(out_dir, params, opt_state, rng_state, model_config, train_c
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "kind": "gpt",
+        "kind": kind,
         "iter": int(iteration),
         "model": to_dict(model_config),
         "train": to_dict(train_config),
         "tokenizer_file": "tokenizer.json",
-        "dtype": str(params["wte"].dtype),
+        "dtype": str(next(iter(flatten(params).values())).dtype),
         **(extra or {}),
     }
     atomic_write_json(os.path.join(out_dir, "config.json"), meta)  # last: it commits the others
@@ -146,19 +164,27 @@ def _check_params(params, reference, path):
 
 
 def load_checkpoint(ckpt_dir, with_optimizer=False, kind="gpt"):
-    """Load a run directory: params, configs, tokenizer and (optionally) optimizer state."""
-    from .models import init_gpt  # a cheap fresh model to check names and shapes against
+    """Load a run directory: params, configs, tokenizer and (optionally) optimizer state.
 
+    `kind` is the model family the caller expects (a tuple allows several; None allows any).
+    """
+    if "gpt" not in MODEL_KINDS:
+        _register_gpt()
     meta = read_meta(ckpt_dir)
-    if meta["kind"] != kind:
-        raise TinyLLMError(f"{ckpt_dir!r} holds a {meta['kind']!r} model, not a {kind!r} model")
-    model_config = from_dict(GPTConfig, meta["model"], where=f"{ckpt_dir}/config.json").validate()
+    allowed = (kind,) if isinstance(kind, str) else kind
+    if allowed is not None and meta["kind"] not in allowed:
+        want = " or ".join(repr(k) for k in allowed)
+        raise TinyLLMError(f"{ckpt_dir!r} holds a {meta['kind']!r} model, not a {want} model")
+    if meta["kind"] not in MODEL_KINDS:
+        raise TinyLLMError(f"{ckpt_dir!r} holds a model of unknown kind {meta['kind']!r}")
+    config_cls, init_fn = MODEL_KINDS[meta["kind"]]
+    model_config = from_dict(config_cls, meta["model"], where=f"{ckpt_dir}/config.json").validate()
     model_path = os.path.join(ckpt_dir, "model.npz")
     params = unflatten(_check_stamp(read_npz(model_path), model_path, meta["iter"]))
-    reference = init_gpt(model_config, onp.random.default_rng(0))
+    reference = init_fn(model_config, onp.random.default_rng(0))  # names and shapes to expect
     _check_params(params, reference, model_path)
     tokenizer = load_tokenizer(os.path.join(ckpt_dir, meta.get("tokenizer_file", "tokenizer.json")))
-    if tokenizer.vocab_size != model_config.vocab_size:
+    if getattr(model_config, "vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
         raise TinyLLMError(f"{ckpt_dir}: tokenizer and model disagree on the vocabulary size")
     ckpt = Checkpoint(params=params, model_config=model_config, tokenizer=tokenizer, meta=meta)
     if "train" in meta:

@@ -1,4 +1,5 @@
-"""Models as pure functions over dicts of arrays: GPT (decoder-only) init, forward and loss.
+"""Models as pure functions over dicts of arrays: GPT (decoder-only) init, forward and loss,
+and a bidirectional encoder over the same parameter tree.
 
 Parameter tree of a GPT (shapes with V vocab, T block size, C channels, L layers):
     wte (V, C)            token embedding
@@ -16,9 +17,9 @@ import autograd.numpy as np
 import numpy as onp
 from autograd.tracer import getval
 
-from .blocks import decoder_block
+from .blocks import decoder_block, encoder_block
 from .errors import TinyLLMError
-from .ops import causal_mask, cross_entropy, dropout, embedding, layer_norm, linear
+from .ops import causal_mask, cross_entropy, dropout, embedding, layer_norm, linear, padding_mask
 from .tree import tree_leaves
 
 INIT_STD = 0.02  # GPT-2's initialisation scale for every weight matrix and embedding
@@ -86,19 +87,39 @@ def count_params(params):
 # ----------------------------------------------------------------------------- forward and loss
 
 
+def embed(params, ids, config, rng=None):
+    """Token plus learned position embeddings: ids (B, T) -> (B, T, C)."""
+    t = ids.shape[1]
+    if t > config.block_size:
+        raise TinyLLMError(f"sequence of {t} tokens is longer than block_size {config.block_size}")
+    x = embedding(params["wte"], ids) + params["wpe"][:t]  # (B, T, C) + (T, C) -> (B, T, C)
+    return dropout(x, config.dropout, rng)
+
+
 def gpt_hidden(params, ids, config, rng=None):
     """The final-normed residual stream of a GPT: token ids (B, T) -> hidden states (B, T, C).
 
     `rng` turns dropout on (training); None means evaluation.
     """
-    t = ids.shape[1]
-    if t > config.block_size:
-        raise TinyLLMError(f"sequence of {t} tokens is longer than block_size {config.block_size}")
-    x = embedding(params["wte"], ids) + params["wpe"][:t]  # (B, T, C) + (T, C) -> (B, T, C)
-    x = dropout(x, config.dropout, rng)
-    mask = causal_mask(t, getval(params["wte"]).dtype)  # (T, T), broadcast over (B, H)
+    x = embed(params, ids, config, rng)  # (B, T, C)
+    mask = causal_mask(ids.shape[1], getval(params["wte"]).dtype)  # (T, T), broadcast over (B, H)
     for block in params["h"]:
         x = decoder_block(x, **block, n_head=config.n_head, mask=mask,
+                          dropout_p=config.dropout, rng=rng)  # (B, T, C)
+    return layer_norm(x, **params["ln_f"])  # (B, T, C)
+
+
+def encoder_hidden(params, ids, config, valid=None, rng=None):
+    """A bidirectional encoder over the same parameter tree as a GPT: ids (B, T) -> (B, T, C).
+
+    The only difference from `gpt_hidden` is the mask: no causal mask, so each position sees the
+    whole sequence; `valid` (B, T) of 0/1 marks real tokens, and padding is hidden from attention.
+    """
+    x = embed(params, ids, config, rng)  # (B, T, C)
+    dtype = getval(params["wte"]).dtype
+    pad_mask = None if valid is None else padding_mask(valid, dtype)  # (B, 1, 1, T)
+    for block in params["h"]:
+        x = encoder_block(x, **block, n_head=config.n_head, pad_mask=pad_mask,
                           dropout_p=config.dropout, rng=rng)  # (B, T, C)
     return layer_norm(x, **params["ln_f"])  # (B, T, C)
 
