@@ -29,7 +29,9 @@ def user_errors(command):
         except TinyLLMError as err:
             raise click.ClickException(str(err)) from None
         except TrainingInterrupted as stop:
-            click.echo(f"\n{stop}. Continue with: tinyllm pretrain --out {stop.out_dir} --resume",
+            ctx = click.get_current_context(silent=True)
+            command_name = "tinyllm " + ctx.command_path.split(" ", 1)[-1] if ctx else "tinyllm"
+            click.echo(f"\n{stop}. Continue with: {command_name} --out {stop.out_dir} --resume",
                        err=True)
             sys.exit(130)
         except KeyboardInterrupt:
@@ -171,6 +173,9 @@ def _check_prompt(tokenizer, prompt):
     except TinyLLMError as err:
         raise TinyLLMError(f"--prompt: {err}") from None
 
+
+# Commands defined in their own modules register themselves here, at the end, so that they can
+# import `main`, `user_errors` and `positive` from this module.
 
 if __name__ == "__main__":
     main()
