@@ -152,8 +152,14 @@ def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_si
 @click.option("--seed", default=None, type=int, help="Seed for sampling (default: random).")
 @click.option("--stop", "stop_text", default=None,
               help="Stop before this text if the model produces it.")
+@click.option("--examples", default=None, type=click.Path(dir_okay=False),
+              help="Task file (JSONL, see `tinyllm fewshot`): its first --shots records go before"
+                   " the prompt as demonstrations, and the completion stops at the end of the"
+                   " line unless --stop is given.  [default: none]")
+@click.option("--shots", default=4, help="Demonstrations taken from --examples.")
 @user_errors
-def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_text):
+def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_text,
+             examples, shots):
     """Continue a prompt with a pretrained model and print prompt plus completion."""
     from .checkpoint import load_checkpoint
     from .generate import generate_text
@@ -161,6 +167,11 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed
     ckpt = load_checkpoint(checkpoint)
     if prompt:
         _check_prompt(ckpt.tokenizer, prompt)
+    if examples:  # few-shot prompting by hand: demonstrations first, in the fewshot template
+        from .cli_fewshot import examples_prompt
+
+        prompt = examples_prompt(examples, shots, prompt, ckpt.tokenizer)
+        stop_text = stop_text or "\n"
     text = generate_text(ckpt.params, ckpt.model_config, ckpt.tokenizer, prompt,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                          top_p=top_p, seed=seed, stop_text=stop_text)
@@ -176,6 +187,8 @@ def _check_prompt(tokenizer, prompt):
 
 # Commands defined in their own modules register themselves here, at the end, so that they can
 # import `main`, `user_errors` and `positive` from this module.
+from .cli_fewshot import fewshot  # noqa: E402
+main.add_command(fewshot)
 
 if __name__ == "__main__":
     main()

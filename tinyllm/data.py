@@ -32,7 +32,14 @@ def pydoc_corpus():
     return "\n\n".join(topics[name] for name in sorted(topics))
 
 
-EMBEDDED_CORPORA = {"pydoc": pydoc_corpus}
+def icl_corpus():
+    """Generated in-context-learning episodes (random functions; see tinyllm/icl_corpus.py)."""
+    from .icl_corpus import icl_corpus as generate  # imported late: only this corpus needs it
+
+    return generate()
+
+
+EMBEDDED_CORPORA = {"pydoc": pydoc_corpus, "icl": icl_corpus}
 
 
 def read_text_file(path):

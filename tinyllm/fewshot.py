@@ -1,0 +1,392 @@
+"""Zero- and few-shot prompting, measured: task files, k-shot prompts, scoring, intervals, ICL score.
+
+A pretrained base model can do a task it was never fine-tuned for when its prompt shows the task
+(Brown et al. 2020, "Language Models are Few-Shot Learners"). Here that is measured honestly:
+the same queries are scored with k = 0, 1, 2, ... demonstrations, and each accuracy comes with a
+95% confidence interval and the chance level.
+
+Task file (JSONL, UTF-8): one JSON object per line, blank lines ignored.
+
+    {"instruction": "map each letter to a digit", "choices": ["0", "1", ...]}   <- optional header
+    {"input": "q", "output": "7"}                                               <- records
+    {"input": "c", "output": "0"}
+
+The header line is optional and so are both its keys. "instruction" is put at the top of every
+prompt (it is all a zero-shot prompt has); "choices" is the closed set of answers, when there
+is one. Inputs, outputs and the instruction are single-line strings.
+
+The template (the same one the generated corpus in tinyllm/icl_corpus.py is written in):
+
+    {instruction}\\n              (only if the task has one)
+    {input}->{output}\\n          one line per demonstration
+    {query input}->              the model continues with the answer and a newline
+
+Demonstrations for a query are drawn at random from the task's *other* records (never the query
+itself). Each query gets one random order of the other records, and its k-shot prompt uses the
+first k of them: the 4 demonstrations are part of the 8, so the curve over k compares like with
+like rather than adding fresh noise at each k.
+
+Scoring:
+- with "choices": the answer whose text plus the closing newline has the highest
+  log-likelihood (summed over its tokens) after the prompt. The newline makes "1" and "12" two
+  complete answers rather than one being a prefix of the other. Chance = 1 / len(choices).
+- without: greedy decoding up to the end of the line, compared with the output by exact match.
+  Chance = 1 / (number of distinct outputs in the task): the accuracy of a guesser that knows
+  which answers occur but not which input gets which.
+
+A prompt plus its answer must fit in the model's context (block_size tokens); a longer one is
+an error naming the task file and line (no silent truncation, which would change k).
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as onp
+
+from .errors import TinyLLMError
+from .models import gpt_forward
+
+ARROW = "->"  # between input and output on a demonstration line
+HEADER_KEYS = {"instruction", "choices"}
+Z_95 = 1.959963984540054  # the standard normal quantile for a two-sided 95% interval
+
+
+@dataclass(frozen=True)
+class Task:
+    """A parsed task file: records are dicts {"input", "output", "line"} (line: 1-based)."""
+
+    path: str
+    instruction: str
+    choices: tuple
+    records: tuple
+
+
+# ----------------------------------------------------------------------------- task files
+
+
+def _text_field(obj, key, path, line):
+    value = obj.get(key)
+    if not isinstance(value, str) or not value or "\n" in value:
+        raise TinyLLMError(f"{path}, line {line}: {key!r} must be a non-empty one-line string,"
+                           f" got {value!r}")
+    return value
+
+
+def _parse_header(obj, path, line):
+    unknown = set(obj) - HEADER_KEYS
+    if unknown:
+        raise TinyLLMError(f"{path}, line {line}: unknown header key {sorted(unknown)[0]!r}"
+                           " (a header has 'instruction' and/or 'choices')")
+    instruction = _text_field(obj, "instruction", path, line) if "instruction" in obj else None
+    choices = obj.get("choices")
+    if choices is not None:
+        if not isinstance(choices, list) or len(choices) < 2:
+            raise TinyLLMError(f"{path}, line {line}: 'choices' must be a list of at least 2 answers")
+        choices = tuple(_text_field({"choice": c}, "choice", path, line) for c in choices)
+        if len(set(choices)) != len(choices):
+            raise TinyLLMError(f"{path}, line {line}: 'choices' lists an answer twice")
+    return instruction, choices
+
+
+def parse_task(lines, path="<task>"):
+    """Task from the lines of a task file; TinyLLMError naming the file and line for bad input.
+
+    Example: ['{"choices": ["x", "y"]}', '{"input": "a", "output": "x"}']
+        -> Task(path, None, ("x", "y"), ({"input": "a", "output": "x", "line": 2},))
+    """
+    instruction, choices, records = None, None, []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise TinyLLMError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(obj, dict):
+            raise TinyLLMError(f"{path}, line {number}: expected a JSON object, got {raw.strip()[:40]}")
+        if "input" not in obj and not records and instruction is None and choices is None:
+            instruction, choices = _parse_header(obj, path, number)
+            continue
+        if set(obj) - {"input", "output"}:
+            extra = sorted(set(obj) - {"input", "output"})[0]
+            raise TinyLLMError(f"{path}, line {number}: unexpected key {extra!r} (a record has"
+                               " 'input' and 'output'; a header may only be the first line)")
+        record = {"input": _text_field(obj, "input", path, number),
+                  "output": _text_field(obj, "output", path, number), "line": number}
+        if choices is not None and record["output"] not in choices:
+            raise TinyLLMError(f"{path}, line {number}: output {record['output']!r} is not one of"
+                               " the header's 'choices'")
+        records.append(record)
+    if not records:
+        raise TinyLLMError(f"{path}: the task file has no records"
+                           ' (one JSON object per line: {"input": ..., "output": ...})')
+    return Task(path, instruction, choices, tuple(records))
+
+
+def read_task(path):
+    """Read and parse a task file (see the module docstring)."""
+    if not os.path.isfile(path):
+        raise TinyLLMError(f"task file {path!r} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse_task(f.read().splitlines(), path)
+    except UnicodeDecodeError as err:
+        raise TinyLLMError(f"task file {path!r} is not UTF-8 (bad byte at offset {err.start})") from None
+
+
+def task_lines(header, records):
+    """The lines of a task file for (header dict or None, records): the inverse of parse_task."""
+    lines = [json.dumps(header)] if header else []
+    return lines + [json.dumps({"input": r["input"], "output": r["output"]}) for r in records]
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def demo_line(record):
+    """One demonstration. Example: {"input": "q", "output": "7"} -> "q->7\\n"."""
+    return f"{record['input']}{ARROW}{record['output']}\n"
+
+
+def build_prompt(instruction, demos, query_input):
+    """The k-shot prompt. Example: (None, [{"input": "a", "output": "x"}], "b") -> "a->x\\nb->"."""
+    head = instruction + "\n" if instruction else ""
+    return head + "".join(demo_line(d) for d in demos) + query_input + ARROW
+
+
+def fewshot_prefix(task, k):
+    """Instruction plus the task's first k records as demonstrations (for `generate --examples`)."""
+    if k > len(task.records):
+        raise TinyLLMError(f"{task.path}: --shots {k} asks for more demonstrations than its"
+                           f" {len(task.records)} records")
+    head = task.instruction + "\n" if task.instruction else ""
+    return head + "".join(demo_line(r) for r in task.records[:k])
+
+
+def demo_orders(n_records, queries, rng):
+    """For each query index, a random order of the other record indices (demos = its first k).
+
+    Example: n_records 3, queries [0] -> e.g. [[2, 1]]: never the query itself.
+    """
+    orders = []
+    for q in queries:
+        others = onp.delete(onp.arange(n_records), q)  # (n_records - 1,)
+        orders.append([int(i) for i in rng.permutation(others)])
+    return orders
+
+
+def check_enough_records(task, max_k):
+    """A k-shot prompt needs k demonstrations besides the query: at least k + 1 records."""
+    if len(task.records) < max_k + 1:
+        raise TinyLLMError(f"{task.path}: {len(task.records)} records, fewer than k + 1 ="
+                           f" {max_k + 1} for --shots {max_k} (a query is never its own example)")
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def encode_for(tokenizer, text, task, record):
+    """tokenizer.encode, with an error naming the task file and line on an unknown character."""
+    try:
+        return tokenizer.encode(text)
+    except TinyLLMError as err:
+        raise TinyLLMError(f"{task.path}, line {record['line']}: {err}") from None
+
+
+def check_fits(n_tokens, block_size, task, record, k):
+    if n_tokens > block_size:
+        raise TinyLLMError(
+            f"{task.path}, line {record['line']}: the {k}-shot prompt plus its answer is"
+            f" {n_tokens} tokens, longer than the model's context of {block_size}:"
+            " use fewer --shots or shorter records")
+
+
+def log_softmax_np(logits):
+    """Plain-numpy log-softmax over the last axis, in float64 for exact sums of log-probs."""
+    z = logits.astype(onp.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - onp.log(onp.exp(z).sum(-1, keepdims=True))
+
+
+def answer_logprobs(params, config, prompt_ids, answers_ids):
+    """Summed log p(answer | prompt) for each candidate answer, in one padded batch -> (K,).
+
+    Sequences are right-padded: the model is causal, so padding after an answer cannot change
+    the logits that score it. Example: prompt "a->", answers ["x\\n", "y\\n"] -> [-0.1, -2.4].
+    """
+    seqs = [prompt_ids + a for a in answers_ids]
+    width = max(len(s) for s in seqs)
+    ids = onp.zeros((len(seqs), width), dtype=onp.int32)  # (K, T), padded with id 0
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)] = s
+    logp = log_softmax_np(onp.asarray(gpt_forward(params, ids, config)))  # (K, T, V)
+    start = len(prompt_ids)
+    return onp.array([sum(logp[row, start - 1 + j, tok] for j, tok in enumerate(a))
+                      for row, a in enumerate(answers_ids)])  # (K,): logits at t predict t + 1
+
+
+def greedy_line(params, config, prompt_ids, newline_id, max_new_tokens):
+    """Greedy decoding up to (not including) the end of the line: ids of the answer."""
+    ids, new = list(prompt_ids), []
+    for _ in range(max_new_tokens):
+        logits = gpt_forward(params, onp.asarray(ids, dtype=onp.int32)[None, :], config)[0, -1]
+        token = int(onp.argmax(logits))  # (V,) -> the likeliest next token
+        if token == newline_id:
+            break
+        ids.append(token)
+        new.append(token)
+    return new
+
+
+def score_query(params, config, tokenizer, task, prompt, record, k):
+    """1 if the model answers this prompt with the record's output, else 0 (see module docstring)."""
+    newline = encode_for(tokenizer, "\n", task, record)
+    prompt_ids = encode_for(tokenizer, prompt, task, record)
+    answer_ids = encode_for(tokenizer, record["output"], task, record) + newline
+    check_fits(len(prompt_ids) + len(answer_ids), config.block_size, task, record, k)
+    if task.choices:
+        candidates = [encode_for(tokenizer, c, task, record) + newline for c in task.choices]
+        for c in candidates:
+            check_fits(len(prompt_ids) + len(c), config.block_size, task, record, k)
+        best = task.choices[int(onp.argmax(answer_logprobs(params, config, prompt_ids, candidates)))]
+        return int(best == record["output"])
+    room = config.block_size - len(prompt_ids)  # generate no further than the context reaches
+    new = greedy_line(params, config, prompt_ids, newline[-1], min(room, len(answer_ids) + 8))
+    return int(new == answer_ids[:-1])
+
+
+def chance_level(task):
+    """1/len(choices), or 1/(number of distinct outputs) for exact-match tasks."""
+    if task.choices:
+        return 1.0 / len(task.choices)
+    return 1.0 / len({r["output"] for r in task.records})
+
+
+def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0, log=None):
+    """Accuracy of the model on `task` for each k in `shots`: a list of per-k result dicts.
+
+    The queries are a random sample of n_queries records (all when None), the same for every k.
+    """
+    check_enough_records(task, max(shots))
+    rng = onp.random.default_rng(seed)
+    n = len(task.records)
+    queries = [int(i) for i in rng.permutation(n)[:n_queries or n]]
+    orders = demo_orders(n, queries, rng)
+    results = []
+    for k in shots:
+        correct = 0
+        for q, order in zip(queries, orders):
+            demos = [task.records[i] for i in order[:k]]
+            prompt = build_prompt(task.instruction, demos, task.records[q]["input"])
+            correct += score_query(params, config, tokenizer, task, prompt, task.records[q], k)
+        results.append(accuracy_row(k, correct, len(queries), chance_level(task)))
+        if log:
+            log(format_row(results[-1]))
+    return results
+
+
+def wilson_interval(successes, n, z=Z_95):
+    """Wilson score interval for a binomial proportion (Wilson 1927): (low, high).
+
+    Better than p +- z sqrt(p(1-p)/n) at small n and near 0 or 1, where that one leaves [0, 1]
+    or collapses to a point. Example: 8 of 10 -> (0.490, 0.943).
+    """
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_row(k, correct, n, chance):
+    """One row of the results table, with its Wilson 95% interval."""
+    low, high = wilson_interval(correct, n)
+    return {"k": k, "correct": correct, "n": n, "accuracy": correct / n,
+            "ci95": [round(low, 4), round(high, 4)], "chance": round(chance, 4)}
+
+
+def pool_results(per_task):
+    """Pool per-task result lists (same shots) into one: counts add; chance is query-weighted."""
+    pooled = []
+    for rows in zip(*per_task):
+        correct, n = sum(r["correct"] for r in rows), sum(r["n"] for r in rows)
+        chance = sum(r["chance"] * r["n"] for r in rows) / n
+        pooled.append(accuracy_row(rows[0]["k"], correct, n, chance))
+    return pooled
+
+
+def format_row(row):
+    """Example: 'k=8    0.900  [0.818, 0.947]  n=100  chance 0.250'."""
+    low, high = row["ci95"]
+    return (f"k={row['k']:<4d} {row['accuracy']:.3f}  [{low:.3f}, {high:.3f}]  n={row['n']}"
+            f"  chance {row['chance']:.3f}")
+
+
+def format_table(rows):
+    """The accuracy-by-k table a person reads, as lines of text."""
+    lines = ["shots  accuracy  95% CI (Wilson)   queries  chance",
+             "-----  --------  ----------------  -------  ------"]
+    for r in rows:
+        low, high = r["ci95"]
+        lines.append(f"{r['k']:>5d}  {r['accuracy']:>8.3f}  [{low:.3f}, {high:.3f}]"
+                     f"    {r['n']:>7d}  {r['chance']:>6.3f}")
+    return lines
+
+
+def parse_shots(text):
+    """'0,1,2,4,8' -> [0, 1, 2, 4, 8]; TinyLLMError on anything else."""
+    try:
+        shots = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise TinyLLMError(f"--shots must be comma-separated whole numbers, got {text!r}") from None
+    if not shots or any(k < 0 for k in shots):
+        raise TinyLLMError(f"--shots must list numbers >= 0, got {text!r}")
+    return sorted(set(shots))
+
+
+# ----------------------------------------------------------------------------- ICL score
+
+
+def position_losses(params, config, windows):
+    """Next-token loss at each position of each window: windows (B, T + 1) -> (B, T)."""
+    x, y = windows[:, :-1], windows[:, 1:]  # (B, T) inputs and their next tokens
+    logp = log_softmax_np(onp.asarray(gpt_forward(params, x, config)))  # (B, T, V)
+    return -onp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]  # (B, T)
+
+
+def icl_positions(block_size):
+    """(early, late) token positions for the ICL score, scaled from Olsson et al.'s 50 and 500.
+
+    They compare the loss of the 500th token of the context with the 50th; we keep the ratio
+    1:10 and put the late position at the end of the context. Example: 96 -> (10, 95).
+    """
+    late = block_size - 1
+    return max(1, round(late / 10)), late
+
+
+def icl_score(params, config, ids, n_windows=200, seed=0, batch=16):
+    """In-context learning score (Olsson et al. 2022): mean loss late minus early in the context.
+
+    Negative means the model predicts better with more context, i.e. it learns in context.
+    `ids` is held-out text as token ids; windows of block_size + 1 tokens start at random.
+    Returns a dict with both positions, both mean losses, the score and its standard error.
+    """
+    t = config.block_size
+    if len(ids) < t + 1:
+        raise TinyLLMError(f"the ICL score needs held-out text of at least {t + 1} tokens,"
+                           f" got {len(ids)}")
+    rng = onp.random.default_rng(seed)
+    starts = rng.integers(0, len(ids) - t, size=n_windows)  # (N,)
+    windows = onp.asarray(ids)[starts[:, None] + onp.arange(t + 1)]  # (N, T + 1)
+    losses = onp.concatenate([position_losses(params, config, windows[i:i + batch])
+                              for i in range(0, n_windows, batch)])  # (N, T)
+    early, late = icl_positions(t)
+    diff = losses[:, late] - losses[:, early]  # (N,): paired, one difference per window
+    return {"early_position": early + 1, "late_position": late + 1,  # 1-based, as in the paper
+            "early_loss": float(losses[:, early].mean()), "late_loss": float(losses[:, late].mean()),
+            "score": float(diff.mean()), "stderr": float(diff.std(ddof=1) / math.sqrt(len(diff))),
+            "n_windows": int(n_windows)}
