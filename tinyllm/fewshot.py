@@ -299,7 +299,7 @@ def wilson_interval(successes, n, z=Z_95):
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))  # p in, despite rounding
 
 
 def accuracy_row(k, correct, n, chance):

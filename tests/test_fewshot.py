@@ -1,0 +1,281 @@
+"""Tests for few-shot prompting and its measurement (tinyllm/fewshot.py) and the `fewshot` and
+`generate --examples` commands: task files and their errors, the template, demonstration
+sampling, both scoring rules, Wilson intervals, the ICL score, results JSON."""
+
+import json
+import math
+
+import numpy as onp
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyllm import fewshot as fs
+from tinyllm.checkpoint import save_checkpoint
+from tinyllm.cli import main
+from tinyllm.config import GPTConfig, TrainConfig
+from tinyllm.errors import TinyLLMError
+from tinyllm.generate import generate_ids
+from tinyllm.models import gpt_forward, init_gpt
+from tinyllm.optim import adamw_init
+from tinyllm.tokenizers import CharTokenizer
+
+ALPHABET = "abcdefgh0123 ->\n"
+TOKENIZER = CharTokenizer.train(ALPHABET)
+CONFIG = GPTConfig(vocab_size=TOKENIZER.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)
+RECORDS = [{"input": x, "output": y} for x, y in zip("abcdabcdab", "0120012001")]
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_gpt(CONFIG, onp.random.default_rng(0))
+
+
+def write_task(path, header=None, records=RECORDS):
+    path.write_text("\n".join(fs.task_lines(header, records)) + "\n", encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- task files
+
+
+def test_parse_task_reads_header_and_records_with_line_numbers():
+    lines = ['{"instruction": "map a b", "choices": ["0", "1", "2"]}', "",
+             '{"input": "a", "output": "0"}', '{"input": "b", "output": "1"}']
+    task = fs.parse_task(lines, "t.jsonl")
+    assert task.instruction == "map a b" and task.choices == ("0", "1", "2")
+    assert [r["line"] for r in task.records] == [3, 4]  # blank lines skipped, numbering kept
+
+
+@pytest.mark.parametrize("lines, line_no, words", [
+    (['{"input": "a", "output": "0"}', "{oops"], 2, "not valid JSON"),
+    (['{"input": "a"}'], 1, "'output'"),
+    (['{"input": "a", "output": "0"}', "[1, 2]"], 2, "JSON object"),
+    (['{"input": "a\\nb", "output": "0"}'], 1, "one-line"),
+    (['{"choices": ["0", "1"]}', '{"input": "a", "output": "5"}'], 2, "choices"),
+    (['{"input": "a", "output": "0"}', '{"instruction": "late header"}'], 2, "unexpected key"),
+    (['{"instruction": "x", "colour": "red"}'], 1, "unknown header key"),
+])
+def test_bad_lines_name_the_file_and_line(lines, line_no, words):
+    with pytest.raises(TinyLLMError, match=f"t.jsonl, line {line_no}: .*{words}"):
+        fs.parse_task(lines, "t.jsonl")
+
+
+def test_empty_and_missing_task_files(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n", encoding="utf-8")
+    with pytest.raises(TinyLLMError, match="empty.jsonl: the task file has no records"):
+        fs.read_task(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(TinyLLMError, match="not found"):
+        fs.read_task(str(tmp_path / "nope.jsonl"))
+
+
+def test_task_lines_round_trip():
+    header = {"instruction": "map", "choices": ["0", "1", "2"]}
+    task = fs.parse_task(fs.task_lines(header, RECORDS))
+    assert [{"input": r["input"], "output": r["output"]} for r in task.records] == RECORDS
+    assert task.choices == ("0", "1", "2")
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def test_build_prompt_worked_example():
+    demos = [{"input": "a", "output": "x"}, {"input": "bc", "output": "yz"}]
+    assert fs.build_prompt(None, demos, "d") == "a->x\nbc->yz\nd->"
+    assert fs.build_prompt("map it", [], "d") == "map it\nd->"  # zero-shot: instruction only
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(2, 30), seed=st.integers(0, 1000))
+def test_demonstrations_never_include_the_query(n, seed):
+    queries = list(range(n))
+    for q, order in zip(queries, fs.demo_orders(n, queries, onp.random.default_rng(seed))):
+        assert q not in order and sorted(order + [q]) == queries  # every other record, once
+
+
+def test_too_few_records_for_k():
+    task = fs.parse_task(fs.task_lines(None, RECORDS[:4]), "small.jsonl")
+    with pytest.raises(TinyLLMError, match=r"small.jsonl: 4 records, fewer than k \+ 1 = 5"):
+        fs.check_enough_records(task, 4)
+
+
+def test_parse_shots():
+    assert fs.parse_shots("8,0, 2,2") == [0, 2, 8]
+    for bad in ("", "a,1", "-1"):
+        with pytest.raises(TinyLLMError, match="--shots"):
+            fs.parse_shots(bad)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def test_answer_logprobs_match_unpadded_forward_passes(params):
+    """Right padding in the batch must not change any answer's log-likelihood (causality)."""
+    prompt = TOKENIZER.encode("a->0\nb->")
+    answers = [TOKENIZER.encode(a + "\n") for a in ("1", "12", "0123")]
+    got = fs.answer_logprobs(params, CONFIG, prompt, answers)
+    for value, answer in zip(got, answers):
+        seq = onp.asarray(prompt + answer, dtype=onp.int32)[None, :]
+        logp = fs.log_softmax_np(onp.asarray(gpt_forward(params, seq, CONFIG)))[0]
+        want = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(answer))
+        assert value == pytest.approx(want, abs=1e-6)
+
+
+def test_greedy_line_is_temperature_zero_sampling_cut_at_the_newline(params):
+    prompt = TOKENIZER.encode("a->0\nb->")
+    newline = TOKENIZER.encode("\n")[0]
+    got = fs.greedy_line(params, CONFIG, prompt, newline, 10)
+    sampled = generate_ids(params, CONFIG, prompt, 10, onp.random.default_rng(0), temperature=0)
+    cut = sampled.index(newline) if newline in sampled else len(sampled)
+    assert got == sampled[:cut]
+
+
+def test_evaluate_task_counts_and_reuses_queries(params):
+    task = fs.parse_task(fs.task_lines({"choices": ["0", "1", "2"]}, RECORDS), "t")
+    rows = fs.evaluate_task(params, CONFIG, TOKENIZER, task, [0, 2], n_queries=6, seed=1)
+    assert [r["k"] for r in rows] == [0, 2] and all(r["n"] == 6 for r in rows)
+    assert all(r["chance"] == pytest.approx(1 / 3, abs=1e-4) for r in rows)
+    again = fs.evaluate_task(params, CONFIG, TOKENIZER, task, [0, 2], n_queries=6, seed=1)
+    assert rows == again  # reproducible from the seed
+
+
+def test_exact_match_compares_the_whole_greedy_line(params, monkeypatch):
+    """Without choices, a query is right only if the greedy line equals the output exactly."""
+    monkeypatch.setattr(fs, "greedy_line", lambda *args: TOKENIZER.encode("12"))
+    task = fs.parse_task(fs.task_lines(None, RECORDS), "t")
+    prompt = fs.build_prompt(None, [], "a")
+    scores = {out: fs.score_query(params, CONFIG, TOKENIZER, task, prompt,
+                                  {"input": "a", "output": out, "line": 1}, 0)
+              for out in ("12", "1", "123", "21")}
+    assert scores == {"12": 1, "1": 0, "123": 0, "21": 0}
+
+
+def test_choices_pick_the_likeliest_answer(params):
+    task = fs.parse_task(fs.task_lines({"choices": ["0", "1", "2"]}, RECORDS), "t")
+    prompt = fs.build_prompt(None, RECORDS[:2], "c")
+    logps = fs.answer_logprobs(params, CONFIG, TOKENIZER.encode(prompt),
+                               [TOKENIZER.encode(c + "\n") for c in "012"])
+    best = "012"[int(onp.argmax(logps))]
+    for out in "012":
+        got = fs.score_query(params, CONFIG, TOKENIZER, task, prompt,
+                             {"input": "c", "output": out, "line": 1}, 2)
+        assert got == int(out == best)
+
+
+def test_prompt_longer_than_the_context_names_file_and_line(params):
+    long_records = [{"input": "abcdefgh", "output": "0123"} for _ in range(6)]
+    task = fs.parse_task(fs.task_lines(None, long_records), "long.jsonl")
+    with pytest.raises(TinyLLMError, match=r"long.jsonl, line \d: the 4-shot prompt .* longer than"
+                                           r" the model's context of 32"):
+        fs.evaluate_task(params, CONFIG, TOKENIZER, task, [0, 4], seed=0)
+
+
+def test_unknown_character_names_file_and_line(params):
+    task = fs.parse_task(fs.task_lines(None, RECORDS + [{"input": "Z", "output": "0"}]), "z.jsonl")
+    with pytest.raises(TinyLLMError, match=r"z.jsonl, line 11: .*'Z'"):
+        fs.evaluate_task(params, CONFIG, TOKENIZER, task, [0], seed=0)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_wilson_interval_worked_example():
+    low, high = fs.wilson_interval(8, 10)
+    assert (round(low, 3), round(high, 3)) == (0.490, 0.943)
+    assert fs.wilson_interval(0, 20)[0] == 0.0 and fs.wilson_interval(20, 20)[1] == 1.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 2000), frac=st.floats(0, 1))
+def test_wilson_interval_contains_the_estimate_and_shrinks_with_n(n, frac):
+    k = round(frac * n)
+    low, high = fs.wilson_interval(k, n)
+    assert 0.0 <= low <= k / n <= high <= 1.0
+    low4, high4 = fs.wilson_interval(4 * k, 4 * n)
+    assert high4 - low4 < high - low
+
+
+def test_pool_results_adds_counts():
+    a = [fs.accuracy_row(0, 1, 10, 0.5), fs.accuracy_row(8, 9, 10, 0.5)]
+    b = [fs.accuracy_row(0, 3, 30, 0.1), fs.accuracy_row(8, 27, 30, 0.1)]
+    pooled = fs.pool_results([a, b])
+    assert [(r["correct"], r["n"]) for r in pooled] == [(4, 40), (36, 40)]
+    assert pooled[0]["chance"] == pytest.approx(0.2)
+
+
+def test_icl_positions_scale_olsson():
+    assert fs.icl_positions(96) == (10, 95)
+    assert fs.icl_positions(512) == (51, 511)
+
+
+def test_icl_score_is_late_minus_early_loss(params):
+    ids = onp.asarray(TOKENIZER.encode("a->0\nb->1\nc->2\n" * 20))
+    result = fs.icl_score(params, CONFIG, ids, n_windows=20, seed=0, batch=8)
+    assert result["score"] == pytest.approx(result["late_loss"] - result["early_loss"], abs=1e-9)
+    assert (result["early_position"], result["late_position"]) == (4, 32)
+    assert result["stderr"] > 0 and math.isfinite(result["score"])
+    with pytest.raises(TinyLLMError, match="at least 33 tokens"):
+        fs.icl_score(params, CONFIG, ids[:20])
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, params):
+    out = tmp_path_factory.mktemp("run")
+    save_checkpoint(str(out), params, adamw_init(params), onp.random.default_rng(0).bit_generator.state,
+                    CONFIG, TrainConfig(), TOKENIZER, 0, extra={"data": None})
+    (out.parent / "heldout.txt").write_text("a->0\nb->1\n" * 30, encoding="utf-8")
+    return out
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_fewshot_command_prints_table_and_writes_json(run_dir, tmp_path):
+    task = write_task(tmp_path / "task.jsonl", {"choices": ["0", "1", "2"]})
+    out = tmp_path / "results.json"
+    result = invoke("fewshot", "--checkpoint", run_dir, "--task", task, "--shots", "0,1,4",
+                    "--queries", 5, "--out", out, "--icl-data", run_dir.parent / "heldout.txt",
+                    "--icl-windows", 10)
+    assert result.exit_code == 0, result.output
+    assert "shots  accuracy" in result.output and "in-context learning score" in result.output
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert saved["format"] == "tinyllm-fewshot-results" and saved["version"] == 1
+    assert [r["k"] for r in saved["pooled"]] == [0, 1, 4]
+    assert saved["tasks"][0]["scoring"] == "choices" and saved["icl_score"]["n_windows"] == 10
+
+
+def one_error_line(result):
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def test_fewshot_command_bad_input_is_one_line(run_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    assert "no records" in one_error_line(invoke("fewshot", "--checkpoint", run_dir, "--task", empty))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "output": "0"}\n{"input": \n', encoding="utf-8")
+    assert "bad.jsonl, line 2" in one_error_line(invoke("fewshot", "--checkpoint", run_dir,
+                                                        "--task", bad))
+    few = write_task(tmp_path / "few.jsonl", None, RECORDS[:3])
+    assert "fewer than k + 1" in one_error_line(invoke("fewshot", "--checkpoint", run_dir,
+                                                       "--task", few, "--shots", "0,8"))
+
+
+def test_generate_with_examples_puts_demonstrations_first(run_dir, tmp_path):
+    task = write_task(tmp_path / "task.jsonl", {"instruction": "add 1"})
+    result = invoke("generate", "--checkpoint", run_dir, "--examples", task, "--shots", 2,
+                    "--prompt", "c->", "--temperature", 0, "--max-new-tokens", 5)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("add 1\na->0\nb->1\nc->")
+    assert result.output.count("\n") == 4  # the completion stops at the end of its line
+    error = one_error_line(invoke("generate", "--checkpoint", run_dir, "--examples", task,
+                                  "--shots", 99))
+    assert "task.jsonl" in error and "--shots 99" in error

@@ -1,0 +1,88 @@
+"""Tests for the generated in-context-learning corpus and its held-out tasks (tinyllm/icl_corpus.py)."""
+
+import numpy as onp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyllm import icl_corpus as ic
+from tinyllm.data import load_corpus
+from tinyllm.fewshot import build_prompt, parse_task, task_lines
+
+SMALL = 300  # episodes: enough to see every family, fast to generate
+
+
+def episodes_of(text):
+    """Split corpus text into episodes (lists of lines), at the blank lines."""
+    return [block.split("\n") for block in text.strip("\n").split("\n\n")]
+
+
+def test_corpus_is_deterministic_and_seeded():
+    assert ic.icl_corpus(n_episodes=SMALL) == ic.icl_corpus(n_episodes=SMALL)
+    assert ic.icl_corpus(seed=1, n_episodes=SMALL) != ic.icl_corpus(n_episodes=SMALL)
+
+
+def test_registered_as_embedded_corpus():
+    text = load_corpus("icl")
+    assert text == ic.icl_corpus()
+    assert 300_000 < len(text) < 1_500_000  # big enough to be varied, small enough to be quick
+
+
+def test_every_episode_demonstrates_one_function_in_the_template():
+    """Each line is the instruction of the episode's family or "x->y", and an input always
+    gets the same output within its episode (it is a function)."""
+    instructions = {family[2] for family in ic.FAMILIES.values()}
+    seen_instruction = 0
+    for lines in episodes_of(ic.icl_corpus(n_episodes=SMALL)):
+        if lines[0] in instructions:
+            seen_instruction += 1
+            lines = lines[1:]
+        assert ic.DEMOS_PER_EPISODE[0] <= len(lines) <= ic.DEMOS_PER_EPISODE[1]
+        mapping = {}
+        for line in lines:
+            x, y = line.split("->")
+            assert len(x) == 1 and len(y) == 1, line
+            assert mapping.setdefault(x, y) == y, f"input {x!r} maps to two outputs"
+        assert len(mapping) <= ic.DOMAIN_SIZES[1]
+    assert 0.3 * SMALL < seen_instruction < 0.7 * SMALL  # half the episodes carry an instruction
+
+
+def test_episode_text_is_the_fewshot_prompt_plus_answer():
+    """The corpus and `tinyllm fewshot` use the same template, character for character."""
+    records = [{"input": "a", "output": "7"}, {"input": "b", "output": "1"}]
+    prompt = build_prompt("map each letter to a digit", records[:1], "b")
+    assert ic.episode_text("map each letter to a digit", records) == prompt + "1\n\n"
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), family=st.sampled_from(sorted(ic.FAMILIES)),
+       size=st.integers(2, 8))
+def test_draw_function_has_the_asked_domain(seed, family, size):
+    inputs, outputs, _ = ic.FAMILIES[family]
+    f = ic.draw_function(onp.random.default_rng(seed), family, size)
+    assert len(f) == size
+    assert set(f) <= set(inputs) and set(f.values()) <= set(outputs)
+
+
+def test_heldout_tasks_never_occur_in_the_corpus_and_are_reproducible():
+    for seed in range(6):
+        family = sorted(ic.FAMILIES)[seed % 3]
+        header, records = ic.heldout_task(seed, family=family, domain_size=4, n_records=40)
+        function = {r["input"]: r["output"] for r in records}
+        assert len(records) == 40 and len(function) <= 4
+        assert all(function[r["input"]] == r["output"] for r in records)  # consistent
+        assert not ic.occurs_in_corpus(function)
+        assert header == {"instruction": ic.FAMILIES[family][2]}
+        assert ic.heldout_task(seed, family=family, domain_size=4, n_records=40)[1] == records
+
+
+def test_occurs_in_corpus_finds_a_corpus_function():
+    function, _ = ic.corpus_episodes()[17]
+    assert ic.occurs_in_corpus(function)
+    assert ic.occurs_in_corpus(dict(list(function.items())[:1]))  # a part of one occurs too
+
+
+def test_heldout_task_is_a_valid_task_file():
+    header, records = ic.heldout_task(3, n_records=12)
+    task = parse_task(task_lines(header, records), "held-out")
+    assert task.instruction == header["instruction"] and len(task.records) == 12
+    assert [r["input"] for r in task.records] == [r["input"] for r in records]
