@@ -1,0 +1,257 @@
+"""Tests of the encoder-decoder model (tinyllm/seq2seq.py) and its data (tinyllm/seq2seq_data.py):
+positions, label smoothing, gradients, equivariance, padding invariance, causality, the schedule,
+checkpoints, pair readers and the embedded task."""
+
+import math
+
+import numpy as onp
+import pytest
+from autograd import grad
+from autograd.test_util import check_grads
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyllm.checkpoint import load_checkpoint, save_checkpoint
+from tinyllm.errors import TinyLLMError
+from tinyllm.optim import adamw_init
+from tinyllm.seq2seq import (Seq2SeqConfig, decode, encode, init_seq2seq,
+                             label_smoothed_cross_entropy, label_smoothed_cross_entropy_reference,
+                             noam_lr, seq2seq_forward, seq2seq_loss, sinusoidal_positions)
+from tinyllm.seq2seq_data import (SEQ2SEQ_SPECIAL_TOKENS, Pair, dates_task, make_arrays,
+                                  read_pairs, split_pairs)
+from tinyllm.tokenizers import CharTokenizer
+
+TINY = Seq2SeqConfig(vocab_size=13, block_size=10, n_layer=2, n_head=2, n_embd=16)
+SPECIAL = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+
+
+def params_for(config=TINY, dtype="float64", seed=0):
+    return init_seq2seq(config, onp.random.default_rng(seed), dtype=dtype)
+
+
+def tiny_batch(seed=0):
+    """Three pairs of different lengths, padded: exercises both padding masks."""
+    rng = onp.random.default_rng(seed)
+    sources = [list(rng.integers(3, 13, size=n)) for n in (5, 2, 4)]
+    targets = [list(rng.integers(3, 13, size=n)) for n in (3, 4, 1)]
+    return make_arrays(sources, targets, SPECIAL)
+
+
+# ----------------------------------------------------------------------------- positions, init
+
+
+def test_sinusoidal_positions_follow_the_paper():
+    pe = sinusoidal_positions(5, 2)
+    assert onp.allclose(pe[:, 0], onp.sin(onp.arange(5)), atol=1e-6)  # rate 10000^0 = 1
+    assert onp.allclose(pe[:, 1], onp.cos(onp.arange(5)), atol=1e-6)
+    pe = sinusoidal_positions(7, 8)
+    assert pe.dtype == onp.float32
+    assert onp.allclose(pe[0], [0, 1] * 4)
+    assert pe[3, 2] == pytest.approx(math.sin(3 / 10000 ** (2 / 8)), abs=1e-6)
+
+
+def test_init_shapes_and_options():
+    p = params_for(TINY)
+    assert "tgt_wte" not in p and "lm_head" not in p and "src_wpe" not in p  # shared, tied
+    assert p["decoder"][0]["xattn"]["c_kv"]["w"].shape == (16, 32)
+    assert len(p["encoder"]) == len(p["decoder"]) == 2
+    other = Seq2SeqConfig(vocab_size=13, block_size=10, n_layer=1, n_head=2, n_embd=16,
+                          positions="learned", share_embeddings=False, tie_weights=False)
+    q = params_for(other)
+    assert q["tgt_wte"].shape == (13, 16) and q["src_wpe"].shape == (10, 16)
+    assert q["lm_head"]["w"].shape == (16, 13)
+
+
+def test_bad_config_is_a_one_line_error():
+    with pytest.raises(TinyLLMError, match="--positions"):
+        Seq2SeqConfig(positions="rotary").validate()
+    with pytest.raises(TinyLLMError, match="divisible"):
+        Seq2SeqConfig(n_embd=10, n_head=4).validate()
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def test_label_smoothing_hand_example():
+    logits = onp.zeros((1, 2))
+    assert float(label_smoothed_cross_entropy(logits, onp.array([1]), onp.ones(1), 0.1)) == \
+        pytest.approx(math.log(2))
+    # logits [0, ln 3]: p = [1/4, 3/4]; q = [0.05, 0.95]: -(0.05 ln 1/4 + 0.95 ln 3/4)
+    logits = onp.array([[0.0, math.log(3.0)]])
+    want = -(0.05 * math.log(0.25) + 0.95 * math.log(0.75))
+    assert float(label_smoothed_cross_entropy(logits, onp.array([1]), onp.ones(1), 0.1)) == \
+        pytest.approx(want)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([0.0, 0.1, 0.3]))
+def test_label_smoothing_fused_equals_reference(seed, eps):
+    rng = onp.random.default_rng(seed)
+    logits = rng.standard_normal((6, 5))
+    targets = rng.integers(0, 5, size=6)
+    mask = (rng.random(6) < 0.7).astype(float)
+    fused = lambda x: label_smoothed_cross_entropy(x, targets, mask, eps)  # noqa: E731
+    ref = lambda x: label_smoothed_cross_entropy_reference(x, targets, mask, eps)  # noqa: E731
+    assert float(fused(logits)) == pytest.approx(float(ref(logits)), rel=1e-10, abs=1e-12)
+    assert onp.allclose(grad(fused)(logits), grad(ref)(logits), atol=1e-10)
+
+
+def test_full_loss_gradients_match_finite_differences():
+    params = params_for(TINY)
+    batch = tiny_batch()
+    check_grads(lambda p: seq2seq_loss(p, batch, TINY, smoothing=0.1), modes=["rev"], order=1)(params)
+
+
+def test_learned_positions_untied_gradients():
+    config = Seq2SeqConfig(vocab_size=13, block_size=10, n_layer=1, n_head=2, n_embd=8,
+                           positions="learned", share_embeddings=False, tie_weights=False)
+    batch = tiny_batch(1)
+    check_grads(lambda p: seq2seq_loss(p, batch, config, smoothing=0.2), modes=["rev"],
+                order=1)(params_for(config))
+
+
+def test_loss_stays_float32():
+    loss = seq2seq_loss(params_for(dtype="float32"), tiny_batch(), TINY, smoothing=0.1)
+    assert onp.asarray(loss).dtype == onp.float32
+    assert 1.5 < float(loss) < 4.0  # about ln 13 = 2.56 at initialisation
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 10_000))
+def test_encoder_without_positions_is_permutation_equivariant(seed):
+    config = Seq2SeqConfig(vocab_size=13, block_size=10, n_layer=2, n_head=2, n_embd=16,
+                           positions="none")
+    rng = onp.random.default_rng(seed)
+    params = params_for(config, seed=seed % 7)
+    src = rng.integers(0, 13, size=(2, 7))
+    perm = rng.permutation(7)
+    out = encode(params, src, config)
+    assert onp.allclose(encode(params, src[:, perm], config), out[:, perm], atol=1e-10)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 4), st.sampled_from(["sinusoidal", "learned"]))
+def test_source_padding_never_changes_decoder_outputs(seed, extra, positions):
+    config = Seq2SeqConfig(vocab_size=13, block_size=10, n_layer=2, n_head=2, n_embd=16,
+                           positions=positions)
+    rng = onp.random.default_rng(seed)
+    params = params_for(config, seed=seed % 5)
+    src = rng.integers(3, 13, size=(1, 5))
+    tgt = rng.integers(3, 13, size=(1, 4))
+    plain = seq2seq_forward(params, src, tgt, config, onp.ones((1, 5)))
+    junk = rng.integers(0, 13, size=(1, extra))  # whatever sits in the padding must not matter
+    padded_src = onp.concatenate([src, junk], axis=1)
+    valid = onp.concatenate([onp.ones((1, 5)), onp.zeros((1, extra))], axis=1)
+    assert onp.allclose(seq2seq_forward(params, padded_src, tgt, config, valid), plain, atol=1e-10)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 10_000), st.integers(0, 5))
+def test_decoder_is_causal(seed, changed):
+    rng = onp.random.default_rng(seed)
+    params = params_for(seed=seed % 5)
+    memory = encode(params, rng.integers(0, 13, size=(1, 4)), TINY)
+    tgt = rng.integers(0, 13, size=(1, 6))
+    other = tgt.copy()
+    other[0, changed] = (tgt[0, changed] + 1) % 13
+    a, b = decode(params, tgt, memory, TINY), decode(params, other, memory, TINY)
+    assert onp.allclose(a[:, :changed], b[:, :changed], atol=1e-12)  # the past does not see it
+    assert not onp.allclose(a[:, changed], b[:, changed])  # the position itself does
+
+
+# ----------------------------------------------------------------------------- schedule, checkpoint
+
+
+def test_noam_schedule_worked_example():
+    peak = noam_lr(399, 128, 400)
+    assert peak == pytest.approx(128**-0.5 * 400**-0.5)
+    assert noam_lr(0, 128, 400) == pytest.approx(peak / 400)  # linear warm-up from step 1
+    assert noam_lr(1599, 128, 400) == pytest.approx(peak / 2)  # 1/sqrt(step) decay
+    assert max(noam_lr(i, 128, 400) for i in range(2000)) == pytest.approx(peak)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    from tinyllm.config import TrainConfig
+
+    params = params_for(dtype="float32")
+    tok = CharTokenizer.train("abcdefghij", SEQ2SEQ_SPECIAL_TOKENS)
+    config = Seq2SeqConfig(vocab_size=tok.vocab_size, block_size=10, n_layer=2, n_head=2, n_embd=16)
+    params = init_seq2seq(config, onp.random.default_rng(0))
+    save_checkpoint(tmp_path, params, adamw_init(params), {}, config, TrainConfig(), tok, 3,
+                    kind="seq2seq")
+    ckpt = load_checkpoint(tmp_path, kind="seq2seq")
+    assert ckpt.model_config == config
+    assert onp.array_equal(ckpt.params["decoder"][1]["xattn"]["c_q"]["w"],
+                           params["decoder"][1]["xattn"]["c_q"]["w"])
+    with pytest.raises(TinyLLMError, match="seq2seq"):
+        load_checkpoint(tmp_path)  # a GPT loader refuses it with a clear message
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_make_arrays_worked_example():
+    src, valid, tgt_in, tgt_out, mask = make_arrays([[5, 6], [7]], [[8], [9, 10]], SPECIAL)
+    assert src.tolist() == [[5, 6], [7, 0]] and valid.tolist() == [[1, 1], [1, 0]]
+    assert tgt_in.tolist() == [[1, 8, 0], [1, 9, 10]]
+    assert tgt_out.tolist() == [[8, 2, 0], [9, 10, 2]]
+    assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_tsv_splits_on_first_tab_and_keeps_quotes(tmp_path):
+    path = tmp_path / "pairs.tsv"
+    path.write_text('"Open" file\tOuvrir « fichier »\twith\ttabs\n\nsay "hi"\t"salut"\r\n',
+                    encoding="utf-8")
+    pairs = read_pairs(str(path))
+    assert [(p.source, p.target) for p in pairs] == [
+        ('"Open" file', "Ouvrir « fichier »\twith\ttabs"), ('say "hi"', '"salut"')]
+    assert pairs[1].where.endswith("line 3")
+
+
+def test_jsonl_pairs(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"source": "a\\tb", "target": "c"}\n{"source": "d", "target": "e"}\n')
+    assert [(p.source, p.target) for p in read_pairs(str(path))] == [("a\tb", "c"), ("d", "e")]
+
+
+@pytest.mark.parametrize("content, words", [
+    ("a\tb\nno tab here\n", ["line 2", "no tab"]),
+    ("a\tb\n\tb\n", ["line 2", "source is empty"]),
+    ("a\t \n", ["line 1", "target is empty"]),
+])
+def test_bad_tsv_lines_name_file_and_line(tmp_path, content, words):
+    path = tmp_path / "bad.tsv"
+    path.write_text(content)
+    with pytest.raises(TinyLLMError) as err:
+        read_pairs(str(path))
+    assert str(path) in str(err.value)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_bad_jsonl_names_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"source": "a", "target": "b"}\n{"source": "a"}\n')
+    with pytest.raises(TinyLLMError, match="line 2"):
+        read_pairs(str(path))
+
+
+def test_split_holds_out_every_tenth():
+    pairs = [Pair(str(i), str(i), "") for i in range(1, 26)]
+    train, held = split_pairs(pairs)
+    assert [p.source for p in held] == ["10", "20"] and len(train) == 23
+
+
+def test_dates_task_is_reproducible_and_held_out_dates_are_unseen():
+    train, held = dates_task(seed=0, n_train=3000, n_held_out=200)
+    again, _ = dates_task(seed=0, n_train=3000, n_held_out=200)
+    assert train == again
+    assert not {p.target for p in held} & {p.target for p in train}
+    by_source = {p.source: p.target for p in train}
+    for source, target in (("July 14, 2023", "2023-07-14"), ("03/02/1961", "1961-02-03")):
+        if source in by_source:
+            assert by_source[source] == target
+    assert all(len(p.target) == 10 and p.target[4] == "-" for p in held)

@@ -1,0 +1,116 @@
+"""Decoding an encoder-decoder: greedy search and beam search, each stopping at <eos>.
+
+The encoder runs once per source; the decoder is then run on the growing target prefix, and
+only its last position's log-probabilities are used to extend it. (There is no key/value cache:
+re-running the prefix is simpler to read, and the targets here are short.)
+
+Beam search (as used by the paper, section 6.1, with beam 4 and length penalty 0.6) keeps the
+`beam_size` best prefixes by total log-probability. A prefix that ends in <eos> is finished;
+finished hypotheses are compared by score = log p / lp(length), where the length penalty of
+Wu et al. (2016) is lp(n) = ((5 + n) / 6) ^ alpha: alpha = 0 compares raw log-probabilities
+(which favour short outputs), larger alpha favours longer ones.
+"""
+
+import numpy as onp
+
+from .seq2seq import decode, encode
+from .seq2seq_data import BOS, EOS, PAD, encode_source, make_arrays
+
+
+def _next_log_probs(params, config, memory, src_valid, prefixes):
+    """Log-probabilities of the next token after each prefix: (R, t) ids -> (R, V) float64."""
+    logits = decode(params, prefixes, memory, config, src_valid)[:, -1]  # (R, t, V) -> (R, V)
+    logits = onp.asarray(logits, dtype=onp.float64)
+    logits = logits - logits.max(axis=-1, keepdims=True)
+    return logits - onp.log(onp.exp(logits).sum(axis=-1, keepdims=True))
+
+
+def greedy_decode(params, config, src, src_valid, bos, eos, max_len):
+    """Greedy search for a batch: src (B, S), src_valid (B, S) -> B lists of ids (no bos/eos).
+
+    At each step every unfinished row takes its single likeliest token; a row is finished once
+    it emits <eos>, and all stop after `max_len` tokens (at most block_size - 1).
+    """
+    max_len = min(max_len, config.block_size - 1)
+    memory = encode(params, src, config, src_valid)  # (B, S, C)
+    prefixes = onp.full((src.shape[0], 1), bos, dtype=onp.int32)  # (B, 1)
+    done = onp.zeros(src.shape[0], dtype=bool)
+    for _ in range(max_len):
+        token = _next_log_probs(params, config, memory, src_valid, prefixes).argmax(axis=-1)  # (B,)
+        token = onp.where(done, eos, token)
+        prefixes = onp.concatenate([prefixes, token[:, None].astype(onp.int32)], axis=1)
+        done |= token == eos
+        if done.all():
+            break
+    return [_strip(row[1:], eos) for row in prefixes]
+
+
+def _strip(ids, eos):
+    """Ids up to (not including) the first <eos>. Example: [5, 6, eos, eos] -> [5, 6]."""
+    ids = [int(i) for i in ids]
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def length_penalty(length, alpha):
+    """Wu et al. (2016): ((5 + length) / 6) ^ alpha. Example: length 7, alpha 1 -> 2.0."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def beam_search(params, config, src_ids, bos, eos, max_len, beam_size=4, alpha=0.6):
+    """Beam search for one source (list of ids) -> the best target ids (no bos/eos).
+
+    Each step extends every live prefix by every token, keeps the 2k best extensions by total
+    log-probability (k = beam_size), sets those among the best k that end in <eos> aside as
+    finished, and keeps the best k others alive. It stops when k hypotheses have finished or
+    after max_len tokens, and returns the finished one (or, if none finished, the live one)
+    with the best length-penalised score. With k = 1 this is greedy search.
+    """
+    max_len = min(max_len, config.block_size - 1)
+    src = onp.asarray([src_ids], dtype=onp.int32)  # (1, S)
+    memory = encode(params, src, config)  # (1, S, C)
+    alive = [([], 0.0)]  # (tokens, total log-probability)
+    finished = []
+    for _ in range(max_len):
+        prefixes = onp.asarray([[bos] + toks for toks, _ in alive], dtype=onp.int32)  # (R, t)
+        rows = len(alive)
+        logp = _next_log_probs(params, config, onp.repeat(memory, rows, axis=0), None, prefixes)
+        totals = onp.asarray([score for _, score in alive])[:, None] + logp  # (R, V)
+        # a stable sort keeps the lower token id first among ties, as argmax does
+        best = onp.argsort(-totals, axis=None, kind="stable")[: 2 * beam_size]
+        alive_next = []
+        for rank, flat in enumerate(best):
+            row, token = divmod(int(flat), totals.shape[1])
+            tokens, total = alive[row][0] + [token], float(totals[row, token])
+            if token == eos:
+                if rank < beam_size:  # an <eos> counts only if it is among the k best extensions
+                    finished.append((tokens[:-1], total))
+            elif len(alive_next) < beam_size:
+                alive_next.append((tokens, total))
+        alive = alive_next
+        if len(finished) >= beam_size or not alive:
+            break
+    pool = finished or alive
+    return max(pool, key=lambda h: h[1] / length_penalty(len(h[0]) + 1, alpha))[0]
+
+
+def translate_texts(params, config, tokenizer, texts, wheres=None, beam_size=1, alpha=0.6,
+                    max_len=None, chunk=256):
+    """Translate source texts; greedy (batched) for beam_size 1, else beam search per text.
+
+    `wheres` names each text in error messages (a text with an unknown character or one longer
+    than the context is reported, not truncated).
+    """
+    special = tokenizer.special_tokens
+    wheres = wheres or [f"text {i + 1}" for i in range(len(texts))]
+    sources = [encode_source(tokenizer, t, config.block_size, w) for t, w in zip(texts, wheres)]
+    max_len = max_len or config.block_size - 1
+    if beam_size > 1:
+        ids = [beam_search(params, config, s, special[BOS], special[EOS], max_len, beam_size, alpha)
+               for s in sources]
+    else:
+        ids = []
+        for start in range(0, len(sources), chunk):
+            part = sources[start:start + chunk]
+            src, src_valid = make_arrays(part, [[]] * len(part), special)[:2]
+            ids += greedy_decode(params, config, src, src_valid, special[BOS], special[EOS], max_len)
+    return [tokenizer.decode([i for i in row if i != special[PAD]]) for row in ids]
