@@ -187,8 +187,13 @@ def _check_prompt(tokenizer, prompt):
 
 # Commands defined in their own modules register themselves here, at the end, so that they can
 # import `main`, `user_errors` and `positive` from this module.
+from .cli_seq2seq import seq2seq  # noqa: E402
+main.add_command(seq2seq)
 from .cli_fewshot import fewshot  # noqa: E402
 main.add_command(fewshot)
+from .cli_finetune import classify, finetune  # noqa: E402
+main.add_command(finetune)
+main.add_command(classify)
 
 if __name__ == "__main__":
     main()
