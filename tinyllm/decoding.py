@@ -14,7 +14,7 @@ Wu et al. (2016) is lp(n) = ((5 + n) / 6) ^ alpha: alpha = 0 compares raw log-pr
 import numpy as onp
 
 from .seq2seq import decode, encode
-from .seq2seq_data import BOS, EOS, PAD, encode_source, make_arrays
+from .seq2seq_data import BOS, EOS, encode_source, make_arrays
 
 
 def _next_log_probs(params, config, memory, src_valid, prefixes):
@@ -113,4 +113,5 @@ def translate_texts(params, config, tokenizer, texts, wheres=None, beam_size=1, 
             part = sources[start:start + chunk]
             src, src_valid = make_arrays(part, [[]] * len(part), special)[:2]
             ids += greedy_decode(params, config, src, src_valid, special[BOS], special[EOS], max_len)
-    return [tokenizer.decode([i for i in row if i != special[PAD]]) for row in ids]
+    hidden = set(special.values())  # <pad>/<bos> never belong in an output text
+    return [tokenizer.decode([i for i in row if i not in hidden]) for row in ids]

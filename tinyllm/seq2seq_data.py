@@ -150,8 +150,10 @@ def split_pairs(pairs, every=HELD_OUT_EVERY):
 
 
 def pairs_text(pairs):
-    """All the text of the pairs, for training a tokenizer over both sides."""
-    return "\n".join(p.source + "\n" + p.target for p in pairs)
+    """All the text of the pairs, for training a tokenizer over both sides (and fingerprinting
+    the data). Nothing is added between them, so no character enters the vocabulary that the
+    pairs do not hold (a newline in the vocabulary could break a one-line-per-output listing)."""
+    return "".join(p.source + p.target for p in pairs)
 
 
 # ----------------------------------------------------------------------------- ids and batches

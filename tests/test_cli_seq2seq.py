@@ -1,0 +1,143 @@
+"""End-to-end tests of `tinyllm seq2seq train` and `tinyllm seq2seq translate` on a tiny model:
+training, translating, scoring a file, bit-exact --resume, and one-line errors for bad input."""
+
+import json
+import shutil
+
+import numpy as onp
+import pytest
+from click.testing import CliRunner
+
+from tinyllm.cli import main
+
+TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
+        "--batch-size", "4", "--eval-iters", "1", "--eval-examples", "3"]
+WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_user_error(result, *words):
+    """Exit 1 through a handled error: one 'Error:' line that names `words`, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    """Reverse a word: 30 pairs, with a quote kept as an ordinary character."""
+    path = tmp_path_factory.mktemp("data") / "pairs.tsv"
+    words = [w + s for s in ("", "s", '"') for w in WORDS]
+    path.write_text("".join(f"{w}\t{w[::-1]}\n" for w in words), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, pairs_file):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    result = invoke("seq2seq", "train", "--data", pairs_file, "--out", out, *TINY,
+                    "--max-iters", 6, "--eval-interval", 3)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_reports_held_out_exact_match(trained_run):
+    out, result = trained_run
+    assert "held-out exact match:" in result.output and "of 3 pairs" in result.output
+    assert [m["iter"] for m in metrics(out)] == [0, 3, 6]
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["kind"] == "seq2seq" and meta["label_smoothing"] == 0.1
+    assert meta["schedule"] == "cosine" and meta["model"]["positions"] == "sinusoidal"
+
+
+def test_translate_text_and_score_file(trained_run, pairs_file):
+    out, _ = trained_run
+    result = invoke("seq2seq", "translate", "--checkpoint", out, "one", "two")
+    assert result.exit_code == 0, result.output
+    assert len(result.output.splitlines()) == 2
+    result = invoke("seq2seq", "translate", "--checkpoint", out, "--data", pairs_file,
+                    "--beam-size", 2, "--max-len", 6, "--show", 2)
+    assert result.exit_code == 0, result.output
+    assert "30 pairs: exact match" in result.output and "BLEU-4" in result.output
+
+
+def test_resume_continues_bit_for_bit(tmp_path, pairs_file):
+    args = ["seq2seq", "train", "--data", pairs_file, *TINY, "--eval-interval", 2,
+            "--schedule", "noam", "--warmup-iters", 3, "--label-smoothing", 0.2]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert invoke(*args, "--out", straight, "--max-iters", 6).exit_code == 0
+    assert invoke(*args, "--out", resumed, "--max-iters", 4).exit_code == 0
+    result = invoke("seq2seq", "train", "--out", resumed, "--resume", "--max-iters", 6)
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output
+    losses = lambda run: [(m["iter"], m["train_loss"], m["val_loss"]) for m in metrics(run)]  # noqa: E731
+    assert losses(resumed) == losses(straight) and len(losses(straight)) == 4
+    with onp.load(straight / "model.npz") as a, onp.load(resumed / "model.npz") as b:
+        assert all(onp.array_equal(a[k], b[k]) for k in a.files)
+
+
+def test_noam_schedule_is_logged(tmp_path, pairs_file):
+    out = tmp_path / "run"
+    result = invoke("seq2seq", "train", "--data", pairs_file, "--out", out, *TINY,
+                    "--max-iters", 2, "--eval-interval", 1, "--schedule", "noam",
+                    "--warmup-iters", 4)
+    assert result.exit_code == 0, result.output
+    lrs = [m["lr"] for m in metrics(out)]
+    assert lrs[1] == pytest.approx(16**-0.5 * 2 * 4**-1.5)  # the paper's formula at step 2
+
+
+def test_existing_run_is_not_overwritten(trained_run, tmp_path, pairs_file):
+    out = tmp_path / "run"
+    shutil.copytree(trained_run[0], out)
+    before = (out / "model.npz").read_bytes()
+    result = invoke("seq2seq", "train", "--data", pairs_file, "--out", out, *TINY)
+    assert_user_error(result, "--resume", "--force")
+    assert (out / "model.npz").read_bytes() == before
+
+
+@pytest.mark.parametrize("content, words", [
+    ("one\teno\ntwo owt\n", ["line 2", "no tab"]),
+    ("one\teno\n\towt\n", ["line 2", "source is empty"]),
+    ("one\teno\n" + "x" * 40 + "\ty\n", ["line 2", "more than the context", "--block-size"]),
+])
+def test_bad_pairs_file_is_a_one_line_error(tmp_path, content, words):
+    path = tmp_path / "bad.tsv"
+    path.write_text(content)
+    result = invoke("seq2seq", "train", "--data", path, "--out", tmp_path / "run", *TINY)
+    assert_user_error(result, str(path), *words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_translate_errors(trained_run, tmp_path):
+    out, _ = trained_run
+    assert_user_error(invoke("seq2seq", "translate", "--checkpoint", out, "Zebra"), "text 1", "'Z'")
+    assert_user_error(invoke("seq2seq", "translate", "--checkpoint", out, "o" * 20),
+                      "more than the context")
+    assert_user_error(invoke("seq2seq", "translate", "--checkpoint", out), "--data")
+    assert_user_error(invoke("seq2seq", "translate", "--checkpoint", tmp_path / "none", "one"),
+                      "not found")
+
+
+def test_bad_flags(tmp_path):
+    assert_user_error(invoke("seq2seq", "train", "--out", tmp_path / "r", "--label-smoothing", 1.5),
+                      "--label-smoothing")
+    assert_user_error(invoke("seq2seq", "train", "--out", tmp_path / "r", "--n-embd", 10),
+                      "divisible")
+
+
+def test_help_shows_defaults():
+    result = invoke("seq2seq", "train", "--help")
+    assert result.exit_code == 0
+    assert "--label-smoothing" in result.output and "default: 0.1" in result.output
+    result = invoke("seq2seq", "translate", "--help")
+    assert "--beam-size" in result.output and "--length-penalty" in result.output

@@ -1,0 +1,82 @@
+"""Tests of greedy and beam-search decoding (tinyllm/decoding.py)."""
+
+import numpy as onp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyllm.decoding import _strip, beam_search, greedy_decode, length_penalty, translate_texts
+from tinyllm.seq2seq import Seq2SeqConfig, init_seq2seq
+from tinyllm.seq2seq_data import SEQ2SEQ_SPECIAL_TOKENS, make_arrays
+from tinyllm.tokenizers import CharTokenizer
+
+CONFIG = Seq2SeqConfig(vocab_size=9, block_size=8, n_layer=1, n_head=2, n_embd=16,
+                       tie_weights=False)
+PAD, BOS, EOS = 0, 1, 2
+
+
+def random_params(seed):
+    """Random weights with a sharper output head, so that outputs vary with seed and source."""
+    params = init_seq2seq(CONFIG, onp.random.default_rng(seed))
+    params["lm_head"]["w"] = params["lm_head"]["w"] * 100.0
+    return params
+
+
+def test_worked_helpers():
+    assert length_penalty(7, 1.0) == 2.0 and length_penalty(3, 0.0) == 1.0
+    assert _strip([5, 6, EOS, EOS], EOS) == [5, 6] and _strip([5, 6], EOS) == [5, 6]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.lists(st.integers(3, 8), min_size=1, max_size=6))
+def test_beam_size_one_is_greedy(seed, src):
+    params = random_params(seed % 50)
+    greedy = greedy_decode(params, CONFIG, onp.asarray([src]), onp.ones((1, len(src))), BOS, EOS, 7)
+    assert beam_search(params, CONFIG, src, BOS, EOS, 7, beam_size=1) == greedy[0]
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 10_000))
+def test_batched_greedy_equals_one_at_a_time(seed):
+    rng = onp.random.default_rng(seed)
+    params = random_params(seed % 50)
+    sources = [list(rng.integers(3, 9, size=n)) for n in (2, 6, 4)]
+    src, valid = make_arrays(sources, [[]] * 3, {"<pad>": PAD, "<bos>": BOS, "<eos>": EOS})[:2]
+    batched = greedy_decode(params, CONFIG, src, valid, BOS, EOS, 7)
+    for source, out in zip(sources, batched):
+        assert greedy_decode(params, CONFIG, onp.asarray([source]), None, BOS, EOS, 7)[0] == out
+
+
+def eos_loving_params():
+    """A model whose output is <eos> first, whatever the input: the final norm's output is a
+    constant (gain 0, shift e_0) and the untied head maps e_0 to a large <eos> logit."""
+    config = Seq2SeqConfig(vocab_size=9, block_size=8, n_layer=1, n_head=2, n_embd=16,
+                           tie_weights=False)
+    params = init_seq2seq(config, onp.random.default_rng(0))
+    params["dec_ln_f"]["g"][:] = 0.0
+    params["dec_ln_f"]["b"][:] = onp.eye(16)[0]
+    params["lm_head"]["w"][0, EOS] = 10.0
+    return params, config
+
+
+def test_decoding_stops_at_eos():
+    params, config = eos_loving_params()
+    assert greedy_decode(params, config, onp.asarray([[3, 4]]), None, BOS, EOS, 7) == [[]]
+    assert beam_search(params, config, [3, 4], BOS, EOS, 7, beam_size=3) == []
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 4))
+def test_beam_output_is_a_valid_sequence(seed, k):
+    params = random_params(seed % 50)
+    out = beam_search(params, CONFIG, [3, 5, 7], BOS, EOS, 7, beam_size=k, alpha=0.6)
+    assert len(out) <= 7 and all(0 <= t < 9 and t != EOS for t in out)
+
+
+def test_translate_texts_returns_text():
+    tok = CharTokenizer.train("abcdef", SEQ2SEQ_SPECIAL_TOKENS)  # 6 chars + 3 special = 9
+    config = Seq2SeqConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    params = init_seq2seq(config, onp.random.default_rng(0))
+    greedy = translate_texts(params, config, tok, ["abc", "fed"], max_len=5)
+    beam = translate_texts(params, config, tok, ["abc", "fed"], beam_size=1, max_len=5)
+    assert greedy == beam and all(isinstance(t, str) and len(t) <= 5 for t in greedy)
+    assert not any(name in t for t in greedy for name in SEQ2SEQ_SPECIAL_TOKENS)
