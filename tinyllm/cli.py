@@ -191,6 +191,9 @@ from .cli_seq2seq import seq2seq  # noqa: E402
 main.add_command(seq2seq)
 from .cli_fewshot import fewshot  # noqa: E402
 main.add_command(fewshot)
+from .cli_finetune import classify, finetune  # noqa: E402
+main.add_command(finetune)
+main.add_command(classify)
 
 if __name__ == "__main__":
     main()

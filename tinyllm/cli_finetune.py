@@ -1,0 +1,705 @@
+"""`tinyllm finetune classify|instruct` and `tinyllm classify`: fine-tuning from the command line.
+
+The runners (`run_classify`, `run_instruct`, ...) hold no Click code, so tests and scripts can
+call them; the Click commands at the bottom only map flags onto them.
+
+A fine-tuning run directory is a checkpoint (see tinyllm/checkpoint.py) plus:
+    metrics.jsonl     the training loop's evaluations (validation loss), as in pretraining
+    metrics.json      the final report: {"format": "tinyllm-finetune-metrics", "version": 1,
+                      "task": "classify" | "instruct", ...} (see `classify_report` / `instruct_report`)
+    responses.jsonl   (instruct) one line per test record: instruction, input, reference, response
+Its config.json has kind "classifier" (model fields of ClassifierConfig, "labels": the class
+names in id order) or, for instruction tuning, "gpt" (or "gpt-lora" with adapters), plus the
+data settings that --resume needs.
+"""
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, fields, replace
+
+import click
+import numpy as onp
+
+from .checkpoint import load_checkpoint, register_model_kind, save_checkpoint
+from .cli import positive, user_errors
+from .config import GPTConfig, TrainConfig
+from .errors import TinyLLMError
+from .fileio import atomic_write_json, atomic_write_text
+from .finetune import (ClassifierConfig, classifier_from_gpt, classifier_loss, confusion_matrix,
+                       exact_match, format_prompt, init_classifier, instruction_example,
+                       merge_params, pad_batch, precision_recall, predict_proba, split_params,
+                       token_f1, trainable_paths)
+from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
+                            default_classification_data, default_instruction_data,
+                            encode_with_fallback, label_ids, read_classification,
+                            read_instructions, split_three, with_unknown_token)
+from .lora import init_lora, merge_lora
+from .models import count_params, gpt_loss, init_gpt
+from .optim import adamw_init
+from .train import (SPECIAL_TOKENS, Committed, prepare_out_dir, read_metrics, start_out_dir,
+                    train_loop, truncate_metrics)
+
+METRICS_FORMAT = "tinyllm-finetune-metrics"
+METRICS_VERSION = 1
+EOT = SPECIAL_TOKENS[0]
+
+
+@dataclass(frozen=True)
+class LoRAGPTConfig:
+    """A GPT plus LoRA adapters (an instruction-tuned run with --lora-rank)."""
+
+    vocab_size: int = 65
+    block_size: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    tie_weights: bool = True
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+
+    def gpt(self):
+        names = {f.name for f in fields(GPTConfig)}
+        return GPTConfig(**{k: v for k, v in self.__dict__.items() if k in names})
+
+    def validate(self):
+        self.gpt().validate()
+        return self
+
+
+def _init_lora_gpt(config, rng):
+    params = init_gpt(config.gpt(), rng)
+    params["lora"] = init_lora(params, config.lora_rank, rng)
+    return params
+
+
+register_model_kind("classifier", ClassifierConfig, init_classifier)
+register_model_kind("gpt-lora", LoRAGPTConfig, _init_lora_gpt)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def load_base(checkpoint, random_init, seed, log):
+    """(GPT params, GPTConfig, tokenizer) to fine-tune: a pretrained checkpoint, or the default
+    pretraining architecture and tokenizer at random initialisation when checkpoint is None."""
+    if checkpoint is not None:
+        try:
+            ckpt = load_checkpoint(checkpoint, kind=("gpt", "gpt-lora"))
+        except TinyLLMError as err:
+            raise TinyLLMError(f"--checkpoint: {err} (expected a run of `tinyllm pretrain`)") from None
+        config = ckpt.model_config
+        params = merge_lora(ckpt.params, getattr(config, "lora_alpha", 0), getattr(config, "lora_rank", 1))
+        config = config.gpt() if hasattr(config, "gpt") else config
+        tokenizer = ckpt.tokenizer
+        if random_init:
+            params = init_gpt(config, onp.random.default_rng(seed))
+        log(f"base model: {checkpoint} ({'random init, same architecture' if random_init else 'pretrained'})")
+    else:
+        from .data import load_corpus
+        from .tokenizers import train_tokenizer
+
+        # The same tokenizer and architecture `tinyllm pretrain` uses by default, so that a run
+        # without --checkpoint is the from-scratch baseline for a default pretrained model.
+        tokenizer = train_tokenizer("char", load_corpus(None), 0, special_tokens=SPECIAL_TOKENS)
+        config = replace(GPTConfig(bias=False), vocab_size=tokenizer.vocab_size)
+        params = init_gpt(config, onp.random.default_rng(seed))
+        log("base model: none (random initialisation, the default pretraining architecture)")
+    return params, config, tokenizer
+
+
+def add_unknown_token(params, config, tokenizer):
+    """Give a char tokenizer its fallback token, and the model an embedding row for it,
+    initialised to the mean of the other rows (a neutral "some character" vector)."""
+    new_tok = with_unknown_token(tokenizer)
+    extra = new_tok.vocab_size - config.vocab_size
+    if extra == 0:
+        return params, config, new_tok
+    wte = params["wte"]
+    mean_row = wte.mean(axis=0, keepdims=True).astype(wte.dtype)  # (1, C)
+    params = {**params, "wte": onp.concatenate([wte] + [mean_row] * extra)}  # (V + 1, C)
+    if "lm_head" in params:
+        head = params["lm_head"]["w"]
+        params["lm_head"] = {"w": onp.concatenate([head, head.mean(axis=1, keepdims=True)], axis=1)}
+    return params, replace(config, vocab_size=new_tok.vocab_size), new_tok
+
+
+def encode_all(tokenizer, texts):
+    """Token lists for texts, and how many characters fell back to the unknown token."""
+    out, fallback = [], 0
+    for text in texts:
+        ids, missing = encode_with_fallback(tokenizer, text)
+        out.append(ids)
+        fallback += missing
+    return out, fallback
+
+
+def make_train_config(batch_size, max_iters, epochs, n_train, lr, warmup_iters, eval_interval,
+                      eval_iters, seed, weight_decay):
+    """TrainConfig from the flags; --epochs turns into steps over the training split."""
+    if epochs is not None:
+        max_iters = max(1, math.ceil(epochs * n_train / batch_size))
+    return TrainConfig(batch_size=batch_size, max_iters=max_iters, lr=lr, min_lr=lr / 10,
+                       warmup_iters=warmup_iters, weight_decay=weight_decay,
+                       eval_interval=min(eval_interval, max_iters), eval_iters=eval_iters,
+                       seed=seed).validate()
+
+
+def padded_opt_state(opt_state, frozen):
+    """AdamW state for the whole tree: zero moments for frozen arrays, so the checkpoint's optimizer
+    file has every parameter (as checkpoint.load_checkpoint expects)."""
+    zeros = {k: onp.zeros_like(v) for k, v in frozen.items()}
+    return {"m": merge_params(opt_state["m"], zeros), "v": merge_params(opt_state["v"], zeros),
+            "step": opt_state["step"]}
+
+
+def trim_opt_state(opt_state, paths):
+    """The inverse of padded_opt_state: only the moments of the trainable paths."""
+    return {"m": split_params(opt_state["m"], paths)[0], "v": split_params(opt_state["v"], paths)[0],
+            "step": opt_state["step"]}
+
+
+def run_training(params, paths, tc, loss_fn, sample, save_full, out_dir, resume_ckpt,
+                 tokens_per_iter, log):
+    """Train only `paths` of `params` with train.train_loop; returns the final whole tree."""
+    trainable, frozen = split_params(params, paths)
+    if resume_ckpt is not None:
+        opt_state = trim_opt_state(resume_ckpt.opt_state, paths)
+        state = Committed(trainable, opt_state, resume_ckpt.rng_state, resume_ckpt.iter,
+                          resume_ckpt.meta.get("last_eval_iter", -1))
+        truncate_metrics(out_dir, resume_ckpt.iter)
+        log(f"resuming {out_dir} at iteration {resume_ckpt.iter} of {tc.max_iters}")
+    else:
+        rng = onp.random.default_rng([tc.seed, 1])
+        state = Committed(trainable, adamw_init(trainable), rng.bit_generator.state, 0, -1)
+
+    def step_loss(trainable_params, batch, rng):
+        return loss_fn(merge_params(trainable_params, frozen), batch, rng)
+
+    def save(s):
+        save_full(merge_params(s.params, frozen), padded_opt_state(s.opt_state, frozen), s)
+
+    state = train_loop(state, tc, step_loss, sample, save, out_dir, tokens_per_iter)
+    return merge_params(state.params, frozen)
+
+
+def write_report(out_dir, report):
+    """metrics.json: versioned, indented, written atomically."""
+    atomic_write_json(os.path.join(out_dir, "metrics.json"),
+                      {"format": METRICS_FORMAT, "version": METRICS_VERSION, **report})
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+def load_classification_splits(data, val_data, test_data, text_column, label_column, do_balance,
+                               seed):
+    """(train, val, test) lists of (text, label), from files or the embedded default."""
+    examples = (read_classification(data, text_column, label_column) if data
+                else default_classification_data())
+    if do_balance:
+        examples = balance(examples, seed)
+    if val_data or test_data:
+        if not (val_data and test_data):
+            raise TinyLLMError("give both --val-data and --test-data, or neither (70/10/20 split)")
+        train = examples
+        val = read_classification(val_data, text_column, label_column)
+        test = read_classification(test_data, text_column, label_column)
+    else:
+        train, val, test = split_three(examples, SPLIT_CLASSIFY, seed)
+    return train, val, test
+
+
+def encode_classification(tokenizer, examples, labels, block_size, where):
+    """(ids (N, T), valid (N, T), y (N,), truncated count, fallback char count)."""
+    unknown = sorted({label for _, label in examples} - set(labels))
+    if unknown:
+        raise TinyLLMError(f"{where}: label {unknown[0]!r} is not one the model was trained on"
+                           f" ({', '.join(labels)})")
+    seqs, fallback = encode_all(tokenizer, [text for text, _ in examples])
+    empty = sum(1 for s in seqs if not s)
+    if empty:
+        raise TinyLLMError(f"{where}: {empty} example(s) have empty text")
+    truncated = sum(1 for s in seqs if len(s) > block_size)
+    length = min(block_size, max(len(s) for s in seqs))
+    ids, valid = pad_batch(seqs, length)
+    y = onp.asarray([labels.index(label) for _, label in examples], dtype=onp.int32)
+    return ids, valid, y, truncated, fallback
+
+
+def accuracy(params, config, ids, valid, y):
+    """Fraction of rows whose most likely class is the true one, and the predictions."""
+    pred = predict_proba(params, ids, valid, config).argmax(axis=1)
+    return float((pred == y).mean()) if len(y) else 0.0, pred
+
+
+def classify_report(params, config, labels, sets):
+    """Accuracy per split, and the test split's confusion matrix and per-class precision/recall."""
+    accs, pred = {}, None
+    for name, (ids, valid, y) in sets.items():
+        accs[name], p = accuracy(params, config, ids, valid, y)
+        if name == "test":
+            pred = p
+    matrix = confusion_matrix(sets["test"][2], pred, len(labels))
+    precision, recall = precision_recall(matrix)
+    per_class = {label: {"precision": round(precision[i], 4), "recall": round(recall[i], 4),
+                         "support": int(matrix[i].sum())} for i, label in enumerate(labels)}
+    return accs, matrix, per_class
+
+
+def run_classify(out, checkpoint=None, data=None, val_data=None, test_data=None,
+                 text_column=None, label_column=None, pooling=None, arch="decoder", freeze="none",
+                 do_balance=False, random_init=False, lora_rank=0, lora_alpha=None,
+                 batch_size=16, max_iters=300, epochs=None, lr=3e-4, warmup_iters=20,
+                 eval_interval=50, eval_iters=5, weight_decay=0.01, seed=1337, resume=False,
+                 force=False, max_iters_given=False, log=print):
+    """Fine-tune a classifier end to end; writes the run directory and returns the report dict."""
+    prepare_out_dir(out, resume, force)
+    resume_ckpt = None
+    if resume:
+        resume_ckpt = load_checkpoint(out, with_optimizer=True, kind="classifier")
+        s = resume_ckpt.meta["finetune"]
+        data, val_data, test_data = s["data"], s["val_data"], s["test_data"]
+        text_column, label_column, do_balance, seed = (s["text_column"], s["label_column"],
+                                                       s["balance"], s["seed"])
+        freeze = s["freeze"]
+        config, tokenizer, params = resume_ckpt.model_config, resume_ckpt.tokenizer, resume_ckpt.params
+        labels = resume_ckpt.meta["labels"]
+    train, val, test = load_classification_splits(data, val_data, test_data, text_column,
+                                                  label_column, do_balance, seed)
+    if not resume:
+        labels = list(label_ids([label for _, label in train]))
+        gpt_params, gpt_config, tokenizer = load_base(checkpoint, random_init, seed, log)
+        gpt_params, gpt_config, tokenizer = add_unknown_token(gpt_params, gpt_config, tokenizer)
+        pooling = pooling or ("mean" if arch == "encoder" else "last")
+        rank = lora_rank or 0
+        config = ClassifierConfig(**gpt_config.__dict__, n_classes=len(labels), pooling=pooling,
+                                  arch=arch, lora_rank=rank,
+                                  lora_alpha=float(lora_alpha if lora_alpha is not None else 2 * rank)
+                                  ).validate()
+        params = classifier_from_gpt(gpt_params, config, onp.random.default_rng([seed, 2]))
+    sets, truncated, fallback = {}, 0, 0
+    for name, split in (("train", train), ("val", val), ("test", test)):
+        ids, valid, y, n_trunc, n_fall = encode_classification(
+            tokenizer, split, labels, config.block_size, f"{data or 'the embedded data'} ({name})")
+        sets[name] = (ids, valid, y)
+        truncated, fallback = truncated + n_trunc, fallback + n_fall
+    log(f"data: {data or 'embedded fluent-vs-shuffled sentences'}: {len(train)} train,"
+        f" {len(val)} val, {len(test)} test; classes {labels}")
+    if truncated:
+        log(f"note: {truncated} text(s) longer than the context ({config.block_size} tokens)"
+            " were truncated")
+    if fallback:
+        log(f"note: {fallback} character(s) unknown to the tokenizer were mapped to {UNK_TOKEN}")
+    tc = make_train_config(batch_size, max_iters, epochs, len(train), lr, warmup_iters,
+                           eval_interval, eval_iters, seed, weight_decay)
+    if resume:
+        tc = replace(resume_ckpt.train_config,
+                     max_iters=max_iters if max_iters_given else resume_ckpt.train_config.max_iters)
+        before = resume_ckpt.meta["before"]
+    else:
+        before = classify_report(params, config, labels, sets)[0]
+    log("accuracy before fine-tuning: " + _fmt_acc(before))
+    start_out_dir(out, resume, force)
+    paths = trainable_paths(params, freeze, config.n_layer)
+    log(f"model: {count_params(params):,} parameters, {sum(onp.size(v) for k, v in _flat(params).items() if k in set(paths)):,}"
+        f" trainable (--freeze {freeze}{', LoRA rank %d' % config.lora_rank if config.lora_rank else ''})")
+    settings = {"data": data, "val_data": val_data, "test_data": test_data,
+                "text_column": text_column, "label_column": label_column, "balance": do_balance,
+                "seed": seed, "freeze": freeze, "base": checkpoint, "random_init": random_init}
+
+    def loss_fn(p, batch, rng):
+        return classifier_loss(p, batch[0], batch[1], batch[2], config, rng)
+
+    def sample(split, rng):
+        ids, valid, y = sets[split]
+        rows = rng.integers(0, len(y), size=tc.batch_size)  # (B,)
+        return ids[rows], valid[rows], y[rows]
+
+    def save_full(full, opt_state, s):
+        save_checkpoint(out, full, opt_state, s.rng_state, config, tc, tokenizer, s.iteration,
+                        extra={"labels": labels, "finetune": settings, "before": before,
+                               "last_eval_iter": s.last_eval_iter}, kind="classifier")
+
+    t0 = time.perf_counter()
+    params = run_training(params, paths, tc, loss_fn, sample, save_full, out, resume_ckpt,
+                          tc.batch_size * sets["train"][0].shape[1], log)
+    seconds = time.perf_counter() - t0
+    after, matrix, per_class = classify_report(params, config, labels, sets)
+    report = {"task": "classify", "labels": labels, "arch": config.arch, "pooling": config.pooling,
+              "freeze": freeze, "lora_rank": config.lora_rank,
+              "base": checkpoint, "random_init": bool(random_init or checkpoint is None),
+              "examples": {k: int(len(v[2])) for k, v in sets.items()},
+              "accuracy_before": before, "accuracy_after": after,
+              "test_confusion_matrix": matrix.tolist(), "test_per_class": per_class,
+              "truncated_texts": truncated, "fallback_characters": fallback,
+              "iterations": tc.max_iters, "train_seconds": round(seconds, 1),
+              "final_val_loss": (read_metrics(out) or [{}])[-1].get("val_loss")}
+    write_report(out, report)
+    return report
+
+
+def _flat(params):
+    from .tree import flatten
+
+    return flatten(params)
+
+
+def _fmt_acc(accs):
+    return ", ".join(f"{k} {100 * v:.1f}%" for k, v in accs.items())
+
+
+def format_confusion(matrix, labels):
+    """The confusion matrix as aligned text, rows = true class, columns = predicted."""
+    width = max(6, max(len(label) for label in labels) + 1)
+    lines = [" " * width + "".join(f"{label[:width - 1]:>{width}}" for label in labels)]
+    for label, row in zip(labels, matrix):
+        lines.append(f"{label[:width - 1]:<{width}}" + "".join(f"{int(n):>{width}}" for n in row))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- classify (use)
+
+
+def load_classifier(checkpoint):
+    """(params, config, tokenizer, labels) of a fine-tuned classifier run directory."""
+    ckpt = load_checkpoint(checkpoint, kind="classifier")
+    labels = ckpt.meta.get("labels")
+    if not isinstance(labels, list) or len(labels) != ckpt.model_config.n_classes:
+        raise TinyLLMError(f"{checkpoint}/config.json: its \"labels\" do not match the model")
+    return ckpt.params, ckpt.model_config, ckpt.tokenizer, labels
+
+
+def classify_texts(params, config, tokenizer, texts):
+    """Class probabilities (N, K) for texts (longer ones truncated to the context)."""
+    seqs, _ = encode_all(tokenizer, texts)
+    if any(not s for s in seqs):
+        raise TinyLLMError("cannot classify an empty text")
+    ids, valid = pad_batch(seqs, min(config.block_size, max(len(s) for s in seqs)))
+    return predict_proba(params, ids, valid, config)
+
+
+# ----------------------------------------------------------------------------- instruction
+
+
+def encode_instructions(tokenizer, records, block_size, include_prompt):
+    """Rows (x, y, m) stacked into arrays, and the number of records too long for the context."""
+    eot = tokenizer.special_tokens[EOT]
+    rows, skipped, fallback = [], 0, 0
+    for record in records:
+        prompt, n1 = encode_with_fallback(tokenizer, format_prompt(record))
+        response, n2 = encode_with_fallback(tokenizer, record["output"])
+        fallback += n1 + n2
+        row = instruction_example(prompt, response, eot, block_size, include_prompt)
+        if row is None:
+            skipped += 1
+        else:
+            rows.append(row)
+    if not rows:
+        return None, skipped, fallback
+    longest = max(int(m.nonzero()[0].max()) + 1 for _, _, m in rows)  # trim shared padding
+    x, y, m = (onp.stack([r[i][:longest] for r in rows]) for i in range(3))
+    return (x, y, m), skipped, fallback
+
+
+def respond(params, config, tokenizer, record, max_new_tokens=None):
+    """The model's greedy response to one record, stopping at the end-of-text token."""
+    from .generate import generate_ids
+
+    eot = tokenizer.special_tokens[EOT]
+    prompt, _ = encode_with_fallback(tokenizer, format_prompt(record))
+    room = config.block_size - len(prompt)
+    if room <= 0:
+        return ""
+    limit = room if max_new_tokens is None else min(room, max_new_tokens)
+    new = generate_ids(params, config, prompt, limit, onp.random.default_rng(0), temperature=0,
+                       stop=lambda ids: ids[-1] == eot)
+    if new and new[-1] == eot:
+        new = new[:-1]
+    return tokenizer.decode([i for i in new if i < tokenizer.vocab_size])
+
+
+def score_responses(params, config, tokenizer, records, max_new_tokens):
+    """Greedy responses to records, with mean exact match and token F1."""
+    rows = []
+    for record in records:
+        response = respond(params, config, tokenizer, record, max_new_tokens)
+        rows.append({"instruction": record["instruction"], "input": record["input"],
+                     "reference": record["output"], "response": response})
+    em = sum(exact_match(r["response"], r["reference"]) for r in rows) / max(1, len(rows))
+    f1 = sum(token_f1(r["response"], r["reference"]) for r in rows) / max(1, len(rows))
+    return rows, {"exact_match": round(em, 4), "token_f1": round(f1, 4)}
+
+
+def _instruct_splits(data, val_data, test_data, seed):
+    records = read_instructions(data) if data else default_instruction_data()
+    if val_data or test_data:
+        if not (val_data and test_data):
+            raise TinyLLMError("give both --val-data and --test-data, or neither (85/5/10 split)")
+        return records, read_instructions(val_data), read_instructions(test_data)
+    return split_three(records, SPLIT_INSTRUCT, seed)
+
+
+def run_instruct(out, checkpoint=None, data=None, val_data=None, test_data=None,
+                 include_prompt=False, random_init=False, lora_rank=0, lora_alpha=None,
+                 batch_size=16, max_iters=1500, epochs=None, lr=1e-3, warmup_iters=50,
+                 eval_interval=250, eval_iters=5, weight_decay=0.01, seed=1337, resume=False,
+                 force=False, max_iters_given=False, max_new_tokens=32, log=print):
+    """Instruction-tune a GPT; writes the run directory, responses.jsonl and metrics.json."""
+    prepare_out_dir(out, resume, force)
+    resume_ckpt = None
+    if resume:
+        resume_ckpt = load_checkpoint(out, with_optimizer=True, kind=("gpt", "gpt-lora"))
+        s = resume_ckpt.meta.get("finetune")
+        if not s or s.get("task") != "instruct":
+            raise TinyLLMError(f"--resume: {out} is not an instruction fine-tuning run")
+        data, val_data, test_data, seed = s["data"], s["val_data"], s["test_data"], s["seed"]
+        include_prompt, checkpoint = s["include_prompt"], s["base"]
+        config, tokenizer, params = resume_ckpt.model_config, resume_ckpt.tokenizer, resume_ckpt.params
+    train, val, test = _instruct_splits(data, val_data, test_data, seed)
+    if not resume:
+        params, gpt_config, tokenizer = load_base(checkpoint, random_init, seed, log)
+        if EOT not in tokenizer.special_tokens:
+            raise TinyLLMError(f"--checkpoint: its tokenizer has no {EOT} token to end responses;"
+                               " pretrain with this version of tinyllm")
+        params, gpt_config, tokenizer = add_unknown_token(params, gpt_config, tokenizer)
+        config = gpt_config
+        if lora_rank:
+            config = LoRAGPTConfig(**gpt_config.__dict__, lora_rank=lora_rank,
+                                   lora_alpha=float(lora_alpha if lora_alpha is not None
+                                                    else 2 * lora_rank))
+            params = {**params, "lora": init_lora(params, lora_rank, onp.random.default_rng([seed, 3]))}
+    gpt_config = config.gpt() if hasattr(config, "gpt") else config
+    arrays = {}
+    for name, split in (("train", train), ("val", val)):
+        arrays[name], skipped, fallback = encode_instructions(tokenizer, split, config.block_size,
+                                                              include_prompt)
+        if arrays[name] is None:
+            raise TinyLLMError(f"every {name} record is longer than the context"
+                               f" ({config.block_size} tokens)")
+        if skipped:
+            log(f"note: {skipped} {name} record(s) longer than the context were skipped")
+        if fallback:
+            log(f"note: {fallback} character(s) in {name} fell back to {UNK_TOKEN}")
+    log(f"data: {data or 'embedded tasks (reverse, uppercase, sort letters, add)'}:"
+        f" {len(train)} train, {len(val)} val, {len(test)} test records")
+    tc = make_train_config(batch_size, max_iters, epochs, len(arrays["train"][0]), lr,
+                           warmup_iters, eval_interval, eval_iters, seed, weight_decay)
+    scale = config.lora_alpha / config.lora_rank if lora_rank or "lora" in params else 0.0
+    if resume:
+        tc = replace(resume_ckpt.train_config,
+                     max_iters=max_iters if max_iters_given else resume_ckpt.train_config.max_iters)
+        before = resume_ckpt.meta["before"]
+    else:
+        log(f"scoring the base model on {len(test)} test records ...")
+        before = score_responses(merge_lora(params, config.lora_alpha, config.lora_rank)
+                                 if "lora" in params else params, gpt_config, tokenizer, test,
+                                 max_new_tokens)[1]
+    log(f"base model: exact match {100 * before['exact_match']:.1f}%, token F1"
+        f" {100 * before['token_f1']:.1f}%")
+    start_out_dir(out, resume, force)
+    paths = [p for p in _flat(params) if p.startswith("lora.")] if "lora" in params else list(_flat(params))
+    settings = {"task": "instruct", "data": data, "val_data": val_data, "test_data": test_data,
+                "seed": seed, "include_prompt": include_prompt, "base": checkpoint}
+    kind = "gpt-lora" if "lora" in params else "gpt"
+
+    def loss_fn(p, batch, rng):
+        if "lora" in p:
+            from .lora import apply_lora
+
+            p = apply_lora(p, scale)
+        return gpt_loss(p, batch[0], batch[1], gpt_config, rng, mask=batch[2])
+
+    def sample(split, rng):
+        rows = rng.integers(0, len(arrays[split][0]), size=tc.batch_size)  # (B,)
+        return tuple(a[rows] for a in arrays[split])
+
+    def save_full(full, opt_state, s):
+        save_checkpoint(out, full, opt_state, s.rng_state, config, tc, tokenizer, s.iteration,
+                        extra={"finetune": settings, "before": before, "template":
+                               "Instruction: {instruction}\\nInput: {input}\\nResponse: ",
+                               "last_eval_iter": s.last_eval_iter}, kind=kind)
+
+    t0 = time.perf_counter()
+    log(f"model: {count_params(params):,} parameters, {sum(onp.size(_flat(params)[p]) for p in paths):,} trainable")
+    params = run_training(params, paths, tc, loss_fn, sample, save_full, out, resume_ckpt,
+                          tc.batch_size * arrays["train"][0].shape[1], log)
+    seconds = time.perf_counter() - t0
+    log(f"generating responses for {len(test)} test records ...")
+    inference = merge_lora(params, config.lora_alpha, config.lora_rank) if "lora" in params else params
+    rows, after = score_responses(inference, gpt_config, tokenizer, test, max_new_tokens)
+    atomic_write_text(os.path.join(out, "responses.jsonl"),
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    report = {"task": "instruct", "base": checkpoint, "lora_rank": getattr(config, "lora_rank", 0),
+              "include_prompt": include_prompt,
+              "records": {"train": len(train), "val": len(val), "test": len(test)},
+              "test_before": before, "test_after": after, "iterations": tc.max_iters,
+              "train_seconds": round(seconds, 1),
+              "final_val_loss": (read_metrics(out) or [{}])[-1].get("val_loss")}
+    write_report(out, report)
+    return report
+
+
+def load_generator(checkpoint):
+    """(params, GPTConfig, tokenizer) of a pretrained or instruction-tuned run, adapters merged."""
+    ckpt = load_checkpoint(checkpoint, kind=("gpt", "gpt-lora"))
+    config = ckpt.model_config
+    if hasattr(config, "lora_rank"):
+        return merge_lora(ckpt.params, config.lora_alpha, config.lora_rank), config.gpt(), ckpt.tokenizer
+    return ckpt.params, config, ckpt.tokenizer
+
+
+# ----------------------------------------------------------------------------- Click commands
+
+
+def training_options(max_iters, lr, warmup_iters, eval_interval, batch_size):
+    """The training flags both fine-tuning commands share, with per-command defaults."""
+    options = [
+        click.option("--data", default=None, type=click.Path(dir_okay=False),
+                     help="Labelled data file (see the command's help).  [default: embedded set]"),
+        click.option("--val-data", default=None, type=click.Path(dir_okay=False),
+                     help="Validation file; with --test-data replaces the random split."),
+        click.option("--test-data", default=None, type=click.Path(dir_okay=False),
+                     help="Test file; with --val-data replaces the random split."),
+        click.option("--checkpoint", default=None, type=click.Path(file_okay=False),
+                     help="Pretrained run directory (`tinyllm pretrain`).  [default: none: random"
+                          " init of the default pretraining architecture]"),
+        click.option("--random-init", is_flag=True,
+                     help="Use --checkpoint's architecture and tokenizer but random weights"
+                          " (the from-scratch baseline)."),
+        click.option("--lora-rank", default=0, help="LoRA adapter rank; 0: no LoRA (train weights)."),
+        click.option("--lora-alpha", default=None, type=float,
+                     help="LoRA scale numerator (change = alpha/rank * A B).  [default: 2 * rank]"),
+        click.option("--batch-size", default=batch_size, callback=positive, help="Examples per step."),
+        click.option("--max-iters", default=max_iters, callback=positive,
+                     help="Optimizer steps (with --resume: the new total)."),
+        click.option("--epochs", default=None, type=float,
+                     help="Passes over the training split; overrides --max-iters.  [default: off]"),
+        click.option("--lr", default=lr, help="Peak learning rate (cosine decay to lr/10)."),
+        click.option("--warmup-iters", default=warmup_iters, help="Steps of linear warm-up."),
+        click.option("--weight-decay", default=0.01, help="AdamW decoupled weight decay."),
+        click.option("--eval-interval", default=eval_interval, callback=positive,
+                     help="Evaluate the validation loss and save a checkpoint every this many steps."),
+        click.option("--eval-iters", default=5, callback=positive, help="Batches per evaluation."),
+        click.option("--seed", default=1337, help="Seed for the split, initialisation and batches."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out (only --max-iters may change)."),
+        click.option("--force", is_flag=True, help="Overwrite an existing run in --out."),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _given(name):
+    return click.get_current_context().get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
+
+@click.group()
+def finetune():
+    """Fine-tune a pretrained model on labelled data: classify or instruct."""
+
+
+@finetune.command("classify")
+@click.option("--out", default="runs/classify", type=click.Path(file_okay=False),
+              help="Run directory (checkpoint, metrics.jsonl, metrics.json).")
+@click.option("--text-column", default=None,
+              help="CSV/TSV column (header name or 0-based position) holding the text.  [default:"
+                   " 'text', or column 0 without a header]")
+@click.option("--label-column", default=None,
+              help="CSV/TSV column holding the label.  [default: 'label', or column 1]")
+@click.option("--arch", type=click.Choice(["decoder", "encoder"]), default="decoder",
+              help="decoder: causal, as pretrained; encoder: the same weights run bidirectionally.")
+@click.option("--pooling", type=click.Choice(["last", "mean", "first"]), default=None,
+              help="How a sequence becomes one vector.  [default: last for decoder, mean for encoder]")
+@click.option("--freeze", default="none",
+              help="What stays fixed: none (all trains), all (head only trains), all-but-N (the"
+                   " last N blocks, final norm and head train).")
+@click.option("--balance", "do_balance", is_flag=True,
+              help="Downsample larger classes to the size of the smallest.")
+@training_options(max_iters=300, lr=3e-4, warmup_iters=20, eval_interval=50, batch_size=16)
+@user_errors
+def finetune_classify(out, text_column, label_column, arch, pooling, freeze, do_balance, **kw):
+    """Fine-tune a classifier on texts with labels (.csv, .tsv, .jsonl with text and label).
+
+    Without --data it uses the embedded set (pydoc sentences, fluent vs word-shuffled). Without
+    --val-data/--test-data the data is split 70/10/20 with --seed. Reports accuracy before and
+    after, a confusion matrix and per-class precision/recall, written to OUT/metrics.json.
+    """
+    report = run_classify(out, text_column=text_column, label_column=label_column, arch=arch,
+                          pooling=pooling, freeze=freeze, do_balance=do_balance,
+                          max_iters_given=_given("max_iters"), log=click.echo, **kw)
+    click.echo("accuracy after fine-tuning:  " + _fmt_acc(report["accuracy_after"]))
+    click.echo("test confusion matrix (rows: true, columns: predicted):")
+    click.echo(format_confusion(report["test_confusion_matrix"], report["labels"]))
+    for label, stats in report["test_per_class"].items():
+        click.echo(f"  {label}: precision {100 * stats['precision']:.1f}%, recall"
+                   f" {100 * stats['recall']:.1f}% ({stats['support']} examples)")
+    click.echo(f"done in {report['train_seconds']:.0f} s; metrics in {os.path.join(out, 'metrics.json')}")
+
+
+@finetune.command("instruct")
+@click.option("--out", default="runs/instruct", type=click.Path(file_okay=False),
+              help="Run directory (checkpoint, metrics.jsonl, responses.jsonl, metrics.json).")
+@click.option("--include-prompt", is_flag=True,
+              help="Compute the loss on the prompt tokens too (default: response tokens only).")
+@click.option("--max-new-tokens", default=32, help="Most tokens per generated test response.")
+@training_options(max_iters=1500, lr=1e-3, warmup_iters=50, eval_interval=250, batch_size=16)
+@user_errors
+def finetune_instruct(out, include_prompt, max_new_tokens, **kw):
+    """Instruction-tune a model on records with instruction, optional input, and output
+    (a JSON array or JSONL, Alpaca layout). Each record becomes
+
+    \b
+        Instruction: {instruction}
+        Input: {input}            (this line only when input is not empty)
+        Response: {output}<|endoftext|>
+
+    and the loss counts the response tokens only. Without --data it uses embedded tasks
+    (reverse, uppercase, sort letters, add). Split 85/5/10 with --seed; at the end the test
+    responses go to OUT/responses.jsonl and exact match / token F1 to OUT/metrics.json.
+    """
+    report = run_instruct(out, include_prompt=include_prompt, max_new_tokens=max_new_tokens,
+                          max_iters_given=_given("max_iters"), log=click.echo, **kw)
+    b, a = report["test_before"], report["test_after"]
+    click.echo(f"test exact match: {100 * b['exact_match']:.1f}% -> {100 * a['exact_match']:.1f}%;"
+               f" token F1: {100 * b['token_f1']:.1f}% -> {100 * a['token_f1']:.1f}%")
+    click.echo(f"done in {report['train_seconds']:.0f} s; responses in"
+               f" {os.path.join(out, 'responses.jsonl')}, metrics in {os.path.join(out, 'metrics.json')}")
+
+
+@click.command("classify")
+@click.option("--checkpoint", default="runs/classify", type=click.Path(file_okay=False),
+              help="Run directory written by `tinyllm finetune classify`.")
+@click.option("--data", default=None, type=click.Path(dir_okay=False),
+              help="Score a whole labelled file (.csv/.tsv/.jsonl) and print its accuracy.")
+@click.option("--text-column", default=None, help="As for `finetune classify`.")
+@click.option("--label-column", default=None, help="As for `finetune classify`.")
+@click.argument("text", required=False)
+@user_errors
+def classify(checkpoint, data, text_column, label_column, text):
+    """Classify TEXT (prints the label and class probabilities), or score --data FILE."""
+    params, config, tokenizer, labels = load_classifier(checkpoint)
+    if (text is None) == (data is None):
+        raise TinyLLMError("give either a TEXT argument or --data FILE")
+    if text is not None:
+        probs = classify_texts(params, config, tokenizer, [text])[0]
+        click.echo(labels[int(probs.argmax())])
+        for label, p in sorted(zip(labels, probs), key=lambda lp: -lp[1]):
+            click.echo(f"  {label}: {p:.3f}")
+        return
+    examples = read_classification(data, text_column, label_column)
+    ids, valid, y, truncated, _ = encode_classification(tokenizer, examples, labels,
+                                                        config.block_size, data)
+    acc, pred = accuracy(params, config, ids, valid, y)
+    click.echo(f"{len(y)} examples{f' ({truncated} truncated)' if truncated else ''}:"
+               f" accuracy {100 * acc:.1f}%")
+    click.echo(format_confusion(confusion_matrix(y, pred, len(labels)), labels))
+
+

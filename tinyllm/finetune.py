@@ -1,0 +1,302 @@
+"""Fine-tuning a pretrained GPT: a classification head, pooling, freezing, the instruction
+template, loss masking, and the metrics both kinds of fine-tuning report.
+
+Shape letters: B batch, T time, C channels, V vocabulary, K classes.
+
+Classification. The LM head (C, V) is replaced by a classification head (C, K). The hidden
+states (B, T, C) are pooled into one vector per sequence:
+  - "last": the state at the last real (non-padding) token. In a causal decoder it is the only
+    position that has read the whole text, and since padding comes after it, padding can never
+    change it (attention only looks back).
+  - "mean": the average over real tokens (padding gets weight 0).
+  - "first": the state at the first token; meaningful for the bidirectional encoder only.
+With `arch="encoder"` the same parameter tree runs as a bidirectional encoder
+(models.encoder_hidden), padding hidden by an attention mask; it pools by "mean" by default.
+
+Instruction tuning. Each record becomes prompt + response + <|endoftext|> with the template
+below (a simplified Alpaca layout: Alpaca's preamble and "###" headers cost ~100 tokens, more
+than a tiny model's whole context). The loss counts the response tokens and the end-of-text
+token only; the prompt is context, not something to learn to write.
+"""
+
+from dataclasses import dataclass, fields
+
+import autograd.numpy as np
+import numpy as onp
+
+from .config import GPTConfig
+from .errors import TinyLLMError
+from .models import INIT_STD, encoder_hidden, gpt_hidden, init_gpt
+from .ops import cross_entropy, linear
+from .tree import flatten, unflatten
+
+POOLINGS = ("last", "mean", "first")
+ARCHS = ("decoder", "encoder")
+
+PROMPT_TEMPLATE = "Instruction: {instruction}\nInput: {input}\nResponse: "
+PROMPT_TEMPLATE_NO_INPUT = "Instruction: {instruction}\nResponse: "
+
+
+# ----------------------------------------------------------------------------- config and init
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """A GPT's shape plus what the classifier adds: classes, pooling, architecture, LoRA."""
+
+    vocab_size: int = 65
+    block_size: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    tie_weights: bool = True
+    n_classes: int = 2  # K: the labels themselves are stored in config.json
+    pooling: str = "last"  # how (B, T, C) becomes (B, C): see the module docstring
+    arch: str = "decoder"  # "decoder": causal, as pretrained; "encoder": bidirectional
+    lora_rank: int = 0  # 0: no adapters; otherwise see tinyllm/lora.py
+    lora_alpha: float = 0.0
+
+    def gpt(self):
+        """The underlying GPTConfig."""
+        names = {f.name for f in fields(GPTConfig)}
+        return GPTConfig(**{k: v for k, v in self.__dict__.items() if k in names})
+
+    def validate(self):
+        """Raise TinyLLMError for a config that cannot make a classifier; return self."""
+        self.gpt().validate()
+        if self.n_classes < 2:
+            raise TinyLLMError(f"a classifier needs at least 2 classes, got {self.n_classes}")
+        if self.pooling not in POOLINGS or self.arch not in ARCHS:
+            raise TinyLLMError(f"--pooling must be one of {POOLINGS} and --arch one of {ARCHS}")
+        if self.pooling == "first" and self.arch == "decoder":
+            raise TinyLLMError("--pooling first needs --arch encoder: in a causal decoder the first"
+                               " token has seen nothing else")
+        return self
+
+
+def init_head(rng, c, k, dtype="float32"):
+    """A fresh classification head (C, K) with zero bias."""
+    return {"w": (rng.standard_normal((c, k)) * INIT_STD).astype(dtype), "b": onp.zeros(k, dtype)}
+
+
+def init_classifier(config, rng, dtype="float32"):
+    """Fresh classifier parameters: the GPT tree without its LM head, plus "cls_head"."""
+    from .lora import init_lora  # imported late: lora imports this module's neighbours
+
+    params = init_gpt(config.gpt(), rng, dtype)
+    params.pop("lm_head", None)
+    params["cls_head"] = init_head(rng, config.n_embd, config.n_classes, dtype)
+    if config.lora_rank:
+        params["lora"] = init_lora(params, config.lora_rank, rng)
+    return params
+
+
+def classifier_from_gpt(gpt_params, config, rng):
+    """A classifier that starts from pretrained GPT parameters: the LM head is replaced."""
+    from .lora import init_lora
+
+    params = {k: v for k, v in gpt_params.items() if k != "lm_head"}
+    params["cls_head"] = init_head(rng, config.n_embd, config.n_classes,
+                                   gpt_params["wte"].dtype)
+    if config.lora_rank:
+        params["lora"] = init_lora(params, config.lora_rank, rng)
+    return params
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def pool(hidden, valid, how):
+    """Hidden states (B, T, C) and 0/1 `valid` (B, T) -> one vector per sequence (B, C).
+
+    Example (T = 3, C = 1): hidden [[[1], [2], [9]]], valid [[1, 1, 0]]:
+    last -> [[2]], mean -> [[1.5]], first -> [[1]]. Padding (the 9) never counts.
+    """
+    valid = onp.asarray(valid, dtype=hidden.dtype)  # (B, T)
+    if how == "mean":
+        weights = valid / onp.maximum(valid.sum(axis=1, keepdims=True), 1.0)  # (B, T)
+    elif how == "last":
+        last = valid.sum(axis=1).astype(int) - 1  # (B,) index of the last real token
+        weights = (onp.arange(valid.shape[1])[None, :] == last[:, None]).astype(hidden.dtype)
+    else:
+        weights = onp.zeros_like(valid)
+        weights[:, 0] = 1.0
+    # A weighted sum, not fancy indexing: its gradient is a plain product, cheap in autograd.
+    return np.sum(hidden * weights[:, :, None], axis=1)  # (B, T, C) * (B, T, 1) -> (B, C)
+
+
+def classifier_logits(params, ids, valid, config, rng=None):
+    """Class logits: ids (B, T) and valid (B, T) -> (B, K)."""
+    from .lora import apply_lora
+
+    if "lora" in params:
+        params = apply_lora(params, config.lora_alpha / config.lora_rank)
+    gpt_config = config.gpt()
+    if config.arch == "encoder":
+        hidden = encoder_hidden(params, ids, gpt_config, valid=valid, rng=rng)  # (B, T, C)
+    else:
+        hidden = gpt_hidden(params, ids, gpt_config, rng)  # (B, T, C)
+    return linear(pool(hidden, valid, config.pooling), **params["cls_head"])  # (B, C) -> (B, K)
+
+
+def classifier_loss(params, ids, valid, labels, config, rng=None):
+    """Mean cross-entropy of the true classes: (B, T), (B, T), (B,) -> scalar."""
+    return cross_entropy(classifier_logits(params, ids, valid, config, rng), labels)
+
+
+def predict_proba(params, ids, valid, config, batch_size=64):
+    """Class probabilities (N, K) for many sequences, computed in batches, without gradients."""
+    out = []
+    for start in range(0, len(ids), batch_size):
+        logits = onp.asarray(classifier_logits(params, ids[start:start + batch_size],
+                                               valid[start:start + batch_size], config))
+        logits = logits - logits.max(axis=1, keepdims=True)
+        p = onp.exp(logits)
+        out.append(p / p.sum(axis=1, keepdims=True))
+    return onp.concatenate(out) if out else onp.zeros((0, config.n_classes), "float32")
+
+
+# ----------------------------------------------------------------------------- freezing
+
+
+def trainable_paths(params, freeze, n_layer):
+    """Dotted parameter paths that train under `freeze`.
+
+        "none"       everything
+        "all"        the classification head only (the body is a fixed feature extractor)
+        "all-but-N"  the last N blocks, the final layer norm and the head
+    With LoRA adapters in the tree, the adapters and the head train and nothing else.
+    """
+    paths = list(flatten(params))
+    if "lora" in params:
+        return [p for p in paths if p.startswith(("lora.", "cls_head."))]
+    if freeze == "none":
+        return paths
+    if freeze == "all":
+        keep = ("cls_head.",)
+    elif freeze.startswith("all-but-") and freeze[8:].isdigit():
+        n = int(freeze[8:])
+        keep = ("cls_head.", "ln_f.") + tuple(f"h.{i}." for i in range(max(0, n_layer - n), n_layer))
+    else:
+        raise TinyLLMError(f"--freeze must be none, all or all-but-N, got {freeze!r}")
+    return [p for p in paths if p.startswith(keep)]
+
+
+def split_params(params, paths):
+    """Split a tree into (trainable tree, frozen flat dict) by dotted `paths`."""
+    flat = flatten(params)
+    wanted = set(paths)
+    return (unflatten({k: v for k, v in flat.items() if k in wanted}),
+            {k: v for k, v in flat.items() if k not in wanted})
+
+
+def merge_params(trainable, frozen):
+    """The inverse of split_params: one whole tree."""
+    return unflatten({**frozen, **flatten(trainable)})
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def pad_batch(sequences, length, pad_id=0):
+    """Token lists -> ids (N, T) int32 and valid (N, T) float32, padded on the right.
+
+    Example: [[5, 6], [7]], length 3 -> ids [[5, 6, 0], [7, 0, 0]], valid [[1, 1, 0], [1, 0, 0]].
+    Sequences longer than `length` keep their first `length` tokens.
+    """
+    ids = onp.full((len(sequences), length), pad_id, dtype=onp.int32)
+    valid = onp.zeros((len(sequences), length), dtype=onp.float32)
+    for row, seq in enumerate(sequences):
+        seq = seq[:length]
+        ids[row, :len(seq)] = seq
+        valid[row, :len(seq)] = 1.0
+    return ids, valid
+
+
+# ----------------------------------------------------------------------------- instructions
+
+
+def format_prompt(record):
+    """The prompt part of a record, ending where the response starts.
+
+    Example: {"instruction": "reverse", "input": "abc"} ->
+    "Instruction: reverse\\nInput: abc\\nResponse: "; without input the Input line is left out.
+    """
+    template = PROMPT_TEMPLATE if record.get("input") else PROMPT_TEMPLATE_NO_INPUT
+    return template.format(instruction=record["instruction"], input=record.get("input", ""))
+
+
+def instruction_example(prompt_ids, response_ids, eot, length, include_prompt=False):
+    """One training row: inputs x, targets y and loss mask m, each (length,).
+
+    The token stream is prompt + response + [eot]; y is x shifted left by one. The mask is 1
+    where the target is a response token or the eot (or any token with include_prompt), and 0 on
+    the prompt and on padding. Example: prompt [1, 2], response [3], eot 9, length 4 ->
+    x [1, 2, 3, 0], y [2, 3, 9, 0], m [0, 1, 1, 0] (the first target, 2, is part of the prompt).
+    """
+    tokens = list(prompt_ids) + list(response_ids) + [eot]
+    if len(tokens) - 1 > length:
+        return None  # does not fit the context: the caller counts and skips it
+    x = onp.zeros(length, onp.int32)
+    y = onp.zeros(length, onp.int32)
+    m = onp.zeros(length, onp.float32)
+    n = len(tokens) - 1
+    x[:n], y[:n] = tokens[:-1], tokens[1:]
+    first = 0 if include_prompt else len(prompt_ids) - 1  # target index of the first response token
+    m[first:n] = 1.0
+    return x, y, m
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def confusion_matrix(true, pred, k):
+    """(K, K) counts: row = true class, column = predicted class.
+
+    Example: true [0, 0, 1], pred [0, 1, 1], k 2 -> [[1, 1], [0, 1]].
+    """
+    matrix = onp.zeros((k, k), dtype=onp.int64)
+    onp.add.at(matrix, (onp.asarray(true, int), onp.asarray(pred, int)), 1)
+    return matrix
+
+
+def precision_recall(matrix):
+    """Per-class (precision, recall) lists from a confusion matrix; 0.0 where undefined.
+
+    Example: [[1, 1], [0, 1]] -> precision [1.0, 0.5], recall [0.5, 1.0].
+    """
+    matrix = onp.asarray(matrix, dtype=float)
+    hits = onp.diag(matrix)
+    predicted, actual = matrix.sum(axis=0), matrix.sum(axis=1)
+    precision = [float(h / p) if p else 0.0 for h, p in zip(hits, predicted)]
+    recall = [float(h / a) if a else 0.0 for h, a in zip(hits, actual)]
+    return precision, recall
+
+
+def exact_match(response, reference):
+    """1.0 if the two strings are equal after stripping surrounding whitespace, else 0.0."""
+    return float(response.strip() == reference.strip())
+
+
+def token_f1(response, reference):
+    """F1 of the whitespace tokens two strings share (SQuAD's answer F1, without normalisation).
+
+    Example: "a b c" vs "a b d": 2 shared of 3 and 3 -> precision = recall = 2/3, F1 = 0.667.
+    """
+    got, want = response.split(), reference.split()
+    if not got or not want:
+        return float(got == want)
+    counts = {}
+    for token in want:
+        counts[token] = counts.get(token, 0) + 1
+    shared = 0
+    for token in got:
+        if counts.get(token, 0) > 0:
+            counts[token] -= 1
+            shared += 1
+    if shared == 0:
+        return 0.0
+    precision, recall = shared / len(got), shared / len(want)
+    return 2 * precision * recall / (precision + recall)

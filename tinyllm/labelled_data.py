@@ -1,0 +1,321 @@
+"""Labelled data for fine-tuning: file readers, splits, balancing, the embedded default data
+sets and the char-tokenizer fallback for characters the pretraining text never had.
+
+Classification files (one example per line, `text` and `label`; labels are arbitrary strings):
+    .csv    comma-separated, read with Python's csv module (quoted fields may contain commas)
+    .tsv    tab-separated, split on the FIRST tab only and never unquoted: csv's default quoting
+            would silently join lines that contain a double quote and lose rows
+    .jsonl  one JSON object per line: {"text": "...", "label": "..."}
+A CSV/TSV header is optional. If the first row contains the --text-column and --label-column
+names it is a header; otherwise the file has no header, and the columns are given by position
+(`--text-column 0 --label-column 1` is the default meaning for a headerless file: text first).
+
+Instruction files: a JSON array, or JSONL, of records {"instruction": ..., "input": ...,
+"output": ...} (the Alpaca layout; "input" may be absent or empty, meaning none).
+
+Every problem a user can fix is a TinyLLMError naming the file and the line.
+Plain numpy only: nothing here is differentiated.
+"""
+
+import csv
+import json
+import os
+import random
+import string
+
+import numpy as onp
+
+from .errors import TinyLLMError
+
+UNK_TOKEN = "<|unk|>"  # the char tokenizer's fallback token, added at fine-tuning time
+SPLIT_CLASSIFY = (0.7, 0.1, 0.2)  # train / validation / test
+SPLIT_INSTRUCT = (0.85, 0.05, 0.10)
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def _read_lines(path):
+    """The lines of a UTF-8 text file (without line ends), with one-line errors."""
+    if not os.path.isfile(path):
+        raise TinyLLMError(f"data file {path!r} not found")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise TinyLLMError(f"{path}: not UTF-8 text (bad byte at offset {err.start})") from None
+    if not text.strip():
+        raise TinyLLMError(f"data file {path!r} is empty")
+    return text
+
+
+def _format_of(path):
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".csv", ".tsv", ".jsonl", ".json"):
+        return ext[1:]
+    raise TinyLLMError(f"{path}: unknown data format {ext or '(no extension)'!r};"
+                       " use .csv, .tsv, .jsonl (or .json for instructions)")
+
+
+def _column(header, name, path, default_index):
+    """Index of column `name` (a header name, or a 0-based position given as digits)."""
+    if name is None:
+        return default_index
+    if header is not None and name in header:
+        return header.index(name)
+    if str(name).isdigit():
+        return int(name)
+    have = ", ".join(header) if header else "no header"
+    raise TinyLLMError(f"{path}:1: no column named {name!r} (columns: {have})")
+
+
+def _rows_tsv(text):
+    """(line number, fields) for each non-blank line, split on the first tab only.
+
+    Example: 'ham\\tSay "hi", ok' -> ['ham', 'Say "hi", ok'] (quotes are kept as they are).
+    """
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if line.strip():
+            yield number, line.split("\t", 1)
+
+
+def _rows_csv(text):
+    reader = csv.reader(text.splitlines(keepends=True))
+    start = 1
+    for fields in reader:
+        if any(f.strip() for f in fields):
+            yield start, fields
+        start = reader.line_num + 1
+
+
+def read_classification(path, text_column=None, label_column=None):
+    """Read (text, label) pairs from a .csv, .tsv or .jsonl file; errors name file:line."""
+    fmt = _format_of(path)
+    text = _read_lines(path)
+    if fmt in ("jsonl", "json"):
+        return [(_str_field(rec, text_column or "text", path, n),
+                 _str_field(rec, label_column or "label", path, n))
+                for n, rec in _jsonl_records(text, path)]
+    rows = list(_rows_tsv(text) if fmt == "tsv" else _rows_csv(text))
+    first = [f.strip() for f in rows[0][1]]
+    names = (text_column or "text", label_column or "label")
+    has_header = all(n in first for n in names) or (
+        any(c is not None and not str(c).isdigit() for c in (text_column, label_column)))
+    header = first if has_header else None
+    ti = _column(header, text_column or ("text" if header else None), path, 0)
+    li = _column(header, label_column or ("label" if header else None), path, 1)
+    examples = []
+    for number, fields in rows[1:] if has_header else rows:
+        if max(ti, li) >= len(fields):
+            raise TinyLLMError(f"{path}:{number}: missing column {max(ti, li)} (this line has"
+                               f" {len(fields)} field{'s' * (len(fields) != 1)})")
+        label = fields[li].strip()
+        if not label:
+            raise TinyLLMError(f"{path}:{number}: empty label")
+        examples.append((fields[ti], label))
+    if not examples:
+        raise TinyLLMError(f"{path}: no examples after the header")
+    return examples
+
+
+def _jsonl_records(text, path):
+    """(line number, dict) for each non-blank line of a JSONL text."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TinyLLMError(f"{path}:{number}: malformed JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise TinyLLMError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
+
+
+def _str_field(record, key, path, number, required=True):
+    value = record.get(key)
+    if value is None or (required and str(value).strip() == ""):
+        if not required:
+            return ""
+        raise TinyLLMError(f"{path}:{number}: record has no {key!r}" if value is None
+                           else f"{path}:{number}: empty {key!r}")
+    if isinstance(value, (dict, list)):
+        raise TinyLLMError(f"{path}:{number}: {key!r} must be a string")
+    return str(value)
+
+
+def read_instructions(path):
+    """Read instruction records from a JSON array or JSONL file: a list of dicts with string
+    "instruction", "input" ("" when absent) and "output". Errors name file:line (or record)."""
+    fmt = _format_of(path)
+    text = _read_lines(path)
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise TinyLLMError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+        numbered = [(f"record {i + 1}", r) for i, r in enumerate(items)]
+        for where, rec in numbered:
+            if not isinstance(rec, dict):
+                raise TinyLLMError(f"{path}: {where} is not a JSON object")
+    elif fmt in ("jsonl", "json"):
+        numbered = list(_jsonl_records(text, path))
+    else:
+        raise TinyLLMError(f"{path}: instruction data must be a JSON array or JSONL")
+    records = []
+    for where, rec in numbered:
+        records.append({"instruction": _str_field(rec, "instruction", path, where),
+                        "input": _str_field(rec, "input", path, where, required=False),
+                        "output": _str_field(rec, "output", path, where)})
+    if not records:
+        raise TinyLLMError(f"{path}: no records")
+    return records
+
+
+# ----------------------------------------------------------------------------- labels, splits
+
+
+def label_ids(labels):
+    """Sorted distinct labels -> {label: id}; a single class is an error (nothing to learn).
+
+    Example: ["spam", "ham", "spam"] -> {"ham": 0, "spam": 1}.
+    """
+    names = sorted(set(labels))
+    if len(names) < 2:
+        raise TinyLLMError(f"the data has a single class {names!r}: classification needs two or more")
+    return {name: i for i, name in enumerate(names)}
+
+
+def split_three(items, fractions, seed):
+    """Shuffle with `seed` and cut into (train, val, test) by `fractions`.
+
+    Example: 10 items, (0.7, 0.1, 0.2) -> 7, 1 and 2 items. Each part gets at least one item
+    when there are at least three.
+    """
+    order = onp.random.default_rng(seed).permutation(len(items))
+    shuffled = [items[i] for i in order]
+    n = len(items)
+    n_val = max(1, int(round(n * fractions[1]))) if n >= 3 else 0
+    n_test = max(1, int(round(n * fractions[2]))) if n >= 3 else 0
+    n_train = n - n_val - n_test
+    return shuffled[:n_train], shuffled[n_train:n_train + n_val], shuffled[n_train + n_val:]
+
+
+def balance(examples, seed):
+    """Downsample every class to the size of the smallest one (order kept, choice seeded).
+
+    Example: labels [a, a, a, b] -> one a (chosen at random) and the b.
+    """
+    by_label = {}
+    for i, (_, label) in enumerate(examples):
+        by_label.setdefault(label, []).append(i)
+    smallest = min(len(ix) for ix in by_label.values())
+    rng = onp.random.default_rng(seed)
+    keep = sorted(i for ix in by_label.values() for i in rng.choice(ix, smallest, replace=False))
+    return [examples[i] for i in keep]
+
+
+# ----------------------------------------------------------------------------- char fallback
+
+
+def with_unknown_token(tokenizer):
+    """A char tokenizer that also has the fallback token UNK_TOKEN (same ids for everything
+    it already knew, the new token last); other tokenizers are returned unchanged.
+
+    Byte-level BPE can encode every string, so it needs no fallback.
+    """
+    if tokenizer.kind != "char" or UNK_TOKEN in tokenizer.special_tokens:
+        return tokenizer
+    names = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
+    return type(tokenizer)(tokenizer.chars, tuple(names) + (UNK_TOKEN,))
+
+
+def encode_with_fallback(tokenizer, text):
+    """Text -> (ids, number of characters that fell back to UNK_TOKEN).
+
+    Example (a char tokenizer that knows 'a' and 'b' only): "abé" -> ([0, 1, unk], 1).
+    """
+    if tokenizer.kind != "char":
+        return tokenizer.encode(text), 0
+    unk = tokenizer.special_tokens.get(UNK_TOKEN)
+    known = {c: i for i, c in enumerate(tokenizer.chars)}
+    ids = [known.get(c, unk) for c in text]
+    missing = sum(1 for c in text if c not in known)
+    if missing and unk is None:
+        raise TinyLLMError("text has characters the char tokenizer never saw and it has no"
+                           f" {UNK_TOKEN} token")
+    return ids, missing
+
+
+# ----------------------------------------------------------------------------- embedded data
+
+
+def _pydoc_sentences(min_words=6, max_words=9):
+    """Lines of English prose from the embedded pydoc corpus, cut to 6-9 words each."""
+    from .data import pydoc_corpus  # imported late: only the classification default needs it
+
+    sentences = []
+    for line in pydoc_corpus().split("\n"):
+        words = line.split()
+        if len(words) < min_words or not all(w.isalpha() or w[:-1].isalpha() for w in words):
+            continue  # prose only: skip code, tables and lines with symbols
+        sentences.append(" ".join(words[:max_words]).rstrip(".,;:"))
+    return sorted(set(sentences))
+
+
+def default_classification_data(n=1500, seed=0):
+    """The embedded classification set: "fluent" pydoc sentences vs "shuffled" ones.
+
+    Half the examples are 6-9 word lines of Python's own documentation (the pretraining corpus);
+    the other half are other such lines with their words in random order. Both get the same
+    surface form (first letter capitalised, no final punctuation), so the only cue is word
+    order: telling them apart is what a language model learns in pretraining, and a model
+    trained from scratch on 1,050 examples has to learn English word order from them alone.
+    """
+    rng = random.Random(seed)
+    sentences = _pydoc_sentences()
+    rng.shuffle(sentences)
+    examples = []
+    for i, sentence in enumerate(sentences[:n]):
+        words = sentence.lower().split()
+        label = "fluent" if i % 2 == 0 else "shuffled"
+        if label == "shuffled":
+            while words == sentence.lower().split():
+                rng.shuffle(words)
+        text = " ".join(words)
+        examples.append((text[0].upper() + text[1:], label))
+    return examples
+
+
+WORDS = ("cat dog sun map pen cup box red sky fox owl bee car bus hat ice jam key log net oak pig"
+         " rat sea tea toy van web yak zip art bag bed cow egg fan gum hen ink jar kit lip mud"
+         " nut pot rug tin").split()
+INSTRUCTIONS = {"reverse": "reverse", "upper": "uppercase", "sort": "sort letters", "add": "add"}
+
+
+def _instruction_record(task, rng):
+    """One generated record for `task` (see default_instruction_data)."""
+    if task == "add":
+        a, b = rng.randrange(10), rng.randrange(10)
+        return {"instruction": INSTRUCTIONS[task], "input": f"{a} {b}", "output": str(a + b)}
+    letters = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 5)))
+    if task == "reverse":
+        return {"instruction": INSTRUCTIONS[task], "input": letters, "output": letters[::-1]}
+    if task == "sort":
+        return {"instruction": INSTRUCTIONS[task], "input": letters, "output": "".join(sorted(letters))}
+    phrase = " ".join(rng.sample(WORDS, 2))
+    return {"instruction": INSTRUCTIONS[task], "input": phrase, "output": phrase.upper()}
+
+
+def default_instruction_data(n=2000, seed=0):
+    """The embedded instruction set: four tasks a tiny model learns in minutes, in equal shares.
+
+        reverse       "abcd"     -> "dcba"      (3-5 random lowercase letters)
+        uppercase     "cat dog"  -> "CAT DOG"   (two words from a list of 3-letter words)
+        sort letters  "dbca"     -> "abcd"
+        add           "3 4"      -> "7"         (two digits)
+    """
+    rng = random.Random(seed)
+    tasks = sorted(INSTRUCTIONS)
+    return [_instruction_record(tasks[i % len(tasks)], rng) for i in range(n)]
