@@ -109,6 +109,7 @@ def test_existing_run_is_not_overwritten(trained_run, tmp_path, pairs_file):
     ("one\teno\ntwo owt\n", ["line 2", "no tab"]),
     ("one\teno\n\towt\n", ["line 2", "source is empty"]),
     ("one\teno\n" + "x" * 40 + "\ty\n", ["line 2", "more than the context", "--block-size"]),
+    ("one\teno\n" + "x\t" + "y" * 16 + "\n", ["line 2", "target has 16 tokens", "context of 15"]),
 ])
 def test_bad_pairs_file_is_a_one_line_error(tmp_path, content, words):
     path = tmp_path / "bad.tsv"

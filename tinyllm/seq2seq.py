@@ -16,6 +16,12 @@ Parameter tree (V vocab, C channels, L = n_layer, P = block_size):
     decoder [L blocks]      {"ln_1", "attn", "ln_2", "xattn": {"c_q", "c_kv", "c_proj"}, "ln_3", "mlp"}
     dec_ln_f                the decoder's final layer norm
     lm_head {"w": (C, V)}   only when the output head is not tied to the target embedding
+
+A run directory is a standard tinyllm checkpoint (see checkpoint.py) with "kind": "seq2seq",
+"model": the Seq2SeqConfig fields, and three more fields in config.json: "label_smoothing",
+"schedule" ("cosine" or "noam") and "data" (the PAIRS path, or null for the embedded task) with
+its "data_sha256". The tokenizer is a char tokenizer over both sides with the special tokens
+<pad>, <bos> and <eos>.
 """
 
 import contextlib
@@ -30,6 +36,7 @@ from autograd.tracer import getval
 from .attention import cross_attention, self_attention
 from .blocks import encoder_block, feed_forward
 from . import train as train_module
+from .bleu import exact_match
 from .checkpoint import load_checkpoint, register_model_kind, save_checkpoint
 from .errors import TinyLLMError
 from .models import INIT_STD, count_params, init_decoder_block, init_layer_norm, init_linear
@@ -53,8 +60,8 @@ class Seq2SeqConfig:
     vocab_size: int = 64  # one vocabulary for both sides; set from the tokenizer
     block_size: int = 64  # most tokens on either side (a target counts its <bos> or <eos>)
     n_layer: int = 2  # encoder blocks, and as many decoder blocks (the paper's base model: 6)
-    n_head: int = 4  # attention heads; head size D = n_embd / n_head = 32
-    n_embd: int = 128  # d_model, channels C of the residual stream (the paper: 512)
+    n_head: int = 4  # attention heads; head size D = n_embd / n_head = 16
+    n_embd: int = 64  # d_model, channels C (the paper: 512); 64 learns the dates task fully
     dropout: float = 0.0  # the paper uses 0.1; short runs on generated data do not overfit
     bias: bool = True  # biases in linear layers and layer norms
     positions: str = "sinusoidal"  # the paper's fixed encodings; "learned" as in GPT
@@ -360,7 +367,6 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=0.1, sch
         state = train_loop(state, tc, loss_fn, sample, save, out_dir, tokens)
     seconds = time.perf_counter() - t0
     scored = held_pairs[:eval_examples]
-    from .bleu import exact_match
     from .decoding import translate_texts  # imported here: decoding imports this module
 
     outputs = translate_texts(state.params, model_config, tokenizer, [p.source for p in scored],

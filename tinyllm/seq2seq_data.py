@@ -159,15 +159,15 @@ def pairs_text(pairs):
 # ----------------------------------------------------------------------------- ids and batches
 
 
-def encode_source(tokenizer, text, block_size, where):
-    """Source text -> ids, or a one-line error naming `where` if it is too long or has an
-    unknown character."""
+def encode_source(tokenizer, text, block_size, where, side="source"):
+    """Source (or target) text -> ids, or a one-line error naming `where` if it is longer than
+    block_size tokens or has a character the tokenizer does not know."""
     try:
         ids = tokenizer.encode(text)
     except TinyLLMError as err:
         raise TinyLLMError(f"{where}: {err}") from None
     if len(ids) > block_size:
-        raise TinyLLMError(f"{where}: the source has {len(ids)} tokens, more than the context of"
+        raise TinyLLMError(f"{where}: the {side} has {len(ids)} tokens, more than the context of"
                            f" {block_size} (--block-size)")
     return ids
 
@@ -177,8 +177,8 @@ def encode_pairs(tokenizer, pairs, block_size):
     sources, targets = [], []
     for pair in pairs:
         sources.append(encode_source(tokenizer, pair.source, block_size, pair.where))
-        tgt = encode_source(tokenizer, pair.target, block_size - 1, pair.where)
-        targets.append(tgt)
+        # the target shares the context with its <bos> (decoder input) or <eos> (output)
+        targets.append(encode_source(tokenizer, pair.target, block_size - 1, pair.where, "target"))
     return sources, targets
 
 
