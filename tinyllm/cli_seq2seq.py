@@ -136,5 +136,7 @@ def translate_command(texts, checkpoint, data, beam_size, length_penalty, max_le
         references = [p.target for p in pairs]
         for pair, output in list(zip(pairs, outputs))[:show]:
             click.echo(f"{pair.source} -> {output}  (reference: {pair.target})")
-        click.echo(f"{len(pairs)} pairs: exact match {exact_match(outputs, references):.1f}%,"
-                   f" BLEU-4 {corpus_bleu(outputs, references):.1f}")
+        bleu = f"BLEU-4 {corpus_bleu(outputs, references):.1f}"
+        if not any(len(text.split()) >= 4 for text in references):
+            bleu += " (no reference has 4 words, so BLEU-4 is 0 by definition: use exact match)"
+        click.echo(f"{len(pairs)} pairs: exact match {exact_match(outputs, references):.1f}%, {bleu}")
