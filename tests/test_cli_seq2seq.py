@@ -8,6 +8,7 @@ import numpy as onp
 import pytest
 from click.testing import CliRunner
 
+from tinyllm import optim, train
 from tinyllm.cli import main
 
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
@@ -94,6 +95,7 @@ def test_noam_schedule_is_logged(tmp_path, pairs_file):
     assert result.exit_code == 0, result.output
     lrs = [m["lr"] for m in metrics(out)]
     assert lrs[1] == pytest.approx(16**-0.5 * 2 * 4**-1.5)  # the paper's formula at step 2
+    assert train.lr_at is optim.lr_at  # the loop's own schedule is back after the run
 
 
 def test_existing_run_is_not_overwritten(trained_run, tmp_path, pairs_file):
@@ -125,6 +127,7 @@ def test_translate_errors(trained_run, tmp_path):
     assert_user_error(invoke("seq2seq", "translate", "--checkpoint", out, "o" * 20),
                       "more than the context")
     assert_user_error(invoke("seq2seq", "translate", "--checkpoint", out), "--data")
+    assert_user_error(invoke("seq2seq", "translate", "--checkpoint", out, "one", ""), "text 2", "empty")
     assert_user_error(invoke("seq2seq", "translate", "--checkpoint", tmp_path / "none", "one"),
                       "not found")
 

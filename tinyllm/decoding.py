@@ -13,6 +13,7 @@ Wu et al. (2016) is lp(n) = ((5 + n) / 6) ^ alpha: alpha = 0 compares raw log-pr
 
 import numpy as onp
 
+from .errors import TinyLLMError
 from .seq2seq import decode, encode
 from .seq2seq_data import BOS, EOS, encode_source, make_arrays
 
@@ -103,6 +104,9 @@ def translate_texts(params, config, tokenizer, texts, wheres=None, beam_size=1, 
     special = tokenizer.special_tokens
     wheres = wheres or [f"text {i + 1}" for i in range(len(texts))]
     sources = [encode_source(tokenizer, t, config.block_size, w) for t, w in zip(texts, wheres)]
+    for ids, where in zip(sources, wheres):
+        if not ids:
+            raise TinyLLMError(f"{where}: the source is empty: nothing to translate")
     max_len = max_len or config.block_size - 1
     if beam_size > 1:
         ids = [beam_search(params, config, s, special[BOS], special[EOS], max_len, beam_size, alpha)

@@ -89,8 +89,10 @@ def init_cross_decoder_block(rng, config, dtype="float32"):
     """A decoder block with cross-attention: a GPT block plus "ln_3" and "xattn"."""
     c, bias = config.n_embd, config.bias
     block = init_decoder_block(rng, config, dtype)  # ln_1, attn, ln_2, mlp
-    proj_std = INIT_STD / math.sqrt(3 * config.n_layer)  # 3 residual writes per block here
-    block["attn"]["c_proj"]["w"] *= math.sqrt(2.0 / 3.0)
+    # GPT-2 scales each projection into the residual stream by 1/sqrt(number of residual writes);
+    # this block writes 3 times, not 2, so its projections get 0.02/sqrt(3 L), not 0.02/sqrt(2 L)
+    proj_std = INIT_STD / math.sqrt(3 * config.n_layer)
+    block["attn"]["c_proj"]["w"] *= math.sqrt(2.0 / 3.0)  # 0.02/sqrt(2 L) -> 0.02/sqrt(3 L)
     block["mlp"]["c_proj"]["w"] *= math.sqrt(2.0 / 3.0)
     block["xattn"] = {
         "c_q": init_linear(rng, c, c, bias, dtype=dtype),
