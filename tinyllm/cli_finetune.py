@@ -426,7 +426,9 @@ def score_responses(params, config, tokenizer, records, max_new_tokens):
     """Greedy responses to records, with mean exact match and token F1."""
     rows = []
     for record in records:
-        response = respond(params, config, tokenizer, record, max_new_tokens)
+        # A response longer than the reference plus a margin is wrong anyway: stop there.
+        limit = min(max_new_tokens, len(encode_with_fallback(tokenizer, record["output"])[0]) + 8)
+        response = respond(params, config, tokenizer, record, limit)
         rows.append({"instruction": record["instruction"], "input": record["input"],
                      "reference": record["output"], "response": response})
     em = sum(exact_match(r["response"], r["reference"]) for r in rows) / max(1, len(rows))

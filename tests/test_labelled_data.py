@@ -1,0 +1,131 @@
+"""Tests for tinyllm/labelled_data.py: readers and their file:line errors, splits, balancing,
+the char fallback and the embedded data sets."""
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tinyllm.errors import TinyLLMError
+from tinyllm.labelled_data import (UNK_TOKEN, balance, default_classification_data,
+                                   default_instruction_data, encode_with_fallback, label_ids,
+                                   read_classification, read_instructions, split_three,
+                                   with_unknown_token)
+from tinyllm.tokenizers import BPETokenizer, CharTokenizer
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_tsv_splits_on_the_first_tab_and_keeps_quotes(tmp_path):
+    # csv's default quoting would join these lines into one field and lose rows
+    path = write(tmp_path, "d.tsv", 'label\ttext\nham\tSay "hi\nspam\tWin a "prize\tnow"\n')
+    assert read_classification(path) == [('Say "hi', "ham"), ('Win a "prize\tnow"', "spam")]
+
+
+def test_headerless_tsv_uses_positions(tmp_path):
+    path = write(tmp_path, "d.tsv", "ham\thello\nspam\tbuy\n")
+    assert read_classification(path, text_column="1", label_column="0") == [
+        ("hello", "ham"), ("buy", "spam")]
+    assert read_classification(path) == [("ham", "hello"), ("spam", "buy")]  # text first by default
+
+
+def test_csv_with_named_columns_and_quoted_commas(tmp_path):
+    path = write(tmp_path, "d.csv", 'id,body,cls\n1,"a, b",x\n2,c,y\n')
+    assert read_classification(path, text_column="body", label_column="cls") == [
+        ("a, b", "x"), ("c", "y")]
+
+
+def test_jsonl(tmp_path):
+    path = write(tmp_path, "d.jsonl", '{"text": "a", "label": 1}\n\n{"text": "b", "label": "x"}\n')
+    assert read_classification(path) == [("a", "1"), ("b", "x")]
+
+
+@pytest.mark.parametrize("name,text,kwargs,message", [
+    ("d.csv", "body,cls\nhi,x\n", {"text_column": "text", "label_column": "cls"}, r"d.csv:1: no column named 'text'"),
+    ("d.tsv", "text\tlabel\nhi\tx\nlonely\n", {}, r"d.tsv:3: missing column"),
+    ("d.tsv", "text\tlabel\nhi\tx\nho\t  \n", {}, r"d.tsv:3: empty label"),
+    ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", \n', {}, r"d.jsonl:2: malformed JSON"),
+    ("d.jsonl", '{"text": "a"}\n', {}, r"d.jsonl:1: record has no 'label'"),
+    ("d.txt", "a\tb\n", {}, r"unknown data format"),
+])
+def test_bad_classification_files_name_file_and_line(tmp_path, name, text, kwargs, message):
+    with pytest.raises(TinyLLMError, match=message):
+        read_classification(write(tmp_path, name, text), **kwargs)
+
+
+def test_missing_file():
+    with pytest.raises(TinyLLMError, match="not found"):
+        read_classification("/nonexistent/x.csv")
+
+
+def test_single_class_is_an_error():
+    with pytest.raises(TinyLLMError, match="single class"):
+        label_ids(["a", "a"])
+    assert label_ids(["spam", "ham", "spam"]) == {"ham": 0, "spam": 1}
+
+
+def test_instructions_json_array_and_jsonl(tmp_path):
+    records = [{"instruction": "rev", "input": "ab", "output": "ba"}, {"instruction": "hi", "output": "yo"}]
+    a = read_instructions(write(tmp_path, "a.json", json.dumps(records)))
+    b = read_instructions(write(tmp_path, "b.jsonl", "\n".join(json.dumps(r) for r in records)))
+    assert a == b and a[1]["input"] == ""
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"instruction": "a", "output": "b"}\n{"output": "c"}\n', r"b.jsonl:2: record has no 'instruction'"),
+    ('{"instruction": "a"}\n', r"b.jsonl:1: record has no 'output'"),
+    ('{"instruction": "a", "output": "b"}\nnot json\n', r"b.jsonl:2: malformed JSON"),
+])
+def test_bad_instruction_records(tmp_path, text, message):
+    with pytest.raises(TinyLLMError, match=message):
+        read_instructions(write(tmp_path, "b.jsonl", text))
+
+
+@given(st.integers(3, 200), st.integers(0, 5))
+def test_split_three_partitions(n, seed):
+    items = list(range(n))
+    train, val, test = split_three(items, (0.7, 0.1, 0.2), seed)
+    assert sorted(train + val + test) == items and val and test and train
+    assert split_three(items, (0.7, 0.1, 0.2), seed) == (train, val, test)  # seeded
+
+
+@given(st.lists(st.sampled_from("abc"), min_size=1, max_size=40), st.integers(0, 3))
+def test_balance_equalises_classes(labels, seed):
+    examples = [(str(i), label) for i, label in enumerate(labels)]
+    kept = balance(examples, seed)
+    counts = {label: sum(1 for _, x in kept if x == label) for label in set(labels)}
+    assert len(set(counts.values())) == 1 and set(kept) <= set(examples)
+    assert min(labels.count(label) for label in set(labels)) == next(iter(counts.values()))
+
+
+def test_char_fallback_counts_and_keeps_ids():
+    tok = CharTokenizer.train("ab", special_tokens=("<|endoftext|>",))
+    ext = with_unknown_token(tok)
+    assert ext.special_tokens["<|endoftext|>"] == tok.special_tokens["<|endoftext|>"]
+    unk = ext.special_tokens[UNK_TOKEN]
+    assert encode_with_fallback(ext, "abé") == ([0, 1, unk], 1)
+    with pytest.raises(TinyLLMError):
+        encode_with_fallback(tok, "é")  # no fallback token: a clear error, never a traceback
+    bpe = BPETokenizer.train("hello world", 260, special_tokens=("<|endoftext|>",))
+    assert with_unknown_token(bpe) is bpe and encode_with_fallback(bpe, "é")[1] == 0
+
+
+def test_embedded_sets_are_deterministic_and_balanced():
+    data = default_classification_data()
+    assert data == default_classification_data()
+    labels = [label for _, label in data]
+    assert set(labels) == {"fluent", "shuffled"} and abs(labels.count("fluent") - labels.count("shuffled")) <= 1
+    fluent_words = sorted(w for t, label in data if label == "shuffled" for w in t.lower().split())
+    assert fluent_words  # shuffled lines keep their words
+    records = default_instruction_data(n=40)
+    assert {r["instruction"] for r in records} == {"reverse", "uppercase", "sort letters", "add"}
+    for r in records:
+        if r["instruction"] == "reverse":
+            assert r["output"] == r["input"][::-1]
+        if r["instruction"] == "add":
+            assert int(r["output"]) == sum(map(int, r["input"].split()))
