@@ -157,13 +157,25 @@ def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_si
                    " the prompt as demonstrations, and the completion stops at the end of the"
                    " line unless --stop is given.  [default: none]")
 @click.option("--shots", default=4, help="Demonstrations taken from --examples.")
+@click.option("--instruction", default=None,
+              help="For an instruction-tuned run (`tinyllm finetune instruct`): the prompt is this"
+                   " instruction in the fine-tuning template, and the response ends at"
+                   " <|endoftext|>.  [default: none]")
+@click.option("--input", "input_text", default="",
+              help="The input that goes with --instruction (empty: none).")
 @user_errors
 def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_text,
-             examples, shots):
+             examples, shots, instruction, input_text):
     """Continue a prompt with a pretrained model and print prompt plus completion."""
     from .checkpoint import load_checkpoint
     from .generate import generate_text
 
+    if instruction is not None:  # instruction-tuned model: its template, stop at end-of-text
+        from .cli_finetune import generate_instruction
+
+        click.echo(generate_instruction(checkpoint, instruction, input_text, max_new_tokens,
+                                        temperature, top_k, top_p, seed))
+        return
     ckpt = load_checkpoint(checkpoint)
     if prompt:
         _check_prompt(ckpt.tokenizer, prompt)

@@ -28,7 +28,7 @@ from .config import GPTConfig, TrainConfig
 from .errors import TinyLLMError
 from .fileio import atomic_write_json, atomic_write_text
 from .finetune import (ClassifierConfig, classifier_from_gpt, classifier_loss, confusion_matrix,
-                       exact_match, format_prompt, init_classifier, instruction_example,
+                       exact_match, format_prompt, greedy_batch, init_classifier, instruction_example,
                        merge_params, pad_batch, precision_recall, predict_proba, split_params,
                        token_f1, trainable_paths)
 from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
@@ -405,32 +405,17 @@ def encode_instructions(tokenizer, records, block_size, include_prompt):
     return (x, y, m), skipped, fallback
 
 
-def respond(params, config, tokenizer, record, max_new_tokens=None):
-    """The model's greedy response to one record, stopping at the end-of-text token."""
-    from .generate import generate_ids
-
-    eot = tokenizer.special_tokens[EOT]
-    prompt, _ = encode_with_fallback(tokenizer, format_prompt(record))
-    room = config.block_size - len(prompt)
-    if room <= 0:
-        return ""
-    limit = room if max_new_tokens is None else min(room, max_new_tokens)
-    new = generate_ids(params, config, prompt, limit, onp.random.default_rng(0), temperature=0,
-                       stop=lambda ids: ids[-1] == eot)
-    if new and new[-1] == eot:
-        new = new[:-1]
-    return tokenizer.decode([i for i in new if i < tokenizer.vocab_size])
-
-
 def score_responses(params, config, tokenizer, records, max_new_tokens):
-    """Greedy responses to records, with mean exact match and token F1."""
-    rows = []
-    for record in records:
-        # A response longer than the reference plus a margin is wrong anyway: stop there.
-        limit = min(max_new_tokens, len(encode_with_fallback(tokenizer, record["output"])[0]) + 8)
-        response = respond(params, config, tokenizer, record, limit)
-        rows.append({"instruction": record["instruction"], "input": record["input"],
-                     "reference": record["output"], "response": response})
+    """Greedy responses to records (decoded as one batch), with mean exact match and token F1."""
+    eot = tokenizer.special_tokens[EOT]
+    prompts = [encode_with_fallback(tokenizer, format_prompt(r))[0][:config.block_size - 1]
+               for r in records]
+    # A response longer than the reference plus a margin is wrong anyway: stop there.
+    limits = [min(max_new_tokens, len(encode_with_fallback(tokenizer, r["output"])[0]) + 8)
+              for r in records]
+    responses = greedy_batch(params, config, prompts, limits, eot)
+    rows = [{"instruction": r["instruction"], "input": r["input"], "reference": r["output"],
+             "response": tokenizer.decode(new)} for r, new in zip(records, responses)]
     em = sum(exact_match(r["response"], r["reference"]) for r in rows) / max(1, len(rows))
     f1 = sum(token_f1(r["response"], r["reference"]) for r in rows) / max(1, len(rows))
     return rows, {"exact_match": round(em, 4), "token_f1": round(f1, 4)}
@@ -705,3 +690,25 @@ def classify(checkpoint, data, text_column, label_column, text):
     click.echo(format_confusion(confusion_matrix(y, pred, len(labels)), labels))
 
 
+
+
+def generate_instruction(checkpoint, instruction, input_text="", max_new_tokens=200,
+                         temperature=0.0, top_k=None, top_p=None, seed=None):
+    """The fine-tuning prompt for an instruction (and input) plus the model's response, which
+    ends at the end-of-text token (`tinyllm generate --instruction`)."""
+    from .generate import check_sampling_args, generate_ids
+
+    check_sampling_args(temperature, top_k, top_p, max_new_tokens)
+    if not instruction.strip():
+        raise TinyLLMError("--instruction is empty")
+    params, config, tokenizer = load_generator(checkpoint)
+    eot = tokenizer.special_tokens.get(EOT)
+    prompt = format_prompt({"instruction": instruction, "input": input_text})
+    ids, _ = encode_with_fallback(tokenizer, prompt)
+    if len(ids) >= config.block_size:
+        raise TinyLLMError(f"--instruction/--input: the prompt has {len(ids)} tokens, the model's"
+                           f" context is {config.block_size}")
+    limit = min(max_new_tokens, config.block_size - len(ids))  # the template must stay in view
+    new = generate_ids(params, config, ids, limit, onp.random.default_rng(seed), temperature,
+                       top_k, top_p, stop=lambda out: out[-1] == eot)
+    return prompt + tokenizer.decode([i for i in new if i != eot])
