@@ -1,0 +1,163 @@
+"""CLI tests for `tinyllm finetune classify|instruct`, `tinyllm classify` and
+`tinyllm generate --instruction`: end to end on a tiny model, run files, resume, errors."""
+
+import json
+import os
+
+import numpy as onp
+import pytest
+from click.testing import CliRunner
+
+from tinyllm.checkpoint import load_checkpoint, save_checkpoint
+from tinyllm.cli import main
+from tinyllm.config import GPTConfig, TrainConfig
+from tinyllm.models import init_gpt
+from tinyllm.optim import adamw_init
+from tinyllm.tokenizers import CharTokenizer
+from tinyllm.train import SPECIAL_TOKENS
+
+TINY = GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=16, bias=False)
+ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 :\n"
+FAST = ["--max-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny 'pretrained' checkpoint (random weights, a char tokenizer with <|endoftext|>)."""
+    out = str(tmp_path_factory.mktemp("base"))
+    tok = CharTokenizer.train(ALPHABET, special_tokens=SPECIAL_TOKENS)
+    config = GPTConfig(**{**TINY.__dict__, "vocab_size": tok.vocab_size})
+    rng = onp.random.default_rng(0)
+    params = init_gpt(config, rng)
+    save_checkpoint(out, params, adamw_init(params), rng.bit_generator.state, config, TrainConfig(),
+                    tok, 0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tsv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "reviews.tsv"
+    rows = ["label\ttext"]
+    for i in range(30):
+        rows.append(f"pos\tgood film number {i}")
+        rows.append(f"neg\tbad film number {i} é")  # 'é' is not in the tokenizer: fallback
+    rows.append("pos\t" + "very good " * 10)  # longer than the context: truncated
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def run(args):
+    result = CliRunner().invoke(main, args)
+    return result
+
+
+def test_classify_end_to_end(base, tsv, tmp_path):
+    out = str(tmp_path / "run")
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--out", out] + FAST)
+    assert result.exit_code == 0, result.output
+    assert "truncated" in result.output and "<|unk|>" in result.output
+    report = json.load(open(os.path.join(out, "metrics.json")))
+    assert report["format"] == "tinyllm-finetune-metrics" and report["labels"] == ["neg", "pos"]
+    assert set(report["accuracy_before"]) == set(report["accuracy_after"]) == {"train", "val", "test"}
+    assert onp.sum(report["test_confusion_matrix"]) == report["examples"]["test"] == 12
+    assert report["truncated_texts"] == 1 and report["fallback_characters"] == 30
+    assert set(report["test_per_class"]["pos"]) == {"precision", "recall", "support"}
+    assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 3  # iters 0, 2, 4
+    ckpt = load_checkpoint(out, kind="classifier")
+    assert ckpt.meta["labels"] == ["neg", "pos"] and ckpt.params["cls_head"]["w"].shape == (16, 2)
+    assert ckpt.tokenizer.vocab_size == load_checkpoint(base).tokenizer.vocab_size + 1  # <|unk|>
+
+    one = run(["classify", "--checkpoint", out, "good film é"])
+    assert one.exit_code == 0 and one.output.split("\n")[0] in ("neg", "pos")
+    probs = [float(line.split(": ")[1]) for line in one.output.strip().split("\n")[1:]]
+    assert len(probs) == 2 and sum(probs) == pytest.approx(1.0, abs=2e-3)
+    whole = run(["classify", "--checkpoint", out, "--data", tsv])
+    assert whole.exit_code == 0 and "61 examples" in whole.output and "accuracy" in whole.output
+
+    resumed = run(["finetune", "classify", "--out", out, "--resume", "--max-iters", "6"])
+    assert resumed.exit_code == 0, resumed.output
+    assert load_checkpoint(out, kind="classifier").iter == 6
+
+
+def test_classify_head_only_keeps_the_body(base, tsv, tmp_path):
+    out = str(tmp_path / "run")
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--out", out,
+                  "--freeze", "all"] + FAST)
+    assert result.exit_code == 0, result.output
+    before, after = load_checkpoint(base).params, load_checkpoint(out, kind="classifier").params
+    assert onp.array_equal(before["h"][0]["mlp"]["c_fc"]["w"], after["h"][0]["mlp"]["c_fc"]["w"])
+
+
+def test_encoder_arch_and_lora(base, tsv, tmp_path):
+    out = str(tmp_path / "enc")
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--out", out,
+                  "--arch", "encoder", "--lora-rank", "2"] + FAST)
+    assert result.exit_code == 0, result.output
+    report = json.load(open(os.path.join(out, "metrics.json")))
+    assert report["arch"] == "encoder" and report["pooling"] == "mean" and report["lora_rank"] == 2
+    after = load_checkpoint(out, kind="classifier").params
+    assert onp.array_equal(after["wte"][:-1], load_checkpoint(base).params["wte"])  # frozen
+    assert run(["classify", "--checkpoint", out, "bad film"]).exit_code == 0
+
+
+@pytest.mark.parametrize("content,message", [
+    ("label\ttext\npos\ta\npos\tb\npos\tc\n", "single class"),
+    ("label\ttext\npos\ta\n\t b\n", "reviews.tsv:3: empty label"),
+])
+def test_classify_bad_data_is_one_line(base, tmp_path, content, message):
+    path = tmp_path / "reviews.tsv"
+    path.write_text(content, encoding="utf-8")
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", str(path), "--out",
+                  str(tmp_path / "r")] + FAST)
+    assert result.exit_code == 1 and message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().split("\n")) == 1
+
+
+def test_not_a_pretrained_checkpoint(tmp_path, tsv):
+    (tmp_path / "empty").mkdir()
+    result = run(["finetune", "classify", "--checkpoint", str(tmp_path / "empty"), "--data", tsv,
+                  "--out", str(tmp_path / "r")] + FAST)
+    assert result.exit_code == 1 and "--checkpoint" in result.output and "not a tinyllm" in result.output
+
+
+@pytest.fixture(scope="module")
+def instructions(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "tasks.jsonl"
+    rng = onp.random.default_rng(0)
+    lines = []
+    for i in range(40):
+        word = "".join(rng.choice(list("abcdef"), 3))
+        lines.append(json.dumps({"instruction": "reverse", "input": word, "output": word[::-1]}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def test_instruct_end_to_end_and_generate(base, instructions, tmp_path):
+    out = str(tmp_path / "inst")
+    result = run(["finetune", "instruct", "--checkpoint", base, "--data", instructions, "--out", out]
+                 + FAST)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in open(os.path.join(out, "responses.jsonl"))]
+    assert len(rows) == 4 and set(rows[0]) == {"instruction", "input", "reference", "response"}
+    report = json.load(open(os.path.join(out, "metrics.json")))
+    assert report["records"] == {"train": 34, "val": 2, "test": 4}
+    assert set(report["test_after"]) == {"exact_match", "token_f1"}
+    gen = run(["generate", "--checkpoint", out, "--instruction", "reverse", "--input", "abc",
+               "--temperature", "0", "--max-new-tokens", "5"])
+    assert gen.exit_code == 0 and gen.output.startswith("Instruction: reverse\nInput: abc\nResponse: ")
+
+    lora = str(tmp_path / "lora")
+    result = run(["finetune", "instruct", "--checkpoint", base, "--data", instructions, "--out", lora,
+                  "--lora-rank", "2"] + FAST)
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(lora, kind="gpt-lora").model_config.lora_rank == 2
+    assert run(["generate", "--checkpoint", lora, "--instruction", "reverse", "--input", "ab",
+                "--max-new-tokens", "3"]).exit_code == 0
+
+
+def test_instruct_bad_record(base, tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"input": "x", "output": "y"}\n')
+    result = run(["finetune", "instruct", "--checkpoint", base, "--data", str(path), "--out",
+                  str(tmp_path / "r")] + FAST)
+    assert result.exit_code == 1 and "t.jsonl:2: record has no 'instruction'" in result.output
