@@ -38,7 +38,8 @@ PLAIN = re.compile(r"[A-Za-z][A-Za-z ,.'-]*")  # words and light punctuation: no
 
 
 def extract_pairs(pattern=CATALOGS, max_len=30):
-    """{english: french} for every short, plain, single-line message of the catalogs."""
+    """{english: french} for every short, plain, single-line message of the catalogs that has at
+    least two words and is not left as it was (names such as 'Akuku' would only test copying)."""
     pairs = {}
     for path in sorted(glob.glob(pattern)):
         try:
@@ -50,7 +51,7 @@ def extract_pairs(pattern=CATALOGS, max_len=30):
             if (isinstance(english, str) and isinstance(french, str) and french
                     and PLAIN.fullmatch(english) and len(english) <= max_len
                     and len(french) <= max_len + 10 and "\t" not in french and "\n" not in french
-                    and english != french):
+                    and " " in english and english.lower() != french.lower()):
                 pairs.setdefault(english, french)
     return pairs
 
