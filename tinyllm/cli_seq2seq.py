@@ -49,13 +49,16 @@ def seq2seq():
               help="Spread this much target probability over the vocabulary (the paper: 0.1).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="cosine",
               help="cosine: linear warm-up to --lr, cosine decay to --min-lr; noam: the paper's"
-                   " d_model^-0.5 * min(step^-0.5, step * warmup^-1.5) (ignores --lr, --min-lr).")
+                   " d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), which ignores --lr and"
+                   " --min-lr and peaks at (d_model * warmup)^-0.5: for d_model 64 give it"
+                   " --warmup-iters 1000 (peak 0.004).")
 @click.option("--batch-size", default=64, callback=positive, help="Pairs per step.")
 @click.option("--max-iters", default=1500, callback=positive,
               help="Optimizer steps in the whole run (with --resume: the new total).")
 @click.option("--lr", default=3e-3, help="Peak learning rate (cosine schedule).")
 @click.option("--min-lr", default=3e-4, help="Final learning rate (cosine schedule).")
-@click.option("--warmup-iters", default=100, help="Steps of linear learning-rate warm-up.")
+@click.option("--warmup-iters", default=100,
+              help="Steps of linear learning-rate warm-up (both schedules).")
 @click.option("--weight-decay", default=0.1, help="AdamW decoupled weight decay (matrices only).")
 @click.option("--grad-clip", default=1.0, help="Clip the global gradient norm to this (0: off).")
 @click.option("--eval-interval", default=250, callback=positive,
