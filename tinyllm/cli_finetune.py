@@ -40,6 +40,7 @@ from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init
 from .train import (SPECIAL_TOKENS, Committed, prepare_out_dir, read_metrics, start_out_dir,
                     train_loop, truncate_metrics)
+from .tree import flatten
 
 METRICS_FORMAT = "tinyllm-finetune-metrics"
 METRICS_VERSION = 1
@@ -305,8 +306,10 @@ def run_classify(out, checkpoint=None, data=None, val_data=None, test_data=None,
     log("accuracy before fine-tuning: " + _fmt_acc(before))
     start_out_dir(out, resume, force)
     paths = trainable_paths(params, freeze, config.n_layer)
-    log(f"model: {count_params(params):,} parameters, {sum(onp.size(v) for k, v in _flat(params).items() if k in set(paths)):,}"
-        f" trainable (--freeze {freeze}{', LoRA rank %d' % config.lora_rank if config.lora_rank else ''})")
+    n_trainable = sum(onp.size(v) for k, v in flatten(params).items() if k in set(paths))
+    lora_note = f", LoRA rank {config.lora_rank}" if config.lora_rank else ""
+    log(f"model: {count_params(params):,} parameters, {n_trainable:,} trainable"
+        f" (--freeze {freeze}{lora_note})")
     settings = {"data": data, "val_data": val_data, "test_data": test_data,
                 "text_column": text_column, "label_column": label_column, "balance": do_balance,
                 "seed": seed, "freeze": freeze, "base": checkpoint, "random_init": random_init}
@@ -340,12 +343,6 @@ def run_classify(out, checkpoint=None, data=None, val_data=None, test_data=None,
               "final_val_loss": (read_metrics(out) or [{}])[-1].get("val_loss")}
     write_report(out, report)
     return report
-
-
-def _flat(params):
-    from .tree import flatten
-
-    return flatten(params)
 
 
 def _fmt_acc(accs):
@@ -488,7 +485,8 @@ def run_instruct(out, checkpoint=None, data=None, val_data=None, test_data=None,
     log(f"base model: exact match {100 * before['exact_match']:.1f}%, token F1"
         f" {100 * before['token_f1']:.1f}%")
     start_out_dir(out, resume, force)
-    paths = [p for p in _flat(params) if p.startswith("lora.")] if "lora" in params else list(_flat(params))
+    flat = flatten(params)
+    paths = [p for p in flat if p.startswith("lora.")] if "lora" in params else list(flat)
     settings = {"task": "instruct", "data": data, "val_data": val_data, "test_data": test_data,
                 "seed": seed, "include_prompt": include_prompt, "base": checkpoint}
     kind = "gpt-lora" if "lora" in params else "gpt"
@@ -511,7 +509,8 @@ def run_instruct(out, checkpoint=None, data=None, val_data=None, test_data=None,
                                "last_eval_iter": s.last_eval_iter}, kind=kind)
 
     t0 = time.perf_counter()
-    log(f"model: {count_params(params):,} parameters, {sum(onp.size(_flat(params)[p]) for p in paths):,} trainable")
+    n_trainable = sum(onp.size(flat[p]) for p in paths)
+    log(f"model: {count_params(params):,} parameters, {n_trainable:,} trainable")
     params = run_training(params, paths, tc, loss_fn, sample, save_full, out, resume_ckpt,
                           tc.batch_size * arrays["train"][0].shape[1], log)
     seconds = time.perf_counter() - t0
