@@ -168,3 +168,11 @@ def test_batched_greedy_decoding_equals_one_at_a_time(tiny_config, params32):
         want = generate_ids(params32, tiny_config, prompt, min(limit, 8 - len(prompt)),
                             onp.random.default_rng(0), temperature=0, stop=lambda ids: ids[-1] == eot)
         assert got == [i for i in want if i != eot]
+
+
+def test_classifier_loss_stays_float32():
+    ids, valid = pad_batch([[1, 2, 3], [4]], 3)
+    for pooling in ("last", "mean"):
+        config = ClassifierConfig(**{**CFG.__dict__, "pooling": pooling})
+        loss = classifier_loss(make(config), ids, valid, onp.array([0, 1], onp.int32), config)
+        assert onp.asarray(loss).dtype == onp.float32
