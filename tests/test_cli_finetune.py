@@ -161,3 +161,11 @@ def test_instruct_bad_record(base, tmp_path):
     result = run(["finetune", "instruct", "--checkpoint", base, "--data", str(path), "--out",
                   str(tmp_path / "r")] + FAST)
     assert result.exit_code == 1 and "t.jsonl:2: record has no 'instruction'" in result.output
+
+
+def test_too_little_data_is_one_line(base, tmp_path):
+    path = tmp_path / "two.tsv"
+    path.write_text("label\ttext\na\tx\nb\ty\n", encoding="utf-8")
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", str(path), "--out",
+                  str(tmp_path / "r")] + FAST)
+    assert result.exit_code == 1 and "too few examples" in result.output

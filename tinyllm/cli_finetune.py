@@ -211,7 +211,15 @@ def load_classification_splits(data, val_data, test_data, text_column, label_col
         test = read_classification(test_data, text_column, label_column)
     else:
         train, val, test = split_three(examples, SPLIT_CLASSIFY, seed)
+    _check_splits(data, train, val, test)
     return train, val, test
+
+
+def _check_splits(data, *splits):
+    if not all(splits):
+        sizes = "/".join(str(len(s)) for s in splits)
+        raise TinyLLMError(f"{data or 'the data'}: too few examples to split into train, validation"
+                           f" and test ({sizes}); give more, or --val-data and --test-data")
 
 
 def encode_classification(tokenizer, examples, labels, block_size, where):
@@ -423,8 +431,11 @@ def _instruct_splits(data, val_data, test_data, seed):
     if val_data or test_data:
         if not (val_data and test_data):
             raise TinyLLMError("give both --val-data and --test-data, or neither (85/5/10 split)")
-        return records, read_instructions(val_data), read_instructions(test_data)
-    return split_three(records, SPLIT_INSTRUCT, seed)
+        splits = records, read_instructions(val_data), read_instructions(test_data)
+    else:
+        splits = split_three(records, SPLIT_INSTRUCT, seed)
+    _check_splits(data, *splits)
+    return splits
 
 
 def run_instruct(out, checkpoint=None, data=None, val_data=None, test_data=None,
