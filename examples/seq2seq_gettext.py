@@ -10,7 +10,11 @@ and a few translations.
     python examples/seq2seq_gettext.py [--pairs 3000] [--max-iters 1500]
 
 A character-level model this small, trained for minutes on 3,000 pairs, learns the frequent
-words and the shape of French UI strings; do not expect good translations.
+words and the shape of French UI strings; do not expect good translations. One run (9,249 usable
+pairs found; 2,700 to train, 300 held out; 0.94M parameters; 5m44s on a loaded 2-core machine):
+held-out loss 4.57 -> 2.77 (step 250) -> 2.17 (step 1000) -> 2.15 (step 1500), exact match 0.3%,
+BLEU-4 0.0 (no 4-gram of any output matched), outputs such as 'Adobe FrameMaker font' ->
+'document Adobe Mindbar' (reference 'police Adobe FrameMaker').
 """
 
 import argparse
