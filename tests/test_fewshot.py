@@ -21,7 +21,7 @@ from tinyllm.models import gpt_forward, init_gpt
 from tinyllm.optim import adamw_init
 from tinyllm.tokenizers import CharTokenizer
 
-ALPHABET = "abcdefgh0123 ->\n"
+ALPHABET = "abcdefgh0123 \n"
 TOKENIZER = CharTokenizer.train(ALPHABET)
 CONFIG = GPTConfig(vocab_size=TOKENIZER.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)
 RECORDS = [{"input": x, "output": y} for x, y in zip("abcdabcdab", "0120012001")]
@@ -82,8 +82,8 @@ def test_task_lines_round_trip():
 
 def test_build_prompt_worked_example():
     demos = [{"input": "a", "output": "x"}, {"input": "bc", "output": "yz"}]
-    assert fs.build_prompt(None, demos, "d") == "a->x\nbc->yz\nd->"
-    assert fs.build_prompt("map it", [], "d") == "map it\nd->"  # zero-shot: instruction only
+    assert fs.build_prompt(None, demos, "d") == "ax\nbcyz\nd"
+    assert fs.build_prompt("map it", [], "d") == "map it\nd"  # zero-shot: instruction only
 
 
 @settings(max_examples=50, deadline=None)
@@ -112,7 +112,7 @@ def test_parse_shots():
 
 def test_answer_logprobs_match_unpadded_forward_passes(params):
     """Right padding in the batch must not change any answer's log-likelihood (causality)."""
-    prompt = TOKENIZER.encode("a->0\nb->")
+    prompt = TOKENIZER.encode("a0\nb")
     answers = [TOKENIZER.encode(a + "\n") for a in ("1", "12", "0123")]
     got = fs.answer_logprobs(params, CONFIG, prompt, answers)
     for value, answer in zip(got, answers):
@@ -123,7 +123,7 @@ def test_answer_logprobs_match_unpadded_forward_passes(params):
 
 
 def test_greedy_line_is_temperature_zero_sampling_cut_at_the_newline(params):
-    prompt = TOKENIZER.encode("a->0\nb->")
+    prompt = TOKENIZER.encode("a0\nb")
     newline = TOKENIZER.encode("\n")[0]
     got = fs.greedy_line(params, CONFIG, prompt, newline, 10)
     sampled = generate_ids(params, CONFIG, prompt, 10, onp.random.default_rng(0), temperature=0)
@@ -210,7 +210,7 @@ def test_icl_positions_scale_olsson():
 
 
 def test_icl_score_is_late_minus_early_loss(params):
-    ids = onp.asarray(TOKENIZER.encode("a->0\nb->1\nc->2\n" * 20))
+    ids = onp.asarray(TOKENIZER.encode("a0\nb1\nc2\n" * 20))
     result = fs.icl_score(params, CONFIG, ids, n_windows=20, seed=0, batch=8)
     assert result["score"] == pytest.approx(result["late_loss"] - result["early_loss"], abs=1e-9)
     assert (result["early_position"], result["late_position"]) == (4, 32)
@@ -227,7 +227,7 @@ def run_dir(tmp_path_factory, params):
     out = tmp_path_factory.mktemp("run")
     save_checkpoint(str(out), params, adamw_init(params), onp.random.default_rng(0).bit_generator.state,
                     CONFIG, TrainConfig(), TOKENIZER, 0, extra={"data": None})
-    (out.parent / "heldout.txt").write_text("a->0\nb->1\n" * 30, encoding="utf-8")
+    (out.parent / "heldout.txt").write_text("a0\nb1\n" * 30, encoding="utf-8")
     return out
 
 
@@ -272,9 +272,9 @@ def test_fewshot_command_bad_input_is_one_line(run_dir, tmp_path):
 def test_generate_with_examples_puts_demonstrations_first(run_dir, tmp_path):
     task = write_task(tmp_path / "task.jsonl", {"instruction": "add 1"})
     result = invoke("generate", "--checkpoint", run_dir, "--examples", task, "--shots", 2,
-                    "--prompt", "c->", "--temperature", 0, "--max-new-tokens", 5)
+                    "--prompt", "c", "--temperature", 0, "--max-new-tokens", 5)
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("add 1\na->0\nb->1\nc->")
+    assert result.output.startswith("add 1\na0\nb1\nc")
     assert result.output.count("\n") == 4  # the completion stops at the end of its line
     error = one_error_line(invoke("generate", "--checkpoint", run_dir, "--examples", task,
                                   "--shots", 99))

@@ -94,7 +94,7 @@ def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_win
         atomic_write_json(out, {
             "format": RESULTS_FORMAT, "version": RESULTS_VERSION,
             "checkpoint": os.path.abspath(checkpoint), "iter": ckpt.iter, "seed": seed,
-            "shots": shot_list, "template": "{instruction}\\n{input}->{output}\\n...{input}->",
+            "shots": shot_list, "template": "{instruction}\\n{input}{output}\\n...{input}",
             "tasks": [{"path": t.path, "records": len(t.records),
                        "scoring": "choices" if t.choices else "exact-match", "results": rows}
                       for t, rows in zip(tasks, per_task)],
@@ -107,7 +107,7 @@ def examples_prompt(path, shots, prompt, tokenizer):
     """`tinyllm generate --examples FILE --shots K`: K demonstrations, then the user's prompt.
 
     The demonstrations are the task file's first K records, in the fewshot template, so a person
-    can try by hand exactly the prompts `tinyllm fewshot` measures (end --prompt with "->").
+    can try by hand exactly the prompts `tinyllm fewshot` measures: --prompt is the query input.
     """
     from .fewshot import encode_for, fewshot_prefix, read_task
 
