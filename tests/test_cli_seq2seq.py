@@ -8,7 +8,7 @@ import numpy as onp
 import pytest
 from click.testing import CliRunner
 
-from tinyllm import optim, train
+
 from tinyllm.cli import main
 
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
@@ -95,7 +95,7 @@ def test_noam_schedule_is_logged(tmp_path, pairs_file):
     assert result.exit_code == 0, result.output
     lrs = [m["lr"] for m in metrics(out)]
     assert lrs[1] == pytest.approx(16**-0.5 * 2 * 4**-1.5)  # the paper's formula at step 2
-    assert train.lr_at is optim.lr_at  # the loop's own schedule is back after the run
+    assert lrs[2] == pytest.approx(16**-0.5 * 3 * 4**-1.5)  # and at step 3
 
 
 def test_existing_run_is_not_overwritten(trained_run, tmp_path, pairs_file):

@@ -24,7 +24,6 @@ its "data_sha256". The tokenizer is a char tokenizer over both sides with the sp
 <pad>, <bos> and <eos>.
 """
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, replace
@@ -35,7 +34,6 @@ from autograd.tracer import getval
 
 from .attention import cross_attention, self_attention
 from .blocks import encoder_block, feed_forward
-from . import train as train_module
 from .bleu import exact_match
 from .checkpoint import load_checkpoint, register_model_kind, save_checkpoint
 from .errors import TinyLLMError
@@ -288,25 +286,12 @@ def noam_lr(it, d_model, warmup_iters, scale=1.0):
 # ----------------------------------------------------------------------------- a training run
 
 
-@contextlib.contextmanager
-def learning_rate_schedule(name, d_model):
-    """Run `train.train_loop` under schedule `name`: "cosine" (warm-up + cosine, the loop's own)
-    or "noam" (the paper's, `seq2seq.noam_lr`, which ignores --lr and --min-lr).
-
-    train_loop takes its learning rate from `train.lr_at`; it has no schedule argument, and this
-    module may not change train.py, so for a "noam" run that one function is swapped for the
-    duration of the loop and always put back. (The clean fix is an `lr_fn` argument to
-    train_loop; this wrapper then becomes one line.)
-    """
+def learning_rate_schedule(name, d_model, tc):
+    """The learning rate by step for `train.train_loop`: "cosine" (warm-up + cosine, the loop's
+    own default: None) or "noam" (the paper's, `noam_lr`, which ignores --lr and --min-lr)."""
     if name == "cosine":
-        yield
-        return
-    original = train_module.lr_at
-    train_module.lr_at = lambda it, lr, min_lr, warmup, decay: noam_lr(it, d_model, warmup)
-    try:
-        yield
-    finally:
-        train_module.lr_at = original
+        return None
+    return lambda it: noam_lr(it, d_model, tc.warmup_iters)
 
 
 def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=0.1, schedule="cosine",
@@ -365,8 +350,8 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=0.1, sch
 
     t0 = time.perf_counter()
     tokens = tc.batch_size * (arrays["train"][0].shape[1] + arrays["train"][2].shape[1])
-    with learning_rate_schedule(schedule, model_config.n_embd):
-        state = train_loop(state, tc, loss_fn, sample, save, out_dir, tokens)
+    state = train_loop(state, tc, loss_fn, sample, save, out_dir, tokens,
+                       lr_fn=learning_rate_schedule(schedule, model_config.n_embd, tc))
     seconds = time.perf_counter() - t0
     scored = held_pairs[:eval_examples]
     from .decoding import translate_texts  # imported here: decoding imports this module

@@ -13,6 +13,7 @@ Crash safety: the loop keeps a "committed" state, replaced as a whole only after
 finished. Ctrl-C saves that state (never a half-applied step) and then stops.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -149,16 +150,20 @@ def truncate_metrics(out_dir, iteration):
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=None):
+def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=None, lr_fn=None):
     """Train from `state` (Committed) to tc.max_iters; evaluate, log and `save(state)` as we go.
 
     `sample(split, rng)` returns a batch for `loss_fn(params, batch, rng)`: a tuple of arrays
-    whose first axis is the batch (split is "train" or "val").
+    whose first axis is the batch (split is "train" or "val"). `lr_fn(it)` gives the learning
+    rate of step `it`; the default is warm-up plus cosine decay from tc (`optim.lr_at`).
 
     Returns the final Committed state. On Ctrl-C, saves the last committed state and raises
     TrainingInterrupted.
     """
     value_and_grad = flat_value_and_grad(loss_fn)
+    if lr_fn is None:
+        lr_fn = functools.partial(lr_at, lr=tc.lr, min_lr=tc.min_lr, warmup_iters=tc.warmup_iters,
+                                  decay_iters=tc.max_iters)
     rng = onp.random.default_rng()
     rng.bit_generator.state = state.rng_state
     progress = Progress(tc.max_iters, start=state.iteration)
@@ -170,12 +175,12 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
             if (it % tc.eval_interval == 0 or it == tc.max_iters) and state.last_eval_iter != it:
                 ms = 1000 * step_seconds / max(1, steps_timed)
                 state = _evaluate_and_save(state, tc, loss_fn, sample, save, out_dir, ms,
-                                           tokens_per_iter, log)
+                                           tokens_per_iter, log, lr_fn(it))
                 step_seconds, steps_timed = 0.0, 0
             if it >= tc.max_iters:
                 break
             t0 = time.perf_counter()
-            lr = lr_at(it, tc.lr, tc.min_lr, tc.warmup_iters, tc.max_iters)
+            lr = lr_fn(it)
             params, opt_state, loss, _ = train_step(
                 value_and_grad, state.params, state.opt_state, sample("train", rng), lr, tc, rng
             )
@@ -193,10 +198,10 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
     return state
 
 
-def _evaluate_and_save(state, tc, loss_fn, sample, save, out_dir, ms_per_iter, tokens_per_iter, log):
+def _evaluate_and_save(state, tc, loss_fn, sample, save, out_dir, ms_per_iter, tokens_per_iter, log,
+                       lr):
     it = state.iteration
     losses = estimate_loss(loss_fn, state.params, sample, tc.eval_iters, eval_rng(tc.seed, it))
-    lr = lr_at(min(it, tc.max_iters - 1), tc.lr, tc.min_lr, tc.warmup_iters, tc.max_iters)
     record = {
         "iter": it,
         "train_loss": round(losses["train"], 6),
