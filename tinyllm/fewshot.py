@@ -42,6 +42,11 @@ Scoring:
   Chance = 1 / (number of distinct outputs in the task): the accuracy of a guesser that knows
   which answers occur but not which input gets which.
 
+The Wilson interval treats queries as independent draws. They are not quite: greedy zero-shot
+answers depend only on the input, so a task with 4 distinct inputs gives 4 independent answers
+at k = 0, however many queries repeat them. Pool several tasks (repeat --task) for honest
+intervals, and read a zero-shot row on one small task with that in mind.
+
 A prompt plus its answer must fit in the model's context (block_size tokens); a longer one is
 an error naming the task file and line (no silent truncation, which would change k).
 """
