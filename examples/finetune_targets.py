@@ -5,7 +5,7 @@
 --base is a run of `tinyllm pretrain` (the defaults: 4 layers, 128 channels, char tokenizer on
 the embedded pydoc corpus). Without it, a base model is pretrained first (--pretrain-iters).
 
-classify: fine-tunes the pretrained model on the embedded fluent-vs-shuffled sentences, then
+classify: fine-tunes the pretrained model on the embedded real-vs-scrambled sentences, then
 the same architecture from random initialisation with the same settings, and prints both test
 accuracies. instruct: instruction-tunes the pretrained model on the embedded tasks and prints
 test exact match before and after. Runs go to a temporary directory unless --out is given.

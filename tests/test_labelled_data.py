@@ -2,6 +2,7 @@
 the char fallback and the embedded data sets."""
 
 import json
+import random
 
 import pytest
 from hypothesis import given
@@ -10,7 +11,8 @@ from hypothesis import strategies as st
 from tinyllm.errors import TinyLLMError
 from tinyllm.labelled_data import (UNK_TOKEN, balance, default_classification_data,
                                    default_instruction_data, encode_with_fallback, label_ids,
-                                   read_classification, read_instructions, split_three,
+                                   read_classification, read_instructions, scramble_word,
+                                   split_three,
                                    with_unknown_token)
 from tinyllm.tokenizers import BPETokenizer, CharTokenizer
 
@@ -119,9 +121,21 @@ def test_embedded_sets_are_deterministic_and_balanced():
     data = default_classification_data()
     assert data == default_classification_data()
     labels = [label for _, label in data]
-    assert set(labels) == {"fluent", "shuffled"} and abs(labels.count("fluent") - labels.count("shuffled")) <= 1
-    fluent_words = sorted(w for t, label in data if label == "shuffled" for w in t.lower().split())
-    assert fluent_words  # shuffled lines keep their words
+    assert set(labels) == {"real", "scrambled"} and abs(labels.count("real") - labels.count("scrambled")) <= 1
+    for text, label in data[:50]:
+        if label == "scrambled":  # the same multiset of letters as some real line would have
+            assert any(len(w) >= 3 for w in text.split())
+
+
+@given(st.text(alphabet="abcde", min_size=1, max_size=8), st.sampled_from(["", ";", "."]),
+       st.integers(0, 5))
+def test_scramble_word_keeps_letters_and_punctuation(word, punct, seed):
+    out = scramble_word(word + punct, random.Random(seed))
+    assert sorted(out[:len(word)]) == sorted(word) and out.endswith(punct)
+    assert (out == word + punct) == (len(set(word)) < 2)
+
+
+def test_instruction_tasks_are_correct():
     records = default_instruction_data(n=40)
     assert {r["instruction"] for r in records} == {"reverse", "uppercase", "sort letters", "add"}
     for r in records:

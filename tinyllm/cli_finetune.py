@@ -296,7 +296,7 @@ def run_classify(out, checkpoint=None, data=None, val_data=None, test_data=None,
             tokenizer, split, labels, config.block_size, f"{data or 'the embedded data'} ({name})")
         sets[name] = (ids, valid, y)
         truncated, fallback = truncated + n_trunc, fallback + n_fall
-    log(f"data: {data or 'embedded fluent-vs-shuffled sentences'}: {len(train)} train,"
+    log(f"data: {data or 'embedded real-vs-scrambled sentences'}: {len(train)} train,"
         f" {len(val)} val, {len(test)} test; classes {labels}")
     if truncated:
         log(f"note: {truncated} text(s) longer than the context ({config.block_size} tokens)"
@@ -625,7 +625,7 @@ def finetune():
 def finetune_classify(out, text_column, label_column, arch, pooling, freeze, do_balance, **kw):
     """Fine-tune a classifier on texts with labels (.csv, .tsv, .jsonl with text and label).
 
-    Without --data it uses the embedded set (pydoc sentences, fluent vs word-shuffled). Without
+    Without --data it uses the embedded set (pydoc sentences, real vs letter-scrambled). Without
     --val-data/--test-data the data is split 70/10/20 with --seed. Reports accuracy before and
     after, a confusion matrix and per-class precision/recall, written to OUT/metrics.json.
     """

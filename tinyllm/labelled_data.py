@@ -264,27 +264,40 @@ def _pydoc_sentences(min_words=6, max_words=9):
     return sorted(set(sentences))
 
 
+def scramble_word(word, rng):
+    """The letters of a word in a random order that differs from the original, where one exists.
+
+    Example: "python;" -> e.g. "tpyhon;"; "a" and "ee" cannot change and come back as they are.
+    """
+    core = word.rstrip(".,;:")  # punctuation stays at the end, where the real word has it
+    if len(set(core)) < 2:
+        return word
+    letters = list(core)
+    while "".join(letters) == core:
+        rng.shuffle(letters)
+    return "".join(letters) + word[len(core):]
+
+
 def default_classification_data(n=1500, seed=0):
-    """The embedded classification set: "fluent" pydoc sentences vs "shuffled" ones.
+    """The embedded classification set: "real" pydoc sentences vs "scrambled" ones.
 
     Half the examples are 6-9 word lines of Python's own documentation (the pretraining corpus);
-    the other half are other such lines with their words in random order. Both get the same
-    surface form (first letter capitalised, no final punctuation), so the only cue is word
-    order: telling them apart is what a language model learns in pretraining, and a model
-    trained from scratch on 1,050 examples has to learn English word order from them alone.
+    the other half are other such lines in which every word of three or more letters has its
+    letters shuffled ("the value is" -> "teh uvlae is"). Word lengths, spaces, letters and
+    capitals are the same in both halves, so the only cue is spelling: a character-level language
+    model learns English spelling in pretraining, while a model trained from scratch must learn
+    it from 1,050 labelled sentences.
     """
     rng = random.Random(seed)
     sentences = _pydoc_sentences()
     rng.shuffle(sentences)
     examples = []
     for i, sentence in enumerate(sentences[:n]):
-        words = sentence.lower().split()
-        label = "fluent" if i % 2 == 0 else "shuffled"
-        if label == "shuffled":
-            while words == sentence.lower().split():
-                rng.shuffle(words)
-        text = " ".join(words)
-        examples.append((text[0].upper() + text[1:], label))
+        if i % 2 == 0:
+            examples.append((sentence, "real"))
+        else:
+            words = [scramble_word(w, rng) if len(w) >= 3 else w for w in sentence.split()]
+            examples.append((" ".join(words), "scrambled"))
     return examples
 
 
