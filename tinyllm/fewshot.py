@@ -287,6 +287,13 @@ def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0
     n = len(task.records)
     queries = [int(i) for i in rng.permutation(n)[:n_queries or n]]
     orders = demo_orders(n, queries, rng)
+    for q, order in zip(queries, orders):  # the longest prompts first: fail before the slow part
+        record = task.records[q]
+        prompt = build_prompt(task.instruction, [task.records[i] for i in order[:max(shots)]],
+                              record["input"])
+        answer = max([record["output"], *(task.choices or ())], key=len)
+        check_fits(len(encode_for(tokenizer, prompt + answer + "\n", task, record)),
+                   config.block_size, task, record, max(shots))
     results = []
     for k in shots:
         correct = 0
