@@ -35,7 +35,7 @@ def main():
     parser.add_argument("--base", default=None, help="pretrained run directory")
     parser.add_argument("--pretrain-iters", type=int, default=2000)
     parser.add_argument("--task", choices=["classify", "instruct", "both"], default="both")
-    parser.add_argument("--classify-iters", type=int, default=300)
+    parser.add_argument("--classify-iters", type=int, default=200)
     parser.add_argument("--instruct-iters", type=int, default=1500)
     parser.add_argument("--out", default=None, help="where to keep the runs (default: a temp dir)")
     args = parser.parse_args()

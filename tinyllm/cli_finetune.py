@@ -262,7 +262,7 @@ def classify_report(params, config, labels, sets):
 def run_classify(out, checkpoint=None, data=None, val_data=None, test_data=None,
                  text_column=None, label_column=None, pooling=None, arch="decoder", freeze="none",
                  do_balance=False, random_init=False, lora_rank=0, lora_alpha=None,
-                 batch_size=16, max_iters=300, epochs=None, lr=3e-4, warmup_iters=20,
+                 batch_size=16, max_iters=200, epochs=None, lr=3e-4, warmup_iters=20,
                  eval_interval=50, eval_iters=5, weight_decay=0.01, seed=1337, resume=False,
                  force=False, max_iters_given=False, log=print):
     """Fine-tune a classifier end to end; writes the run directory and returns the report dict."""
@@ -620,7 +620,7 @@ def finetune():
                    " last N blocks, final norm and head train).")
 @click.option("--balance", "do_balance", is_flag=True,
               help="Downsample larger classes to the size of the smallest.")
-@training_options(max_iters=300, lr=3e-4, warmup_iters=20, eval_interval=50, batch_size=16)
+@training_options(max_iters=200, lr=3e-4, warmup_iters=20, eval_interval=50, batch_size=16)
 @user_errors
 def finetune_classify(out, text_column, label_column, arch, pooling, freeze, do_balance, **kw):
     """Fine-tune a classifier on texts with labels (.csv, .tsv, .jsonl with text and label).
