@@ -315,9 +315,9 @@ def run_classify(out, checkpoint=None, data=None, val_data=None, test_data=None,
     start_out_dir(out, resume, force)
     paths = trainable_paths(params, freeze, config.n_layer)
     n_trainable = sum(onp.size(v) for k, v in flatten(params).items() if k in set(paths))
-    lora_note = f", LoRA rank {config.lora_rank}" if config.lora_rank else ""
-    log(f"model: {count_params(params):,} parameters, {n_trainable:,} trainable"
-        f" (--freeze {freeze}{lora_note})")
+    what = (f"LoRA rank {config.lora_rank}: adapters and head" if config.lora_rank
+            else f"--freeze {freeze}")
+    log(f"model: {count_params(params):,} parameters, {n_trainable:,} trainable ({what})")
     settings = {"data": data, "val_data": val_data, "test_data": test_data,
                 "text_column": text_column, "label_column": label_column, "balance": do_balance,
                 "seed": seed, "freeze": freeze, "base": checkpoint, "random_init": random_init}
