@@ -169,3 +169,12 @@ def test_too_little_data_is_one_line(base, tmp_path):
     result = run(["finetune", "classify", "--checkpoint", base, "--data", str(path), "--out",
                   str(tmp_path / "r")] + FAST)
     assert result.exit_code == 1 and "too few examples" in result.output
+
+
+def test_epochs_set_the_number_of_steps(base, tsv, tmp_path):
+    out = str(tmp_path / "ep")
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--out", out,
+                  "--epochs", "1", "--batch-size", "4", "--eval-interval", "100", "--eval-iters", "1"])
+    assert result.exit_code == 0, result.output
+    n_train = json.load(open(os.path.join(out, "metrics.json")))["examples"]["train"]
+    assert load_checkpoint(out, kind="classifier").iter == -(-n_train // 4)  # ceil(n / batch)
