@@ -18,7 +18,6 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import tinyllm.cli  # noqa: E402,F401 - loads the CLI modules in their order (cli_finetune needs cli)
 from tinyllm.cli_finetune import run_classify  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
 

@@ -19,7 +19,6 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import tinyllm.cli  # noqa: E402,F401 - loads the CLI modules in their order (cli_finetune needs cli)
 from tinyllm.cli_finetune import run_classify, run_instruct  # noqa: E402
 from tinyllm.config import GPTConfig, TrainConfig  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402

@@ -4,41 +4,18 @@ Every user-fixable problem surfaces as a `TinyLLMError` and is printed as one li
 `Error: ...`, with exit code 1. Ctrl-C during training saves a checkpoint and exits with 130.
 """
 
-import functools
 import importlib.metadata
-import sys
 
 import click
 from click.core import ParameterSource
 
+from .cli_common import DEFAULT_RUN, positive, user_errors
+from .cli_fewshot import fewshot
+from .cli_finetune import classify, finetune
+from .cli_seq2seq import seq2seq
 from .config import GPTConfig, TrainConfig
 from .errors import TinyLLMError
 from .system import tune_malloc
-
-DEFAULT_RUN = "runs/pretrain"
-
-
-def user_errors(command):
-    """Turn library errors into one-line messages and exit codes instead of tracebacks."""
-    from .train import TrainingInterrupted
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except TinyLLMError as err:
-            raise click.ClickException(str(err)) from None
-        except TrainingInterrupted as stop:
-            ctx = click.get_current_context(silent=True)
-            command_name = "tinyllm " + ctx.command_path.split(" ", 1)[-1] if ctx else "tinyllm"
-            click.echo(f"\n{stop}. Continue with: {command_name} --out {stop.out_dir} --resume",
-                       err=True)
-            sys.exit(130)
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted", err=True)
-            sys.exit(130)
-
-    return wrapper
 
 
 def package_version():
@@ -54,16 +31,12 @@ def package_version():
 def main():
     """tinyllm: make a (tiny) large language model on a CPU.
 
-    Pretrain a GPT on raw text, then sample from it. Run a command with --help for its flags.
+    Pretrain a GPT on raw text (pretrain) and sample from it (generate); fine-tune it on labelled
+    data (finetune classify, finetune instruct, classify); prompt it with k demonstrations
+    (fewshot); train the original encoder-decoder transformer (seq2seq). Run a command with
+    --help for its flags.
     """
     tune_malloc()  # keep freed memory in the process: faster numpy steps (see tinyllm/system.py)
-
-
-def positive(ctx, param, value):
-    """Click callback: reject zero and negative sizes with the flag's name."""
-    if value is not None and value <= 0:
-        raise click.BadParameter(f"must be positive, got {value}")
-    return value
 
 
 @main.command()
@@ -197,15 +170,11 @@ def _check_prompt(tokenizer, prompt):
         raise TinyLLMError(f"--prompt: {err}") from None
 
 
-# Commands defined in their own modules register themselves here, at the end, so that they can
-# import `main`, `user_errors` and `positive` from this module.
-from .cli_seq2seq import seq2seq  # noqa: E402
-main.add_command(seq2seq)
-from .cli_fewshot import fewshot  # noqa: E402
-main.add_command(fewshot)
-from .cli_finetune import classify, finetune  # noqa: E402
+# The commands of the later stages live in their own modules.
 main.add_command(finetune)
 main.add_command(classify)
+main.add_command(fewshot)
+main.add_command(seq2seq)
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,7 @@ import os
 import click
 import numpy as onp
 
-from .cli import DEFAULT_RUN, positive, user_errors
+from .cli_common import DEFAULT_RUN, positive, user_errors
 from .errors import TinyLLMError
 
 RESULTS_FORMAT = "tinyllm-fewshot-results"

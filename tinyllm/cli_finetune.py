@@ -23,7 +23,7 @@ import click
 import numpy as onp
 
 from .checkpoint import load_checkpoint, register_model_kind, save_checkpoint
-from .cli import positive, user_errors
+from .cli_common import positive, user_errors
 from .config import GPTConfig, TrainConfig
 from .errors import TinyLLMError
 from .fileio import atomic_write_json, atomic_write_text

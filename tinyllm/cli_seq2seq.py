@@ -9,7 +9,7 @@ from click.core import ParameterSource
 
 from .bleu import corpus_bleu, exact_match
 from .checkpoint import load_checkpoint
-from .cli import positive, user_errors
+from .cli_common import positive, user_errors
 from .config import TrainConfig
 from .decoding import translate_texts
 from .errors import TinyLLMError
