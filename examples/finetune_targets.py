@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tinyllm.cli_finetune import run_classify, run_instruct  # noqa: E402
+from tinyllm.finetune_runs import run_classify, run_instruct  # noqa: E402
 from tinyllm.config import GPTConfig, TrainConfig  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
 from tinyllm.train import pretrain  # noqa: E402

@@ -144,7 +144,7 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed
     from .generate import generate_text
 
     if instruction is not None:  # instruction-tuned model: its template, stop at end-of-text
-        from .cli_finetune import generate_instruction
+        from .finetune_runs import generate_instruction
 
         click.echo(generate_instruction(checkpoint, instruction, input_text, max_new_tokens,
                                         temperature, top_k, top_p, seed))
