@@ -178,3 +178,41 @@ def test_epochs_set_the_number_of_steps(base, tsv, tmp_path):
     assert result.exit_code == 0, result.output
     n_train = json.load(open(os.path.join(out, "metrics.json")))["examples"]["train"]
     assert load_checkpoint(out, kind="classifier").iter == -(-n_train // 4)  # ceil(n / batch)
+
+
+def test_instruct_ctrl_c_then_resume_matches_an_uninterrupted_run(base, instructions, tmp_path,
+                                                                   monkeypatch):
+    """Ctrl-C mid-run saves the last finished step; --resume then gives the same losses and the
+    same final weights as a run that was never interrupted."""
+    from tinyllm import train
+
+    args = ["finetune", "instruct", "--checkpoint", base, "--data", instructions,
+            "--max-iters", "6", "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "4"]
+    straight = str(tmp_path / "straight")
+    assert run(args + ["--out", straight]).exit_code == 0
+
+    interrupted = str(tmp_path / "interrupted")
+    real_step, calls = train.adamw_step, []
+
+    def step_then_ctrl_c(*a, **kw):
+        calls.append(1)
+        if len(calls) == 4:  # the 4th step: not on an evaluation boundary
+            raise KeyboardInterrupt
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(train, "adamw_step", step_then_ctrl_c)
+    result = run(args + ["--out", interrupted])
+    assert result.exit_code == 130 and "--resume" in result.output
+    assert load_checkpoint(interrupted, kind="gpt").iter == 3
+    monkeypatch.setattr(train, "adamw_step", real_step)
+    assert run(["finetune", "instruct", "--out", interrupted, "--resume"]).exit_code == 0
+
+    def losses(out):
+        return [(r["iter"], r["train_loss"], r["val_loss"])
+                for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))]
+
+    assert losses(interrupted) == losses(straight)
+    a, b = (onp.load(os.path.join(d, "model.npz")) for d in (straight, interrupted))
+    assert sorted(a.files) == sorted(b.files)
+    for name in a.files:
+        onp.testing.assert_array_equal(a[name], b[name])
