@@ -40,12 +40,11 @@ from .errors import TinyLLMError
 from .models import INIT_STD, count_params, init_decoder_block, init_layer_norm, init_linear
 from .ops import (causal_mask, cross_entropy, dropout, embedding, layer_norm, linear, log_softmax,
                   padding_mask)
-from .optim import adamw_init
 from .seq2seq_data import (SEQ2SEQ_SPECIAL_TOKENS, encode_pairs, get_pair_batch, load_pairs,
                            make_arrays, pairs_text)
 from .tokenizers import CharTokenizer
-from .train import (Committed, prepare_out_dir, read_metrics, start_out_dir, text_fingerprint,
-                    train_loop, truncate_metrics)
+from .train import (prepare_out_dir, read_metrics, start_out_dir, starting_state,
+                    text_fingerprint, train_loop)
 
 POSITIONS = ("sinusoidal", "learned", "none")  # "none" exists to test permutation equivariance
 SCHEDULES = ("cosine", "noam")
@@ -321,15 +320,8 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=0.1, sch
     arrays = split_arrays(tokenizer, model_config.block_size, train_pairs, held_pairs)
     start_out_dir(out_dir, resume, force)
 
-    if resume:
-        state = Committed(ckpt.params, ckpt.opt_state, ckpt.rng_state, ckpt.iter,
-                          ckpt.meta.get("last_eval_iter", -1))
-        truncate_metrics(out_dir, ckpt.iter)
-        log(f"resuming {out_dir} at iteration {ckpt.iter} of {tc.max_iters}")
-    else:
-        rng = onp.random.default_rng(tc.seed)
-        params = init_seq2seq(model_config, rng)
-        state = Committed(params, adamw_init(params), rng.bit_generator.state, 0, -1)
+    state = starting_state(out_dir, tc, lambda rng: init_seq2seq(model_config, rng),
+                           ckpt if resume else None, log)
     log(f"data: {data or 'dates (embedded task)'}, {len(train_pairs):,} training and"
         f" {len(held_pairs):,} held-out pairs (vocab {tokenizer.vocab_size});"
         f" model: {count_params(state.params):,} parameters")

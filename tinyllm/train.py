@@ -246,6 +246,19 @@ def start_out_dir(out_dir, resume, force):
         os.remove(os.path.join(out_dir, "metrics.jsonl"))
 
 
+def starting_state(out_dir, tc, init_fn, ckpt=None, log=print):
+    """The state a run starts from: the checkpoint's when resuming (its later metrics dropped),
+    else fresh parameters `init_fn(rng)` from a Generator seeded by tc.seed and fresh AdamW."""
+    if ckpt is not None:
+        truncate_metrics(out_dir, ckpt.iter)
+        log(f"resuming {out_dir} at iteration {ckpt.iter} of {tc.max_iters}")
+        return Committed(ckpt.params, ckpt.opt_state, ckpt.rng_state, ckpt.iter,
+                         ckpt.meta.get("last_eval_iter", -1))
+    rng = onp.random.default_rng(tc.seed)
+    params = init_fn(rng)
+    return Committed(params, adamw_init(params), rng.bit_generator.state, 0, -1)
+
+
 def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind="char", vocab_size=512,
              resume=False, force=False, max_iters=None, log=print, special_tokens=SPECIAL_TOKENS):
     """Pretrain a GPT on a corpus (a file or an embedded name) and keep checkpoints in out_dir.
@@ -272,15 +285,8 @@ def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind="char", vocab_
         check_long_enough(split_ids, model_config.block_size, f"the {name} split of {data or 'pydoc'}")
     start_out_dir(out_dir, resume, force)
 
-    if resume:
-        state = Committed(ckpt.params, ckpt.opt_state, ckpt.rng_state, ckpt.iter,
-                          ckpt.meta.get("last_eval_iter", -1))
-        truncate_metrics(out_dir, ckpt.iter)
-        log(f"resuming {out_dir} at iteration {ckpt.iter} of {tc.max_iters}")
-    else:
-        rng = onp.random.default_rng(tc.seed)
-        params = init_gpt(model_config, rng)
-        state = Committed(params, adamw_init(params), rng.bit_generator.state, 0, -1)
+    state = starting_state(out_dir, tc, lambda rng: init_gpt(model_config, rng),
+                           ckpt if resume else None, log)
     log(f"data: {data or 'pydoc (embedded default)'}, {len(text):,} characters ->"
         f" {len(ids):,} {tokenizer.kind} tokens (vocab {tokenizer.vocab_size});"
         f" model: {count_params(state.params):,} parameters")
