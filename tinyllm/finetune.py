@@ -41,17 +41,10 @@ PROMPT_TEMPLATE_NO_INPUT = "Instruction: {instruction}\nResponse: "
 
 
 @dataclass(frozen=True)
-class ClassifierConfig:
-    """A GPT's shape plus what the classifier adds: classes, pooling, architecture, LoRA."""
+class ClassifierConfig(GPTConfig):
+    """A GPT's shape (every GPTConfig field) plus what the classifier adds: classes, pooling,
+    architecture, LoRA."""
 
-    vocab_size: int = 65
-    block_size: int = 64
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True
-    tie_weights: bool = True
     n_classes: int = 2  # K: the labels themselves are stored in config.json
     pooling: str = "last"  # how (B, T, C) becomes (B, C): see the module docstring
     arch: str = "decoder"  # "decoder": causal, as pretrained; "encoder": bidirectional
@@ -60,12 +53,11 @@ class ClassifierConfig:
 
     def gpt(self):
         """The underlying GPTConfig."""
-        names = {f.name for f in fields(GPTConfig)}
-        return GPTConfig(**{k: v for k, v in self.__dict__.items() if k in names})
+        return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
 
     def validate(self):
         """Raise TinyLLMError for a config that cannot make a classifier; return self."""
-        self.gpt().validate()
+        super().validate()
         if self.n_classes < 2:
             raise TinyLLMError(f"a classifier needs at least 2 classes, got {self.n_classes}")
         if self.pooling not in POOLINGS or self.arch not in ARCHS:

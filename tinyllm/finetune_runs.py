@@ -46,27 +46,15 @@ EOT = SPECIAL_TOKENS[0]
 
 
 @dataclass(frozen=True)
-class LoRAGPTConfig:
-    """A GPT plus LoRA adapters (an instruction-tuned run with --lora-rank)."""
+class LoRAGPTConfig(GPTConfig):
+    """A GPT (every GPTConfig field) plus LoRA adapters (an instruction-tuned run with --lora-rank)."""
 
-    vocab_size: int = 65
-    block_size: int = 64
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True
-    tie_weights: bool = True
     lora_rank: int = 4
     lora_alpha: float = 8.0
 
     def gpt(self):
-        names = {f.name for f in fields(GPTConfig)}
-        return GPTConfig(**{k: v for k, v in self.__dict__.items() if k in names})
-
-    def validate(self):
-        self.gpt().validate()
-        return self
+        """The underlying GPTConfig."""
+        return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
 
 
 def _init_lora_gpt(config, rng):
