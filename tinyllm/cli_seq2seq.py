@@ -24,7 +24,7 @@ DEFAULT_RUN = "runs/seq2seq"
 
 @click.group()
 def seq2seq():
-    """The encoder-decoder transformer (Vaswani et al. 2017): train it on pairs, translate."""
+    """The encoder-decoder transformer of "Attention Is All You Need": train it, translate."""
 
 
 @seq2seq.command("train")
