@@ -153,6 +153,9 @@ def test_instruct_end_to_end_and_generate(base, instructions, tmp_path):
     assert load_checkpoint(lora, kind="gpt-lora").model_config.lora_rank == 2
     assert run(["generate", "--checkpoint", lora, "--instruction", "reverse", "--input", "ab",
                 "--max-new-tokens", "3"]).exit_code == 0
+    plain = run(["generate", "--checkpoint", lora, "--prompt", "ab", "--max-new-tokens", "3",
+                 "--seed", "0"])  # plain sampling from a LoRA run: adapters merged at load
+    assert plain.exit_code == 0 and plain.output.startswith("ab"), plain.output
 
 
 def test_instruct_bad_record(base, tmp_path):

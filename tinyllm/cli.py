@@ -140,7 +140,7 @@ def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_si
 def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_text,
              examples, shots, instruction, input_text):
     """Continue a prompt with a pretrained model and print prompt plus completion."""
-    from .checkpoint import load_checkpoint
+    from .finetune_runs import load_generator
     from .generate import generate_text
 
     if instruction is not None:  # instruction-tuned model: its template, stop at end-of-text
@@ -149,15 +149,15 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed
         click.echo(generate_instruction(checkpoint, instruction, input_text, max_new_tokens,
                                         temperature, top_k, top_p, seed))
         return
-    ckpt = load_checkpoint(checkpoint)
+    params, config, tokenizer = load_generator(checkpoint)  # a GPT, LoRA adapters merged if any
     if prompt:
-        _check_prompt(ckpt.tokenizer, prompt)
+        _check_prompt(tokenizer, prompt)
     if examples:  # few-shot prompting by hand: demonstrations first, in the fewshot template
         from .cli_fewshot import examples_prompt
 
-        prompt = examples_prompt(examples, shots, prompt, ckpt.tokenizer)
+        prompt = examples_prompt(examples, shots, prompt, tokenizer)
         stop_text = stop_text or "\n"
-    text = generate_text(ckpt.params, ckpt.model_config, ckpt.tokenizer, prompt,
+    text = generate_text(params, config, tokenizer, prompt,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                          top_p=top_p, seed=seed, stop_text=stop_text)
     click.echo(prompt + text)
