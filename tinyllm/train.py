@@ -150,12 +150,17 @@ def truncate_metrics(out_dir, iteration):
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=None, lr_fn=None):
+def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=None, lr_fn=None,
+               evaluate=None, on_eval=None):
     """Train from `state` (Committed) to tc.max_iters; evaluate, log and `save(state)` as we go.
 
     `sample(split, rng)` returns a batch for `loss_fn(params, batch, rng)`: a tuple of arrays
     whose first axis is the batch (split is "train" or "val"). `lr_fn(it)` gives the learning
     rate of step `it`; the default is warm-up plus cosine decay from tc (`optim.lr_at`).
+    `evaluate(params)` gives {"train": loss, "val": loss} for an evaluation; the default
+    estimates both from tc.eval_iters random batches (`estimate_loss`). `on_eval(record, state)`
+    is called after each evaluation is saved and logged; if it returns True, training stops
+    there (early stopping).
 
     Returns the final Committed state. On Ctrl-C, saves the last committed state and raises
     TrainingInterrupted.
@@ -174,9 +179,11 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
             it = state.iteration
             if (it % tc.eval_interval == 0 or it == tc.max_iters) and state.last_eval_iter != it:
                 ms = 1000 * step_seconds / max(1, steps_timed)
-                state = _evaluate_and_save(state, tc, loss_fn, sample, save, out_dir, ms,
-                                           tokens_per_iter, log, lr_fn(it))
+                state, record = _evaluate_and_save(state, tc, loss_fn, sample, save, out_dir, ms,
+                                                   tokens_per_iter, log, lr_fn(it), evaluate)
                 step_seconds, steps_timed = 0.0, 0
+                if on_eval is not None and on_eval(record, state):
+                    break
             if it >= tc.max_iters:
                 break
             t0 = time.perf_counter()
@@ -199,9 +206,12 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
 
 
 def _evaluate_and_save(state, tc, loss_fn, sample, save, out_dir, ms_per_iter, tokens_per_iter, log,
-                       lr):
+                       lr, evaluate=None):
     it = state.iteration
-    losses = estimate_loss(loss_fn, state.params, sample, tc.eval_iters, eval_rng(tc.seed, it))
+    if evaluate is None:
+        losses = estimate_loss(loss_fn, state.params, sample, tc.eval_iters, eval_rng(tc.seed, it))
+    else:
+        losses = evaluate(state.params)
     record = {
         "iter": it,
         "train_loss": round(losses["train"], 6),
@@ -215,7 +225,7 @@ def _evaluate_and_save(state, tc, loss_fn, sample, save, out_dir, ms_per_iter, t
     append_metrics(out_dir, record)
     log(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
         f" (checkpoint saved)")
-    return state
+    return state, record
 
 
 # ----------------------------------------------------------------------------- pretraining
