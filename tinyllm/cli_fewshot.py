@@ -6,7 +6,8 @@ and the results file; this module only maps flags onto `fewshot.run_fewshot`.
 
 import click
 
-from .cli_common import DEFAULT_RUN, positive, user_errors
+from .cli_common import positive, user_errors
+from .config import DEFAULT_RUN
 
 
 @click.command()
