@@ -17,7 +17,7 @@ from tinyllm import ops
 from tinyllm.decoding import _next_log_probs
 from tinyllm.finetune import ClassifierConfig, init_classifier, predict_proba
 from tinyllm.generate import next_token_distribution
-from tinyllm.seq2seq import Seq2SeqConfig, encode, init_seq2seq
+from tinyllm.seq2seq import Seq2SeqConfig, encoder_forward, init_seq2seq
 
 # dtype -> a logit level at which exp() overflows in that dtype
 HUGE = {"float64": 1000.0, "float32": 100.0}
@@ -91,7 +91,7 @@ def test_beam_search_log_probs_at_overflowing_logits():
                            tie_weights=False)
     params = init_seq2seq(config, onp.random.default_rng(0))
     params["lm_head"]["w"] = params["lm_head"]["w"] * 1e5  # float32 weights, float64 log-probs
-    memory = encode(params, onp.asarray([[3, 4, 5]]), config)
+    memory = encoder_forward(params, onp.asarray([[3, 4, 5]]), config)
     logp = _next_log_probs(params, config, memory, None, onp.asarray([[1, 6]], dtype=onp.int32))
     assert onp.isfinite(logp).all()
     onp.testing.assert_allclose(onp.exp(logp).sum(-1), 1.0, rtol=1e-9)
