@@ -51,8 +51,11 @@ def heldout_ids(ckpt, data):
                    "  [default: the validation split of the checkpoint's corpus]")
 @click.option("--icl-windows", default=200,
               help="Context windows averaged for the in-context learning score (0: skip it).")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Also draw accuracy against k (Wilson intervals, chance line) to this PNG or"
+                   " .svg file; needs the plot extra.  [default: none]")
 @user_errors
-def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_windows):
+def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_windows, plot_path):
     """Score a pretrained model on tasks with k = 0, 1, 2, ... demonstrations in its prompt.
 
     Prints accuracy by k with the chance level and a 95% Wilson interval (pooled over all
@@ -64,6 +67,10 @@ def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_win
                           parse_shots, pool_results, read_task)
     from .fileio import atomic_write_json
 
+    if plot_path:  # before the slow part: say at once if matplotlib is missing
+        from .plot import require_matplotlib
+
+        require_matplotlib()
     shot_list = parse_shots(shots)
     if icl_windows < 0:
         raise TinyLLMError(f"--icl-windows must be >= 0, got {icl_windows}")
@@ -81,6 +88,11 @@ def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_win
                                       log=lambda line: click.echo("  " + line, err=True)))
     pooled = pool_results(per_task)
     click.echo("\n".join(format_table(pooled)))
+    if plot_path:
+        from .plot import draw_fewshot, picture_format
+
+        click.echo(f"accuracy by k drawn, written to"
+                   f" {draw_fewshot(pooled, plot_path, picture_format(plot_path))}")
     icl = None
     if icl_windows:
         ids, source = heldout_ids(ckpt, icl_data)
