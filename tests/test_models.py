@@ -321,7 +321,7 @@ def test_tree_map_worked_example():
 def test_encoder_without_positions_is_permutation_equivariant(perm_seed):
     """Self-attention without a causal mask treats the input as a set: with the position
     embedding zeroed, permuting the tokens permutes the outputs the same way."""
-    from tinyllm.models import encoder_hidden
+    from tinyllm.models import bidirectional_hidden
 
     config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, bias=True)
     params = init_gpt(config, onp.random.default_rng(0), dtype="float64")
@@ -329,15 +329,15 @@ def test_encoder_without_positions_is_permutation_equivariant(perm_seed):
     rng = onp.random.default_rng(perm_seed)
     ids = rng.integers(0, 11, (2, 8))
     perm = rng.permutation(8)
-    out = encoder_hidden(params, ids, config)
-    out_perm = encoder_hidden(params, ids[:, perm], config)
+    out = bidirectional_hidden(params, ids, config)
+    out_perm = bidirectional_hidden(params, ids[:, perm], config)
     onp.testing.assert_allclose(out_perm, out[:, perm], rtol=1e-10, atol=1e-12)
 
 
 @settings(max_examples=25, deadline=None)
 @given(n_real=st.integers(1, 8), n_pad=st.integers(0, 4), seed=st.integers(0, 2**16))
 def test_encoder_padding_never_changes_the_real_positions(n_real, n_pad, seed):
-    from tinyllm.models import encoder_hidden
+    from tinyllm.models import bidirectional_hidden
 
     config = GPTConfig(vocab_size=11, block_size=12, n_layer=2, n_head=2, n_embd=16)
     params = init_gpt(config, onp.random.default_rng(1), dtype="float64")
@@ -345,6 +345,6 @@ def test_encoder_padding_never_changes_the_real_positions(n_real, n_pad, seed):
     ids = rng.integers(0, 11, (1, n_real))
     padded = onp.concatenate([ids, rng.integers(0, 11, (1, n_pad))], axis=1)
     valid = onp.concatenate([onp.ones((1, n_real)), onp.zeros((1, n_pad))], axis=1)
-    alone = encoder_hidden(params, ids, config)
-    with_padding = encoder_hidden(params, padded, config, valid=valid)
+    alone = bidirectional_hidden(params, ids, config)
+    with_padding = bidirectional_hidden(params, padded, config, valid=valid)
     onp.testing.assert_allclose(with_padding[:, :n_real], alone, rtol=1e-10, atol=1e-12)

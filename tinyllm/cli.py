@@ -154,7 +154,7 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed
     if prompt:
         _check_prompt(tokenizer, prompt)
     if examples:  # few-shot prompting by hand: demonstrations first, in the fewshot template
-        from .cli_fewshot import examples_prompt
+        from .fewshot import examples_prompt
 
         prompt = examples_prompt(examples, shots, prompt, tokenizer)
         stop_text = stop_text or "\n"

@@ -13,7 +13,8 @@ from .cli_common import positive, user_errors
 from .config import TrainConfig
 from .decoding import translate_texts
 from .errors import TinyLLMError
-from .seq2seq import SCHEDULES, Seq2SeqConfig, check_training_options, train_seq2seq
+from .seq2seq import Seq2SeqConfig
+from .seq2seq_run import SCHEDULES, check_training_options, train_seq2seq
 from .seq2seq_data import read_pairs
 
 DEFAULT_RUN = "runs/seq2seq"
