@@ -7,7 +7,7 @@ import pytest
 
 from tinyllm import attention_maps as am
 from tinyllm.attention import cross_attention, merge_heads, self_attention, split_heads
-from tinyllm.blocks import decoder_block, encoder_block
+from tinyllm.blocks import encoder_block, gpt_block
 from tinyllm.checkpoint import save_checkpoint
 from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.errors import TinyLLMError
@@ -60,7 +60,7 @@ def test_gpt_maps_are_the_weights_each_block_uses(gpt, causal):
         rebuilt = attend_with(maps[layer], h, **block["attn"], n_head=2)
         onp.testing.assert_allclose(rebuilt, self_attention(h, **block["attn"], n_head=2, mask=mask),
                                     **F32)
-        x = decoder_block(x, **block, n_head=2, mask=mask) if causal else \
+        x = gpt_block(x, **block, n_head=2, mask=mask) if causal else \
             encoder_block(x, **block, n_head=2)
 
 

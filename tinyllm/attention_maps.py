@@ -24,11 +24,12 @@ from dataclasses import dataclass
 
 import numpy as onp
 
-from .attention import split_heads
-from .blocks import decoder_block, encoder_block
+from .attention import self_attention, split_heads
+from .blocks import encoder_block, gpt_block
 from .errors import TinyLLMError
 from .models import embed
 from .ops import attention_weights, causal_mask, layer_norm, linear
+from .seq2seq import cross_decoder_block, embed_tokens, target_table
 
 PARTS = ("encoder", "decoder", "cross")  # the three attentions of a seq2seq model
 
@@ -55,7 +56,7 @@ def cross_attention_weights(x, memory, c_q, c_kv, n_head):
 def gpt_attention(params, config, ids, causal=True):
     """Every head's weights of a GPT-shaped model on one sequence: ids (T,) -> (L, H, T, T).
 
-    causal=False runs the same tree as the bidirectional encoder (`models.encoder_hidden`).
+    causal=False runs the same tree bidirectionally (`models.bidirectional_hidden`).
     """
     x = embed(params, onp.asarray(ids)[None, :], config)  # (1, T, C)
     mask = causal_mask(len(ids), x.dtype) if causal else None  # (T, T) or no mask
@@ -64,7 +65,7 @@ def gpt_attention(params, config, ids, causal=True):
         maps.append(self_attention_weights(layer_norm(x, **block["ln_1"]), block["attn"]["c_attn"],
                                            config.n_head, mask))  # (H, T, T)
         if causal:
-            x = decoder_block(x, **block, n_head=config.n_head, mask=mask)  # (1, T, C)
+            x = gpt_block(x, **block, n_head=config.n_head, mask=mask)  # (1, T, C)
         else:
             x = encoder_block(x, **block, n_head=config.n_head)  # (1, T, C)
     return onp.stack(maps)  # (L, H, T, T)
@@ -74,10 +75,8 @@ def seq2seq_attention(params, config, src_ids, tgt_in_ids):
     """The three attentions of an encoder-decoder on one pair: source ids (S,) and decoder input
     ids (T,) (<bos> then the target) -> {"encoder": (L, H, S, S), "decoder": (L, H, T, T),
     "cross": (L, H, T, S)}."""
-    from . import seq2seq as s2s  # the seq2seq model's own pieces (embedding, blocks)
-
-    x = s2s.embed_tokens(params["src_wte"], onp.asarray(src_ids)[None, :], params.get("src_wpe"),
-                         config)  # (1, S, C)
+    x = embed_tokens(params["src_wte"], onp.asarray(src_ids)[None, :], params.get("src_wpe"),
+                     config)  # (1, S, C)
     encoder = []
     for block in params["encoder"]:
         encoder.append(self_attention_weights(layer_norm(x, **block["ln_1"]),
@@ -85,8 +84,8 @@ def seq2seq_attention(params, config, src_ids, tgt_in_ids):
         x = encoder_block(x, **block, n_head=config.n_head)  # (1, S, C)
     memory = layer_norm(x, **params["enc_ln_f"])  # (1, S, C)
 
-    y = s2s.embed_tokens(s2s.target_table(params), onp.asarray(tgt_in_ids)[None, :],
-                         params.get("tgt_wpe"), config)  # (1, T, C)
+    y = embed_tokens(target_table(params), onp.asarray(tgt_in_ids)[None, :], params.get("tgt_wpe"),
+                     config)  # (1, T, C)
     mask = causal_mask(len(tgt_in_ids), y.dtype)  # (T, T)
     decoder, cross = [], []
     for block in params["decoder"]:
@@ -97,14 +96,12 @@ def seq2seq_attention(params, config, src_ids, tgt_in_ids):
         cross.append(cross_attention_weights(layer_norm(after_self, **block["ln_2"]), memory,
                                              block["xattn"]["c_q"], block["xattn"]["c_kv"],
                                              config.n_head))
-        y = s2s.cross_decoder_block(y, memory, **block, n_head=config.n_head, self_mask=mask)
+        y = cross_decoder_block(y, memory, **block, n_head=config.n_head, self_mask=mask)
     return {"encoder": onp.stack(encoder), "decoder": onp.stack(decoder), "cross": onp.stack(cross)}
 
 
 def _self_attention_output(x, block, n_head, mask):
     """The first sub-layer of a decoder block, self_attention(ln_1(x)): (1, T, C) -> (1, T, C)."""
-    from .attention import self_attention
-
     return self_attention(layer_norm(x, **block["ln_1"]), **block["attn"], n_head=n_head, mask=mask)
 
 
@@ -219,7 +216,6 @@ def checkpoint_attention(ckpt_dir, prompt, part=None, target=None):
     "encoder", "decoder" or "cross" (the default) and the prompt is the source; the decoder reads
     <bos> + `target`, by default the model's own greedy translation.
     """
-    from . import finetune_runs, seq2seq  # noqa: F401  (they register their checkpoint kinds)
     from .checkpoint import load_checkpoint
 
     if not prompt:
