@@ -12,6 +12,7 @@ from click.core import ParameterSource
 from .cli_common import positive, user_errors
 from .cli_fewshot import fewshot
 from .cli_finetune import classify, finetune
+from .cli_plot import attention, plot
 from .cli_seq2seq import seq2seq
 from .config import (DEFAULT_BPE_VOCAB_SIZE, DEFAULT_RUN, DEFAULT_TOKENIZER, GPTConfig,
                      TrainConfig)
@@ -185,6 +186,8 @@ main.add_command(finetune)
 main.add_command(classify)
 main.add_command(fewshot)
 main.add_command(seq2seq)
+main.add_command(plot)
+main.add_command(attention)
 
 if __name__ == "__main__":
     main()
