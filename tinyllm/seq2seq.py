@@ -43,8 +43,8 @@ from .ops import (causal_mask, cross_entropy, dropout, embedding, layer_norm, li
 from .seq2seq_data import (SEQ2SEQ_SPECIAL_TOKENS, encode_pairs, get_pair_batch, load_pairs,
                            make_arrays, pairs_text)
 from .tokenizers import CharTokenizer
-from .train import (prepare_out_dir, read_metrics, start_out_dir, starting_state,
-                    text_fingerprint, train_loop)
+from .train import (prepare_out_dir, read_metrics, same_fingerprint, start_out_dir,
+                    starting_state, stored_data_name, text_fingerprint, train_loop)
 
 POSITIONS = ("sinusoidal", "learned", "none")  # "none" exists to test permutation equivariance
 SCHEDULES = ("cosine", "noam")
@@ -311,7 +311,8 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=0.1, sch
     check_training_options(label_smoothing, schedule)
     train_pairs, held_pairs = load_pairs(data)
     fingerprint = text_fingerprint(pairs_text(train_pairs + held_pairs))
-    if resume and ckpt.meta.get("data_sha256") != fingerprint:
+    if resume and not same_fingerprint(ckpt.meta.get("data_sha256"),
+                                       pairs_text(train_pairs + held_pairs)):
         raise TinyLLMError(f"--resume: the data {data!r} has changed since the run began")
     if not resume:
         tokenizer = CharTokenizer.train(pairs_text(train_pairs + held_pairs), SEQ2SEQ_SPECIAL_TOKENS)
@@ -332,7 +333,7 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=0.1, sch
     def sample(split, rng):
         return get_pair_batch(arrays[split], tc.batch_size, rng)
 
-    extra = {"data": data, "data_sha256": fingerprint, "label_smoothing": label_smoothing,
+    extra = {"data": stored_data_name(data), "data_sha256": fingerprint, "label_smoothing": label_smoothing,
              "schedule": schedule}
 
     def save(s):
