@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from tinyllm.bleu import corpus_bleu, exact_match  # noqa: E402
 from tinyllm.config import TrainConfig  # noqa: E402
 from tinyllm.decoding import translate_texts  # noqa: E402
-from tinyllm.seq2seq import Seq2SeqConfig, train_seq2seq  # noqa: E402
+from tinyllm.seq2seq import Seq2SeqConfig  # noqa: E402
+from tinyllm.seq2seq_run import train_seq2seq  # noqa: E402
 from tinyllm.seq2seq_data import load_pairs  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
 from tinyllm.train import read_metrics  # noqa: E402

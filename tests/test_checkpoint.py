@@ -254,3 +254,27 @@ def test_config_json_with_an_unknown_model_field(saved):
     edit_config(run_dir, model={**meta["model"], "n_experts": 8})
     message = load_error(run_dir)
     assert "n_experts" in message and "config.json" in message
+
+
+def test_every_model_kind_loads_with_only_the_checkpoint_module_imported(tmp_path):
+    # The table of model kinds is written out in checkpoint.py, not filled in as a side effect
+    # of importing the modules that define the families, so a fresh interpreter that imports
+    # tinyllm.checkpoint alone loads a seq2seq run.
+    import subprocess
+    import sys
+
+    from tinyllm.seq2seq import Seq2SeqConfig, init_seq2seq
+
+    tokenizer = CharTokenizer.train("abc", special_tokens=["<pad>", "<bos>", "<eos>"])
+    config = Seq2SeqConfig(vocab_size=tokenizer.vocab_size, block_size=8, n_layer=1, n_head=2,
+                           n_embd=8)
+    params = init_seq2seq(config, onp.random.default_rng(0))
+    save_checkpoint(str(tmp_path), params, adamw_init(params), {}, config, TRAIN, tokenizer, 0,
+                    kind="seq2seq")
+    code = ("import sys; from tinyllm.checkpoint import load_checkpoint;"
+            f" print(load_checkpoint({str(tmp_path)!r}, kind='seq2seq').model_config.n_embd);"
+            " print(sorted(m for m in sys.modules if m.startswith('tinyllm.cli')))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         check=True).stdout.split("\n")
+    assert out[:2] == ["8", "[]"]

@@ -92,3 +92,17 @@ def test_heldout_task_is_a_valid_task_file():
     task = parse_task(task_lines(header, records), "held-out")
     assert task.instruction == header["instruction"] and len(task.records) == 12
     assert [r["input"] for r in task.records] == [r["input"] for r in records]
+
+
+def test_the_corpus_does_not_import_the_evaluation():
+    # Data never imports evaluation code: the corpus and the few-shot evaluation share the
+    # template module, and loading the corpus leaves tinyllm.fewshot unimported.
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys, tinyllm.icl_corpus; print('tinyllm.fewshot' in sys.modules)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                         check=True).stdout.strip()
+    assert out == "False"

@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from tinyllm.checkpoint import load_checkpoint, save_checkpoint
 from tinyllm.errors import TinyLLMError
 from tinyllm.optim import adamw_init
-from tinyllm.seq2seq import (Seq2SeqConfig, decode, encode, init_seq2seq,
+from tinyllm.seq2seq import (Seq2SeqConfig, decoder_forward, encoder_forward, init_seq2seq,
                              label_smoothed_cross_entropy, label_smoothed_cross_entropy_reference,
-                             noam_lr, seq2seq_forward, seq2seq_loss, sinusoidal_positions)
+                             seq2seq_forward, seq2seq_loss, sinusoidal_positions)
+from tinyllm.seq2seq_run import noam_lr
 from tinyllm.seq2seq_data import (SEQ2SEQ_SPECIAL_TOKENS, Pair, dates_task, make_arrays,
                                   read_pairs, split_pairs)
 from tinyllm.tokenizers import CharTokenizer
@@ -128,8 +129,8 @@ def test_encoder_without_positions_is_permutation_equivariant(seed):
     params = params_for(config, seed=seed % 7)
     src = rng.integers(0, 13, size=(2, 7))
     perm = rng.permutation(7)
-    out = encode(params, src, config)
-    assert onp.allclose(encode(params, src[:, perm], config), out[:, perm], atol=1e-10)
+    out = encoder_forward(params, src, config)
+    assert onp.allclose(encoder_forward(params, src[:, perm], config), out[:, perm], atol=1e-10)
 
 
 @settings(max_examples=15, deadline=None)
@@ -153,11 +154,11 @@ def test_source_padding_never_changes_decoder_outputs(seed, extra, positions):
 def test_decoder_is_causal(seed, changed):
     rng = onp.random.default_rng(seed)
     params = params_for(seed=seed % 5)
-    memory = encode(params, rng.integers(0, 13, size=(1, 4)), TINY)
+    memory = encoder_forward(params, rng.integers(0, 13, size=(1, 4)), TINY)
     tgt = rng.integers(0, 13, size=(1, 6))
     other = tgt.copy()
     other[0, changed] = (tgt[0, changed] + 1) % 13
-    a, b = decode(params, tgt, memory, TINY), decode(params, other, memory, TINY)
+    a, b = decoder_forward(params, tgt, memory, TINY), decoder_forward(params, other, memory, TINY)
     assert onp.allclose(a[:, :changed], b[:, :changed], atol=1e-12)  # the past does not see it
     assert not onp.allclose(a[:, changed], b[:, changed])  # the position itself does
 

@@ -1,4 +1,4 @@
-"""Transformer blocks: the feed-forward MLP, and the pre-LayerNorm decoder and encoder blocks.
+"""Transformer blocks: the feed-forward MLP, the pre-LayerNorm GPT block and the encoder block.
 
 A block reads the residual stream x (B, T, C) and adds to it twice:
     x = x + attention(layer_norm(x))    # tokens exchange information
@@ -17,7 +17,7 @@ def feed_forward(x, c_fc, c_proj, dropout_p=0.0, rng=None):
     return dropout(linear(h, **c_proj), dropout_p, rng)  # (B, T, 4C) -> (B, T, C)
 
 
-def decoder_block(x, ln_1, attn, ln_2, mlp, n_head, mask, dropout_p=0.0, rng=None):
+def gpt_block(x, ln_1, attn, ln_2, mlp, n_head, mask, dropout_p=0.0, rng=None):
     """One GPT block: causal self-attention then MLP, each pre-normed and residual. (B, T, C)."""
     a = self_attention(layer_norm(x, **ln_1), **attn, n_head=n_head, mask=mask,
                        dropout_p=dropout_p, rng=rng)  # (B, T, C)
@@ -28,7 +28,7 @@ def decoder_block(x, ln_1, attn, ln_2, mlp, n_head, mask, dropout_p=0.0, rng=Non
 def encoder_block(x, ln_1, attn, ln_2, mlp, n_head, pad_mask=None, dropout_p=0.0, rng=None):
     """One encoder block (Vaswani et al. 2017, pre-LN): bidirectional self-attention, then MLP.
 
-    It is the decoder block's computation with another mask: no causal mask, so every token sees
+    It is the GPT block's computation with another mask: no causal mask, so every token sees
     every other token, and only padding (pad_mask, additive, (B, 1, 1, T) or None) is hidden.
     """
-    return decoder_block(x, ln_1, attn, ln_2, mlp, n_head, pad_mask, dropout_p, rng)
+    return gpt_block(x, ln_1, attn, ln_2, mlp, n_head, pad_mask, dropout_p, rng)

@@ -53,6 +53,10 @@ from .config import GPTConfig, TrainConfig, from_dict, to_dict
 from .errors import TinyLLMError
 from .fileio import (TMP_PREFIX, atomic_write_bytes, available_memory, check_plain_name,
                      fsync_directory, json_bytes, npz_bytes, parse_json, read_run_file)
+from .finetune import ClassifierConfig, init_classifier
+from .lora import LoRAGPTConfig, init_lora_gpt
+from .models import init_gpt
+from .seq2seq import Seq2SeqConfig, init_seq2seq
 from .tokenizers import load_tokenizer_bytes
 from .tree import flatten, unflatten
 
@@ -67,20 +71,15 @@ TOKENIZER_MAX_BYTES = 64 << 20  # a 50k-token BPE file is about 2 MB
 RNG_STATE_MAX_BYTES = 1 << 16
 FLOAT_DTYPES = ("float32", "float64")
 
-# Model families a checkpoint can hold: kind -> (config dataclass, init function(config, rng)).
-# Loading builds a fresh model of the saved config to check every array's name and shape.
-MODEL_KINDS = {}
-
-
-def register_model_kind(kind, config_cls, init_fn):
-    """Let checkpoints hold another model family (the fine-tuning and seq2seq modules do this)."""
-    MODEL_KINDS[kind] = (config_cls, init_fn)
-
-
-def _register_gpt():
-    from .models import init_gpt  # imported late: models does not need to know about checkpoints
-
-    register_model_kind("gpt", GPTConfig, init_gpt)
+# Every model family a checkpoint can hold ("kind" in config.json): kind -> (config dataclass,
+# init function(config, rng)). Loading builds a fresh model of the saved config to check every
+# array's name and shape. A new family is added here, in this one table.
+MODEL_KINDS = {
+    "gpt": (GPTConfig, init_gpt),  # pretraining and instruction fine-tuning
+    "gpt-lora": (LoRAGPTConfig, init_lora_gpt),  # instruction fine-tuning with LoRA adapters
+    "classifier": (ClassifierConfig, init_classifier),  # classification fine-tuning
+    "seq2seq": (Seq2SeqConfig, init_seq2seq),  # the encoder-decoder
+}
 
 
 @dataclass
@@ -418,8 +417,6 @@ def load_checkpoint(ckpt_dir, with_optimizer=False, kind="gpt"):
 
     `kind` is the model family the caller expects (a tuple allows several; None allows any).
     """
-    if "gpt" not in MODEL_KINDS:
-        _register_gpt()
     meta = read_meta(ckpt_dir)
     where = f"{ckpt_dir}/config.json"
     allowed = (kind,) if isinstance(kind, str) else kind

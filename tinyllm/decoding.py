@@ -14,13 +14,13 @@ Wu et al. (2016) is lp(n) = ((5 + n) / 6) ^ alpha: alpha = 0 compares raw log-pr
 import numpy as onp
 
 from .errors import TinyLLMError
-from .seq2seq import decode, encode
+from .seq2seq import decoder_forward, encoder_forward
 from .seq2seq_data import BOS, EOS, encode_source, make_arrays
 
 
 def _next_log_probs(params, config, memory, src_valid, prefixes):
     """Log-probabilities of the next token after each prefix: (R, t) ids -> (R, V) float64."""
-    logits = decode(params, prefixes, memory, config, src_valid)[:, -1]  # (R, t, V) -> (R, V)
+    logits = decoder_forward(params, prefixes, memory, config, src_valid)[:, -1]  # (R, t, V) -> (R, V)
     logits = onp.asarray(logits, dtype=onp.float64)
     logits = logits - logits.max(axis=-1, keepdims=True)
     return logits - onp.log(onp.exp(logits).sum(axis=-1, keepdims=True))
@@ -33,7 +33,7 @@ def greedy_decode(params, config, src, src_valid, bos, eos, max_len):
     it emits <eos>, and all stop after `max_len` tokens (at most block_size - 1).
     """
     max_len = min(max_len, config.block_size - 1)
-    memory = encode(params, src, config, src_valid)  # (B, S, C)
+    memory = encoder_forward(params, src, config, src_valid)  # (B, S, C)
     prefixes = onp.full((src.shape[0], 1), bos, dtype=onp.int32)  # (B, 1)
     done = onp.zeros(src.shape[0], dtype=bool)
     for _ in range(max_len):
@@ -68,7 +68,7 @@ def beam_search(params, config, src_ids, bos, eos, max_len, beam_size=4, alpha=0
     """
     max_len = min(max_len, config.block_size - 1)
     src = onp.asarray([src_ids], dtype=onp.int32)  # (1, S)
-    memory = encode(params, src, config)  # (1, S, C)
+    memory = encoder_forward(params, src, config)  # (1, S, C)
     alive = [([], 0.0)]  # (tokens, total log-probability)
     finished = []
     for _ in range(max_len):

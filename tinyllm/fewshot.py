@@ -15,7 +15,8 @@ The header line is optional and so are both its keys. "instruction" is put at th
 prompt (it is all a zero-shot prompt has); "choices" is the closed set of answers, when there
 is one. Inputs, outputs and the instruction are single-line strings.
 
-The template (the same one the generated corpus in tinyllm/icl_corpus.py is written in):
+The template (tinyllm/fewshot_template.py; the generated corpus in tinyllm/icl_corpus.py is
+written in the same one):
 
     {instruction}\\n              (only if the task has one)
     {input}{output}\\n            one line per demonstration: the answer right after its input
@@ -49,6 +50,16 @@ intervals, and read a zero-shot row on one small task with that in mind.
 
 A prompt plus its answer must fit in the model's context (block_size tokens); a longer one is
 an error naming the task file and line (no silent truncation, which would change k).
+
+`run_fewshot` is what `tinyllm fewshot` does; it returns the results file's content:
+
+    {"format": "tinyllm-fewshot-results", "version": 1, "checkpoint": absolute path, "iter": N,
+     "seed": S, "shots": [0, 1, ...], "template": "...",
+     "tasks": [{"path", "records", "scoring": "choices" | "exact-match", "results": [row, ...]}],
+     "pooled": [row, ...], "icl_score": {...} or null}
+
+where a row is {"k", "correct", "n", "accuracy", "ci95": [low, high], "chance"} (`accuracy_row`)
+and the ICL score is described at `icl_score`.
 """
 
 import json
@@ -58,10 +69,15 @@ from dataclasses import dataclass
 
 import numpy as onp
 
+from .checkpoint import load_checkpoint
+from .data import load_corpus, train_val_split
 from .errors import TinyLLMError
+from .fewshot_template import build_prompt
+from .fileio import atomic_write_json
 from .models import gpt_forward
 
-SEPARATOR = ""  # between input and output on a demonstration line (none: see the module docstring)
+RESULTS_FORMAT = "tinyllm-fewshot-results"
+RESULTS_VERSION = 1
 HEADER_KEYS = {"instruction", "choices"}
 Z_95 = 1.959963984540054  # the standard normal quantile for a two-sided 95% interval
 
@@ -158,24 +174,23 @@ def task_lines(header, records):
 # ----------------------------------------------------------------------------- prompts
 
 
-def demo_line(record):
-    """One demonstration. Example: {"input": "q", "output": "7"} -> "q7\\n"."""
-    return f"{record['input']}{SEPARATOR}{record['output']}\n"
+def examples_prompt(path, shots, prompt, tokenizer):
+    """`tinyllm generate --examples FILE --shots K`: K demonstrations, then the user's prompt.
 
-
-def build_prompt(instruction, demos, query_input):
-    """The k-shot prompt. Example: (None, [{"input": "a", "output": "x"}], "b") -> "ax\\nb"."""
-    head = instruction + "\n" if instruction else ""
-    return head + "".join(demo_line(d) for d in demos) + query_input + SEPARATOR
-
-
-def fewshot_prefix(task, k):
-    """Instruction plus the task's first k records as demonstrations (for `generate --examples`)."""
-    if k > len(task.records):
-        raise TinyLLMError(f"{task.path}: --shots {k} asks for more demonstrations than its"
+    The demonstrations are the task file's first K records, in the fewshot template, so a person
+    can try by hand exactly the prompts `tinyllm fewshot` measures: `prompt` is the query input.
+    """
+    if shots < 0:
+        raise TinyLLMError(f"--shots must be >= 0, got {shots}")
+    task = read_task(path)
+    if shots > len(task.records):
+        raise TinyLLMError(f"{task.path}: --shots {shots} asks for more demonstrations than its"
                            f" {len(task.records)} records")
-    head = task.instruction + "\n" if task.instruction else ""
-    return head + "".join(demo_line(r) for r in task.records[:k])
+    for record in task.records[:shots]:
+        encode_for(tokenizer, record["input"] + record["output"], task, record)
+    if task.instruction:
+        encode_for(tokenizer, task.instruction, task, {"line": 1})
+    return build_prompt(task.instruction, task.records[:shots], prompt)
 
 
 def demo_orders(n_records, queries, rng):
@@ -410,3 +425,72 @@ def icl_score(params, config, ids, n_windows=200, seed=0, batch=16):
             "early_loss": float(losses[:, early].mean()), "late_loss": float(losses[:, late].mean()),
             "score": float(diff.mean()), "stderr": float(diff.std(ddof=1) / math.sqrt(len(diff))),
             "n_windows": int(n_windows)}
+
+
+def heldout_ids(ckpt, data=None):
+    """Token ids of held-out text for the ICL score: `data`, or the checkpoint corpus's val split.
+
+    Pretraining validates on the last 10% of its corpus and never trains on it, so that part is
+    held out. A file or corpus named by `data` (--icl-data) is used whole.
+    Returns (ids, description).
+    """
+    if data is None:
+        data = ckpt.meta.get("data") or "pydoc"
+        text = load_corpus(data)
+        return train_val_split(ckpt.tokenizer.encode(text))[1], f"{data} (validation split)"
+    try:
+        return ckpt.tokenizer.encode(load_corpus(data)), data
+    except TinyLLMError as err:
+        raise TinyLLMError(f"--icl-data {data}: {err}") from None
+
+
+def format_icl(icl):
+    """The ICL score as the line `tinyllm fewshot` prints."""
+    return (f"in-context learning score on {icl['data']}: {icl['score']:+.3f} nats"
+            f" (+/- {icl['stderr']:.3f}) = loss at token {icl['late_position']}"
+            f" ({icl['late_loss']:.3f}) - loss at token {icl['early_position']}"
+            f" ({icl['early_loss']:.3f}), {icl['n_windows']} windows")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=None,
+                icl_windows=200, log=None):
+    """What `tinyllm fewshot` does: score a checkpoint on task files for each k in `shots`.
+
+    Every task file is read and checked before the model is loaded (the slow part comes last).
+    Returns the results file's content (see the module docstring); `write_results` saves it.
+    """
+    log = log or (lambda line: None)
+    if icl_windows < 0:
+        raise TinyLLMError(f"--icl-windows must be >= 0, got {icl_windows}")
+    tasks = [read_task(p) for p in task_paths]
+    for task in tasks:
+        check_enough_records(task, max(shots))
+    ckpt = load_checkpoint(checkpoint)
+    per_task = []
+    for task in tasks:
+        log(f"{task.path}: {len(task.records)} records,"
+            f" {'choices (log-likelihood)' if task.choices else 'exact match (greedy)'}")
+        per_task.append(evaluate_task(ckpt.params, ckpt.model_config, ckpt.tokenizer, task,
+                                      shots, n_queries, seed, log=lambda line: log("  " + line)))
+    icl = None
+    if icl_windows:
+        ids, source = heldout_ids(ckpt, icl_data)
+        icl = {"data": source, **icl_score(ckpt.params, ckpt.model_config, onp.asarray(ids),
+                                           icl_windows, seed)}
+    return {
+        "format": RESULTS_FORMAT, "version": RESULTS_VERSION,
+        "checkpoint": os.path.abspath(checkpoint), "iter": ckpt.iter, "seed": seed,
+        "shots": list(shots), "template": "{instruction}\\n{input}{output}\\n...{input}",
+        "tasks": [{"path": t.path, "records": len(t.records),
+                   "scoring": "choices" if t.choices else "exact-match", "results": rows}
+                  for t, rows in zip(tasks, per_task)],
+        "pooled": pool_results(per_task), "icl_score": icl,
+    }
+
+
+def write_results(path, results):
+    """Save the dict `run_fewshot` returns as JSON, atomically."""
+    atomic_write_json(path, results)

@@ -11,7 +11,7 @@ states (B, T, C) are pooled into one vector per sequence:
   - "mean": the average over real tokens (padding gets weight 0).
   - "first": the state at the first token; meaningful for the bidirectional encoder only.
 With `arch="encoder"` the same parameter tree runs as a bidirectional encoder
-(models.encoder_hidden), padding hidden by an attention mask; it pools by "mean" by default.
+(models.bidirectional_hidden), padding hidden by an attention mask; it pools by "mean" by default.
 
 Instruction tuning. Each record becomes prompt + response + <|endoftext|> with the template
 below (a simplified Alpaca layout: Alpaca's preamble and "###" headers cost ~100 tokens, more
@@ -26,7 +26,8 @@ import numpy as onp
 
 from .config import GPTConfig
 from .errors import TinyLLMError
-from .models import INIT_STD, encoder_hidden, gpt_hidden, init_gpt
+from .lora import apply_lora, init_lora
+from .models import INIT_STD, bidirectional_hidden, gpt_hidden, init_gpt
 from .ops import cross_entropy, linear
 from .tree import flatten, unflatten
 
@@ -75,8 +76,6 @@ def init_head(rng, c, k, dtype="float32"):
 
 def init_classifier(config, rng, dtype="float32"):
     """Fresh classifier parameters: the GPT tree without its LM head, plus "cls_head"."""
-    from .lora import init_lora  # imported late: lora imports this module's neighbours
-
     params = init_gpt(config.gpt(), rng, dtype)
     params.pop("lm_head", None)
     params["cls_head"] = init_head(rng, config.n_embd, config.n_classes, dtype)
@@ -87,8 +86,6 @@ def init_classifier(config, rng, dtype="float32"):
 
 def classifier_from_gpt(gpt_params, config, rng):
     """A classifier that starts from pretrained GPT parameters: the LM head is replaced."""
-    from .lora import init_lora
-
     params = {k: v for k, v in gpt_params.items() if k != "lm_head"}
     params["cls_head"] = init_head(rng, config.n_embd, config.n_classes,
                                    gpt_params["wte"].dtype)
@@ -121,13 +118,11 @@ def pool(hidden, valid, how):
 
 def classifier_logits(params, ids, valid, config, rng=None):
     """Class logits: ids (B, T) and valid (B, T) -> (B, K)."""
-    from .lora import apply_lora
-
     if "lora" in params:
         params = apply_lora(params, config.lora_alpha / config.lora_rank)
     gpt_config = config.gpt()
     if config.arch == "encoder":
-        hidden = encoder_hidden(params, ids, gpt_config, valid=valid, rng=rng)  # (B, T, C)
+        hidden = bidirectional_hidden(params, ids, gpt_config, valid=valid, rng=rng)  # (B, T, C)
     else:
         hidden = gpt_hidden(params, ids, gpt_config, rng)  # (B, T, C)
     return linear(pool(hidden, valid, config.pooling), **params["cls_head"])  # (B, C) -> (B, K)

@@ -17,23 +17,23 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 
 import numpy as onp
 
-from .checkpoint import load_checkpoint, register_model_kind, save_checkpoint
-from .config import GPTConfig, TrainConfig
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, GPTConfig, TrainConfig
 from .errors import TinyLLMError
 from .fileio import atomic_write_json, atomic_write_text
 from .finetune import (ClassifierConfig, classifier_from_gpt, classifier_loss, confusion_matrix,
-                       exact_match, format_prompt, greedy_batch, init_classifier, instruction_example,
+                       exact_match, format_prompt, greedy_batch, instruction_example,
                        merge_params, pad_batch, precision_recall, predict_proba, split_params,
                        token_f1, trainable_paths)
 from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
                             default_classification_data, default_instruction_data,
                             encode_with_fallback, label_ids, read_classification,
                             read_instructions, split_three, with_unknown_token)
-from .lora import init_lora, merge_lora
+from .lora import LoRAGPTConfig, init_lora, merge_lora
 from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init
 from .train import (SPECIAL_TOKENS, Committed, prepare_out_dir, read_metrics, start_out_dir,
@@ -43,28 +43,6 @@ from .tree import flatten
 METRICS_FORMAT = "tinyllm-finetune-metrics"
 METRICS_VERSION = 1
 EOT = SPECIAL_TOKENS[0]
-
-
-@dataclass(frozen=True)
-class LoRAGPTConfig(GPTConfig):
-    """A GPT (every GPTConfig field) plus LoRA adapters (an instruction-tuned run with --lora-rank)."""
-
-    lora_rank: int = 4
-    lora_alpha: float = 8.0
-
-    def gpt(self):
-        """The underlying GPTConfig."""
-        return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
-
-
-def _init_lora_gpt(config, rng):
-    params = init_gpt(config.gpt(), rng)
-    params["lora"] = init_lora(params, config.lora_rank, rng)
-    return params
-
-
-register_model_kind("classifier", ClassifierConfig, init_classifier)
-register_model_kind("gpt-lora", LoRAGPTConfig, _init_lora_gpt)
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -91,8 +69,9 @@ def load_base(checkpoint, random_init, seed, log):
 
         # The same tokenizer and architecture `tinyllm pretrain` uses by default, so that a run
         # without --checkpoint is the from-scratch baseline for a default pretrained model.
-        tokenizer = train_tokenizer("char", load_corpus(None), 0, special_tokens=SPECIAL_TOKENS)
-        config = replace(GPTConfig(bias=False), vocab_size=tokenizer.vocab_size)
+        tokenizer = train_tokenizer(DEFAULT_TOKENIZER, load_corpus(None), DEFAULT_BPE_VOCAB_SIZE,
+                                    special_tokens=SPECIAL_TOKENS)
+        config = replace(GPTConfig(), vocab_size=tokenizer.vocab_size)
         params = init_gpt(config, onp.random.default_rng(seed))
         log("base model: none (random initialisation, the default pretraining architecture)")
     return params, config, tokenizer

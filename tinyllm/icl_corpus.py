@@ -4,7 +4,7 @@ In-context learning needs the right data more than a big model (Chan et al. 2022
 Distributional Properties Drive Emergent In-Context Learning"; Garg et al. 2022, "What Can
 Transformers Learn In-Context?"). So this corpus is a long run of *episodes*. Each episode
 draws a fresh random function and then writes demonstrations of it, one per line, in exactly
-the template `tinyllm fewshot` uses for its prompts (see tinyllm/fewshot.py):
+the template `tinyllm fewshot` uses for its prompts (tinyllm/fewshot_template.py):
 
     map each letter to a digit        <- the instruction line (in half of the episodes)
     q7                                <- "{input}{output}", inputs drawn with replacement
@@ -18,7 +18,7 @@ earlier in the episode and copy what followed it: the induction-head pattern of 
 (2022). The first time an input appears its output is unpredictable (a uniform guess).
 
 Families (input alphabet -> output alphabet): letters -> letters, letters -> digits,
-digits -> letters. An episode's function is defined on a random domain of 2 to 8 inputs, and
+digits -> letters. An episode's function is defined on a random domain of 2 to 6 inputs, and
 outputs are drawn with replacement (a random function, not a permutation), so an undemonstrated
 input cannot be guessed by elimination either.
 
@@ -38,7 +38,7 @@ import functools
 
 import numpy as onp
 
-from .fewshot import demo_line
+from .fewshot_template import demo_line, instruction_line
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DIGITS = "0123456789"
@@ -82,15 +82,14 @@ def episode_text(instruction, records):
     Example: ("map each digit to a letter", [{"input": "3", "output": "q"}])
         -> "map each digit to a letter\\n3q\\n\\n"
     """
-    head = instruction + "\n" if instruction else ""
-    return head + "".join(demo_line(r) for r in records) + "\n"
+    return instruction_line(instruction) + "".join(demo_line(r) for r in records) + "\n"
 
 
 def repeat_episode(rng):
     """A random string of 4 to 10 letters and digits on 3 to 6 lines. Example: "k2qz\\nk2qz\\n..."."""
     alphabet = LETTERS + DIGITS
     line = "".join(alphabet[i] for i in rng.integers(0, len(alphabet), size=rng.integers(4, 11)))
-    head = REPEAT_INSTRUCTION + "\n" if rng.random() < 0.5 else ""
+    head = instruction_line(REPEAT_INSTRUCTION if rng.random() < 0.5 else None)
     return head + (line + "\n") * int(rng.integers(3, 7)) + "\n"
 
 

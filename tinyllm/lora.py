@@ -17,8 +17,12 @@ inside a traced loss it is differentiable in A and B.
 """
 
 import math
+from dataclasses import dataclass, fields
 
 import numpy as onp
+
+from .config import GPTConfig
+from .models import count_params, init_gpt
 
 LORA_TARGETS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
 
@@ -67,6 +71,23 @@ def count_lora(params):
     """Number of adapter parameters in a tree (0 without LoRA)."""
     if "lora" not in params:
         return 0
-    from .models import count_params
-
     return count_params(params["lora"])
+
+
+@dataclass(frozen=True)
+class LoRAGPTConfig(GPTConfig):
+    """A GPT (every GPTConfig field) plus LoRA adapters (an instruction-tuned run with --lora-rank)."""
+
+    lora_rank: int = 4  # r: the adapters' inner size
+    lora_alpha: float = 8.0  # the change is scaled by alpha / r
+
+    def gpt(self):
+        """The underlying GPTConfig."""
+        return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
+
+
+def init_lora_gpt(config, rng, dtype="float32"):
+    """Fresh GPT parameters with fresh adapters under "lora" (checkpoint kind "gpt-lora")."""
+    params = init_gpt(config.gpt(), rng, dtype)
+    params["lora"] = init_lora(params, config.lora_rank, rng)
+    return params

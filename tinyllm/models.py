@@ -1,5 +1,5 @@
 """Models as pure functions over dicts of arrays: GPT (decoder-only) init, forward and loss,
-and a bidirectional encoder over the same parameter tree.
+and the same parameter tree run bidirectionally.
 
 Parameter tree of a GPT (shapes with V vocab, T block size, C channels, L layers):
     wte (V, C)            token embedding
@@ -17,7 +17,7 @@ import autograd.numpy as np
 import numpy as onp
 from autograd.tracer import getval
 
-from .blocks import decoder_block, encoder_block
+from .blocks import encoder_block, gpt_block
 from .errors import TinyLLMError
 from .ops import causal_mask, cross_entropy, dropout, embedding, layer_norm, linear, padding_mask
 from .tree import tree_leaves
@@ -44,7 +44,7 @@ def init_layer_norm(c, bias, dtype="float32"):
     return norm
 
 
-def init_decoder_block(rng, config, dtype="float32"):
+def init_gpt_block(rng, config, dtype="float32"):
     """One GPT block's parameters."""
     c, bias = config.n_embd, config.bias
     # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 L), since each
@@ -71,7 +71,7 @@ def init_gpt(config, rng, dtype="float32"):
     params = {
         "wte": (rng.standard_normal((v, c)) * INIT_STD).astype(dtype),
         "wpe": (rng.standard_normal((t, c)) * INIT_STD).astype(dtype),
-        "h": [init_decoder_block(rng, config, dtype) for _ in range(config.n_layer)],
+        "h": [init_gpt_block(rng, config, dtype) for _ in range(config.n_layer)],
         "ln_f": init_layer_norm(c, config.bias, dtype),
     }
     if not config.tie_weights:
@@ -104,13 +104,13 @@ def gpt_hidden(params, ids, config, rng=None):
     x = embed(params, ids, config, rng)  # (B, T, C)
     mask = causal_mask(ids.shape[1], getval(params["wte"]).dtype)  # (T, T), broadcast over (B, H)
     for block in params["h"]:
-        x = decoder_block(x, **block, n_head=config.n_head, mask=mask,
-                          dropout_p=config.dropout, rng=rng)  # (B, T, C)
+        x = gpt_block(x, **block, n_head=config.n_head, mask=mask,
+                      dropout_p=config.dropout, rng=rng)  # (B, T, C)
     return layer_norm(x, **params["ln_f"])  # (B, T, C)
 
 
-def encoder_hidden(params, ids, config, valid=None, rng=None):
-    """A bidirectional encoder over the same parameter tree as a GPT: ids (B, T) -> (B, T, C).
+def bidirectional_hidden(params, ids, config, valid=None, rng=None):
+    """The GPT parameter tree run bidirectionally (as an encoder): ids (B, T) -> (B, T, C).
 
     The only difference from `gpt_hidden` is the mask: no causal mask, so each position sees the
     whole sequence; `valid` (B, T) of 0/1 marks real tokens, and padding is hidden from attention.

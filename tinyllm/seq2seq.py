@@ -17,16 +17,12 @@ Parameter tree (V vocab, C channels, L = n_layer, P = block_size):
     dec_ln_f                the decoder's final layer norm
     lm_head {"w": (C, V)}   only when the output head is not tied to the target embedding
 
-A run directory is a standard tinyllm checkpoint (see checkpoint.py) with "kind": "seq2seq",
-"model": the Seq2SeqConfig fields, and three more fields in config.json: "label_smoothing",
-"schedule" ("cosine" or "noam") and "data" (the PAIRS path, or null for the embedded task) with
-its "data_sha256". The tokenizer is a char tokenizer over both sides with the special tokens
-<pad>, <bos> and <eos>.
+This file is the model only (config, init, encoder and decoder forward passes, loss); the
+training run is tinyllm/seq2seq_run.py and decoding is tinyllm/decoding.py.
 """
 
 import math
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import autograd.numpy as np
 import numpy as onp
@@ -34,20 +30,12 @@ from autograd.tracer import getval
 
 from .attention import cross_attention, self_attention
 from .blocks import encoder_block, feed_forward
-from .bleu import exact_match
-from .checkpoint import load_checkpoint, register_model_kind, save_checkpoint
 from .errors import TinyLLMError
-from .models import INIT_STD, count_params, init_decoder_block, init_layer_norm, init_linear
+from .models import INIT_STD, init_gpt_block, init_layer_norm, init_linear
 from .ops import (causal_mask, cross_entropy, dropout, embedding, layer_norm, linear, log_softmax,
                   padding_mask)
-from .seq2seq_data import (SEQ2SEQ_SPECIAL_TOKENS, encode_pairs, get_pair_batch, load_pairs,
-                           make_arrays, pairs_text)
-from .tokenizers import CharTokenizer
-from .train import (prepare_out_dir, read_metrics, same_fingerprint, start_out_dir,
-                    starting_state, stored_data_name, text_fingerprint, train_loop)
 
 POSITIONS = ("sinusoidal", "learned", "none")  # "none" exists to test permutation equivariance
-SCHEDULES = ("cosine", "noam")
 
 
 @dataclass(frozen=True)
@@ -85,7 +73,7 @@ class Seq2SeqConfig:
 def init_cross_decoder_block(rng, config, dtype="float32"):
     """A decoder block with cross-attention: a GPT block plus "ln_3" and "xattn"."""
     c, bias = config.n_embd, config.bias
-    block = init_decoder_block(rng, config, dtype)  # ln_1, attn, ln_2, mlp
+    block = init_gpt_block(rng, config, dtype)  # ln_1, attn, ln_2, mlp
     # GPT-2 scales each projection into the residual stream by 1/sqrt(number of residual writes);
     # this block writes 3 times, not 2, so its projections get 0.02/sqrt(3 L), not 0.02/sqrt(2 L)
     proj_std = INIT_STD / math.sqrt(3 * config.n_layer)
@@ -110,7 +98,7 @@ def init_seq2seq(config, rng, dtype="float32"):
         params["tgt_wte"] = table(v)
     if config.positions == "learned":
         params["src_wpe"], params["tgt_wpe"] = table(p), table(p)
-    params["encoder"] = [init_decoder_block(rng, config, dtype) for _ in range(config.n_layer)]
+    params["encoder"] = [init_gpt_block(rng, config, dtype) for _ in range(config.n_layer)]
     params["enc_ln_f"] = init_layer_norm(c, config.bias, dtype)
     params["decoder"] = [init_cross_decoder_block(rng, config, dtype) for _ in range(config.n_layer)]
     params["dec_ln_f"] = init_layer_norm(c, config.bias, dtype)
@@ -118,8 +106,6 @@ def init_seq2seq(config, rng, dtype="float32"):
         params["lm_head"] = {"w": (rng.standard_normal((c, v)) * INIT_STD).astype(dtype)}
     return params
 
-
-register_model_kind("seq2seq", Seq2SeqConfig, init_seq2seq)
 
 
 # ----------------------------------------------------------------------------- positions, embedding
@@ -173,7 +159,7 @@ def output_weight(params):
 # ----------------------------------------------------------------------------- encoder, decoder
 
 
-def encode(params, src, config, src_valid=None, rng=None):
+def encoder_forward(params, src, config, src_valid=None, rng=None):
     """The encoder: source ids (B, S), valid (B, S) of 0/1 or None -> memory (B, S, C).
 
     Bidirectional: no causal mask; only padding is hidden (by `blocks.encoder_block`).
@@ -204,7 +190,7 @@ def cross_decoder_block(x, memory, ln_1, attn, ln_2, xattn, ln_3, mlp, n_head, s
     return x + feed_forward(layer_norm(x, **ln_3), **mlp, dropout_p=dropout_p, rng=rng)
 
 
-def decode(params, tgt_in, memory, config, src_valid=None, rng=None):
+def decoder_forward(params, tgt_in, memory, config, src_valid=None, rng=None):
     """The decoder: target ids (B, T) and memory (B, S, C) -> next-token logits (B, T, V)."""
     x = embed_tokens(target_table(params), tgt_in, params.get("tgt_wpe"), config, rng)  # (B, T, C)
     dtype = getval(params["src_wte"]).dtype
@@ -218,8 +204,8 @@ def decode(params, tgt_in, memory, config, src_valid=None, rng=None):
 
 def seq2seq_forward(params, src, tgt_in, config, src_valid=None, rng=None):
     """Teacher-forced logits: source (B, S), shifted target (B, T) -> (B, T, V)."""
-    memory = encode(params, src, config, src_valid, rng)  # (B, S, C)
-    return decode(params, tgt_in, memory, config, src_valid, rng)
+    memory = encoder_forward(params, src, config, src_valid, rng)  # (B, S, C)
+    return decoder_forward(params, tgt_in, memory, config, src_valid, rng)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -264,112 +250,3 @@ def seq2seq_loss(params, batch, config, smoothing=0.0, rng=None):
     v = logits.shape[-1]
     return label_smoothed_cross_entropy(np.reshape(logits, (-1, v)), onp.reshape(tgt_out, (-1,)),
                                         onp.reshape(tgt_mask, (-1,)), smoothing)
-
-
-# ----------------------------------------------------------------------------- schedule
-
-
-def noam_lr(it, d_model, warmup_iters, scale=1.0):
-    """The paper's learning rate (section 5.3) at step `it` (from 0; the paper counts from 1):
-
-        lr = scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5),   step = it + 1
-
-    It rises linearly for `warmup_iters` steps, peaks at d_model^-0.5 * warmup^-0.5, then decays
-    as 1 / sqrt(step). Example: d_model 128, warmup 400 -> peak at it = 399: 0.0884 * 0.05 = 0.00442;
-    it = 1599 (step 1600): 0.0884 / 40 = 0.00221, half the peak.
-    """
-    step = it + 1
-    return scale * d_model**-0.5 * min(step**-0.5, step * max(1, warmup_iters) ** -1.5)
-
-
-# ----------------------------------------------------------------------------- a training run
-
-
-def learning_rate_schedule(name, d_model, tc):
-    """The learning rate by step for `train.train_loop`: "cosine" (warm-up + cosine, the loop's
-    own default: None) or "noam" (the paper's, `noam_lr`, which ignores --lr and --min-lr)."""
-    if name == "cosine":
-        return None
-    return lambda it: noam_lr(it, d_model, tc.warmup_iters)
-
-
-def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=0.1, schedule="cosine",
-                  resume=False, force=False, max_iters=None, eval_examples=500, log=print):
-    """Train an encoder-decoder on PAIRS (a file or the embedded task) with checkpoints in out_dir.
-
-    With resume=True the model, tokenizer, data and training settings come from the checkpoint;
-    only `max_iters` may change. Ends with greedy decoding of up to `eval_examples` held-out
-    pairs. Returns a summary dict.
-    """
-    prepare_out_dir(out_dir, resume, force)
-    if resume:
-        ckpt = load_checkpoint(out_dir, with_optimizer=True, kind="seq2seq")
-        model_config, tokenizer, data = ckpt.model_config, ckpt.tokenizer, ckpt.meta.get("data")
-        label_smoothing, schedule = ckpt.meta["label_smoothing"], ckpt.meta["schedule"]
-        tc = replace(ckpt.train_config, max_iters=max_iters or ckpt.train_config.max_iters)
-    tc.validate()
-    check_training_options(label_smoothing, schedule)
-    train_pairs, held_pairs = load_pairs(data)
-    fingerprint = text_fingerprint(pairs_text(train_pairs + held_pairs))
-    if resume and not same_fingerprint(ckpt.meta.get("data_sha256"),
-                                       pairs_text(train_pairs + held_pairs)):
-        raise TinyLLMError(f"--resume: the data {data!r} has changed since the run began")
-    if not resume:
-        tokenizer = CharTokenizer.train(pairs_text(train_pairs + held_pairs), SEQ2SEQ_SPECIAL_TOKENS)
-        model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
-    model_config.validate()
-    arrays = split_arrays(tokenizer, model_config.block_size, train_pairs, held_pairs)
-    start_out_dir(out_dir, resume, force)
-
-    state = starting_state(out_dir, tc, lambda rng: init_seq2seq(model_config, rng),
-                           ckpt if resume else None, log)
-    log(f"data: {data or 'dates (embedded task)'}, {len(train_pairs):,} training and"
-        f" {len(held_pairs):,} held-out pairs (vocab {tokenizer.vocab_size});"
-        f" model: {count_params(state.params):,} parameters")
-
-    def loss_fn(params, batch, rng):
-        return seq2seq_loss(params, batch, model_config, label_smoothing, rng)
-
-    def sample(split, rng):
-        return get_pair_batch(arrays[split], tc.batch_size, rng)
-
-    extra = {"data": stored_data_name(data), "data_sha256": fingerprint, "label_smoothing": label_smoothing,
-             "schedule": schedule}
-
-    def save(s):
-        save_checkpoint(out_dir, s.params, s.opt_state, s.rng_state, model_config, tc, tokenizer,
-                        s.iteration, extra={**extra, "last_eval_iter": s.last_eval_iter},
-                        kind="seq2seq")
-
-    t0 = time.perf_counter()
-    tokens = tc.batch_size * (arrays["train"][0].shape[1] + arrays["train"][2].shape[1])
-    state = train_loop(state, tc, loss_fn, sample, save, out_dir, tokens,
-                       lr_fn=learning_rate_schedule(schedule, model_config.n_embd, tc))
-    seconds = time.perf_counter() - t0
-    scored = held_pairs[:eval_examples]
-    from .decoding import translate_texts  # imported here: decoding imports this module
-
-    outputs = translate_texts(state.params, model_config, tokenizer, [p.source for p in scored],
-                              [p.where for p in scored])
-    return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
-            "seconds": seconds, "final": read_metrics(out_dir)[-1], "held_out": len(scored),
-            "exact_match": exact_match(outputs, [p.target for p in scored]),
-            "examples": list(zip(scored[:5], outputs[:5]))}
-
-
-def check_training_options(label_smoothing, schedule):
-    """One-line errors for seq2seq-specific training settings."""
-    if not 0.0 <= label_smoothing < 1.0:
-        raise TinyLLMError(f"--label-smoothing must be in [0, 1), got {label_smoothing}")
-    if schedule not in SCHEDULES:
-        raise TinyLLMError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-
-
-def split_arrays(tokenizer, block_size, train_pairs, held_pairs):
-    """Encode both splits and pad them to the same lengths: {"train": arrays, "val": arrays}."""
-    encoded = {"train": encode_pairs(tokenizer, train_pairs, block_size),
-               "val": encode_pairs(tokenizer, held_pairs, block_size)}
-    src_len = max(len(s) for sources, _ in encoded.values() for s in sources)
-    tgt_len = max(len(t) for _, targets in encoded.values() for t in targets) + 1
-    return {split: make_arrays(src, tgt, tokenizer.special_tokens, src_len, tgt_len)
-            for split, (src, tgt) in encoded.items()}

@@ -43,16 +43,17 @@ from dataclasses import dataclass, replace
 import autograd
 import numpy as onp
 
-from .checkpoint import first_non_finite, load_checkpoint, remove_leftovers, save_checkpoint
-from .data import (EMBEDDED_CORPORA, check_long_enough, get_batch, load_corpus, read_text_file,
-                   train_val_split)
-from .errors import TinyLLMError
-from .fileio import TMP_PREFIX, atomic_write_text, available_memory, open_regular, read_fd
-
 try:
     import fcntl  # POSIX; on Windows runs are not locked
 except ImportError:  # pragma: no cover
     fcntl = None
+
+from .checkpoint import first_non_finite, load_checkpoint, remove_leftovers, save_checkpoint
+from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER
+from .data import (EMBEDDED_CORPORA, check_long_enough, get_batch, load_corpus, read_text_file,
+                   train_val_split)
+from .errors import TinyLLMError
+from .fileio import TMP_PREFIX, atomic_write_text, available_memory, open_regular, read_fd
 from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init, adamw_step, clip_scale, global_norm, lr_at
 from .progress import Progress
@@ -536,8 +537,9 @@ def check_memory(needed, what):
                            f" has {free / 1e9:,.1f} GB free")
 
 
-def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind="char", vocab_size=512,
-             resume=False, force=False, max_iters=None, log=print, special_tokens=SPECIAL_TOKENS):
+def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENIZER,
+             vocab_size=DEFAULT_BPE_VOCAB_SIZE, resume=False, force=False, max_iters=None,
+             log=print, special_tokens=SPECIAL_TOKENS):
     """Pretrain a GPT on a corpus (a file or an embedded name) and keep checkpoints in out_dir.
 
     With resume=True the model, tokenizer and training settings come from the checkpoint;
