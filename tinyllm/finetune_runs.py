@@ -26,7 +26,7 @@ A fine-tuning run directory is a checkpoint (see tinyllm/checkpoint.py) plus:
     responses.jsonl   (instruct) one line per test record: instruction, input, reference, response
 Its config.json has kind "classifier" (model fields of ClassifierConfig, "labels": the class
 names in id order) or, for instruction tuning, "gpt" (or "gpt-lora" with adapters), plus
-"finetune": the settings, "data_sha256": the fingerprints of the data files, and "best_iter".
+"finetune": the settings, "data_files_sha256": the fingerprints of the data files, and "best_iter".
 """
 
 import dataclasses
@@ -195,7 +195,7 @@ def data_fingerprints(settings):
 
 def check_data_unchanged(ckpt, settings):
     """--resume trains on the data the run began with, or not at all."""
-    if ckpt.meta.get("data_sha256", {}) != data_fingerprints(settings):
+    if ckpt.meta.get("data_files_sha256", {}) != data_fingerprints(settings):
         raise TinyLLMError(f"--resume: the data file(s) of this run changed since it began"
                            f" ({settings.data}); start a new run instead")
 
@@ -320,7 +320,7 @@ def resumed_best(out_dir, ckpt, trainable):
     if top["iter"] == ckpt.iter:
         return BestWeights(top["iter"], top["val_loss"], trainable, since)
     path = os.path.join(out_dir, BEST_FILE)
-    arrays = read_npz(path) if os.path.exists(path) else {}
+    arrays = read_npz(out_dir, BEST_FILE) if os.path.exists(path) else {}
     if int(arrays.get("_iter", -1)) != top["iter"]:
         raise TinyLLMError(f"--resume: {path} does not hold the weights of the best evaluation"
                            f" (iteration {top['iter']}); start a new run instead")
@@ -537,7 +537,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     log_trainable(params, paths, f"LoRA rank {config.lora_rank}: adapters and head"
                   if config.lora_rank else f"--freeze {s.freeze}", log)
     extra = {"labels": labels, "finetune": {"task": "classify", **stored_settings(s)},
-             "data_sha256": data_fingerprints(s), "before": before}
+             "data_files_sha256": data_fingerprints(s), "before": before}
 
     def save_full(full, opt_state, st, best_iter):
         save_checkpoint(out, full, opt_state, st.rng_state, config, tc, tokenizer, st.iteration,
@@ -803,7 +803,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     log_trainable(params, paths, "LoRA adapters" if "lora" in params else "all weights", log)
     kind = "gpt-lora" if "lora" in params else "gpt"
     extra = {"finetune": {"task": "instruct", **stored_settings(s)},
-             "data_sha256": data_fingerprints(s), "before": before,
+             "data_files_sha256": data_fingerprints(s), "before": before,
              "template": "Instruction: {instruction}\\nInput: {input}\\nResponse: "}
 
     def save_full(full, opt_state, st, best_iter):
