@@ -159,18 +159,6 @@ def test_token_f1_is_symmetric_and_bounded(a, b):
     assert 0.0 <= token_f1(a, b) <= 1.0
 
 
-def test_batched_greedy_decoding_equals_one_at_a_time(tiny_config, params32):
-    from tinyllm.finetune import greedy_batch
-    from tinyllm.generate import generate_ids
-
-    prompts, limits, eot = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 1]], [4, 6, 5], 10
-    batched = greedy_batch(params32, tiny_config, prompts, limits, eot)
-    for prompt, limit, got in zip(prompts, limits, batched):
-        want = generate_ids(params32, tiny_config, prompt, min(limit, 8 - len(prompt)),
-                            onp.random.default_rng(0), temperature=0, stop=lambda ids: ids[-1] == eot)
-        assert got == [i for i in want if i != eot]
-
-
 def test_classifier_loss_stays_float32():
     ids, valid = pad_batch([[1, 2, 3], [4]], 3)
     for pooling in ("last", "mean"):

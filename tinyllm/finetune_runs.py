@@ -25,8 +25,9 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, GPTConfig, TrainConfig
 from .errors import TinyLLMError
 from .fileio import atomic_write_json, atomic_write_text
+from .generate import greedy_batch
 from .finetune import (ClassifierConfig, classifier_from_gpt, classifier_loss, confusion_matrix,
-                       exact_match, format_prompt, greedy_batch, instruction_example,
+                       exact_match, format_prompt, instruction_example,
                        merge_params, pad_batch, precision_recall, predict_proba, split_params,
                        token_f1, trainable_paths)
 from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
