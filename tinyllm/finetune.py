@@ -260,11 +260,6 @@ def precision_recall(matrix):
     return precision, recall
 
 
-def exact_match(response, reference):
-    """1.0 if the two strings are equal after stripping surrounding whitespace, else 0.0."""
-    return float(response.strip() == reference.strip())
-
-
 def token_f1(response, reference):
     """F1 of the whitespace tokens two strings share (SQuAD's answer F1, without normalisation).
 
