@@ -219,26 +219,6 @@ def test_icl_position_losses_are_next_token_losses(b, seed):
         assert got[:, t].mean() == pytest.approx(want, rel=1e-9)
 
 
-def test_icl_score_compares_the_loss_at_its_two_positions():
-    """With held-out text exactly one window long, every window is that one: the score's early and
-    late losses are next-token losses at the two positions, computed here with gpt_loss."""
-    rng = onp.random.default_rng(0)
-    params = init_gpt(ICL_CONFIG, rng, dtype="float64")
-    ids = rng.integers(0, ICL_CONFIG.vocab_size, ICL_CONFIG.block_size + 1)
-    result = fs.icl_score(params, ICL_CONFIG, ids, n_windows=3, seed=3, batch=2)
-    early, late = fs.icl_positions(ICL_CONFIG.block_size)
-    x, y = ids[None, :-1], ids[None, 1:]
-
-    def loss_at(t):
-        mask = onp.zeros(x.shape)
-        mask[0, t] = 1.0
-        return float(gpt_loss(params, x, y, ICL_CONFIG, mask=mask))
-
-    assert result["early_loss"] == pytest.approx(loss_at(early), rel=1e-9)
-    assert result["late_loss"] == pytest.approx(loss_at(late), rel=1e-9)
-    assert result["score"] == pytest.approx(loss_at(late) - loss_at(early), rel=1e-9)
-
-
 # ----------------------------------------------------------------------------- few-shot prompts
 
 

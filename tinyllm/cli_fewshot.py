@@ -31,14 +31,18 @@ from .cli_common import DEFAULT_RUN, positive, user_errors
 def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_windows):
     """Score a pretrained model on tasks with k = 0, 1, 2, ... demonstrations in its prompt.
 
-    Prints accuracy by k with the chance level and a 95% Wilson interval (pooled over all
-    --task files), then the in-context learning score of Olsson et al. (2022): mean loss late in
-    the context minus early (negative: more context helps).
+    Prints each task's accuracy at every k (so a task the model cannot do is not averaged
+    away), then accuracy by k pooled over all --task files with the chance level and a 95%
+    Wilson interval, then the in-context learning score of Olsson et al. (2022): mean loss late
+    in the context minus early (negative: more context helps).
     """
-    from .fewshot import format_icl, format_table, parse_shots, run_fewshot, write_results
+    from .fewshot import (format_icl, format_table, format_task_table, parse_shots, run_fewshot,
+                          write_results)
 
     results = run_fewshot(checkpoint, task_paths, parse_shots(shots), queries, seed, icl_data,
                           icl_windows, log=lambda line: click.echo(line, err=True))
+    click.echo("\n".join(format_task_table(results["tasks"])))
+    click.echo(f"\npooled over {len(results['tasks'])} task(s):")
     click.echo("\n".join(format_table(results["pooled"])))
     if results["icl_score"]:
         click.echo(format_icl(results["icl_score"]))

@@ -372,6 +372,25 @@ def format_table(rows):
     return lines
 
 
+def format_task_table(tasks):
+    """One line per task with its accuracy at each k, so that a task the model cannot do shows
+    rather than being averaged away in the pooled table. `tasks` is the results' "tasks" list.
+
+    Example: one task of 40 queries at k = 0 and 8 ->
+        task                    k=0    k=8  queries  chance
+        tasks/phone.jsonl     0.250  0.925       40   0.125
+    """
+    shots = [r["k"] for r in tasks[0]["results"]] if tasks else []
+    width = max([len("task")] + [len(t["path"]) for t in tasks])
+    heads = "".join(f"  {'k=' + str(k):>5s}" for k in shots)
+    lines = [f"{'task':<{width}s}{heads}  queries  chance"]
+    for t in tasks:
+        rows = t["results"]
+        cells = "".join(f"  {r['accuracy']:>5.3f}" for r in rows)
+        lines.append(f"{t['path']:<{width}s}{cells}  {rows[0]['n']:>7d}  {rows[0]['chance']:>6.3f}")
+    return lines
+
+
 def parse_shots(text):
     """'0,1,2,4,8' -> [0, 1, 2, 4, 8]; TinyLLMError on anything else."""
     try:
