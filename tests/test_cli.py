@@ -194,7 +194,7 @@ def test_help_mentions_every_flag_and_its_default(command):
         if option.default is not None and not on_off_flag:
             assert "[default: " in entry, entry
     if command == "pretrain":
-        assert "--n-layer INTEGER Number of decoder blocks. [default: 4]" in text
+        assert "--n-layer INTEGER Number of GPT blocks. [default: 4]" in text
         assert "[default: pydoc" in text
     else:
         assert "--temperature FLOAT" in text and "[default: 0.8]" in text
@@ -310,3 +310,22 @@ def test_generate_with_a_character_the_tokenizer_never_saw(trained_run):
 def test_generate_with_bad_sampling_settings(trained_run, args, flag):
     out, _ = trained_run
     assert_user_error(invoke("generate", "--checkpoint", out, "--prompt", "The", *args), flag)
+
+
+def test_pretrain_flag_defaults_are_the_config_defaults():
+    # One source per default: every flag of `tinyllm pretrain` named after a GPTConfig or
+    # TrainConfig field defaults to that field's default, and the tokenizer flags and --out to
+    # the constants in tinyllm/config.py.
+    import dataclasses
+
+    from tinyllm import config as cfg
+
+    defaults = {p.name: p.default for p in main.commands["pretrain"].params}
+    fields = [(f.name, f.default) for cls in (cfg.GPTConfig, cfg.TrainConfig)
+              for f in dataclasses.fields(cls) if f.name in defaults and f.name != "vocab_size"]
+    assert len(fields) == 16  # all but vocab_size (the flag is BPE's), tie_weights and the betas
+    for name, value in fields:
+        assert defaults[name] == value, name
+    assert defaults["tokenizer_kind"] == cfg.DEFAULT_TOKENIZER
+    assert defaults["vocab_size"] == cfg.DEFAULT_BPE_VOCAB_SIZE
+    assert defaults["out"] == cfg.DEFAULT_RUN

@@ -145,3 +145,18 @@ def test_help_shows_defaults():
     assert "--label-smoothing" in result.output and "default: 0.1" in result.output
     result = invoke("seq2seq", "translate", "--help")
     assert "--beam-size" in result.output and "--length-penalty" in result.output
+
+
+def test_train_flag_defaults_are_the_config_defaults():
+    # One source per default: Seq2SeqConfig's fields and seq2seq_run.SEQ2SEQ_TRAIN's.
+    import dataclasses
+
+    from tinyllm.seq2seq import Seq2SeqConfig
+    from tinyllm.seq2seq_run import SEQ2SEQ_RUN, SEQ2SEQ_TRAIN
+
+    defaults = {p.name: p.default for p in main.commands["seq2seq"].commands["train"].params}
+    expected = {**dataclasses.asdict(Seq2SeqConfig()), **dataclasses.asdict(SEQ2SEQ_TRAIN)}
+    shared = sorted(set(defaults) & set(expected))
+    assert len(shared) == 18  # all but vocab_size, tie_weights and the betas
+    assert {name: defaults[name] for name in shared} == {name: expected[name] for name in shared}
+    assert defaults["out"] == SEQ2SEQ_RUN

@@ -15,7 +15,8 @@ from tinyllm.models import gpt_loss
 from tinyllm.train import flat_value_and_grad
 from tinyllm.tree import flatten
 
-CFG = ClassifierConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, n_classes=3)
+CFG = ClassifierConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, n_classes=3,
+                       bias=True)
 
 
 def make(config=CFG, seed=0):

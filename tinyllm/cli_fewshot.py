@@ -6,7 +6,8 @@ and the results file; this module only maps flags onto `fewshot.run_fewshot`.
 
 import click
 
-from .cli_common import DEFAULT_RUN, positive, user_errors
+from .cli_common import positive, user_errors
+from .config import DEFAULT_RUN
 
 
 @click.command()
@@ -27,8 +28,11 @@ from .cli_common import DEFAULT_RUN, positive, user_errors
                    "  [default: the validation split of the checkpoint's corpus]")
 @click.option("--icl-windows", default=200,
               help="Context windows averaged for the in-context learning score (0: skip it).")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Also draw accuracy against k (Wilson intervals, chance line) to this PNG or"
+                   " .svg file; needs the plot extra.  [default: none]")
 @user_errors
-def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_windows):
+def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_windows, plot_path):
     """Score a pretrained model on tasks with k = 0, 1, 2, ... demonstrations in its prompt.
 
     Prints each task's accuracy at every k (so a task the model cannot do is not averaged
@@ -39,6 +43,10 @@ def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_win
     from .fewshot import (format_icl, format_table, format_task_table, parse_shots, run_fewshot,
                           write_results)
 
+    if plot_path:  # before the slow part: say at once if matplotlib is missing
+        from .plot import require_matplotlib
+
+        require_matplotlib()
     results = run_fewshot(checkpoint, task_paths, parse_shots(shots), queries, seed, icl_data,
                           icl_windows, log=lambda line: click.echo(line, err=True))
     click.echo("\n".join(format_task_table(results["tasks"])))
@@ -46,6 +54,11 @@ def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_win
     click.echo("\n".join(format_table(results["pooled"])))
     if results["icl_score"]:
         click.echo(format_icl(results["icl_score"]))
+    if plot_path:
+        from .plot import draw_fewshot, picture_format
+
+        click.echo(f"accuracy by k drawn, written to"
+                   f" {draw_fewshot(results['pooled'], plot_path, picture_format(plot_path))}")
     if out:
         write_results(out, results)
         click.echo(f"results written to {out}")

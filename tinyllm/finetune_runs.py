@@ -22,7 +22,7 @@ from dataclasses import replace
 import numpy as onp
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import GPTConfig, TrainConfig
+from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, GPTConfig, TrainConfig
 from .errors import TinyLLMError
 from .fileio import atomic_write_json, atomic_write_text
 from .finetune import (ClassifierConfig, classifier_from_gpt, classifier_loss, confusion_matrix,
@@ -69,8 +69,9 @@ def load_base(checkpoint, random_init, seed, log):
 
         # The same tokenizer and architecture `tinyllm pretrain` uses by default, so that a run
         # without --checkpoint is the from-scratch baseline for a default pretrained model.
-        tokenizer = train_tokenizer("char", load_corpus(None), 0, special_tokens=SPECIAL_TOKENS)
-        config = replace(GPTConfig(bias=False), vocab_size=tokenizer.vocab_size)
+        tokenizer = train_tokenizer(DEFAULT_TOKENIZER, load_corpus(None), DEFAULT_BPE_VOCAB_SIZE,
+                                    special_tokens=SPECIAL_TOKENS)
+        config = replace(GPTConfig(), vocab_size=tokenizer.vocab_size)
         params = init_gpt(config, onp.random.default_rng(seed))
         log("base model: none (random initialisation, the default pretraining architecture)")
     return params, config, tokenizer

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from .bleu import exact_match
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
 from .decoding import translate_texts
 from .errors import TinyLLMError
 from .models import count_params
@@ -23,6 +24,20 @@ from .train import (prepare_out_dir, read_metrics, start_out_dir, starting_state
                     text_fingerprint, train_loop)
 
 SCHEDULES = ("cosine", "noam")
+SEQ2SEQ_RUN = "runs/seq2seq"  # where `tinyllm seq2seq train` keeps its run by default
+
+# The defaults of `tinyllm seq2seq train` (the model's are Seq2SeqConfig's): with them the
+# embedded dates task reaches 100% held-out exact match in about 2 minutes on 2 cores.
+SEQ2SEQ_TRAIN = TrainConfig(
+    batch_size=64,  # pairs per step: short pairs, so a bigger batch than pretraining's
+    max_iters=1500,  # the dates task is learned fully by then
+    lr=3e-3,  # a small (0.24M) model on clean generated data tolerates a large rate
+    min_lr=3e-4,  # lr / 10, as in pretraining
+    eval_iters=10,  # batches per split in each evaluation: 640 pairs
+)
+LABEL_SMOOTHING = 0.1  # the paper's epsilon (section 5.4)
+SCHEDULE = "cosine"  # warm-up plus cosine, as in pretraining; "noam" is the paper's
+EVAL_EXAMPLES = 500  # held-out pairs decoded at the end of a run for its exact match
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -52,8 +67,9 @@ def learning_rate_schedule(name, d_model, tc):
     return lambda it: noam_lr(it, d_model, tc.warmup_iters)
 
 
-def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=0.1, schedule="cosine",
-                  resume=False, force=False, max_iters=None, eval_examples=500, log=print):
+def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SMOOTHING,
+                  schedule=SCHEDULE, resume=False, force=False, max_iters=None,
+                  eval_examples=EVAL_EXAMPLES, log=print):
     """Train an encoder-decoder on PAIRS (a file or the embedded task) with checkpoints in out_dir.
 
     With resume=True the model, tokenizer, data and training settings come from the checkpoint;

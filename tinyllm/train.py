@@ -24,6 +24,7 @@ import autograd
 import numpy as onp
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER
 from .data import check_long_enough, get_batch, load_corpus, train_val_split
 from .errors import TinyLLMError
 from .fileio import atomic_write_text
@@ -259,8 +260,9 @@ def starting_state(out_dir, tc, init_fn, ckpt=None, log=print):
     return Committed(params, adamw_init(params), rng.bit_generator.state, 0, -1)
 
 
-def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind="char", vocab_size=512,
-             resume=False, force=False, max_iters=None, log=print, special_tokens=SPECIAL_TOKENS):
+def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENIZER,
+             vocab_size=DEFAULT_BPE_VOCAB_SIZE, resume=False, force=False, max_iters=None,
+             log=print, special_tokens=SPECIAL_TOKENS):
     """Pretrain a GPT on a corpus (a file or an embedded name) and keep checkpoints in out_dir.
 
     With resume=True the model, tokenizer and training settings come from the checkpoint;

@@ -1,0 +1,201 @@
+"""The pictures (`tinyllm plot`, `tinyllm attention`, `tinyllm fewshot --plot`) on real tiny runs:
+each writes a valid image of the size its layout asks for, with the Agg renderer; bad input gets
+one line. Skipped when matplotlib (the `plot` extra) is not installed."""
+
+import json
+import struct
+import xml.etree.ElementTree as ET
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from click.testing import CliRunner  # noqa: E402
+
+from tinyllm import plot  # noqa: E402
+from tinyllm.cli import main  # noqa: E402
+
+TEXT = "the cat sat on the mat. the dog sat on the log. a cat and a dog.\n" * 20
+SMALL = ["--n-layer", "2", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
+         "--batch-size", "4", "--eval-iters", "1"]
+STEPS = ["--max-iters", "4", "--eval-interval", "2"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_user_error(result, *words):
+    """Exit 1 through a handled error: one 'Error:' line naming `words`, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+def png_size(path):
+    """(width, height) from a PNG's header; fails unless the file starts like a PNG."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", data[:16]
+    assert data.rstrip(b"\x00")[-8:-4] == b"IEND"  # complete, not cut short
+    return struct.unpack(">II", data[16:24])
+
+
+def pixels(inches):
+    return tuple(round(x * plot.DPI) for x in inches)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A pretraining, a classification fine-tuning (as an encoder) and a seq2seq run, tiny."""
+    root = tmp_path_factory.mktemp("runs")
+    (root / "text.txt").write_text(TEXT, encoding="utf-8")
+    (root / "labels.tsv").write_text("".join(f"{'pos' if i % 2 else 'neg'}\tthe cat {i % 7}\n"
+                                             for i in range(40)), encoding="utf-8")
+    (root / "pairs.tsv").write_text("".join(f"{w}\t{w[::-1]}\n" for w in
+                                            ["cat", "dog", "mat", "log", "sat", "the", "and"] * 3),
+                                    encoding="utf-8")
+    commands = {
+        "pretrain": ["pretrain", "--data", root / "text.txt", *SMALL, *STEPS, "--sample-tokens", 0],
+        "classify": ["finetune", "classify", "--checkpoint", root / "pretrain", "--arch", "encoder",
+                     "--data", root / "labels.tsv", *STEPS, "--eval-iters", 1, "--batch-size", 4],
+        "seq2seq": ["seq2seq", "train", "--data", root / "pairs.tsv", *SMALL, *STEPS,
+                    "--eval-examples", 2],
+    }
+    for name, args in commands.items():
+        result = invoke(*args, "--out", root / name)
+        assert result.exit_code == 0, result.output
+    return root
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "classify", "seq2seq"])
+def test_plot_draws_each_kind_of_run(runs, tmp_path, kind):
+    out = tmp_path / "loss.png"
+    result = invoke("plot", runs / kind, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"written to {out}" in result.output and "at step 4" in result.output
+    assert png_size(out) == pixels((7.0, 5.0))
+
+
+def test_plot_several_runs_as_svg(runs, tmp_path):
+    out = tmp_path / "loss.svg"
+    result = invoke("plot", runs / "pretrain", runs / "seq2seq", "--out", out)
+    assert result.exit_code == 0, result.output
+    root = ET.fromstring(out.read_bytes())
+    assert root.tag.endswith("svg") and root.get("width") == "504pt"  # 7 inches
+    svg = out.read_text(encoding="utf-8")
+    assert str(runs / "pretrain") in svg and str(runs / "seq2seq") in svg  # a label per run
+    forced = invoke("plot", runs / "pretrain", "--out", tmp_path / "loss", "--format", "svg")
+    assert forced.exit_code == 0 and (tmp_path / "loss").read_bytes().startswith(b"<?xml")
+
+
+def test_plot_a_run_still_training(runs, tmp_path):
+    """metrics.jsonl whose last line is being written (cut mid-number, no newline)."""
+    run = tmp_path / "live"
+    lines = (runs / "pretrain" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:25],
+                                       encoding="utf-8")
+    result = invoke("plot", run, "--out", tmp_path / "live.png")
+    assert result.exit_code == 0, result.output
+    assert "at step 2" in result.output
+    series = plot.read_run(str(run))
+    assert series["iter"] == [0.0, 2.0] and series["tokens_per_iter"] == 4 * 16
+
+
+def test_tokens_per_iter_from_the_logged_timings(runs):
+    records = [json.loads(line) for line in (runs / "pretrain" / "metrics.jsonl").open()]
+    assert plot.tokens_per_iter(records) == 4 * 16  # batch 4 x context 16
+    assert plot.tokens_per_iter([{"iter": 0, "ms_per_iter": 0.0, "tokens_per_s": 0.0}]) is None
+
+
+def test_plot_errors(runs, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_user_error(invoke("plot", tmp_path / "empty", "--out", tmp_path / "x.png"),
+                      "empty", "no evaluations in metrics.jsonl")
+    assert_user_error(invoke("plot", tmp_path / "nowhere", "--out", tmp_path / "x.png"),
+                      "nowhere", "not found")
+    assert_user_error(invoke("plot", runs / "pretrain", "--out", tmp_path / "x.png",
+                             "--format", "svg"), "x.png", "--format is svg")
+    assert_user_error(invoke("plot", runs / "pretrain", "--out", tmp_path / "no" / "x.png"),
+                      "does not exist")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_attention_all_heads_or_one(runs, tmp_path):
+    prompt = "the cat sat"  # 11 characters
+    out = tmp_path / "attn.png"
+    result = invoke("attention", "--checkpoint", runs / "pretrain", "--prompt", prompt, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "2 heads of 11 x 11 tokens" in result.output and f"written to {out}" in result.output
+    assert png_size(out) == pixels(plot.attention_figure_size(2, 11, 11))
+    one = tmp_path / "one.png"
+    result = invoke("attention", "--checkpoint", runs / "pretrain", "--prompt", prompt,
+                    "--layer", 0, "--head", 1, "--out", one)
+    assert result.exit_code == 0, result.output
+    assert png_size(one) == pixels(plot.attention_figure_size(1, 11, 11))
+    assert png_size(one)[0] < png_size(out)[0]
+
+
+@pytest.mark.parametrize("part, queries, keys", [("encoder", 3, 3), ("decoder", 4, 4),
+                                                 ("cross", 4, 3)])
+def test_attention_of_a_seq2seq_run(runs, tmp_path, part, queries, keys):
+    out = tmp_path / f"{part}.svg"
+    result = invoke("attention", "--checkpoint", runs / "seq2seq", "--prompt", "cat",
+                    "--target", "tac", "--part", part, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"2 heads of {queries} x {keys} tokens" in result.output
+    assert ET.fromstring(out.read_bytes()).tag.endswith("svg")
+    assert "&lt;bos&gt;" in out.read_text(encoding="utf-8") or part == "encoder"
+
+
+def test_attention_of_an_encoder_classifier(runs, tmp_path):
+    out = tmp_path / "cls.png"
+    result = invoke("attention", "--checkpoint", runs / "classify", "--prompt", "the cat",
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "bidirectional self-attention of a classifier model" in result.output
+    assert png_size(out) == pixels(plot.attention_figure_size(2, 7, 7))
+
+
+def test_attention_errors(runs, tmp_path):
+    out = tmp_path / "a.png"
+    base = ["attention", "--checkpoint", runs / "pretrain", "--out", out]
+    assert_user_error(invoke(*base, "--prompt", "the cat sat on the mat"),
+                      "--prompt has 22 tokens", "context of 16")
+    assert_user_error(invoke(*base, "--prompt", "cat", "--layer", 2), "--layer 2", "0 to 1")
+    assert_user_error(invoke(*base, "--prompt", "cat", "--head", 5), "--head 5", "0 to 1")
+    assert_user_error(invoke(*base, "--prompt", "cat", "--part", "cross"), "seq2seq")
+    assert_user_error(invoke("attention", "--checkpoint", runs / "seq2seq", "--prompt", "cat",
+                             "--target", "c" * 16, "--out", out), "--target has 16 tokens")
+    assert not out.exists()
+
+
+def test_fewshot_plot(runs, tmp_path):
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"input": w, "output": w[0]}) + "\n"
+                            for w in ["cat", "dog", "mat", "log", "sat"]), encoding="utf-8")
+    out = tmp_path / "fewshot.png"
+    result = invoke("fewshot", "--checkpoint", runs / "pretrain", "--task", task, "--shots", "0,1,2",
+                    "--icl-windows", 0, "--plot", out)
+    assert result.exit_code == 0, result.output
+    assert f"written to {out}" in result.output
+    assert png_size(out) == pixels((5.0, 3.6))
+
+
+def test_fewshot_chart_from_rows(tmp_path):
+    rows = [{"k": 0, "accuracy": 0.1, "ci95": [0.05, 0.2], "n": 50, "chance": 0.25},
+            {"k": 4, "accuracy": 0.9, "ci95": [0.8, 0.95], "n": 50, "chance": 0.25}]
+    out = plot.draw_fewshot(rows, str(tmp_path / "f.svg"), "svg")
+    svg = (tmp_path / "f.svg").read_text(encoding="utf-8")
+    assert out.endswith("f.svg") and "chance" in svg and "50 queries per k" in svg
+
+
+def test_same_picture_same_bytes(runs, tmp_path):
+    """No date or version stamp: the committed pictures change only when the data does."""
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for out in (a, b):
+        assert invoke("plot", runs / "pretrain", "--out", out).exit_code == 0
+    assert a.read_bytes() == b.read_bytes()

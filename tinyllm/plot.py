@@ -1,0 +1,232 @@
+"""Pictures: loss curves, attention heatmaps and the few-shot accuracy-by-k chart.
+
+Matplotlib is an optional extra (`pip install "tinyllm[plot]"`), so it is imported inside the
+drawing functions, never when `tinyllm` or another command is imported; `require_matplotlib`
+turns its absence into a one-line error that says how to install it.
+
+We draw with matplotlib's object interface (`matplotlib.figure.Figure`) and never touch
+`pyplot`: no global figure list and no backend switch in a user's process. `savefig` on a bare
+Figure renders with Agg for PNG and with the SVG writer for SVG, so it needs no display. Every
+file is rendered into memory first and then written atomically (temporary file, then rename),
+as tinyllm writes every file a user keeps; dates and version stamps are left out, so the same
+picture gives the same bytes.
+
+The reading side (metrics.jsonl of a run directory, tokens seen per step) is plain Python here;
+what an attention map is lives in tinyllm/attention_maps.py.
+"""
+
+import io
+import math
+import os
+
+from .errors import TinyLLMError
+from .fileio import atomic_write_bytes
+
+INSTALL_HINT = 'pip install "tinyllm[plot]"'
+FORMATS = ("png", "svg")
+DPI = 100  # pixels per inch: a figure of (w, h) inches is exactly (100 w, 100 h) pixels
+
+
+def require_matplotlib():
+    """Import matplotlib, or raise a one-line TinyLLMError saying how to install it."""
+    try:
+        import matplotlib  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+    except ImportError:
+        raise TinyLLMError(f"drawing needs matplotlib, which is not installed: {INSTALL_HINT}") from None
+
+
+def picture_format(out, fmt=None):
+    """The file format of a picture: `fmt` if given, else from the suffix of `out` (PNG by default).
+
+    Example: ("loss.svg", None) -> "svg"; ("loss", None) -> "png"; ("a.png", "svg") -> error,
+    since a .png file holding SVG would mislead whoever opens it.
+    """
+    suffix = os.path.splitext(out)[1].lower().lstrip(".")
+    if fmt is None:
+        return suffix if suffix in FORMATS else "png"
+    if fmt not in FORMATS:
+        raise TinyLLMError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if suffix in FORMATS and suffix != fmt:
+        raise TinyLLMError(f"--out {out} ends in .{suffix} but --format is {fmt}")
+    return fmt
+
+
+def save_figure(fig, out, fmt):
+    """Render `fig` as `fmt` and write it to `out` atomically; returns the path written."""
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise TinyLLMError(f"cannot write {out}: the directory {directory} does not exist")
+    buffer = io.BytesIO()
+    # No creation date or software stamp: a picture of the same data is the same file.
+    metadata = {"Date": None, "Creator": None} if fmt == "svg" else {"Software": None}
+    fig.savefig(buffer, format=fmt, dpi=DPI, metadata=metadata)
+    atomic_write_bytes(out, buffer.getvalue())
+    return out
+
+
+def new_figure(width, height):
+    """A matplotlib Figure of width x height inches with constrained layout (exact size kept)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+# ----------------------------------------------------------------------------- loss curves
+
+
+def read_run(run_dir):
+    """The evaluations of a run directory as a dict of lists: iter, train_loss, val_loss, lr,
+    and tokens_per_iter (None when it cannot be told).
+
+    Works on a run that is still training: a last line being written (no newline yet, or cut
+    mid-number) is skipped. A missing figure, or null (a non-finite value), becomes NaN.
+    """
+    from .train import read_metrics
+
+    if not os.path.isdir(run_dir):
+        raise TinyLLMError(f"run directory {run_dir} not found")
+    records = [r for r in read_metrics(run_dir) if isinstance(r, dict) and _is_number(r.get("iter"))]
+    if not records:
+        raise TinyLLMError(f"{run_dir} has no evaluations in metrics.jsonl: not a tinyllm run"
+                           " directory, or no evaluation written yet")
+    records.sort(key=lambda r: r["iter"])
+    series = {key: [_number(r.get(key)) for r in records]
+              for key in ("iter", "train_loss", "val_loss", "lr")}
+    series["tokens_per_iter"] = tokens_per_iter(records)
+    return series
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _number(x):
+    return float(x) if _is_number(x) else math.nan
+
+
+def tokens_per_iter(records):
+    """Tokens one training step reads, recovered from the timings each evaluation logs.
+
+    metrics.jsonl stores ms_per_iter and tokens_per_s, whose product is tokens per step (a
+    whole number, batch x context); both are rounded, so we round the product. Example:
+    ms_per_iter 52.3, tokens_per_s 14684.5 -> 768.0 -> 768. None if no record timed a step.
+    """
+    for r in records:
+        ms, rate = r.get("ms_per_iter"), r.get("tokens_per_s")
+        if _is_number(ms) and _is_number(rate) and ms > 0 and rate > 0:
+            return round(ms * rate / 1000.0)
+    return None
+
+
+def draw_loss_curves(runs, out, fmt="png", labels=None):
+    """Train and validation loss against step, one colour per run, the learning rate below.
+
+    `runs` maps a label (the run directory) to `read_run`'s dict. Train loss is solid,
+    validation loss dashed. When every run reads the same number of tokens per step, a second
+    axis on top counts tokens seen. Returns the path written.
+    """
+    require_matplotlib()
+    fig = new_figure(7.0, 5.0)
+    loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    for i, (label, s) in enumerate(runs.items()):
+        colour = f"C{i % 10}"
+        loss_ax.plot(s["iter"], s["train_loss"], color=colour, label=f"{label} (train)")
+        loss_ax.plot(s["iter"], s["val_loss"], color=colour, linestyle="--", label=f"{label} (val)")
+        lr_ax.plot(s["iter"], s["lr"], color=colour)
+    loss_ax.set_ylabel("loss (nats per token)")
+    loss_ax.grid(alpha=0.3)
+    loss_ax.legend(fontsize="small")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_xlabel("step")
+    lr_ax.grid(alpha=0.3)
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    per_step = {s["tokens_per_iter"] for s in runs.values()}
+    if len(per_step) == 1 and None not in per_step:
+        n = per_step.pop()
+        top = loss_ax.secondary_xaxis("top", functions=(lambda it: it * n, lambda t: t / n))
+        top.set_xlabel(f"tokens seen ({n:,} per step)")
+    return save_figure(fig, out, fmt)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+PANEL_COLUMNS = 4  # heads side by side before wrapping to a new row
+
+
+def attention_figure_size(n_panels, n_queries, n_keys):
+    """(width, height) in inches of a grid of n_panels heatmaps of n_queries x n_keys cells.
+
+    A cell gets 0.16 inch (16 pixels: room for one tick label of 7-point text), a panel at
+    least 2 inches and at most 8 across; 0.9 inch more per panel holds its tick labels and title.
+    """
+    cols = min(n_panels, PANEL_COLUMNS)
+    rows = math.ceil(n_panels / cols)
+    scale = min(1.0, 8.0 / (0.16 * max(n_queries, n_keys)))  # long inputs: smaller cells
+    side = lambda n: max(2.0, 0.16 * n * scale) + 0.9  # noqa: E731
+    return cols * side(n_keys) + 0.9, rows * side(n_queries) + 0.4  # colour bar, suptitle
+
+
+def draw_attention(panels, query_labels, key_labels, out, fmt="png", title=None, marks=None):
+    """Heatmaps of attention weights, one panel per head, tokens as axis labels.
+
+    `panels` is a list of (title, weights (Tq, Tk)); row i of a panel is where query token i
+    attends. `marks` (optional) lists (query, key) cells to outline, e.g. the induction targets.
+    """
+    require_matplotlib()
+    n_q, n_k = len(query_labels), len(key_labels)
+    fig = new_figure(*attention_figure_size(len(panels), n_q, n_k))
+    cols = min(len(panels), PANEL_COLUMNS)
+    axes = fig.subplots(math.ceil(len(panels) / cols), cols, squeeze=False).ravel()
+    font = 7 if max(n_q, n_k) > 24 else 9
+    # characters read best upright; longer BPE tokens need turning to fit under their column
+    turn = 90 if max(len(label) for label in key_labels) > 2 else 0
+    for ax, (name, weights) in zip(axes, panels):
+        image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks(range(n_k), key_labels, rotation=turn, fontsize=font)
+        ax.set_yticks(range(n_q), query_labels, fontsize=font)
+        ax.tick_params(length=0, pad=1)
+        ax.set_xlabel("key (attended to)", fontsize=8)
+        ax.set_ylabel("query", fontsize=8)
+        for q, k in marks or ():
+            ax.add_patch(_outline(q, k))
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.colorbar(image, ax=list(axes[:len(panels)]), shrink=0.6, label="attention weight")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return save_figure(fig, out, fmt)
+
+
+def _outline(q, k):
+    """A red square around cell (q, k) of a heatmap."""
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((k - 0.5, q - 0.5), 1.0, 1.0, fill=False, edgecolor="red", linewidth=1.2)
+
+
+# ----------------------------------------------------------------------------- few-shot
+
+
+def draw_fewshot(rows, out, fmt="png", title=None):
+    """Accuracy against the number of demonstrations k, with 95% Wilson intervals as error bars
+    and the chance level as a dashed line. `rows` are `fewshot.accuracy_row` dicts."""
+    require_matplotlib()
+    fig = new_figure(5.0, 3.6)
+    ax = fig.subplots()
+    ks = [r["k"] for r in rows]
+    acc = [r["accuracy"] for r in rows]
+    below = [r["accuracy"] - r["ci95"][0] for r in rows]
+    above = [r["ci95"][1] - r["accuracy"] for r in rows]
+    ax.errorbar(ks, acc, yerr=[below, above], marker="o", capsize=4, label="accuracy (95% Wilson CI)")
+    ax.plot(ks, [r["chance"] for r in rows], color="grey", linestyle="--", label="chance")
+    ax.set_xticks(ks)
+    ax.set_xlabel("demonstrations in the prompt (k)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left")
+    ax.set_title(title or f"few-shot accuracy ({rows[0]['n']} queries per k)", fontsize=10)
+    return save_figure(fig, out, fmt)
