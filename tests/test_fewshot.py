@@ -281,6 +281,20 @@ def test_fewshot_command_prints_a_row_per_task(run_dir, tmp_path):
     assert "pooled over 2 task(s):" in result.output and "shots  accuracy" in result.output
 
 
+def test_a_task_directory_means_its_jsonl_files(tmp_path):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for name in ("b.jsonl", "a.jsonl", "notes.txt"):
+        (folder / name).write_text("", encoding="utf-8")
+    single = tmp_path / "single.jsonl"
+    assert fs.task_files([str(single), str(folder)]) == [
+        str(single), str(folder / "a.jsonl"), str(folder / "b.jsonl")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(TinyLLMError, match="no .jsonl task files"):
+        fs.task_files([str(empty)])
+
+
 def one_error_line(result):
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]

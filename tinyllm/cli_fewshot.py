@@ -13,9 +13,9 @@ from .config import DEFAULT_RUN
 @click.command()
 @click.option("--checkpoint", default=DEFAULT_RUN, type=click.Path(file_okay=False),
               help="Run directory written by `tinyllm pretrain`.")
-@click.option("--task", "task_paths", multiple=True, required=True,
-              type=click.Path(dir_okay=False),
-              help="JSONL task file (see `tinyllm/fewshot.py`); repeat to pool several tasks.")
+@click.option("--task", "task_paths", multiple=True, required=True, type=click.Path(),
+              help="JSONL task file (see `tinyllm/fewshot.py`), or a directory of them; repeat"
+                   " to pool several tasks.")
 @click.option("--shots", default="0,1,2,4,8",
               help="Comma-separated numbers of demonstrations k to evaluate.")
 @click.option("--queries", default=None, type=int, callback=positive,

@@ -165,6 +165,23 @@ def read_task(path):
         raise TinyLLMError(f"task file {path!r} is not UTF-8 (bad byte at offset {err.start})") from None
 
 
+def task_files(paths):
+    """Task file paths, with each directory among them replaced by its *.jsonl files, sorted.
+
+    Example: ["a.jsonl", "heldout/"] -> ["a.jsonl", "heldout/h0.jsonl", "heldout/h1.jsonl"].
+    """
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".jsonl"))
+            if not found:
+                raise TinyLLMError(f"--task {path}: the directory holds no .jsonl task files")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
 def task_lines(header, records):
     """The lines of a task file for (header dict or None, records): the inverse of parse_task."""
     lines = [json.dumps(header)] if header else []
@@ -484,7 +501,7 @@ def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=
     log = log or (lambda line: None)
     if icl_windows < 0:
         raise TinyLLMError(f"--icl-windows must be >= 0, got {icl_windows}")
-    tasks = [read_task(p) for p in task_paths]
+    tasks = [read_task(p) for p in task_files(task_paths)]
     for task in tasks:
         check_enough_records(task, max(shots))
     ckpt = load_checkpoint(checkpoint)
