@@ -20,8 +20,8 @@ from .seq2seq import init_seq2seq, seq2seq_loss
 from .seq2seq_data import (SEQ2SEQ_SPECIAL_TOKENS, encode_pairs, get_pair_batch, load_pairs,
                            make_arrays, pairs_text)
 from .tokenizers import CharTokenizer
-from .train import (prepare_out_dir, read_metrics, start_out_dir, starting_state,
-                    text_fingerprint, train_loop)
+from .train import (prepare_out_dir, read_metrics, same_fingerprint, start_out_dir,
+                    starting_state, stored_data_name, text_fingerprint, train_loop)
 
 SCHEDULES = ("cosine", "noam")
 SEQ2SEQ_RUN = "runs/seq2seq"  # where `tinyllm seq2seq train` keeps its run by default
@@ -86,7 +86,8 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
     check_training_options(label_smoothing, schedule)
     train_pairs, held_pairs = load_pairs(data)
     fingerprint = text_fingerprint(pairs_text(train_pairs + held_pairs))
-    if resume and ckpt.meta.get("data_sha256") != fingerprint:
+    if resume and not same_fingerprint(ckpt.meta.get("data_sha256"),
+                                       pairs_text(train_pairs + held_pairs)):
         raise TinyLLMError(f"--resume: the data {data!r} has changed since the run began")
     if not resume:
         tokenizer = CharTokenizer.train(pairs_text(train_pairs + held_pairs), SEQ2SEQ_SPECIAL_TOKENS)
@@ -107,7 +108,7 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
     def sample(split, rng):
         return get_pair_batch(arrays[split], tc.batch_size, rng)
 
-    extra = {"data": data, "data_sha256": fingerprint, "label_smoothing": label_smoothing,
+    extra = {"data": stored_data_name(data), "data_sha256": fingerprint, "label_smoothing": label_smoothing,
              "schedule": schedule}
 
     def save(s):
