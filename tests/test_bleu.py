@@ -51,5 +51,6 @@ def test_identical_corpus_scores_100_if_it_has_a_4gram_else_0(texts):
 
 
 def test_exact_match():
-    assert exact_match(["a", "b ", "c"], ["a", "b", "d"]) == pytest.approx(200 / 3)
+    assert exact_match(["a", "b ", "c"], ["a", "b", "d"]) == pytest.approx(2 / 3)
+    assert exact_match([" olleh\n", "olle"], ["olleh", "olleh"]) == 0.5
     assert exact_match([], []) == 0.0

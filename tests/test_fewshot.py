@@ -16,7 +16,7 @@ from tinyllm.checkpoint import save_checkpoint
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.errors import TinyLLMError
-from tinyllm.generate import generate_ids
+from tinyllm.generate import generate_ids, greedy_batch
 from tinyllm.models import gpt_forward, gpt_loss, init_gpt
 from tinyllm.optim import adamw_init
 from tinyllm.tokenizers import CharTokenizer
@@ -117,15 +117,15 @@ def test_answer_logprobs_match_unpadded_forward_passes(params):
     got = fs.answer_logprobs(params, CONFIG, prompt, answers)
     for value, answer in zip(got, answers):
         seq = onp.asarray(prompt + answer, dtype=onp.int32)[None, :]
-        logp = fs.log_softmax_np(onp.asarray(gpt_forward(params, seq, CONFIG)))[0]
+        logp = fs.log_probs(params, CONFIG, seq)[0]
         want = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(answer))
         assert value == pytest.approx(want, abs=1e-6)
 
 
-def test_greedy_line_is_temperature_zero_sampling_cut_at_the_newline(params):
+def test_a_greedy_answer_is_temperature_zero_sampling_cut_at_the_newline(params):
     prompt = TOKENIZER.encode("a0\nb")
     newline = TOKENIZER.encode("\n")[0]
-    got = fs.greedy_line(params, CONFIG, prompt, newline, 10)
+    got = greedy_batch(params, CONFIG, [prompt], [10], newline)[0]
     sampled = generate_ids(params, CONFIG, prompt, 10, onp.random.default_rng(0), temperature=0)
     cut = sampled.index(newline) if newline in sampled else len(sampled)
     assert got == sampled[:cut]
@@ -142,7 +142,7 @@ def test_evaluate_task_counts_and_reuses_queries(params):
 
 def test_exact_match_compares_the_whole_greedy_line(params, monkeypatch):
     """Without choices, a query is right only if the greedy line equals the output exactly."""
-    monkeypatch.setattr(fs, "greedy_line", lambda *args: TOKENIZER.encode("12"))
+    monkeypatch.setattr(fs, "greedy_batch", lambda *args: [TOKENIZER.encode("12")])
     task = fs.parse_task(fs.task_lines(None, RECORDS), "t")
     prompt = fs.build_prompt(None, [], "a")
     scores = {out: fs.score_query(params, CONFIG, TOKENIZER, task, prompt,
