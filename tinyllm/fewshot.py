@@ -167,6 +167,23 @@ def read_task(path):
         raise TinyLLMError(f"task file {path!r} is not UTF-8 (bad byte at offset {err.start})") from None
 
 
+def task_files(paths):
+    """Task file paths, with each directory among them replaced by its *.jsonl files, sorted.
+
+    Example: ["a.jsonl", "heldout/"] -> ["a.jsonl", "heldout/h0.jsonl", "heldout/h1.jsonl"].
+    """
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".jsonl"))
+            if not found:
+                raise TinyLLMError(f"--task {path}: the directory holds no .jsonl task files")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
 def task_lines(header, records):
     """The lines of a task file for (header dict or None, records): the inverse of parse_task."""
     lines = [json.dumps(header)] if header else []
@@ -360,6 +377,25 @@ def format_table(rows):
     return lines
 
 
+def format_task_table(tasks):
+    """One line per task with its accuracy at each k, so that a task the model cannot do shows
+    rather than being averaged away in the pooled table. `tasks` is the results' "tasks" list.
+
+    Example: one task of 40 queries at k = 0 and 8 ->
+        task                    k=0    k=8  queries  chance
+        tasks/phone.jsonl     0.250  0.925       40   0.125
+    """
+    shots = [r["k"] for r in tasks[0]["results"]] if tasks else []
+    width = max([len("task")] + [len(t["path"]) for t in tasks])
+    heads = "".join(f"  {'k=' + str(k):>5s}" for k in shots)
+    lines = [f"{'task':<{width}s}{heads}  queries  chance"]
+    for t in tasks:
+        rows = t["results"]
+        cells = "".join(f"  {r['accuracy']:>5.3f}" for r in rows)
+        lines.append(f"{t['path']:<{width}s}{cells}  {rows[0]['n']:>7d}  {rows[0]['chance']:>6.3f}")
+    return lines
+
+
 def parse_shots(text):
     """'0,1,2,4,8' -> [0, 1, 2, 4, 8]; TinyLLMError on anything else."""
     try:
@@ -453,7 +489,7 @@ def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=
     log = log or (lambda line: None)
     if icl_windows < 0:
         raise TinyLLMError(f"--icl-windows must be >= 0, got {icl_windows}")
-    tasks = [read_task(p) for p in task_paths]
+    tasks = [read_task(p) for p in task_files(task_paths)]
     for task in tasks:
         check_enough_records(task, max(shots))
     ckpt = load_checkpoint(checkpoint)
