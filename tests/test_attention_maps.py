@@ -130,6 +130,17 @@ def test_induction_score_on_hand_made_patterns():
         am.best_induction_head(maps, [0, 1, 2, 3, 4])
 
 
+def test_kshot_prompt_queries_are_the_inputs():
+    tok = CharTokenizer.train("abxy\nmap it")
+    demos = [{"input": "a", "output": "x"}, {"input": "b", "output": "y"}]
+    ids, queries = am.kshot_prompt(tok, None, demos, "a")
+    assert tok.decode(ids) == "ax\nby\na" and queries == [0, 3, 6]
+    assert am.induction_targets(ids, queries) == {6: [1]}  # the second a -> the x after the first
+    ids, queries = am.kshot_prompt(tok, "map it", demos, "b")
+    assert queries == [7, 10, 13]  # the instruction line comes first; its "a" counts as earlier
+    assert am.induction_targets(ids, queries) == {7: [2], 13: [11]}
+
+
 # ----------------------------------------------------------------------------- labels
 
 
