@@ -197,3 +197,19 @@ def test_checkpoint_attention_and_its_errors(gpt_run):
         am.checkpoint_attention(gpt_run, "")
     with pytest.raises(TinyLLMError, match="--part and --target apply to seq2seq runs"):
         am.checkpoint_attention(gpt_run, "abc", part="cross")
+
+
+def test_lora_adapters_are_merged_before_the_maps_are_taken(tmp_path, gpt):
+    from tinyllm.lora import LoRAGPTConfig, init_lora_gpt, merge_lora
+
+    base, _ = gpt
+    config = LoRAGPTConfig(**{**base.__dict__, "lora_rank": 2, "lora_alpha": 4.0})
+    params = jittered(init_lora_gpt(config, onp.random.default_rng(0)))  # b != 0: adapters matter
+    tok = CharTokenizer.train("abcdefghij ")
+    save_checkpoint(str(tmp_path), params, adamw_init(params), {}, config, TrainConfig(), tok, 0,
+                    kind="gpt-lora")
+    maps = am.checkpoint_attention(str(tmp_path), "abc ab")
+    merged = am.gpt_attention(merge_lora(params, 4.0, 2), base, tok.encode("abc ab"))
+    onp.testing.assert_allclose(maps.weights, merged, **F32)
+    plain = {k: v for k, v in params.items() if k != "lora"}
+    assert not onp.allclose(maps.weights, am.gpt_attention(plain, base, tok.encode("abc ab")))
