@@ -45,7 +45,7 @@ def main():
     if base is None:
         base = os.path.join(out, "base")
         print(f"pretraining a base model for {args.pretrain_iters} steps in {base} ...")
-        pretrain(GPTConfig(bias=False), TrainConfig(max_iters=args.pretrain_iters), base,
+        pretrain(GPTConfig(), TrainConfig(max_iters=args.pretrain_iters), base,
                  log=quiet)
 
     if args.task in ("classify", "both"):

@@ -89,7 +89,7 @@ def main():
 
     # 2 layers is the least depth an induction head needs (Olsson et al. 2022); 96 tokens of
     # context hold an instruction line and 8 demonstrations with room to spare.
-    model = GPTConfig(block_size=96, n_layer=2, n_head=4, n_embd=64)
+    model = GPTConfig(block_size=96, n_layer=2, n_head=4, n_embd=64, bias=True)  # measured so
     train = TrainConfig(batch_size=32, max_iters=args.max_iters, lr=4e-3, min_lr=4e-4,
                         warmup_iters=200, eval_interval=500, eval_iters=5, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,8 @@
 """Pretrain a tiny GPT with the library API (not the CLI) and watch it learn to write.
 
 This is what `tinyllm pretrain` does, spelled out: pick a corpus, train a tokenizer, make a
-model config, run the training loop, then sample. About a minute on 2 CPU cores.
+model config, run the training loop, then sample. It builds the same model as `tinyllm pretrain`
+(the defaults in tinyllm/config.py) and trains it for fewer steps: about a minute on 2 CPU cores.
 
     python examples/pretrain_and_sample.py [--data FILE] [--max-iters 800]
 """
@@ -10,10 +11,11 @@ import argparse
 import os
 import sys
 import tempfile
+from dataclasses import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tinyllm.config import GPTConfig, TrainConfig  # noqa: E402
+from tinyllm.config import DEFAULT_TOKENIZER, GPTConfig, TrainConfig  # noqa: E402
 from tinyllm.generate import generate_text  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
 from tinyllm.train import pretrain  # noqa: E402
@@ -26,11 +28,12 @@ def main():
     args = parser.parse_args()
     tune_malloc()
 
-    # A 4-layer, 128-channel GPT reading 64 characters at a time: ~0.8M parameters.
-    model = GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128)
-    train = TrainConfig(batch_size=12, max_iters=args.max_iters, eval_interval=200, eval_iters=10)
+    # The default model of `tinyllm pretrain` (0.8M parameters with a char tokenizer), trained
+    # for fewer steps, evaluated less often.
+    model = GPTConfig()
+    train = replace(TrainConfig(), max_iters=args.max_iters, eval_interval=200, eval_iters=10)
     with tempfile.TemporaryDirectory() as out:
-        result = pretrain(model, train, out, data=args.data, tokenizer_kind="char")
+        result = pretrain(model, train, out, data=args.data, tokenizer_kind=DEFAULT_TOKENIZER)
 
     print(f"final validation loss: {result['final']['val_loss']:.3f}")
     for prompt in ("The ", "def ", "A list"):

@@ -11,8 +11,9 @@ from tinyllm.config import GPTConfig
 from tinyllm.models import init_gpt
 
 # Small enough that a forward pass takes well under a millisecond, big enough to have
-# more than one layer and more than one head (head size D = 16 / 2 = 8).
-TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
+# more than one layer and more than one head (head size D = 16 / 2 = 8). With biases, unlike the
+# default, so that every gradient test covers them too.
+TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, bias=True)
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,12 @@ def saved(tmp_path):
     return tmp_path / "run", run
 
 
+def file_of(run_dir, role):
+    """The path of the checkpoint's "model" or "optim" file, as config.json names it."""
+    meta = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    return run_dir / meta[f"{role}_file"]
+
+
 def assert_trees_equal(a, b):
     fa, fb = flatten(a), flatten(b)
     assert fa.keys() == fb.keys()
@@ -84,41 +90,56 @@ def test_loading_for_inference_skips_the_optimizer(saved):
 
 def test_files_are_plain_npz_and_readable_json(saved):
     run_dir, run = saved
-    assert sorted(os.listdir(run_dir)) == ["config.json", "model.npz", "optim.npz",
+    assert sorted(os.listdir(run_dir)) == ["config.json", "model-000005.npz", "optim-000005.npz",
                                            "tokenizer.json"]
-    with onp.load(run_dir / "model.npz", allow_pickle=False) as model:
+    with onp.load(run_dir / "model-000005.npz", allow_pickle=False) as model:
         assert int(model["_iter"]) == 5
         onp.testing.assert_array_equal(model["h.0.attn.c_attn.w"],
                                        run["params"]["h"][0]["attn"]["c_attn"]["w"])
         assert set(model.files) == set(flatten(run["params"])) | {"_iter"}
-    with onp.load(run_dir / "optim.npz", allow_pickle=False) as optim:
+    with onp.load(run_dir / "optim-000005.npz", allow_pickle=False) as optim:
         assert int(optim["step"]) == 2 and int(optim["_iter"]) == 5
         assert "m.wte" in optim.files and "v.wte" in optim.files
         assert json.loads(optim["rng_state"].tobytes().decode("utf-8")) == run["rng_state"]
     meta = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     assert meta["format"] == "tinyllm-checkpoint" and meta["version"] == FORMAT_VERSION
     assert meta["iter"] == 5 and meta["model"]["n_embd"] == 16 and meta["dtype"] == "float32"
+    assert (meta["model_file"], meta["optim_file"], meta["tokenizer_file"]) == (
+        "model-000005.npz", "optim-000005.npz", "tokenizer.json")
 
 
 def test_saves_are_atomic_and_leave_no_temp_files(saved):
     run_dir, run = saved
-    save(run_dir, {**run, "iteration": 6})  # overwrite in place
-    assert not [n for n in os.listdir(run_dir) if n.startswith(".tmp-")]
+    save(run_dir, {**run, "iteration": 6})  # the next checkpoint replaces the previous one
+    assert sorted(os.listdir(run_dir)) == ["config.json", "model-000006.npz", "optim-000006.npz",
+                                           "tokenizer.json"]
     assert load_checkpoint(str(run_dir), with_optimizer=True).iter == 6
+
+
+def test_saving_the_same_step_again_never_overwrites_the_files_in_use(saved):
+    run_dir, run = saved
+    first = file_of(run_dir, "model")
+    save(run_dir, run)
+    second = file_of(run_dir, "model")
+    assert second != first and second.name == "model-000005-2.npz" and not first.exists()
+    save(run_dir, run)
+    assert file_of(run_dir, "model") == first
+    assert load_checkpoint(str(run_dir), with_optimizer=True).iter == 5
 
 
 def test_an_interrupted_write_keeps_the_old_file(saved, monkeypatch):
     run_dir, _ = saved
-    before = (run_dir / "model.npz").read_bytes()
+    path = file_of(run_dir, "model")
+    before = path.read_bytes()
 
     def interrupted_replace(src, dst):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fileio.os, "replace", interrupted_replace)
     with pytest.raises(KeyboardInterrupt):
-        atomic_save_npz(str(run_dir / "model.npz"), {"x": onp.zeros(3)})
+        atomic_save_npz(str(path), {"x": onp.zeros(3)})
     monkeypatch.undo()
-    assert (run_dir / "model.npz").read_bytes() == before
+    assert path.read_bytes() == before
     assert not [n for n in os.listdir(run_dir) if n.startswith(".tmp-")]
 
 
@@ -172,29 +193,32 @@ def test_newer_format_version_is_refused(saved):
     assert f"version {FORMAT_VERSION + 1}" in message and "upgrade tinyllm" in message
 
 
-@pytest.mark.parametrize("name", ["model.npz", "optim.npz"])
-def test_truncated_npz(saved, name):
+@pytest.mark.parametrize("role", ["model", "optim"])
+def test_truncated_npz(saved, role):
     run_dir, _ = saved
-    path = run_dir / name
+    path = file_of(run_dir, role)
+    name = path.name
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     message = load_error(run_dir)
     assert name in message and "truncated or corrupted" in message
 
 
-@pytest.mark.parametrize("name", ["model.npz", "optim.npz"])
-def test_missing_npz(saved, name):
+@pytest.mark.parametrize("role", ["model", "optim"])
+def test_missing_npz(saved, role):
     run_dir, _ = saved
+    name = file_of(run_dir, role).name
     (run_dir / name).unlink()
     message = load_error(run_dir)
     assert name in message and "missing" in message
 
 
-@pytest.mark.parametrize("name", ["model.npz", "optim.npz"])
-def test_iter_stamp_disagreeing_with_config_json(tmp_path, saved, name):
-    """A crash between two renames: one file is from another step than config.json says."""
+@pytest.mark.parametrize("role", ["model", "optim"])
+def test_iter_stamp_disagreeing_with_config_json(tmp_path, saved, role):
+    """A file from another step than config.json says (copied in by hand, say)."""
     run_dir, run = saved
     save(tmp_path / "older", {**run, "iteration": 4})
-    shutil.copy(tmp_path / "older" / name, run_dir / name)
+    name = file_of(run_dir, role).name
+    shutil.copy(file_of(tmp_path / "older", role), run_dir / name)
     message = load_error(run_dir)
     assert name in message and "step 4" in message and "says 5" in message
 
@@ -203,17 +227,17 @@ def test_params_of_the_wrong_shape(saved):
     run_dir, run = saved
     flat = flatten(run["params"])
     flat["wpe"] = onp.zeros((8, 16), "float32")  # block_size 16 in config.json
-    atomic_save_npz(str(run_dir / "model.npz"), {**flat, "_iter": onp.array(5)})
+    atomic_save_npz(str(file_of(run_dir, "model")), {**flat, "_iter": onp.array(5)})
     message = load_error(run_dir)
-    assert "model.npz" in message and "wpe" in message
+    assert "model-000005.npz" in message and "wpe" in message
 
 
 def test_missing_param(saved):
     run_dir, run = saved
     flat = {k: a for k, a in flatten(run["params"]).items() if k != "ln_f.g"}
-    atomic_save_npz(str(run_dir / "model.npz"), {**flat, "_iter": onp.array(5)})
+    atomic_save_npz(str(file_of(run_dir, "model")), {**flat, "_iter": onp.array(5)})
     message = load_error(run_dir)
-    assert "model.npz" in message and "ln_f.g" in message
+    assert "model-000005.npz" in message and "ln_f.g" in message
 
 
 def test_config_json_describing_another_model(saved):
@@ -221,7 +245,7 @@ def test_config_json_describing_another_model(saved):
     edit_config(run_dir, model={**json.loads((run_dir / "config.json").read_text())["model"],
                                 "n_embd": 32, "n_head": 2})
     message = load_error(run_dir, with_optimizer=False)
-    assert "model.npz" in message and "wrong shapes" in message
+    assert "model-000005.npz" in message and "wrong shapes" in message
 
 
 def test_config_json_with_an_unknown_model_field(saved):

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from tinyllm import train
+from tinyllm.checkpoint import checkpoint_paths
 from tinyllm.cli import main
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout: cli.py sits at its top
@@ -22,7 +23,10 @@ TEXT = (
 ) * 12
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
         "--batch-size", "4", "--eval-iters", "1"]
-RUN_FILES = ["config.json", "metrics.jsonl", "model.npz", "optim.npz", "tokenizer.json"]
+def run_files(run_dir):
+    """The files a run directory should hold: its checkpoint's files, config.json, metrics.jsonl."""
+    paths = checkpoint_paths(str(run_dir))
+    return sorted(["config.json", "metrics.jsonl"] + [os.path.basename(p) for p in paths.values()])
 
 
 def invoke(*args):
@@ -80,7 +84,8 @@ def run_copy(trained_run, tmp_path):
 
 def test_pretrain_writes_the_run_directory(trained_run):
     out, result = trained_run
-    assert sorted(os.listdir(out)) == RUN_FILES
+    assert sorted(os.listdir(out)) == run_files(out)
+    assert os.path.basename(checkpoint_paths(str(out))["model"]) == "model-000006.npz"
     meta = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert meta["iter"] == 6
     assert meta["model"]["n_layer"] == 1 and meta["model"]["n_embd"] == 16
@@ -120,7 +125,7 @@ def test_pretrain_with_a_bpe_tokenizer(tmp_path, data_file):
                     "--eval-interval", 2, "--sample-tokens", 0, "--tokenizer", "bpe",
                     "--vocab-size", 260)
     assert result.exit_code == 0, result.output
-    assert sorted(os.listdir(out)) == RUN_FILES
+    assert sorted(os.listdir(out)) == run_files(out)
     tokenizer = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
     assert tokenizer["type"] == "bpe"
     assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == 260
@@ -170,7 +175,9 @@ def test_force_replaces_an_existing_run(run_copy, data_file):
                     "--eval-interval", 2, "--seed", 7, "--sample-tokens", 0, "--force")
     assert result.exit_code == 0, result.output
     after = snapshot(run_copy)
-    assert after["model.npz"] != before["model.npz"]
+    model_before = [v for k, v in before.items() if k.startswith("model-")]
+    assert [k for k in after if k.startswith("model-")] == ["model-000004.npz"]
+    assert after["model-000004.npz"] not in model_before
     assert metrics_iters(run_copy) == [0, 2, 4]
 
 
@@ -194,7 +201,7 @@ def test_help_mentions_every_flag_and_its_default(command):
         if option.default is not None and not on_off_flag:
             assert "[default: " in entry, entry
     if command == "pretrain":
-        assert "--n-layer INTEGER Number of decoder blocks. [default: 4]" in text
+        assert "--n-layer INTEGER Number of GPT blocks. [default: 4]" in text
         assert "[default: pydoc" in text
     else:
         assert "--temperature FLOAT" in text and "[default: 0.8]" in text
@@ -276,11 +283,12 @@ def test_generate_from_a_missing_checkpoint(tmp_path):
 
 
 def test_generate_from_a_truncated_model(run_copy):
-    path = run_copy / "model.npz"
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    path = checkpoint_paths(str(run_copy))["model"]
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
     before = snapshot(run_copy)
     result = invoke("generate", "--checkpoint", run_copy, "--prompt", "The", "--seed", 1)
-    assert_user_error(result, "model.npz", "truncated")
+    assert_user_error(result, os.path.basename(path), "truncated")
     assert snapshot(run_copy) == before
 
 
@@ -310,3 +318,22 @@ def test_generate_with_a_character_the_tokenizer_never_saw(trained_run):
 def test_generate_with_bad_sampling_settings(trained_run, args, flag):
     out, _ = trained_run
     assert_user_error(invoke("generate", "--checkpoint", out, "--prompt", "The", *args), flag)
+
+
+def test_pretrain_flag_defaults_are_the_config_defaults():
+    # One source per default: every flag of `tinyllm pretrain` named after a GPTConfig or
+    # TrainConfig field defaults to that field's default, and the tokenizer flags and --out to
+    # the constants in tinyllm/config.py.
+    import dataclasses
+
+    from tinyllm import config as cfg
+
+    defaults = {p.name: p.default for p in main.commands["pretrain"].params}
+    fields = [(f.name, f.default) for cls in (cfg.GPTConfig, cfg.TrainConfig)
+              for f in dataclasses.fields(cls) if f.name in defaults and f.name != "vocab_size"]
+    assert len(fields) == 16  # all but vocab_size (the flag is BPE's), tie_weights and the betas
+    for name, value in fields:
+        assert defaults[name] == value, name
+    assert defaults["tokenizer_kind"] == cfg.DEFAULT_TOKENIZER
+    assert defaults["vocab_size"] == cfg.DEFAULT_BPE_VOCAB_SIZE
+    assert defaults["out"] == cfg.DEFAULT_RUN

@@ -8,7 +8,7 @@ import numpy as onp
 import pytest
 from click.testing import CliRunner
 
-from tinyllm.checkpoint import load_checkpoint, save_checkpoint
+from tinyllm.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.models import init_gpt
@@ -215,7 +215,7 @@ def test_instruct_ctrl_c_then_resume_matches_an_uninterrupted_run(base, instruct
                 for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))]
 
     assert losses(interrupted) == losses(straight)
-    a, b = (onp.load(os.path.join(d, "model.npz")) for d in (straight, interrupted))
+    a, b = (onp.load(checkpoint_paths(d)["model"]) for d in (straight, interrupted))
     assert sorted(a.files) == sorted(b.files)
     for name in a.files:
         onp.testing.assert_array_equal(a[name], b[name])

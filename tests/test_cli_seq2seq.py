@@ -2,6 +2,7 @@
 training, translating, scoring a file, bit-exact --resume, and one-line errors for bad input."""
 
 import json
+import os
 import shutil
 
 import numpy as onp
@@ -9,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 
+from tinyllm.checkpoint import checkpoint_paths
 from tinyllm.cli import main
 
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
@@ -83,7 +85,8 @@ def test_resume_continues_bit_for_bit(tmp_path, pairs_file):
     assert "resuming" in result.output
     losses = lambda run: [(m["iter"], m["train_loss"], m["val_loss"]) for m in metrics(run)]  # noqa: E731
     assert losses(resumed) == losses(straight) and len(losses(straight)) == 4
-    with onp.load(straight / "model.npz") as a, onp.load(resumed / "model.npz") as b:
+    with onp.load(checkpoint_paths(straight)["model"]) as a, \
+            onp.load(checkpoint_paths(resumed)["model"]) as b:
         assert all(onp.array_equal(a[k], b[k]) for k in a.files)
 
 
@@ -101,10 +104,10 @@ def test_noam_schedule_is_logged(tmp_path, pairs_file):
 def test_existing_run_is_not_overwritten(trained_run, tmp_path, pairs_file):
     out = tmp_path / "run"
     shutil.copytree(trained_run[0], out)
-    before = (out / "model.npz").read_bytes()
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
     result = invoke("seq2seq", "train", "--data", pairs_file, "--out", out, *TINY)
     assert_user_error(result, "--resume", "--force")
-    assert (out / "model.npz").read_bytes() == before
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
 
 @pytest.mark.parametrize("content, words", [
@@ -145,3 +148,18 @@ def test_help_shows_defaults():
     assert "--label-smoothing" in result.output and "default: 0.1" in result.output
     result = invoke("seq2seq", "translate", "--help")
     assert "--beam-size" in result.output and "--length-penalty" in result.output
+
+
+def test_train_flag_defaults_are_the_config_defaults():
+    # One source per default: Seq2SeqConfig's fields and seq2seq_run.SEQ2SEQ_TRAIN's.
+    import dataclasses
+
+    from tinyllm.seq2seq import Seq2SeqConfig
+    from tinyllm.seq2seq_run import SEQ2SEQ_RUN, SEQ2SEQ_TRAIN
+
+    defaults = {p.name: p.default for p in main.commands["seq2seq"].commands["train"].params}
+    expected = {**dataclasses.asdict(Seq2SeqConfig()), **dataclasses.asdict(SEQ2SEQ_TRAIN)}
+    shared = sorted(set(defaults) & set(expected))
+    assert len(shared) == 18  # all but vocab_size, tie_weights and the betas
+    assert {name: defaults[name] for name in shared} == {name: expected[name] for name in shared}
+    assert defaults["out"] == SEQ2SEQ_RUN

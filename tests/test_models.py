@@ -57,7 +57,7 @@ def test_earlier_tokens_do_change_later_logits(tiny_config, params64):
 
 def test_fresh_model_loss_is_about_log_vocab():
     # At GPT-2 init the logits are near 0, so the prediction is near uniform: loss ~ ln V.
-    config = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True)
     rng = onp.random.default_rng(0)
     params = init_gpt(config, rng)
     ids = random_ids(rng, config, b=8)
@@ -82,7 +82,7 @@ def test_loss_is_cross_entropy_of_the_logits(tiny_config, params64):
 # ============================================================================ gradients
 
 
-GRAD_CONFIG = GPTConfig(vocab_size=7, block_size=4, n_layer=2, n_head=2, n_embd=4)
+GRAD_CONFIG = GPTConfig(vocab_size=7, block_size=4, n_layer=2, n_head=2, n_embd=4, bias=True)
 
 
 def jittered(params, rng, scale=0.3):
@@ -147,7 +147,7 @@ def test_parameter_count(tiny_config, make_params, bias, tie_weights):
     config = dataclasses.replace(tiny_config, bias=bias, tie_weights=tie_weights)
     n = count_params(make_params(config))
     assert n == expected_param_count(config)
-    # the same sum, once more as the closed form for the default (bias, tied) case
+    # the same sum, once more as the closed form for the case with biases and a tied head
     if bias and tie_weights:
         v, t, c, n_layer = 11, 8, 16, 2
         assert n == v * c + t * c + n_layer * (12 * c * c + 13 * c) + 2 * c == 6896
@@ -339,7 +339,7 @@ def test_encoder_without_positions_is_permutation_equivariant(perm_seed):
 def test_encoder_padding_never_changes_the_real_positions(n_real, n_pad, seed):
     from tinyllm.models import bidirectional_hidden
 
-    config = GPTConfig(vocab_size=11, block_size=12, n_layer=2, n_head=2, n_embd=16)
+    config = GPTConfig(vocab_size=11, block_size=12, n_layer=2, n_head=2, n_embd=16, bias=True)
     params = init_gpt(config, onp.random.default_rng(1), dtype="float64")
     rng = onp.random.default_rng(seed)
     ids = rng.integers(0, 11, (1, n_real))

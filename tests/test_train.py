@@ -76,8 +76,8 @@ def test_run_directory_and_metrics(tmp_path, data):
     tc = replace(TRAIN, max_iters=10, eval_interval=4)
     result = run(tmp_path / "run", data, tc)
     out = tmp_path / "run"
-    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl", "model.npz", "optim.npz",
-                                       "tokenizer.json"]
+    assert sorted(os.listdir(out)) == ["config.json", "metrics.jsonl", "model-000010.npz",
+                                       "optim-000010.npz", "tokenizer.json"]
     records = read_metrics(str(out))
     assert [r["iter"] for r in records] == [0, 4, 8, 10]  # every eval_interval, and at the end
     assert all(set(r) == METRIC_KEYS for r in records)
@@ -237,7 +237,7 @@ def test_force_starts_the_run_afresh(tmp_path, data):
     old = snapshot(tmp_path / "run")
     run(tmp_path / "run", data, replace(TRAIN, seed=9, max_iters=6), force=True)
     new = snapshot(tmp_path / "run")
-    assert new["model.npz"] != old["model.npz"]
+    assert "model-000006.npz" in new and "model-000008.npz" in old and "model-000008.npz" not in new
     assert [r[0] for r in curve(tmp_path / "run")] == [0, 3, 6]  # the old records are gone
     assert load_checkpoint(str(tmp_path / "run")).train_config.seed == 9
 

@@ -1,43 +1,75 @@
-"""Versioned checkpoints: a run directory a person can inspect, loaded without pickle.
+"""Versioned checkpoints: a run directory a person can inspect, saved whole or not at all.
 
+Format (version 2)
+------------------
 A checkpoint is four files in the run directory:
 
-    config.json     {"format": "tinyllm-checkpoint", "version": 1, "kind": "gpt", "iter": 500,
-                     "model": {GPTConfig fields}, "train": {TrainConfig fields},
-                     "tokenizer_file": "tokenizer.json", "data": "pydoc", "dtype": "float32",
-                     "last_eval_iter": 500}
-    model.npz       one array per parameter, named by its dotted path ("wte", "h.0.attn.c_attn.w")
-    optim.npz       AdamW moments "m.<path>" and "v.<path>", "step", and "rng_state": the JSON of
-                    the numpy Generator's state as UTF-8 bytes (uint8), so a resumed run draws
-                    the same batches it would have drawn
-    tokenizer.json  the tokenizer (see tinyllm/tokenizers.py)
+    config.json          {"format": "tinyllm-checkpoint", "version": 2, "kind": "gpt", "iter": 500,
+                          "model_file": "model-000500.npz", "optim_file": "optim-000500.npz",
+                          "tokenizer_file": "tokenizer.json", "model": {GPTConfig fields},
+                          "train": {TrainConfig fields}, "data": "/abs/path/corpus.txt" or "pydoc",
+                          "data_sha256": "<64 hex digits>", "dtype": "float32",
+                          "last_eval_iter": 500}
+    model-000500.npz     one array per parameter, named by its dotted path ("wte", "h.0.attn.c_attn.w")
+    optim-000500.npz     AdamW moments "m.<path>" and "v.<path>", "step", and "rng_state": the JSON of
+                         the numpy Generator's state as UTF-8 bytes (uint8), so a resumed run draws
+                         the same batches it would have drawn
+    tokenizer.json       the tokenizer (see tinyllm/tokenizers.py)
 
-Both .npz files also hold "_iter", the step they were saved at. Each file is written atomically
-(temporary file, then rename) and config.json last, so config.json always describes complete
-files; loading checks that the "_iter" stamps agree, which catches the one case left: a crash
-between two renames. Arrays load with `numpy.load(path, allow_pickle=False)`.
+Both .npz files also hold "_iter", the step they were saved at. config.json names the other
+three files; they are plain names inside the run directory (a name with a directory part, "..",
+or a symbolic link is refused when loading). Arrays load with `numpy.load(..., allow_pickle=False)`
+after every array's header has been checked (names, shapes, dtypes, sizes), and every weight and
+moment must be finite. Version 1 (tinyllm before this protocol) had fixed names "model.npz" and
+"optim.npz" and no "model_file"/"optim_file"; it still loads, and the next save writes version 2.
+
+How a save commits (a crash at any moment leaves one complete checkpoint)
+--------------------------------------------------------------------------
+1. The new model and optimizer files are written beside the old ones under names the current
+   config.json does not use (`model-<step>.npz`; `-2` is added if the same step is saved again),
+   each to a temporary file that is flushed to disk (fsync) and then renamed. tokenizer.json is
+   kept when it already holds the same bytes. Then the directory is fsynced.
+2. The switch: a new config.json naming the new files is written to a temporary file, fsynced,
+   and renamed over the old config.json (one atomic rename), and the directory is fsynced.
+3. Only then are the previous checkpoint's files (no longer named by config.json) removed.
+
+Until step 2 the old config.json names the old, untouched files; after it, the new one names
+new, complete files. A kill leaves at most some unreferenced files, which the next run removes
+(`remove_leftovers`). A full disk in steps 1-2 removes what this save wrote and raises a one-line
+TinyLLMError; the previous checkpoint is intact.
 """
 
+import io
 import json
+import math
 import os
+import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as onp
 
 from .config import GPTConfig, TrainConfig, from_dict, to_dict
 from .errors import TinyLLMError
-from .fileio import atomic_save_npz, atomic_write_json
+from .fileio import (TMP_PREFIX, atomic_write_bytes, available_memory, check_plain_name,
+                     fsync_directory, json_bytes, npz_bytes, parse_json, read_run_file)
 from .finetune import ClassifierConfig, init_classifier
 from .lora import LoRAGPTConfig, init_lora_gpt
 from .models import init_gpt
 from .seq2seq import Seq2SeqConfig, init_seq2seq
-from .tokenizers import load_tokenizer
+from .tokenizers import load_tokenizer_bytes
 from .tree import flatten, unflatten
 
 FORMAT = "tinyllm-checkpoint"
-FORMAT_VERSION = 1
-FILES = ("config.json", "model.npz", "optim.npz", "tokenizer.json")
+FORMAT_VERSION = 2
+FILE_FIELDS = ("model_file", "optim_file", "tokenizer_file")
+VERSION_1_FILES = {"model_file": "model.npz", "optim_file": "optim.npz",
+                   "tokenizer_file": "tokenizer.json"}
+STAMPED_FILE = re.compile(r"(model|optim)-\d{6,}(-2)?\.npz|tokenizer-2\.json")
+CONFIG_MAX_BYTES = 1 << 20  # a config.json is a few kB; a bigger one is not ours
+TOKENIZER_MAX_BYTES = 64 << 20  # a 50k-token BPE file is about 2 MB
+RNG_STATE_MAX_BYTES = 1 << 16
+FLOAT_DTYPES = ("float32", "float64")
 
 # Every model family a checkpoint can hold ("kind" in config.json): kind -> (config dataclass,
 # init function(config, rng)). Loading builds a fresh model of the saved config to check every
@@ -72,94 +104,312 @@ class Checkpoint:
 
 def save_checkpoint(out_dir, params, opt_state, rng_state, model_config, train_config,
                     tokenizer, iteration, extra=None, kind="gpt"):
-    """Write a checkpoint into out_dir (created if needed); see the module docstring.
+    """Commit a checkpoint to out_dir (created if needed) by the protocol of the module docstring.
 
     `kind` names the model family (see MODEL_KINDS); `extra` adds fields to config.json.
+    Non-finite weights or moments are refused before anything is written.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    stamp = {"_iter": onp.array(iteration, dtype=onp.int64)}
-    tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
-    atomic_save_npz(os.path.join(out_dir, "model.npz"), {**flatten(params), **stamp})
+    flat = flatten(params)
     optim = {f"m.{k}": a for k, a in flatten(opt_state["m"]).items()}
     optim.update({f"v.{k}": a for k, a in flatten(opt_state["v"]).items()})
+    bad = first_non_finite({**flat, **optim})
+    if bad is not None:
+        raise TinyLLMError(f"refusing to save non-finite values ({bad!r}) at iteration"
+                           f" {iteration}; the checkpoint in {out_dir} is unchanged")
+    stamp = {"_iter": onp.array(iteration, dtype=onp.int64)}
     optim["step"] = onp.array(opt_state["step"], dtype=onp.int64)
     optim["rng_state"] = onp.frombuffer(json.dumps(rng_state).encode("utf-8"), dtype=onp.uint8)
-    atomic_save_npz(os.path.join(out_dir, "optim.npz"), {**optim, **stamp})
-    meta = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "kind": kind,
-        "iter": int(iteration),
-        "model": to_dict(model_config),
-        "train": to_dict(train_config),
-        "tokenizer_file": "tokenizer.json",
-        "dtype": str(next(iter(flatten(params).values())).dtype),
-        **(extra or {}),
-    }
-    atomic_write_json(os.path.join(out_dir, "config.json"), meta)  # last: it commits the others
+    os.makedirs(out_dir, exist_ok=True)
+    current = current_files(out_dir) or {}
+    try:
+        # 1. the new files, complete and on disk, beside the old ones
+        names = {"model_file": _write_new(out_dir, current, "model", iteration,
+                                          npz_bytes({**flat, **stamp})),
+                 "optim_file": _write_new(out_dir, current, "optim", iteration,
+                                          npz_bytes({**optim, **stamp})),
+                 "tokenizer_file": _write_tokenizer(out_dir, current, tokenizer)}
+        fsync_directory(out_dir)
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "iter": int(iteration),
+                **names, "model": to_dict(model_config), "train": to_dict(train_config),
+                "dtype": str(next(iter(flat.values())).dtype), **(extra or {})}
+        # 2. the switch: one atomic rename of config.json
+        atomic_write_bytes(os.path.join(out_dir, "config.json"), json_bytes(meta))
+    except OSError as err:
+        remove_leftovers(out_dir)  # what this save wrote; the previous checkpoint stays
+        raise TinyLLMError(f"could not save the checkpoint of iteration {iteration} in {out_dir}:"
+                           f" {err.strerror or err}; the previous checkpoint is intact") from None
+    # 3. the previous checkpoint's files are no longer named by config.json
+    remove_leftovers(out_dir)
     return meta
+
+
+def _write_new(out_dir, current, stem, iteration, data):
+    """Write `data` under a step-stamped name the current checkpoint does not use; return the name."""
+    for name in (f"{stem}-{iteration:06d}.npz", f"{stem}-{iteration:06d}-2.npz"):
+        if name not in current.values():
+            atomic_write_bytes(os.path.join(out_dir, name), data)
+            return name
+    raise AssertionError("the current checkpoint names one file per role")  # pragma: no cover
+
+
+def _write_tokenizer(out_dir, current, tokenizer):
+    """Keep the current tokenizer file if it holds the same bytes, else write a new one."""
+    data = json_bytes(tokenizer.to_dict())
+    name = current.get("tokenizer_file")
+    if name is not None:
+        try:
+            if read_run_file(out_dir, name, TOKENIZER_MAX_BYTES, "tokenizer file") == data:
+                return name
+        except TinyLLMError:
+            pass  # unreadable or odd: write a fresh one
+    for name in ("tokenizer.json", "tokenizer-2.json"):
+        if name not in current.values():
+            atomic_write_bytes(os.path.join(out_dir, name), data)
+            return name
+    raise AssertionError("the current checkpoint names one tokenizer")  # pragma: no cover
+
+
+def first_non_finite(flat):
+    """The name of the first array holding a NaN or an infinity, or None."""
+    for name, array in flat.items():
+        if not onp.isfinite(array).all():
+            return name
+    return None
+
+
+def current_files(run_dir):
+    """{"model_file": name, ...} of the checkpoint config.json names now; None if there is no
+    readable config.json."""
+    try:
+        return checkpoint_files(read_meta(run_dir), run_dir)
+    except TinyLLMError:
+        return None
+
+
+def checkpoint_paths(run_dir):
+    """{"model": path, "optim": path, "tokenizer": path} of the checkpoint in run_dir now."""
+    files = checkpoint_files(read_meta(run_dir), run_dir)
+    return {key[:-len("_file")]: os.path.join(run_dir, name) for key, name in files.items()}
+
+
+def remove_leftovers(run_dir):
+    """Remove what an interrupted or superseded save left: temporary files, and checkpoint files
+    that config.json does not name. Never touches a file it does not own.
+
+    Step-stamped files ("model-000500.npz") are tinyllm's alone and go unless referenced. The
+    version-1 names "model.npz" and "optim.npz" go only once a readable config.json names other
+    files; with a config.json that cannot be read, only temporary files are removed.
+    """
+    if not os.path.isdir(run_dir):
+        return
+    has_config = os.path.lexists(os.path.join(run_dir, "config.json"))
+    referenced = current_files(run_dir)
+    for name in os.listdir(run_dir):
+        if name.startswith(TMP_PREFIX):
+            drop = True
+        elif has_config and referenced is None:
+            drop = False
+        elif STAMPED_FILE.fullmatch(name):
+            drop = name not in (referenced or {}).values()
+        elif name in ("model.npz", "optim.npz"):
+            drop = referenced is not None and name not in referenced.values()
+        else:
+            drop = False
+        if drop:
+            _unlink_file(os.path.join(run_dir, name))
+
+
+def _unlink_file(path):
+    """Remove a file or symbolic link (never a directory); ignore one that is already gone."""
+    try:
+        if not os.path.isdir(path) or os.path.islink(path):
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 # ----------------------------------------------------------------------------- load
 
 
 def read_meta(ckpt_dir):
-    """Read and check config.json of a checkpoint directory."""
+    """Read and check config.json of a checkpoint directory (bounded, no symlinks followed)."""
     if not os.path.isdir(ckpt_dir):
         raise TinyLLMError(f"checkpoint directory {ckpt_dir!r} not found")
     path = os.path.join(ckpt_dir, "config.json")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise TinyLLMError(f"{ckpt_dir!r} is not a tinyllm checkpoint (no config.json)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TinyLLMError(f"{path} is corrupted or truncated ({err})") from None
+    meta = parse_json(read_run_file(ckpt_dir, "config.json", CONFIG_MAX_BYTES, "checkpoint config"),
+                      path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise TinyLLMError(f"{path} is not a tinyllm checkpoint config")
     version = meta.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not _is_int(version) or version < 1 or version > FORMAT_VERSION:
         raise TinyLLMError(
             f"{path} has format version {version}; this tinyllm reads version"
             f" {FORMAT_VERSION} or older: upgrade tinyllm"
         )
-    for key in ("iter", "model", "kind"):
-        if key not in meta:
-            raise TinyLLMError(f"{path} lacks the field {key!r}")
+    for key, kinds in (("iter", int), ("kind", str), ("model", dict), ("train", (dict, None)),
+                       ("last_eval_iter", (int, None)), ("dtype", (str, None)),
+                       ("data", (str, None)), ("data_sha256", (str, None))):
+        _check_field(meta, key, kinds, path)
+    if meta["iter"] < 0:
+        raise TinyLLMError(f"{path}: \"iter\" must not be negative")
+    if meta.get("dtype", "float32") not in FLOAT_DTYPES:
+        raise TinyLLMError(f"{path}: \"dtype\" must be one of {', '.join(FLOAT_DTYPES)}")
     return meta
 
 
-def read_npz(path):
-    """Load every array of an .npz into a dict, without pickle, with one-line errors."""
-    if not os.path.exists(path):
-        raise TinyLLMError(f"checkpoint file {path} is missing")
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_field(meta, key, kinds, path):
+    """meta[key] must exist and have one of `kinds` (None in kinds: optional, may be null)."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if key not in meta:
+        if None in kinds:
+            return
+        raise TinyLLMError(f"{path} lacks the field {key!r}")
+    value = meta[key]
+    ok = any((value is None) if k is None else (_is_int(value) if k is int else isinstance(value, k))
+             for k in kinds)
+    if not ok:
+        names = " or ".join("null" if k is None else k.__name__ for k in kinds)
+        raise TinyLLMError(f"{path}: field {key!r} must be {names}, not {type(value).__name__}")
+
+
+def checkpoint_files(meta, ckpt_dir):
+    """The file names config.json gives (version 1: the fixed names), each a plain name."""
+    where = os.path.join(ckpt_dir, "config.json")
+    files = {}
+    for key in FILE_FIELDS:
+        if meta["version"] >= 2 or key == "tokenizer_file":
+            files[key] = meta.get(key, VERSION_1_FILES[key] if meta["version"] < 2 else None)
+        else:
+            files[key] = VERSION_1_FILES[key]
+        if files[key] is None:
+            raise TinyLLMError(f"{where} lacks the field {key!r}")
+        check_plain_name(files[key], f"{where} field {key!r}")
+    return files
+
+
+def read_npz(run_dir, name):
+    """Every array of run_dir/name, read as untrusted input: a dict of name -> array.
+
+    The file is read whole (its size checked against free memory first), every member's .npy
+    header is checked before any array is built (uncompressed, no object dtype, no more data
+    declared than the member holds), then numpy loads it without pickle.
+    """
+    path = os.path.join(run_dir, name)
+    data = read_run_file(run_dir, name, available_memory() // 2, "checkpoint file")
+    if not data.startswith(b"PK"):
+        raise TinyLLMError(f"checkpoint file {path} is not an .npz archive (truncated or corrupted)")
     try:
-        with onp.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for info in archive.infolist():
+                _check_member(archive, info, path)
+        with onp.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            return {key: arrays[key] for key in arrays.files}
+    except TinyLLMError:
+        raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
-        raise TinyLLMError(f"checkpoint file {path} is truncated or corrupted ({err})") from None
+        raise TinyLLMError(f"checkpoint file {path} is truncated or corrupted"
+                           f" ({type(err).__name__})") from None
+
+
+def _check_member(archive, info, path):
+    """One .npy member of an .npz: stored (not compressed), numeric, no more data than it holds."""
+    if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+        raise TinyLLMError(f"checkpoint file {path} has a member tinyllm does not write"
+                           f" ({info.filename[:60]!r}: compressed or not .npy)")
+    with archive.open(info) as f:
+        version = onp.lib.format.read_magic(f)
+        read_header = (onp.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else onp.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(f)
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise TinyLLMError(f"checkpoint file {path}: {info.filename[:-4]!r} is not a numeric array")
+    if math.prod(shape) * dtype.itemsize > info.file_size:
+        raise TinyLLMError(f"checkpoint file {path}: {info.filename[:-4]!r} declares more data"
+                           " than it holds (truncated or corrupted)")
 
 
 def _check_stamp(arrays, path, iteration):
     stamp = arrays.pop("_iter", None)
-    if stamp is None or int(stamp) != iteration:
+    if stamp is None or stamp.shape != () or stamp.dtype.kind not in "iu" or int(stamp) != iteration:
+        shown = int(stamp) if stamp is not None and stamp.size == 1 else None
         raise TinyLLMError(
-            f"{path} is from step {None if stamp is None else int(stamp)} but config.json says"
+            f"{path} is from step {shown} but config.json says"
             f" {iteration}: the checkpoint was interrupted while being saved"
         )
     return arrays
 
 
-def _check_params(params, reference, path):
-    """The loaded tree must have exactly the names and shapes a fresh model of this config has."""
-    got = {k: a.shape for k, a in flatten(params).items()}
+def _check_arrays(flat, reference, path, dtype):
+    """Exactly the names and shapes a fresh model of this config has, of `dtype`, all finite."""
+    got = {k: a.shape for k, a in flat.items()}
     want = {k: a.shape for k, a in flatten(reference).items()}
     if got != want:
         missing = sorted(set(want) - set(got))
+        unexpected = sorted(set(got) - set(want))
         wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
         raise TinyLLMError(
-            f"{path} does not match its config.json (missing {missing[:3]}, wrong shapes {wrong[:3]})"
+            f"{path} does not match its config.json (missing {missing[:3]}, unexpected"
+            f" {unexpected[:3]}, wrong shapes {wrong[:3]})"
         )
+    odd = sorted(k for k, a in flat.items() if a.dtype != onp.dtype(dtype))
+    if odd:
+        raise TinyLLMError(f"{path}: {odd[0]!r} is {flat[odd[0]].dtype}, not {dtype} as config.json"
+                           " says")
+    bad = first_non_finite(flat)
+    if bad is not None:
+        raise TinyLLMError(f"{path}: {bad!r} holds NaN or infinite values (the run diverged or"
+                           " the file was altered); use an earlier run")
+
+
+def _model_config(config_cls, data, where):
+    """A model config from config.json's "model": every field of the right type, then validated."""
+    config = from_dict(config_cls, check_field_types(config_cls, data, where), where=where)
+    try:
+        return config.validate()
+    except TinyLLMError as err:
+        raise TinyLLMError(f"{where}: {err}") from None
+
+
+def check_field_types(cls, data, where):
+    """Check a dict's values against dataclass `cls`'s field types (by each field's default)."""
+    if not isinstance(data, dict):
+        raise TinyLLMError(f"{where}: the {cls.__name__} settings must be a JSON object")
+    for field in fields(cls):
+        if field.name not in data:
+            continue
+        value, default = data[field.name], field.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = _is_int(value)
+        elif isinstance(default, float):
+            ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:  # None or another default: a JSON scalar
+            ok = value is None or isinstance(value, (str, bool)) or (
+                isinstance(value, (int, float)) and math.isfinite(value))
+        if not ok:
+            raise TinyLLMError(f"{where}: {cls.__name__} field {field.name!r} has the wrong type"
+                               f" ({type(value).__name__})")
+    return data
+
+
+def _check_model_size(model_config, file_bytes, path):
+    """Refuse a config.json that describes a model far bigger than its weights file, before
+    building one (a doctored config could ask for more memory than the machine has)."""
+    c = getattr(model_config, "n_embd", 0)
+    at_least = c * getattr(model_config, "vocab_size", 0) + 12 * c * c * getattr(model_config,
+                                                                                  "n_layer", 0)
+    if 4 * at_least > file_bytes + (1 << 16):
+        raise TinyLLMError(f"{path} holds {file_bytes:,} bytes, too few for the model of at least"
+                           f" {at_least:,} parameters that config.json describes")
 
 
 def load_checkpoint(ckpt_dir, with_optimizer=False, kind="gpt"):
@@ -168,6 +418,7 @@ def load_checkpoint(ckpt_dir, with_optimizer=False, kind="gpt"):
     `kind` is the model family the caller expects (a tuple allows several; None allows any).
     """
     meta = read_meta(ckpt_dir)
+    where = f"{ckpt_dir}/config.json"
     allowed = (kind,) if isinstance(kind, str) else kind
     if allowed is not None and meta["kind"] not in allowed:
         want = " or ".join(repr(k) for k in allowed)
@@ -175,32 +426,57 @@ def load_checkpoint(ckpt_dir, with_optimizer=False, kind="gpt"):
     if meta["kind"] not in MODEL_KINDS:
         raise TinyLLMError(f"{ckpt_dir!r} holds a model of unknown kind {meta['kind']!r}")
     config_cls, init_fn = MODEL_KINDS[meta["kind"]]
-    model_config = from_dict(config_cls, meta["model"], where=f"{ckpt_dir}/config.json").validate()
-    model_path = os.path.join(ckpt_dir, "model.npz")
-    params = unflatten(_check_stamp(read_npz(model_path), model_path, meta["iter"]))
+    model_config = _model_config(config_cls, meta["model"], where)
+    files = checkpoint_files(meta, ckpt_dir)
+    model_path = os.path.join(ckpt_dir, files["model_file"])
+    arrays = _check_stamp(read_npz(ckpt_dir, files["model_file"]), model_path, meta["iter"])
+    _check_model_size(model_config, sum(a.nbytes for a in arrays.values()), model_path)
     reference = init_fn(model_config, onp.random.default_rng(0))  # names and shapes to expect
-    _check_params(params, reference, model_path)
-    tokenizer = load_tokenizer(os.path.join(ckpt_dir, meta.get("tokenizer_file", "tokenizer.json")))
+    _check_arrays(arrays, reference, model_path, meta.get("dtype", "float32"))
+    params = unflatten(arrays)
+    tokenizer_path = os.path.join(ckpt_dir, files["tokenizer_file"])
+    tokenizer = load_tokenizer_bytes(
+        read_run_file(ckpt_dir, files["tokenizer_file"], TOKENIZER_MAX_BYTES, "tokenizer file"),
+        tokenizer_path)
     if getattr(model_config, "vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
         raise TinyLLMError(f"{ckpt_dir}: tokenizer and model disagree on the vocabulary size")
     ckpt = Checkpoint(params=params, model_config=model_config, tokenizer=tokenizer, meta=meta)
     if "train" in meta:
-        ckpt.train_config = from_dict(TrainConfig, meta["train"], where=f"{ckpt_dir}/config.json")
+        ckpt.train_config = _train_config(meta["train"], where)
     if with_optimizer:
-        ckpt.opt_state, ckpt.rng_state = _load_optimizer(ckpt_dir, meta["iter"], params)
+        ckpt.opt_state, ckpt.rng_state = _load_optimizer(ckpt_dir, files["optim_file"], meta,
+                                                         reference)
     return ckpt
 
 
-def _load_optimizer(ckpt_dir, iteration, params):
-    path = os.path.join(ckpt_dir, "optim.npz")
-    arrays = _check_stamp(read_npz(path), path, iteration)
+def _train_config(data, where):
+    config = from_dict(TrainConfig, check_field_types(TrainConfig, data, where), where=where)
     try:
-        rng_state = json.loads(arrays.pop("rng_state").tobytes().decode("utf-8"))
-        step = int(arrays.pop("step"))
-    except (KeyError, ValueError, UnicodeDecodeError) as err:
-        raise TinyLLMError(f"{path} is corrupted ({err})") from None
-    m = unflatten({k[2:]: a for k, a in arrays.items() if k.startswith("m.")})
-    v = unflatten({k[2:]: a for k, a in arrays.items() if k.startswith("v.")})
-    _check_params(m, params, path)
-    _check_params(v, params, path)
-    return {"m": m, "v": v, "step": step}, rng_state
+        return config.validate()
+    except TinyLLMError as err:
+        raise TinyLLMError(f"{where}: {err}") from None
+
+
+def _load_optimizer(ckpt_dir, name, meta, reference):
+    path = os.path.join(ckpt_dir, name)
+    arrays = _check_stamp(read_npz(ckpt_dir, name), path, meta["iter"])
+    step, rng_bytes = arrays.pop("step", None), arrays.pop("rng_state", None)
+    if step is None or step.shape != () or step.dtype.kind not in "iu" or int(step) < 0:
+        raise TinyLLMError(f"{path}: \"step\" is missing or not a whole number")
+    if (rng_bytes is None or rng_bytes.dtype != onp.uint8 or rng_bytes.ndim != 1
+            or rng_bytes.size > RNG_STATE_MAX_BYTES):
+        raise TinyLLMError(f"{path}: \"rng_state\" is missing or not JSON bytes (uint8)")
+    rng_state = parse_json(rng_bytes.tobytes(), f"{path} (rng_state)")
+    try:
+        onp.random.default_rng().bit_generator.state = rng_state
+    except (TypeError, ValueError, KeyError):
+        raise TinyLLMError(f"{path}: \"rng_state\" is not a random generator state") from None
+    moments = {}
+    for prefix in ("m", "v"):
+        flat = {k[2:]: a for k, a in arrays.items() if k.startswith(prefix + ".")}
+        _check_arrays(flat, reference, path, meta.get("dtype", "float32"))
+        moments[prefix] = unflatten(flat)
+    unexpected = sorted(k for k in arrays if not k.startswith(("m.", "v.")))
+    if unexpected:
+        raise TinyLLMError(f"{path} holds arrays tinyllm does not write ({unexpected[:3]})")
+    return {**moments, "step": int(step)}, rng_state

@@ -9,14 +9,19 @@ import importlib.metadata
 import click
 from click.core import ParameterSource
 
-from .cli_common import DEFAULT_RUN, positive, user_errors
+from .cli_common import positive, user_errors
 from .cli_fewshot import fewshot
 from .cli_finetune import classify, finetune
 from .cli_plot import attention, plot
 from .cli_seq2seq import seq2seq
-from .config import GPTConfig, TrainConfig
+from .config import (DEFAULT_BPE_VOCAB_SIZE, DEFAULT_RUN, DEFAULT_TOKENIZER, GPTConfig,
+                     TrainConfig)
 from .errors import TinyLLMError
 from .system import tune_malloc
+
+# The defaults of `tinyllm pretrain` are the dataclasses' own (see tinyllm/config.py).
+MODEL = GPTConfig()
+TRAIN = TrainConfig()
 
 
 def package_version():
@@ -44,32 +49,37 @@ def main():
 @click.option("--data", default=None, metavar="FILE|NAME",
               help="UTF-8 text file to train on, or the name of an embedded corpus."
                    "  [default: pydoc, the help texts that ship with Python]")
-@click.option("--tokenizer", "tokenizer_kind", type=click.Choice(["char", "bpe"]), default="char",
+@click.option("--tokenizer", "tokenizer_kind", type=click.Choice(["char", "bpe"]),
+              default=DEFAULT_TOKENIZER,
               help="char: one token per character; bpe: byte-level BPE trained on the data.")
-@click.option("--vocab-size", default=512, callback=positive,
+@click.option("--vocab-size", default=DEFAULT_BPE_VOCAB_SIZE, callback=positive,
               help="BPE vocabulary size (256 bytes + merges + 1 special token); ignored for char.")
-@click.option("--n-layer", default=4, callback=positive, help="Number of decoder blocks.")
-@click.option("--n-head", default=4, callback=positive, help="Attention heads per block.")
-@click.option("--n-embd", default=128, callback=positive,
+@click.option("--n-layer", default=MODEL.n_layer, callback=positive, help="Number of GPT blocks.")
+@click.option("--n-head", default=MODEL.n_head, callback=positive, help="Attention heads per block.")
+@click.option("--n-embd", default=MODEL.n_embd, callback=positive,
               help="Embedding width (channels); must be divisible by --n-head.")
-@click.option("--block-size", default=64, callback=positive,
+@click.option("--block-size", default=MODEL.block_size, callback=positive,
               help="Context length in tokens.")
-@click.option("--bias/--no-bias", default=False,
+@click.option("--bias/--no-bias", default=MODEL.bias,
               help="Biases in linear layers and layer norms (GPT-2 has them; off is faster).")
-@click.option("--dropout", default=0.0, help="Dropout probability during training.")
-@click.option("--batch-size", default=12, callback=positive, help="Sequences per step.")
-@click.option("--max-iters", default=2000, callback=positive,
+@click.option("--dropout", default=MODEL.dropout, help="Dropout probability during training.")
+@click.option("--batch-size", default=TRAIN.batch_size, callback=positive,
+              help="Sequences per step.")
+@click.option("--max-iters", default=TRAIN.max_iters, callback=positive,
               help="Optimizer steps in the whole run (with --resume: the new total).")
-@click.option("--lr", default=1e-3, help="Peak learning rate, reached after the warm-up.")
-@click.option("--min-lr", default=1e-4, help="Learning rate at the end of the cosine decay.")
-@click.option("--warmup-iters", default=100, help="Steps of linear learning-rate warm-up.")
-@click.option("--weight-decay", default=0.1, help="AdamW decoupled weight decay (matrices only).")
-@click.option("--grad-clip", default=1.0, help="Clip the global gradient norm to this (0: off).")
-@click.option("--eval-interval", default=250, callback=positive,
+@click.option("--lr", default=TRAIN.lr, help="Peak learning rate, reached after the warm-up.")
+@click.option("--min-lr", default=TRAIN.min_lr, help="Learning rate at the end of the cosine decay.")
+@click.option("--warmup-iters", default=TRAIN.warmup_iters,
+              help="Steps of linear learning-rate warm-up.")
+@click.option("--weight-decay", default=TRAIN.weight_decay,
+              help="AdamW decoupled weight decay (matrices only).")
+@click.option("--grad-clip", default=TRAIN.grad_clip,
+              help="Clip the global gradient norm to this (0: off).")
+@click.option("--eval-interval", default=TRAIN.eval_interval, callback=positive,
               help="Evaluate, log metrics and save a checkpoint every this many steps.")
-@click.option("--eval-iters", default=20, callback=positive,
+@click.option("--eval-iters", default=TRAIN.eval_iters, callback=positive,
               help="Batches per split in each evaluation.")
-@click.option("--seed", default=1337, help="Seed for initialisation, batches and dropout.")
+@click.option("--seed", default=TRAIN.seed, help="Seed for initialisation, batches and dropout.")
 @click.option("--out", default=DEFAULT_RUN, type=click.Path(file_okay=False),
               help="Run directory for checkpoints and metrics.jsonl.")
 @click.option("--resume", is_flag=True,

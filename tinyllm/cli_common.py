@@ -1,4 +1,4 @@
-"""What every tinyllm command shares: the default run directory, error handling, validation.
+"""What every tinyllm command shares: error handling and validation.
 
 Every user-fixable problem surfaces as a `TinyLLMError` and is printed as one line,
 `Error: ...`, with exit code 1. Ctrl-C during training saves a checkpoint and exits with 130.
@@ -10,8 +10,6 @@ import sys
 import click
 
 from .errors import TinyLLMError
-
-DEFAULT_RUN = "runs/pretrain"
 
 
 def user_errors(command):

@@ -4,7 +4,8 @@ attend to. Drawing needs the optional extra (`pip install "tinyllm[plot]"`); see
 
 import click
 
-from .cli_common import DEFAULT_RUN, user_errors
+from .cli_common import user_errors
+from .config import DEFAULT_RUN
 
 FORMAT_HELP = "File format.  [default: from the suffix of --out, else png]"
 

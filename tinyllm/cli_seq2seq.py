@@ -1,6 +1,6 @@
 """`tinyllm seq2seq train` and `tinyllm seq2seq translate`: the encoder-decoder end to end.
 
-Thin Click commands over the library: `seq2seq.train_seq2seq` (a training run),
+Thin Click commands over the library: `seq2seq_run.train_seq2seq` (a training run),
 `decoding.translate_texts` (greedy or beam search) and `bleu` (exact match, corpus BLEU-4).
 """
 
@@ -13,11 +13,14 @@ from .cli_common import positive, user_errors
 from .config import TrainConfig
 from .decoding import translate_texts
 from .errors import TinyLLMError
-from .seq2seq import Seq2SeqConfig
-from .seq2seq_run import SCHEDULES, check_training_options, train_seq2seq
+from .seq2seq import POSITIONS, Seq2SeqConfig
 from .seq2seq_data import read_pairs
+from .seq2seq_run import (EVAL_EXAMPLES, LABEL_SMOOTHING, SCHEDULE, SCHEDULES, SEQ2SEQ_RUN,
+                          SEQ2SEQ_TRAIN, check_training_options, train_seq2seq)
 
-DEFAULT_RUN = "runs/seq2seq"
+# The defaults of `tinyllm seq2seq train` are the model config's and the run module's own.
+MODEL = Seq2SeqConfig()
+TRAIN = SEQ2SEQ_TRAIN
 
 
 # ----------------------------------------------------------------------------- commands
@@ -33,43 +36,48 @@ def seq2seq():
               help="Pairs to learn: a TSV file (source<TAB>target, split on the first tab) or"
                    " JSONL ({\"source\", \"target\"} per line); every 10th pair is held out."
                    "  [default: dates, an embedded task: dates in six formats -> YYYY-MM-DD]")
-@click.option("--n-layer", default=2, callback=positive,
+@click.option("--n-layer", default=MODEL.n_layer, callback=positive,
               help="Encoder blocks, and as many decoder blocks.")
-@click.option("--n-head", default=4, callback=positive, help="Attention heads per block.")
-@click.option("--n-embd", default=64, callback=positive,
+@click.option("--n-head", default=MODEL.n_head, callback=positive,
+              help="Attention heads per block.")
+@click.option("--n-embd", default=MODEL.n_embd, callback=positive,
               help="Model width d_model; must be divisible by --n-head.")
-@click.option("--block-size", default=64, callback=positive,
+@click.option("--block-size", default=MODEL.block_size, callback=positive,
               help="Longest source or target in tokens (characters); longer pairs are an error.")
-@click.option("--positions", type=click.Choice(["sinusoidal", "learned"]), default="sinusoidal",
+@click.option("--positions", type=click.Choice([p for p in POSITIONS if p != "none"]),
+              default=MODEL.positions,
               help="Position encodings: the paper's fixed sinusoids, or learned as in GPT.")
-@click.option("--share-embeddings/--no-share-embeddings", default=True,
+@click.option("--share-embeddings/--no-share-embeddings", default=MODEL.share_embeddings,
               help="One embedding table for source and target tokens.")
-@click.option("--bias/--no-bias", default=True, help="Biases in linear layers and layer norms.")
-@click.option("--dropout", default=0.0, help="Dropout probability during training.")
-@click.option("--label-smoothing", default=0.1,
+@click.option("--bias/--no-bias", default=MODEL.bias,
+              help="Biases in linear layers and layer norms.")
+@click.option("--dropout", default=MODEL.dropout, help="Dropout probability during training.")
+@click.option("--label-smoothing", default=LABEL_SMOOTHING,
               help="Spread this much target probability over the vocabulary (the paper: 0.1).")
-@click.option("--schedule", type=click.Choice(SCHEDULES), default="cosine",
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=SCHEDULE,
               help="cosine: linear warm-up to --lr, cosine decay to --min-lr; noam: the paper's"
                    " d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), which ignores --lr and"
                    " --min-lr and peaks at (d_model * warmup)^-0.5: for d_model 64 give it"
                    " --warmup-iters 1000 (peak 0.004).")
-@click.option("--batch-size", default=64, callback=positive, help="Pairs per step.")
-@click.option("--max-iters", default=1500, callback=positive,
+@click.option("--batch-size", default=TRAIN.batch_size, callback=positive, help="Pairs per step.")
+@click.option("--max-iters", default=TRAIN.max_iters, callback=positive,
               help="Optimizer steps in the whole run (with --resume: the new total).")
-@click.option("--lr", default=3e-3, help="Peak learning rate (cosine schedule).")
-@click.option("--min-lr", default=3e-4, help="Final learning rate (cosine schedule).")
-@click.option("--warmup-iters", default=100,
+@click.option("--lr", default=TRAIN.lr, help="Peak learning rate (cosine schedule).")
+@click.option("--min-lr", default=TRAIN.min_lr, help="Final learning rate (cosine schedule).")
+@click.option("--warmup-iters", default=TRAIN.warmup_iters,
               help="Steps of linear learning-rate warm-up (both schedules).")
-@click.option("--weight-decay", default=0.1, help="AdamW decoupled weight decay (matrices only).")
-@click.option("--grad-clip", default=1.0, help="Clip the global gradient norm to this (0: off).")
-@click.option("--eval-interval", default=250, callback=positive,
+@click.option("--weight-decay", default=TRAIN.weight_decay,
+              help="AdamW decoupled weight decay (matrices only).")
+@click.option("--grad-clip", default=TRAIN.grad_clip,
+              help="Clip the global gradient norm to this (0: off).")
+@click.option("--eval-interval", default=TRAIN.eval_interval, callback=positive,
               help="Evaluate, log metrics and save a checkpoint every this many steps.")
-@click.option("--eval-iters", default=10, callback=positive,
+@click.option("--eval-iters", default=TRAIN.eval_iters, callback=positive,
               help="Batches per split in each evaluation.")
-@click.option("--eval-examples", default=500, callback=positive,
+@click.option("--eval-examples", default=EVAL_EXAMPLES, callback=positive,
               help="Held-out pairs to translate (greedy) for the exact match printed at the end.")
-@click.option("--seed", default=1337, help="Seed for initialisation, batches and dropout.")
-@click.option("--out", default=DEFAULT_RUN, type=click.Path(file_okay=False),
+@click.option("--seed", default=TRAIN.seed, help="Seed for initialisation, batches and dropout.")
+@click.option("--out", default=SEQ2SEQ_RUN, type=click.Path(file_okay=False),
               help="Run directory for checkpoints and metrics.jsonl.")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its last checkpoint (only --max-iters may change).")
@@ -86,8 +94,7 @@ def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_em
     """
     model_config = Seq2SeqConfig(block_size=block_size, n_layer=n_layer, n_head=n_head,
                                  n_embd=n_embd, dropout=dropout, bias=bias, positions=positions,
-                                 share_embeddings=share_embeddings,
-                                 tie_weights=True).validate()
+                                 share_embeddings=share_embeddings).validate()
     train_config = TrainConfig(batch_size=batch_size, max_iters=max_iters, lr=lr, min_lr=min_lr,
                                warmup_iters=warmup_iters, weight_decay=weight_decay,
                                grad_clip=grad_clip, eval_interval=eval_interval,
@@ -104,13 +111,13 @@ def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_em
         click.echo(f"  {pair.source!r} -> {output!r} (reference {pair.target!r})")
     click.echo(f"done: iteration {final['iter']}, train loss {final['train_loss']:.4f},"
                f" val loss {final['val_loss']:.4f}, {result['seconds']:.0f} s; checkpoint in {out}")
-    click.echo(f"held-out exact match: {result['exact_match']:.1f}% of {result['held_out']} pairs"
-               " (greedy)")
+    click.echo(f"held-out exact match: {100 * result['exact_match']:.1f}% of"
+               f" {result['held_out']} pairs (greedy)")
 
 
 @seq2seq.command("translate")
 @click.argument("texts", nargs=-1)
-@click.option("--checkpoint", default=DEFAULT_RUN, type=click.Path(file_okay=False),
+@click.option("--checkpoint", default=SEQ2SEQ_RUN, type=click.Path(file_okay=False),
               help="Run directory written by `tinyllm seq2seq train`.")
 @click.option("--data", default=None, type=click.Path(dir_okay=False),
               help="Score a PAIRS file (TSV or JSONL): translate every source, print exact match"
@@ -143,4 +150,5 @@ def translate_command(texts, checkpoint, data, beam_size, length_penalty, max_le
         bleu = f"BLEU-4 {corpus_bleu(outputs, references):.1f}"
         if not any(len(text.split()) >= 4 for text in references):
             bleu += " (no reference has 4 words, so BLEU-4 is 0 by definition: use exact match)"
-        click.echo(f"{len(pairs)} pairs: exact match {exact_match(outputs, references):.1f}%, {bleu}")
+        click.echo(f"{len(pairs)} pairs: exact match {100 * exact_match(outputs, references):.1f}%,"
+                   f" {bleu}")

@@ -6,10 +6,13 @@ gives T inputs and T targets, each target being the token that follows its input
 """
 
 import os
+import select
+import stat
 
 import numpy as onp
 
 from .errors import TinyLLMError
+from .fileio import available_memory, read_fd
 
 DEFAULT_CORPUS = "pydoc"
 
@@ -42,14 +45,37 @@ def icl_corpus():
 EMBEDDED_CORPORA = {"pydoc": pydoc_corpus, "icl": icl_corpus}
 
 
-def read_text_file(path):
-    """Read a UTF-8 text file, with one-line errors for a missing, empty or binary file."""
+MAX_TEXT_BYTES = 1 << 30  # 1 GiB of text: far more than a CPU trains on in a day
+BYTES_PER_CHARACTER = 16  # memory to hold and tokenize one character (text, id list, id array)
+PIPE_WAIT_SECONDS = 10.0  # how long a FIFO may stay without a writer before it is an error
+
+
+def read_text_file(path, allow_pipe=True):
+    """Read a UTF-8 text file, with one-line errors for a missing, empty, binary, special or
+    too large file.
+
+    A regular file's size is checked (against MAX_TEXT_BYTES and the free memory) before a byte
+    is read. A FIFO or pipe (`--data <(zcat corpus.gz)`) is read as it comes, up to the same
+    bound, unless allow_pipe is False (a path stored in a run directory); if no writer shows
+    up within PIPE_WAIT_SECONDS it is an error, not a hang. Devices (/dev/zero) are refused.
+    """
     if not os.path.exists(path):
         raise TinyLLMError(f"data file {path!r} not found")
     if os.path.isdir(path):
         raise TinyLLMError(f"data file {path!r} is a directory, not a text file")
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise TinyLLMError(f"cannot read data file {path!r}: {err.strerror}") from None
+    info = os.fstat(fd)
+    if stat.S_ISREG(info.st_mode):
+        _check_text_size(info.st_size, path, fd)
+        raw = read_fd(fd, info.st_size, "data file", path)
+    elif stat.S_ISFIFO(info.st_mode) and allow_pipe:
+        raw = _read_pipe(fd, path)
+    else:
+        os.close(fd)
+        raise TinyLLMError(f"data file {path!r} is not a regular file")
     if not raw.strip():
         raise TinyLLMError(f"data file {path!r} is empty")
     if b"\x00" in raw:
@@ -60,6 +86,40 @@ def read_text_file(path):
         raise TinyLLMError(
             f"data file {path!r} is not UTF-8 text (bad byte at offset {err.start})"
         ) from None
+
+
+def _check_text_size(size, path, fd=None):
+    """Refuse a text too large to read or to tokenize in the memory this machine has free."""
+    needed, free = size * BYTES_PER_CHARACTER, available_memory()
+    if size > MAX_TEXT_BYTES or needed > free:
+        if fd is not None:
+            os.close(fd)
+        raise TinyLLMError(
+            f"data file {path!r} is {size / 1e6:,.0f} MB: too large (at most"
+            f" {MAX_TEXT_BYTES / 1e6:,.0f} MB, and tokenizing needs about {needed / 1e9:,.1f} GB"
+            f" of the {free / 1e9:,.1f} GB of memory free)")
+
+
+def _read_pipe(fd, path):
+    """Read a FIFO or pipe to its end, waiting at most PIPE_WAIT_SECONDS for a writer."""
+    try:
+        ready, _, _ = select.select([fd], [], [], PIPE_WAIT_SECONDS)
+        if not ready:
+            raise TinyLLMError(f"data file {path!r} is a FIFO that nothing wrote to in"
+                               f" {PIPE_WAIT_SECONDS:g} s")
+        os.set_blocking(fd, True)
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            total += len(chunk)
+            _check_text_size(total, path)
+            chunks.append(chunk)
+    except OSError as err:
+        raise TinyLLMError(f"cannot read data file {path!r}: {err.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def load_corpus(name_or_path):

@@ -1,40 +1,128 @@
-"""Atomic file writes: a file a user keeps is either the old version or the new one, never half.
+"""Files a user keeps: written atomically and durably, read back as untrusted input.
 
-We write to a temporary file in the same directory, flush it to disk, then `os.replace` it onto
-the target name. `os.replace` is atomic on POSIX and Windows when both names are on one file
-system, so a crash or Ctrl-C mid-write leaves the previous file untouched.
+Writing. We write to a temporary file `.tmp-*` in the same directory, flush it to the disk
+(fsync), `os.replace` it onto the target name, then fsync the directory so the rename itself
+survives a power cut. `os.replace` is atomic on POSIX and Windows when both names are on one file
+system, so a crash, Ctrl-C or full disk mid-write leaves the previous file untouched; a temp
+file left by a kill -9 is removed by the next run (see checkpoint.remove_leftovers).
+
+Reading. A run directory may come from anyone, so the files it names are read with
+`read_run_file`: the name must be a plain file name (no directory part, no "..", no leading
+dot), a symbolic link is refused rather than followed, only a regular file is read (a FIFO
+would block, /dev/zero would never end) and its size is checked before a byte is read.
+
+Fault points. `fault_point(name)` does nothing unless the environment variable TINYLLM_FAULT
+asks for a fault there. The fault tests and benchmarks/fault_trials.py use it to stop a save at
+each step of the checkpoint protocol exactly, instead of hoping a timed kill lands there:
+
+    TINYLLM_FAULT="kill@renamed:model-*"      SIGKILL this process once model-*.npz is renamed
+    TINYLLM_FAULT="kill@switched#3"           ... at the third checkpoint switch
+    TINYLLM_FAULT="enospc@writing:optim-*"    a full disk halfway through writing optim-*.npz
+
+The part after "@" is matched with fnmatch against the point's name ("<stage>:<file name>"),
+"#N" picks the N-th time a matching point is reached (default: the first).
 """
 
+import errno
+import fnmatch
 import io
 import json
 import os
+import re
+import signal
+import stat
 import tempfile
 
 import numpy as onp
 
+from .errors import TinyLLMError
+
+TMP_PREFIX = ".tmp-"
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # no "/", no "..", no leading dot
+_fault_hits = {}  # fault spec -> times its point was reached in this process
+
+
+# ----------------------------------------------------------------------------- fault injection
+
+
+def fault_point(name):
+    """Kill this process, or raise a full-disk error, here if TINYLLM_FAULT says so (tests only)."""
+    spec = os.environ.get("TINYLLM_FAULT")
+    if not spec:
+        return
+    action, _, where = spec.partition("@")
+    pattern, _, nth = where.partition("#")
+    if not fnmatch.fnmatchcase(name, pattern):
+        return
+    _fault_hits[spec] = _fault_hits.get(spec, 0) + 1
+    if _fault_hits[spec] != int(nth or 1):
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    elif action == "sigint":  # a Ctrl-C arriving exactly here
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def fsync_directory(directory):
+    """Make the names in `directory` (new files, renames) durable; a no-op where unsupported."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (and Windows) cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
 
 def atomic_write_bytes(path, data):
-    """Write `data` (bytes) to `path` atomically."""
+    """Write `data` (bytes) to `path` atomically and durably (see the module docstring)."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
+    name = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + name, dir=directory)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            half = len(data) // 2
+            f.write(data[:half])
+            fault_point(f"writing:{name}")  # a full disk strikes here in the fault tests
+            f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())
+        fault_point(f"written:{name}")
         os.replace(tmp, path)
     except BaseException:
         # Ctrl-C or a full disk mid-write: drop the partial temp file, keep the old target.
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fault_point(f"renamed:{name}")
+    fsync_directory(directory)
 
 
 def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def json_bytes(obj):
+    """`obj` as indented, human-readable UTF-8 JSON; NaN and infinities are refused (strict JSON)."""
+    return (json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+def npz_bytes(arrays):
+    """A dict of name -> array as the bytes of an uncompressed .npz (no pickled objects)."""
+    buffer = io.BytesIO()
+    onp.savez(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def atomic_write_text(path, text):
@@ -44,7 +132,7 @@ def atomic_write_text(path, text):
 
 def atomic_write_json(path, obj):
     """Write `obj` as indented, human-readable JSON to `path` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def atomic_save_npz(path, arrays):
@@ -53,6 +141,113 @@ def atomic_save_npz(path, arrays):
     The arrays must be plain numeric arrays so that `numpy.load(path, allow_pickle=False)` reads
     them back; we build the archive in memory first so the temp file is written in one go.
     """
-    buffer = io.BytesIO()
-    onp.savez(buffer, **arrays)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, npz_bytes(arrays))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def available_memory():
+    """Bytes of memory this machine can still give (MemAvailable on Linux; else a large guess)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 40
+
+
+def check_plain_name(name, where):
+    """A file name stored in a run directory must name a file inside it: no path, no "..".
+
+    Example: "model-000500.npz" is fine; "/etc/passwd", "../x", ".hidden" and "a/b" are refused.
+    """
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
+        shown = repr(name)[:80] if isinstance(name, str) else type(name).__name__
+        raise TinyLLMError(f"{where}: {shown} is not a plain file name inside the run directory")
+    return name
+
+
+def open_regular(path, what, follow_symlinks=True):
+    """Open `path` for reading; refuse anything but a regular file without blocking on a FIFO.
+
+    Returns (fd, size). With follow_symlinks=False a symbolic link is refused, not followed.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise TinyLLMError(f"{what} {path} is missing") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise TinyLLMError(f"{what} {path} is a symbolic link; a run directory's files must"
+                               " be plain files inside it") from None
+        raise TinyLLMError(f"cannot read {what} {path}: {err.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise TinyLLMError(f"{what} {path} is not a regular file (a {_file_kind(info.st_mode)})")
+    return fd, info.st_size
+
+
+def read_fd(fd, size, what, path):
+    """Read exactly `size` bytes from `fd` (then close it); a file that changes size is an error."""
+    try:
+        chunks, left = [], size
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as err:
+        raise TinyLLMError(f"cannot read {what} {path}: {err.strerror}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) != size:
+        raise TinyLLMError(f"{what} {path} changed size while being read")
+    return data
+
+
+def read_run_file(run_dir, name, max_bytes, what):
+    """The bytes of the file `name` inside `run_dir`, read as untrusted input (module docstring)."""
+    check_plain_name(name, f"{run_dir}/config.json")
+    path = os.path.join(run_dir, name)
+    fd, size = open_regular(path, what, follow_symlinks=False)
+    if size > max_bytes:
+        os.close(fd)
+        raise TinyLLMError(f"{what} {path} is {size:,} bytes, more than the {max_bytes:,} it can be")
+    return read_fd(fd, size, what, path)
+
+
+def parse_json(data, path):
+    """Strict JSON from bytes, with a one-line error that never quotes the file's contents."""
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError:
+        raise TinyLLMError(f"{path} is not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise TinyLLMError(f"{path} is not valid JSON (corrupted or truncated? line {err.lineno},"
+                           f" column {err.colno})") from None
+    except RecursionError:
+        raise TinyLLMError(f"{path} is nested too deeply to be a tinyllm file") from None
+    except ValueError as err:
+        raise TinyLLMError(f"{path}: {err}") from None
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not a JSON number (write null for a missing figure)")
+
+
+def _file_kind(mode):
+    for test, kind in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"

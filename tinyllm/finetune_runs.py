@@ -21,12 +21,14 @@ from dataclasses import replace
 
 import numpy as onp
 
+from .bleu import exact_match
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import GPTConfig, TrainConfig
+from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, GPTConfig, TrainConfig
 from .errors import TinyLLMError
 from .fileio import atomic_write_json, atomic_write_text
+from .generate import greedy_batch
 from .finetune import (ClassifierConfig, classifier_from_gpt, classifier_loss, confusion_matrix,
-                       exact_match, format_prompt, greedy_batch, instruction_example,
+                       format_prompt, instruction_example,
                        merge_params, pad_batch, precision_recall, predict_proba, split_params,
                        token_f1, trainable_paths)
 from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
@@ -69,8 +71,9 @@ def load_base(checkpoint, random_init, seed, log):
 
         # The same tokenizer and architecture `tinyllm pretrain` uses by default, so that a run
         # without --checkpoint is the from-scratch baseline for a default pretrained model.
-        tokenizer = train_tokenizer("char", load_corpus(None), 0, special_tokens=SPECIAL_TOKENS)
-        config = replace(GPTConfig(bias=False), vocab_size=tokenizer.vocab_size)
+        tokenizer = train_tokenizer(DEFAULT_TOKENIZER, load_corpus(None), DEFAULT_BPE_VOCAB_SIZE,
+                                    special_tokens=SPECIAL_TOKENS)
+        config = replace(GPTConfig(), vocab_size=tokenizer.vocab_size)
         params = init_gpt(config, onp.random.default_rng(seed))
         log("base model: none (random initialisation, the default pretraining architecture)")
     return params, config, tokenizer
@@ -385,7 +388,7 @@ def score_responses(params, config, tokenizer, records, max_new_tokens):
     responses = greedy_batch(params, config, prompts, limits, eot)
     rows = [{"instruction": r["instruction"], "input": r["input"], "reference": r["output"],
              "response": tokenizer.decode(new)} for r, new in zip(records, responses)]
-    em = sum(exact_match(r["response"], r["reference"]) for r in rows) / max(1, len(rows))
+    em = exact_match([r["response"] for r in rows], [r["reference"] for r in rows])
     f1 = sum(token_f1(r["response"], r["reference"]) for r in rows) / max(1, len(rows))
     return rows, {"exact_match": round(em, 4), "token_f1": round(f1, 4)}
 

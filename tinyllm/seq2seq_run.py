@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from .bleu import exact_match
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
 from .decoding import translate_texts
 from .errors import TinyLLMError
 from .models import count_params
@@ -19,10 +20,24 @@ from .seq2seq import init_seq2seq, seq2seq_loss
 from .seq2seq_data import (SEQ2SEQ_SPECIAL_TOKENS, encode_pairs, get_pair_batch, load_pairs,
                            make_arrays, pairs_text)
 from .tokenizers import CharTokenizer
-from .train import (prepare_out_dir, read_metrics, start_out_dir, starting_state,
-                    text_fingerprint, train_loop)
+from .train import (prepare_out_dir, read_metrics, same_fingerprint, start_out_dir,
+                    starting_state, stored_data_name, text_fingerprint, train_loop)
 
 SCHEDULES = ("cosine", "noam")
+SEQ2SEQ_RUN = "runs/seq2seq"  # where `tinyllm seq2seq train` keeps its run by default
+
+# The defaults of `tinyllm seq2seq train` (the model's are Seq2SeqConfig's): with them the
+# embedded dates task reaches 100% held-out exact match in about 2 minutes on 2 cores.
+SEQ2SEQ_TRAIN = TrainConfig(
+    batch_size=64,  # pairs per step: short pairs, so a bigger batch than pretraining's
+    max_iters=1500,  # the dates task is learned fully by then
+    lr=3e-3,  # a small (0.24M) model on clean generated data tolerates a large rate
+    min_lr=3e-4,  # lr / 10, as in pretraining
+    eval_iters=10,  # batches per split in each evaluation: 640 pairs
+)
+LABEL_SMOOTHING = 0.1  # the paper's epsilon (section 5.4)
+SCHEDULE = "cosine"  # warm-up plus cosine, as in pretraining; "noam" is the paper's
+EVAL_EXAMPLES = 500  # held-out pairs decoded at the end of a run for its exact match
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -52,8 +67,9 @@ def learning_rate_schedule(name, d_model, tc):
     return lambda it: noam_lr(it, d_model, tc.warmup_iters)
 
 
-def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=0.1, schedule="cosine",
-                  resume=False, force=False, max_iters=None, eval_examples=500, log=print):
+def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SMOOTHING,
+                  schedule=SCHEDULE, resume=False, force=False, max_iters=None,
+                  eval_examples=EVAL_EXAMPLES, log=print):
     """Train an encoder-decoder on PAIRS (a file or the embedded task) with checkpoints in out_dir.
 
     With resume=True the model, tokenizer, data and training settings come from the checkpoint;
@@ -70,7 +86,8 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=0.1, sch
     check_training_options(label_smoothing, schedule)
     train_pairs, held_pairs = load_pairs(data)
     fingerprint = text_fingerprint(pairs_text(train_pairs + held_pairs))
-    if resume and ckpt.meta.get("data_sha256") != fingerprint:
+    if resume and not same_fingerprint(ckpt.meta.get("data_sha256"),
+                                       pairs_text(train_pairs + held_pairs)):
         raise TinyLLMError(f"--resume: the data {data!r} has changed since the run began")
     if not resume:
         tokenizer = CharTokenizer.train(pairs_text(train_pairs + held_pairs), SEQ2SEQ_SPECIAL_TOKENS)
@@ -91,7 +108,7 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=0.1, sch
     def sample(split, rng):
         return get_pair_batch(arrays[split], tc.batch_size, rng)
 
-    extra = {"data": data, "data_sha256": fingerprint, "label_smoothing": label_smoothing,
+    extra = {"data": stored_data_name(data), "data_sha256": fingerprint, "label_smoothing": label_smoothing,
              "schedule": schedule}
 
     def save(s):

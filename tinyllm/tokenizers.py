@@ -52,7 +52,8 @@ A char tokenizer adds its characters in id order (id i is chars[i]) and its spec
     {"format": "tinyllm-tokenizer", "version": 1, "type": "char",
      "chars": ["\\n", " ", "!", ...], "special_tokens": {"<|endoftext|>": 65}}
 
-A BPE tokenizer adds the pre-split regex (Python `re` syntax), the merges in order (merge i joins
+A BPE tokenizer adds the pre-split regex (Python `re` syntax; on load it must be one of the
+package's own, `SPLIT_PATTERNS`, given by its text or its name), the merges in order (merge i joins
 the pair [a, b] into id 256 + i), its special tokens, and "tokens": a readable rendering of each
 merged token (tokens[i] is id 256 + i; bytes that are not whole UTF-8 characters are shown as
 \\xNN). "tokens" is there for people only and is ignored on load.
@@ -63,16 +64,18 @@ merged token (tokens[i] is id 256 + i; bytes that are not whole UTF-8 characters
 
 Special-token ids must follow the ordinary vocabulary without gaps. `load` checks all of this and
 raises `TinyLLMError` naming the file for a missing file, broken JSON, a wrong "format", a
-"version" newer than `FORMAT_VERSION`, or a missing or ill-typed field.
+"version" newer than `FORMAT_VERSION`, or a missing or ill-typed field. A tokenizer file is
+untrusted data: only a regular file of at most `MAX_FILE_BYTES` is read, its regex cannot be
+chosen by the file, and merges that would build tokens longer than `MAX_TOKEN_BYTES` are refused.
 """
 
-import json
 import numbers
+import os
 import re
 from collections import Counter
 
 from tinyllm.errors import TinyLLMError
-from tinyllm.fileio import atomic_write_json
+from tinyllm.fileio import atomic_write_json, open_regular, parse_json, read_fd
 
 FORMAT_NAME = "tinyllm-tokenizer"
 FORMAT_VERSION = 1  # bump when the file layout changes; `load` reads this version and older
@@ -90,7 +93,12 @@ SPLIT_PATTERN = "|".join([
     r"\s+",                   # other whitespace, e.g. a lone newline right before a word
 ])
 
+# The split patterns a tokenizer file may name (by name, or by the exact regex text).
+SPLIT_PATTERNS = {"gpt2-stdlib": SPLIT_PATTERN}
+
 N_BYTES = 256  # byte-level BPE: ids 0..255 are the raw byte values
+MAX_FILE_BYTES = 64 << 20  # a 50k-token BPE file is about 2 MB
+MAX_TOKEN_BYTES = 1 << 16  # the longest token a loaded file may build
 _CHUNK_CACHE_LIMIT = 100_000  # distinct chunks remembered by `encode`; caps its memory
 
 
@@ -435,17 +443,14 @@ class BPETokenizer:
     @classmethod
     def from_dict(cls, data, path):
         """Rebuild from a loaded file's contents; `path` is used only in error messages."""
-        pattern = _field(data, "pattern", str, path)
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise TinyLLMError(f"tokenizer file {path} has an invalid \"pattern\" regex: {error}") from None
+        pattern = _known_pattern(_field(data, "pattern", str, path), path)
         merges = _field(data, "merges", list, path)
         for i, pair in enumerate(merges):
             # A merge may only join ids that exist before it: bytes and earlier merges.
             if not (isinstance(pair, list) and len(pair) == 2
                     and all(_is_int(x) and 0 <= x < N_BYTES + i for x in pair)):
-                raise TinyLLMError(f"tokenizer file {path} has a bad merge {pair!r} at index {i}")
+                raise TinyLLMError(f"tokenizer file {path} has a bad merge at index {i}")
+        _check_token_lengths(merges, path)
         return cls(merges, _read_special_tokens(data, N_BYTES + len(merges), path), pattern)
 
     @classmethod
@@ -458,6 +463,32 @@ class BPETokenizer:
 # Reading files and choosing a tokenizer by kind
 
 TOKENIZERS = {CharTokenizer.kind: CharTokenizer, BPETokenizer.kind: BPETokenizer}
+
+
+def _known_pattern(pattern, path):
+    """The split regex a file names: one of SPLIT_PATTERNS, given by name or by its exact text.
+
+    A tokenizer file is data, so it may not bring its own regex: a crafted one can take
+    exponential time on a short text (catastrophic backtracking). Version-1 files store the
+    regex text itself, which is accepted when it is one of the package's own.
+    """
+    if pattern in SPLIT_PATTERNS:
+        return SPLIT_PATTERNS[pattern]
+    if pattern in SPLIT_PATTERNS.values():
+        return pattern
+    raise TinyLLMError(f"tokenizer file {path} has a \"pattern\" that is not one of tinyllm's split"
+                       f" patterns ({', '.join(SPLIT_PATTERNS)})")
+
+
+def _check_token_lengths(merges, path):
+    """Refuse merges whose tokens would be absurdly long: each merge may double a token's length,
+    so 40 crafted merges could ask for a terabyte. Real tokens are a few dozen bytes at most."""
+    lengths = [1] * N_BYTES
+    for a, b in merges:
+        lengths.append(lengths[a] + lengths[b])
+        if lengths[-1] > MAX_TOKEN_BYTES:
+            raise TinyLLMError(f"tokenizer file {path} has a merge making a token longer than"
+                               f" {MAX_TOKEN_BYTES:,} bytes")
 
 
 def _is_int(x):
@@ -489,16 +520,24 @@ def _read_special_tokens(data, first_id, path):
 
 
 def _read_tokenizer_file(path, expected_type=None):
-    """Read and check a tokenizer file's JSON and header; return the dict, or raise TinyLLMError."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise TinyLLMError(f"tokenizer file {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise TinyLLMError(f"tokenizer file {path} is not valid JSON (truncated or corrupted?): {error}") from None
-    except OSError as error:
-        raise TinyLLMError(f"cannot read tokenizer file {path}: {error.strerror}") from None
+    """Read and check a tokenizer file's JSON and header; return the dict, or raise TinyLLMError.
+
+    Only a regular file is read, and only if it is at most MAX_FILE_BYTES (so /dev/zero or a FIFO
+    named as a tokenizer file is refused instead of read forever).
+    """
+    if not os.path.lexists(path):
+        raise TinyLLMError(f"tokenizer file {path} does not exist")
+    fd, size = open_regular(path, "tokenizer file")
+    if size > MAX_FILE_BYTES:
+        os.close(fd)
+        raise TinyLLMError(f"tokenizer file {path} is {size:,} bytes, more than a tokenizer file can"
+                           f" be ({MAX_FILE_BYTES:,})")
+    return _parse_tokenizer_bytes(read_fd(fd, size, "tokenizer file", path), path, expected_type)
+
+
+def _parse_tokenizer_bytes(data, path, expected_type=None):
+    """The checked dict of a tokenizer file's bytes (strict JSON, known format and version)."""
+    data = parse_json(data, f"tokenizer file {path}")
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise TinyLLMError(f"{path} is not a tinyllm tokenizer file (its \"format\" is not \"{FORMAT_NAME}\")")
     version = _field(data, "version", int, path)
@@ -508,7 +547,7 @@ def _read_tokenizer_file(path, expected_type=None):
             f"{FORMAT_VERSION} or older: upgrade tinyllm")
     kind = _field(data, "type", str, path)
     if kind not in TOKENIZERS:
-        raise TinyLLMError(f"tokenizer file {path} has unknown type {kind!r} (known: {', '.join(TOKENIZERS)})")
+        raise TinyLLMError(f"tokenizer file {path} has unknown type {kind[:40]!r} (known: {', '.join(TOKENIZERS)})")
     if expected_type is not None and kind != expected_type:
         raise TinyLLMError(f"tokenizer file {path} holds a {kind} tokenizer, not a {expected_type} one")
     return data
@@ -517,6 +556,12 @@ def _read_tokenizer_file(path, expected_type=None):
 def load_tokenizer(path):
     """Load a saved tokenizer of either kind, chosen by the file's "type" field."""
     data = _read_tokenizer_file(path)
+    return TOKENIZERS[data["type"]].from_dict(data, path)
+
+
+def load_tokenizer_bytes(data, path):
+    """Load a tokenizer from the bytes of its file (already read); `path` names it in errors."""
+    data = _parse_tokenizer_bytes(data, path)
     return TOKENIZERS[data["type"]].from_dict(data, path)
 
 

@@ -10,23 +10,50 @@ Generator seeded by (seed, iteration), so evaluating never shifts the training s
 Generator's state is saved with every checkpoint, so a resumed run continues bit for bit.
 
 Crash safety: the loop keeps a "committed" state, replaced as a whole only after a step has
-finished. Ctrl-C saves that state (never a half-applied step) and then stops.
+finished and its weights were checked finite. Ctrl-C or SIGTERM saves that state (never a
+half-applied step) and then stops; a second signal during a save waits until the save is
+whole. A save is atomic as a whole (tinyllm/checkpoint.py), so even kill -9 leaves the last
+complete checkpoint. A step that makes the loss or the weights NaN or infinite stops the run
+before anything is saved: the last good checkpoint stays.
+
+Metrics: each evaluation appends one line to metrics.jsonl *before* its checkpoint is committed
+(signals held across both). If the process dies in between, the line refers to a step the
+checkpoint does not have yet, and `--resume` drops it (`truncate_metrics`) and evaluates that
+step again; so a resumed run never lacks a line and never has one twice. A non-finite figure is
+written as null (strict JSON).
+
+The run directory: one run writes to it at a time (an exclusive lock held for the whole run),
+and a run starts by removing what an interrupted save left behind.
 """
 
+import contextlib
+import errno
 import functools
 import hashlib
 import json
+import math
 import os
+import signal
+import stat
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 
 import autograd
 import numpy as onp
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .data import check_long_enough, get_batch, load_corpus, train_val_split
+try:
+    import fcntl  # POSIX; on Windows runs are not locked
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+from .checkpoint import first_non_finite, load_checkpoint, remove_leftovers, save_checkpoint
+from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER
+from .data import (EMBEDDED_CORPORA, check_long_enough, get_batch, load_corpus, read_text_file,
+                   train_val_split)
 from .errors import TinyLLMError
-from .fileio import atomic_write_text
+from .fileio import TMP_PREFIX, atomic_write_text, available_memory, open_regular, read_fd
 from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init, adamw_step, clip_scale, global_norm, lr_at
 from .progress import Progress
@@ -37,11 +64,19 @@ SPECIAL_TOKENS = ("<|endoftext|>",)  # reserved now so fine-tuning can end respo
 
 
 class TrainingInterrupted(Exception):
-    """Raised after Ctrl-C once the checkpoint is safely on disk."""
+    """Raised after Ctrl-C (or SIGTERM) once the checkpoint is safely on disk."""
 
-    def __init__(self, iteration, out_dir):
+    def __init__(self, iteration, out_dir, signum=signal.SIGINT):
         super().__init__(f"interrupted at iteration {iteration}; checkpoint saved in {out_dir}")
-        self.iteration, self.out_dir = iteration, out_dir
+        self.iteration, self.out_dir, self.signum = iteration, out_dir, signum
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (sent by `kill`, `timeout`, container stops, batch schedulers), handled as Ctrl-C."""
+
+    def __init__(self, signum=signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
 
 
 @dataclass(frozen=True)
@@ -53,6 +88,7 @@ class Committed:
     rng_state: dict
     iteration: int
     last_eval_iter: int  # -1 if none yet
+    on_disk: bool = False  # the checkpoint in the run directory already holds exactly this state
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -118,33 +154,114 @@ def eval_rng(seed, iteration):
 
 # ----------------------------------------------------------------------------- metrics file
 
+METRICS_MAX_BYTES = 256 << 20  # a million evaluations; more is not a metrics file
+
+
+def finite_or_none(record):
+    """A record for strict JSON: NaN and infinities become None (null)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()}
+
 
 def append_metrics(out_dir, record):
-    """Append one JSON object as a line to out_dir/metrics.jsonl."""
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    """Append one JSON object as a line to out_dir/metrics.jsonl, flushed to disk.
+
+    The file is opened without following a symbolic link and must be a regular file, so a
+    crafted run directory cannot make us append to a file elsewhere.
+    """
+    path = os.path.join(out_dir, "metrics.jsonl")
+    line = (json.dumps(finite_or_none(record), allow_nan=False) + "\n").encode("utf-8")
+    flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+             | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise TinyLLMError(f"{path} is a symbolic link; a run directory's files must be"
+                               " plain files inside it") from None
+        raise TinyLLMError(f"cannot write {path}: {err.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TinyLLMError(f"{path} is not a regular file")
+        os.write(fd, line)
+        os.fsync(fd)
+    except OSError as err:
+        raise TinyLLMError(f"cannot write {path}: {err.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def read_metrics(out_dir):
-    """The records of out_dir/metrics.jsonl (a torn last line from a crash is skipped)."""
+    """The records of out_dir/metrics.jsonl (a torn line from a crash is skipped)."""
     path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return []
+    fd, size = open_regular(path, "metrics file", follow_symlinks=False)
+    if size > METRICS_MAX_BYTES:
+        os.close(fd)
+        raise TinyLLMError(f"metrics file {path} is {size:,} bytes, more than a metrics file can be")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for line in read_fd(fd, size, "metrics file", path).decode("utf-8", "replace").splitlines():
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("iter"), int):
+            records.append(record)
     return records
 
 
 def truncate_metrics(out_dir, iteration):
     """Keep only records up to `iteration`, so a resumed run does not log a step twice."""
-    kept = [r for r in read_metrics(out_dir) if r.get("iter", 0) <= iteration]
-    atomic_write_text(os.path.join(out_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
+    kept = [r for r in read_metrics(out_dir) if r["iter"] <= iteration]
+    atomic_write_text(os.path.join(out_dir, "metrics.jsonl"),
+                      "".join(json.dumps(finite_or_none(r)) + "\n" for r in kept))
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def _in_main_thread():
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While inside, SIGTERM stops training the way Ctrl-C does (a checkpoint, then exit)."""
+    if not _in_main_thread():  # signal handlers can only be set in the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_held(received):
+    """Hold Ctrl-C and SIGTERM while inside (a save runs to its end); their numbers go to
+    `received`, for the caller to act on once the block is done."""
+    if not _in_main_thread():
+        yield
+        return
+    handlers = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handlers[signum] = signal.signal(signum, lambda n, frame: received.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _interrupt_for(received):
+    """The exception a held signal stands for."""
+    return KeyboardInterrupt() if received[0] == signal.SIGINT else Terminated(received[0])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -157,8 +274,9 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
     whose first axis is the batch (split is "train" or "val"). `lr_fn(it)` gives the learning
     rate of step `it`; the default is warm-up plus cosine decay from tc (`optim.lr_at`).
 
-    Returns the final Committed state. On Ctrl-C, saves the last committed state and raises
-    TrainingInterrupted.
+    Returns the final Committed state. On Ctrl-C or SIGTERM, saves the last committed state and
+    raises TrainingInterrupted. If a step makes the loss or the weights non-finite, raises
+    TinyLLMError without saving (the last good checkpoint stays).
     """
     value_and_grad = flat_value_and_grad(loss_fn)
     if lr_fn is None:
@@ -168,67 +286,180 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
     rng.bit_generator.state = state.rng_state
     progress = Progress(tc.max_iters, start=state.iteration)
     log = log or progress.message
-    step_seconds, steps_timed, loss = 0.0, 0, float("nan")
-    try:
-        while True:
-            it = state.iteration
-            if (it % tc.eval_interval == 0 or it == tc.max_iters) and state.last_eval_iter != it:
-                ms = 1000 * step_seconds / max(1, steps_timed)
-                state = _evaluate_and_save(state, tc, loss_fn, sample, save, out_dir, ms,
-                                           tokens_per_iter, log, lr_fn(it))
-                step_seconds, steps_timed = 0.0, 0
-            if it >= tc.max_iters:
-                break
-            t0 = time.perf_counter()
-            lr = lr_fn(it)
-            params, opt_state, loss, _ = train_step(
-                value_and_grad, state.params, state.opt_state, sample("train", rng), lr, tc, rng
-            )
-            if not onp.isfinite(loss):
-                raise TinyLLMError(f"loss became {loss} at iteration {it}: try a lower --lr")
-            state = Committed(params, opt_state, rng.bit_generator.state, it + 1, state.last_eval_iter)
-            dt = time.perf_counter() - t0
-            step_seconds, steps_timed = step_seconds + dt, steps_timed + 1
-            progress.update(it + 1, loss, 1000 * dt, tokens_per_iter / dt)
-    except KeyboardInterrupt:
-        progress.close()
-        save(state)
-        raise TrainingInterrupted(state.iteration, out_dir) from None
+    step_seconds, steps_timed = 0.0, 0
+    with sigterm_as_interrupt():
+        try:
+            while True:
+                it = state.iteration
+                if (it % tc.eval_interval == 0 or it == tc.max_iters) and state.last_eval_iter != it:
+                    ms = 1000 * step_seconds / max(1, steps_timed)
+                    record = _evaluate(state, tc, loss_fn, sample, ms, tokens_per_iter, lr_fn(it))
+                    state, received = _log_and_save(state, record, save, out_dir, log)
+                    if received:  # a signal held during the save: stop now, the state is on disk
+                        raise _interrupt_for(received)
+                    step_seconds, steps_timed = 0.0, 0
+                if it >= tc.max_iters:
+                    break
+                t0 = time.perf_counter()
+                params, opt_state, loss, _ = train_step(
+                    value_and_grad, state.params, state.opt_state, sample("train", rng), lr_fn(it),
+                    tc, rng)
+                _check_finite_step(loss, params, it, out_dir)
+                state = Committed(params, opt_state, rng.bit_generator.state, it + 1,
+                                  state.last_eval_iter)
+                dt = time.perf_counter() - t0
+                step_seconds, steps_timed = step_seconds + dt, steps_timed + 1
+                progress.update(it + 1, loss, 1000 * dt, tokens_per_iter / dt)
+        except KeyboardInterrupt as stop:
+            progress.close()
+            if not state.on_disk:
+                with signals_held([]):  # a second Ctrl-C must not cut this save short
+                    save(state)
+            raise TrainingInterrupted(state.iteration, out_dir,
+                                      getattr(stop, "signum", signal.SIGINT)) from None
     progress.close()
     return state
 
 
-def _evaluate_and_save(state, tc, loss_fn, sample, save, out_dir, ms_per_iter, tokens_per_iter, log,
-                       lr):
-    it = state.iteration
-    losses = estimate_loss(loss_fn, state.params, sample, tc.eval_iters, eval_rng(tc.seed, it))
-    record = {
-        "iter": it,
+def _check_finite_step(loss, params, it, out_dir):
+    """Stop before a step with a non-finite loss or weights becomes the committed state."""
+    bad = None if onp.isfinite(loss) else "the loss"
+    bad = bad or first_non_finite(flatten(params))
+    if bad is not None:
+        raise TinyLLMError(
+            f"training diverged at iteration {it}: {bad} became NaN or infinite; nothing was"
+            f" saved from this step (the last good checkpoint in {out_dir} is kept): try a lower"
+            " --lr")
+
+
+def _evaluate(state, tc, loss_fn, sample, ms_per_iter, tokens_per_iter, lr):
+    """The metrics record of an evaluation at state.iteration."""
+    losses = estimate_loss(loss_fn, state.params, sample, tc.eval_iters,
+                           eval_rng(tc.seed, state.iteration))
+    return {
+        "iter": state.iteration,
         "train_loss": round(losses["train"], 6),
         "val_loss": round(losses["val"], 6),
         "lr": lr,
         "ms_per_iter": round(ms_per_iter, 2),
         "tokens_per_s": round(tokens_per_iter / ms_per_iter * 1000, 1) if ms_per_iter else 0.0,
     }
-    state = replace(state, last_eval_iter=it)
-    save(state)  # the checkpoint first: a metrics line never refers to a step that was not saved
-    append_metrics(out_dir, record)
-    log(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-        f" (checkpoint saved)")
-    return state
 
 
-# ----------------------------------------------------------------------------- pretraining
+def _log_and_save(state, record, save, out_dir, log):
+    """Append the metrics line, then commit the checkpoint, with signals held across both.
+    Returns the saved state and the signals that arrived meanwhile."""
+    received = []
+    with signals_held(received):
+        append_metrics(out_dir, record)  # first: see the module docstring
+        state = replace(state, last_eval_iter=record["iter"])
+        save(state)
+        state = replace(state, on_disk=True)
+    log(f"iter {record['iter']}: train loss {record['train_loss']:.4f}, val loss"
+        f" {record['val_loss']:.4f} (checkpoint saved)")
+    return state, received
+
+
+# ----------------------------------------------------------------------------- the data a run keeps
 
 
 def text_fingerprint(text):
-    """A short hash of the corpus, stored in the checkpoint so --resume can check the data."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    """The sha256 of the corpus (hex), stored in the checkpoint so --resume can check the data."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def prepare_out_dir(out_dir, resume, force):
-    """Refuse to overwrite an existing run unless told to. Checks only: see start_out_dir."""
-    has_run = os.path.exists(os.path.join(out_dir, "config.json"))
+def same_fingerprint(stored, text):
+    """Does `text` have the stored fingerprint? Version-1 runs stored the first 16 hex digits."""
+    full = text_fingerprint(text)
+    return isinstance(stored, str) and len(stored) in (16, 64) and full.startswith(stored)
+
+
+def stored_data_name(data):
+    """What a run records as its data: an embedded corpus's name (None for the default), or the
+    file's absolute path, so that --resume does not depend on the working directory."""
+    if data is None or (data in EMBEDDED_CORPORA and not os.path.exists(data)):
+        return data
+    return os.path.abspath(data)
+
+
+def run_corpus(meta, run_dir):
+    """The text a run was trained on, read again and returned only if its sha256 matches.
+
+    The path comes from the run directory, so it is untrusted: it is read as a regular file of
+    bounded size (never a FIFO), and nothing of it is used or shown before the hash matches.
+    """
+    data = meta.get("data")
+    if data is None or (data in EMBEDDED_CORPORA and not os.path.isabs(data)):
+        text = load_corpus(data)
+    else:
+        text = read_text_file(data, allow_pipe=False)
+    if not same_fingerprint(meta.get("data_sha256"), text):
+        raise TinyLLMError(f"the data {data!r} of the run in {run_dir} has changed since the run"
+                           " began (its sha256 differs)")
+    return text
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+_LOCKS = {}  # (device, inode) of a run directory -> the open descriptor that holds its lock
+
+
+def lock_run_dir(out_dir):
+    """Take an exclusive lock on the run directory, held until the run ends (or the process).
+
+    A second writer, in this process or another, is refused at once. The lock is on the
+    directory itself (flock), so it leaves no file behind and dies with the process.
+    """
+    if fcntl is None:  # pragma: no cover
+        return
+    fd = os.open(out_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    info = os.fstat(fd)
+    key = (info.st_dev, info.st_ino)
+    if key in _LOCKS:
+        os.close(fd)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise TinyLLMError(f"another tinyllm run is writing to {out_dir}: wait for it to finish,"
+                           " or choose another --out") from None
+    _LOCKS[key] = fd
+
+
+def unlock_run_dir(out_dir):
+    """Release the lock lock_run_dir took (a no-op if this process does not hold it)."""
+    try:
+        info = os.stat(out_dir)
+    except OSError:
+        return
+    fd = _LOCKS.pop((info.st_dev, info.st_ino), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def check_out_path(out_dir):
+    """One-line errors for an --out that cannot be a run directory, before any work is done."""
+    if not out_dir:
+        raise TinyLLMError("--out must not be empty")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        kind = "FIFO" if stat.S_ISFIFO(os.stat(out_dir).st_mode) else "file, not a directory"
+        raise TinyLLMError(f"--out {out_dir!r} is a {kind}")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise TinyLLMError(f"--out {out_dir!r} cannot be created: {existing!r} is a file")
+    try:  # a real probe: os.access says yes to root on a directory it still cannot write
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise TinyLLMError(f"--out {out_dir!r} is not writable ({existing}: {err.strerror})") from None
+
+
+def _check_existing_run(out_dir, resume, force):
+    has_run = os.path.lexists(os.path.join(out_dir, "config.json"))
     if resume and not has_run:
         raise TinyLLMError(f"--resume: no checkpoint in {out_dir!r} to resume")
     if has_run and not resume and not force:
@@ -238,12 +469,32 @@ def prepare_out_dir(out_dir, resume, force):
         )
 
 
+def prepare_out_dir(out_dir, resume, force):
+    """Check --out before any work: a usable path, and no run replaced by mistake. If the
+    directory exists, lock it and remove what an interrupted save left (see start_out_dir)."""
+    check_out_path(out_dir)
+    if os.path.isdir(out_dir):
+        lock_run_dir(out_dir)
+        _check_existing_run(out_dir, resume, force)
+        remove_leftovers(out_dir)
+    elif resume:
+        raise TinyLLMError(f"--resume: no checkpoint in {out_dir!r} to resume")
+
+
 def start_out_dir(out_dir, resume, force):
-    """Create out_dir; with --force, start the run afresh. Called only once the data has been
-    checked, so a bad --data or --block-size never costs an existing run its files."""
-    os.makedirs(out_dir, exist_ok=True)
-    if force and not resume and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-        os.remove(os.path.join(out_dir, "metrics.jsonl"))
+    """Create out_dir, lock it, and with --force start the run afresh. Called only once the data
+    has been checked, so a bad --data or --block-size never costs an existing run its files."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise TinyLLMError(f"cannot create --out {out_dir!r}: {err.strerror}") from None
+    lock_run_dir(out_dir)
+    _check_existing_run(out_dir, resume, force)  # again: another run may have finished meanwhile
+    if force and not resume:
+        for name in ("config.json", "metrics.jsonl"):  # config.json first: it commits the run
+            if os.path.lexists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+    remove_leftovers(out_dir)
 
 
 def starting_state(out_dir, tc, init_fn, ckpt=None, log=print):
@@ -253,32 +504,73 @@ def starting_state(out_dir, tc, init_fn, ckpt=None, log=print):
         truncate_metrics(out_dir, ckpt.iter)
         log(f"resuming {out_dir} at iteration {ckpt.iter} of {tc.max_iters}")
         return Committed(ckpt.params, ckpt.opt_state, ckpt.rng_state, ckpt.iter,
-                         ckpt.meta.get("last_eval_iter", -1))
+                         ckpt.meta.get("last_eval_iter", -1), on_disk=True)
     rng = onp.random.default_rng(tc.seed)
     params = init_fn(rng)
     return Committed(params, adamw_init(params), rng.bit_generator.state, 0, -1)
 
 
-def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind="char", vocab_size=512,
-             resume=False, force=False, max_iters=None, log=print, special_tokens=SPECIAL_TOKENS):
+# ----------------------------------------------------------------------------- memory
+
+
+def gpt_step_bytes(model_config, tc, n_params):
+    """A rough upper estimate of the memory one training step and one evaluation need.
+
+    Per token and layer the backward pass keeps about 20 C activations (layer norms, q, k, v,
+    the MLP's 4 C twice, residuals) and 3 H T attention weights (scores, softmax, gradient);
+    the logits cost 3 V per token. Weights, gradients and the two AdamW moments cost 4 copies
+    of the parameters. An evaluation stacks 4 batches (forward only) and draws all its batches
+    first. Float32: 4 bytes a number.
+    """
+    c, t, h, v = model_config.n_embd, model_config.block_size, model_config.n_head, model_config.vocab_size
+    per_token = model_config.n_layer * (20 * c + 3 * h * t) + 3 * v
+    train = tc.batch_size * t * per_token * 4
+    evaluate = 4 * tc.batch_size * t * per_token * 4 // 2 + 2 * tc.eval_iters * tc.batch_size * t * 8
+    return 4 * n_params * 4 + max(train, evaluate)
+
+
+def check_memory(needed, what):
+    """Refuse work that cannot fit in the memory this machine has free, naming what to change."""
+    free = available_memory()
+    if needed > free:
+        raise TinyLLMError(f"{what} needs about {needed / 1e9:,.1f} GB of memory and this machine"
+                           f" has {free / 1e9:,.1f} GB free")
+
+
+def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENIZER,
+             vocab_size=DEFAULT_BPE_VOCAB_SIZE, resume=False, force=False, max_iters=None,
+             log=print, special_tokens=SPECIAL_TOKENS):
     """Pretrain a GPT on a corpus (a file or an embedded name) and keep checkpoints in out_dir.
 
     With resume=True the model, tokenizer and training settings come from the checkpoint;
-    only `max_iters` may be changed. Returns a summary dict.
+    only `max_iters` may be changed. Returns a summary dict. The run directory is locked
+    for the whole call.
     """
     prepare_out_dir(out_dir, resume, force)
+    try:
+        return _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume,
+                         force, max_iters, log, special_tokens)
+    finally:
+        unlock_run_dir(out_dir)
+
+
+def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume, force,
+              max_iters, log, special_tokens):
     if resume:
         ckpt = load_checkpoint(out_dir, with_optimizer=True)
         model_config, tokenizer, data = ckpt.model_config, ckpt.tokenizer, ckpt.meta.get("data")
         tc = replace(ckpt.train_config, max_iters=max_iters or ckpt.train_config.max_iters)
-    tc.validate()
-    text = load_corpus(data)
-    if resume and ckpt.meta.get("data_sha256") != text_fingerprint(text):
-        raise TinyLLMError(f"--resume: the data {data!r} has changed since the run began")
-    if not resume:
+        tc.validate()
+        text = run_corpus(ckpt.meta, out_dir)  # checked against its sha256 before any use
+    else:
+        tc.validate()
+        text = load_corpus(data)
         tokenizer = train_tokenizer(tokenizer_kind, text, vocab_size, special_tokens=special_tokens)
         model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
     model_config.validate()
+    check_memory(gpt_step_bytes(model_config, tc, gpt_param_count(model_config)),
+                 f"a step of this model with --batch-size {tc.batch_size} (block size"
+                 f" {model_config.block_size})")
     ids = onp.asarray(tokenizer.encode(text), dtype=onp.int32)
     splits = dict(zip(("train", "val"), train_val_split(ids)))
     for name, split_ids in splits.items():
@@ -297,7 +589,7 @@ def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind="char", vocab_
     def sample(split, rng):
         return get_batch(splits[split], tc.batch_size, model_config.block_size, rng)
 
-    extra = {"data": data, "data_sha256": text_fingerprint(text)}
+    extra = {"data": stored_data_name(data), "data_sha256": text_fingerprint(text)}
 
     def save(s):
         save_checkpoint(out_dir, s.params, s.opt_state, s.rng_state, model_config, tc, tokenizer,
@@ -309,3 +601,11 @@ def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind="char", vocab_
     final = read_metrics(out_dir)[-1]
     return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
             "seconds": time.perf_counter() - t0, "final": final}
+
+
+def gpt_param_count(config):
+    """Parameters of a GPT of this config, from its shape alone (an upper bound: biases counted)."""
+    c = config.n_embd
+    per_block = 12 * c * c + 13 * c  # attention 4 C^2, MLP 8 C^2, their biases, two layer norms
+    head = 0 if config.tie_weights else c * config.vocab_size
+    return config.vocab_size * c + config.block_size * c + config.n_layer * per_block + 2 * c + head
