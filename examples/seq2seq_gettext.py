@@ -97,7 +97,7 @@ def main():
         outputs = translate_texts(result["params"], result["model_config"], result["tokenizer"],
                                   sources)
         print(f"{len(held)} held-out pairs (greedy): exact match"
-              f" {exact_match(outputs, references):.1f}%, BLEU-4 {corpus_bleu(outputs, references):.1f}")
+              f" {100 * exact_match(outputs, references):.1f}%, BLEU-4 {corpus_bleu(outputs, references):.1f}")
         beams = translate_texts(result["params"], result["model_config"], result["tokenizer"],
                                 sources[:8], beam_size=4, alpha=0.6)
         for source, greedy, beam, reference in zip(sources, outputs, beams, references):

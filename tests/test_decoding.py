@@ -35,12 +35,13 @@ def test_beam_size_one_is_greedy(seed, src):
 
 
 @settings(max_examples=10, deadline=None)
-@given(st.integers(0, 10_000))
-def test_batched_greedy_equals_one_at_a_time(seed):
+@given(st.integers(0, 10_000), st.lists(st.integers(1, 7), min_size=1, max_size=4))
+def test_batched_greedy_equals_one_at_a_time(seed, lengths):
     rng = onp.random.default_rng(seed)
     params = random_params(seed % 50)
-    sources = [list(rng.integers(3, 9, size=n)) for n in (2, 6, 4)]
-    src, valid = make_arrays(sources, [[]] * 3, {"<pad>": PAD, "<bos>": BOS, "<eos>": EOS})[:2]
+    sources = [list(rng.integers(3, 9, size=n)) for n in lengths]
+    src, valid = make_arrays(sources, [[]] * len(sources),
+                             {"<pad>": PAD, "<bos>": BOS, "<eos>": EOS})[:2]
     batched = greedy_decode(params, CONFIG, src, valid, BOS, EOS, 7)
     for source, out in zip(sources, batched):
         assert greedy_decode(params, CONFIG, onp.asarray([source]), None, BOS, EOS, 7)[0] == out
@@ -65,18 +66,32 @@ def test_decoding_stops_at_eos():
 
 
 @settings(max_examples=10, deadline=None)
-@given(st.integers(0, 10_000), st.integers(2, 4))
-def test_beam_output_is_a_valid_sequence(seed, k):
+@given(st.integers(0, 10_000), st.integers(2, 4), st.lists(st.integers(0, 8), min_size=1, max_size=7))
+def test_beam_output_is_a_valid_sequence(seed, k, src):
     params = random_params(seed % 50)
-    out = beam_search(params, CONFIG, [3, 5, 7], BOS, EOS, 7, beam_size=k, alpha=0.6)
+    out = beam_search(params, CONFIG, src, BOS, EOS, 7, beam_size=k, alpha=0.6)
     assert len(out) <= 7 and all(0 <= t < 9 and t != EOS for t in out)
 
 
-def test_translate_texts_returns_text():
-    tok = CharTokenizer.train("abcdef", SEQ2SEQ_SPECIAL_TOKENS)  # 6 chars + 3 special = 9
-    config = Seq2SeqConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16)
-    params = init_seq2seq(config, onp.random.default_rng(0))
-    greedy = translate_texts(params, config, tok, ["abc", "fed"], max_len=5)
-    beam = translate_texts(params, config, tok, ["abc", "fed"], beam_size=1, max_len=5)
-    assert greedy == beam and all(isinstance(t, str) and len(t) <= 5 for t in greedy)
-    assert not any(name in t for t in greedy for name in SEQ2SEQ_SPECIAL_TOKENS)
+TEXT_TOKENIZER = CharTokenizer.train("abcdef", SEQ2SEQ_SPECIAL_TOKENS)  # 6 chars + 3 special = 9
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 4),
+       texts=st.lists(st.text(alphabet="abcdef", min_size=1, max_size=6), min_size=1, max_size=3))
+def test_translate_texts_is_the_search_it_names_decoded(seed, k, texts):
+    """beam_size 1 is batched greedy search, any larger beam is beam search with that beam; the
+    ids each returns come back as text without special tokens."""
+    tok = TEXT_TOKENIZER
+    bos, eos = tok.special_tokens["<bos>"], tok.special_tokens["<eos>"]
+    params = random_params(seed % 50)
+    got = translate_texts(params, CONFIG, tok, texts, beam_size=k, alpha=0.6, max_len=5)
+    hidden = set(tok.special_tokens.values())
+    for text, out in zip(texts, got):
+        src = tok.encode(text)
+        if k == 1:
+            ids = greedy_decode(params, CONFIG, onp.asarray([src]), None, bos, eos, 5)[0]
+        else:
+            ids = beam_search(params, CONFIG, src, bos, eos, 5, beam_size=k, alpha=0.6)
+        assert out == tok.decode([i for i in ids if i not in hidden])
+        assert len(out) <= 5 and not any(name in out for name in SEQ2SEQ_SPECIAL_TOKENS)

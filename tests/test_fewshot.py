@@ -16,8 +16,8 @@ from tinyllm.checkpoint import save_checkpoint
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.errors import TinyLLMError
-from tinyllm.generate import generate_ids
-from tinyllm.models import gpt_forward, init_gpt
+from tinyllm.generate import generate_ids, greedy_batch
+from tinyllm.models import gpt_forward, gpt_loss, init_gpt
 from tinyllm.optim import adamw_init
 from tinyllm.tokenizers import CharTokenizer
 
@@ -117,15 +117,15 @@ def test_answer_logprobs_match_unpadded_forward_passes(params):
     got = fs.answer_logprobs(params, CONFIG, prompt, answers)
     for value, answer in zip(got, answers):
         seq = onp.asarray(prompt + answer, dtype=onp.int32)[None, :]
-        logp = fs.log_softmax_np(onp.asarray(gpt_forward(params, seq, CONFIG)))[0]
+        logp = fs.log_probs(params, CONFIG, seq)[0]
         want = sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(answer))
         assert value == pytest.approx(want, abs=1e-6)
 
 
-def test_greedy_line_is_temperature_zero_sampling_cut_at_the_newline(params):
+def test_a_greedy_answer_is_temperature_zero_sampling_cut_at_the_newline(params):
     prompt = TOKENIZER.encode("a0\nb")
     newline = TOKENIZER.encode("\n")[0]
-    got = fs.greedy_line(params, CONFIG, prompt, newline, 10)
+    got = greedy_batch(params, CONFIG, [prompt], [10], newline)[0]
     sampled = generate_ids(params, CONFIG, prompt, 10, onp.random.default_rng(0), temperature=0)
     cut = sampled.index(newline) if newline in sampled else len(sampled)
     assert got == sampled[:cut]
@@ -142,7 +142,7 @@ def test_evaluate_task_counts_and_reuses_queries(params):
 
 def test_exact_match_compares_the_whole_greedy_line(params, monkeypatch):
     """Without choices, a query is right only if the greedy line equals the output exactly."""
-    monkeypatch.setattr(fs, "greedy_line", lambda *args: TOKENIZER.encode("12"))
+    monkeypatch.setattr(fs, "greedy_batch", lambda *args: [TOKENIZER.encode("12")])
     task = fs.parse_task(fs.task_lines(None, RECORDS), "t")
     prompt = fs.build_prompt(None, [], "a")
     scores = {out: fs.score_query(params, CONFIG, TOKENIZER, task, prompt,
@@ -209,12 +209,24 @@ def test_icl_positions_scale_olsson():
     assert fs.icl_positions(512) == (51, 511)
 
 
-def test_icl_score_is_late_minus_early_loss(params):
-    ids = onp.asarray(TOKENIZER.encode("a0\nb1\nc2\n" * 20))
-    result = fs.icl_score(params, CONFIG, ids, n_windows=20, seed=0, batch=8)
-    assert result["score"] == pytest.approx(result["late_loss"] - result["early_loss"], abs=1e-9)
+def test_icl_score_is_the_loss_at_its_late_position_minus_its_early_one(params):
+    """Held-out text exactly one window long, so every window is that one: the early and late
+    losses must be the next-token losses at the two positions, computed here by gpt_loss with
+    only that position counted."""
+    ids = onp.asarray(TOKENIZER.encode(("a0\nb1\nc2\n" * 4)[:CONFIG.block_size + 1]))
+    result = fs.icl_score(params, CONFIG, ids, n_windows=5, seed=0, batch=2)
     assert (result["early_position"], result["late_position"]) == (4, 32)
-    assert result["stderr"] > 0 and math.isfinite(result["score"])
+    x, y = ids[None, :-1], ids[None, 1:]
+
+    def loss_at(t):
+        mask = onp.zeros(x.shape)
+        mask[0, t] = 1.0
+        return float(gpt_loss(params, x, y, CONFIG, mask=mask))
+
+    assert result["early_loss"] == pytest.approx(loss_at(3), rel=1e-5)
+    assert result["late_loss"] == pytest.approx(loss_at(31), rel=1e-5)
+    assert result["score"] == pytest.approx(loss_at(31) - loss_at(3), rel=1e-4, abs=1e-6)
+    assert result["stderr"] == 0.0  # five copies of one window: no spread
     with pytest.raises(TinyLLMError, match="at least 33 tokens"):
         fs.icl_score(params, CONFIG, ids[:20])
 
@@ -247,6 +259,40 @@ def test_fewshot_command_prints_table_and_writes_json(run_dir, tmp_path):
     assert saved["format"] == "tinyllm-fewshot-results" and saved["version"] == 1
     assert [r["k"] for r in saved["pooled"]] == [0, 1, 4]
     assert saved["tasks"][0]["scoring"] == "choices" and saved["icl_score"]["n_windows"] == 10
+
+
+def test_fewshot_command_prints_a_row_per_task(run_dir, tmp_path):
+    """Two tasks: each gets its own row of accuracies by k, equal to its results in the JSON,
+    besides the pooled table."""
+    first = write_task(tmp_path / "first.jsonl", {"choices": ["0", "1", "2"]})
+    second = write_task(tmp_path / "second.jsonl", {"instruction": "add 1"})
+    out = tmp_path / "results.json"
+    result = invoke("fewshot", "--checkpoint", run_dir, "--task", first, "--task", second,
+                    "--shots", "0,2", "--queries", 4, "--out", out, "--icl-windows", 0)
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    lines = result.output.splitlines()  # the progress log (stderr) comes first
+    start = lines.index(next(line for line in lines if line.startswith("task ")))
+    assert lines[start].split() == ["task", "k=0", "k=2", "queries", "chance"]
+    for line, task in zip(lines[start + 1:start + 3], saved["tasks"], strict=True):
+        path, acc0, acc2, n, chance = line.split()
+        assert path == task["path"] and int(n) == 4
+        assert [float(acc0), float(acc2)] == [round(r["accuracy"], 3) for r in task["results"]]
+    assert "pooled over 2 task(s):" in result.output and "shots  accuracy" in result.output
+
+
+def test_a_task_directory_means_its_jsonl_files(tmp_path):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for name in ("b.jsonl", "a.jsonl", "notes.txt"):
+        (folder / name).write_text("", encoding="utf-8")
+    single = tmp_path / "single.jsonl"
+    assert fs.task_files([str(single), str(folder)]) == [
+        str(single), str(folder / "a.jsonl"), str(folder / "b.jsonl")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(TinyLLMError, match="no .jsonl task files"):
+        fs.task_files([str(empty)])
 
 
 def one_error_line(result):

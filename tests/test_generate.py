@@ -11,6 +11,7 @@ from tinyllm.errors import TinyLLMError
 from tinyllm.generate import (
     generate_ids,
     generate_text,
+    greedy_batch,
     next_token_distribution,
     sample_token,
     top_k_filter,
@@ -219,3 +220,12 @@ def test_prompt_with_unknown_character_is_a_user_error(model):
     params, config, tokenizer = model
     with pytest.raises(TinyLLMError, match="'Z'"):
         generate_text(params, config, tokenizer, "abZ", 3)
+
+
+def test_batched_greedy_decoding_equals_one_at_a_time(tiny_config, params32):
+    prompts, limits, eot = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 1]], [4, 6, 5], 10
+    batched = greedy_batch(params32, tiny_config, prompts, limits, eot)
+    for prompt, limit, got in zip(prompts, limits, batched):
+        want = generate_ids(params32, tiny_config, prompt, min(limit, 8 - len(prompt)),
+                            onp.random.default_rng(0), temperature=0, stop=lambda ids: ids[-1] == eot)
+        assert got == [i for i in want if i != eot]

@@ -106,3 +106,19 @@ def test_the_corpus_does_not_import_the_evaluation():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
                          check=True).stdout.strip()
     assert out == "False"
+
+
+def test_shipped_heldout_tasks_are_what_heldout_task_draws():
+    """examples/tasks/heldout/ (the README's unseen tasks) holds heldout_task(seed) for seeds 0 to
+    11, cycling through the families: generated, never edited by hand, so never in the corpus."""
+    import os
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "examples", "tasks", "heldout")
+    names = sorted(os.listdir(folder))
+    assert names == [f"heldout-{seed:02d}.jsonl" for seed in range(12)]
+    for seed, name in enumerate(names):
+        family = sorted(ic.FAMILIES)[seed % len(ic.FAMILIES)]
+        header, records = ic.heldout_task(seed, family=family, domain_size=4, n_records=60)
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            assert f.read().splitlines() == task_lines(header, records)

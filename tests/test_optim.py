@@ -178,11 +178,13 @@ def test_lr_rises_then_falls_and_stays_in_range(a, b):
 
 
 @settings(max_examples=30, deadline=None)
-@given(scale=st.floats(0.01, 1.0), seed=st.integers(0, 2**16))
-def test_adamw_grad_scale_equals_stepping_on_scaled_gradients(scale, seed):
+@given(scale=st.floats(0.01, 1.0), rows=st.integers(1, 5), cols=st.integers(1, 5),
+       seed=st.integers(0, 2**16))
+def test_adamw_grad_scale_equals_stepping_on_scaled_gradients(scale, rows, cols, seed):
     """Clipping is applied inside AdamW as grad_scale; it must equal scaling the gradients first."""
     rng = onp.random.default_rng(seed)
-    params = {"w": rng.standard_normal((3, 4)).astype("float32"), "b": rng.standard_normal(4).astype("float32")}
+    params = {"w": rng.standard_normal((rows, cols)).astype("float32"),
+              "b": rng.standard_normal(cols).astype("float32")}
     state = adamw_init(params)
     for _ in range(3):
         grads = {k: rng.standard_normal(p.shape).astype("float32") for k, p in params.items()}

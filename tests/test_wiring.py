@@ -219,26 +219,6 @@ def test_icl_position_losses_are_next_token_losses(b, seed):
         assert got[:, t].mean() == pytest.approx(want, rel=1e-9)
 
 
-def test_icl_score_compares_the_loss_at_its_two_positions():
-    """With held-out text exactly one window long, every window is that one: the score's early and
-    late losses are next-token losses at the two positions, computed here with gpt_loss."""
-    rng = onp.random.default_rng(0)
-    params = init_gpt(ICL_CONFIG, rng, dtype="float64")
-    ids = rng.integers(0, ICL_CONFIG.vocab_size, ICL_CONFIG.block_size + 1)
-    result = fs.icl_score(params, ICL_CONFIG, ids, n_windows=3, seed=3, batch=2)
-    early, late = fs.icl_positions(ICL_CONFIG.block_size)
-    x, y = ids[None, :-1], ids[None, 1:]
-
-    def loss_at(t):
-        mask = onp.zeros(x.shape)
-        mask[0, t] = 1.0
-        return float(gpt_loss(params, x, y, ICL_CONFIG, mask=mask))
-
-    assert result["early_loss"] == pytest.approx(loss_at(early), rel=1e-9)
-    assert result["late_loss"] == pytest.approx(loss_at(late), rel=1e-9)
-    assert result["score"] == pytest.approx(loss_at(late) - loss_at(early), rel=1e-9)
-
-
 # ----------------------------------------------------------------------------- few-shot prompts
 
 
@@ -267,14 +247,6 @@ def test_fewshot_never_shows_a_query_its_own_record(n, shots, seed):
         demos = prompt.split("\n")[1:-1]  # the instruction first, the query input last
         assert len(demos) == k and prompt.endswith("\n" + record["input"])
         assert record["input"] + record["output"] not in demos
-
-
-@given(n=st.integers(2, 30), seed=seeds, data=st.data())
-def test_demo_orders_leave_out_each_query(n, seed, data):
-    queries = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True))
-    orders = fs.demo_orders(n, queries, onp.random.default_rng(seed))
-    for q, order in zip(queries, orders):
-        assert sorted(order) == [i for i in range(n) if i != q]
 
 
 # ----------------------------------------------------------------------------- seq2seq

@@ -1,4 +1,5 @@
-"""Corpus BLEU-4 (Papineni et al. 2002) and exact match, written out by hand.
+"""Scores of generated text against references, written out by hand: corpus BLEU-4 (Papineni et
+al. 2002) and exact match. Both the seq2seq commands and instruction fine-tuning use them.
 
 BLEU compares candidate translations with one reference each, over the whole corpus at once:
 
@@ -49,8 +50,11 @@ def corpus_bleu(candidates, references, max_n=4):
 
 
 def exact_match(candidates, references):
-    """Percentage of candidates equal to their reference (after stripping outer whitespace)."""
+    """Fraction (0..1) of candidates equal to their reference after stripping outer whitespace.
+
+    Example: [" olleh\\n", "olle"] against ["olleh", "olleh"] -> 0.5; no candidates -> 0.0.
+    """
     if not candidates:
         return 0.0
     same = sum(c.strip() == r.strip() for c, r in zip(candidates, references))
-    return 100.0 * same / len(candidates)
+    return same / len(candidates)

@@ -13,9 +13,9 @@ from .config import DEFAULT_RUN
 @click.command()
 @click.option("--checkpoint", default=DEFAULT_RUN, type=click.Path(file_okay=False),
               help="Run directory written by `tinyllm pretrain`.")
-@click.option("--task", "task_paths", multiple=True, required=True,
-              type=click.Path(dir_okay=False),
-              help="JSONL task file (see `tinyllm/fewshot.py`); repeat to pool several tasks.")
+@click.option("--task", "task_paths", multiple=True, required=True, type=click.Path(),
+              help="JSONL task file (see `tinyllm/fewshot.py`), or a directory of them; repeat"
+                   " to pool several tasks.")
 @click.option("--shots", default="0,1,2,4,8",
               help="Comma-separated numbers of demonstrations k to evaluate.")
 @click.option("--queries", default=None, type=int, callback=positive,
@@ -35,11 +35,13 @@ from .config import DEFAULT_RUN
 def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_windows, plot_path):
     """Score a pretrained model on tasks with k = 0, 1, 2, ... demonstrations in its prompt.
 
-    Prints accuracy by k with the chance level and a 95% Wilson interval (pooled over all
-    --task files), then the in-context learning score of Olsson et al. (2022): mean loss late in
-    the context minus early (negative: more context helps).
+    Prints each task's accuracy at every k (so a task the model cannot do is not averaged
+    away), then accuracy by k pooled over all --task files with the chance level and a 95%
+    Wilson interval, then the in-context learning score of Olsson et al. (2022): mean loss late
+    in the context minus early (negative: more context helps).
     """
-    from .fewshot import format_icl, format_table, parse_shots, run_fewshot, write_results
+    from .fewshot import (format_icl, format_table, format_task_table, parse_shots, run_fewshot,
+                          write_results)
 
     if plot_path:  # before the slow part: say at once if matplotlib is missing
         from .plot import require_matplotlib
@@ -47,6 +49,8 @@ def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_win
         require_matplotlib()
     results = run_fewshot(checkpoint, task_paths, parse_shots(shots), queries, seed, icl_data,
                           icl_windows, log=lambda line: click.echo(line, err=True))
+    click.echo("\n".join(format_task_table(results["tasks"])))
+    click.echo(f"\npooled over {len(results['tasks'])} task(s):")
     click.echo("\n".join(format_table(results["pooled"])))
     if results["icl_score"]:
         click.echo(format_icl(results["icl_score"]))

@@ -111,8 +111,8 @@ def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_em
         click.echo(f"  {pair.source!r} -> {output!r} (reference {pair.target!r})")
     click.echo(f"done: iteration {final['iter']}, train loss {final['train_loss']:.4f},"
                f" val loss {final['val_loss']:.4f}, {result['seconds']:.0f} s; checkpoint in {out}")
-    click.echo(f"held-out exact match: {result['exact_match']:.1f}% of {result['held_out']} pairs"
-               " (greedy)")
+    click.echo(f"held-out exact match: {100 * result['exact_match']:.1f}% of"
+               f" {result['held_out']} pairs (greedy)")
 
 
 @seq2seq.command("translate")
@@ -150,4 +150,5 @@ def translate_command(texts, checkpoint, data, beam_size, length_penalty, max_le
         bleu = f"BLEU-4 {corpus_bleu(outputs, references):.1f}"
         if not any(len(text.split()) >= 4 for text in references):
             bleu += " (no reference has 4 words, so BLEU-4 is 0 by definition: use exact match)"
-        click.echo(f"{len(pairs)} pairs: exact match {exact_match(outputs, references):.1f}%, {bleu}")
+        click.echo(f"{len(pairs)} pairs: exact match {100 * exact_match(outputs, references):.1f}%,"
+                   f" {bleu}")

@@ -14,6 +14,7 @@ Wu et al. (2016) is lp(n) = ((5 + n) / 6) ^ alpha: alpha = 0 compares raw log-pr
 import numpy as onp
 
 from .errors import TinyLLMError
+from .ops import log_softmax
 from .seq2seq import decoder_forward, encoder_forward
 from .seq2seq_data import BOS, EOS, encode_source, make_arrays
 
@@ -21,9 +22,7 @@ from .seq2seq_data import BOS, EOS, encode_source, make_arrays
 def _next_log_probs(params, config, memory, src_valid, prefixes):
     """Log-probabilities of the next token after each prefix: (R, t) ids -> (R, V) float64."""
     logits = decoder_forward(params, prefixes, memory, config, src_valid)[:, -1]  # (R, t, V) -> (R, V)
-    logits = onp.asarray(logits, dtype=onp.float64)
-    logits = logits - logits.max(axis=-1, keepdims=True)
-    return logits - onp.log(onp.exp(logits).sum(axis=-1, keepdims=True))
+    return log_softmax(onp.asarray(logits, dtype=onp.float64))
 
 
 def greedy_decode(params, config, src, src_valid, bos, eos, max_len):

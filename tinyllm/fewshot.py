@@ -74,7 +74,9 @@ from .data import load_corpus, train_val_split
 from .errors import TinyLLMError
 from .fewshot_template import build_prompt
 from .fileio import atomic_write_json
+from .generate import greedy_batch
 from .models import gpt_forward
+from .ops import log_softmax
 
 RESULTS_FORMAT = "tinyllm-fewshot-results"
 RESULTS_VERSION = 1
@@ -165,6 +167,23 @@ def read_task(path):
         raise TinyLLMError(f"task file {path!r} is not UTF-8 (bad byte at offset {err.start})") from None
 
 
+def task_files(paths):
+    """Task file paths, with each directory among them replaced by its *.jsonl files, sorted.
+
+    Example: ["a.jsonl", "heldout/"] -> ["a.jsonl", "heldout/h0.jsonl", "heldout/h1.jsonl"].
+    """
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".jsonl"))
+            if not found:
+                raise TinyLLMError(f"--task {path}: the directory holds no .jsonl task files")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
 def task_lines(header, records):
     """The lines of a task file for (header dict or None, records): the inverse of parse_task."""
     lines = [json.dumps(header)] if header else []
@@ -231,11 +250,9 @@ def check_fits(n_tokens, block_size, task, record, k):
             " use fewer --shots or shorter records")
 
 
-def log_softmax_np(logits):
-    """Plain-numpy log-softmax over the last axis, in float64 for exact sums of log-probs."""
-    z = logits.astype(onp.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - onp.log(onp.exp(z).sum(-1, keepdims=True))
+def log_probs(params, config, ids):
+    """Next-token log-probabilities, in float64 for exact sums: ids (B, T) -> (B, T, V)."""
+    return log_softmax(onp.asarray(gpt_forward(params, ids, config), dtype=onp.float64))
 
 
 def answer_logprobs(params, config, prompt_ids, answers_ids):
@@ -249,23 +266,10 @@ def answer_logprobs(params, config, prompt_ids, answers_ids):
     ids = onp.zeros((len(seqs), width), dtype=onp.int32)  # (K, T), padded with id 0
     for row, s in enumerate(seqs):
         ids[row, :len(s)] = s
-    logp = log_softmax_np(onp.asarray(gpt_forward(params, ids, config)))  # (K, T, V)
+    logp = log_probs(params, config, ids)  # (K, T, V)
     start = len(prompt_ids)
     return onp.array([sum(logp[row, start - 1 + j, tok] for j, tok in enumerate(a))
                       for row, a in enumerate(answers_ids)])  # (K,): logits at t predict t + 1
-
-
-def greedy_line(params, config, prompt_ids, newline_id, max_new_tokens):
-    """Greedy decoding up to (not including) the end of the line: ids of the answer."""
-    ids, new = list(prompt_ids), []
-    for _ in range(max_new_tokens):
-        logits = gpt_forward(params, onp.asarray(ids, dtype=onp.int32)[None, :], config)[0, -1]
-        token = int(onp.argmax(logits))  # (V,) -> the likeliest next token
-        if token == newline_id:
-            break
-        ids.append(token)
-        new.append(token)
-    return new
 
 
 def score_query(params, config, tokenizer, task, prompt, record, k):
@@ -281,7 +285,8 @@ def score_query(params, config, tokenizer, task, prompt, record, k):
         best = task.choices[int(onp.argmax(answer_logprobs(params, config, prompt_ids, candidates)))]
         return int(best == record["output"])
     room = config.block_size - len(prompt_ids)  # generate no further than the context reaches
-    new = greedy_line(params, config, prompt_ids, newline[-1], min(room, len(answer_ids) + 8))
+    limit = min(room, len(answer_ids) + 8)  # a longer answer is wrong anyway
+    new = greedy_batch(params, config, [prompt_ids], [limit], newline[-1])[0]  # to the line's end
     return int(new == answer_ids[:-1])
 
 
@@ -372,6 +377,25 @@ def format_table(rows):
     return lines
 
 
+def format_task_table(tasks):
+    """One line per task with its accuracy at each k, so that a task the model cannot do shows
+    rather than being averaged away in the pooled table. `tasks` is the results' "tasks" list.
+
+    Example: one task of 40 queries at k = 0 and 8 ->
+        task                    k=0    k=8  queries  chance
+        tasks/phone.jsonl     0.250  0.925       40   0.125
+    """
+    shots = [r["k"] for r in tasks[0]["results"]] if tasks else []
+    width = max([len("task")] + [len(t["path"]) for t in tasks])
+    heads = "".join(f"  {'k=' + str(k):>5s}" for k in shots)
+    lines = [f"{'task':<{width}s}{heads}  queries  chance"]
+    for t in tasks:
+        rows = t["results"]
+        cells = "".join(f"  {r['accuracy']:>5.3f}" for r in rows)
+        lines.append(f"{t['path']:<{width}s}{cells}  {rows[0]['n']:>7d}  {rows[0]['chance']:>6.3f}")
+    return lines
+
+
 def parse_shots(text):
     """'0,1,2,4,8' -> [0, 1, 2, 4, 8]; TinyLLMError on anything else."""
     try:
@@ -389,7 +413,7 @@ def parse_shots(text):
 def position_losses(params, config, windows):
     """Next-token loss at each position of each window: windows (B, T + 1) -> (B, T)."""
     x, y = windows[:, :-1], windows[:, 1:]  # (B, T) inputs and their next tokens
-    logp = log_softmax_np(onp.asarray(gpt_forward(params, x, config)))  # (B, T, V)
+    logp = log_probs(params, config, x)  # (B, T, V)
     return -onp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]  # (B, T)
 
 
@@ -467,7 +491,7 @@ def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=
     log = log or (lambda line: None)
     if icl_windows < 0:
         raise TinyLLMError(f"--icl-windows must be >= 0, got {icl_windows}")
-    tasks = [read_task(p) for p in task_paths]
+    tasks = [read_task(p) for p in task_files(task_paths)]
     for task in tasks:
         check_enough_records(task, max(shots))
     ckpt = load_checkpoint(checkpoint)

@@ -28,7 +28,7 @@ from .config import GPTConfig
 from .errors import TinyLLMError
 from .lora import apply_lora, init_lora
 from .models import INIT_STD, bidirectional_hidden, gpt_hidden, init_gpt
-from .ops import cross_entropy, linear
+from .ops import cross_entropy, linear, softmax
 from .tree import flatten, unflatten
 
 POOLINGS = ("last", "mean", "first")
@@ -139,9 +139,7 @@ def predict_proba(params, ids, valid, config, batch_size=64):
     for start in range(0, len(ids), batch_size):
         logits = onp.asarray(classifier_logits(params, ids[start:start + batch_size],
                                                valid[start:start + batch_size], config))
-        logits = logits - logits.max(axis=1, keepdims=True)
-        p = onp.exp(logits)
-        out.append(p / p.sum(axis=1, keepdims=True))
+        out.append(softmax(logits, axis=1))  # (B, K)
     return onp.concatenate(out) if out else onp.zeros((0, config.n_classes), "float32")
 
 
@@ -262,11 +260,6 @@ def precision_recall(matrix):
     return precision, recall
 
 
-def exact_match(response, reference):
-    """1.0 if the two strings are equal after stripping surrounding whitespace, else 0.0."""
-    return float(response.strip() == reference.strip())
-
-
 def token_f1(response, reference):
     """F1 of the whitespace tokens two strings share (SQuAD's answer F1, without normalisation).
 
@@ -287,49 +280,3 @@ def token_f1(response, reference):
         return 0.0
     precision, recall = shared / len(got), shared / len(want)
     return 2 * precision * recall / (precision + recall)
-
-
-# ----------------------------------------------------------------------------- batched greedy decoding
-
-
-def greedy_batch(params, config, prompts, limits, eot, batch_size=64):
-    """Greedy responses to many prompts at once: token lists -> new token lists (eot removed).
-
-    The prompts sit left-aligned in one right-padded batch; at each step every unfinished row
-    takes the argmax at its own last position and writes it just after. Because attention is
-    causal, the padding to the right of a row never changes its logits, so each row gets what
-    decoding it alone would give, at the cost of one forward pass per step for the whole batch.
-    `limits[i]` caps row i's new tokens (and the context caps everything at block_size).
-    """
-    from .models import gpt_forward
-
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        out += _greedy_chunk(params, config, prompts[start:start + batch_size],
-                             limits[start:start + batch_size], eot, gpt_forward)
-    return out
-
-
-def _greedy_chunk(params, config, prompts, limits, eot, forward):
-    t = config.block_size
-    lengths = onp.array([len(p) for p in prompts])  # (N,)
-    ids = onp.zeros((len(prompts), t), dtype=onp.int32)  # (N, T)
-    for row, prompt in enumerate(prompts):
-        ids[row, :len(prompt)] = prompt
-    ends = onp.minimum(lengths + onp.asarray(limits), t)  # (N,) last position + 1 allowed
-    done = lengths >= ends
-    rows = onp.arange(len(prompts))
-    while not done.all():
-        width = int(lengths[~done].max())
-        logits = onp.asarray(forward(params, ids[:, :width], config))  # (N, W, V)
-        nxt = logits[rows, onp.minimum(lengths, width) - 1].argmax(axis=-1)  # (N,)
-        active = rows[~done]
-        ids[active, lengths[active]] = nxt[active]
-        lengths[active] += 1
-        done[active[nxt[active] == eot]] = True  # this row's response is complete
-        done |= lengths >= ends
-    new = []
-    for row, prompt in enumerate(prompts):
-        tokens = ids[row, len(prompt):lengths[row]].tolist()
-        new.append(tokens[:tokens.index(eot)] if eot in tokens else tokens)
-    return new

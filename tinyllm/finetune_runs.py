@@ -21,12 +21,14 @@ from dataclasses import replace
 
 import numpy as onp
 
+from .bleu import exact_match
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, GPTConfig, TrainConfig
 from .errors import TinyLLMError
 from .fileio import atomic_write_json, atomic_write_text
+from .generate import greedy_batch
 from .finetune import (ClassifierConfig, classifier_from_gpt, classifier_loss, confusion_matrix,
-                       exact_match, format_prompt, greedy_batch, instruction_example,
+                       format_prompt, instruction_example,
                        merge_params, pad_batch, precision_recall, predict_proba, split_params,
                        token_f1, trainable_paths)
 from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
@@ -386,7 +388,7 @@ def score_responses(params, config, tokenizer, records, max_new_tokens):
     responses = greedy_batch(params, config, prompts, limits, eot)
     rows = [{"instruction": r["instruction"], "input": r["input"], "reference": r["output"],
              "response": tokenizer.decode(new)} for r, new in zip(records, responses)]
-    em = sum(exact_match(r["response"], r["reference"]) for r in rows) / max(1, len(rows))
+    em = exact_match([r["response"] for r in rows], [r["reference"] for r in rows])
     f1 = sum(token_f1(r["response"], r["reference"]) for r in rows) / max(1, len(rows))
     return rows, {"exact_match": round(em, 4), "token_f1": round(f1, 4)}
 

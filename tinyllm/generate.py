@@ -9,12 +9,20 @@ Shaping the distribution (applied in this order):
 - top-k: keep the k most likely tokens.
 - top-p (nucleus, Holtzman et al. 2020): keep the smallest set of most likely tokens whose
   probabilities add up to at least p.
+
+Two loops, each written once: `generate_ids` samples one sequence (any temperature; a context
+longer than block_size slides), and `greedy_batch` decodes many prompts greedily at once, which
+is what scoring needs (few-shot answers, instruction-tuned responses). For a prompt whose answer
+fits in the context the two give the same tokens at temperature 0 (a test checks it).
+Decoding an encoder-decoder is tinyllm/decoding.py: its decoder reads the encoder's output
+and starts from <bos>, so its loop differs.
 """
 
 import numpy as onp
 
 from .errors import TinyLLMError
 from .models import gpt_forward
+from .ops import softmax
 
 
 def top_k_filter(logits, k):
@@ -43,8 +51,7 @@ def top_p_filter(probs, p):
 def next_token_distribution(logits, temperature=1.0, top_k=None, top_p=None):
     """Logits (V,) -> probabilities (V,) after temperature, top-k and top-p. Temperature > 0."""
     logits = top_k_filter(logits.astype(onp.float64) / temperature, top_k)
-    probs = onp.exp(logits - logits.max())
-    return top_p_filter(probs / probs.sum(), top_p)
+    return top_p_filter(softmax(logits), top_p)
 
 
 def sample_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
@@ -121,3 +128,48 @@ def check_sampling_args(temperature, top_k, top_p, max_new_tokens):
         raise TinyLLMError(f"--top-p must be in (0, 1], got {top_p}")
     if max_new_tokens < 0:
         raise TinyLLMError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+
+
+# ----------------------------------------------------------------------------- batched greedy decoding
+
+
+def greedy_batch(params, config, prompts, limits, stop_id, batch_size=64):
+    """Greedy answers to many prompts at once: token lists -> new token lists (stop_id removed).
+
+    The prompts sit left-aligned in one right-padded batch; at each step every unfinished row
+    takes the argmax at its own last position and writes it just after. Because attention is
+    causal, the padding to the right of a row never changes its logits, so each row gets what
+    decoding it alone would give, at the cost of one forward pass per step for the whole batch.
+    A row stops at `stop_id` (end of text, or a newline for a one-line answer), after
+    `limits[i]` new tokens, or when it fills the context (block_size): there is no sliding here.
+    """
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        out += _greedy_chunk(params, config, prompts[start:start + batch_size],
+                             limits[start:start + batch_size], stop_id)
+    return out
+
+
+def _greedy_chunk(params, config, prompts, limits, stop_id):
+    t = config.block_size
+    lengths = onp.array([len(p) for p in prompts])  # (N,)
+    ids = onp.zeros((len(prompts), t), dtype=onp.int32)  # (N, T)
+    for row, prompt in enumerate(prompts):
+        ids[row, :len(prompt)] = prompt
+    ends = onp.minimum(lengths + onp.asarray(limits), t)  # (N,) last position + 1 allowed
+    done = lengths >= ends
+    rows = onp.arange(len(prompts))
+    while not done.all():
+        width = int(lengths[~done].max())
+        logits = onp.asarray(gpt_forward(params, ids[:, :width], config))  # (N, W, V)
+        nxt = logits[rows, onp.minimum(lengths, width) - 1].argmax(axis=-1)  # (N,)
+        active = rows[~done]
+        ids[active, lengths[active]] = nxt[active]
+        lengths[active] += 1
+        done[active[nxt[active] == stop_id]] = True  # this row's answer is complete
+        done |= lengths >= ends
+    new = []
+    for row, prompt in enumerate(prompts):
+        tokens = ids[row, len(prompt):lengths[row]].tolist()
+        new.append(tokens[:tokens.index(stop_id)] if stop_id in tokens else tokens)
+    return new
