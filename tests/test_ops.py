@@ -190,6 +190,44 @@ def test_attention_with_padding_mask_equals_reference():
     assert_same_value_and_grads(fused, reference, (q, k, v), [0, 1, 2], rng)
 
 
+@pytest.mark.parametrize("mask_kind", ["causal", "padding"])
+def test_attention_split_over_two_cores_equals_reference(mask_kind):
+    # Big enough (q has 32,768 numbers) that the fused op splits its rows over two threads
+    # (ops.on_two_cores), with B == T so that a causal mask (T, T) has as many rows as the batch:
+    # it must be passed whole, while a padding mask (B, 1, 1, T) is split with the batch.
+    rng = rng_for(5)
+    b, h, t, d = 16, 4, 16, 32
+    assert b * h * t * d >= ops._MIN_PARALLEL_SIZE
+    q, k, v = (rng.standard_normal((b, h, t, d)) for _ in range(3))
+    if mask_kind == "causal":
+        mask = causal_mask(t, "float64")
+    else:
+        valid = (rng.random((b, t)) < 0.7).astype(float)
+        valid[:, 0] = 1.0
+        mask = padding_mask(valid, "float64")
+
+    def fused(q, k, v):
+        return attention(q, k, v, mask)
+
+    def reference(q, k, v):
+        return attention_reference(q, k, v, mask)
+
+    assert_same_value_and_grads(fused, reference, (q, k, v), [0, 1, 2], rng)
+
+
+def test_on_two_cores_equals_one_call():
+    rng = rng_for(6)
+    x = rng.standard_normal((4, ops._MIN_PARALLEL_SIZE // 4))  # just big enough to split
+    shift = rng.standard_normal(x.shape[1])  # broadcast over the rows: passed whole
+
+    def add(x, shift, out):
+        onp.add(x, shift, out=out)
+
+    out = onp.empty_like(x)
+    ops.on_two_cores(add, x, shift, out)
+    onp.testing.assert_array_equal(out, x + shift)
+
+
 def test_attention_weights_equal_reference_softmax():
     rng = rng_for(4)
     q, k = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 5, 4))

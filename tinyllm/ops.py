@@ -12,9 +12,49 @@ so the whole op is one node with the minimum of temporaries. `tests/test_ops.py`
 form equals its reference form in value and gradient, and checks every hand-written VJP against
 finite differences.
 
+How a fused op is written (every one below follows this idiom). In PyTorch terms it is a
+`torch.autograd.Function` whose `forward` calls `ctx.save_for_backward`:
+
+    def layer_norm(x, g, b):                  # the wrapper = forward + save_for_backward
+        x_hat, rstd = _normalize(getval(x))   # plain numpy on the plain value of x
+        return _layer_norm_fused(x, g, b, x_hat, rstd)
+
+    @primitive                                # autograd records this call as ONE node and
+    def _layer_norm_fused(x, g, b, x_hat, rstd):   # never looks inside it
+        return x_hat * g + b                  # the output, from what was saved
+
+    def _layer_norm_vjp(argnums, ans, args, kwargs):   # = backward, set up at forward time
+        x, g, b, x_hat, rstd = args           # the saved tensors, as plain arrays
+        def vjp(dy): ...                      # dL/d(output) -> dL/d(each input in argnums)
+        return vjp
+
+    defvjp_argnums(_layer_norm_fused, _layer_norm_vjp)  # "this is the primitive's backward"
+
+The wrapper computes the forward pass with plain numpy and hands the primitive both the
+differentiable inputs and the saved intermediates. The primitive's body may not even read
+those inputs (`_layer_norm_fused` never reads x, `_attention_fused` never reads q and k,
+`_cross_entropy_fused` never reads logits): they are arguments only so that autograd knows
+the output depends on them and routes their gradients to the hand-written VJP. (Arguments are
+passed positionally: autograd traces positional arguments only.)
+
+The VJP maker is called once per forward pass, right after the primitive, as
+`maker(argnums, ans, args, kwargs)`: `argnums` are the positions of the arguments that need a
+gradient in this call (a frozen weight or a bias that is None is absent), `ans` is the
+primitive's output, `args` its positional arguments as plain arrays. It returns `vjp(g)`, which
+takes g = dL/d(output) and returns one gradient per position in `argnums`, in that order. Every
+multi-argument VJP here is written the same way: it fills a dict `grads` (position -> gradient)
+for the positions asked for and returns `tuple(grads[i] for i in argnums)`. `defvjp` (used for
+an op with one differentiable input) is the short form: `maker(ans, *args)`.
+
 float32 discipline: every constant below is a Python float, never a numpy float64 scalar, because
 numpy promotes `float32_array * float64_scalar` to float64 and the whole step silently doubles in
-cost (see AUTOGRAD_NOTES.md).
+cost. Other ways float64 creeps in, avoided here: the VJPs of `np.mean`/`np.var` (an integer
+count), of `np.max`/`np.min`, `np.where` and `np.maximum`. Parameter gradients still come back
+float32 (they are added into float32 zeros), which hides the promotion, so the tests check the
+dtype of the loss and of activations.
+
+Threads are kept apart from the maths: the maths functions below read as plain numpy on whole
+arrays, and the one place that splits work over two cores is `on_two_cores` (its own section).
 """
 
 import concurrent.futures
@@ -61,12 +101,14 @@ def _linear_vjp(argnums, ans, args, kwargs):
 
     def vjp(g):
         g2 = g.reshape(-1, w.shape[1])  # (N, C_out)
-        grads = {
-            0: lambda: (g2 @ w.T).reshape(x.shape),  # dx = g W^T
-            1: lambda: x.reshape(-1, w.shape[0]).T @ g2,  # dW = x^T g, summed over rows
-            2: lambda: g2.sum(axis=0),  # db = g summed over rows
-        }
-        return tuple(grads[i]() for i in argnums)
+        grads = {}
+        if 0 in argnums:
+            grads[0] = (g2 @ w.T).reshape(x.shape)  # dx = g W^T
+        if 1 in argnums:
+            grads[1] = x.reshape(-1, w.shape[0]).T @ g2  # dW = x^T g, summed over rows
+        if 2 in argnums:
+            grads[2] = g2.sum(axis=0)  # db = g summed over rows
+        return tuple(grads[i] for i in argnums)
 
     return vjp
 
@@ -130,10 +172,10 @@ def gelu(x):
         return gelu_reference(x)
     y = onp.empty_like(xv)
     if not isbox(x):  # not being differentiated (evaluation, sampling): skip the slope
-        _in_two_halves(_gelu_rows, xv, y, None)
+        on_two_cores(_gelu_rows, xv, y, None)
         return y
     slope = onp.empty_like(xv)
-    _in_two_halves(_gelu_rows, xv, y, slope)
+    on_two_cores(_gelu_rows, xv, y, slope)
     return _with_slope(x, y, slope)
 
 
@@ -148,32 +190,6 @@ def _with_slope(x, y, slope):
 
 
 defvjp(_with_slope, lambda ans, x, y, slope: lambda g: g * slope)
-
-
-# ----------------------------------------------------------------------------- two cores
-
-_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2)
-_MIN_PARALLEL_SIZE = 1 << 15  # below ~32k elements the thread hand-off costs more than it saves
-
-
-def _in_two_halves(fn, *arrays):
-    """Run fn(*arrays) as two calls on the first and second halves of each array's rows, at once.
-
-    numpy's matmuls use both cores but its elementwise loops and batched small matmuls use one;
-    they release the GIL, so two threads each working on half of the rows can overlap. The gain
-    is modest and memory-bound: measured about 1 ms per step for GELU and 1-2 ms for the
-    attention core at nanoGPT's recipe size (of ~50 ms). `fn` must write its results
-    into output arrays passed among `arrays` (row i of the output depends on row i of the input);
-    None entries are passed through.
-    """
-    rows = arrays[0].shape[0] if arrays[0].ndim else 0
-    if rows < 2 or arrays[0].size < _MIN_PARALLEL_SIZE:
-        fn(*arrays)
-        return
-    half = rows // 2
-    first = _POOL.submit(fn, *(a if a is None else a[:half] for a in arrays))
-    fn(*(a if a is None else a[half:] for a in arrays))
-    first.result()  # re-raises any error from the other thread
 
 
 # ----------------------------------------------------------------------------- layer norm
@@ -223,22 +239,21 @@ def _layer_norm_vjp(argnums, ans, args, kwargs):
     n = x_hat.shape[-1]  # g and b are broadcast over all the other axes: sum over those
 
     def vjp(dy):
-        grads = []
-        for argnum in argnums:
-            if argnum == 0:
-                # dx = (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)) / std, per row
-                dx_hat = dy * g
-                mean_d = dx_hat.sum(axis=-1, keepdims=True) * (1.0 / n)
-                mean_dx = onp.einsum("...c,...c->...", dx_hat, x_hat)[..., None] * (1.0 / n)
-                dx_hat -= mean_d
-                dx_hat -= x_hat * mean_dx
-                dx_hat *= rstd
-                grads.append(dx_hat)
-            elif argnum == 1:
-                grads.append(onp.einsum("nc,nc->c", dy.reshape(-1, n), x_hat.reshape(-1, n)))
-            else:
-                grads.append(dy.reshape(-1, n).sum(axis=0))
-        return tuple(grads)
+        grads = {}
+        if 0 in argnums:
+            # dx = (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)) / std, per row
+            dx_hat = dy * g
+            mean_d = dx_hat.sum(axis=-1, keepdims=True) * (1.0 / n)
+            mean_dx = onp.einsum("...c,...c->...", dx_hat, x_hat)[..., None] * (1.0 / n)
+            dx_hat -= mean_d
+            dx_hat -= x_hat * mean_dx
+            dx_hat *= rstd
+            grads[0] = dx_hat
+        if 1 in argnums:
+            grads[1] = onp.einsum("nc,nc->c", dy.reshape(-1, n), x_hat.reshape(-1, n))  # dg
+        if 2 in argnums:
+            grads[2] = dy.reshape(-1, n).sum(axis=0)  # db
+        return tuple(grads[i] for i in argnums)
 
     return vjp
 
@@ -374,11 +389,7 @@ def attention(q, k, v, mask=None, dropout_p=0.0, rng=None):
     """
     qv, kv, vv = getval(q), getval(k), getval(v)
     p = onp.empty(qv.shape[:-1] + (kv.shape[-2],), dtype=qv.dtype)  # (B, H, Tq, Tk)
-    per_batch_mask = mask is not None and onp.ndim(mask) == 4 and onp.shape(mask)[0] > 1
-    if per_batch_mask:  # a padding mask differs per sequence: split it along with the batch
-        _in_two_halves(_attention_weights_rows, qv, kv, mask, p)
-    else:
-        _in_two_halves(lambda q_, k_, p_: _attention_weights_rows(q_, k_, mask, p_), qv, kv, p)
+    on_two_cores(_attention_weights_rows, qv, kv, mask, p)
     keep = None
     if dropout_p > 0.0 and rng is not None:
         keep = (rng.random(p.shape, dtype="float32") >= dropout_p).astype(p.dtype)
@@ -435,14 +446,54 @@ def _attention_vjp(argnums, ans, args, kwargs):
 
     def vjp(g):
         dq, dk, dv = onp.empty_like(q), onp.empty_like(k), onp.empty_like(v)
-        if keep is None:
-            _in_two_halves(lambda *a: _attention_backward_rows(*a[:4], None, *a[4:]),
-                           q, k, v, p, g, dq, dk, dv)
-        else:
-            _in_two_halves(_attention_backward_rows, q, k, v, p, keep, g, dq, dk, dv)
-        return tuple((dq, dk, dv)[i] for i in argnums)
+        on_two_cores(_attention_backward_rows, q, k, v, p, keep, g, dq, dk, dv)
+        grads = {0: dq, 1: dk, 2: dv}  # one pass gives all three: they share dS
+        return tuple(grads[i] for i in argnums)
 
     return vjp
 
 
 defvjp_argnums(_attention_fused, _attention_vjp)
+
+
+# ----------------------------------------------------------------------------- two cores
+#
+# The only threading in tinyllm. numpy's matmuls use both cores, but its elementwise loops and
+# batched small matmuls use one; they release the GIL, so two threads each working on half of
+# the rows overlap. The gain is modest and memory-bound: measured about 1 ms per step for GELU
+# and 1-2 ms for the attention core at nanoGPT's recipe size (2-6% of a ~50 ms step). The maths
+# functions above know nothing of it: each works on whatever rows it is given, and
+# `on_two_cores(fn, ...)` gives the same result as calling `fn(...)` (a test checks it).
+
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+_MIN_PARALLEL_SIZE = 1 << 15  # below ~32k elements the thread hand-off costs more than it saves
+
+
+def on_two_cores(fn, *arrays):
+    """fn(*arrays), run as two calls at once, each on half of the rows (axis 0) of the arrays.
+
+    `fn` must write its results into output arrays among `arrays`, row i of each output
+    depending only on row i of the inputs. An array is split if it has as many dimensions and
+    rows as the first one; any other (None, or a mask that broadcasts over the rows, such as a
+    causal mask (T, T)) is passed whole to both calls.
+    Example: on_two_cores(f, x (B, T, C), mask (T, T), out (B, T, C)) runs
+    f(x[:B//2], mask, out[:B//2]) and f(x[B//2:], mask, out[B//2:]).
+    """
+    first = arrays[0]
+    rows = first.shape[0] if first.ndim else 0
+    if rows < 2 or first.size < _MIN_PARALLEL_SIZE:
+        fn(*arrays)
+        return
+
+    def part(rows_wanted):
+        return [a[rows_wanted] if _has_rows(a, first) else a for a in arrays]
+
+    half = rows // 2
+    other = _POOL.submit(fn, *part(slice(None, half)))
+    fn(*part(slice(half, None)))
+    other.result()  # re-raises any error from the other thread
+
+
+def _has_rows(a, first):
+    """True if `a` has one row per row of `first` (so it is split with it)."""
+    return a is not None and onp.ndim(a) == first.ndim and onp.shape(a)[0] == first.shape[0]

@@ -3,8 +3,11 @@
 Each training step allocates and frees ~100 MB of temporaries. By default glibc returns freed
 memory to the OS at once and then page-faults it back in on the next step: 13k-30k page faults
 and 60-80 ms of system time per step on a 2-core machine. Raising both the mmap threshold and the
-trim threshold keeps that memory in the process. Measured: steps 1.3-1.7x faster
-(see AUTOGRAD_NOTES.md in the project's shared notes). Raising only the trim threshold made it worse.
+trim threshold keeps that memory in the process. Measured on a 2-core machine (Python 3.11,
+numpy 2.4, OpenBLAS with 2 threads) at nanoGPT's CPU recipe size: steps 1.3-1.7x faster.
+Raising only the trim threshold made it worse. The same settings can be made without code by
+setting the environment variables MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ before the
+process starts.
 """
 
 import ctypes
