@@ -1,7 +1,8 @@
 """What every tinyllm command shares: error handling and validation.
 
 Every user-fixable problem surfaces as a `TinyLLMError` and is printed as one line,
-`Error: ...`, with exit code 1. Ctrl-C during training saves a checkpoint and exits with 130.
+`Error: ...`, with exit code 1. Ctrl-C during training saves a checkpoint and exits with 130
+(SIGTERM: the same, exit code 143).
 """
 
 import functools
@@ -27,7 +28,7 @@ def user_errors(command):
             command_name = "tinyllm " + ctx.command_path.split(" ", 1)[-1] if ctx else "tinyllm"
             click.echo(f"\n{stop}. Continue with: {command_name} --out {stop.out_dir} --resume",
                        err=True)
-            sys.exit(130)
+            sys.exit(128 + stop.signum)  # 130 after Ctrl-C, 143 after SIGTERM, as shells report
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             sys.exit(130)

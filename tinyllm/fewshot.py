@@ -459,8 +459,10 @@ def heldout_ids(ckpt, data=None):
     Returns (ids, description).
     """
     if data is None:
+        from .train import run_corpus  # a stored path is read only if its sha256 matches
+
         data = ckpt.meta.get("data") or "pydoc"
-        text = load_corpus(data)
+        text = run_corpus(ckpt.meta, "the checkpoint")
         return train_val_split(ckpt.tokenizer.encode(text))[1], f"{data} (validation split)"
     try:
         return ckpt.tokenizer.encode(load_corpus(data)), data

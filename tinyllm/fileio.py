@@ -18,6 +18,7 @@ each step of the checkpoint protocol exactly, instead of hoping a timed kill lan
     TINYLLM_FAULT="kill@renamed:model-*"      SIGKILL this process once model-*.npz is renamed
     TINYLLM_FAULT="kill@switched#3"           ... at the third checkpoint switch
     TINYLLM_FAULT="enospc@writing:optim-*"    a full disk halfway through writing optim-*.npz
+    TINYLLM_FAULT="sigint@written:model-*"    a Ctrl-C (or "sigterm") arriving right there
 
 The part after "@" is matched with fnmatch against the point's name ("<stage>:<file name>"),
 "#N" picks the N-th time a matching point is reached (default: the first).
@@ -61,8 +62,8 @@ def fault_point(name):
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    elif action == "sigint":  # a Ctrl-C arriving exactly here
-        os.kill(os.getpid(), signal.SIGINT)
+    elif action in ("sigint", "sigterm"):  # a Ctrl-C or a `kill` arriving exactly here
+        os.kill(os.getpid(), signal.SIGINT if action == "sigint" else signal.SIGTERM)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -1,0 +1,356 @@
+"""A run directory is untrusted input: crafted ones must give a one-line error (or load safely)
+and never make tinyllm open a file outside the directory, follow a symlink out of it, block on
+a FIFO, read an unbounded file or run a regex the file chose.
+
+Every file opened is recorded with an audit hook (PEP 578: `open` and `os.open` raise the
+"open" event), and each test asserts that nothing outside the run directory was opened except
+the Python installation's own files.
+"""
+
+import json
+import os
+import sys
+import zipfile
+
+import numpy as onp
+import pytest
+from click.testing import CliRunner
+
+from tinyllm.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
+from tinyllm.cli import main
+from tinyllm.config import GPTConfig, TrainConfig
+from tinyllm.errors import TinyLLMError
+from tinyllm.fileio import atomic_save_npz
+from tinyllm.models import init_gpt
+from tinyllm.optim import adamw_init
+from tinyllm.tokenizers import BPETokenizer, CharTokenizer
+from tinyllm.train import text_fingerprint
+
+TEXT = "the quick brown fox jumps over the lazy dog\n" * 20
+OPENED = []  # paths opened while RECORDING is on
+RECORDING = []
+
+
+def _audit(event, args):
+    if RECORDING and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)  # hooks cannot be removed; this one only records while RECORDING
+
+
+@pytest.fixture
+def opened():
+    """The paths opened during the test (absolute)."""
+    OPENED.clear()
+    RECORDING.append(True)
+    yield OPENED
+    RECORDING.clear()
+
+
+def outside(paths, run_dir):
+    """Opened paths that are neither inside run_dir nor part of the Python installation."""
+    run_dir = os.path.realpath(run_dir)
+    allowed = (run_dir + os.sep, sys.prefix, sys.base_prefix, os.path.dirname(os.__file__),
+               "/proc/meminfo", "/dev/null", "/dev/urandom")
+    project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [p for p in map(os.path.abspath, paths)
+            if p != run_dir and not p.startswith(allowed) and not p.startswith(project)]
+
+
+def make_run(run_dir, tokenizer=None, iteration=3):
+    tokenizer = tokenizer or CharTokenizer.train(TEXT, special_tokens=["<|endoftext|>"])
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=8, n_layer=1, n_head=2,
+                       n_embd=8)
+    params = init_gpt(config, onp.random.default_rng(0))
+    save_checkpoint(str(run_dir), params, adamw_init(params),
+                    onp.random.default_rng(1).bit_generator.state, config,
+                    TrainConfig(max_iters=10), tokenizer, iteration,
+                    extra={"data": None, "last_eval_iter": iteration})
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP SECRET first line\n", encoding="utf-8")
+    return make_run(tmp_path / "run")
+
+
+def edit_config(run_dir, **changes):
+    path = run_dir / "config.json"
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta.update(changes)
+    path.write_text(json.dumps(meta), encoding="utf-8")
+
+
+def load_error(run_dir, opened, with_optimizer=True):
+    with pytest.raises(TinyLLMError) as err:
+        load_checkpoint(str(run_dir), with_optimizer=with_optimizer)
+    message = str(err.value)
+    assert "\n" not in message and "TOP SECRET" not in message
+    assert outside(opened, run_dir) == []
+    return message
+
+
+def test_an_honest_run_loads_and_opens_only_its_own_files(run_dir, opened):
+    load_checkpoint(str(run_dir), with_optimizer=True)
+    assert outside(opened, run_dir) == []
+    assert any(p.endswith("config.json") for p in opened)
+
+
+@pytest.mark.parametrize("field", ["tokenizer_file", "model_file", "optim_file"])
+@pytest.mark.parametrize("name", ["../secret.txt", "{tmp}/secret.txt", "sub/model.npz", "..",
+                                  ".hidden", "", 7])
+def test_file_names_outside_the_run_are_refused(run_dir, opened, field, name):
+    if isinstance(name, str):
+        name = name.format(tmp=run_dir.parent)
+    edit_config(run_dir, **{field: name})
+    assert "not a plain file name" in load_error(run_dir, opened)
+
+
+@pytest.mark.parametrize("role", ["config", "model", "optim", "tokenizer"])
+def test_symlinks_out_of_the_run_are_not_followed(run_dir, opened, role):
+    path = run_dir / "config.json" if role == "config" else checkpoint_paths(str(run_dir))[role]
+    os.replace(path, run_dir.parent / "moved")  # the real file now lives outside
+    os.symlink(run_dir.parent / "moved", path)
+    assert "symbolic link" in load_error(run_dir, opened)
+
+
+@pytest.mark.parametrize("role", ["config", "model", "tokenizer"])
+def test_a_fifo_or_a_device_is_refused_without_blocking(run_dir, opened, role):
+    path = run_dir / "config.json" if role == "config" else checkpoint_paths(str(run_dir))[role]
+    os.unlink(path)
+    os.mkfifo(path)  # opening it to read would block forever with no writer
+    assert "not a regular file" in load_error(run_dir, opened)
+
+
+def test_config_json_linked_to_dev_zero_is_refused(run_dir, opened):
+    os.unlink(run_dir / "config.json")
+    os.symlink("/dev/zero", run_dir / "config.json")
+    assert "symbolic link" in load_error(run_dir, opened)
+
+
+def test_an_oversized_config_json_is_not_read(run_dir, opened):
+    with open(run_dir / "config.json", "a", encoding="utf-8") as f:
+        f.write(" " * (2 << 20))
+    assert "more than" in load_error(run_dir, opened)
+
+
+@pytest.mark.parametrize("file", ["config.json", "tokenizer.json"])
+def test_deeply_nested_json_is_a_one_line_error(run_dir, opened, file):
+    (run_dir / file).write_text("[" * 200_000 + "]" * 200_000, encoding="utf-8")
+    assert "nested too deeply" in load_error(run_dir, opened)
+
+
+def test_nan_constants_in_json_are_refused(run_dir, opened):
+    text = (run_dir / "config.json").read_text(encoding="utf-8").replace('"iter": 3', '"iter": NaN')
+    (run_dir / "config.json").write_text(text, encoding="utf-8")
+    assert "NaN" in load_error(run_dir, opened)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"iter": "3"}, ["'iter'", "int"]),
+    ({"iter": -1}, ["iter", "negative"]),
+    ({"kind": ["gpt"]}, ["'kind'", "str"]),
+    ({"model": "big"}, ["'model'", "dict"]),
+    ({"model_file": None}, ["model_file"]),
+    ({"dtype": "object"}, ["dtype"]),
+    ({"version": True}, ["version"]),
+])
+def test_wrongly_typed_config_fields_are_named(run_dir, opened, changes, words):
+    edit_config(run_dir, **changes)
+    message = load_error(run_dir, opened)
+    assert all(w in message for w in words), message
+
+
+@pytest.mark.parametrize("field, value", [("n_embd", "8"), ("n_layer", 1.5), ("bias", 1),
+                                          ("dropout", "0"), ("n_head", None)])
+def test_wrongly_typed_model_fields_are_named(run_dir, opened, field, value):
+    meta = json.loads((run_dir / "config.json").read_text())
+    edit_config(run_dir, model={**meta["model"], field: value})
+    message = load_error(run_dir, opened)
+    assert field in message and "config.json" in message
+
+
+def test_a_config_describing_a_huge_model_is_refused_before_allocating(run_dir, opened):
+    meta = json.loads((run_dir / "config.json").read_text())
+    edit_config(run_dir, model={**meta["model"], "n_embd": 1 << 20, "n_head": 1, "n_layer": 1000})
+    assert "too few for the model" in load_error(run_dir, opened)
+
+
+def test_training_settings_are_validated(run_dir, opened):
+    meta = json.loads((run_dir / "config.json").read_text())
+    edit_config(run_dir, train={**meta["train"], "eval_interval": 0})
+    assert "eval-interval" in load_error(run_dir, opened)
+
+
+def rewrite_npz(path, change):
+    with onp.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    change(arrays)
+    atomic_save_npz(str(path), arrays)
+
+
+def test_nan_weights_are_refused(run_dir, opened):
+    rewrite_npz(checkpoint_paths(str(run_dir))["model"],
+                lambda a: a["wte"].__setitem__((0, 0), onp.nan))
+    assert "NaN or infinite" in load_error(run_dir, opened, with_optimizer=False)
+
+
+def test_nan_moments_are_refused(run_dir, opened):
+    rewrite_npz(checkpoint_paths(str(run_dir))["optim"],
+                lambda a: a["v.wte"].__setitem__((0, 0), onp.inf))
+    assert "NaN or infinite" in load_error(run_dir, opened)
+
+
+def test_weights_of_an_unexpected_dtype_are_refused(run_dir, opened):
+    def to_float16(arrays):
+        arrays["wpe"] = arrays["wpe"].astype(onp.float16)
+
+    rewrite_npz(checkpoint_paths(str(run_dir))["model"], to_float16)
+    assert "float16" in load_error(run_dir, opened, with_optimizer=False)
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda a: a.pop("step"), ["step"]),
+    (lambda a: a.__setitem__("step", onp.array([1.5])), ["step"]),
+    (lambda a: a.__setitem__("rng_state", onp.frombuffer(b'{"state": 1}', onp.uint8)),
+     ["rng_state"]),
+    (lambda a: a.__setitem__("rng_state", onp.zeros(3, onp.float32)), ["rng_state"]),
+    (lambda a: a.__setitem__("extra", onp.zeros(3, onp.float32)), ["extra"]),
+])
+def test_wrong_optimizer_fields_are_named(run_dir, opened, change, words):
+    rewrite_npz(checkpoint_paths(str(run_dir))["optim"], change)
+    message = load_error(run_dir, opened)
+    assert all(w in message for w in words), message
+
+
+def test_random_bytes_are_not_called_pickled_data(run_dir, opened):
+    path = checkpoint_paths(str(run_dir))["model"]
+    with open(path, "wb") as f:
+        f.write(onp.random.default_rng(0).bytes(4096))
+    message = load_error(run_dir, opened)
+    assert "not an .npz" in message and "pickle" not in message.lower()
+
+
+def test_a_pickled_object_array_is_refused_and_never_run(run_dir, opened, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = checkpoint_paths(str(run_dir))["model"]
+    onp.savez(path, _iter=onp.array(3), wte=onp.array([Payload()], dtype=object))
+    message = load_error(run_dir, opened)
+    assert "not a numeric array" in message and not marker.exists()
+
+
+def test_an_array_declaring_more_data_than_it_holds_is_refused(run_dir, opened):
+    """A header claiming a terabyte must not make numpy allocate one."""
+    path = checkpoint_paths(str(run_dir))["model"]
+    with zipfile.ZipFile(path, "w") as archive:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (1 << 38,)}
+        with archive.open("wte.npy", "w") as f:
+            onp.lib.format.write_array_header_1_0(f, header)
+            f.write(b"\0" * 64)
+    assert "declares more data" in load_error(run_dir, opened)
+
+
+def test_a_compressed_member_is_refused(run_dir, opened):
+    path = checkpoint_paths(str(run_dir))["model"]
+    onp.savez_compressed(path, _iter=onp.array(3))
+    assert "compressed" in load_error(run_dir, opened)
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def test_a_hostile_split_pattern_is_never_compiled(tmp_path, opened):
+    run = make_run(tmp_path / "bpe", BPETokenizer.train(TEXT, 260))
+    path = checkpoint_paths(str(run))["tokenizer"]
+    data = json.loads(open(path, encoding="utf-8").read())
+    data["pattern"] = "(a+)+$"  # catastrophic backtracking on "aaaa...b"
+    open(path, "w", encoding="utf-8").write(json.dumps(data))
+    assert "not one of tinyllm's split patterns" in load_error(run, opened)
+
+
+def test_merges_that_build_giant_tokens_are_refused(tmp_path, opened):
+    run = make_run(tmp_path / "bpe", BPETokenizer.train(TEXT, 260))
+    path = checkpoint_paths(str(run))["tokenizer"]
+    data = json.loads(open(path, encoding="utf-8").read())
+    data["merges"] = [[97, 97]] + [[256 + i, 256 + i] for i in range(40)]  # each doubles: 2^41 bytes
+    data["special_tokens"] = {}
+    open(path, "w", encoding="utf-8").write(json.dumps(data))
+    assert "longer than" in load_error(run, opened)
+
+
+def test_a_version_1_bpe_file_with_the_package_pattern_still_loads(tmp_path, opened):
+    run = make_run(tmp_path / "bpe", BPETokenizer.train(TEXT, 260, ["<|endoftext|>"]))
+    ckpt = load_checkpoint(str(run))
+    assert ckpt.tokenizer.decode(ckpt.tokenizer.encode("lazy dog")) == "lazy dog"
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_a_stored_data_path_is_not_read_into_output(run_dir, tmp_path, opened):
+    """pretrain --resume of a run whose "data" names a file outside: its contents are hashed,
+    never used or shown, and the mismatch is a one-line error."""
+    edit_config(run_dir, data=str(tmp_path / "secret.txt"), data_sha256="0" * 64)
+    result = invoke("pretrain", "--out", run_dir, "--resume")
+    assert result.exit_code == 1 and "has changed since the run began" in result.output
+    assert "TOP SECRET" not in result.output
+
+
+@pytest.mark.parametrize("data", ["/dev/zero", "fifo"])
+def test_a_stored_data_path_that_is_not_a_regular_file_is_refused(run_dir, tmp_path, data):
+    if data == "fifo":
+        data = str(tmp_path / "fifo")
+        os.mkfifo(data)
+    edit_config(run_dir, data=data, data_sha256="0" * 64)
+    result = invoke("pretrain", "--out", run_dir, "--resume")
+    assert result.exit_code == 1 and "not a regular file" in result.output
+
+
+def test_a_metrics_symlink_out_of_the_run_is_never_appended_to(run_dir, tmp_path):
+    target = tmp_path / "secret.txt"
+    before = target.read_bytes()
+    os.symlink(target, run_dir / "metrics.jsonl")
+    data = tmp_path / "data.txt"
+    data.write_text(TEXT, encoding="utf-8")
+    result = invoke("pretrain", "--data", data, "--out", run_dir, "--force", "--n-layer", 1,
+                    "--n-head", 2, "--n-embd", 8, "--block-size", 8, "--max-iters", 2,
+                    "--eval-interval", 1, "--eval-iters", 1, "--sample-tokens", 0)
+    assert target.read_bytes() == before
+    assert result.exit_code == 0, result.output  # --force replaced the link by a plain file
+    assert not os.path.islink(run_dir / "metrics.jsonl")
+
+
+def test_resume_with_a_metrics_symlink_is_refused(run_dir, tmp_path):
+    target = tmp_path / "secret.txt"
+    before = target.read_bytes()
+    os.symlink(target, run_dir / "metrics.jsonl")
+    data = tmp_path / "data.txt"
+    data.write_text(TEXT, encoding="utf-8")
+    edit_config(run_dir, data=str(data), data_sha256=text_fingerprint(TEXT))
+    result = invoke("pretrain", "--out", run_dir, "--resume")
+    assert result.exit_code == 1 and "symbolic link" in result.output
+    assert target.read_bytes() == before
+
+
+def test_generate_and_fewshot_refuse_a_hostile_tokenizer_name(run_dir, opened, tmp_path):
+    edit_config(run_dir, tokenizer_file=str(tmp_path / "secret.txt"))
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"input": "a", "output": "b"}\n' * 3, encoding="utf-8")
+    for args in (("generate", "--checkpoint", run_dir, "--prompt", "the"),
+                 ("fewshot", "--checkpoint", run_dir, "--task", task, "--shots", "0")):
+        result = invoke(*args)
+        assert result.exit_code == 1 and "not a plain file name" in result.output, result.output
+        assert "TOP SECRET" not in result.output
+    assert str(tmp_path / "secret.txt") not in opened
