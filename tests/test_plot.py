@@ -60,7 +60,7 @@ def runs(tmp_path_factory):
     commands = {
         "pretrain": ["pretrain", "--data", root / "text.txt", *SMALL, *STEPS, "--sample-tokens", 0],
         "classify": ["finetune", "classify", "--checkpoint", root / "pretrain", "--arch", "encoder",
-                     "--data", root / "labels.tsv", *STEPS, "--eval-iters", 1, "--batch-size", 4],
+                     "--data", root / "labels.tsv", *STEPS, "--batch-size", 4],
         "seq2seq": ["seq2seq", "train", "--data", root / "pairs.tsv", *SMALL, *STEPS,
                     "--eval-examples", 2, "--schedule", "noam", "--warmup-iters", 3],
     }
