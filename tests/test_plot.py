@@ -148,6 +148,17 @@ def test_plot_errors(runs, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_full_disk_is_one_line(runs, tmp_path, monkeypatch):
+    import errno
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plot, "atomic_write_bytes", full)
+    assert_user_error(invoke("plot", runs / "pretrain", "--out", tmp_path / "x.png"),
+                      "cannot write", "x.png", "No space left")
+
+
 def test_attention_all_heads_or_one(runs, tmp_path):
     prompt = "the cat sat"  # 11 characters
     out = tmp_path / "attn.png"
