@@ -23,6 +23,9 @@ def user_errors(command):
             return command(*args, **kwargs)
         except TinyLLMError as err:
             raise click.ClickException(str(err)) from None
+        except OSError as err:  # the file system said no: a full disk, a read-only mount, ...
+            where = f"{err.filename}: " if err.filename else ""
+            raise click.ClickException(f"{where}{err.strerror or err}") from None
         except TrainingInterrupted as stop:
             ctx = click.get_current_context(silent=True)
             command_name = "tinyllm " + ctx.command_path.split(" ", 1)[-1] if ctx else "tinyllm"

@@ -214,8 +214,11 @@ def read_metrics(out_dir):
 def truncate_metrics(out_dir, iteration):
     """Keep only records up to `iteration`, so a resumed run does not log a step twice."""
     kept = [r for r in read_metrics(out_dir) if r["iter"] <= iteration]
-    atomic_write_text(os.path.join(out_dir, "metrics.jsonl"),
-                      "".join(json.dumps(finite_or_none(r)) + "\n" for r in kept))
+    path = os.path.join(out_dir, "metrics.jsonl")
+    try:
+        atomic_write_text(path, "".join(json.dumps(finite_or_none(r)) + "\n" for r in kept))
+    except OSError as err:
+        raise TinyLLMError(f"cannot write {path}: {err.strerror}") from None
 
 
 # ----------------------------------------------------------------------------- signals
