@@ -81,6 +81,8 @@ def main():
     parser.add_argument("--tasks", type=int, default=12, help="held-out tasks to pool")
     parser.add_argument("--queries", type=int, default=15, help="queries per task")
     parser.add_argument("--seed", type=int, default=1337, help="seed for weights and batches")
+    parser.add_argument("--picture", default="induction_head.png",
+                        help="draw the best induction head here, PNG or .svg ('': skip)")
     args = parser.parse_args()
     tune_malloc()
     t0 = time.perf_counter()
@@ -114,7 +116,46 @@ def main():
     print(f"\nin-context learning score on fresh episodes: {icl['score']:+.3f} nats"
           f" (+/- {icl['stderr']:.3f}): loss {icl['late_loss']:.3f} at token"
           f" {icl['late_position']} vs {icl['early_loss']:.3f} at token {icl['early_position']}")
+    induction_head(result, heldout_tasks(args.tasks, False), args.picture)
     print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+# ----------------------------------------------------------------------------- the induction head
+
+
+def induction_head(result, tasks, picture, shots=8):
+    """Score every head as an induction head on an 8-shot prompt of each unseen task (mean
+    attention from each input to the token after its earlier occurrences), print the scores,
+    and draw the best head on the first task's prompt (drawing needs the plot extra)."""
+    from tinyllm import attention_maps as am
+
+    params, config, tok = result["params"], result["model_config"], result["tokenizer"]
+    prompts = [am.kshot_prompt(tok, t.instruction, t.records[:shots], t.records[shots]["input"])
+               for t in tasks]
+    maps = [am.gpt_attention(params, config, ids) for ids, _ in prompts]  # each (L, H, T, T)
+    scores = onp.nanmean([am.induction_scores(m, ids, queries)
+                          for m, (ids, queries) in zip(maps, prompts)], axis=0)  # (L, H)
+    layer, head = (int(i) for i in onp.unravel_index(onp.nanargmax(scores), scores.shape))
+    print(f"\ninduction score by head (rows: layers; {len(tasks)} prompts of {shots} shots):")
+    print("\n".join(" ".join(f"{x:.2f}" for x in row) for row in scores))
+    print(f"best: layer {layer}, head {head}, score {scores[layer, head]:.3f}")
+    if not picture:
+        return
+    from tinyllm.errors import TinyLLMError
+    from tinyllm.plot import draw_attention, picture_format, require_matplotlib
+
+    try:
+        require_matplotlib()
+    except TinyLLMError as err:
+        print(f"no picture: {err}")
+        return
+    (ids, queries), labels = prompts[0], am.token_labels(tok, prompts[0][0])
+    targets = am.induction_targets(ids, queries)
+    draw_attention([(f"layer {layer}, head {head}: induction score {scores[layer, head]:.2f}",
+                     maps[0][layer, head])], labels, labels, picture, picture_format(picture),
+                   title="red: the token after an earlier occurrence of the input",
+                   marks=[(i, t) for i, after in targets.items() for t in after])
+    print(f"induction head drawn, written to {picture}")
 
 
 if __name__ == "__main__":

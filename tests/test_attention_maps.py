@@ -130,6 +130,17 @@ def test_induction_score_on_hand_made_patterns():
         am.best_induction_head(maps, [0, 1, 2, 3, 4])
 
 
+def test_kshot_prompt_queries_are_the_inputs():
+    tok = CharTokenizer.train("abxy\nmap it")
+    demos = [{"input": "a", "output": "x"}, {"input": "b", "output": "y"}]
+    ids, queries = am.kshot_prompt(tok, None, demos, "a")
+    assert tok.decode(ids) == "ax\nby\na" and queries == [0, 3, 6]
+    assert am.induction_targets(ids, queries) == {6: [1]}  # the second a -> the x after the first
+    ids, queries = am.kshot_prompt(tok, "map it", demos, "b")
+    assert queries == [7, 10, 13]  # the instruction line comes first; its "a" counts as earlier
+    assert am.induction_targets(ids, queries) == {7: [2], 13: [11]}
+
+
 # ----------------------------------------------------------------------------- labels
 
 
@@ -186,3 +197,19 @@ def test_checkpoint_attention_and_its_errors(gpt_run):
         am.checkpoint_attention(gpt_run, "")
     with pytest.raises(TinyLLMError, match="--part and --target apply to seq2seq runs"):
         am.checkpoint_attention(gpt_run, "abc", part="cross")
+
+
+def test_lora_adapters_are_merged_before_the_maps_are_taken(tmp_path, gpt):
+    from tinyllm.lora import LoRAGPTConfig, init_lora_gpt, merge_lora
+
+    base, _ = gpt
+    config = LoRAGPTConfig(**{**base.__dict__, "lora_rank": 2, "lora_alpha": 4.0})
+    params = jittered(init_lora_gpt(config, onp.random.default_rng(0)))  # b != 0: adapters matter
+    tok = CharTokenizer.train("abcdefghij ")
+    save_checkpoint(str(tmp_path), params, adamw_init(params), {}, config, TrainConfig(), tok, 0,
+                    kind="gpt-lora")
+    maps = am.checkpoint_attention(str(tmp_path), "abc ab")
+    merged = am.gpt_attention(merge_lora(params, 4.0, 2), base, tok.encode("abc ab"))
+    onp.testing.assert_allclose(maps.weights, merged, **F32)
+    plain = {k: v for k, v in params.items() if k != "lora"}
+    assert not onp.allclose(maps.weights, am.gpt_attention(plain, base, tok.encode("abc ab")))

@@ -348,3 +348,26 @@ def test_encoder_padding_never_changes_the_real_positions(n_real, n_pad, seed):
     alone = bidirectional_hidden(params, ids, config)
     with_padding = bidirectional_hidden(params, padded, config, valid=valid)
     onp.testing.assert_allclose(with_padding[:, :n_real], alone, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias,tie_weights", [(True, True), (False, False)])
+def test_gpt_reference_equals_gpt_forward_in_value_and_gradient(bias, tie_weights):
+    # The one-screen model of plain reference ops and the fused forward pass are the same function.
+    import autograd.numpy as np
+
+    from tinyllm.models import gpt_reference
+
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, bias=bias,
+                       tie_weights=tie_weights)
+    rng = onp.random.default_rng(7)
+    params = jittered(init_gpt(config, rng, dtype="float64"), rng, 0.1)  # non-zero biases
+    ids = rng.integers(0, 11, size=(3, 8))
+    onp.testing.assert_allclose(gpt_reference(params, ids, config),
+                                gpt_forward(params, ids, config), rtol=1e-10, atol=1e-12)
+    w = rng.standard_normal((3, 8, 11))
+    g_ref = flatten(grad(lambda p: np.sum(gpt_reference(p, ids, config) * w))(params))
+    g_fused = flatten(grad(lambda p: np.sum(gpt_forward(p, ids, config) * w))(params))
+    assert g_ref.keys() == g_fused.keys()
+    for name in g_ref:
+        onp.testing.assert_allclose(g_ref[name], g_fused[name], rtol=1e-9, atol=1e-11,
+                                    err_msg=name)

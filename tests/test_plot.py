@@ -62,7 +62,7 @@ def runs(tmp_path_factory):
         "classify": ["finetune", "classify", "--checkpoint", root / "pretrain", "--arch", "encoder",
                      "--data", root / "labels.tsv", *STEPS, "--eval-iters", 1, "--batch-size", 4],
         "seq2seq": ["seq2seq", "train", "--data", root / "pairs.tsv", *SMALL, *STEPS,
-                    "--eval-examples", 2],
+                    "--eval-examples", 2, "--schedule", "noam", "--warmup-iters", 3],
     }
     for name, args in commands.items():
         result = invoke(*args, "--out", root / name)
@@ -109,6 +109,30 @@ def test_tokens_per_iter_from_the_logged_timings(runs):
     records = [json.loads(line) for line in (runs / "pretrain" / "metrics.jsonl").open()]
     assert plot.tokens_per_iter(records) == 4 * 16  # batch 4 x context 16
     assert plot.tokens_per_iter([{"iter": 0, "ms_per_iter": 0.0, "tokens_per_s": 0.0}]) is None
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "classify", "seq2seq"])
+def test_the_lr_panel_draws_every_step_of_the_schedule_the_run_logged(runs, kind):
+    series = plot.read_run(str(runs / kind))
+    steps, rates = series["lr_curve"]
+    assert steps == [0, 1, 2, 3, 4]
+    assert [rates[int(it)] for it in series["iter"]] == pytest.approx(series["lr"], rel=1e-6)
+    if kind == "seq2seq":  # noam: up for 3 steps, then down as 1 / sqrt(step)
+        assert rates[2] > rates[1] > rates[0] and rates[4] < rates[3] < rates[2]
+
+
+def test_the_lr_panel_falls_back_to_the_logged_points(runs, tmp_path):
+    """A config.json whose schedule does not give the logged rates back is not believed."""
+    run = tmp_path / "edited"
+    run.mkdir()
+    for name in ("metrics.jsonl", "config.json"):
+        (run / name).write_bytes((runs / "pretrain" / name).read_bytes())
+    meta = json.loads((run / "config.json").read_text())
+    meta["train"]["lr"] *= 2
+    (run / "config.json").write_text(json.dumps(meta))
+    assert plot.read_run(str(run))["lr_curve"] is None
+    (run / "config.json").unlink()
+    assert plot.read_run(str(run))["lr_curve"] is None
 
 
 def test_plot_errors(runs, tmp_path):

@@ -18,6 +18,7 @@ from tinyllm.tokenizers import (
     encode_chunk,
     get_pair_counts,
     learn_merges,
+    learn_merges_reference,
     load_tokenizer,
     merge_pair,
     split_into_chunks,
@@ -93,28 +94,16 @@ def test_encode_chunk_worked_example():
     assert encode_chunk(b"ba", ranks) == [98, 97]  # no learned pair: bytes stay as they are
 
 
-def naive_learn_merges(chunk_counts, n_merges):
-    """Reference trainer: recount every pair of every chunk before each merge (slow, obvious)."""
-    words = {chunk: list(chunk.encode("utf-8")) for chunk in chunk_counts}
-    merges = []
-    for new_id in range(256, 256 + n_merges):
-        totals = Counter()
-        for chunk, ids in words.items():
-            for pair, n in get_pair_counts(ids).items():
-                totals[pair] += n * chunk_counts[chunk]
-        if not totals:
-            break
-        pair = max(totals, key=lambda p: (totals[p], -p[0], -p[1]))  # same tie rule, said another way
-        words = {chunk: merge_pair(ids, pair, new_id) for chunk, ids in words.items()}
-        merges.append(pair)
-    return merges
+def test_reference_trainer_worked_example():
+    assert learn_merges_reference({"aaabdaaabac": 1}, 3) == [(97, 97), (97, 98), (256, 257)]
+    assert learn_merges_reference({"ab": 2, " ab": 1}, 5) == [(97, 98), (32, 256)]  # stops early
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.text(alphabet="ab cé!\n", max_size=80), st.integers(0, 25))
-def test_incremental_training_matches_naive_recounting(text, n_merges):
+def test_incremental_training_matches_the_reference_trainer(text, n_merges):
     chunk_counts = Counter(split_into_chunks(text))
-    assert learn_merges(chunk_counts, n_merges) == naive_learn_merges(chunk_counts, n_merges)
+    assert learn_merges(chunk_counts, n_merges) == learn_merges_reference(chunk_counts, n_merges)
 
 
 # ---------------------------------------------------------------------------------------------

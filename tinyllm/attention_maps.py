@@ -195,6 +195,21 @@ def best_induction_head(maps, ids, queries=None):
     return int(layer), int(head), float(scores[layer, head])
 
 
+def kshot_prompt(tokenizer, instruction, demos, query_input):
+    """A k-shot prompt as token ids, and the positions of the last token of every input in it
+    (each demonstration's and the query's): the positions an induction head answers from.
+
+    Example (char tokenizer, no instruction): demos [a->x, b->y], query a: the prompt "ax\nby\na"
+    -> query positions [0, 3, 6]; position 6 (the second a) should attend to 1 (the x).
+    """
+    from .fewshot_template import build_prompt
+
+    ends = [len(tokenizer.encode(build_prompt(instruction, demos[:j], d["input"]))) - 1
+            for j, d in enumerate(demos)]
+    ids = tokenizer.encode(build_prompt(instruction, demos, query_input))
+    return ids, ends + [len(ids) - 1]
+
+
 # ----------------------------------------------------------------------------- from a run directory
 
 

@@ -39,8 +39,8 @@ def main():
 
     Pretrain a GPT on raw text (pretrain) and sample from it (generate); fine-tune it on labelled
     data (finetune classify, finetune instruct, classify); prompt it with k demonstrations
-    (fewshot); train the original encoder-decoder transformer (seq2seq). Run a command with
-    --help for its flags.
+    (fewshot); train the original encoder-decoder transformer (seq2seq); draw loss curves (plot)
+    and attention maps (attention). Run a command with --help for its flags.
     """
     tune_malloc()  # keep freed memory in the process: faster numpy steps (see tinyllm/system.py)
 

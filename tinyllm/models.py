@@ -9,6 +9,9 @@ Parameter tree of a GPT (shapes with V vocab, T block size, C channels, L layers
     lm_head {"w": (C, V)} only when the head is not tied to wte
 A linear layer is {"w": (C_in, C_out), "b": (C_out,)} and a layer norm {"g": (C,), "b": (C,)};
 the "b" entries are absent when config.bias is False.
+
+`gpt_reference`, at the end, is the whole forward pass on one screen in plain reference ops;
+the functions before it are the same maths in pieces, on the fused ops, with dropout.
 """
 
 import math
@@ -19,7 +22,9 @@ from autograd.tracer import getval
 
 from .blocks import encoder_block, gpt_block
 from .errors import TinyLLMError
-from .ops import causal_mask, cross_entropy, dropout, embedding, layer_norm, linear, padding_mask
+from .ops import (attention_reference, causal_mask, cross_entropy, dropout, embedding,
+                  gelu_reference, layer_norm, layer_norm_reference, linear, linear_reference,
+                  padding_mask)
 from .tree import tree_leaves
 
 INIT_STD = 0.02  # GPT-2's initialisation scale for every weight matrix and embedding
@@ -145,3 +150,36 @@ def gpt_loss(params, ids, targets, config, rng=None, mask=None):
     flat_mask = None if mask is None else np.reshape(mask, (-1,))
     return cross_entropy(np.reshape(logits, (-1, logits.shape[-1])), np.reshape(targets, (-1,)),
                          flat_mask)
+
+
+# ----------------------------------------------------------------------------- the whole model on one screen
+
+
+def gpt_reference(params, ids, config):
+    """The GPT forward pass on one screen, from the plain `*_reference` ops (no dropout):
+    token ids (B, T) -> logits (B, T, V), equal to `gpt_forward` in value and gradient (a test
+    checks both). Read this first; the functions above are the same maths split into pieces
+    and run on the fused ops.
+    """
+    b, t = ids.shape
+    n_head, c = config.n_head, config.n_embd
+    d = c // n_head  # head size D
+    x = params["wte"][ids] + params["wpe"][:t]  # (B, T, C): token + position embeddings
+    mask = causal_mask(t, getval(params["wte"]).dtype)  # (T, T): 0 on and below the diagonal
+
+    def heads(a):  # (B, T, C) -> (B, H, T, D)
+        return np.transpose(np.reshape(a, (b, t, n_head, d)), (0, 2, 1, 3))
+
+    for block in params["h"]:
+        # causal self-attention, pre-LN, residual
+        qkv = linear_reference(layer_norm_reference(x, **block["ln_1"]), **block["attn"]["c_attn"])
+        q, k, v = np.split(qkv, 3, axis=-1)  # (B, T, 3C) -> 3 x (B, T, C)
+        a = attention_reference(heads(q), heads(k), heads(v), mask)  # (B, H, T, D)
+        a = np.reshape(np.transpose(a, (0, 2, 1, 3)), (b, t, c))  # (B, H, T, D) -> (B, T, C)
+        x = x + linear_reference(a, **block["attn"]["c_proj"])
+        # position-wise MLP, pre-LN, residual: C -> 4C -> GELU -> C
+        h = gelu_reference(linear_reference(layer_norm_reference(x, **block["ln_2"]),
+                                            **block["mlp"]["c_fc"]))  # (B, T, 4C)
+        x = x + linear_reference(h, **block["mlp"]["c_proj"])  # (B, T, C)
+    x = layer_norm_reference(x, **params["ln_f"])  # (B, T, C)
+    return linear_reference(x, lm_head_weight(params))  # (B, T, C) @ (C, V) -> (B, T, V)

@@ -94,6 +94,7 @@ def read_run(run_dir):
     series = {key: [_number(r.get(key)) for r in records]
               for key in ("iter", "train_loss", "val_loss", "lr")}
     series["tokens_per_iter"] = tokens_per_iter(records)
+    series["lr_curve"] = lr_by_step(run_dir, series)
     return series
 
 
@@ -119,21 +120,57 @@ def tokens_per_iter(records):
     return None
 
 
-def draw_loss_curves(runs, out, fmt="png", labels=None):
+def lr_by_step(run_dir, series):
+    """(steps, rates): the learning rate at every step up to the last evaluation, computed from
+    the run's config.json by the schedule it trained with.
+
+    metrics.jsonl holds the rate only at evaluations, too sparse to show a warm-up. The
+    computed curve is used only if it gives every logged rate back; otherwise (a run resumed
+    with a new --max-iters, a config.json not yet written) this returns None and the logged
+    points are joined instead.
+    """
+    from .checkpoint import read_meta
+
+    try:
+        rate = schedule_of(read_meta(run_dir))
+        logged = [(int(it), lr) for it, lr in zip(series["iter"], series["lr"]) if lr == lr]
+        if not logged or any(not math.isclose(rate(it), lr, rel_tol=1e-6) for it, lr in logged):
+            return None
+        steps = list(range(int(series["iter"][-1]) + 1))
+        return steps, [rate(it) for it in steps]
+    except (TinyLLMError, KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None  # a config.json we cannot read: the logged points will do
+
+
+def schedule_of(meta):
+    """The learning rate by step of a run, from its config.json: the seq2seq paper's schedule
+    ("schedule": "noam") or warm-up plus cosine decay (everything else)."""
+    from .optim import lr_at
+    from .seq2seq_run import noam_lr
+
+    tc = meta["train"]
+    if meta.get("schedule") == "noam":
+        return lambda it: noam_lr(it, meta["model"]["n_embd"], tc["warmup_iters"])
+    return lambda it: lr_at(it, tc["lr"], tc["min_lr"], tc["warmup_iters"], tc["max_iters"])
+
+
+def draw_loss_curves(runs, out, fmt="png"):
     """Train and validation loss against step, one colour per run, the learning rate below.
 
     `runs` maps a label (the run directory) to `read_run`'s dict. Train loss is solid,
-    validation loss dashed. When every run reads the same number of tokens per step, a second
-    axis on top counts tokens seen. Returns the path written.
+    validation loss dashed, a dot at each evaluation. When every run reads the same number of
+    tokens per step, a second axis on top counts tokens seen. Returns the path written.
     """
     require_matplotlib()
     fig = new_figure(7.0, 5.0)
     loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     for i, (label, s) in enumerate(runs.items()):
         colour = f"C{i % 10}"
-        loss_ax.plot(s["iter"], s["train_loss"], color=colour, label=f"{label} (train)")
-        loss_ax.plot(s["iter"], s["val_loss"], color=colour, linestyle="--", label=f"{label} (val)")
-        lr_ax.plot(s["iter"], s["lr"], color=colour)
+        loss_ax.plot(s["iter"], s["train_loss"], color=colour, marker=".",
+                     label=f"{label} (train)")
+        loss_ax.plot(s["iter"], s["val_loss"], color=colour, marker=".", linestyle="--",
+                     label=f"{label} (val)")
+        lr_ax.plot(*(s["lr_curve"] or (s["iter"], s["lr"])), color=colour)
     loss_ax.set_ylabel("loss (nats per token)")
     loss_ax.grid(alpha=0.3)
     loss_ax.legend(fontsize="small")

@@ -25,7 +25,9 @@ How BPE training works here
    ten thousand distinct chunks; we merge over those, weighting each by its count.
 3. Keep a table of pair counts and, for each pair, the chunks that contain it. After a merge only
    the chunks that held the merged pair are recounted (an incremental update), instead of
-   recounting the whole text for each of the hundreds of merges.
+   recounting the whole text for each of the hundreds of merges. `learn_merges_reference` is the
+   plain algorithm that does recount everything before each merge: read it first; a test shows
+   the two learn the same merges.
 4. Ties: when several pairs share the highest count, the pair with the smallest ids wins
    (compared as tuples, first id then second). So training is reproducible: the same text and
    settings always give the same merges, whatever order Python's dicts happen to be in.
@@ -304,6 +306,28 @@ def apply_merge(words, counts, pair_counts, where, pair, new_id):
         words[w] = new_word
     for p in [p for p, n in pair_counts.items() if n <= 0]:
         del pair_counts[p]  # a pair that no longer occurs must not be chosen as the best pair
+
+
+def learn_merges_reference(chunk_counts, n_merges):
+    """BPE training written plainly: before each merge, recount every pair of every chunk.
+
+    The same merges as `learn_merges` (a test checks it), with none of its bookkeeping; too slow
+    for real text (every merge rescans every chunk), which is why `learn_merges` exists.
+    Example: {"aaabdaaabac": 1}, n_merges=3 -> [(97, 97), (97, 98), (256, 257)]
+    """
+    words = {chunk: list(chunk.encode("utf-8")) for chunk in chunk_counts}
+    merges = []
+    for new_id in range(N_BYTES, N_BYTES + n_merges):
+        totals = Counter()  # pair -> occurrences in the whole text
+        for chunk, ids in words.items():
+            for pair, n in get_pair_counts(ids).items():
+                totals[pair] += n * chunk_counts[chunk]
+        if not totals:
+            break  # every chunk is a single token: nothing left to merge
+        pair = best_pair(totals)
+        words = {chunk: merge_pair(ids, pair, new_id) for chunk, ids in words.items()}
+        merges.append(pair)
+    return merges
 
 
 def learn_merges(chunk_counts, n_merges, progress=None):
