@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .cli_common import positive, user_errors
+from .cli_common import count, non_negative, positive, random_seed, step_count, user_errors
 from .errors import TinyLLMError
 from .finetune import confusion_matrix
 from .finetune_runs import (_fmt_acc, accuracy, encode_classification, format_confusion,
@@ -32,21 +32,21 @@ def training_options(max_iters, lr, warmup_iters, eval_interval, batch_size):
         click.option("--random-init", is_flag=True,
                      help="Use --checkpoint's architecture and tokenizer but random weights"
                           " (the from-scratch baseline)."),
-        click.option("--lora-rank", default=0, help="LoRA adapter rank; 0: no LoRA (train weights)."),
+        click.option("--lora-rank", default=0, callback=count, help="LoRA adapter rank; 0: no LoRA (train weights)."),
         click.option("--lora-alpha", default=None, type=float,
                      help="LoRA scale numerator (change = alpha/rank * A B).  [default: 2 * rank]"),
         click.option("--batch-size", default=batch_size, callback=positive, help="Examples per step."),
-        click.option("--max-iters", default=max_iters, callback=positive,
+        click.option("--max-iters", default=max_iters, callback=step_count,
                      help="Optimizer steps (with --resume: the new total)."),
-        click.option("--epochs", default=None, type=float,
+        click.option("--epochs", default=None, callback=positive, type=float,
                      help="Passes over the training split; overrides --max-iters.  [default: off]"),
-        click.option("--lr", default=lr, help="Peak learning rate (cosine decay to lr/10)."),
-        click.option("--warmup-iters", default=warmup_iters, help="Steps of linear warm-up."),
-        click.option("--weight-decay", default=0.01, help="AdamW decoupled weight decay."),
-        click.option("--eval-interval", default=eval_interval, callback=positive,
+        click.option("--lr", default=lr, callback=positive, help="Peak learning rate (cosine decay to lr/10)."),
+        click.option("--warmup-iters", default=warmup_iters, callback=non_negative, help="Steps of linear warm-up."),
+        click.option("--weight-decay", default=0.01, callback=non_negative, help="AdamW decoupled weight decay."),
+        click.option("--eval-interval", default=eval_interval, callback=step_count,
                      help="Evaluate the validation loss and save a checkpoint every this many steps."),
         click.option("--eval-iters", default=5, callback=positive, help="Batches per evaluation."),
-        click.option("--seed", default=1337, help="Seed for the split, initialisation and batches."),
+        click.option("--seed", default=1337, callback=random_seed, help="Seed for the split, initialisation and batches."),
         click.option("--resume", is_flag=True, help="Continue the run in --out (only --max-iters may change)."),
         click.option("--force", is_flag=True, help="Overwrite an existing run in --out."),
     ]
@@ -111,7 +111,7 @@ def finetune_classify(out, text_column, label_column, arch, pooling, freeze, do_
               help="Run directory (checkpoint, metrics.jsonl, responses.jsonl, metrics.json).")
 @click.option("--include-prompt", is_flag=True,
               help="Compute the loss on the prompt tokens too (default: response tokens only).")
-@click.option("--max-new-tokens", default=32, help="Most tokens per generated test response.")
+@click.option("--max-new-tokens", default=32, callback=count, help="Most tokens per generated test response.")
 @training_options(max_iters=1500, lr=1e-3, warmup_iters=50, eval_interval=250, batch_size=16)
 @user_errors
 def finetune_instruct(out, include_prompt, max_new_tokens, **kw):
