@@ -18,7 +18,7 @@ from tinyllm.train import SPECIAL_TOKENS
 
 TINY = GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=16, bias=False)
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 :\n"
-FAST = ["--max-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "4"]
+FAST = ["--max-iters", "4", "--eval-interval", "2", "--batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def tsv(tmp_path_factory):
     for i in range(30):
         rows.append(f"pos\tgood film number {i}")
         rows.append(f"neg\tbad film number {i} é")  # 'é' is not in the tokenizer: fallback
-    rows.append("pos\t" + "very good " * 10)  # longer than the context: truncated
+    rows.append("pos\t" + "very good " * 10)  # longer than the context: read as windows
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     return str(path)
 
@@ -55,12 +55,13 @@ def test_classify_end_to_end(base, tsv, tmp_path):
     out = str(tmp_path / "run")
     result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--out", out] + FAST)
     assert result.exit_code == 0, result.output
-    assert "truncated" in result.output and "<|unk|>" in result.output
+    assert "overlapping windows" in result.output and "<|unk|>" in result.output
     report = json.load(open(os.path.join(out, "metrics.json")))
     assert report["format"] == "tinyllm-finetune-metrics" and report["labels"] == ["neg", "pos"]
     assert set(report["accuracy_before"]) == set(report["accuracy_after"]) == {"train", "val", "test"}
     assert onp.sum(report["test_confusion_matrix"]) == report["examples"]["test"] == 12
-    assert report["truncated_texts"] == 1 and report["fallback_characters"] == 30
+    assert report["windowed_texts"] == 1 and report["cut_texts"] == 0
+    assert report["fallback_characters"] == 30
     assert set(report["test_per_class"]["pos"]) == {"precision", "recall", "support"}
     assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 3  # iters 0, 2, 4
     ckpt = load_checkpoint(out, kind="classifier")
@@ -177,7 +178,7 @@ def test_too_little_data_is_one_line(base, tmp_path):
 def test_epochs_set_the_number_of_steps(base, tsv, tmp_path):
     out = str(tmp_path / "ep")
     result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--out", out,
-                  "--epochs", "1", "--batch-size", "4", "--eval-interval", "100", "--eval-iters", "1"])
+                  "--epochs", "1", "--batch-size", "4", "--eval-interval", "100"])
     assert result.exit_code == 0, result.output
     n_train = json.load(open(os.path.join(out, "metrics.json")))["examples"]["train"]
     assert load_checkpoint(out, kind="classifier").iter == -(-n_train // 4)  # ceil(n / batch)
@@ -190,7 +191,7 @@ def test_instruct_ctrl_c_then_resume_matches_an_uninterrupted_run(base, instruct
     from tinyllm import train
 
     args = ["finetune", "instruct", "--checkpoint", base, "--data", instructions,
-            "--max-iters", "6", "--eval-interval", "2", "--eval-iters", "1", "--batch-size", "4"]
+            "--max-iters", "6", "--eval-interval", "2", "--batch-size", "4"]
     straight = str(tmp_path / "straight")
     assert run(args + ["--out", straight]).exit_code == 0
 

@@ -17,7 +17,7 @@ BAD_VALUES = ["nan", "inf", "-inf", "-1", "0", "5000000", "100000000", "99999999
 ZERO_OK = {"--min-lr", "--warmup-iters", "--weight-decay", "--grad-clip", "--dropout",
            "--label-smoothing", "--sample-tokens", "--max-new-tokens", "--temperature", "--shots",
            "--icl-windows", "--lora-rank", "--length-penalty", "--show", "--layer", "--head",
-           "--seed"}
+           "--seed", "--patience"}
 # Flags that rightly take large values (step counts, rates and decays have no memory cost).
 LARGE_OK = {"--max-iters", "--eval-interval", "--warmup-iters", "--weight-decay", "--grad-clip",
             "--temperature", "--length-penalty", "--lr", "--min-lr", "--seed", "--epochs"}

@@ -9,7 +9,12 @@ from tinyllm.data import (
     check_long_enough,
     get_batch,
     load_corpus,
+    MIN_PARAGRAPH_CHARS,
+    file_docstrings,
+    prose_paragraphs,
     pydoc_corpus,
+    python_docs_corpus,
+    stdlib_docstrings_corpus,
     read_text_file,
     train_val_split,
 )
@@ -117,11 +122,41 @@ def test_a_directory_is_not_a_data_file(tmp_path):
         read_text_file(str(tmp_path))
 
 
-def test_load_corpus_none_is_the_embedded_pydoc_corpus():
+def test_load_corpus_none_is_pydoc_topics_then_stdlib_docstrings():
     text = load_corpus(None)
-    assert text == load_corpus("pydoc") == pydoc_corpus()
-    assert len(text) > 100_000  # about 460 KB of help texts
+    assert text == load_corpus("python-docs") == python_docs_corpus()
+    topics = pydoc_corpus()
+    assert len(topics) > 100_000  # about 460 KB of help texts
+    assert text.startswith(topics) and text.endswith(stdlib_docstrings_corpus())
+    assert len(text) > len(topics) + 500_000  # the docstrings add about 1.3 MB of prose
     assert "for" in text and "while" in text and "\x00" not in text
+
+
+def test_stdlib_docstrings_are_deterministic_prose():
+    text = stdlib_docstrings_corpus()
+    assert text == stdlib_docstrings_corpus()  # same order on every call
+    paragraphs = text.split("\n\n")
+    assert len(paragraphs) == len(set(paragraphs))  # repeats dropped
+    assert not any(">>>" in p or p[0].isspace() or len(p) < MIN_PARAGRAPH_CHARS
+                   for p in paragraphs)
+
+
+def test_prose_paragraphs_keep_prose_and_drop_code_and_doctests():
+    doc = ("Return the sum of the two numbers given, as a plain integer.\n\nExample:\n\n"
+           "    total = add(1, 2)\n\n>>> add(1, 2)\n3\n\nShort line.\n\n"
+           "A second paragraph that wraps\nover two lines of the docstring.")
+    assert prose_paragraphs(doc) == [
+        "Return the sum of the two numbers given, as a plain integer.",
+        "A second paragraph that wraps over two lines of the docstring."]
+
+
+def test_file_docstrings_reads_without_importing(tmp_path):
+    source = tmp_path / "mod.py"
+    source.write_text('"""Module doc."""\nraise SystemExit("imported!")\n'
+                      'class A:\n    """Class doc."""\n    def f(self):\n        """Method doc."""\n')
+    assert file_docstrings(str(source)) == ["Module doc.", "Class doc.", "Method doc."]
+    (tmp_path / "bad.py").write_text("def (:\n", encoding="utf-8")
+    assert file_docstrings(str(tmp_path / "bad.py")) == []
 
 
 def test_a_file_named_like_an_embedded_corpus_wins(tmp_path, monkeypatch):

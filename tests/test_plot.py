@@ -5,6 +5,7 @@ one line. Skipped when matplotlib (the `plot` extra) is not installed."""
 import json
 import struct
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -60,7 +61,7 @@ def runs(tmp_path_factory):
     commands = {
         "pretrain": ["pretrain", "--data", root / "text.txt", *SMALL, *STEPS, "--sample-tokens", 0],
         "classify": ["finetune", "classify", "--checkpoint", root / "pretrain", "--arch", "encoder",
-                     "--data", root / "labels.tsv", *STEPS, "--eval-iters", 1, "--batch-size", 4],
+                     "--data", root / "labels.tsv", *STEPS, "--batch-size", 4],
         "seq2seq": ["seq2seq", "train", "--data", root / "pairs.tsv", *SMALL, *STEPS,
                     "--eval-examples", 2, "--schedule", "noam", "--warmup-iters", 3],
     }
@@ -148,6 +149,17 @@ def test_plot_errors(runs, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_full_disk_is_one_line(runs, tmp_path, monkeypatch):
+    import errno
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plot, "atomic_write_bytes", full)
+    assert_user_error(invoke("plot", runs / "pretrain", "--out", tmp_path / "x.png"),
+                      "cannot write", "x.png", "No space left")
+
+
 def test_attention_all_heads_or_one(runs, tmp_path):
     prompt = "the cat sat"  # 11 characters
     out = tmp_path / "attn.png"
@@ -223,3 +235,39 @@ def test_same_picture_same_bytes(runs, tmp_path):
     for out in (a, b):
         assert invoke("plot", runs / "pretrain", "--out", out).exit_code == 0
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_the_example_finds_and_draws_the_induction_head(tmp_path, capsys):
+    """examples/in_context_learning.py's last step, on a random model: scores printed, the best
+    head drawn, and the head it names is the one with the highest mean score."""
+    import importlib.util
+
+    import numpy as onp
+
+    from tinyllm.attention_maps import gpt_attention, induction_scores, kshot_prompt
+    from tinyllm.config import GPTConfig
+    from tinyllm.fewshot import parse_task
+    from tinyllm.models import init_gpt
+    from tinyllm.tokenizers import CharTokenizer
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "in_context_learning.py"
+    spec = importlib.util.spec_from_file_location("icl_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    tok = CharTokenizer.train("abcd1234\nmap it")
+    config = GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=16)
+    params = init_gpt(config, onp.random.default_rng(3))
+    records = [json.dumps({"input": c, "output": str(i % 4 + 1)}) for i, c in enumerate("abcdabcdab")]
+    tasks = [parse_task([json.dumps({"instruction": "map it"})] + records[i:] + records[:i])
+             for i in range(2)]
+    out = tmp_path / "induction.png"
+    example.induction_head({"params": params, "model_config": config, "tokenizer": tok}, tasks,
+                           str(out))
+    printed = capsys.readouterr().out
+    scores = onp.mean([induction_scores(gpt_attention(params, config, ids), ids, queries)
+                       for ids, queries in (kshot_prompt(tok, t.instruction, t.records[:8],
+                                                         t.records[8]["input"]) for t in tasks)],
+                      axis=0)
+    layer, head = onp.unravel_index(onp.argmax(scores), scores.shape)
+    assert f"best: layer {layer}, head {head}, score {scores[layer, head]:.3f}" in printed
+    assert f"written to {out}" in printed and png_size(out)[0] > 300

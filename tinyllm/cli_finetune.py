@@ -1,24 +1,24 @@
 """`tinyllm finetune classify|instruct` and `tinyllm classify`: Click commands that map flags onto
-the fine-tuning runners in tinyllm/finetune_runs.py.
+the settings dataclasses of tinyllm/finetune_runs.py and call its runners.
+
+Every default comes from the dataclass field (ClassifySettings, InstructSettings).
 """
 
 import os
+from dataclasses import fields
 
 import click
 
 from .cli_common import count, non_negative, positive, random_seed, step_count, user_errors
 from .errors import TinyLLMError
-from .finetune import confusion_matrix
-from .finetune_runs import (_fmt_acc, accuracy, encode_classification, format_confusion,
-                            classify_texts, load_classifier, run_classify, run_instruct)
-from .labelled_data import read_classification
+from .finetune_runs import (ClassifySettings, InstructSettings, classify_texts, format_accuracies,
+                            format_confusion, load_classifier, max_windows_of, run_classify,
+                            run_instruct, score_file)
 
 
-# ----------------------------------------------------------------------------- Click commands
-
-
-def training_options(max_iters, lr, warmup_iters, eval_interval, batch_size):
-    """The training flags both fine-tuning commands share, with per-command defaults."""
+def training_options(settings_cls):
+    """The training flags both fine-tuning commands share, with `settings_cls`'s defaults."""
+    d = settings_cls()
     options = [
         click.option("--data", default=None, type=click.Path(dir_okay=False),
                      help="Labelled data file (see the command's help).  [default: embedded set]"),
@@ -32,22 +32,34 @@ def training_options(max_iters, lr, warmup_iters, eval_interval, batch_size):
         click.option("--random-init", is_flag=True,
                      help="Use --checkpoint's architecture and tokenizer but random weights"
                           " (the from-scratch baseline)."),
-        click.option("--lora-rank", default=0, callback=count, help="LoRA adapter rank; 0: no LoRA (train weights)."),
+        click.option("--lora-rank", default=d.lora_rank, callback=count,
+                     help="LoRA adapter rank; 0: no LoRA (train weights)."),
         click.option("--lora-alpha", default=None, type=float,
                      help="LoRA scale numerator (change = alpha/rank * A B).  [default: 2 * rank]"),
-        click.option("--batch-size", default=batch_size, callback=positive, help="Examples per step."),
-        click.option("--max-iters", default=max_iters, callback=step_count,
-                     help="Optimizer steps (with --resume: the new total)."),
+        click.option("--batch-size", default=d.batch_size, callback=positive,
+                     help="Examples per step."),
+        click.option("--max-iters", default=d.max_iters, callback=step_count,
+                     help="Most optimizer steps (with --resume: the new total)."),
         click.option("--epochs", default=None, callback=positive, type=float,
                      help="Passes over the training split; overrides --max-iters.  [default: off]"),
-        click.option("--lr", default=lr, callback=positive, help="Peak learning rate (cosine decay to lr/10)."),
-        click.option("--warmup-iters", default=warmup_iters, callback=non_negative, help="Steps of linear warm-up."),
-        click.option("--weight-decay", default=0.01, callback=non_negative, help="AdamW decoupled weight decay."),
-        click.option("--eval-interval", default=eval_interval, callback=step_count,
-                     help="Evaluate the validation loss and save a checkpoint every this many steps."),
-        click.option("--eval-iters", default=5, callback=positive, help="Batches per evaluation."),
-        click.option("--seed", default=1337, callback=random_seed, help="Seed for the split, initialisation and batches."),
-        click.option("--resume", is_flag=True, help="Continue the run in --out (only --max-iters may change)."),
+        click.option("--lr", default=d.lr, callback=positive,
+                     help="Peak learning rate (cosine decay to lr/10)."),
+        click.option("--warmup-iters", default=d.warmup_iters, callback=non_negative,
+                     help="Steps of linear warm-up."),
+        click.option("--weight-decay", default=d.weight_decay, callback=non_negative,
+                     help="AdamW decoupled weight decay."),
+        click.option("--eval-interval", default=d.eval_interval, callback=step_count,
+                     help="Evaluate the loss on the whole validation split and save a checkpoint"
+                          " every this many steps."),
+        click.option("--patience", default=d.patience, callback=count,
+                     help="Stop after this many evaluations without a lower validation loss (0:"
+                          " never stop early). The weights of the best evaluation are the run's"
+                          " result either way."),
+        click.option("--seed", default=d.seed, callback=random_seed,
+                     help="Seed for the split, initialisation and batches."),
+        click.option("--resume", is_flag=True,
+                     help="Continue the run in --out with its own settings (only --max-iters may"
+                          " change)."),
         click.option("--force", is_flag=True, help="Overwrite an existing run in --out."),
     ]
 
@@ -63,6 +75,12 @@ def _given(name):
     return click.get_current_context().get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
 
 
+def settings_from_flags(cls, flags):
+    """A settings dataclass from the command's keyword arguments (names equal field names)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in flags.items() if k in names})
+
+
 @click.group()
 def finetune():
     """Fine-tune a pretrained model on labelled data: classify or instruct."""
@@ -76,28 +94,34 @@ def finetune():
                    " 'text', or column 0 without a header]")
 @click.option("--label-column", default=None,
               help="CSV/TSV column holding the label.  [default: 'label', or column 1]")
-@click.option("--arch", type=click.Choice(["decoder", "encoder"]), default="decoder",
+@click.option("--arch", type=click.Choice(["decoder", "encoder"]), default=ClassifySettings.arch,
               help="decoder: causal, as pretrained; encoder: the same weights run bidirectionally.")
 @click.option("--pooling", type=click.Choice(["last", "mean", "first"]), default=None,
-              help="How a sequence becomes one vector.  [default: last for decoder, mean for encoder]")
-@click.option("--freeze", default="none",
+              help="How a window becomes one vector.  [default: last for decoder, mean for encoder]")
+@click.option("--freeze", default=ClassifySettings.freeze,
               help="What stays fixed: none (all trains), all (head only trains), all-but-N (the"
                    " last N blocks, final norm and head train).")
-@click.option("--balance", "do_balance", is_flag=True,
+@click.option("--balance", is_flag=True,
               help="Downsample larger classes to the size of the smallest.")
-@training_options(max_iters=200, lr=3e-4, warmup_iters=20, eval_interval=50, batch_size=16)
+@click.option("--max-windows", default=ClassifySettings.max_windows, callback=positive,
+              help="A text longer than the context is read as overlapping windows (half a"
+                   " context apart), at most this many; the rest of a longer text is cut.")
+@training_options(ClassifySettings)
 @user_errors
-def finetune_classify(out, text_column, label_column, arch, pooling, freeze, do_balance, **kw):
+def finetune_classify(out, resume, force, **flags):
     """Fine-tune a classifier on texts with labels (.csv, .tsv, .jsonl with text and label).
 
     Without --data it uses the embedded set (pydoc sentences, real vs letter-scrambled). Without
-    --val-data/--test-data the data is split 70/10/20 with --seed. Reports accuracy before and
-    after, a confusion matrix and per-class precision/recall, written to OUT/metrics.json.
+    --val-data/--test-data the data is split 70/10/20 with --seed. Texts longer than the context
+    are read whole, as overlapping windows. The validation loss is measured on the whole
+    validation split at every evaluation; the best evaluation's weights are kept. Reports
+    accuracy before and after, a confusion matrix and per-class precision/recall, written to
+    OUT/metrics.json.
     """
-    report = run_classify(out, text_column=text_column, label_column=label_column, arch=arch,
-                          pooling=pooling, freeze=freeze, do_balance=do_balance,
-                          max_iters_given=_given("max_iters"), log=click.echo, **kw)
-    click.echo("accuracy after fine-tuning:  " + _fmt_acc(report["accuracy_after"]))
+    report = run_classify(out, settings_from_flags(ClassifySettings, flags), resume=resume,
+                          force=force, max_iters=flags["max_iters"] if _given("max_iters") else None,
+                          log=click.echo)
+    click.echo("accuracy after fine-tuning:  " + format_accuracies(report["accuracy_after"]))
     click.echo("test confusion matrix (rows: true, columns: predicted):")
     click.echo(format_confusion(report["test_confusion_matrix"], report["labels"]))
     for label, stats in report["test_per_class"].items():
@@ -111,10 +135,11 @@ def finetune_classify(out, text_column, label_column, arch, pooling, freeze, do_
               help="Run directory (checkpoint, metrics.jsonl, responses.jsonl, metrics.json).")
 @click.option("--include-prompt", is_flag=True,
               help="Compute the loss on the prompt tokens too (default: response tokens only).")
-@click.option("--max-new-tokens", default=32, callback=count, help="Most tokens per generated test response.")
-@training_options(max_iters=1500, lr=1e-3, warmup_iters=50, eval_interval=250, batch_size=16)
+@click.option("--max-new-tokens", default=InstructSettings.max_new_tokens, callback=count,
+              help="Most tokens per generated test response.")
+@training_options(InstructSettings)
 @user_errors
-def finetune_instruct(out, include_prompt, max_new_tokens, **kw):
+def finetune_instruct(out, resume, force, **flags):
     """Instruction-tune a model on records with instruction, optional input, and output
     (a JSON array or JSONL, Alpaca layout). Each record becomes
 
@@ -123,15 +148,21 @@ def finetune_instruct(out, include_prompt, max_new_tokens, **kw):
         Input: {input}            (this line only when input is not empty)
         Response: {output}<|endoftext|>
 
-    and the loss counts the response tokens only. Without --data it uses embedded tasks
-    (reverse, uppercase, sort letters, add). Split 85/5/10 with --seed; at the end the test
-    responses go to OUT/responses.jsonl and exact match / token F1 to OUT/metrics.json.
+    and the loss counts the response tokens only. A record longer than the context keeps the
+    end of its prompt and all of its response (counted). Without --data it uses embedded tasks
+    (reverse, uppercase, sort letters, add). Split 85/5/10 with --seed; the best evaluation's
+    weights are kept; at the end the test responses go to OUT/responses.jsonl and exact match /
+    token F1 to OUT/metrics.json.
     """
-    report = run_instruct(out, include_prompt=include_prompt, max_new_tokens=max_new_tokens,
-                          max_iters_given=_given("max_iters"), log=click.echo, **kw)
+    report = run_instruct(out, settings_from_flags(InstructSettings, flags), resume=resume,
+                          force=force, max_iters=flags["max_iters"] if _given("max_iters") else None,
+                          log=click.echo)
     b, a = report["test_before"], report["test_after"]
     click.echo(f"test exact match: {100 * b['exact_match']:.1f}% -> {100 * a['exact_match']:.1f}%;"
                f" token F1: {100 * b['token_f1']:.1f}% -> {100 * a['token_f1']:.1f}%")
+    if report["val_loss_before"] is not None:
+        click.echo(f"validation loss on the responses: {report['val_loss_before']:.4f} (base) ->"
+                   f" {report['best_val_loss']:.4f} (iteration {report['best_iter']})")
     click.echo(f"done in {report['train_seconds']:.0f} s; responses in"
                f" {os.path.join(out, 'responses.jsonl')}, metrics in {os.path.join(out, 'metrics.json')}")
 
@@ -146,20 +177,24 @@ def finetune_instruct(out, include_prompt, max_new_tokens, **kw):
 @click.argument("text", required=False)
 @user_errors
 def classify(checkpoint, data, text_column, label_column, text):
-    """Classify TEXT (prints the label and class probabilities), or score --data FILE."""
+    """Classify TEXT (prints the label and class probabilities), or score --data FILE.
+
+    Texts longer than the context are read as windows, as in fine-tuning."""
+    from .checkpoint import read_meta
+
     params, config, tokenizer, labels = load_classifier(checkpoint)
+    max_windows = max_windows_of(read_meta(checkpoint))
     if (text is None) == (data is None):
         raise TinyLLMError("give either a TEXT argument or --data FILE")
     if text is not None:
-        probs = classify_texts(params, config, tokenizer, [text])[0]
+        probs = classify_texts(params, config, tokenizer, [text], max_windows)[0]
         click.echo(labels[int(probs.argmax())])
         for label, p in sorted(zip(labels, probs), key=lambda lp: -lp[1]):
             click.echo(f"  {label}: {p:.3f}")
         return
-    examples = read_classification(data, text_column, label_column)
-    ids, valid, y, truncated, _ = encode_classification(tokenizer, examples, labels,
-                                                        config.block_size, data)
-    acc, pred = accuracy(params, config, ids, valid, y)
-    click.echo(f"{len(y)} examples{f' ({truncated} truncated)' if truncated else ''}:"
-               f" accuracy {100 * acc:.1f}%")
-    click.echo(format_confusion(confusion_matrix(y, pred, len(labels)), labels))
+    scored = score_file(params, config, tokenizer, labels, data, text_column, label_column,
+                        max_windows)
+    notes = ", ".join(f"{scored[k]} {k}" for k in ("windowed", "cut") if scored[k])
+    click.echo(f"{scored['examples']} examples{f' ({notes})' if notes else ''}:"
+               f" accuracy {100 * scored['accuracy']:.1f}%")
+    click.echo(format_confusion(scored["confusion_matrix"], labels))

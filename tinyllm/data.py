@@ -5,16 +5,24 @@ gives T inputs and T targets, each target being the token that follows its input
     tokens  [5, 9, 2, 7]  ->  x = [5, 9, 2], y = [9, 2, 7]
 """
 
+import ast
+import functools
 import os
 import select
 import stat
+import sysconfig
 
 import numpy as onp
 
 from .errors import TinyLLMError
 from .fileio import available_memory, read_fd
 
-DEFAULT_CORPUS = "pydoc"
+DEFAULT_CORPUS = "python-docs"
+# Parts of the standard library whose docstrings are not ordinary prose about the library:
+# test suites, the IDLE and turtle demos, and vendored or generated code.
+SKIP_STDLIB_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "encodings",
+                    "pydoc_data", "site-packages", "dist-packages", "__pycache__"}
+MIN_PARAGRAPH_CHARS = 40  # shorter docstring paragraphs are mostly signatures and fragments
 
 
 def pydoc_corpus():
@@ -35,6 +43,80 @@ def pydoc_corpus():
     return "\n\n".join(topics[name] for name in sorted(topics))
 
 
+def prose_paragraphs(docstring):
+    """The paragraphs of a docstring that read as prose: not indented (code and tables are), no
+    doctest prompt, at least MIN_PARAGRAPH_CHARS long. Lines of a paragraph are joined by spaces.
+
+    Example: "Return the sum.\n\nExample:\n\n    >>> add(1, 2)\n    3" -> [] (too short,
+    then indented code); a 60-character unindented sentence -> [that sentence].
+    """
+    kept = []
+    for paragraph in docstring.split("\n\n"):
+        lines = paragraph.strip("\n").split("\n")
+        if not lines[0] or lines[0][0].isspace() or ">>>" in paragraph:
+            continue
+        text = " ".join(line.strip() for line in lines)
+        if len(text) >= MIN_PARAGRAPH_CHARS:
+            kept.append(text)
+    return kept
+
+
+def stdlib_python_files(root):
+    """The .py files under the standard library folder `root`, in sorted (deterministic) order."""
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames
+                             if d not in SKIP_STDLIB_DIRS and not d.startswith("config-"))
+        paths += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+    return paths
+
+
+def file_docstrings(path):
+    """The docstrings of a Python file's module, classes and functions, in source order.
+
+    Read with `ast`, never imported: no module code runs.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return []  # a file this Python cannot parse (a template, a Python 2 leftover): skip it
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    nodes = sorted((n for n in ast.walk(tree) if isinstance(n, kinds)),
+                   key=lambda n: getattr(n, "lineno", 0))
+    return [doc for doc in (ast.get_docstring(n) for n in nodes) if doc]
+
+
+@functools.lru_cache(maxsize=1)  # parsing the library takes seconds; the text is immutable
+def stdlib_docstrings_corpus():
+    """English prose from the docstrings of the standard library's modules, classes and functions.
+
+    Every Python installation carries its standard library's source. Its docstrings are ordinary
+    technical English written by many people ("Return a new list containing all items from the
+    iterable in ascending order."). We walk the library's folder in sorted order, parse each file
+    with `ast` (nothing is imported or run), keep the prose paragraphs of each docstring
+    (`prose_paragraphs`) and drop repeats, so the text is the same on every run of one Python
+    version: about 1 MB on CPython 3.11.
+    """
+    seen, paragraphs = set(), []
+    for path in stdlib_python_files(sysconfig.get_paths()["stdlib"]):
+        for doc in file_docstrings(path):
+            for paragraph in prose_paragraphs(doc):
+                if paragraph not in seen:
+                    seen.add(paragraph)
+                    paragraphs.append(paragraph)
+    return "\n\n".join(paragraphs)
+
+
+def python_docs_corpus():
+    """The embedded default corpus: the pydoc topics, then the standard library's docstrings.
+
+    About 1.5 MB of English about Python (prose, with some code in the topics); see
+    `pydoc_corpus` and `stdlib_docstrings_corpus`.
+    """
+    return pydoc_corpus() + "\n\n" + stdlib_docstrings_corpus()
+
+
 def icl_corpus():
     """Generated in-context-learning episodes (random functions; see tinyllm/icl_corpus.py)."""
     from .icl_corpus import icl_corpus as generate  # imported late: only this corpus needs it
@@ -42,7 +124,8 @@ def icl_corpus():
     return generate()
 
 
-EMBEDDED_CORPORA = {"pydoc": pydoc_corpus, "icl": icl_corpus}
+EMBEDDED_CORPORA = {"python-docs": python_docs_corpus, "pydoc": pydoc_corpus,
+                    "stdlib-docstrings": stdlib_docstrings_corpus, "icl": icl_corpus}
 
 
 MAX_TEXT_BYTES = 1 << 30  # 1 GiB of text: far more than a CPU trains on in a day

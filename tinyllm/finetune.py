@@ -13,6 +13,13 @@ states (B, T, C) are pooled into one vector per sequence:
 With `arch="encoder"` the same parameter tree runs as a bidirectional encoder
 (models.bidirectional_hidden), padding hidden by an attention mask; it pools by "mean" by default.
 
+Texts longer than the context are read whole, as overlapping windows of block_size tokens whose
+starts are WINDOW_STRIDE * block_size apart (the last window ends at the text's last token). Each
+window is pooled as above into one vector, and a text's vector is the mean of its windows'
+vectors, so a cue anywhere in the text reaches the head. A text that fits has one window, and
+its vector is exactly what the single-window path gives. At most `max_windows` windows are read
+per text; the rest of a longer text is cut (and counted).
+
 Instruction tuning. Each record becomes prompt + response + <|endoftext|> with the template
 below (a simplified Alpaca layout: Alpaca's preamble and "###" headers cost ~100 tokens, more
 than a tiny model's whole context). The loss counts the response tokens and the end-of-text
@@ -32,6 +39,8 @@ from .ops import cross_entropy, linear, softmax
 from .tree import flatten, unflatten
 
 POOLINGS = ("last", "mean", "first")
+WINDOW_STRIDE = 0.5  # windows of one text start half a context apart: every token is read twice,
+# once in the second half of a window (with at least half a context before it), except near the ends
 ARCHS = ("decoder", "encoder")
 
 PROMPT_TEMPLATE = "Instruction: {instruction}\nInput: {input}\nResponse: "
@@ -116,8 +125,12 @@ def pool(hidden, valid, how):
     return np.sum(hidden * weights[:, :, None], axis=1)  # (B, T, C) * (B, T, 1) -> (B, C)
 
 
-def classifier_logits(params, ids, valid, config, rng=None):
-    """Class logits: ids (B, T) and valid (B, T) -> (B, K)."""
+def classifier_logits(params, ids, valid, config, rng=None, assign=None):
+    """Class logits: ids (W, T) and valid (W, T) -> (B, K).
+
+    Without `assign` each row is one text (W = B). With it, rows are windows and `assign` (B, W)
+    averages each text's window vectors (row b holds 1/n_b at the n_b windows of text b).
+    """
     if "lora" in params:
         params = apply_lora(params, config.lora_alpha / config.lora_rank)
     gpt_config = config.gpt()
@@ -125,20 +138,31 @@ def classifier_logits(params, ids, valid, config, rng=None):
         hidden = bidirectional_hidden(params, ids, gpt_config, valid=valid, rng=rng)  # (B, T, C)
     else:
         hidden = gpt_hidden(params, ids, gpt_config, rng)  # (B, T, C)
-    return linear(pool(hidden, valid, config.pooling), **params["cls_head"])  # (B, C) -> (B, K)
+    vectors = pool(hidden, valid, config.pooling)  # (W, T, C) -> (W, C)
+    if assign is not None:
+        vectors = assign @ vectors  # (B, W) @ (W, C) -> (B, C): the mean over each text's windows
+    return linear(vectors, **params["cls_head"])  # (B, C) -> (B, K)
 
 
-def classifier_loss(params, ids, valid, labels, config, rng=None):
-    """Mean cross-entropy of the true classes: (B, T), (B, T), (B,) -> scalar."""
-    return cross_entropy(classifier_logits(params, ids, valid, config, rng), labels)
+def classifier_loss(params, ids, valid, labels, config, rng=None, assign=None):
+    """Mean cross-entropy of the true classes: (W, T), (W, T), (B,) [, (B, W)] -> scalar."""
+    return cross_entropy(classifier_logits(params, ids, valid, config, rng, assign), labels)
 
 
 def predict_proba(params, ids, valid, config, batch_size=64):
-    """Class probabilities (N, K) for many sequences, computed in batches, without gradients."""
+    """Class probabilities (N, K) for many one-window sequences, in batches, without gradients."""
+    windows = Windows(ids, valid, onp.arange(len(ids)), onp.ones(len(ids), onp.int64))
+    return predict_windows(params, windows, config, batch_size)
+
+
+def predict_windows(params, windows, config, batch_size=64):
+    """Class probabilities (N, K) for N windowed texts (see `Windows`), `batch_size` texts at a
+    time, without gradients."""
     out = []
-    for start in range(0, len(ids), batch_size):
-        logits = onp.asarray(classifier_logits(params, ids[start:start + batch_size],
-                                               valid[start:start + batch_size], config))
+    for start in range(0, windows.n_texts, batch_size):
+        ids, valid, assign = windows.batch(onp.arange(start, min(start + batch_size,
+                                                                  windows.n_texts)))
+        logits = onp.asarray(classifier_logits(params, ids, valid, config, assign=assign))
         out.append(softmax(logits, axis=1))  # (B, K)
     return onp.concatenate(out) if out else onp.zeros((0, config.n_classes), "float32")
 
@@ -200,6 +224,70 @@ def pad_batch(sequences, length, pad_id=0):
     return ids, valid
 
 
+def window_starts(n, block_size, stride):
+    """Start positions of the windows of `block_size` tokens that cover n tokens, `stride` apart,
+    the last one ending exactly at the end.
+
+    Example: block 4, stride 2: n 10 -> [0, 2, 4, 6]; n 9 -> [0, 2, 4, 5]; n 3 -> [0].
+    """
+    if n <= block_size:
+        return [0]
+    starts = list(range(0, n - block_size + 1, stride))
+    if starts[-1] != n - block_size:
+        starts.append(n - block_size)
+    return starts
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Texts as windows: the windows of text i are rows first[i] .. first[i] + count[i] - 1.
+
+    ids (W, T) int32 and valid (W, T) float32 are padded on the right to a common length T.
+    """
+
+    ids: onp.ndarray
+    valid: onp.ndarray
+    first: onp.ndarray  # (N,) first window row of each text
+    count: onp.ndarray  # (N,) number of windows of each text
+
+    @property
+    def n_texts(self):
+        return len(self.first)
+
+    def batch(self, texts):
+        """(ids, valid, assign) for the texts at indices `texts` (B,): their windows stacked
+        (W_b, T'), cut to the longest real window among them, and assign (B, W_b), the averaging
+        matrix that classifier_logits takes."""
+        rows = onp.concatenate([onp.arange(self.first[t], self.first[t] + self.count[t])
+                                for t in texts])  # (W_b,)
+        owner = onp.repeat(onp.arange(len(texts)), self.count[texts])  # (W_b,) text of each row
+        assign = onp.zeros((len(texts), len(rows)), dtype=onp.float32)  # (B, W_b)
+        assign[owner, onp.arange(len(rows))] = 1.0 / self.count[texts][owner]
+        width = max(1, int(self.valid[rows].sum(axis=1).max()))  # padding past it changes nothing
+        return self.ids[rows, :width], self.valid[rows, :width], assign
+
+
+def make_windows(sequences, block_size, max_windows, stride_fraction=WINDOW_STRIDE):
+    """Token lists -> (Windows, number of texts read as several windows, number cut short).
+
+    Example: block 4, stride 2, max_windows 3: [[1..10]] -> windows [1..4], [3..6], [5..8];
+    the text is counted as windowed and as cut (tokens 9 and 10 are beyond the third window).
+    """
+    stride = max(1, int(block_size * stride_fraction))
+    rows, first, count, windowed, cut = [], [], [], 0, 0
+    for seq in sequences:
+        starts = window_starts(len(seq), block_size, stride)
+        if len(starts) > max_windows:
+            starts, cut = starts[:max_windows], cut + 1
+        windowed += len(starts) > 1
+        first.append(len(rows))
+        count.append(len(starts))
+        rows += [seq[s:s + block_size] for s in starts]
+    ids, valid = pad_batch(rows, min(block_size, max(len(r) for r in rows)))
+    return (Windows(ids, valid, onp.asarray(first, onp.int64), onp.asarray(count, onp.int64)),
+            windowed, cut)
+
+
 # ----------------------------------------------------------------------------- instructions
 
 
@@ -211,6 +299,21 @@ def format_prompt(record):
     """
     template = PROMPT_TEMPLATE if record.get("input") else PROMPT_TEMPLATE_NO_INPUT
     return template.format(instruction=record["instruction"], input=record.get("input", ""))
+
+
+def fit_prompt(prompt_ids, response_ids, length):
+    """The prompt, cut from the front if need be, so that prompt + response + eot fits a row of
+    `length` positions (x and y are one token stream shifted by one, so the stream may hold
+    length + 1 tokens). None if even one prompt token and the response do not fit.
+
+    The end of the prompt is kept: it holds "Response: ", the cue to start answering, and the
+    part of the input nearest the answer. Example: prompt [1, 2, 3, 4], response [5], length 4
+    -> [2, 3, 4] (stream 2 3 4 5 eot).
+    """
+    room = length - len(response_ids)  # (length + 1) - len(response) - 1 for the eot
+    if room < 1:
+        return None
+    return list(prompt_ids)[-room:]
 
 
 def instruction_example(prompt_ids, response_ids, eot, length, include_prompt=False):

@@ -1,82 +1,235 @@
 """Fine-tuning runs: what `tinyllm finetune classify|instruct` and `tinyllm classify` do.
 
-The runners (`run_classify`, `run_instruct`, ...) hold no Click code, so tests and scripts can
-call them; tinyllm/cli_finetune.py only maps flags onto them.
+A run is a settings dataclass (`ClassifySettings`, `InstructSettings`: every flag, with its
+default) plus a straight sequence of named steps:
+
+    1. settings      from the flags, or from the run's config.json when resuming
+    2. data          read, check, split (and check that a resumed run's files did not change)
+    3. model         the base model turned into the model to fine-tune, or the resumed one
+    4. encode        texts to token windows / instruction rows, counting what was cut or windowed
+    5. score before  accuracy, or exact match and token F1, of the untrained model
+    6. train         train.train_loop on the trainable parameters, evaluating the whole
+                     validation split; the best evaluation's weights are kept and the run stops
+                     after `patience` evaluations without improvement (early stopping)
+    7. score after   with the best weights, then the report
+
+The runners hold no Click code, so tests and scripts can call them; tinyllm/cli_finetune.py only
+maps flags onto the settings.
 
 A fine-tuning run directory is a checkpoint (see tinyllm/checkpoint.py) plus:
-    metrics.jsonl     the training loop's evaluations (validation loss), as in pretraining
+    metrics.jsonl     the training loop's evaluations (whole-split losses), as in pretraining
+    best.npz          while training: the weights of the best evaluation so far (parameter
+                      arrays and "_iter", as model.npz); at the end they become the checkpoint's
+                      weights and the file is removed
     metrics.json      the final report: {"format": "tinyllm-finetune-metrics", "version": 1,
-                      "task": "classify" | "instruct", ...} (see `classify_report` / `instruct_report`)
+                      "task": "classify" | "instruct", ...} (see `classify_report` / `run_instruct`)
     responses.jsonl   (instruct) one line per test record: instruction, input, reference, response
 Its config.json has kind "classifier" (model fields of ClassifierConfig, "labels": the class
-names in id order) or, for instruction tuning, "gpt" (or "gpt-lora" with adapters), plus the
-data settings that --resume needs.
+names in id order) or, for instruction tuning, "gpt" (or "gpt-lora" with adapters), plus
+"finetune": the settings, "data_files_sha256": the fingerprints of the data files, and "best_iter".
 """
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
+from typing import Optional
 
 import numpy as onp
 
 from .bleu import exact_match
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, read_npz, save_checkpoint
 from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, GPTConfig, TrainConfig
 from .errors import TinyLLMError
-from .fileio import atomic_write_json, atomic_write_text
-from .generate import greedy_batch
+from .fileio import atomic_save_npz, atomic_write_json, atomic_write_text
 from .finetune import (ClassifierConfig, classifier_from_gpt, classifier_loss, confusion_matrix,
-                       format_prompt, instruction_example,
-                       merge_params, pad_batch, precision_recall, predict_proba, split_params,
-                       token_f1, trainable_paths)
+                       fit_prompt, format_prompt, instruction_example, make_windows, merge_params,
+                       precision_recall, predict_windows, split_params, token_f1, trainable_paths)
+from .generate import greedy_batch
 from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
                             default_classification_data, default_instruction_data,
                             encode_with_fallback, label_ids, read_classification,
                             read_instructions, split_three, with_unknown_token)
-from .lora import LoRAGPTConfig, init_lora, merge_lora
+from .lora import LoRAGPTConfig, apply_lora, init_lora, merge_lora
 from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init
 from .train import (SPECIAL_TOKENS, Committed, prepare_out_dir, read_metrics, start_out_dir,
                     train_loop, truncate_metrics)
-from .tree import flatten
+from .tree import flatten, unflatten
 
 METRICS_FORMAT = "tinyllm-finetune-metrics"
 METRICS_VERSION = 1
 EOT = SPECIAL_TOKENS[0]
+EVAL_TRAIN_EXAMPLES = 256  # the train loss at an evaluation is measured on this many examples
+BEST_FILE = "best.npz"
 
 
-# ----------------------------------------------------------------------------- shared pieces
+# ----------------------------------------------------------------------------- settings
 
 
-def load_base(checkpoint, random_init, seed, log):
-    """(GPT params, GPTConfig, tokenizer) to fine-tune: a pretrained checkpoint, or the default
-    pretraining architecture and tokenizer at random initialisation when checkpoint is None."""
-    if checkpoint is not None:
-        try:
-            ckpt = load_checkpoint(checkpoint, kind=("gpt", "gpt-lora"))
-        except TinyLLMError as err:
-            raise TinyLLMError(f"--checkpoint: {err} (expected a run of `tinyllm pretrain`)") from None
-        config = ckpt.model_config
-        params = merge_lora(ckpt.params, getattr(config, "lora_alpha", 0), getattr(config, "lora_rank", 1))
-        config = config.gpt() if hasattr(config, "gpt") else config
-        tokenizer = ckpt.tokenizer
-        if random_init:
-            params = init_gpt(config, onp.random.default_rng(seed))
-        log(f"base model: {checkpoint} ({'random init, same architecture' if random_init else 'pretrained'})")
-    else:
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """The flags both fine-tuning commands share. Each command's subclass sets its defaults."""
+
+    checkpoint: Optional[str] = None  # pretrained run; None: the default architecture, random init
+    data: Optional[str] = None  # labelled data file; None: the command's embedded set
+    val_data: Optional[str] = None  # with test_data: fixed splits instead of a random split
+    test_data: Optional[str] = None
+    random_init: bool = False  # the checkpoint's architecture and tokenizer, random weights
+    lora_rank: int = 0  # 0: train the weights themselves; r > 0: low-rank adapters only
+    lora_alpha: Optional[float] = None  # adapter scale numerator; None: 2 * lora_rank
+    batch_size: int = 16
+    max_iters: int = 300
+    epochs: Optional[float] = None  # passes over the training split; replaces max_iters
+    lr: float = 3e-4
+    warmup_iters: int = 20
+    weight_decay: float = 0.01
+    eval_interval: int = 25
+    patience: int = 4  # stop after this many evaluations without a better val loss; 0: never
+    seed: int = 1337
+
+    def validate(self):
+        """Raise TinyLLMError (naming the flag) for settings that cannot train; return self."""
+        _check(self.lora_rank >= 0, "--lora-rank must not be negative", self.lora_rank)
+        if self.lora_alpha is not None:
+            _check(math.isfinite(self.lora_alpha) and self.lora_alpha > 0,
+                   "--lora-alpha must be a positive number", self.lora_alpha)
+        if self.epochs is not None:
+            _check(math.isfinite(self.epochs) and self.epochs > 0,
+                   "--epochs must be a positive number", self.epochs)
+        for name in ("batch_size", "max_iters", "eval_interval"):
+            _check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive",
+                   getattr(self, name))
+        for name in ("warmup_iters", "patience", "seed"):
+            _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must not be negative",
+                   getattr(self, name))
+        _check(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number", self.lr)
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+               "--weight-decay must be a number >= 0", self.weight_decay)
+        if bool(self.val_data) != bool(self.test_data):
+            raise TinyLLMError("give both --val-data and --test-data, or neither (random split)")
+        return self
+
+    @property
+    def adapter_alpha(self):
+        """lora_alpha, or its default 2 * rank."""
+        return float(self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank)
+
+
+def _check(ok, message, value):
+    if not ok:
+        raise TinyLLMError(f"{message}, got {value}")
+
+
+@dataclass(frozen=True)
+class ClassifySettings(FinetuneSettings):
+    """`tinyllm finetune classify`: defaults chosen on real short texts (see the README)."""
+
+    text_column: Optional[str] = None  # CSV/TSV column of the text; None: "text" or column 0
+    label_column: Optional[str] = None  # None: "label" or column 1
+    balance: bool = False  # downsample the larger classes to the smallest
+    arch: str = "decoder"  # "encoder": the same weights run bidirectionally
+    pooling: Optional[str] = None  # None: "last" for the decoder, "mean" for the encoder
+    freeze: str = "none"  # none | all | all-but-N
+    max_windows: int = 8  # most context windows read per text; the rest of a text is cut
+    max_iters: int = 300
+    lr: float = 3e-4
+    warmup_iters: int = 20
+    eval_interval: int = 25
+
+    def validate(self):
+        super().validate()
+        _check(self.max_windows > 0, "--max-windows must be positive", self.max_windows)
+        return self
+
+
+@dataclass(frozen=True)
+class InstructSettings(FinetuneSettings):
+    """`tinyllm finetune instruct`."""
+
+    include_prompt: bool = False  # count the prompt tokens in the loss too
+    max_new_tokens: int = 64  # most tokens of a generated test response
+    max_iters: int = 1500
+    lr: float = 1e-3
+    warmup_iters: int = 50
+    eval_interval: int = 100
+
+    def validate(self):
+        super().validate()
+        _check(self.max_new_tokens > 0, "--max-new-tokens must be positive", self.max_new_tokens)
+        return self
+
+
+def settings_from_run(ckpt, cls, max_iters=None):
+    """The settings a run was started with (config.json "finetune"), --max-iters replaced."""
+    stored = ckpt.meta.get("finetune")
+    names = {f.name for f in fields(cls)}
+    if not isinstance(stored, dict) or not set(stored) <= names | {"task"}:
+        raise TinyLLMError(f"--resume: the run's config.json has no valid {cls.__name__} settings")
+    settings = cls(**{k: v for k, v in stored.items() if k in names})
+    return replace(settings, max_iters=max_iters) if max_iters else settings
+
+
+def stored_settings(settings):
+    """Settings as config.json keeps them: data paths made absolute, so that --resume does not
+    depend on the directory it is run from."""
+    paths = {k: os.path.abspath(v) for k in ("data", "val_data", "test_data", "checkpoint")
+             if (v := getattr(settings, k))}
+    return dataclasses.asdict(replace(settings, **paths))
+
+
+# ----------------------------------------------------------------------------- shared steps
+
+
+def data_fingerprints(settings):
+    """{flag: sha256 of the file} for the data files of a run (the embedded sets have none)."""
+    out = {}
+    for name in ("data", "val_data", "test_data"):
+        path = getattr(settings, name)
+        if path:
+            with open(path, "rb") as f:
+                out[name] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def check_data_unchanged(ckpt, settings):
+    """--resume trains on the data the run began with, or not at all."""
+    if ckpt.meta.get("data_files_sha256", {}) != data_fingerprints(settings):
+        raise TinyLLMError(f"--resume: the data file(s) of this run changed since it began"
+                           f" ({settings.data}); start a new run instead")
+
+
+def load_base(settings, log):
+    """(GPT params, GPTConfig, tokenizer) to fine-tune: the pretrained checkpoint (random
+    weights with random_init), or without a checkpoint the default pretraining architecture and
+    tokenizer at random initialisation (the from-scratch baseline of a default base model)."""
+    rng = onp.random.default_rng(settings.seed)
+    if settings.checkpoint is None:
         from .data import load_corpus
         from .tokenizers import train_tokenizer
 
-        # The same tokenizer and architecture `tinyllm pretrain` uses by default, so that a run
+        # The tokenizer and architecture `tinyllm pretrain` uses by default, so that a run
         # without --checkpoint is the from-scratch baseline for a default pretrained model.
         tokenizer = train_tokenizer(DEFAULT_TOKENIZER, load_corpus(None), DEFAULT_BPE_VOCAB_SIZE,
                                     special_tokens=SPECIAL_TOKENS)
         config = replace(GPTConfig(), vocab_size=tokenizer.vocab_size)
-        params = init_gpt(config, onp.random.default_rng(seed))
         log("base model: none (random initialisation, the default pretraining architecture)")
-    return params, config, tokenizer
+        return init_gpt(config, rng), config, tokenizer
+    try:
+        ckpt = load_checkpoint(settings.checkpoint, kind=("gpt", "gpt-lora"))
+    except TinyLLMError as err:
+        raise TinyLLMError(f"--checkpoint: {err} (expected a run of `tinyllm pretrain`)") from None
+    config = ckpt.model_config
+    params = merge_lora(ckpt.params, getattr(config, "lora_alpha", 0), getattr(config, "lora_rank", 1))
+    config = config.gpt() if hasattr(config, "gpt") else config
+    if settings.random_init:
+        params = init_gpt(config, rng)
+    what = "random init, same architecture" if settings.random_init else "pretrained"
+    log(f"base model: {settings.checkpoint} ({what})")
+    return params, config, ckpt.tokenizer
 
 
 def add_unknown_token(params, config, tokenizer):
@@ -105,15 +258,43 @@ def encode_all(tokenizer, texts):
     return out, fallback
 
 
-def make_train_config(batch_size, max_iters, epochs, n_train, lr, warmup_iters, eval_interval,
-                      eval_iters, seed, weight_decay):
-    """TrainConfig from the flags; --epochs turns into steps over the training split."""
-    if epochs is not None:
-        max_iters = max(1, math.ceil(epochs * n_train / batch_size))
-    return TrainConfig(batch_size=batch_size, max_iters=max_iters, lr=lr, min_lr=lr / 10,
-                       warmup_iters=warmup_iters, weight_decay=weight_decay,
-                       eval_interval=min(eval_interval, max_iters), eval_iters=eval_iters,
-                       seed=seed).validate()
+def make_train_config(settings, n_train):
+    """The TrainConfig of a run; --epochs turns into steps over the training split."""
+    max_iters = settings.max_iters
+    if settings.epochs is not None:
+        max_iters = max(1, math.ceil(settings.epochs * n_train / settings.batch_size))
+    return TrainConfig(batch_size=settings.batch_size, max_iters=max_iters, lr=settings.lr,
+                       min_lr=settings.lr / 10, warmup_iters=settings.warmup_iters,
+                       weight_decay=settings.weight_decay,
+                       eval_interval=min(settings.eval_interval, max_iters), eval_iters=1,
+                       seed=settings.seed).validate()
+
+
+def write_report(out_dir, report):
+    """metrics.json: versioned, indented, written atomically."""
+    atomic_write_json(os.path.join(out_dir, "metrics.json"),
+                      {"format": METRICS_FORMAT, "version": METRICS_VERSION, **report})
+
+
+def _check_splits(data, *splits):
+    if not all(splits):
+        sizes = "/".join(str(len(s)) for s in splits)
+        raise TinyLLMError(f"{data or 'the data'}: too few examples to split into train, validation"
+                           f" and test ({sizes}); give more, or --val-data and --test-data")
+
+
+# ----------------------------------------------------------------------------- training with the best weights kept
+
+
+@dataclass
+class BestWeights:
+    """The best evaluation so far: its step, its validation loss, its (trainable) weights, and
+    how many evaluations since have not beaten it."""
+
+    iteration: int = -1
+    val_loss: float = math.inf
+    params: dict = None
+    evals_since: int = 0
 
 
 def padded_opt_state(opt_state, frozen):
@@ -130,197 +311,288 @@ def trim_opt_state(opt_state, paths):
             "step": opt_state["step"]}
 
 
-def run_training(params, paths, tc, loss_fn, sample, save_full, out_dir, resume_ckpt,
-                 tokens_per_iter, log):
-    """Train only `paths` of `params` with train.train_loop; returns the final whole tree."""
+def resumed_best(out_dir, ckpt, trainable):
+    """BestWeights of a resumed run, from its metrics.jsonl (already cut at the checkpoint) and
+    best.npz. The checkpoint itself is the best when its evaluation was the best one."""
+    records = [r for r in read_metrics(out_dir) if r.get("val_loss") is not None]
+    if not records:
+        return BestWeights()
+    top = min(records, key=lambda r: r["val_loss"])
+    since = sum(1 for r in records if r["iter"] > top["iter"])
+    if top["iter"] == ckpt.iter:
+        return BestWeights(top["iter"], top["val_loss"], trainable, since)
+    path = os.path.join(out_dir, BEST_FILE)
+    arrays = read_npz(out_dir, BEST_FILE) if os.path.exists(path) else {}
+    if int(arrays.get("_iter", -1)) != top["iter"]:
+        raise TinyLLMError(f"--resume: {path} does not hold the weights of the best evaluation"
+                           f" (iteration {top['iter']}); start a new run instead")
+    best = {k: v for k, v in arrays.items() if k != "_iter"}
+    if set(best) != set(flatten(trainable)):
+        raise TinyLLMError(f"--resume: {path} does not match the run's trainable parameters")
+    return BestWeights(top["iter"], top["val_loss"], unflatten(best), since)
+
+
+def train_keeping_best(out_dir, params, paths, tc, loss_fn, sample, evaluate, save_full,
+                       resume_ckpt, tokens_per_iter, patience, log):
+    """Train only `paths` of `params` with train.train_loop, evaluating with `evaluate`; keep the
+    weights of the evaluation with the lowest validation loss, and stop after `patience`
+    evaluations without a better one (0: never stop early).
+
+    Returns (the whole tree with the best weights, BestWeights, the final Committed state)."""
     trainable, frozen = split_params(params, paths)
     if resume_ckpt is not None:
         opt_state = trim_opt_state(resume_ckpt.opt_state, paths)
         state = Committed(trainable, opt_state, resume_ckpt.rng_state, resume_ckpt.iter,
                           resume_ckpt.meta.get("last_eval_iter", -1))
         truncate_metrics(out_dir, resume_ckpt.iter)
+        best = resumed_best(out_dir, resume_ckpt, trainable)
         log(f"resuming {out_dir} at iteration {resume_ckpt.iter} of {tc.max_iters}")
     else:
         rng = onp.random.default_rng([tc.seed, 1])
         state = Committed(trainable, adamw_init(trainable), rng.bit_generator.state, 0, -1)
+        best = BestWeights()
 
     def step_loss(trainable_params, batch, rng):
         return loss_fn(merge_params(trainable_params, frozen), batch, rng)
 
     def save(s):
-        save_full(merge_params(s.params, frozen), padded_opt_state(s.opt_state, frozen), s)
+        save_full(merge_params(s.params, frozen), padded_opt_state(s.opt_state, frozen), s,
+                  best.iteration)
 
-    state = train_loop(state, tc, step_loss, sample, save, out_dir, tokens_per_iter)
-    return merge_params(state.params, frozen)
+    def on_eval(record, s):
+        if record["val_loss"] < best.val_loss:
+            best.iteration, best.val_loss, best.params, best.evals_since = (
+                s.iteration, record["val_loss"], s.params, 0)
+            atomic_save_npz(os.path.join(out_dir, BEST_FILE),
+                            {**flatten(s.params), "_iter": onp.array(s.iteration, onp.int64)})
+        else:
+            best.evals_since += 1
+        if patience and best.evals_since >= patience and s.iteration < tc.max_iters:
+            log(f"early stop at iteration {s.iteration}: no better validation loss in {patience}"
+                f" evaluations; keeping iteration {best.iteration}")
+            return True
+        return False
+
+    if not (resume_ckpt is not None and best.evals_since >= patience > 0):
+        state = train_loop(state, tc, step_loss, sample, save, out_dir, tokens_per_iter,
+                           evaluate=lambda p: evaluate(merge_params(p, frozen)), on_eval=on_eval)
+    return merge_params(best.params or state.params, frozen), best, state
 
 
-def write_report(out_dir, report):
-    """metrics.json: versioned, indented, written atomically."""
-    atomic_write_json(os.path.join(out_dir, "metrics.json"),
-                      {"format": METRICS_FORMAT, "version": METRICS_VERSION, **report})
+def finish_with_best(out_dir, whole_best, state, paths, save_full, best):
+    """Make the best weights the run's checkpoint (with the final optimizer state, so --resume
+    with a larger --max-iters continues from them) and remove best.npz."""
+    trainable, frozen = split_params(whole_best, paths)
+    save_full(whole_best, padded_opt_state(state.opt_state, frozen), state, best.iteration)
+    path = os.path.join(out_dir, BEST_FILE)
+    if os.path.exists(path):
+        os.remove(path)
 
 
 # ----------------------------------------------------------------------------- classification
 
 
-def load_classification_splits(data, val_data, test_data, text_column, label_column, do_balance,
-                               seed):
+def load_classification_splits(s):
     """(train, val, test) lists of (text, label), from files or the embedded default."""
-    examples = (read_classification(data, text_column, label_column) if data
+    examples = (read_classification(s.data, s.text_column, s.label_column) if s.data
                 else default_classification_data())
-    if do_balance:
-        examples = balance(examples, seed)
-    if val_data or test_data:
-        if not (val_data and test_data):
-            raise TinyLLMError("give both --val-data and --test-data, or neither (70/10/20 split)")
+    if s.balance:
+        examples = balance(examples, s.seed)
+    if s.val_data:
         train = examples
-        val = read_classification(val_data, text_column, label_column)
-        test = read_classification(test_data, text_column, label_column)
+        val = read_classification(s.val_data, s.text_column, s.label_column)
+        test = read_classification(s.test_data, s.text_column, s.label_column)
     else:
-        train, val, test = split_three(examples, SPLIT_CLASSIFY, seed)
-    _check_splits(data, train, val, test)
+        train, val, test = split_three(examples, SPLIT_CLASSIFY, s.seed)
+    _check_splits(s.data, train, val, test)
     return train, val, test
 
 
-def _check_splits(data, *splits):
-    if not all(splits):
-        sizes = "/".join(str(len(s)) for s in splits)
-        raise TinyLLMError(f"{data or 'the data'}: too few examples to split into train, validation"
-                           f" and test ({sizes}); give more, or --val-data and --test-data")
-
-
-def encode_classification(tokenizer, examples, labels, block_size, where):
-    """(ids (N, T), valid (N, T), y (N,), truncated count, fallback char count)."""
+def encode_classification(tokenizer, examples, labels, block_size, max_windows, where):
+    """(Windows, y (N,), counts) for (text, label) examples; counts has how many texts were
+    read as several windows ("windowed"), cut after max_windows ("cut") and how many characters
+    fell back to the unknown token ("fallback_characters")."""
     unknown = sorted({label for _, label in examples} - set(labels))
     if unknown:
         raise TinyLLMError(f"{where}: label {unknown[0]!r} is not one the model was trained on"
                            f" ({', '.join(labels)})")
     seqs, fallback = encode_all(tokenizer, [text for text, _ in examples])
-    empty = sum(1 for s in seqs if not s)
+    empty = [i for i, s in enumerate(seqs) if not s]
     if empty:
-        raise TinyLLMError(f"{where}: {empty} example(s) have empty text")
-    truncated = sum(1 for s in seqs if len(s) > block_size)
-    length = min(block_size, max(len(s) for s in seqs))
-    ids, valid = pad_batch(seqs, length)
+        raise TinyLLMError(f"{where}: {len(empty)} example(s) have empty text (the first is"
+                           f" example {empty[0] + 1})")
+    windows, windowed, cut = make_windows(seqs, block_size, max_windows)
+    if cut == len(seqs):
+        raise TinyLLMError(f"{where}: every text is longer than {max_windows} windows of"
+                           f" {block_size} tokens; raise --max-windows")
     y = onp.asarray([labels.index(label) for _, label in examples], dtype=onp.int32)
-    return ids, valid, y, truncated, fallback
+    return windows, y, {"windowed": windowed, "cut": cut, "fallback_characters": fallback}
 
 
-def accuracy(params, config, ids, valid, y):
-    """Fraction of rows whose most likely class is the true one, and the predictions."""
-    pred = predict_proba(params, ids, valid, config).argmax(axis=1)
+def accuracy(params, config, windows, y):
+    """Fraction of texts whose most likely class is the true one, and the predictions."""
+    pred = predict_windows(params, windows, config).argmax(axis=1)
     return float((pred == y).mean()) if len(y) else 0.0, pred
 
 
 def classify_report(params, config, labels, sets):
     """Accuracy per split, and the test split's confusion matrix and per-class precision/recall."""
     accs, pred = {}, None
-    for name, (ids, valid, y) in sets.items():
-        accs[name], p = accuracy(params, config, ids, valid, y)
+    for name, (windows, y) in sets.items():
+        accs[name], p = accuracy(params, config, windows, y)
         if name == "test":
             pred = p
-    matrix = confusion_matrix(sets["test"][2], pred, len(labels))
+    matrix = confusion_matrix(sets["test"][1], pred, len(labels))
+    return accs, matrix, per_class_stats(matrix, labels)
+
+
+def per_class_stats(matrix, labels):
+    """{label: {"precision", "recall", "support"}} from a confusion matrix."""
     precision, recall = precision_recall(matrix)
-    per_class = {label: {"precision": round(precision[i], 4), "recall": round(recall[i], 4),
-                         "support": int(matrix[i].sum())} for i, label in enumerate(labels)}
-    return accs, matrix, per_class
+    return {label: {"precision": round(precision[i], 4), "recall": round(recall[i], 4),
+                    "support": int(matrix[i].sum())} for i, label in enumerate(labels)}
 
 
-def run_classify(out, checkpoint=None, data=None, val_data=None, test_data=None,
-                 text_column=None, label_column=None, pooling=None, arch="decoder", freeze="none",
-                 do_balance=False, random_init=False, lora_rank=0, lora_alpha=None,
-                 batch_size=16, max_iters=200, epochs=None, lr=3e-4, warmup_iters=20,
-                 eval_interval=50, eval_iters=5, weight_decay=0.01, seed=1337, resume=False,
-                 force=False, max_iters_given=False, log=print):
-    """Fine-tune a classifier end to end; writes the run directory and returns the report dict."""
-    prepare_out_dir(out, resume, force)
-    resume_ckpt = None
-    if resume:
-        resume_ckpt = load_checkpoint(out, with_optimizer=True, kind="classifier")
-        s = resume_ckpt.meta["finetune"]
-        data, val_data, test_data = s["data"], s["val_data"], s["test_data"]
-        text_column, label_column, do_balance, seed = (s["text_column"], s["label_column"],
-                                                       s["balance"], s["seed"])
-        freeze = s["freeze"]
-        config, tokenizer, params = resume_ckpt.model_config, resume_ckpt.tokenizer, resume_ckpt.params
-        labels = resume_ckpt.meta["labels"]
-    train, val, test = load_classification_splits(data, val_data, test_data, text_column,
-                                                  label_column, do_balance, seed)
-    if not resume:
-        labels = list(label_ids([label for _, label in train]))
-        gpt_params, gpt_config, tokenizer = load_base(checkpoint, random_init, seed, log)
-        gpt_params, gpt_config, tokenizer = add_unknown_token(gpt_params, gpt_config, tokenizer)
-        pooling = pooling or ("mean" if arch == "encoder" else "last")
-        rank = lora_rank or 0
-        config = ClassifierConfig(**gpt_config.__dict__, n_classes=len(labels), pooling=pooling,
-                                  arch=arch, lora_rank=rank,
-                                  lora_alpha=float(lora_alpha if lora_alpha is not None else 2 * rank)
-                                  ).validate()
-        params = classifier_from_gpt(gpt_params, config, onp.random.default_rng([seed, 2]))
-    sets, truncated, fallback = {}, 0, 0
-    for name, split in (("train", train), ("val", val), ("test", test)):
-        ids, valid, y, n_trunc, n_fall = encode_classification(
-            tokenizer, split, labels, config.block_size, f"{data or 'the embedded data'} ({name})")
-        sets[name] = (ids, valid, y)
-        truncated, fallback = truncated + n_trunc, fallback + n_fall
-    log(f"data: {data or 'embedded real-vs-scrambled sentences'}: {len(train)} train,"
-        f" {len(val)} val, {len(test)} test; classes {labels}")
-    if truncated:
-        log(f"note: {truncated} text(s) longer than the context ({config.block_size} tokens)"
-            " were truncated")
-    if fallback:
-        log(f"note: {fallback} character(s) unknown to the tokenizer were mapped to {UNK_TOKEN}")
-    tc = make_train_config(batch_size, max_iters, epochs, len(train), lr, warmup_iters,
-                           eval_interval, eval_iters, seed, weight_decay)
-    if resume:
-        tc = replace(resume_ckpt.train_config,
-                     max_iters=max_iters if max_iters_given else resume_ckpt.train_config.max_iters)
-        before = resume_ckpt.meta["before"]
-    else:
-        before = classify_report(params, config, labels, sets)[0]
-    log("accuracy before fine-tuning: " + _fmt_acc(before))
-    start_out_dir(out, resume, force)
-    paths = trainable_paths(params, freeze, config.n_layer)
-    n_trainable = sum(onp.size(v) for k, v in flatten(params).items() if k in set(paths))
-    what = (f"LoRA rank {config.lora_rank}: adapters and head" if config.lora_rank
-            else f"--freeze {freeze}")
-    log(f"model: {count_params(params):,} parameters, {n_trainable:,} trainable ({what})")
-    settings = {"data": data, "val_data": val_data, "test_data": test_data,
-                "text_column": text_column, "label_column": label_column, "balance": do_balance,
-                "seed": seed, "freeze": freeze, "base": checkpoint, "random_init": random_init}
+def build_classifier(s, labels, log):
+    """(params, ClassifierConfig, tokenizer): the base model with a fresh classification head."""
+    gpt_params, gpt_config, tokenizer = load_base(s, log)
+    gpt_params, gpt_config, tokenizer = add_unknown_token(gpt_params, gpt_config, tokenizer)
+    config = ClassifierConfig(**gpt_config.__dict__, n_classes=len(labels),
+                              pooling=s.pooling or ("mean" if s.arch == "encoder" else "last"),
+                              arch=s.arch, lora_rank=s.lora_rank,
+                              lora_alpha=s.adapter_alpha).validate()
+    params = classifier_from_gpt(gpt_params, config, onp.random.default_rng([s.seed, 2]))
+    return params, config, tokenizer
+
+
+def classification_loss_and_batches(sets, config, batch_size):
+    """The loss of a batch, and sample(split, rng) drawing batch_size random texts of a split."""
 
     def loss_fn(p, batch, rng):
-        return classifier_loss(p, batch[0], batch[1], batch[2], config, rng)
+        ids, valid, assign, y = batch
+        return classifier_loss(p, ids, valid, y, config, rng, assign)
 
     def sample(split, rng):
-        ids, valid, y = sets[split]
-        rows = rng.integers(0, len(y), size=tc.batch_size)  # (B,)
-        return ids[rows], valid[rows], y[rows]
+        windows, y = sets[split]
+        texts = rng.integers(0, len(y), size=batch_size)  # (B,)
+        return (*windows.batch(texts), y[texts])
 
-    def save_full(full, opt_state, s):
-        save_checkpoint(out, full, opt_state, s.rng_state, config, tc, tokenizer, s.iteration,
-                        extra={"labels": labels, "finetune": settings, "before": before,
-                               "last_eval_iter": s.last_eval_iter}, kind="classifier")
+    return loss_fn, sample
 
+
+def classification_evaluator(sets, config, loss_fn):
+    """evaluate(params) -> {"train", "val"}: the mean loss over the whole validation split and
+    over the first EVAL_TRAIN_EXAMPLES training texts, in batches of 64, without dropout."""
+
+    def mean_loss(params, split, limit):
+        windows, y = sets[split]
+        n = min(len(y), limit)
+        total = 0.0
+        for start in range(0, n, 64):
+            texts = onp.arange(start, min(start + 64, n))
+            total += float(loss_fn(params, (*windows.batch(texts), y[texts]), None)) * len(texts)
+        return total / n
+
+    return lambda params: {"train": mean_loss(params, "train", EVAL_TRAIN_EXAMPLES),
+                           "val": mean_loss(params, "val", len(sets["val"][1]))}
+
+
+def run_classify(out, settings=None, resume=False, force=False, max_iters=None, log=print):
+    """Fine-tune a classifier end to end; writes the run directory and returns the report dict.
+
+    `settings` (ClassifySettings) is ignored with resume=True, where the run's own settings are
+    read back; `max_iters` then sets a new total."""
+    # 1. settings
+    prepare_out_dir(out, resume, force)
+    ckpt = load_checkpoint(out, with_optimizer=True, kind="classifier") if resume else None
+    s = (settings_from_run(ckpt, ClassifySettings, max_iters) if resume
+         else (settings or ClassifySettings())).validate()
+    # 2. data
+    train, val, test = load_classification_splits(s)
+    if resume:
+        check_data_unchanged(ckpt, s)
+    labels = ckpt.meta["labels"] if resume else list(label_ids([label for _, label in train]))
+    # 3. model
+    if resume:
+        params, config, tokenizer = ckpt.params, ckpt.model_config, ckpt.tokenizer
+    else:
+        params, config, tokenizer = build_classifier(s, labels, log)
+    # 4. encode
+    sets, counts = {}, {"windowed": 0, "cut": 0, "fallback_characters": 0}
+    for name, split in (("train", train), ("val", val), ("test", test)):
+        windows, y, n = encode_classification(tokenizer, split, labels, config.block_size,
+                                              s.max_windows, f"{s.data or 'the embedded data'} ({name})")
+        sets[name] = (windows, y)
+        counts = {k: counts[k] + n[k] for k in counts}
+    log(f"data: {s.data or 'embedded real-vs-scrambled sentences'}: {len(train)} train,"
+        f" {len(val)} val, {len(test)} test; classes {labels}")
+    report_counts(counts, config.block_size, s.max_windows, log)
+    # 5. score before
+    before = ckpt.meta["before"] if resume else classify_report(params, config, labels, sets)[0]
+    log("accuracy before fine-tuning: " + format_accuracies(before))
+    # 6. train
+    start_out_dir(out, resume, force)
+    tc = make_train_config(s, len(train))
+    if resume:
+        tc = replace(ckpt.train_config, max_iters=s.max_iters)
+    paths = trainable_paths(params, s.freeze, config.n_layer)
+    log_trainable(params, paths, f"LoRA rank {config.lora_rank}: adapters and head"
+                  if config.lora_rank else f"--freeze {s.freeze}", log)
+    extra = {"labels": labels, "finetune": {"task": "classify", **stored_settings(s)},
+             "data_files_sha256": data_fingerprints(s), "before": before}
+
+    def save_full(full, opt_state, st, best_iter):
+        save_checkpoint(out, full, opt_state, st.rng_state, config, tc, tokenizer, st.iteration,
+                        extra={**extra, "best_iter": best_iter,
+                               "last_eval_iter": st.last_eval_iter}, kind="classifier")
+
+    loss_fn, sample = classification_loss_and_batches(sets, config, tc.batch_size)
     t0 = time.perf_counter()
-    params = run_training(params, paths, tc, loss_fn, sample, save_full, out, resume_ckpt,
-                          tc.batch_size * sets["train"][0].shape[1], log)
+    params, best, state = train_keeping_best(
+        out, params, paths, tc, loss_fn, sample, classification_evaluator(sets, config, loss_fn),
+        save_full, ckpt, tc.batch_size * sets["train"][0].ids.shape[1], s.patience, log)
     seconds = time.perf_counter() - t0
+    finish_with_best(out, params, state, paths, save_full, best)
+    # 7. score after and report
     after, matrix, per_class = classify_report(params, config, labels, sets)
     report = {"task": "classify", "labels": labels, "arch": config.arch, "pooling": config.pooling,
-              "freeze": freeze, "lora_rank": config.lora_rank,
-              "base": checkpoint, "random_init": bool(random_init or checkpoint is None),
-              "examples": {k: int(len(v[2])) for k, v in sets.items()},
+              "freeze": s.freeze, "lora_rank": config.lora_rank,
+              "base": s.checkpoint, "random_init": bool(s.random_init or s.checkpoint is None),
+              "examples": {k: int(len(v[1])) for k, v in sets.items()},
               "accuracy_before": before, "accuracy_after": after,
               "test_confusion_matrix": matrix.tolist(), "test_per_class": per_class,
-              "truncated_texts": truncated, "fallback_characters": fallback,
-              "iterations": tc.max_iters, "train_seconds": round(seconds, 1),
-              "final_val_loss": (read_metrics(out) or [{}])[-1].get("val_loss")}
+              "windowed_texts": counts["windowed"], "cut_texts": counts["cut"],
+              "fallback_characters": counts["fallback_characters"],
+              "iterations": state.iteration, "best_iter": best.iteration,
+              "best_val_loss": best.val_loss, "train_seconds": round(seconds, 1)}
     write_report(out, report)
+    log(f"best validation loss {best.val_loss:.4f} at iteration {best.iteration}: those weights"
+        " are the run's result")
     return report
 
 
-def _fmt_acc(accs):
+def report_counts(counts, block_size, max_windows, log):
+    """Say how many texts were windowed or cut, and how many characters fell back."""
+    if counts["windowed"]:
+        log(f"note: {counts['windowed']} text(s) longer than the context ({block_size} tokens)"
+            " were read as overlapping windows")
+    if counts["cut"]:
+        log(f"note: {counts['cut']} text(s) longer than {max_windows} windows were cut"
+            " (--max-windows)")
+    if counts["fallback_characters"]:
+        log(f"note: {counts['fallback_characters']} character(s) unknown to the tokenizer were"
+            f" mapped to {UNK_TOKEN}")
+
+
+def log_trainable(params, paths, what, log):
+    """One line: parameters in all, and how many train."""
+    flat = flatten(params)
+    n_trainable = sum(onp.size(flat[p]) for p in paths)
+    log(f"model: {count_params(params):,} parameters, {n_trainable:,} trainable ({what})")
+
+
+def format_accuracies(accs):
+    """{"train": 0.9, "val": 0.8} -> "train 90.0%, val 80.0%"."""
     return ", ".join(f"{k} {100 * v:.1f}%" for k, v in accs.items())
 
 
@@ -345,46 +617,68 @@ def load_classifier(checkpoint):
     return ckpt.params, ckpt.model_config, ckpt.tokenizer, labels
 
 
-def classify_texts(params, config, tokenizer, texts):
-    """Class probabilities (N, K) for texts (longer ones truncated to the context)."""
+def max_windows_of(checkpoint_meta):
+    """The --max-windows a classifier run was trained with (the default for older runs)."""
+    stored = checkpoint_meta.get("finetune") or {}
+    value = stored.get("max_windows", ClassifySettings.max_windows)
+    return value if isinstance(value, int) and value > 0 else ClassifySettings.max_windows
+
+
+def classify_texts(params, config, tokenizer, texts, max_windows=ClassifySettings.max_windows):
+    """Class probabilities (N, K) for texts; longer ones are read as windows, as in training."""
     seqs, _ = encode_all(tokenizer, texts)
     if any(not s for s in seqs):
         raise TinyLLMError("cannot classify an empty text")
-    ids, valid = pad_batch(seqs, min(config.block_size, max(len(s) for s in seqs)))
-    return predict_proba(params, ids, valid, config)
+    windows, _, _ = make_windows(seqs, config.block_size, max_windows)
+    return predict_windows(params, windows, config)
+
+
+def score_file(params, config, tokenizer, labels, data, text_column, label_column, max_windows):
+    """`tinyllm classify --data FILE`: accuracy, confusion matrix and counts of a labelled file."""
+    examples = read_classification(data, text_column, label_column)
+    windows, y, counts = encode_classification(tokenizer, examples, labels, config.block_size,
+                                               max_windows, data)
+    acc, pred = accuracy(params, config, windows, y)
+    return {"examples": len(y), "accuracy": acc,
+            "confusion_matrix": confusion_matrix(y, pred, len(labels)), **counts}
 
 
 # ----------------------------------------------------------------------------- instruction
 
 
-def encode_instructions(tokenizer, records, block_size, include_prompt):
-    """Rows (x, y, m) stacked into arrays, and the number of records too long for the context."""
+def encode_instructions(tokenizer, records, block_size, include_prompt, where):
+    """Rows (x, y, m) stacked into arrays, the number of records whose prompt lost its start
+    to fit the context, and the characters that fell back to the unknown token.
+
+    A record whose response alone (with the end-of-text token) does not fit is an error."""
     eot = tokenizer.special_tokens[EOT]
-    rows, skipped, fallback = [], 0, 0
-    for record in records:
+    rows, shortened, fallback = [], 0, 0
+    for number, record in enumerate(records, 1):
         prompt, n1 = encode_with_fallback(tokenizer, format_prompt(record))
         response, n2 = encode_with_fallback(tokenizer, record["output"])
         fallback += n1 + n2
-        row = instruction_example(prompt, response, eot, block_size, include_prompt)
-        if row is None:
-            skipped += 1
-        else:
-            rows.append(row)
-    if not rows:
-        return None, skipped, fallback
+        kept = fit_prompt(prompt, response, block_size)
+        if kept is None:
+            raise TinyLLMError(f"{where}: record {number}: its response alone has"
+                               f" {len(response)} tokens, more than the context"
+                               f" ({block_size} tokens, with one for the prompt and one to end)")
+        shortened += len(kept) < len(prompt)
+        rows.append(instruction_example(kept, response, eot, block_size, include_prompt))
     longest = max(int(m.nonzero()[0].max()) + 1 for _, _, m in rows)  # trim shared padding
     x, y, m = (onp.stack([r[i][:longest] for r in rows]) for i in range(3))
-    return (x, y, m), skipped, fallback
+    return (x, y, m), shortened, fallback
 
 
 def score_responses(params, config, tokenizer, records, max_new_tokens):
-    """Greedy responses to records (decoded as one batch), with mean exact match and token F1."""
+    """Greedy responses to records (decoded as one batch), with mean exact match and token F1.
+
+    A prompt keeps its last tokens so that it and the response fit the context."""
     eot = tokenizer.special_tokens[EOT]
-    prompts = [encode_with_fallback(tokenizer, format_prompt(r))[0][:config.block_size - 1]
-               for r in records]
     # A response longer than the reference plus a margin is wrong anyway: stop there.
-    limits = [min(max_new_tokens, len(encode_with_fallback(tokenizer, r["output"])[0]) + 8)
-              for r in records]
+    limits = [min(max_new_tokens, len(encode_with_fallback(tokenizer, r["output"])[0]) + 8,
+                  config.block_size - 1) for r in records]
+    prompts = [encode_with_fallback(tokenizer, format_prompt(r))[0][-(config.block_size - limit):]
+               for r, limit in zip(records, limits)]
     responses = greedy_batch(params, config, prompts, limits, eot)
     rows = [{"instruction": r["instruction"], "input": r["input"], "reference": r["output"],
              "response": tokenizer.decode(new)} for r, new in zip(records, responses)]
@@ -393,116 +687,153 @@ def score_responses(params, config, tokenizer, records, max_new_tokens):
     return rows, {"exact_match": round(em, 4), "token_f1": round(f1, 4)}
 
 
-def _instruct_splits(data, val_data, test_data, seed):
-    records = read_instructions(data) if data else default_instruction_data()
-    if val_data or test_data:
-        if not (val_data and test_data):
-            raise TinyLLMError("give both --val-data and --test-data, or neither (85/5/10 split)")
-        splits = records, read_instructions(val_data), read_instructions(test_data)
+def instruct_splits(s):
+    """(train, val, test) instruction records, from files or the embedded tasks."""
+    records = read_instructions(s.data) if s.data else default_instruction_data()
+    if s.val_data:
+        splits = records, read_instructions(s.val_data), read_instructions(s.test_data)
     else:
-        splits = split_three(records, SPLIT_INSTRUCT, seed)
-    _check_splits(data, *splits)
+        splits = split_three(records, SPLIT_INSTRUCT, s.seed)
+    _check_splits(s.data, *splits)
     return splits
 
 
-def run_instruct(out, checkpoint=None, data=None, val_data=None, test_data=None,
-                 include_prompt=False, random_init=False, lora_rank=0, lora_alpha=None,
-                 batch_size=16, max_iters=1500, epochs=None, lr=1e-3, warmup_iters=50,
-                 eval_interval=250, eval_iters=5, weight_decay=0.01, seed=1337, resume=False,
-                 force=False, max_iters_given=False, max_new_tokens=32, log=print):
-    """Instruction-tune a GPT; writes the run directory, responses.jsonl and metrics.json."""
-    prepare_out_dir(out, resume, force)
-    resume_ckpt = None
-    if resume:
-        resume_ckpt = load_checkpoint(out, with_optimizer=True, kind=("gpt", "gpt-lora"))
-        s = resume_ckpt.meta.get("finetune")
-        if not s or s.get("task") != "instruct":
-            raise TinyLLMError(f"--resume: {out} is not an instruction fine-tuning run")
-        data, val_data, test_data, seed = s["data"], s["val_data"], s["test_data"], s["seed"]
-        include_prompt, checkpoint = s["include_prompt"], s["base"]
-        config, tokenizer, params = resume_ckpt.model_config, resume_ckpt.tokenizer, resume_ckpt.params
-    train, val, test = _instruct_splits(data, val_data, test_data, seed)
-    if not resume:
-        params, gpt_config, tokenizer = load_base(checkpoint, random_init, seed, log)
-        if EOT not in tokenizer.special_tokens:
-            raise TinyLLMError(f"--checkpoint: its tokenizer has no {EOT} token to end responses;"
-                               " pretrain with this version of tinyllm")
-        params, gpt_config, tokenizer = add_unknown_token(params, gpt_config, tokenizer)
-        config = gpt_config
-        if lora_rank:
-            config = LoRAGPTConfig(**gpt_config.__dict__, lora_rank=lora_rank,
-                                   lora_alpha=float(lora_alpha if lora_alpha is not None
-                                                    else 2 * lora_rank))
-            params = {**params, "lora": init_lora(params, lora_rank, onp.random.default_rng([seed, 3]))}
+def build_instruct_model(s, log):
+    """(params, config, tokenizer): the base GPT, with fresh LoRA adapters if asked for."""
+    params, gpt_config, tokenizer = load_base(s, log)
+    if EOT not in tokenizer.special_tokens:
+        raise TinyLLMError(f"--checkpoint: its tokenizer has no {EOT} token to end responses;"
+                           " pretrain with this version of tinyllm")
+    params, config, tokenizer = add_unknown_token(params, gpt_config, tokenizer)
+    if s.lora_rank:
+        config = LoRAGPTConfig(**config.__dict__, lora_rank=s.lora_rank, lora_alpha=s.adapter_alpha)
+        params = {**params, "lora": init_lora(params, s.lora_rank,
+                                              onp.random.default_rng([s.seed, 3]))}
+    return params, config, tokenizer
+
+
+def instruct_loss_and_batches(arrays, config, batch_size):
+    """The masked next-token loss of a batch (adapters applied at alpha / rank), and
+    sample(split, rng) drawing batch_size random rows of a split."""
     gpt_config = config.gpt() if hasattr(config, "gpt") else config
-    arrays = {}
-    for name, split in (("train", train), ("val", val)):
-        arrays[name], skipped, fallback = encode_instructions(tokenizer, split, config.block_size,
-                                                              include_prompt)
-        if arrays[name] is None:
-            raise TinyLLMError(f"every {name} record is longer than the context"
-                               f" ({config.block_size} tokens)")
-        if skipped:
-            log(f"note: {skipped} {name} record(s) longer than the context were skipped")
-        if fallback:
-            log(f"note: {fallback} character(s) in {name} fell back to {UNK_TOKEN}")
-    log(f"data: {data or 'embedded tasks (reverse, uppercase, sort letters, add)'}:"
-        f" {len(train)} train, {len(val)} val, {len(test)} test records")
-    tc = make_train_config(batch_size, max_iters, epochs, len(arrays["train"][0]), lr,
-                           warmup_iters, eval_interval, eval_iters, seed, weight_decay)
-    scale = config.lora_alpha / config.lora_rank if lora_rank or "lora" in params else 0.0
-    if resume:
-        tc = replace(resume_ckpt.train_config,
-                     max_iters=max_iters if max_iters_given else resume_ckpt.train_config.max_iters)
-        before = resume_ckpt.meta["before"]
-    else:
-        log(f"scoring the base model on {len(test)} test records ...")
-        before = score_responses(merge_lora(params, config.lora_alpha, config.lora_rank)
-                                 if "lora" in params else params, gpt_config, tokenizer, test,
-                                 max_new_tokens)[1]
-    log(f"base model: exact match {100 * before['exact_match']:.1f}%, token F1"
-        f" {100 * before['token_f1']:.1f}%")
-    start_out_dir(out, resume, force)
-    flat = flatten(params)
-    paths = [p for p in flat if p.startswith("lora.")] if "lora" in params else list(flat)
-    settings = {"task": "instruct", "data": data, "val_data": val_data, "test_data": test_data,
-                "seed": seed, "include_prompt": include_prompt, "base": checkpoint}
-    kind = "gpt-lora" if "lora" in params else "gpt"
+    scale = config.lora_alpha / config.lora_rank if hasattr(config, "lora_rank") else 0.0
 
     def loss_fn(p, batch, rng):
         if "lora" in p:
-            from .lora import apply_lora
-
             p = apply_lora(p, scale)
         return gpt_loss(p, batch[0], batch[1], gpt_config, rng, mask=batch[2])
 
     def sample(split, rng):
-        rows = rng.integers(0, len(arrays[split][0]), size=tc.batch_size)  # (B,)
+        rows = rng.integers(0, len(arrays[split][0]), size=batch_size)  # (B,)
         return tuple(a[rows] for a in arrays[split])
 
-    def save_full(full, opt_state, s):
-        save_checkpoint(out, full, opt_state, s.rng_state, config, tc, tokenizer, s.iteration,
-                        extra={"finetune": settings, "before": before, "template":
-                               "Instruction: {instruction}\\nInput: {input}\\nResponse: ",
-                               "last_eval_iter": s.last_eval_iter}, kind=kind)
+    return loss_fn, sample
 
+
+def instruct_evaluator(arrays, loss_fn):
+    """evaluate(params) -> {"train", "val"}: the masked loss over the whole validation split and
+    the first EVAL_TRAIN_EXAMPLES training rows, per response token."""
+
+    def mean_loss(params, split, limit):
+        x, y, m = (a[:limit] for a in arrays[split])
+        total, weight = 0.0, 0.0
+        for start in range(0, len(x), 64):
+            part = slice(start, start + 64)
+            w = float(m[part].sum())
+            total += float(loss_fn(params, (x[part], y[part], m[part]), None)) * w
+            weight += w
+        return total / max(weight, 1.0)
+
+    return lambda params: {"train": mean_loss(params, "train", EVAL_TRAIN_EXAMPLES),
+                           "val": mean_loss(params, "val", len(arrays["val"][0]))}
+
+
+def inference_params(params, config):
+    """The weights to generate with: adapters merged when there are any."""
+    return merge_lora(params, config.lora_alpha, config.lora_rank) if "lora" in params else params
+
+
+def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, log=print):
+    """Instruction-tune a GPT; writes the run directory, responses.jsonl and metrics.json."""
+    # 1. settings
+    prepare_out_dir(out, resume, force)
+    ckpt = load_checkpoint(out, with_optimizer=True, kind=("gpt", "gpt-lora")) if resume else None
+    if resume and (ckpt.meta.get("finetune") or {}).get("task") != "instruct":
+        raise TinyLLMError(f"--resume: {out} is not an instruction fine-tuning run")
+    s = (settings_from_run(ckpt, InstructSettings, max_iters) if resume
+         else (settings or InstructSettings())).validate()
+    # 2. data
+    train, val, test = instruct_splits(s)
+    if resume:
+        check_data_unchanged(ckpt, s)
+    # 3. model
+    if resume:
+        params, config, tokenizer = ckpt.params, ckpt.model_config, ckpt.tokenizer
+    else:
+        params, config, tokenizer = build_instruct_model(s, log)
+    gpt_config = config.gpt() if hasattr(config, "gpt") else config
+    # 4. encode
+    arrays, shortened = {}, {}
+    for name, split in (("train", train), ("val", val)):
+        arrays[name], shortened[name], fallback = encode_instructions(
+            tokenizer, split, config.block_size, s.include_prompt,
+            f"{s.data or 'the embedded tasks'} ({name})")
+        if shortened[name]:
+            log(f"note: {shortened[name]} {name} record(s) longer than the context"
+                f" ({config.block_size} tokens) kept the end of their prompt and all of their"
+                " response")
+        if fallback:
+            log(f"note: {fallback} character(s) in {name} fell back to {UNK_TOKEN}")
+    log(f"data: {s.data or 'embedded tasks (reverse, uppercase, sort letters, add)'}:"
+        f" {len(train)} train, {len(val)} val, {len(test)} test records")
+    # 5. score before
+    if resume:
+        before = ckpt.meta["before"]
+    else:
+        log(f"scoring the base model on {len(test)} test records ...")
+        before = score_responses(inference_params(params, config), gpt_config, tokenizer, test,
+                                 s.max_new_tokens)[1]
+    log(f"base model: exact match {100 * before['exact_match']:.1f}%, token F1"
+        f" {100 * before['token_f1']:.1f}%")
+    # 6. train
+    start_out_dir(out, resume, force)
+    tc = make_train_config(s, len(arrays["train"][0]))
+    if resume:
+        tc = replace(ckpt.train_config, max_iters=s.max_iters)
+    flat = flatten(params)
+    paths = [p for p in flat if p.startswith("lora.")] if "lora" in params else list(flat)
+    log_trainable(params, paths, "LoRA adapters" if "lora" in params else "all weights", log)
+    kind = "gpt-lora" if "lora" in params else "gpt"
+    extra = {"finetune": {"task": "instruct", **stored_settings(s)},
+             "data_files_sha256": data_fingerprints(s), "before": before,
+             "template": "Instruction: {instruction}\\nInput: {input}\\nResponse: "}
+
+    def save_full(full, opt_state, st, best_iter):
+        save_checkpoint(out, full, opt_state, st.rng_state, config, tc, tokenizer, st.iteration,
+                        extra={**extra, "best_iter": best_iter,
+                               "last_eval_iter": st.last_eval_iter}, kind=kind)
+
+    loss_fn, sample = instruct_loss_and_batches(arrays, config, tc.batch_size)
     t0 = time.perf_counter()
-    n_trainable = sum(onp.size(flat[p]) for p in paths)
-    log(f"model: {count_params(params):,} parameters, {n_trainable:,} trainable")
-    params = run_training(params, paths, tc, loss_fn, sample, save_full, out, resume_ckpt,
-                          tc.batch_size * arrays["train"][0].shape[1], log)
+    params, best, state = train_keeping_best(
+        out, params, paths, tc, loss_fn, sample, instruct_evaluator(arrays, loss_fn), save_full,
+        ckpt, tc.batch_size * arrays["train"][0].shape[1], s.patience, log)
     seconds = time.perf_counter() - t0
+    finish_with_best(out, params, state, paths, save_full, best)
+    # 7. score after and report
     log(f"generating responses for {len(test)} test records ...")
-    inference = merge_lora(params, config.lora_alpha, config.lora_rank) if "lora" in params else params
-    rows, after = score_responses(inference, gpt_config, tokenizer, test, max_new_tokens)
+    rows, after = score_responses(inference_params(params, config), gpt_config, tokenizer, test,
+                                  s.max_new_tokens)
     atomic_write_text(os.path.join(out, "responses.jsonl"),
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    report = {"task": "instruct", "base": checkpoint, "lora_rank": getattr(config, "lora_rank", 0),
-              "include_prompt": include_prompt,
+    metrics = read_metrics(out)
+    report = {"task": "instruct", "base": s.checkpoint, "lora_rank": s.lora_rank,
+              "include_prompt": s.include_prompt,
               "records": {"train": len(train), "val": len(val), "test": len(test)},
-              "test_before": before, "test_after": after, "iterations": tc.max_iters,
-              "train_seconds": round(seconds, 1),
-              "final_val_loss": (read_metrics(out) or [{}])[-1].get("val_loss")}
+              "shortened_records": shortened, "test_before": before, "test_after": after,
+              "val_loss_before": metrics[0]["val_loss"] if metrics else None,
+              "best_val_loss": best.val_loss, "best_iter": best.iteration,
+              "iterations": state.iteration, "train_seconds": round(seconds, 1)}
     write_report(out, report)
     return report
 

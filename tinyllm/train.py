@@ -270,12 +270,17 @@ def _interrupt_for(received):
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=None, lr_fn=None):
+def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=None, lr_fn=None,
+               evaluate=None, on_eval=None):
     """Train from `state` (Committed) to tc.max_iters; evaluate, log and `save(state)` as we go.
 
     `sample(split, rng)` returns a batch for `loss_fn(params, batch, rng)`: a tuple of arrays
     whose first axis is the batch (split is "train" or "val"). `lr_fn(it)` gives the learning
     rate of step `it`; the default is warm-up plus cosine decay from tc (`optim.lr_at`).
+    `evaluate(params)` gives {"train": loss, "val": loss} for an evaluation; the default
+    estimates both from tc.eval_iters random batches (`estimate_loss`). `on_eval(record, state)`
+    is called after each evaluation is saved and logged; if it returns True, training stops
+    there (early stopping).
 
     Returns the final Committed state. On Ctrl-C or SIGTERM, saves the last committed state and
     raises TrainingInterrupted. If a step makes the loss or the weights non-finite, raises
@@ -296,11 +301,14 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
                 it = state.iteration
                 if (it % tc.eval_interval == 0 or it == tc.max_iters) and state.last_eval_iter != it:
                     ms = 1000 * step_seconds / max(1, steps_timed)
-                    record = _evaluate(state, tc, loss_fn, sample, ms, tokens_per_iter, lr_fn(it))
+                    record = _evaluate(state, tc, loss_fn, sample, ms, tokens_per_iter, lr_fn(it),
+                                       evaluate)
                     state, received = _log_and_save(state, record, save, out_dir, log)
                     if received:  # a signal held during the save: stop now, the state is on disk
                         raise _interrupt_for(received)
                     step_seconds, steps_timed = 0.0, 0
+                    if on_eval is not None and on_eval(record, state):
+                        break
                 if it >= tc.max_iters:
                     break
                 t0 = time.perf_counter()
@@ -335,10 +343,13 @@ def _check_finite_step(loss, params, it, out_dir):
             " --lr")
 
 
-def _evaluate(state, tc, loss_fn, sample, ms_per_iter, tokens_per_iter, lr):
+def _evaluate(state, tc, loss_fn, sample, ms_per_iter, tokens_per_iter, lr, evaluate=None):
     """The metrics record of an evaluation at state.iteration."""
-    losses = estimate_loss(loss_fn, state.params, sample, tc.eval_iters,
-                           eval_rng(tc.seed, state.iteration))
+    if evaluate is not None:
+        losses = evaluate(state.params)
+    else:
+        losses = estimate_loss(loss_fn, state.params, sample, tc.eval_iters,
+                               eval_rng(tc.seed, state.iteration))
     return {
         "iter": state.iteration,
         "train_loss": round(losses["train"], 6),
