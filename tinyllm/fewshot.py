@@ -77,6 +77,7 @@ from .fileio import atomic_write_json
 from .generate import greedy_batch
 from .models import gpt_forward
 from .ops import log_softmax
+from .train import run_corpus
 
 RESULTS_FORMAT = "tinyllm-fewshot-results"
 RESULTS_VERSION = 1
@@ -459,10 +460,8 @@ def heldout_ids(ckpt, data=None):
     Returns (ids, description).
     """
     if data is None:
-        from .train import run_corpus  # a stored path is read only if its sha256 matches
-
         data = ckpt.meta.get("data") or "pydoc"
-        text = run_corpus(ckpt.meta, "the checkpoint")
+        text = run_corpus(ckpt.meta, "the checkpoint")  # a file is read only if its sha256 matches
         return train_val_split(ckpt.tokenizer.encode(text))[1], f"{data} (validation split)"
     try:
         return ckpt.tokenizer.encode(load_corpus(data)), data
