@@ -57,10 +57,14 @@ def save_figure(fig, out, fmt):
     directory = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(directory):
         raise TinyLLMError(f"cannot write {out}: the directory {directory} does not exist")
+    from matplotlib import rc_context
+
     buffer = io.BytesIO()
-    # No creation date or software stamp: a picture of the same data is the same file.
+    # No creation date, no software stamp and fixed SVG element ids (salted, not random): a
+    # picture of the same data is the same file.
     metadata = {"Date": None, "Creator": None} if fmt == "svg" else {"Software": None}
-    fig.savefig(buffer, format=fmt, dpi=DPI, metadata=metadata)
+    with rc_context({"svg.hashsalt": "tinyllm"}):
+        fig.savefig(buffer, format=fmt, dpi=DPI, metadata=metadata)
     try:
         atomic_write_bytes(out, buffer.getvalue())
     except OSError as err:  # read-only, full disk, a directory by that name ...
