@@ -8,6 +8,7 @@ import click
 
 from .cli_common import count, positive, random_seed, user_errors
 from .config import DEFAULT_RUN
+from .fewshot import ICL_WINDOWS, SHOTS
 
 
 @click.command()
@@ -16,7 +17,7 @@ from .config import DEFAULT_RUN
 @click.option("--task", "task_paths", multiple=True, required=True, type=click.Path(),
               help="JSONL task file (see `tinyllm/fewshot.py`), or a directory of them; repeat"
                    " to pool several tasks.")
-@click.option("--shots", default="0,1,2,4,8",
+@click.option("--shots", default=SHOTS,
               help="Comma-separated numbers of demonstrations k to evaluate.")
 @click.option("--queries", default=None, type=int, callback=positive,
               help="Queries per task, sampled from its records.  [default: all records]")
@@ -26,7 +27,7 @@ from .config import DEFAULT_RUN
 @click.option("--icl-data", default=None, metavar="FILE|NAME",
               help="Held-out text for the in-context learning score."
                    "  [default: the validation split of the checkpoint's corpus]")
-@click.option("--icl-windows", default=200, callback=count,
+@click.option("--icl-windows", default=ICL_WINDOWS, callback=count,
               help="Context windows averaged for the in-context learning score (0: skip it).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Also draw accuracy against k (Wilson intervals, chance line) to this PNG or"
