@@ -6,7 +6,7 @@ and the results file; this module only maps flags onto `fewshot.run_fewshot`.
 
 import click
 
-from .cli_common import positive, user_errors
+from .cli_common import count, positive, random_seed, user_errors
 from .config import DEFAULT_RUN
 from .fewshot import ICL_WINDOWS, SHOTS
 
@@ -21,13 +21,13 @@ from .fewshot import ICL_WINDOWS, SHOTS
               help="Comma-separated numbers of demonstrations k to evaluate.")
 @click.option("--queries", default=None, type=int, callback=positive,
               help="Queries per task, sampled from its records.  [default: all records]")
-@click.option("--seed", default=0, help="Seed for choosing queries and demonstrations.")
+@click.option("--seed", default=0, callback=random_seed, help="Seed for choosing queries and demonstrations.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Write the results as JSON to this file (atomically).  [default: none]")
 @click.option("--icl-data", default=None, metavar="FILE|NAME",
               help="Held-out text for the in-context learning score."
                    "  [default: the validation split of the checkpoint's corpus]")
-@click.option("--icl-windows", default=ICL_WINDOWS,
+@click.option("--icl-windows", default=ICL_WINDOWS, callback=count,
               help="Context windows averaged for the in-context learning score (0: skip it).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Also draw accuracy against k (Wilson intervals, chance line) to this PNG or"
