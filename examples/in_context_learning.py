@@ -1,7 +1,7 @@
 """In-context learning, shown for real at tiny scale: pretrain on generated episodes of random
 functions, then prompt with k demonstrations of functions the model has never seen.
 
-    python examples/in_context_learning.py [--max-iters 3000] [--out DIR]
+    python examples/in_context_learning.py [--max-iters 3000] [--out DIR] [--picture FILE]
 
 Steps (all through the library API; the CLI equivalents are in the comments):
 1. pretrain a 2-layer GPT on the embedded `icl` corpus       (tinyllm pretrain --data icl ...)
@@ -9,6 +9,7 @@ Steps (all through the library API; the CLI equivalents are in the comments):
    corpus, and write them as task files                       (examples/tasks/*.jsonl by hand)
 3. score them with k = 0, 1, 2, 4, 8 demonstrations            (tinyllm fewshot --task ...)
 4. the in-context learning score on fresh episodes             (tinyllm fewshot --icl-data ...)
+5. the induction head: each head's induction score, the best drawn (tinyllm attention ...)
 
 Measured (OPENBLAS_NUM_THREADS=1, 2 cores shared with three other training jobs): 245 s to
 pretrain, 252 s in all. Unseen functions, 12 tasks x 15 queries, greedy exact match:

@@ -5,6 +5,7 @@ one line. Skipped when matplotlib (the `plot` extra) is not installed."""
 import json
 import struct
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -70,16 +71,17 @@ def runs(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("kind", ["pretrain", "classify", "seq2seq"])
-def test_plot_draws_each_kind_of_run(runs, tmp_path, kind):
+def test_plot_draws_each_kind_of_run_in_one_picture(runs, tmp_path):
     out = tmp_path / "loss.png"
-    result = invoke("plot", runs / kind, "--out", out)
+    result = invoke("plot", runs / "pretrain", runs / "classify", runs / "seq2seq", "--out", out)
     assert result.exit_code == 0, result.output
-    assert f"written to {out}" in result.output and "at step 4" in result.output
+    assert f"written to {out}" in result.output
+    for kind in ("pretrain", "classify", "seq2seq"):
+        assert f"{runs / kind} at step 4" in result.output
     assert png_size(out) == pixels((7.0, 5.0))
 
 
-def test_plot_several_runs_as_svg(runs, tmp_path):
+def test_plot_as_svg(runs, tmp_path):
     out = tmp_path / "loss.svg"
     result = invoke("plot", runs / "pretrain", runs / "seq2seq", "--out", out)
     assert result.exit_code == 0, result.output
@@ -146,6 +148,17 @@ def test_plot_errors(runs, tmp_path):
     assert_user_error(invoke("plot", runs / "pretrain", "--out", tmp_path / "no" / "x.png"),
                       "does not exist")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_full_disk_is_one_line(runs, tmp_path, monkeypatch):
+    import errno
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plot, "atomic_write_bytes", full)
+    assert_user_error(invoke("plot", runs / "pretrain", "--out", tmp_path / "x.png"),
+                      "cannot write", "x.png", "No space left")
 
 
 def test_attention_all_heads_or_one(runs, tmp_path):
@@ -217,9 +230,45 @@ def test_fewshot_chart_from_rows(tmp_path):
     assert out.endswith("f.svg") and "chance" in svg and "50 queries per k" in svg
 
 
-def test_same_picture_same_bytes(runs, tmp_path):
+def test_same_picture_same_bytes(tmp_path):
     """No date or version stamp: the committed pictures change only when the data does."""
-    a, b = tmp_path / "a.png", tmp_path / "b.png"
-    for out in (a, b):
-        assert invoke("plot", runs / "pretrain", "--out", out).exit_code == 0
-    assert a.read_bytes() == b.read_bytes()
+    rows = [{"k": 0, "accuracy": 0.1, "ci95": [0.05, 0.2], "n": 50, "chance": 0.25}]
+    for fmt in ("png", "svg"):
+        a, b = (plot.draw_fewshot(rows, str(tmp_path / f"{name}.{fmt}"), fmt) for name in "ab")
+        assert open(a, "rb").read() == open(b, "rb").read()
+
+
+def test_the_example_finds_and_draws_the_induction_head(tmp_path, capsys):
+    """examples/in_context_learning.py's last step, on a random model: scores printed, the best
+    head drawn, and the head it names is the one with the highest mean score."""
+    import importlib.util
+
+    import numpy as onp
+
+    from tinyllm.attention_maps import gpt_attention, induction_scores, kshot_prompt
+    from tinyllm.config import GPTConfig
+    from tinyllm.fewshot import parse_task
+    from tinyllm.models import init_gpt
+    from tinyllm.tokenizers import CharTokenizer
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "in_context_learning.py"
+    spec = importlib.util.spec_from_file_location("icl_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    tok = CharTokenizer.train("abcd1234\nmap it")
+    config = GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=16)
+    params = init_gpt(config, onp.random.default_rng(3))
+    records = [json.dumps({"input": c, "output": str(i % 4 + 1)}) for i, c in enumerate("abcdabcdab")]
+    tasks = [parse_task([json.dumps({"instruction": "map it"})] + records[i:] + records[:i])
+             for i in range(2)]
+    out = tmp_path / "induction.png"
+    example.induction_head({"params": params, "model_config": config, "tokenizer": tok}, tasks,
+                           str(out))
+    printed = capsys.readouterr().out
+    scores = onp.mean([induction_scores(gpt_attention(params, config, ids), ids, queries)
+                       for ids, queries in (kshot_prompt(tok, t.instruction, t.records[:8],
+                                                         t.records[8]["input"]) for t in tasks)],
+                      axis=0)
+    layer, head = onp.unravel_index(onp.argmax(scores), scores.shape)
+    assert f"best: layer {layer}, head {head}, score {scores[layer, head]:.3f}" in printed
+    assert f"written to {out}" in printed and png_size(out)[0] > 300

@@ -136,8 +136,10 @@ def save_checkpoint(out_dir, params, opt_state, rng_state, model_config, train_c
         atomic_write_bytes(os.path.join(out_dir, "config.json"), json_bytes(meta))
     except OSError as err:
         remove_leftovers(out_dir)  # what this save wrote; the previous checkpoint stays
+        where = f" (writing {os.path.basename(err.filename)})" if err.filename else ""
         raise TinyLLMError(f"could not save the checkpoint of iteration {iteration} in {out_dir}:"
-                           f" {err.strerror or err}; the previous checkpoint is intact") from None
+                           f" {err.strerror or err}{where}; the previous checkpoint is intact"
+                           ) from None
     # 3. the previous checkpoint's files are no longer named by config.json
     remove_leftovers(out_dir)
     return meta

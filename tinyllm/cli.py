@@ -9,7 +9,8 @@ import importlib.metadata
 import click
 from click.core import ParameterSource
 
-from .cli_common import positive, user_errors
+from .cli_common import (count, fraction, non_negative, positive, probability_mass, random_seed,
+                         step_count, user_errors)
 from .cli_fewshot import fewshot
 from .cli_finetune import classify, finetune
 from .cli_plot import attention, plot
@@ -17,6 +18,7 @@ from .cli_seq2seq import seq2seq
 from .config import (DEFAULT_BPE_VOCAB_SIZE, DEFAULT_RUN, DEFAULT_TOKENIZER, GPTConfig,
                      TrainConfig)
 from .errors import TinyLLMError
+from .generate import MAX_NEW_TOKENS
 from .system import tune_malloc
 
 # The defaults of `tinyllm pretrain` are the dataclasses' own (see tinyllm/config.py).
@@ -62,31 +64,31 @@ def main():
               help="Context length in tokens.")
 @click.option("--bias/--no-bias", default=MODEL.bias,
               help="Biases in linear layers and layer norms (GPT-2 has them; off is faster).")
-@click.option("--dropout", default=MODEL.dropout, help="Dropout probability during training.")
+@click.option("--dropout", default=MODEL.dropout, callback=fraction, help="Dropout probability during training.")
 @click.option("--batch-size", default=TRAIN.batch_size, callback=positive,
               help="Sequences per step.")
-@click.option("--max-iters", default=TRAIN.max_iters, callback=positive,
+@click.option("--max-iters", default=TRAIN.max_iters, callback=step_count,
               help="Optimizer steps in the whole run (with --resume: the new total).")
-@click.option("--lr", default=TRAIN.lr, help="Peak learning rate, reached after the warm-up.")
-@click.option("--min-lr", default=TRAIN.min_lr, help="Learning rate at the end of the cosine decay.")
-@click.option("--warmup-iters", default=TRAIN.warmup_iters,
+@click.option("--lr", default=TRAIN.lr, callback=positive, help="Peak learning rate, reached after the warm-up.")
+@click.option("--min-lr", default=TRAIN.min_lr, callback=non_negative, help="Learning rate at the end of the cosine decay.")
+@click.option("--warmup-iters", default=TRAIN.warmup_iters, callback=non_negative,
               help="Steps of linear learning-rate warm-up.")
-@click.option("--weight-decay", default=TRAIN.weight_decay,
+@click.option("--weight-decay", default=TRAIN.weight_decay, callback=non_negative,
               help="AdamW decoupled weight decay (matrices only).")
-@click.option("--grad-clip", default=TRAIN.grad_clip,
+@click.option("--grad-clip", default=TRAIN.grad_clip, callback=non_negative,
               help="Clip the global gradient norm to this (0: off).")
-@click.option("--eval-interval", default=TRAIN.eval_interval, callback=positive,
+@click.option("--eval-interval", default=TRAIN.eval_interval, callback=step_count,
               help="Evaluate, log metrics and save a checkpoint every this many steps.")
 @click.option("--eval-iters", default=TRAIN.eval_iters, callback=positive,
               help="Batches per split in each evaluation.")
-@click.option("--seed", default=TRAIN.seed, help="Seed for initialisation, batches and dropout.")
+@click.option("--seed", default=TRAIN.seed, callback=random_seed, help="Seed for initialisation, batches and dropout.")
 @click.option("--out", default=DEFAULT_RUN, type=click.Path(file_okay=False),
               help="Run directory for checkpoints and metrics.jsonl.")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its last checkpoint (its settings are kept;"
                    " only --max-iters may change).")
 @click.option("--force", is_flag=True, help="Overwrite an existing run in --out.")
-@click.option("--sample-tokens", default=300,
+@click.option("--sample-tokens", default=300, callback=count,
               help="Tokens to sample from the model at the end (0: none).")
 @user_errors
 def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_size, bias, dropout,
@@ -125,22 +127,23 @@ def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_si
 @click.option("--checkpoint", default=DEFAULT_RUN, type=click.Path(file_okay=False),
               help="Run directory written by `tinyllm pretrain`.")
 @click.option("--prompt", default="", help="Text to continue (empty: start from a newline).")
-@click.option("--max-new-tokens", default=200, help="Most tokens to generate.")
-@click.option("--temperature", default=0.8,
+@click.option("--max-new-tokens", default=MAX_NEW_TOKENS, callback=count,
+              help="Most tokens to generate.")
+@click.option("--temperature", default=0.8, callback=non_negative,
               help="Sampling temperature: <1 sharper, >1 more random, 0 greedy.")
-@click.option("--top-k", default=None, type=int,
+@click.option("--top-k", default=None, callback=positive, type=int,
               help="Sample only from the k likeliest tokens.  [default: off]")
-@click.option("--top-p", default=None, type=float,
+@click.option("--top-p", default=None, callback=probability_mass, type=float,
               help="Sample only from the smallest set of tokens with total probability >= p."
                    "  [default: off]")
-@click.option("--seed", default=None, type=int, help="Seed for sampling (default: random).")
+@click.option("--seed", default=None, callback=random_seed, type=int, help="Seed for sampling (default: random).")
 @click.option("--stop", "stop_text", default=None,
               help="Stop before this text if the model produces it.")
 @click.option("--examples", default=None, type=click.Path(dir_okay=False),
               help="Task file (JSONL, see `tinyllm fewshot`): its first --shots records go before"
                    " the prompt as demonstrations, and the completion stops at the end of the"
                    " line unless --stop is given.  [default: none]")
-@click.option("--shots", default=4, help="Demonstrations taken from --examples.")
+@click.option("--shots", default=4, callback=count, help="Demonstrations taken from --examples.")
 @click.option("--instruction", default=None,
               help="For an instruction-tuned run (`tinyllm finetune instruct`): the prompt is this"
                    " instruction in the fine-tuning template, and the response ends at"

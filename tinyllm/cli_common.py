@@ -6,6 +6,7 @@ Every user-fixable problem surfaces as a `TinyLLMError` and is printed as one li
 """
 
 import functools
+import math
 import sys
 
 import click
@@ -23,6 +24,9 @@ def user_errors(command):
             return command(*args, **kwargs)
         except TinyLLMError as err:
             raise click.ClickException(str(err)) from None
+        except OSError as err:  # the file system said no: a full disk, a read-only mount, ...
+            where = f"{err.filename}: " if err.filename else ""
+            raise click.ClickException(f"{where}{err.strerror or err}") from None
         except TrainingInterrupted as stop:
             ctx = click.get_current_context(silent=True)
             command_name = "tinyllm " + ctx.command_path.split(" ", 1)[-1] if ctx else "tinyllm"
@@ -36,8 +40,80 @@ def user_errors(command):
     return wrapper
 
 
+# ----------------------------------------------------------------------------- flag checks
+# Click callbacks for numeric flags, one per kind of value, so that a bad number is a one-line
+# "Invalid value for '--flag': ..." before any work starts. Click's float type accepts "nan" and
+# "inf", and its int type any size, so every check also refuses those where they make no sense.
+
+MAX_SIZE = 1 << 20  # the largest width, depth, vocabulary or count a flag may ask for
+MAX_STEPS = (1 << 31) - 1  # the most optimizer steps (or step intervals) a flag may ask for
+
+
+def _number(value):
+    """The value as a number, refusing NaN and infinities."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
 def positive(ctx, param, value):
-    """Click callback: reject zero and negative sizes with the flag's name."""
-    if value is not None and value <= 0:
+    """A size or count: a finite number above zero, at most MAX_SIZE if a whole number."""
+    if value is None:
+        return value
+    if not _number(value) > 0:
         raise click.BadParameter(f"must be positive, got {value}")
+    if isinstance(value, int) and value > MAX_SIZE:
+        raise click.BadParameter(f"must be at most {MAX_SIZE:,} (more cannot fit in memory),"
+                                 f" got {value:,}")
+    return value
+
+
+def non_negative(ctx, param, value):
+    """A finite number that may be zero (a rate, a decay, warm-up steps), below 2^31."""
+    if value is None:
+        return value
+    if not _number(value) >= 0:
+        raise click.BadParameter(f"must be zero or more, got {value}")
+    if isinstance(value, int) and value > MAX_STEPS:
+        raise click.BadParameter(f"must be at most {MAX_STEPS:,}, got {value:,}")
+    return value
+
+
+def count(ctx, param, value):
+    """A count that may be zero (shots, windows, tokens to sample, a rank, an index): a whole
+    number from 0 to MAX_SIZE."""
+    if value is not None and not 0 <= value <= MAX_SIZE:
+        raise click.BadParameter(f"must be from 0 to {MAX_SIZE:,}, got {value}")
+    return value
+
+
+def step_count(ctx, param, value):
+    """A number of optimizer steps or of tokens: positive, below 2^31."""
+    if value is None:
+        return value
+    if not _number(value) > 0:
+        raise click.BadParameter(f"must be positive, got {value}")
+    if value > MAX_STEPS:
+        raise click.BadParameter(f"must be at most {MAX_STEPS:,}, got {value:,}")
+    return value
+
+
+def fraction(ctx, param, value):
+    """A probability that must stay below one (dropout, label smoothing): 0 <= p < 1."""
+    if value is not None and not 0 <= _number(value) < 1:
+        raise click.BadParameter(f"must be at least 0 and below 1, got {value}")
+    return value
+
+
+def probability_mass(ctx, param, value):
+    """A share of the probability mass (top-p): 0 < p <= 1."""
+    if value is not None and not 0 < _number(value) <= 1:
+        raise click.BadParameter(f"must be above 0 and at most 1, got {value}")
+    return value
+
+
+def random_seed(ctx, param, value):
+    """A random seed: a whole number from 0 (numpy refuses negative seeds) below 2^63."""
+    if value is not None and not 0 <= value < 1 << 63:
+        raise click.BadParameter(f"must be a whole number from 0 to 2^63 - 1, got {value}")
     return value

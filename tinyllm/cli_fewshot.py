@@ -6,8 +6,9 @@ and the results file; this module only maps flags onto `fewshot.run_fewshot`.
 
 import click
 
-from .cli_common import positive, user_errors
+from .cli_common import count, positive, random_seed, user_errors
 from .config import DEFAULT_RUN
+from .fewshot import ICL_WINDOWS, SHOTS
 
 
 @click.command()
@@ -16,17 +17,17 @@ from .config import DEFAULT_RUN
 @click.option("--task", "task_paths", multiple=True, required=True, type=click.Path(),
               help="JSONL task file (see `tinyllm/fewshot.py`), or a directory of them; repeat"
                    " to pool several tasks.")
-@click.option("--shots", default="0,1,2,4,8",
+@click.option("--shots", default=SHOTS,
               help="Comma-separated numbers of demonstrations k to evaluate.")
 @click.option("--queries", default=None, type=int, callback=positive,
               help="Queries per task, sampled from its records.  [default: all records]")
-@click.option("--seed", default=0, help="Seed for choosing queries and demonstrations.")
+@click.option("--seed", default=0, callback=random_seed, help="Seed for choosing queries and demonstrations.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Write the results as JSON to this file (atomically).  [default: none]")
 @click.option("--icl-data", default=None, metavar="FILE|NAME",
               help="Held-out text for the in-context learning score."
                    "  [default: the validation split of the checkpoint's corpus]")
-@click.option("--icl-windows", default=200,
+@click.option("--icl-windows", default=ICL_WINDOWS, callback=count,
               help="Context windows averaged for the in-context learning score (0: skip it).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Also draw accuracy against k (Wilson intervals, chance line) to this PNG or"

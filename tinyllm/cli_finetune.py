@@ -9,7 +9,7 @@ from dataclasses import fields
 
 import click
 
-from .cli_common import user_errors
+from .cli_common import count, non_negative, positive, random_seed, step_count, user_errors
 from .errors import TinyLLMError
 from .finetune_runs import (ClassifySettings, InstructSettings, classify_texts, format_accuracies,
                             format_confusion, load_classifier, max_windows_of, run_classify,
@@ -32,26 +32,31 @@ def training_options(settings_cls):
         click.option("--random-init", is_flag=True,
                      help="Use --checkpoint's architecture and tokenizer but random weights"
                           " (the from-scratch baseline)."),
-        click.option("--lora-rank", default=d.lora_rank,
+        click.option("--lora-rank", default=d.lora_rank, callback=count,
                      help="LoRA adapter rank; 0: no LoRA (train weights)."),
         click.option("--lora-alpha", default=None, type=float,
                      help="LoRA scale numerator (change = alpha/rank * A B).  [default: 2 * rank]"),
-        click.option("--batch-size", default=d.batch_size, help="Examples per step."),
-        click.option("--max-iters", default=d.max_iters,
+        click.option("--batch-size", default=d.batch_size, callback=positive,
+                     help="Examples per step."),
+        click.option("--max-iters", default=d.max_iters, callback=step_count,
                      help="Most optimizer steps (with --resume: the new total)."),
-        click.option("--epochs", default=None, type=float,
+        click.option("--epochs", default=None, callback=positive, type=float,
                      help="Passes over the training split; overrides --max-iters.  [default: off]"),
-        click.option("--lr", default=d.lr, help="Peak learning rate (cosine decay to lr/10)."),
-        click.option("--warmup-iters", default=d.warmup_iters, help="Steps of linear warm-up."),
-        click.option("--weight-decay", default=d.weight_decay, help="AdamW decoupled weight decay."),
-        click.option("--eval-interval", default=d.eval_interval,
+        click.option("--lr", default=d.lr, callback=positive,
+                     help="Peak learning rate (cosine decay to lr/10)."),
+        click.option("--warmup-iters", default=d.warmup_iters, callback=non_negative,
+                     help="Steps of linear warm-up."),
+        click.option("--weight-decay", default=d.weight_decay, callback=non_negative,
+                     help="AdamW decoupled weight decay."),
+        click.option("--eval-interval", default=d.eval_interval, callback=step_count,
                      help="Evaluate the loss on the whole validation split and save a checkpoint"
                           " every this many steps."),
-        click.option("--patience", default=d.patience,
+        click.option("--patience", default=d.patience, callback=count,
                      help="Stop after this many evaluations without a lower validation loss (0:"
                           " never stop early). The weights of the best evaluation are the run's"
                           " result either way."),
-        click.option("--seed", default=d.seed, help="Seed for the split, initialisation and batches."),
+        click.option("--seed", default=d.seed, callback=random_seed,
+                     help="Seed for the split, initialisation and batches."),
         click.option("--resume", is_flag=True,
                      help="Continue the run in --out with its own settings (only --max-iters may"
                           " change)."),
@@ -98,7 +103,7 @@ def finetune():
                    " last N blocks, final norm and head train).")
 @click.option("--balance", is_flag=True,
               help="Downsample larger classes to the size of the smallest.")
-@click.option("--max-windows", default=ClassifySettings.max_windows,
+@click.option("--max-windows", default=ClassifySettings.max_windows, callback=positive,
               help="A text longer than the context is read as overlapping windows (half a"
                    " context apart), at most this many; the rest of a longer text is cut.")
 @training_options(ClassifySettings)
@@ -130,7 +135,7 @@ def finetune_classify(out, resume, force, **flags):
               help="Run directory (checkpoint, metrics.jsonl, responses.jsonl, metrics.json).")
 @click.option("--include-prompt", is_flag=True,
               help="Compute the loss on the prompt tokens too (default: response tokens only).")
-@click.option("--max-new-tokens", default=InstructSettings.max_new_tokens,
+@click.option("--max-new-tokens", default=InstructSettings.max_new_tokens, callback=count,
               help="Most tokens per generated test response.")
 @training_options(InstructSettings)
 @user_errors

@@ -4,7 +4,7 @@ attend to. Drawing needs the optional extra (`pip install "tinyllm[plot]"`); see
 
 import click
 
-from .cli_common import user_errors
+from .cli_common import count, user_errors
 from .config import DEFAULT_RUN
 
 FORMAT_HELP = "File format.  [default: from the suffix of --out, else png]"
@@ -38,9 +38,9 @@ def plot(run_dirs, out, fmt):
               help="Run directory: pretraining, instruction or classification fine-tuning, or seq2seq.")
 @click.option("--prompt", required=True,
               help="Text whose attention to draw (for seq2seq: the source).")
-@click.option("--layer", default=None, type=int,
+@click.option("--layer", default=None, callback=count, type=int,
               help="Layer to draw, counting from 0.  [default: the last layer]")
-@click.option("--head", default=None, type=int,
+@click.option("--head", default=None, callback=count, type=int,
               help="Head to draw, counting from 0.  [default: every head of the layer]")
 @click.option("--part", type=click.Choice(["encoder", "decoder", "cross"]), default=None,
               help="seq2seq runs only: encoder self-attention, decoder self-attention or"

@@ -9,7 +9,8 @@ from click.core import ParameterSource
 
 from .bleu import corpus_bleu, exact_match
 from .checkpoint import load_checkpoint
-from .cli_common import positive, user_errors
+from .cli_common import (count, fraction, non_negative, positive, random_seed, step_count,
+                         user_errors)
 from .config import TrainConfig
 from .decoding import translate_texts
 from .errors import TinyLLMError
@@ -51,8 +52,8 @@ def seq2seq():
               help="One embedding table for source and target tokens.")
 @click.option("--bias/--no-bias", default=MODEL.bias,
               help="Biases in linear layers and layer norms.")
-@click.option("--dropout", default=MODEL.dropout, help="Dropout probability during training.")
-@click.option("--label-smoothing", default=LABEL_SMOOTHING,
+@click.option("--dropout", default=MODEL.dropout, callback=fraction, help="Dropout probability during training.")
+@click.option("--label-smoothing", default=LABEL_SMOOTHING, callback=fraction,
               help="Spread this much target probability over the vocabulary (the paper: 0.1).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=SCHEDULE,
               help="cosine: linear warm-up to --lr, cosine decay to --min-lr; noam: the paper's"
@@ -60,23 +61,23 @@ def seq2seq():
                    " --min-lr and peaks at (d_model * warmup)^-0.5: for d_model 64 give it"
                    " --warmup-iters 1000 (peak 0.004).")
 @click.option("--batch-size", default=TRAIN.batch_size, callback=positive, help="Pairs per step.")
-@click.option("--max-iters", default=TRAIN.max_iters, callback=positive,
+@click.option("--max-iters", default=TRAIN.max_iters, callback=step_count,
               help="Optimizer steps in the whole run (with --resume: the new total).")
-@click.option("--lr", default=TRAIN.lr, help="Peak learning rate (cosine schedule).")
-@click.option("--min-lr", default=TRAIN.min_lr, help="Final learning rate (cosine schedule).")
-@click.option("--warmup-iters", default=TRAIN.warmup_iters,
+@click.option("--lr", default=TRAIN.lr, callback=positive, help="Peak learning rate (cosine schedule).")
+@click.option("--min-lr", default=TRAIN.min_lr, callback=non_negative, help="Final learning rate (cosine schedule).")
+@click.option("--warmup-iters", default=TRAIN.warmup_iters, callback=non_negative,
               help="Steps of linear learning-rate warm-up (both schedules).")
-@click.option("--weight-decay", default=TRAIN.weight_decay,
+@click.option("--weight-decay", default=TRAIN.weight_decay, callback=non_negative,
               help="AdamW decoupled weight decay (matrices only).")
-@click.option("--grad-clip", default=TRAIN.grad_clip,
+@click.option("--grad-clip", default=TRAIN.grad_clip, callback=non_negative,
               help="Clip the global gradient norm to this (0: off).")
-@click.option("--eval-interval", default=TRAIN.eval_interval, callback=positive,
+@click.option("--eval-interval", default=TRAIN.eval_interval, callback=step_count,
               help="Evaluate, log metrics and save a checkpoint every this many steps.")
 @click.option("--eval-iters", default=TRAIN.eval_iters, callback=positive,
               help="Batches per split in each evaluation.")
 @click.option("--eval-examples", default=EVAL_EXAMPLES, callback=positive,
               help="Held-out pairs to translate (greedy) for the exact match printed at the end.")
-@click.option("--seed", default=TRAIN.seed, help="Seed for initialisation, batches and dropout.")
+@click.option("--seed", default=TRAIN.seed, callback=random_seed, help="Seed for initialisation, batches and dropout.")
 @click.option("--out", default=SEQ2SEQ_RUN, type=click.Path(file_okay=False),
               help="Run directory for checkpoints and metrics.jsonl.")
 @click.option("--resume", is_flag=True,
@@ -124,11 +125,11 @@ def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_em
                    " and corpus BLEU-4 against the targets.")
 @click.option("--beam-size", default=1, callback=positive,
               help="Beam width; 1 is greedy decoding.")
-@click.option("--length-penalty", default=0.6,
+@click.option("--length-penalty", default=0.6, callback=non_negative,
               help="Beam search length penalty alpha in ((5 + n) / 6)^alpha (0: none).")
 @click.option("--max-len", default=None, type=int, callback=positive,
               help="Most tokens to generate.  [default: the model's block size - 1]")
-@click.option("--show", default=5, help="With --data: how many translations to print.")
+@click.option("--show", default=5, callback=count, help="With --data: how many translations to print.")
 @user_errors
 def translate_command(texts, checkpoint, data, beam_size, length_penalty, max_len, show):
     """Translate TEXTS (one output line each), or score a PAIRS file with --data."""

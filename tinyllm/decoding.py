@@ -4,6 +4,11 @@ The encoder runs once per source; the decoder is then run on the growing target 
 only its last position's log-probabilities are used to extend it. (There is no key/value cache:
 re-running the prefix is simpler to read, and the targets here are short.)
 
+Why not the GPT's greedy decoder (generate.greedy_batch)? That one continues a prompt of the
+model's own tokens; here each step also reads the encoder's memory and its padding mask, every
+target starts from <bos> rather than from a prompt, and beam search needs the log-probabilities,
+not only the argmax. The loops share no more than "append the likeliest token".
+
 Beam search (as used by the paper, section 6.1, with beam 4 and length penalty 0.6) keeps the
 `beam_size` best prefixes by total log-probability. A prefix that ends in <eos> is finished;
 finished hypotheses are compared by score = log p / lp(length), where the length penalty of

@@ -77,9 +77,12 @@ from .fileio import atomic_write_json
 from .generate import greedy_batch
 from .models import gpt_forward
 from .ops import log_softmax
+from .train import run_corpus
 
 RESULTS_FORMAT = "tinyllm-fewshot-results"
 RESULTS_VERSION = 1
+SHOTS = "0,1,2,4,8"  # the k evaluated by default: doublings show the curve at a few points
+ICL_WINDOWS = 200  # context windows averaged for the ICL score (its standard error is reported)
 HEADER_KEYS = {"instruction", "choices"}
 Z_95 = 1.959963984540054  # the standard normal quantile for a two-sided 95% interval
 
@@ -427,7 +430,7 @@ def icl_positions(block_size):
     return max(1, round(late / 10)), late
 
 
-def icl_score(params, config, ids, n_windows=200, seed=0, batch=16):
+def icl_score(params, config, ids, n_windows=ICL_WINDOWS, seed=0, batch=16):
     """In-context learning score (Olsson et al. 2022): mean loss late minus early in the context.
 
     Negative means the model predicts better with more context, i.e. it learns in context.
@@ -459,10 +462,8 @@ def heldout_ids(ckpt, data=None):
     Returns (ids, description).
     """
     if data is None:
-        from .train import run_corpus  # a stored path is read only if its sha256 matches
-
         data = ckpt.meta.get("data") or "pydoc"
-        text = run_corpus(ckpt.meta, "the checkpoint")
+        text = run_corpus(ckpt.meta, "the checkpoint")  # a file is read only if its sha256 matches
         return train_val_split(ckpt.tokenizer.encode(text))[1], f"{data} (validation split)"
     try:
         return ckpt.tokenizer.encode(load_corpus(data)), data
@@ -482,7 +483,7 @@ def format_icl(icl):
 
 
 def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=None,
-                icl_windows=200, log=None):
+                icl_windows=ICL_WINDOWS, log=None):
     """What `tinyllm fewshot` does: score a checkpoint on task files for each k in `shots`.
 
     Every task file is read and checked before the model is loaded (the slow part comes last).

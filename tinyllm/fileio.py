@@ -99,10 +99,12 @@ def atomic_write_bytes(path, data):
             os.fsync(f.fileno())
         fault_point(f"written:{name}")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         # Ctrl-C or a full disk mid-write: drop the partial temp file, keep the old target.
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not err.filename:
+            err.filename = path  # so the message can say which file could not be written
         raise
     fault_point(f"renamed:{name}")
     fsync_directory(directory)

@@ -57,11 +57,18 @@ def save_figure(fig, out, fmt):
     directory = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(directory):
         raise TinyLLMError(f"cannot write {out}: the directory {directory} does not exist")
+    from matplotlib import rc_context
+
     buffer = io.BytesIO()
-    # No creation date or software stamp: a picture of the same data is the same file.
+    # No creation date, no software stamp and fixed SVG element ids (salted, not random): a
+    # picture of the same data is the same file.
     metadata = {"Date": None, "Creator": None} if fmt == "svg" else {"Software": None}
-    fig.savefig(buffer, format=fmt, dpi=DPI, metadata=metadata)
-    atomic_write_bytes(out, buffer.getvalue())
+    with rc_context({"svg.hashsalt": "tinyllm"}):
+        fig.savefig(buffer, format=fmt, dpi=DPI, metadata=metadata)
+    try:
+        atomic_write_bytes(out, buffer.getvalue())
+    except OSError as err:  # read-only, full disk, a directory by that name ...
+        raise TinyLLMError(f"cannot write {out}: {err.strerror or err}") from None
     return out
 
 
@@ -110,14 +117,17 @@ def tokens_per_iter(records):
     """Tokens one training step reads, recovered from the timings each evaluation logs.
 
     metrics.jsonl stores ms_per_iter and tokens_per_s, whose product is tokens per step (a
-    whole number, batch x context); both are rounded, so we round the product. Example:
+    whole number, batch x context). ms_per_iter is rounded to 0.01, so we take the slowest
+    record (the smallest relative rounding error) and round the product. Example:
     ms_per_iter 52.3, tokens_per_s 14684.5 -> 768.0 -> 768. None if no record timed a step.
     """
-    for r in records:
-        ms, rate = r.get("ms_per_iter"), r.get("tokens_per_s")
-        if _is_number(ms) and _is_number(rate) and ms > 0 and rate > 0:
-            return round(ms * rate / 1000.0)
-    return None
+    timed = [(r["ms_per_iter"], r["tokens_per_s"]) for r in records
+             if _is_number(r.get("ms_per_iter")) and _is_number(r.get("tokens_per_s"))
+             and r["ms_per_iter"] > 0 and r["tokens_per_s"] > 0]
+    if not timed:
+        return None
+    ms, rate = max(timed)
+    return round(ms * rate / 1000.0)
 
 
 def lr_by_step(run_dir, series):

@@ -20,8 +20,9 @@ from .seq2seq import init_seq2seq, seq2seq_loss
 from .seq2seq_data import (SEQ2SEQ_SPECIAL_TOKENS, encode_pairs, get_pair_batch, load_pairs,
                            make_arrays, pairs_text)
 from .tokenizers import CharTokenizer
-from .train import (prepare_out_dir, read_metrics, same_fingerprint, start_out_dir,
-                    starting_state, stored_data_name, text_fingerprint, train_loop)
+from .train import (check_memory, gpt_param_count, gpt_step_bytes, prepare_out_dir, read_metrics,
+                    same_fingerprint, start_out_dir, starting_state, stored_data_name,
+                    text_fingerprint, train_loop)
 
 SCHEDULES = ("cosine", "noam")
 SEQ2SEQ_RUN = "runs/seq2seq"  # where `tinyllm seq2seq train` keeps its run by default
@@ -93,6 +94,8 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
         tokenizer = CharTokenizer.train(pairs_text(train_pairs + held_pairs), SEQ2SEQ_SPECIAL_TOKENS)
         model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
     model_config.validate()
+    check_memory(2 * gpt_step_bytes(model_config, tc, gpt_param_count(model_config)),
+                 f"an encoder-decoder step with --batch-size {tc.batch_size}")  # two stacks
     arrays = split_arrays(tokenizer, model_config.block_size, train_pairs, held_pairs)
     start_out_dir(out_dir, resume, force)
 

@@ -214,8 +214,11 @@ def read_metrics(out_dir):
 def truncate_metrics(out_dir, iteration):
     """Keep only records up to `iteration`, so a resumed run does not log a step twice."""
     kept = [r for r in read_metrics(out_dir) if r["iter"] <= iteration]
-    atomic_write_text(os.path.join(out_dir, "metrics.jsonl"),
-                      "".join(json.dumps(finite_or_none(r)) + "\n" for r in kept))
+    path = os.path.join(out_dir, "metrics.jsonl")
+    try:
+        atomic_write_text(path, "".join(json.dumps(finite_or_none(r)) + "\n" for r in kept))
+    except OSError as err:
+        raise TinyLLMError(f"cannot write {path}: {err.strerror}") from None
 
 
 # ----------------------------------------------------------------------------- signals
@@ -580,8 +583,9 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
         model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
     model_config.validate()
     check_memory(gpt_step_bytes(model_config, tc, gpt_param_count(model_config)),
-                 f"a step of this model with --batch-size {tc.batch_size} (block size"
-                 f" {model_config.block_size})")
+                 f"a step of this model (--n-layer {model_config.n_layer}, --n-embd"
+                 f" {model_config.n_embd}, vocabulary {model_config.vocab_size}) with --batch-size"
+                 f" {tc.batch_size} and --block-size {model_config.block_size}")
     ids = onp.asarray(tokenizer.encode(text), dtype=onp.int32)
     splits = dict(zip(("train", "val"), train_val_split(ids)))
     for name, split_ids in splits.items():
