@@ -2,6 +2,7 @@
 positions, label smoothing, gradients, equivariance, padding invariance, causality, the schedule,
 checkpoints, pair readers and the embedded task."""
 
+import datetime
 import math
 
 import numpy as onp
@@ -85,12 +86,13 @@ def test_label_smoothing_hand_example():
 
 
 @settings(max_examples=20, deadline=None)
-@given(st.integers(0, 10_000), st.sampled_from([0.0, 0.1, 0.3]))
-def test_label_smoothing_fused_equals_reference(seed, eps):
+@given(st.integers(0, 10_000), st.sampled_from([0.0, 0.1, 0.3]), st.integers(1, 8),
+       st.integers(1, 8))
+def test_label_smoothing_fused_equals_reference(seed, eps, n, v):
     rng = onp.random.default_rng(seed)
-    logits = rng.standard_normal((6, 5))
-    targets = rng.integers(0, 5, size=6)
-    mask = (rng.random(6) < 0.7).astype(float)
+    logits = rng.standard_normal((n, v))
+    targets = rng.integers(0, v, size=n)
+    mask = (rng.random(n) < 0.7).astype(float)
     fused = lambda x: label_smoothed_cross_entropy(x, targets, mask, eps)  # noqa: E731
     ref = lambda x: label_smoothed_cross_entropy_reference(x, targets, mask, eps)  # noqa: E731
     assert float(fused(logits)) == pytest.approx(float(ref(logits)), rel=1e-10, abs=1e-12)
@@ -121,41 +123,44 @@ def test_loss_stays_float32():
 
 
 @settings(max_examples=15, deadline=None)
-@given(st.integers(0, 10_000))
-def test_encoder_without_positions_is_permutation_equivariant(seed):
-    config = Seq2SeqConfig(vocab_size=13, block_size=10, n_layer=2, n_head=2, n_embd=16,
+@given(st.integers(0, 10_000), st.integers(1, 3), st.integers(1, 10), st.sampled_from([1, 2, 4]))
+def test_encoder_without_positions_is_permutation_equivariant(seed, b, s, n_head):
+    config = Seq2SeqConfig(vocab_size=13, block_size=10, n_layer=2, n_head=n_head, n_embd=16,
                            positions="none")
     rng = onp.random.default_rng(seed)
     params = params_for(config, seed=seed % 7)
-    src = rng.integers(0, 13, size=(2, 7))
-    perm = rng.permutation(7)
+    src = rng.integers(0, 13, size=(b, s))
+    perm = rng.permutation(s)
     out = encoder_forward(params, src, config)
     assert onp.allclose(encoder_forward(params, src[:, perm], config), out[:, perm], atol=1e-10)
 
 
 @settings(max_examples=15, deadline=None)
-@given(st.integers(0, 10_000), st.integers(1, 4), st.sampled_from(["sinusoidal", "learned"]))
-def test_source_padding_never_changes_decoder_outputs(seed, extra, positions):
-    config = Seq2SeqConfig(vocab_size=13, block_size=10, n_layer=2, n_head=2, n_embd=16,
+@given(st.integers(0, 10_000), st.integers(1, 4), st.sampled_from(["sinusoidal", "learned"]),
+       st.integers(1, 6), st.integers(1, 10), st.sampled_from([1, 2, 4]))
+def test_source_padding_never_changes_decoder_outputs(seed, extra, positions, s, t, n_head):
+    config = Seq2SeqConfig(vocab_size=13, block_size=10, n_layer=2, n_head=n_head, n_embd=16,
                            positions=positions)
     rng = onp.random.default_rng(seed)
     params = params_for(config, seed=seed % 5)
-    src = rng.integers(3, 13, size=(1, 5))
-    tgt = rng.integers(3, 13, size=(1, 4))
-    plain = seq2seq_forward(params, src, tgt, config, onp.ones((1, 5)))
+    src = rng.integers(3, 13, size=(1, s))
+    tgt = rng.integers(3, 13, size=(1, t))
+    plain = seq2seq_forward(params, src, tgt, config, onp.ones((1, s)))
     junk = rng.integers(0, 13, size=(1, extra))  # whatever sits in the padding must not matter
     padded_src = onp.concatenate([src, junk], axis=1)
-    valid = onp.concatenate([onp.ones((1, 5)), onp.zeros((1, extra))], axis=1)
+    valid = onp.concatenate([onp.ones((1, s)), onp.zeros((1, extra))], axis=1)
     assert onp.allclose(seq2seq_forward(params, padded_src, tgt, config, valid), plain, atol=1e-10)
 
 
 @settings(max_examples=15, deadline=None)
-@given(st.integers(0, 10_000), st.integers(0, 5))
-def test_decoder_is_causal(seed, changed):
+@given(st.integers(0, 10_000), st.integers(1, 3), st.integers(1, 10), st.integers(1, 10),
+       st.data())
+def test_decoder_is_causal(seed, batch, s, t, data):
+    changed = data.draw(st.integers(0, t - 1))
     rng = onp.random.default_rng(seed)
     params = params_for(seed=seed % 5)
-    memory = encoder_forward(params, rng.integers(0, 13, size=(1, 4)), TINY)
-    tgt = rng.integers(0, 13, size=(1, 6))
+    memory = encoder_forward(params, rng.integers(0, 13, size=(batch, s)), TINY)
+    tgt = rng.integers(0, 13, size=(batch, t))
     other = tgt.copy()
     other[0, changed] = (tgt[0, changed] + 1) % 13
     a, b = decoder_forward(params, tgt, memory, TINY), decoder_forward(params, other, memory, TINY)
@@ -251,8 +256,15 @@ def test_dates_task_is_reproducible_and_held_out_dates_are_unseen():
     again, _ = dates_task(seed=0, n_train=3000, n_held_out=200)
     assert train == again
     assert not {p.target for p in held} & {p.target for p in train}
-    by_source = {p.source: p.target for p in train}
-    for source, target in (("July 14, 2023", "2023-07-14"), ("03/02/1961", "1961-02-03")):
-        if source in by_source:
-            assert by_source[source] == target
+    # every source is one of the six documented ways to write its target's date, and each way
+    # occurs; the month names come from datetime here, not from calendar as in the package
+    seen_styles = set()
+    for pair in train + held:
+        date = datetime.date.fromisoformat(pair.target)
+        y, d, month, abbr = date.year, date.day, date.strftime("%B"), date.strftime("%b")
+        styles = [f"{d} {month} {y}", f"{month} {d}, {y}", f"{d} {abbr} {y}", f"{abbr} {d}, {y}",
+                  date.strftime("%d/%m/%Y"), date.strftime("%Y.%m.%d")]
+        assert pair.source in styles, pair
+        seen_styles.add(styles.index(pair.source))
+    assert seen_styles == set(range(6))
     assert all(len(p.target) == 10 and p.target[4] == "-" for p in held)
