@@ -18,6 +18,7 @@ from .cli_seq2seq import seq2seq
 from .config import (DEFAULT_BPE_VOCAB_SIZE, DEFAULT_RUN, DEFAULT_TOKENIZER, GPTConfig,
                      TrainConfig)
 from .errors import TinyLLMError
+from .generate import MAX_NEW_TOKENS
 from .system import tune_malloc
 
 # The defaults of `tinyllm pretrain` are the dataclasses' own (see tinyllm/config.py).
@@ -126,7 +127,8 @@ def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_si
 @click.option("--checkpoint", default=DEFAULT_RUN, type=click.Path(file_okay=False),
               help="Run directory written by `tinyllm pretrain`.")
 @click.option("--prompt", default="", help="Text to continue (empty: start from a newline).")
-@click.option("--max-new-tokens", default=200, callback=count, help="Most tokens to generate.")
+@click.option("--max-new-tokens", default=MAX_NEW_TOKENS, callback=count,
+              help="Most tokens to generate.")
 @click.option("--temperature", default=0.8, callback=non_negative,
               help="Sampling temperature: <1 sharper, >1 more random, 0 greedy.")
 @click.option("--top-k", default=None, callback=positive, type=int,
