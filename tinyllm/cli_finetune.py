@@ -106,6 +106,8 @@ def finetune():
 @click.option("--max-windows", default=ClassifySettings.max_windows, callback=positive,
               help="A text longer than the context is read as overlapping windows (half a"
                    " context apart), at most this many; the rest of a longer text is cut.")
+@click.option("--dropout", default=ClassifySettings.dropout,
+              help="Dropout probability in the body while fine-tuning (0: none).")
 @training_options(ClassifySettings)
 @user_errors
 def finetune_classify(out, resume, force, **flags):
