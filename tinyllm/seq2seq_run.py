@@ -136,9 +136,10 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
 
 def check_training_options(label_smoothing, schedule):
     """One-line errors for seq2seq-specific training settings."""
-    if not 0.0 <= label_smoothing < 1.0:
-        raise TinyLLMError(f"--label-smoothing must be in [0, 1), got {label_smoothing}")
-    if schedule not in SCHEDULES:
+    number = isinstance(label_smoothing, (int, float)) and not isinstance(label_smoothing, bool)
+    if not number or not 0.0 <= label_smoothing < 1.0:  # also a wrong type in a resumed run's config
+        raise TinyLLMError(f"--label-smoothing must be in [0, 1), got {label_smoothing!r}")
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
         raise TinyLLMError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
 
 
