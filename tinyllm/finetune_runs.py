@@ -534,7 +534,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
                                               s.max_windows, f"{s.data or 'the embedded data'} ({name})")
         sets[name] = (windows, y)
         counts = {k: counts[k] + n[k] for k in counts}
-    log(f"data: {s.data or 'embedded real-vs-scrambled sentences'}: {len(train)} train,"
+    log(f"data: {s.data or 'embedded real-vs-shuffled sentences'}: {len(train)} train,"
         f" {len(val)} val, {len(test)} test; classes {labels}")
     report_counts(counts, config.block_size, s.max_windows, log)
     # 5. score before
