@@ -4,6 +4,8 @@ Fixtures that Hypothesis tests use are session-scoped and immutable (a frozen co
 builder function): Hypothesis reuses a fixture across its examples, so it must not carry state.
 """
 
+import signal
+
 import numpy as onp
 import pytest
 
@@ -42,3 +44,13 @@ def params32(make_params):
 def params64(make_params):
     """Fresh float64 parameters for the tiny config (for finite differences and tight tolerances)."""
     return make_params(dtype="float64")
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_put_back():
+    """An interrupted CLI run ignores further Ctrl-C and SIGTERM on its way out (see
+    tinyllm/cli_common.py); in the test process the handlers are put back after each test."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)

@@ -21,7 +21,7 @@ TEXT = (
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n"
     "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow.\n"
 ) * 12
-TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
+TINY = ["--tokenizer", "char", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16",
         "--batch-size", "4", "--eval-iters", "1"]
 def run_files(run_dir):
     """The files a run directory should hold: its checkpoint's files, config.json, metrics.jsonl."""
@@ -202,7 +202,7 @@ def test_help_mentions_every_flag_and_its_default(command):
             assert "[default: " in entry, entry
     if command == "pretrain":
         assert "--n-layer INTEGER Number of GPT blocks. [default: 4]" in text
-        assert "[default: pydoc" in text
+        assert "[default: python-docs]" in text
     else:
         assert "--temperature FLOAT" in text and "[default: 0.8]" in text
 

@@ -120,7 +120,9 @@ def test_the_issue_s_examples_are_one_line_errors(args, flag):
 
 
 def test_a_model_too_big_for_memory_is_refused_before_allocating(tmp_path):
-    result = CliRunner().invoke(main, ["pretrain", "--out", str(tmp_path / "run"), "--n-embd",
-                                       "1048576", "--n-head", "1"])
+    data = tmp_path / "data.txt"
+    data.write_text("a few words of text to train on\n" * 20, encoding="utf-8")
+    result = CliRunner().invoke(main, ["pretrain", "--data", str(data), "--out",
+                                       str(tmp_path / "run"), "--n-embd", "1048576", "--n-head", "1"])
     assert result.exit_code == 1 and "GB of memory" in result.output
     assert not (tmp_path / "run").exists()

@@ -59,7 +59,8 @@ def runs(tmp_path_factory):
                                             ["cat", "dog", "mat", "log", "sat", "the", "and"] * 3),
                                     encoding="utf-8")
     commands = {
-        "pretrain": ["pretrain", "--data", root / "text.txt", *SMALL, *STEPS, "--sample-tokens", 0],
+        "pretrain": ["pretrain", "--data", root / "text.txt", "--tokenizer", "char", *SMALL, *STEPS,
+                     "--sample-tokens", 0],
         "classify": ["finetune", "classify", "--checkpoint", root / "pretrain", "--arch", "encoder",
                      "--data", root / "labels.tsv", *STEPS, "--batch-size", 4],
         "seq2seq": ["seq2seq", "train", "--data", root / "pairs.tsv", *SMALL, *STEPS,

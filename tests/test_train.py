@@ -47,6 +47,7 @@ def data(tmp_path):
 
 
 def run(out, data, tc=TRAIN, **kwargs):
+    kwargs.setdefault("tokenizer_kind", "char")  # these tests count characters
     return pretrain(MODEL, tc, str(out), data=data, log=quiet, **kwargs)
 
 
@@ -98,7 +99,8 @@ def test_loss_goes_down_on_easy_text(tmp_path):
     path.write_text("abcd" * 300, encoding="utf-8")
     tc = TrainConfig(batch_size=4, max_iters=60, eval_interval=30, eval_iters=2, lr=1e-2,
                      min_lr=1e-3, warmup_iters=5)
-    pretrain(replace(MODEL, dropout=0.0), tc, str(tmp_path / "run"), data=str(path), log=quiet)
+    pretrain(replace(MODEL, dropout=0.0), tc, str(tmp_path / "run"), data=str(path), log=quiet,
+             tokenizer_kind="char")
     first, *_, last = read_metrics(str(tmp_path / "run"))
     vocab = 4 + 1  # a, b, c, d and <|endoftext|>
     assert first["val_loss"] == pytest.approx(onp.log(vocab), abs=0.1)  # a fresh model guesses

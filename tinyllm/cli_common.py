@@ -7,6 +7,7 @@ Every user-fixable problem surfaces as a `TinyLLMError` and is printed as one li
 
 import functools
 import math
+import signal
 import sys
 
 import click
@@ -28,16 +29,25 @@ def user_errors(command):
             where = f"{err.filename}: " if err.filename else ""
             raise click.ClickException(f"{where}{err.strerror or err}") from None
         except TrainingInterrupted as stop:
+            _ignore_further_interrupts()  # the checkpoint is saved: a second Ctrl-C changes nothing
             ctx = click.get_current_context(silent=True)
             command_name = "tinyllm " + ctx.command_path.split(" ", 1)[-1] if ctx else "tinyllm"
             click.echo(f"\n{stop}. Continue with: {command_name} --out {stop.out_dir} --resume",
                        err=True)
             sys.exit(128 + stop.signum)  # 130 after Ctrl-C, 143 after SIGTERM, as shells report
         except KeyboardInterrupt:
+            _ignore_further_interrupts()
             click.echo("\ninterrupted", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def _ignore_further_interrupts():
+    """On the way out after an interrupt: one more Ctrl-C or SIGTERM must not turn exit code 130
+    (or 143) into a death by signal halfway through the exit."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- flag checks

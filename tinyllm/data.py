@@ -146,6 +146,8 @@ def read_text_file(path, allow_pipe=True):
         raise TinyLLMError(f"data file {path!r} not found")
     if os.path.isdir(path):
         raise TinyLLMError(f"data file {path!r} is a directory, not a text file")
+    if not allow_pipe and not stat.S_ISREG(os.stat(path).st_mode):  # not even opened
+        raise TinyLLMError(f"data file {path!r} is not a regular file")
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as err:

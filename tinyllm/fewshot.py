@@ -462,7 +462,7 @@ def heldout_ids(ckpt, data=None):
     Returns (ids, description).
     """
     if data is None:
-        data = ckpt.meta.get("data") or "pydoc"
+        data = ckpt.meta.get("data") or "pydoc"  # runs that stored no name trained on pydoc
         text = run_corpus(ckpt.meta, "the checkpoint")  # a file is read only if its sha256 matches
         return train_val_split(ckpt.tokenizer.encode(text))[1], f"{data} (validation split)"
     try:

@@ -26,7 +26,9 @@ A fine-tuning run directory is a checkpoint (see tinyllm/checkpoint.py) plus:
     responses.jsonl   (instruct) one line per test record: instruction, input, reference, response
 Its config.json has kind "classifier" (model fields of ClassifierConfig, "labels": the class
 names in id order) or, for instruction tuning, "gpt" (or "gpt-lora" with adapters), plus
-"finetune": the settings, "data_files_sha256": the fingerprints of the data files, and "best_iter".
+"finetune": the settings, "data_files_sha256": the sha256 of each data file, "best_iter" (the
+evaluation with the lowest validation loss so far) and "weights_iter" (the step whose weights
+model.npz holds: the last step while training, best_iter once the run is finished).
 """
 
 import dataclasses
@@ -319,7 +321,7 @@ def resumed_best(out_dir, ckpt, trainable):
         return BestWeights()
     top = min(records, key=lambda r: r["val_loss"])
     since = sum(1 for r in records if r["iter"] > top["iter"])
-    if top["iter"] == ckpt.iter:
+    if top["iter"] == ckpt.meta.get("weights_iter", ckpt.iter):  # the checkpoint holds the best
         return BestWeights(top["iter"], top["val_loss"], trainable, since)
     path = os.path.join(out_dir, BEST_FILE)
     arrays = read_npz(out_dir, BEST_FILE) if os.path.exists(path) else {}
@@ -357,7 +359,7 @@ def train_keeping_best(out_dir, params, paths, tc, loss_fn, sample, evaluate, sa
 
     def save(s):
         save_full(merge_params(s.params, frozen), padded_opt_state(s.opt_state, frozen), s,
-                  best.iteration)
+                  best.iteration, s.iteration)
 
     def on_eval(record, s):
         if record["val_loss"] < best.val_loss:
@@ -383,7 +385,8 @@ def finish_with_best(out_dir, whole_best, state, paths, save_full, best):
     """Make the best weights the run's checkpoint (with the final optimizer state, so --resume
     with a larger --max-iters continues from them) and remove best.npz."""
     trainable, frozen = split_params(whole_best, paths)
-    save_full(whole_best, padded_opt_state(state.opt_state, frozen), state, best.iteration)
+    save_full(whole_best, padded_opt_state(state.opt_state, frozen), state, best.iteration,
+              best.iteration if best.params is not None else state.iteration)
     path = os.path.join(out_dir, BEST_FILE)
     if os.path.exists(path):
         os.remove(path)
@@ -541,9 +544,9 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     extra = {"labels": labels, "finetune": {"task": "classify", **stored_settings(s)},
              "data_files_sha256": data_fingerprints(s), "before": before}
 
-    def save_full(full, opt_state, st, best_iter):
+    def save_full(full, opt_state, st, best_iter, weights_iter):
         save_checkpoint(out, full, opt_state, st.rng_state, config, tc, tokenizer, st.iteration,
-                        extra={**extra, "best_iter": best_iter,
+                        extra={**extra, "best_iter": best_iter, "weights_iter": weights_iter,
                                "last_eval_iter": st.last_eval_iter}, kind="classifier")
 
     loss_fn, sample = classification_loss_and_batches(sets, config, tc.batch_size)
@@ -808,9 +811,9 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
              "data_files_sha256": data_fingerprints(s), "before": before,
              "template": "Instruction: {instruction}\\nInput: {input}\\nResponse: "}
 
-    def save_full(full, opt_state, st, best_iter):
+    def save_full(full, opt_state, st, best_iter, weights_iter):
         save_checkpoint(out, full, opt_state, st.rng_state, config, tc, tokenizer, st.iteration,
-                        extra={**extra, "best_iter": best_iter,
+                        extra={**extra, "best_iter": best_iter, "weights_iter": weights_iter,
                                "last_eval_iter": st.last_eval_iter}, kind=kind)
 
     loss_fn, sample = instruct_loss_and_batches(arrays, config, tc.batch_size)

@@ -24,6 +24,8 @@ from .errors import TinyLLMError
 from .models import gpt_forward
 from .ops import softmax
 
+MAX_NEW_TOKENS = 200  # a few lines of text: enough to judge a sample, quick on a CPU
+
 
 def top_k_filter(logits, k):
     """Set all but the k largest logits to -inf. Example: [1, 3, 2], k=2 -> [-inf, 3, 2]."""
@@ -83,8 +85,8 @@ def generate_ids(params, config, ids, max_new_tokens, rng, temperature=1.0, top_
     return new
 
 
-def generate_text(params, config, tokenizer, prompt, max_new_tokens=200, temperature=1.0,
-                  top_k=None, top_p=None, seed=None, stop_text=None):
+def generate_text(params, config, tokenizer, prompt, max_new_tokens=MAX_NEW_TOKENS,
+                  temperature=1.0, top_k=None, top_p=None, seed=None, stop_text=None):
     """Complete `prompt` with the model; returns the completion (without the prompt).
 
     Generation ends at max_new_tokens, at the end-of-text token, or just before `stop_text`,

@@ -50,8 +50,8 @@ except ImportError:  # pragma: no cover
 
 from .checkpoint import first_non_finite, load_checkpoint, remove_leftovers, save_checkpoint
 from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER
-from .data import (EMBEDDED_CORPORA, check_long_enough, get_batch, load_corpus, read_text_file,
-                   train_val_split)
+from .data import (DEFAULT_CORPUS, EMBEDDED_CORPORA, check_long_enough, get_batch, load_corpus,
+                   read_text_file, train_val_split)
 from .errors import TinyLLMError
 from .fileio import TMP_PREFIX, atomic_write_text, available_memory, open_regular, read_fd
 from .models import count_params, gpt_loss, init_gpt
@@ -389,9 +389,11 @@ def same_fingerprint(stored, text):
 
 
 def stored_data_name(data):
-    """What a run records as its data: an embedded corpus's name (None for the default), or the
-    file's absolute path, so that --resume does not depend on the working directory."""
-    if data is None or (data in EMBEDDED_CORPORA and not os.path.exists(data)):
+    """What a run records as its data: an embedded corpus's name (the default's when None), or
+    the file's absolute path, so that --resume does not depend on the working directory."""
+    if data is None:
+        return DEFAULT_CORPUS
+    if data in EMBEDDED_CORPORA and not os.path.exists(data):
         return data
     return os.path.abspath(data)
 
@@ -403,7 +405,9 @@ def run_corpus(meta, run_dir):
     bounded size (never a FIFO), and nothing of it is used or shown before the hash matches.
     """
     data = meta.get("data")
-    if data is None or (data in EMBEDDED_CORPORA and not os.path.isabs(data)):
+    if data is None:  # runs made before the default corpus had a stored name: it was pydoc
+        data = "pydoc"
+    if data in EMBEDDED_CORPORA and not os.path.isabs(data):
         text = load_corpus(data)
     else:
         text = read_text_file(data, allow_pipe=False)
@@ -589,12 +593,13 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
     ids = onp.asarray(tokenizer.encode(text), dtype=onp.int32)
     splits = dict(zip(("train", "val"), train_val_split(ids)))
     for name, split_ids in splits.items():
-        check_long_enough(split_ids, model_config.block_size, f"the {name} split of {data or 'pydoc'}")
+        check_long_enough(split_ids, model_config.block_size,
+                          f"the {name} split of {data or DEFAULT_CORPUS}")
     start_out_dir(out_dir, resume, force)
 
     state = starting_state(out_dir, tc, lambda rng: init_gpt(model_config, rng),
                            ckpt if resume else None, log)
-    log(f"data: {data or 'pydoc (embedded default)'}, {len(text):,} characters ->"
+    log(f"data: {data or DEFAULT_CORPUS + ' (embedded default)'}, {len(text):,} characters ->"
         f" {len(ids):,} {tokenizer.kind} tokens (vocab {tokenizer.vocab_size});"
         f" model: {count_params(state.params):,} parameters")
 
