@@ -21,6 +21,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -162,6 +163,12 @@ def copy_tree(root, dest):
 FAST_FIRST = ("tests/test_wiring.py", "tests/test_overflow.py")
 
 
+def default_sigint():
+    """In the test process, Ctrl-C raises KeyboardInterrupt again: a shell starts background jobs
+    with SIGINT ignored, which the tests that send themselves a Ctrl-C would inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_suite(tree, timeout, paths=("tests",)):
     """Run the tests `paths` in `tree`: (passed, seconds, first failing test or a reason)."""
     env = {**os.environ, "PYTHONPATH": tree, "PYTHONDONTWRITEBYTECODE": "1"}
@@ -169,7 +176,7 @@ def run_suite(tree, timeout, paths=("tests",)):
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, preexec_fn=default_sigint)
     except subprocess.TimeoutExpired:
         return False, time.perf_counter() - t0, f"timed out after {timeout} s"
     seconds = time.perf_counter() - t0

@@ -341,3 +341,22 @@ def test_bpe_encoding_replays_the_merges_in_the_order_they_were_learned(train_te
                 ids = merge_pair(ids, pair, N_BYTES + rank)
             want += ids
         assert tok.encode(sample) == want
+
+
+def test_batched_greedy_decoding_hides_source_padding_from_the_encoder(monkeypatch):
+    """Sources of different lengths are padded into one batch: the encoder must get the padding
+    mask (greedy tokens alone rarely show it, as attention to padding shifts logits only a little)."""
+    config = Seq2SeqConfig(vocab_size=9, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    params = init_seq2seq(config, onp.random.default_rng(0))
+    src, valid = make_arrays([[3, 4, 5, 6], [7]], [[], []], SPECIAL)[:2]
+    seen = []
+    real = decoding.encoder_forward
+
+    def spy(params_, src_, config_, src_valid=None, rng=None):
+        seen.append(src_valid)
+        return real(params_, src_, config_, src_valid, rng)
+
+    monkeypatch.setattr(decoding, "encoder_forward", spy)
+    decoding.greedy_decode(params, config, src, valid, SPECIAL["<bos>"], SPECIAL["<eos>"], 3)
+    assert len(seen) == 1 and seen[0] is not None
+    onp.testing.assert_array_equal(seen[0], valid)
