@@ -88,7 +88,8 @@ def main():
                         warmup_iters=args.warmup_iters, weight_decay=args.weight_decay,
                         eval_interval=args.max_iters, eval_iters=5, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        result = pretrain(model, train, args.out or tmp, data="icl", force=True)
+        result = pretrain(model, train, args.out or tmp, data="icl", tokenizer_kind="char",
+                          force=True)
     seconds = time.perf_counter() - t0
     line = {"bias": args.bias, "seed": args.seed, "max_iters": args.max_iters, "lr": args.lr,
             "min_lr": train.min_lr, "warmup_iters": args.warmup_iters, "n_layer": args.n_layer,
