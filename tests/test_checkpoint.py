@@ -8,7 +8,7 @@ import numpy as onp
 import pytest
 
 from tinyllm import fileio
-from tinyllm.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from tinyllm.checkpoint import FORMAT_VERSION, load_checkpoint, remove_leftovers, save_checkpoint
 from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.errors import TinyLLMError
 from tinyllm.fileio import atomic_save_npz
@@ -278,3 +278,41 @@ def test_every_model_kind_loads_with_only_the_checkpoint_module_imported(tmp_pat
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
                          check=True).stdout.split("\n")
     assert out[:2] == ["8", "[]"]
+
+
+def as_version_1(run_dir):
+    """Turn a saved run into the layout tinyllm wrote before format version 2."""
+    meta = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    os.replace(run_dir / meta.pop("model_file"), run_dir / "model.npz")
+    os.replace(run_dir / meta.pop("optim_file"), run_dir / "optim.npz")
+    meta["version"] = 1
+    (run_dir / "config.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def test_a_version_1_run_loads_and_its_next_save_is_version_2(saved):
+    run_dir, run = saved
+    as_version_1(run_dir)
+    ckpt = load_checkpoint(str(run_dir), with_optimizer=True)
+    assert_trees_equal(ckpt.params, run["params"]) and ckpt.iter == 5
+    save(run_dir, {**run, "iteration": 6})
+    assert sorted(os.listdir(run_dir)) == ["config.json", "model-000006.npz", "optim-000006.npz",
+                                           "tokenizer.json"]
+    assert json.loads((run_dir / "config.json").read_text())["version"] == FORMAT_VERSION == 2
+
+
+def test_leftovers_are_removed_but_never_a_file_tinyllm_does_not_own(saved):
+    run_dir, run = saved
+    for name in (".tmp-abc-model-000009.npz", "model-000004.npz", "optim-000004-2.npz",
+                 "notes.txt", "model.npz.bak"):
+        (run_dir / name).write_bytes(b"x")
+    remove_leftovers(str(run_dir))
+    assert sorted(os.listdir(run_dir)) == ["config.json", "model-000005.npz", "model.npz.bak",
+                                           "notes.txt", "optim-000005.npz", "tokenizer.json"]
+
+
+def test_leftovers_stay_when_config_json_cannot_be_read(saved):
+    run_dir, _ = saved
+    (run_dir / "config.json").write_text("{broken", encoding="utf-8")
+    (run_dir / "model-000001.npz").write_bytes(b"x")
+    remove_leftovers(str(run_dir))
+    assert "model-000005.npz" in os.listdir(run_dir) and "model-000001.npz" in os.listdir(run_dir)
