@@ -18,7 +18,7 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tinyllm.finetune_runs import run_classify  # noqa: E402
+from tinyllm.finetune_runs import ClassifySettings, run_classify  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
 
 FORTUNES = "/usr/share/games/fortunes"
@@ -55,7 +55,7 @@ def main():
     parser.add_argument("--base", required=True, help="pretrained run directory (tinyllm pretrain)")
     parser.add_argument("--classes", nargs=2, default=["definitions", "people"])
     parser.add_argument("--per-class", type=int, default=750)
-    parser.add_argument("--max-iters", type=int, default=300)
+    parser.add_argument("--max-iters", type=int, default=ClassifySettings.max_iters)
     parser.add_argument("--seed", type=int, default=1337)
     args = parser.parse_args()
     tune_malloc()
@@ -63,8 +63,9 @@ def main():
     data = os.path.join(work, "fortunes.tsv")
     n = build_tsv(args.classes, args.per_class, data, args.seed)
     print(f"{n} fortunes ({' vs '.join(args.classes)}) in {data}")
-    report = run_classify(os.path.join(work, "run"), checkpoint=args.base, data=data,
-                          max_iters=args.max_iters, seed=args.seed, force=True,
+    settings = ClassifySettings(checkpoint=args.base, data=data, max_iters=args.max_iters,
+                                seed=args.seed)
+    report = run_classify(os.path.join(work, "run"), settings, force=True,
                           log=lambda m: None if m.startswith("iter ") else print("   ", m))
     before, after = report["accuracy_before"], report["accuracy_after"]
     print(f"test accuracy {100 * before['test']:.1f}% before -> {100 * after['test']:.1f}% after"

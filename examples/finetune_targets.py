@@ -2,8 +2,8 @@
 
     python examples/finetune_targets.py --base runs/pretrain [--task classify|instruct|both]
 
---base is a run of `tinyllm pretrain` (the defaults: 4 layers, 128 channels, char tokenizer on
-the embedded pydoc corpus). Without it, a base model is pretrained first (--pretrain-iters).
+--base is a run of `tinyllm pretrain` (its defaults). Without it, a base model is pretrained
+first with the defaults (--pretrain-iters steps).
 
 classify: fine-tunes the pretrained model on the embedded real-vs-scrambled sentences, then
 the same architecture from random initialisation with the same settings, and prints both test
@@ -19,7 +19,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tinyllm.finetune_runs import run_classify, run_instruct  # noqa: E402
+from tinyllm.finetune_runs import (ClassifySettings, InstructSettings, run_classify,  # noqa: E402
+                                   run_instruct)
 from tinyllm.config import GPTConfig, TrainConfig  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
 from tinyllm.train import pretrain  # noqa: E402
@@ -33,10 +34,10 @@ def quiet(message):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=None, help="pretrained run directory")
-    parser.add_argument("--pretrain-iters", type=int, default=2000)
+    parser.add_argument("--pretrain-iters", type=int, default=TrainConfig().max_iters)
     parser.add_argument("--task", choices=["classify", "instruct", "both"], default="both")
-    parser.add_argument("--classify-iters", type=int, default=200)
-    parser.add_argument("--instruct-iters", type=int, default=1500)
+    parser.add_argument("--classify-iters", type=int, default=ClassifySettings.max_iters)
+    parser.add_argument("--instruct-iters", type=int, default=InstructSettings.max_iters)
     parser.add_argument("--out", default=None, help="where to keep the runs (default: a temp dir)")
     args = parser.parse_args()
     tune_malloc()
@@ -53,9 +54,10 @@ def main():
         for name, random_init in (("pretrained", False), ("random init", True)):
             print(f"classify, {name}:")
             t0 = time.perf_counter()
+            settings = ClassifySettings(checkpoint=base, random_init=random_init,
+                                        max_iters=args.classify_iters)
             report = run_classify(os.path.join(out, f"classify-{'random' if random_init else 'pre'}"),
-                                  checkpoint=base, random_init=random_init, force=True,
-                                  max_iters=args.classify_iters, log=quiet)
+                                  settings, force=True, log=quiet)
             results[name] = (report["accuracy_after"]["test"], time.perf_counter() - t0,
                              report["train_seconds"])
         for name, (acc, total, train) in results.items():
@@ -65,8 +67,9 @@ def main():
     if args.task in ("instruct", "both"):
         print("instruct, pretrained:")
         t0 = time.perf_counter()
-        report = run_instruct(os.path.join(out, "instruct"), checkpoint=base, force=True,
-                              max_iters=args.instruct_iters, log=quiet)
+        report = run_instruct(os.path.join(out, "instruct"),
+                              InstructSettings(checkpoint=base, max_iters=args.instruct_iters),
+                              force=True, log=quiet)
         before, after = report["test_before"], report["test_after"]
         print(f"instruct: test exact match {100 * before['exact_match']:.1f}% (base) ->"
               f" {100 * after['exact_match']:.1f}% (fine-tuned), token F1"

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 
+from tinyllm import seq2seq_data
 from tinyllm.checkpoint import checkpoint_paths
 from tinyllm.cli import main
 
@@ -163,3 +164,16 @@ def test_train_flag_defaults_are_the_config_defaults():
     assert len(shared) == 18  # all but vocab_size, tie_weights and the betas
     assert {name: defaults[name] for name in shared} == {name: expected[name] for name in shared}
     assert defaults["out"] == SEQ2SEQ_RUN
+
+
+def test_resume_of_a_run_on_the_embedded_task(tmp_path, monkeypatch):
+    """The run stores the task by name (null for the default), not as a path or a corpus name."""
+    train, held = seq2seq_data.dates_task()
+    monkeypatch.setitem(seq2seq_data.EMBEDDED_TASKS, "dates", lambda: (train[:200], held[:20]))
+    out = tmp_path / "run"
+    result = invoke("seq2seq", "train", *TINY, "--block-size", 32, "--out", out, "--max-iters", 2,
+                    "--eval-interval", 1)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["data"] is None
+    result = invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 3)
+    assert result.exit_code == 0 and "resuming" in result.output, result.output

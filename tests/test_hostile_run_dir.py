@@ -157,6 +157,12 @@ def test_nan_constants_in_json_are_refused(run_dir, opened):
     ({"model_file": None}, ["model_file"]),
     ({"dtype": "object"}, ["dtype"]),
     ({"version": True}, ["version"]),
+    ({"labels": 5}, ["'labels'", "list"]),
+    ({"labels": [1, 2]}, ["'labels'", "strings"]),
+    ({"finetune": "x"}, ["'finetune'", "dict"]),
+    ({"before": [1]}, ["'before'", "dict"]),
+    ({"label_smoothing": "0.1"}, ["'label_smoothing'"]),
+    ({"schedule": 5}, ["'schedule'"]),
 ])
 def test_wrongly_typed_config_fields_are_named(run_dir, opened, changes, words):
     edit_config(run_dir, **changes)

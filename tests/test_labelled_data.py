@@ -143,3 +143,20 @@ def test_instruction_tasks_are_correct():
             assert r["output"] == r["input"][::-1]
         if r["instruction"] == "add":
             assert int(r["output"]) == sum(map(int, r["input"].split()))
+
+
+def test_python_docs_instructions_are_ordinary_requests_with_short_answers():
+    from tinyllm.labelled_data import first_sentence, python_docs_instructions, sentences
+
+    records = python_docs_instructions(100, seed=1)
+    assert records == python_docs_instructions(100, seed=1)  # the same file every time
+    assert len(records) == 100 and len({r["instruction"].split()[0] for r in records}) == 5
+    for r in records:
+        assert set(r) == {"instruction", "input", "output"} and r["instruction"] and r["output"]
+        assert len(r["output"]) <= 400
+    upper = [r for r in records if "capital letters" in r["instruction"]]
+    assert upper and all(r["output"] == r["input"].upper() for r in upper)
+    firsts = [r for r in records if r["instruction"].startswith("Give the first")]
+    assert firsts and all(r["input"].startswith(r["output"]) for r in firsts)
+    assert first_sentence("Return the sum. It is an int.") == "Return the sum."
+    assert sentences("A b. C d. E.") == ["A b.", "C d.", "E."]

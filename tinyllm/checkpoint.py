@@ -250,10 +250,10 @@ def read_meta(ckpt_dir):
             f"{path} has format version {version}; this tinyllm reads version"
             f" {FORMAT_VERSION} or older: upgrade tinyllm"
         )
-    for key, kinds in (("iter", int), ("kind", str), ("model", dict), ("train", (dict, None)),
-                       ("last_eval_iter", (int, None)), ("dtype", (str, None)),
-                       ("data", (str, None)), ("data_sha256", (str, None))):
+    for key, kinds in FIELD_TYPES:
         _check_field(meta, key, kinds, path)
+    if not all(isinstance(label, str) for label in meta.get("labels") or []):
+        raise TinyLLMError(f"{path}: field 'labels' must be a list of strings")
     if meta["iter"] < 0:
         raise TinyLLMError(f"{path}: \"iter\" must not be negative")
     if meta.get("dtype", "float32") not in FLOAT_DTYPES:
@@ -263,6 +263,16 @@ def read_meta(ckpt_dir):
 
 def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+# The type of every field config.json may have (None: optional, may be null). The last ones are
+# written by the fine-tuning and seq2seq runs; checking them here gives every run one-line errors.
+FIELD_TYPES = (("iter", int), ("kind", str), ("model", dict), ("train", (dict, None)),
+               ("last_eval_iter", (int, None)), ("dtype", (str, None)), ("data", (str, None)),
+               ("data_sha256", (str, None)), ("labels", (list, None)), ("finetune", (dict, None)),
+               ("before", (dict, None)), ("data_files_sha256", (dict, None)),
+               ("weights_iter", (int, None)), ("label_smoothing", (float, int, None)),
+               ("schedule", (str, None)))
 
 
 def _check_field(meta, key, kinds, path):

@@ -9,7 +9,8 @@ from dataclasses import fields
 
 import click
 
-from .cli_common import count, non_negative, positive, random_seed, step_count, user_errors
+from .cli_common import (count, fraction, non_negative, positive, random_seed, step_count,
+                         user_errors)
 from .errors import TinyLLMError
 from .finetune_runs import (ClassifySettings, InstructSettings, classify_texts, format_accuracies,
                             format_confusion, load_classifier, max_windows_of, run_classify,
@@ -106,6 +107,8 @@ def finetune():
 @click.option("--max-windows", default=ClassifySettings.max_windows, callback=positive,
               help="A text longer than the context is read as overlapping windows (half a"
                    " context apart), at most this many; the rest of a longer text is cut.")
+@click.option("--dropout", default=ClassifySettings.dropout, callback=fraction,
+              help="Dropout probability in the body while fine-tuning (0: none).")
 @training_options(ClassifySettings)
 @user_errors
 def finetune_classify(out, resume, force, **flags):

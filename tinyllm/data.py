@@ -87,6 +87,36 @@ def file_docstrings(path):
     return [doc for doc in (ast.get_docstring(n) for n in nodes) if doc]
 
 
+def module_name(path, root):
+    """The dotted module name of a standard library file: root/json/decoder.py -> "json.decoder"."""
+    parts = os.path.relpath(path, root)[:-len(".py")].split(os.sep)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def documented_functions(path, root):
+    """(module, function name, docstring) for the public top-level functions of a file that have
+    a docstring, in source order; read with `ast`, never imported."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    module = module_name(path, root)
+    return [(module, node.name, ast.get_docstring(node)) for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and not node.name.startswith("_") and ast.get_docstring(node)]
+
+
+@functools.lru_cache(maxsize=1)  # parsing the library takes seconds; a tuple is immutable
+def stdlib_functions():
+    """Every public, documented top-level function of the standard library (see
+    `documented_functions`), modules in sorted order, as a tuple."""
+    root = sysconfig.get_paths()["stdlib"]
+    return tuple(entry for path in stdlib_python_files(root)
+                 for entry in documented_functions(path, root)
+                 if not entry[0].split(".")[-1].startswith("_"))
+
+
 @functools.lru_cache(maxsize=1)  # parsing the library takes seconds; the text is immutable
 def stdlib_docstrings_corpus():
     """English prose from the docstrings of the standard library's modules, classes and functions.

@@ -137,6 +137,7 @@ class ClassifySettings(FinetuneSettings):
     pooling: Optional[str] = None  # None: "last" for the decoder, "mean" for the encoder
     freeze: str = "none"  # none | all | all-but-N
     max_windows: int = 8  # most context windows read per text; the rest of a text is cut
+    dropout: float = 0.0  # dropout in the body while fine-tuning (the base's own is replaced)
     max_iters: int = 300
     lr: float = 3e-4
     warmup_iters: int = 20
@@ -145,6 +146,7 @@ class ClassifySettings(FinetuneSettings):
     def validate(self):
         super().validate()
         _check(self.max_windows > 0, "--max-windows must be positive", self.max_windows)
+        _check(0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)", self.dropout)
         return self
 
 
@@ -460,7 +462,8 @@ def build_classifier(s, labels, log):
     """(params, ClassifierConfig, tokenizer): the base model with a fresh classification head."""
     gpt_params, gpt_config, tokenizer = load_base(s, log)
     gpt_params, gpt_config, tokenizer = add_unknown_token(gpt_params, gpt_config, tokenizer)
-    config = ClassifierConfig(**gpt_config.__dict__, n_classes=len(labels),
+    config = ClassifierConfig(**{**gpt_config.__dict__, "dropout": s.dropout},
+                              n_classes=len(labels),
                               pooling=s.pooling or ("mean" if s.arch == "encoder" else "last"),
                               arch=s.arch, lora_rank=s.lora_rank,
                               lora_alpha=s.adapter_alpha).validate()

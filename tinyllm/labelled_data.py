@@ -332,3 +332,62 @@ def default_instruction_data(n=2000, seed=0):
     rng = random.Random(seed)
     tasks = sorted(INSTRUCTIONS)
     return [_instruction_record(tasks[i % len(tasks)], rng) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- instructions from Python's own docs
+
+
+def first_sentence(text):
+    """The first sentence of a paragraph: up to the first ". " (or the end), with its period.
+
+    Example: "Return the sum. It is an int." -> "Return the sum."
+    """
+    cut = text.find(". ")
+    return text if cut < 0 else text[:cut + 1]
+
+
+def sentences(text):
+    """A paragraph split after each ". ": "A b. C d. E." -> ["A b.", "C d.", "E."]."""
+    parts = text.split(". ")
+    return [p + "." for p in parts[:-1]] + [parts[-1]]
+
+
+def python_docs_instructions(n=1000, seed=0):
+    """An Alpaca-layout instruction set of ordinary requests made from text every Python
+    installation carries, in five equal shares:
+
+        "What does the function `dumps` of the `json` module do?"       -> its docstring's first sentence
+        "Give the first sentence of this text." + a docstring paragraph -> that paragraph's first sentence
+        "Repeat the last sentence of this text." + a paragraph          -> its last sentence
+        "Which module of the standard library has a function named `dumps`?" -> "The `json` module."
+        "Rewrite this sentence in capital letters." + a short sentence  -> the sentence upper-cased
+
+    Responses are a sentence or so. The paragraphs come from the standard library's docstrings
+    (`data.stdlib_docstrings_corpus`), 2 to 4 sentences and at most 400 characters. The first
+    and fourth kinds can only be answered from what pretraining saw; the others from the input.
+    """
+    from .data import stdlib_docstrings_corpus, stdlib_functions
+
+    rng = random.Random(seed)
+    functions = [(m, f, first_sentence(" ".join(d.split("\n\n")[0].split())))
+                 for m, f, d in stdlib_functions()]
+    functions = [entry for entry in functions if 20 <= len(entry[2]) <= 200]
+    paragraphs = [p for p in stdlib_docstrings_corpus().split("\n\n")
+                  if len(p) <= 400 and 2 <= len(sentences(p)) <= 4
+                  and min(len(part) for part in sentences(p)) >= 10]
+    short = [p for p in paragraphs if len(first_sentence(p)) <= 100]
+    makers = [
+        lambda: (lambda m, f, d: {"instruction": f"What does the function `{f}` of the `{m}`"
+                                  " module do?", "input": "", "output": d})(*rng.choice(functions)),
+        lambda: (lambda p: {"instruction": "Give the first sentence of this text.", "input": p,
+                            "output": first_sentence(p)})(rng.choice(paragraphs)),
+        lambda: (lambda p: {"instruction": "Repeat the last sentence of this text.", "input": p,
+                            "output": sentences(p)[-1]})(rng.choice(paragraphs)),
+        lambda: (lambda m, f, d: {"instruction": "Which module of the standard library has a"
+                                  f" function named `{f}`?", "input": "",
+                                  "output": f"The `{m}` module."})(*rng.choice(functions)),
+        lambda: (lambda p: {"instruction": "Rewrite this sentence in capital letters.",
+                            "input": first_sentence(p), "output": first_sentence(p).upper()}
+                 )(rng.choice(short)),
+    ]
+    return [makers[i % len(makers)]() for i in range(n)]

@@ -17,8 +17,8 @@ from .decoding import translate_texts
 from .errors import TinyLLMError
 from .models import count_params
 from .seq2seq import init_seq2seq, seq2seq_loss
-from .seq2seq_data import (SEQ2SEQ_SPECIAL_TOKENS, encode_pairs, get_pair_batch, load_pairs,
-                           make_arrays, pairs_text)
+from .seq2seq_data import (EMBEDDED_TASKS, SEQ2SEQ_SPECIAL_TOKENS, encode_pairs, get_pair_batch,
+                           load_pairs, make_arrays, pairs_text)
 from .tokenizers import CharTokenizer
 from .train import (check_memory, gpt_param_count, gpt_step_bytes, prepare_out_dir, read_metrics,
                     same_fingerprint, start_out_dir, starting_state, stored_data_name,
@@ -111,7 +111,8 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
     def sample(split, rng):
         return get_pair_batch(arrays[split], tc.batch_size, rng)
 
-    extra = {"data": stored_data_name(data), "data_sha256": fingerprint, "label_smoothing": label_smoothing,
+    extra = {"data": stored_data_name(data, EMBEDDED_TASKS, None), "data_sha256": fingerprint,
+             "label_smoothing": label_smoothing,
              "schedule": schedule}
 
     def save(s):
@@ -135,9 +136,10 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
 
 def check_training_options(label_smoothing, schedule):
     """One-line errors for seq2seq-specific training settings."""
-    if not 0.0 <= label_smoothing < 1.0:
-        raise TinyLLMError(f"--label-smoothing must be in [0, 1), got {label_smoothing}")
-    if schedule not in SCHEDULES:
+    number = isinstance(label_smoothing, (int, float)) and not isinstance(label_smoothing, bool)
+    if not number or not 0.0 <= label_smoothing < 1.0:  # also a wrong type in a resumed run's config
+        raise TinyLLMError(f"--label-smoothing must be in [0, 1), got {label_smoothing!r}")
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
         raise TinyLLMError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
 
 

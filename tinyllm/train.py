@@ -388,12 +388,17 @@ def same_fingerprint(stored, text):
     return isinstance(stored, str) and len(stored) in (16, 64) and full.startswith(stored)
 
 
-def stored_data_name(data):
-    """What a run records as its data: an embedded corpus's name (the default's when None), or
-    the file's absolute path, so that --resume does not depend on the working directory."""
+def stored_data_name(data, embedded=EMBEDDED_CORPORA, default=DEFAULT_CORPUS):
+    """What a run records as its data: an embedded data set's name (`default` when None), or the
+    file's absolute path, so that --resume does not depend on the working directory.
+
+    `embedded` holds the names the run's loader knows (pretraining corpora by default; the
+    seq2seq run passes its tasks). Example: None -> "python-docs", "pydoc" -> "pydoc",
+    "my.txt" -> "/home/me/my.txt".
+    """
     if data is None:
-        return DEFAULT_CORPUS
-    if data in EMBEDDED_CORPORA and not os.path.exists(data):
+        return default
+    if data in embedded and not os.path.exists(data):
         return data
     return os.path.abspath(data)
 
