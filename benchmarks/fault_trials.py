@@ -6,9 +6,10 @@ Run from a checkout:  python benchmarks/fault_trials.py [--kills 40] [--double-c
 Each trial runs `python cli.py pretrain` (a 2-layer, 128-channel GPT on the embedded pydoc
 corpus, 30 steps, a checkpoint every 2 steps) in a subprocess and hurts it from outside:
 
-* kill -9: SIGKILL at a moment drawn uniformly between the first checkpoint and the expected end
-  of the run (kills before the first checkpoint leave nothing to resume, by definition; they are
-  counted apart). Then `tinyllm generate` must load the run, `pretrain --resume` must finish it,
+* kill -9: SIGKILL at a random moment after the first checkpoint: once the checkpoint of a random
+  step (0 to 25) is on disk, after a further random wait of up to two checkpoint intervals
+  (kills before the first checkpoint leave nothing to resume, by definition; a run that ends
+  before its kill is counted apart). Then `tinyllm generate` must load the run, `pretrain --resume` must finish it,
   and its final weights and loss curve must equal an uninterrupted run's, bit for bit.
 * double Ctrl-C: SIGINT at a random moment of training (0 to 100 ms after the checkpoint of a
   random step appears), and a second one 1 to 20 ms later (while the first one's checkpoint is
@@ -119,8 +120,11 @@ def kill_trial(root, i, reference, duration, rng):
     shutil.rmtree(out, ignore_errors=True)
     proc = start(out)
     first = wait_for_first_checkpoint(proc, out)
-    delay = rng.uniform(0, duration)
-    time.sleep(max(0.0, first + delay - time.perf_counter()))
+    step = rng.randrange(0, 26)  # a random moment of training, whatever the machine's speed today
+    while proc.poll() is None and checkpoint_iter(out) < step:
+        time.sleep(0.002)
+    time.sleep(rng.uniform(0.0, 2 * duration / 15))  # up to about two checkpoint intervals more
+    delay = time.perf_counter() - first
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed = proc.returncode == -signal.SIGKILL
