@@ -87,6 +87,7 @@ def main():
         parser.error("classify needs --data FILE")
     tune_malloc()
     out = args.out or tempfile.mkdtemp(prefix="tinyllm-real-")
+    os.makedirs(out, exist_ok=True)
     classify(args, out) if args.task == "classify" else instruct(args, out)
     print(f"runs in {out}")
 

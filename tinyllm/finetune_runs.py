@@ -137,7 +137,8 @@ class ClassifySettings(FinetuneSettings):
     pooling: Optional[str] = None  # None: "last" for the decoder, "mean" for the encoder
     freeze: str = "none"  # none | all | all-but-N
     max_windows: int = 8  # most context windows read per text; the rest of a text is cut
-    dropout: float = 0.0  # dropout in the body while fine-tuning (the base's own is replaced)
+    dropout: float = 0.1  # dropout in the body while fine-tuning, as BERT fine-tunes: a few
+    # hundred examples are learned by heart in 100 steps without it
     max_iters: int = 300
     lr: float = 3e-4
     warmup_iters: int = 20
@@ -377,7 +378,10 @@ def train_keeping_best(out_dir, params, paths, tc, loss_fn, sample, evaluate, sa
             return True
         return False
 
-    if not (resume_ckpt is not None and best.evals_since >= patience > 0):
+    if resume_ckpt is not None and best.evals_since >= patience > 0:
+        log(f"the run stopped early at iteration {resume_ckpt.iter} (no better validation loss"
+            f" in {patience} evaluations): nothing more to train")
+    else:
         state = train_loop(state, tc, step_loss, sample, save, out_dir, tokens_per_iter,
                            evaluate=lambda p: evaluate(merge_params(p, frozen)), on_eval=on_eval)
     return merge_params(best.params or state.params, frozen), best, state
@@ -386,7 +390,7 @@ def train_keeping_best(out_dir, params, paths, tc, loss_fn, sample, evaluate, sa
 def finish_with_best(out_dir, whole_best, state, paths, save_full, best):
     """Make the best weights the run's checkpoint (with the final optimizer state, so --resume
     with a larger --max-iters continues from them) and remove best.npz."""
-    trainable, frozen = split_params(whole_best, paths)
+    frozen = split_params(whole_best, paths)[1]
     save_full(whole_best, padded_opt_state(state.opt_state, frozen), state, best.iteration,
               best.iteration if best.params is not None else state.iteration)
     path = os.path.join(out_dir, BEST_FILE)
