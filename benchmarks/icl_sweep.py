@@ -1,13 +1,16 @@
 """What in-context learning depends on: pretrain on the `icl` corpus with one setting, score unseen tasks.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/icl_sweep.py --no-bias --seed 1 --results icl.jsonl
+    python benchmarks/icl_sweep.py --checkpoint runs/icl    # score a run `tinyllm pretrain` made
 
 One run per call (runs are minutes long on a CPU: a grid is a shell loop over this script). The
 model and schedule default to examples/in_context_learning.py's (2 layers, 4 heads, 64 channels,
 context 96, batch 32, lr 4e-3 to 4e-4, 200 warm-up steps, 3000 steps); each flag changes one of
 them. The run is scored like the example: 12 held-out functions (fresh, checked to occur nowhere
 in the corpus) x 15 queries, greedy exact match at k = 0, 1, 2, 4, 8, plus the hand-written
-examples/tasks/phone_keypad.jsonl. One JSON line per run is printed and appended to --results.
+examples/tasks/phone_keypad.jsonl (the tasks are those of examples/tasks/heldout/, and all 60
+records of each are scored by `tinyllm fewshot --task examples/tasks/heldout`; here 15 per task
+keep a run's scoring short). One JSON line per run is printed and appended to --results.
 """
 
 import argparse
@@ -20,6 +23,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tinyllm import fewshot as fs  # noqa: E402
+from tinyllm.checkpoint import load_checkpoint  # noqa: E402
 from tinyllm.config import GPTConfig, TrainConfig  # noqa: E402
 from tinyllm.icl_corpus import FAMILIES, heldout_task  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
@@ -60,8 +64,22 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--results", default=None, help="append the JSON line to this file")
+    parser.add_argument("--out", default=None, help="keep the run here (default: a temp dir)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="score this finished run instead of training (model flags ignored)")
     args = parser.parse_args()
     tune_malloc()
+    if args.checkpoint:
+        ckpt = load_checkpoint(args.checkpoint)
+        result = {"params": ckpt.params, "model_config": ckpt.model_config,
+                  "tokenizer": ckpt.tokenizer}
+        line = {"checkpoint": args.checkpoint, "bias": ckpt.model_config.bias,
+                "seed": ckpt.train_config.seed, "max_iters": ckpt.train_config.max_iters,
+                "lr": ckpt.train_config.lr, "n_layer": ckpt.model_config.n_layer,
+                "heldout": accuracies(result, heldout_tasks(12), 15),
+                "keypad": accuracies(result, [fs.read_task(KEYPAD)], None)}
+        report(line, args.results)
+        return
     t0 = time.perf_counter()
     model = GPTConfig(block_size=96, n_layer=args.n_layer, n_head=4, n_embd=args.n_embd,
                       bias=args.bias)
@@ -70,7 +88,8 @@ def main():
                         warmup_iters=args.warmup_iters, weight_decay=args.weight_decay,
                         eval_interval=args.max_iters, eval_iters=5, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        result = pretrain(model, train, tmp, data="icl", force=True)
+        result = pretrain(model, train, args.out or tmp, data="icl", tokenizer_kind="char",
+                          force=True)
     seconds = time.perf_counter() - t0
     line = {"bias": args.bias, "seed": args.seed, "max_iters": args.max_iters, "lr": args.lr,
             "min_lr": train.min_lr, "warmup_iters": args.warmup_iters, "n_layer": args.n_layer,
@@ -80,9 +99,14 @@ def main():
             "heldout": accuracies(result, heldout_tasks(12), 15),
             "keypad": accuracies(result, [fs.read_task(KEYPAD)], None),
             "train_seconds": round(seconds)}
+    report(line, args.results)
+
+
+def report(line, results):
+    """Print the JSON line and append it to the results file, if any."""
     print(json.dumps(line))
-    if args.results:
-        with open(args.results, "a", encoding="utf-8") as f:
+    if results:
+        with open(results, "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
 
 

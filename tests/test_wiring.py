@@ -24,11 +24,11 @@ from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.finetune import ClassifierConfig, classifier_loss, init_classifier
 from tinyllm.models import gpt_loss, init_gpt
 from tinyllm.ops import attention, attention_weights
+from tinyllm.optim import adamw_init
 from tinyllm.seq2seq import (Seq2SeqConfig, init_seq2seq, label_smoothed_cross_entropy_reference,
                              seq2seq_forward, seq2seq_loss)
 from tinyllm.seq2seq_data import SEQ2SEQ_SPECIAL_TOKENS, make_arrays
 from tinyllm.tokenizers import N_BYTES, BPETokenizer, CharTokenizer, merge_pair, split_into_chunks
-from tinyllm.optim import adamw_init
 from tinyllm.train import estimate_loss, train_step
 from tinyllm.tree import flatten, tree_map, unflatten
 
@@ -154,7 +154,7 @@ def test_train_step_is_an_explicit_adamw_step_with_the_configured_settings(
 
 def test_evaluation_runs_without_dropout():
     """estimate_loss must call the loss without a Generator (dropout off): with dropout 0.5 its
-    figure equals the deterministic loss of the same batches, and is the same for any rng."""
+    figure equals the deterministic loss of the same batches."""
     config = GPTConfig(vocab_size=7, block_size=6, n_layer=1, n_head=2, n_embd=8, dropout=0.5)
     params = init_gpt(config, onp.random.default_rng(0))
     data = onp.random.default_rng(1).integers(0, 7, 200)
@@ -341,3 +341,22 @@ def test_bpe_encoding_replays_the_merges_in_the_order_they_were_learned(train_te
                 ids = merge_pair(ids, pair, N_BYTES + rank)
             want += ids
         assert tok.encode(sample) == want
+
+
+def test_batched_greedy_decoding_hides_source_padding_from_the_encoder(monkeypatch):
+    """Sources of different lengths are padded into one batch: the encoder must get the padding
+    mask (greedy tokens alone rarely show it, as attention to padding shifts logits only a little)."""
+    config = Seq2SeqConfig(vocab_size=9, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    params = init_seq2seq(config, onp.random.default_rng(0))
+    src, valid = make_arrays([[3, 4, 5, 6], [7]], [[], []], SPECIAL)[:2]
+    seen = []
+    real = decoding.encoder_forward
+
+    def spy(params_, src_, config_, src_valid=None, rng=None):
+        seen.append(src_valid)
+        return real(params_, src_, config_, src_valid, rng)
+
+    monkeypatch.setattr(decoding, "encoder_forward", spy)
+    decoding.greedy_decode(params, config, src, valid, SPECIAL["<bos>"], SPECIAL["<eos>"], 3)
+    assert len(seen) == 1 and seen[0] is not None
+    onp.testing.assert_array_equal(seen[0], valid)
