@@ -138,10 +138,13 @@ def test_shuffle_words_keeps_the_words_in_another_order(words, seed):
 
 def test_instruction_tasks_are_correct():
     records = default_instruction_data(n=40)
-    assert {r["instruction"] for r in records} == {"reverse", "uppercase", "sort letters", "add"}
+    assert {r["instruction"] for r in records} == {"reverse the words", "uppercase",
+                                                   "sort the words", "add"}
     for r in records:
-        if r["instruction"] == "reverse":
-            assert r["output"] == r["input"][::-1]
+        if r["instruction"] == "reverse the words":
+            assert r["output"].split() == r["input"].split()[::-1]
+        if r["instruction"] == "sort the words":
+            assert r["output"].split() == sorted(r["input"].split())
         if r["instruction"] == "add":
             assert int(r["output"]) == sum(map(int, r["input"].split()))
 

@@ -153,7 +153,7 @@ def finetune_instruct(out, resume, force, **flags):
 
     and the loss counts the response tokens only. A record longer than the context keeps the
     end of its prompt and all of its response (counted). Without --data it uses embedded tasks
-    (reverse, uppercase, sort letters, add). Split 85/5/10 with --seed; the best evaluation's
+    (reverse the words, uppercase, sort the words, add). Split 85/5/10 with --seed; the best evaluation's
     weights are kept; at the end the test responses go to OUT/responses.jsonl and exact match /
     token F1 to OUT/metrics.json.
     """

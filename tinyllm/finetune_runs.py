@@ -811,7 +811,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
                 " response")
         if fallback:
             log(f"note: {fallback} character(s) in {name} fell back to {UNK_TOKEN}")
-    log(f"data: {s.data or 'embedded tasks (reverse, uppercase, sort letters, add)'}:"
+    log(f"data: {s.data or 'embedded tasks (reverse the words, uppercase, sort the words, add)'}:"
         f" {len(train)} train, {len(val)} val, {len(test)} test records")
     # 5. score before
     if resume:

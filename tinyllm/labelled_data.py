@@ -302,7 +302,8 @@ def default_classification_data(n=1500, seed=0):
 WORDS = ("cat dog sun map pen cup box red sky fox owl bee car bus hat ice jam key log net oak pig"
          " rat sea tea toy van web yak zip art bag bed cow egg fan gum hen ink jar kit lip mud"
          " nut pot rug tin").split()
-INSTRUCTIONS = {"reverse": "reverse", "upper": "uppercase", "sort": "sort letters", "add": "add"}
+INSTRUCTIONS = {"reverse": "reverse the words", "upper": "uppercase", "sort": "sort the words",
+                "add": "add"}
 
 
 def _instruction_record(task, rng):
@@ -310,22 +311,25 @@ def _instruction_record(task, rng):
     if task == "add":
         a, b = rng.randrange(10), rng.randrange(10)
         return {"instruction": INSTRUCTIONS[task], "input": f"{a} {b}", "output": str(a + b)}
-    letters = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 5)))
-    if task == "reverse":
-        return {"instruction": INSTRUCTIONS[task], "input": letters, "output": letters[::-1]}
-    if task == "sort":
-        return {"instruction": INSTRUCTIONS[task], "input": letters, "output": "".join(sorted(letters))}
-    phrase = " ".join(rng.sample(WORDS, 2))
-    return {"instruction": INSTRUCTIONS[task], "input": phrase, "output": phrase.upper()}
+    if task == "upper":
+        phrase = " ".join(rng.sample(WORDS, 2))
+        return {"instruction": INSTRUCTIONS[task], "input": phrase, "output": phrase.upper()}
+    words = rng.sample(WORDS, rng.randint(3, 4))
+    done = words[::-1] if task == "reverse" else sorted(words)
+    return {"instruction": INSTRUCTIONS[task], "input": " ".join(words), "output": " ".join(done)}
 
 
 def default_instruction_data(n=2000, seed=0):
     """The embedded instruction set: four tasks a tiny model learns in minutes, in equal shares.
 
-        reverse       "abcd"     -> "dcba"      (3-5 random lowercase letters)
-        uppercase     "cat dog"  -> "CAT DOG"   (two words from a list of 3-letter words)
-        sort letters  "dbca"     -> "abcd"
-        add           "3 4"      -> "7"         (two digits)
+        reverse the words  "cat dog sun"  -> "sun dog cat"   (3-4 words from a list of 3-letter words)
+        uppercase          "cat dog"      -> "CAT DOG"       (two such words)
+        sort the words     "dog cat sun"  -> "cat dog sun"
+        add                "3 4"          -> "7"             (two digits)
+
+    The tasks work on whole words: the default model reads byte-level BPE tokens, in which a
+    common word is one token, so reversing or sorting the letters of a word (this set's first
+    form, made for a character-level model) asks it for spelling its tokens hide.
     """
     rng = random.Random(seed)
     tasks = sorted(INSTRUCTIONS)
