@@ -319,3 +319,12 @@ def test_instruct_report_has_the_base_validation_loss(base, instructions, tmp_pa
     records = report["records"]
     assert report["shortened_records"] == {"train": records["train"], "val": records["val"]}
     assert len(open(os.path.join(out, "responses.jsonl")).readlines()) == report["records"]["test"]
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_before_any_work(base, tmp_path):
+    data = write_tsv(tmp_path / "d.tsv", [("ab"[i % 2], f"text {i}") for i in range(40)])
+    out = tmp_path / "run"
+    with pytest.raises(TinyLLMError, match=r"--batch-size 1000000 .*GB of memory"):
+        run_classify(str(out), ClassifySettings(checkpoint=base, data=data, batch_size=1_000_000),
+                     log=lambda *a: None)
+    assert not out.exists() or not os.listdir(out)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tinyllm.errors import TinyLLMError
 from tinyllm.labelled_data import (UNK_TOKEN, balance, default_classification_data,
                                    default_instruction_data, encode_with_fallback, label_ids,
-                                   read_classification, read_instructions, scramble_word,
+                                   read_classification, read_instructions, shuffle_words,
                                    split_three,
                                    with_unknown_token)
 from tinyllm.tokenizers import BPETokenizer, CharTokenizer
@@ -121,26 +121,30 @@ def test_embedded_sets_are_deterministic_and_balanced():
     data = default_classification_data()
     assert data == default_classification_data()
     labels = [label for _, label in data]
-    assert set(labels) == {"real", "scrambled"} and abs(labels.count("real") - labels.count("scrambled")) <= 1
+    assert set(labels) == {"real", "shuffled"} and abs(labels.count("real") - labels.count("shuffled")) <= 1
     for text, label in data[:50]:
-        if label == "scrambled":  # the same multiset of letters as some real line would have
-            assert any(len(w) >= 3 for w in text.split())
+        if label == "shuffled":  # a real line's words, but not in a real line's order
+            assert text not in {t for t, _ in data if _ == "real"} and len(text.split()) >= 6
 
 
-@given(st.text(alphabet="abcde", min_size=1, max_size=8), st.sampled_from(["", ";", "."]),
-       st.integers(0, 5))
-def test_scramble_word_keeps_letters_and_punctuation(word, punct, seed):
-    out = scramble_word(word + punct, random.Random(seed))
-    assert sorted(out[:len(word)]) == sorted(word) and out.endswith(punct)
-    assert (out == word + punct) == (len(set(word)) < 2)
+@given(st.lists(st.sampled_from(["the", "value", "is", "a", "list", "of", "names"]), min_size=2,
+                max_size=9), st.integers(0, 100))
+def test_shuffle_words_keeps_the_words_in_another_order(words, seed):
+    sentence = " ".join(words)
+    out = shuffle_words(sentence, random.Random(seed))
+    assert sorted(out.split()) == sorted(words)
+    assert (out == sentence) == (len(set(words)) < 2)
 
 
 def test_instruction_tasks_are_correct():
     records = default_instruction_data(n=40)
-    assert {r["instruction"] for r in records} == {"reverse", "uppercase", "sort letters", "add"}
+    assert {r["instruction"] for r in records} == {"reverse the words", "uppercase",
+                                                   "sort the words", "add"}
     for r in records:
-        if r["instruction"] == "reverse":
-            assert r["output"] == r["input"][::-1]
+        if r["instruction"] == "reverse the words":
+            assert r["output"].split() == r["input"].split()[::-1]
+        if r["instruction"] == "sort the words":
+            assert r["output"].split() == sorted(r["input"].split())
         if r["instruction"] == "add":
             assert int(r["output"]) == sum(map(int, r["input"].split()))
 

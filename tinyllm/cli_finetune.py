@@ -114,7 +114,7 @@ def finetune():
 def finetune_classify(out, resume, force, **flags):
     """Fine-tune a classifier on texts with labels (.csv, .tsv, .jsonl with text and label).
 
-    Without --data it uses the embedded set (pydoc sentences, real vs letter-scrambled). Without
+    Without --data it uses the embedded set (pydoc sentences, real vs words shuffled). Without
     --val-data/--test-data the data is split 70/10/20 with --seed. Texts longer than the context
     are read whole, as overlapping windows. The validation loss is measured on the whole
     validation split at every evaluation; the best evaluation's weights are kept. Reports
@@ -153,7 +153,7 @@ def finetune_instruct(out, resume, force, **flags):
 
     and the loss counts the response tokens only. A record longer than the context keeps the
     end of its prompt and all of its response (counted). Without --data it uses embedded tasks
-    (reverse, uppercase, sort letters, add). Split 85/5/10 with --seed; the best evaluation's
+    (reverse the words, uppercase, sort the words, add). Split 85/5/10 with --seed; the best evaluation's
     weights are kept; at the end the test responses go to OUT/responses.jsonl and exact match /
     token F1 to OUT/metrics.json.
     """

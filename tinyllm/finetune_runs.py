@@ -46,7 +46,7 @@ from .bleu import exact_match
 from .checkpoint import load_checkpoint, read_npz, save_checkpoint
 from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, GPTConfig, TrainConfig
 from .errors import TinyLLMError
-from .fileio import atomic_save_npz, atomic_write_json, atomic_write_text
+from .fileio import atomic_save_npz, atomic_write_json, atomic_write_text, open_regular
 from .finetune import (ClassifierConfig, classifier_from_gpt, classifier_loss, confusion_matrix,
                        fit_prompt, format_prompt, instruction_example, make_windows, merge_params,
                        precision_recall, predict_windows, split_params, token_f1, trainable_paths)
@@ -58,8 +58,8 @@ from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
 from .lora import LoRAGPTConfig, apply_lora, init_lora, merge_lora
 from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init
-from .train import (SPECIAL_TOKENS, Committed, prepare_out_dir, read_metrics, start_out_dir,
-                    train_loop, truncate_metrics)
+from .train import (SPECIAL_TOKENS, Committed, check_memory, gpt_param_count, gpt_step_bytes,
+                    prepare_out_dir, read_metrics, start_out_dir, train_loop, truncate_metrics)
 from .tree import flatten, unflatten
 
 METRICS_FORMAT = "tinyllm-finetune-metrics"
@@ -190,13 +190,20 @@ def stored_settings(settings):
 
 
 def data_fingerprints(settings):
-    """{flag: sha256 of the file} for the data files of a run (the embedded sets have none)."""
+    """{flag: sha256 of the file} for the data files of a run (the embedded sets have none).
+
+    A path stored in a run directory is untrusted: only a regular file is read (never a FIFO or
+    a device), in 1 MiB pieces, so hashing needs no more memory than that."""
     out = {}
     for name in ("data", "val_data", "test_data"):
         path = getattr(settings, name)
         if path:
-            with open(path, "rb") as f:
-                out[name] = hashlib.sha256(f.read()).hexdigest()
+            fd, _ = open_regular(path, "data file")
+            digest = hashlib.sha256()
+            with os.fdopen(fd, "rb") as f:
+                for piece in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(piece)
+            out[name] = digest.hexdigest()
     return out
 
 
@@ -273,6 +280,15 @@ def make_train_config(settings, n_train):
                        weight_decay=settings.weight_decay,
                        eval_interval=min(settings.eval_interval, max_iters), eval_iters=1,
                        seed=settings.seed).validate()
+
+
+def check_step_memory(config, tc, windows_per_text):
+    """Refuse a --batch-size whose steps cannot fit in memory, before any work is done (a text
+    may bring up to `windows_per_text` windows into a batch)."""
+    batch = replace(tc, batch_size=tc.batch_size * windows_per_text)
+    check_memory(gpt_step_bytes(config, batch, gpt_param_count(config)),
+                 f"a fine-tuning step with --batch-size {tc.batch_size} (context"
+                 f" {config.block_size}, up to {windows_per_text} window(s) a text)")
 
 
 def write_report(out_dir, report):
@@ -517,10 +533,10 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     ckpt = load_checkpoint(out, with_optimizer=True, kind="classifier") if resume else None
     s = (settings_from_run(ckpt, ClassifySettings, max_iters) if resume
          else (settings or ClassifySettings())).validate()
-    # 2. data
-    train, val, test = load_classification_splits(s)
+    # 2. data (a resumed run's files are checked against their sha256 before they are parsed)
     if resume:
         check_data_unchanged(ckpt, s)
+    train, val, test = load_classification_splits(s)
     labels = ckpt.meta["labels"] if resume else list(label_ids([label for _, label in train]))
     # 3. model
     if resume:
@@ -534,7 +550,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
                                               s.max_windows, f"{s.data or 'the embedded data'} ({name})")
         sets[name] = (windows, y)
         counts = {k: counts[k] + n[k] for k in counts}
-    log(f"data: {s.data or 'embedded real-vs-scrambled sentences'}: {len(train)} train,"
+    log(f"data: {s.data or 'embedded real-vs-shuffled sentences'}: {len(train)} train,"
         f" {len(val)} val, {len(test)} test; classes {labels}")
     report_counts(counts, config.block_size, s.max_windows, log)
     # 5. score before
@@ -545,6 +561,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     tc = make_train_config(s, len(train))
     if resume:
         tc = replace(ckpt.train_config, max_iters=s.max_iters)
+    check_step_memory(config, tc, s.max_windows)
     paths = trainable_paths(params, s.freeze, config.n_layer)
     log_trainable(params, paths, f"LoRA rank {config.lora_rank}: adapters and head"
                   if config.lora_rank else f"--freeze {s.freeze}", log)
@@ -772,10 +789,10 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
         raise TinyLLMError(f"--resume: {out} is not an instruction fine-tuning run")
     s = (settings_from_run(ckpt, InstructSettings, max_iters) if resume
          else (settings or InstructSettings())).validate()
-    # 2. data
-    train, val, test = instruct_splits(s)
+    # 2. data (a resumed run's files are checked against their sha256 before they are parsed)
     if resume:
         check_data_unchanged(ckpt, s)
+    train, val, test = instruct_splits(s)
     # 3. model
     if resume:
         params, config, tokenizer = ckpt.params, ckpt.model_config, ckpt.tokenizer
@@ -794,7 +811,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
                 " response")
         if fallback:
             log(f"note: {fallback} character(s) in {name} fell back to {UNK_TOKEN}")
-    log(f"data: {s.data or 'embedded tasks (reverse, uppercase, sort letters, add)'}:"
+    log(f"data: {s.data or 'embedded tasks (reverse the words, uppercase, sort the words, add)'}:"
         f" {len(train)} train, {len(val)} val, {len(test)} test records")
     # 5. score before
     if resume:
@@ -810,6 +827,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     tc = make_train_config(s, len(arrays["train"][0]))
     if resume:
         tc = replace(ckpt.train_config, max_iters=s.max_iters)
+    check_step_memory(config, tc, 1)
     flat = flatten(params)
     paths = [p for p in flat if p.startswith("lora.")] if "lora" in params else list(flat)
     log_trainable(params, paths, "LoRA adapters" if "lora" in params else "all weights", log)

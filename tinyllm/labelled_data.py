@@ -264,29 +264,28 @@ def _pydoc_sentences(min_words=6, max_words=9):
     return sorted(set(sentences))
 
 
-def scramble_word(word, rng):
-    """The letters of a word in a random order that differs from the original, where one exists.
+def shuffle_words(sentence, rng):
+    """The words of a sentence in a random order that differs from the original.
 
-    Example: "python;" -> e.g. "tpyhon;"; "a" and "ee" cannot change and come back as they are.
+    Example: "the value is returned" -> e.g. "is the returned value".
     """
-    core = word.rstrip(".,;:")  # punctuation stays at the end, where the real word has it
-    if len(set(core)) < 2:
-        return word
-    letters = list(core)
-    while "".join(letters) == core:
-        rng.shuffle(letters)
-    return "".join(letters) + word[len(core):]
+    words = sentence.split()
+    shuffled = list(words)
+    while shuffled == words and len(set(words)) > 1:
+        rng.shuffle(shuffled)
+    return " ".join(shuffled)
 
 
 def default_classification_data(n=1500, seed=0):
-    """The embedded classification set: "real" pydoc sentences vs "scrambled" ones.
+    """The embedded classification set: "real" pydoc sentences vs "shuffled" ones.
 
     Half the examples are 6-9 word lines of Python's own documentation (the pretraining corpus);
-    the other half are other such lines in which every word of three or more letters has its
-    letters shuffled ("the value is" -> "teh uvlae is"). Word lengths, spaces, letters and
-    capitals are the same in both halves, so the only cue is spelling: a character-level language
-    model learns English spelling in pretraining, while a model trained from scratch must learn
-    it from 1,050 labelled sentences.
+    the other half are other such lines with their words in a random order ("the value is
+    returned" -> "is the returned value"). Both halves have the same words, tokens and lengths,
+    so the only cue is word order: a language model learns which orders English allows in
+    pretraining, while a model trained from scratch must learn it from 1,050 labelled sentences.
+    (Shuffling the letters inside words, this set's first form, is no test for a BPE model:
+    misspelt words fall apart into rare byte tokens, a cue any model finds at once.)
     """
     rng = random.Random(seed)
     sentences = _pydoc_sentences()
@@ -296,15 +295,15 @@ def default_classification_data(n=1500, seed=0):
         if i % 2 == 0:
             examples.append((sentence, "real"))
         else:
-            words = [scramble_word(w, rng) if len(w) >= 3 else w for w in sentence.split()]
-            examples.append((" ".join(words), "scrambled"))
+            examples.append((shuffle_words(sentence, rng), "shuffled"))
     return examples
 
 
 WORDS = ("cat dog sun map pen cup box red sky fox owl bee car bus hat ice jam key log net oak pig"
          " rat sea tea toy van web yak zip art bag bed cow egg fan gum hen ink jar kit lip mud"
          " nut pot rug tin").split()
-INSTRUCTIONS = {"reverse": "reverse", "upper": "uppercase", "sort": "sort letters", "add": "add"}
+INSTRUCTIONS = {"reverse": "reverse the words", "upper": "uppercase", "sort": "sort the words",
+                "add": "add"}
 
 
 def _instruction_record(task, rng):
@@ -312,22 +311,25 @@ def _instruction_record(task, rng):
     if task == "add":
         a, b = rng.randrange(10), rng.randrange(10)
         return {"instruction": INSTRUCTIONS[task], "input": f"{a} {b}", "output": str(a + b)}
-    letters = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 5)))
-    if task == "reverse":
-        return {"instruction": INSTRUCTIONS[task], "input": letters, "output": letters[::-1]}
-    if task == "sort":
-        return {"instruction": INSTRUCTIONS[task], "input": letters, "output": "".join(sorted(letters))}
-    phrase = " ".join(rng.sample(WORDS, 2))
-    return {"instruction": INSTRUCTIONS[task], "input": phrase, "output": phrase.upper()}
+    if task == "upper":
+        phrase = " ".join(rng.sample(WORDS, 2))
+        return {"instruction": INSTRUCTIONS[task], "input": phrase, "output": phrase.upper()}
+    words = rng.sample(WORDS, rng.randint(3, 4))
+    done = words[::-1] if task == "reverse" else sorted(words)
+    return {"instruction": INSTRUCTIONS[task], "input": " ".join(words), "output": " ".join(done)}
 
 
 def default_instruction_data(n=2000, seed=0):
     """The embedded instruction set: four tasks a tiny model learns in minutes, in equal shares.
 
-        reverse       "abcd"     -> "dcba"      (3-5 random lowercase letters)
-        uppercase     "cat dog"  -> "CAT DOG"   (two words from a list of 3-letter words)
-        sort letters  "dbca"     -> "abcd"
-        add           "3 4"      -> "7"         (two digits)
+        reverse the words  "cat dog sun"  -> "sun dog cat"   (3-4 words from a list of 3-letter words)
+        uppercase          "cat dog"      -> "CAT DOG"       (two such words)
+        sort the words     "dog cat sun"  -> "cat dog sun"
+        add                "3 4"          -> "7"             (two digits)
+
+    The tasks work on whole words: the default model reads byte-level BPE tokens, in which a
+    common word is one token, so reversing or sorting the letters of a word (this set's first
+    form, made for a character-level model) asks it for spelling its tokens hide.
     """
     rng = random.Random(seed)
     tasks = sorted(INSTRUCTIONS)
