@@ -328,3 +328,15 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_any_work(base, tmp_
         run_classify(str(out), ClassifySettings(checkpoint=base, data=data, batch_size=1_000_000),
                      log=lambda *a: None)
     assert not out.exists() or not os.listdir(out)
+
+
+def test_resume_names_a_setting_of_the_wrong_type(base, tmp_path):
+    data = write_tsv(tmp_path / "d.tsv", [("ab"[i % 2], f"text {i}") for i in range(40)])
+    out = tmp_path / "run"
+    run_classify(str(out), ClassifySettings(checkpoint=base, data=data, max_iters=2,
+                                            eval_interval=2), log=lambda *a: None)
+    meta = json.loads((out / "config.json").read_text())
+    meta["finetune"]["seed"] = "one"
+    (out / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(TinyLLMError, match="wrong type"):
+        run_classify(str(out), resume=True, max_iters=4, log=lambda *a: None)

@@ -176,6 +176,11 @@ def settings_from_run(ckpt, cls, max_iters=None):
     if not isinstance(stored, dict) or not set(stored) <= names | {"task"}:
         raise TinyLLMError(f"--resume: the run's config.json has no valid {cls.__name__} settings")
     settings = cls(**{k: v for k, v in stored.items() if k in names})
+    try:
+        settings.validate()  # a hand-edited value of the wrong type is named, not a traceback
+    except TypeError:
+        raise TinyLLMError("--resume: the run's config.json has a \"finetune\" setting of the"
+                           " wrong type") from None
     return replace(settings, max_iters=max_iters) if max_iters else settings
 
 
