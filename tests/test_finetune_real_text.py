@@ -141,7 +141,8 @@ def test_a_cue_past_the_first_context_decides_after_training(base, tmp_path):
     report = run_classify(str(tmp_path / "run"), settings, log=lambda *a: None)
     assert report["windowed_texts"] == 160 and report["cut_texts"] == 0
     assert report["accuracy_after"]["test"] >= 0.9
-    params, config, tok, labels = finetune_runs.load_classifier(str(tmp_path / "run"))
+    params, config, tok, labels, max_windows = finetune_runs.load_classifier(str(tmp_path / "run"))
+    assert max_windows == settings.max_windows
     start = "the same long start abc"
     probs = classify_texts(params, config, tok, [start + " x", start + " z"])
     assert [labels[i] for i in probs.argmax(axis=1)] == ["spam", "ham"]

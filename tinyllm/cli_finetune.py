@@ -13,7 +13,7 @@ from .cli_common import (count, fraction, non_negative, positive, random_seed, s
                          user_errors)
 from .errors import TinyLLMError
 from .finetune_runs import (ClassifySettings, InstructSettings, classify_texts, format_accuracies,
-                            format_confusion, load_classifier, max_windows_of, run_classify,
+                            format_confusion, load_classifier, run_classify,
                             run_instruct, score_file)
 
 
@@ -183,10 +183,7 @@ def classify(checkpoint, data, text_column, label_column, text):
     """Classify TEXT (prints the label and class probabilities), or score --data FILE.
 
     Texts longer than the context are read as windows, as in fine-tuning."""
-    from .checkpoint import read_meta
-
-    params, config, tokenizer, labels = load_classifier(checkpoint)
-    max_windows = max_windows_of(read_meta(checkpoint))
+    params, config, tokenizer, labels, max_windows = load_classifier(checkpoint)
     if (text is None) == (data is None):
         raise TinyLLMError("give either a TEXT argument or --data FILE")
     if text is not None:

@@ -642,19 +642,16 @@ def format_confusion(matrix, labels):
 
 
 def load_classifier(checkpoint):
-    """(params, config, tokenizer, labels) of a fine-tuned classifier run directory."""
+    """(params, config, tokenizer, labels, max_windows) of a fine-tuned classifier run directory;
+    max_windows is the --max-windows it was trained with (the default for older runs)."""
     ckpt = load_checkpoint(checkpoint, kind="classifier")
     labels = ckpt.meta.get("labels")
     if not isinstance(labels, list) or len(labels) != ckpt.model_config.n_classes:
         raise TinyLLMError(f"{checkpoint}/config.json: its \"labels\" do not match the model")
-    return ckpt.params, ckpt.model_config, ckpt.tokenizer, labels
-
-
-def max_windows_of(checkpoint_meta):
-    """The --max-windows a classifier run was trained with (the default for older runs)."""
-    stored = checkpoint_meta.get("finetune") or {}
-    value = stored.get("max_windows", ClassifySettings.max_windows)
-    return value if isinstance(value, int) and value > 0 else ClassifySettings.max_windows
+    max_windows = (ckpt.meta.get("finetune") or {}).get("max_windows")
+    if not (isinstance(max_windows, int) and max_windows > 0):
+        max_windows = ClassifySettings.max_windows
+    return ckpt.params, ckpt.model_config, ckpt.tokenizer, labels, max_windows
 
 
 def classify_texts(params, config, tokenizer, texts, max_windows=ClassifySettings.max_windows):
