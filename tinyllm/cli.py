@@ -92,10 +92,14 @@ def main():
 @click.option("--force", is_flag=True, help="Overwrite an existing run in --out.")
 @click.option("--sample-tokens", default=300, callback=count,
               help="Tokens to sample from the model at the end (0: none).")
+@click.option("--fast/--no-fast", default=True, show_default=True,
+              help="Train with the hand-written forward and backward passes of tinyllm/fast.py"
+                   " (used when --dropout is 0); --no-fast differentiates the readable reference"
+                   " model with autograd instead (slower, same losses up to float32 rounding).")
 @user_errors
 def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_size, bias, dropout,
              batch_size, max_iters, lr, min_lr, warmup_iters, weight_decay, grad_clip,
-             eval_interval, eval_iters, seed, out, resume, force, sample_tokens):
+             eval_interval, eval_iters, seed, out, resume, force, sample_tokens, fast):
     """Pretrain a GPT on raw text by next-token prediction.
 
     With no flags it trains a 1.1M-parameter model with a byte-level BPE tokenizer (2048 tokens)
@@ -116,7 +120,7 @@ def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_si
     new_total = max_iters if resume and source is not ParameterSource.DEFAULT else None
     result = run_pretrain(model_config, train_config, out, data=data,
                           tokenizer_kind=tokenizer_kind, vocab_size=vocab_size, resume=resume,
-                          force=force, max_iters=new_total, log=click.echo)
+                          force=force, max_iters=new_total, log=click.echo, fast=fast)
     final = result["final"]
     click.echo(f"done: iteration {final['iter']}, train loss {final['train_loss']:.4f},"
                f" val loss {final['val_loss']:.4f}, {result['seconds']:.0f} s; checkpoint in {out}")
