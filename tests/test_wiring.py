@@ -277,9 +277,9 @@ def test_translate_texts_uses_beam_search_for_every_beam_size_above_one(monkeypa
     calls = []
     real = decoding.beam_search
 
-    def spy(params_, config_, src_ids, bos, eos, max_len, beam_size=4, alpha=0.6):
+    def spy(params_, config_, src_ids, bos, eos, max_len, beam_size=4, alpha=0.6, use_cache=True):
         calls.append((beam_size, alpha))
-        return real(params_, config_, src_ids, bos, eos, max_len, beam_size, alpha)
+        return real(params_, config_, src_ids, bos, eos, max_len, beam_size, alpha, use_cache)
 
     monkeypatch.setattr(decoding, "beam_search", spy)
     for k in (2, 3, 5):

@@ -75,6 +75,10 @@ def main():
 @click.option("--dropout", default=MODEL.dropout, callback=fraction, help="Dropout probability during training.")
 @click.option("--batch-size", default=TRAIN.batch_size, callback=positive,
               help="Sequences per step.")
+@click.option("--grad-accum", default=TRAIN.grad_accum, callback=positive,
+              help="Micro-batches of --batch-size per optimizer step, gradients averaged: a K"
+                   " times larger batch in the memory of one. Under `mpirun -n N`, each rank"
+                   " does K (the step sees N x K micro-batches).")
 @click.option("--max-iters", default=TRAIN.max_iters, callback=step_count,
               help="Optimizer steps in the whole run (with --resume: the new total).")
 @click.option("--lr", default=TRAIN.lr, callback=positive, help="Peak learning rate, reached after the warm-up.")
@@ -101,8 +105,9 @@ def main():
                    " any number but 0 measures the masked-token accuracy on the validation split"
                    " instead.")
 @user_errors
-def pretrain(data, objective, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_size, bias, dropout,
-             batch_size, max_iters, lr, min_lr, warmup_iters, weight_decay, grad_clip,
+def pretrain(data, objective, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_size,
+             bias, dropout, batch_size, grad_accum, max_iters, lr, min_lr, warmup_iters,
+             weight_decay, grad_clip,
              eval_interval, eval_iters, seed, out, resume, force, sample_tokens):
     """Pretrain a GPT on raw text by next-token prediction (or an encoder by masked tokens).
 
@@ -118,7 +123,7 @@ def pretrain(data, objective, tokenizer_kind, vocab_size, n_layer, n_head, n_emb
     train_config = TrainConfig(batch_size=batch_size, max_iters=max_iters, lr=lr, min_lr=min_lr,
                                warmup_iters=warmup_iters, weight_decay=weight_decay,
                                grad_clip=grad_clip, eval_interval=eval_interval,
-                               eval_iters=eval_iters, seed=seed).validate()
+                               eval_iters=eval_iters, seed=seed, grad_accum=grad_accum).validate()
     # --resume keeps the run's own --max-iters unless this command line sets one
     source = click.get_current_context().get_parameter_source("max_iters")
     new_total = max_iters if resume and source is not ParameterSource.DEFAULT else None

@@ -66,10 +66,13 @@ class TrainConfig:
     eval_interval: int = 250  # evaluate and checkpoint every this many steps
     eval_iters: int = 10  # batches per split in each evaluation (20,480 tokens at the defaults)
     seed: int = 1337  # everything random (init, batches, dropout) follows from it
+    grad_accum: int = 1  # micro-batches of batch_size per step, gradients averaged: the step of
+    # a K times larger batch in the memory of one (and, over MPI, the micro-batches of each rank)
 
     def validate(self):
         """Raise TinyLLMError for settings that cannot train; return self."""
-        _require_positive(self, ("batch_size", "max_iters", "eval_interval", "eval_iters"))
+        _require_positive(self, ("batch_size", "max_iters", "eval_interval", "eval_iters",
+                                 "grad_accum"))
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise TinyLLMError(
                 f"need 0 <= --min-lr <= --lr and --lr > 0, got lr={self.lr}, min_lr={self.min_lr}"

@@ -1,8 +1,11 @@
 """Decoding an encoder-decoder: greedy search and beam search, each stopping at <eos>.
 
 The encoder runs once per source; the decoder is then run on the growing target prefix, and
-only its last position's log-probabilities are used to extend it. (There is no key/value cache:
-re-running the prefix is simpler to read, and the targets here are short.)
+only its last position's log-probabilities are used to extend it. By default the decoder runs on
+a key/value cache (`kv_cache.DecoderCache`): each step feeds it only the newest token, its
+self-attention keys and values are appended per step, and the cross-attention keys and values
+are computed once per source. `use_cache=False` (the `--no-cache` flag) re-runs the whole prefix
+every step, the plain form to read; both give the same outputs (tests/test_kv_cache.py).
 
 Why not the GPT's greedy decoder (generate.greedy_batch)? That one continues a prompt of the
 model's own tokens; here each step also reads the encoder's memory and its padding mask, every
@@ -19,6 +22,7 @@ Wu et al. (2016) is lp(n) = ((5 + n) / 6) ^ alpha: alpha = 0 compares raw log-pr
 import numpy as onp
 
 from .errors import TinyLLMError
+from .kv_cache import DecoderCache
 from .ops import log_softmax
 from .seq2seq import decoder_forward, encoder_forward
 from .seq2seq_data import BOS, EOS, encode_source, make_arrays
@@ -30,7 +34,24 @@ def _next_log_probs(params, config, memory, src_valid, prefixes):
     return log_softmax(onp.asarray(logits, dtype=onp.float64))
 
 
-def greedy_decode(params, config, src, src_valid, bos, eos, max_len):
+def next_log_probs_fn(params, config, memory, src_valid, use_cache):
+    """next_log_probs(prefixes, parents=None) -> (R, V) for the search loops below.
+
+    `parents[i]` is the row of the previous step's prefixes that row i extends (beam search
+    reorders its hypotheses); the cache needs it, the plain path re-reads each prefix anyway.
+    The memory has one row per prefix (greedy) or one row for all of them (beam search).
+    """
+    if use_cache:
+        return DecoderCache(params, config, memory, src_valid).next_log_probs
+
+    def recompute(prefixes, parents=None):
+        rows = memory if len(memory) == len(prefixes) else onp.repeat(memory, len(prefixes), axis=0)
+        return _next_log_probs(params, config, rows, src_valid, prefixes)
+
+    return recompute
+
+
+def greedy_decode(params, config, src, src_valid, bos, eos, max_len, use_cache=True):
     """Greedy search for a batch: src (B, S), src_valid (B, S) -> B lists of ids (no bos/eos).
 
     At each step every unfinished row takes its single likeliest token; a row is finished once
@@ -38,10 +59,11 @@ def greedy_decode(params, config, src, src_valid, bos, eos, max_len):
     """
     max_len = min(max_len, config.block_size - 1)
     memory = encoder_forward(params, src, config, src_valid)  # (B, S, C)
+    next_log_probs = next_log_probs_fn(params, config, memory, src_valid, use_cache)
     prefixes = onp.full((src.shape[0], 1), bos, dtype=onp.int32)  # (B, 1)
     done = onp.zeros(src.shape[0], dtype=bool)
     for _ in range(max_len):
-        token = _next_log_probs(params, config, memory, src_valid, prefixes).argmax(axis=-1)  # (B,)
+        token = next_log_probs(prefixes).argmax(axis=-1)  # (B,)
         token = onp.where(done, eos, token)
         prefixes = onp.concatenate([prefixes, token[:, None].astype(onp.int32)], axis=1)
         done |= token == eos
@@ -61,7 +83,8 @@ def length_penalty(length, alpha):
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def beam_search(params, config, src_ids, bos, eos, max_len, beam_size=4, alpha=0.6):
+def beam_search(params, config, src_ids, bos, eos, max_len, beam_size=4, alpha=0.6,
+                use_cache=True):
     """Beam search for one source (list of ids) -> the best target ids (no bos/eos).
 
     Each step extends every live prefix by every token, keeps the 2k best extensions by total
@@ -73,16 +96,17 @@ def beam_search(params, config, src_ids, bos, eos, max_len, beam_size=4, alpha=0
     max_len = min(max_len, config.block_size - 1)
     src = onp.asarray([src_ids], dtype=onp.int32)  # (1, S)
     memory = encoder_forward(params, src, config)  # (1, S, C)
+    next_log_probs = next_log_probs_fn(params, config, memory, None, use_cache)
     alive = [([], 0.0)]  # (tokens, total log-probability)
+    parents = None  # the row of the previous step that each live hypothesis extends
     finished = []
     for _ in range(max_len):
         prefixes = onp.asarray([[bos] + toks for toks, _ in alive], dtype=onp.int32)  # (R, t)
-        rows = len(alive)
-        logp = _next_log_probs(params, config, onp.repeat(memory, rows, axis=0), None, prefixes)
+        logp = next_log_probs(prefixes, parents)  # (R, V)
         totals = onp.asarray([score for _, score in alive])[:, None] + logp  # (R, V)
         # a stable sort keeps the lower token id first among ties, as argmax does
         best = onp.argsort(-totals, axis=None, kind="stable")[: 2 * beam_size]
-        alive_next = []
+        alive_next, parents = [], []
         for rank, flat in enumerate(best):
             row, token = divmod(int(flat), totals.shape[1])
             tokens, total = alive[row][0] + [token], float(totals[row, token])
@@ -91,6 +115,7 @@ def beam_search(params, config, src_ids, bos, eos, max_len, beam_size=4, alpha=0
                     finished.append((tokens[:-1], total))
             elif len(alive_next) < beam_size:
                 alive_next.append((tokens, total))
+                parents.append(row)
         alive = alive_next
         if len(finished) >= beam_size or not alive:
             break
@@ -99,8 +124,9 @@ def beam_search(params, config, src_ids, bos, eos, max_len, beam_size=4, alpha=0
 
 
 def translate_texts(params, config, tokenizer, texts, wheres=None, beam_size=1, alpha=0.6,
-                    max_len=None, chunk=256):
-    """Translate source texts; greedy (batched) for beam_size 1, else beam search per text.
+                    max_len=None, chunk=256, use_cache=True):
+    """Translate source texts; greedy (batched) for beam_size 1, else beam search per text
+    (on the key/value cache unless use_cache is False).
 
     `wheres` names each text in error messages (a text with an unknown character or one longer
     than the context is reported, not truncated).
@@ -113,13 +139,14 @@ def translate_texts(params, config, tokenizer, texts, wheres=None, beam_size=1, 
             raise TinyLLMError(f"{where}: the source is empty: nothing to translate")
     max_len = max_len or config.block_size - 1
     if beam_size > 1:
-        ids = [beam_search(params, config, s, special[BOS], special[EOS], max_len, beam_size, alpha)
-               for s in sources]
+        ids = [beam_search(params, config, s, special[BOS], special[EOS], max_len, beam_size, alpha,
+                           use_cache) for s in sources]
     else:
         ids = []
         for start in range(0, len(sources), chunk):
             part = sources[start:start + chunk]
             src, src_valid = make_arrays(part, [[]] * len(part), special)[:2]
-            ids += greedy_decode(params, config, src, src_valid, special[BOS], special[EOS], max_len)
+            ids += greedy_decode(params, config, src, src_valid, special[BOS], special[EOS], max_len,
+                                 use_cache)
     hidden = set(special.values())  # <pad>/<bos> never belong in an output text
     return [tokenizer.decode([i for i in row if i not in hidden]) for row in ids]

@@ -14,6 +14,11 @@ Two loops, each written once: `generate_ids` samples one sequence (any temperatu
 longer than block_size slides), and `greedy_batch` decodes many prompts greedily at once, which
 is what scoring needs (few-shot answers, instruction-tuned responses). For a prompt whose answer
 fits in the context the two give the same tokens at temperature 0 (a test checks it).
+
+Both run on a key/value cache by default (tinyllm/kv_cache.py: each step feeds the model only
+the new token); `use_cache=False` (the `--no-cache` flag) runs the plain loops below, which feed
+the whole context every step, and are the way to read and check what generation does. The two
+give the same tokens (tests/test_kv_cache.py).
 Decoding an encoder-decoder is tinyllm/decoding.py: its decoder reads the encoder's output
 and starts from <bos>, so its loop differs.
 """
@@ -21,6 +26,7 @@ and starts from <bos>, so its loop differs.
 import numpy as onp
 
 from .errors import TinyLLMError
+from .kv_cache import GPTCache, greedy_batch_cached
 from .models import gpt_forward
 from .ops import softmax
 
@@ -65,18 +71,19 @@ def sample_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
 
 
 def generate_ids(params, config, ids, max_new_tokens, rng, temperature=1.0, top_k=None,
-                 top_p=None, stop=None):
+                 top_p=None, stop=None, use_cache=True):
     """Extend token ids by up to max_new_tokens; returns the new ids only.
 
     `stop(new_ids) -> bool` ends generation early when it returns True (e.g. a stop text or
-    an end-of-text token was produced).
+    an end-of-text token was produced). `use_cache=False` recomputes the whole window each step.
     """
     if not ids:
         raise TinyLLMError("generation needs at least one token of context")
+    next_logits = GPTCache(params, config).next_logits if use_cache else (
+        lambda window: last_logits(params, config, window))
     context, new = list(ids), []
     for _ in range(max_new_tokens):
-        window = onp.asarray(context[-config.block_size:], dtype=onp.int32)[None, :]  # (1, T)
-        logits = gpt_forward(params, window, config)[0, -1]  # (1, T, V) -> (V,)
+        logits = next_logits(context[-config.block_size:])  # (V,) after the last block_size ids
         token = sample_token(logits, rng, temperature, top_k, top_p)
         context.append(token)
         new.append(token)
@@ -85,12 +92,20 @@ def generate_ids(params, config, ids, max_new_tokens, rng, temperature=1.0, top_
     return new
 
 
+def last_logits(params, config, window):
+    """The plain way: the whole window (a list of ids) through the model -> the last logits (V,)."""
+    ids = onp.asarray(window, dtype=onp.int32)[None, :]  # (1, T)
+    return gpt_forward(params, ids, config)[0, -1]  # (1, T, V) -> (V,)
+
+
 def generate_text(params, config, tokenizer, prompt, max_new_tokens=MAX_NEW_TOKENS,
-                  temperature=1.0, top_k=None, top_p=None, seed=None, stop_text=None):
+                  temperature=1.0, top_k=None, top_p=None, seed=None, stop_text=None,
+                  use_cache=True):
     """Complete `prompt` with the model; returns the completion (without the prompt).
 
     Generation ends at max_new_tokens, at the end-of-text token, or just before `stop_text`,
     whichever comes first. An empty prompt starts from a newline (or end-of-text).
+    `use_cache=False` generates without the key/value cache (same tokens, slower).
     """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     eot = tokenizer.special_tokens.get("<|endoftext|>")
@@ -102,7 +117,8 @@ def generate_text(params, config, tokenizer, prompt, max_new_tokens=MAX_NEW_TOKE
         return bool(stop_text) and stop_text in tokenizer.decode(new)
 
     rng = onp.random.default_rng(seed)
-    new = generate_ids(params, config, ids, max_new_tokens, rng, temperature, top_k, top_p, stop)
+    new = generate_ids(params, config, ids, max_new_tokens, rng, temperature, top_k, top_p, stop,
+                       use_cache)
     if eot is not None and new and new[-1] == eot:
         new = new[:-1]
     text = tokenizer.decode(new)
@@ -135,7 +151,7 @@ def check_sampling_args(temperature, top_k, top_p, max_new_tokens):
 # ----------------------------------------------------------------------------- batched greedy decoding
 
 
-def greedy_batch(params, config, prompts, limits, stop_id, batch_size=64):
+def greedy_batch(params, config, prompts, limits, stop_id, batch_size=64, use_cache=True):
     """Greedy answers to many prompts at once: token lists -> new token lists (stop_id removed).
 
     The prompts sit left-aligned in one right-padded batch; at each step every unfinished row
@@ -144,11 +160,14 @@ def greedy_batch(params, config, prompts, limits, stop_id, batch_size=64):
     decoding it alone would give, at the cost of one forward pass per step for the whole batch.
     A row stops at `stop_id` (end of text, or a newline for a one-line answer), after
     `limits[i]` new tokens, or when it fills the context (block_size): there is no sliding here.
+    With `use_cache` (the default) the same loop runs on a key/value cache
+    (`kv_cache.greedy_batch_cached`): the prompts are read once, then one token per row a step.
     """
+    decode = greedy_batch_cached if use_cache else _greedy_chunk
     out = []
     for start in range(0, len(prompts), batch_size):
-        out += _greedy_chunk(params, config, prompts[start:start + batch_size],
-                             limits[start:start + batch_size], stop_id)
+        out += decode(params, config, prompts[start:start + batch_size],
+                      limits[start:start + batch_size], stop_id)
     return out
 
 

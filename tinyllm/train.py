@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover
 
 from .checkpoint import first_non_finite, load_checkpoint, remove_leftovers, save_checkpoint
 from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER
+from .distributed import SINGLE_PROCESS, micro_batch_rng, pack, rank_micro_batches, unpack
 from .data import (DEFAULT_CORPUS, EMBEDDED_CORPORA, check_long_enough, get_batch, load_corpus,
                    read_text_file, train_val_split)
 from .errors import TinyLLMError
@@ -98,21 +99,23 @@ class Committed:
 # ----------------------------------------------------------------------------- pure pieces
 
 
-def estimate_loss(loss_fn, params, sample, eval_iters, rng, group=4):
+def estimate_loss(loss_fn, params, sample, eval_iters, rng, group=4, world=SINGLE_PROCESS):
     """Mean loss over `eval_iters` batches of each split, without dropout: {"train": .., "val": ..}.
 
     Batches are evaluated `group` at a time, stacked into one larger batch: the same numbers
-    from fewer, larger matmuls. Each group's loss is weighted by its number of batches.
+    from fewer, larger matmuls. Each group's loss is weighted by its number of batches. Over
+    MPI every rank draws all the batches (the same ones), evaluates every world.size-th group
+    from its rank on, and the sums are added across ranks.
     """
-    losses = {}
-    for split in ("train", "val"):
+    totals = onp.zeros(2)  # (train, val) sums of loss x batches
+    for i, split in enumerate(("train", "val")):
         batches = [sample(split, rng) for _ in range(eval_iters)]
-        total = 0.0
-        for start in range(0, eval_iters, group):
-            chunk = batches[start:start + group]
-            total += float(loss_fn(params, stack_batches(chunk), None)) * len(chunk)
-        losses[split] = total / eval_iters
-    return losses
+        for number, start in enumerate(range(0, eval_iters, group)):
+            if number % world.size == world.rank:
+                chunk = batches[start:start + group]
+                totals[i] += float(loss_fn(params, stack_batches(chunk), None)) * len(chunk)
+    totals = world.allreduce_sum(totals)
+    return {"train": float(totals[0]) / eval_iters, "val": float(totals[1]) / eval_iters}
 
 
 def stack_batches(batches):
@@ -132,6 +135,31 @@ def train_step(value_and_grad, params, opt_state, batch, lr, tc, rng):
     params, opt_state = adamw_step(params, grads, opt_state, lr, tc.beta1, tc.beta2,
                                    tc.weight_decay, grad_scale=clip_scale(norm, tc.grad_clip))
     return params, opt_state, float(loss), norm
+
+
+def accumulated_step(value_and_grad, params, opt_state, micro_batches, lr, tc, world):
+    """One optimizer step over several micro-batches, on one rank or many: gradients summed
+    into one flat buffer (`distributed.pack`), summed across ranks by one all-reduce, divided
+    by the number of micro-batches; then clipping and AdamW as in train_step.
+
+    `micro_batches` yields this rank's (sample, rng) pairs, drawn lazily so that only one
+    micro-batch's activations are alive at a time. Returns (params, opt_state, loss, norm); the
+    loss is the mean over all micro-batches of all ranks.
+    """
+    buffer, count = None, 0
+    for batch, rng in micro_batches:
+        loss, grads = value_and_grad(params, batch, rng)
+        part = pack(grads, float(loss))  # (P + 1,) float32
+        buffer = part if buffer is None else onp.add(buffer, part, out=buffer)
+        count += 1
+    buffer = world.allreduce_sum(buffer)
+    buffer *= 1.0 / (count * world.size)
+    flat_grads, loss = unpack(buffer, params)
+    grads = unflatten(flat_grads)
+    norm = global_norm(grads)
+    params, opt_state = adamw_step(params, grads, opt_state, lr, tc.beta1, tc.beta2,
+                                   tc.weight_decay, grad_scale=clip_scale(norm, tc.grad_clip))
+    return params, opt_state, loss, norm
 
 
 def flat_value_and_grad(loss_fn):
@@ -275,7 +303,7 @@ def _interrupt_for(received):
 
 
 def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=None, lr_fn=None,
-               evaluate=None, on_eval=None):
+               evaluate=None, on_eval=None, world=SINGLE_PROCESS):
     """Train from `state` (Committed) to tc.max_iters; evaluate, log and `save(state)` as we go.
 
     `sample(split, rng)` returns a batch for `loss_fn(params, batch, rng)`: a tuple of arrays
@@ -285,6 +313,11 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
     estimates both from tc.eval_iters random batches (`estimate_loss`). `on_eval(record, state)`
     is called after each evaluation is saved and logged; if it returns True, training stops
     there (early stopping).
+
+    `tokens_per_iter` is the tokens of one micro-batch. With tc.grad_accum = K > 1 or over MPI
+    (`world`, see tinyllm/distributed.py) a step averages the gradients of K micro-batches on
+    each of world.size ranks, drawn by the seed layout of `distributed.micro_batch_rng`; only
+    rank 0 saves and logs, and every evaluation checks that all ranks hold the same weights.
 
     Returns the final Committed state. On Ctrl-C or SIGTERM, saves the last committed state and
     raises TrainingInterrupted. If a step makes the loss or the weights non-finite, raises
@@ -296,6 +329,11 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
                                   decay_iters=tc.max_iters)
     rng = onp.random.default_rng()
     rng.bit_generator.state = state.rng_state
+    accumulate = tc.grad_accum > 1 or world.size > 1
+    tokens_per_iter *= tc.grad_accum * world.size
+    append = append_metrics
+    if not world.is_root:
+        save, log, append = _skip, _skip, _skip
     progress = Progress(tc.max_iters, start=state.iteration)
     log = log or progress.message
     step_seconds, steps_timed = 0.0, 0
@@ -305,9 +343,10 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
                 it = state.iteration
                 if (it % tc.eval_interval == 0 or it == tc.max_iters) and state.last_eval_iter != it:
                     ms = 1000 * step_seconds / max(1, steps_timed)
+                    world.check_same_weights(state.params, it)
                     record = _evaluate(state, tc, loss_fn, sample, ms, tokens_per_iter, lr_fn(it),
-                                       evaluate)
-                    state, received = _log_and_save(state, record, save, out_dir, log)
+                                       evaluate, world)
+                    state, received = _log_and_save(state, record, save, out_dir, log, append)
                     if received:  # a signal held during the save: stop now, the state is on disk
                         raise _interrupt_for(received)
                     step_seconds, steps_timed = 0.0, 0
@@ -316,9 +355,14 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
                 if it >= tc.max_iters:
                     break
                 t0 = time.perf_counter()
-                params, opt_state, loss, _ = train_step(
-                    value_and_grad, state.params, state.opt_state, sample("train", rng), lr_fn(it),
-                    tc, rng)
+                if accumulate:
+                    micro = _micro_batches(sample, rng, tc, it, world.rank)
+                    params, opt_state, loss, _ = accumulated_step(
+                        value_and_grad, state.params, state.opt_state, micro, lr_fn(it), tc, world)
+                else:  # one batch on one process: the step as it has always been
+                    params, opt_state, loss, _ = train_step(
+                        value_and_grad, state.params, state.opt_state, sample("train", rng),
+                        lr_fn(it), tc, rng)
                 _check_finite_step(loss, params, it, out_dir)
                 state = Committed(params, opt_state, rng.bit_generator.state, it + 1,
                                   state.last_eval_iter)
@@ -327,13 +371,24 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
                 progress.update(it + 1, loss, 1000 * dt, tokens_per_iter / dt)
         except KeyboardInterrupt as stop:
             progress.close()
-            if not state.on_disk:
+            if not state.on_disk and world.is_root:
                 with signals_held([]):  # a second Ctrl-C must not cut this save short
                     save(state)
             raise TrainingInterrupted(state.iteration, out_dir,
                                       getattr(stop, "signum", signal.SIGINT)) from None
     progress.close()
     return state
+
+
+def _skip(*args):
+    """What a rank other than 0 does instead of saving or printing."""
+
+
+def _micro_batches(sample, rng, tc, it, rank):
+    """This rank's (batch, Generator) pairs of step `it`, drawn by distributed.micro_batch_rng."""
+    for j in rank_micro_batches(rank, tc.grad_accum):
+        micro_rng = micro_batch_rng(rng, tc.seed, it, j)
+        yield sample("train", micro_rng), micro_rng
 
 
 def _check_finite_step(loss, params, it, out_dir):
@@ -347,13 +402,14 @@ def _check_finite_step(loss, params, it, out_dir):
             " --lr")
 
 
-def _evaluate(state, tc, loss_fn, sample, ms_per_iter, tokens_per_iter, lr, evaluate=None):
+def _evaluate(state, tc, loss_fn, sample, ms_per_iter, tokens_per_iter, lr, evaluate=None,
+              world=SINGLE_PROCESS):
     """The metrics record of an evaluation at state.iteration."""
     if evaluate is not None:
         losses = evaluate(state.params)
     else:
         losses = estimate_loss(loss_fn, state.params, sample, tc.eval_iters,
-                               eval_rng(tc.seed, state.iteration))
+                               eval_rng(tc.seed, state.iteration), world=world)
     return {
         "iter": state.iteration,
         "train_loss": round(losses["train"], 6),
@@ -364,12 +420,12 @@ def _evaluate(state, tc, loss_fn, sample, ms_per_iter, tokens_per_iter, lr, eval
     }
 
 
-def _log_and_save(state, record, save, out_dir, log):
+def _log_and_save(state, record, save, out_dir, log, append=append_metrics):
     """Append the metrics line, then commit the checkpoint, with signals held across both.
     Returns the saved state and the signals that arrived meanwhile."""
     received = []
     with signals_held(received):
-        append_metrics(out_dir, record)  # first: see the module docstring
+        append(out_dir, record)  # first: see the module docstring
         state = replace(state, last_eval_iter=record["iter"])
         save(state)
         state = replace(state, on_disk=True)
