@@ -16,6 +16,8 @@ from .cli_fewshot import fewshot
 from .cli_finetune import classify, finetune
 from .cli_plot import attention, plot
 from .cli_seq2seq import seq2seq
+from . import distributed
+from .distributed import abort_on_error
 from .config import (DEFAULT_BPE_VOCAB_SIZE, DEFAULT_RUN, DEFAULT_TOKENIZER, GPTConfig,
                      TrainConfig)
 from .errors import TinyLLMError
@@ -105,6 +107,7 @@ def main():
                    " any number but 0 measures the masked-token accuracy on the validation split"
                    " instead.")
 @user_errors
+@abort_on_error
 def pretrain(data, objective, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_size,
              bias, dropout, batch_size, grad_accum, max_iters, lr, min_lr, warmup_iters,
              weight_decay, grad_clip,
@@ -117,6 +120,8 @@ def pretrain(data, objective, tokenizer_kind, vocab_size, n_layer, n_head, n_emb
     """
     from .generate import generate_text
     from .train import pretrain as run_pretrain
+
+    world = distributed.world()  # one process unless started by mpirun with N > 1
 
     model_config = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head,
                              n_embd=n_embd, dropout=dropout, bias=bias).validate()
@@ -131,7 +136,10 @@ def pretrain(data, objective, tokenizer_kind, vocab_size, n_layer, n_head, n_emb
         objective = None  # the run's own
     result = run_pretrain(model_config, train_config, out, data=data,
                           tokenizer_kind=tokenizer_kind, vocab_size=vocab_size, resume=resume,
-                          force=force, max_iters=new_total, log=click.echo, objective=objective)
+                          force=force, max_iters=new_total, log=click.echo, world=world,
+                          objective=objective)
+    if not world.is_root:
+        return  # rank 0 reports and samples
     final = result["final"]
     click.echo(f"done: iteration {final['iter']}, train loss {final['train_loss']:.4f},"
                f" val loss {final['val_loss']:.4f}, {result['seconds']:.0f} s; checkpoint in {out}")
