@@ -9,12 +9,16 @@ A checkpoint is four files in the run directory:
                           "tokenizer_file": "tokenizer.json", "model": {GPTConfig fields},
                           "train": {TrainConfig fields}, "data": "/abs/path/corpus.txt" or "pydoc",
                           "data_sha256": "<64 hex digits>", "dtype": "float32",
-                          "last_eval_iter": 500}
+                          "last_eval_iter": 500, "ranks": 1}
     model-000500.npz     one array per parameter, named by its dotted path ("wte", "h.0.attn.c_attn.w")
     optim-000500.npz     AdamW moments "m.<path>" and "v.<path>", "step", and "rng_state": the JSON of
                          the numpy Generator's state as UTF-8 bytes (uint8), so a resumed run draws
                          the same batches it would have drawn
     tokenizer.json       the tokenizer (see tinyllm/tokenizers.py)
+
+"ranks" is the number of MPI processes the run trains on (`mpirun -n N`; 1 without mpirun, and
+for runs made before it was recorded); `--resume` needs the same number. "train" holds
+"grad_accum", the micro-batches per step on each rank (1 when absent).
 
 Both .npz files also hold "_iter", the step they were saved at. config.json names the other
 three files; they are plain names inside the run directory (a name with a directory part, "..",
@@ -272,7 +276,7 @@ FIELD_TYPES = (("iter", int), ("kind", str), ("model", dict), ("train", (dict, N
                ("data_sha256", (str, None)), ("labels", (list, None)), ("finetune", (dict, None)),
                ("before", (dict, None)), ("data_files_sha256", (dict, None)),
                ("weights_iter", (int, None)), ("label_smoothing", (float, int, None)),
-               ("schedule", (str, None)))
+               ("schedule", (str, None)), ("ranks", (int, None)))
 
 
 def _check_field(meta, key, kinds, path):
@@ -288,6 +292,16 @@ def _check_field(meta, key, kinds, path):
     if not ok:
         names = " or ".join("null" if k is None else k.__name__ for k in kinds)
         raise TinyLLMError(f"{path}: field {key!r} must be {names}, not {type(value).__name__}")
+
+
+def stored_ranks(meta, ckpt_dir):
+    """The number of MPI processes a run was trained on ("ranks"; 1 for runs that predate it)."""
+    ranks = meta.get("ranks")
+    if ranks is None:
+        return 1
+    if ranks < 1:
+        raise TinyLLMError(f"{os.path.join(ckpt_dir, 'config.json')}: \"ranks\" must be at least 1")
+    return ranks
 
 
 def checkpoint_files(meta, ckpt_dir):

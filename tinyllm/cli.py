@@ -15,6 +15,8 @@ from .cli_fewshot import fewshot
 from .cli_finetune import classify, finetune
 from .cli_plot import attention, plot
 from .cli_seq2seq import seq2seq
+from . import distributed
+from .distributed import abort_on_error
 from .config import (DEFAULT_BPE_VOCAB_SIZE, DEFAULT_RUN, DEFAULT_TOKENIZER, GPTConfig,
                      TrainConfig)
 from .errors import TinyLLMError
@@ -98,6 +100,7 @@ def main():
               help="Tokens to sample from the model at the end (0: none).")
 @no_cache_option
 @user_errors
+@abort_on_error
 def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_size, bias, dropout,
              batch_size, grad_accum, max_iters, lr, min_lr, warmup_iters, weight_decay, grad_clip,
              eval_interval, eval_iters, seed, out, resume, force, sample_tokens, no_cache):
@@ -110,6 +113,8 @@ def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_si
     from .generate import generate_text
     from .train import pretrain as run_pretrain
 
+    world = distributed.world()  # one process unless started by mpirun with N > 1
+
     model_config = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head,
                              n_embd=n_embd, dropout=dropout, bias=bias).validate()
     train_config = TrainConfig(batch_size=batch_size, max_iters=max_iters, lr=lr, min_lr=min_lr,
@@ -121,7 +126,9 @@ def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_si
     new_total = max_iters if resume and source is not ParameterSource.DEFAULT else None
     result = run_pretrain(model_config, train_config, out, data=data,
                           tokenizer_kind=tokenizer_kind, vocab_size=vocab_size, resume=resume,
-                          force=force, max_iters=new_total, log=click.echo)
+                          force=force, max_iters=new_total, log=click.echo, world=world)
+    if not world.is_root:
+        return  # rank 0 reports and samples
     final = result["final"]
     click.echo(f"done: iteration {final['iter']}, train loss {final['train_loss']:.4f},"
                f" val loss {final['val_loss']:.4f}, {result['seconds']:.0f} s; checkpoint in {out}")

@@ -35,7 +35,9 @@ process (its environment says so); a plain `tinyllm pretrain` never imports it.
 
 import functools
 import os
+import signal
 import sys
+import threading
 import zlib
 
 import numpy as onp
@@ -135,9 +137,11 @@ class MPIGroup:
         self.comm, self.mpi = comm, mpi
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.is_root = self.rank == 0
+        self.in_step = False  # True from the first collective call on: ranks may be waiting
 
     def allreduce_sum(self, buffer):
         """Sum a contiguous array over all ranks, in place: one Allreduce."""
+        self.in_step = True
         self.comm.Allreduce(self.mpi.IN_PLACE, buffer, op=self.mpi.SUM)
         return buffer
 
@@ -147,6 +151,7 @@ class MPIGroup:
         A TinyLLMError on rank 0 is raised on every rank as an AllRanksError, so the job ends
         with rank 0's one line and no rank waits for a message that will never come.
         """
+        self.in_step = True
         if self.is_root:
             try:
                 value = fn()
@@ -162,6 +167,7 @@ class MPIGroup:
 
     def check_same_weights(self, params, iteration):
         """Stop every rank if any rank's weights differ from rank 0's (digests gathered)."""
+        self.in_step = True
         digests = self.comm.allgather(weights_digest(params))
         differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
         if differ:
@@ -236,13 +242,24 @@ def world():
     group = MPIGroup(MPI.COMM_WORLD, MPI)
     if not group.is_root:
         _silence_output()
+        _leave_signals_to_rank_0()
     return group
+
+
+def _leave_signals_to_rank_0():
+    """mpirun passes Ctrl-C (and SIGTERM) to every rank; only rank 0 acts on it: it ends its
+    step, saves the checkpoint and aborts the job (the others never hold a step it needs)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def abort_on_error(command):
     """In an MPI job, end the whole job on an error that only this rank has: one line, then
-    MPI_Abort, so no rank is left waiting forever. Errors all ranks share (AllRanksError) and
-    single-process runs pass through untouched."""
+    MPI_Abort, so no rank is left waiting forever. Errors all ranks share pass through (rank 0
+    prints them, the others are silent): AllRanksError, and a TinyLLMError before the first
+    collective call (a bad flag: every rank runs the same checks on the same command line).
+    Single-process runs pass through untouched."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -253,12 +270,28 @@ def abort_on_error(command):
             return command(*args, **kwargs)
         except AllRanksError:
             raise  # every rank stops here; rank 0's message is the one shown
-        except BaseException as err:  # noqa: BLE001 - any other way out would hang the others
-            who = "" if group.is_root else f"rank {group.rank} of {group.size}: "
-            if hasattr(err, "signum"):  # Ctrl-C or SIGTERM: rank 0 saved its checkpoint first
-                group.abort(f"{who}{err}", 128 + err.signum)
-            what = str(err) if isinstance(err, (TinyLLMError, OSError)) else \
-                f"{type(err).__name__}: {err}"
-            group.abort(f"Error: {who}{what}", 1)
+        except TinyLLMError:
+            if group.in_step:
+                _abort_job(group)
+            raise  # a bad setting, seen by every rank before any of them waits for another
+        except BaseException:  # noqa: BLE001 - any other way out would hang the others
+            _abort_job(group)
 
     return wrapper
+
+
+def _abort_job(group):
+    """Abort the job with one line about the exception being handled."""
+    err = sys.exc_info()[1]
+    who = "" if group.is_root else f"rank {group.rank} of {group.size}: "
+    if hasattr(err, "out_dir"):  # Ctrl-C or SIGTERM: rank 0 saved its checkpoint first
+        group.abort(f"{who}{err}. Continue with the same mpirun -n {group.size} command and"
+                    " --resume", 128 + err.signum)
+    elif hasattr(err, "signum"):
+        group.abort(f"{who}interrupted", 128 + err.signum)
+    elif isinstance(err, KeyboardInterrupt):
+        group.abort(f"{who}interrupted", 130)
+    elif isinstance(err, (TinyLLMError, OSError)):
+        group.abort(f"Error: {who}{err}", 1)
+    else:
+        group.abort(f"Error: {who}{type(err).__name__}: {err}", 1)

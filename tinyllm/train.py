@@ -48,7 +48,8 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-from .checkpoint import first_non_finite, load_checkpoint, remove_leftovers, save_checkpoint
+from .checkpoint import (first_non_finite, load_checkpoint, remove_leftovers, save_checkpoint,
+                         stored_ranks)
 from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER
 from .distributed import SINGLE_PROCESS, micro_batch_rng, pack, rank_micro_batches, unpack
 from .data import (DEFAULT_CORPUS, EMBEDDED_CORPORA, check_long_enough, get_batch, load_corpus,
@@ -333,7 +334,7 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
     progress = Progress(tc.max_iters, start=state.iteration)
     log = log or progress.message
     step_seconds, steps_timed = 0.0, 0
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt() if world.is_root else contextlib.nullcontext():
         try:
             while True:
                 it = state.iteration
@@ -618,25 +619,57 @@ def check_memory(needed, what):
 
 def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENIZER,
              vocab_size=DEFAULT_BPE_VOCAB_SIZE, resume=False, force=False, max_iters=None,
-             log=print, special_tokens=SPECIAL_TOKENS):
+             log=print, special_tokens=SPECIAL_TOKENS, world=SINGLE_PROCESS):
     """Pretrain a GPT on a corpus (a file or an embedded name) and keep checkpoints in out_dir.
 
     With resume=True the model, tokenizer and training settings come from the checkpoint;
     only `max_iters` may be changed. Returns a summary dict. The run directory is locked
-    for the whole call.
+    for the whole call. Over MPI (`world`, see tinyllm/distributed.py) rank 0 alone reads the
+    data and the run directory and sends the others what they need; the whole job trains one
+    model, and only rank 0 writes.
     """
-    prepare_out_dir(out_dir, resume, force)
+    log = log if world.is_root else _skip
+    world.from_root(lambda: prepare_out_dir(out_dir, resume, force))
     try:
         return _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume,
-                         force, max_iters, log, special_tokens)
+                         force, max_iters, log, special_tokens, world)
     finally:
-        unlock_run_dir(out_dir)
+        if world.is_root:
+            unlock_run_dir(out_dir)
 
 
 def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume, force,
-              max_iters, log, special_tokens):
+              max_iters, log, special_tokens, world):
+    model_config, tc, tokenizer, splits, state, extra = world.from_root(
+        lambda: _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_size,
+                                   resume, force, max_iters, log, special_tokens, world.size))
+
+    def loss_fn(params, batch, rng):
+        return gpt_loss(params, batch[0], batch[1], model_config, rng)
+
+    def sample(split, rng):
+        return get_batch(splits[split], tc.batch_size, model_config.block_size, rng)
+
+    def save(s):
+        save_checkpoint(out_dir, s.params, s.opt_state, s.rng_state, model_config, tc, tokenizer,
+                        s.iteration, extra={**extra, "last_eval_iter": s.last_eval_iter})
+
+    t0 = time.perf_counter()
+    state = train_loop(state, tc, loss_fn, sample, save, out_dir,
+                       tc.batch_size * model_config.block_size, world=world)
+    final = world.from_root(lambda: read_metrics(out_dir)[-1])
+    return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
+            "seconds": time.perf_counter() - t0, "final": final}
+
+
+def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume,
+                       force, max_iters, log, special_tokens, ranks=1):
+    """Load (or resume) the data, tokenizer, settings and starting state of a pretraining run,
+    with every check made before the run directory is touched. Returns (model_config, tc,
+    tokenizer, splits, state, extra): `extra` is what each checkpoint adds to config.json."""
     if resume:
         ckpt = load_checkpoint(out_dir, with_optimizer=True)
+        check_same_ranks(ckpt.meta, ranks, out_dir)
         model_config, tokenizer, data = ckpt.model_config, ckpt.tokenizer, ckpt.meta.get("data")
         tc = replace(ckpt.train_config, max_iters=max_iters or ckpt.train_config.max_iters)
         tc.validate()
@@ -662,26 +695,21 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
                            ckpt if resume else None, log)
     log(f"data: {data or DEFAULT_CORPUS + ' (embedded default)'}, {len(text):,} characters ->"
         f" {len(ids):,} {tokenizer.kind} tokens (vocab {tokenizer.vocab_size});"
-        f" model: {count_params(state.params):,} parameters")
+        f" model: {count_params(state.params):,} parameters"
+        + (f"; {ranks} MPI ranks" if ranks > 1 else ""))
+    extra = {"data": stored_data_name(data), "data_sha256": text_fingerprint(text),
+             "ranks": ranks}
+    return model_config, tc, tokenizer, splits, state, extra
 
-    def loss_fn(params, batch, rng):
-        return gpt_loss(params, batch[0], batch[1], model_config, rng)
 
-    def sample(split, rng):
-        return get_batch(splits[split], tc.batch_size, model_config.block_size, rng)
-
-    extra = {"data": stored_data_name(data), "data_sha256": text_fingerprint(text)}
-
-    def save(s):
-        save_checkpoint(out_dir, s.params, s.opt_state, s.rng_state, model_config, tc, tokenizer,
-                        s.iteration, extra={**extra, "last_eval_iter": s.last_eval_iter})
-
-    t0 = time.perf_counter()
-    state = train_loop(state, tc, loss_fn, sample, save, out_dir,
-                       tc.batch_size * model_config.block_size)
-    final = read_metrics(out_dir)[-1]
-    return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
-            "seconds": time.perf_counter() - t0, "final": final}
+def check_same_ranks(meta, ranks, out_dir):
+    """--resume needs the number of processes the run was trained with: each step's batches
+    depend on it (see tinyllm/distributed.py)."""
+    stored = stored_ranks(meta, out_dir)
+    if stored != ranks:
+        how = f"mpirun -n {stored} tinyllm ..." if stored > 1 else "one process (no mpirun)"
+        raise TinyLLMError(f"--resume: the run in {out_dir} was trained on {stored} process(es)"
+                           f" and this job has {ranks}: resume it with {how}")
 
 
 def gpt_param_count(config):
