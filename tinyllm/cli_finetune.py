@@ -9,8 +9,8 @@ from dataclasses import fields
 
 import click
 
-from .cli_common import (count, fraction, non_negative, positive, random_seed, step_count,
-                         user_errors)
+from .cli_common import (count, fraction, no_cache_option, non_negative, positive, random_seed,
+                         step_count, user_errors)
 from .errors import TinyLLMError
 from .finetune_runs import (ClassifySettings, InstructSettings, classify_texts, format_accuracies,
                             format_confusion, load_classifier, run_classify,
@@ -96,7 +96,9 @@ def finetune():
 @click.option("--label-column", default=None,
               help="CSV/TSV column holding the label.  [default: 'label', or column 1]")
 @click.option("--arch", type=click.Choice(["decoder", "encoder"]), default=ClassifySettings.arch,
-              help="decoder: causal, as pretrained; encoder: the same weights run bidirectionally.")
+              help="decoder: causal, as pretrained; encoder: the same weights run bidirectionally."
+                   "  [default: encoder from an MLM checkpoint (pretrain --objective mlm), else"
+                   " decoder]")
 @click.option("--pooling", type=click.Choice(["last", "mean", "first"]), default=None,
               help="How a window becomes one vector.  [default: last for decoder, mean for encoder]")
 @click.option("--freeze", default=ClassifySettings.freeze,
@@ -141,8 +143,9 @@ def finetune_classify(out, resume, force, **flags):
 @click.option("--max-new-tokens", default=InstructSettings.max_new_tokens, callback=count,
               help="Most tokens per generated test response.")
 @training_options(InstructSettings)
+@no_cache_option
 @user_errors
-def finetune_instruct(out, resume, force, **flags):
+def finetune_instruct(out, resume, force, no_cache, **flags):
     """Instruction-tune a model on records with instruction, optional input, and output
     (a JSON array or JSONL, Alpaca layout). Each record becomes
 
@@ -159,7 +162,7 @@ def finetune_instruct(out, resume, force, **flags):
     """
     report = run_instruct(out, settings_from_flags(InstructSettings, flags), resume=resume,
                           force=force, max_iters=flags["max_iters"] if _given("max_iters") else None,
-                          log=click.echo)
+                          log=click.echo, use_cache=not no_cache)
     b, a = report["test_before"], report["test_after"]
     click.echo(f"test exact match: {100 * b['exact_match']:.1f}% -> {100 * a['exact_match']:.1f}%;"
                f" token F1: {100 * b['token_f1']:.1f}% -> {100 * a['token_f1']:.1f}%")

@@ -43,7 +43,7 @@ from typing import Optional
 import numpy as onp
 
 from .bleu import exact_match
-from .checkpoint import load_checkpoint, read_npz, save_checkpoint
+from .checkpoint import load_checkpoint, read_meta, read_npz, save_checkpoint
 from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, GPTConfig, TrainConfig
 from .errors import TinyLLMError
 from .fileio import atomic_save_npz, atomic_write_json, atomic_write_text, open_regular
@@ -133,7 +133,8 @@ class ClassifySettings(FinetuneSettings):
     text_column: Optional[str] = None  # CSV/TSV column of the text; None: "text" or column 0
     label_column: Optional[str] = None  # None: "label" or column 1
     balance: bool = False  # downsample the larger classes to the smallest
-    arch: str = "decoder"  # "encoder": the same weights run bidirectionally
+    arch: Optional[str] = None  # "decoder" (causal) or "encoder" (the same weights run
+    # bidirectionally); None: "encoder" from an MLM checkpoint, "decoder" from any other
     pooling: Optional[str] = None  # None: "last" for the decoder, "mean" for the encoder
     freeze: str = "none"  # none | all | all-but-N
     max_windows: int = 8  # most context windows read per text; the rest of a text is cut
@@ -220,10 +221,11 @@ def check_data_unchanged(ckpt, settings):
                            f" ({settings.data}); start a new run instead")
 
 
-def load_base(settings, log):
+def load_base(settings, log, kinds=("gpt", "gpt-lora")):
     """(GPT params, GPTConfig, tokenizer) to fine-tune: the pretrained checkpoint (random
     weights with random_init), or without a checkpoint the default pretraining architecture and
-    tokenizer at random initialisation (the from-scratch baseline of a default base model)."""
+    tokenizer at random initialisation (the from-scratch baseline of a default base model).
+    `kinds`: the checkpoint kinds the command can start from."""
     rng = onp.random.default_rng(settings.seed)
     if settings.checkpoint is None:
         from .data import load_corpus
@@ -237,7 +239,7 @@ def load_base(settings, log):
         log("base model: none (random initialisation, the default pretraining architecture)")
         return init_gpt(config, rng), config, tokenizer
     try:
-        ckpt = load_checkpoint(settings.checkpoint, kind=("gpt", "gpt-lora"))
+        ckpt = load_checkpoint(settings.checkpoint, kind=kinds)
     except TinyLLMError as err:
         raise TinyLLMError(f"--checkpoint: {err} (expected a run of `tinyllm pretrain`)") from None
     config = ckpt.model_config
@@ -486,12 +488,14 @@ def per_class_stats(matrix, labels):
 
 def build_classifier(s, labels, log):
     """(params, ClassifierConfig, tokenizer): the base model with a fresh classification head."""
-    gpt_params, gpt_config, tokenizer = load_base(s, log)
+    gpt_params, gpt_config, tokenizer = load_base(s, log, kinds=("gpt", "gpt-lora", "mlm"))
     gpt_params, gpt_config, tokenizer = add_unknown_token(gpt_params, gpt_config, tokenizer)
+    arch = s.arch or ("encoder" if s.checkpoint and read_meta(s.checkpoint)["kind"] == "mlm"
+                      else "decoder")  # an MLM encoder was pretrained bidirectionally
     config = ClassifierConfig(**{**gpt_config.__dict__, "dropout": s.dropout},
                               n_classes=len(labels),
-                              pooling=s.pooling or ("mean" if s.arch == "encoder" else "last"),
-                              arch=s.arch, lora_rank=s.lora_rank,
+                              pooling=s.pooling or ("mean" if arch == "encoder" else "last"),
+                              arch=arch, lora_rank=s.lora_rank,
                               lora_alpha=s.adapter_alpha).validate()
     params = classifier_from_gpt(gpt_params, config, onp.random.default_rng([s.seed, 2]))
     return params, config, tokenizer
@@ -699,17 +703,18 @@ def encode_instructions(tokenizer, records, block_size, include_prompt, where):
     return (x, y, m), shortened, fallback
 
 
-def score_responses(params, config, tokenizer, records, max_new_tokens):
+def score_responses(params, config, tokenizer, records, max_new_tokens, use_cache=True):
     """Greedy responses to records (decoded as one batch), with mean exact match and token F1.
 
-    A prompt keeps its last tokens so that it and the response fit the context."""
+    A prompt keeps its last tokens so that it and the response fit the context. `use_cache=False`
+    decodes without the key/value cache (same responses, slower)."""
     eot = tokenizer.special_tokens[EOT]
     # A response longer than the reference plus a margin is wrong anyway: stop there.
     limits = [min(max_new_tokens, len(encode_with_fallback(tokenizer, r["output"])[0]) + 8,
                   config.block_size - 1) for r in records]
     prompts = [encode_with_fallback(tokenizer, format_prompt(r))[0][-(config.block_size - limit):]
                for r, limit in zip(records, limits)]
-    responses = greedy_batch(params, config, prompts, limits, eot)
+    responses = greedy_batch(params, config, prompts, limits, eot, use_cache=use_cache)
     rows = [{"instruction": r["instruction"], "input": r["input"], "reference": r["output"],
              "response": tokenizer.decode(new)} for r, new in zip(records, responses)]
     em = exact_match([r["response"] for r in rows], [r["reference"] for r in rows])
@@ -783,8 +788,10 @@ def inference_params(params, config):
     return merge_lora(params, config.lora_alpha, config.lora_rank) if "lora" in params else params
 
 
-def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, log=print):
-    """Instruction-tune a GPT; writes the run directory, responses.jsonl and metrics.json."""
+def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, log=print,
+                 use_cache=True):
+    """Instruction-tune a GPT; writes the run directory, responses.jsonl and metrics.json.
+    (`use_cache=False` generates the test responses without the key/value cache.)"""
     # 1. settings
     prepare_out_dir(out, resume, force)
     ckpt = load_checkpoint(out, with_optimizer=True, kind=("gpt", "gpt-lora")) if resume else None
@@ -822,7 +829,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     else:
         log(f"scoring the base model on {len(test)} test records ...")
         before = score_responses(inference_params(params, config), gpt_config, tokenizer, test,
-                                 s.max_new_tokens)[1]
+                                 s.max_new_tokens, use_cache)[1]
     log(f"base model: exact match {100 * before['exact_match']:.1f}%, token F1"
         f" {100 * before['token_f1']:.1f}%")
     # 6. train
@@ -854,7 +861,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     # 7. score after and report
     log(f"generating responses for {len(test)} test records ...")
     rows, after = score_responses(inference_params(params, config), gpt_config, tokenizer, test,
-                                  s.max_new_tokens)
+                                  s.max_new_tokens, use_cache)
     atomic_write_text(os.path.join(out, "responses.jsonl"),
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     metrics = read_metrics(out)
@@ -879,7 +886,7 @@ def load_generator(checkpoint):
 
 
 def generate_instruction(checkpoint, instruction, input_text="", max_new_tokens=200,
-                         temperature=0.0, top_k=None, top_p=None, seed=None):
+                         temperature=0.0, top_k=None, top_p=None, seed=None, use_cache=True):
     """The fine-tuning prompt for an instruction (and input) plus the model's response, which
     ends at the end-of-text token (`tinyllm generate --instruction`)."""
     from .generate import check_sampling_args, generate_ids
@@ -896,5 +903,5 @@ def generate_instruction(checkpoint, instruction, input_text="", max_new_tokens=
                            f" context is {config.block_size}")
     limit = min(max_new_tokens, config.block_size - len(ids))  # the template must stay in view
     new = generate_ids(params, config, ids, limit, onp.random.default_rng(seed), temperature,
-                       top_k, top_p, stop=lambda out: out[-1] == eot)
+                       top_k, top_p, stop=lambda out: out[-1] == eot, use_cache=use_cache)
     return prompt + tokenizer.decode([i for i in new if i != eot])
