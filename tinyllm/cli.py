@@ -98,11 +98,15 @@ def main():
 @click.option("--force", is_flag=True, help="Overwrite an existing run in --out.")
 @click.option("--sample-tokens", default=300, callback=count,
               help="Tokens to sample from the model at the end (0: none).")
+@click.option("--fast/--no-fast", default=True, show_default=True,
+              help="Train with the hand-written forward and backward passes of tinyllm/fast.py"
+                   " (used when --dropout is 0); --no-fast differentiates the readable reference"
+                   " model with autograd instead (slower, same losses up to float32 rounding).")
 @user_errors
 @abort_on_error
 def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_size, bias, dropout,
              batch_size, grad_accum, max_iters, lr, min_lr, warmup_iters, weight_decay, grad_clip,
-             eval_interval, eval_iters, seed, out, resume, force, sample_tokens):
+             eval_interval, eval_iters, seed, out, resume, force, sample_tokens, fast):
     """Pretrain a GPT on raw text by next-token prediction.
 
     With no flags it trains a 1.1M-parameter model with a byte-level BPE tokenizer (2048 tokens)
@@ -125,7 +129,7 @@ def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_si
     new_total = max_iters if resume and source is not ParameterSource.DEFAULT else None
     result = run_pretrain(model_config, train_config, out, data=data,
                           tokenizer_kind=tokenizer_kind, vocab_size=vocab_size, resume=resume,
-                          force=force, max_iters=new_total, log=click.echo, world=world)
+                          force=force, max_iters=new_total, log=click.echo, world=world, fast=fast)
     if not world.is_root:
         return  # rank 0 reports and samples
     final = result["final"]

@@ -48,6 +48,7 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
+from . import fast as fast_path
 from .checkpoint import (first_non_finite, load_checkpoint, remove_leftovers, save_checkpoint,
                          stored_ranks)
 from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER
@@ -300,7 +301,7 @@ def _interrupt_for(received):
 
 
 def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=None, lr_fn=None,
-               evaluate=None, on_eval=None, world=SINGLE_PROCESS):
+               evaluate=None, on_eval=None, world=SINGLE_PROCESS, value_and_grad=None):
     """Train from `state` (Committed) to tc.max_iters; evaluate, log and `save(state)` as we go.
 
     `sample(split, rng)` returns a batch for `loss_fn(params, batch, rng)`: a tuple of arrays
@@ -309,7 +310,8 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
     `evaluate(params)` gives {"train": loss, "val": loss} for an evaluation; the default
     estimates both from tc.eval_iters random batches (`estimate_loss`). `on_eval(record, state)`
     is called after each evaluation is saved and logged; if it returns True, training stops
-    there (early stopping).
+    there (early stopping). `value_and_grad(params, batch, rng) -> (loss, grads)` replaces
+    autograd's gradient of loss_fn when given (pretraining passes the hand-written fast path).
 
     `tokens_per_iter` is the tokens of one micro-batch. With tc.grad_accum = K > 1 or over MPI
     (`world`, see tinyllm/distributed.py) a step averages the gradients of K micro-batches on
@@ -320,7 +322,8 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
     raises TrainingInterrupted. If a step makes the loss or the weights non-finite, raises
     TinyLLMError without saving (the last good checkpoint stays).
     """
-    value_and_grad = flat_value_and_grad(loss_fn)
+    if value_and_grad is None:
+        value_and_grad = flat_value_and_grad(loss_fn)
     if lr_fn is None:
         lr_fn = functools.partial(lr_at, lr=tc.lr, min_lr=tc.min_lr, warmup_iters=tc.warmup_iters,
                                   decay_iters=tc.max_iters)
@@ -619,27 +622,29 @@ def check_memory(needed, what):
 
 def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENIZER,
              vocab_size=DEFAULT_BPE_VOCAB_SIZE, resume=False, force=False, max_iters=None,
-             log=print, special_tokens=SPECIAL_TOKENS, world=SINGLE_PROCESS):
+             log=print, special_tokens=SPECIAL_TOKENS, world=SINGLE_PROCESS, fast=True):
     """Pretrain a GPT on a corpus (a file or an embedded name) and keep checkpoints in out_dir.
 
     With resume=True the model, tokenizer and training settings come from the checkpoint;
     only `max_iters` may be changed. Returns a summary dict. The run directory is locked
     for the whole call. Over MPI (`world`, see tinyllm/distributed.py) rank 0 alone reads the
     data and the run directory and sends the others what they need; the whole job trains one
-    model, and only rank 0 writes.
+    model, and only rank 0 writes. `fast` takes the hand-written forward and backward of
+    tinyllm/fast.py where it applies (dropout 0); False, or dropout on, differentiates the
+    reference model with autograd. Both give the same losses up to float32 rounding.
     """
     log = log if world.is_root else _skip
     world.from_root(lambda: prepare_out_dir(out_dir, resume, force))
     try:
         return _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume,
-                         force, max_iters, log, special_tokens, world)
+                         force, max_iters, log, special_tokens, world, fast)
     finally:
         if world.is_root:
             unlock_run_dir(out_dir)
 
 
 def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume, force,
-              max_iters, log, special_tokens, world):
+              max_iters, log, special_tokens, world, fast):
     model_config, tc, tokenizer, splits, state, extra = world.from_root(
         lambda: _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_size,
                                    resume, force, max_iters, log, special_tokens, world.size))
@@ -655,8 +660,11 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
                         s.iteration, extra={**extra, "last_eval_iter": s.last_eval_iter})
 
     t0 = time.perf_counter()
+    step_grads = fast_path.gpt_value_and_grad(model_config) if (
+        fast and fast_path.supports(model_config)) else None  # None: autograd on the reference
     state = train_loop(state, tc, loss_fn, sample, save, out_dir,
-                       tc.batch_size * model_config.block_size, world=world)
+                       tc.batch_size * model_config.block_size, world=world,
+                       value_and_grad=step_grads)
     final = world.from_root(lambda: read_metrics(out_dir)[-1])
     return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
             "seconds": time.perf_counter() - t0, "final": final}

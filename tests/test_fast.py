@@ -1,0 +1,134 @@
+"""The fast training path (tinyllm/fast.py) against autograd on the reference model: the same loss
+and every gradient, over random shapes, with and without biases, tied and untied; and the wiring:
+`tinyllm pretrain` trains on the fast path, and `--no-fast` or dropout on the reference one."""
+
+import json
+
+import autograd
+import numpy as onp
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyllm import fast
+from tinyllm.cli import main
+from tinyllm.config import GPTConfig
+from tinyllm.models import gpt_loss, init_gpt
+from tinyllm.tree import flatten, tree_map
+
+
+def random_model(seed, vocab, n_layer, n_head, head_size, block, bias, tie, dtype):
+    """A GPT whose every parameter is perturbed (so gains are not all 1 and biases not all 0)."""
+    config = GPTConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head,
+                       n_embd=n_head * head_size, bias=bias, tie_weights=tie)
+    rng = onp.random.default_rng(seed)
+    params = init_gpt(config, rng, dtype=dtype)
+    params = tree_map(lambda p: (p + 0.3 * rng.standard_normal(p.shape)).astype(dtype), params)
+    return config, params, rng
+
+
+def reference_loss_and_grads(params, ids, targets, config):
+    return autograd.value_and_grad(lambda p: gpt_loss(p, ids, targets, config))(params)
+
+
+shapes = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**16), "vocab": st.integers(2, 13), "n_layer": st.integers(1, 2),
+    "n_head": st.integers(1, 3), "head_size": st.integers(1, 5), "block": st.integers(1, 9),
+    "batch": st.integers(1, 3), "bias": st.booleans(), "tie": st.booleans(),
+})
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes)
+def test_loss_and_every_gradient_equal_autograd_on_the_reference_in_float64(s):
+    config, params, rng = random_model(s["seed"], s["vocab"], s["n_layer"], s["n_head"],
+                                       s["head_size"], s["block"], s["bias"], s["tie"], "float64")
+    t = int(rng.integers(1, s["block"] + 1))  # any length up to the context
+    ids = rng.integers(0, s["vocab"], (s["batch"], t))
+    targets = rng.integers(0, s["vocab"], (s["batch"], t))
+    want_loss, want = reference_loss_and_grads(params, ids, targets, config)
+    loss, grads = fast.gpt_loss_and_grads(params, ids, targets, config)
+    assert abs(loss - float(want_loss)) < 1e-10
+    want, got = flatten(want), flatten(grads)
+    assert list(got) == list(want)  # the same tree, in the same order
+    for name in want:
+        assert got[name].shape == want[name].shape, name
+        assert onp.allclose(got[name], want[name], rtol=1e-8, atol=1e-11), name
+
+
+@pytest.mark.parametrize("bias,tie", [(False, True), (True, False)])
+def test_float32_stays_float32_and_matches_float64_to_rounding(bias, tie):
+    config, params64, rng = random_model(0, 65, 2, 4, 8, 16, bias, tie, "float64")
+    params32 = tree_map(lambda p: p.astype("float32"), params64)
+    ids, targets = rng.integers(0, 65, (4, 16)), rng.integers(0, 65, (4, 16))
+    loss64, grads64 = fast.gpt_loss_and_grads(params64, ids, targets, config)
+    loss32, grads32 = fast.gpt_loss_and_grads(params32, ids, targets, config)
+    assert abs(loss32 - loss64) < 1e-5 * abs(loss64)
+    for name, g in flatten(grads32).items():
+        assert g.dtype == onp.float32, name  # no float64 crept in
+        want = flatten(grads64)[name]
+        assert onp.allclose(g, want, rtol=1e-3, atol=1e-4 * onp.abs(want).max()), name
+
+
+def test_inputs_are_left_unchanged():
+    config, params, rng = random_model(1, 7, 2, 2, 4, 8, True, True, "float32")
+    before = {k: v.copy() for k, v in flatten(params).items()}
+    ids, targets = rng.integers(0, 7, (2, 8)), rng.integers(0, 7, (2, 8))
+    fast.gpt_loss_and_grads(params, ids, targets, config)
+    assert all(onp.array_equal(v, before[k]) for k, v in flatten(params).items())
+
+
+def test_only_dropout_zero_is_supported():
+    assert fast.supports(GPTConfig(dropout=0.0))
+    assert not fast.supports(GPTConfig(dropout=0.1))
+    with pytest.raises(ValueError):
+        fast.gpt_value_and_grad(GPTConfig(dropout=0.1))
+
+
+# ----------------------------------------------------------------------------- wiring
+
+TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom.\n" * 20
+TINY = ["--tokenizer", "char", "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
+        "--block-size", "16", "--batch-size", "4", "--eval-iters", "1", "--max-iters", "4",
+        "--eval-interval", "2", "--sample-tokens", "0"]
+
+
+@pytest.fixture
+def counted_fast_path(monkeypatch):
+    """Counts the calls to the fast path's loss and gradients."""
+    calls = []
+    real = fast.gpt_loss_and_grads
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fast, "gpt_loss_and_grads", counting)
+    return calls
+
+
+def pretrain_losses(tmp_path, name, *flags):
+    data = tmp_path / "corpus.txt"
+    data.write_text(TEXT, encoding="utf-8")
+    out = tmp_path / name
+    result = CliRunner().invoke(main, ["pretrain", "--data", str(data), "--out", str(out), *TINY,
+                                       *flags])
+    assert result.exit_code == 0, result.output
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [(r["train_loss"], r["val_loss"]) for r in map(json.loads, lines)]
+
+
+def test_pretrain_trains_on_the_fast_path_and_no_fast_on_the_reference(tmp_path,
+                                                                       counted_fast_path):
+    fast_losses = pretrain_losses(tmp_path, "fast")
+    assert len(counted_fast_path) == 4  # one call per training step
+    reference_losses = pretrain_losses(tmp_path, "reference", "--no-fast")
+    assert len(counted_fast_path) == 4  # no more calls
+    assert onp.allclose(fast_losses, reference_losses, rtol=1e-4)  # same training, up to rounding
+    assert fast_losses[-1][0] < fast_losses[0][0]  # and it trained
+
+
+def test_dropout_takes_the_reference_path(tmp_path, counted_fast_path):
+    pretrain_losses(tmp_path, "dropout", "--dropout", "0.1")
+    assert not counted_fast_path
