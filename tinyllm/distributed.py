@@ -85,13 +85,14 @@ def rank_micro_batches(rank, grad_accum):
 # ----------------------------------------------------------------------------- one flat buffer
 
 
-def pack(grads, loss):
-    """Gradients {path: array} and a loss -> one flat float32 buffer, the loss last.
+def pack(grads, loss, like):
+    """Gradients and a loss -> one flat float32 buffer, the loss last; the arrays in the order of
+    the parameter tree `like` (whatever order the gradient tree was built in).
 
-    Example: {"a": [[1, 2]], "b": [3]}, loss 0.5 -> [1, 2, 3, 0.5].
+    Example: grads {"b": [3], "a": [[1, 2]]}, loss 0.5, like {"a": .., "b": ..} -> [1, 2, 3, 0.5].
     """
     flat = flatten(grads)
-    parts = [onp.ravel(flat[key]).astype(onp.float32, copy=False) for key in flat]
+    parts = [onp.ravel(flat[key]).astype(onp.float32, copy=False) for key in flatten(like)]
     return onp.concatenate(parts + [onp.array([loss], dtype=onp.float32)])  # (P + 1,)
 
 
