@@ -142,7 +142,7 @@ def test_evaluate_task_counts_and_reuses_queries(params):
 
 def test_exact_match_compares_the_whole_greedy_line(params, monkeypatch):
     """Without choices, a query is right only if the greedy line equals the output exactly."""
-    monkeypatch.setattr(fs, "greedy_batch", lambda *args: [TOKENIZER.encode("12")])
+    monkeypatch.setattr(fs, "greedy_batch", lambda *args, **kwargs: [TOKENIZER.encode("12")])
     task = fs.parse_task(fs.task_lines(None, RECORDS), "t")
     prompt = fs.build_prompt(None, [], "a")
     scores = {out: fs.score_query(params, CONFIG, TOKENIZER, task, prompt,

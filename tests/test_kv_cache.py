@@ -7,18 +7,27 @@ matmuls of another shape, about 1e-6, which could swap two tokens whose logits a
 the float32 tests compare the logits themselves, step by step.)
 """
 
+import json
+from types import SimpleNamespace
+
 import numpy as onp
 import pytest
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinyllm import decoding, kv_cache
-from tinyllm.config import GPTConfig
+from tinyllm import (cli_finetune, cli_seq2seq, decoding, fewshot, finetune_runs, generate,
+                     kv_cache, seq2seq_run, train)
+from tinyllm.checkpoint import save_checkpoint
+from tinyllm.cli import main
+from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.generate import generate_ids, generate_text, greedy_batch, last_logits
 from tinyllm.lora import init_lora, merge_lora
-from tinyllm.models import gpt_forward, gpt_hidden, init_gpt
-from tinyllm.seq2seq import Seq2SeqConfig, decoder_forward, encoder_forward, init_seq2seq
+from tinyllm.models import gpt_hidden, init_gpt
+from tinyllm.optim import adamw_init
+from tinyllm.seq2seq import Seq2SeqConfig, encoder_forward, init_seq2seq
 from tinyllm.tokenizers import CharTokenizer
+from tinyllm.train import SPECIAL_TOKENS
 from tinyllm.tree import tree_map
 
 seeds = st.integers(0, 2**16)
@@ -287,3 +296,169 @@ def test_generation_uses_the_cache_by_default_and_not_with_use_cache_false(monke
     assert made == [1]
     generate_text(params, config, tokenizer, "ab", 3, seed=0, use_cache=False)
     assert made == [1]
+
+
+class Spied(Exception):
+    """Raised by a spy once it has seen its arguments: the command need not go further."""
+
+
+def spy_on(monkeypatch, module, name, seen):
+    """Replace module.name by a function that records its use_cache argument and stops."""
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("use_cache", "not passed"))
+        raise Spied(name)
+
+    monkeypatch.setattr(module, name, spy)
+
+
+def cli_use_cache(monkeypatch, args, module, name):
+    """What use_cache a command passes to module.name, run without and with --no-cache."""
+    seen = []
+    spy_on(monkeypatch, module, name, seen)
+    for extra in ([], ["--no-cache"]):
+        result = CliRunner().invoke(main, args + extra)
+        assert isinstance(result.exception, Spied), result.output
+    return seen
+
+
+def tiny_generator():
+    tokenizer = CharTokenizer.train("abcd\n", ("<|endoftext|>",))
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=8, n_layer=1, n_head=1, n_embd=8)
+    return init_gpt(config, onp.random.default_rng(0)), config, tokenizer
+
+
+def test_every_generating_command_passes_no_cache_down(monkeypatch, tmp_path):
+    """The cache is the default (use_cache=True) and --no-cache turns it off, for each command."""
+    monkeypatch.setattr(finetune_runs, "load_generator", lambda checkpoint: tiny_generator())
+    assert cli_use_cache(monkeypatch, ["generate", "--prompt", "ab"], generate,
+                         "generate_text") == [True, False]
+    assert cli_use_cache(monkeypatch, ["generate", "--instruction", "x"], finetune_runs,
+                         "generate_instruction") == [True, False]
+    params, config, tokenizer = tiny_generator()
+    monkeypatch.setattr(train, "pretrain", lambda *args, **kwargs: {
+        "final": {"iter": 1, "train_loss": 1.0, "val_loss": 1.0}, "seconds": 0.0,
+        "params": params, "model_config": config, "tokenizer": tokenizer})
+    assert cli_use_cache(monkeypatch, ["pretrain", "--out", str(tmp_path / "p")], generate,
+                         "generate_text") == [True, False]
+    assert cli_use_cache(monkeypatch, ["fewshot", "--task", "t.jsonl"], fewshot,
+                         "run_fewshot") == [True, False]
+    assert cli_use_cache(monkeypatch, ["finetune", "instruct", "--out", str(tmp_path / "i")],
+                         cli_finetune, "run_instruct") == [True, False]
+    assert cli_use_cache(monkeypatch, ["seq2seq", "train", "--out", str(tmp_path / "s")],
+                         cli_seq2seq, "train_seq2seq") == [True, False]
+    monkeypatch.setattr(cli_seq2seq, "load_checkpoint", lambda *args, **kwargs: mock_ckpt())
+    assert cli_use_cache(monkeypatch, ["seq2seq", "translate", "abc"], cli_seq2seq,
+                         "translate_texts") == [True, False]
+
+
+def mock_ckpt():
+    return SimpleNamespace(params=None, model_config=None, tokenizer=None)
+
+
+def test_the_library_passes_use_cache_down_to_the_decoding_loops(monkeypatch):
+    """generate_ids, greedy_batch, few-shot scoring, instruction scoring and instruction
+    generation, each with its default and with use_cache=False: the cached loop runs only by
+    default."""
+    params, config, tokenizer = tiny_generator()
+    used = []
+    for module, name in ((generate, "greedy_batch_cached"), (generate, "_greedy_chunk"),
+                         (generate, "GPTCache")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k:
+                            used.append(_name) or _real(*a, **k))
+
+    def runs(call):
+        used.clear()
+        for use_cache in (None, False):
+            call(**({} if use_cache is None else {"use_cache": use_cache}))
+        return used[:]
+
+    rng = onp.random.default_rng
+    assert runs(lambda **k: generate_ids(params, config, [1], 2, rng(0), **k)) == \
+        ["GPTCache"]
+    assert runs(lambda **k: greedy_batch(params, config, [[1]], [2], 0, **k)) == \
+        ["greedy_batch_cached", "_greedy_chunk"]
+    task = fewshot.parse_task(['{"input": "a", "output": "b"}', '{"input": "c", "output": "d"}'],
+                              "t.jsonl")
+    assert runs(lambda **k: fewshot.score_query(params, config, tokenizer, task, "a",
+                                                task.records[0], 0, **k)) == \
+        ["greedy_batch_cached", "_greedy_chunk"]
+    assert runs(lambda **k: fewshot.evaluate_task(params, config, tokenizer, task, [0], **k)) == \
+        ["greedy_batch_cached"] * 2 + ["_greedy_chunk"] * 2
+    records = [{"instruction": "say", "input": "", "output": "ab"}]
+    tokenizer_eot = CharTokenizer.train("abcdINRstrucionpyse:\n ", ("<|endoftext|>",))
+    config_eot = GPTConfig(vocab_size=tokenizer_eot.vocab_size, block_size=32, n_layer=1,
+                           n_head=1, n_embd=8)
+    params_eot = init_gpt(config_eot, rng(0))
+    assert runs(lambda **k: finetune_runs.score_responses(params_eot, config_eot, tokenizer_eot,
+                                                          records, 4, **k)) == \
+        ["greedy_batch_cached", "_greedy_chunk"]
+    monkeypatch.setattr(finetune_runs, "load_generator",
+                        lambda checkpoint: (params_eot, config_eot, tokenizer_eot))
+    assert runs(lambda **k: finetune_runs.generate_instruction("run", "say", max_new_tokens=3,
+                                                               **k)) == ["GPTCache"]
+
+
+def test_seq2seq_translation_and_training_pass_use_cache_down(monkeypatch, tmp_path):
+    tokenizer = CharTokenizer.train("abcdef", ("<pad>", "<bos>", "<eos>"))
+    config = Seq2SeqConfig(vocab_size=tokenizer.vocab_size, block_size=8, n_layer=1, n_head=2,
+                           n_embd=8)
+    params = init_seq2seq(config, onp.random.default_rng(0))
+    made = []
+    real = kv_cache.DecoderCache.__init__
+    monkeypatch.setattr(kv_cache.DecoderCache, "__init__",
+                        lambda self, *args: made.append(1) or real(self, *args))
+    for beam_size in (1, 3):
+        made.clear()
+        decoding.translate_texts(params, config, tokenizer, ["abc", "fed"], beam_size=beam_size)
+        assert made  # the default decodes on the cache
+        made.clear()
+        decoding.translate_texts(params, config, tokenizer, ["abc", "fed"], beam_size=beam_size,
+                                 use_cache=False)
+        assert not made
+    seen = []
+    spy_on(monkeypatch, seq2seq_run, "translate_texts", seen)
+    small = Seq2SeqConfig(block_size=32, n_layer=1, n_embd=8)  # the embedded dates fit
+    one_step = TrainConfig(batch_size=2, max_iters=1, eval_interval=1, eval_iters=1)
+    for run, kwargs in (("a", {}), ("b", {"use_cache": False})):
+        with pytest.raises(Spied):
+            seq2seq_run.train_seq2seq(small, one_step, str(tmp_path / run), log=lambda *a: None,
+                                      **kwargs)
+    assert seen == [True, False]
+
+
+def test_fewshot_and_instruction_runs_pass_use_cache_down(monkeypatch, tmp_path):
+    """run_fewshot -> evaluate_task, and run_instruct -> score_responses (before and after)."""
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"input": "a", "output": "b"}\n{"input": "c", "output": "d"}\n')
+    params, config, tokenizer = tiny_generator()
+    monkeypatch.setattr(fewshot, "load_checkpoint", lambda path: SimpleNamespace(
+        params=params, model_config=config, tokenizer=tokenizer, iter=0))
+    seen = []
+    real_evaluate = fewshot.evaluate_task
+    monkeypatch.setattr(fewshot, "evaluate_task", lambda *a, **k: seen.append(k["use_cache"])
+                        or real_evaluate(*a, **k))
+    for kwargs in ({}, {"use_cache": False}):
+        fewshot.run_fewshot("run", [str(task)], [0], icl_windows=0, **kwargs)
+    assert seen == [True, False]
+
+    base = str(tmp_path / "base")
+    tokenizer = CharTokenizer.train("abcdefINRsponstruci:\n ", special_tokens=SPECIAL_TOKENS)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=1,
+                       n_embd=8)
+    params = init_gpt(config, onp.random.default_rng(0))
+    save_checkpoint(base, params, adamw_init(params), onp.random.default_rng(0).bit_generator.state,
+                    config, TrainConfig(), tokenizer, 0)
+    data = tmp_path / "i.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "say", "input": "", "output": "ab"}) + "\n"
+                            for _ in range(20)))
+    seen.clear()
+    real_score = finetune_runs.score_responses
+    monkeypatch.setattr(finetune_runs, "score_responses", lambda *a: seen.append(a[-1])
+                        or real_score(*a))
+    settings = finetune_runs.InstructSettings(checkpoint=base, data=str(data), max_iters=1,
+                                              eval_interval=1, max_new_tokens=2)
+    for run, kwargs in (("a", {}), ("b", {"use_cache": False})):
+        finetune_runs.run_instruct(str(tmp_path / run), settings, log=lambda *a: None, **kwargs)
+    assert seen == [True, True, False, False]  # the base model's responses, then the tuned one's

@@ -236,7 +236,7 @@ def test_fewshot_never_shows_a_query_its_own_record(n, shots, seed):
     task = fs.parse_task(['{"instruction": "map"}', *lines], "distinct.jsonl")
     seen = []
 
-    def spy(params, config, tokenizer, task_, prompt, record, k):
+    def spy(params, config, tokenizer, task_, prompt, record, k, use_cache=True):
         seen.append((prompt, record, k))
         return 1
 

@@ -9,8 +9,8 @@ import importlib.metadata
 import click
 from click.core import ParameterSource
 
-from .cli_common import (count, fraction, non_negative, positive, probability_mass, random_seed,
-                         step_count, user_errors)
+from .cli_common import (count, fraction, no_cache_option, non_negative, positive,
+                         probability_mass, random_seed, step_count, user_errors)
 from .cli_fewshot import fewshot
 from .cli_finetune import classify, finetune
 from .cli_plot import attention, plot
@@ -102,11 +102,12 @@ def main():
               help="Train with the hand-written forward and backward passes of tinyllm/fast.py"
                    " (used when --dropout is 0); --no-fast differentiates the readable reference"
                    " model with autograd instead (slower, same losses up to float32 rounding).")
+@no_cache_option
 @user_errors
 @abort_on_error
 def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_size, bias, dropout,
              batch_size, grad_accum, max_iters, lr, min_lr, warmup_iters, weight_decay, grad_clip,
-             eval_interval, eval_iters, seed, out, resume, force, sample_tokens, fast):
+             eval_interval, eval_iters, seed, out, resume, force, sample_tokens, fast, no_cache):
     """Pretrain a GPT on raw text by next-token prediction.
 
     With no flags it trains a 1.1M-parameter model with a byte-level BPE tokenizer (2048 tokens)
@@ -137,7 +138,8 @@ def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_si
                f" val loss {final['val_loss']:.4f}, {result['seconds']:.0f} s; checkpoint in {out}")
     if sample_tokens:
         text = generate_text(result["params"], result["model_config"], result["tokenizer"], "",
-                             max_new_tokens=sample_tokens, temperature=0.8, seed=seed)
+                             max_new_tokens=sample_tokens, temperature=0.8, seed=seed,
+                             use_cache=not no_cache)
         click.echo(f"--- sample (temperature 0.8) ---\n{text}\n---")
 
 
@@ -168,9 +170,10 @@ def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_si
                    " <|endoftext|>.  [default: none]")
 @click.option("--input", "input_text", default="",
               help="The input that goes with --instruction (empty: none).")
+@no_cache_option
 @user_errors
 def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_text,
-             examples, shots, instruction, input_text):
+             examples, shots, instruction, input_text, no_cache):
     """Continue a prompt with a pretrained model and print prompt plus completion."""
     from .finetune_runs import load_generator
     from .generate import generate_text
@@ -179,7 +182,7 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed
         from .finetune_runs import generate_instruction
 
         click.echo(generate_instruction(checkpoint, instruction, input_text, max_new_tokens,
-                                        temperature, top_k, top_p, seed))
+                                        temperature, top_k, top_p, seed, use_cache=not no_cache))
         return
     params, config, tokenizer = load_generator(checkpoint)  # a GPT, LoRA adapters merged if any
     if prompt:
@@ -191,7 +194,7 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed
         stop_text = stop_text or "\n"
     text = generate_text(params, config, tokenizer, prompt,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, seed=seed, stop_text=stop_text)
+                         top_p=top_p, seed=seed, stop_text=stop_text, use_cache=not no_cache)
     click.echo(prompt + text)
 
 

@@ -127,3 +127,15 @@ def random_seed(ctx, param, value):
     if value is not None and not 0 <= value < 1 << 63:
         raise click.BadParameter(f"must be a whole number from 0 to 2^63 - 1, got {value}")
     return value
+
+
+# ----------------------------------------------------------------------------- shared options
+
+
+def no_cache_option(command):
+    """The --no-cache flag of every command that generates text (passed on as use_cache)."""
+    return click.option(
+        "--no-cache", "no_cache", is_flag=True,
+        help="Generate without the key/value cache: the plain loop that feeds the model the whole"
+             " context at every step (the same tokens, slower; for reading and checking)."
+             "  [default: off, the cache is used]")(command)

@@ -6,7 +6,7 @@ and the results file; this module only maps flags onto `fewshot.run_fewshot`.
 
 import click
 
-from .cli_common import count, positive, random_seed, user_errors
+from .cli_common import count, no_cache_option, positive, random_seed, user_errors
 from .config import DEFAULT_RUN
 from .fewshot import ICL_WINDOWS, SHOTS
 
@@ -32,8 +32,10 @@ from .fewshot import ICL_WINDOWS, SHOTS
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Also draw accuracy against k (Wilson intervals, chance line) to this PNG or"
                    " .svg file; needs the plot extra.  [default: none]")
+@no_cache_option
 @user_errors
-def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_windows, plot_path):
+def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_windows, plot_path,
+            no_cache):
     """Score a pretrained model on tasks with k = 0, 1, 2, ... demonstrations in its prompt.
 
     Prints each task's accuracy at every k (so a task the model cannot do is not averaged
@@ -49,7 +51,8 @@ def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_win
 
         require_matplotlib()
     results = run_fewshot(checkpoint, task_paths, parse_shots(shots), queries, seed, icl_data,
-                          icl_windows, log=lambda line: click.echo(line, err=True))
+                          icl_windows, log=lambda line: click.echo(line, err=True),
+                          use_cache=not no_cache)
     click.echo("\n".join(format_task_table(results["tasks"])))
     click.echo(f"\npooled over {len(results['tasks'])} task(s):")
     click.echo("\n".join(format_table(results["pooled"])))

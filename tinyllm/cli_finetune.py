@@ -9,9 +9,9 @@ from dataclasses import fields
 
 import click
 
-from .cli_common import (count, fraction, non_negative, positive, random_seed, step_count,
-                         user_errors)
 from . import distributed
+from .cli_common import (count, fraction, no_cache_option, non_negative, positive, random_seed,
+                         step_count, user_errors)
 from .distributed import abort_on_error
 from .errors import TinyLLMError
 from .finetune_runs import (ClassifySettings, InstructSettings, classify_texts, format_accuracies,
@@ -88,12 +88,12 @@ def settings_from_flags(cls, flags):
     return cls(**{k: v for k, v in flags.items() if k in names})
 
 
-def run_on_every_rank(runner, out, settings, resume, force, max_iters):
+def run_on_every_rank(runner, out, settings, resume, force, max_iters, **options):
     """runner(out, settings, ...) on this process, or on every rank of an MPI job (`mpirun -n
     N`): rank 0 checks and writes --out; each other rank runs in a scratch copy of it that it
     deletes at the end, so only rank 0's files are kept."""
     world = distributed.world()
-    kwargs = {"resume": resume, "max_iters": max_iters, "log": click.echo}
+    kwargs = {"resume": resume, "max_iters": max_iters, "log": click.echo, **options}
     if world.size == 1:
         return runner(out, settings, force=force, **kwargs)
     world.from_root(lambda: prepare_out_dir(out, resume, force))  # its errors stop every rank
@@ -160,9 +160,10 @@ def finetune_classify(out, resume, force, **flags):
 @click.option("--max-new-tokens", default=InstructSettings.max_new_tokens, callback=count,
               help="Most tokens per generated test response.")
 @training_options(InstructSettings)
+@no_cache_option
 @user_errors
 @abort_on_error
-def finetune_instruct(out, resume, force, **flags):
+def finetune_instruct(out, resume, force, no_cache, **flags):
     """Instruction-tune a model on records with instruction, optional input, and output
     (a JSON array or JSONL, Alpaca layout). Each record becomes
 
@@ -178,7 +179,8 @@ def finetune_instruct(out, resume, force, **flags):
     token F1 to OUT/metrics.json.
     """
     report = run_on_every_rank(run_instruct, out, settings_from_flags(InstructSettings, flags),
-                               resume, force, flags["max_iters"] if _given("max_iters") else None)
+                               resume, force, flags["max_iters"] if _given("max_iters") else None,
+                               use_cache=not no_cache)
     b, a = report["test_before"], report["test_after"]
     click.echo(f"test exact match: {100 * b['exact_match']:.1f}% -> {100 * a['exact_match']:.1f}%;"
                f" token F1: {100 * b['token_f1']:.1f}% -> {100 * a['token_f1']:.1f}%")

@@ -9,8 +9,8 @@ from click.core import ParameterSource
 
 from .bleu import corpus_bleu, exact_match
 from .checkpoint import load_checkpoint
-from .cli_common import (count, fraction, non_negative, positive, random_seed, step_count,
-                         user_errors)
+from .cli_common import (count, fraction, no_cache_option, non_negative, positive, random_seed,
+                         step_count, user_errors)
 from .config import TrainConfig
 from .decoding import translate_texts
 from .errors import TinyLLMError
@@ -83,11 +83,12 @@ def seq2seq():
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its last checkpoint (only --max-iters may change).")
 @click.option("--force", is_flag=True, help="Overwrite an existing run in --out.")
+@no_cache_option
 @user_errors
 def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_embeddings, bias,
                   dropout, label_smoothing, schedule, batch_size, max_iters, lr, min_lr,
                   warmup_iters, weight_decay, grad_clip, eval_interval, eval_iters, eval_examples,
-                  seed, out, resume, force):
+                  seed, out, resume, force, no_cache):
     """Train an encoder-decoder by teacher forcing, then report held-out exact match.
 
     With no flags it learns the embedded dates task (0.24M parameters, 1500 steps of 64
@@ -106,7 +107,7 @@ def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_em
     result = train_seq2seq(model_config, train_config, out, data=data,
                            label_smoothing=label_smoothing, schedule=schedule, resume=resume,
                            force=force, max_iters=new_total, eval_examples=eval_examples,
-                           log=click.echo)
+                           log=click.echo, use_cache=not no_cache)
     final = result["final"]
     for pair, output in result["examples"]:
         click.echo(f"  {pair.source!r} -> {output!r} (reference {pair.target!r})")
@@ -130,13 +131,14 @@ def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_em
 @click.option("--max-len", default=None, type=int, callback=positive,
               help="Most tokens to generate.  [default: the model's block size - 1]")
 @click.option("--show", default=5, callback=count, help="With --data: how many translations to print.")
+@no_cache_option
 @user_errors
-def translate_command(texts, checkpoint, data, beam_size, length_penalty, max_len, show):
+def translate_command(texts, checkpoint, data, beam_size, length_penalty, max_len, show, no_cache):
     """Translate TEXTS (one output line each), or score a PAIRS file with --data."""
     if not texts and not data:
         raise TinyLLMError("give a text to translate, or --data PAIRS to score a file")
     ckpt = load_checkpoint(checkpoint, kind="seq2seq")
-    args = dict(beam_size=beam_size, alpha=length_penalty, max_len=max_len)
+    args = dict(beam_size=beam_size, alpha=length_penalty, max_len=max_len, use_cache=not no_cache)
     if texts:
         for output in translate_texts(ckpt.params, ckpt.model_config, ckpt.tokenizer, list(texts),
                                       **args):

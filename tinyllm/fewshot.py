@@ -275,8 +275,10 @@ def answer_logprobs(params, config, prompt_ids, answers_ids):
                       for row, a in enumerate(answers_ids)])  # (K,): logits at t predict t + 1
 
 
-def score_query(params, config, tokenizer, task, prompt, record, k):
-    """1 if the model answers this prompt with the record's output, else 0 (see module docstring)."""
+def score_query(params, config, tokenizer, task, prompt, record, k, use_cache=True):
+    """1 if the model answers this prompt with the record's output, else 0 (see module docstring).
+
+    `use_cache=False` decodes the greedy answer without the key/value cache (same answer)."""
     newline = encode_for(tokenizer, "\n", task, record)
     prompt_ids = encode_for(tokenizer, prompt, task, record)
     answer_ids = encode_for(tokenizer, record["output"], task, record) + newline
@@ -289,7 +291,8 @@ def score_query(params, config, tokenizer, task, prompt, record, k):
         return int(best == record["output"])
     room = config.block_size - len(prompt_ids)  # generate no further than the context reaches
     limit = min(room, len(answer_ids) + 8)  # a longer answer is wrong anyway
-    new = greedy_batch(params, config, [prompt_ids], [limit], newline[-1])[0]  # to the line's end
+    new = greedy_batch(params, config, [prompt_ids], [limit], newline[-1],
+                       use_cache=use_cache)[0]  # to the line's end
     return int(new == answer_ids[:-1])
 
 
@@ -300,7 +303,8 @@ def chance_level(task):
     return 1.0 / len({r["output"] for r in task.records})
 
 
-def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0, log=None):
+def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0, log=None,
+                  use_cache=True):
     """Accuracy of the model on `task` for each k in `shots`: a list of per-k result dicts.
 
     The queries are a random sample of n_queries records (all when None), the same for every k.
@@ -323,7 +327,8 @@ def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0
         for q, order in zip(queries, orders):
             demos = [task.records[i] for i in order[:k]]
             prompt = build_prompt(task.instruction, demos, task.records[q]["input"])
-            correct += score_query(params, config, tokenizer, task, prompt, task.records[q], k)
+            correct += score_query(params, config, tokenizer, task, prompt, task.records[q], k,
+                                   use_cache=use_cache)
         results.append(accuracy_row(k, correct, len(queries), chance_level(task)))
         if log:
             log(format_row(results[-1]))
@@ -483,11 +488,12 @@ def format_icl(icl):
 
 
 def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=None,
-                icl_windows=ICL_WINDOWS, log=None):
+                icl_windows=ICL_WINDOWS, log=None, use_cache=True):
     """What `tinyllm fewshot` does: score a checkpoint on task files for each k in `shots`.
 
     Every task file is read and checked before the model is loaded (the slow part comes last).
     Returns the results file's content (see the module docstring); `write_results` saves it.
+    `use_cache=False` decodes greedy answers without the key/value cache (same answers).
     """
     log = log or (lambda line: None)
     if icl_windows < 0:
@@ -501,7 +507,8 @@ def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=
         log(f"{task.path}: {len(task.records)} records,"
             f" {'choices (log-likelihood)' if task.choices else 'exact match (greedy)'}")
         per_task.append(evaluate_task(ckpt.params, ckpt.model_config, ckpt.tokenizer, task,
-                                      shots, n_queries, seed, log=lambda line: log("  " + line)))
+                                      shots, n_queries, seed, log=lambda line: log("  " + line),
+                                      use_cache=use_cache))
     icl = None
     if icl_windows:
         ids, source = heldout_ids(ckpt, icl_data)

@@ -706,17 +706,18 @@ def encode_instructions(tokenizer, records, block_size, include_prompt, where):
     return (x, y, m), shortened, fallback
 
 
-def score_responses(params, config, tokenizer, records, max_new_tokens):
+def score_responses(params, config, tokenizer, records, max_new_tokens, use_cache=True):
     """Greedy responses to records (decoded as one batch), with mean exact match and token F1.
 
-    A prompt keeps its last tokens so that it and the response fit the context."""
+    A prompt keeps its last tokens so that it and the response fit the context. `use_cache=False`
+    decodes without the key/value cache (same responses, slower)."""
     eot = tokenizer.special_tokens[EOT]
     # A response longer than the reference plus a margin is wrong anyway: stop there.
     limits = [min(max_new_tokens, len(encode_with_fallback(tokenizer, r["output"])[0]) + 8,
                   config.block_size - 1) for r in records]
     prompts = [encode_with_fallback(tokenizer, format_prompt(r))[0][-(config.block_size - limit):]
                for r, limit in zip(records, limits)]
-    responses = greedy_batch(params, config, prompts, limits, eot)
+    responses = greedy_batch(params, config, prompts, limits, eot, use_cache=use_cache)
     rows = [{"instruction": r["instruction"], "input": r["input"], "reference": r["output"],
              "response": tokenizer.decode(new)} for r, new in zip(records, responses)]
     em = exact_match([r["response"] for r in rows], [r["reference"] for r in rows])
@@ -791,8 +792,9 @@ def inference_params(params, config):
 
 
 def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, log=print,
-                 world=SINGLE_PROCESS):
-    """Instruction-tune a GPT; writes the run directory, responses.jsonl and metrics.json."""
+                 use_cache=True, world=SINGLE_PROCESS):
+    """Instruction-tune a GPT; writes the run directory, responses.jsonl and metrics.json.
+    (`use_cache=False` generates the test responses without the key/value cache.)"""
     # 1. settings
     prepare_out_dir(out, resume, force)
     ckpt = load_checkpoint(out, with_optimizer=True, kind=("gpt", "gpt-lora")) if resume else None
@@ -832,7 +834,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     else:
         log(f"scoring the base model on {len(test)} test records ...")
         before = score_responses(inference_params(params, config), gpt_config, tokenizer, test,
-                                 s.max_new_tokens)[1]
+                                 s.max_new_tokens, use_cache)[1]
     log(f"base model: exact match {100 * before['exact_match']:.1f}%, token F1"
         f" {100 * before['token_f1']:.1f}%")
     # 6. train
@@ -864,7 +866,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     # 7. score after and report
     log(f"generating responses for {len(test)} test records ...")
     rows, after = score_responses(inference_params(params, config), gpt_config, tokenizer, test,
-                                  s.max_new_tokens)
+                                  s.max_new_tokens, use_cache)
     atomic_write_text(os.path.join(out, "responses.jsonl"),
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     metrics = read_metrics(out)
@@ -889,7 +891,7 @@ def load_generator(checkpoint):
 
 
 def generate_instruction(checkpoint, instruction, input_text="", max_new_tokens=200,
-                         temperature=0.0, top_k=None, top_p=None, seed=None):
+                         temperature=0.0, top_k=None, top_p=None, seed=None, use_cache=True):
     """The fine-tuning prompt for an instruction (and input) plus the model's response, which
     ends at the end-of-text token (`tinyllm generate --instruction`)."""
     from .generate import check_sampling_args, generate_ids
@@ -906,5 +908,5 @@ def generate_instruction(checkpoint, instruction, input_text="", max_new_tokens=
                            f" context is {config.block_size}")
     limit = min(max_new_tokens, config.block_size - len(ids))  # the template must stay in view
     new = generate_ids(params, config, ids, limit, onp.random.default_rng(seed), temperature,
-                       top_k, top_p, stop=lambda out: out[-1] == eot)
+                       top_k, top_p, stop=lambda out: out[-1] == eot, use_cache=use_cache)
     return prompt + tokenizer.decode([i for i in new if i != eot])

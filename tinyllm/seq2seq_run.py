@@ -70,12 +70,12 @@ def learning_rate_schedule(name, d_model, tc):
 
 def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SMOOTHING,
                   schedule=SCHEDULE, resume=False, force=False, max_iters=None,
-                  eval_examples=EVAL_EXAMPLES, log=print):
+                  eval_examples=EVAL_EXAMPLES, log=print, use_cache=True):
     """Train an encoder-decoder on PAIRS (a file or the embedded task) with checkpoints in out_dir.
 
     With resume=True the model, tokenizer, data and training settings come from the checkpoint;
     only `max_iters` may change. Ends with greedy decoding of up to `eval_examples` held-out
-    pairs. Returns a summary dict.
+    pairs (on the key/value cache unless use_cache is False). Returns a summary dict.
     """
     prepare_out_dir(out_dir, resume, force)
     if resume:
@@ -127,7 +127,7 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
     seconds = time.perf_counter() - t0
     scored = held_pairs[:eval_examples]
     outputs = translate_texts(state.params, model_config, tokenizer, [p.source for p in scored],
-                              [p.where for p in scored])
+                              [p.where for p in scored], use_cache=use_cache)
     return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
             "seconds": seconds, "final": read_metrics(out_dir)[-1], "held_out": len(scored),
             "exact_match": exact_match(outputs, [p.target for p in scored]),
