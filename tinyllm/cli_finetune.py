@@ -115,7 +115,9 @@ def finetune():
 @click.option("--label-column", default=None,
               help="CSV/TSV column holding the label.  [default: 'label', or column 1]")
 @click.option("--arch", type=click.Choice(["decoder", "encoder"]), default=ClassifySettings.arch,
-              help="decoder: causal, as pretrained; encoder: the same weights run bidirectionally.")
+              help="decoder: causal, as pretrained; encoder: the same weights run bidirectionally."
+                   "  [default: encoder from an MLM checkpoint (pretrain --objective mlm), else"
+                   " decoder]")
 @click.option("--pooling", type=click.Choice(["last", "mean", "first"]), default=None,
               help="How a window becomes one vector.  [default: last for decoder, mean for encoder]")
 @click.option("--freeze", default=ClassifySettings.freeze,

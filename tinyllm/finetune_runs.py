@@ -43,7 +43,7 @@ from typing import Optional
 import numpy as onp
 
 from .bleu import exact_match
-from .checkpoint import load_checkpoint, read_npz, save_checkpoint
+from .checkpoint import load_checkpoint, read_meta, read_npz, save_checkpoint
 from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, GPTConfig, TrainConfig
 from .distributed import SINGLE_PROCESS
 from .errors import TinyLLMError
@@ -136,7 +136,8 @@ class ClassifySettings(FinetuneSettings):
     text_column: Optional[str] = None  # CSV/TSV column of the text; None: "text" or column 0
     label_column: Optional[str] = None  # None: "label" or column 1
     balance: bool = False  # downsample the larger classes to the smallest
-    arch: str = "decoder"  # "encoder": the same weights run bidirectionally
+    arch: Optional[str] = None  # "decoder" (causal) or "encoder" (the same weights run
+    # bidirectionally); None: "encoder" from an MLM checkpoint, "decoder" from any other
     pooling: Optional[str] = None  # None: "last" for the decoder, "mean" for the encoder
     freeze: str = "none"  # none | all | all-but-N
     max_windows: int = 8  # most context windows read per text; the rest of a text is cut
@@ -223,10 +224,11 @@ def check_data_unchanged(ckpt, settings):
                            f" ({settings.data}); start a new run instead")
 
 
-def load_base(settings, log):
+def load_base(settings, log, kinds=("gpt", "gpt-lora")):
     """(GPT params, GPTConfig, tokenizer) to fine-tune: the pretrained checkpoint (random
     weights with random_init), or without a checkpoint the default pretraining architecture and
-    tokenizer at random initialisation (the from-scratch baseline of a default base model)."""
+    tokenizer at random initialisation (the from-scratch baseline of a default base model).
+    `kinds`: the checkpoint kinds the command can start from."""
     rng = onp.random.default_rng(settings.seed)
     if settings.checkpoint is None:
         from .data import load_corpus
@@ -240,7 +242,7 @@ def load_base(settings, log):
         log("base model: none (random initialisation, the default pretraining architecture)")
         return init_gpt(config, rng), config, tokenizer
     try:
-        ckpt = load_checkpoint(settings.checkpoint, kind=("gpt", "gpt-lora"))
+        ckpt = load_checkpoint(settings.checkpoint, kind=kinds)
     except TinyLLMError as err:
         raise TinyLLMError(f"--checkpoint: {err} (expected a run of `tinyllm pretrain`)") from None
     config = ckpt.model_config
@@ -490,12 +492,14 @@ def per_class_stats(matrix, labels):
 
 def build_classifier(s, labels, log):
     """(params, ClassifierConfig, tokenizer): the base model with a fresh classification head."""
-    gpt_params, gpt_config, tokenizer = load_base(s, log)
+    gpt_params, gpt_config, tokenizer = load_base(s, log, kinds=("gpt", "gpt-lora", "mlm"))
     gpt_params, gpt_config, tokenizer = add_unknown_token(gpt_params, gpt_config, tokenizer)
+    arch = s.arch or ("encoder" if s.checkpoint and read_meta(s.checkpoint)["kind"] == "mlm"
+                      else "decoder")  # an MLM encoder was pretrained bidirectionally
     config = ClassifierConfig(**{**gpt_config.__dict__, "dropout": s.dropout},
                               n_classes=len(labels),
-                              pooling=s.pooling or ("mean" if s.arch == "encoder" else "last"),
-                              arch=s.arch, lora_rank=s.lora_rank,
+                              pooling=s.pooling or ("mean" if arch == "encoder" else "last"),
+                              arch=arch, lora_rank=s.lora_rank,
                               lora_alpha=s.adapter_alpha).validate()
     params = classifier_from_gpt(gpt_params, config, onp.random.default_rng([s.seed, 2]))
     return params, config, tokenizer
