@@ -151,7 +151,7 @@ def accumulated_step(value_and_grad, params, opt_state, micro_batches, lr, tc, w
     buffer, count = None, 0
     for batch, rng in micro_batches:
         loss, grads = value_and_grad(params, batch, rng)
-        part = pack(grads, float(loss))  # (P + 1,) float32
+        part = pack(grads, float(loss), params)  # (P + 1,) float32
         buffer = part if buffer is None else onp.add(buffer, part, out=buffer)
         count += 1
     buffer = world.allreduce_sum(buffer)
