@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 import numpy as onp
 import pytest
@@ -168,6 +169,35 @@ def test_resume_with_another_number_of_ranks_is_refused(tmp_path, data):
     assert code == 1
     assert stderr.strip() == (f"Error: --resume: the run in {out} was trained on 1 process(es)"
                               " and this job has 2: resume it with one process (no mpirun)")
+
+
+@needs_mpi
+def test_fine_tuning_on_two_ranks_follows_one_process_with_grad_accum_2(tmp_path, data):
+    # A tiny base model, then `finetune classify` on 2 ranks vs one process with --grad-accum 2:
+    # the same validation losses at every evaluation, rank 0's --out alone written, and no
+    # scratch copy of another rank left behind.
+    base = str(tmp_path / "base")
+    assert CliRunner().invoke(main, RUN + ["--data", data, "--out", base, "--max-iters", "1"]
+                              ).exit_code == 0
+    labelled = tmp_path / "labelled.tsv"
+    labelled.write_text("label\ttext\n" + "".join(
+        f"pos\tgood box {i}\nneg\tbad jug {i}\n" for i in range(20)), encoding="utf-8")
+    tune = ["finetune", "classify", "--checkpoint", base, "--data", str(labelled),
+            "--max-iters", "4", "--eval-interval", "2", "--batch-size", "4", "--patience", "0"]
+    single, ranks = str(tmp_path / "single"), str(tmp_path / "mpi")
+    result = CliRunner().invoke(main, tune + ["--grad-accum", "2", "--out", single])
+    assert result.exit_code == 0, result.output
+    scratch_before = set(os.listdir(tempfile.gettempdir()))
+    code, out, err = mpi_job(2, tune + ["--out", ranks])
+    assert code == 0, err
+    assert out.count("accuracy after fine-tuning") == 1
+    assert [r["iter"] for r in records(ranks)] == [0, 2, 4]
+    for (it, train, val), (it1, train1, val1) in zip(losses(ranks), losses(single)):
+        assert it == it1 and abs(train - train1) <= 1e-5 and abs(val - val1) <= 1e-5, it
+    assert load_checkpoint(ranks, kind="classifier").meta["ranks"] == 2
+    left = {name for name in set(os.listdir(tempfile.gettempdir())) - scratch_before
+            if name.startswith("tinyllm-rank")}
+    assert not left
 
 
 # ----------------------------------------------------------------------------- without MPI
