@@ -161,6 +161,33 @@ def test_a_rank_that_dies_mid_run_aborts_the_job_with_one_line(tmp_path, data):
 
 
 @needs_mpi
+def test_ranks_whose_weights_drift_apart_are_stopped_at_the_next_evaluation(tmp_path, data):
+    # Rank 1's step changes one weight by one float32 step: the evaluation at step 3 must see
+    # it and stop every rank with one line (the checkpoint of step 0 is kept).
+    script = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from tinyllm import distributed, train\n"
+        "real = train.accumulated_step\n"
+        "def drifting(*args):\n"
+        "    params, opt_state, loss, norm = real(*args)\n"
+        "    if distributed.world().rank == 1:\n"
+        "        params['wte'] = np.nextafter(params['wte'], np.float32(np.inf))\n"
+        "    return params, opt_state, loss, norm\n"
+        "train.accumulated_step = drifting\n"
+        "from tinyllm.cli import main\n"
+        "main()\n")
+    out = str(tmp_path / "run")
+    code, stdout, stderr = mpi_job(2, RUN + ["--data", data, "--out", out], script=script)
+    assert code == 1
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == ("Error: at iteration 3 the weights of rank(s) [1] differ from rank"
+                              " 0's: the ranks no longer train one model (are numpy and tinyllm"
+                              " the same version on every machine?); the last checkpoint is kept")
+    assert [r["iter"] for r in records(out)] == [0]
+
+
+@needs_mpi
 def test_resume_with_another_number_of_ranks_is_refused(tmp_path, data):
     out = str(tmp_path / "run")
     assert CliRunner().invoke(main, RUN + ["--data", data, "--out", out, "--max-iters", "1"]
