@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as onp
 import pytest
 
-from tinyllm import distributed, train
+from tinyllm import distributed, fast, train
 from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.distributed import SINGLE_PROCESS, micro_batch_rng, pack, unpack, weights_digest
 from tinyllm.errors import TinyLLMError
@@ -42,14 +42,16 @@ def test_k_micro_batches_give_the_gradient_of_one_batch_k_times_larger(params, k
     micro = batches(k, 4)
     whole = tuple(onp.concatenate(parts) for parts in zip(*micro))  # (k*4, T)
     big_loss, big_grads = value_and_grad(params, whole, None)
-    buffer = sum(pack(value_and_grad(params, batch, None)[1], 0.0) for batch in micro) / k
+    buffer = sum(pack(value_and_grad(params, batch, None)[1], 0.0, params) for batch in micro) / k
     grads, _ = unpack(buffer.astype(onp.float32), params)
     for key, grad in flatten(big_grads).items():
         onp.testing.assert_allclose(grads[key], grad, rtol=1e-4, atol=1e-6, err_msg=key)
 
 
-def test_an_accumulated_step_equals_the_step_of_the_whole_batch(params):
-    value_and_grad = flat_value_and_grad(loss_fn)
+@pytest.mark.parametrize("path", ["autograd", "fast"])
+def test_an_accumulated_step_equals_the_step_of_the_whole_batch(params, path):
+    value_and_grad = (flat_value_and_grad(loss_fn) if path == "autograd"
+                      else fast.gpt_value_and_grad(CONFIG))
     tc = TrainConfig(grad_clip=0.5, weight_decay=0.1)
     micro = batches(2, 4)
     whole = tuple(onp.concatenate(parts) for parts in zip(*micro))
@@ -65,7 +67,9 @@ def test_an_accumulated_step_equals_the_step_of_the_whole_batch(params):
 
 
 def test_pack_and_unpack_are_exact_inverses(params):
-    buffer = pack(params, 2.5)
+    backwards = dict(reversed(list(flatten(params).items())))  # a tree built in another order
+    assert pack(backwards, 2.5, params).tobytes() == pack(params, 2.5, params).tobytes()
+    buffer = pack(params, 2.5, params)
     assert buffer.dtype == onp.float32 and buffer.ndim == 1
     assert buffer.size == sum(p.size for p in flatten(params).values()) + 1
     back, loss = unpack(buffer, params)

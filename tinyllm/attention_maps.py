@@ -226,8 +226,8 @@ class AttentionMaps:
 def checkpoint_attention(ckpt_dir, prompt, part=None, target=None):
     """The attention maps of a run directory's model on `prompt`.
 
-    GPT, LoRA-tuned GPT and classifier runs: the self-attention over the prompt (causal, or
-    bidirectional for a classifier fine-tuned with --arch encoder). seq2seq runs: `part` is
+    GPT, LoRA-tuned GPT, MLM and classifier runs: the self-attention over the prompt (causal, or
+    bidirectional for an MLM encoder and a classifier fine-tuned with --arch encoder). seq2seq runs: `part` is
     "encoder", "decoder" or "cross" (the default) and the prompt is the source; the decoder reads
     <bos> + `target`, by default the model's own greedy translation.
     """
@@ -256,7 +256,7 @@ def _gpt_shaped(ckpt):
     config, params = ckpt.model_config, ckpt.params
     if "lora" in params:
         params = merge_lora(params, config.lora_alpha, config.lora_rank)
-    causal = getattr(config, "arch", "decoder") == "decoder"
+    causal = getattr(config, "arch", "decoder") == "decoder" and ckpt.meta["kind"] != "mlm"
     return params, (config.gpt() if hasattr(config, "gpt") else config), causal
 
 

@@ -80,6 +80,9 @@ FLOAT_DTYPES = ("float32", "float64")
 # array's name and shape. A new family is added here, in this one table.
 MODEL_KINDS = {
     "gpt": (GPTConfig, init_gpt),  # pretraining and instruction fine-tuning
+    "mlm": (GPTConfig, init_gpt),  # the GPT tree pretrained as a bidirectional encoder by masked-
+    # token prediction (`tinyllm pretrain --objective mlm`, tinyllm/mlm.py): the kind records the
+    # objective, so the commands that need a causal model refuse it
     "gpt-lora": (LoRAGPTConfig, init_lora_gpt),  # instruction fine-tuning with LoRA adapters
     "classifier": (ClassifierConfig, init_classifier),  # classification fine-tuning
     "seq2seq": (Seq2SeqConfig, init_seq2seq),  # the encoder-decoder
@@ -448,6 +451,10 @@ def load_checkpoint(ckpt_dir, with_optimizer=False, kind="gpt"):
     allowed = (kind,) if isinstance(kind, str) else kind
     if allowed is not None and meta["kind"] not in allowed:
         want = " or ".join(repr(k) for k in allowed)
+        if meta["kind"] == "mlm" and "gpt" in allowed:
+            raise TinyLLMError(f"{ckpt_dir!r} holds a masked language model (pretrained with"
+                               " --objective mlm), which does not predict the next token: this"
+                               " needs a causal model (tinyllm pretrain --objective clm)")
         raise TinyLLMError(f"{ckpt_dir!r} holds a {meta['kind']!r} model, not a {want} model")
     if meta["kind"] not in MODEL_KINDS:
         raise TinyLLMError(f"{ckpt_dir!r} holds a model of unknown kind {meta['kind']!r}")

@@ -11,6 +11,7 @@ from click.core import ParameterSource
 
 from .cli_common import (count, fraction, no_cache_option, non_negative, positive,
                          probability_mass, random_seed, step_count, user_errors)
+from .cli_encoder import embed, fill
 from .cli_fewshot import fewshot
 from .cli_finetune import classify, finetune
 from .cli_plot import attention, plot
@@ -44,7 +45,8 @@ def main():
     Pretrain a GPT on raw text (pretrain) and sample from it (generate); fine-tune it on labelled
     data (finetune classify, finetune instruct, classify); prompt it with k demonstrations
     (fewshot); train the original encoder-decoder transformer (seq2seq); draw loss curves (plot)
-    and attention maps (attention). Run a command with --help for its flags.
+    and attention maps (attention); fill masked tokens with an encoder pretrained by --objective
+    mlm (fill) and turn lines of text into vectors (embed). Run a command with --help for its flags.
     """
     tune_malloc()  # keep freed memory in the process: faster numpy steps (see tinyllm/system.py)
 
@@ -55,6 +57,10 @@ def main():
                    " (Python's pydoc topics and its standard library's docstrings), pydoc (the"
                    " topics alone), stdlib-docstrings, icl (generated in-context-learning"
                    " episodes).  [default: python-docs]")
+@click.option("--objective", type=click.Choice(["clm", "mlm"]), default="clm",
+              help="clm: a causal GPT learns to predict the next token; mlm: the same blocks as a"
+                   " bidirectional encoder learn to predict masked tokens (15% of positions:"
+                   " 80% masked, 10% random, 10% kept), as BERT. With --resume: the run's own.")
 @click.option("--tokenizer", "tokenizer_kind", type=click.Choice(["char", "bpe"]),
               default=DEFAULT_TOKENIZER,
               help="char: one token per character; bpe: byte-level BPE trained on the data.")
@@ -97,7 +103,9 @@ def main():
                    " only --max-iters may change).")
 @click.option("--force", is_flag=True, help="Overwrite an existing run in --out.")
 @click.option("--sample-tokens", default=300, callback=count,
-              help="Tokens to sample from the model at the end (0: none).")
+              help="Tokens to sample from the model at the end (0: none). With --objective mlm,"
+                   " any number but 0 measures the masked-token accuracy on the validation split"
+                   " instead.")
 @click.option("--fast/--no-fast", default=True, show_default=True,
               help="Train with the hand-written forward and backward passes of tinyllm/fast.py"
                    " (used when --dropout is 0); --no-fast differentiates the readable reference"
@@ -105,10 +113,11 @@ def main():
 @no_cache_option
 @user_errors
 @abort_on_error
-def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_size, bias, dropout,
-             batch_size, grad_accum, max_iters, lr, min_lr, warmup_iters, weight_decay, grad_clip,
-             eval_interval, eval_iters, seed, out, resume, force, sample_tokens, fast, no_cache):
-    """Pretrain a GPT on raw text by next-token prediction.
+def pretrain(data, objective, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_size,
+             bias, dropout, batch_size, grad_accum, max_iters, lr, min_lr, warmup_iters,
+             weight_decay, grad_clip, eval_interval, eval_iters, seed, out, resume, force,
+             sample_tokens, fast, no_cache):
+    """Pretrain a GPT on raw text by next-token prediction (or an encoder by masked tokens).
 
     With no flags it trains a 1.1M-parameter model with a byte-level BPE tokenizer (2048 tokens)
     and a 256-token context on the embedded default corpus for 1000 steps (under 4 minutes on 2
@@ -128,15 +137,26 @@ def pretrain(data, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_si
     # --resume keeps the run's own --max-iters unless this command line sets one
     source = click.get_current_context().get_parameter_source("max_iters")
     new_total = max_iters if resume and source is not ParameterSource.DEFAULT else None
+    if resume and click.get_current_context().get_parameter_source("objective") is ParameterSource.DEFAULT:
+        objective = None  # the run's own
     result = run_pretrain(model_config, train_config, out, data=data,
                           tokenizer_kind=tokenizer_kind, vocab_size=vocab_size, resume=resume,
-                          force=force, max_iters=new_total, log=click.echo, world=world, fast=fast)
+                          force=force, max_iters=new_total, log=click.echo, world=world, fast=fast,
+                          objective=objective)
     if not world.is_root:
         return  # rank 0 reports and samples
     final = result["final"]
     click.echo(f"done: iteration {final['iter']}, train loss {final['train_loss']:.4f},"
                f" val loss {final['val_loss']:.4f}, {result['seconds']:.0f} s; checkpoint in {out}")
-    if sample_tokens:
+    if sample_tokens and result["objective"] == "mlm":
+        from .mlm import masked_accuracy
+
+        acc = masked_accuracy(result["params"], result["model_config"], result["tokenizer"],
+                              result["val_ids"])
+        click.echo(f"masked-token accuracy on the validation split: {acc['accuracy']:.3f} over"
+                   f" {acc['positions']} masked positions (always guessing the most frequent"
+                   f" token, {acc['baseline_token']!r}: {acc['baseline']:.3f})")
+    elif sample_tokens:
         text = generate_text(result["params"], result["model_config"], result["tokenizer"], "",
                              max_new_tokens=sample_tokens, temperature=0.8, seed=seed,
                              use_cache=not no_cache)
@@ -212,6 +232,8 @@ main.add_command(fewshot)
 main.add_command(seq2seq)
 main.add_command(plot)
 main.add_command(attention)
+main.add_command(fill)
+main.add_command(embed)
 
 if __name__ == "__main__":
     main()

@@ -9,12 +9,15 @@ from dataclasses import fields
 
 import click
 
+from . import distributed
 from .cli_common import (count, fraction, no_cache_option, non_negative, positive, random_seed,
                          step_count, user_errors)
+from .distributed import abort_on_error
 from .errors import TinyLLMError
 from .finetune_runs import (ClassifySettings, InstructSettings, classify_texts, format_accuracies,
                             format_confusion, load_classifier, run_classify,
                             run_instruct, score_file)
+from .train import prepare_out_dir
 
 
 def training_options(settings_cls):
@@ -39,6 +42,9 @@ def training_options(settings_cls):
                      help="LoRA scale numerator (change = alpha/rank * A B).  [default: 2 * rank]"),
         click.option("--batch-size", default=d.batch_size, callback=positive,
                      help="Examples per step."),
+        click.option("--grad-accum", default=d.grad_accum, callback=positive,
+                     help="Micro-batches of --batch-size per optimizer step, gradients averaged"
+                          " (under `mpirun -n N`: on each rank)."),
         click.option("--max-iters", default=d.max_iters, callback=step_count,
                      help="Most optimizer steps (with --resume: the new total)."),
         click.option("--epochs", default=None, callback=positive, type=float,
@@ -82,6 +88,19 @@ def settings_from_flags(cls, flags):
     return cls(**{k: v for k, v in flags.items() if k in names})
 
 
+def run_on_every_rank(runner, out, settings, resume, force, max_iters, **options):
+    """runner(out, settings, ...) on this process, or on every rank of an MPI job (`mpirun -n
+    N`): rank 0 checks and writes --out; each other rank runs in a scratch copy of it that it
+    deletes at the end, so only rank 0's files are kept."""
+    world = distributed.world()
+    kwargs = {"resume": resume, "max_iters": max_iters, "log": click.echo, **options}
+    if world.size == 1:
+        return runner(out, settings, force=force, **kwargs)
+    world.from_root(lambda: prepare_out_dir(out, resume, force))  # its errors stop every rank
+    with distributed.rank_run_dir(out, resume, world) as run_dir:
+        return runner(run_dir, settings, force=force or not world.is_root, world=world, **kwargs)
+
+
 @click.group()
 def finetune():
     """Fine-tune a pretrained model on labelled data: classify or instruct."""
@@ -96,7 +115,9 @@ def finetune():
 @click.option("--label-column", default=None,
               help="CSV/TSV column holding the label.  [default: 'label', or column 1]")
 @click.option("--arch", type=click.Choice(["decoder", "encoder"]), default=ClassifySettings.arch,
-              help="decoder: causal, as pretrained; encoder: the same weights run bidirectionally.")
+              help="decoder: causal, as pretrained; encoder: the same weights run bidirectionally."
+                   "  [default: encoder from an MLM checkpoint (pretrain --objective mlm), else"
+                   " decoder]")
 @click.option("--pooling", type=click.Choice(["last", "mean", "first"]), default=None,
               help="How a window becomes one vector.  [default: last for decoder, mean for encoder]")
 @click.option("--freeze", default=ClassifySettings.freeze,
@@ -111,6 +132,7 @@ def finetune():
               help="Dropout probability in the body while fine-tuning (0: none).")
 @training_options(ClassifySettings)
 @user_errors
+@abort_on_error
 def finetune_classify(out, resume, force, **flags):
     """Fine-tune a classifier on texts with labels (.csv, .tsv, .jsonl with text and label).
 
@@ -121,9 +143,8 @@ def finetune_classify(out, resume, force, **flags):
     accuracy before and after, a confusion matrix and per-class precision/recall, written to
     OUT/metrics.json.
     """
-    report = run_classify(out, settings_from_flags(ClassifySettings, flags), resume=resume,
-                          force=force, max_iters=flags["max_iters"] if _given("max_iters") else None,
-                          log=click.echo)
+    report = run_on_every_rank(run_classify, out, settings_from_flags(ClassifySettings, flags),
+                               resume, force, flags["max_iters"] if _given("max_iters") else None)
     click.echo("accuracy after fine-tuning:  " + format_accuracies(report["accuracy_after"]))
     click.echo("test confusion matrix (rows: true, columns: predicted):")
     click.echo(format_confusion(report["test_confusion_matrix"], report["labels"]))
@@ -143,6 +164,7 @@ def finetune_classify(out, resume, force, **flags):
 @training_options(InstructSettings)
 @no_cache_option
 @user_errors
+@abort_on_error
 def finetune_instruct(out, resume, force, no_cache, **flags):
     """Instruction-tune a model on records with instruction, optional input, and output
     (a JSON array or JSONL, Alpaca layout). Each record becomes
@@ -158,9 +180,9 @@ def finetune_instruct(out, resume, force, no_cache, **flags):
     weights are kept; at the end the test responses go to OUT/responses.jsonl and exact match /
     token F1 to OUT/metrics.json.
     """
-    report = run_instruct(out, settings_from_flags(InstructSettings, flags), resume=resume,
-                          force=force, max_iters=flags["max_iters"] if _given("max_iters") else None,
-                          log=click.echo, use_cache=not no_cache)
+    report = run_on_every_rank(run_instruct, out, settings_from_flags(InstructSettings, flags),
+                               resume, force, flags["max_iters"] if _given("max_iters") else None,
+                               use_cache=not no_cache)
     b, a = report["test_before"], report["test_after"]
     click.echo(f"test exact match: {100 * b['exact_match']:.1f}% -> {100 * a['exact_match']:.1f}%;"
                f" token F1: {100 * b['token_f1']:.1f}% -> {100 * a['token_f1']:.1f}%")

@@ -33,11 +33,15 @@ mpi4py is imported only when the job was launched by an MPI launcher with more t
 process (its environment says so); a plain `tinyllm pretrain` never imports it.
 """
 
+import contextlib
 import functools
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
+import time
 import zlib
 
 import numpy as onp
@@ -51,6 +55,8 @@ MICRO_BATCH_TAG = 0x6D696372  # "micr": keeps micro-batch seeds apart from evalu
 SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
 INSTALL_HINT = 'pip install "tinyllm[mpi]"'
+AGREE_SECONDS = 20.0  # how long ranks that fail before training wait for each other (a bad flag
+# fails on every rank within moments; a failure only one rank has then aborts the job)
 
 
 class AllRanksError(TinyLLMError):
@@ -79,13 +85,14 @@ def rank_micro_batches(rank, grad_accum):
 # ----------------------------------------------------------------------------- one flat buffer
 
 
-def pack(grads, loss):
-    """Gradients {path: array} and a loss -> one flat float32 buffer, the loss last.
+def pack(grads, loss, like):
+    """Gradients and a loss -> one flat float32 buffer, the loss last; the arrays in the order of
+    the parameter tree `like` (whatever order the gradient tree was built in).
 
-    Example: {"a": [[1, 2]], "b": [3]}, loss 0.5 -> [1, 2, 3, 0.5].
+    Example: grads {"b": [3], "a": [[1, 2]]}, loss 0.5, like {"a": .., "b": ..} -> [1, 2, 3, 0.5].
     """
     flat = flatten(grads)
-    parts = [onp.ravel(flat[key]).astype(onp.float32, copy=False) for key in flat]
+    parts = [onp.ravel(flat[key]).astype(onp.float32, copy=False) for key in flatten(like)]
     return onp.concatenate(parts + [onp.array([loss], dtype=onp.float32)])  # (P + 1,)
 
 
@@ -128,6 +135,9 @@ class SingleProcess:
 
     def check_same_weights(self, params, iteration):
         """Raise if the ranks' weights differ: one rank cannot differ from itself."""
+
+    def barrier(self):
+        """Wait until every rank is here: one rank is always there."""
 
 
 class MPIGroup:
@@ -176,6 +186,22 @@ class MPIGroup:
                 " the ranks no longer train one model (are numpy and tinyllm the same version on"
                 " every machine?); the last checkpoint is kept")
 
+    def all_failing(self, timeout):
+        """True if every rank calls this within `timeout` seconds (each has hit the same error,
+        so all may exit in order); False if some rank is still working, or waiting elsewhere."""
+        request = self.comm.Ibarrier()
+        deadline = time.monotonic() + timeout
+        while not request.Test():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def barrier(self):
+        """Wait until every rank is here."""
+        self.in_step = True
+        self.comm.Barrier()
+
     def abort(self, message, code=1):
         """Print one line on this rank's real stderr and end the whole job (MPI_Abort)."""
         _stderr_line(message)
@@ -205,6 +231,26 @@ def _silence_output():
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
     os.close(devnull)
+
+
+@contextlib.contextmanager
+def rank_run_dir(out_dir, resume, group):
+    """The run directory this rank works in: --out on rank 0; on the others a scratch directory
+    (a copy of --out when resuming, taken before rank 0 changes anything), deleted at the end.
+    For runs whose code writes as it goes (fine-tuning): only rank 0's files are kept."""
+    if group.is_root:
+        group.barrier()  # the others have copied --out
+        yield out_dir
+        return
+    scratch = tempfile.mkdtemp(prefix=f"tinyllm-rank{group.rank}-")
+    try:
+        run_dir = os.path.join(scratch, "run")
+        if resume:
+            shutil.copytree(out_dir, run_dir)
+        group.barrier()
+        yield run_dir
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def launched_size(environ=os.environ):
@@ -257,9 +303,10 @@ def _leave_signals_to_rank_0():
 def abort_on_error(command):
     """In an MPI job, end the whole job on an error that only this rank has: one line, then
     MPI_Abort, so no rank is left waiting forever. Errors all ranks share pass through (rank 0
-    prints them, the others are silent): AllRanksError, and a TinyLLMError before the first
-    collective call (a bad flag: every rank runs the same checks on the same command line).
-    Single-process runs pass through untouched."""
+    prints them, the others are silent): AllRanksError, and a TinyLLMError that every rank
+    meets before training (a bad flag: every rank runs the same checks on the same command
+    line), which the ranks confirm with a barrier of at most AGREE_SECONDS. Single-process runs
+    pass through untouched."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -271,9 +318,9 @@ def abort_on_error(command):
         except AllRanksError:
             raise  # every rank stops here; rank 0's message is the one shown
         except TinyLLMError:
-            if group.in_step:
+            if group.in_step or not group.all_failing(AGREE_SECONDS):
                 _abort_job(group)
-            raise  # a bad setting, seen by every rank before any of them waits for another
+            raise  # a bad setting, seen by every rank: rank 0 prints it, the others exit quietly
         except BaseException:  # noqa: BLE001 - any other way out would hang the others
             _abort_job(group)
 

@@ -43,8 +43,9 @@ from typing import Optional
 import numpy as onp
 
 from .bleu import exact_match
-from .checkpoint import load_checkpoint, read_npz, save_checkpoint
+from .checkpoint import load_checkpoint, read_meta, read_npz, save_checkpoint
 from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, GPTConfig, TrainConfig
+from .distributed import SINGLE_PROCESS
 from .errors import TinyLLMError
 from .fileio import atomic_save_npz, atomic_write_json, atomic_write_text, open_regular
 from .finetune import (ClassifierConfig, classifier_from_gpt, classifier_loss, confusion_matrix,
@@ -58,8 +59,9 @@ from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
 from .lora import LoRAGPTConfig, apply_lora, init_lora, merge_lora
 from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init
-from .train import (SPECIAL_TOKENS, Committed, check_memory, gpt_param_count, gpt_step_bytes,
-                    prepare_out_dir, read_metrics, start_out_dir, train_loop, truncate_metrics)
+from .train import (SPECIAL_TOKENS, Committed, check_memory, check_same_ranks, gpt_param_count,
+                    gpt_step_bytes, prepare_out_dir, read_metrics, start_out_dir, train_loop,
+                    truncate_metrics)
 from .tree import flatten, unflatten
 
 METRICS_FORMAT = "tinyllm-finetune-metrics"
@@ -92,6 +94,7 @@ class FinetuneSettings:
     eval_interval: int = 25
     patience: int = 4  # stop after this many evaluations without a better val loss; 0: never
     seed: int = 1337
+    grad_accum: int = 1  # micro-batches of batch_size per step (see TrainConfig.grad_accum)
 
     def validate(self):
         """Raise TinyLLMError (naming the flag) for settings that cannot train; return self."""
@@ -102,7 +105,7 @@ class FinetuneSettings:
         if self.epochs is not None:
             _check(math.isfinite(self.epochs) and self.epochs > 0,
                    "--epochs must be a positive number", self.epochs)
-        for name in ("batch_size", "max_iters", "eval_interval"):
+        for name in ("batch_size", "max_iters", "eval_interval", "grad_accum"):
             _check(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive",
                    getattr(self, name))
         for name in ("warmup_iters", "patience", "seed"):
@@ -133,7 +136,8 @@ class ClassifySettings(FinetuneSettings):
     text_column: Optional[str] = None  # CSV/TSV column of the text; None: "text" or column 0
     label_column: Optional[str] = None  # None: "label" or column 1
     balance: bool = False  # downsample the larger classes to the smallest
-    arch: str = "decoder"  # "encoder": the same weights run bidirectionally
+    arch: Optional[str] = None  # "decoder" (causal) or "encoder" (the same weights run
+    # bidirectionally); None: "encoder" from an MLM checkpoint, "decoder" from any other
     pooling: Optional[str] = None  # None: "last" for the decoder, "mean" for the encoder
     freeze: str = "none"  # none | all | all-but-N
     max_windows: int = 8  # most context windows read per text; the rest of a text is cut
@@ -220,10 +224,11 @@ def check_data_unchanged(ckpt, settings):
                            f" ({settings.data}); start a new run instead")
 
 
-def load_base(settings, log):
+def load_base(settings, log, kinds=("gpt", "gpt-lora")):
     """(GPT params, GPTConfig, tokenizer) to fine-tune: the pretrained checkpoint (random
     weights with random_init), or without a checkpoint the default pretraining architecture and
-    tokenizer at random initialisation (the from-scratch baseline of a default base model)."""
+    tokenizer at random initialisation (the from-scratch baseline of a default base model).
+    `kinds`: the checkpoint kinds the command can start from."""
     rng = onp.random.default_rng(settings.seed)
     if settings.checkpoint is None:
         from .data import load_corpus
@@ -237,7 +242,7 @@ def load_base(settings, log):
         log("base model: none (random initialisation, the default pretraining architecture)")
         return init_gpt(config, rng), config, tokenizer
     try:
-        ckpt = load_checkpoint(settings.checkpoint, kind=("gpt", "gpt-lora"))
+        ckpt = load_checkpoint(settings.checkpoint, kind=kinds)
     except TinyLLMError as err:
         raise TinyLLMError(f"--checkpoint: {err} (expected a run of `tinyllm pretrain`)") from None
     config = ckpt.model_config
@@ -285,7 +290,7 @@ def make_train_config(settings, n_train):
                        min_lr=settings.lr / 10, warmup_iters=settings.warmup_iters,
                        weight_decay=settings.weight_decay,
                        eval_interval=min(settings.eval_interval, max_iters), eval_iters=1,
-                       seed=settings.seed).validate()
+                       seed=settings.seed, grad_accum=settings.grad_accum).validate()
 
 
 def check_step_memory(config, tc, windows_per_text):
@@ -360,7 +365,7 @@ def resumed_best(out_dir, ckpt, trainable):
 
 
 def train_keeping_best(out_dir, params, paths, tc, loss_fn, sample, evaluate, save_full,
-                       resume_ckpt, tokens_per_iter, patience, log):
+                       resume_ckpt, tokens_per_iter, patience, log, world=SINGLE_PROCESS):
     """Train only `paths` of `params` with train.train_loop, evaluating with `evaluate`; keep the
     weights of the evaluation with the lowest validation loss, and stop after `patience`
     evaluations without a better one (0: never stop early).
@@ -405,7 +410,8 @@ def train_keeping_best(out_dir, params, paths, tc, loss_fn, sample, evaluate, sa
             f" in {patience} evaluations): nothing more to train")
     else:
         state = train_loop(state, tc, step_loss, sample, save, out_dir, tokens_per_iter,
-                           evaluate=lambda p: evaluate(merge_params(p, frozen)), on_eval=on_eval)
+                           evaluate=lambda p: evaluate(merge_params(p, frozen)), on_eval=on_eval,
+                           world=world)
     return merge_params(best.params or state.params, frozen), best, state
 
 
@@ -486,12 +492,14 @@ def per_class_stats(matrix, labels):
 
 def build_classifier(s, labels, log):
     """(params, ClassifierConfig, tokenizer): the base model with a fresh classification head."""
-    gpt_params, gpt_config, tokenizer = load_base(s, log)
+    gpt_params, gpt_config, tokenizer = load_base(s, log, kinds=("gpt", "gpt-lora", "mlm"))
     gpt_params, gpt_config, tokenizer = add_unknown_token(gpt_params, gpt_config, tokenizer)
+    arch = s.arch or ("encoder" if s.checkpoint and read_meta(s.checkpoint)["kind"] == "mlm"
+                      else "decoder")  # an MLM encoder was pretrained bidirectionally
     config = ClassifierConfig(**{**gpt_config.__dict__, "dropout": s.dropout},
                               n_classes=len(labels),
-                              pooling=s.pooling or ("mean" if s.arch == "encoder" else "last"),
-                              arch=s.arch, lora_rank=s.lora_rank,
+                              pooling=s.pooling or ("mean" if arch == "encoder" else "last"),
+                              arch=arch, lora_rank=s.lora_rank,
                               lora_alpha=s.adapter_alpha).validate()
     params = classifier_from_gpt(gpt_params, config, onp.random.default_rng([s.seed, 2]))
     return params, config, tokenizer
@@ -529,7 +537,8 @@ def classification_evaluator(sets, config, loss_fn):
                            "val": mean_loss(params, "val", len(sets["val"][1]))}
 
 
-def run_classify(out, settings=None, resume=False, force=False, max_iters=None, log=print):
+def run_classify(out, settings=None, resume=False, force=False, max_iters=None, log=print,
+                 world=SINGLE_PROCESS):
     """Fine-tune a classifier end to end; writes the run directory and returns the report dict.
 
     `settings` (ClassifySettings) is ignored with resume=True, where the run's own settings are
@@ -537,6 +546,8 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     # 1. settings
     prepare_out_dir(out, resume, force)
     ckpt = load_checkpoint(out, with_optimizer=True, kind="classifier") if resume else None
+    if resume:
+        check_same_ranks(ckpt.meta, world.size, out)
     s = (settings_from_run(ckpt, ClassifySettings, max_iters) if resume
          else (settings or ClassifySettings())).validate()
     # 2. data (a resumed run's files are checked against their sha256 before they are parsed)
@@ -572,7 +583,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     log_trainable(params, paths, f"LoRA rank {config.lora_rank}: adapters and head"
                   if config.lora_rank else f"--freeze {s.freeze}", log)
     extra = {"labels": labels, "finetune": {"task": "classify", **stored_settings(s)},
-             "data_files_sha256": data_fingerprints(s), "before": before}
+             "data_files_sha256": data_fingerprints(s), "before": before, "ranks": world.size}
 
     def save_full(full, opt_state, st, best_iter, weights_iter):
         save_checkpoint(out, full, opt_state, st.rng_state, config, tc, tokenizer, st.iteration,
@@ -583,7 +594,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     t0 = time.perf_counter()
     params, best, state = train_keeping_best(
         out, params, paths, tc, loss_fn, sample, classification_evaluator(sets, config, loss_fn),
-        save_full, ckpt, tc.batch_size * sets["train"][0].ids.shape[1], s.patience, log)
+        save_full, ckpt, tc.batch_size * sets["train"][0].ids.shape[1], s.patience, log, world)
     seconds = time.perf_counter() - t0
     finish_with_best(out, params, state, paths, save_full, best)
     # 7. score after and report
@@ -785,12 +796,14 @@ def inference_params(params, config):
 
 
 def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, log=print,
-                 use_cache=True):
+                 use_cache=True, world=SINGLE_PROCESS):
     """Instruction-tune a GPT; writes the run directory, responses.jsonl and metrics.json.
     (`use_cache=False` generates the test responses without the key/value cache.)"""
     # 1. settings
     prepare_out_dir(out, resume, force)
     ckpt = load_checkpoint(out, with_optimizer=True, kind=("gpt", "gpt-lora")) if resume else None
+    if resume:
+        check_same_ranks(ckpt.meta, world.size, out)
     if resume and (ckpt.meta.get("finetune") or {}).get("task") != "instruct":
         raise TinyLLMError(f"--resume: {out} is not an instruction fine-tuning run")
     s = (settings_from_run(ckpt, InstructSettings, max_iters) if resume
@@ -839,7 +852,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     log_trainable(params, paths, "LoRA adapters" if "lora" in params else "all weights", log)
     kind = "gpt-lora" if "lora" in params else "gpt"
     extra = {"finetune": {"task": "instruct", **stored_settings(s)},
-             "data_files_sha256": data_fingerprints(s), "before": before,
+             "data_files_sha256": data_fingerprints(s), "before": before, "ranks": world.size,
              "template": "Instruction: {instruction}\\nInput: {input}\\nResponse: "}
 
     def save_full(full, opt_state, st, best_iter, weights_iter):
@@ -851,7 +864,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     t0 = time.perf_counter()
     params, best, state = train_keeping_best(
         out, params, paths, tc, loss_fn, sample, instruct_evaluator(arrays, loss_fn), save_full,
-        ckpt, tc.batch_size * arrays["train"][0].shape[1], s.patience, log)
+        ckpt, tc.batch_size * arrays["train"][0].shape[1], s.patience, log, world)
     seconds = time.perf_counter() - t0
     finish_with_best(out, params, state, paths, save_full, best)
     # 7. score after and report

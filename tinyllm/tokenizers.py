@@ -64,7 +64,10 @@ merged token (tokens[i] is id 256 + i; bytes that are not whole UTF-8 characters
      "merges": [[32, 116], ...], "special_tokens": {"<|endoftext|>": 511},
      "tokens": [" t", ...]}
 
-Special-token ids must follow the ordinary vocabulary without gaps. `load` checks all of this and
+Special-token ids must follow the ordinary vocabulary without gaps. A run pretrained as a
+masked language model (`tinyllm pretrain --objective mlm`) has one more special token,
+`MASK_TOKEN` ("<|mask|>", after "<|endoftext|>"); it is an ordinary entry of "special_tokens", so
+the file format is unchanged and files without it load as before. `load` checks all of this and
 raises `TinyLLMError` naming the file for a missing file, broken JSON, a wrong "format", a
 "version" newer than `FORMAT_VERSION`, or a missing or ill-typed field. A tokenizer file is
 untrusted data: only a regular file of at most `MAX_FILE_BYTES` is read, its regex cannot be
@@ -97,6 +100,9 @@ SPLIT_PATTERN = "|".join([
 
 # The split patterns a tokenizer file may name (by name, or by the exact regex text).
 SPLIT_PATTERNS = {"gpt2-stdlib": SPLIT_PATTERN}
+
+# The token that stands for a hidden token in masked-language-model pretraining (tinyllm/mlm.py).
+MASK_TOKEN = "<|mask|>"
 
 N_BYTES = 256  # byte-level BPE: ids 0..255 are the raw byte values
 MAX_FILE_BYTES = 64 << 20  # a 50k-token BPE file is about 2 MB

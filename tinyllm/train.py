@@ -57,13 +57,17 @@ from .data import (DEFAULT_CORPUS, EMBEDDED_CORPORA, check_long_enough, get_batc
                    read_text_file, train_val_split)
 from .errors import TinyLLMError
 from .fileio import TMP_PREFIX, atomic_write_text, available_memory, open_regular, read_fd
+from .mlm import mlm_loss_and_batches
 from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init, adamw_step, clip_scale, global_norm, lr_at
 from .progress import Progress
-from .tokenizers import train_tokenizer
+from .tokenizers import MASK_TOKEN, train_tokenizer
 from .tree import flatten, unflatten
 
 SPECIAL_TOKENS = ("<|endoftext|>",)  # reserved now so fine-tuning can end responses with it
+# Pretraining objectives -> the checkpoint kind that records them: next-token prediction makes a
+# causal GPT, masked-token prediction a bidirectional encoder with the same parameter tree.
+OBJECTIVES = {"clm": "gpt", "mlm": "mlm"}
 
 
 class TrainingInterrupted(Exception):
@@ -147,7 +151,7 @@ def accumulated_step(value_and_grad, params, opt_state, micro_batches, lr, tc, w
     buffer, count = None, 0
     for batch, rng in micro_batches:
         loss, grads = value_and_grad(params, batch, rng)
-        part = pack(grads, float(loss))  # (P + 1,) float32
+        part = pack(grads, float(loss), params)  # (P + 1,) float32
         buffer = part if buffer is None else onp.add(buffer, part, out=buffer)
         count += 1
     buffer = world.allreduce_sum(buffer)
@@ -622,11 +626,15 @@ def check_memory(needed, what):
 
 def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENIZER,
              vocab_size=DEFAULT_BPE_VOCAB_SIZE, resume=False, force=False, max_iters=None,
-             log=print, special_tokens=SPECIAL_TOKENS, world=SINGLE_PROCESS, fast=True):
+             log=print, special_tokens=SPECIAL_TOKENS, world=SINGLE_PROCESS, fast=True,
+             objective=None):
     """Pretrain a GPT on a corpus (a file or an embedded name) and keep checkpoints in out_dir.
 
-    With resume=True the model, tokenizer and training settings come from the checkpoint;
-    only `max_iters` may be changed. Returns a summary dict. The run directory is locked
+    `objective` is "clm" (next-token prediction, the default) or "mlm" (the same blocks as a
+    bidirectional encoder, trained by masked-token prediction: tinyllm/mlm.py); the checkpoint's
+    kind records it ("gpt" or "mlm"). With resume=True the model, tokenizer, objective and
+    training settings come from the checkpoint; only `max_iters` may be changed (an `objective`
+    given must be the run's). Returns a summary dict. The run directory is locked
     for the whole call. Over MPI (`world`, see tinyllm/distributed.py) rank 0 alone reads the
     data and the run directory and sends the others what they need; the whole job trains one
     model, and only rank 0 writes. `fast` takes the hand-written forward and backward of
@@ -637,17 +645,20 @@ def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENI
     world.from_root(lambda: prepare_out_dir(out_dir, resume, force))
     try:
         return _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume,
-                         force, max_iters, log, special_tokens, world, fast)
+                         force, max_iters, log, special_tokens, world, fast, objective)
     finally:
         if world.is_root:
             unlock_run_dir(out_dir)
 
 
 def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume, force,
-              max_iters, log, special_tokens, world, fast):
-    model_config, tc, tokenizer, splits, state, extra = world.from_root(
+              max_iters, log, special_tokens, world, fast, objective):
+    if objective not in (None, *OBJECTIVES):
+        raise TinyLLMError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    model_config, tc, tokenizer, splits, state, extra, objective = world.from_root(
         lambda: _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_size,
-                                   resume, force, max_iters, log, special_tokens, world.size))
+                                   resume, force, max_iters, log, special_tokens, world.size,
+                                   objective))
 
     def loss_fn(params, batch, rng):
         return gpt_loss(params, batch[0], batch[1], model_config, rng)
@@ -655,28 +666,36 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
     def sample(split, rng):
         return get_batch(splits[split], tc.batch_size, model_config.block_size, rng)
 
+    if objective == "mlm":
+        loss_fn, sample = mlm_loss_and_batches(splits, model_config, tc.batch_size, tokenizer)
+
     def save(s):
         save_checkpoint(out_dir, s.params, s.opt_state, s.rng_state, model_config, tc, tokenizer,
-                        s.iteration, extra={**extra, "last_eval_iter": s.last_eval_iter})
+                        s.iteration, extra={**extra, "last_eval_iter": s.last_eval_iter},
+                        kind=OBJECTIVES[objective])
 
     t0 = time.perf_counter()
     step_grads = fast_path.gpt_value_and_grad(model_config) if (
-        fast and fast_path.supports(model_config)) else None  # None: autograd on the reference
+        fast and fast_path.supports(model_config) and objective == "clm"
+    ) else None  # None: autograd on the reference (and always for the MLM encoder)
     state = train_loop(state, tc, loss_fn, sample, save, out_dir,
                        tc.batch_size * model_config.block_size, world=world,
                        value_and_grad=step_grads)
     final = world.from_root(lambda: read_metrics(out_dir)[-1])
     return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
-            "seconds": time.perf_counter() - t0, "final": final}
+            "seconds": time.perf_counter() - t0, "final": final, "objective": objective,
+            "val_ids": splits["val"]}
 
 
 def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume,
-                       force, max_iters, log, special_tokens, ranks=1):
+                       force, max_iters, log, special_tokens, ranks=1, objective=None):
     """Load (or resume) the data, tokenizer, settings and starting state of a pretraining run,
     with every check made before the run directory is touched. Returns (model_config, tc,
-    tokenizer, splits, state, extra): `extra` is what each checkpoint adds to config.json."""
+    tokenizer, splits, state, extra, objective): `extra` is what each checkpoint adds to
+    config.json, `objective` the run's ("clm" or "mlm")."""
     if resume:
-        ckpt = load_checkpoint(out_dir, with_optimizer=True)
+        ckpt = load_checkpoint(out_dir, with_optimizer=True, kind=tuple(OBJECTIVES.values()))
+        objective = resumed_objective(ckpt.meta["kind"], objective, out_dir)
         check_same_ranks(ckpt.meta, ranks, out_dir)
         model_config, tokenizer, data = ckpt.model_config, ckpt.tokenizer, ckpt.meta.get("data")
         tc = replace(ckpt.train_config, max_iters=max_iters or ckpt.train_config.max_iters)
@@ -685,6 +704,9 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
     else:
         tc.validate()
         text = load_corpus(data)
+        objective = objective or "clm"
+        if objective == "mlm":
+            special_tokens = (*special_tokens, MASK_TOKEN)
         tokenizer = train_tokenizer(tokenizer_kind, text, vocab_size, special_tokens=special_tokens)
         model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
     model_config.validate()
@@ -707,7 +729,16 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
         + (f"; {ranks} MPI ranks" if ranks > 1 else ""))
     extra = {"data": stored_data_name(data), "data_sha256": text_fingerprint(text),
              "ranks": ranks}
-    return model_config, tc, tokenizer, splits, state, extra
+    return model_config, tc, tokenizer, splits, state, extra, objective
+
+
+def resumed_objective(kind, objective, out_dir):
+    """The objective of the run being resumed; one given on the command line must match it."""
+    stored = {k: o for o, k in OBJECTIVES.items()}[kind]
+    if objective is not None and objective != stored:
+        raise TinyLLMError(f"--resume: the run in {out_dir} was pretrained with --objective"
+                           f" {stored}, not {objective}")
+    return stored
 
 
 def check_same_ranks(meta, ranks, out_dir):

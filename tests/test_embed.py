@@ -1,0 +1,132 @@
+"""Tests for tinyllm/embed.py and `tinyllm embed`: one vector per text, padding never changes a
+vector, long texts as windows, cosine nearest neighbours, the .npy file, and one-line errors."""
+
+import numpy as onp
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyllm.cli import main
+from tinyllm.config import GPTConfig
+from tinyllm.embed import (cosine_similarity, embed_texts, nearest, nearest_neighbour_agreement,
+                           window_vectors)
+from tinyllm.models import init_gpt
+from tinyllm.tokenizers import CharTokenizer
+
+TOKENIZER = CharTokenizer.train("abcdefgh ")
+CONFIG = GPTConfig(vocab_size=TOKENIZER.vocab_size, block_size=12, n_layer=2, n_head=2, n_embd=16)
+PARAMS = init_gpt(CONFIG, onp.random.default_rng(0), dtype="float64")
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n"
+    "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow.\n"
+) * 12
+TINY = ["--tokenizer", "char", "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
+        "--block-size", "16", "--batch-size", "4", "--eval-iters", "1", "--max-iters", "2",
+        "--sample-tokens", "0"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+texts = st.text(alphabet="abcdefgh ", min_size=1, max_size=12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(alone=texts, others=st.lists(texts, min_size=1, max_size=4), bidirectional=st.booleans())
+def test_a_text_alone_equals_the_same_text_in_a_padded_batch(alone, others, bidirectional):
+    single, _ = embed_texts(PARAMS, CONFIG, TOKENIZER, [alone], bidirectional)
+    batch, _ = embed_texts(PARAMS, CONFIG, TOKENIZER, others + [alone] + others, bidirectional)
+    onp.testing.assert_allclose(batch[len(others)], single[0], rtol=1e-5, atol=1e-6)
+
+
+def test_the_vector_is_the_mean_of_the_final_hidden_states():
+    ids = onp.asarray([TOKENIZER.encode("abc")])
+    from tinyllm.models import bidirectional_hidden, gpt_hidden
+
+    for bidirectional, hidden in ((True, bidirectional_hidden(PARAMS, ids, CONFIG)),
+                                  (False, gpt_hidden(PARAMS, ids, CONFIG))):
+        got = window_vectors(PARAMS, CONFIG, ids, onp.ones(ids.shape), bidirectional)
+        onp.testing.assert_allclose(got, hidden.mean(axis=1), rtol=1e-12)
+    # the encoder's and the decoder's vectors differ: the encoder's first token saw the others
+    assert not onp.allclose(window_vectors(PARAMS, CONFIG, ids, onp.ones(ids.shape), True),
+                            window_vectors(PARAMS, CONFIG, ids, onp.ones(ids.shape), False))
+
+
+def test_a_text_longer_than_the_context_is_the_mean_of_its_windows():
+    text = "abcdefgh abcdefgh"  # 17 characters, context 12, stride 6: windows at 0 and 5
+    got, cut = embed_texts(PARAMS, CONFIG, TOKENIZER, [text], True)
+    ids = onp.asarray(TOKENIZER.encode(text))
+    windows = onp.stack([ids[0:12], ids[5:17]])
+    want = window_vectors(PARAMS, CONFIG, windows, onp.ones(windows.shape), True).mean(axis=0)
+    onp.testing.assert_allclose(got[0], want, rtol=1e-5)
+    assert cut == 0
+
+
+def test_cosine_and_nearest_worked_example():
+    vectors = onp.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.0, 0.0]])
+    onp.testing.assert_allclose(cosine_similarity(vectors, onp.array([2.0, 0.0])),
+                                [1.0, 0.0, onp.sqrt(0.5), 0.0])
+    order, scores = nearest(vectors, onp.array([0.0, 1.0]), k=2)
+    assert list(order) == [1, 2] and scores[0] == pytest.approx(1.0)
+
+
+def test_nearest_neighbour_agreement_worked_example():
+    # two tight pairs of the same label: every nearest neighbour agrees
+    vectors = onp.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    same, chance = nearest_neighbour_agreement(vectors, ["a", "a", "b", "b"])
+    assert same == 1.0 and chance == pytest.approx(4 / 12)  # 2 * (2 * 1) / (4 * 3)
+    same, _ = nearest_neighbour_agreement(vectors, ["a", "b", "a", "b"])
+    assert same == 0.0  # a text is never its own neighbour
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def clm_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("embed")
+    (folder / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    out = folder / "run"
+    result = invoke("pretrain", "--data", folder / "corpus.txt", "--out", out, *TINY)
+    assert result.exit_code == 0, result.output
+    lines = folder / "lines.txt"
+    lines.write_text("The quick brown fox\nPack my box\nHow vexingly quick\nThe quick fox\n",
+                     encoding="utf-8")
+    return out, lines
+
+
+def test_embed_writes_one_vector_per_line_as_npy(clm_run, tmp_path):
+    run, lines = clm_run
+    result = invoke("embed", "--checkpoint", run, "--data", lines, "--out", tmp_path / "v.npy")
+    assert result.exit_code == 0, result.output
+    vectors = onp.load(tmp_path / "v.npy", allow_pickle=False)
+    assert vectors.shape == (4, 16) and vectors.dtype == onp.float32
+    assert not onp.allclose(vectors[0], vectors[1])
+
+
+def test_embed_query_prints_the_k_nearest_lines(clm_run):
+    run, lines = clm_run
+    result = invoke("embed", "--checkpoint", run, "--data", lines, "--query", "Pack my box", "-k", 2)
+    assert result.exit_code == 0, result.output
+    hits = [line for line in result.output.splitlines() if " line " in line]
+    assert len(hits) == 2 and hits[0].startswith("1.000  line 2: Pack my box")
+
+
+@pytest.mark.parametrize("content, args, words", [
+    ("one\n\nthree\n", ["--out", "{tmp}/v.npy"], ["lines.txt:2", "empty line"]),
+    ("one\n", [], ["--out", "--query"]),
+    ("one\n", ["--query", "  "], ["--query is empty"]),
+    ("caf\u00e9\n", ["--out", "{tmp}/v.npy"], ["lines.txt", "text 1", "never saw"]),
+])
+def test_embed_bad_input_is_one_line(clm_run, tmp_path, content, args, words):
+    path = tmp_path / "lines.txt"
+    path.write_text(content, encoding="utf-8")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = invoke("embed", "--checkpoint", clm_run[0], "--data", path, *args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, result.output
+    for word in words:
+        assert word in errors[0], errors[0]

@@ -1,0 +1,306 @@
+"""Tests for tinyllm/mlm.py (BERT's masking, the loss over chosen positions, fill) and for
+masked-language-model pretraining through `tinyllm pretrain --objective mlm`: the checkpoint's
+kind, resume, and the commands that refuse an MLM model or start from one."""
+
+import json
+import math
+import shutil
+
+import numpy as onp
+import pytest
+from autograd.test_util import check_grads
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyllm.checkpoint import load_checkpoint
+from tinyllm.cli import main
+from tinyllm.config import GPTConfig, TrainConfig
+from tinyllm.errors import TinyLLMError
+from tinyllm.mlm import (MASK_RATE, REPLACE_WITH_MASK, REPLACE_WITH_RANDOM, choose_positions,
+                         chosen_count, encode_with_masks, fill_masks, mask_tokens, masked_accuracy,
+                         mlm_logits, mlm_loss)
+from tinyllm.models import bidirectional_hidden, lm_head_weight
+from tinyllm.ops import cross_entropy_reference
+from tinyllm.tokenizers import MASK_TOKEN, CharTokenizer
+from tinyllm.train import pretrain, read_metrics
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n"
+    "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow.\n"
+) * 12
+MODEL = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, dropout=0.1, bias=False)
+TRAIN = TrainConfig(batch_size=4, max_iters=6, eval_interval=3, eval_iters=2, lr=1e-2,
+                    min_lr=1e-3, warmup_iters=2, seed=5)
+TINY = ["--tokenizer", "char", "--n-layer", "1", "--n-embd", "16", "--n-head", "2",
+        "--block-size", "16", "--batch-size", "4", "--eval-iters", "1"]
+MASK_ID, N_ORDINARY = 1000, 1000  # a large vocabulary: a random token rarely equals the original
+
+
+def quiet(_message):
+    """A log function that drops the messages."""
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *words):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, result.output
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+# ============================================================================ masking
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), t=st.integers(8, 64))
+def test_masking_follows_the_80_10_10_rule_in_distribution(seed, t):
+    rng = onp.random.default_rng(seed)
+    ids = rng.integers(0, N_ORDINARY, size=(400, t))
+    inputs, chosen = mask_tokens(ids, onp.ones(ids.shape), rng, MASK_ID, N_ORDINARY)
+    n = chosen.sum()
+    assert n == 400 * chosen_count(t)  # exactly 15% (rounded) of each row
+    masked = (chosen & (inputs == MASK_ID)).sum() / n
+    kept = (chosen & (inputs == ids)).sum() / n
+    replaced = (chosen & (inputs != ids) & (inputs != MASK_ID)).sum() / n
+    keep_share = 1 - REPLACE_WITH_MASK - REPLACE_WITH_RANDOM
+    # 5 standard deviations of a binomial share: a wrong rule (say 70/20/10) is far outside
+    for share, want in ((masked, REPLACE_WITH_MASK), (replaced, REPLACE_WITH_RANDOM),
+                        (kept, keep_share)):
+        assert abs(share - want) < 5 * math.sqrt(want * (1 - want) / n) + 1e-3, (masked, replaced, kept)
+    assert (inputs[~chosen] == ids[~chosen]).all()  # nothing else is touched
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), lengths=st.lists(st.integers(0, 24), min_size=1,
+                                                         max_size=6))
+def test_masking_never_chooses_padding_and_chooses_15_percent_of_the_real_tokens(seed, lengths):
+    rng = onp.random.default_rng(seed)
+    t = 24
+    valid = (onp.arange(t)[None, :] < onp.asarray(lengths)[:, None]).astype("float32")  # (B, T)
+    ids = rng.integers(0, N_ORDINARY, size=valid.shape)
+    inputs, chosen = mask_tokens(ids, valid, rng, MASK_ID, N_ORDINARY)
+    assert not chosen[valid == 0].any()
+    assert (inputs[valid == 0] == ids[valid == 0]).all()  # padding stays as it was
+    for row, n_real in enumerate(lengths):
+        assert chosen[row].sum() == (chosen_count(n_real) if n_real else 0)
+
+
+def test_chosen_count_worked_examples():
+    assert chosen_count(256) == 38 and chosen_count(10) == 2 and chosen_count(3) == 1
+    assert MASK_RATE == 0.15
+
+
+def test_choose_positions_is_uniform_over_the_real_positions():
+    rng = onp.random.default_rng(0)
+    valid = onp.ones((20000, 10))
+    hits = choose_positions(valid, rng).mean(axis=0)  # 2 of 10 chosen: 0.2 at every position
+    onp.testing.assert_allclose(hits, 0.2, atol=0.015)
+
+
+def test_random_replacements_are_ordinary_tokens():
+    rng = onp.random.default_rng(1)
+    ids = onp.zeros((500, 32), dtype=onp.int64)  # every original token is 0
+    inputs, chosen = mask_tokens(ids, onp.ones(ids.shape), rng, mask_id=12, n_ordinary=10)
+    replaced = inputs[chosen & (inputs != 0) & (inputs != 12)]
+    assert len(replaced) > 100 and replaced.max() < 10  # never 10, 11 (special) or 12 (mask)
+
+
+# ============================================================================ loss and model
+
+
+def batch(config, seed=0, b=3):
+    rng = onp.random.default_rng(seed)
+    ids = rng.integers(0, config.vocab_size - 1, size=(b, config.block_size))
+    inputs, chosen = mask_tokens(ids, onp.ones(ids.shape), rng, config.vocab_size - 1,
+                                 config.vocab_size - 1, rate=0.3)
+    return inputs, ids, chosen
+
+
+def test_loss_is_the_mean_cross_entropy_over_the_chosen_positions_only(tiny_config, params64):
+    inputs, targets, chosen = batch(tiny_config)
+    # independent reference: every position's logits, then a masked mean
+    hidden = bidirectional_hidden(params64, inputs, tiny_config)  # (B, T, C)
+    logits = (hidden @ lm_head_weight(params64)).reshape(-1, tiny_config.vocab_size)
+    want = cross_entropy_reference(logits, targets.reshape(-1), chosen.reshape(-1).astype(float))
+    got = mlm_loss(params64, inputs, targets, chosen, tiny_config)
+    assert got == pytest.approx(float(want), rel=1e-10)
+    # a target outside the chosen positions counts for nothing; one inside does
+    other = targets.copy()
+    other[~chosen] = (other[~chosen] + 1) % tiny_config.vocab_size
+    assert mlm_loss(params64, inputs, other, chosen, tiny_config) == pytest.approx(got, rel=1e-12)
+    other = targets.copy()
+    b, t = onp.argwhere(chosen)[0]
+    other[b, t] = (other[b, t] + 1) % tiny_config.vocab_size
+    assert mlm_loss(params64, inputs, other, chosen, tiny_config) != pytest.approx(got, rel=1e-6)
+
+
+def test_loss_gradient_matches_finite_differences(tiny_config, params64):
+    inputs, targets, chosen = batch(tiny_config, seed=3)
+
+    def loss_of(wte, c_fc):
+        block = {**params64["h"][0], "mlp": {**params64["h"][0]["mlp"],
+                                             "c_fc": {**params64["h"][0]["mlp"]["c_fc"], "w": c_fc}}}
+        params = {**params64, "wte": wte, "h": [block] + params64["h"][1:]}
+        return mlm_loss(params, inputs, targets, chosen, tiny_config)
+
+    check_grads(loss_of, modes=["rev"], order=1)(params64["wte"], params64["h"][0]["mlp"]["c_fc"]["w"])
+
+
+def test_an_encoder_position_depends_on_later_tokens(tiny_config, params64):
+    """The opposite of the decoder's causality test: the first position sees the last token."""
+    ids = onp.random.default_rng(0).integers(0, tiny_config.vocab_size, (1, tiny_config.block_size))
+    changed = ids.copy()
+    changed[0, -1] = (ids[0, -1] + 1) % tiny_config.vocab_size
+    rows = onp.array([0])
+    before = mlm_logits(params64, ids, rows, tiny_config)
+    after = mlm_logits(params64, changed, rows, tiny_config)
+    assert not onp.allclose(before, after)
+
+
+# ============================================================================ fill
+
+
+def char_tokenizer():
+    return CharTokenizer.train("abc ", special_tokens=("<|endoftext|>", MASK_TOKEN))
+
+
+def test_encode_with_masks_worked_examples():
+    tok = char_tokenizer()  # a=1 b=2 c=3 ' '=0, <|endoftext|>=4, <|mask|>=5
+    assert encode_with_masks(tok, "a[MASK]c") == [1, 5, 3]
+    assert encode_with_masks(tok, "[MASK] b [MASK]") == [5, 0, 2, 0, 5]  # char: spaces are kept
+    with pytest.raises(TinyLLMError, match=r"no \[MASK\]"):
+        encode_with_masks(tok, "abc")
+    with pytest.raises(TinyLLMError, match="pretrain with --objective mlm"):
+        encode_with_masks(CharTokenizer.train("abc"), "a[MASK]")
+
+
+def test_bpe_puts_the_space_before_a_mask_into_the_masked_token():
+    from tinyllm.tokenizers import BPETokenizer
+
+    tok = BPETokenizer.train(TEXT, 300, special_tokens=("<|endoftext|>", MASK_TOKEN))
+    mask = tok.special_tokens[MASK_TOKEN]
+    assert encode_with_masks(tok, "The [MASK] fox") == tok.encode("The") + [mask] + tok.encode(" fox")
+
+
+def test_fill_gives_top_k_probabilities_per_mask(make_params):
+    tok = char_tokenizer()
+    config = GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    params = make_params(config)
+    out = fill_masks(params, config, tok, "a[MASK]c[MASK]", top_k=3)
+    assert len(out) == 2 and all(len(options) == 3 for options in out)
+    probs = [p for _, p in out[0]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+    with pytest.raises(TinyLLMError, match="context"):
+        fill_masks(params, config, tok, "abcabcab[MASK]")
+
+
+# ============================================================================ pretraining
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def mlm_run(tmp_path_factory, data_file):
+    """An MLM run made by the documented command (6 steps); treat as read-only."""
+    out = tmp_path_factory.mktemp("runs") / "mlm"
+    result = invoke("pretrain", "--objective", "mlm", "--data", data_file, "--out", out, *TINY,
+                    "--max-iters", 6, "--eval-interval", 3)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_mlm_pretraining_writes_an_mlm_checkpoint_with_a_mask_token(mlm_run):
+    out, result = mlm_run
+    meta = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert meta["kind"] == "mlm"
+    ckpt = load_checkpoint(str(out), kind="mlm")
+    assert MASK_TOKEN in ckpt.tokenizer.special_tokens
+    assert ckpt.model_config.vocab_size == ckpt.tokenizer.vocab_size
+    assert "masked-token accuracy on the validation split" in result.output
+
+
+def test_mlm_resume_continues_bit_for_bit(tmp_path, data_file):
+    whole = pretrain(MODEL, TRAIN, str(tmp_path / "whole"), data=data_file, tokenizer_kind="char",
+                     objective="mlm", log=quiet)
+    pretrain(MODEL, TRAIN, str(tmp_path / "parts"), data=data_file, tokenizer_kind="char",
+             objective="mlm", max_iters=3, log=quiet)
+    resumed = pretrain(MODEL, TRAIN, str(tmp_path / "parts"), resume=True, max_iters=6, log=quiet)
+    assert resumed["objective"] == "mlm"
+    def curve(run):
+        return [(r["iter"], r["train_loss"], r["val_loss"]) for r in read_metrics(str(run))]
+
+    assert curve(tmp_path / "parts") == curve(tmp_path / "whole")
+    assert [it for it, _, _ in curve(tmp_path / "whole")] == [0, 3, 6]
+    onp.testing.assert_array_equal(whole["params"]["wte"], resumed["params"]["wte"])
+
+
+def test_resume_refuses_another_objective(mlm_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(mlm_run[0], out)
+    result = invoke("pretrain", "--out", out, "--resume", "--objective", "clm")
+    assert_one_line_error(result, "--objective mlm", "not clm")
+    result = invoke("pretrain", "--out", out, "--resume", "--max-iters", 7, "--sample-tokens", 0)
+    assert result.exit_code == 0, result.output  # without --objective: the run's own
+    assert load_checkpoint(str(out), kind="mlm").iter == 7
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "--prompt", "The"],
+    ["fewshot", "--task", "examples/tasks/phone_keypad.jsonl"],
+    ["finetune", "instruct", "--out", "{tmp}/instruct", "--max-iters", "1"],
+])
+def test_commands_that_need_a_causal_model_refuse_an_mlm_checkpoint(mlm_run, tmp_path, command):
+    from pathlib import Path
+
+    command = [c.replace("{tmp}", str(tmp_path)) for c in command]
+    if command[0] == "fewshot":
+        command[2] = str(Path(__file__).resolve().parent.parent / command[2])
+    result = invoke(*command, "--checkpoint", mlm_run[0])
+    assert_one_line_error(result, "masked language model", "--objective clm")
+
+
+def test_fill_on_the_command_line(mlm_run):
+    result = invoke("fill", "--checkpoint", mlm_run[0], "--top-k", 2, "The qu[MASK]ck fox")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("[MASK] 1: ") and lines[0].count(", ") == 1
+    assert lines[1].startswith("The qu") and lines[1].endswith("ck fox") and "[MASK]" not in lines[1]
+
+
+def test_fill_refuses_a_causal_checkpoint(tmp_path, data_file):
+    out = tmp_path / "clm"
+    assert invoke("pretrain", "--data", data_file, "--out", out, *TINY, "--max-iters", 1,
+                  "--sample-tokens", 0).exit_code == 0
+    assert_one_line_error(invoke("fill", "--checkpoint", out, "a [MASK]"), "'gpt'", "'mlm'")
+
+
+def test_masked_accuracy_reports_the_most_frequent_token_baseline(mlm_run):
+    ckpt = load_checkpoint(str(mlm_run[0]), kind="mlm")
+    ids = onp.asarray(ckpt.tokenizer.encode(TEXT), dtype=onp.int32)
+    acc = masked_accuracy(ckpt.params, ckpt.model_config, ckpt.tokenizer, ids, n_batches=3)
+    assert acc["baseline_token"] == " "  # the commonest character of TEXT
+    assert 0.1 < acc["baseline"] < 0.3 and 0 <= acc["accuracy"] <= 1 and acc["positions"] > 0
+
+
+def test_classify_from_an_mlm_checkpoint_runs_the_encoder(mlm_run, tmp_path):
+    result = invoke("finetune", "classify", "--checkpoint", mlm_run[0], "--out", tmp_path / "c",
+                    "--max-iters", 2, "--eval-interval", 1)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "c" / "metrics.json").read_text(encoding="utf-8"))
+    assert (report["arch"], report["pooling"]) == ("encoder", "mean")
+    result = invoke("finetune", "classify", "--checkpoint", mlm_run[0], "--out", tmp_path / "d",
+                    "--max-iters", 1, "--arch", "decoder")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "d" / "metrics.json").read_text(encoding="utf-8"))
+    assert report["arch"] == "decoder"

@@ -1,0 +1,91 @@
+"""`tinyllm fill` and `tinyllm embed`: what a pretrained encoder (or decoder) makes of a text.
+
+`fill` asks a masked language model (`tinyllm pretrain --objective mlm`, see tinyllm/mlm.py)
+for the likeliest tokens at each [MASK] of a text; `embed` turns lines of text into vectors
+(tinyllm/embed.py) and writes them or finds the lines nearest to a query. Thin: flags to
+library calls.
+"""
+
+import click
+
+from .cli_common import positive, user_errors
+from .errors import TinyLLMError
+
+MLM_RUN = "runs/mlm"  # where the examples in the README put an MLM run
+TOP_K = 5  # predictions shown per mask, and neighbours shown per query
+
+
+@click.command()
+@click.argument("text")
+@click.option("--checkpoint", default=MLM_RUN, type=click.Path(file_okay=False),
+              help="Run directory of `tinyllm pretrain --objective mlm`.")
+@click.option("--top-k", default=TOP_K, callback=positive, help="Predictions shown for each mask.")
+@user_errors
+def fill(text, checkpoint, top_k):
+    """Print the likeliest tokens at each [MASK] in TEXT, and TEXT with the best ones filled in.
+
+    Example: tinyllm fill --checkpoint runs/mlm "The [MASK] statement is used to loop".
+    With a BPE model one space before [MASK] belongs to the masked token (BPE tokens start with
+    their space), so "The [MASK] statement" asks for a word between the two.
+    """
+    from .checkpoint import load_checkpoint
+    from .mlm import MASK_TEXT, fill_masks
+
+    ckpt = load_checkpoint(checkpoint, kind="mlm")
+    predictions = fill_masks(ckpt.params, ckpt.model_config, ckpt.tokenizer, text, top_k)
+    filled = text
+    for number, options in enumerate(predictions, 1):
+        shown = ", ".join(f"{token!r} {p:.3f}" for token, p in options)
+        click.echo(f"[MASK] {number}: {shown}")
+        best = options[0][0]
+        if ckpt.tokenizer.kind == "bpe" and best.startswith(" "):
+            filled = filled.replace(" " + MASK_TEXT, best, 1) if (" " + MASK_TEXT) in filled \
+                else filled.replace(MASK_TEXT, best, 1)
+        else:
+            filled = filled.replace(MASK_TEXT, best, 1)
+    click.echo(filled)
+
+
+@click.command()
+@click.option("--checkpoint", default=MLM_RUN, type=click.Path(file_okay=False),
+              help="Run directory of `tinyllm pretrain` (an MLM encoder or a causal GPT) or of"
+                   " `tinyllm finetune instruct`.")
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help="UTF-8 text file: one text per line, each embedded as one vector.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Write the vectors here as a .npy file of float32 (N, C), row i for line i."
+                   "  [default: none]")
+@click.option("--query", default=None,
+              help="Print the -k lines whose vectors are nearest to this text's (cosine)."
+                   "  [default: none]")
+@click.option("-k", "k", default=TOP_K, callback=positive, help="Nearest lines printed for --query.")
+@user_errors
+def embed(checkpoint, data, out, query, k):
+    """Turn each line of --data into a vector: the mean of the model's final hidden states over
+    its tokens. Write them with --out, or print the lines nearest to --query, or both.
+    """
+    from .embed import embed_texts, load_embedder, nearest, read_lines, save_vectors
+
+    if out is None and query is None:
+        raise TinyLLMError("give --out FILE to write the vectors, --query TEXT to search them,"
+                           " or both")
+    lines = read_lines(data)
+    params, config, tokenizer, bidirectional = load_embedder(checkpoint)
+    try:
+        vectors, cut = embed_texts(params, config, tokenizer, lines, bidirectional)
+    except TinyLLMError as err:
+        raise TinyLLMError(f"{data}: {err}") from None
+    what = "bidirectional encoder" if bidirectional else "causal decoder"
+    click.echo(f"{len(lines)} lines -> vectors of {vectors.shape[1]} numbers ({what})", err=True)
+    if cut:
+        click.echo(f"note: {cut} line(s) longer than the context were cut", err=True)
+    if out is not None:
+        save_vectors(out, vectors)
+        click.echo(f"vectors written to {out}", err=True)
+    if query is not None:
+        if not query.strip():
+            raise TinyLLMError("--query is empty")
+        query_vector = embed_texts(params, config, tokenizer, [query], bidirectional)[0][0]
+        order, scores = nearest(vectors, query_vector, k)
+        for i, score in zip(order, scores):
+            click.echo(f"{score:.3f}  line {i + 1}: {lines[i]}")

@@ -1,0 +1,128 @@
+"""Text vectors: one vector per text from a pretrained model, and nearest neighbours by cosine.
+
+A text's vector is the mean of the model's final hidden states (after the last layer norm) over
+its real tokens: `finetune.pool(..., "mean")`, the pooling an encoder classifier uses. From an
+MLM checkpoint the model runs bidirectionally (each token's state has seen the whole text); from
+a causal checkpoint (a pretrained or instruction-tuned GPT) it runs causally, so a token's state
+has seen only the tokens before it. A text longer than the context is read as overlapping
+windows, as in classification (`finetune.make_windows`), and its vector is the mean of its
+windows' vectors. Padding changes nothing: a text embedded alone or inside a padded batch gets
+the same vector (a test shows it).
+
+Shapes: N texts, W windows, T time, C channels.
+"""
+
+import os
+
+import numpy as onp
+
+from .checkpoint import load_checkpoint
+from .errors import TinyLLMError
+from .fileio import atomic_write_bytes, open_regular, read_fd
+from .finetune import make_windows, pool
+from .lora import merge_lora
+from .models import bidirectional_hidden, gpt_hidden
+
+MAX_WINDOWS = 8  # most context windows read per text (as `finetune classify`); the rest is cut
+MAX_LINES_BYTES = 256 << 20  # a file of texts to embed larger than this is not one
+
+
+def load_embedder(checkpoint):
+    """(params, GPTConfig, tokenizer, bidirectional?) of a pretrained run: an MLM encoder
+    (bidirectional) or a causal GPT, LoRA adapters merged."""
+    ckpt = load_checkpoint(checkpoint, kind=("mlm", "gpt", "gpt-lora"))
+    config, params = ckpt.model_config, ckpt.params
+    if hasattr(config, "lora_rank"):
+        params, config = merge_lora(params, config.lora_alpha, config.lora_rank), config.gpt()
+    return params, config, ckpt.tokenizer, ckpt.meta["kind"] == "mlm"
+
+
+def window_vectors(params, config, ids, valid, bidirectional):
+    """Mean-pooled final hidden states: ids (W, T), valid (W, T) -> (W, C)."""
+    if bidirectional:
+        hidden = bidirectional_hidden(params, ids, config, valid=valid)  # (W, T, C)
+    else:
+        hidden = gpt_hidden(params, ids, config)  # (W, T, C): padding is after the real tokens
+    return onp.asarray(pool(hidden, valid, "mean"))  # (W, C)
+
+
+def embed_texts(params, config, tokenizer, texts, bidirectional, batch_size=32,
+                max_windows=MAX_WINDOWS):
+    """One vector per text: (N, C) float32, and the number of texts cut after max_windows."""
+    seqs = []
+    for number, text in enumerate(texts, 1):
+        if not text:
+            raise TinyLLMError(f"text {number} is empty: there is nothing to embed")
+        try:
+            seqs.append(tokenizer.encode(text))
+        except TinyLLMError as err:
+            raise TinyLLMError(f"text {number}: {err}") from None
+    windows, _, cut = make_windows(seqs, config.block_size, max_windows)
+    out = []
+    for start in range(0, windows.n_texts, batch_size):
+        texts_here = onp.arange(start, min(start + batch_size, windows.n_texts))
+        ids, valid, assign = windows.batch(texts_here)  # (W, T), (W, T), (B, W)
+        out.append(assign @ window_vectors(params, config, ids, valid, bidirectional))  # (B, C)
+    return onp.concatenate(out).astype(onp.float32), cut
+
+
+def cosine_similarity(vectors, query):
+    """Cosine of each row of vectors (N, C) with query (C,) -> (N,); a zero vector scores 0."""
+    norms = onp.linalg.norm(vectors, axis=1) * onp.linalg.norm(query)  # (N,)
+    return (vectors @ query) / onp.where(norms > 0, norms, 1.0)
+
+
+def nearest(vectors, query, k):
+    """Indices of the k rows of vectors most similar to query (cosine), best first, and scores."""
+    scores = cosine_similarity(vectors, query)
+    order = onp.argsort(-scores, kind="stable")[:k]
+    return order, scores[order]
+
+
+def nearest_neighbour_agreement(vectors, labels):
+    """The share of texts whose nearest other text (cosine) has the same label, and the rate a
+    random other text would have: sum over labels of n_l (n_l - 1) / (N (N - 1))."""
+    unit = vectors / onp.maximum(onp.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    sims = unit @ unit.T  # (N, N)
+    onp.fill_diagonal(sims, -onp.inf)  # a text is not its own neighbour
+    labels = onp.asarray(labels)
+    same = float((labels[sims.argmax(axis=1)] == labels).mean())
+    n = len(labels)
+    counts = onp.unique(labels, return_counts=True)[1]
+    chance = float((counts * (counts - 1)).sum() / (n * (n - 1)))
+    return same, chance
+
+
+def read_lines(path):
+    """The lines of a UTF-8 text file, one text each; an empty line is an error naming it."""
+    if not os.path.exists(path):
+        raise TinyLLMError(f"--data {path!r} not found")
+    fd, size = open_regular(path, "data file")
+    if size > MAX_LINES_BYTES:
+        os.close(fd)
+        raise TinyLLMError(f"--data {path!r} is {size:,} bytes, more than {MAX_LINES_BYTES:,}")
+    try:
+        text = read_fd(fd, size, "data file", path).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TinyLLMError(f"--data {path!r} is not UTF-8 text (bad byte at offset"
+                           f" {err.start})") from None
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            raise TinyLLMError(f"{path}:{number}: empty line (embed reads one text per line)")
+    if not lines:
+        raise TinyLLMError(f"--data {path!r} has no lines to embed")
+    return lines
+
+
+def save_vectors(path, vectors):
+    """Write (N, C) float32 vectors as a .npy file, atomically (numpy.load(path) reads it back,
+    no pickle needed; row i is line i of the data)."""
+    import io
+
+    buffer = io.BytesIO()
+    onp.save(buffer, onp.asarray(vectors, dtype=onp.float32), allow_pickle=False)
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as err:
+        raise TinyLLMError(f"cannot write --out {path!r}: {err.strerror}") from None
