@@ -148,7 +148,7 @@ def pretrain(data, objective, tokenizer_kind, vocab_size, n_layer, n_head, n_emb
     final = result["final"]
     click.echo(f"done: iteration {final['iter']}, train loss {final['train_loss']:.4f},"
                f" val loss {final['val_loss']:.4f}, {result['seconds']:.0f} s; checkpoint in {out}")
-    if sample_tokens and result["objective"] == "mlm":
+    if sample_tokens and result.get("objective") == "mlm":
         from .mlm import masked_accuracy
 
         acc = masked_accuracy(result["params"], result["model_config"], result["tokenizer"],
