@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 import numpy as onp
 import pytest
@@ -160,6 +161,33 @@ def test_a_rank_that_dies_mid_run_aborts_the_job_with_one_line(tmp_path, data):
 
 
 @needs_mpi
+def test_ranks_whose_weights_drift_apart_are_stopped_at_the_next_evaluation(tmp_path, data):
+    # Rank 1's step changes one weight by one float32 step: the evaluation at step 3 must see
+    # it and stop every rank with one line (the checkpoint of step 0 is kept).
+    script = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from tinyllm import distributed, train\n"
+        "real = train.accumulated_step\n"
+        "def drifting(*args):\n"
+        "    params, opt_state, loss, norm = real(*args)\n"
+        "    if distributed.world().rank == 1:\n"
+        "        params['wte'] = np.nextafter(params['wte'], np.float32(np.inf))\n"
+        "    return params, opt_state, loss, norm\n"
+        "train.accumulated_step = drifting\n"
+        "from tinyllm.cli import main\n"
+        "main()\n")
+    out = str(tmp_path / "run")
+    code, stdout, stderr = mpi_job(2, RUN + ["--data", data, "--out", out], script=script)
+    assert code == 1
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == ("Error: at iteration 3 the weights of rank(s) [1] differ from rank"
+                              " 0's: the ranks no longer train one model (are numpy and tinyllm"
+                              " the same version on every machine?); the last checkpoint is kept")
+    assert [r["iter"] for r in records(out)] == [0]
+
+
+@needs_mpi
 def test_resume_with_another_number_of_ranks_is_refused(tmp_path, data):
     out = str(tmp_path / "run")
     assert CliRunner().invoke(main, RUN + ["--data", data, "--out", out, "--max-iters", "1"]
@@ -168,6 +196,35 @@ def test_resume_with_another_number_of_ranks_is_refused(tmp_path, data):
     assert code == 1
     assert stderr.strip() == (f"Error: --resume: the run in {out} was trained on 1 process(es)"
                               " and this job has 2: resume it with one process (no mpirun)")
+
+
+@needs_mpi
+def test_fine_tuning_on_two_ranks_follows_one_process_with_grad_accum_2(tmp_path, data):
+    # A tiny base model, then `finetune classify` on 2 ranks vs one process with --grad-accum 2:
+    # the same validation losses at every evaluation, rank 0's --out alone written, and no
+    # scratch copy of another rank left behind.
+    base = str(tmp_path / "base")
+    assert CliRunner().invoke(main, RUN + ["--data", data, "--out", base, "--max-iters", "1"]
+                              ).exit_code == 0
+    labelled = tmp_path / "labelled.tsv"
+    labelled.write_text("label\ttext\n" + "".join(
+        f"pos\tgood box {i}\nneg\tbad jug {i}\n" for i in range(20)), encoding="utf-8")
+    tune = ["finetune", "classify", "--checkpoint", base, "--data", str(labelled),
+            "--max-iters", "4", "--eval-interval", "2", "--batch-size", "4", "--patience", "0"]
+    single, ranks = str(tmp_path / "single"), str(tmp_path / "mpi")
+    result = CliRunner().invoke(main, tune + ["--grad-accum", "2", "--out", single])
+    assert result.exit_code == 0, result.output
+    scratch_before = set(os.listdir(tempfile.gettempdir()))
+    code, out, err = mpi_job(2, tune + ["--out", ranks])
+    assert code == 0, err
+    assert out.count("accuracy after fine-tuning") == 1
+    assert [r["iter"] for r in records(ranks)] == [0, 2, 4]
+    for (it, train, val), (it1, train1, val1) in zip(losses(ranks), losses(single)):
+        assert it == it1 and abs(train - train1) <= 1e-5 and abs(val - val1) <= 1e-5, it
+    assert load_checkpoint(ranks, kind="classifier").meta["ranks"] == 2
+    left = {name for name in set(os.listdir(tempfile.gettempdir())) - scratch_before
+            if name.startswith("tinyllm-rank")}
+    assert not left
 
 
 # ----------------------------------------------------------------------------- without MPI

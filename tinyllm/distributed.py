@@ -22,12 +22,19 @@ same evaluation Generator; each rank evaluates its share and the sums are reduce
 What each step sends. A ring all-reduce moves about 2 (N - 1) / N times the buffer per rank:
 for P parameters, 4 P bytes out and 4 P in, twice (reduce-scatter, then all-gather). It pays
 when a step's compute dwarfs that: on one machine the copy is a memcpy; across machines at
-1 Gbit/s, 2 x 4 P bytes for the default 1.1M-parameter model is 9 MB, about 70 ms a step.
+1 Gbit/s, 2 x 4 P bytes for the default 1.1M-parameter model is 8.8 MB, about 70 ms a step.
 
 Only rank 0 prints, writes metrics and checkpoints; the other ranks send their stdout and
-stderr to /dev/null (a dying rank still gets its one line out, see `abort_on_error`). Rank 0
-reads the data and the run directory and broadcasts what the others need (`from_root`), so
---out is rank 0's by construction.
+stderr to /dev/null (a dying rank still gets its one line out, see `abort_on_error`). In
+pretraining rank 0 reads the data and the run directory and broadcasts what the others need
+(`from_root`), so --out is rank 0's by construction; fine-tuning, whose code writes as it goes,
+runs the other ranks in scratch copies of the run directory (`rank_run_dir`). Ctrl-C on mpirun
+reaches every rank; only rank 0 acts on it (it saves, then aborts the job).
+
+Errors: an error every rank meets at the same point (a bad flag, a bad --out, weights that
+differ) ends every rank in order, with rank 0's one line; an error only one rank meets (a crash,
+a full disk on rank 0) ends the whole job with MPI_Abort after its one line, so no rank is left
+waiting in an all-reduce for a rank that is gone.
 
 mpi4py is imported only when the job was launched by an MPI launcher with more than one
 process (its environment says so); a plain `tinyllm pretrain` never imports it.
