@@ -284,7 +284,7 @@ def world():
     one process, in which case mpi4py is imported (and MPI initialised) here, once."""
     size = launched_size()
     if size <= 1:
-        return SingleProcess()
+        return SINGLE_PROCESS
     try:
         from mpi4py import MPI
     except ImportError:
