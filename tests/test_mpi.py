@@ -135,6 +135,17 @@ def test_an_error_on_rank_0_stops_every_rank_with_one_line(tmp_path, data):
 
 
 @needs_mpi
+def test_a_bad_flag_is_one_line_from_rank_0_and_every_rank_exits_in_order(tmp_path, data):
+    # Every rank meets the error before training; they agree on it and exit without MPI_Abort
+    # (whose own line would follow ours).
+    code, stdout, stderr = mpi_job(2, RUN + ["--data", data, "--out", str(tmp_path / "run"),
+                                             "--n-embd", "15"])
+    assert code == 1
+    assert stderr.strip() == "Error: --n-embd (15) must be divisible by --n-head (2)"
+    assert not os.path.exists(tmp_path / "run")
+
+
+@needs_mpi
 def test_a_rank_that_dies_mid_run_aborts_the_job_with_one_line(tmp_path, data):
     # Rank 1 fails in its third step while rank 0 waits for its gradients: without MPI_Abort
     # rank 0 would wait forever.
