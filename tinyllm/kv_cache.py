@@ -114,7 +114,7 @@ def gpt_logits(params, hidden):
 
 class GPTCache:
     """next_logits(window) for one sequence: the logits (V,) after a window of token ids, reusing
-    the keys and values of the window's longest prefix already seen at the same positions.
+    the keys and values of the previous window when this one extends it (same ids, same positions).
 
     While generation fits the context the window only grows, and each call runs just the new
     tokens. Once it slides (each call drops the oldest token), every position changes, and the
@@ -126,7 +126,7 @@ class GPTCache:
         self.params, self.config = params, config
         self.cache = new_cache(config.n_layer, 1, config.block_size, config.n_embd, dtype)
         self.tokens = []  # the ids whose keys and values the cache holds, at positions 0, 1, ...
-        self.rebuilds = 0  # how often the whole window was read (tests and the benchmark look)
+        self.rebuilds = 0  # how often a whole window was read (the tests look)
 
     def next_logits(self, window):
         """Logits (V,) for the token after `window` (a list of at most block_size ids)."""
