@@ -277,3 +277,17 @@ def test_started_by_mpirun_without_mpi4py_is_a_one_line_error(tmp_path, data, mo
 def test_the_launchers_environment_gives_size_and_rank(environ, size, rank):
     assert distributed.launched_size(environ) == size
     assert distributed.launched_rank(environ) == rank
+
+
+def test_a_signal_a_rank_ignores_stays_ignored_while_a_save_holds_signals():
+    # Ranks other than 0 ignore Ctrl-C (rank 0 alone acts on it); holding signals around a
+    # save must not turn that back on.
+    from tinyllm import train
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # conftest puts the handler back
+    received = []
+    with train.signals_held(received):
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)
+    assert received == []
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
