@@ -291,3 +291,18 @@ def test_a_signal_a_rank_ignores_stays_ignored_while_a_save_holds_signals():
         os.kill(os.getpid(), signal.SIGINT)
     assert received == []
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+@pytest.mark.parametrize("rank, output", [
+    ("0", "Error: tinyllm generate runs on one process, and mpirun started 2: of the commands,"
+          " only pretrain and finetune train over MPI"),
+    ("1", ""),  # rank 0 says it
+])
+def test_a_command_that_does_not_train_over_mpi_is_refused_under_mpirun(monkeypatch, rank,
+                                                                        output):
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setenv("PMI_RANK", rank)
+    result = CliRunner().invoke(main, ["generate", "--prompt", "x"])
+    assert result.exit_code == 1
+    assert result.output.strip() == output
+    assert "mpi4py" not in sys.modules
