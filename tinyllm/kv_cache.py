@@ -9,7 +9,10 @@ for the steps after it. The maths is that of the reference blocks (tinyllm/block
 tinyllm/seq2seq.py), calling the same `layer_norm`, `linear`, `feed_forward` and
 `multi_head_attention`: only where k and v come from differs. The plain functions stay the way
 a reader learns the model; this module is the fast path beside them, and tests/test_kv_cache.py
-shows that both give the same logits (to float32 rounding) and the same tokens.
+shows that both give the same logits (to float32 rounding) and the same tokens. (The rounding
+differs because a one-row matmul sums in another order than a whole-window one: two candidate
+tokens whose float32 logits tie to within about 1e-6 could come out swapped, which no run of the
+benchmark has shown; on float64 weights the tests find the tokens identical.)
 
 The cache of a model with L layers is, per layer, a keys and a values buffer (B, P, C): row b,
 position p holds that sequence's key (or value) at position p, for P <= block_size positions.
