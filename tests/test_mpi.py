@@ -135,6 +135,17 @@ def test_an_error_on_rank_0_stops_every_rank_with_one_line(tmp_path, data):
 
 
 @needs_mpi
+def test_a_bad_flag_is_one_line_from_rank_0_and_every_rank_exits_in_order(tmp_path, data):
+    # Every rank meets the error before training; they agree on it and exit without MPI_Abort
+    # (whose own line would follow ours).
+    code, stdout, stderr = mpi_job(2, RUN + ["--data", data, "--out", str(tmp_path / "run"),
+                                             "--n-embd", "15"])
+    assert code == 1
+    assert stderr.strip() == "Error: --n-embd (15) must be divisible by --n-head (2)"
+    assert not os.path.exists(tmp_path / "run")
+
+
+@needs_mpi
 def test_a_rank_that_dies_mid_run_aborts_the_job_with_one_line(tmp_path, data):
     # Rank 1 fails in its third step while rank 0 waits for its gradients: without MPI_Abort
     # rank 0 would wait forever.
@@ -266,3 +277,32 @@ def test_started_by_mpirun_without_mpi4py_is_a_one_line_error(tmp_path, data, mo
 def test_the_launchers_environment_gives_size_and_rank(environ, size, rank):
     assert distributed.launched_size(environ) == size
     assert distributed.launched_rank(environ) == rank
+
+
+def test_a_signal_a_rank_ignores_stays_ignored_while_a_save_holds_signals():
+    # Ranks other than 0 ignore Ctrl-C (rank 0 alone acts on it); holding signals around a
+    # save must not turn that back on.
+    from tinyllm import train
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # conftest puts the handler back
+    received = []
+    with train.signals_held(received):
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)
+    assert received == []
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+@pytest.mark.parametrize("rank, output", [
+    ("0", "Error: tinyllm generate runs on one process, and mpirun started 2: of the commands,"
+          " only pretrain and finetune train over MPI"),
+    ("1", ""),  # rank 0 says it
+])
+def test_a_command_that_does_not_train_over_mpi_is_refused_under_mpirun(monkeypatch, rank,
+                                                                        output):
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setenv("PMI_RANK", rank)
+    result = CliRunner().invoke(main, ["generate", "--prompt", "x"])
+    assert result.exit_code == 1
+    assert result.output.strip() == output
+    assert "mpi4py" not in sys.modules

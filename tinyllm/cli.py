@@ -40,7 +40,8 @@ def package_version():
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(version=package_version(), prog_name="tinyllm")
-def main():
+@click.pass_context
+def main(ctx):
     """tinyllm: make a (tiny) large language model on a CPU.
 
     Pretrain a GPT on raw text (pretrain) and sample from it (generate); fine-tune it on labelled
@@ -50,6 +51,10 @@ def main():
     mlm (fill) and turn lines of text into vectors (embed). Run a command with --help for its flags.
     """
     tune_malloc()  # keep freed memory in the process: faster numpy steps (see tinyllm/system.py)
+    try:
+        distributed.check_command_runs_here(ctx.invoked_subcommand)  # under mpirun -n N > 1
+    except TinyLLMError as err:
+        raise click.ClickException(str(err)) from None
 
 
 @main.command()

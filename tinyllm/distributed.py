@@ -278,6 +278,22 @@ def launched_rank(environ=os.environ):
     return 0
 
 
+PARALLEL_COMMANDS = ("pretrain", "finetune")  # the commands that train over mpirun
+
+
+def check_command_runs_here(command, environ=os.environ):
+    """Refuse, in one line from rank 0, a command that does not train over MPI when mpirun
+    started N > 1 copies of it (they would race for the same files); the other ranks exit
+    quietly. Nothing of MPI is touched, so all of them simply exit."""
+    size = launched_size(environ)
+    if size <= 1 or command in PARALLEL_COMMANDS:
+        return
+    if launched_rank(environ) != 0:
+        sys.exit(1)
+    raise TinyLLMError(f"tinyllm {command} runs on one process, and mpirun started {size}: of"
+                       f" the commands, only {' and '.join(PARALLEL_COMMANDS)} train over MPI")
+
+
 @functools.lru_cache(maxsize=None)
 def world():
     """The process group of this run: SingleProcess unless an MPI launcher started more than

@@ -19,6 +19,7 @@ Both run on a key/value cache by default (tinyllm/kv_cache.py: each step feeds t
 the new token); `use_cache=False` (the `--no-cache` flag) runs the plain loops below, which feed
 the whole context every step, and are the way to read and check what generation does. The two
 give the same tokens (tests/test_kv_cache.py).
+
 Decoding an encoder-decoder is tinyllm/decoding.py: its decoder reads the encoder's output
 and starts from <bos>, so its loop differs.
 """

@@ -9,7 +9,10 @@ for the steps after it. The maths is that of the reference blocks (tinyllm/block
 tinyllm/seq2seq.py), calling the same `layer_norm`, `linear`, `feed_forward` and
 `multi_head_attention`: only where k and v come from differs. The plain functions stay the way
 a reader learns the model; this module is the fast path beside them, and tests/test_kv_cache.py
-shows that both give the same logits (to float32 rounding) and the same tokens.
+shows that both give the same logits (to float32 rounding) and the same tokens. (The rounding
+differs because a one-row matmul sums in another order than a whole-window one: two candidate
+tokens whose float32 logits tie to within about 1e-6 could come out swapped, which no run of the
+benchmark has shown; on float64 weights the tests find the tokens identical.)
 
 The cache of a model with L layers is, per layer, a keys and a values buffer (B, P, C): row b,
 position p holds that sequence's key (or value) at position p, for P <= block_size positions.
@@ -114,7 +117,7 @@ def gpt_logits(params, hidden):
 
 class GPTCache:
     """next_logits(window) for one sequence: the logits (V,) after a window of token ids, reusing
-    the keys and values of the window's longest prefix already seen at the same positions.
+    the keys and values of the previous window when this one extends it (same ids, same positions).
 
     While generation fits the context the window only grows, and each call runs just the new
     tokens. Once it slides (each call drops the oldest token), every position changes, and the
@@ -126,7 +129,7 @@ class GPTCache:
         self.params, self.config = params, config
         self.cache = new_cache(config.n_layer, 1, config.block_size, config.n_embd, dtype)
         self.tokens = []  # the ids whose keys and values the cache holds, at positions 0, 1, ...
-        self.rebuilds = 0  # how often the whole window was read (tests and the benchmark look)
+        self.rebuilds = 0  # how often a whole window was read (the tests look)
 
     def next_logits(self, window):
         """Logits (V,) for the token after `window` (a list of at most block_size ids)."""

@@ -282,13 +282,15 @@ def sigterm_as_interrupt():
 @contextlib.contextmanager
 def signals_held(received):
     """Hold Ctrl-C and SIGTERM while inside (a save runs to its end); their numbers go to
-    `received`, for the caller to act on once the block is done."""
+    `received`, for the caller to act on once the block is done. A signal this process ignores
+    (as MPI ranks other than 0 do) stays ignored."""
     if not _in_main_thread():
         yield
         return
     handlers = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
-        handlers[signum] = signal.signal(signum, lambda n, frame: received.append(n))
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            handlers[signum] = signal.signal(signum, lambda n, frame: received.append(n))
     try:
         yield
     finally:
