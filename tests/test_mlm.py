@@ -320,5 +320,7 @@ def test_mask_rate_is_stored_and_kept_by_resume(tmp_path, data_file, monkeypatch
     result = invoke("pretrain", "--out", out, "--resume", "--max-iters", 3, "--sample-tokens", 0)
     assert result.exit_code == 0, result.output
     assert seen and set(seen) == {0.4}
-    assert_one_line_error(invoke("pretrain", "--objective", "mlm", "--mask-rate", 0, "--data",
-                                 data_file, "--out", tmp_path / "zero", *TINY), "--mask-rate")
+    result = invoke("pretrain", "--objective", "mlm", "--mask-rate", 1, "--data", data_file,
+                    "--out", tmp_path / "all", *TINY)  # passes the flag, refused by the run
+    assert_one_line_error(result, "--mask-rate must be between 0 and 1")
+    assert not (tmp_path / "all").exists()

@@ -67,7 +67,7 @@ def main(ctx):
               help="clm: a causal GPT learns to predict the next token; mlm: the same blocks as a"
                    " bidirectional encoder learn to predict masked tokens (15% of positions:"
                    " 80% masked, 10% random, 10% kept), as BERT. With --resume: the run's own.")
-@click.option("--mask-rate", default=MASK_RATE, callback=fraction,
+@click.option("--mask-rate", default=MASK_RATE, callback=probability_mass,
               help="With --objective mlm: the share of each window's positions chosen for"
                    " prediction (BERT: 0.15). With --resume: the run's own.")
 @click.option("--tokenizer", "tokenizer_kind", type=click.Choice(["char", "bpe"]),
