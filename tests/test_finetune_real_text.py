@@ -173,8 +173,8 @@ def test_best_weights_are_the_result_and_early_stopping_says_when(base, tmp_path
     losses = iter([0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     real = finetune_runs.classification_evaluator
 
-    def rising(sets, config, loss_fn):
-        inner = real(sets, config, loss_fn)
+    def rising(sets, config, loss_fn, *world):
+        inner = real(sets, config, loss_fn, *world)
         return lambda params: {"train": inner(params)["train"], "val": next(losses)}
 
     monkeypatch.setattr(finetune_runs, "classification_evaluator", rising)

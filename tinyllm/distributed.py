@@ -136,6 +136,10 @@ class SingleProcess:
         """Sum of `buffer` over all ranks, in place: with one rank, the buffer itself."""
         return buffer
 
+    def sum_floats(self, *values):
+        """The sums over all ranks of a few numbers: with one rank, the numbers themselves."""
+        return values
+
     def from_root(self, fn):
         """fn() computed on rank 0 and sent to every rank: here, just fn()."""
         return fn()
@@ -161,6 +165,10 @@ class MPIGroup:
         self.in_step = True
         self.comm.Allreduce(self.mpi.IN_PLACE, buffer, op=self.mpi.SUM)
         return buffer
+
+    def sum_floats(self, *values):
+        """The sums over all ranks of a few numbers (float64), as a tuple of floats."""
+        return tuple(float(v) for v in self.allreduce_sum(onp.array(values, dtype=onp.float64)))
 
     def from_root(self, fn):
         """fn() computed on rank 0 alone and broadcast to every rank (mpi4py pickles it).

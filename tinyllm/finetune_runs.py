@@ -520,18 +520,19 @@ def classification_loss_and_batches(sets, config, batch_size):
     return loss_fn, sample
 
 
-def classification_evaluator(sets, config, loss_fn):
+def classification_evaluator(sets, config, loss_fn, world=SINGLE_PROCESS):
     """evaluate(params) -> {"train", "val"}: the mean loss over the whole validation split and
-    over the first EVAL_TRAIN_EXAMPLES training texts, in batches of 64, without dropout."""
+    over the first EVAL_TRAIN_EXAMPLES training texts, in batches of 64, without dropout. Over
+    MPI each rank takes every world.size-th batch and the sums are added across ranks."""
 
     def mean_loss(params, split, limit):
         windows, y = sets[split]
         n = min(len(y), limit)
         total = 0.0
-        for start in range(0, n, 64):
+        for start in range(world.rank * 64, n, world.size * 64):
             texts = onp.arange(start, min(start + 64, n))
             total += float(loss_fn(params, (*windows.batch(texts), y[texts]), None)) * len(texts)
-        return total / n
+        return world.sum_floats(total)[0] / n
 
     return lambda params: {"train": mean_loss(params, "train", EVAL_TRAIN_EXAMPLES),
                            "val": mean_loss(params, "val", len(sets["val"][1]))}
@@ -593,7 +594,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     loss_fn, sample = classification_loss_and_batches(sets, config, tc.batch_size)
     t0 = time.perf_counter()
     params, best, state = train_keeping_best(
-        out, params, paths, tc, loss_fn, sample, classification_evaluator(sets, config, loss_fn),
+        out, params, paths, tc, loss_fn, sample, classification_evaluator(sets, config, loss_fn, world),
         save_full, ckpt, tc.batch_size * sets["train"][0].ids.shape[1], s.patience, log, world)
     seconds = time.perf_counter() - t0
     finish_with_best(out, params, state, paths, save_full, best)
@@ -772,18 +773,20 @@ def instruct_loss_and_batches(arrays, config, batch_size):
     return loss_fn, sample
 
 
-def instruct_evaluator(arrays, loss_fn):
+def instruct_evaluator(arrays, loss_fn, world=SINGLE_PROCESS):
     """evaluate(params) -> {"train", "val"}: the masked loss over the whole validation split and
-    the first EVAL_TRAIN_EXAMPLES training rows, per response token."""
+    the first EVAL_TRAIN_EXAMPLES training rows, per response token. Over MPI each rank takes
+    every world.size-th batch and the sums are added across ranks."""
 
     def mean_loss(params, split, limit):
         x, y, m = (a[:limit] for a in arrays[split])
         total, weight = 0.0, 0.0
-        for start in range(0, len(x), 64):
+        for start in range(world.rank * 64, len(x), world.size * 64):
             part = slice(start, start + 64)
             w = float(m[part].sum())
             total += float(loss_fn(params, (x[part], y[part], m[part]), None)) * w
             weight += w
+        total, weight = world.sum_floats(total, weight)
         return total / max(weight, 1.0)
 
     return lambda params: {"train": mean_loss(params, "train", EVAL_TRAIN_EXAMPLES),
@@ -863,7 +866,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     loss_fn, sample = instruct_loss_and_batches(arrays, config, tc.batch_size)
     t0 = time.perf_counter()
     params, best, state = train_keeping_best(
-        out, params, paths, tc, loss_fn, sample, instruct_evaluator(arrays, loss_fn), save_full,
+        out, params, paths, tc, loss_fn, sample, instruct_evaluator(arrays, loss_fn, world), save_full,
         ckpt, tc.batch_size * arrays["train"][0].shape[1], s.patience, log, world)
     seconds = time.perf_counter() - t0
     finish_with_best(out, params, state, paths, save_full, best)
