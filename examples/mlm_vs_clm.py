@@ -13,8 +13,8 @@ It prints, for each figure, what it measured:
 3. classification, test accuracy for each seed and the mean: the MLM encoder, the causal decoder,
    and the causal weights run as an encoder (`--arch encoder`), on the embedded real-vs-shuffled
    set and on --data if given (default fine-tuning flags, seeds 1, 2, 3);
-4. `tinyllm embed` on the embedded classification set: how often the nearest other text
-   (cosine) has the same label, for each base, against chance.
+4. `tinyllm embed` on the embedded classification set (and --data): how often the nearest
+   other text (cosine) has the same label, for each base, against chance.
 """
 
 import argparse
@@ -30,7 +30,7 @@ from tinyllm.checkpoint import load_checkpoint  # noqa: E402
 from tinyllm.data import load_corpus, train_val_split  # noqa: E402
 from tinyllm.embed import embed_texts, load_embedder, nearest_neighbour_agreement  # noqa: E402
 from tinyllm.finetune_runs import ClassifySettings, run_classify  # noqa: E402
-from tinyllm.labelled_data import default_classification_data  # noqa: E402
+from tinyllm.labelled_data import default_classification_data, read_classification  # noqa: E402
 from tinyllm.mlm import masked_accuracy  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
 from tinyllm.train import read_metrics, run_corpus  # noqa: E402
@@ -61,8 +61,8 @@ def classify(base, data, seeds, out, **flags):
     return accs
 
 
-def neighbours(run):
-    examples = default_classification_data()
+def neighbours(run, data=None):
+    examples = read_classification(data, None, None) if data else default_classification_data()
     params, config, tokenizer, bidirectional = load_embedder(run)
     vectors, _ = embed_texts(params, config, tokenizer, [t for t, _ in examples], bidirectional)
     return nearest_neighbour_agreement(vectors, [label for _, label in examples])
@@ -99,9 +99,11 @@ def main():
                       f" {json.dumps([round(a, 3) for a in accs])}, mean {sum(accs) / len(accs):.3f}",
                       flush=True)
     if "embed" in parts:
-        for name, run in (("mlm", args.mlm), ("clm", args.clm)):
-            same, chance = neighbours(run)
-            print(f"embed {name}: nearest neighbour has the same label {same:.3f} (chance {chance:.3f})")
+        for data in [None] + ([args.data] if args.data else []):
+            for name, run in (("mlm", args.mlm), ("clm", args.clm)):
+                same, chance = neighbours(run, data)
+                print(f"embed {name}, {os.path.basename(data or 'embedded set')}: the nearest"
+                      f" neighbour has the same label {same:.3f} (chance {chance:.3f})")
 
 
 if __name__ == "__main__":

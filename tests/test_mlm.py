@@ -304,3 +304,23 @@ def test_classify_from_an_mlm_checkpoint_runs_the_encoder(mlm_run, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "d" / "metrics.json").read_text(encoding="utf-8"))
     assert report["arch"] == "decoder"
+
+
+def test_mask_rate_is_stored_and_kept_by_resume(tmp_path, data_file, monkeypatch):
+    import tinyllm.mlm as mlm
+
+    out = tmp_path / "run"
+    result = invoke("pretrain", "--objective", "mlm", "--mask-rate", 0.4, "--data", data_file,
+                    "--out", out, *TINY, "--max-iters", 2, "--eval-interval", 1,
+                    "--sample-tokens", 0)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["mask_rate"] == 0.4
+    seen, real = [], mlm.mask_tokens
+    monkeypatch.setattr(mlm, "mask_tokens", lambda *args: seen.append(args[5]) or real(*args))
+    result = invoke("pretrain", "--out", out, "--resume", "--max-iters", 3, "--sample-tokens", 0)
+    assert result.exit_code == 0, result.output
+    assert seen and set(seen) == {0.4}
+    result = invoke("pretrain", "--objective", "mlm", "--mask-rate", 1, "--data", data_file,
+                    "--out", tmp_path / "all", *TINY)  # passes the flag, refused by the run
+    assert_one_line_error(result, "--mask-rate must be between 0 and 1")
+    assert not (tmp_path / "all").exists()

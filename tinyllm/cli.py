@@ -22,6 +22,7 @@ from .config import (DEFAULT_BPE_VOCAB_SIZE, DEFAULT_RUN, DEFAULT_TOKENIZER, GPT
                      TrainConfig)
 from .errors import TinyLLMError
 from .generate import MAX_NEW_TOKENS
+from .mlm import MASK_RATE
 from .system import tune_malloc
 
 # The defaults of `tinyllm pretrain` are the dataclasses' own (see tinyllm/config.py).
@@ -66,6 +67,9 @@ def main(ctx):
               help="clm: a causal GPT learns to predict the next token; mlm: the same blocks as a"
                    " bidirectional encoder learn to predict masked tokens (15% of positions:"
                    " 80% masked, 10% random, 10% kept), as BERT. With --resume: the run's own.")
+@click.option("--mask-rate", default=MASK_RATE, callback=probability_mass,
+              help="With --objective mlm: the share of each window's positions chosen for"
+                   " prediction (BERT: 0.15). With --resume: the run's own.")
 @click.option("--tokenizer", "tokenizer_kind", type=click.Choice(["char", "bpe"]),
               default=DEFAULT_TOKENIZER,
               help="char: one token per character; bpe: byte-level BPE trained on the data.")
@@ -118,7 +122,7 @@ def main(ctx):
 @no_cache_option
 @user_errors
 @abort_on_error
-def pretrain(data, objective, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_size,
+def pretrain(data, objective, mask_rate, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_size,
              bias, dropout, batch_size, grad_accum, max_iters, lr, min_lr, warmup_iters,
              weight_decay, grad_clip, eval_interval, eval_iters, seed, out, resume, force,
              sample_tokens, fast, no_cache):
@@ -147,7 +151,7 @@ def pretrain(data, objective, tokenizer_kind, vocab_size, n_layer, n_head, n_emb
     result = run_pretrain(model_config, train_config, out, data=data,
                           tokenizer_kind=tokenizer_kind, vocab_size=vocab_size, resume=resume,
                           force=force, max_iters=new_total, log=click.echo, world=world, fast=fast,
-                          objective=objective)
+                          objective=objective, mask_rate=None if resume else mask_rate)
     if not world.is_root:
         return  # rank 0 reports and samples
     final = result["final"]

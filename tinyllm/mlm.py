@@ -110,15 +110,15 @@ def mlm_loss(params, inputs, targets, chosen, config, valid=None, rng=None):
     return cross_entropy(logits, onp.reshape(targets, -1)[rows])
 
 
-def mlm_loss_and_batches(splits, config, batch_size, tokenizer):
+def mlm_loss_and_batches(splits, config, batch_size, tokenizer, rate=MASK_RATE):
     """loss_fn(params, batch, rng) and sample(split, rng) for train.train_loop: random windows of
     the corpus, corrupted afresh by the Generator of each draw (so resume and evaluation batches
-    are reproducible exactly like the causal ones)."""
+    are reproducible exactly like the causal ones); `rate` of each window's positions chosen."""
     mask_id, n_ordinary = mask_id_of(tokenizer)
 
     def sample(split, rng):
         x, _ = get_batch(splits[split], batch_size, config.block_size, rng)  # (B, T)
-        inputs, chosen = mask_tokens(x, onp.ones(x.shape), rng, mask_id, n_ordinary)
+        inputs, chosen = mask_tokens(x, onp.ones(x.shape), rng, mask_id, n_ordinary, rate)
         return inputs, x, chosen
 
     def loss_fn(params, batch, rng):

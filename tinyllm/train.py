@@ -57,7 +57,7 @@ from .data import (DEFAULT_CORPUS, EMBEDDED_CORPORA, check_long_enough, get_batc
                    read_text_file, train_val_split)
 from .errors import TinyLLMError
 from .fileio import TMP_PREFIX, atomic_write_text, available_memory, open_regular, read_fd
-from .mlm import mlm_loss_and_batches
+from .mlm import MASK_RATE, mlm_loss_and_batches
 from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init, adamw_step, clip_scale, global_norm, lr_at
 from .progress import Progress
@@ -633,14 +633,15 @@ def check_memory(needed, what):
 def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENIZER,
              vocab_size=DEFAULT_BPE_VOCAB_SIZE, resume=False, force=False, max_iters=None,
              log=print, special_tokens=SPECIAL_TOKENS, world=SINGLE_PROCESS, fast=True,
-             objective=None):
+             objective=None, mask_rate=None):
     """Pretrain a GPT on a corpus (a file or an embedded name) and keep checkpoints in out_dir.
 
     `objective` is "clm" (next-token prediction, the default) or "mlm" (the same blocks as a
     bidirectional encoder, trained by masked-token prediction: tinyllm/mlm.py); the checkpoint's
     kind records it ("gpt" or "mlm"). With resume=True the model, tokenizer, objective and
     training settings come from the checkpoint; only `max_iters` may be changed (an `objective`
-    given must be the run's). Returns a summary dict. The run directory is locked
+    given must be the run's); `mask_rate` is the share of positions an MLM step predicts
+    (None: mlm.MASK_RATE, 15%; a resumed run keeps its own). Returns a summary dict. The run directory is locked
     for the whole call. Over MPI (`world`, see tinyllm/distributed.py) rank 0 alone reads the
     data and the run directory and sends the others what they need; the whole job trains one
     model, and only rank 0 writes. `fast` takes the hand-written forward and backward of
@@ -651,20 +652,23 @@ def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENI
     world.from_root(lambda: prepare_out_dir(out_dir, resume, force))
     try:
         return _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume,
-                         force, max_iters, log, special_tokens, world, fast, objective)
+                         force, max_iters, log, special_tokens, world, fast, objective,
+                         mask_rate)
     finally:
         if world.is_root:
             unlock_run_dir(out_dir)
 
 
 def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume, force,
-              max_iters, log, special_tokens, world, fast, objective):
+              max_iters, log, special_tokens, world, fast, objective, mask_rate):
     if objective not in (None, *OBJECTIVES):
         raise TinyLLMError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    if mask_rate is not None and not 0 < mask_rate < 1:
+        raise TinyLLMError(f"--mask-rate must be between 0 and 1, got {mask_rate}")
     model_config, tc, tokenizer, splits, state, extra, objective = world.from_root(
         lambda: _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_size,
                                    resume, force, max_iters, log, special_tokens, world.size,
-                                   objective))
+                                   objective, mask_rate))
 
     def loss_fn(params, batch, rng):
         return gpt_loss(params, batch[0], batch[1], model_config, rng)
@@ -673,7 +677,8 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
         return get_batch(splits[split], tc.batch_size, model_config.block_size, rng)
 
     if objective == "mlm":
-        loss_fn, sample = mlm_loss_and_batches(splits, model_config, tc.batch_size, tokenizer)
+        loss_fn, sample = mlm_loss_and_batches(splits, model_config, tc.batch_size, tokenizer,
+                                               extra["mask_rate"])
 
     def save(s):
         save_checkpoint(out_dir, s.params, s.opt_state, s.rng_state, model_config, tc, tokenizer,
@@ -695,14 +700,16 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
 
 
 def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume,
-                       force, max_iters, log, special_tokens, ranks=1, objective=None):
+                       force, max_iters, log, special_tokens, ranks=1, objective=None,
+                       mask_rate=None):
     """Load (or resume) the data, tokenizer, settings and starting state of a pretraining run,
     with every check made before the run directory is touched. Returns (model_config, tc,
     tokenizer, splits, state, extra, objective): `extra` is what each checkpoint adds to
-    config.json, `objective` the run's ("clm" or "mlm")."""
+    config.json (with an MLM run's "mask_rate"), `objective` the run's ("clm" or "mlm")."""
     if resume:
         ckpt = load_checkpoint(out_dir, with_optimizer=True, kind=tuple(OBJECTIVES.values()))
         objective = resumed_objective(ckpt.meta["kind"], objective, out_dir)
+        mask_rate = ckpt.meta.get("mask_rate", MASK_RATE)  # runs before the flag: 15%
         check_same_ranks(ckpt.meta, ranks, out_dir)
         model_config, tokenizer, data = ckpt.model_config, ckpt.tokenizer, ckpt.meta.get("data")
         tc = replace(ckpt.train_config, max_iters=max_iters or ckpt.train_config.max_iters)
@@ -736,6 +743,8 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
         + (f"; {ranks} MPI ranks" if ranks > 1 else ""))
     extra = {"data": stored_data_name(data), "data_sha256": text_fingerprint(text),
              "ranks": ranks}
+    if objective == "mlm":
+        extra["mask_rate"] = mask_rate or MASK_RATE
     return model_config, tc, tokenizer, splits, state, extra, objective
 
 
