@@ -178,3 +178,22 @@ def test_pretrain_trains_on_the_fast_path_and_no_fast_on_the_reference(tmp_path,
 def test_dropout_takes_the_reference_path(tmp_path, counted_fast_path):
     pretrain_losses(tmp_path, "dropout", "--dropout", "0.1")
     assert not counted_fast_path
+
+
+def plain_softmax(s, mask):
+    e = onp.exp(s + mask - (s + mask).max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("gap", [0.0, 30.0, 200.0, 1e4])
+def test_the_attention_softmax_equals_the_row_by_row_one_whatever_the_rows_scales(gap):
+    """One shift for the whole tensor, and each row's own when a row lies far below the top:
+    the weights equal softmax's row by row, with no NaN, however far apart the rows are."""
+    rng = onp.random.default_rng(0)
+    scores = rng.standard_normal((2, 3, 5, 5))
+    scores[0, 1] -= gap  # one head's rows far below all the others
+    mask = onp.triu(onp.full((5, 5), -1e9), k=1)
+    weights = scores.copy()
+    fast.softmax_rows(weights, mask)
+    assert onp.allclose(weights, plain_softmax(scores, mask), rtol=1e-12, atol=1e-300)
+    assert onp.allclose(weights.sum(axis=-1), 1.0)

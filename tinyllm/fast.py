@@ -15,7 +15,9 @@ What it covers: the mean next-token cross-entropy of `models.gpt_loss` (no loss 
 without biases, with a tied or an untied LM head, and dropout 0 (`supports(config)`). Anything
 else (dropout, loss masks, LoRA, classifiers, the encoder) takes the reference path through
 autograd. `tests/test_fast.py` checks that the loss and every gradient equal autograd's on the
-reference model, over random shapes, in float64 to 1e-10 and in float32 to its rounding.
+reference model, over random shapes, in float64 to 1e-10 and in float32 to its rounding, and
+that whole training steps (the flat-buffer AdamW at the end of this module) equal
+`train.train_step`'s.
 
 Shapes: B batch, T time, C channels, H heads, D head size, V vocabulary, N = B T rows. Every
 activation is kept 2-D, (N, C), so that each linear layer and its two gradients are single 2-D
@@ -24,7 +26,8 @@ matmuls (which use both cores); only attention works on (B, H, T, D).
 Speed rules followed throughout (see ops.py for the measurements behind them): constants are
 Python floats (a numpy float64 scalar would promote float32 arrays to float64), elementwise work
 is done in place where the input is no longer needed, and `on_two_cores` splits the elementwise
-passes over the attention weights and the MLP activations between the two cores.
+passes over the attention weights, the MLP activations and AdamW's buffers between the two
+cores.
 """
 
 import math
