@@ -59,6 +59,18 @@ def test_loss_and_every_gradient_equal_autograd_on_the_reference_in_float64(s):
         assert onp.allclose(got[name], want[name], rtol=1e-8, atol=1e-11), name
 
 
+def test_a_model_big_enough_to_be_split_over_two_cores_equals_autograd():
+    """Layer norms, attention, GELU and AdamW split their rows over two cores above 32k
+    elements (ops.on_two_cores); at this size every one of them is split."""
+    config, params, rng = random_model(5, 11, 1, 4, 32, 64, True, True, "float64")
+    ids, targets = rng.integers(0, 11, (8, 64)), rng.integers(0, 11, (8, 64))
+    want_loss, want = reference_loss_and_grads(params, ids, targets, config)
+    loss, grads = fast.gpt_loss_and_grads(params, ids, targets, config)
+    assert abs(loss - float(want_loss)) < 1e-10
+    for name, value in flatten(want).items():
+        assert onp.allclose(flatten(grads)[name], value, rtol=1e-8, atol=1e-11), name
+
+
 @pytest.mark.parametrize("bias,tie", [(False, True), (True, False)])
 def test_float32_stays_float32_and_matches_float64_to_rounding(bias, tie):
     config, params64, rng = random_model(0, 65, 2, 4, 8, 16, bias, tie, "float64")

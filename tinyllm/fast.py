@@ -71,24 +71,43 @@ def linear_backward(dy, x, w, with_bias):
 # ----------------------------------------------------------------------------- layer norm
 
 
+def _layer_norm_rows(x, g, b, y, x_hat, rstd):
+    """The layer norm of a block of rows, into y, x_hat and rstd (see `layer_norm_forward`)."""
+    n = x.shape[-1]
+    onp.subtract(x, onp.einsum("nc->n", x)[:, None] * (1.0 / n), out=x_hat)  # centred
+    var = onp.einsum("nc,nc->n", x_hat, x_hat)[:, None] * (1.0 / n)  # (rows, 1)
+    onp.divide(1.0, onp.sqrt(var + LN_EPS), out=rstd)
+    x_hat *= rstd
+    onp.multiply(x_hat, g, out=y)
+    if b is not None:
+        y += b
+
+
 def layer_norm_forward(x, g, b=None):
     """y = x_hat g + b with x_hat = (x - mean) / sqrt(var + eps) per row: (N, C) -> (N, C).
 
-    Returns y and the cache (x_hat, rstd), rstd = 1 / sqrt(var + eps) of shape (N, 1).
+    Returns y and the cache (x_hat, rstd), rstd = 1 / sqrt(var + eps) of shape (N, 1). Rows
+    are independent, so the two cores take half of them each.
     """
-    n = x.shape[-1]
-    x_hat = x - onp.einsum("nc->n", x)[:, None] * (1.0 / n)  # (N, C), centred
-    var = onp.einsum("nc,nc->n", x_hat, x_hat)[:, None] * (1.0 / n)  # (N, 1)
-    rstd = 1.0 / onp.sqrt(var + LN_EPS)  # (N, 1)
-    x_hat *= rstd
-    y = x_hat * g
-    if b is not None:
-        y += b
+    y, x_hat = onp.empty_like(x), onp.empty_like(x)
+    rstd = onp.empty((x.shape[0], 1), dtype=x.dtype)
+    on_two_cores(_layer_norm_rows, x, g, b, y, x_hat, rstd)
     return y, (x_hat, rstd)
 
 
+def _layer_norm_backward_rows(u, x_hat, rstd, g):
+    """dx for a block of rows, written over u (which holds dy): see `layer_norm_backward`."""
+    n = x_hat.shape[-1]
+    u *= g  # (rows, C): the gradient at x_hat
+    mean_u = onp.einsum("nc->n", u)[:, None] * (1.0 / n)  # (rows, 1)
+    mean_ux = onp.einsum("nc,nc->n", u, x_hat)[:, None] * (1.0 / n)  # (rows, 1)
+    u -= mean_u
+    u -= x_hat * mean_ux
+    u *= rstd
+
+
 def layer_norm_backward(dy, cache, g, with_bias):
-    """Gradients of the layer norm: returns (dx, dg, db or None); dy is overwritten.
+    """Gradients of the layer norm: returns (dx, dg, db or None); dy is overwritten by dx.
 
     With u = dy g (the gradient reaching x_hat) and mean() over a row's C channels:
         dg = sum_n dy x_hat,   db = sum_n dy,
@@ -98,17 +117,10 @@ def layer_norm_backward(dy, cache, g, with_bias):
     dx_c = rstd u_c - rstd mean(u) - rstd x_hat_c mean(u x_hat).
     """
     x_hat, rstd = cache
-    n = x_hat.shape[-1]
     dg = onp.einsum("nc,nc->c", dy, x_hat)  # (C,)
     db = dy.sum(axis=0) if with_bias else None
-    u = dy
-    u *= g  # (N, C): the gradient at x_hat
-    mean_u = onp.einsum("nc->n", u)[:, None] * (1.0 / n)  # (N, 1)
-    mean_ux = onp.einsum("nc,nc->n", u, x_hat)[:, None] * (1.0 / n)  # (N, 1)
-    u -= mean_u
-    u -= x_hat * mean_ux
-    u *= rstd
-    return u, dg, db
+    on_two_cores(_layer_norm_backward_rows, dy, x_hat, rstd, g)
+    return dy, dg, db
 
 
 # ----------------------------------------------------------------------------- GELU
