@@ -64,8 +64,8 @@ def run(ranks, blas_threads, data, max_iters):
         if ranks > 1:
             command = [mpirun(), "-n", str(ranks)] + command
         t0 = time.perf_counter()
-        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=3600)
+        subprocess.run(command, env=env, check=True, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600)
         wall = time.perf_counter() - t0
         with open(os.path.join(out, "run", "metrics.jsonl"), encoding="utf-8") as f:
             last = [json.loads(line) for line in f][-1]
@@ -78,7 +78,8 @@ def run(ranks, blas_threads, data, max_iters):
 def allreduce_seconds(n_floats, ranks=2):
     """The measured time of one Allreduce of n_floats float32 over `ranks` local processes."""
     result = subprocess.run([mpirun(), "-n", str(ranks), sys.executable, "-c", PROBE,
-                             str(n_floats)], capture_output=True, text=True, check=True, timeout=600)
+                             str(n_floats)], stdin=subprocess.DEVNULL, capture_output=True,
+                            text=True, check=True, timeout=600)
     return float(result.stdout.strip())
 
 

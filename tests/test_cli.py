@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tinyllm import train
+from tinyllm import fast, train
 from tinyllm.checkpoint import checkpoint_paths
 from tinyllm.cli import main
 
@@ -146,15 +146,18 @@ def test_resume_continues_to_a_larger_max_iters(run_copy):
 
 def test_ctrl_c_exits_130_and_the_suggested_resume_finishes_the_run(tmp_path, data_file,
                                                                    monkeypatch):
-    real, calls = train.adamw_step, []
+    calls = []
 
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+    def interrupting(real):  # the 5th AdamW step, on the fast or the reference path, is Ctrl-C
+        def interrupted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 5:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        return interrupted
 
-    monkeypatch.setattr(train, "adamw_step", interrupted)
+    monkeypatch.setattr(train, "adamw_step", interrupting(train.adamw_step))
+    monkeypatch.setattr(fast, "adamw_flat", interrupting(fast.adamw_flat))
     out = tmp_path / "run"
     result = invoke("pretrain", "--data", data_file, "--out", out, *TINY, "--max-iters", 6,
                     "--eval-interval", 3, "--sample-tokens", 0)

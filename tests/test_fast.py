@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 
 from tinyllm import fast
 from tinyllm.cli import main
-from tinyllm.config import GPTConfig
+from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.models import gpt_loss, init_gpt
+from tinyllm.optim import adamw_init
+from tinyllm.train import flat_value_and_grad, train_step
 from tinyllm.tree import flatten, tree_map
 
 
@@ -57,6 +59,18 @@ def test_loss_and_every_gradient_equal_autograd_on_the_reference_in_float64(s):
         assert onp.allclose(got[name], want[name], rtol=1e-8, atol=1e-11), name
 
 
+def test_a_model_big_enough_to_be_split_over_two_cores_equals_autograd():
+    """Layer norms, attention, GELU and AdamW split their rows over two cores above 32k
+    elements (ops.on_two_cores); at this size every one of them is split."""
+    config, params, rng = random_model(5, 11, 1, 4, 32, 64, True, True, "float64")
+    ids, targets = rng.integers(0, 11, (8, 64)), rng.integers(0, 11, (8, 64))
+    want_loss, want = reference_loss_and_grads(params, ids, targets, config)
+    loss, grads = fast.gpt_loss_and_grads(params, ids, targets, config)
+    assert abs(loss - float(want_loss)) < 1e-10
+    for name, value in flatten(want).items():
+        assert onp.allclose(flatten(grads)[name], value, rtol=1e-8, atol=1e-11), name
+
+
 @pytest.mark.parametrize("bias,tie", [(False, True), (True, False)])
 def test_float32_stays_float32_and_matches_float64_to_rounding(bias, tie):
     config, params64, rng = random_model(0, 65, 2, 4, 8, 16, bias, tie, "float64")
@@ -84,6 +98,50 @@ def test_only_dropout_zero_is_supported():
     assert not fast.supports(GPTConfig(dropout=0.1))
     with pytest.raises(ValueError):
         fast.gpt_value_and_grad(GPTConfig(dropout=0.1))
+
+
+@pytest.mark.parametrize("grad_clip,weight_decay", [(0.05, 0.1), (0.0, 0.0), (100.0, 0.3)])
+def test_training_steps_equal_the_reference_steps(grad_clip, weight_decay):
+    """Three steps of the fast step (flat-buffer AdamW) against `train.train_step` on autograd's
+    gradients, float64: the same weights, moments, losses and norms; the inputs untouched."""
+    config, params, rng = random_model(3, 9, 2, 2, 3, 8, True, False, "float64")
+    tc = TrainConfig(grad_clip=grad_clip, weight_decay=weight_decay, beta2=0.95)
+    reference = flat_value_and_grad(lambda p, batch, r: gpt_loss(p, batch[0], batch[1], config))
+    fast_step = fast.gpt_train_step(config)
+    want = got = (params, adamw_init(params))
+    for lr in (1e-2, 3e-2, 2e-2):
+        batch = (rng.integers(0, 9, (2, 8)), rng.integers(0, 9, (2, 8)))
+        got_before = got[0]
+        before = {k: v.copy() for k, v in flatten(got_before).items()}
+        *want, want_loss, want_norm = train_step(reference, *want, batch, lr, tc, None)
+        *got, loss, norm = fast_step(*got, batch, lr, tc, None)
+        assert all(onp.array_equal(v, before[k]) for k, v in flatten(got_before).items())
+        assert abs(loss - want_loss) < 1e-10 and abs(norm - want_norm) < 1e-9 * want_norm
+        assert got[1]["step"] == want[1]["step"]
+        for name in ("params", "m", "v"):
+            w = flatten(want[0] if name == "params" else want[1][name])
+            g = flatten(got[0] if name == "params" else got[1][name])
+            assert list(g) == list(w), name  # the same tree, in the same order
+            for path in w:  # (the key bias's gradient is 0 up to rounding, whose noise Adam
+                # scales up to ~lr 1e-9: hence the absolute tolerance)
+                assert onp.allclose(g[path], w[path], rtol=1e-8, atol=1e-9), (name, path)
+
+
+def test_a_training_step_from_a_state_it_did_not_make_reads_that_state():
+    """A step handed trees other than those it returned last (a resumed checkpoint) must use
+    them, not the buffers it kept."""
+    config, params, rng = random_model(4, 7, 1, 2, 2, 4, False, True, "float32")
+    tc = TrainConfig()
+    step = fast.gpt_train_step(config)
+    batch = (rng.integers(0, 7, (2, 4)), rng.integers(0, 7, (2, 4)))
+    state = (params, adamw_init(params))
+    first = step(*state, batch, 1e-2, tc, None)
+    other = tree_map(lambda p: p * 0.5, params)  # a different state
+    want = fast.gpt_train_step(config)(other, adamw_init(other), batch, 1e-2, tc, None)
+    got = step(other, adamw_init(other), batch, 1e-2, tc, None)
+    assert first[2] != got[2]
+    for path, value in flatten(want[0]).items():
+        assert onp.array_equal(flatten(got[0])[path], value), path
 
 
 # ----------------------------------------------------------------------------- wiring
@@ -132,3 +190,22 @@ def test_pretrain_trains_on_the_fast_path_and_no_fast_on_the_reference(tmp_path,
 def test_dropout_takes_the_reference_path(tmp_path, counted_fast_path):
     pretrain_losses(tmp_path, "dropout", "--dropout", "0.1")
     assert not counted_fast_path
+
+
+def plain_softmax(s, mask):
+    e = onp.exp(s + mask - (s + mask).max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("gap", [0.0, 30.0, 200.0, 1e4])
+def test_the_attention_softmax_equals_the_row_by_row_one_whatever_the_rows_scales(gap):
+    """One shift for the whole tensor, and each row's own when a row lies far below the top:
+    the weights equal softmax's row by row, with no NaN, however far apart the rows are."""
+    rng = onp.random.default_rng(0)
+    scores = rng.standard_normal((2, 3, 5, 5))
+    scores[0, 1] -= gap  # one head's rows far below all the others
+    mask = onp.triu(onp.full((5, 5), -1e9), k=1)
+    weights = scores.copy()
+    fast.softmax_rows(weights, mask)
+    assert onp.allclose(weights, plain_softmax(scores, mask), rtol=1e-12, atol=1e-300)
+    assert onp.allclose(weights.sum(axis=-1), 1.0)

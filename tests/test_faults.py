@@ -18,7 +18,7 @@ import numpy as onp
 import pytest
 from click.testing import CliRunner
 
-from tinyllm import fileio, train
+from tinyllm import fast, fileio, train
 from tinyllm.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
@@ -168,17 +168,26 @@ def test_full_disk_from_the_cli_is_one_line(tmp_path, data, monkeypatch):
 # ----------------------------------------------------------------------------- signals
 
 
+def wrap_adamw(monkeypatch, make):
+    """Replace AdamW by make(real AdamW) on both paths: `train.adamw_step` (the reference path)
+    and `fast.adamw_flat` (the fast path, which `pretrain` takes at dropout 0)."""
+    monkeypatch.setattr(train, "adamw_step", make(train.adamw_step))
+    monkeypatch.setattr(fast, "adamw_flat", make(fast.adamw_flat))
+
+
 def interrupt_at_step(monkeypatch, k, signum=signal.SIGINT):
     """Deliver `signum` to this process during the k-th optimizer step."""
-    real_step, calls = train.adamw_step, []
+    calls = []
 
-    def step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == k:
-            os.kill(os.getpid(), signum)
-        return real_step(*args, **kwargs)
+    def make(real_step):
+        def step(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == k:
+                os.kill(os.getpid(), signum)
+            return real_step(*args, **kwargs)
+        return step
 
-    monkeypatch.setattr(train, "adamw_step", step)
+    wrap_adamw(monkeypatch, make)
 
 
 @pytest.mark.parametrize("point", ["writing:model-*", "written:optim-*", "written:config.json"])
@@ -251,19 +260,20 @@ def test_the_lock_is_held_for_the_whole_run(tmp_path, data, monkeypatch):
     out = tmp_path / "run"
     held = []
 
-    def step(*args, **kwargs):
-        probe = os.open(out, os.O_RDONLY)
-        try:
-            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            held.append(False)
-        except BlockingIOError:
-            held.append(True)
-        finally:
-            os.close(probe)
-        return real_step(*args, **kwargs)
+    def make(real_step):
+        def step(*args, **kwargs):
+            probe = os.open(out, os.O_RDONLY)
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+            finally:
+                os.close(probe)
+            return real_step(*args, **kwargs)
+        return step
 
-    real_step = train.adamw_step
-    monkeypatch.setattr(train, "adamw_step", step)
+    wrap_adamw(monkeypatch, make)
     pretrain(MODEL, TRAIN, str(out), data=data, log=quiet)
     assert held == [True] * TRAIN.max_iters
 
@@ -274,16 +284,18 @@ def test_the_lock_is_held_for_the_whole_run(tmp_path, data, monkeypatch):
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch):
     """A step whose update makes the weights infinite (the loss before it was finite)."""
     out = tmp_path / "run"
-    real_step, calls = train.adamw_step, []
+    calls = []
 
-    def blow_up(params, *args, **kwargs):
-        calls.append(1)
-        params, state = real_step(params, *args, **kwargs)
-        if len(calls) == 3:
-            params = tree_map(lambda p: p * onp.float32("inf"), params)
-        return params, state
+    def make(real_step):
+        def blow_up(*args, **kwargs):
+            calls.append(1)
+            params, *state = real_step(*args, **kwargs)  # a tree, or the fast path's flat buffer
+            if len(calls) == 3:
+                params = tree_map(lambda p: p * onp.float32("inf"), params)
+            return (params, *state)
+        return blow_up
 
-    monkeypatch.setattr(train, "adamw_step", blow_up)
+    wrap_adamw(monkeypatch, make)
     with pytest.raises(TinyLLMError) as err, onp.errstate(invalid="ignore", over="ignore"):
         pretrain(MODEL, TRAIN, str(out), data=data, log=quiet)
     assert "diverged at iteration 2" in str(err.value) and "last good checkpoint" in str(err.value)

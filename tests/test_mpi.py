@@ -67,8 +67,8 @@ def mpi_job(n, args, script=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_"))}
     env.update(OPENBLAS_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.Popen(mpirun_command(n) + [sys.executable, *program, *map(str, args)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=JOB_TIMEOUT)
     except subprocess.TimeoutExpired:

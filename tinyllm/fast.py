@@ -15,7 +15,9 @@ What it covers: the mean next-token cross-entropy of `models.gpt_loss` (no loss 
 without biases, with a tied or an untied LM head, and dropout 0 (`supports(config)`). Anything
 else (dropout, loss masks, LoRA, classifiers, the encoder) takes the reference path through
 autograd. `tests/test_fast.py` checks that the loss and every gradient equal autograd's on the
-reference model, over random shapes, in float64 to 1e-10 and in float32 to its rounding.
+reference model, over random shapes, in float64 to 1e-10 and in float32 to its rounding, and
+that whole training steps (the flat-buffer AdamW at the end of this module) equal
+`train.train_step`'s.
 
 Shapes: B batch, T time, C channels, H heads, D head size, V vocabulary, N = B T rows. Every
 activation is kept 2-D, (N, C), so that each linear layer and its two gradients are single 2-D
@@ -24,7 +26,8 @@ matmuls (which use both cores); only attention works on (B, H, T, D).
 Speed rules followed throughout (see ops.py for the measurements behind them): constants are
 Python floats (a numpy float64 scalar would promote float32 arrays to float64), elementwise work
 is done in place where the input is no longer needed, and `on_two_cores` splits the elementwise
-passes over the attention weights and the MLP activations between the two cores.
+passes over the attention weights, the MLP activations and AdamW's buffers between the two
+cores.
 """
 
 import math
@@ -32,6 +35,8 @@ import math
 import numpy as onp
 
 from .ops import GELU_C, LN_EPS, MASK_VALUE, on_two_cores
+from .optim import ADAM_EPS, clip_scale, decays
+from .tree import flatten, unflatten
 
 GELU_A = 0.044715  # the cubic coefficient of GELU's tanh form (Hendrycks & Gimpel, 2016)
 
@@ -66,24 +71,43 @@ def linear_backward(dy, x, w, with_bias):
 # ----------------------------------------------------------------------------- layer norm
 
 
+def _layer_norm_rows(x, g, b, y, x_hat, rstd):
+    """The layer norm of a block of rows, into y, x_hat and rstd (see `layer_norm_forward`)."""
+    n = x.shape[-1]
+    onp.subtract(x, onp.einsum("nc->n", x)[:, None] * (1.0 / n), out=x_hat)  # centred
+    var = onp.einsum("nc,nc->n", x_hat, x_hat)[:, None] * (1.0 / n)  # (rows, 1)
+    onp.divide(1.0, onp.sqrt(var + LN_EPS), out=rstd)
+    x_hat *= rstd
+    onp.multiply(x_hat, g, out=y)
+    if b is not None:
+        y += b
+
+
 def layer_norm_forward(x, g, b=None):
     """y = x_hat g + b with x_hat = (x - mean) / sqrt(var + eps) per row: (N, C) -> (N, C).
 
-    Returns y and the cache (x_hat, rstd), rstd = 1 / sqrt(var + eps) of shape (N, 1).
+    Returns y and the cache (x_hat, rstd), rstd = 1 / sqrt(var + eps) of shape (N, 1). Rows
+    are independent, so the two cores take half of them each.
     """
-    n = x.shape[-1]
-    x_hat = x - x.sum(axis=-1, keepdims=True) * (1.0 / n)  # (N, C), centred
-    var = onp.einsum("nc,nc->n", x_hat, x_hat)[:, None] * (1.0 / n)  # (N, 1)
-    rstd = 1.0 / onp.sqrt(var + LN_EPS)  # (N, 1)
-    x_hat *= rstd
-    y = x_hat * g
-    if b is not None:
-        y += b
+    y, x_hat = onp.empty_like(x), onp.empty_like(x)
+    rstd = onp.empty((x.shape[0], 1), dtype=x.dtype)
+    on_two_cores(_layer_norm_rows, x, g, b, y, x_hat, rstd)
     return y, (x_hat, rstd)
 
 
+def _layer_norm_backward_rows(u, x_hat, rstd, g):
+    """dx for a block of rows, written over u (which holds dy): see `layer_norm_backward`."""
+    n = x_hat.shape[-1]
+    u *= g  # (rows, C): the gradient at x_hat
+    mean_u = onp.einsum("nc->n", u)[:, None] * (1.0 / n)  # (rows, 1)
+    mean_ux = onp.einsum("nc,nc->n", u, x_hat)[:, None] * (1.0 / n)  # (rows, 1)
+    u -= mean_u
+    u -= x_hat * mean_ux
+    u *= rstd
+
+
 def layer_norm_backward(dy, cache, g, with_bias):
-    """Gradients of the layer norm: returns (dx, dg, db or None); dy is overwritten.
+    """Gradients of the layer norm: returns (dx, dg, db or None); dy is overwritten by dx.
 
     With u = dy g (the gradient reaching x_hat) and mean() over a row's C channels:
         dg = sum_n dy x_hat,   db = sum_n dy,
@@ -93,17 +117,10 @@ def layer_norm_backward(dy, cache, g, with_bias):
     dx_c = rstd u_c - rstd mean(u) - rstd x_hat_c mean(u x_hat).
     """
     x_hat, rstd = cache
-    n = x_hat.shape[-1]
     dg = onp.einsum("nc,nc->c", dy, x_hat)  # (C,)
     db = dy.sum(axis=0) if with_bias else None
-    u = dy
-    u *= g  # (N, C): the gradient at x_hat
-    mean_u = u.sum(axis=-1, keepdims=True) * (1.0 / n)  # (N, 1)
-    mean_ux = onp.einsum("nc,nc->n", u, x_hat)[:, None] * (1.0 / n)  # (N, 1)
-    u -= mean_u
-    u -= x_hat * mean_ux
-    u *= rstd
-    return u, dg, db
+    on_two_cores(_layer_norm_backward_rows, dy, x_hat, rstd, g)
+    return dy, dg, db
 
 
 # ----------------------------------------------------------------------------- GELU
@@ -146,13 +163,36 @@ def gelu_forward(h):
 # ----------------------------------------------------------------------------- attention
 
 
+def softmax_rows(s, mask):
+    """s <- softmax(s + mask) along the last axis, in place; s (..., T, T), mask (T, T) additive.
+
+    Softmax is unchanged by subtracting a constant from a row, and subtracting at least the
+    row's maximum keeps exp() from overflowing. The row maxima cost more than the rest of
+    the softmax together here (a reduction over rows of 64), so the whole tensor's maximum is
+    subtracted instead: one cheap reduction, folded into the mask. It is only at fault if
+    some row's scores all lie far below it; then exp() underflows that row towards 0, which
+    the row sums show (< 1e-20, while e^-46 still keeps float32's precision), and the
+    softmax is recomputed with each row's own maximum.
+    """
+    e = onp.add(s, mask - s.max())  # (..., T, T); the top score becomes 0
+    onp.exp(e, out=e)
+    total = onp.einsum("...ij->...i", e)[..., None]  # (..., T, 1) row sums
+    if total.min() < 1e-20:  # some row underflowed: shift each row by its own maximum
+        onp.add(s, mask, out=e)
+        e -= e.max(axis=-1, keepdims=True)
+        onp.exp(e, out=e)
+        total = onp.einsum("...ij->...i", e)[..., None]
+    onp.divide(e, total, out=s)
+
+
 def _attention_rows(q, k, v, mask, p, y):
-    """For a block of the batch: p = softmax(q k^T + mask) (q is pre-scaled), y = p v."""
+    """For a block of the batch: p = softmax(q k^T + mask) (q is pre-scaled), y = p v.
+
+    k, v and y may be strided views (a head's rows are C apart in the (N, 3C) projection);
+    the matmuls read and write them in place, with no copy.
+    """
     onp.matmul(q, onp.swapaxes(k, -1, -2), out=p)  # (B, H, T, D) @ (B, H, D, T) -> (B, H, T, T)
-    p += mask
-    p -= p.max(axis=-1, keepdims=True)  # softmax is shift-invariant; this keeps exp() finite
-    onp.exp(p, out=p)
-    p *= 1.0 / p.sum(axis=-1, keepdims=True)
+    softmax_rows(p, mask)
     onp.matmul(p, v, out=y)  # (B, H, T, T) @ (B, H, T, D) -> (B, H, T, D)
 
 
@@ -160,18 +200,19 @@ def attention_forward(qkv, b, t, n_head, mask):
     """Causal multi-head attention from the fused projection qkv (N, 3C) -> (N, C).
 
     q is scaled by 1/sqrt(D) before the scores are taken (the same scores, one pass over the
-    smaller tensor). Returns y and the cache (q scaled, k, v, P), each (B, H, T, .).
+    smaller tensor); k and v are read where they lie in qkv, and each head writes its output
+    straight into its channels of y. Returns y and the cache (q scaled, k, v, P), each
+    (B, H, T, .), k and v as views of qkv.
     """
     c = qkv.shape[1] // 3
     d = c // n_head
     heads = qkv.reshape(b, t, 3, n_head, d).transpose(2, 0, 3, 1, 4)  # (N, 3C) -> (3, B, H, T, D)
     q = heads[0] * (1.0 / math.sqrt(d))  # (B, H, T, D), a scaled copy
-    k, v = onp.ascontiguousarray(heads[1]), onp.ascontiguousarray(heads[2])
+    k, v = heads[1], heads[2]  # (B, H, T, D) views
     p = onp.empty((b, n_head, t, t), dtype=qkv.dtype)
-    y = onp.empty_like(q)
-    on_two_cores(_attention_rows, q, k, v, mask, p, y)
-    y = y.transpose(0, 2, 1, 3).reshape(b * t, c)  # (B, H, T, D) -> (B, T, H, D) -> (N, C)
-    return y, (q, k, v, p)
+    y = onp.empty((b, t, n_head, d), dtype=qkv.dtype)  # (B, T, H, D) is (N, C) in memory
+    on_two_cores(_attention_rows, q, k, v, mask, p, y.transpose(0, 2, 1, 3))
+    return y.reshape(b * t, c), (q, k, v, p)
 
 
 def _attention_backward_rows(q, k, v, p, dy, dq, dk, dv):
@@ -193,13 +234,17 @@ def _attention_backward_rows(q, k, v, p, dy, dq, dk, dv):
 
 
 def attention_backward(dy, cache):
-    """Gradient of `attention_forward`: dy (N, C) -> dqkv (N, 3C)."""
+    """Gradient of `attention_forward`: dy (N, C) -> dqkv (N, 3C).
+
+    dq, dk and dv are written straight into their channels of dqkv, as strided views.
+    """
     q, k, v, p = cache
     b, n_head, t, d = q.shape
-    dyh = onp.ascontiguousarray(dy.reshape(b, t, n_head, d).transpose(0, 2, 1, 3))  # (B, H, T, D)
-    dqkv = onp.empty((3, b, n_head, t, d), dtype=dy.dtype)  # dq, dk, dv stacked
-    on_two_cores(_attention_backward_rows, q, k, v, p, dyh, dqkv[0], dqkv[1], dqkv[2])
-    return dqkv.transpose(1, 3, 0, 2, 4).reshape(b * t, 3 * n_head * d)  # -> (B, T, 3, H, D)
+    dyh = dy.reshape(b, t, n_head, d).transpose(0, 2, 1, 3)  # (B, H, T, D) view
+    dqkv = onp.empty((b, t, 3, n_head, d), dtype=dy.dtype)  # (N, 3C) in memory
+    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # 3 x (B, H, T, D) views
+    on_two_cores(_attention_backward_rows, q, k, v, p, dyh, dq, dk, dv)
+    return dqkv.reshape(b * t, 3 * n_head * d)
 
 
 # ----------------------------------------------------------------------------- one block
@@ -310,8 +355,7 @@ def gpt_loss_and_grads(params, ids, targets, config):
     for i in reversed(range(len(caches))):
         dx, block_grads[i] = block_backward(dx, caches[i], params["h"][i])
     grads["h"] = block_grads
-    dwte = onp.zeros_like(wte)
-    onp.add.at(dwte, ids_flat, dx)  # each row's gradient back to the token it was read from
+    dwte = embedding_backward(dx, ids_flat, wte.shape[0])
     if "lm_head" in params:
         grads["lm_head"] = {"w": dhead}
     else:
@@ -320,6 +364,22 @@ def gpt_loss_and_grads(params, ids, targets, config):
     dwpe[:t] = dx.reshape(b, t, c).sum(axis=0)  # positions are shared by the batch
     grads["wte"], grads["wpe"] = dwte, dwpe
     return loss, _like(params, grads)
+
+
+def embedding_backward(dx, ids, vocab_size):
+    """The gradient of a table lookup x = table[ids]: row v gets the sum of the rows dx (N, C)
+    whose id is v -> (V, C).
+
+    Example: ids [2, 0, 2], dx rows [a, b, c] -> rows [b, 0, a + c]. The rows are sorted by
+    id and each run of equal ids summed by one `add.reduceat` (several times faster than
+    `add.at`, which adds one row at a time).
+    """
+    order = onp.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = onp.flatnonzero(onp.concatenate(([True], sorted_ids[1:] != sorted_ids[:-1])))
+    table = onp.zeros((vocab_size, dx.shape[1]), dtype=dx.dtype)
+    table[sorted_ids[starts]] = onp.add.reduceat(dx[order], starts, axis=0)
+    return table
 
 
 def _like(params, grads):
@@ -341,3 +401,106 @@ def gpt_value_and_grad(config):
         return gpt_loss_and_grads(params, batch[0], batch[1], config)
 
     return value_and_grad
+
+
+# ----------------------------------------------------------------------------- the optimizer step
+#
+# `optim.adamw_step` updates a tree leaf by leaf: about 40 small arrays, each pass of each a
+# separate numpy call, with the trees flattened and rebuilt around it. Here the weights, the
+# two moments and the gradients each live in one flat buffer, so an AdamW step is a dozen
+# passes over one long vector, split between the two cores; the trees the loop keeps and
+# checkpoints are views into the buffers. The maths and its order of operations are those of
+# `optim._adamw_leaf`, so the numbers are the same; tests/test_fast.py checks it.
+
+
+class FlatLayout:
+    """Where each leaf of a parameter tree sits in one flat vector: the leaves that decay
+    (matrices, `optim.decays`) first, so that weight decay applies to one leading slice."""
+
+    def __init__(self, params):
+        flat = flatten(params)
+        self.tree_order = list(flat)  # the order the trees are rebuilt in
+        self.paths = sorted(flat, key=lambda path: not decays(flat[path]))  # decayed first
+        self.shapes = {path: flat[path].shape for path in self.paths}
+        self.dtype = flat[self.paths[0]].dtype
+        self.sizes = [flat[path].size for path in self.paths]
+        self.size = sum(self.sizes)
+        self.n_decay = sum(n for path, n in zip(self.paths, self.sizes) if decays(flat[path]))
+
+    def pack(self, tree):
+        """A tree shaped like the parameters -> one new flat vector."""
+        flat = flatten(tree)
+        return onp.concatenate([onp.ravel(flat[path]) for path in self.paths]).astype(
+            self.dtype, copy=False)
+
+    def unpack(self, vector):
+        """A flat vector -> a tree of views into it, shaped like the parameters."""
+        leaves, start = {}, 0
+        for path, size in zip(self.paths, self.sizes):
+            leaves[path] = vector[start:start + size].reshape(self.shapes[path])
+            start += size
+        return unflatten({path: leaves[path] for path in self.tree_order})
+
+
+def _adam_update(g, m, v, new_m, new_v, update, lr, step, beta1, beta2, grad_scale):
+    """The moments and the Adam update of `optim._adamw_leaf`, for a slice of the flat buffers:
+    new_m, new_v and update (lr m_hat / (sqrt(v_hat) + eps)) are written in place."""
+    onp.multiply(m, beta1, out=new_m)
+    onp.multiply(g, (1.0 - beta1) * grad_scale, out=update)
+    new_m += update  # m = b1 m + (1 - b1) g
+    onp.multiply(v, beta2, out=new_v)
+    onp.multiply(g, g, out=update)
+    update *= (1.0 - beta2) * grad_scale**2
+    new_v += update  # v = b2 v + (1 - b2) g^2
+    bc1, bc2 = 1.0 - beta1**step, 1.0 - beta2**step  # bias corrections, folded in as there
+    onp.sqrt(new_v, out=update)
+    update += ADAM_EPS * math.sqrt(bc2)
+    onp.divide(new_m, update, out=update)
+    update *= lr * math.sqrt(bc2) / bc1
+
+
+def adamw_flat(p, g, m, v, lr, step, beta1, beta2, weight_decay, grad_scale, n_decay):
+    """One AdamW step over flat buffers -> new (p, m, v) buffers; the inputs are unchanged.
+
+    The first n_decay elements decay. The moments and the update are computed on both cores
+    at once, half of the buffers each (every element's update depends on that element alone).
+    """
+    new_p, new_m, new_v, update = (onp.empty_like(p) for _ in range(4))
+    on_two_cores(_adam_update, g, m, v, new_m, new_v, update, lr, step, beta1, beta2, grad_scale)
+    onp.multiply(p[:n_decay], 1.0 - lr * weight_decay, out=new_p[:n_decay])  # decoupled decay
+    new_p[n_decay:] = p[n_decay:]
+    new_p -= update
+    return new_p, new_m, new_v
+
+
+def gpt_train_step(config):
+    """A training step on this path with the contract of `train.train_step` (minus its
+    value_and_grad): step(params, opt_state, batch, lr, tc, rng) -> (params, opt_state, loss,
+    norm). Gradients by `gpt_loss_and_grads`, clipping by the global norm, AdamW on flat
+    buffers; the trees it returns are views into new buffers (the inputs are never changed),
+    and when the next call gets those same trees back it reads the buffers without copying.
+    """
+    if not supports(config):
+        raise ValueError("the fast path needs dropout 0; use the reference path")
+    last = {}  # the trees the previous call returned -> their buffers
+
+    def step(params, opt_state, batch, lr, tc, rng):
+        loss, grads = gpt_loss_and_grads(params, batch[0], batch[1], config)
+        if last.get("trees") == (id(params), id(opt_state["m"]), id(opt_state["v"])):
+            layout, p, m, v = last["layout"], last["p"], last["m"], last["v"]
+        else:  # the first step, or a state from elsewhere (a resumed checkpoint)
+            layout = FlatLayout(params)
+            p, m, v = layout.pack(params), layout.pack(opt_state["m"]), layout.pack(opt_state["v"])
+        g = layout.pack(grads)
+        norm = math.sqrt(float(onp.vdot(g, g)))
+        t = opt_state["step"] + 1
+        p, m, v = adamw_flat(p, g, m, v, float(lr), t, tc.beta1, tc.beta2, tc.weight_decay,
+                             clip_scale(norm, tc.grad_clip), layout.n_decay)
+        new_params = layout.unpack(p)
+        new_state = {"m": layout.unpack(m), "v": layout.unpack(v), "step": t}
+        last.clear()
+        last.update(trees=(id(new_params), id(new_state["m"]), id(new_state["v"])),
+                    layout=layout, p=p, m=m, v=v, keep=(new_params, new_state))
+        return new_params, new_state, loss, norm
+
+    return step

@@ -307,7 +307,8 @@ def _interrupt_for(received):
 
 
 def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=None, lr_fn=None,
-               evaluate=None, on_eval=None, world=SINGLE_PROCESS, value_and_grad=None):
+               evaluate=None, on_eval=None, world=SINGLE_PROCESS, value_and_grad=None,
+               step_fn=None):
     """Train from `state` (Committed) to tc.max_iters; evaluate, log and `save(state)` as we go.
 
     `sample(split, rng)` returns a batch for `loss_fn(params, batch, rng)`: a tuple of arrays
@@ -317,7 +318,9 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
     estimates both from tc.eval_iters random batches (`estimate_loss`). `on_eval(record, state)`
     is called after each evaluation is saved and logged; if it returns True, training stops
     there (early stopping). `value_and_grad(params, batch, rng) -> (loss, grads)` replaces
-    autograd's gradient of loss_fn when given (pretraining passes the hand-written fast path).
+    autograd's gradient of loss_fn when given (pretraining passes the hand-written fast path),
+    and `step_fn(params, opt_state, batch, lr, tc, rng)` replaces `train_step` for a step of
+    one batch on one process (the fast path's AdamW over flat buffers).
 
     `tokens_per_iter` is the tokens of one micro-batch. With tc.grad_accum = K > 1 or over MPI
     (`world`, see tinyllm/distributed.py) a step averages the gradients of K micro-batches on
@@ -330,6 +333,8 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
     """
     if value_and_grad is None:
         value_and_grad = flat_value_and_grad(loss_fn)
+    if step_fn is None:
+        step_fn = functools.partial(train_step, value_and_grad)
     if lr_fn is None:
         lr_fn = functools.partial(lr_at, lr=tc.lr, min_lr=tc.min_lr, warmup_iters=tc.warmup_iters,
                                   decay_iters=tc.max_iters)
@@ -366,9 +371,8 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
                     params, opt_state, loss, _ = accumulated_step(
                         value_and_grad, state.params, state.opt_state, micro, lr_fn(it), tc, world)
                 else:  # one batch on one process: the step as it has always been
-                    params, opt_state, loss, _ = train_step(
-                        value_and_grad, state.params, state.opt_state, sample("train", rng),
-                        lr_fn(it), tc, rng)
+                    params, opt_state, loss, _ = step_fn(
+                        state.params, state.opt_state, sample("train", rng), lr_fn(it), tc, rng)
                 _check_finite_step(loss, params, it, out_dir)
                 state = Committed(params, opt_state, rng.bit_generator.state, it + 1,
                                   state.last_eval_iter)
@@ -682,12 +686,13 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
                         kind=OBJECTIVES[objective])
 
     t0 = time.perf_counter()
-    step_grads = fast_path.gpt_value_and_grad(model_config) if (
-        fast and fast_path.supports(model_config) and objective == "clm"
-    ) else None  # None: autograd on the reference (and always for the MLM encoder)
+    use_fast = fast and fast_path.supports(model_config) and objective == "clm"
+    # None: autograd on the reference model (always for the MLM encoder)
+    fast_grads = fast_path.gpt_value_and_grad(model_config) if use_fast else None
+    fast_step = fast_path.gpt_train_step(model_config) if use_fast else None
     state = train_loop(state, tc, loss_fn, sample, save, out_dir,
                        tc.batch_size * model_config.block_size, world=world,
-                       value_and_grad=step_grads)
+                       value_and_grad=fast_grads, step_fn=fast_step)
     final = world.from_root(lambda: read_metrics(out_dir)[-1])
     return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
             "seconds": time.perf_counter() - t0, "final": final, "objective": objective,
