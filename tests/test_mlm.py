@@ -18,7 +18,7 @@ from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.errors import TinyLLMError
 from tinyllm.mlm import (MASK_RATE, REPLACE_WITH_MASK, REPLACE_WITH_RANDOM, choose_positions,
-                         chosen_count, encode_with_masks, fill_masks, mask_tokens, masked_accuracy,
+                         chosen_count, encode_with_masks, fill_masks, filled_text, mask_tokens, masked_accuracy,
                          mlm_logits, mlm_loss)
 from tinyllm.models import bidirectional_hidden, lm_head_weight
 from tinyllm.ops import cross_entropy_reference
@@ -186,6 +186,14 @@ def test_bpe_puts_the_space_before_a_mask_into_the_masked_token():
     tok = BPETokenizer.train(TEXT, 300, special_tokens=("<|endoftext|>", MASK_TOKEN))
     mask = tok.special_tokens[MASK_TOKEN]
     assert encode_with_masks(tok, "The [MASK] fox") == tok.encode("The") + [mask] + tok.encode(" fox")
+
+
+def test_filled_text_puts_the_tokens_back_where_the_masks_were():
+    from tinyllm.tokenizers import BPETokenizer
+
+    bpe = BPETokenizer.train(TEXT, 300, special_tokens=("<|endoftext|>", MASK_TOKEN))
+    assert filled_text(bpe, "The [MASK] fox [MASK].", [" red", " ran"]) == "The red fox ran."
+    assert filled_text(char_tokenizer(), "a [MASK]c", ["b"]) == "a bc"  # char: spaces stay
 
 
 def test_fill_gives_top_k_probabilities_per_mask(make_params):

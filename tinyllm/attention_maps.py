@@ -227,9 +227,9 @@ def checkpoint_attention(ckpt_dir, prompt, part=None, target=None):
     """The attention maps of a run directory's model on `prompt`.
 
     GPT, LoRA-tuned GPT, MLM and classifier runs: the self-attention over the prompt (causal, or
-    bidirectional for an MLM encoder and a classifier fine-tuned with --arch encoder). seq2seq runs: `part` is
-    "encoder", "decoder" or "cross" (the default) and the prompt is the source; the decoder reads
-    <bos> + `target`, by default the model's own greedy translation.
+    bidirectional for an MLM encoder and a classifier fine-tuned with --arch encoder). seq2seq
+    runs: `part` is "encoder", "decoder" or "cross" (the default) and the prompt is the source;
+    the decoder reads <bos> + `target`, by default the model's own greedy translation.
     """
     from .checkpoint import load_checkpoint
 

@@ -29,21 +29,14 @@ def fill(text, checkpoint, top_k):
     their space), so "The [MASK] statement" asks for a word between the two.
     """
     from .checkpoint import load_checkpoint
-    from .mlm import MASK_TEXT, fill_masks
+    from .mlm import fill_masks, filled_text
 
     ckpt = load_checkpoint(checkpoint, kind="mlm")
     predictions = fill_masks(ckpt.params, ckpt.model_config, ckpt.tokenizer, text, top_k)
-    filled = text
     for number, options in enumerate(predictions, 1):
         shown = ", ".join(f"{token!r} {p:.3f}" for token, p in options)
         click.echo(f"[MASK] {number}: {shown}")
-        best = options[0][0]
-        if ckpt.tokenizer.kind == "bpe" and best.startswith(" "):
-            filled = filled.replace(" " + MASK_TEXT, best, 1) if (" " + MASK_TEXT) in filled \
-                else filled.replace(MASK_TEXT, best, 1)
-        else:
-            filled = filled.replace(MASK_TEXT, best, 1)
-    click.echo(filled)
+    click.echo(filled_text(ckpt.tokenizer, text, [options[0][0] for options in predictions]))
 
 
 @click.command()

@@ -183,6 +183,18 @@ def encode_with_masks(tokenizer, text):
     return ids
 
 
+def filled_text(tokenizer, text, tokens):
+    """`text` with its [MASK]s replaced by `tokens` in order, undoing what encode_with_masks did
+    to a space before a mask (BPE). Example: "The [MASK] fox", [" red"] -> "The red fox"."""
+    pieces = text.split(MASK_TEXT)
+    out = pieces[0]
+    for token, piece in zip(tokens, pieces[1:]):
+        if tokenizer.kind == "bpe" and out.endswith(" "):
+            out = out[:-1]  # that space went into the masked token
+        out += token + piece
+    return out
+
+
 def fill_masks(params, config, tokenizer, text, top_k=5):
     """The top_k predictions at each [MASK] of `text`: a list, one per mask, of (token text,
     probability) pairs, most likely first."""
