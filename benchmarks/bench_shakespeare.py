@@ -142,7 +142,9 @@ def speed(args, sides):
         table[side] = {"ms": statistics.median(wall), "all": wall, "cpu": statistics.median(cpu),
                        "rss": max(b["peak_rss_mb"] for _, b in pairs)}
     ours = runs["tinyllm"]["long"][0]
-    limit_ms = 1000 * ours["flops_per_iter"] / (ours["matmul_peak_gflops"] * 1e9)
+    # the matmul peak measured at the start of each tinyllm run: the best is the least disturbed
+    peak = max(r["matmul_peak_gflops"] for length in runs["tinyllm"].values() for r in length)
+    limit_ms = 1000 * ours["flops_per_iter"] / (peak * 1e9)
     print(f"\nper iteration, (wall of {long} - wall of {short} iterations) / {long - short},"
           f" median of {args.repeats} (each repeat in brackets)")
     for side in sides:
@@ -151,7 +153,7 @@ def speed(args, sides):
         print(f"  {side:8s} {row['ms']:6.1f} ms/iter [{each}]   CPU {row['cpu']:6.1f} ms/iter"
               f"   peak RSS {row['rss']:5.0f} MB")
     print(f"physical limit: {ours['flops_per_iter'] / 1e9:.2f} GFLOP per iteration at the matmul"
-          f" peak of {ours['matmul_peak_gflops']:.0f} GFLOP/s = {limit_ms:.1f} ms;"
+          f" peak of {peak:.0f} GFLOP/s (best of the tinyllm runs) = {limit_ms:.1f} ms;"
           f" tinyllm reaches {limit_ms / table['tinyllm']['ms']:.0%} of it")
     if "torch" in table:
         ratio = table["tinyllm"]["ms"] / table["torch"]["ms"]
