@@ -8,9 +8,16 @@ import signal
 
 import numpy as onp
 import pytest
+from hypothesis import settings
+
 
 from tinyllm.config import GPTConfig
 from tinyllm.models import init_gpt
+
+# No per-example deadline for any Hypothesis test: a busy machine (CI shares its cores) can make
+# one example slow, and a deadline would then fail a test whose maths is right.
+settings.register_profile("tinyllm", deadline=None)
+settings.load_profile("tinyllm")
 
 # Small enough that a forward pass takes well under a millisecond, big enough to have
 # more than one layer and more than one head (head size D = 16 / 2 = 8). With biases, unlike the

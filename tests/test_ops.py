@@ -215,7 +215,8 @@ def test_attention_split_over_two_cores_equals_reference(mask_kind):
     assert_same_value_and_grads(fused, reference, (q, k, v), [0, 1, 2], rng)
 
 
-def test_on_two_cores_equals_one_call():
+def test_on_two_cores_equals_one_call(monkeypatch):
+    monkeypatch.setattr(ops, "ONE_CORE", False)  # split even where the suite runs on one thread
     rng = rng_for(6)
     x = rng.standard_normal((4, ops._MIN_PARALLEL_SIZE // 4))  # just big enough to split
     shift = rng.standard_normal(x.shape[1])  # broadcast over the rows: passed whole
@@ -226,6 +227,26 @@ def test_on_two_cores_equals_one_call():
     out = onp.empty_like(x)
     ops.on_two_cores(add, x, shift, out)
     onp.testing.assert_array_equal(out, x + shift)
+
+
+def test_on_two_cores_keeps_to_one_thread_when_asked(monkeypatch):
+    """With ONE_CORE (OPENBLAS_NUM_THREADS=1), the work runs as one call in this thread."""
+    calls = []
+    x = onp.zeros((4, ops._MIN_PARALLEL_SIZE // 4))
+    monkeypatch.setattr(ops, "ONE_CORE", True)
+    ops.on_two_cores(lambda part: calls.append(len(part)), x)
+    assert calls == [4]
+    monkeypatch.setattr(ops, "ONE_CORE", False)
+    calls.clear()
+    ops.on_two_cores(lambda part: calls.append(len(part)), x)
+    assert sorted(calls) == [2, 2]
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, False), ({"OPENBLAS_NUM_THREADS": "1"}, True), ({"OMP_NUM_THREADS": "1"}, True),
+    ({"OPENBLAS_NUM_THREADS": "2"}, False)])
+def test_one_thread_asked_reads_the_blas_variables(environ, expected):
+    assert ops.one_thread_asked(environ) is expected
 
 
 def test_attention_weights_equal_reference_softmax():

@@ -59,6 +59,7 @@ arrays, and the one place that splits work over two cores is `on_two_cores` (its
 
 import concurrent.futures
 import math
+import os
 
 import autograd.numpy as np
 import numpy as onp  # plain numpy inside primitives: their insides are never traced
@@ -465,8 +466,21 @@ defvjp_argnums(_attention_fused, _attention_vjp)
 # functions above know nothing of it: each works on whatever rows it is given, and
 # `on_two_cores(fn, ...)` gives the same result as calling `fn(...)` (a test checks it).
 
+#
+# A process asked to keep to one core (OPENBLAS_NUM_THREADS=1 or OMP_NUM_THREADS=1, as for each
+# rank of `mpirun -n 2` on a 2-core machine, or a one-thread benchmark) gets no second thread
+# here either: two ranks with two threads each would fight over the same two cores.
+
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2)
 _MIN_PARALLEL_SIZE = 1 << 15  # below ~32k elements the thread hand-off costs more than it saves
+
+
+def one_thread_asked(environ=os.environ):
+    """True if the environment limits numpy's BLAS to one thread."""
+    return "1" in (environ.get("OPENBLAS_NUM_THREADS"), environ.get("OMP_NUM_THREADS"))
+
+
+ONE_CORE = one_thread_asked()  # read once, at import: the BLAS library reads it then too
 
 
 def on_two_cores(fn, *arrays):
@@ -481,7 +495,7 @@ def on_two_cores(fn, *arrays):
     """
     first = arrays[0]
     rows = first.shape[0] if first.ndim else 0
-    if rows < 2 or first.size < _MIN_PARALLEL_SIZE:
+    if ONE_CORE or rows < 2 or first.size < _MIN_PARALLEL_SIZE:
         fn(*arrays)
         return
 
