@@ -34,11 +34,9 @@ import math
 
 import numpy as onp
 
-from .ops import GELU_C, LN_EPS, MASK_VALUE, on_two_cores
+from .ops import LN_EPS, MASK_VALUE, gelu_rows, on_two_cores
 from .optim import ADAM_EPS, clip_scale, decays
 from .tree import flatten, unflatten
-
-GELU_A = 0.044715  # the cubic coefficient of GELU's tanh form (Hendrycks & Gimpel, 2016)
 
 
 def supports(config):
@@ -126,37 +124,13 @@ def layer_norm_backward(dy, cache, g, with_bias):
 # ----------------------------------------------------------------------------- GELU
 
 
-def _gelu_rows(h, y, slope):
-    """Fill y = gelu(h) and slope = gelu'(h) for a block of rows, sharing one tanh.
-
-    gelu(h)  = h G with the gate G = 0.5 (1 + t), t = tanh(c h (1 + a h^2)),
-    gelu'(h) = G + 0.5 c h (1 - t^2) (1 + 3 a h^2)   (the product rule, and tanh' = 1 - tanh^2).
-    """
-    h2 = h * h
-    t = h2 * (GELU_A * GELU_C)
-    t += GELU_C
-    t *= h
-    onp.tanh(t, out=t)  # t = tanh(c h (1 + a h^2))
-    onp.add(t, 1.0, out=slope)
-    slope *= 0.5  # G
-    onp.multiply(h, slope, out=y)  # y = h G
-    h2 *= 3 * GELU_A
-    h2 += 1.0
-    h2 *= h
-    h2 *= 0.5 * GELU_C  # 0.5 c h (1 + 3 a h^2)
-    onp.multiply(t, t, out=t)
-    onp.subtract(1.0, t, out=t)  # 1 - t^2
-    h2 *= t
-    slope += h2  # G + 0.5 c h (1 - t^2)(1 + 3 a h^2)
-
-
 def gelu_forward(h):
     """GELU (tanh form) of h (N, 4C): returns y and the cache, the slope gelu'(h).
 
     The backward pass is then one multiply: dh = dy gelu'(h).
     """
     y, slope = onp.empty_like(h), onp.empty_like(h)
-    on_two_cores(_gelu_rows, h, y, slope)
+    on_two_cores(gelu_rows, h, y, slope)  # ops.gelu_rows: value and slope, one tanh
     return y, slope
 
 

@@ -134,7 +134,7 @@ def gelu_reference(x):
     return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + 0.044715 * x**3)))
 
 
-def _gelu_rows(x, y, slope):
+def gelu_rows(x, y, slope):
     """Fill y = gelu(x) and, unless slope is None, slope = gelu'(x), sharing one tanh.
 
     gelu(x)  = x G,  with the gate G = 0.5 (1 + t) and t = tanh(c x (1 + a x^2)), a = 0.044715
@@ -173,10 +173,10 @@ def gelu(x):
         return gelu_reference(x)
     y = onp.empty_like(xv)
     if not isbox(x):  # not being differentiated (evaluation, sampling): skip the slope
-        on_two_cores(_gelu_rows, xv, y, None)
+        on_two_cores(gelu_rows, xv, y, None)
         return y
     slope = onp.empty_like(xv)
-    on_two_cores(_gelu_rows, xv, y, slope)
+    on_two_cores(gelu_rows, xv, y, slope)
     return _with_slope(x, y, slope)
 
 
