@@ -53,6 +53,17 @@ def params64(make_params):
     return make_params(dtype="float64")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt in the tests, as in any Python started from a terminal,
+    even when the suite itself was started with SIGINT ignored (under nohup, or as a background
+    job of a script): the tests that press Ctrl-C need it, and tinyllm leaves an ignored signal
+    ignored (an MPI rank's way of leaving Ctrl-C to rank 0)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def signal_handlers_put_back():
     """An interrupted CLI run ignores further Ctrl-C and SIGTERM on its way out (see
