@@ -268,22 +268,23 @@ def rank_run_dir(out_dir, resume, group):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def launched_size(environ=os.environ):
-    """The number of processes an MPI launcher started, from its environment (1 if none)."""
-    for name in SIZE_VARS:
+def _launcher_number(names, environ, default):
+    """The first of the launcher's variables `names` that holds a number, or `default`."""
+    for name in names:
         value = environ.get(name, "")
         if value.isdigit():
             return int(value)
-    return 1
+    return default
+
+
+def launched_size(environ=os.environ):
+    """The number of processes an MPI launcher started, from its environment (1 if none)."""
+    return _launcher_number(SIZE_VARS, environ, 1)
 
 
 def launched_rank(environ=os.environ):
     """This process's rank, from the launcher's environment (0 if none)."""
-    for name in RANK_VARS:
-        value = environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return 0
+    return _launcher_number(RANK_VARS, environ, 0)
 
 
 PARALLEL_COMMANDS = ("pretrain", "finetune")  # the commands that train over mpirun
