@@ -3,6 +3,7 @@ and every gradient, over random shapes, with and without biases, tied and untied
 `tinyllm pretrain` trains on the fast path, and `--no-fast` or dropout on the reference one."""
 
 import json
+import threading
 
 import autograd
 import numpy as onp
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinyllm import fast
+from tinyllm import fast, ops, system
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.models import gpt_loss, init_gpt
@@ -154,13 +155,14 @@ TINY = ["--tokenizer", "char", "--n-layer", "1", "--n-embd", "16", "--n-head", "
 
 @pytest.fixture
 def counted_fast_path(monkeypatch):
-    """Counts the calls to the fast path's loss and gradients."""
+    """Records the batch rows each call to the fast path's loss and gradients gets (a step on
+    two cores makes two calls, each with half of the batch)."""
     calls = []
     real = fast.gpt_loss_and_grads
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def counting(params, ids, *args, **kwargs):
+        calls.append(ids.shape[0])
+        return real(params, ids, *args, **kwargs)
 
     monkeypatch.setattr(fast, "gpt_loss_and_grads", counting)
     return calls
@@ -180,9 +182,9 @@ def pretrain_losses(tmp_path, name, *flags):
 def test_pretrain_trains_on_the_fast_path_and_no_fast_on_the_reference(tmp_path,
                                                                        counted_fast_path):
     fast_losses = pretrain_losses(tmp_path, "fast")
-    assert len(counted_fast_path) == 4  # one call per training step
+    assert sum(counted_fast_path) == 4 * 4  # every row of the 4 steps' batches of 4
     reference_losses = pretrain_losses(tmp_path, "reference", "--no-fast")
-    assert len(counted_fast_path) == 4  # no more calls
+    assert sum(counted_fast_path) == 4 * 4  # no more calls
     assert onp.allclose(fast_losses, reference_losses, rtol=1e-4)  # same training, up to rounding
     assert fast_losses[-1][0] < fast_losses[0][0]  # and it trained
 
@@ -209,3 +211,118 @@ def test_the_attention_softmax_equals_the_row_by_row_one_whatever_the_rows_scale
     fast.softmax_rows(weights, mask)
     assert onp.allclose(weights, plain_softmax(scores, mask), rtol=1e-12, atol=1e-300)
     assert onp.allclose(weights.sum(axis=-1), 1.0)
+
+
+# ----------------------------------------------------------------------------- two halves at once
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes, st.integers(1, 7))
+def test_a_batch_in_two_halves_equals_autograd_on_the_whole_batch(s, batch):
+    """Odd batches too: the halves' losses and gradients are weighted by their rows."""
+    config, params, rng = random_model(s["seed"], s["vocab"], s["n_layer"], s["n_head"],
+                                       s["head_size"], s["block"], s["bias"], s["tie"], "float64")
+    t = int(rng.integers(1, s["block"] + 1))
+    ids, targets = rng.integers(0, s["vocab"], (batch, t)), rng.integers(0, s["vocab"], (batch, t))
+    want_loss, want = reference_loss_and_grads(params, ids, targets, config)
+    loss, grads = fast.gpt_loss_and_grads_in_halves(params, ids, targets, config)
+    assert abs(loss - float(want_loss)) < 1e-10
+    want, got = flatten(want), flatten(grads)
+    assert list(got) == list(want)
+    for name in want:
+        assert onp.allclose(got[name], want[name], rtol=1e-8, atol=1e-11), name
+
+
+@pytest.fixture
+def blas_calls(monkeypatch):
+    """A stand-in for OpenBLAS's per-thread setter: records (thread, n) and keeps each thread's
+    setting, so a test can see what each call of `two_at_once` ran with."""
+    setting, calls = {}, []
+
+    def setter(n):
+        me = threading.get_ident()
+        calls.append((me, n))
+        previous, setting[me] = setting.get(me, 2), n
+        return previous
+
+    monkeypatch.setattr(system, "blas_thread_limit", lambda: setter)
+    return calls, setting
+
+
+def test_two_at_once_runs_each_call_on_its_own_thread_with_one_blas_thread(blas_calls):
+    calls, setting = blas_calls
+    seen = []
+
+    def call(name):
+        seen.append((name, threading.get_ident(), setting[threading.get_ident()],
+                     ops._ON_ONE_CORE.active))
+        return name
+
+    assert ops.two_at_once(lambda: call("a"), lambda: call("b")) == ("a", "b")
+    assert {name for name, *_ in seen} == {"a", "b"}
+    assert len({thread for _, thread, *_ in seen}) == 2  # at the same time, on two threads
+    assert all(n == 1 and on_one_core for _, _, n, on_one_core in seen)
+    assert all(n == 2 for n in setting.values())  # each thread's own setting given back
+    assert not ops._ON_ONE_CORE.active
+    assert len(calls) == 4
+
+
+def test_inside_two_at_once_on_two_cores_runs_inline(blas_calls):
+    """No thread inside a thread: each half's elementwise passes stay on its own core."""
+    pieces = []
+
+    def rows(x, out):
+        pieces.append(x.shape[0])
+        out[...] = 2 * x
+
+    x = onp.ones((64, 1024))  # big enough to be split outside
+    outs = [onp.empty_like(x) for _ in range(3)]
+    ops.on_two_cores(rows, x, outs[0])
+    assert not ops.ONE_CORE and pieces == [32, 32]  # (the test run is allowed two cores)
+    pieces.clear()
+    ops.two_at_once(lambda: ops.on_two_cores(rows, x, outs[1]),
+                    lambda: ops.on_two_cores(rows, x, outs[2]))
+    assert pieces == [64, 64]
+    assert all(onp.array_equal(out, 2 * x) for out in outs)
+
+
+def test_an_error_in_either_call_of_two_at_once_is_raised(blas_calls):
+    def fail():
+        raise ValueError("half")
+
+    for calls in ((fail, lambda: 0), (lambda: 0, fail)):
+        with pytest.raises(ValueError, match="half"):
+            ops.two_at_once(*calls)
+        assert not ops._ON_ONE_CORE.active
+
+
+def test_the_training_step_runs_in_halves_only_where_each_can_keep_to_one_core(monkeypatch,
+                                                                                  blas_calls):
+    config, params, rng = random_model(2, 7, 1, 2, 4, 8, False, True, "float32")
+    batch = (rng.integers(0, 7, (4, 8)), rng.integers(0, 7, (4, 8)))
+    rows = []
+    real = fast.gpt_loss_and_grads
+    monkeypatch.setattr(fast, "gpt_loss_and_grads",
+                        lambda p, ids, *a: rows.append(ids.shape[0]) or real(p, ids, *a))
+    fast.gpt_train_step(config)(params, adamw_init(params), batch, 1e-3, TrainConfig(), None)
+    assert rows == [2, 2]  # the BLAS library allows it (the stand-in): two halves
+    rows.clear()
+    monkeypatch.setattr(system, "blas_thread_limit", lambda: None)  # MKL, Accelerate, old OpenBLAS
+    fast.gpt_train_step(config)(params, adamw_init(params), batch, 1e-3, TrainConfig(), None)
+    assert rows == [4]
+    rows.clear()
+    monkeypatch.setattr(system, "blas_thread_limit", lambda: (lambda n: 2))  # allowed again
+    monkeypatch.setattr(ops, "ONE_CORE", True)  # OPENBLAS_NUM_THREADS=1, as under mpirun
+    fast.gpt_value_and_grad(config)(params, batch, None)
+    assert rows == [4]
+
+
+def test_this_machines_blas_limit_is_per_thread_and_given_back():
+    setter = system.blas_thread_limit()
+    if setter is None:
+        pytest.skip("numpy's BLAS here has no per-thread limit: training uses whole batches")
+    before = setter(1)
+    assert setter(before) == 1  # it took, and is given back
+    with system.one_blas_thread():
+        assert setter(1) == 1
+    assert setter(before) == before

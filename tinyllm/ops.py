@@ -60,11 +60,14 @@ arrays, and the one place that splits work over two cores is `on_two_cores` (its
 import concurrent.futures
 import math
 import os
+import threading
 
 import autograd.numpy as np
 import numpy as onp  # plain numpy inside primitives: their insides are never traced
 from autograd.extend import defvjp, defvjp_argnums, primitive
 from autograd.tracer import getval, isbox
+
+from . import system
 
 LN_EPS = 1e-5  # layer norm's variance floor, as in PyTorch and GPT-2
 GELU_C = math.sqrt(2.0 / math.pi)  # the tanh approximation's constant (Hendrycks & Gimpel, 2016)
@@ -470,6 +473,11 @@ defvjp_argnums(_attention_fused, _attention_vjp)
 # A process asked to keep to one core (OPENBLAS_NUM_THREADS=1 or OMP_NUM_THREADS=1, as for each
 # rank of `mpirun -n 2` on a 2-core machine, or a one-thread benchmark) gets no second thread
 # here either: two ranks with two threads each would fight over the same two cores.
+#
+# `two_at_once(call_a, call_b)` is the coarser split the fast training path uses: two whole
+# calls (the two halves of a batch) at once, each kept to one core. Inside them `on_two_cores`
+# runs its function inline and matrix products use one BLAS thread (system.one_blas_thread),
+# so there are never more busy threads than cores.
 
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2)
 _MIN_PARALLEL_SIZE = 1 << 15  # below ~32k elements the thread hand-off costs more than it saves
@@ -481,6 +489,13 @@ def one_thread_asked(environ=os.environ):
 
 
 ONE_CORE = one_thread_asked()  # read once, at import: the BLAS library reads it then too
+
+
+class _ThisThread(threading.local):
+    active = False  # True while this thread runs one of the two calls of `two_at_once`
+
+
+_ON_ONE_CORE = _ThisThread()
 
 
 def on_two_cores(fn, *arrays):
@@ -495,7 +510,7 @@ def on_two_cores(fn, *arrays):
     """
     first = arrays[0]
     rows = first.shape[0] if first.ndim else 0
-    if ONE_CORE or rows < 2 or first.size < _MIN_PARALLEL_SIZE:
+    if ONE_CORE or _ON_ONE_CORE.active or rows < 2 or first.size < _MIN_PARALLEL_SIZE:
         fn(*arrays)
         return
 
@@ -511,3 +526,31 @@ def on_two_cores(fn, *arrays):
 def _has_rows(a, first):
     """True if `a` has one row per row of `first` (so it is split with it)."""
     return a is not None and onp.ndim(a) == first.ndim and onp.shape(a)[0] == first.shape[0]
+
+
+def can_run_two_at_once():
+    """True if `two_at_once` can keep each of its calls to one core: two cores are allowed and
+    the BLAS library lets a thread limit its own matrix products to one thread."""
+    return not ONE_CORE and not _ON_ONE_CORE.active and system.blas_thread_limit() is not None
+
+
+def two_at_once(call_a, call_b):
+    """(call_a(), call_b()), run at the same time, each on one core -> (result_a, result_b).
+
+    Within each call `on_two_cores` runs inline and matrix products use one BLAS thread. Use it
+    where `can_run_two_at_once()`; otherwise it still gives the same results, just with more
+    threads than cores.
+    """
+    other = _POOL.submit(_on_one_core, call_a)
+    mine = _on_one_core(call_b)
+    return other.result(), mine  # re-raises any error from the other thread
+
+
+def _on_one_core(call):
+    """call() with this thread kept to one core (see `two_at_once`)."""
+    _ON_ONE_CORE.active = True
+    try:
+        with system.one_blas_thread():
+            return call()
+    finally:
+        _ON_ONE_CORE.active = False
