@@ -236,7 +236,7 @@ def test_a_batch_in_two_halves_equals_autograd_on_the_whole_batch(s, batch):
 @pytest.fixture
 def blas_calls(monkeypatch):
     """A stand-in for OpenBLAS's per-thread setter: records (thread, n) and keeps each thread's
-    setting, so a test can see what each call of `two_at_once` ran with."""
+    setting, so a test can see what each call of `run_both` ran with."""
     setting, calls = {}, []
 
     def setter(n):
@@ -249,16 +249,17 @@ def blas_calls(monkeypatch):
     return calls, setting
 
 
-def test_two_at_once_runs_each_call_on_its_own_thread_with_one_blas_thread(blas_calls):
+def record(seen, setting, name):
+    me = threading.get_ident()
+    seen.append((name, me, setting.get(me, 2), ops._ON_ONE_CORE.active))
+    return name
+
+
+def test_run_both_runs_each_call_on_its_own_thread_with_one_blas_thread(blas_calls):
     calls, setting = blas_calls
     seen = []
-
-    def call(name):
-        seen.append((name, threading.get_ident(), setting[threading.get_ident()],
-                     ops._ON_ONE_CORE.active))
-        return name
-
-    assert ops.two_at_once(lambda: call("a"), lambda: call("b")) == ("a", "b")
+    assert ops.run_both(lambda: record(seen, setting, "a"),
+                        lambda: record(seen, setting, "b")) == ("a", "b")
     assert {name for name, *_ in seen} == {"a", "b"}
     assert len({thread for _, thread, *_ in seen}) == 2  # at the same time, on two threads
     assert all(n == 1 and on_one_core for _, _, n, on_one_core in seen)
@@ -267,7 +268,23 @@ def test_two_at_once_runs_each_call_on_its_own_thread_with_one_blas_thread(blas_
     assert len(calls) == 4
 
 
-def test_inside_two_at_once_on_two_cores_runs_inline(blas_calls):
+@pytest.mark.parametrize("why", ["no per-thread limit", "one core asked"])
+def test_run_both_runs_the_calls_in_turn_where_it_cannot_keep_each_to_one_core(monkeypatch,
+                                                                              blas_calls, why):
+    calls, setting = blas_calls
+    if why == "no per-thread limit":  # MKL, Accelerate, an OpenBLAS older than 0.3.27
+        monkeypatch.setattr(system, "blas_thread_limit", lambda: None)
+    else:  # OPENBLAS_NUM_THREADS=1, as for each rank under mpirun
+        monkeypatch.setattr(ops, "ONE_CORE", True)
+    seen = []
+    assert ops.run_both(lambda: record(seen, setting, "a"),
+                        lambda: record(seen, setting, "b")) == ("a", "b")
+    me = threading.get_ident()
+    assert seen == [("a", me, 2, False), ("b", me, 2, False)]  # in order, here, untouched
+    assert not calls
+
+
+def test_inside_run_both_on_two_cores_runs_inline(blas_calls):
     """No thread inside a thread: each half's elementwise passes stay on its own core."""
     pieces = []
 
@@ -280,47 +297,56 @@ def test_inside_two_at_once_on_two_cores_runs_inline(blas_calls):
     ops.on_two_cores(rows, x, outs[0])
     assert not ops.ONE_CORE and pieces == [32, 32]  # (the test run is allowed two cores)
     pieces.clear()
-    ops.two_at_once(lambda: ops.on_two_cores(rows, x, outs[1]),
-                    lambda: ops.on_two_cores(rows, x, outs[2]))
+    ops.run_both(lambda: ops.on_two_cores(rows, x, outs[1]),
+                 lambda: ops.on_two_cores(rows, x, outs[2]))
     assert pieces == [64, 64]
     assert all(onp.array_equal(out, 2 * x) for out in outs)
 
 
-def test_an_error_in_either_call_of_two_at_once_is_raised(blas_calls):
+def test_an_error_in_either_call_of_run_both_is_raised(blas_calls):
     def fail():
         raise ValueError("half")
 
     for calls in ((fail, lambda: 0), (lambda: 0, fail)):
         with pytest.raises(ValueError, match="half"):
-            ops.two_at_once(*calls)
+            ops.run_both(*calls)
         assert not ops._ON_ONE_CORE.active
 
 
-def test_the_training_step_runs_in_halves_only_where_each_can_keep_to_one_core(monkeypatch,
-                                                                                  blas_calls):
+def test_training_steps_run_in_halves_with_the_same_numbers_on_one_core_or_two(monkeypatch,
+                                                                                blas_calls):
+    """Both entry points (a whole step, and the gradients of a micro-batch) split the batch;
+    the halves run at once where allowed, in turn where not, and the weights come out
+    identical, so a run gives the same numbers on one core or two."""
     config, params, rng = random_model(2, 7, 1, 2, 4, 8, False, True, "float32")
-    batch = (rng.integers(0, 7, (4, 8)), rng.integers(0, 7, (4, 8)))
-    rows = []
+    batch = (rng.integers(0, 7, (5, 8)), rng.integers(0, 7, (5, 8)))
+    seen = []
     real = fast.gpt_loss_and_grads
-    monkeypatch.setattr(fast, "gpt_loss_and_grads",
-                        lambda p, ids, *a: rows.append(ids.shape[0]) or real(p, ids, *a))
-    fast.gpt_train_step(config)(params, adamw_init(params), batch, 1e-3, TrainConfig(), None)
-    assert rows == [2, 2]  # the BLAS library allows it (the stand-in): two halves
-    rows.clear()
-    monkeypatch.setattr(system, "blas_thread_limit", lambda: None)  # MKL, Accelerate, old OpenBLAS
-    fast.gpt_train_step(config)(params, adamw_init(params), batch, 1e-3, TrainConfig(), None)
-    assert rows == [4]
-    rows.clear()
-    monkeypatch.setattr(system, "blas_thread_limit", lambda: (lambda n: 2))  # allowed again
-    monkeypatch.setattr(ops, "ONE_CORE", True)  # OPENBLAS_NUM_THREADS=1, as under mpirun
-    fast.gpt_value_and_grad(config)(params, batch, None)
-    assert rows == [4]
+
+    def recording(p, ids, *a):
+        seen.append((ids.shape[0], threading.get_ident()))
+        return real(p, ids, *a)
+
+    monkeypatch.setattr(fast, "gpt_loss_and_grads", recording)
+    results = []
+    for one_core in (False, True):
+        monkeypatch.setattr(ops, "ONE_CORE", one_core)
+        seen.clear()
+        new_params, *_ = fast.gpt_train_step(config)(params, adamw_init(params), batch, 1e-3,
+                                                     TrainConfig(), None)
+        loss, grads = fast.gpt_value_and_grad(config)(params, batch, None)
+        assert sorted(rows for rows, _ in seen) == [2, 2, 3, 3]
+        assert len({thread for _, thread in seen}) == (1 if one_core else 2)
+        results.append((flatten(new_params), loss, flatten(grads)))
+    (p2, l2, g2), (p1, l1, g1) = results
+    assert l1 == l2
+    assert all(onp.array_equal(p1[k], p2[k]) and onp.array_equal(g1[k], g2[k]) for k in p1)
 
 
 def test_this_machines_blas_limit_is_per_thread_and_given_back():
     setter = system.blas_thread_limit()
     if setter is None:
-        pytest.skip("numpy's BLAS here has no per-thread limit: training uses whole batches")
+        pytest.skip("numpy's BLAS here has no per-thread limit: the halves run in turn")
     before = setter(1)
     assert setter(before) == 1  # it took, and is given back
     with system.one_blas_thread():

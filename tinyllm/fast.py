@@ -30,7 +30,8 @@ passes over the attention weights, the MLP activations and AdamW's buffers betwe
 cores.
 
 Two cores: a training step runs the two halves of its batch at once, each on one core with
-one BLAS thread (`gpt_loss_and_grads_in_halves`), where the BLAS library allows it. Measured at
+one BLAS thread (`gpt_loss_and_grads_in_halves`), where the BLAS library allows it (else one
+half after the other, with the same results). Measured at
 nanoGPT's CPU recipe on a 2-core machine: the forward and backward passes take about 31 ms as
 two halves against 41-50 ms as one batch whose matrix products use both cores, because then
 every elementwise pass runs on two cores as well, and OpenBLAS's second thread no longer spins
@@ -41,8 +42,7 @@ import math
 
 import numpy as onp
 
-from .ops import (LN_EPS, MASK_VALUE, can_run_two_at_once, gelu_rows, on_two_cores,
-                  two_at_once)
+from .ops import LN_EPS, MASK_VALUE, gelu_rows, on_two_cores, run_both
 from .optim import ADAM_EPS, clip_scale, decays
 from .tree import flatten, unflatten
 
@@ -374,21 +374,24 @@ def _like(params, grads):
 
 
 def gpt_loss_and_grads_in_halves(params, ids, targets, config):
-    """`gpt_loss_and_grads` of the whole batch, computed as two halves at once, one per core.
+    """`gpt_loss_and_grads` of the whole batch, computed as two halves, at once on two cores.
 
     The loss is a mean over the B T positions, so with a = the first b_a rows of the batch and
     b = the other b_b: loss = (b_a loss_a + b_b loss_b) / B, and the same weights combine the
     gradients (a gradient is linear in the loss). Each half runs the whole forward and backward
-    pass on its own core (`ops.two_at_once`): every pass of the step runs on two cores, where
-    splitting each matrix product and each elementwise pass separately would hand work between
+    pass on its own core (`ops.run_both`): every pass of the step runs on two cores, where
+    splitting each matrix product and each elementwise pass separately hands work between
     threads some two hundred times a step. The results equal the whole batch's up to float
-    rounding (sums are taken in another order). A batch of one row runs whole.
+    rounding (sums are taken in another order), and they are the same whether the halves ran
+    at once or one after the other: a run gives the same numbers on one core or two, which is
+    what lets a run killed on one machine setting resume exactly on another. A batch of one
+    row runs whole.
     """
     b = ids.shape[0]
     if b < 2:
         return gpt_loss_and_grads(params, ids, targets, config)
     half = b // 2
-    (loss_a, grads_a), (loss_b, grads_b) = two_at_once(
+    (loss_a, grads_a), (loss_b, grads_b) = run_both(
         lambda: gpt_loss_and_grads(params, ids[:half], targets[:half], config),
         lambda: gpt_loss_and_grads(params, ids[half:], targets[half:], config))
     w_a, w_b = half / b, (b - half) / b
@@ -406,22 +409,14 @@ def _weighted_sum(a, w_a, b, w_b):
     return a
 
 
-def loss_and_grads_fn():
-    """The fastest way to the loss and gradients here: in halves on two cores where the BLAS
-    library lets each thread keep to one core (`ops.can_run_two_at_once`), else whole."""
-    return gpt_loss_and_grads_in_halves if can_run_two_at_once() else gpt_loss_and_grads
-
-
 def gpt_value_and_grad(config):
     """A `value_and_grad(params, batch, rng) -> (loss, grads)` for the training loop, on this
     path: batch is (ids, targets); rng is unused (no dropout)."""
     if not supports(config):
         raise ValueError("the fast path needs dropout 0; use the reference path")
 
-    loss_and_grads = loss_and_grads_fn()
-
     def value_and_grad(params, batch, rng):
-        return loss_and_grads(params, batch[0], batch[1], config)
+        return gpt_loss_and_grads_in_halves(params, batch[0], batch[1], config)
 
     return value_and_grad
 
@@ -506,10 +501,9 @@ def gpt_train_step(config):
     if not supports(config):
         raise ValueError("the fast path needs dropout 0; use the reference path")
     last = {}  # the trees the previous call returned -> their buffers
-    loss_and_grads = loss_and_grads_fn()
 
     def step(params, opt_state, batch, lr, tc, rng):
-        loss, grads = loss_and_grads(params, batch[0], batch[1], config)
+        loss, grads = gpt_loss_and_grads_in_halves(params, batch[0], batch[1], config)
         if last.get("trees") == (id(params), id(opt_state["m"]), id(opt_state["v"])):
             layout, p, m, v = last["layout"], last["p"], last["m"], last["v"]
         else:  # the first step, or a state from elsewhere (a resumed checkpoint)

@@ -474,10 +474,10 @@ defvjp_argnums(_attention_fused, _attention_vjp)
 # rank of `mpirun -n 2` on a 2-core machine, or a one-thread benchmark) gets no second thread
 # here either: two ranks with two threads each would fight over the same two cores.
 #
-# `two_at_once(call_a, call_b)` is the coarser split the fast training path uses: two whole
-# calls (the two halves of a batch) at once, each kept to one core. Inside them `on_two_cores`
-# runs its function inline and matrix products use one BLAS thread (system.one_blas_thread),
-# so there are never more busy threads than cores.
+# `run_both(call_a, call_b)` is the coarser split the fast training path uses: two whole calls
+# (the two halves of a batch) at once, each kept to one core. Inside them `on_two_cores` runs
+# its function inline and matrix products use one BLAS thread (system.one_blas_thread), so there
+# are never more busy threads than cores.
 
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2)
 _MIN_PARALLEL_SIZE = 1 << 15  # below ~32k elements the thread hand-off costs more than it saves
@@ -492,7 +492,7 @@ ONE_CORE = one_thread_asked()  # read once, at import: the BLAS library reads it
 
 
 class _ThisThread(threading.local):
-    active = False  # True while this thread runs one of the two calls of `two_at_once`
+    active = False  # True while this thread runs one of the two calls of `run_both`
 
 
 _ON_ONE_CORE = _ThisThread()
@@ -529,25 +529,26 @@ def _has_rows(a, first):
 
 
 def can_run_two_at_once():
-    """True if `two_at_once` can keep each of its calls to one core: two cores are allowed and
-    the BLAS library lets a thread limit its own matrix products to one thread."""
+    """True if `run_both` can run its two calls at once, each kept to one core: two cores are
+    allowed and the BLAS library lets a thread limit its own matrix products to one thread."""
     return not ONE_CORE and not _ON_ONE_CORE.active and system.blas_thread_limit() is not None
 
 
-def two_at_once(call_a, call_b):
-    """(call_a(), call_b()), run at the same time, each on one core -> (result_a, result_b).
+def run_both(call_a, call_b):
+    """(call_a(), call_b()): at the same time, each on one core, where `can_run_two_at_once()`;
+    otherwise one after the other on this thread. The results are the same either way.
 
-    Within each call `on_two_cores` runs inline and matrix products use one BLAS thread. Use it
-    where `can_run_two_at_once()`; otherwise it still gives the same results, just with more
-    threads than cores.
+    Within each call `on_two_cores` runs inline and matrix products use one BLAS thread.
     """
+    if not can_run_two_at_once():
+        return call_a(), call_b()
     other = _POOL.submit(_on_one_core, call_a)
     mine = _on_one_core(call_b)
     return other.result(), mine  # re-raises any error from the other thread
 
 
 def _on_one_core(call):
-    """call() with this thread kept to one core (see `two_at_once`)."""
+    """call() with this thread kept to one core (see `run_both`)."""
     _ON_ONE_CORE.active = True
     try:
         with system.one_blas_thread():
