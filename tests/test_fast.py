@@ -4,6 +4,7 @@ and every gradient, over random shapes, with and without biases, tied and untied
 
 import json
 import threading
+import time
 
 import autograd
 import numpy as onp
@@ -235,50 +236,46 @@ def test_a_batch_in_two_halves_equals_autograd_on_the_whole_batch(s, batch):
 
 @pytest.fixture
 def blas_calls(monkeypatch):
-    """A stand-in for OpenBLAS's per-thread setter: records (thread, n) and keeps each thread's
-    setting, so a test can see what each call of `run_both` ran with."""
-    setting, calls = {}, []
+    """A stand-in for OpenBLAS's thread count (one setting for the process, 2 to start with):
+    records each call to its setter, so a test can see what `run_both` ran with."""
+    count, calls = [2], []
 
-    def setter(n):
-        me = threading.get_ident()
-        calls.append((me, n))
-        previous, setting[me] = setting.get(me, 2), n
-        return previous
+    def set_(n):
+        calls.append(n)
+        count[0] = n
 
-    monkeypatch.setattr(system, "blas_thread_limit", lambda: setter)
-    return calls, setting
+    monkeypatch.setattr(system, "blas_threads", lambda: (lambda: count[0], set_))
+    return calls, count
 
 
-def record(seen, setting, name):
-    me = threading.get_ident()
-    seen.append((name, me, setting.get(me, 2), ops._ON_ONE_CORE.active))
+def record(seen, count, name):
+    seen.append((name, threading.get_ident(), count[0], ops._ON_ONE_CORE.active))
     return name
 
 
 def test_run_both_runs_each_call_on_its_own_thread_with_one_blas_thread(blas_calls):
-    calls, setting = blas_calls
+    calls, count = blas_calls
     seen = []
-    assert ops.run_both(lambda: record(seen, setting, "a"),
-                        lambda: record(seen, setting, "b")) == ("a", "b")
+    assert ops.run_both(lambda: record(seen, count, "a"),
+                        lambda: record(seen, count, "b")) == ("a", "b")
     assert {name for name, *_ in seen} == {"a", "b"}
     assert len({thread for _, thread, *_ in seen}) == 2  # at the same time, on two threads
     assert all(n == 1 and on_one_core for _, _, n, on_one_core in seen)
-    assert all(n == 2 for n in setting.values())  # each thread's own setting given back
+    assert calls == [1, 2] and count == [2]  # the count given back
     assert not ops._ON_ONE_CORE.active
-    assert len(calls) == 4
 
 
-@pytest.mark.parametrize("why", ["no per-thread limit", "one core asked"])
+@pytest.mark.parametrize("why", ["no thread setting", "one core asked"])
 def test_run_both_runs_the_calls_in_turn_where_it_cannot_keep_each_to_one_core(monkeypatch,
                                                                               blas_calls, why):
-    calls, setting = blas_calls
-    if why == "no per-thread limit":  # MKL, Accelerate, an OpenBLAS older than 0.3.27
-        monkeypatch.setattr(system, "blas_thread_limit", lambda: None)
+    calls, count = blas_calls
+    if why == "no thread setting":  # MKL, Accelerate
+        monkeypatch.setattr(system, "blas_threads", lambda: None)
     else:  # OPENBLAS_NUM_THREADS=1, as for each rank under mpirun
         monkeypatch.setattr(ops, "ONE_CORE", True)
     seen = []
-    assert ops.run_both(lambda: record(seen, setting, "a"),
-                        lambda: record(seen, setting, "b")) == ("a", "b")
+    assert ops.run_both(lambda: record(seen, count, "a"),
+                        lambda: record(seen, count, "b")) == ("a", "b")
     me = threading.get_ident()
     assert seen == [("a", me, 2, False), ("b", me, 2, False)]  # in order, here, untouched
     assert not calls
@@ -303,14 +300,22 @@ def test_inside_run_both_on_two_cores_runs_inline(blas_calls):
     assert all(onp.array_equal(out, 2 * x) for out in outs)
 
 
-def test_an_error_in_either_call_of_run_both_is_raised(blas_calls):
+def test_an_error_in_either_call_of_run_both_is_raised_after_both_ended(blas_calls):
+    calls, count = blas_calls
+    ended = []
+
     def fail():
         raise ValueError("half")
 
-    for calls in ((fail, lambda: 0), (lambda: 0, fail)):
+    def slow():
+        time.sleep(0.05)
+        ended.append(count[0])
+
+    for pair in ((fail, slow), (slow, fail)):
         with pytest.raises(ValueError, match="half"):
-            ops.run_both(*calls)
-        assert not ops._ON_ONE_CORE.active
+            ops.run_both(*pair)
+        assert ended.pop() == 1  # the other half ran to its end first, on one BLAS thread
+        assert not ops._ON_ONE_CORE.active and count == [2]
 
 
 def test_training_steps_run_in_halves_with_the_same_numbers_on_one_core_or_two(monkeypatch,
@@ -343,12 +348,14 @@ def test_training_steps_run_in_halves_with_the_same_numbers_on_one_core_or_two(m
     assert all(onp.array_equal(p1[k], p2[k]) and onp.array_equal(g1[k], g2[k]) for k in p1)
 
 
-def test_this_machines_blas_limit_is_per_thread_and_given_back():
-    setter = system.blas_thread_limit()
-    if setter is None:
-        pytest.skip("numpy's BLAS here has no per-thread limit: the halves run in turn")
-    before = setter(1)
-    assert setter(before) == 1  # it took, and is given back
-    with system.one_blas_thread():
-        assert setter(1) == 1
-    assert setter(before) == before
+def test_this_machines_blas_thread_count_is_one_in_run_both_and_given_back_after():
+    """With real matrix products in both calls (a setter that each thread changed and gave
+    back on its own left the process on one thread: this caught it)."""
+    threads = system.blas_threads()
+    if threads is None:
+        pytest.skip("numpy's BLAS here has no thread setting: the halves run in turn")
+    get, _ = threads
+    before = get()
+    x = onp.ones((256, 256), dtype="float32")
+    counts = ops.run_both(lambda: (x @ x, get())[1], lambda: (x @ x, get())[1])
+    assert counts == (1, 1) and get() == before

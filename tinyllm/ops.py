@@ -530,28 +530,32 @@ def _has_rows(a, first):
 
 def can_run_two_at_once():
     """True if `run_both` can run its two calls at once, each kept to one core: two cores are
-    allowed and the BLAS library lets a thread limit its own matrix products to one thread."""
-    return not ONE_CORE and not _ON_ONE_CORE.active and system.blas_thread_limit() is not None
+    allowed and the BLAS library lets tinyllm set its thread count."""
+    return not ONE_CORE and not _ON_ONE_CORE.active and system.blas_threads() is not None
 
 
 def run_both(call_a, call_b):
     """(call_a(), call_b()): at the same time, each on one core, where `can_run_two_at_once()`;
     otherwise one after the other on this thread. The results are the same either way.
 
-    Within each call `on_two_cores` runs inline and matrix products use one BLAS thread.
+    While they run at once, matrix products use one BLAS thread, and `on_two_cores` runs its
+    function inline in each call.
     """
     if not can_run_two_at_once():
         return call_a(), call_b()
-    other = _POOL.submit(_on_one_core, call_a)
-    mine = _on_one_core(call_b)
-    return other.result(), mine  # re-raises any error from the other thread
+    with system.one_blas_thread():
+        other = _POOL.submit(_on_one_core, call_a)
+        try:
+            mine = _on_one_core(call_b)
+        finally:
+            concurrent.futures.wait([other])  # never leave a half running
+        return other.result(), mine  # re-raises any error from the other thread
 
 
 def _on_one_core(call):
-    """call() with this thread kept to one core (see `run_both`)."""
+    """call() with `on_two_cores` inline in this thread (see `run_both`)."""
     _ON_ONE_CORE.active = True
     try:
-        with system.one_blas_thread():
-            return call()
+        return call()
     finally:
         _ON_ONE_CORE.active = False

@@ -39,18 +39,22 @@ def tune_malloc(mmap_threshold=32 << 20, trim_threshold=1 << 30):
 #
 # numpy hands its matrix products to a BLAS library; the wheels on PyPI bundle OpenBLAS, which
 # runs each product on every core. The fast training path (tinyllm/fast.py) can instead run two
-# halves of a batch at once, one per core; each half must then keep its products to one thread,
-# or the two halves and OpenBLAS's own threads fight over the same two cores. OpenBLAS 0.3.27
-# and later can limit the calling thread alone: `openblas_set_num_threads_local(n)` sets n for
-# that thread and returns its previous setting. numpy offers no call for it, so it is looked up
-# in the OpenBLAS that numpy loaded (named in /proc/self/maps on Linux). Where there is no such
-# library (macOS's Accelerate, MKL, an older OpenBLAS), `blas_thread_limit` returns None and
-# the fast path keeps to whole batches.
+# halves of a batch at once, one per core; while it does, OpenBLAS must keep each product to
+# one thread, or the two halves and OpenBLAS's own threads fight over the same two cores.
+# OpenBLAS's thread count is one setting for the whole process, read and written by
+# `openblas_get_num_threads` and `openblas_set_num_threads`; the copies bundled with numpy
+# carry a prefix and a suffix on those names (scipy_openblas_set_num_threads64_). numpy
+# offers no call for them, so they are looked up in the OpenBLAS that numpy loaded (named in
+# /proc/self/maps on Linux). Where there is no such library (macOS's Accelerate, MKL),
+# `blas_threads` returns None and the fast path runs the halves one after the other.
+
+_PREFIXES = ("openblas_", "scipy_openblas_")
+_SUFFIXES = ("", "64_", "_64_")
 
 
 @functools.lru_cache(maxsize=None)
-def blas_thread_limit():
-    """OpenBLAS's per-thread setter, set_threads_here(n) -> previous n, or None if unavailable."""
+def blas_threads():
+    """(get(), set(n)) for the thread count of the OpenBLAS numpy uses, or None."""
     import numpy  # noqa: F401  (loads the BLAS library, so that the process map names it)
 
     try:
@@ -61,21 +65,32 @@ def blas_thread_limit():
         return None
     for path in paths:
         try:
-            setter = ctypes.CDLL(path).openblas_set_num_threads_local
-        except (OSError, AttributeError):
+            library = ctypes.CDLL(path)
+        except OSError:
             continue
-        setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
-        return setter
+        for prefix in _PREFIXES:
+            for suffix in _SUFFIXES:
+                get = getattr(library, f"{prefix}get_num_threads{suffix}", None)
+                set_ = getattr(library, f"{prefix}set_num_threads{suffix}", None)
+                if get is not None and set_ is not None:
+                    get.argtypes, get.restype = [], ctypes.c_int
+                    set_.argtypes, set_.restype = [ctypes.c_int], None
+                    return get, set_
     return None
 
 
 @contextlib.contextmanager
 def one_blas_thread():
-    """Within the block, this thread's matrix products use one thread (no-op if unavailable)."""
-    setter = blas_thread_limit()
-    previous = setter(1) if setter else None
+    """Within the block, matrix products use one thread (the whole process); afterwards the
+    count is what it was. A no-op where `blas_threads()` is None."""
+    threads = blas_threads()
+    if threads is None:
+        yield
+        return
+    get, set_ = threads
+    before = get()
+    set_(1)
     try:
         yield
     finally:
-        if setter:
-            setter(previous)
+        set_(before)
