@@ -137,7 +137,7 @@ def test_clipped_norm_never_exceeds_max_norm(g, max_norm):
     assert global_norm(clipped) <= max_norm * (1 + 1e-9)
     if norm > max_norm:  # the scale is max_norm / (norm + 1e-6), as in PyTorch: the clipped
         # norm is max_norm - max_norm 1e-6 / (norm + 1e-6), off by at most 1e-6 (plus rounding:
-        # Hypothesis found 180.125 - 0.999999e-6 computed as 1.0000000000287557e-06 short)
+        # Hypothesis found max_norm 180.125 clipped to 1.0000000259e-6 short of it)
         assert global_norm(clipped) == pytest.approx(max_norm, rel=1e-9, abs=1.001e-6)
 
 
