@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from tinyllm import fast, ops, system
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
+from tinyllm.mlm import mlm_loss
 from tinyllm.models import gpt_loss, init_gpt
 from tinyllm.optim import adamw_init
 from tinyllm.train import flat_value_and_grad, train_step
@@ -359,3 +360,73 @@ def test_this_machines_blas_thread_count_is_one_in_run_both_and_given_back_after
     x = onp.ones((256, 256), dtype="float32")
     counts = ops.run_both(lambda: (x @ x, get())[1], lambda: (x @ x, get())[1])
     assert counts == (1, 1) and get() == before
+
+
+# ----------------------------------------------------------------------------- the MLM objective
+
+
+def chosen_positions(rng, batch, t):
+    """A random loss mask with at least one chosen position in each row, as mlm.mask_tokens
+    makes (chosen_count is at least 1)."""
+    chosen = rng.random((batch, t)) < 0.3
+    chosen[onp.arange(batch), rng.integers(0, t, batch)] = True
+    return chosen
+
+
+@settings(max_examples=30, deadline=None)
+@given(shapes, st.integers(1, 5))
+def test_the_mlm_loss_and_every_gradient_equal_autograd_on_mlm_loss(s, batch):
+    """Bidirectional attention and the loss at the chosen positions only, whole and in halves
+    (halves weighted by their chosen positions, not their rows)."""
+    config, params, rng = random_model(s["seed"], s["vocab"], s["n_layer"], s["n_head"],
+                                       s["head_size"], s["block"], s["bias"], s["tie"], "float64")
+    t = int(rng.integers(1, s["block"] + 1))
+    inputs, targets = rng.integers(0, s["vocab"], (batch, t)), rng.integers(0, s["vocab"], (batch, t))
+    chosen = chosen_positions(rng, batch, t)
+    want_loss, want = autograd.value_and_grad(
+        lambda p: mlm_loss(p, inputs, targets, chosen, config))(params)
+    want = flatten(want)
+    for fn in (fast.gpt_loss_and_grads, fast.gpt_loss_and_grads_in_halves):
+        loss, grads = fn(params, inputs, targets, config, causal=False, counted=chosen)
+        assert abs(loss - float(want_loss)) < 1e-10, fn.__name__
+        got = flatten(grads)
+        assert list(got) == list(want)
+        for name in want:
+            assert onp.allclose(got[name], want[name], rtol=1e-8, atol=1e-11), (fn.__name__, name)
+
+
+def test_an_mlm_training_step_equals_the_reference_step():
+    config, params, rng = random_model(6, 9, 2, 2, 3, 8, False, True, "float64")
+    tc = TrainConfig()
+    inputs, targets = rng.integers(0, 9, (3, 8)), rng.integers(0, 9, (3, 8))
+    batch = (inputs, targets, chosen_positions(rng, 3, 8))
+    reference = flat_value_and_grad(lambda p, b, r: mlm_loss(p, b[0], b[1], b[2], config))
+    *want, want_loss, _ = train_step(reference, params, adamw_init(params), batch, 1e-2, tc, None)
+    *got, loss, _ = fast.gpt_train_step(config, "mlm")(params, adamw_init(params), batch, 1e-2,
+                                                       tc, None)
+    assert abs(loss - want_loss) < 1e-10
+    for path, value in flatten(want[0]).items():
+        assert onp.allclose(flatten(got[0])[path], value, rtol=1e-8, atol=1e-9), path
+
+
+def test_pretrain_objective_mlm_trains_on_the_fast_path_and_no_fast_on_the_reference(
+        tmp_path, monkeypatch):
+    """The MLM run hands the fast path its corrupted batch, bidirectionally, with its chosen
+    positions; --no-fast trains the same run through autograd, to the same losses."""
+    seen = []
+    real = fast.gpt_loss_and_grads
+
+    def recording(params, ids, targets, config, causal=True, counted=None):
+        seen.append((ids.shape, causal, None if counted is None else counted.shape,
+                     None if counted is None else bool((ids[counted] != targets[counted]).any())))
+        return real(params, ids, targets, config, causal, counted)
+
+    monkeypatch.setattr(fast, "gpt_loss_and_grads", recording)
+    fast_losses = pretrain_losses(tmp_path, "fast", "--objective", "mlm")
+    assert [(shape, causal, counted) for shape, causal, counted, _ in seen] == [
+        ((2, 16), False, (2, 16))] * 8  # 4 steps of two halves of the batch of 4
+    assert any(masked for *_, masked in seen)  # the inputs are the corrupted ids, the targets not
+    seen.clear()
+    reference_losses = pretrain_losses(tmp_path, "reference", "--objective", "mlm", "--no-fast")
+    assert not seen
+    assert onp.allclose(fast_losses, reference_losses, rtol=1e-4)

@@ -11,12 +11,13 @@ is in its docstring. What the tape costs and this path does not: a boxed array a
 numpy call, a zero-filled gradient tree at every dict or list lookup, and the float64 that some
 autograd VJPs bring in.
 
-What it covers: the mean next-token cross-entropy of `models.gpt_loss` (no loss mask), with or
-without biases, with a tied or an untied LM head, and dropout 0 (`supports(config)`). Anything
-else (dropout, loss masks, LoRA, classifiers, the encoder) takes the reference path through
-autograd. `tests/test_fast.py` checks that the loss and every gradient equal autograd's on the
-reference model, over random shapes, in float64 to 1e-10 and in float32 to its rounding, and
-that whole training steps (the flat-buffer AdamW at the end of this module) equal
+What it covers: the mean next-token cross-entropy of `models.gpt_loss` (no loss mask), and the
+masked-token loss of `mlm.mlm_loss` (the same blocks run bidirectionally, the loss at the
+chosen positions only), with or without biases, with a tied or an untied LM head, and dropout 0
+(`supports(config)`). Anything else (dropout, loss masks, LoRA, classifiers, fine-tuning the
+encoder) takes the reference path through autograd. `tests/test_fast.py` checks that the loss
+and every gradient equal autograd's on the reference model, over random shapes, in float64 to
+1e-10 and in float32 to its rounding, and that whole training steps (the flat-buffer AdamW at the end of this module) equal
 `train.train_step`'s.
 
 Shapes: B batch, T time, C channels, H heads, D head size, V vocabulary, N = B T rows. Every
@@ -308,30 +309,45 @@ def cross_entropy_forward_backward(logits, targets):
 # ----------------------------------------------------------------------------- the whole model
 
 
-def gpt_loss_and_grads(params, ids, targets, config):
+def gpt_loss_and_grads(params, ids, targets, config, causal=True, counted=None):
     """`models.gpt_loss` (no mask, no dropout) and its gradient: (loss, grads tree like params).
 
     ids and targets (B, T) of integers. The forward pass keeps each block's cache; the backward
-    pass walks the blocks in reverse.
+    pass walks the blocks in reverse. For the masked-language-model objective (`mlm.mlm_loss`),
+    causal=False lets every position attend to the whole sequence (`models.bidirectional_hidden`)
+    and counted (B, T) of bools marks the positions whose cross-entropy counts: the loss is the
+    mean over them, and only their hidden states go through the output layer (the other rows
+    of dlogits would be zero). counted=None counts every position.
     """
     b, t = ids.shape
     n, c = b * t, config.n_embd
     wte, wpe = params["wte"], params["wpe"]
     ids_flat = onp.asarray(ids).reshape(n)
     x = (wte[ids_flat].reshape(b, t, c) + wpe[:t]).reshape(n, c)  # (N, C) token + position
-    mask = onp.triu(onp.full((t, t), MASK_VALUE, dtype=wte.dtype), k=1)  # (T, T) additive causal
+    if causal:
+        mask = onp.triu(onp.full((t, t), MASK_VALUE, dtype=wte.dtype), k=1)  # (T, T) additive
+    else:
+        mask = onp.zeros((t, t), dtype=wte.dtype)  # nothing hidden
     caches = []
     for block in params["h"]:
         x, cache = block_forward(x, block, config.n_head, b, t, mask)
         caches.append(cache)
     af, ln_f = layer_norm_forward(x, **params["ln_f"])  # (N, C)
     head = params["lm_head"]["w"] if "lm_head" in params else wte.T  # (C, V)
-    logits = af @ head  # (N, C) @ (C, V) -> (N, V)
-    loss, dlogits = cross_entropy_forward_backward(logits, onp.asarray(targets).reshape(n))
-
+    targets_flat = onp.asarray(targets).reshape(n)
     grads = {}
-    dx = dlogits @ head.T  # (N, V) @ (V, C) -> (N, C)
-    dhead = af.T @ dlogits  # (C, N) @ (N, V) -> (C, V)
+    if counted is None:
+        logits = af @ head  # (N, C) @ (C, V) -> (N, V)
+        loss, dlogits = cross_entropy_forward_backward(logits, targets_flat)
+        dx = dlogits @ head.T  # (N, V) @ (V, C) -> (N, C)
+        dhead = af.T @ dlogits  # (C, N) @ (N, V) -> (C, V)
+    else:
+        rows = onp.flatnonzero(counted)  # (M,) the counted positions, b * T + t
+        picked = af[rows]  # (M, C)
+        loss, dlogits = cross_entropy_forward_backward(picked @ head, targets_flat[rows])
+        dx = onp.zeros_like(af)  # positions that do not count send no gradient back
+        dx[rows] = dlogits @ head.T  # (M, V) @ (V, C) -> (M, C)
+        dhead = picked.T @ dlogits  # (C, M) @ (M, V) -> (C, V)
     dx, grads["ln_f"] = _norm_grads(dx, ln_f, params["ln_f"])
     block_grads = [None] * len(caches)
     for i in reversed(range(len(caches))):
@@ -373,28 +389,36 @@ def _like(params, grads):
     return grads
 
 
-def gpt_loss_and_grads_in_halves(params, ids, targets, config):
+def gpt_loss_and_grads_in_halves(params, ids, targets, config, causal=True, counted=None):
     """`gpt_loss_and_grads` of the whole batch, computed as two halves, at once on two cores.
 
-    The loss is a mean over the B T positions, so with a = the first b_a rows of the batch and
-    b = the other b_b: loss = (b_a loss_a + b_b loss_b) / B, and the same weights combine the
-    gradients (a gradient is linear in the loss). Each half runs the whole forward and backward
-    pass on its own core (`ops.run_both`): every pass of the step runs on two cores, where
-    splitting each matrix product and each elementwise pass separately hands work between
-    threads some two hundred times a step. The results equal the whole batch's up to float
-    rounding (sums are taken in another order), and they are the same whether the halves ran
-    at once or one after the other: a run gives the same numbers on one core or two, which is
-    what lets a run killed on one machine setting resume exactly on another. A batch of one
-    row runs whole.
+    The loss is a mean over the counted positions, so with n_a of them in the first rows of the
+    batch and n_b in the others: loss = (n_a loss_a + n_b loss_b) / (n_a + n_b), and the same
+    weights combine the gradients (a gradient is linear in the loss). Each half runs the whole
+    forward and backward pass on its own core (`ops.run_both`): every pass of the step runs on
+    two cores, where splitting each matrix product and each elementwise pass separately hands
+    work between threads some two hundred times a step. The results equal the whole batch's up
+    to float rounding (sums are taken in another order), and they are the same whether the
+    halves ran at once or one after the other: a run gives the same numbers on one core or
+    two, which is what lets a run killed on one machine setting resume exactly on another. A
+    batch of one row, or one whose half counts no position, runs whole.
     """
-    b = ids.shape[0]
-    if b < 2:
-        return gpt_loss_and_grads(params, ids, targets, config)
+    b, t = ids.shape
     half = b // 2
-    (loss_a, grads_a), (loss_b, grads_b) = run_both(
-        lambda: gpt_loss_and_grads(params, ids[:half], targets[:half], config),
-        lambda: gpt_loss_and_grads(params, ids[half:], targets[half:], config))
-    w_a, w_b = half / b, (b - half) / b
+    if counted is None:
+        n_a, n_b = half * t, (b - half) * t
+    else:
+        n_a, n_b = int(counted[:half].sum()), int(counted[half:].sum())
+    if n_a == 0 or n_b == 0:
+        return gpt_loss_and_grads(params, ids, targets, config, causal, counted)
+
+    def part(rows):
+        return lambda: gpt_loss_and_grads(params, ids[rows], targets[rows], config, causal,
+                                          None if counted is None else counted[rows])
+
+    (loss_a, grads_a), (loss_b, grads_b) = run_both(part(slice(None, half)),
+                                                    part(slice(half, None)))
+    w_a, w_b = n_a / (n_a + n_b), n_b / (n_a + n_b)
     return w_a * loss_a + w_b * loss_b, _weighted_sum(grads_a, w_a, grads_b, w_b)
 
 
@@ -409,14 +433,28 @@ def _weighted_sum(a, w_a, b, w_b):
     return a
 
 
-def gpt_value_and_grad(config):
-    """A `value_and_grad(params, batch, rng) -> (loss, grads)` for the training loop, on this
-    path: batch is (ids, targets); rng is unused (no dropout)."""
+def batch_loss_and_grads(config, objective="clm"):
+    """loss_and_grads(params, batch) -> (loss, grads) for a training batch of `objective`:
+    "clm", batch (ids, targets); "mlm" (tinyllm/mlm.py), batch (corrupted ids, original ids,
+    chosen (B, T) bools), run bidirectionally with the loss at the chosen positions only."""
     if not supports(config):
         raise ValueError("the fast path needs dropout 0; use the reference path")
+    if objective == "clm":
+        return lambda params, batch: gpt_loss_and_grads_in_halves(params, batch[0], batch[1],
+                                                                   config)
+    if objective == "mlm":
+        return lambda params, batch: gpt_loss_and_grads_in_halves(
+            params, batch[0], batch[1], config, causal=False, counted=batch[2])
+    raise ValueError(f"no fast path for the objective {objective!r}")
+
+
+def gpt_value_and_grad(config, objective="clm"):
+    """A `value_and_grad(params, batch, rng) -> (loss, grads)` for the training loop, on this
+    path (see `batch_loss_and_grads` for the batch); rng is unused (no dropout)."""
+    loss_and_grads = batch_loss_and_grads(config, objective)
 
     def value_and_grad(params, batch, rng):
-        return gpt_loss_and_grads_in_halves(params, batch[0], batch[1], config)
+        return loss_and_grads(params, batch)
 
     return value_and_grad
 
@@ -491,19 +529,18 @@ def adamw_flat(p, g, m, v, lr, step, beta1, beta2, weight_decay, grad_scale, n_d
     return new_p, new_m, new_v
 
 
-def gpt_train_step(config):
+def gpt_train_step(config, objective="clm"):
     """A training step on this path with the contract of `train.train_step` (minus its
     value_and_grad): step(params, opt_state, batch, lr, tc, rng) -> (params, opt_state, loss,
-    norm). Gradients by `gpt_loss_and_grads`, clipping by the global norm, AdamW on flat
+    norm). Gradients by `batch_loss_and_grads`, clipping by the global norm, AdamW on flat
     buffers; the trees it returns are views into new buffers (the inputs are never changed),
     and when the next call gets those same trees back it reads the buffers without copying.
     """
-    if not supports(config):
-        raise ValueError("the fast path needs dropout 0; use the reference path")
+    loss_and_grads = batch_loss_and_grads(config, objective)
     last = {}  # the trees the previous call returned -> their buffers
 
     def step(params, opt_state, batch, lr, tc, rng):
-        loss, grads = gpt_loss_and_grads_in_halves(params, batch[0], batch[1], config)
+        loss, grads = loss_and_grads(params, batch)
         if last.get("trees") == (id(params), id(opt_state["m"]), id(opt_state["v"])):
             layout, p, m, v = last["layout"], last["p"], last["m"], last["v"]
         else:  # the first step, or a state from elsewhere (a resumed checkpoint)

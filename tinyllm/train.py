@@ -686,10 +686,9 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
                         kind=OBJECTIVES[objective])
 
     t0 = time.perf_counter()
-    use_fast = fast and fast_path.supports(model_config) and objective == "clm"
-    # None: autograd on the reference model (always for the MLM encoder)
-    fast_grads = fast_path.gpt_value_and_grad(model_config) if use_fast else None
-    fast_step = fast_path.gpt_train_step(model_config) if use_fast else None
+    use_fast = fast and fast_path.supports(model_config)  # else autograd on the reference model
+    fast_grads = fast_path.gpt_value_and_grad(model_config, objective) if use_fast else None
+    fast_step = fast_path.gpt_train_step(model_config, objective) if use_fast else None
     state = train_loop(state, tc, loss_fn, sample, save, out_dir,
                        tc.batch_size * model_config.block_size, world=world,
                        value_and_grad=fast_grads, step_fn=fast_step)
