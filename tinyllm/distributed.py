@@ -64,6 +64,7 @@ RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
 INSTALL_HINT = 'pip install "tinyllm[mpi]"'
 AGREE_SECONDS = 20.0  # how long ranks that fail before training wait for each other (a bad flag
 # fails on every rank within moments; a failure only one rank has then aborts the job)
+ABORT_PAUSE = 0.5  # seconds between a failing rank's one line and MPI_Abort (see `abort`)
 
 
 class AllRanksError(TinyLLMError):
@@ -218,8 +219,13 @@ class MPIGroup:
         self.comm.Barrier()
 
     def abort(self, message, code=1):
-        """Print one line on this rank's real stderr and end the whole job (MPI_Abort)."""
+        """Print one line on this rank's real stderr and end the whole job (MPI_Abort).
+
+        The launcher forwards a rank's output through a pipe; MPI_Abort kills the job at
+        once, and on a loaded machine it could win the race and the line be lost, so the
+        launcher is given a moment (ABORT_PAUSE seconds) to forward it first."""
         _stderr_line(message)
+        time.sleep(ABORT_PAUSE)
         self.comm.Abort(code)
 
 
