@@ -529,9 +529,14 @@ def _has_rows(a, first):
 
 
 def can_run_two_at_once():
-    """True if `run_both` can run its two calls at once, each kept to one core: two cores are
-    allowed and the BLAS library lets tinyllm set its thread count."""
-    return not ONE_CORE and not _ON_ONE_CORE.active and system.blas_threads() is not None
+    """True if `run_both` can run its two calls at once, each kept to one core: the BLAS library
+    lets tinyllm set its thread count, and it is 2 (two cores, the machine this was measured
+    on). With more cores OpenBLAS's own threads are left to serve each product, as before;
+    with one (OPENBLAS_NUM_THREADS=1, as under mpirun) there is no second core to use."""
+    if ONE_CORE or _ON_ONE_CORE.active:
+        return False
+    threads = system.blas_threads()
+    return threads is not None and threads[0]() == 2
 
 
 def run_both(call_a, call_b):
