@@ -31,8 +31,8 @@ passes over the attention weights, the MLP activations and AdamW's buffers betwe
 cores.
 
 Two cores: a training step runs the two halves of its batch at once, each on one core with
-one BLAS thread (`gpt_loss_and_grads_in_halves`), where the BLAS library allows it (else one
-half after the other, with the same results). Measured at
+one BLAS thread (`gpt_loss_and_grads_in_halves`), where the BLAS library allows it and runs
+two threads (else one half after the other, with the same results). Measured at
 nanoGPT's CPU recipe on a 2-core machine: the forward and backward passes take about 31 ms as
 two halves against 41-50 ms as one batch whose matrix products use both cores, because then
 every elementwise pass runs on two cores as well, and OpenBLAS's second thread no longer spins
