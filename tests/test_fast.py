@@ -386,7 +386,8 @@ def test_the_mlm_loss_and_every_gradient_equal_autograd_on_mlm_loss(s, batch):
     config, params, rng = random_model(s["seed"], s["vocab"], s["n_layer"], s["n_head"],
                                        s["head_size"], s["block"], s["bias"], s["tie"], "float64")
     t = int(rng.integers(1, s["block"] + 1))
-    inputs, targets = rng.integers(0, s["vocab"], (batch, t)), rng.integers(0, s["vocab"], (batch, t))
+    inputs = rng.integers(0, s["vocab"], (batch, t))
+    targets = rng.integers(0, s["vocab"], (batch, t))
     chosen = chosen_positions(rng, batch, t)
     want_loss, want = autograd.value_and_grad(
         lambda p: mlm_loss(p, inputs, targets, chosen, config))(params)

@@ -17,8 +17,8 @@ chosen positions only), with or without biases, with a tied or an untied LM head
 (`supports(config)`). Anything else (dropout, loss masks, LoRA, classifiers, fine-tuning the
 encoder) takes the reference path through autograd. `tests/test_fast.py` checks that the loss
 and every gradient equal autograd's on the reference model, over random shapes, in float64 to
-1e-10 and in float32 to its rounding, and that whole training steps (the flat-buffer AdamW at the end of this module) equal
-`train.train_step`'s.
+1e-10 and in float32 to its rounding, and that whole training steps (the flat-buffer AdamW at
+the end of this module) equal `train.train_step`'s.
 
 Shapes: B batch, T time, C channels, H heads, D head size, V vocabulary, N = B T rows. Every
 activation is kept 2-D, (N, C), so that each linear layer and its two gradients are single 2-D
@@ -45,7 +45,7 @@ import numpy as onp
 
 from .ops import LN_EPS, MASK_VALUE, gelu_rows, on_two_cores, run_both
 from .optim import ADAM_EPS, clip_scale, decays
-from .tree import flatten, unflatten
+from .tree import flatten, tree_map, unflatten
 
 
 def supports(config):
@@ -424,13 +424,13 @@ def gpt_loss_and_grads_in_halves(params, ids, targets, config, causal=True, coun
 
 def _weighted_sum(a, w_a, b, w_b):
     """w_a a + w_b b for two trees of arrays, written into a's arrays."""
-    if isinstance(a, dict):
-        return {k: _weighted_sum(a[k], w_a, b[k], w_b) for k in a}
-    if isinstance(a, list):
-        return [_weighted_sum(x, w_a, y, w_b) for x, y in zip(a, b)]
-    a *= w_a
-    a += w_b * b
-    return a
+
+    def leaf(x, y):
+        x *= w_a
+        x += w_b * y
+        return x
+
+    return tree_map(leaf, a, b)
 
 
 def batch_loss_and_grads(config, objective="clm"):
@@ -480,7 +480,6 @@ class FlatLayout:
         self.shapes = {path: flat[path].shape for path in self.paths}
         self.dtype = flat[self.paths[0]].dtype
         self.sizes = [flat[path].size for path in self.paths]
-        self.size = sum(self.sizes)
         self.n_decay = sum(n for path, n in zip(self.paths, self.sizes) if decays(flat[path]))
 
     def pack(self, tree):

@@ -468,7 +468,6 @@ defvjp_argnums(_attention_fused, _attention_vjp)
 # and 1-2 ms for the attention core at nanoGPT's recipe size (2-6% of a ~50 ms step). The maths
 # functions above know nothing of it: each works on whatever rows it is given, and
 # `on_two_cores(fn, ...)` gives the same result as calling `fn(...)` (a test checks it).
-
 #
 # A process asked to keep to one core (OPENBLAS_NUM_THREADS=1 or OMP_NUM_THREADS=1, as for each
 # rank of `mpirun -n 2` on a 2-core machine, or a one-thread benchmark) gets no second thread

@@ -638,15 +638,15 @@ def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENI
 
     `objective` is "clm" (next-token prediction, the default) or "mlm" (the same blocks as a
     bidirectional encoder, trained by masked-token prediction: tinyllm/mlm.py); the checkpoint's
-    kind records it ("gpt" or "mlm"). With resume=True the model, tokenizer, objective and
-    training settings come from the checkpoint; only `max_iters` may be changed (an `objective`
-    given must be the run's); `mask_rate` is the share of positions an MLM step predicts
-    (None: mlm.MASK_RATE, 15%; a resumed run keeps its own). Returns a summary dict. The run directory is locked
-    for the whole call. Over MPI (`world`, see tinyllm/distributed.py) rank 0 alone reads the
-    data and the run directory and sends the others what they need; the whole job trains one
-    model, and only rank 0 writes. `fast` takes the hand-written forward and backward of
-    tinyllm/fast.py where it applies (dropout 0); False, or dropout on, differentiates the
-    reference model with autograd. Both give the same losses up to float32 rounding.
+    kind records it ("gpt" or "mlm"). With resume=True the model, tokenizer, objective and training
+    settings come from the checkpoint; only `max_iters` may be changed (an `objective` given must be
+    the run's); `mask_rate` is the share of positions an MLM step predicts (None: mlm.MASK_RATE,
+    15%; a resumed run keeps its own). Returns a summary dict. The run directory is locked for the
+    whole call. Over MPI (`world`, see tinyllm/distributed.py) rank 0 alone reads the data and the
+    run directory and sends the others what they need; the whole job trains one model, and only rank
+    0 writes. `fast` takes the hand-written forward and backward of tinyllm/fast.py where it applies
+    (dropout 0, either objective); False, or dropout on, differentiates the reference model with
+    autograd. Both give the same losses up to float32 rounding.
     """
     log = log if world.is_root else _skip
     world.from_root(lambda: prepare_out_dir(out_dir, resume, force))
