@@ -1,6 +1,8 @@
 """Tests for tinyllm/embed.py and `tinyllm embed`: one vector per text, padding never changes a
 vector, long texts as windows, cosine nearest neighbours, the .npy file, and one-line errors."""
 
+from dataclasses import replace
+
 import numpy as onp
 import pytest
 from click.testing import CliRunner
@@ -34,10 +36,13 @@ texts = st.text(alphabet="abcdefgh ", min_size=1, max_size=12)
 
 
 @settings(max_examples=30, deadline=None)
-@given(alone=texts, others=st.lists(texts, min_size=1, max_size=4), bidirectional=st.booleans())
-def test_a_text_alone_equals_the_same_text_in_a_padded_batch(alone, others, bidirectional):
-    single, _ = embed_texts(PARAMS, CONFIG, TOKENIZER, [alone], bidirectional)
-    batch, _ = embed_texts(PARAMS, CONFIG, TOKENIZER, others + [alone] + others, bidirectional)
+@given(alone=texts, others=st.lists(texts, min_size=1, max_size=4), bidirectional=st.booleans(),
+       distance_bias=st.booleans())
+def test_a_text_alone_equals_the_same_text_in_a_padded_batch(alone, others, bidirectional,
+                                                             distance_bias):
+    config = replace(CONFIG, distance_bias=distance_bias)
+    single, _ = embed_texts(PARAMS, config, TOKENIZER, [alone], bidirectional)
+    batch, _ = embed_texts(PARAMS, config, TOKENIZER, others + [alone] + others, bidirectional)
     onp.testing.assert_allclose(batch[len(others)], single[0], rtol=1e-5, atol=1e-6)
 
 

@@ -5,6 +5,7 @@ and every gradient, over random shapes, with and without biases, tied and untied
 import json
 import threading
 import time
+from dataclasses import replace
 
 import autograd
 import numpy as onp
@@ -379,12 +380,14 @@ def chosen_positions(rng, batch, t):
 
 
 @settings(max_examples=30, deadline=None)
-@given(shapes, st.integers(1, 5))
-def test_the_mlm_loss_and_every_gradient_equal_autograd_on_mlm_loss(s, batch):
-    """Bidirectional attention and the loss at the chosen positions only, whole and in halves
-    (halves weighted by their chosen positions, not their rows)."""
+@given(shapes, st.integers(1, 5), st.booleans())
+def test_the_mlm_loss_and_every_gradient_equal_autograd_on_mlm_loss(s, batch, distance_bias):
+    """Bidirectional attention (with or without the distance bias) and the loss at the chosen
+    positions only, whole and in halves (halves weighted by their chosen positions, not their
+    rows)."""
     config, params, rng = random_model(s["seed"], s["vocab"], s["n_layer"], s["n_head"],
                                        s["head_size"], s["block"], s["bias"], s["tie"], "float64")
+    config = replace(config, distance_bias=distance_bias)
     t = int(rng.integers(1, s["block"] + 1))
     inputs = rng.integers(0, s["vocab"], (batch, t))
     targets = rng.integers(0, s["vocab"], (batch, t))
@@ -418,19 +421,21 @@ def test_an_mlm_training_step_equals_the_reference_step():
 def test_pretrain_objective_mlm_trains_on_the_fast_path_and_no_fast_on_the_reference(
         tmp_path, monkeypatch):
     """The MLM run hands the fast path its corrupted batch, bidirectionally, with its chosen
-    positions; --no-fast trains the same run through autograd, to the same losses."""
+    positions and the distance bias; --no-fast trains the same run through autograd, to the
+    same losses."""
     seen = []
     real = fast.gpt_loss_and_grads
 
     def recording(params, ids, targets, config, causal=True, counted=None):
         seen.append((ids.shape, causal, None if counted is None else counted.shape,
+                     config.distance_bias,
                      None if counted is None else bool((ids[counted] != targets[counted]).any())))
         return real(params, ids, targets, config, causal, counted)
 
     monkeypatch.setattr(fast, "gpt_loss_and_grads", recording)
     fast_losses = pretrain_losses(tmp_path, "fast", "--objective", "mlm")
-    assert [(shape, causal, counted) for shape, causal, counted, _ in seen] == [
-        ((2, 16), False, (2, 16))] * 8  # 4 steps of two halves of the batch of 4
+    assert [record[:4] for record in seen] == [
+        ((2, 16), False, (2, 16), True)] * 8  # 4 steps of two halves of the batch of 4
     assert any(masked for *_, masked in seen)  # the inputs are the corrupted ids, the targets not
     seen.clear()
     reference_losses = pretrain_losses(tmp_path, "reference", "--objective", "mlm", "--no-fast")

@@ -5,6 +5,7 @@ kind, resume, and the commands that refuse an MLM model or start from one."""
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import numpy as onp
 import pytest
@@ -20,8 +21,9 @@ from tinyllm.errors import TinyLLMError
 from tinyllm.mlm import (MASK_RATE, REPLACE_WITH_MASK, REPLACE_WITH_RANDOM, choose_positions,
                          chosen_count, encode_with_masks, fill_masks, filled_text, mask_tokens, masked_accuracy,
                          mlm_logits, mlm_loss)
+from tinyllm.attention_maps import gpt_attention
 from tinyllm.models import bidirectional_hidden, lm_head_weight
-from tinyllm.ops import cross_entropy_reference
+from tinyllm.ops import cross_entropy_reference, distance_bias
 from tinyllm.tokenizers import MASK_TOKEN, CharTokenizer
 from tinyllm.train import pretrain, read_metrics
 
@@ -332,3 +334,113 @@ def test_mask_rate_is_stored_and_kept_by_resume(tmp_path, data_file, monkeypatch
                     "--out", tmp_path / "all", *TINY)  # passes the flag, refused by the run
     assert_one_line_error(result, "--mask-rate must be between 0 and 1")
     assert not (tmp_path / "all").exists()
+
+
+# ============================================================================ the distance bias
+
+
+def test_distance_bias_worked_example():
+    bias = distance_bias(2, 3, "float64")  # (H, T, T): slopes 1 and 1/2
+    onp.testing.assert_array_equal(bias[0], [[0, -1, -2], [-1, 0, -1], [-2, -1, 0]])
+    onp.testing.assert_array_equal(bias[1], [[0, -0.5, -1], [-0.5, 0, -0.5], [-1, -0.5, 0]])
+
+
+def test_with_no_query_or_key_weights_an_encoder_attends_by_the_distance_bias_alone(make_params):
+    """Attention maps of a biased encoder whose scores q k^T are all 0: each head's weights are
+    the softmax of its bias row, so head 0 gives a token's neighbours e^-1 of its own weight."""
+    config = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8,
+                       distance_bias=True)
+    params = make_params(config, dtype="float64")
+    for block in params["h"]:
+        block["attn"]["c_attn"]["w"][:, :2 * config.n_embd] = 0.0  # q = k = 0
+    maps = gpt_attention(params, config, [1, 2, 3, 4, 5, 6], causal=False)  # (L, H, T, T)
+    bias = distance_bias(2, 6, "float64")
+    want = onp.exp(bias) / onp.exp(bias).sum(axis=-1, keepdims=True)
+    for layer in maps:
+        onp.testing.assert_allclose(layer, want, rtol=1e-12)
+    unbiased = gpt_attention(params, replace(config, distance_bias=False), [1, 2, 3, 4, 5, 6],
+                             causal=False)
+    onp.testing.assert_allclose(unbiased, 1 / 6)  # uniform: the plateau the bias avoids
+
+
+@pytest.fixture
+def encoder_masks(monkeypatch):
+    """Every attention mask an encoder block is given, as a list of arrays (or None)."""
+    import tinyllm.models as models
+
+    seen, real = [], models.encoder_block
+    monkeypatch.setattr(models, "encoder_block",
+                        lambda x, *a, pad_mask=None, **k: seen.append(
+                            None if pad_mask is None else onp.asarray(pad_mask)) or real(
+                            x, *a, pad_mask=pad_mask, **k))
+    return seen
+
+
+def real_scores(mask):
+    """The mask's values between real tokens (the padding keys dropped), per head: (H, T, T')."""
+    mask = onp.broadcast_to(mask, mask.shape[:-3] + (2,) + mask.shape[-2:])
+    return mask.reshape(-1, *mask.shape[-3:])[0]
+
+
+def test_mlm_runs_record_the_distance_bias_and_pass_it_to_every_encoder_command(
+        mlm_run, tmp_path, data_file, encoder_masks):
+    """pretrain --objective mlm stores it; fill, embed and classify from the run apply it in
+    every block; --no-distance-bias and --arch encoder on causal weights do not."""
+    out = mlm_run[0]
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["model"][
+        "distance_bias"] is True
+    assert invoke("fill", "--checkpoint", out, "The qu[MASK]ck fox").exit_code == 0
+    assert len(encoder_masks) == 1 and encoder_masks[0].shape == (2, 13, 13)  # 12 characters and a mask
+    onp.testing.assert_array_equal(encoder_masks[0], distance_bias(2, 13))
+    encoder_masks.clear()
+    lines = tmp_path / "lines.txt"
+    lines.write_text("The quick fox\nHow\n", encoding="utf-8")
+    result = invoke("embed", "--checkpoint", out, "--data", lines, "--out", tmp_path / "v.npy")
+    assert result.exit_code == 0, result.output
+    assert encoder_masks and all(m.shape == (2, 2, 13, 13) for m in encoder_masks)
+    onp.testing.assert_array_equal(encoder_masks[0][1, :, :3, :3], distance_bias(2, 3))  # "How"
+    assert (encoder_masks[0][1, :, :, 3:] < -1e8).all()  # and its padding hidden
+    encoder_masks.clear()
+    result = invoke("finetune", "classify", "--checkpoint", out, "--out", tmp_path / "c",
+                    "--max-iters", 1, "--eval-interval", 1)
+    assert result.exit_code == 0, result.output
+    t = encoder_masks[0].shape[-1]
+    assert encoder_masks and all(m.shape[1:] == (2, t, t) for m in encoder_masks)
+    onp.testing.assert_array_equal(encoder_masks[0][:, :, :1, :1].reshape(-1), 0.0)
+    onp.testing.assert_array_equal(encoder_masks[0][0, 0, 0, 1], -1.0)  # head 0, one apart
+    encoder_masks.clear()
+    off = tmp_path / "off"
+    result = invoke("pretrain", "--objective", "mlm", "--no-distance-bias", "--data", data_file,
+                    "--out", off, *TINY, "--max-iters", 1, "--sample-tokens", 0)
+    assert result.exit_code == 0, result.output
+    assert json.loads((off / "config.json").read_text(encoding="utf-8"))["model"][
+        "distance_bias"] is False
+    assert encoder_masks and all(m is None for m in encoder_masks)  # its evaluations
+    encoder_masks.clear()
+    assert invoke("fill", "--checkpoint", off, "The qu[MASK]ck fox").exit_code == 0
+    assert encoder_masks == [None]
+
+
+def test_a_causal_run_has_no_distance_bias_and_refuses_the_flag(tmp_path, data_file,
+                                                                encoder_masks):
+    out = tmp_path / "clm"
+    assert invoke("pretrain", "--data", data_file, "--out", out, *TINY, "--max-iters", 1,
+                  "--sample-tokens", 0).exit_code == 0
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["model"][
+        "distance_bias"] is False
+    result = invoke("finetune", "classify", "--checkpoint", out, "--out", tmp_path / "c",
+                    "--max-iters", 1, "--eval-interval", 1, "--arch", "encoder")
+    assert result.exit_code == 0, result.output
+    assert encoder_masks and all(m.shape[1:3] == (1, 1) for m in encoder_masks)  # padding only
+    result = invoke("pretrain", "--distance-bias", "--data", data_file, "--out", tmp_path / "x",
+                    *TINY)
+    assert_one_line_error(result, "--distance-bias", "--objective mlm")
+
+
+def test_a_checkpoint_from_before_the_distance_bias_loads_without_it(mlm_run, tmp_path):
+    out = tmp_path / "old"
+    shutil.copytree(mlm_run[0], out)
+    meta = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    del meta["model"]["distance_bias"]
+    (out / "config.json").write_text(json.dumps(meta), encoding="utf-8")
+    assert load_checkpoint(str(out), kind="mlm").model_config.distance_bias is False

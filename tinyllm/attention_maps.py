@@ -27,7 +27,7 @@ import numpy as onp
 from .attention import self_attention, split_heads
 from .blocks import encoder_block, gpt_block
 from .errors import TinyLLMError
-from .models import embed
+from .models import embed, encoder_mask
 from .ops import attention_weights, causal_mask, layer_norm, linear
 from .seq2seq import cross_decoder_block, embed_tokens, target_table
 
@@ -59,7 +59,7 @@ def gpt_attention(params, config, ids, causal=True):
     causal=False runs the same tree bidirectionally (`models.bidirectional_hidden`).
     """
     x = embed(params, onp.asarray(ids)[None, :], config)  # (1, T, C)
-    mask = causal_mask(len(ids), x.dtype) if causal else None  # (T, T) or no mask
+    mask = causal_mask(len(ids), x.dtype) if causal else encoder_mask(config, len(ids), x.dtype)
     maps = []
     for block in params["h"]:
         maps.append(self_attention_weights(layer_norm(x, **block["ln_1"]), block["attn"]["c_attn"],
@@ -67,7 +67,7 @@ def gpt_attention(params, config, ids, causal=True):
         if causal:
             x = gpt_block(x, **block, n_head=config.n_head, mask=mask)  # (1, T, C)
         else:
-            x = encoder_block(x, **block, n_head=config.n_head)  # (1, T, C)
+            x = encoder_block(x, **block, n_head=config.n_head, pad_mask=mask)  # (1, T, C)
     return onp.stack(maps)  # (L, H, T, T)
 
 

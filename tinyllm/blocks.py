@@ -29,6 +29,7 @@ def encoder_block(x, ln_1, attn, ln_2, mlp, n_head, pad_mask=None, dropout_p=0.0
     """One encoder block (Vaswani et al. 2017, pre-LN): bidirectional self-attention, then MLP.
 
     It is the GPT block's computation with another mask: no causal mask, so every token sees
-    every other token, and only padding (pad_mask, additive, (B, 1, 1, T) or None) is hidden.
+    every other token, and only padding (pad_mask, additive, (B, 1, 1, T) or None) is hidden;
+    `models.encoder_mask` adds a distance bias to it for models pretrained with one.
     """
     return gpt_block(x, ln_1, attn, ln_2, mlp, n_head, pad_mask, dropout_p, rng)

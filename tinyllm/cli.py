@@ -70,6 +70,12 @@ def main(ctx):
 @click.option("--mask-rate", default=MASK_RATE, callback=probability_mass,
               help="With --objective mlm: the share of each window's positions chosen for"
                    " prediction (BERT: 0.15). With --resume: the run's own.")
+@click.option("--distance-bias/--no-distance-bias", default=None,
+              help="With --objective mlm: the encoder's attention subtracts slope * |i - j| from"
+                   " the score of token i for token j (slope 1, 1/2, 1/4, ... by head; a"
+                   " symmetric ALiBi), so it reads a masked token's neighbours from the first"
+                   " step. Without it the encoder stayed on the unigram plateau here (see the"
+                   " README).  [default: on with --objective mlm]")
 @click.option("--tokenizer", "tokenizer_kind", type=click.Choice(["char", "bpe"]),
               default=DEFAULT_TOKENIZER,
               help="char: one token per character; bpe: byte-level BPE trained on the data.")
@@ -122,7 +128,7 @@ def main(ctx):
 @no_cache_option
 @user_errors
 @abort_on_error
-def pretrain(data, objective, mask_rate, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_size,
+def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_size,
              bias, dropout, batch_size, grad_accum, max_iters, lr, min_lr, warmup_iters,
              weight_decay, grad_clip, eval_interval, eval_iters, seed, out, resume, force,
              sample_tokens, fast, no_cache):
@@ -137,8 +143,13 @@ def pretrain(data, objective, mask_rate, tokenizer_kind, vocab_size, n_layer, n_
 
     world = distributed.world()  # one process unless started by mpirun with N > 1
 
+    if distance_bias and objective != "mlm":
+        raise TinyLLMError("--distance-bias is for --objective mlm: a causal model's attention"
+                           " has no use for it")
     model_config = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head,
-                             n_embd=n_embd, dropout=dropout, bias=bias).validate()
+                             n_embd=n_embd, dropout=dropout, bias=bias,
+                             distance_bias=objective == "mlm" and distance_bias is not False
+                             ).validate()
     train_config = TrainConfig(batch_size=batch_size, max_iters=max_iters, lr=lr, min_lr=min_lr,
                                warmup_iters=warmup_iters, weight_decay=weight_decay,
                                grad_clip=grad_clip, eval_interval=eval_interval,

@@ -37,6 +37,9 @@ class GPTConfig:
     bias: bool = False  # no biases in linear layers and layer norms: a bit faster, and as good at
     # this size (nanoGPT's CPU recipe turns them off too; GPT-2 has them: pass bias=True)
     tie_weights: bool = True  # LM head shares the token embedding matrix (Press & Wolf, 2017)
+    distance_bias: bool = False  # bidirectional passes add ops.distance_bias to the attention
+    # scores (symmetric ALiBi). pretrain --objective mlm turns it on: without it, the encoder's
+    # attention stayed uniform and it predicted masked tokens no better than the commonest token
 
     def validate(self):
         """Raise TinyLLMError for sizes that cannot make a model; return self."""

@@ -43,7 +43,7 @@ import math
 
 import numpy as onp
 
-from .ops import LN_EPS, MASK_VALUE, gelu_rows, on_two_cores, run_both
+from .ops import LN_EPS, MASK_VALUE, distance_bias, gelu_rows, on_two_cores, run_both
 from .optim import ADAM_EPS, clip_scale, decays
 from .tree import flatten, tree_map, unflatten
 
@@ -147,7 +147,8 @@ def gelu_forward(h):
 
 
 def softmax_rows(s, mask):
-    """s <- softmax(s + mask) along the last axis, in place; s (..., T, T), mask (T, T) additive.
+    """s <- softmax(s + mask) along the last axis, in place; s (B, H, T, T), mask additive, (T, T)
+    or, with a distance bias, (H, T, T).
 
     Softmax is unchanged by subtracting a constant from a row, and subtracting at least the
     row's maximum keeps exp() from overflowing. The row maxima cost more than the rest of
@@ -180,7 +181,8 @@ def _attention_rows(q, k, v, mask, p, y):
 
 
 def attention_forward(qkv, b, t, n_head, mask):
-    """Causal multi-head attention from the fused projection qkv (N, 3C) -> (N, C).
+    """Multi-head attention from the fused projection qkv (N, 3C) -> (N, C); `mask` is additive,
+    causal (T, T), a distance bias (H, T, T) or zeros.
 
     q is scaled by 1/sqrt(D) before the scores are taken (the same scores, one pass over the
     smaller tensor); k and v are read where they lie in qkv, and each head writes its output
@@ -326,6 +328,8 @@ def gpt_loss_and_grads(params, ids, targets, config, causal=True, counted=None):
     x = (wte[ids_flat].reshape(b, t, c) + wpe[:t]).reshape(n, c)  # (N, C) token + position
     if causal:
         mask = onp.triu(onp.full((t, t), MASK_VALUE, dtype=wte.dtype), k=1)  # (T, T) additive
+    elif config.distance_bias:
+        mask = distance_bias(config.n_head, t, wte.dtype)  # (H, T, T), as models.encoder_mask
     else:
         mask = onp.zeros((t, t), dtype=wte.dtype)  # nothing hidden
     caches = []

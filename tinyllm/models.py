@@ -22,9 +22,9 @@ from autograd.tracer import getval
 
 from .blocks import encoder_block, gpt_block
 from .errors import TinyLLMError
-from .ops import (attention_reference, causal_mask, cross_entropy, dropout, embedding,
-                  gelu_reference, layer_norm, layer_norm_reference, linear, linear_reference,
-                  padding_mask)
+from .ops import (attention_reference, causal_mask, cross_entropy, distance_bias, dropout,
+                  embedding, gelu_reference, layer_norm, layer_norm_reference, linear,
+                  linear_reference, padding_mask)
 from .tree import tree_leaves
 
 INIT_STD = 0.02  # GPT-2's initialisation scale for every weight matrix and embedding
@@ -114,17 +114,32 @@ def gpt_hidden(params, ids, config, rng=None):
     return layer_norm(x, **params["ln_f"])  # (B, T, C)
 
 
+def encoder_mask(config, t, dtype, valid=None):
+    """The additive attention mask of a bidirectional pass over T tokens, or None for no mask.
+
+    Padding (`valid` (B, T) of 0/1) is hidden: (B, 1, 1, T). A model pretrained with
+    config.distance_bias also has its distance bias (`ops.distance_bias`, (H, T, T)) in every
+    bidirectional pass, in pretraining, fine-tuning, `fill` and `embed` alike; the sum of both
+    is (B, H, T, T).
+    """
+    mask = None if valid is None else padding_mask(valid, dtype)  # (B, 1, 1, T)
+    if config.distance_bias:
+        bias = distance_bias(config.n_head, t, dtype)  # (H, T, T)
+        mask = bias if mask is None else mask + bias
+    return mask
+
+
 def bidirectional_hidden(params, ids, config, valid=None, rng=None):
     """The GPT parameter tree run bidirectionally (as an encoder): ids (B, T) -> (B, T, C).
 
-    The only difference from `gpt_hidden` is the mask: no causal mask, so each position sees the
-    whole sequence; `valid` (B, T) of 0/1 marks real tokens, and padding is hidden from attention.
+    The only difference from `gpt_hidden` is the mask (`encoder_mask`): no causal mask, so each
+    position sees the whole sequence; `valid` (B, T) of 0/1 marks real tokens, and padding is
+    hidden from attention.
     """
     x = embed(params, ids, config, rng)  # (B, T, C)
-    dtype = getval(params["wte"]).dtype
-    pad_mask = None if valid is None else padding_mask(valid, dtype)  # (B, 1, 1, T)
+    mask = encoder_mask(config, ids.shape[1], getval(params["wte"]).dtype, valid)
     for block in params["h"]:
-        x = encoder_block(x, **block, n_head=config.n_head, pad_mask=pad_mask,
+        x = encoder_block(x, **block, n_head=config.n_head, pad_mask=mask,
                           dropout_p=config.dropout, rng=rng)  # (B, T, C)
     return layer_norm(x, **params["ln_f"])  # (B, T, C)
 

@@ -357,6 +357,23 @@ def padding_mask(valid, dtype="float32"):
     return ((1.0 - np.asarray(valid, dtype=dtype)) * MASK_VALUE)[:, None, None, :]
 
 
+def distance_bias(n_head, t, dtype="float32"):
+    """Additive attention bias (H, T, T) that favours near tokens: head h subtracts
+    slope_h * |i - j| from the score of query i for key j, with slopes 1, 1/2, 1/4, ... (one per
+    head, halving): head 0 looks mostly at a token's neighbours, the last heads almost
+    everywhere.
+
+    This is ALiBi (Press et al., 2022, "Train short, test long"), made symmetric for an encoder;
+    ALiBi's slopes for H heads are 2^(-8h/H), h = 1..H, steeper ones are used here because the
+    encoder's first job is to read a masked token's neighbours. It is a constant: nothing
+    learns it, and it costs one addition. Example: distance_bias(2, 3)[1] ->
+    [[0, -0.5, -1], [-0.5, 0, -0.5], [-1, -0.5, 0]].
+    """
+    slopes = 0.5 ** onp.arange(n_head)  # (H,): 1, 1/2, 1/4, ...
+    offsets = onp.abs(onp.arange(t)[:, None] - onp.arange(t)[None, :])  # (T, T): |i - j|
+    return (-slopes[:, None, None] * offsets).astype(dtype)  # (H, 1, 1) * (T, T) -> (H, T, T)
+
+
 def dropout(x, p, rng):
     """Zero each element with probability p and scale the rest by 1 / (1 - p) (Srivastava et al.).
 
