@@ -16,6 +16,9 @@ A checkpoint is four files in the run directory:
                          the same batches it would have drawn
     tokenizer.json       the tokenizer (see tinyllm/tokenizers.py)
 
+A field missing from "model" or "train" takes its default: a field added after a run was made
+is one the run did not use (GPTConfig.distance_bias, for one, is False).
+
 "ranks" is the number of MPI processes the run trains on (`mpirun -n N`; 1 without mpirun, and
 for runs made before it was recorded); `--resume` needs the same number. "train" holds
 "grad_accum", the micro-batches per step on each rank (1 when absent).
