@@ -333,8 +333,10 @@ def test_pretrain_flag_defaults_are_the_config_defaults():
 
     defaults = {p.name: p.default for p in main.commands["pretrain"].params}
     fields = [(f.name, f.default) for cls in (cfg.GPTConfig, cfg.TrainConfig)
-              for f in dataclasses.fields(cls) if f.name in defaults and f.name != "vocab_size"]
+              for f in dataclasses.fields(cls)
+              if f.name in defaults and f.name not in ("vocab_size", "distance_bias")]
     assert len(fields) == 17  # all but vocab_size (the flag is BPE's), tie_weights and the betas
+    assert defaults["distance_bias"] is None  # on with --objective mlm, else GPTConfig's False
     for name, value in fields:
         assert defaults[name] == value, name
     assert defaults["tokenizer_kind"] == cfg.DEFAULT_TOKENIZER
