@@ -262,7 +262,8 @@ def test_resume_refuses_another_objective(mlm_run, tmp_path):
     assert_one_line_error(result, "--objective mlm", "not clm")
     result = invoke("pretrain", "--out", out, "--resume", "--max-iters", 7, "--sample-tokens", 0)
     assert result.exit_code == 0, result.output  # without --objective: the run's own
-    assert load_checkpoint(str(out), kind="mlm").iter == 7
+    resumed = load_checkpoint(str(out), kind="mlm")
+    assert resumed.iter == 7 and resumed.model_config.distance_bias  # the run's own bias kept
 
 
 @pytest.mark.parametrize("command", [
