@@ -220,3 +220,47 @@ def test_instruct_ctrl_c_then_resume_matches_an_uninterrupted_run(base, instruct
     assert sorted(a.files) == sorted(b.files)
     for name in a.files:
         onp.testing.assert_array_equal(a[name], b[name])
+
+
+def test_classify_trains_on_case_copies_of_the_training_texts_only(base, tsv, tmp_path,
+                                                                   monkeypatch):
+    """Each training text is also trained on in upper and in lower case; validation and test
+    texts are not copied, and the counts in metrics.json are of the file's records."""
+    import tinyllm.finetune_runs as runs
+
+    seen, real = {}, runs.encode_classification
+    monkeypatch.setattr(runs, "encode_classification", lambda tok, examples, *a: seen.setdefault(
+        a[-1], [t for t, _ in examples]) and real(tok, examples, *a))
+    out = tmp_path / "copies"
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--out", str(out)]
+                 + FAST)
+    assert result.exit_code == 0, result.output
+    train, val, test = (seen[f"{tsv} ({name})"] for name in ("train", "val", "test"))
+    n = len(train) // 3
+    assert train[n:] == [t.upper() for t in train[:n]] + [t.lower() for t in train[:n]]
+    assert not any(t.isupper() for t in val + test)  # "good film number 3", as in the file
+    report = json.load(open(out / "metrics.json"))
+    assert report["case_copies"] == 2 * n and report["examples"]["train"] == 3 * n
+    assert report["windowed_texts"] == 1 and report["fallback_characters"] == 30  # not 3 and 90
+    assert f"{n} train (+ {2 * n} case copies)" in result.output
+    seen.clear()
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--out",
+                  str(tmp_path / "none"), "--no-case-copies"] + FAST)
+    assert result.exit_code == 0, result.output
+    assert len(seen[f"{tsv} (train)"]) == n
+    report = json.load(open(tmp_path / "none" / "metrics.json"))
+    assert report["case_copies"] == 0 and report["examples"]["train"] == n
+
+
+def test_resuming_a_run_from_before_case_copies_trains_without_them(base, tsv, tmp_path):
+    out = tmp_path / "old"
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--out", str(out),
+                  "--no-case-copies"] + FAST)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    del meta["finetune"]["case_copies"]  # as a run made before the setting
+    (out / "config.json").write_text(json.dumps(meta), encoding="utf-8")
+    result = run(["finetune", "classify", "--out", str(out), "--resume", "--max-iters", "6"])
+    assert result.exit_code == 0, result.output
+    assert "case copies" not in result.output
+    assert json.load(open(out / "metrics.json"))["case_copies"] == 0

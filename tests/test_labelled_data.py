@@ -12,8 +12,7 @@ from tinyllm.errors import TinyLLMError
 from tinyllm.labelled_data import (UNK_TOKEN, balance, default_classification_data,
                                    default_instruction_data, encode_with_fallback, label_ids,
                                    read_classification, read_instructions, shuffle_words,
-                                   split_three,
-                                   with_unknown_token)
+                                   split_three, with_case_copies, with_unknown_token)
 from tinyllm.tokenizers import BPETokenizer, CharTokenizer
 
 
@@ -164,3 +163,9 @@ def test_python_docs_instructions_are_ordinary_requests_with_short_answers():
     assert firsts and all(r["input"].startswith(r["output"]) for r in firsts)
     assert first_sentence("Return the sum. It is an int.") == "Return the sum."
     assert sentences("A b. C d. E.") == ["A b.", "C d.", "E."]
+
+
+def test_case_copies_worked_example():
+    examples = [("Hi Bob", "ham"), ("WIN now", "spam")]
+    assert with_case_copies(examples) == examples + [
+        ("HI BOB", "ham"), ("WIN NOW", "spam"), ("hi bob", "ham"), ("win now", "spam")]

@@ -125,6 +125,11 @@ def finetune():
                    " last N blocks, final norm and head train).")
 @click.option("--balance", is_flag=True,
               help="Downsample larger classes to the size of the smallest.")
+@click.option("--case-copies/--no-case-copies", default=ClassifySettings.case_copies,
+              help="Train on every training text also in upper and in lower case, with its"
+                   " label (validation and test texts stay as they are): real messages mix"
+                   " cases, and the tokenizer reads capitals as rare fragments. Turn off where"
+                   " case decides the label.  [default: on]")
 @click.option("--max-windows", default=ClassifySettings.max_windows, callback=positive,
               help="A text longer than the context is read as overlapping windows (half a"
                    " context apart), at most this many; the rest of a longer text is cut.")

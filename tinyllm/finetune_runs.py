@@ -55,7 +55,7 @@ from .generate import greedy_batch
 from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
                             default_classification_data, default_instruction_data,
                             encode_with_fallback, label_ids, read_classification,
-                            read_instructions, split_three, with_unknown_token)
+                            read_instructions, split_three, with_case_copies, with_unknown_token)
 from .lora import LoRAGPTConfig, apply_lora, init_lora, merge_lora
 from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init
@@ -77,6 +77,10 @@ BEST_FILE = "best.npz"
 @dataclass(frozen=True)
 class FinetuneSettings:
     """The flags both fine-tuning commands share. Each command's subclass sets its defaults."""
+
+    # settings added after runs were made, with the value that gives those runs' behaviour
+    # (used by --resume on a run whose config.json lacks them); a class attribute, not a field
+    BEFORE_THEY_EXISTED = {}
 
     checkpoint: Optional[str] = None  # pretrained run; None: the default architecture, random init
     data: Optional[str] = None  # labelled data file; None: the command's embedded set
@@ -133,9 +137,14 @@ def _check(ok, message, value):
 class ClassifySettings(FinetuneSettings):
     """`tinyllm finetune classify`: defaults chosen on real short texts (see the README)."""
 
+    BEFORE_THEY_EXISTED = {"case_copies": False}
+
     text_column: Optional[str] = None  # CSV/TSV column of the text; None: "text" or column 0
     label_column: Optional[str] = None  # None: "label" or column 1
     balance: bool = False  # downsample the larger classes to the smallest
+    case_copies: bool = True  # train on every training text also in upper and in lower case
+    # (`labelled_data.with_case_copies`): real short messages mix cases freely, and a tokenizer
+    # trained on edited prose reads capitals as rare fragments (see the README)
     arch: Optional[str] = None  # "decoder" (causal) or "encoder" (the same weights run
     # bidirectionally); None: "encoder" from an MLM checkpoint, "decoder" from any other
     pooling: Optional[str] = None  # None: "last" for the decoder, "mean" for the encoder
@@ -180,6 +189,7 @@ def settings_from_run(ckpt, cls, max_iters=None):
     names = {f.name for f in fields(cls)}
     if not isinstance(stored, dict) or not set(stored) <= names | {"task"}:
         raise TinyLLMError(f"--resume: the run's config.json has no valid {cls.__name__} settings")
+    stored = {**cls.BEFORE_THEY_EXISTED, **stored}  # a run made before a setting did without it
     settings = cls(**{k: v for k, v in stored.items() if k in names})
     try:
         settings.validate()  # a hand-edited value of the wrong type is named, not a traceback
@@ -556,6 +566,9 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     if resume:
         check_data_unchanged(ckpt, s)
     train, val, test = load_classification_splits(s)
+    n_read = len(train)
+    if s.case_copies:
+        train = with_case_copies(train)
     labels = ckpt.meta["labels"] if resume else list(label_ids([label for _, label in train]))
     # 3. model
     if resume:
@@ -565,11 +578,16 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     # 4. encode
     sets, counts = {}, {"windowed": 0, "cut": 0, "fallback_characters": 0}
     for name, split in (("train", train), ("val", val), ("test", test)):
+        where = f"{s.data or 'the embedded data'} ({name})"
         windows, y, n = encode_classification(tokenizer, split, labels, config.block_size,
-                                              s.max_windows, f"{s.data or 'the embedded data'} ({name})")
+                                              s.max_windows, where)
+        if name == "train" and len(split) > n_read:  # count the records read, not their copies
+            n = encode_classification(tokenizer, split[:n_read], labels, config.block_size,
+                                      s.max_windows, where)[2]
         sets[name] = (windows, y)
         counts = {k: counts[k] + n[k] for k in counts}
-    log(f"data: {s.data or 'embedded real-vs-shuffled sentences'}: {len(train)} train,"
+    copies = f" (+ {len(train) - n_read} case copies)" if s.case_copies else ""
+    log(f"data: {s.data or 'embedded real-vs-shuffled sentences'}: {n_read} train{copies},"
         f" {len(val)} val, {len(test)} test; classes {labels}")
     report_counts(counts, config.block_size, s.max_windows, log)
     # 5. score before
@@ -605,6 +623,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
               "freeze": s.freeze, "lora_rank": config.lora_rank,
               "base": s.checkpoint, "random_init": bool(s.random_init or s.checkpoint is None),
               "examples": {k: int(len(v[1])) for k, v in sets.items()},
+              "case_copies": len(train) - n_read,
               "accuracy_before": before, "accuracy_after": after,
               "test_confusion_matrix": matrix.tolist(), "test_per_class": per_class,
               "windowed_texts": counts["windowed"], "cut_texts": counts["cut"],

@@ -219,6 +219,21 @@ def balance(examples, seed):
 # ----------------------------------------------------------------------------- char fallback
 
 
+def with_case_copies(examples):
+    """The training examples, then each of their texts in upper case, then each in lower case,
+    with its label: three times as many. Example: [("Hi Bob", "ham")] -> [("Hi Bob", "ham"),
+    ("HI BOB", "ham"), ("hi bob", "ham")].
+
+    Real short messages mix cases freely ("CHECK OUT MY CHANNEL", "best song ever"), and a
+    byte-level BPE learnt from edited prose reads an upper-case word as rare fragments that
+    pretraining seldom saw. The copies show the classifier the same words in every case with
+    the same label (case data augmentation); the validation and test texts are left as they
+    are. A task where case decides the label wants `--no-case-copies`.
+    """
+    return (examples + [(text.upper(), label) for text, label in examples]
+            + [(text.lower(), label) for text, label in examples])
+
+
 def with_unknown_token(tokenizer):
     """A char tokenizer that also has the fallback token UNK_TOKEN (same ids for everything
     it already knew, the new token last); other tokenizers are returned unchanged.
