@@ -260,8 +260,9 @@ def test_resume_refuses_another_objective(mlm_run, tmp_path):
     shutil.copytree(mlm_run[0], out)
     result = invoke("pretrain", "--out", out, "--resume", "--objective", "clm")
     assert_one_line_error(result, "--objective mlm", "not clm")
-    result = invoke("pretrain", "--out", out, "--resume", "--max-iters", 7, "--sample-tokens", 0)
-    assert result.exit_code == 0, result.output  # without --objective: the run's own
+    result = invoke("pretrain", "--out", out, "--resume", "--max-iters", 7, "--sample-tokens", 0,
+                    "--distance-bias")
+    assert result.exit_code == 0, result.output  # without --objective: the run's own, and its bias
     resumed = load_checkpoint(str(out), kind="mlm")
     assert resumed.iter == 7 and resumed.model_config.distance_bias  # the run's own bias kept
 
@@ -391,7 +392,8 @@ def test_mlm_runs_record_the_distance_bias_and_pass_it_to_every_encoder_command(
     assert json.loads((out / "config.json").read_text(encoding="utf-8"))["model"][
         "distance_bias"] is True
     assert invoke("fill", "--checkpoint", out, "The qu[MASK]ck fox").exit_code == 0
-    assert len(encoder_masks) == 1 and encoder_masks[0].shape == (2, 13, 13)  # 12 characters and a mask
+    # 12 characters and a mask, one block
+    assert len(encoder_masks) == 1 and encoder_masks[0].shape == (2, 13, 13)
     onp.testing.assert_array_equal(encoder_masks[0], distance_bias(2, 13))
     encoder_masks.clear()
     lines = tmp_path / "lines.txt"

@@ -128,10 +128,10 @@ def main(ctx):
 @no_cache_option
 @user_errors
 @abort_on_error
-def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_size, n_layer, n_head, n_embd, block_size,
-             bias, dropout, batch_size, grad_accum, max_iters, lr, min_lr, warmup_iters,
-             weight_decay, grad_clip, eval_interval, eval_iters, seed, out, resume, force,
-             sample_tokens, fast, no_cache):
+def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_size, n_layer,
+             n_head, n_embd, block_size, bias, dropout, batch_size, grad_accum, max_iters, lr,
+             min_lr, warmup_iters, weight_decay, grad_clip, eval_interval, eval_iters, seed, out,
+             resume, force, sample_tokens, fast, no_cache):
     """Pretrain a GPT on raw text by next-token prediction (or an encoder by masked tokens).
 
     With no flags it trains a 1.1M-parameter model with a byte-level BPE tokenizer (2048 tokens)
@@ -143,7 +143,7 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
 
     world = distributed.world()  # one process unless started by mpirun with N > 1
 
-    if distance_bias and objective != "mlm":
+    if distance_bias and objective != "mlm" and not resume:  # resumed: the run's own setting
         raise TinyLLMError("--distance-bias is for --objective mlm: a causal model's attention"
                            " has no use for it")
     model_config = GPTConfig(block_size=block_size, n_layer=n_layer, n_head=n_head,
