@@ -372,9 +372,9 @@ def encoder_masks(monkeypatch):
 
     seen, real = [], models.encoder_block
     monkeypatch.setattr(models, "encoder_block",
-                        lambda x, *a, pad_mask=None, **k: seen.append(
-                            None if pad_mask is None else onp.asarray(pad_mask)) or real(
-                            x, *a, pad_mask=pad_mask, **k))
+                        lambda x, *a, mask=None, **k: seen.append(
+                            None if mask is None else onp.asarray(mask)) or real(
+                            x, *a, mask=mask, **k))
     return seen
 
 

@@ -67,7 +67,7 @@ def gpt_attention(params, config, ids, causal=True):
         if causal:
             x = gpt_block(x, **block, n_head=config.n_head, mask=mask)  # (1, T, C)
         else:
-            x = encoder_block(x, **block, n_head=config.n_head, pad_mask=mask)  # (1, T, C)
+            x = encoder_block(x, **block, n_head=config.n_head, mask=mask)  # (1, T, C)
     return onp.stack(maps)  # (L, H, T, T)
 
 

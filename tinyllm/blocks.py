@@ -25,11 +25,11 @@ def gpt_block(x, ln_1, attn, ln_2, mlp, n_head, mask, dropout_p=0.0, rng=None):
     return x + feed_forward(layer_norm(x, **ln_2), **mlp, dropout_p=dropout_p, rng=rng)
 
 
-def encoder_block(x, ln_1, attn, ln_2, mlp, n_head, pad_mask=None, dropout_p=0.0, rng=None):
+def encoder_block(x, ln_1, attn, ln_2, mlp, n_head, mask=None, dropout_p=0.0, rng=None):
     """One encoder block (Vaswani et al. 2017, pre-LN): bidirectional self-attention, then MLP.
 
     It is the GPT block's computation with another mask: no causal mask, so every token sees
-    every other token, and only padding (pad_mask, additive, (B, 1, 1, T) or None) is hidden;
-    `models.encoder_mask` adds a distance bias to it for models pretrained with one.
+    every other token. `mask` is additive or None: padding hidden, (B, 1, 1, T), and for a model
+    pretrained with a distance bias that bias too, (B, H, T, T) (see `models.encoder_mask`).
     """
-    return gpt_block(x, ln_1, attn, ln_2, mlp, n_head, pad_mask, dropout_p, rng)
+    return gpt_block(x, ln_1, attn, ln_2, mlp, n_head, mask, dropout_p, rng)

@@ -139,7 +139,7 @@ def bidirectional_hidden(params, ids, config, valid=None, rng=None):
     x = embed(params, ids, config, rng)  # (B, T, C)
     mask = encoder_mask(config, ids.shape[1], getval(params["wte"]).dtype, valid)
     for block in params["h"]:
-        x = encoder_block(x, **block, n_head=config.n_head, pad_mask=mask,
+        x = encoder_block(x, **block, n_head=config.n_head, mask=mask,
                           dropout_p=config.dropout, rng=rng)  # (B, T, C)
     return layer_norm(x, **params["ln_f"])  # (B, T, C)
 

@@ -168,7 +168,7 @@ def encoder_forward(params, src, config, src_valid=None, rng=None):
     dtype = getval(params["src_wte"]).dtype
     pad = None if src_valid is None else padding_mask(src_valid, dtype)  # (B, 1, 1, S)
     for block in params["encoder"]:
-        x = encoder_block(x, **block, n_head=config.n_head, pad_mask=pad,
+        x = encoder_block(x, **block, n_head=config.n_head, mask=pad,
                           dropout_p=config.dropout, rng=rng)  # (B, S, C)
     return layer_norm(x, **params["enc_ln_f"])  # (B, S, C)
 
