@@ -4,11 +4,13 @@ traceback, and leave an existing run's files byte for byte as they were."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -187,26 +189,40 @@ def test_force_replaces_an_existing_run(run_copy, data_file):
 # ----------------------------------------------------------------------------- help
 
 
-@pytest.mark.parametrize("command", ["pretrain", "generate"])
-def test_help_mentions_every_flag_and_its_default(command):
-    result = invoke(command, "--help")
+def leaf_commands(group=main, path=()):
+    """(path, click command) of every command that runs, e.g. (("finetune", "classify"), ...)."""
+    for name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            yield from leaf_commands(command, path + (name,))
+        else:
+            yield path + (name,), command
+
+
+@pytest.mark.parametrize("path", [path for path, _ in leaf_commands()], ids=" ".join)
+def test_help_mentions_every_flag_and_its_default_once(path):
+    result = invoke(*path, "--help")
     assert result.exit_code == 0
-    text = " ".join(result.output.split())  # undo Click's line wrapping
-    options = [p for p in main.commands[command].params if p.name != "help"]
-    position = 0
-    for option, following in zip(options, options[1:] + [None]):
+    # Click writes each option as an entry whose first line starts with two spaces and a dash
+    options_part = result.output.split("\nOptions:\n")[1]
+    entries = [" ".join(e.split()) for e in re.split(r"\n(?=  -)", "\n" + options_part)[1:]]
+    command = dict(leaf_commands())[path]
+    for option in command.params:
+        if not isinstance(option, click.Option) or option.name == "help":
+            continue
+        mine = [e for e in entries if e.split(" ")[0].rstrip(",") in option.opts]
+        assert len(mine) == 1, (option.opts, entries)
+        entry = mine[0]
         for flag in option.opts + option.secondary_opts:
-            assert flag in text, flag
-        start = text.index(option.opts[0], position)
-        end = text.index(following.opts[0], start + 1) if following else len(text)
-        entry, position = text[start:end], start + 1
+            assert flag in entry, flag
         on_off_flag = option.is_flag and not option.secondary_opts  # --resume, --force: off
-        if option.default is not None and not on_off_flag:
+        if option.default not in (None, ()) and not on_off_flag and not option.required:
             assert "[default: " in entry, entry
-    if command == "pretrain":
+        assert entry.count("[default: ") <= 1, entry  # not Click's and a hand-written one
+    text = " ".join(result.output.split())
+    if path == ("pretrain",):
         assert "--n-layer INTEGER Number of GPT blocks. [default: 4]" in text
         assert "[default: python-docs]" in text
-    else:
+    if path == ("generate",):
         assert "--temperature FLOAT" in text and "[default: 0.8]" in text
 
 

@@ -129,7 +129,7 @@ def finetune():
               help="Train on every training text also in upper and in lower case, with its"
                    " label (validation and test texts stay as they are): real messages mix"
                    " cases, and the tokenizer reads capitals as rare fragments. Turn off where"
-                   " case decides the label.  [default: on]")
+                   " case decides the label.")
 @click.option("--max-windows", default=ClassifySettings.max_windows, callback=positive,
               help="A text longer than the context is read as overlapping windows (half a"
                    " context apart), at most this many; the rest of a longer text is cut.")
