@@ -198,14 +198,14 @@ def leaf_commands(group=main, path=()):
             yield path + (name,), command
 
 
-@pytest.mark.parametrize("path", [path for path, _ in leaf_commands()], ids=" ".join)
-def test_help_mentions_every_flag_and_its_default_once(path):
+@pytest.mark.parametrize("path, command", list(leaf_commands()),
+                         ids=[" ".join(path) for path, _ in leaf_commands()])
+def test_help_mentions_every_flag_and_its_default_once(path, command):
     result = invoke(*path, "--help")
     assert result.exit_code == 0
     # Click writes each option as an entry whose first line starts with two spaces and a dash
     options_part = result.output.split("\nOptions:\n")[1]
     entries = [" ".join(e.split()) for e in re.split(r"\n(?=  -)", "\n" + options_part)[1:]]
-    command = dict(leaf_commands())[path]
     for option in command.params:
         if not isinstance(option, click.Option) or option.name == "help":
             continue
