@@ -229,8 +229,8 @@ def test_classify_trains_on_case_copies_of_the_training_texts_only(base, tsv, tm
     import tinyllm.finetune_runs as runs
 
     seen, real = {}, runs.encode_classification
-    monkeypatch.setattr(runs, "encode_classification", lambda tok, examples, *a: seen.setdefault(
-        a[-1], [t for t, _ in examples]) and real(tok, examples, *a))
+    monkeypatch.setattr(runs, "encode_classification", lambda tok, examples, *a, **kw: (
+        seen.setdefault(a[-1], [t for t, _ in examples]) and real(tok, examples, *a, **kw)))
     out = tmp_path / "copies"
     result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--out", str(out)]
                  + FAST)

@@ -456,15 +456,21 @@ def load_classification_splits(s):
     return train, val, test
 
 
-def encode_classification(tokenizer, examples, labels, block_size, max_windows, where):
+def encode_classification(tokenizer, examples, labels, block_size, max_windows, where,
+                          counted=None):
     """(Windows, y (N,), counts) for (text, label) examples; counts has how many texts were
     read as several windows ("windowed"), cut after max_windows ("cut") and how many characters
-    fell back to the unknown token ("fallback_characters")."""
+    fell back to the unknown token ("fallback_characters"), among the first `counted` examples
+    (default: all). A training split's case copies come after its records: they are trained
+    on, but the counts are of the records read."""
     unknown = sorted({label for _, label in examples} - set(labels))
     if unknown:
         raise TinyLLMError(f"{where}: label {unknown[0]!r} is not one the model was trained on"
                            f" ({', '.join(labels)})")
-    seqs, fallback = encode_all(tokenizer, [text for text, _ in examples])
+    counted = len(examples) if counted is None else counted
+    texts = [text for text, _ in examples]
+    seqs, fallback = encode_all(tokenizer, texts[:counted])
+    seqs += encode_all(tokenizer, texts[counted:])[0]
     empty = [i for i, s in enumerate(seqs) if not s]
     if empty:
         raise TinyLLMError(f"{where}: {len(empty)} example(s) have empty text (the first is"
@@ -473,6 +479,8 @@ def encode_classification(tokenizer, examples, labels, block_size, max_windows, 
     if cut == len(seqs):
         raise TinyLLMError(f"{where}: every text is longer than {max_windows} windows of"
                            f" {block_size} tokens; raise --max-windows")
+    if counted < len(seqs):  # windowing is cheap next to encoding: redo it for the counts
+        windowed, cut = make_windows(seqs[:counted], block_size, max_windows)[1:]
     y = onp.asarray([labels.index(label) for _, label in examples], dtype=onp.int32)
     return windows, y, {"windowed": windowed, "cut": cut, "fallback_characters": fallback}
 
@@ -580,10 +588,8 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     for name, split in (("train", train), ("val", val), ("test", test)):
         where = f"{s.data or 'the embedded data'} ({name})"
         windows, y, n = encode_classification(tokenizer, split, labels, config.block_size,
-                                              s.max_windows, where)
-        if name == "train" and len(split) > n_read:  # count the records read, not their copies
-            n = encode_classification(tokenizer, split[:n_read], labels, config.block_size,
-                                      s.max_windows, where)[2]
+                                              s.max_windows, where,
+                                              counted=n_read if name == "train" else None)
         sets[name] = (windows, y)
         counts = {k: counts[k] + n[k] for k in counts}
     copies = f" (+ {len(train) - n_read} case copies)" if s.case_copies else ""
