@@ -198,8 +198,11 @@ def leaf_commands(group=main, path=()):
             yield path + (name,), command
 
 
-@pytest.mark.parametrize("path, command", list(leaf_commands()),
-                         ids=[" ".join(path) for path, _ in leaf_commands()])
+LEAF_COMMANDS = list(leaf_commands())
+
+
+@pytest.mark.parametrize("path, command", LEAF_COMMANDS,
+                         ids=[" ".join(path) for path, _ in LEAF_COMMANDS])
 def test_help_mentions_every_flag_and_its_default_once(path, command):
     result = invoke(*path, "--help")
     assert result.exit_code == 0
