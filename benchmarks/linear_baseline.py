@@ -1,0 +1,74 @@
+"""Linear models over word and character n-grams, on the splits `finetune classify` makes.
+
+A yardstick for fine-tuning on a labelled file of yours: what a linear classifier over TF-IDF
+features gets on the same train and test texts as `tinyllm finetune classify --seed S` (the
+70/10/20 split of `labelled_data.split_three`; the linear models train on the 70% only, as the
+transformer does, and are scored on the 20%). Four models, each a scikit-learn pipeline:
+
+- word-lr: lower-cased words and word pairs, logistic regression (C = 10);
+- char-lr: character 2- to 5-grams inside word boundaries, logistic regression (C = 10);
+- char-svm: the same features, a linear support-vector machine (C = 1);
+- word+char-svm: both feature sets side by side, a linear support-vector machine.
+
+A dev-only script: scikit-learn is never a dependency of tinyllm. Run it in a separate virtual
+environment that has scikit-learn and tinyllm's own dependencies (numpy, autograd, click):
+
+    python3 -m venv /tmp/sk && /tmp/sk/bin/pip install scikit-learn autograd click
+    /tmp/sk/bin/python benchmarks/linear_baseline.py --data youtube-spam.csv --seeds 1 2 3
+
+Prints each model's test accuracy per seed and the mean.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from tinyllm.labelled_data import SPLIT_CLASSIFY, read_classification, split_three  # noqa: E402
+
+
+def models():
+    """name -> a function making a fresh, untrained pipeline."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline, make_union
+    from sklearn.svm import LinearSVC
+
+    def words():
+        return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+
+    def chars():
+        return TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)
+
+    return {
+        "word-lr": lambda: make_pipeline(words(), LogisticRegression(C=10, max_iter=2000)),
+        "char-lr": lambda: make_pipeline(chars(), LogisticRegression(C=10, max_iter=2000)),
+        "char-svm": lambda: make_pipeline(chars(), LinearSVC(C=1)),
+        "word+char-svm": lambda: make_pipeline(make_union(words(), chars()), LinearSVC(C=1)),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="CSV/TSV/JSONL of text and label")
+    parser.add_argument("--text-column", default=None)
+    parser.add_argument("--label-column", default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    args = parser.parse_args()
+    examples = read_classification(args.data, args.text_column, args.label_column)
+    for name, make in models().items():
+        accuracies = []
+        for seed in args.seeds:
+            train, _, test = split_three(examples, SPLIT_CLASSIFY, seed)
+            model = make().fit([text for text, _ in train], [label for _, label in train])
+            predicted = model.predict([text for text, _ in test])
+            accuracies.append(float(np.mean(predicted == np.array([label for _, label in test]))))
+        per_seed = ", ".join(f"{accuracy:.3f}" for accuracy in accuracies)
+        print(f"{name:14s} test accuracy {per_seed} (mean {np.mean(accuracies):.3f})")
+
+
+if __name__ == "__main__":
+    main()
