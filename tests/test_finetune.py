@@ -28,11 +28,26 @@ def test_pool_worked_example():
     valid = onp.array([[1, 1, 0]], dtype=onp.float32)
     assert pool(hidden, valid, "last").tolist() == [[2.0]]
     assert pool(hidden, valid, "mean").tolist() == [[1.5]]
+    assert pool(hidden, valid, "max").tolist() == [[2.0]]
+    assert pool(hidden, valid, "meanmax").tolist() == [[1.75]]
     assert pool(hidden, valid, "first").tolist() == [[1.0]]
 
 
+def test_max_pooling_takes_each_channels_maximum_and_sends_its_gradient_there():
+    from autograd import grad
+
+    hidden = onp.array([[[1.0, 5.0], [3.0, -2.0], [9.0, 9.0]]])  # (B=1, T=3, C=2)
+    valid = onp.array([[1, 1, 0]])  # the last position is padding
+    assert pool(hidden, valid, "max").tolist() == [[3.0, 5.0]]
+    weights = onp.array([[10.0, 100.0]])
+    g = grad(lambda h: (pool(h, valid, "max") * weights).sum())(hidden)
+    assert g.tolist() == [[[0.0, 100.0], [10.0, 0.0], [0.0, 0.0]]]
+
+
 @pytest.mark.parametrize("arch,pooling", [("decoder", "last"), ("decoder", "mean"),
-                                          ("encoder", "mean"), ("encoder", "first")])
+                                          ("decoder", "max"), ("encoder", "mean"),
+                                          ("encoder", "max"), ("encoder", "meanmax"),
+                                          ("encoder", "first")])
 @settings(max_examples=10, deadline=None)
 @given(tokens=st.lists(st.integers(0, 10), min_size=1, max_size=5),
        pad=st.lists(st.integers(0, 10), min_size=3, max_size=3))
@@ -160,7 +175,7 @@ def test_token_f1_is_symmetric_and_bounded(a, b):
 
 def test_classifier_loss_stays_float32():
     ids, valid = pad_batch([[1, 2, 3], [4]], 3)
-    for pooling in ("last", "mean"):
+    for pooling in ("last", "mean", "max", "meanmax"):
         config = ClassifierConfig(**{**CFG.__dict__, "pooling": pooling})
         loss = classifier_loss(make(config), ids, valid, onp.array([0, 1], onp.int32), config)
         assert onp.asarray(loss).dtype == onp.float32

@@ -66,7 +66,8 @@ def test_window_batch_averages_each_texts_windows():
 
 
 @pytest.mark.parametrize("arch,pooling", [("decoder", "last"), ("decoder", "mean"),
-                                          ("encoder", "mean")])
+                                          ("encoder", "mean"), ("encoder", "max"),
+                                          ("encoder", "meanmax")])
 @settings(max_examples=8, deadline=None)
 @given(texts=st.lists(st.lists(st.integers(0, 10), min_size=1, max_size=8), min_size=1,
                       max_size=4),

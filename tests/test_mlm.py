@@ -310,7 +310,7 @@ def test_classify_from_an_mlm_checkpoint_runs_the_encoder(mlm_run, tmp_path):
                     "--max-iters", 2, "--eval-interval", 1)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "c" / "metrics.json").read_text(encoding="utf-8"))
-    assert (report["arch"], report["pooling"]) == ("encoder", "mean")
+    assert (report["arch"], report["pooling"]) == ("encoder", "meanmax")
     result = invoke("finetune", "classify", "--checkpoint", mlm_run[0], "--out", tmp_path / "d",
                     "--max-iters", 1, "--arch", "decoder")
     assert result.exit_code == 0, result.output

@@ -14,6 +14,7 @@ from .cli_common import (count, fraction, no_cache_option, non_negative, positiv
                          step_count, user_errors)
 from .distributed import abort_on_error
 from .errors import TinyLLMError
+from .finetune import POOLINGS
 from .finetune_runs import (ClassifySettings, InstructSettings, classify_texts, format_accuracies,
                             format_confusion, load_classifier, run_classify,
                             run_instruct, score_file)
@@ -118,8 +119,11 @@ def finetune():
               help="decoder: causal, as pretrained; encoder: the same weights run bidirectionally."
                    "  [default: encoder from an MLM checkpoint (pretrain --objective mlm), else"
                    " decoder]")
-@click.option("--pooling", type=click.Choice(["last", "mean", "first"]), default=None,
-              help="How a window becomes one vector.  [default: last for decoder, mean for encoder]")
+@click.option("--pooling", type=click.Choice(POOLINGS), default=None,
+              help="How a window becomes one vector: the last token's state, the mean or the"
+                   " channel-wise max over tokens, the average of those two (meanmax), or the"
+                   " first token's state (encoder only)."
+                   "  [default: last for decoder, meanmax for encoder]")
 @click.option("--freeze", default=ClassifySettings.freeze,
               help="What stays fixed: none (all trains), all (head only trains), all-but-N (the"
                    " last N blocks, final norm and head train).")

@@ -147,7 +147,7 @@ class ClassifySettings(FinetuneSettings):
     # trained on edited prose reads capitals as rare fragments (see the README)
     arch: Optional[str] = None  # "decoder" (causal) or "encoder" (the same weights run
     # bidirectionally); None: "encoder" from an MLM checkpoint, "decoder" from any other
-    pooling: Optional[str] = None  # None: "last" for the decoder, "mean" for the encoder
+    pooling: Optional[str] = None  # None: "last" for the decoder, "meanmax" for the encoder
     freeze: str = "none"  # none | all | all-but-N
     max_windows: int = 8  # most context windows read per text; the rest of a text is cut
     dropout: float = 0.1  # dropout in the body while fine-tuning, as BERT fine-tunes: a few
@@ -517,7 +517,7 @@ def build_classifier(s, labels, log):
                       else "decoder")  # an MLM encoder was pretrained bidirectionally
     config = ClassifierConfig(**{**gpt_config.__dict__, "dropout": s.dropout},
                               n_classes=len(labels),
-                              pooling=s.pooling or ("mean" if arch == "encoder" else "last"),
+                              pooling=s.pooling or ("meanmax" if arch == "encoder" else "last"),
                               arch=arch, lora_rank=s.lora_rank,
                               lora_alpha=s.adapter_alpha).validate()
     params = classifier_from_gpt(gpt_params, config, onp.random.default_rng([s.seed, 2]))
