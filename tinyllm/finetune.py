@@ -13,7 +13,8 @@ states (B, T, C) are pooled into one vector per sequence:
     Kim's 2014 convolutional text classifier): a channel that fires on one cue anywhere in the
     text passes it on undiluted by the rest, where a mean divides it by the text's length.
   - "meanmax": the average of "mean" and "max": the max's single cues and the mean's view of the
-    whole text, in one C-vector (ULMFiT's concat pooling joins them side by side instead).
+    whole text, in one C-vector (ULMFiT's concat pooling, Howard and Ruder 2018, puts the last
+    state, the max and the mean side by side instead, a 3C-vector).
   - "first": the state at the first token; meaningful for the bidirectional encoder only.
 With `arch="encoder"` the same parameter tree runs as a bidirectional encoder
 (models.bidirectional_hidden), padding hidden by an attention mask; it pools by "meanmax" by
