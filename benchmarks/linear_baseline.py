@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from tinyllm.errors import TinyLLMError  # noqa: E402
 from tinyllm.labelled_data import SPLIT_CLASSIFY, read_classification, split_three  # noqa: E402
 
 
@@ -54,12 +55,21 @@ def models():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="CSV/TSV/JSONL of text and label")
-    parser.add_argument("--text-column", default=None)
-    parser.add_argument("--label-column", default=None)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--text-column", default=None, help="as in finetune classify")
+    parser.add_argument("--label-column", default=None, help="as in finetune classify")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                        help="the --seed of each split to score (default: 1 2 3)")
     args = parser.parse_args()
-    examples = read_classification(args.data, args.text_column, args.label_column)
-    for name, make in models().items():
+    try:
+        examples = read_classification(args.data, args.text_column, args.label_column)
+    except TinyLLMError as error:
+        sys.exit(f"Error: {error}")
+    try:
+        pipelines = models()
+    except ImportError:
+        sys.exit("linear_baseline.py needs scikit-learn: run it in a separate virtual environment"
+                 " that has it (see the top of this file)")
+    for name, make in pipelines.items():
         accuracies = []
         for seed in args.seeds:
             train, _, test = split_three(examples, SPLIT_CLASSIFY, seed)
