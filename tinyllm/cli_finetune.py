@@ -14,7 +14,7 @@ from .cli_common import (count, fraction, no_cache_option, non_negative, positiv
                          step_count, user_errors)
 from .distributed import abort_on_error
 from .errors import TinyLLMError
-from .finetune import POOLINGS
+from .finetune import DEFAULT_POOLING, POOLINGS
 from .finetune_runs import (ClassifySettings, InstructSettings, classify_texts, format_accuracies,
                             format_confusion, load_classifier, run_classify,
                             run_instruct, score_file)
@@ -123,7 +123,8 @@ def finetune():
               help="How a window becomes one vector: the last token's state, the mean or the"
                    " channel-wise max over tokens, the average of those two (meanmax), or the"
                    " first token's state (encoder only)."
-                   "  [default: last for decoder, meanmax for encoder]")
+                   f"  [default: {DEFAULT_POOLING['decoder']} for decoder,"
+                   f" {DEFAULT_POOLING['encoder']} for encoder]")
 @click.option("--freeze", default=ClassifySettings.freeze,
               help="What stays fixed: none (all trains), all (head only trains), all-but-N (the"
                    " last N blocks, final norm and head train).")

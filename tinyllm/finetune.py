@@ -17,8 +17,9 @@ states (B, T, C) are pooled into one vector per sequence:
     state, the max and the mean side by side instead, a 3C-vector).
   - "first": the state at the first token; meaningful for the bidirectional encoder only.
 With `arch="encoder"` the same parameter tree runs as a bidirectional encoder
-(models.bidirectional_hidden), padding hidden by an attention mask; it pools by "meanmax" by
-default (on 720 YouTube comments it beat "mean" and "max" from an MLM base; see the README).
+(models.bidirectional_hidden), padding hidden by an attention mask. DEFAULT_POOLING is "last" for
+the decoder and "meanmax" for the encoder (on 720 YouTube comments it beat "mean" and "max" from
+an MLM base; see the README).
 
 Texts longer than the context are read whole, as overlapping windows of block_size tokens whose
 starts are WINDOW_STRIDE * block_size apart (the last window ends at the text's last token). Each
@@ -49,6 +50,7 @@ POOLINGS = ("last", "mean", "max", "meanmax", "first")
 WINDOW_STRIDE = 0.5  # windows of one text start half a context apart: every token is read twice,
 # once in the second half of a window (with at least half a context before it), except near the ends
 ARCHS = ("decoder", "encoder")
+DEFAULT_POOLING = {"decoder": "last", "encoder": "meanmax"}  # by arch, when none is asked for
 
 PROMPT_TEMPLATE = "Instruction: {instruction}\nInput: {input}\nResponse: "
 PROMPT_TEMPLATE_NO_INPUT = "Instruction: {instruction}\nResponse: "

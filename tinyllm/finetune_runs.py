@@ -48,8 +48,9 @@ from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, GPTConfig, TrainC
 from .distributed import SINGLE_PROCESS
 from .errors import TinyLLMError
 from .fileio import atomic_save_npz, atomic_write_json, atomic_write_text, open_regular
-from .finetune import (ClassifierConfig, classifier_from_gpt, classifier_loss, confusion_matrix,
-                       fit_prompt, format_prompt, instruction_example, make_windows, merge_params,
+from .finetune import (DEFAULT_POOLING, ClassifierConfig, classifier_from_gpt, classifier_loss,
+                       confusion_matrix, fit_prompt, format_prompt, instruction_example,
+                       make_windows, merge_params,
                        precision_recall, predict_windows, split_params, token_f1, trainable_paths)
 from .generate import greedy_batch
 from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
@@ -147,7 +148,7 @@ class ClassifySettings(FinetuneSettings):
     # trained on edited prose reads capitals as rare fragments (see the README)
     arch: Optional[str] = None  # "decoder" (causal) or "encoder" (the same weights run
     # bidirectionally); None: "encoder" from an MLM checkpoint, "decoder" from any other
-    pooling: Optional[str] = None  # None: "last" for the decoder, "meanmax" for the encoder
+    pooling: Optional[str] = None  # None: finetune.DEFAULT_POOLING of the arch
     freeze: str = "none"  # none | all | all-but-N
     max_windows: int = 8  # most context windows read per text; the rest of a text is cut
     dropout: float = 0.1  # dropout in the body while fine-tuning, as BERT fine-tunes: a few
@@ -517,7 +518,7 @@ def build_classifier(s, labels, log):
                       else "decoder")  # an MLM encoder was pretrained bidirectionally
     config = ClassifierConfig(**{**gpt_config.__dict__, "dropout": s.dropout},
                               n_classes=len(labels),
-                              pooling=s.pooling or ("meanmax" if arch == "encoder" else "last"),
+                              pooling=s.pooling or DEFAULT_POOLING[arch],
                               arch=arch, lora_rank=s.lora_rank,
                               lora_alpha=s.adapter_alpha).validate()
     params = classifier_from_gpt(gpt_params, config, onp.random.default_rng([s.seed, 2]))
