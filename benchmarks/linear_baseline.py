@@ -1,9 +1,11 @@
 """Linear models over word and character n-grams, on the splits `finetune classify` makes.
 
 A yardstick for fine-tuning on a labelled file of yours: what a linear classifier over TF-IDF
-features gets on the same train and test texts as `tinyllm finetune classify --seed S` (the
-70/10/20 split of `labelled_data.split_three`; the linear models train on the 70% only, as the
-transformer does, and are scored on the 20%). Four models, each a scikit-learn pipeline:
+features gets on the same train and test texts as `tinyllm finetune classify --seed S`: the splits come from the
+function that command uses (`finetune_runs.load_classification_splits`: 70/10/20 by the seed, or
+--val-data and --test-data as given; --balance first if asked). The linear models train on the
+training split only, as the transformer does, and are scored on the test split. Four models,
+each a scikit-learn pipeline:
 
 - word-lr: lower-cased words and word pairs, logistic regression (C = 10);
 - char-lr: character 2- to 5-grams inside word boundaries, logistic regression (C = 10);
@@ -28,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tinyllm.errors import TinyLLMError  # noqa: E402
-from tinyllm.labelled_data import SPLIT_CLASSIFY, read_classification, split_three  # noqa: E402
+from tinyllm.finetune_runs import ClassifySettings, load_classification_splits  # noqa: E402
 
 
 def models():
@@ -57,11 +59,19 @@ def main():
     parser.add_argument("--data", required=True, help="CSV/TSV/JSONL of text and label")
     parser.add_argument("--text-column", default=None, help="as in finetune classify")
     parser.add_argument("--label-column", default=None, help="as in finetune classify")
+    parser.add_argument("--val-data", default=None, help="as in finetune classify (with --test-data)")
+    parser.add_argument("--test-data", default=None, help="as in finetune classify (with --val-data)")
+    parser.add_argument("--balance", action="store_true", help="as in finetune classify")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
                         help="the --seed of each split to score (default: 1 2 3)")
     args = parser.parse_args()
+    splits = {}
     try:
-        examples = read_classification(args.data, args.text_column, args.label_column)
+        for seed in args.seeds:
+            settings = ClassifySettings(data=args.data, text_column=args.text_column,
+                                        label_column=args.label_column, val_data=args.val_data,
+                                        test_data=args.test_data, balance=args.balance, seed=seed)
+            splits[seed] = load_classification_splits(settings.validate())
     except TinyLLMError as error:
         sys.exit(f"Error: {error}")
     try:
@@ -72,7 +82,7 @@ def main():
     for name, make in pipelines.items():
         accuracies = []
         for seed in args.seeds:
-            train, _, test = split_three(examples, SPLIT_CLASSIFY, seed)
+            train, _, test = splits[seed]
             model = make().fit([text for text, _ in train], [label for _, label in train])
             predicted = model.predict([text for text, _ in test])
             accuracies.append(float(np.mean(predicted == np.array([label for _, label in test]))))
