@@ -1,11 +1,11 @@
 """Linear models over word and character n-grams, on the splits `finetune classify` makes.
 
 A yardstick for fine-tuning on a labelled file of yours: what a linear classifier over TF-IDF
-features gets on the same train and test texts as `tinyllm finetune classify --seed S`: the splits come from the
-function that command uses (`finetune_runs.load_classification_splits`: 70/10/20 by the seed, or
---val-data and --test-data as given; --balance first if asked). The linear models train on the
-training split only, as the transformer does, and are scored on the test split. Four models,
-each a scikit-learn pipeline:
+features gets on the same train and test texts as `tinyllm finetune classify --seed S`: the splits
+come from the function that command uses (`finetune_runs.load_classification_splits`: 70/10/20 by
+the seed, or --val-data and --test-data as given; --balance first if asked). The linear models
+train on the training split only, as the transformer does, and are scored on the test split. Four
+models, each a scikit-learn pipeline:
 
 - word-lr: lower-cased words and word pairs, logistic regression (C = 10);
 - char-lr: character 2- to 5-grams inside word boundaries, logistic regression (C = 10);
@@ -59,8 +59,10 @@ def main():
     parser.add_argument("--data", required=True, help="CSV/TSV/JSONL of text and label")
     parser.add_argument("--text-column", default=None, help="as in finetune classify")
     parser.add_argument("--label-column", default=None, help="as in finetune classify")
-    parser.add_argument("--val-data", default=None, help="as in finetune classify (with --test-data)")
-    parser.add_argument("--test-data", default=None, help="as in finetune classify (with --val-data)")
+    parser.add_argument("--val-data", default=None,
+                        help="as in finetune classify (with --test-data)")
+    parser.add_argument("--test-data", default=None,
+                        help="as in finetune classify (with --val-data)")
     parser.add_argument("--balance", action="store_true", help="as in finetune classify")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
                         help="the --seed of each split to score (default: 1 2 3)")

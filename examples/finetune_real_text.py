@@ -94,7 +94,8 @@ def classify(args, out):
     for name, mean in means.items():
         print(f"{name:>12}: mean test accuracy {mean:.3f} over seeds {args.seeds}")
     gap, error = paired_gap(accuracies["pretrained"], accuracies["random init"])
-    spread = f" (standard error {100 * error:.1f} over {len(args.seeds)} seeds)" if error is not None else ""
+    spread = "" if error is None else (f" (standard error {100 * error:.1f} over"
+                                       f" {len(args.seeds)} seeds)")
     print(f"pretraining is worth {100 * gap:+.1f} points{spread}")
 
 
@@ -112,7 +113,8 @@ def instruct(args, out):
           f" {report['best_iter']}): {100 * (1 - best / before):.0f}% lower")
     print(f"test token F1 {report['test_before']['token_f1']:.3f} ->"
           f" {report['test_after']['token_f1']:.3f}; exact match"
-          f" {report['test_before']['exact_match']:.3f} -> {report['test_after']['exact_match']:.3f}")
+          f" {report['test_before']['exact_match']:.3f} ->"
+          f" {report['test_after']['exact_match']:.3f}")
     with open(os.path.join(out, "instruct", "responses.jsonl"), encoding="utf-8") as f:
         for line in list(f)[:3]:
             row = json.loads(line)
