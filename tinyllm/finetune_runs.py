@@ -50,8 +50,8 @@ from .errors import TinyLLMError
 from .fileio import atomic_save_npz, atomic_write_json, atomic_write_text, open_regular
 from .finetune import (DEFAULT_POOLING, ClassifierConfig, classifier_from_gpt, classifier_loss,
                        confusion_matrix, fit_prompt, format_prompt, instruction_example,
-                       make_windows, merge_params,
-                       precision_recall, predict_windows, split_params, token_f1, trainable_paths)
+                       make_windows, merge_params, precision_recall, predict_windows, split_params,
+                       token_f1, trainable_paths)
 from .generate import greedy_batch
 from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
                             default_classification_data, default_instruction_data,
