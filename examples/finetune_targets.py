@@ -5,8 +5,8 @@
 --base is a run of `tinyllm pretrain` (its defaults). Without it, a base model is pretrained
 first with the defaults (--pretrain-iters steps).
 
-classify: fine-tunes the pretrained model on the embedded real-vs-shuffled sentences, then
-the same architecture from random initialisation with the same settings, and prints both test
+classify: fine-tunes the pretrained model on the embedded sentences by subject, then the
+same architecture from random initialisation with the same settings, and prints both test
 accuracies. instruct: instruction-tunes the pretrained model on the embedded tasks and prints
 test exact match before and after. Runs go to a temporary directory unless --out is given.
 """

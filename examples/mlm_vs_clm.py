@@ -11,8 +11,8 @@ It prints, for each figure, what it measured:
 2. masked-token accuracy of the MLM base on its validation split (positions replaced by the mask
    token), beside the unigram baseline: always guessing the most frequent token;
 3. classification, test accuracy for each seed and the mean: the MLM encoder, the causal decoder,
-   and the causal weights run as an encoder (`--arch encoder`), on the embedded real-vs-shuffled
-   set and on --data if given (default fine-tuning flags, seeds 1, 2, 3);
+   and the causal weights run as an encoder (`--arch encoder`), on the embedded set of
+   sentences by subject and on --data if given (default fine-tuning flags, seeds 1, 2, 3);
 4. `tinyllm embed` on the embedded classification set (and --data): how often the nearest
    other text (cosine) has the same label, for each base, against chance.
 """

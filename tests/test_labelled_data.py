@@ -2,17 +2,20 @@
 the char fallback and the embedded data sets."""
 
 import json
-import random
+import os
+import sysconfig
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tinyllm.data import file_docstrings, prose_paragraphs, stdlib_python_files
 from tinyllm.errors import TinyLLMError
-from tinyllm.labelled_data import (UNK_TOKEN, balance, default_classification_data,
-                                   default_instruction_data, encode_with_fallback, label_ids,
-                                   read_classification, read_instructions, shuffle_words,
-                                   split_three, with_case_copies, with_unknown_token)
+from tinyllm.labelled_data import (SUBJECT_MODULES, UNK_TOKEN, balance,
+                                   default_classification_data, default_instruction_data,
+                                   encode_with_fallback, first_sentence, label_ids,
+                                   read_classification, read_instructions, split_three,
+                                   with_case_copies, with_unknown_token)
 from tinyllm.tokenizers import BPETokenizer, CharTokenizer
 
 
@@ -120,19 +123,26 @@ def test_embedded_sets_are_deterministic_and_balanced():
     data = default_classification_data()
     assert data == default_classification_data()
     labels = [label for _, label in data]
-    assert set(labels) == {"real", "shuffled"} and abs(labels.count("real") - labels.count("shuffled")) <= 1
-    for text, label in data[:50]:
-        if label == "shuffled":  # a real line's words, but not in a real line's order
-            assert text not in {t for t, _ in data if _ == "real"} and len(text.split()) >= 6
+    assert len(data) == 1500 and all(labels.count(s) == 375 for s in SUBJECT_MODULES)
+    assert len({text for text, _ in data}) == 1500  # no sentence twice, so none in two splits
+    assert labels[:8] != sorted(labels[:8])  # shuffled, not in blocks of one subject
 
 
-@given(st.lists(st.sampled_from(["the", "value", "is", "a", "list", "of", "names"]), min_size=2,
-                max_size=9), st.integers(0, 100))
-def test_shuffle_words_keeps_the_words_in_another_order(words, seed):
-    sentence = " ".join(words)
-    out = shuffle_words(sentence, random.Random(seed))
-    assert sorted(out.split()) == sorted(words)
-    assert (out == sentence) == (len(set(words)) < 2)
+def test_embedded_sentences_are_labelled_by_the_module_they_document():
+    """Wiring: each sentence is the first sentence of a docstring paragraph of a module of its
+    label's subject, found again here by reading those modules' docstrings independently."""
+    root = sysconfig.get_paths()["stdlib"]
+    firsts = {subject: set() for subject in SUBJECT_MODULES}
+    for subject, modules in SUBJECT_MODULES.items():
+        for module in modules.split():
+            single = os.path.join(root, module + ".py")
+            paths = [single] if os.path.exists(single) else stdlib_python_files(
+                os.path.join(root, module))
+            for path in paths:
+                for doc in file_docstrings(path):
+                    firsts[subject].update(first_sentence(p) for p in prose_paragraphs(doc))
+    for text, label in default_classification_data()[:200]:
+        assert text in firsts[label] and 6 <= len(text.split()) <= 25
 
 
 def test_instruction_tasks_are_correct():

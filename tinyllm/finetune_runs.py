@@ -594,7 +594,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
         sets[name] = (windows, y)
         counts = {k: counts[k] + n[k] for k in counts}
     copies = f" (+ {len(train) - n_read} case copies)" if s.case_copies else ""
-    log(f"data: {s.data or 'embedded real-vs-shuffled sentences'}: {n_read} train{copies},"
+    log(f"data: {s.data or 'embedded docstring sentences by subject'}: {n_read} train{copies},"
         f" {len(val)} val, {len(test)} test; classes {labels}")
     report_counts(counts, config.block_size, s.max_windows, log)
     # 5. score before
