@@ -21,7 +21,7 @@ import csv
 import json
 import os
 import random
-import string
+import sysconfig
 
 import numpy as onp
 
@@ -288,7 +288,7 @@ def subject_sentences(min_words=6, max_words=25):
     where it first appears). Read with `ast` from the standard library's source, never imported.
     """
     from .data import file_docstrings, module_name, prose_paragraphs, stdlib_python_files
-    import sysconfig  # imported late, with .data: only the classification default needs them
+    # imported late: only the classification default needs them
 
     subject_of = {module: subject for subject, modules in SUBJECT_MODULES.items()
                   for module in modules.split()}
