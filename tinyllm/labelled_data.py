@@ -25,6 +25,8 @@ import sysconfig
 
 import numpy as onp
 
+from .data import (file_docstrings, module_name, prose_paragraphs, stdlib_docstrings_corpus,
+                   stdlib_functions, stdlib_python_files)
 from .errors import TinyLLMError
 
 UNK_TOKEN = "<|unk|>"  # the char tokenizer's fallback token, added at fine-tuning time
@@ -287,9 +289,6 @@ def subject_sentences(min_words=6, max_words=25):
     of the modules of SUBJECT_MODULES, 6 to 25 words, each sentence once (under the subject
     where it first appears). Read with `ast` from the standard library's source, never imported.
     """
-    from .data import file_docstrings, module_name, prose_paragraphs, stdlib_python_files
-    # imported late: only the classification default needs them
-
     subject_of = {module: subject for subject, modules in SUBJECT_MODULES.items()
                   for module in modules.split()}
     root = sysconfig.get_paths()["stdlib"]
@@ -400,8 +399,6 @@ def python_docs_instructions(n=1000, seed=0):
     (`data.stdlib_docstrings_corpus`), 2 to 4 sentences and at most 400 characters. The first
     and fourth kinds can only be answered from what pretraining saw; the others from the input.
     """
-    from .data import stdlib_docstrings_corpus, stdlib_functions
-
     rng = random.Random(seed)
     functions = [(m, f, first_sentence(" ".join(d.split("\n\n")[0].split())))
                  for m, f, d in stdlib_functions()]
