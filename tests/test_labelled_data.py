@@ -179,3 +179,34 @@ def test_case_copies_worked_example():
     examples = [("Hi Bob", "ham"), ("WIN now", "spam")]
     assert with_case_copies(examples) == examples + [
         ("HI BOB", "ham"), ("WIN NOW", "spam"), ("hi bob", "ham"), ("win now", "spam")]
+
+
+def test_csv_rows_end_only_at_line_ends(tmp_path):
+    # U+2028, U+0085 and a form feed are characters of a comment, not line ends (str.splitlines
+    # would cut these rows in two); a quoted field may hold a real line end
+    path = write(tmp_path, "d.csv", 'text,label\nnice\u2028song,ham\nbuy\x85now,spam\r\n'
+                                    'a\x0cb,ham\n"two\r\nlines",spam\nlast,ham\n')
+    assert read_classification(path) == [("nice\u2028song", "ham"), ("buy\x85now", "spam"),
+                                         ("a\x0cb", "ham"), ("two\r\nlines", "spam"),
+                                         ("last", "ham")]
+
+
+@pytest.mark.parametrize("rows,line", [
+    (['ham,"never closed', "spam,buy now", "ham,nice song"], 3),  # would swallow the file's end
+    (['ham,"never closed', 'spam,"Hey, sub"', "ham,nice song"], 3),  # ... or the rows up to a quote
+    (['ham,"He said "hi" there"', "spam,buy"], 3),
+])
+def test_an_unbalanced_double_quote_in_a_csv_is_an_error_naming_its_line(tmp_path, rows, line):
+    path = write(tmp_path, "d.csv", "label,text\nspam,first\n" + "\n".join(rows) + "\n")
+    with pytest.raises(TinyLLMError, match=rf"d\.csv:{line}: malformed CSV.*double quote"):
+        read_classification(path)
+
+
+def test_a_csv_field_longer_than_the_csv_modules_limit_is_read(tmp_path):
+    import csv
+
+    long_text = "word " * 40_000  # 200,000 characters, over csv's default 131,072
+    path = write(tmp_path, "d.csv", f'text,label\n"{long_text}",ham\nshort,spam\n')
+    limit = csv.field_size_limit()
+    assert read_classification(path) == [(long_text, "ham"), ("short", "spam")]
+    assert csv.field_size_limit() == limit  # put back as it was

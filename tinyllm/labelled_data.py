@@ -2,7 +2,9 @@
 sets and the char-tokenizer fallback for characters the pretraining text never had.
 
 Classification files (one example per line, `text` and `label`; labels are arbitrary strings):
-    .csv    comma-separated, read with Python's csv module (quoted fields may contain commas)
+    .csv    comma-separated, read with Python's csv module (quoted fields may contain commas
+            and line ends; a double quote inside one is written twice, and a lone one is an
+            error naming its line rather than a field that swallows the rows after it)
     .tsv    tab-separated, split on the FIRST tab only and never unquoted: csv's default quoting
             would silently join lines that contain a double quote and lose rows
     .jsonl  one JSON object per line: {"text": "...", "label": "..."}
@@ -18,6 +20,7 @@ Plain numpy only: nothing here is differentiated.
 """
 
 import csv
+import io
 import json
 import os
 import random
@@ -82,13 +85,27 @@ def _rows_tsv(text):
             yield number, line.split("\t", 1)
 
 
-def _rows_csv(text):
-    reader = csv.reader(text.splitlines(keepends=True))
-    start = 1
-    for fields in reader:
-        if any(f.strip() for f in fields):
-            yield start, fields
-        start = reader.line_num + 1
+def _rows_csv(text, path):
+    """(line number, fields) for each non-blank record of a CSV text.
+
+    Lines end at "\\n", "\\r\\n" or "\\r" only: str.splitlines would also end one at U+2028,
+    U+0085 or a form feed, which real comments contain, and cut their row in two. Quoting is
+    strict: a lone double quote would otherwise open a field that swallows the rows after it.
+    """
+    # csv refuses a field over 128 KiB; a long text is data, so lift that while reading this one
+    limit = csv.field_size_limit(max(len(text), csv.field_size_limit()))
+    reader, start = csv.reader(io.StringIO(text, newline=""), strict=True), 1
+    try:
+        for fields in reader:
+            if any(f.strip() for f in fields):
+                yield start, fields
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise TinyLLMError(f"{path}:{start}: malformed CSV in the row that starts on this line"
+                           f" ({err}); is a double quote unbalanced? (inside a quoted field,"
+                           " write it twice)") from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def read_classification(path, text_column=None, label_column=None):
@@ -99,7 +116,7 @@ def read_classification(path, text_column=None, label_column=None):
         return [(_str_field(rec, text_column or "text", path, n),
                  _str_field(rec, label_column or "label", path, n))
                 for n, rec in _jsonl_records(text, path)]
-    rows = list(_rows_tsv(text) if fmt == "tsv" else _rows_csv(text))
+    rows = list(_rows_tsv(text) if fmt == "tsv" else _rows_csv(text, path))
     first = [f.strip() for f in rows[0][1]]
     names = (text_column or "text", label_column or "label")
     has_header = all(n in first for n in names) or (
