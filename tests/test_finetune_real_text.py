@@ -166,6 +166,15 @@ def test_empty_text_is_one_line_naming_the_example(base, tmp_path):
                                                            max_iters=2), log=lambda *a: None)
 
 
+def test_empty_texts_are_counted_among_the_records_read_not_their_case_copies():
+    tok = CharTokenizer.train("abcABC", special_tokens=SPECIAL_TOKENS)
+    records = [("ab", "x"), ("", "y"), ("c", "x")]
+    examples = records + [(t.upper(), y) for t, y in records] + [(t.lower(), y) for t, y in records]
+    with pytest.raises(TinyLLMError, match=r"1 example\(s\) have empty text \(the first is example 2\)"):
+        finetune_runs.encode_classification(tok, examples, ["x", "y"], 8, 2, "d.csv (train)",
+                                             counted=len(records))
+
+
 def test_best_weights_are_the_result_and_early_stopping_says_when(base, tmp_path, monkeypatch):
     """A val loss that gets worse after the first evaluation stops the run after `patience`
     evaluations, and the saved weights are those of that best evaluation."""

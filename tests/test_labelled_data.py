@@ -53,6 +53,8 @@ def test_jsonl(tmp_path):
     ("d.csv", "body,cls\nhi,x\n", {"text_column": "text", "label_column": "cls"}, r"d.csv:1: no column named 'text'"),
     ("d.tsv", "text\tlabel\nhi\tx\nlonely\n", {}, r"d.tsv:3: missing column"),
     ("d.tsv", "text\tlabel\nhi\tx\nho\t  \n", {}, r"d.tsv:3: empty label"),
+    ("d.tsv", "text\tlabel\nhi\tx\n\ty\n", {}, r"d.tsv:3: empty text"),
+    ("d.csv", "label,text\nx,hi\ny,ho\nx, \ny,hey\n", {}, r"d.csv:4: empty text"),
     ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", \n', {}, r"d.jsonl:2: malformed JSON"),
     ("d.jsonl", '{"text": "a"}\n', {}, r"d.jsonl:1: record has no 'label'"),
     ("d.txt", "a\tb\n", {}, r"unknown data format"),

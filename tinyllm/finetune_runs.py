@@ -472,7 +472,7 @@ def encode_classification(tokenizer, examples, labels, block_size, max_windows, 
     texts = [text for text, _ in examples]
     seqs, fallback = encode_all(tokenizer, texts[:counted])
     seqs += encode_all(tokenizer, texts[counted:])[0]
-    empty = [i for i, s in enumerate(seqs) if not s]
+    empty = [i for i, s in enumerate(seqs[:counted]) if not s]  # (an empty text's copies are too)
     if empty:
         raise TinyLLMError(f"{where}: {len(empty)} example(s) have empty text (the first is"
                            f" example {empty[0] + 1})")

@@ -132,6 +132,8 @@ def read_classification(path, text_column=None, label_column=None):
         label = fields[li].strip()
         if not label:
             raise TinyLLMError(f"{path}:{number}: empty label")
+        if not fields[ti].strip():  # named here: once shuffled into a split it cannot be found
+            raise TinyLLMError(f"{path}:{number}: empty text")
         examples.append((fields[ti], label))
     if not examples:
         raise TinyLLMError(f"{path}: no examples after the header")
