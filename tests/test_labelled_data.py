@@ -212,3 +212,18 @@ def test_a_csv_field_longer_than_the_csv_modules_limit_is_read(tmp_path):
     limit = csv.field_size_limit()
     assert read_classification(path) == [(long_text, "ham"), ("short", "spam")]
     assert csv.field_size_limit() == limit  # put back as it was
+
+
+@pytest.mark.parametrize("header", ["Text,Label", "TEXT,LABEL", "text,Label"])
+def test_a_header_is_found_in_any_case(tmp_path, header):
+    # read as data, "Text" would be a training text of a third class "Label"
+    path = write(tmp_path, "d.csv", f"{header}\nhello,ham\nbuy,spam\n")
+    assert read_classification(path) == [("hello", "ham"), ("buy", "spam")]
+    assert read_classification(path, text_column=header.split(",")[0].lower(),
+                               label_column="label") == [("hello", "ham"), ("buy", "spam")]
+
+
+def test_a_header_name_matches_exactly_before_in_any_case(tmp_path):
+    path = write(tmp_path, "d.csv", "Text,text,label\nA,a,x\nB,b,y\n")
+    assert read_classification(path) == [("a", "x"), ("b", "y")]
+    assert read_classification(path, text_column="Text") == [("A", "x"), ("B", "y")]

@@ -9,8 +9,9 @@ Classification files (one example per line, `text` and `label`; labels are arbit
             would silently join lines that contain a double quote and lose rows
     .jsonl  one JSON object per line: {"text": "...", "label": "..."}
 A CSV/TSV header is optional. If the first row contains the --text-column and --label-column
-names it is a header; otherwise the file has no header, and the columns are given by position
-(`--text-column 0 --label-column 1` is the default meaning for a headerless file: text first).
+names (in any case: "Text" is "text") it is a header; otherwise the file has no header, and the
+columns are given by position (`--text-column 0 --label-column 1` is the default meaning for a
+headerless file: text first).
 
 Instruction files: a JSON array, or JSONL, of records {"instruction": ..., "input": ...,
 "output": ...} (the Alpaca layout; "input" may be absent or empty, meaning none).
@@ -62,12 +63,23 @@ def _format_of(path):
                        " use .csv, .tsv, .jsonl (or .json for instructions)")
 
 
+def _header_index(header, name):
+    """Index of `name` in a header row, matched exactly or else in any case; None if absent.
+
+    Example: ["Label", "Text"], "text" -> 1 (a header written "Text" is still a header).
+    """
+    if name in header:
+        return header.index(name)
+    folded = [column.casefold() for column in header]
+    return folded.index(name.casefold()) if folded.count(name.casefold()) == 1 else None
+
+
 def _column(header, name, path, default_index):
     """Index of column `name` (a header name, or a 0-based position given as digits)."""
     if name is None:
         return default_index
-    if header is not None and name in header:
-        return header.index(name)
+    if header is not None and _header_index(header, name) is not None:
+        return _header_index(header, name)
     if str(name).isdigit():
         return int(name)
     have = ", ".join(header) if header else "no header"
@@ -119,7 +131,7 @@ def read_classification(path, text_column=None, label_column=None):
     rows = list(_rows_tsv(text) if fmt == "tsv" else _rows_csv(text, path))
     first = [f.strip() for f in rows[0][1]]
     names = (text_column or "text", label_column or "label")
-    has_header = all(n in first for n in names) or (
+    has_header = all(_header_index(first, n) is not None for n in names) or (
         any(c is not None and not str(c).isdigit() for c in (text_column, label_column)))
     header = first if has_header else None
     ti = _column(header, text_column or ("text" if header else None), path, 0)
