@@ -351,3 +351,17 @@ def test_resume_names_a_setting_of_the_wrong_type(base, tmp_path):
     (out / "config.json").write_text(json.dumps(meta))
     with pytest.raises(TinyLLMError, match="wrong type"):
         run_classify(str(out), resume=True, max_iters=4, log=lambda *a: None)
+
+
+def test_a_label_list_in_a_message_stays_short():
+    assert finetune_runs.shown_labels(["ham", "spam"]) == "'ham', 'spam'"
+    many = [f"comment {i}" for i in range(300)]  # the text column read as labels by mistake
+    assert finetune_runs.shown_labels(many, most=2) == "'comment 0', 'comment 1', ... (300 classes)"
+    assert finetune_runs.shown_label("x" * 100, width=10) == "'xxxxxxx...'"
+    tok = CharTokenizer.train("abc", special_tokens=SPECIAL_TOKENS)
+    for label in ("new", "a long comment " * 20):
+        with pytest.raises(TinyLLMError) as err:
+            finetune_runs.encode_classification(tok, [("a", label)], [m * 20 for m in many], 8, 2,
+                                                "d.csv (val)")
+        assert "is not one the model was trained on" in str(err.value)
+        assert len(str(err.value)) < 600

@@ -466,8 +466,8 @@ def encode_classification(tokenizer, examples, labels, block_size, max_windows, 
     on, but the counts are of the records read."""
     unknown = sorted({label for _, label in examples} - set(labels))
     if unknown:
-        raise TinyLLMError(f"{where}: label {unknown[0]!r} is not one the model was trained on"
-                           f" ({', '.join(labels)})")
+        raise TinyLLMError(f"{where}: label {shown_label(unknown[0])} is not one the model was"
+                           f" trained on ({shown_labels(labels)})")
     counted = len(examples) if counted is None else counted
     texts = [text for text, _ in examples]
     seqs, fallback = encode_all(tokenizer, texts[:counted])
@@ -484,6 +484,21 @@ def encode_classification(tokenizer, examples, labels, block_size, max_windows, 
         windowed, cut = make_windows(seqs[:counted], block_size, max_windows)[1:]
     y = onp.asarray([labels.index(label) for _, label in examples], dtype=onp.int32)
     return windows, y, {"windowed": windowed, "cut": cut, "fallback_characters": fallback}
+
+
+def shown_label(label, width=40):
+    """A class name quoted for a message, cut to about `width` characters."""
+    return repr(label if len(label) <= width else label[:width - 3] + "...")
+
+
+def shown_labels(labels, most=10):
+    """Class names for a message, at most `most` of them: a --label-column that names the text
+    column by mistake makes hundreds of long "classes", and a message should stay one line.
+
+    Example: ["a", "b", "c"], most=2 -> "'a', 'b', ... (3 classes)".
+    """
+    shown = ", ".join(shown_label(label) for label in labels[:most])
+    return shown if len(labels) <= most else f"{shown}, ... ({len(labels)} classes)"
 
 
 def accuracy(params, config, windows, y):
@@ -595,7 +610,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
         counts = {k: counts[k] + n[k] for k in counts}
     copies = f" (+ {len(train) - n_read} case copies)" if s.case_copies else ""
     log(f"data: {s.data or 'embedded docstring sentences by subject'}: {n_read} train{copies},"
-        f" {len(val)} val, {len(test)} test; classes {labels}")
+        f" {len(val)} val, {len(test)} test; classes {shown_labels(labels)}")
     report_counts(counts, config.block_size, s.max_windows, log)
     # 5. score before
     before = ckpt.meta["before"] if resume else classify_report(params, config, labels, sets)[0]
