@@ -117,6 +117,13 @@ def test_bad_files_give_one_line_errors_naming_the_file(tmp_path, name, content,
     assert name in message and words in message
 
 
+def test_a_byte_that_is_not_utf8_is_named_by_its_line(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"first line\nsecond line\nthe caf\xe9 on the third\n")
+    with pytest.raises(TinyLLMError, match=r"t\.txt:3: not UTF-8 text \(byte 0xe9 at column 8\)"):
+        read_text_file(str(path))
+
+
 def test_a_directory_is_not_a_data_file(tmp_path):
     with pytest.raises(TinyLLMError, match="directory"):
         read_text_file(str(tmp_path))

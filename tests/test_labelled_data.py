@@ -64,6 +64,15 @@ def test_bad_classification_files_name_file_and_line(tmp_path, name, text, kwarg
         read_classification(write(tmp_path, name, text), **kwargs)
 
 
+def test_a_byte_order_mark_is_dropped_and_a_bad_byte_named_by_its_line(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes("\ufefftext,label\r\nhello,ham\r\n".encode("utf-8") + b"caf\xe9,spam\r\n")
+    with pytest.raises(TinyLLMError, match=r"d\.csv:3: not UTF-8 text \(byte 0xe9 at column 4\)"):
+        read_classification(str(path))
+    path.write_bytes("\ufefftext,label\r\nhello,ham\r\n".encode("utf-8"))
+    assert read_classification(str(path)) == [("hello", "ham")]
+
+
 def test_missing_file():
     with pytest.raises(TinyLLMError, match="not found"):
         read_classification("/nonexistent/x.csv")

@@ -15,7 +15,7 @@ import sysconfig
 import numpy as onp
 
 from .errors import TinyLLMError
-from .fileio import available_memory, read_fd
+from .fileio import available_memory, decode_utf8, read_fd
 
 DEFAULT_CORPUS = "python-docs"
 # Parts of the standard library whose docstrings are not ordinary prose about the library:
@@ -195,12 +195,7 @@ def read_text_file(path, allow_pipe=True):
         raise TinyLLMError(f"data file {path!r} is empty")
     if b"\x00" in raw:
         raise TinyLLMError(f"data file {path!r} looks binary (it contains NUL bytes), not text")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise TinyLLMError(
-            f"data file {path!r} is not UTF-8 text (bad byte at offset {err.start})"
-        ) from None
+    return decode_utf8(raw, path, drop_bom=False)  # the text as it is: its sha256 names the run
 
 
 def _check_text_size(size, path, fd=None):

@@ -217,6 +217,23 @@ def read_fd(fd, size, what, path):
     return data
 
 
+def decode_utf8(data, path, drop_bom=True):
+    """UTF-8 bytes -> str, with a leading byte-order mark dropped (Windows editors write one);
+    bytes that are not UTF-8 are a one-line error naming the line, as an editor counts lines.
+
+    Example: b"ok\\nbad \\xe9\\n" -> TinyLLMError("x.csv:2: not UTF-8 text (byte 0xe9 at column 5);
+    save the file as UTF-8"). The column counts bytes from 1.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - data.rfind(b"\n", 0, err.start)
+        raise TinyLLMError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at"
+                           f" column {column}); save the file as UTF-8") from None
+    return text[1:] if drop_bom and text.startswith("\ufeff") else text
+
+
 def read_run_file(run_dir, name, max_bytes, what):
     """The bytes of the file `name` inside `run_dir`, read as untrusted input (module docstring)."""
     check_plain_name(name, f"{run_dir}/config.json")

@@ -32,6 +32,7 @@ import numpy as onp
 from .data import (file_docstrings, module_name, prose_paragraphs, stdlib_docstrings_corpus,
                    stdlib_functions, stdlib_python_files)
 from .errors import TinyLLMError
+from .fileio import decode_utf8
 
 UNK_TOKEN = "<|unk|>"  # the char tokenizer's fallback token, added at fine-tuning time
 SPLIT_CLASSIFY = (0.7, 0.1, 0.2)  # train / validation / test
@@ -45,11 +46,8 @@ def _read_lines(path):
     """The lines of a UTF-8 text file (without line ends), with one-line errors."""
     if not os.path.isfile(path):
         raise TinyLLMError(f"data file {path!r} not found")
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            text = f.read()
-    except UnicodeDecodeError as err:
-        raise TinyLLMError(f"{path}: not UTF-8 text (bad byte at offset {err.start})") from None
+    with open(path, "rb") as f:
+        text = decode_utf8(f.read(), path)
     if not text.strip():
         raise TinyLLMError(f"data file {path!r} is empty")
     return text
