@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig
 from tinyllm.embed import (cosine_similarity, embed_texts, nearest, nearest_neighbour_agreement,
-                           window_vectors)
+                           read_lines, window_vectors)
+from tinyllm.errors import TinyLLMError
 from tinyllm.models import init_gpt
 from tinyllm.tokenizers import CharTokenizer
 
@@ -135,3 +136,13 @@ def test_embed_bad_input_is_one_line(clm_run, tmp_path, content, args, words):
     assert len(errors) == 1, result.output
     for word in words:
         assert word in errors[0], errors[0]
+
+
+def test_vector_i_is_line_i_as_an_editor_counts_lines(tmp_path):
+    # U+2028, U+0085 and a form feed are characters of a line, not line ends; a BOM is no text
+    path = tmp_path / "lines.txt"
+    path.write_bytes("\ufeffone\r\ntwo\u2028half\nthree\x85x\x0cy\nfour".encode("utf-8"))
+    assert read_lines(str(path)) == ["one", "two\u2028half", "three\x85x\x0cy", "four"]
+    path.write_bytes(b"one\ntw\xe9\n")
+    with pytest.raises(TinyLLMError, match=r"lines\.txt:2: not UTF-8 text \(byte 0xe9 at column 3"):
+        read_lines(str(path))

@@ -70,6 +70,16 @@ def test_empty_and_missing_task_files(tmp_path):
         fs.read_task(str(tmp_path / "nope.jsonl"))
 
 
+def test_a_task_file_with_a_byte_order_mark_crlf_and_u2028_in_a_string(tmp_path):
+    # a Windows editor's BOM and line ends; U+2028 is a character of a JSON string, not a line end
+    path = tmp_path / "t.jsonl"
+    path.write_text('\ufeff{"choices": ["0", "1"]}\r\n{"input": "a", "output": "0"}\r\n'
+                    '{"input": "b\u2028c", "output": "1"}\r\n', encoding="utf-8")
+    task = fs.read_task(str(path))
+    assert task.choices == ("0", "1")
+    assert [(r["input"], r["line"]) for r in task.records] == [("a", 2), ("b\u2028c", 3)]
+
+
 def test_task_lines_round_trip():
     header = {"instruction": "map", "choices": ["0", "1", "2"]}
     task = fs.parse_task(fs.task_lines(header, RECORDS))

@@ -20,7 +20,7 @@ import numpy as onp
 
 from .checkpoint import load_checkpoint
 from .errors import TinyLLMError
-from .fileio import atomic_write_bytes, open_regular, read_fd
+from .fileio import atomic_write_bytes, decode_utf8, open_regular, read_fd
 from .finetune import make_windows, pool
 from .lora import merge_lora
 from .models import bidirectional_hidden, gpt_hidden
@@ -96,19 +96,20 @@ def nearest_neighbour_agreement(vectors, labels):
 
 
 def read_lines(path):
-    """The lines of a UTF-8 text file, one text each; an empty line is an error naming it."""
+    """The lines of a UTF-8 text file (a byte-order mark dropped), one text each; an empty line
+    is an error naming it."""
     if not os.path.exists(path):
         raise TinyLLMError(f"--data {path!r} not found")
     fd, size = open_regular(path, "data file")
     if size > MAX_LINES_BYTES:
         os.close(fd)
         raise TinyLLMError(f"--data {path!r} is {size:,} bytes, more than {MAX_LINES_BYTES:,}")
-    try:
-        text = read_fd(fd, size, "data file", path).decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise TinyLLMError(f"--data {path!r} is not UTF-8 text (bad byte at offset"
-                           f" {err.start})") from None
-    lines = text.splitlines()
+    text = decode_utf8(read_fd(fd, size, "data file", path), path)
+    # Lines end at "\n", "\r\n" or "\r" only, so that vector i is line i as an editor counts
+    # them: str.splitlines would also end one at U+2028, U+0085 or a form feed inside a text.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines[-1] == "":  # the file's last line ends with a line end, as it should
+        lines.pop()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             raise TinyLLMError(f"{path}:{number}: empty line (embed reads one text per line)")

@@ -73,7 +73,7 @@ from .checkpoint import load_checkpoint
 from .data import load_corpus, train_val_split
 from .errors import TinyLLMError
 from .fewshot_template import build_prompt
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, decode_utf8
 from .generate import greedy_batch
 from .models import gpt_forward
 from .ops import log_softmax
@@ -163,11 +163,10 @@ def read_task(path):
     """Read and parse a task file (see the module docstring)."""
     if not os.path.isfile(path):
         raise TinyLLMError(f"task file {path!r} not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return parse_task(f.read().splitlines(), path)
-    except UnicodeDecodeError as err:
-        raise TinyLLMError(f"task file {path!r} is not UTF-8 (bad byte at offset {err.start})") from None
+    with open(path, "rb") as f:
+        text = decode_utf8(f.read(), path)
+    # lines end at "\n" only: a JSON string may hold U+2028, which str.splitlines would cut at
+    return parse_task(text.split("\n"), path)
 
 
 def task_files(paths):
