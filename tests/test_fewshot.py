@@ -56,6 +56,7 @@ def test_parse_task_reads_header_and_records_with_line_numbers():
     (['{"choices": ["0", "1"]}', '{"input": "a", "output": "5"}'], 2, "choices"),
     (['{"input": "a", "output": "0"}', '{"instruction": "late header"}'], 2, "unexpected key"),
     (['{"instruction": "x", "colour": "red"}'], 1, "unknown header key"),
+    (['{"input": "a", "output": "0"}', "[" * 100_000 + "]" * 100_000], 2, "deeply"),
 ])
 def test_bad_lines_name_the_file_and_line(lines, line_no, words):
     with pytest.raises(TinyLLMError, match=f"t.jsonl, line {line_no}: .*{words}"):

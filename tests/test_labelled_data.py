@@ -95,6 +95,9 @@ def test_instructions_json_array_and_jsonl(tmp_path):
     ('{"instruction": "a", "output": "b"}\n{"output": "c"}\n', r"b.jsonl:2: record has no 'instruction'"),
     ('{"instruction": "a"}\n', r"b.jsonl:1: record has no 'output'"),
     ('{"instruction": "a", "output": "b"}\nnot json\n', r"b.jsonl:2: malformed JSON"),
+    ('{"instruction": "a", "output": "b"}\n' + "[" * 100_000 + "]" * 100_000,
+     r"b.jsonl:2: .*deeply"),
+    ("[" * 100_000 + "]" * 100_000, r"b.jsonl: .*deeply"),  # read as a JSON array
 ])
 def test_bad_instruction_records(tmp_path, text, message):
     with pytest.raises(TinyLLMError, match=message):

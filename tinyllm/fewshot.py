@@ -138,6 +138,9 @@ def parse_task(lines, path="<task>"):
             obj = json.loads(raw)
         except json.JSONDecodeError as err:
             raise TinyLLMError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise TinyLLMError(f"{path}, line {number}: JSON nested too deeply to be a"
+                               " record") from None
         if not isinstance(obj, dict):
             raise TinyLLMError(f"{path}, line {number}: expected a JSON object, got {raw.strip()[:40]}")
         if "input" not in obj and not records and instruction is None and choices is None:

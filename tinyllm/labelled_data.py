@@ -159,6 +159,8 @@ def _jsonl_records(text, path):
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise TinyLLMError(f"{path}:{number}: malformed JSON ({err.msg})") from None
+        except RecursionError:
+            raise TinyLLMError(f"{path}:{number}: JSON nested too deeply to be a record") from None
         if not isinstance(record, dict):
             raise TinyLLMError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         yield number, record
@@ -186,6 +188,8 @@ def read_instructions(path):
             items = json.loads(text)
         except json.JSONDecodeError as err:
             raise TinyLLMError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+        except RecursionError:
+            raise TinyLLMError(f"{path}: JSON nested too deeply to be a list of records") from None
         numbered = [(f"record {i + 1}", r) for i, r in enumerate(items)]
         for where, rec in numbered:
             if not isinstance(rec, dict):
