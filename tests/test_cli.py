@@ -146,6 +146,14 @@ def test_resume_continues_to_a_larger_max_iters(run_copy):
     assert metrics_iters(run_copy) == [0, 3, 6, 9]
 
 
+def test_resume_to_a_total_below_the_steps_done_is_refused(run_copy):
+    before = (run_copy / "config.json").read_text()
+    result = invoke("pretrain", "--out", run_copy, "--resume", "--max-iters", 4)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --max-iters 4 is below the 6 steps the run in")
+    assert (run_copy / "config.json").read_text() == before  # the run is left as it was
+
+
 def test_ctrl_c_exits_130_and_the_suggested_resume_finishes_the_run(tmp_path, data_file,
                                                                    monkeypatch):
     calls = []

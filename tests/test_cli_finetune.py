@@ -78,6 +78,8 @@ def test_classify_end_to_end(base, tsv, tmp_path):
     resumed = run(["finetune", "classify", "--out", out, "--resume", "--max-iters", "6"])
     assert resumed.exit_code == 0, resumed.output
     assert load_checkpoint(out, kind="classifier").iter == 6
+    below = run(["finetune", "classify", "--out", out, "--resume", "--max-iters", "5"])
+    assert below.exit_code == 1 and "--max-iters 5 is below the 6 steps" in below.output
 
 
 def test_classify_head_only_keeps_the_body(base, tsv, tmp_path):

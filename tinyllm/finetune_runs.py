@@ -60,9 +60,9 @@ from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
 from .lora import LoRAGPTConfig, apply_lora, init_lora, merge_lora
 from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init
-from .train import (SPECIAL_TOKENS, Committed, check_memory, check_same_ranks, gpt_param_count,
-                    gpt_step_bytes, prepare_out_dir, read_metrics, start_out_dir, train_loop,
-                    truncate_metrics)
+from .train import (SPECIAL_TOKENS, Committed, check_memory, check_resumed_total, check_same_ranks,
+                    gpt_param_count, gpt_step_bytes, prepare_out_dir, read_metrics, start_out_dir,
+                    train_loop, truncate_metrics)
 from .tree import flatten, unflatten
 
 METRICS_FORMAT = "tinyllm-finetune-metrics"
@@ -184,8 +184,9 @@ class InstructSettings(FinetuneSettings):
         return self
 
 
-def settings_from_run(ckpt, cls, max_iters=None):
+def settings_from_run(ckpt, cls, max_iters, out_dir):
     """The settings a run was started with (config.json "finetune"), --max-iters replaced."""
+    check_resumed_total(max_iters, ckpt.iter, out_dir)
     stored = ckpt.meta.get("finetune")
     names = {f.name for f in fields(cls)}
     if not isinstance(stored, dict) or not set(stored) <= names | {"task"}:
@@ -584,7 +585,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     ckpt = load_checkpoint(out, with_optimizer=True, kind="classifier") if resume else None
     if resume:
         check_same_ranks(ckpt.meta, world.size, out)
-    s = (settings_from_run(ckpt, ClassifySettings, max_iters) if resume
+    s = (settings_from_run(ckpt, ClassifySettings, max_iters, out) if resume
          else (settings or ClassifySettings())).validate()
     # 2. data (a resumed run's files are checked against their sha256 before they are parsed)
     if resume:
@@ -851,7 +852,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
         check_same_ranks(ckpt.meta, world.size, out)
     if resume and (ckpt.meta.get("finetune") or {}).get("task") != "instruct":
         raise TinyLLMError(f"--resume: {out} is not an instruction fine-tuning run")
-    s = (settings_from_run(ckpt, InstructSettings, max_iters) if resume
+    s = (settings_from_run(ckpt, InstructSettings, max_iters, out) if resume
          else (settings or InstructSettings())).validate()
     # 2. data (a resumed run's files are checked against their sha256 before they are parsed)
     if resume:

@@ -711,6 +711,7 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
         mask_rate = ckpt.meta.get("mask_rate", MASK_RATE)  # runs before the flag: 15%
         check_same_ranks(ckpt.meta, ranks, out_dir)
         model_config, tokenizer, data = ckpt.model_config, ckpt.tokenizer, ckpt.meta.get("data")
+        check_resumed_total(max_iters, ckpt.iter, out_dir)
         tc = replace(ckpt.train_config, max_iters=max_iters or ckpt.train_config.max_iters)
         tc.validate()
         text = run_corpus(ckpt.meta, out_dir)  # checked against its sha256 before any use
@@ -745,6 +746,14 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
     if objective == "mlm":
         extra["mask_rate"] = mask_rate or MASK_RATE
     return model_config, tc, tokenizer, splits, state, extra, objective
+
+
+def check_resumed_total(max_iters, done, out_dir):
+    """--max-iters given with --resume is the run's new total, so it must not be below the steps
+    the run has already done (that would train nothing and report the run as if it had)."""
+    if max_iters is not None and max_iters < done:
+        raise TinyLLMError(f"--max-iters {max_iters} is below the {done} steps the run in"
+                           f" {out_dir!r} has already done: give a larger total, or leave it out")
 
 
 def resumed_objective(kind, objective, out_dir):
