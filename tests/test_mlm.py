@@ -210,6 +210,14 @@ def test_fill_gives_top_k_probabilities_per_mask(make_params):
         fill_masks(params, config, tok, "abcabcab[MASK]")
 
 
+def test_fill_never_offers_the_mask_token(make_params):
+    tok = char_tokenizer()
+    config = GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    options = fill_masks(make_params(config), config, tok, "a[MASK]c", top_k=tok.vocab_size)[0]
+    assert MASK_TOKEN not in [text for text, _ in options]
+    assert sum(p for _, p in options) == pytest.approx(1.0)  # the others share all of it
+
+
 # ============================================================================ pretraining
 
 

@@ -197,18 +197,21 @@ def filled_text(tokenizer, text, tokens):
 
 def fill_masks(params, config, tokenizer, text, top_k=5):
     """The top_k predictions at each [MASK] of `text`: a list, one per mask, of (token text,
-    probability) pairs, most likely first."""
+    probability) pairs, most likely first. The mask token itself is never offered: it is never
+    a target in pretraining, and a barely trained model would otherwise "fill" a mask with one."""
     ids = encode_with_masks(tokenizer, text)
     if len(ids) > config.block_size:
         raise TinyLLMError(f"the text has {len(ids)} tokens, more than the model's context of"
                            f" {config.block_size}")
     inputs = onp.asarray([ids], dtype=onp.int32)  # (1, T)
-    rows = onp.flatnonzero(inputs[0] == mask_id_of(tokenizer)[0])  # (M,) the masks
+    mask_id = mask_id_of(tokenizer)[0]
+    rows = onp.flatnonzero(inputs[0] == mask_id)  # (M,) the masks
     logits = onp.asarray(mlm_logits(params, inputs, rows, config), dtype=onp.float64)  # (M, V)
+    logits[:, mask_id] = -onp.inf  # probability 0, and left out below
     probs = onp.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)  # (M, V)
     out = []
     for row in probs:
-        best = onp.argsort(-row, kind="stable")[:top_k]
+        best = [i for i in onp.argsort(-row, kind="stable") if i != mask_id][:top_k]
         out.append([(tokenizer.decode([int(i)]), float(row[i])) for i in best])
     return out
