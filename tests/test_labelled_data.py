@@ -49,6 +49,13 @@ def test_jsonl(tmp_path):
     assert read_classification(path) == [("a", "1"), ("b", "x")]
 
 
+def test_a_json_array_of_records(tmp_path):  # the layout many data sets are exported in
+    path = write(tmp_path, "d.json", '[\n {"text": "a", "label": "x"},\n {"text": "b", "label": 2}\n]\n')
+    assert read_classification(path) == [("a", "x"), ("b", "2")]
+    with pytest.raises(TinyLLMError, match="d.json: record 2 is not a JSON object"):
+        read_classification(write(tmp_path, "d.json", '[{"text": "a", "label": "x"}, 3]'))
+
+
 @pytest.mark.parametrize("name,text,kwargs,message", [
     ("d.csv", "body,cls\nhi,x\n", {"text_column": "text", "label_column": "cls"}, r"d.csv:1: no column named 'text'"),
     ("d.tsv", "text\tlabel\nhi\tx\nlonely\n", {}, r"d.tsv:3: missing column"),

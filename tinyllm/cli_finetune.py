@@ -144,7 +144,7 @@ def finetune():
 @user_errors
 @abort_on_error
 def finetune_classify(out, resume, force, **flags):
-    """Fine-tune a classifier on texts with labels (.csv, .tsv, .jsonl with text and label).
+    """Fine-tune a classifier on labelled texts (.csv, .tsv, .jsonl or a .json array).
 
     Without --data it uses the embedded set (standard-library docstring sentences labelled by
     subject: internet, files, concurrency, numbers). Without --val-data/--test-data the data is
@@ -207,7 +207,7 @@ def finetune_instruct(out, resume, force, no_cache, **flags):
 @click.option("--checkpoint", default="runs/classify", type=click.Path(file_okay=False),
               help="Run directory written by `tinyllm finetune classify`.")
 @click.option("--data", default=None, type=click.Path(dir_okay=False),
-              help="Score a whole labelled file (.csv/.tsv/.jsonl) and print its accuracy.")
+              help="Score a whole labelled file (.csv/.tsv/.jsonl/.json) and print its accuracy.")
 @click.option("--text-column", default=None, help="As for `finetune classify`.")
 @click.option("--label-column", default=None, help="As for `finetune classify`.")
 @click.argument("text", required=False)

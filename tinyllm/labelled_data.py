@@ -8,6 +8,7 @@ Classification files (one example per line, `text` and `label`; labels are arbit
     .tsv    tab-separated, split on the FIRST tab only and never unquoted: csv's default quoting
             would silently join lines that contain a double quote and lose rows
     .jsonl  one JSON object per line: {"text": "...", "label": "..."}
+    .json   a JSON array of such objects (or JSONL under that name)
 A CSV/TSV header is optional. If the first row contains the --text-column and --label-column
 names (in any case: "Text" is "text") it is a header; otherwise the file has no header, and the
 columns are given by position (`--text-column 0 --label-column 1` is the default meaning for a
@@ -58,7 +59,7 @@ def _format_of(path):
     if ext in (".csv", ".tsv", ".jsonl", ".json"):
         return ext[1:]
     raise TinyLLMError(f"{path}: unknown data format {ext or '(no extension)'!r};"
-                       " use .csv, .tsv, .jsonl (or .json for instructions)")
+                       " use .csv, .tsv, .jsonl or .json")
 
 
 def _header_index(header, name):
@@ -119,13 +120,14 @@ def _rows_csv(text, path):
 
 
 def read_classification(path, text_column=None, label_column=None):
-    """Read (text, label) pairs from a .csv, .tsv or .jsonl file; errors name file:line."""
+    """Read (text, label) pairs from a .csv, .tsv, .jsonl or .json (an array) file; errors name
+    file:line (or record)."""
     fmt = _format_of(path)
     text = _read_lines(path)
     if fmt in ("jsonl", "json"):
         return [(_str_field(rec, text_column or "text", path, n),
                  _str_field(rec, label_column or "label", path, n))
-                for n, rec in _jsonl_records(text, path)]
+                for n, rec in _json_records(text, path)]
     rows = list(_rows_tsv(text) if fmt == "tsv" else _rows_csv(text, path))
     first = [f.strip() for f in rows[0][1]]
     names = (text_column or "text", label_column or "label")
@@ -166,6 +168,24 @@ def _jsonl_records(text, path):
         yield number, record
 
 
+def _json_records(text, path):
+    """(where, dict) for each record of a JSON array of objects ("record 3") or of a JSONL text
+    (its line number): the two layouts data sets are exported in."""
+    if not text.lstrip().startswith("["):
+        return list(_jsonl_records(text, path))
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise TinyLLMError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    except RecursionError:
+        raise TinyLLMError(f"{path}: JSON nested too deeply to be a list of records") from None
+    numbered = [(f"record {i + 1}", r) for i, r in enumerate(items)]
+    for where, rec in numbered:
+        if not isinstance(rec, dict):
+            raise TinyLLMError(f"{path}: {where} is not a JSON object")
+    return numbered
+
+
 def _str_field(record, key, path, number, required=True):
     value = record.get(key)
     if value is None or (required and str(value).strip() == ""):
@@ -183,21 +203,9 @@ def read_instructions(path):
     "instruction", "input" ("" when absent) and "output". Errors name file:line (or record)."""
     fmt = _format_of(path)
     text = _read_lines(path)
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise TinyLLMError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
-        except RecursionError:
-            raise TinyLLMError(f"{path}: JSON nested too deeply to be a list of records") from None
-        numbered = [(f"record {i + 1}", r) for i, r in enumerate(items)]
-        for where, rec in numbered:
-            if not isinstance(rec, dict):
-                raise TinyLLMError(f"{path}: {where} is not a JSON object")
-    elif fmt in ("jsonl", "json"):
-        numbered = list(_jsonl_records(text, path))
-    else:
+    if fmt not in ("jsonl", "json") and not text.lstrip().startswith("["):
         raise TinyLLMError(f"{path}: instruction data must be a JSON array or JSONL")
+    numbered = _json_records(text, path)
     records = []
     for where, rec in numbered:
         records.append({"instruction": _str_field(rec, "instruction", path, where),
