@@ -88,7 +88,30 @@ def test_instructions_json_array_and_jsonl(tmp_path):
     records = [{"instruction": "rev", "input": "ab", "output": "ba"}, {"instruction": "hi", "output": "yo"}]
     a = read_instructions(write(tmp_path, "a.json", json.dumps(records)))
     b = read_instructions(write(tmp_path, "b.jsonl", "\n".join(json.dumps(r) for r in records)))
-    assert a == b and a[1]["input"] == ""
+    assert [r["line"] for r in a] == [1, 1] and [r["line"] for r in b] == [1, 2]
+    assert [{**r, "line": 0} for r in a] == [{**r, "line": 0} for r in b] and a[1]["input"] == ""
+
+
+def test_records_of_a_json_array_know_the_line_they_start_on(tmp_path):
+    # a split is shuffled: an error found after it (a response too long for the context) can
+    # name the record only by its line in the file
+    records = [{"instruction": "rev", "input": "ab", "output": "ba"}, {"instruction": "hi", "output": "yo"},
+               {"instruction": "a, [b]", "output": "c\n,d"}]
+    text = "\n" + json.dumps(records, indent=2)  # records start on lines 3, 8 and 12
+    assert [r["line"] for r in read_instructions(write(tmp_path, "a.json", text))] == [3, 8, 12]
+    packed = '[{"instruction": "a", "output": "b"},\n\n  {"instruction": "c", "output": "d"}]'
+    assert [r["line"] for r in read_instructions(write(tmp_path, "b.json", packed))] == [1, 3]
+    with pytest.raises(TinyLLMError, match=r"c\.json:3: expected a JSON object, got list"):
+        read_instructions(write(tmp_path, "c.json", '[\n{"instruction": "a", "output": "b"},\n[]]'))
+
+
+def test_one_json_object_over_several_lines_is_named_as_such(tmp_path):
+    # valid JSON, so not "malformed JSON at line 1": the layout is the problem
+    text = json.dumps({"data": [{"instruction": "a", "output": "b"}]}, indent=2)
+    with pytest.raises(TinyLLMError, match=r"d\.json: one JSON object over 8 lines, not a list"):
+        read_instructions(write(tmp_path, "d.json", text))
+    one_line = read_instructions(write(tmp_path, "e.json", '{"instruction": "a", "output": "b"}\n'))
+    assert one_line == [{"instruction": "a", "input": "", "output": "b", "line": 1}]  # JSONL
 
 
 @pytest.mark.parametrize("text,message", [
