@@ -340,6 +340,20 @@ def test_generate_with_a_character_the_tokenizer_never_saw(trained_run):
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--instruction", "Say hi", "--prompt", "The"], ["--prompt cannot go with --instruction"]),
+    (["--instruction", "Say hi", "--stop", "."], ["--stop cannot go with --instruction"]),
+    (["--instruction", "Say hi", "--examples", "t.jsonl"], ["--examples", "--instruction"]),
+    (["--prompt", "The", "--input", "abc"], ["--input goes with --instruction"]),
+    (["--prompt", "The", "--shots", "2"], ["--shots", "--examples FILE"]),
+])
+def test_generate_refuses_flags_the_prompt_would_ignore(trained_run, args, words):
+    # before, --instruction dropped --prompt, --stop and --examples unseen, and --input or
+    # --shots alone were dropped too: the output did not show that they had done nothing
+    out, _ = trained_run
+    assert_user_error(invoke("generate", "--checkpoint", out, "--seed", 1, *args), *words)
+
+
 @pytest.mark.parametrize("args, flag", [
     (["--temperature", "-1"], "--temperature"),
     (["--top-k", "0"], "--top-k"),
