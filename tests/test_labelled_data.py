@@ -92,6 +92,17 @@ def test_instructions_json_array_and_jsonl(tmp_path):
     assert [{**r, "line": 0} for r in a] == [{**r, "line": 0} for r in b] and a[1]["input"] == ""
 
 
+def test_numbers_and_booleans_read_as_the_file_spells_them(tmp_path):
+    # str(True) gave "True": a JSONL label true and a CSV label true were two classes
+    text = '{"instruction": 7, "input": false, "output": true}\n{"instruction": "a", "output": 2.5}\n'
+    records = read_instructions(write(tmp_path, "n.jsonl", text))
+    assert [(r["instruction"], r["input"], r["output"]) for r in records] == [
+        ("7", "false", "true"), ("a", "", "2.5")]
+    text = '{"text": "yes it is", "label": true}\n{"text": "no", "label": false}\n'
+    assert read_classification(write(tmp_path, "c.jsonl", text)) == [("yes it is", "true"),
+                                                                      ("no", "false")]
+
+
 def test_records_of_a_json_array_know_the_line_they_start_on(tmp_path):
     # a split is shuffled: an error found after it (a response too long for the context) can
     # name the record only by its line in the file

@@ -176,7 +176,8 @@ def _str_field(record, key, path, number, required=True):
                            else f"{path}:{number}: empty {key!r}")
     if isinstance(value, (dict, list)):
         raise TinyLLMError(f"{path}:{number}: {key!r} must be a string")
-    return str(value)
+    # a number or true/false as the file spells it: str(True) would be Python's "True"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _json_array_records(text, path):
