@@ -75,8 +75,11 @@ def test_classify_end_to_end(base, tsv, tmp_path):
     whole = run(["classify", "--checkpoint", out, "--data", tsv])
     assert whole.exit_code == 0 and "61 examples" in whole.output and "accuracy" in whole.output
 
-    resumed = run(["finetune", "classify", "--out", out, "--resume", "--max-iters", "6"])
+    resumed = run(["finetune", "classify", "--out", out, "--resume", "--max-iters", "6",
+                   "--freeze", "all"])
     assert resumed.exit_code == 0, resumed.output
+    assert "--resume continues the run with the settings it began with; not used: --freeze" in \
+        resumed.stderr
     assert load_checkpoint(out, kind="classifier").iter == 6
     below = run(["finetune", "classify", "--out", out, "--resume", "--max-iters", "5"])
     assert below.exit_code == 1 and "--max-iters 5 is below the 6 steps" in below.output

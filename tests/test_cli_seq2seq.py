@@ -81,7 +81,9 @@ def test_resume_continues_bit_for_bit(tmp_path, pairs_file):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert invoke(*args, "--out", straight, "--max-iters", 6).exit_code == 0
     assert invoke(*args, "--out", resumed, "--max-iters", 4).exit_code == 0
-    result = invoke("seq2seq", "train", "--out", resumed, "--resume", "--max-iters", 6)
+    result = invoke("seq2seq", "train", "--out", resumed, "--resume", "--max-iters", 6,
+                    "--lr", 0.5, "--eval-examples", 2)
+    assert "not used: --lr\n" in result.stderr  # the run's own --lr; --eval-examples is used
     assert result.exit_code == 0, result.output
     assert "resuming" in result.output
     losses = lambda run: [(m["iter"], m["train_loss"], m["val_loss"]) for m in metrics(run)]  # noqa: E731

@@ -9,8 +9,9 @@ import importlib.metadata
 import click
 from click.core import ParameterSource
 
-from .cli_common import (count, fraction, no_cache_option, non_negative, positive,
-                         probability_mass, random_seed, step_count, user_errors)
+from .cli_common import (count, fraction, no_cache_option, non_negative,
+                         note_flags_resume_ignores, positive, probability_mass, random_seed,
+                         step_count, user_errors)
 from .cli_encoder import embed, fill
 from .cli_fewshot import fewshot
 from .cli_finetune import classify, finetune
@@ -142,7 +143,9 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
     from .train import pretrain as run_pretrain
 
     world = distributed.world()  # one process unless started by mpirun with N > 1
-
+    if resume:
+        note_flags_resume_ignores({"out", "resume", "max_iters", "objective", "sample_tokens",
+                                   "fast", "no_cache"})
     if distance_bias and objective != "mlm" and not resume:  # resumed: the run's own setting
         raise TinyLLMError("--distance-bias is for --objective mlm: a causal model's attention"
                            " has no use for it")
