@@ -144,6 +144,17 @@ def test_resume_continues_to_a_larger_max_iters(run_copy):
     assert "resuming" in result.output and "done: iteration 9" in result.output
     assert json.loads((run_copy / "config.json").read_text())["iter"] == 9
     assert metrics_iters(run_copy) == [0, 3, 6, 9]
+    assert "note: --resume" not in result.output  # every flag given was used
+
+
+def test_resume_names_the_flags_it_does_not_use(run_copy, data_file):
+    # the run keeps its own settings: a new --lr or --data must not be dropped unseen
+    result = invoke("pretrain", "--out", run_copy, "--resume", "--max-iters", 7, "--lr", 0.5,
+                    "--no-bias", "--data", data_file, "--sample-tokens", 0)
+    assert result.exit_code == 0, result.output
+    assert ("note: --resume continues the run with the settings it began with; not used:"
+            " --data, --no-bias, --lr") in result.stderr
+    assert json.loads((run_copy / "config.json").read_text())["train"]["lr"] != 0.5
 
 
 def test_resume_to_a_total_below_the_steps_done_is_refused(run_copy):
@@ -338,6 +349,20 @@ def test_generate_with_a_character_the_tokenizer_never_saw(trained_run):
     result = invoke("generate", "--checkpoint", out, "--prompt", "snow☃man", "--seed", 1)
     assert_user_error(result, "--prompt", "'☃'", "position 4")
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--instruction", "Say hi", "--prompt", "The"], ["--prompt cannot go with --instruction"]),
+    (["--instruction", "Say hi", "--stop", "."], ["--stop cannot go with --instruction"]),
+    (["--instruction", "Say hi", "--examples", "t.jsonl"], ["--examples", "--instruction"]),
+    (["--prompt", "The", "--input", "abc"], ["--input goes with --instruction"]),
+    (["--prompt", "The", "--shots", "2"], ["--shots", "--examples FILE"]),
+])
+def test_generate_refuses_flags_the_prompt_would_ignore(trained_run, args, words):
+    # before, --instruction dropped --prompt, --stop and --examples unseen, and --input or
+    # --shots alone were dropped too: the output did not show that they had done nothing
+    out, _ = trained_run
+    assert_user_error(invoke("generate", "--checkpoint", out, "--seed", 1, *args), *words)
 
 
 @pytest.mark.parametrize("args, flag", [

@@ -75,8 +75,11 @@ def test_classify_end_to_end(base, tsv, tmp_path):
     whole = run(["classify", "--checkpoint", out, "--data", tsv])
     assert whole.exit_code == 0 and "61 examples" in whole.output and "accuracy" in whole.output
 
-    resumed = run(["finetune", "classify", "--out", out, "--resume", "--max-iters", "6"])
+    resumed = run(["finetune", "classify", "--out", out, "--resume", "--max-iters", "6",
+                   "--freeze", "all"])
     assert resumed.exit_code == 0, resumed.output
+    assert "--resume continues the run with the settings it began with; not used: --freeze" in \
+        resumed.stderr
     assert load_checkpoint(out, kind="classifier").iter == 6
     below = run(["finetune", "classify", "--out", out, "--resume", "--max-iters", "5"])
     assert below.exit_code == 1 and "--max-iters 5 is below the 6 steps" in below.output
@@ -167,6 +170,18 @@ def test_instruct_bad_record(base, tmp_path):
     result = run(["finetune", "instruct", "--checkpoint", base, "--data", str(path), "--out",
                   str(tmp_path / "r")] + FAST)
     assert result.exit_code == 1 and "t.jsonl:2: record has no 'instruction'" in result.output
+
+
+def test_a_response_too_long_is_named_by_its_file_and_line(base, instructions, tmp_path):
+    # the splits are shuffled: only the line in the file it came from finds the record
+    path = tmp_path / "val.json"
+    records = [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": "b" * 60}]
+    path.write_text(json.dumps(records, indent=1), encoding="utf-8")  # the 2nd starts on line 6
+    result = run(["finetune", "instruct", "--checkpoint", base, "--data", instructions,
+                  "--val-data", str(path), "--test-data", instructions, "--out",
+                  str(tmp_path / "r")] + FAST)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().split("\n")[-1].startswith(f"Error: {path}:6: its response alone")
 
 
 def test_too_little_data_is_one_line(base, tmp_path):

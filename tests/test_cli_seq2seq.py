@@ -81,7 +81,9 @@ def test_resume_continues_bit_for_bit(tmp_path, pairs_file):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert invoke(*args, "--out", straight, "--max-iters", 6).exit_code == 0
     assert invoke(*args, "--out", resumed, "--max-iters", 4).exit_code == 0
-    result = invoke("seq2seq", "train", "--out", resumed, "--resume", "--max-iters", 6)
+    result = invoke("seq2seq", "train", "--out", resumed, "--resume", "--max-iters", 6,
+                    "--lr", 0.5, "--eval-examples", 2)
+    assert "not used: --lr\n" in result.stderr  # the run's own --lr; --eval-examples is used
     assert result.exit_code == 0, result.output
     assert "resuming" in result.output
     losses = lambda run: [(m["iter"], m["train_loss"], m["val_loss"]) for m in metrics(run)]  # noqa: E731
@@ -123,6 +125,28 @@ def test_bad_pairs_file_is_a_one_line_error(tmp_path, content, words):
     result = invoke("seq2seq", "train", "--data", path, "--out", tmp_path / "run", *TINY)
     assert_user_error(result, str(path), *words)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_begun_when_a_byte_order_mark_was_kept_still_resumes(tmp_path, pairs_file):
+    # its stored sha256 is of the pairs with the BOM at the start of the first source
+    from tinyllm.train import text_fingerprint
+
+    path = tmp_path / "bom.tsv"
+    path.write_bytes(b"\xef\xbb\xbf" + pairs_file.read_bytes())
+    out = tmp_path / "run"
+    assert invoke("seq2seq", "train", "--data", path, "--out", out, *TINY, "--max-iters", 2,
+                  "--eval-interval", 2).exit_code == 0
+    meta = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    train, held = seq2seq_data.load_pairs(str(path))
+    text = seq2seq_data.pairs_text(train + held)
+    assert meta["data_sha256"] == text_fingerprint(text) and not text.startswith("\ufeff")
+    meta["data_sha256"] = text_fingerprint("\ufeff" + text)
+    (out / "config.json").write_text(json.dumps(meta), encoding="utf-8")
+    result = invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 3)
+    assert result.exit_code == 0, result.output
+    path.write_bytes(b"\xef\xbb\xbf" + pairs_file.read_bytes() + b"more\terom\n")
+    assert_user_error(invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 4),
+                      "has changed")
 
 
 def test_translate_errors(trained_run, tmp_path):

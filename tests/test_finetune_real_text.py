@@ -266,6 +266,11 @@ def test_a_response_longer_than_the_context_is_one_line():
     records = [{"instruction": "say", "input": "", "output": "o" * 40}]
     with pytest.raises(TinyLLMError, match=r"t\.jsonl \(train\): record 1: its response alone"):
         encode_instructions(tok, records, 32, False, "t.jsonl (train)")
+    # a record read from a file is named by its line there, not by its place in a shuffled split
+    records = [{"instruction": "say", "input": "", "output": "ok", "line": 4},
+               {"instruction": "say", "input": "", "output": "o" * 40, "line": 9}]
+    with pytest.raises(TinyLLMError, match=r"^t\.jsonl:9: its response alone has 40 tokens"):
+        encode_instructions(tok, records, 32, False, "t.jsonl")
 
 
 @pytest.fixture

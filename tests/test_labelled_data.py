@@ -52,7 +52,7 @@ def test_jsonl(tmp_path):
 def test_a_json_array_of_records(tmp_path):  # the layout many data sets are exported in
     path = write(tmp_path, "d.json", '[\n {"text": "a", "label": "x"},\n {"text": "b", "label": 2}\n]\n')
     assert read_classification(path) == [("a", "x"), ("b", "2")]
-    with pytest.raises(TinyLLMError, match="d.json: record 2 is not a JSON object"):
+    with pytest.raises(TinyLLMError, match="d.json:1: expected a JSON object, got int"):
         read_classification(write(tmp_path, "d.json", '[{"text": "a", "label": "x"}, 3]'))
 
 
@@ -95,7 +95,41 @@ def test_instructions_json_array_and_jsonl(tmp_path):
     records = [{"instruction": "rev", "input": "ab", "output": "ba"}, {"instruction": "hi", "output": "yo"}]
     a = read_instructions(write(tmp_path, "a.json", json.dumps(records)))
     b = read_instructions(write(tmp_path, "b.jsonl", "\n".join(json.dumps(r) for r in records)))
-    assert a == b and a[1]["input"] == ""
+    assert [r["line"] for r in a] == [1, 1] and [r["line"] for r in b] == [1, 2]
+    assert [{**r, "line": 0} for r in a] == [{**r, "line": 0} for r in b] and a[1]["input"] == ""
+
+
+def test_numbers_and_booleans_read_as_the_file_spells_them(tmp_path):
+    # str(True) gave "True": a JSONL label true and a CSV label true were two classes
+    text = '{"instruction": 7, "input": false, "output": true}\n{"instruction": "a", "output": 2.5}\n'
+    records = read_instructions(write(tmp_path, "n.jsonl", text))
+    assert [(r["instruction"], r["input"], r["output"]) for r in records] == [
+        ("7", "false", "true"), ("a", "", "2.5")]
+    text = '{"text": "yes it is", "label": true}\n{"text": "no", "label": false}\n'
+    assert read_classification(write(tmp_path, "c.jsonl", text)) == [("yes it is", "true"),
+                                                                      ("no", "false")]
+
+
+def test_records_of_a_json_array_know_the_line_they_start_on(tmp_path):
+    # a split is shuffled: an error found after it (a response too long for the context) can
+    # name the record only by its line in the file
+    records = [{"instruction": "rev", "input": "ab", "output": "ba"}, {"instruction": "hi", "output": "yo"},
+               {"instruction": "a, [b]", "output": "c\n,d"}]
+    text = "\n" + json.dumps(records, indent=2)  # records start on lines 3, 8 and 12
+    assert [r["line"] for r in read_instructions(write(tmp_path, "a.json", text))] == [3, 8, 12]
+    packed = '[{"instruction": "a", "output": "b"},\n\n  {"instruction": "c", "output": "d"}]'
+    assert [r["line"] for r in read_instructions(write(tmp_path, "b.json", packed))] == [1, 3]
+    with pytest.raises(TinyLLMError, match=r"c\.json:3: expected a JSON object, got list"):
+        read_instructions(write(tmp_path, "c.json", '[\n{"instruction": "a", "output": "b"},\n[]]'))
+
+
+def test_one_json_object_over_several_lines_is_named_as_such(tmp_path):
+    # valid JSON, so not "malformed JSON at line 1": the layout is the problem
+    text = json.dumps({"data": [{"instruction": "a", "output": "b"}]}, indent=2)
+    with pytest.raises(TinyLLMError, match=r"d\.json: one JSON object over 8 lines, not a list"):
+        read_instructions(write(tmp_path, "d.json", text))
+    one_line = read_instructions(write(tmp_path, "e.json", '{"instruction": "a", "output": "b"}\n'))
+    assert one_line == [{"instruction": "a", "input": "", "output": "b", "line": 1}]  # JSONL
 
 
 @pytest.mark.parametrize("text,message", [

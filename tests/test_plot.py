@@ -223,6 +223,22 @@ def test_fewshot_plot(runs, tmp_path):
     assert png_size(out) == pixels((5.0, 3.6))
 
 
+@pytest.mark.parametrize("name", ["loss.pdf", "loss.JPG"])
+def test_a_picture_is_never_written_under_another_format_s_suffix(runs, tmp_path, name):
+    # before, loss.pdf was silently written as PNG bytes (the suffix was not png or svg)
+    out = tmp_path / name
+    for args in (["plot", runs / "pretrain"], ["plot", runs / "pretrain", "--format", "png"],
+                 ["attention", "--checkpoint", runs / "pretrain", "--prompt", "cat"]):
+        assert_user_error(invoke(*args, "--out", out), name, "PNG or SVG")
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"input": "cat", "output": "c"}\n{"input": "dog", "output": "d"}\n')
+    result = invoke("fewshot", "--checkpoint", runs / "pretrain", "--task", task, "--shots", "0",
+                    "--icl-windows", 0, "--plot", out)
+    assert_user_error(result, name, "PNG or SVG")
+    assert "accuracy" not in result.output  # refused before the run, not after it
+    assert not out.exists()
+
+
 def test_fewshot_chart_from_rows(tmp_path):
     rows = [{"k": 0, "accuracy": 0.1, "ci95": [0.05, 0.2], "n": 50, "chance": 0.25},
             {"k": 4, "accuracy": 0.9, "ci95": [0.8, 0.95], "n": 50, "chance": 0.25}]

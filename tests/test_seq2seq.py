@@ -238,6 +238,24 @@ def test_bad_tsv_lines_name_file_and_line(tmp_path, content, words):
         assert word in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["pairs.tsv", "pairs.jsonl"])
+def test_a_byte_order_mark_is_no_part_of_the_first_source(tmp_path, name):
+    # a Windows editor writes one: it made a JSONL file 'not valid JSON' at line 1, and a TSV
+    # file's first source start with an invisible character that entered the vocabulary
+    path = tmp_path / name
+    lines = ('{"source": "a", "target": "b"}', '{"source": "c", "target": "d"}') if name.endswith(
+        "jsonl") else ("a\tb", "c\td")
+    path.write_text("\ufeff" + "\r\n".join(lines) + "\r\n", encoding="utf-8")
+    assert [(p.source, p.target) for p in read_pairs(str(path))] == [("a", "b"), ("c", "d")]
+
+
+def test_a_json_array_of_pairs_is_named_as_such(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text('[\n{"source": "a", "target": "b"}\n]\n', encoding="utf-8")
+    with pytest.raises(TinyLLMError, match=r"pairs\.json line 1: a JSON array; .* per line"):
+        read_pairs(str(path))
+
+
 def test_bad_jsonl_names_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"source": "a", "target": "b"}\n{"source": "a"}\n')

@@ -9,8 +9,9 @@ import importlib.metadata
 import click
 from click.core import ParameterSource
 
-from .cli_common import (count, fraction, no_cache_option, non_negative, positive,
-                         probability_mass, random_seed, step_count, user_errors)
+from .cli_common import (count, fraction, no_cache_option, non_negative,
+                         note_flags_resume_ignores, positive, probability_mass, random_seed,
+                         step_count, user_errors)
 from .cli_encoder import embed, fill
 from .cli_fewshot import fewshot
 from .cli_finetune import classify, finetune
@@ -142,7 +143,9 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
     from .train import pretrain as run_pretrain
 
     world = distributed.world()  # one process unless started by mpirun with N > 1
-
+    if resume:
+        note_flags_resume_ignores({"out", "resume", "max_iters", "objective", "sample_tokens",
+                                   "fast", "no_cache"})
     if distance_bias and objective != "mlm" and not resume:  # resumed: the run's own setting
         raise TinyLLMError("--distance-bias is for --objective mlm: a causal model's attention"
                            " has no use for it")
@@ -218,6 +221,7 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed
     from .finetune_runs import load_generator
     from .generate import generate_text
 
+    _check_prompt_flags(prompt, examples, stop_text, instruction, input_text)
     if instruction is not None:  # instruction-tuned model: its template, stop at end-of-text
         from .finetune_runs import generate_instruction
 
@@ -236,6 +240,23 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed
                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                          top_p=top_p, seed=seed, stop_text=stop_text, use_cache=not no_cache)
     click.echo(prompt + text)
+
+
+def _check_prompt_flags(prompt, examples, stop_text, instruction, input_text):
+    """Refuse flags that the chosen kind of prompt would ignore, rather than drop them unseen."""
+    source = click.get_current_context().get_parameter_source("shots")
+    if instruction is not None:
+        ignored = [flag for flag, given in (("--prompt", prompt), ("--examples", examples),
+                                            ("--stop", stop_text is not None)) if given]
+        if ignored:
+            raise TinyLLMError(f"{' and '.join(ignored)} cannot go with --instruction: its prompt"
+                               " is the fine-tuning template, and the response ends at"
+                               " <|endoftext|>")
+    elif input_text:
+        raise TinyLLMError("--input goes with --instruction (the input of an instruction)")
+    if source is not ParameterSource.DEFAULT and examples is None:
+        raise TinyLLMError("--shots counts the demonstrations taken from --examples; give"
+                           " --examples FILE too")
 
 
 def _check_prompt(tokenizer, prompt):

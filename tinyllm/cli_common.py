@@ -129,6 +129,27 @@ def random_seed(ctx, param, value):
     return value
 
 
+# ----------------------------------------------------------------------------- --resume
+
+
+def note_flags_resume_ignores(still_used):
+    """With --resume a run keeps the settings it began with: name on stderr each flag given on
+    the command line that therefore does nothing, so that a changed --lr or --data is not
+    dropped unseen. `still_used`: the parameter names the resumed command does read."""
+    ctx = click.get_current_context()
+    given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    ignored = [_flag_name(p, ctx.params[p.name]) for p in ctx.command.params
+               if p.name not in still_used and ctx.get_parameter_source(p.name) in given]
+    if ignored:
+        click.echo(f"note: --resume continues the run with the settings it began with; not used:"
+                   f" {', '.join(ignored)}", err=True)
+
+
+def _flag_name(param, value):
+    """The flag as given: --no-bias for a False --bias/--no-bias."""
+    return param.secondary_opts[0] if param.secondary_opts and value is False else param.opts[0]
+
+
 # ----------------------------------------------------------------------------- shared options
 
 

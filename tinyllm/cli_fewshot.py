@@ -46,10 +46,11 @@ def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_win
     from .fewshot import (format_icl, format_table, format_task_table, parse_shots, run_fewshot,
                           write_results)
 
-    if plot_path:  # before the slow part: say at once if matplotlib is missing
-        from .plot import require_matplotlib
+    if plot_path:  # before the slow part: say at once if matplotlib is missing or --plot wrong
+        from .plot import picture_format, require_matplotlib
 
         require_matplotlib()
+        plot_format = picture_format(plot_path)
     results = run_fewshot(checkpoint, task_paths, parse_shots(shots), queries, seed, icl_data,
                           icl_windows, log=lambda line: click.echo(line, err=True),
                           use_cache=not no_cache)
@@ -59,10 +60,10 @@ def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_win
     if results["icl_score"]:
         click.echo(format_icl(results["icl_score"]))
     if plot_path:
-        from .plot import draw_fewshot, picture_format
+        from .plot import draw_fewshot
 
         click.echo(f"accuracy by k drawn, written to"
-                   f" {draw_fewshot(results['pooled'], plot_path, picture_format(plot_path))}")
+                   f" {draw_fewshot(results['pooled'], plot_path, plot_format)}")
     if out:
         write_results(out, results)
         click.echo(f"results written to {out}")

@@ -10,8 +10,8 @@ from dataclasses import fields
 import click
 
 from . import distributed
-from .cli_common import (count, fraction, no_cache_option, non_negative, positive, random_seed,
-                         step_count, user_errors)
+from .cli_common import (count, fraction, no_cache_option, non_negative,
+                         note_flags_resume_ignores, positive, random_seed, step_count, user_errors)
 from .distributed import abort_on_error
 from .errors import TinyLLMError
 from .finetune import DEFAULT_POOLING, POOLINGS
@@ -153,6 +153,8 @@ def finetune_classify(out, resume, force, **flags):
     the best evaluation's weights are kept. Reports accuracy before and after, a confusion matrix
     and per-class precision/recall, written to OUT/metrics.json.
     """
+    if resume:
+        note_flags_resume_ignores({"out", "resume", "max_iters"})
     report = run_on_every_rank(run_classify, out, settings_from_flags(ClassifySettings, flags),
                                resume, force, flags["max_iters"] if _given("max_iters") else None)
     click.echo("accuracy after fine-tuning:  " + format_accuracies(report["accuracy_after"]))
@@ -190,6 +192,8 @@ def finetune_instruct(out, resume, force, no_cache, **flags):
     weights are kept; at the end the test responses go to OUT/responses.jsonl and exact match /
     token F1 to OUT/metrics.json.
     """
+    if resume:
+        note_flags_resume_ignores({"out", "resume", "max_iters", "no_cache"})
     report = run_on_every_rank(run_instruct, out, settings_from_flags(InstructSettings, flags),
                                resume, force, flags["max_iters"] if _given("max_iters") else None,
                                use_cache=not no_cache)

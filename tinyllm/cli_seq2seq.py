@@ -9,8 +9,8 @@ from click.core import ParameterSource
 
 from .bleu import corpus_bleu, exact_match
 from .checkpoint import load_checkpoint
-from .cli_common import (count, fraction, no_cache_option, non_negative, positive, random_seed,
-                         step_count, user_errors)
+from .cli_common import (count, fraction, no_cache_option, non_negative,
+                         note_flags_resume_ignores, positive, random_seed, step_count, user_errors)
 from .config import TrainConfig
 from .decoding import translate_texts
 from .errors import TinyLLMError
@@ -102,6 +102,8 @@ def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_em
                                grad_clip=grad_clip, eval_interval=eval_interval,
                                eval_iters=eval_iters, seed=seed).validate()
     check_training_options(label_smoothing, schedule)
+    if resume:
+        note_flags_resume_ignores({"out", "resume", "max_iters", "eval_examples", "no_cache"})
     source = click.get_current_context().get_parameter_source("max_iters")
     new_total = max_iters if resume and source is not ParameterSource.DEFAULT else None
     result = train_seq2seq(model_config, train_config, out, data=data,

@@ -735,7 +735,8 @@ def encode_instructions(tokenizer, records, block_size, include_prompt, where):
     """Rows (x, y, m) stacked into arrays, the number of records whose prompt lost its start
     to fit the context, and the characters that fell back to the unknown token.
 
-    A record whose response alone (with the end-of-text token) does not fit is an error."""
+    A record whose response alone (with the end-of-text token) does not fit is an error naming
+    its line in `where` (the file), or its place in `records` for a record read from no file."""
     eot = tokenizer.special_tokens[EOT]
     rows, shortened, fallback = [], 0, 0
     for number, record in enumerate(records, 1):
@@ -743,8 +744,9 @@ def encode_instructions(tokenizer, records, block_size, include_prompt, where):
         response, n2 = encode_with_fallback(tokenizer, record["output"])
         fallback += n1 + n2
         kept = fit_prompt(prompt, response, block_size)
-        if kept is None:
-            raise TinyLLMError(f"{where}: record {number}: its response alone has"
+        if kept is None:  # a split is shuffled: only the file's line finds the record
+            place = f":{record['line']}" if "line" in record else f": record {number}"
+            raise TinyLLMError(f"{where}{place}: its response alone has"
                                f" {len(response)} tokens, more than the context"
                                f" ({block_size} tokens, with one for the prompt and one to end)")
         shortened += len(kept) < len(prompt)
@@ -867,9 +869,10 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     # 4. encode
     arrays, shortened = {}, {}
     for name, split in (("train", train), ("val", val)):
+        source = (s.val_data if name == "val" else None) or s.data
         arrays[name], shortened[name], fallback = encode_instructions(
             tokenizer, split, config.block_size, s.include_prompt,
-            f"{s.data or 'the embedded tasks'} ({name})")
+            source or f"the embedded tasks ({name})")
         if shortened[name]:
             log(f"note: {shortened[name]} {name} record(s) longer than the context"
                 f" ({config.block_size} tokens) kept the end of their prompt and all of their"

@@ -26,6 +26,7 @@ import io
 import json
 import os
 import random
+import re
 import sysconfig
 
 import numpy as onp
@@ -169,20 +170,16 @@ def _jsonl_records(text, path):
 
 
 def _json_records(text, path):
-    """(where, dict) for each record of a JSON array of objects ("record 3") or of a JSONL text
-    (its line number): the two layouts data sets are exported in."""
+    """(line number, dict) for each record of a JSON array of objects or of a JSONL text: the two
+    layouts data sets are exported in. The number is the line the record starts on."""
     if not text.lstrip().startswith("["):
+        _refuse_one_spread_object(text, path)
         return list(_jsonl_records(text, path))
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise TinyLLMError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
-    except RecursionError:
-        raise TinyLLMError(f"{path}: JSON nested too deeply to be a list of records") from None
-    numbered = [(f"record {i + 1}", r) for i, r in enumerate(items)]
-    for where, rec in numbered:
+    numbered = _json_array_records(text, path)
+    for number, rec in numbered:
         if not isinstance(rec, dict):
-            raise TinyLLMError(f"{path}: {where} is not a JSON object")
+            raise TinyLLMError(f"{path}:{number}: expected a JSON object, got"
+                               f" {type(rec).__name__}")
     return numbered
 
 
@@ -195,25 +192,69 @@ def _str_field(record, key, path, number, required=True):
                            else f"{path}:{number}: empty {key!r}")
     if isinstance(value, (dict, list)):
         raise TinyLLMError(f"{path}:{number}: {key!r} must be a string")
-    return str(value)
+    # a number or true/false as the file spells it: str(True) would be Python's "True"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _json_array_records(text, path):
+    """(line number, item) for each item of a JSON array text; the line is where the item starts,
+    so that an error (or a record found too long later) can be found in the file.
+
+    Example: '[\n {"a": 1},\n {"a": 2}\n]' -> [(2, {"a": 1}), (3, {"a": 2})].
+    """
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise TinyLLMError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+    except RecursionError:
+        raise TinyLLMError(f"{path}: JSON nested too deeply to be a list of records") from None
+    decoder, numbered = json.JSONDecoder(), []
+    pos, line = text.index("[") + 1, 1 + text.count("\n", 0, text.index("["))
+    for item in items:  # the text is valid JSON: walk it again to find where each item starts
+        start = _ITEM_GAP.match(text, pos).end()
+        line += text.count("\n", pos, start)
+        numbered.append((line, item))
+        _, end = decoder.raw_decode(text, start)
+        line, pos = line + text.count("\n", start, end), end
+    return numbered
+
+
+_ITEM_GAP = re.compile(r"[ \t\r\n]*,?[ \t\r\n]*")  # JSON whitespace and the comma between items
 
 
 def read_instructions(path):
     """Read instruction records from a JSON array or JSONL file: a list of dicts with string
-    "instruction", "input" ("" when absent) and "output". Errors name file:line (or record)."""
+    "instruction", "input" ("" when absent) and "output", and "line": where the record starts
+    in the file (1-based). Errors name file:line."""
     fmt = _format_of(path)
     text = _read_lines(path)
     if fmt not in ("jsonl", "json") and not text.lstrip().startswith("["):
         raise TinyLLMError(f"{path}: instruction data must be a JSON array or JSONL")
     numbered = _json_records(text, path)
     records = []
-    for where, rec in numbered:
-        records.append({"instruction": _str_field(rec, "instruction", path, where),
-                        "input": _str_field(rec, "input", path, where, required=False),
-                        "output": _str_field(rec, "output", path, where)})
+    for number, rec in numbered:
+        records.append({"instruction": _str_field(rec, "instruction", path, number),
+                        "input": _str_field(rec, "input", path, number, required=False),
+                        "output": _str_field(rec, "output", path, number), "line": number})
     if not records:
         raise TinyLLMError(f"{path}: no records")
     return records
+
+
+def _refuse_one_spread_object(text, path):
+    """A file that is one JSON object over several lines (`{"data": [...]}`, pretty-printed) is
+    neither layout: say so, rather than 'malformed JSON' at line 1 of what is valid JSON."""
+    if "\n" not in text.strip() or not text.lstrip().startswith("{"):
+        return
+    try:
+        whole = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return  # JSONL (several values) or broken: the line-by-line reader names the line
+    if isinstance(whole, dict):
+        lines = text.strip().count("\n") + 1
+        raise TinyLLMError(f"{path}: one JSON object over {lines} lines, not a list of records;"
+                           " the data must be a JSON array of records or JSONL (one record"
+                           " per line)")
 
 
 # ----------------------------------------------------------------------------- labels, splits

@@ -24,6 +24,8 @@ from .fileio import atomic_write_bytes
 
 INSTALL_HINT = 'pip install "tinyllm[plot]"'
 FORMATS = ("png", "svg")
+# Suffixes of other picture formats: a file named so must not silently hold a PNG.
+OTHER_PICTURE_SUFFIXES = {"pdf", "ps", "eps", "jpg", "jpeg", "tif", "tiff", "gif", "webp", "bmp"}
 DPI = 100  # pixels per inch: a figure of (w, h) inches is exactly (100 w, 100 h) pixels
 
 
@@ -40,9 +42,12 @@ def picture_format(out, fmt=None):
     """The file format of a picture: `fmt` if given, else from the suffix of `out` (PNG by default).
 
     Example: ("loss.svg", None) -> "svg"; ("loss", None) -> "png"; ("a.png", "svg") -> error,
-    since a .png file holding SVG would mislead whoever opens it.
+    since a .png file holding SVG would mislead whoever opens it; ("a.pdf", None) -> error too.
     """
     suffix = os.path.splitext(out)[1].lower().lstrip(".")
+    if suffix in OTHER_PICTURE_SUFFIXES:
+        raise TinyLLMError(f"{out}: tinyllm draws PNG or SVG pictures, not .{suffix}: name the"
+                           " file .png or .svg")
     if fmt is None:
         return suffix if suffix in FORMATS else "png"
     if fmt not in FORMATS:

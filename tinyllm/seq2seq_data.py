@@ -45,8 +45,11 @@ class Pair:
 
 
 def read_pairs(path, min_pairs=1):
-    """Read a TSV or JSONL PAIRS file (see the module docstring) -> list of Pair."""
-    text = read_text_file(path)
+    """Read a TSV or JSONL PAIRS file (see the module docstring) -> list of Pair.
+
+    A byte-order mark (Windows editors write one) is dropped: it is no part of the first source.
+    """
+    text = read_text_file(path).removeprefix("\ufeff")
     jsonl = path.lower().endswith((".jsonl", ".json"))
     pairs = []
     for number, line in enumerate(text.split("\n"), start=1):
@@ -54,6 +57,9 @@ def read_pairs(path, min_pairs=1):
         if not line.strip():
             continue
         where = f"{path} line {number}"
+        if jsonl and not pairs and line.lstrip().startswith("["):
+            raise TinyLLMError(f"{where}: a JSON array; a PAIRS file in JSON holds one object"
+                               " {\"source\": ..., \"target\": ...} per line (JSONL)")
         source, target = _parse_json_line(line, where) if jsonl else _parse_tsv_line(line, where)
         if not source.strip() or not target.strip():
             side = "source" if not source.strip() else "target"

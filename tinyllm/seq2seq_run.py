@@ -86,12 +86,13 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
     tc.validate()
     check_training_options(label_smoothing, schedule)
     train_pairs, held_pairs = load_pairs(data)
-    fingerprint = text_fingerprint(pairs_text(train_pairs + held_pairs))
-    if resume and not same_fingerprint(ckpt.meta.get("data_sha256"),
-                                       pairs_text(train_pairs + held_pairs)):
+    text = pairs_text(train_pairs + held_pairs)
+    fingerprint = text_fingerprint(text)
+    if resume and not any(same_fingerprint(ckpt.meta.get("data_sha256"), t)
+                          for t in (text, "\ufeff" + text)):  # a run begun when a BOM was kept
         raise TinyLLMError(f"--resume: the data {data!r} has changed since the run began")
     if not resume:
-        tokenizer = CharTokenizer.train(pairs_text(train_pairs + held_pairs), SEQ2SEQ_SPECIAL_TOKENS)
+        tokenizer = CharTokenizer.train(text, SEQ2SEQ_SPECIAL_TOKENS)
         model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
     model_config.validate()
     check_memory(2 * gpt_step_bytes(model_config, tc, gpt_param_count(model_config)),
