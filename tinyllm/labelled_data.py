@@ -153,17 +153,24 @@ def read_classification(path, text_column=None, label_column=None):
     return examples
 
 
+def _parse_json(text, path, line=None):
+    """json.loads with one-line errors naming the file and the line: `line` when `text` is one
+    line of a JSONL file, else the line the parser stopped at."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise TinyLLMError(f"{path}:{line or err.lineno}: malformed JSON ({err.msg})") from None
+    except RecursionError:
+        where = path if line is None else f"{path}:{line}"
+        raise TinyLLMError(f"{where}: JSON nested too deeply to be a record") from None
+
+
 def _jsonl_records(text, path):
     """(line number, dict) for each non-blank line of a JSONL text."""
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TinyLLMError(f"{path}:{number}: malformed JSON ({err.msg})") from None
-        except RecursionError:
-            raise TinyLLMError(f"{path}:{number}: JSON nested too deeply to be a record") from None
+        record = _parse_json(line, path, number)
         if not isinstance(record, dict):
             raise TinyLLMError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         yield number, record
@@ -202,12 +209,7 @@ def _json_array_records(text, path):
 
     Example: '[\n {"a": 1},\n {"a": 2}\n]' -> [(2, {"a": 1}), (3, {"a": 2})].
     """
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise TinyLLMError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
-    except RecursionError:
-        raise TinyLLMError(f"{path}: JSON nested too deeply to be a list of records") from None
+    items = _parse_json(text, path)
     decoder, numbered = json.JSONDecoder(), []
     pos, line = text.index("[") + 1, 1 + text.count("\n", 0, text.index("["))
     for item in items:  # the text is valid JSON: walk it again to find where each item starts
