@@ -85,6 +85,32 @@ def test_classify_end_to_end(base, tsv, tmp_path):
     assert below.exit_code == 1 and "--max-iters 5 is below the 6 steps" in below.output
 
 
+def test_texts_repeated_across_splits_are_counted(base, tsv, tmp_path):
+    # the val file repeats one training text and the test file two, one of them with another
+    # label and one with other case (not the same text); the rest are new
+    val = tmp_path / "val.tsv"
+    val.write_text("label\ttext\npos\tgood film number 3\nneg\tnew text\n", encoding="utf-8")
+    test = tmp_path / "test.tsv"
+    test.write_text("label\ttext\npos\tgood film number 4\npos\tbad film number 5 é\nneg\tGOOD FILM NUMBER 6\n"
+                    "neg\tsomething else\n", encoding="utf-8")
+    out = str(tmp_path / "run")
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--val-data",
+                  str(val), "--test-data", str(test), "--out", out] + FAST)
+    assert result.exit_code == 0, result.output
+    assert "note: 2 test and 1 val text(s) also occur word for word in the training" in result.output
+    report = json.load(open(os.path.join(out, "metrics.json")))
+    assert report["texts_also_in_train"] == {"val": 1, "test": 2}
+
+
+def test_an_unknown_label_is_named_with_the_file_it_is_in(base, tsv, tmp_path):
+    val, test = tmp_path / "val.tsv", tmp_path / "test.tsv"
+    val.write_text("label\ttext\nmaybe\tsome text\n", encoding="utf-8")
+    test.write_text("label\ttext\npos\tfine\n", encoding="utf-8")
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--val-data",
+                  str(val), "--test-data", str(test), "--out", str(tmp_path / "run")] + FAST)
+    assert result.exit_code == 1 and f"{val} (val): label 'maybe' is not one" in result.output
+
+
 def test_classify_head_only_keeps_the_body(base, tsv, tmp_path):
     out = str(tmp_path / "run")
     result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--out", out,

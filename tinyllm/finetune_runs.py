@@ -602,8 +602,9 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
         params, config, tokenizer = build_classifier(s, labels, log)
     # 4. encode
     sets, counts = {}, {"windowed": 0, "cut": 0, "fallback_characters": 0}
+    files = {"train": s.data, "val": s.val_data or s.data, "test": s.test_data or s.data}
     for name, split in (("train", train), ("val", val), ("test", test)):
-        where = f"{s.data or 'the embedded data'} ({name})"
+        where = f"{files[name] or 'the embedded data'} ({name})"
         windows, y, n = encode_classification(tokenizer, split, labels, config.block_size,
                                               s.max_windows, where,
                                               counted=n_read if name == "train" else None)
@@ -613,6 +614,12 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     log(f"data: {s.data or 'embedded docstring sentences by subject'}: {n_read} train{copies},"
         f" {len(val)} val, {len(test)} test; classes {shown_labels(labels)}")
     report_counts(counts, config.block_size, s.max_windows, log)
+    repeats = {name: texts_also_in(train[:n_read], split) for name, split in (("val", val),
+                                                                               ("test", test))}
+    if repeats["val"] or repeats["test"]:
+        log(f"note: {repeats['test']} test and {repeats['val']} val text(s) also occur word for"
+            " word in the training split (the data repeats records); a text trained on flatters"
+            " the accuracy measured on it")
     # 5. score before
     before = ckpt.meta["before"] if resume else classify_report(params, config, labels, sets)[0]
     log("accuracy before fine-tuning: " + format_accuracies(before))
@@ -651,12 +658,23 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
               "test_confusion_matrix": matrix.tolist(), "test_per_class": per_class,
               "windowed_texts": counts["windowed"], "cut_texts": counts["cut"],
               "fallback_characters": counts["fallback_characters"],
+              "texts_also_in_train": repeats,
               "iterations": state.iteration, "best_iter": best.iteration,
               "best_val_loss": best.val_loss, "train_seconds": round(seconds, 1)}
     write_report(out, report)
     log(f"best validation loss {best.val_loss:.4f} at iteration {best.iteration}: those weights"
         " are the run's result")
     return report
+
+
+def texts_also_in(train, split):
+    """How many texts of `split` occur word for word in `train`, both lists of (text, label).
+
+    A file that repeats a record can put its copies on both sides of a split. Example:
+    [("hi", "a"), ("yo", "b")], [("hi", "a"), ("hey", "a")] -> 1.
+    """
+    seen = {text for text, _ in train}
+    return sum(text in seen for text, _ in split)
 
 
 def report_counts(counts, block_size, max_windows, log):
