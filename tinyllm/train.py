@@ -127,15 +127,21 @@ def stack_batches(batches):
     return tuple(onp.concatenate(parts) for parts in zip(*batches))
 
 
-def train_step(value_and_grad, params, opt_state, batch, lr, tc, rng):
-    """One optimizer step: gradients, clipping, AdamW. Returns (params, opt_state, loss, norm).
+def clipped_adamw_step(params, grads, opt_state, lr, tc):
+    """Clipping and AdamW with tc's settings. Returns (params, opt_state, norm before clipping).
 
     Clipping scales all gradients by one factor; AdamW applies that factor as it reads them.
     """
-    loss, grads = value_and_grad(params, batch, rng)
     norm = global_norm(grads)
     params, opt_state = adamw_step(params, grads, opt_state, lr, tc.beta1, tc.beta2,
                                    tc.weight_decay, grad_scale=clip_scale(norm, tc.grad_clip))
+    return params, opt_state, norm
+
+
+def train_step(value_and_grad, params, opt_state, batch, lr, tc, rng):
+    """One optimizer step: gradients, clipping, AdamW. Returns (params, opt_state, loss, norm)."""
+    loss, grads = value_and_grad(params, batch, rng)
+    params, opt_state, norm = clipped_adamw_step(params, grads, opt_state, lr, tc)
     return params, opt_state, float(loss), norm
 
 
@@ -157,10 +163,7 @@ def accumulated_step(value_and_grad, params, opt_state, micro_batches, lr, tc, w
     buffer = world.allreduce_sum(buffer)
     buffer *= 1.0 / (count * world.size)
     flat_grads, loss = unpack(buffer, params)
-    grads = unflatten(flat_grads)
-    norm = global_norm(grads)
-    params, opt_state = adamw_step(params, grads, opt_state, lr, tc.beta1, tc.beta2,
-                                   tc.weight_decay, grad_scale=clip_scale(norm, tc.grad_clip))
+    params, opt_state, norm = clipped_adamw_step(params, unflatten(flat_grads), opt_state, lr, tc)
     return params, opt_state, loss, norm
 
 
