@@ -199,9 +199,11 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
 @click.option("--top-p", default=None, callback=probability_mass, type=float,
               help="Sample only from the smallest set of tokens with total probability >= p."
                    "  [default: off]")
-@click.option("--seed", default=None, callback=random_seed, type=int, help="Seed for sampling (default: random).")
+@click.option("--seed", default=None, callback=random_seed, type=int,
+              help="Seed for sampling.  [default: random]")
 @click.option("--stop", "stop_text", default=None,
-              help="Stop before this text if the model produces it.")
+              help="Stop before this text if the model produces it (taken literally: in bash, $'\\n'"
+                   " is a newline).  [default: none]")
 @click.option("--examples", default=None, type=click.Path(dir_okay=False),
               help="Task file (JSONL, see `tinyllm fewshot`): its first --shots records go before"
                    " the prompt as demonstrations, and the completion stops at the end of the"

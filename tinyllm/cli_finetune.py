@@ -28,9 +28,10 @@ def training_options(settings_cls):
         click.option("--data", default=None, type=click.Path(dir_okay=False),
                      help="Labelled data file (see the command's help).  [default: embedded set]"),
         click.option("--val-data", default=None, type=click.Path(dir_okay=False),
-                     help="Validation file; with --test-data replaces the random split."),
+                     help="Validation file; with --test-data replaces the random split."
+                          "  [default: none]"),
         click.option("--test-data", default=None, type=click.Path(dir_okay=False),
-                     help="Test file; with --val-data replaces the random split."),
+                     help="Test file; with --val-data replaces the random split.  [default: none]"),
         click.option("--checkpoint", default=None, type=click.Path(file_okay=False),
                      help="Pretrained run directory (`tinyllm pretrain`).  [default: none: random"
                           " init of the default pretraining architecture]"),
@@ -211,9 +212,12 @@ def finetune_instruct(out, resume, force, no_cache, **flags):
 @click.option("--checkpoint", default="runs/classify", type=click.Path(file_okay=False),
               help="Run directory written by `tinyllm finetune classify`.")
 @click.option("--data", default=None, type=click.Path(dir_okay=False),
-              help="Score a whole labelled file (.csv/.tsv/.jsonl/.json) and print its accuracy.")
-@click.option("--text-column", default=None, help="As for `finetune classify`.")
-@click.option("--label-column", default=None, help="As for `finetune classify`.")
+              help="Score a whole labelled file (.csv/.tsv/.jsonl/.json) and print its accuracy."
+                   "  [default: none: classify TEXT]")
+@click.option("--text-column", default=None,
+              help="As for `finetune classify`.  [default: 'text', or column 0 without a header]")
+@click.option("--label-column", default=None,
+              help="As for `finetune classify`.  [default: 'label', or column 1]")
 @click.argument("text", required=False)
 @user_errors
 def classify(checkpoint, data, text_column, label_column, text):

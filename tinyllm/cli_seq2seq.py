@@ -125,7 +125,7 @@ def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_em
               help="Run directory written by `tinyllm seq2seq train`.")
 @click.option("--data", default=None, type=click.Path(dir_okay=False),
               help="Score a PAIRS file (TSV or JSONL): translate every source, print exact match"
-                   " and corpus BLEU-4 against the targets.")
+                   " and corpus BLEU-4 against the targets.  [default: none: translate TEXTS]")
 @click.option("--beam-size", default=1, callback=positive,
               help="Beam width; 1 is greedy decoding.")
 @click.option("--length-penalty", default=0.6, callback=non_negative,
