@@ -33,5 +33,5 @@ def test_without_matplotlib_each_command_says_how_to_install_it(monkeypatch, tmp
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1, result.output
     assert result.output.strip().splitlines() == [
-        'Error: drawing needs matplotlib, which is not installed: pip install "tinyllm[plot]"']
+        'Error: drawing needs matplotlib, which is not installed: pip install matplotlib']
     assert not list(tmp_path.iterdir())  # nothing written

@@ -1,5 +1,5 @@
 """`tinyllm plot` and `tinyllm attention`: pictures of a run's loss curves and of what its heads
-attend to. Drawing needs the optional extra (`pip install "tinyllm[plot]"`); see tinyllm/plot.py.
+attend to. Drawing needs the optional `plot` extra (matplotlib); see tinyllm/plot.py.
 """
 
 import click

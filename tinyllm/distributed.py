@@ -61,7 +61,7 @@ MICRO_BATCH_TAG = 0x6D696372  # "micr": keeps micro-batch seeds apart from evalu
 # MPICH and Intel MPI (Hydra: PMI_*), Open MPI (OMPI_COMM_WORLD_*).
 SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
-INSTALL_HINT = 'pip install "tinyllm[mpi]"'
+INSTALL_HINT = "pip install mpi4py mpich"  # the mpi extra, named so (see plot.INSTALL_HINT)
 AGREE_SECONDS = 20.0  # how long ranks that fail before training wait for each other (a bad flag
 # fails on every rank within moments; a failure only one rank has then aborts the job)
 ABORT_PAUSE = 0.5  # seconds between a failing rank's one line and MPI_Abort (see `abort`)

@@ -1,7 +1,7 @@
 """Pictures: loss curves, attention heatmaps and the few-shot accuracy-by-k chart.
 
-Matplotlib is an optional extra (`pip install "tinyllm[plot]"`), so it is imported inside the
-drawing functions, never when `tinyllm` or another command is imported; `require_matplotlib`
+Matplotlib is optional (the `plot` extra, or `pip install matplotlib`), so it is imported inside
+the drawing functions, never when `tinyllm` or another command is imported; `require_matplotlib`
 turns its absence into a one-line error that says how to install it.
 
 We draw with matplotlib's object interface (`matplotlib.figure.Figure`) and never touch
@@ -22,7 +22,9 @@ import os
 from .errors import TinyLLMError
 from .fileio import atomic_write_bytes
 
-INSTALL_HINT = 'pip install "tinyllm[plot]"'
+# Names matplotlib itself: where tinyllm runs from a checkout (`python cli.py`), not an installed
+# copy, "tinyllm[plot]" would install whatever the package index calls tinyllm (not this project).
+INSTALL_HINT = "pip install matplotlib"
 FORMATS = ("png", "svg")
 # Suffixes of other picture formats: a file named so must not silently hold a PNG.
 OTHER_PICTURE_SUFFIXES = {"pdf", "ps", "eps", "jpg", "jpeg", "tif", "tiff", "gif", "webp", "bmp"}
