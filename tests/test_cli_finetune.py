@@ -177,6 +177,10 @@ def test_instruct_end_to_end_and_generate(base, instructions, tmp_path):
     gen = run(["generate", "--checkpoint", out, "--instruction", "reverse", "--input", "abc",
                "--temperature", "0", "--max-new-tokens", "5"])
     assert gen.exit_code == 0 and gen.output.startswith("Instruction: reverse\nInput: abc\nResponse: ")
+    unseen = run(["generate", "--checkpoint", out, "--instruction", "reverse", "--input", "aéé",
+                  "--max-new-tokens", "2"])  # é is not in the char tokenizer: read as <|unk|>
+    assert unseen.exit_code == 0 and unseen.stdout.startswith("Instruction: reverse\nInput: aéé\n")
+    assert unseen.stderr == "note: 2 character(s) the model never saw were read as <|unk|>\n"
 
     lora = str(tmp_path / "lora")
     result = run(["finetune", "instruct", "--checkpoint", base, "--data", instructions, "--out", lora,

@@ -228,7 +228,8 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed
         from .finetune_runs import generate_instruction
 
         click.echo(generate_instruction(checkpoint, instruction, input_text, max_new_tokens,
-                                        temperature, top_k, top_p, seed, use_cache=not no_cache))
+                                        temperature, top_k, top_p, seed, use_cache=not no_cache,
+                                        log=lambda line: click.echo(line, err=True)))
         return
     params, config, tokenizer = load_generator(checkpoint)  # a GPT, LoRA adapters merged if any
     if prompt:

@@ -962,9 +962,11 @@ def load_generator(checkpoint):
 
 
 def generate_instruction(checkpoint, instruction, input_text="", max_new_tokens=200,
-                         temperature=0.0, top_k=None, top_p=None, seed=None, use_cache=True):
+                         temperature=0.0, top_k=None, top_p=None, seed=None, use_cache=True,
+                         log=print):
     """The fine-tuning prompt for an instruction (and input) plus the model's response, which
-    ends at the end-of-text token (`tinyllm generate --instruction`)."""
+    ends at the end-of-text token (`tinyllm generate --instruction`). Characters a char model
+    never saw are read as its unknown token, and `log` is told how many."""
     from .generate import check_sampling_args, generate_ids
 
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
@@ -973,7 +975,9 @@ def generate_instruction(checkpoint, instruction, input_text="", max_new_tokens=
     params, config, tokenizer = load_generator(checkpoint)
     eot = tokenizer.special_tokens.get(EOT)
     prompt = format_prompt({"instruction": instruction, "input": input_text})
-    ids, _ = encode_with_fallback(tokenizer, prompt)
+    ids, missing = encode_with_fallback(tokenizer, prompt)
+    if missing:  # the prompt is echoed as typed: say what the model read instead
+        log(f"note: {missing} character(s) the model never saw were read as {UNK_TOKEN}")
     if len(ids) >= config.block_size:
         raise TinyLLMError(f"--instruction/--input: the prompt has {len(ids)} tokens, the model's"
                            f" context is {config.block_size}")
