@@ -9,8 +9,9 @@ which ones the suite catches.
 The working tree is never touched: the tree (tinyllm/, tests/, examples/, ...) is copied once into
 a temporary directory, and each mutant edits that copy, runs `python -m pytest -x -q` there, and
 puts the file back (tests/test_wiring.py and tests/test_overflow.py run first, as they catch most
-mutants fastest; tests/test_mutation_check.py, which checks the patterns, is left out). A mutant is *caught* if the suite fails (or runs past --timeout), *survived*
-if every test passes. The unmutated copy is run first and must pass, or nothing is reported.
+mutants fastest; tests/test_mutation_check.py, which checks the patterns, is left out). A mutant
+is *caught* if the suite fails (or runs past --timeout), *survived* if every test passes. The
+unmutated copy is run first and must pass, or nothing is reported.
 
 A mutant is a literal edit: `old` must occur exactly once in its file, so a mutant whose code has
 been rewritten is reported as "stale" (fix its pattern) rather than silently skipped. Each one is

@@ -91,13 +91,14 @@ def test_texts_repeated_across_splits_are_counted(base, tsv, tmp_path):
     val = tmp_path / "val.tsv"
     val.write_text("label\ttext\npos\tgood film number 3\nneg\tnew text\n", encoding="utf-8")
     test = tmp_path / "test.tsv"
-    test.write_text("label\ttext\npos\tgood film number 4\npos\tbad film number 5 é\nneg\tGOOD FILM NUMBER 6\n"
-                    "neg\tsomething else\n", encoding="utf-8")
+    test.write_text("label\ttext\npos\tgood film number 4\npos\tbad film number 5 é\n"
+                    "neg\tGOOD FILM NUMBER 6\nneg\tsomething else\n", encoding="utf-8")
     out = str(tmp_path / "run")
     result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--val-data",
                   str(val), "--test-data", str(test), "--out", out] + FAST)
     assert result.exit_code == 0, result.output
-    assert "note: 2 test and 1 val text(s) also occur word for word in the training" in result.output
+    note = "note: 2 test and 1 val text(s) also occur word for word in the training"
+    assert note in result.output
     report = json.load(open(os.path.join(out, "metrics.json")))
     assert report["texts_also_in_train"] == {"val": 1, "test": 2}
 

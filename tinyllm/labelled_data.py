@@ -44,8 +44,8 @@ SPLIT_INSTRUCT = (0.85, 0.05, 0.10)
 # ----------------------------------------------------------------------------- reading files
 
 
-def _read_lines(path):
-    """The lines of a UTF-8 text file (without line ends), with one-line errors."""
+def _read_text(path):
+    """The text of a UTF-8 data file (a byte-order mark dropped), with one-line errors."""
     if not os.path.isfile(path):
         raise TinyLLMError(f"data file {path!r} not found")
     with open(path, "rb") as f:
@@ -78,8 +78,9 @@ def _column(header, name, path, default_index):
     """Index of column `name` (a header name, or a 0-based position given as digits)."""
     if name is None:
         return default_index
-    if header is not None and _header_index(header, name) is not None:
-        return _header_index(header, name)
+    index = None if header is None else _header_index(header, name)
+    if index is not None:
+        return index
     if str(name).isdigit():
         return int(name)
     have = ", ".join(header) if header else "no header"
@@ -124,7 +125,7 @@ def read_classification(path, text_column=None, label_column=None):
     """Read (text, label) pairs from a .csv, .tsv, .jsonl or .json (an array) file; errors name
     file:line (or record)."""
     fmt = _format_of(path)
-    text = _read_lines(path)
+    text = _read_text(path)
     if fmt in ("jsonl", "json"):
         return [(_str_field(rec, text_column or "text", path, n),
                  _str_field(rec, label_column or "label", path, n))
@@ -229,7 +230,7 @@ def read_instructions(path):
     "instruction", "input" ("" when absent) and "output", and "line": where the record starts
     in the file (1-based). Errors name file:line."""
     fmt = _format_of(path)
-    text = _read_lines(path)
+    text = _read_text(path)
     if fmt not in ("jsonl", "json") and not text.lstrip().startswith("["):
         raise TinyLLMError(f"{path}: instruction data must be a JSON array or JSONL")
     numbered = _json_records(text, path)
