@@ -20,7 +20,7 @@ import numpy as onp
 
 from .checkpoint import load_checkpoint
 from .errors import TinyLLMError
-from .fileio import atomic_write_bytes, decode_utf8, open_regular, read_fd
+from .fileio import atomic_write_bytes, decode_utf8, open_regular, read_fd, split_lines
 from .finetune import make_windows, pool
 from .lora import merge_lora
 from .models import bidirectional_hidden, gpt_hidden
@@ -105,11 +105,7 @@ def read_lines(path):
         os.close(fd)
         raise TinyLLMError(f"--data {path!r} is {size:,} bytes, more than {MAX_LINES_BYTES:,}")
     text = decode_utf8(read_fd(fd, size, "data file", path), path)
-    # Lines end at "\n", "\r\n" or "\r" only, so that vector i is line i as an editor counts
-    # them: str.splitlines would also end one at U+2028, U+0085 or a form feed inside a text.
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    if lines[-1] == "":  # the file's last line ends with a line end, as it should
-        lines.pop()
+    lines = split_lines(text)  # so that vector i is line i as an editor counts them
     for number, line in enumerate(lines, 1):
         if not line.strip():
             raise TinyLLMError(f"{path}:{number}: empty line (embed reads one text per line)")

@@ -73,7 +73,7 @@ from .checkpoint import load_checkpoint
 from .data import load_corpus, train_val_split
 from .errors import TinyLLMError
 from .fewshot_template import build_prompt
-from .fileio import atomic_write_json, decode_utf8
+from .fileio import atomic_write_json, decode_utf8, split_lines
 from .generate import greedy_batch
 from .models import gpt_forward
 from .ops import log_softmax
@@ -168,8 +168,7 @@ def read_task(path):
         raise TinyLLMError(f"task file {path!r} not found")
     with open(path, "rb") as f:
         text = decode_utf8(f.read(), path)
-    # lines end at "\n" only: a JSON string may hold U+2028, which str.splitlines would cut at
-    return parse_task(text.split("\n"), path)
+    return parse_task(split_lines(text), path)
 
 
 def task_files(paths):

@@ -227,11 +227,28 @@ def decode_utf8(data, path, drop_bom=True):
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        column = err.start - data.rfind(b"\n", 0, err.start)
+        before = data[:err.start]  # line ends as split_lines counts them: \n, \r\n or \r
+        line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
+        column = err.start - max(before.rfind(b"\n"), before.rfind(b"\r"))
         raise TinyLLMError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at"
                            f" column {column}); save the file as UTF-8") from None
     return text[1:] if drop_bom and text.startswith("\ufeff") else text
+
+
+def split_lines(text):
+    """The lines of a text as an editor counts them: a line ends at "\\n", "\\r\\n" or "\\r" only,
+    and a line end at the very end does not start another, empty, line.
+
+    str.splitlines would also end a line at U+2028, U+0085, a form feed and other separators that
+    real records hold inside one text (a comment, a JSON string), and so cut a record in two.
+    Every reader of line-per-record files uses this, so that line N is the same line everywhere.
+
+    Example: "a\\r\\nb\\u2028c\\rd\\n" -> ["a", "b\\u2028c", "d"]
+    """
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def read_run_file(run_dir, name, max_bytes, what):

@@ -34,7 +34,7 @@ import numpy as onp
 from .data import (file_docstrings, module_name, prose_paragraphs, stdlib_docstrings_corpus,
                    stdlib_functions, stdlib_python_files)
 from .errors import TinyLLMError
-from .fileio import decode_utf8
+from .fileio import decode_utf8, split_lines
 
 UNK_TOKEN = "<|unk|>"  # the char tokenizer's fallback token, added at fine-tuning time
 SPLIT_CLASSIFY = (0.7, 0.1, 0.2)  # train / validation / test
@@ -92,8 +92,7 @@ def _rows_tsv(text):
 
     Example: 'ham\\tSay "hi", ok' -> ['ham', 'Say "hi", ok'] (quotes are kept as they are).
     """
-    for number, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r")
+    for number, line in enumerate(split_lines(text), start=1):
         if line.strip():
             yield number, line.split("\t", 1)
 
@@ -101,8 +100,7 @@ def _rows_tsv(text):
 def _rows_csv(text, path):
     """(line number, fields) for each non-blank record of a CSV text.
 
-    Lines end at "\\n", "\\r\\n" or "\\r" only: str.splitlines would also end one at U+2028,
-    U+0085 or a form feed, which real comments contain, and cut their row in two. Quoting is
+    Lines end as in fileio.split_lines (the csv module's own rule is the same). Quoting is
     strict: a lone double quote would otherwise open a field that swallows the rows after it.
     """
     # csv refuses a field over 128 KiB; a long text is data, so lift that while reading this one
@@ -168,7 +166,7 @@ def _parse_json(text, path, line=None):
 
 def _jsonl_records(text, path):
     """(line number, dict) for each non-blank line of a JSONL text."""
-    for number, line in enumerate(text.split("\n"), start=1):
+    for number, line in enumerate(split_lines(text), start=1):
         if not line.strip():
             continue
         record = _parse_json(line, path, number)

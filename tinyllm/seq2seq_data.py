@@ -26,6 +26,7 @@ import numpy as onp
 
 from .data import read_text_file
 from .errors import TinyLLMError
+from .fileio import split_lines
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SEQ2SEQ_SPECIAL_TOKENS = (PAD, BOS, EOS)
@@ -52,8 +53,7 @@ def read_pairs(path, min_pairs=1):
     text = read_text_file(path).removeprefix("\ufeff")
     jsonl = path.lower().endswith((".jsonl", ".json"))
     pairs = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r")
+    for number, line in enumerate(split_lines(text), start=1):
         if not line.strip():
             continue
         where = f"{path} line {number}"
