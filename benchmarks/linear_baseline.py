@@ -3,9 +3,9 @@
 A yardstick for fine-tuning on a labelled file of yours: what a linear classifier over TF-IDF
 features gets on the same train and test texts as `tinyllm finetune classify --seed S`: the splits
 come from the function that command uses (`finetune_runs.load_classification_splits`: 70/10/20 by
-the seed, or --val-data and --test-data as given; --balance first if asked). The linear models
-train on the training split only, as the transformer does, and are scored on the test split. Four
-models, each a scikit-learn pipeline:
+the seed, or --val-data and --test-data as given; --dedupe and --balance first if asked). The
+linear models train on the training split only, as the transformer does, and are scored on the
+test split. Four models, each a scikit-learn pipeline:
 
 - word-lr: lower-cased words and word pairs, logistic regression (C = 10);
 - char-lr: character 2- to 5-grams inside word boundaries, logistic regression (C = 10);
@@ -64,6 +64,7 @@ def main():
     parser.add_argument("--test-data", default=None,
                         help="as in finetune classify (with --val-data)")
     parser.add_argument("--balance", action="store_true", help="as in finetune classify")
+    parser.add_argument("--dedupe", action="store_true", help="as in finetune classify")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
                         help="the --seed of each split to score (default: 1 2 3)")
     args = parser.parse_args()
@@ -72,7 +73,8 @@ def main():
         for seed in args.seeds:
             settings = ClassifySettings(data=args.data, text_column=args.text_column,
                                         label_column=args.label_column, val_data=args.val_data,
-                                        test_data=args.test_data, balance=args.balance, seed=seed)
+                                        test_data=args.test_data, balance=args.balance,
+                                        dedupe=args.dedupe, seed=seed)
             splits[seed] = load_classification_splits(settings.validate())
     except TinyLLMError as error:
         sys.exit(f"Error: {error}")
@@ -84,7 +86,7 @@ def main():
     for name, make in pipelines.items():
         accuracies = []
         for seed in args.seeds:
-            train, _, test = splits[seed]
+            train, test = splits[seed].train, splits[seed].test
             model = make().fit([text for text, _ in train], [label for _, label in train])
             predicted = model.predict([text for text, _ in test])
             accuracies.append(float(np.mean(predicted == np.array([label for _, label in test]))))

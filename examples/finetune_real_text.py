@@ -76,7 +76,7 @@ def paired_gap(pretrained, random_init):
 def classify(args, out):
     nb = []
     for seed in args.seeds:
-        train, val, test = load_classification_splits(ClassifySettings(data=args.data, seed=seed))
+        train, val, test, _ = load_classification_splits(ClassifySettings(data=args.data, seed=seed))
         nb.append(naive_bayes_accuracy(train + val, test))
         print(f" naive Bayes, seed {seed}: test accuracy {nb[-1]:.3f}")
     means, accuracies = {"naive Bayes": sum(nb) / len(nb)}, {}

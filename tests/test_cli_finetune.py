@@ -103,6 +103,35 @@ def test_texts_repeated_across_splits_are_counted(base, tsv, tmp_path):
     assert report["texts_also_in_train"] == {"val": 1, "test": 2}
 
 
+def test_dedupe_drops_repeats_before_the_split_and_across_given_files(base, tsv, tmp_path):
+    # --data with each of 61 texts twice, the copy with the other label: 61 dropped, none
+    # straddles the split
+    doubled = tmp_path / "doubled.tsv"
+    rows = open(tsv, encoding="utf-8").read().splitlines()
+    flipped = [("neg" if r.startswith("pos") else "pos") + r[3:] for r in rows[1:]]
+    doubled.write_text("\n".join(rows + flipped) + "\n", encoding="utf-8")
+    out = str(tmp_path / "run")
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", str(doubled), "--out",
+                  out, "--dedupe"] + FAST)
+    assert result.exit_code == 0, result.output
+    assert "--dedupe: dropped 61 record(s)" in result.output and "also occur" not in result.output
+    report = json.load(open(os.path.join(out, "metrics.json")))
+    assert report["repeats_dropped"] == 61
+    assert sum(report["examples"].values()) - report["case_copies"] == 61
+    assert report["texts_also_in_train"] == {"val": 0, "test": 0}
+    # given files: a val text in training goes, a test text in training or val goes
+    val, test = tmp_path / "val.tsv", tmp_path / "test.tsv"
+    val.write_text("label\ttext\npos\tgood film number 3\nneg\tnew text\n", encoding="utf-8")
+    test.write_text("label\ttext\nneg\tnew text\npos\tgood film number 4\nneg\tother\n",
+                    encoding="utf-8")
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--val-data",
+                  str(val), "--test-data", str(test), "--out", out, "--force", "--dedupe"] + FAST)
+    assert result.exit_code == 0, result.output
+    report = json.load(open(os.path.join(out, "metrics.json")))
+    assert report["repeats_dropped"] == 3
+    assert (report["examples"]["val"], report["examples"]["test"]) == (1, 1)
+
+
 def test_an_unknown_label_is_named_with_the_file_it_is_in(base, tsv, tmp_path):
     val, test = tmp_path / "val.tsv", tmp_path / "test.tsv"
     val.write_text("label\ttext\nmaybe\tsome text\n", encoding="utf-8")
@@ -300,15 +329,17 @@ def test_classify_trains_on_case_copies_of_the_training_texts_only(base, tsv, tm
     assert report["case_copies"] == 0 and report["examples"]["train"] == n
 
 
-def test_resuming_a_run_from_before_case_copies_trains_without_them(base, tsv, tmp_path):
+def test_resuming_a_run_from_before_case_copies_and_dedupe_trains_without_them(base, tsv,
+                                                                                tmp_path):
     out = tmp_path / "old"
     result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--out", str(out),
                   "--no-case-copies"] + FAST)
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    del meta["finetune"]["case_copies"]  # as a run made before the setting
+    del meta["finetune"]["case_copies"], meta["finetune"]["dedupe"]  # as a run made before them
     (out / "config.json").write_text(json.dumps(meta), encoding="utf-8")
     result = run(["finetune", "classify", "--out", str(out), "--resume", "--max-iters", "6"])
     assert result.exit_code == 0, result.output
     assert "case copies" not in result.output
     assert json.load(open(out / "metrics.json"))["case_copies"] == 0
+    assert json.load(open(out / "metrics.json"))["repeats_dropped"] == 0

@@ -15,7 +15,7 @@ from tinyllm.labelled_data import (SUBJECT_MODULES, UNK_TOKEN, balance,
                                    default_classification_data, default_instruction_data,
                                    encode_with_fallback, first_sentence, label_ids,
                                    read_classification, read_instructions, split_three,
-                                   with_case_copies, with_unknown_token)
+                                   with_case_copies, with_unknown_token, without_repeats)
 from tinyllm.tokenizers import BPETokenizer, CharTokenizer
 
 
@@ -228,6 +228,12 @@ def test_python_docs_instructions_are_ordinary_requests_with_short_answers():
     assert firsts and all(r["input"].startswith(r["output"]) for r in firsts)
     assert first_sentence("Return the sum. It is an int.") == "Return the sum."
     assert sentences("A b. C d. E.") == ["A b.", "C d.", "E."]
+
+
+def test_without_repeats_worked_example():
+    examples = [("hi", "a"), ("yo", "b"), ("hi", "b"), ("Hi", "a")]
+    assert without_repeats(examples) == ([("hi", "a"), ("yo", "b"), ("Hi", "a")], 1)
+    assert without_repeats(examples, earlier=[("yo", "a")]) == ([("hi", "a"), ("Hi", "a")], 2)
 
 
 def test_case_copies_worked_example():

@@ -131,6 +131,11 @@ def finetune():
                    " last N blocks, final norm and head train).")
 @click.option("--balance", is_flag=True,
               help="Downsample larger classes to the size of the smallest.")
+@click.option("--dedupe", is_flag=True,
+              help="Keep only the first record of each text (word for word), before the split;"
+                   " a --val-data or --test-data text also in an earlier file is dropped."
+                   " Without it, a repeated record can be both trained on and tested on (the"
+                   " run notes how many).")
 @click.option("--case-copies/--no-case-copies", default=ClassifySettings.case_copies,
               help="Train on every training text also in upper and in lower case, with its"
                    " label (validation and test texts stay as they are): real messages mix"

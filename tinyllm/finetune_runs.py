@@ -38,7 +38,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, fields, replace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as onp
 
@@ -56,7 +56,8 @@ from .generate import greedy_batch
 from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
                             default_classification_data, default_instruction_data,
                             encode_with_fallback, label_ids, read_classification,
-                            read_instructions, split_three, with_case_copies, with_unknown_token)
+                            read_instructions, split_three, with_case_copies, with_unknown_token,
+                            without_repeats)
 from .lora import LoRAGPTConfig, apply_lora, init_lora, merge_lora
 from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init
@@ -138,11 +139,12 @@ def _check(ok, message, value):
 class ClassifySettings(FinetuneSettings):
     """`tinyllm finetune classify`: defaults chosen on real short texts (see the README)."""
 
-    BEFORE_THEY_EXISTED = {"case_copies": False}
+    BEFORE_THEY_EXISTED = {"case_copies": False, "dedupe": False}
 
     text_column: Optional[str] = None  # CSV/TSV column of the text; None: "text" or column 0
     label_column: Optional[str] = None  # None: "label" or column 1
     balance: bool = False  # downsample the larger classes to the smallest
+    dedupe: bool = False  # keep only the first record of each text (labelled_data.without_repeats)
     case_copies: bool = True  # train on every training text also in upper and in lower case
     # (`labelled_data.with_case_copies`): real short messages mix cases freely, and a tokenizer
     # trained on edited prose reads capitals as rare fragments (see the README)
@@ -442,20 +444,37 @@ def finish_with_best(out_dir, whole_best, state, paths, save_full, best):
 # ----------------------------------------------------------------------------- classification
 
 
+class ClassificationSplits(NamedTuple):
+    train: list  # of (text, label)
+    val: list
+    test: list
+    repeats_dropped: int  # records --dedupe dropped (0 without it)
+
+
 def load_classification_splits(s):
-    """(train, val, test) lists of (text, label), from files or the embedded default."""
+    """Train, val and test lists of (text, label), from files or the embedded default.
+
+    With --dedupe, repeats go before the split: a text is kept once in --data, and a text of
+    --val-data or --test-data already in an earlier file is dropped from it."""
     examples = (read_classification(s.data, s.text_column, s.label_column) if s.data
                 else default_classification_data())
+    dropped = 0
+    if s.dedupe:
+        examples, dropped = without_repeats(examples)
     if s.balance:
         examples = balance(examples, s.seed)
     if s.val_data:
         train = examples
         val = read_classification(s.val_data, s.text_column, s.label_column)
         test = read_classification(s.test_data, s.text_column, s.label_column)
+        if s.dedupe:
+            (val, in_val), (test, in_test) = (without_repeats(val, train),
+                                              without_repeats(test, train + val))
+            dropped += in_val + in_test
     else:
         train, val, test = split_three(examples, SPLIT_CLASSIFY, s.seed)
     _check_splits(s.data, train, val, test)
-    return train, val, test
+    return ClassificationSplits(train, val, test, dropped)
 
 
 def encode_classification(tokenizer, examples, labels, block_size, max_windows, where,
@@ -590,7 +609,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     # 2. data (a resumed run's files are checked against their sha256 before they are parsed)
     if resume:
         check_data_unchanged(ckpt, s)
-    train, val, test = load_classification_splits(s)
+    train, val, test, dropped = load_classification_splits(s)
     n_read = len(train)
     if s.case_copies:
         train = with_case_copies(train)
@@ -616,10 +635,12 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     report_counts(counts, config.block_size, s.max_windows, log)
     repeats = {name: texts_also_in(train[:n_read], split) for name, split in (("val", val),
                                                                                ("test", test))}
+    if dropped:
+        log(f"--dedupe: dropped {dropped} record(s) whose text an earlier record has")
     if repeats["val"] or repeats["test"]:
         log(f"note: {repeats['test']} test and {repeats['val']} val text(s) also occur word for"
             " word in the training split (the data repeats records); a text trained on flatters"
-            " the accuracy measured on it")
+            " the accuracy measured on it (--dedupe drops repeats)")
     # 5. score before
     before = ckpt.meta["before"] if resume else classify_report(params, config, labels, sets)[0]
     log("accuracy before fine-tuning: " + format_accuracies(before))
@@ -658,7 +679,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
               "test_confusion_matrix": matrix.tolist(), "test_per_class": per_class,
               "windowed_texts": counts["windowed"], "cut_texts": counts["cut"],
               "fallback_characters": counts["fallback_characters"],
-              "texts_also_in_train": repeats,
+              "texts_also_in_train": repeats, "repeats_dropped": dropped,
               "iterations": state.iteration, "best_iter": best.iteration,
               "best_val_loss": best.val_loss, "train_seconds": round(seconds, 1)}
     write_report(out, report)

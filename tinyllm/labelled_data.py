@@ -301,6 +301,22 @@ def balance(examples, seed):
     return [examples[i] for i in keep]
 
 
+def without_repeats(examples, earlier=()):
+    """The examples whose text occurs neither in `earlier` nor in an example before it (word for
+    word; the first record of a text is kept, whatever its label), and how many were dropped.
+
+    A file that repeats a record can put one copy in training and another in the test split,
+    where the model is then scored on a text it has learned. Example: [("hi", "a"), ("yo", "b"),
+    ("hi", "b")], earlier=[("yo", "a")] -> ([("hi", "a")], 2).
+    """
+    seen, kept = {text for text, _ in earlier}, []
+    for text, label in examples:
+        if text not in seen:
+            seen.add(text)
+            kept.append((text, label))
+    return kept, len(examples) - len(kept)
+
+
 # ----------------------------------------------------------------------------- char fallback
 
 
