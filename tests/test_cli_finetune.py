@@ -74,6 +74,7 @@ def test_classify_end_to_end(base, tsv, tmp_path):
     assert len(probs) == 2 and sum(probs) == pytest.approx(1.0, abs=2e-3)
     whole = run(["classify", "--checkpoint", out, "--data", tsv])
     assert whole.exit_code == 0 and "61 examples" in whole.output and "accuracy" in whole.output
+    assert "texts scored: 61/61" in whole.stderr  # progress, on stderr
 
     resumed = run(["finetune", "classify", "--out", out, "--resume", "--max-iters", "6",
                    "--freeze", "all"])

@@ -170,16 +170,23 @@ def predict_proba(params, ids, valid, config, batch_size=64):
     return predict_windows(params, windows, config, batch_size)
 
 
-def predict_windows(params, windows, config, batch_size=64):
+def predict_windows(params, windows, config, batch_size=64, on_batch=None):
     """Class probabilities (N, K) for N windowed texts (see `Windows`), `batch_size` texts at a
-    time, without gradients."""
-    out = []
+    time, without gradients; on_batch(texts done), if given, after each batch.
+
+    The texts go through longest first: a batch is cut to its longest window, so one long text
+    among short ones would make every row pay for its length (sorted, scoring 1,500 comments
+    was 6.6 times faster). The rows come back in the texts' own order."""
+    probs = onp.zeros((windows.n_texts, config.n_classes), "float32")
+    longest_first = onp.argsort(-windows.valid[windows.first].sum(axis=1), kind="stable")
     for start in range(0, windows.n_texts, batch_size):
-        ids, valid, assign = windows.batch(onp.arange(start, min(start + batch_size,
-                                                                  windows.n_texts)))
+        texts = longest_first[start:start + batch_size]  # a text's first window is its longest
+        ids, valid, assign = windows.batch(texts)
         logits = onp.asarray(classifier_logits(params, ids, valid, config, assign=assign))
-        out.append(softmax(logits, axis=1))  # (B, K)
-    return onp.concatenate(out) if out else onp.zeros((0, config.n_classes), "float32")
+        probs[texts] = softmax(logits, axis=1)  # (B, K)
+        if on_batch:
+            on_batch(start + len(texts))
+    return probs
 
 
 # ----------------------------------------------------------------------------- freezing

@@ -61,6 +61,7 @@ from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
 from .lora import LoRAGPTConfig, apply_lora, init_lora, merge_lora
 from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init
+from .progress import Counting
 from .train import (SPECIAL_TOKENS, Committed, check_memory, check_resumed_total, check_same_ranks,
                     gpt_param_count, gpt_step_bytes, prepare_out_dir, read_metrics, start_out_dir,
                     train_loop, truncate_metrics)
@@ -521,9 +522,9 @@ def shown_labels(labels, most=10):
     return shown if len(labels) <= most else f"{shown}, ... ({len(labels)} classes)"
 
 
-def accuracy(params, config, windows, y):
+def accuracy(params, config, windows, y, on_batch=None):
     """Fraction of texts whose most likely class is the true one, and the predictions."""
-    pred = predict_windows(params, windows, config).argmax(axis=1)
+    pred = predict_windows(params, windows, config, on_batch=on_batch).argmax(axis=1)
     return float((pred == y).mean()) if len(y) else 0.0, pred
 
 
@@ -757,12 +758,16 @@ def classify_texts(params, config, tokenizer, texts, max_windows=ClassifySetting
     return predict_windows(params, windows, config)
 
 
-def score_file(params, config, tokenizer, labels, data, text_column, label_column, max_windows):
-    """`tinyllm classify --data FILE`: accuracy, confusion matrix and counts of a labelled file."""
+def score_file(params, config, tokenizer, labels, data, text_column, label_column, max_windows,
+               stream=None):
+    """`tinyllm classify --data FILE`: accuracy, confusion matrix and counts of a labelled file;
+    how many texts are scored so far goes to `stream` (default stderr)."""
     examples = read_classification(data, text_column, label_column)
     windows, y, counts = encode_classification(tokenizer, examples, labels, config.block_size,
                                                max_windows, data)
-    acc, pred = accuracy(params, config, windows, y)
+    progress = Counting(len(y), "texts scored", stream)
+    acc, pred = accuracy(params, config, windows, y, on_batch=progress.update)
+    progress.close()
     return {"examples": len(y), "accuracy": acc,
             "confusion_matrix": confusion_matrix(y, pred, len(labels)), **counts}
 
