@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from tinyllm.checkpoint import MODEL_KINDS, checkpoint_paths, load_checkpoint, save_checkpoint
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
+from tinyllm import tokenizers
 from tinyllm.errors import TinyLLMError
 from tinyllm.fileio import atomic_save_npz
 from tinyllm.optim import adamw_init
@@ -341,6 +342,30 @@ def test_merges_that_build_giant_tokens_are_refused(tmp_path, opened):
     data["special_tokens"] = {}
     open(path, "w", encoding="utf-8").write(json.dumps(data))
     assert "longer than" in load_error(run, opened)
+
+
+def test_many_long_tokens_are_refused_before_they_are_built(tmp_path, opened):
+    """Each merge may make a token of up to 64 kB: 60,000 of them (a 700 kB file) ask for 4 GB."""
+    run = make_run(tmp_path / "bpe", BPETokenizer.train(TEXT, 260))
+    path = checkpoint_paths(str(run))["tokenizer"]
+    data = json.loads(open(path, encoding="utf-8").read())
+    data["merges"] = [[97, 97]] + [[256 + i, 256 + i] for i in range(14)]  # a 32 kB token
+    data["merges"] += [[270, 270]] * 60_000
+    data["special_tokens"] = {}
+    open(path, "w", encoding="utf-8").write(json.dumps(data))
+    assert "bytes together" in load_error(run, opened)
+
+
+def test_a_tokenizer_with_too_many_ids_is_refused_before_it_is_built(tmp_path, opened,
+                                                                     monkeypatch):
+    """A 64 MB file holds 11M merges [0, 0], which took 2.6 GB and 17 s to build."""
+    monkeypatch.setattr(tokenizers, "MAX_VOCAB_SIZE", 1000)  # the same check, at a test's size
+    run = make_run(tmp_path / "bpe", BPETokenizer.train(TEXT, 260))
+    path = checkpoint_paths(str(run))["tokenizer"]
+    data = json.loads(open(path, encoding="utf-8").read())
+    data["merges"], data["special_tokens"] = [[0, 0]] * 1000, {}
+    open(path, "w", encoding="utf-8").write(json.dumps(data))
+    assert "ids, more than" in load_error(run, opened)
 
 
 def test_a_version_1_bpe_file_with_the_package_pattern_still_loads(tmp_path, opened):
