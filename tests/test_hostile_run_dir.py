@@ -9,6 +9,7 @@ the Python installation's own files.
 
 import json
 import os
+import struct
 import sys
 import zipfile
 
@@ -314,6 +315,21 @@ def test_an_array_declaring_more_data_than_it_holds_is_refused(run_dir, opened):
             onp.lib.format.write_array_header_1_0(f, header)
             f.write(b"\0" * 64)
     assert "declares more data" in load_error(run_dir, opened)
+
+
+def test_a_member_whose_size_in_the_zip_directory_lies_is_refused(run_dir, opened):
+    """numpy allocates the whole array before reading it: a 6 kB file whose directory claims a
+    4 GB member, with a header to match, made it ask for 4 GB (a MemoryError under a limit)."""
+    path = checkpoint_paths(str(run_dir))["model"]
+    with zipfile.ZipFile(path, "a") as archive:
+        header = {"descr": "<f4", "fortran_order": False, "shape": ((1 << 30) - 1000,)}
+        with archive.open("big.npy", "w") as f:
+            onp.lib.format.write_array_header_1_0(f, header)
+    data = bytearray(open(path, "rb").read())
+    entry = data.rindex(b"PK\x01\x02")  # the directory entry of big.npy, the last member
+    data[entry + 20:entry + 28] = struct.pack("<II", 0xFFFFFFF0, 0xFFFFFFF0)  # both its sizes
+    open(path, "wb").write(bytes(data))
+    assert "claims more bytes than the file has" in load_error(run_dir, opened)
 
 
 def test_a_compressed_member_is_refused(run_dir, opened):

@@ -340,7 +340,7 @@ def read_npz(run_dir, name):
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             for info in archive.infolist():
-                _check_member(archive, info, path)
+                _check_member(archive, info, path, len(data))
         with onp.load(io.BytesIO(data), allow_pickle=False) as arrays:
             return {key: arrays[key] for key in arrays.files}
     except TinyLLMError:
@@ -350,11 +350,18 @@ def read_npz(run_dir, name):
                            f" ({type(err).__name__})") from None
 
 
-def _check_member(archive, info, path):
-    """One .npy member of an .npz: stored (not compressed), numeric, no more data than it holds."""
+def _check_member(archive, info, path, archive_bytes):
+    """One .npy member of an .npz: stored (not compressed), numeric, no more data than it holds.
+
+    The member's size comes from the archive's directory, which may lie: numpy allocates the
+    whole array before reading, so a stored member may not claim more bytes than the archive has.
+    """
     if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
         raise TinyLLMError(f"checkpoint file {path} has a member tinyllm does not write"
                            f" ({info.filename[:60]!r}: compressed or not .npy)")
+    if info.file_size > archive_bytes:
+        raise TinyLLMError(f"checkpoint file {path}: {info.filename[:60]!r} claims more bytes than"
+                           " the file has (truncated or corrupted)")
     with archive.open(info) as f:
         version = onp.lib.format.read_magic(f)
         read_header = (onp.lib.format.read_array_header_1_0 if version == (1, 0)
