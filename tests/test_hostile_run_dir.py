@@ -9,6 +9,7 @@ the Python installation's own files.
 
 import json
 import os
+import struct
 import sys
 import zipfile
 
@@ -16,12 +17,12 @@ import numpy as onp
 import pytest
 from click.testing import CliRunner
 
-from tinyllm.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
+from tinyllm.checkpoint import MODEL_KINDS, checkpoint_paths, load_checkpoint, save_checkpoint
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
+from tinyllm import tokenizers
 from tinyllm.errors import TinyLLMError
 from tinyllm.fileio import atomic_save_npz
-from tinyllm.models import init_gpt
 from tinyllm.optim import adamw_init
 from tinyllm.tokenizers import BPETokenizer, CharTokenizer
 from tinyllm.train import text_fingerprint
@@ -58,15 +59,16 @@ def outside(paths, run_dir):
             if p != run_dir and not p.startswith(allowed) and not p.startswith(project)]
 
 
-def make_run(run_dir, tokenizer=None, iteration=3):
+def make_run(run_dir, tokenizer=None, iteration=3, kind="gpt"):
     tokenizer = tokenizer or CharTokenizer.train(TEXT, special_tokens=["<|endoftext|>"])
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=8, n_layer=1, n_head=2,
-                       n_embd=8)
-    params = init_gpt(config, onp.random.default_rng(0))
+    config_cls, init_fn = MODEL_KINDS[kind]
+    config = config_cls(vocab_size=tokenizer.vocab_size, block_size=8, n_layer=1, n_head=2,
+                        n_embd=8)
+    params = init_fn(config, onp.random.default_rng(0))
     save_checkpoint(str(run_dir), params, adamw_init(params),
                     onp.random.default_rng(1).bit_generator.state, config,
                     TrainConfig(max_iters=10), tokenizer, iteration,
-                    extra={"data": None, "last_eval_iter": iteration})
+                    extra={"data": None, "last_eval_iter": iteration}, kind=kind)
     return run_dir
 
 
@@ -86,7 +88,7 @@ def edit_config(run_dir, **changes):
 
 def load_error(run_dir, opened, with_optimizer=True):
     with pytest.raises(TinyLLMError) as err:
-        load_checkpoint(str(run_dir), with_optimizer=with_optimizer)
+        load_checkpoint(str(run_dir), with_optimizer=with_optimizer, kind=None)
     message = str(err.value)
     assert "\n" not in message and "TOP SECRET" not in message
     assert outside(opened, run_dir) == []
@@ -185,6 +187,53 @@ def test_a_config_describing_a_huge_model_is_refused_before_allocating(run_dir, 
     assert "too few for the model" in load_error(run_dir, opened)
 
 
+@pytest.mark.parametrize("kind, changes", [
+    ("gpt", {"block_size": 10**9}),  # learned positions (T, C): 32 GB
+    ("classifier", {"n_classes": 10**9}),  # the head (C, K)
+    ("gpt-lora", {"lora_rank": 10**9}),  # adapters (C, r)
+    ("gpt", {"n_layer": 20_000, "n_embd": 2, "n_head": 1}),  # 20,000 blocks of tiny arrays
+])
+def test_every_size_in_the_config_is_checked_against_the_weights(tmp_path, opened, kind, changes):
+    run = make_run(tmp_path / kind, kind=kind)
+    model_file = checkpoint_paths(str(run))["model"]
+    rewrite_npz(model_file, lambda a: a.__setitem__("padding", onp.zeros(1 << 20, onp.float32)))
+    meta = json.loads((run / "config.json").read_text())
+    edit_config(run, model={**meta["model"], **changes})
+    assert "too few for the model" in load_error(run, opened, with_optimizer=False)
+
+
+def test_a_lora_run_of_rank_zero_is_refused(tmp_path, opened):
+    """Merging adapters scales them by alpha / rank: rank 0 must not reach the division."""
+    run = make_run(tmp_path / "lora", kind="gpt-lora")
+    meta = json.loads((run / "config.json").read_text())
+    edit_config(run, model={**meta["model"], "lora_rank": 0})
+
+    def zero_rank(arrays):
+        for name in [n for n in arrays if n.startswith("lora.")]:
+            rows, cols = arrays[name].shape
+            arrays[name] = onp.zeros((rows, 0) if name.endswith(".a") else (0, cols), onp.float32)
+
+    rewrite_npz(checkpoint_paths(str(run))["model"], zero_rank)
+    assert "lora_rank" in load_error(run, opened, with_optimizer=False)
+
+
+@pytest.mark.parametrize("field, value", [("seed", -1),  # numpy refuses a negative seed
+                                          ("max_iters", 1 << 64)])  # steps are saved as int64
+def test_whole_numbers_must_fit_an_int64_and_not_be_negative(run_dir, opened, field, value):
+    meta = json.loads((run_dir / "config.json").read_text())
+    edit_config(run_dir, train={**meta["train"], field: value})
+    assert field in load_error(run_dir, opened)
+
+
+def test_a_step_beyond_int64_is_refused(run_dir, opened):
+    """Stamped as uint64 it matches, but the next save writes the step as int64 (OverflowError)."""
+    for role in ("model", "optim"):
+        rewrite_npz(checkpoint_paths(str(run_dir))[role],
+                    lambda a: a.__setitem__("_iter", onp.array(1 << 63, onp.uint64)))
+    edit_config(run_dir, iter=1 << 63)
+    assert "iter" in load_error(run_dir, opened)
+
+
 def test_training_settings_are_validated(run_dir, opened):
     meta = json.loads((run_dir / "config.json").read_text())
     edit_config(run_dir, train={**meta["train"], "eval_interval": 0})
@@ -225,6 +274,10 @@ def test_weights_of_an_unexpected_dtype_are_refused(run_dir, opened):
      ["rng_state"]),
     (lambda a: a.__setitem__("rng_state", onp.zeros(3, onp.float32)), ["rng_state"]),
     (lambda a: a.__setitem__("extra", onp.zeros(3, onp.float32)), ["extra"]),
+    (lambda a: a.__setitem__("step", onp.array(1 << 64 - 1, onp.uint64)), ["step"]),
+    (lambda a: a.__setitem__("rng_state", onp.frombuffer(json.dumps(
+        {"bit_generator": "PCG64", "state": {"state": 1 << 300, "inc": 1}, "has_uint32": 0,
+         "uinteger": 0}).encode(), onp.uint8)), ["rng_state"]),
 ])
 def test_wrong_optimizer_fields_are_named(run_dir, opened, change, words):
     rewrite_npz(checkpoint_paths(str(run_dir))["optim"], change)
@@ -264,6 +317,21 @@ def test_an_array_declaring_more_data_than_it_holds_is_refused(run_dir, opened):
     assert "declares more data" in load_error(run_dir, opened)
 
 
+def test_a_member_whose_size_in_the_zip_directory_lies_is_refused(run_dir, opened):
+    """numpy allocates the whole array before reading it: a 6 kB file whose directory claims a
+    4 GB member, with a header to match, made it ask for 4 GB (a MemoryError under a limit)."""
+    path = checkpoint_paths(str(run_dir))["model"]
+    with zipfile.ZipFile(path, "a") as archive:
+        header = {"descr": "<f4", "fortran_order": False, "shape": ((1 << 30) - 1000,)}
+        with archive.open("big.npy", "w") as f:
+            onp.lib.format.write_array_header_1_0(f, header)
+    data = bytearray(open(path, "rb").read())
+    entry = data.rindex(b"PK\x01\x02")  # the directory entry of big.npy, the last member
+    data[entry + 20:entry + 28] = struct.pack("<II", 0xFFFFFFF0, 0xFFFFFFF0)  # both its sizes
+    open(path, "wb").write(bytes(data))
+    assert "claims more bytes than the file has" in load_error(run_dir, opened)
+
+
 def test_a_compressed_member_is_refused(run_dir, opened):
     path = checkpoint_paths(str(run_dir))["model"]
     onp.savez_compressed(path, _iter=onp.array(3))
@@ -290,6 +358,30 @@ def test_merges_that_build_giant_tokens_are_refused(tmp_path, opened):
     data["special_tokens"] = {}
     open(path, "w", encoding="utf-8").write(json.dumps(data))
     assert "longer than" in load_error(run, opened)
+
+
+def test_many_long_tokens_are_refused_before_they_are_built(tmp_path, opened):
+    """Each merge may make a token of up to 64 kB: 60,000 of them (a 700 kB file) ask for 4 GB."""
+    run = make_run(tmp_path / "bpe", BPETokenizer.train(TEXT, 260))
+    path = checkpoint_paths(str(run))["tokenizer"]
+    data = json.loads(open(path, encoding="utf-8").read())
+    data["merges"] = [[97, 97]] + [[256 + i, 256 + i] for i in range(14)]  # a 32 kB token
+    data["merges"] += [[270, 270]] * 60_000
+    data["special_tokens"] = {}
+    open(path, "w", encoding="utf-8").write(json.dumps(data))
+    assert "bytes together" in load_error(run, opened)
+
+
+def test_a_tokenizer_with_too_many_ids_is_refused_before_it_is_built(tmp_path, opened,
+                                                                     monkeypatch):
+    """A 64 MB file holds 11M merges [0, 0], which took 2.6 GB and 17 s to build."""
+    monkeypatch.setattr(tokenizers, "MAX_VOCAB_SIZE", 1000)  # the same check, at a test's size
+    run = make_run(tmp_path / "bpe", BPETokenizer.train(TEXT, 260))
+    path = checkpoint_paths(str(run))["tokenizer"]
+    data = json.loads(open(path, encoding="utf-8").read())
+    data["merges"], data["special_tokens"] = [[0, 0]] * 1000, {}
+    open(path, "w", encoding="utf-8").write(json.dumps(data))
+    assert "ids, more than" in load_error(run, opened)
 
 
 def test_a_version_1_bpe_file_with_the_package_pattern_still_loads(tmp_path, opened):

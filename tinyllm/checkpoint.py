@@ -76,6 +76,7 @@ STAMPED_FILE = re.compile(r"(model|optim)-\d{6,}(-2)?\.npz|tokenizer-2\.json")
 CONFIG_MAX_BYTES = 1 << 20  # a config.json is a few kB; a bigger one is not ours
 TOKENIZER_MAX_BYTES = 64 << 20  # a 50k-token BPE file is about 2 MB
 RNG_STATE_MAX_BYTES = 1 << 16
+INT64_END = 1 << 63  # steps, sizes and seeds are saved as int64 (numpy seeds take no more)
 FLOAT_DTYPES = ("float32", "float64")
 
 # Every model family a checkpoint can hold ("kind" in config.json): kind -> (config dataclass,
@@ -264,8 +265,8 @@ def read_meta(ckpt_dir):
         _check_field(meta, key, kinds, path)
     if not all(isinstance(label, str) for label in meta.get("labels") or []):
         raise TinyLLMError(f"{path}: field 'labels' must be a list of strings")
-    if meta["iter"] < 0:
-        raise TinyLLMError(f"{path}: \"iter\" must not be negative")
+    if not 0 <= meta["iter"] < INT64_END:
+        raise TinyLLMError(f"{path}: \"iter\" must not be negative, nor 2^63 or more")
     if meta.get("dtype", "float32") not in FLOAT_DTYPES:
         raise TinyLLMError(f"{path}: \"dtype\" must be one of {', '.join(FLOAT_DTYPES)}")
     return meta
@@ -339,7 +340,7 @@ def read_npz(run_dir, name):
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             for info in archive.infolist():
-                _check_member(archive, info, path)
+                _check_member(archive, info, path, len(data))
         with onp.load(io.BytesIO(data), allow_pickle=False) as arrays:
             return {key: arrays[key] for key in arrays.files}
     except TinyLLMError:
@@ -349,11 +350,18 @@ def read_npz(run_dir, name):
                            f" ({type(err).__name__})") from None
 
 
-def _check_member(archive, info, path):
-    """One .npy member of an .npz: stored (not compressed), numeric, no more data than it holds."""
+def _check_member(archive, info, path, archive_bytes):
+    """One .npy member of an .npz: stored (not compressed), numeric, no more data than it holds.
+
+    The member's size comes from the archive's directory, which may lie: numpy allocates the
+    whole array before reading, so a stored member may not claim more bytes than the archive has.
+    """
     if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
         raise TinyLLMError(f"checkpoint file {path} has a member tinyllm does not write"
                            f" ({info.filename[:60]!r}: compressed or not .npy)")
+    if info.file_size > archive_bytes:
+        raise TinyLLMError(f"checkpoint file {path}: {info.filename[:60]!r} claims more bytes than"
+                           " the file has (truncated or corrupted)")
     with archive.open(info) as f:
         version = onp.lib.format.read_magic(f)
         read_header = (onp.lib.format.read_array_header_1_0 if version == (1, 0)
@@ -402,6 +410,8 @@ def _check_arrays(flat, reference, path, dtype):
 def _model_config(config_cls, data, where):
     """A model config from config.json's "model": every field of the right type, then validated."""
     config = from_dict(config_cls, check_field_types(config_cls, data, where), where=where)
+    if isinstance(config, LoRAGPTConfig) and config.lora_rank < 1:  # merging divides by it
+        raise TinyLLMError(f"{where}: a LoRA model needs a \"lora_rank\" of at least 1")
     try:
         return config.validate()
     except TinyLLMError as err:
@@ -418,8 +428,8 @@ def check_field_types(cls, data, where):
         value, default = data[field.name], field.default
         if isinstance(default, bool):
             ok = isinstance(value, bool)
-        elif isinstance(default, int):
-            ok = _is_int(value)
+        elif isinstance(default, int):  # a size, count, step or seed: never negative
+            ok = _is_int(value) and 0 <= value < INT64_END
         elif isinstance(default, float):
             ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
         elif isinstance(default, str):
@@ -429,19 +439,25 @@ def check_field_types(cls, data, where):
                 isinstance(value, (int, float)) and math.isfinite(value))
         if not ok:
             raise TinyLLMError(f"{where}: {cls.__name__} field {field.name!r} has the wrong type"
-                               f" ({type(value).__name__})")
+                               f" or is out of range ({type(value).__name__})")
     return data
 
 
-def _check_model_size(model_config, file_bytes, path):
+def _check_model_size(model_config, arrays, path):
     """Refuse a config.json that describes a model far bigger than its weights file, before
     building one (a doctored config could ask for more memory than the machine has)."""
-    c = getattr(model_config, "n_embd", 0)
-    at_least = c * getattr(model_config, "vocab_size", 0) + 12 * c * c * getattr(model_config,
-                                                                                  "n_layer", 0)
-    if 4 * at_least > file_bytes + (1 << 16):
-        raise TinyLLMError(f"{path} holds {file_bytes:,} bytes, too few for the model of at least"
-                           f" {at_least:,} parameters that config.json describes")
+    c, n_layer = model_config.n_embd, model_config.n_layer
+    n_classes, rank = getattr(model_config, "n_classes", 0), getattr(model_config, "lora_rank", 0)
+    learned = getattr(model_config, "positions", "learned") == "learned"  # seq2seq: maybe not
+    # The token table (V, C), learned positions (T, C), a classification head (C, K), and in
+    # each block 12 C^2 weights (attention 4 C^2, MLP 8 C^2) and 16 C r of LoRA adapters.
+    at_least = (c * (model_config.vocab_size + learned * model_config.block_size + n_classes)
+                + n_layer * (12 * c * c + 16 * c * rank))
+    file_bytes = sum(a.nbytes for a in arrays.values())
+    if 4 * at_least > file_bytes + (1 << 16) or n_layer > len(arrays):
+        raise TinyLLMError(f"{path} holds {len(arrays):,} arrays of {file_bytes:,} bytes, too few"
+                           f" for the model of {n_layer:,} blocks and at least {at_least:,}"
+                           " parameters that config.json describes")
 
 
 def load_checkpoint(ckpt_dir, with_optimizer=False, kind="gpt"):
@@ -466,7 +482,7 @@ def load_checkpoint(ckpt_dir, with_optimizer=False, kind="gpt"):
     files = checkpoint_files(meta, ckpt_dir)
     model_path = os.path.join(ckpt_dir, files["model_file"])
     arrays = _check_stamp(read_npz(ckpt_dir, files["model_file"]), model_path, meta["iter"])
-    _check_model_size(model_config, sum(a.nbytes for a in arrays.values()), model_path)
+    _check_model_size(model_config, arrays, model_path)
     reference = init_fn(model_config, onp.random.default_rng(0))  # names and shapes to expect
     _check_arrays(arrays, reference, model_path, meta.get("dtype", "float32"))
     params = unflatten(arrays)
@@ -497,7 +513,8 @@ def _load_optimizer(ckpt_dir, name, meta, reference):
     path = os.path.join(ckpt_dir, name)
     arrays = _check_stamp(read_npz(ckpt_dir, name), path, meta["iter"])
     step, rng_bytes = arrays.pop("step", None), arrays.pop("rng_state", None)
-    if step is None or step.shape != () or step.dtype.kind not in "iu" or int(step) < 0:
+    if (step is None or step.shape != () or step.dtype.kind not in "iu"
+            or not 0 <= int(step) < INT64_END):
         raise TinyLLMError(f"{path}: \"step\" is missing or not a whole number")
     if (rng_bytes is None or rng_bytes.dtype != onp.uint8 or rng_bytes.ndim != 1
             or rng_bytes.size > RNG_STATE_MAX_BYTES):
@@ -505,7 +522,7 @@ def _load_optimizer(ckpt_dir, name, meta, reference):
     rng_state = parse_json(rng_bytes.tobytes(), f"{path} (rng_state)")
     try:
         onp.random.default_rng().bit_generator.state = rng_state
-    except (TypeError, ValueError, KeyError):
+    except (TypeError, ValueError, KeyError, OverflowError):
         raise TinyLLMError(f"{path}: \"rng_state\" is not a random generator state") from None
     moments = {}
     for prefix in ("m", "v"):

@@ -71,7 +71,8 @@ the file format is unchanged and files without it load as before. `load` checks 
 raises `TinyLLMError` naming the file for a missing file, broken JSON, a wrong "format", a
 "version" newer than `FORMAT_VERSION`, or a missing or ill-typed field. A tokenizer file is
 untrusted data: only a regular file of at most `MAX_FILE_BYTES` is read, its regex cannot be
-chosen by the file, and merges that would build tokens longer than `MAX_TOKEN_BYTES` are refused.
+chosen by the file, and more than `MAX_VOCAB_SIZE` ids, merges that would build tokens longer
+than `MAX_TOKEN_BYTES`, or more than `MAX_TABLE_BYTES` of tokens in all, are refused.
 """
 
 import numbers
@@ -107,6 +108,8 @@ MASK_TOKEN = "<|mask|>"
 N_BYTES = 256  # byte-level BPE: ids 0..255 are the raw byte values
 MAX_FILE_BYTES = 64 << 20  # a 50k-token BPE file is about 2 MB
 MAX_TOKEN_BYTES = 1 << 16  # the longest token a loaded file may build
+MAX_TABLE_BYTES = 1 << 26  # all tokens of a loaded file together (50k real tokens: about 300 kB)
+MAX_VOCAB_SIZE = 1 << 20  # the most ids a loaded file may have (as `--vocab-size` allows)
 _CHUNK_CACHE_LIMIT = 100_000  # distinct chunks remembered by `encode`; caps its memory
 
 
@@ -219,6 +222,7 @@ class CharTokenizer:
     def from_dict(cls, data, path):
         """Rebuild from a loaded file's contents; `path` is used only in error messages."""
         chars = _field(data, "chars", list, path)
+        _check_vocab_size(len(chars), data, path)
         if not all(isinstance(c, str) and len(c) == 1 for c in chars):
             raise TinyLLMError(f"tokenizer file {path} has a \"chars\" entry that is not one character")
         if len(set(chars)) != len(chars):
@@ -475,6 +479,7 @@ class BPETokenizer:
         """Rebuild from a loaded file's contents; `path` is used only in error messages."""
         pattern = _known_pattern(_field(data, "pattern", str, path), path)
         merges = _field(data, "merges", list, path)
+        _check_vocab_size(N_BYTES + len(merges), data, path)
         for i, pair in enumerate(merges):
             # A merge may only join ids that exist before it: bytes and earlier merges.
             if not (isinstance(pair, list) and len(pair) == 2
@@ -510,15 +515,28 @@ def _known_pattern(pattern, path):
                        f" patterns ({', '.join(SPLIT_PATTERNS)})")
 
 
+def _check_vocab_size(n_ordinary, data, path):
+    """Refuse a file with more ids than MAX_VOCAB_SIZE before building anything from it: a
+    64 MB file of tiny merges would otherwise take gigabytes and many seconds to load."""
+    n_special = len(_field(data, "special_tokens", dict, path))
+    if n_ordinary + n_special > MAX_VOCAB_SIZE:
+        raise TinyLLMError(f"tokenizer file {path} has {n_ordinary + n_special:,} ids, more than"
+                           f" the {MAX_VOCAB_SIZE:,} a tinyllm tokenizer can have")
+
+
 def _check_token_lengths(merges, path):
     """Refuse merges whose tokens would be absurdly long: each merge may double a token's length,
-    so 40 crafted merges could ask for a terabyte. Real tokens are a few dozen bytes at most."""
+    so 40 crafted merges could ask for a terabyte, and a 1 MB file of merges each making a
+    64 kB token asks for 5 GB. Real tokens are a few dozen bytes at most."""
     lengths = [1] * N_BYTES
     for a, b in merges:
         lengths.append(lengths[a] + lengths[b])
         if lengths[-1] > MAX_TOKEN_BYTES:
             raise TinyLLMError(f"tokenizer file {path} has a merge making a token longer than"
                                f" {MAX_TOKEN_BYTES:,} bytes")
+    if sum(lengths) > MAX_TABLE_BYTES:
+        raise TinyLLMError(f"tokenizer file {path} has merges whose tokens take more than"
+                           f" {MAX_TABLE_BYTES:,} bytes together")
 
 
 def _is_int(x):
