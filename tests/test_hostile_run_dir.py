@@ -452,3 +452,57 @@ def test_generate_and_fewshot_refuse_a_hostile_tokenizer_name(run_dir, opened, t
         assert result.exit_code == 1 and "not a plain file name" in result.output, result.output
         assert "TOP SECRET" not in result.output
     assert str(tmp_path / "secret.txt") not in opened
+
+
+# ----------------------------------------------------------------------------- resuming a best.npz
+
+
+def _best_weights_run(tmp_path, metrics, best):
+    """A run directory holding only what finetune_runs.resumed_best reads, and its arguments."""
+    from types import SimpleNamespace
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    if best is not None:
+        atomic_save_npz(str(tmp_path / "best.npz"), best)
+    trainable = {"head": {"w": onp.zeros((3, 2), "float32")}}
+    return str(tmp_path), SimpleNamespace(iter=4, meta={"weights_iter": 4}), trainable
+
+
+GOOD_METRICS = [{"iter": 0, "val_loss": 0.9}, {"iter": 2, "val_loss": 0.5},
+                {"iter": 4, "val_loss": 0.7}]
+
+
+def test_resumed_best_weights_load_when_the_files_are_right(tmp_path):
+    from tinyllm.finetune_runs import resumed_best
+
+    w = onp.ones((3, 2), "float32")
+    best = resumed_best(*_best_weights_run(tmp_path, GOOD_METRICS,
+                                           {"_iter": onp.int64(2), "head.w": w}))
+    assert (best.iteration, best.val_loss, best.evals_since) == (2, 0.5, 1)
+    onp.testing.assert_array_equal(best.params["head"]["w"], w)
+
+
+@pytest.mark.parametrize("metrics, best, words", [
+    (GOOD_METRICS, {"_iter": onp.int64(2), "head.w": onp.ones((5, 2), "float32")},
+     "wrong shapes"),
+    (GOOD_METRICS, {"_iter": onp.int64(2), "head.w": onp.ones((3, 2), "float64")}, "float64"),
+    (GOOD_METRICS, {"_iter": onp.array([2, 2]), "head.w": onp.ones((3, 2), "float32")},
+     "does not hold the weights of the best evaluation"),
+    (GOOD_METRICS, {"_iter": onp.int64(2), "other": onp.ones((3, 2), "float32")}, "missing"),
+    (GOOD_METRICS, None, "does not hold the weights of the best evaluation"),
+])
+def test_a_resumed_runs_best_weights_must_match_the_run(tmp_path, metrics, best, words):
+    from tinyllm.finetune_runs import resumed_best
+
+    with pytest.raises(TinyLLMError, match=words):
+        resumed_best(*_best_weights_run(tmp_path, metrics, best))
+
+
+def test_validation_losses_that_are_not_numbers_are_passed_over(tmp_path):
+    from tinyllm.finetune_runs import resumed_best
+
+    metrics = GOOD_METRICS + [{"iter": 1, "val_loss": "x"}, {"iter": 3, "val_loss": True},
+                              {"iter": 5, "val_loss": [0.1]}]
+    weights = {"_iter": onp.int64(2), "head.w": onp.ones((3, 2), "float32")}
+    best = resumed_best(*_best_weights_run(tmp_path, metrics, weights))
+    assert (best.iteration, best.val_loss) == (2, 0.5)

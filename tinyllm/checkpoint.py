@@ -385,7 +385,7 @@ def _check_stamp(arrays, path, iteration):
     return arrays
 
 
-def _check_arrays(flat, reference, path, dtype):
+def check_arrays(flat, reference, path, dtype):
     """Exactly the names and shapes a fresh model of this config has, of `dtype`, all finite."""
     got = {k: a.shape for k, a in flat.items()}
     want = {k: a.shape for k, a in flatten(reference).items()}
@@ -484,7 +484,7 @@ def load_checkpoint(ckpt_dir, with_optimizer=False, kind="gpt"):
     arrays = _check_stamp(read_npz(ckpt_dir, files["model_file"]), model_path, meta["iter"])
     _check_model_size(model_config, arrays, model_path)
     reference = init_fn(model_config, onp.random.default_rng(0))  # names and shapes to expect
-    _check_arrays(arrays, reference, model_path, meta.get("dtype", "float32"))
+    check_arrays(arrays, reference, model_path, meta.get("dtype", "float32"))
     params = unflatten(arrays)
     tokenizer_path = os.path.join(ckpt_dir, files["tokenizer_file"])
     tokenizer = load_tokenizer_bytes(
@@ -527,7 +527,7 @@ def _load_optimizer(ckpt_dir, name, meta, reference):
     moments = {}
     for prefix in ("m", "v"):
         flat = {k[2:]: a for k, a in arrays.items() if k.startswith(prefix + ".")}
-        _check_arrays(flat, reference, path, meta.get("dtype", "float32"))
+        check_arrays(flat, reference, path, meta.get("dtype", "float32"))
         moments[prefix] = unflatten(flat)
     unexpected = sorted(k for k in arrays if not k.startswith(("m.", "v.")))
     if unexpected:

@@ -43,7 +43,7 @@ from typing import NamedTuple, Optional
 import numpy as onp
 
 from .bleu import exact_match
-from .checkpoint import load_checkpoint, read_meta, read_npz, save_checkpoint
+from .checkpoint import check_arrays, load_checkpoint, read_meta, read_npz, save_checkpoint
 from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, GPTConfig, TrainConfig
 from .distributed import SINGLE_PROCESS
 from .errors import TinyLLMError
@@ -362,7 +362,7 @@ def trim_opt_state(opt_state, paths):
 def resumed_best(out_dir, ckpt, trainable):
     """BestWeights of a resumed run, from its metrics.jsonl (already cut at the checkpoint) and
     best.npz. The checkpoint itself is the best when its evaluation was the best one."""
-    records = [r for r in read_metrics(out_dir) if r.get("val_loss") is not None]
+    records = [r for r in read_metrics(out_dir) if _is_loss(r.get("val_loss"))]
     if not records:
         return BestWeights()
     top = min(records, key=lambda r: r["val_loss"])
@@ -370,14 +370,18 @@ def resumed_best(out_dir, ckpt, trainable):
     if top["iter"] == ckpt.meta.get("weights_iter", ckpt.iter):  # the checkpoint holds the best
         return BestWeights(top["iter"], top["val_loss"], trainable, since)
     path = os.path.join(out_dir, BEST_FILE)
-    arrays = read_npz(out_dir, BEST_FILE) if os.path.exists(path) else {}
-    if int(arrays.get("_iter", -1)) != top["iter"]:
+    best = read_npz(out_dir, BEST_FILE) if os.path.exists(path) else {}
+    stamp = best.pop("_iter", None)
+    if stamp is None or stamp.shape != () or stamp.dtype.kind not in "iu" or stamp != top["iter"]:
         raise TinyLLMError(f"--resume: {path} does not hold the weights of the best evaluation"
                            f" (iteration {top['iter']}); start a new run instead")
-    best = {k: v for k, v in arrays.items() if k != "_iter"}
-    if set(best) != set(flatten(trainable)):
-        raise TinyLLMError(f"--resume: {path} does not match the run's trainable parameters")
+    check_arrays(best, trainable, path, ckpt.meta.get("dtype", "float32"))  # names and shapes
     return BestWeights(top["iter"], top["val_loss"], unflatten(best), since)
+
+
+def _is_loss(value):
+    """A validation loss as metrics.jsonl holds one (a file from elsewhere may hold anything)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def train_keeping_best(out_dir, params, paths, tc, loss_fn, sample, evaluate, save_full,
