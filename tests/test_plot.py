@@ -124,6 +124,21 @@ def test_the_lr_panel_draws_every_step_of_the_schedule_the_run_logged(runs, kind
         assert rates[2] > rates[1] > rates[0] and rates[4] < rates[3] < rates[2]
 
 
+def test_the_lr_curve_of_a_run_claiming_millions_of_steps_stays_small(runs, tmp_path):
+    """A run's files may claim any step count: the curve is sampled, not drawn at every step."""
+    run = tmp_path / "long"
+    run.mkdir()
+    meta = json.loads((runs / "pretrain" / "config.json").read_text())
+    meta["train"]["max_iters"] = 10**12
+    (run / "config.json").write_text(json.dumps(meta))
+    rate = plot.schedule_of(meta)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"iter": it, "lr": rate(it)}) + "\n"
+                                               for it in (0, 10**7)))
+    steps, rates = plot.read_run(str(run))["lr_curve"]
+    assert len(steps) <= plot.LR_CURVE_POINTS + 1 and steps[0] == 0 and steps[-1] == 10**7
+    assert rates[-1] == pytest.approx(rate(10**7))
+
+
 def test_the_lr_panel_falls_back_to_the_logged_points(runs, tmp_path):
     """A config.json whose schedule does not give the logged rates back is not believed."""
     run = tmp_path / "edited"

@@ -28,6 +28,7 @@ INSTALL_HINT = "pip install matplotlib"
 FORMATS = ("png", "svg")
 # Suffixes of other picture formats: a file named so must not silently hold a PNG.
 OTHER_PICTURE_SUFFIXES = {"pdf", "ps", "eps", "jpg", "jpeg", "tif", "tiff", "gif", "webp", "bmp"}
+LR_CURVE_POINTS = 2000  # most points of the computed learning-rate curve
 DPI = 100  # pixels per inch: a figure of (w, h) inches is exactly (100 w, 100 h) pixels
 
 
@@ -138,8 +139,10 @@ def tokens_per_iter(records):
 
 
 def lr_by_step(run_dir, series):
-    """(steps, rates): the learning rate at every step up to the last evaluation, computed from
-    the run's config.json by the schedule it trained with.
+    """(steps, rates): the learning rate up to the last evaluation, computed from the run's
+    config.json by the schedule it trained with, at every step (every few steps in a run of
+    more than LR_CURVE_POINTS steps: a curve needs no more, and a run's files may claim any
+    number of steps).
 
     metrics.jsonl holds the rate only at evaluations, too sparse to show a warm-up. The
     computed curve is used only if it gives every logged rate back; otherwise (a run resumed
@@ -153,7 +156,9 @@ def lr_by_step(run_dir, series):
         logged = [(int(it), lr) for it, lr in zip(series["iter"], series["lr"]) if lr == lr]
         if not logged or any(not math.isclose(rate(it), lr, rel_tol=1e-6) for it, lr in logged):
             return None
-        steps = list(range(int(series["iter"][-1]) + 1))
+        last = int(series["iter"][-1])
+        every = -(-last // LR_CURVE_POINTS) or 1  # a step per pixel or so, however long the run
+        steps = sorted(set(range(0, last + 1, every)) | {last})
         return steps, [rate(it) for it in steps]
     except (TinyLLMError, KeyError, TypeError, ValueError, ZeroDivisionError):
         return None  # a config.json we cannot read: the logged points will do
