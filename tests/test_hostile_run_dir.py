@@ -188,9 +188,9 @@ def test_a_config_describing_a_huge_model_is_refused_before_allocating(run_dir, 
 
 
 @pytest.mark.parametrize("kind, changes", [
-    ("gpt", {"block_size": 10**9}),  # learned positions (T, C): 32 GB
-    ("classifier", {"n_classes": 10**9}),  # the head (C, K)
-    ("gpt-lora", {"lora_rank": 10**9}),  # adapters (C, r)
+    ("gpt", {"block_size": 1 << 20}),  # learned positions (T, C)
+    ("classifier", {"n_classes": 1 << 20}),  # the head (C, K)
+    ("gpt-lora", {"lora_rank": 1 << 20}),  # adapters (C, r)
     ("gpt", {"n_layer": 20_000, "n_embd": 2, "n_head": 1}),  # 20,000 blocks of tiny arrays
 ])
 def test_every_size_in_the_config_is_checked_against_the_weights(tmp_path, opened, kind, changes):
@@ -200,6 +200,20 @@ def test_every_size_in_the_config_is_checked_against_the_weights(tmp_path, opene
     meta = json.loads((run / "config.json").read_text())
     edit_config(run, model={**meta["model"], **changes})
     assert "too few for the model" in load_error(run, opened, with_optimizer=False)
+
+
+@pytest.mark.parametrize("section, field, value", [
+    ("model", "block_size", (1 << 20) + 1),  # a context no flag can ask for
+    ("model", "vocab_size", 10**9),
+    ("train", "grad_accum", 10**9),  # one step of a billion micro-batches
+    ("train", "max_iters", 1 << 40),
+])
+def test_sizes_and_steps_are_bounded_as_the_flags_bound_them(run_dir, opened, section, field,
+                                                             value):
+    meta = json.loads((run_dir / "config.json").read_text())
+    edit_config(run_dir, **{section: {**meta[section], field: value}})
+    message = load_error(run_dir, opened, with_optimizer=section == "train")
+    assert f"field {field!r}" in message and "out of range" in message
 
 
 def test_a_lora_run_of_rank_zero_is_refused(tmp_path, opened):

@@ -56,7 +56,7 @@ from dataclasses import dataclass, fields
 
 import numpy as onp
 
-from .config import GPTConfig, TrainConfig, from_dict, to_dict
+from .config import MAX_SIZE, MAX_STEPS, GPTConfig, TrainConfig, from_dict, to_dict
 from .errors import TinyLLMError
 from .fileio import (TMP_PREFIX, atomic_write_bytes, available_memory, check_plain_name,
                      fsync_directory, json_bytes, npz_bytes, parse_json, read_run_file)
@@ -78,6 +78,8 @@ TOKENIZER_MAX_BYTES = 64 << 20  # a 50k-token BPE file is about 2 MB
 RNG_STATE_MAX_BYTES = 1 << 16
 INT64_END = 1 << 63  # steps, sizes and seeds are saved as int64 (numpy seeds take no more)
 FLOAT_DTYPES = ("float32", "float64")
+TRAIN_LIMITS = {"batch_size": MAX_SIZE, "grad_accum": MAX_SIZE, "eval_iters": MAX_SIZE,
+                "max_iters": MAX_STEPS, "warmup_iters": MAX_STEPS, "eval_interval": MAX_STEPS}
 
 # Every model family a checkpoint can hold ("kind" in config.json): kind -> (config dataclass,
 # init function(config, rng)). Loading builds a fresh model of the saved config to check every
@@ -409,7 +411,9 @@ def check_arrays(flat, reference, path, dtype):
 
 def _model_config(config_cls, data, where):
     """A model config from config.json's "model": every field of the right type, then validated."""
-    config = from_dict(config_cls, check_field_types(config_cls, data, where), where=where)
+    # every whole number of a model config is a size: at most what a flag may ask for
+    config = from_dict(config_cls, check_field_types(config_cls, data, where, most=MAX_SIZE),
+                       where=where)
     if isinstance(config, LoRAGPTConfig) and config.lora_rank < 1:  # merging divides by it
         raise TinyLLMError(f"{where}: a LoRA model needs a \"lora_rank\" of at least 1")
     try:
@@ -418,8 +422,9 @@ def _model_config(config_cls, data, where):
         raise TinyLLMError(f"{where}: {err}") from None
 
 
-def check_field_types(cls, data, where):
-    """Check a dict's values against dataclass `cls`'s field types (by each field's default)."""
+def check_field_types(cls, data, where, most=INT64_END - 1, limits=None):
+    """Check a dict's values against dataclass `cls`'s field types (by each field's default); a
+    whole number must be from 0 to `most`, or to limits[name] where that names the field."""
     if not isinstance(data, dict):
         raise TinyLLMError(f"{where}: the {cls.__name__} settings must be a JSON object")
     for field in fields(cls):
@@ -429,7 +434,7 @@ def check_field_types(cls, data, where):
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int):  # a size, count, step or seed: never negative
-            ok = _is_int(value) and 0 <= value < INT64_END
+            ok = _is_int(value) and 0 <= value <= (limits or {}).get(field.name, most)
         elif isinstance(default, float):
             ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
         elif isinstance(default, str):
@@ -502,7 +507,8 @@ def load_checkpoint(ckpt_dir, with_optimizer=False, kind="gpt"):
 
 
 def _train_config(data, where):
-    config = from_dict(TrainConfig, check_field_types(TrainConfig, data, where), where=where)
+    config = from_dict(TrainConfig, check_field_types(TrainConfig, data, where,
+                                                      limits=TRAIN_LIMITS), where=where)
     try:
         return config.validate()
     except TinyLLMError as err:

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from .config import MAX_SIZE, MAX_STEPS
 from .errors import TinyLLMError
 
 
@@ -55,8 +56,7 @@ def _ignore_further_interrupts():
 # "Invalid value for '--flag': ..." before any work starts. Click's float type accepts "nan" and
 # "inf", and its int type any size, so every check also refuses those where they make no sense.
 
-MAX_SIZE = 1 << 20  # the largest width, depth, vocabulary or count a flag may ask for
-MAX_STEPS = (1 << 31) - 1  # the most optimizer steps (or step intervals) a flag may ask for
+# MAX_SIZE and MAX_STEPS (config.py) bound sizes and step counts, as a run's config.json is.
 
 
 def _number(value):

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 
 from .errors import TinyLLMError
 
+# The largest values a flag, or a run's config.json, may give: more than MAX_SIZE channels,
+# blocks, tokens or sequences cannot fit in memory, and MAX_STEPS steps would take centuries.
+MAX_SIZE = 1 << 20  # widths, depths, vocabularies, context lengths, batch sizes, counts
+MAX_STEPS = (1 << 31) - 1  # optimizer steps and step intervals
+
 
 def _require_positive(obj, names):
     for name in names:
