@@ -462,3 +462,21 @@ def test_fewshot_and_instruction_runs_pass_use_cache_down(monkeypatch, tmp_path)
     for run, kwargs in (("a", {}), ("b", {"use_cache": False})):
         finetune_runs.run_instruct(str(tmp_path / run), settings, log=lambda *a: None, **kwargs)
     assert seen == [True, True, False, False]  # the base model's responses, then the tuned one's
+
+
+def test_a_cached_decoder_step_builds_position_encodings_only_up_to_its_position(monkeypatch):
+    """The fixed (sinusoidal) table is not in the weights file, so a run's block_size costs
+    nothing there: a decoder step must not build all block_size rows of it."""
+    from tinyllm import kv_cache, seq2seq
+
+    built = []
+    real = seq2seq.sinusoidal_positions
+    monkeypatch.setattr(kv_cache, "sinusoidal_positions",
+                        lambda n, c, dtype: built.append(n) or real(n, c, dtype))
+    config = Seq2SeqConfig(vocab_size=9, block_size=1 << 20, n_layer=1, n_head=2, n_embd=8,
+                           positions="sinusoidal")
+    params = {"tgt_wte": onp.ones((9, 8), "float32")}
+    monkeypatch.setattr(kv_cache, "target_table", lambda p: p["tgt_wte"])
+    x = kv_cache.target_embedding(params, config, onp.array([[1, 2]]), onp.array([[5, 6]]))
+    assert built == [7]
+    onp.testing.assert_allclose(x[0] - onp.sqrt(8), real(7, 8)[5:7], atol=1e-6)

@@ -188,7 +188,7 @@ def target_embedding(params, config, ids, positions):
     """`seq2seq.embed_tokens` at given positions (B, n): token * sqrt(C) + position -> (B, n, C)."""
     x = embedding(target_table(params), ids) * math.sqrt(config.n_embd)  # (B, n, C)
     if config.positions == "sinusoidal":
-        table = sinusoidal_positions(config.block_size, config.n_embd, x.dtype)  # (P, C)
+        table = sinusoidal_positions(int(positions.max()) + 1, config.n_embd, x.dtype)  # (P, C)
         x = x + table[positions]
     elif config.positions == "learned":
         x = x + params["tgt_wpe"][positions]
