@@ -724,7 +724,10 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
         objective = objective or "clm"
         if objective == "mlm":
             special_tokens = (*special_tokens, MASK_TOKEN)
-        tokenizer = train_tokenizer(tokenizer_kind, text, vocab_size, special_tokens=special_tokens)
+        if tokenizer_kind == "bpe":
+            log(f"tokenizer: learning BPE merges from {len(text):,} characters ...")
+        tokenizer = train_tokenizer(tokenizer_kind, text, vocab_size, special_tokens=special_tokens,
+                                    progress=merges_progress(log))
         model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
     model_config.validate()
     check_memory(gpt_step_bytes(model_config, tc, gpt_param_count(model_config)),
@@ -749,6 +752,23 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
     if objective == "mlm":
         extra["mask_rate"] = mask_rate or MASK_RATE
     return model_config, tc, tokenizer, splits, state, extra, objective
+
+
+def merges_progress(log, every_seconds=5.0):
+    """A progress(done, total) callback for BPE training that logs a line every few seconds.
+
+    1 MB of prose learns its merges in about 4 s, but a text whose words are very long (DNA,
+    say: one run of letters is one chunk, rescanned for every merge) takes minutes.
+    """
+    last = time.perf_counter()
+
+    def progress(done, total):
+        nonlocal last
+        if time.perf_counter() - last >= every_seconds:
+            last = time.perf_counter()
+            log(f"tokenizer: {done:,} of {total:,} merges learned")
+
+    return progress
 
 
 def check_resumed_total(max_iters, done, out_dir):

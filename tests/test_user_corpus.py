@@ -1,0 +1,43 @@
+"""A new user's own text through `tinyllm pretrain`, `generate` and `finetune instruct`: what
+they see while it works, and one-line errors for what cannot work."""
+
+import pytest
+
+from tinyllm import train
+from tinyllm.config import GPTConfig, TrainConfig
+from tinyllm.train import merges_progress, pretrain
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n"
+    "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow.\n"
+) * 12
+MODEL = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16)
+TRAIN = TrainConfig(batch_size=4, max_iters=2, eval_interval=2, eval_iters=1)
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "my text.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_merges_progress_logs_the_merges_done():
+    lines = []
+    progress = merges_progress(lines.append, every_seconds=0.0)
+    progress(3, 40)
+    assert lines == ["tokenizer: 3 of 40 merges learned"]
+
+
+def test_bpe_training_says_what_it_does_and_how_far_it_got(tmp_path, data, monkeypatch):
+    # a text of long words learns its merges for minutes: the user must see it is working
+    monkeypatch.setattr(train, "merges_progress",
+                        lambda log: merges_progress(log, every_seconds=0.0))
+    lines = []
+    pretrain(MODEL, TRAIN, str(tmp_path / "run"), data=data, tokenizer_kind="bpe",
+             vocab_size=270, log=lines.append)
+    assert lines[0] == f"tokenizer: learning BPE merges from {len(TEXT):,} characters ..."
+    assert "tokenizer: 13 of 13 merges learned" in lines
