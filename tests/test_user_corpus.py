@@ -1,10 +1,14 @@
 """A new user's own text through `tinyllm pretrain`, `generate` and `finetune instruct`: what
 they see while it works, and one-line errors for what cannot work."""
 
+import os
+
 import pytest
 
 from tinyllm import train
+from tinyllm.checkpoint import load_checkpoint
 from tinyllm.config import GPTConfig, TrainConfig
+from tinyllm.errors import TinyLLMError
 from tinyllm.train import merges_progress, pretrain
 
 TEXT = (
@@ -41,3 +45,29 @@ def test_bpe_training_says_what_it_does_and_how_far_it_got(tmp_path, data, monke
              vocab_size=270, log=lines.append)
     assert lines[0] == f"tokenizer: learning BPE merges from {len(TEXT):,} characters ..."
     assert "tokenizer: 13 of 13 merges learned" in lines
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_reads_a_moved_corpus_from_where_data_says(tmp_path, data):
+    out = str(tmp_path / "run")
+    pretrain(MODEL, TRAIN, out, data=data, tokenizer_kind="char", log=lambda line: None)
+    moved = tmp_path / "moved.txt"
+    os.rename(data, moved)
+    with pytest.raises(TinyLLMError, match="is gone .* --resume --data FILE"):
+        pretrain(MODEL, TRAIN, out, resume=True, max_iters=4, log=lambda line: None)
+    result = pretrain(MODEL, TRAIN, out, data=str(moved), resume=True, max_iters=4,
+                      log=lambda line: None)
+    assert result["final"]["iter"] == 4
+    assert load_checkpoint(out).meta["data"] == str(moved)  # the next resume finds it there
+
+
+def test_resume_data_must_be_the_runs_own_text(tmp_path, data):
+    out = str(tmp_path / "run")
+    pretrain(MODEL, TRAIN, out, data=data, tokenizer_kind="char", log=lambda line: None)
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT.upper(), encoding="utf-8")
+    with pytest.raises(TinyLLMError, match="sha256"):
+        pretrain(MODEL, TRAIN, out, data=str(other), resume=True, max_iters=4,
+                 log=lambda line: None)
