@@ -4,9 +4,11 @@ they see while it works, and one-line errors for what cannot work."""
 import os
 
 import pytest
+from click.testing import CliRunner
 
 from tinyllm import train
 from tinyllm.checkpoint import load_checkpoint
+from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.errors import TinyLLMError
 from tinyllm.train import merges_progress, pretrain
@@ -71,3 +73,16 @@ def test_resume_data_must_be_the_runs_own_text(tmp_path, data):
     with pytest.raises(TinyLLMError, match="sha256"):
         pretrain(MODEL, TRAIN, out, data=str(other), resume=True, max_iters=4,
                  log=lambda line: None)
+
+
+# ----------------------------------------------------------------------------- LoRA flags
+
+
+@pytest.mark.parametrize("command", ["instruct", "classify"])
+def test_lora_alpha_without_a_rank_is_refused(tmp_path, command):
+    # without --lora-rank there are no adapters: the run would train every weight, flag unseen
+    result = CliRunner().invoke(main, ["finetune", command, "--lora-alpha", "8",
+                                       "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("Error: --lora-alpha scales LoRA adapters")
+    assert not os.path.exists(tmp_path / "run")
