@@ -2,6 +2,7 @@
 they see while it works, and one-line errors for what cannot work."""
 
 import os
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -86,3 +87,18 @@ def test_lora_alpha_without_a_rank_is_refused(tmp_path, command):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith("Error: --lora-alpha scales LoRA adapters")
     assert not os.path.exists(tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------- a small text
+
+
+def test_a_text_too_short_for_bpe_names_the_vocab_size(tmp_path, data):
+    # 190 validation characters fill a 64-token context, but BPE merges them into 45 tokens:
+    # a smaller vocabulary is a remedy the message must name
+    with pytest.raises(TinyLLMError, match=r"has 45 tokens, fewer .* smaller --vocab-size"):
+        pretrain(replace(MODEL, block_size=64), TRAIN, str(tmp_path / "run"), data=data, tokenizer_kind="bpe",
+                 vocab_size=2048, log=lambda line: None)
+    with pytest.raises(TinyLLMError) as char_error:
+        pretrain(replace(MODEL, block_size=256), TRAIN, str(tmp_path / "run"), data=data,
+                 tokenizer_kind="char", log=lambda line: None)
+    assert "--vocab-size" not in str(char_error.value)  # a char tokenizer has no merges
