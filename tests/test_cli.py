@@ -148,12 +148,13 @@ def test_resume_continues_to_a_larger_max_iters(run_copy):
 
 
 def test_resume_names_the_flags_it_does_not_use(run_copy, data_file):
-    # the run keeps its own settings: a new --lr or --data must not be dropped unseen
+    # the run keeps its own settings: a new --lr must not be dropped unseen (--data is used: it
+    # says where the run's own text is now, see tests/test_user_corpus.py)
     result = invoke("pretrain", "--out", run_copy, "--resume", "--max-iters", 7, "--lr", 0.5,
                     "--no-bias", "--data", data_file, "--sample-tokens", 0)
     assert result.exit_code == 0, result.output
     assert ("note: --resume continues the run with the settings it began with; not used:"
-            " --data, --no-bias, --lr") in result.stderr
+            " --no-bias, --lr") in result.stderr
     assert json.loads((run_copy / "config.json").read_text())["train"]["lr"] != 0.5
 
 

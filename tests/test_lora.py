@@ -1,8 +1,10 @@
 """Tests for tinyllm/lora.py: fresh adapters change nothing, only adapters train, merging."""
 
 import numpy as onp
+import pytest
 
 from tinyllm.config import TrainConfig
+from tinyllm.errors import TinyLLMError
 from tinyllm.finetune import (ClassifierConfig, classifier_logits, init_classifier, merge_params,
                               pad_batch, split_params)
 from tinyllm.lora import apply_lora, count_lora, init_lora, merge_lora
@@ -20,6 +22,12 @@ def test_fresh_adapters_leave_the_output_unchanged(tiny_config, params32):
     assert onp.array_equal(before, after)
     assert count_lora(adapted) == 2 * 2 * sum(a + b for a, b in
                                               ((16, 48), (16, 16), (16, 64), (64, 16)))
+
+
+def test_a_rank_above_the_models_width_is_refused(params32):
+    init_lora(params32, 16, onp.random.default_rng(1))  # the width itself: pointless but valid
+    with pytest.raises(TinyLLMError, match=r"--lora-rank 17 is more than the model's width \(16\)"):
+        init_lora(params32, 17, onp.random.default_rng(1))
 
 
 def test_only_adapters_change_during_training(tiny_config, params32):

@@ -116,7 +116,8 @@ def main(ctx):
               help="Run directory for checkpoints and metrics.jsonl.")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its last checkpoint (its settings are kept;"
-                   " only --max-iters may change).")
+                   " only --max-iters may change; --data may say where its text is now, if it"
+                   " was moved or came from a pipe: its sha256 must match).")
 @click.option("--force", is_flag=True, help="Overwrite an existing run in --out.")
 @click.option("--sample-tokens", default=300, callback=count,
               help="Tokens to sample from the model at the end (0: none). With --objective mlm,"
@@ -145,7 +146,7 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
     world = distributed.world()  # one process unless started by mpirun with N > 1
     if resume:
         note_flags_resume_ignores({"out", "resume", "max_iters", "objective", "sample_tokens",
-                                   "fast", "no_cache"})
+                                   "fast", "no_cache", "data"})
     if distance_bias and objective != "mlm" and not resume:  # resumed: the run's own setting
         raise TinyLLMError("--distance-bias is for --objective mlm: a causal model's attention"
                            " has no use for it")

@@ -84,6 +84,14 @@ def _given(name):
     return click.get_current_context().get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
 
 
+def check_lora_flags(flags, resume):
+    """--lora-alpha scales the adapters that only --lora-rank makes: refuse it alone rather than
+    train the weights themselves with the flag dropped unseen."""
+    if not resume and _given("lora_alpha") and not flags["lora_rank"]:
+        raise TinyLLMError("--lora-alpha scales LoRA adapters, and without --lora-rank R there are"
+                           " none: give --lora-rank too, or leave --lora-alpha out")
+
+
 def settings_from_flags(cls, flags):
     """A settings dataclass from the command's keyword arguments (names equal field names)."""
     names = {f.name for f in fields(cls)}
@@ -161,6 +169,7 @@ def finetune_classify(out, resume, force, **flags):
     """
     if resume:
         note_flags_resume_ignores({"out", "resume", "max_iters"})
+    check_lora_flags(flags, resume)
     report = run_on_every_rank(run_classify, out, settings_from_flags(ClassifySettings, flags),
                                resume, force, flags["max_iters"] if _given("max_iters") else None)
     click.echo("accuracy after fine-tuning:  " + format_accuracies(report["accuracy_after"]))
@@ -200,6 +209,7 @@ def finetune_instruct(out, resume, force, no_cache, **flags):
     """
     if resume:
         note_flags_resume_ignores({"out", "resume", "max_iters", "no_cache"})
+    check_lora_flags(flags, resume)
     report = run_on_every_rank(run_instruct, out, settings_from_flags(InstructSettings, flags),
                                resume, force, flags["max_iters"] if _given("max_iters") else None,
                                use_cache=not no_cache)

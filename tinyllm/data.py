@@ -254,12 +254,15 @@ def train_val_split(ids, train_fraction=0.9):
     return ids[:cut], ids[cut:]
 
 
-def check_long_enough(ids, block_size, what):
+def check_long_enough(ids, block_size, what, tokenizer_kind="char"):
     """Raise TinyLLMError unless `ids` holds at least one window of block_size + 1 tokens."""
     if len(ids) < block_size + 1:
+        # BPE trained on a small text merges it into few tokens: 3,000 characters of Shakespeare
+        # are 778 tokens with 2048 in the vocabulary, 2,023 with 300
+        vocab = ", or a smaller --vocab-size (each BPE merge shortens the text)"
         raise TinyLLMError(
             f"{what} has {len(ids)} tokens, fewer than block_size + 1 = {block_size + 1}:"
-            " use more text or a smaller --block-size"
+            f" use more text or a smaller --block-size{vocab if tokenizer_kind == 'bpe' else ''}"
         )
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 import numpy as onp
 
 from .config import GPTConfig
+from .errors import TinyLLMError
 from .models import count_params, init_gpt
 
 LORA_TARGETS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
@@ -40,6 +41,9 @@ def init_lora(params, rank, rng):
         entry = {}
         for module, name in LORA_TARGETS:
             w = block[module][name]["w"]  # (C_in, C_out)
+            if rank > min(w.shape):  # A @ B cannot have a higher rank than W: r << C is the point
+                raise TinyLLMError(f"--lora-rank {rank} is more than the model's width"
+                                   f" ({min(w.shape)}), the highest rank its weights can have")
             entry.setdefault(module, {})[name] = init_adapter(rng, w.shape[0], w.shape[1], rank,
                                                               w.dtype)
         adapters.append(entry)

@@ -476,17 +476,22 @@ def stored_data_name(data, embedded=EMBEDDED_CORPORA, default=DEFAULT_CORPUS):
     return os.path.abspath(data)
 
 
-def run_corpus(meta, run_dir):
+def run_corpus(meta, run_dir, data=None):
     """The text a run was trained on, read again and returned only if its sha256 matches.
 
     The path comes from the run directory, so it is untrusted: it is read as a regular file of
     bounded size (never a FIFO), and nothing of it is used or shown before the hash matches.
+    `data`, a path the user gives (`--resume --data FILE`), reads the same text from a new
+    place instead: a file that was moved, or a pipe (`--data <(zcat corpus.gz)`) read again.
     """
-    data = meta.get("data")
-    if data is None:  # runs made before the default corpus had a stored name: it was pydoc
-        data = "pydoc"
-    if data in EMBEDDED_CORPORA and not os.path.isabs(data):
+    from_run = data is None
+    if from_run:
+        data = meta.get("data") or "pydoc"  # runs made before the default had a stored name
+    if not from_run or data in EMBEDDED_CORPORA:
         text = load_corpus(data)
+    elif not os.path.exists(data):
+        raise TinyLLMError(f"the data file {data!r} of the run in {run_dir} is gone (moved, or"
+                           " it was a pipe): give it again with --resume --data FILE")
     else:
         text = read_text_file(data, allow_pipe=False)
     if not same_fingerprint(meta.get("data_sha256"), text):
@@ -643,8 +648,9 @@ def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENI
     bidirectional encoder, trained by masked-token prediction: tinyllm/mlm.py); the checkpoint's
     kind records it ("gpt" or "mlm"). With resume=True the model, tokenizer, objective and training
     settings come from the checkpoint; only `max_iters` may be changed (an `objective` given must be
-    the run's); `mask_rate` is the share of positions an MLM step predicts (None: mlm.MASK_RATE,
-    15%; a resumed run keeps its own). Returns a summary dict. The run directory is locked for the
+    the run's), and `data` may say where the run's own text is now (its sha256 is checked);
+    `mask_rate` is the share of positions an MLM step predicts (None: mlm.MASK_RATE, 15%; a
+    resumed run keeps its own). Returns a summary dict. The run directory is locked for the
     whole call. Over MPI (`world`, see tinyllm/distributed.py) rank 0 alone reads the data and the
     run directory and sends the others what they need; the whole job trains one model, and only rank
     0 writes. `fast` takes the hand-written forward and backward of tinyllm/fast.py where it applies
@@ -713,18 +719,22 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
         objective = resumed_objective(ckpt.meta["kind"], objective, out_dir)
         mask_rate = ckpt.meta.get("mask_rate", MASK_RATE)  # runs before the flag: 15%
         check_same_ranks(ckpt.meta, ranks, out_dir)
-        model_config, tokenizer, data = ckpt.model_config, ckpt.tokenizer, ckpt.meta.get("data")
+        model_config, tokenizer = ckpt.model_config, ckpt.tokenizer
         check_resumed_total(max_iters, ckpt.iter, out_dir)
         tc = replace(ckpt.train_config, max_iters=max_iters or ckpt.train_config.max_iters)
         tc.validate()
-        text = run_corpus(ckpt.meta, out_dir)  # checked against its sha256 before any use
+        text = run_corpus(ckpt.meta, out_dir, data)  # checked against its sha256 before any use
+        data = data or ckpt.meta.get("data")
     else:
         tc.validate()
         text = load_corpus(data)
         objective = objective or "clm"
         if objective == "mlm":
             special_tokens = (*special_tokens, MASK_TOKEN)
-        tokenizer = train_tokenizer(tokenizer_kind, text, vocab_size, special_tokens=special_tokens)
+        if tokenizer_kind == "bpe":
+            log(f"tokenizer: learning BPE merges from {len(text):,} characters ...")
+        tokenizer = train_tokenizer(tokenizer_kind, text, vocab_size, special_tokens=special_tokens,
+                                    progress=merges_progress(log))
         model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
     model_config.validate()
     check_memory(gpt_step_bytes(model_config, tc, gpt_param_count(model_config)),
@@ -735,7 +745,7 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
     splits = dict(zip(("train", "val"), train_val_split(ids)))
     for name, split_ids in splits.items():
         check_long_enough(split_ids, model_config.block_size,
-                          f"the {name} split of {data or DEFAULT_CORPUS}")
+                          f"the {name} split of {data or DEFAULT_CORPUS}", tokenizer.kind)
     start_out_dir(out_dir, resume, force)
 
     state = starting_state(out_dir, tc, lambda rng: init_gpt(model_config, rng),
@@ -749,6 +759,23 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
     if objective == "mlm":
         extra["mask_rate"] = mask_rate or MASK_RATE
     return model_config, tc, tokenizer, splits, state, extra, objective
+
+
+def merges_progress(log, every_seconds=5.0):
+    """A progress(done, total) callback for BPE training that logs a line every few seconds.
+
+    1 MB of prose learns its merges in about 4 s, but a text whose words are very long (DNA,
+    say: one run of letters is one chunk, rescanned for every merge) takes minutes.
+    """
+    last = time.perf_counter()
+
+    def progress(done, total):
+        nonlocal last
+        if time.perf_counter() - last >= every_seconds:
+            last = time.perf_counter()
+            log(f"tokenizer: {done:,} of {total:,} merges learned")
+
+    return progress
 
 
 def check_resumed_total(max_iters, done, out_dir):
