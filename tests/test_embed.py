@@ -120,6 +120,18 @@ def test_embed_query_prints_the_k_nearest_lines(clm_run):
     assert len(hits) == 2 and hits[0].startswith("1.000  line 2: Pack my box")
 
 
+def test_embed_shows_its_progress_and_shortens_a_long_neighbour(clm_run, tmp_path):
+    path = tmp_path / "lines.txt"
+    long_line = ("The quick brown fox " * 100).strip()  # 1,999 characters
+    path.write_text(f"Pack my box\n{long_line}\nHow vexingly quick\n", encoding="utf-8")
+    result = invoke("embed", "--checkpoint", clm_run[0], "--data", path, "--query", "quick fox",
+                    "-k", 3)
+    assert result.exit_code == 0, result.output
+    assert "lines embedded: 3/3" in result.stderr
+    hit = next(line for line in result.output.splitlines() if " line 2: " in line)
+    assert hit.endswith("... (1,999 characters)") and len(hit) < 400
+
+
 @pytest.mark.parametrize("content, args, words", [
     ("one\n\nthree\n", ["--out", "{tmp}/v.npy"], ["lines.txt:2", "empty line"]),
     ("one\n", [], ["--out", "--query"]),

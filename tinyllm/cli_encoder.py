@@ -9,10 +9,12 @@ library calls.
 import click
 
 from .cli_common import positive, user_errors
+from .progress import Counting
 from .errors import TinyLLMError
 
 MLM_RUN = "runs/mlm"  # where the examples in the README put an MLM run
 TOP_K = 5  # predictions shown per mask, and neighbours shown per query
+SHOWN_CHARACTERS = 300  # most characters of a neighbouring line printed (a line may be megabytes)
 
 
 @click.command()
@@ -62,12 +64,17 @@ def embed(checkpoint, data, out, query, k):
     if out is None and query is None:
         raise TinyLLMError("give --out FILE to write the vectors, --query TEXT to search them,"
                            " or both")
+    if query is not None and not query.strip():
+        raise TinyLLMError("--query is empty")
     lines = read_lines(data)
     params, config, tokenizer, bidirectional = load_embedder(checkpoint)
+    progress = Counting(len(lines), "lines embedded")
     try:
-        vectors, cut = embed_texts(params, config, tokenizer, lines, bidirectional)
+        vectors, cut = embed_texts(params, config, tokenizer, lines, bidirectional,
+                                   on_batch=progress.update)
     except TinyLLMError as err:
         raise TinyLLMError(f"{data}: {err}") from None
+    progress.close()
     what = "bidirectional encoder" if bidirectional else "causal decoder"
     click.echo(f"{len(lines)} lines -> vectors of {vectors.shape[1]} numbers ({what})", err=True)
     if cut:
@@ -76,9 +83,12 @@ def embed(checkpoint, data, out, query, k):
         save_vectors(out, vectors)
         click.echo(f"vectors written to {out}", err=True)
     if query is not None:
-        if not query.strip():
-            raise TinyLLMError("--query is empty")
         query_vector = embed_texts(params, config, tokenizer, [query], bidirectional)[0][0]
         order, scores = nearest(vectors, query_vector, k)
         for i, score in zip(order, scores):
-            click.echo(f"{score:.3f}  line {i + 1}: {lines[i]}")
+            click.echo(f"{score:.3f}  line {i + 1}: {shortened(lines[i])}")
+
+
+def shortened(line, most=SHOWN_CHARACTERS):
+    """A line as printed: its first `most` characters, and how long it is if it is longer."""
+    return line if len(line) <= most else f"{line[:most]}... ({len(line):,} characters)"

@@ -49,8 +49,12 @@ def window_vectors(params, config, ids, valid, bidirectional):
 
 
 def embed_texts(params, config, tokenizer, texts, bidirectional, batch_size=32,
-                max_windows=MAX_WINDOWS):
-    """One vector per text: (N, C) float32, and the number of texts cut after max_windows."""
+                max_windows=MAX_WINDOWS, on_batch=None):
+    """One vector per text: (N, C) float32, and the number of texts cut after max_windows;
+    on_batch(texts done), if given, after each batch.
+
+    The texts go through longest first, as in finetune.predict_windows: a batch is cut to its
+    longest window, so sorted batches pad little. The rows come back in the texts' order."""
     seqs = []
     for number, text in enumerate(texts, 1):
         if not text:
@@ -60,12 +64,15 @@ def embed_texts(params, config, tokenizer, texts, bidirectional, batch_size=32,
         except TinyLLMError as err:
             raise TinyLLMError(f"text {number}: {err}") from None
     windows, _, cut = make_windows(seqs, config.block_size, max_windows)
-    out = []
+    vectors = onp.zeros((windows.n_texts, config.n_embd), onp.float32)
+    longest_first = onp.argsort(-windows.valid[windows.first].sum(axis=1), kind="stable")
     for start in range(0, windows.n_texts, batch_size):
-        texts_here = onp.arange(start, min(start + batch_size, windows.n_texts))
+        texts_here = longest_first[start:start + batch_size]
         ids, valid, assign = windows.batch(texts_here)  # (W, T), (W, T), (B, W)
-        out.append(assign @ window_vectors(params, config, ids, valid, bidirectional))  # (B, C)
-    return onp.concatenate(out).astype(onp.float32), cut
+        vectors[texts_here] = assign @ window_vectors(params, config, ids, valid, bidirectional)
+        if on_batch:
+            on_batch(start + len(texts_here))
+    return vectors, cut
 
 
 def cosine_similarity(vectors, query):
