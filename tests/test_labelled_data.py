@@ -80,9 +80,18 @@ def test_a_byte_order_mark_is_dropped_and_a_bad_byte_named_by_its_line(tmp_path)
     assert read_classification(str(path)) == [("hello", "ham")]
 
 
-def test_missing_file():
-    with pytest.raises(TinyLLMError, match="not found"):
-        read_classification("/nonexistent/x.csv")
+@pytest.mark.parametrize("reader", [read_classification, read_instructions])
+def test_a_file_that_cannot_be_read_is_named_for_what_it_is(tmp_path, reader):
+    for missing in ("/nonexistent/x.csv", "/nonexistent/data"):  # not "unknown format"
+        with pytest.raises(TinyLLMError, match="not found"):
+            reader(missing)
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(TinyLLMError, match="not a regular file"):  # never waits for a writer
+        reader(str(fifo))
+    (tmp_path / "x.csv").write_bytes(b"text,label\nhi\x00there,a\n")
+    with pytest.raises(TinyLLMError, match="looks binary"):
+        reader(str(tmp_path / "x.csv"))
 
 
 def test_single_class_is_an_error():

@@ -32,9 +32,9 @@ import sysconfig
 import numpy as onp
 
 from .data import (file_docstrings, module_name, prose_paragraphs, stdlib_docstrings_corpus,
-                   stdlib_functions, stdlib_python_files)
+                   read_text_file, stdlib_functions, stdlib_python_files)
 from .errors import TinyLLMError
-from .fileio import decode_utf8, split_lines
+from .fileio import split_lines
 
 UNK_TOKEN = "<|unk|>"  # the char tokenizer's fallback token, added at fine-tuning time
 SPLIT_CLASSIFY = (0.7, 0.1, 0.2)  # train / validation / test
@@ -45,14 +45,10 @@ SPLIT_INSTRUCT = (0.85, 0.05, 0.10)
 
 
 def _read_text(path):
-    """The text of a UTF-8 data file (a byte-order mark dropped), with one-line errors."""
-    if not os.path.isfile(path):
-        raise TinyLLMError(f"data file {path!r} not found")
-    with open(path, "rb") as f:
-        text = decode_utf8(f.read(), path)
-    if not text.strip():
-        raise TinyLLMError(f"data file {path!r} is empty")
-    return text
+    """The text of a UTF-8 data file (a byte-order mark dropped), read as pretraining text is
+    (data.read_text_file: its size bounded before it is read), with one-line errors. A pipe is
+    refused: a fine-tuning run hashes its data files, to read them again on --resume."""
+    return read_text_file(path, allow_pipe=False).removeprefix("\ufeff")
 
 
 def _format_of(path):
@@ -122,8 +118,8 @@ def _rows_csv(text, path):
 def read_classification(path, text_column=None, label_column=None):
     """Read (text, label) pairs from a .csv, .tsv, .jsonl or .json (an array) file; errors name
     file:line (or record)."""
+    text = _read_text(path)  # first: a missing file is "not found", whatever its name
     fmt = _format_of(path)
-    text = _read_text(path)
     if fmt in ("jsonl", "json"):
         return [(_str_field(rec, text_column or "text", path, n),
                  _str_field(rec, label_column or "label", path, n))
@@ -227,8 +223,8 @@ def read_instructions(path):
     """Read instruction records from a JSON array or JSONL file: a list of dicts with string
     "instruction", "input" ("" when absent) and "output", and "line": where the record starts
     in the file (1-based). Errors name file:line."""
+    text = _read_text(path)  # first: a missing file is "not found", whatever its name
     fmt = _format_of(path)
-    text = _read_text(path)
     if fmt not in ("jsonl", "json") and not text.lstrip().startswith("["):
         raise TinyLLMError(f"{path}: instruction data must be a JSON array or JSONL")
     numbered = _json_records(text, path)
