@@ -333,3 +333,12 @@ def test_bad_special_tokens_are_errors():
         CharTokenizer.train(CHAR_TEXT, special_tokens=[EOT, EOT])
     with pytest.raises(TinyLLMError, match="not the string"):
         BPETokenizer.train(CHAR_TEXT, 300, special_tokens=EOT)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_text_utf8_cannot_hold_is_named_for_what_it_is(kind):
+    tok = train_tokenizer(kind, "hello world, hello there\n" * 20, 300)
+    with pytest.raises(TinyLLMError, match=r"byte 0xe9 at position 3, which is not UTF-8"):
+        tok.encode("hel\udce9")  # how Python reads the byte 0xe9 of a Latin-1 command line
+    with pytest.raises(TinyLLMError, match="unpaired surrogate"):
+        tok.encode("he\ud800")

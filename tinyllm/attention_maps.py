@@ -302,10 +302,10 @@ def select_heads(maps, layer=None, head=None):
     n_layer, n_head = maps.shape[:2]
     layer = n_layer - 1 if layer is None else layer
     if not 0 <= layer < n_layer:
-        raise TinyLLMError(f"--layer {layer} is out of range: the model has {n_layer} layers"
-                           f" (0 to {n_layer - 1})")
+        raise TinyLLMError(f"--layer {layer} is out of range: the model has {n_layer}"
+                           f" layer{'s' * (n_layer != 1)} (0 to {n_layer - 1})")
     if head is not None and not 0 <= head < n_head:
-        raise TinyLLMError(f"--head {head} is out of range: each layer has {n_head} heads"
-                           f" (0 to {n_head - 1})")
+        raise TinyLLMError(f"--head {head} is out of range: each layer has {n_head}"
+                           f" head{'s' * (n_head != 1)} (0 to {n_head - 1})")
     heads = range(n_head) if head is None else [head]
     return [(f"layer {layer}, head {h}", maps[layer, h]) for h in heads]

@@ -146,6 +146,10 @@ def _check_utf8_encodable(text):
         text.encode("utf-8")
     except UnicodeEncodeError as error:
         bad = text[error.start]
+        if "\udc80" <= bad <= "\udcff":  # how Python reads a byte of a command line not in UTF-8
+            raise TinyLLMError(f"text has byte 0x{ord(bad) - 0xdc00:02x} at position"
+                               f" {error.start}, which is not UTF-8: type or save it as UTF-8"
+                               ) from None
         raise TinyLLMError(
             f"text has character {bad!r} at position {error.start}, "
             "an unpaired surrogate that UTF-8 cannot encode") from None
@@ -196,6 +200,7 @@ class CharTokenizer:
         try:
             return [self._id_of[c] for c in text]
         except KeyError:
+            _check_utf8_encodable(text)  # a byte that is not UTF-8 is named as one
             position = next(i for i, c in enumerate(text) if c not in self._id_of)
             raise TinyLLMError(
                 f"text has character {text[position]!r} at position {position} that the char "
