@@ -95,3 +95,21 @@ def test_translate_texts_is_the_search_it_names_decoded(seed, k, texts):
             ids = beam_search(params, CONFIG, src, bos, eos, 5, beam_size=k, alpha=0.6)
         assert out == tok.decode([i for i in ids if i not in hidden])
         assert len(out) <= 5 and not any(name in out for name in SEQ2SEQ_SPECIAL_TOKENS)
+
+
+def test_without_max_len_a_translation_stops_at_twice_its_source_plus_50(monkeypatch):
+    """A model that never says <eos> must not decode a huge context's every step."""
+    from tinyllm import decoding
+
+    asked = []
+    monkeypatch.setattr(decoding, "greedy_decode",
+                        lambda *args, **kw: asked.append(args[6]) or [[5]] * len(args[2]))
+    monkeypatch.setattr(decoding, "beam_search", lambda *args, **kw: asked.append(args[5]) or [5])
+    tok = TEXT_TOKENIZER
+    for block_size, beam, max_len, want in [(1 << 20, 1, None, 2 * 4 + 50),
+                                            (1 << 20, 3, None, 2 * 4 + 50),
+                                            (8, 1, None, 7), (1 << 20, 1, 500, 500)]:
+        config = Seq2SeqConfig(**{**CONFIG.__dict__, "block_size": block_size})
+        translate_texts(None, config, tok, ["ab", "abcd"], beam_size=beam, max_len=max_len)
+        assert set(asked) == {want}, (block_size, beam, asked)
+        asked.clear()

@@ -131,7 +131,8 @@ def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_em
 @click.option("--length-penalty", default=0.6, callback=non_negative,
               help="Beam search length penalty alpha in ((5 + n) / 6)^alpha (0: none).")
 @click.option("--max-len", default=None, type=int, callback=positive,
-              help="Most tokens to generate.  [default: the model's block size - 1]")
+              help="Most tokens to generate.  [default: the model's block size - 1, at most"
+                   " twice the longest source plus 50]")
 @click.option("--show", default=5, callback=count, help="With --data: how many translations to print.")
 @no_cache_option
 @user_errors

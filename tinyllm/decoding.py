@@ -123,6 +123,14 @@ def beam_search(params, config, src_ids, bos, eos, max_len, beam_size=4, alpha=0
     return max(pool, key=lambda h: h[1] / length_penalty(len(h[0]) + 1, alpha))[0]
 
 
+def default_max_len(block_size, sources):
+    """The most tokens a translation may have without --max-len: the context allows block_size
+    - 1, but no more than twice the longest source plus 50. A model that never emits <eos> (one
+    barely trained, or a run from elsewhere whose context is huge: fixed position encodings
+    cost nothing in its weights file) would otherwise decode all block_size - 1 steps."""
+    return min(block_size - 1, 2 * max((len(s) for s in sources), default=0) + 50)
+
+
 def translate_texts(params, config, tokenizer, texts, wheres=None, beam_size=1, alpha=0.6,
                     max_len=None, chunk=256, use_cache=True):
     """Translate source texts; greedy (batched) for beam_size 1, else beam search per text
@@ -137,7 +145,7 @@ def translate_texts(params, config, tokenizer, texts, wheres=None, beam_size=1, 
     for ids, where in zip(sources, wheres):
         if not ids:
             raise TinyLLMError(f"{where}: the source is empty: nothing to translate")
-    max_len = max_len or config.block_size - 1
+    max_len = max_len or default_max_len(config.block_size, sources)
     if beam_size > 1:
         ids = [beam_search(params, config, s, special[BOS], special[EOS], max_len, beam_size, alpha,
                            use_cache) for s in sources]
