@@ -133,6 +133,29 @@ def test_dedupe_drops_repeats_before_the_split_and_across_given_files(base, tsv,
     assert (report["examples"]["val"], report["examples"]["test"]) == (1, 1)
 
 
+def test_resume_reads_a_moved_data_file_from_where_data_says(base, tsv, tmp_path):
+    data = tmp_path / "reviews.tsv"
+    data.write_bytes(open(tsv, "rb").read())
+    out = str(tmp_path / "run")
+    assert run(["finetune", "classify", "--checkpoint", base, "--data", str(data), "--out", out]
+               + FAST).exit_code == 0
+    moved = tmp_path / "elsewhere.tsv"
+    data.rename(moved)
+    gone = run(["finetune", "classify", "--out", out, "--resume", "--max-iters", "6"])
+    assert gone.exit_code == 1
+    assert "is gone (moved or renamed?): give it again with --resume --data FILE" in gone.output
+    other = tmp_path / "other.tsv"
+    other.write_text("label\ttext\npos\tsomething else\n", encoding="utf-8")
+    changed = run(["finetune", "classify", "--out", out, "--resume", "--max-iters", "6",
+                   "--data", str(other)])
+    assert changed.exit_code == 1 and "changed since it began" in changed.output
+    found = run(["finetune", "classify", "--out", out, "--resume", "--max-iters", "6",
+                 "--data", str(moved)])
+    assert found.exit_code == 0, found.output
+    assert "not used" not in found.stderr
+    assert load_checkpoint(out, kind="classifier").meta["finetune"]["data"] == str(moved)
+
+
 def test_an_unknown_label_is_named_with_the_file_it_is_in(base, tsv, tmp_path):
     val, test = tmp_path / "val.tsv", tmp_path / "test.tsv"
     val.write_text("label\ttext\nmaybe\tsome text\n", encoding="utf-8")

@@ -15,8 +15,8 @@ from .cli_common import (count, fraction, no_cache_option, non_negative,
 from .distributed import abort_on_error
 from .errors import TinyLLMError
 from .finetune import DEFAULT_POOLING, POOLINGS
-from .finetune_runs import (ClassifySettings, InstructSettings, classify_texts, format_accuracies,
-                            format_confusion, load_classifier, run_classify,
+from .finetune_runs import (DATA_FLAGS, ClassifySettings, InstructSettings, classify_texts,
+                            format_accuracies, format_confusion, load_classifier, run_classify,
                             run_instruct, score_file)
 from .train import prepare_out_dir
 
@@ -68,7 +68,8 @@ def training_options(settings_cls):
                      help="Seed for the split, initialisation and batches."),
         click.option("--resume", is_flag=True,
                      help="Continue the run in --out with its own settings (only --max-iters may"
-                          " change)."),
+                          " change; --data, --val-data or --test-data may say where a file of"
+                          " the run is now, if it was moved: its sha256 must match)."),
         click.option("--force", is_flag=True, help="Overwrite an existing run in --out."),
     ]
 
@@ -168,7 +169,7 @@ def finetune_classify(out, resume, force, **flags):
     and per-class precision/recall, written to OUT/metrics.json.
     """
     if resume:
-        note_flags_resume_ignores({"out", "resume", "max_iters"})
+        note_flags_resume_ignores({"out", "resume", "max_iters", *DATA_FLAGS})
     check_lora_flags(flags, resume)
     report = run_on_every_rank(run_classify, out, settings_from_flags(ClassifySettings, flags),
                                resume, force, flags["max_iters"] if _given("max_iters") else None)
@@ -208,7 +209,7 @@ def finetune_instruct(out, resume, force, no_cache, **flags):
     token F1 to OUT/metrics.json.
     """
     if resume:
-        note_flags_resume_ignores({"out", "resume", "max_iters", "no_cache"})
+        note_flags_resume_ignores({"out", "resume", "max_iters", "no_cache", *DATA_FLAGS})
     check_lora_flags(flags, resume)
     report = run_on_every_rank(run_instruct, out, settings_from_flags(InstructSettings, flags),
                                resume, force, flags["max_iters"] if _given("max_iters") else None,

@@ -233,8 +233,25 @@ def data_fingerprints(settings):
     return out
 
 
+DATA_FLAGS = ("data", "val_data", "test_data")
+
+
+def with_moved_data(stored, given):
+    """The run's own settings, with each data file the command names again (`--resume --data
+    FILE`, likewise --val-data, --test-data) read from there: a file moved since the run began.
+    check_data_unchanged then holds it to the run's sha256, and the next checkpoint stores it."""
+    moved = {name: getattr(given, name) for name in DATA_FLAGS if given and getattr(given, name)}
+    return replace(stored, **moved)
+
+
 def check_data_unchanged(ckpt, settings):
     """--resume trains on the data the run began with, or not at all."""
+    for name in DATA_FLAGS:
+        path = getattr(settings, name)
+        if path and not os.path.lexists(path):
+            flag = "--" + name.replace("_", "-")
+            raise TinyLLMError(f"--resume: the run's {flag} file {path!r} is gone (moved or"
+                               f" renamed?): give it again with --resume {flag} FILE")
     if ckpt.meta.get("data_files_sha256", {}) != data_fingerprints(settings):
         raise TinyLLMError(f"--resume: the data file(s) of this run changed since it began"
                            f" ({settings.data}); start a new run instead")
@@ -603,7 +620,8 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     """Fine-tune a classifier end to end; writes the run directory and returns the report dict.
 
     `settings` (ClassifySettings) is ignored with resume=True, where the run's own settings are
-    read back; `max_iters` then sets a new total."""
+    read back, except for data files it names (see with_moved_data); `max_iters` then sets a new
+    total."""
     # 1. settings
     prepare_out_dir(out, resume, force)
     ckpt = load_checkpoint(out, with_optimizer=True, kind="classifier") if resume else None
@@ -613,6 +631,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
          else (settings or ClassifySettings())).validate()
     # 2. data (a resumed run's files are checked against their sha256 before they are parsed)
     if resume:
+        s = with_moved_data(s, settings)
         check_data_unchanged(ckpt, s)
     train, val, test, dropped = load_classification_splits(s)
     n_read = len(train)
@@ -894,7 +913,8 @@ def inference_params(params, config):
 def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, log=print,
                  use_cache=True, world=SINGLE_PROCESS):
     """Instruction-tune a GPT; writes the run directory, responses.jsonl and metrics.json.
-    (`use_cache=False` generates the test responses without the key/value cache.)"""
+    (`use_cache=False` generates the test responses without the key/value cache.) With
+    resume=True `settings` is read as run_classify reads it."""
     # 1. settings
     prepare_out_dir(out, resume, force)
     ckpt = load_checkpoint(out, with_optimizer=True, kind=("gpt", "gpt-lora")) if resume else None
@@ -906,6 +926,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
          else (settings or InstructSettings())).validate()
     # 2. data (a resumed run's files are checked against their sha256 before they are parsed)
     if resume:
+        s = with_moved_data(s, settings)
         check_data_unchanged(ckpt, s)
     train, val, test = instruct_splits(s)
     # 3. model
