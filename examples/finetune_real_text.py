@@ -76,8 +76,8 @@ def paired_gap(pretrained, random_init):
 def classify(args, out):
     nb = []
     for seed in args.seeds:
-        train, val, test, _ = load_classification_splits(ClassifySettings(data=args.data, seed=seed))
-        nb.append(naive_bayes_accuracy(train + val, test))
+        splits = load_classification_splits(ClassifySettings(data=args.data, seed=seed))
+        nb.append(naive_bayes_accuracy(splits.train + splits.val, splits.test))
         print(f" naive Bayes, seed {seed}: test accuracy {nb[-1]:.3f}")
     means, accuracies = {"naive Bayes": sum(nb) / len(nb)}, {}
     for name, random_init in (("pretrained", False), ("random init", True)):

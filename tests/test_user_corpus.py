@@ -96,8 +96,8 @@ def test_a_text_too_short_for_bpe_names_the_vocab_size(tmp_path, data):
     # 190 validation characters fill a 64-token context, but BPE merges them into 45 tokens:
     # a smaller vocabulary is a remedy the message must name
     with pytest.raises(TinyLLMError, match=r"has 45 tokens, fewer .* smaller --vocab-size"):
-        pretrain(replace(MODEL, block_size=64), TRAIN, str(tmp_path / "run"), data=data, tokenizer_kind="bpe",
-                 vocab_size=2048, log=lambda line: None)
+        pretrain(replace(MODEL, block_size=64), TRAIN, str(tmp_path / "run"), data=data,
+                 tokenizer_kind="bpe", vocab_size=2048, log=lambda line: None)
     with pytest.raises(TinyLLMError) as char_error:
         pretrain(replace(MODEL, block_size=256), TRAIN, str(tmp_path / "run"), data=data,
                  tokenizer_kind="char", log=lambda line: None)
