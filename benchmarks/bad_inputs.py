@@ -6,7 +6,7 @@ Each case runs one `python cli.py ...` command in a subprocess (under `strace` w
 has it, to see every file the command opens) with a 60 s limit, and counts:
 
 * tracebacks (any "Traceback" on stderr) and hangs (the time limit reached),
-* the exit code and the last line of output (a one-line `Error: ...` is the goal),
+* the exit code and the `Error: ...` line of the output (one such line is the goal),
 * opens of the files a crafted run directory points at outside itself (/etc/passwd, a secret
   file beside the run, /dev/zero, a FIFO), and whether any of them changed.
 
@@ -120,8 +120,8 @@ def cases(root):
     yield "--epochs nan", flags("finetune", "classify", "--epochs", "nan"), False
     yield "--epochs inf", flags("finetune", "instruct", "--epochs", "inf"), False
     yield "--min-lr nan", flags("pretrain", "--min-lr", "nan"), False
-    yield "--lora-alpha -1", flags("finetune", "classify", "--lora-alpha", "-1",
-                                   "--out", os.path.join(root, "ft")), False
+    yield "--lora-alpha -1", flags("finetune", "classify", "--lora-rank", "2", "--lora-alpha",
+                                   "-1", "--out", os.path.join(root, "ft")), False
     yield "--max-new-tokens -1", flags("generate", "--max-new-tokens", "-1"), False
     yield "--length-penalty nan", flags("seq2seq", "translate", "x", "--length-penalty", "nan"), False
     yield "--batch-size 5000000", flags("pretrain", "--batch-size", "5000000"), False
@@ -153,6 +153,11 @@ def cases(root):
     yield "config.json wrong types", crafted(lambda o: edit(o, iter="2")), False
     yield "config.json huge model", crafted(lambda o: edit(o, model={
         **edit(o)["model"], "n_embd": 1 << 20, "n_head": 1})), False
+    yield "config.json block_size 2^30", crafted(lambda o: edit(o, model={
+        **edit(o)["model"], "block_size": 1 << 30})), False
+    yield "config.json grad_accum 10^9 (resume)", crafted(lambda o: edit(o, train={
+        **edit(o)["train"], "grad_accum": 10**9}),
+        ("pretrain", "--out", run_dir, "--resume", "--max-iters", "4")), False
     yield "hostile BPE pattern", crafted(lambda o: (tokenizer_field("type", "bpe")(o),
                                                     tokenizer_field("pattern", "(a+)+$")(o),
                                                     tokenizer_field("merges", [])(o))), False
@@ -229,12 +234,13 @@ def main():
         code, output, opened = run(command, root)
         seconds = time.perf_counter() - t0
         lines = output.strip().splitlines()
-        last = lines[-1] if lines else ""
+        errors = [line for line in lines if line.startswith("Error:")]  # progress lines may come too
+        last = errors[0] if errors else lines[-1] if lines else ""
         touched = sorted({p for p in opened if p in planted})
         changed = open(secret, "rb").read() != before
         tracebacks += "Traceback" in output
         hangs += code == "hang"
-        one_line += code in (1, 2) and last.startswith("Error:")
+        one_line += code in (1, 2) and len(errors) == 1
         if touched or changed:
             by_design += designed
             outside += not designed
