@@ -204,10 +204,13 @@ def settings_from_run(ckpt, cls, max_iters, out_dir):
     return replace(settings, max_iters=max_iters) if max_iters else settings
 
 
+DATA_FLAGS = ("data", "val_data", "test_data")  # the settings that name a run's data files
+
+
 def stored_settings(settings):
     """Settings as config.json keeps them: data paths made absolute, so that --resume does not
     depend on the directory it is run from."""
-    paths = {k: os.path.abspath(v) for k in ("data", "val_data", "test_data", "checkpoint")
+    paths = {k: os.path.abspath(v) for k in (*DATA_FLAGS, "checkpoint")
              if (v := getattr(settings, k))}
     return dataclasses.asdict(replace(settings, **paths))
 
@@ -221,7 +224,7 @@ def data_fingerprints(settings):
     A path stored in a run directory is untrusted: only a regular file is read (never a FIFO or
     a device), in 1 MiB pieces, so hashing needs no more memory than that."""
     out = {}
-    for name in ("data", "val_data", "test_data"):
+    for name in DATA_FLAGS:
         path = getattr(settings, name)
         if path:
             fd, _ = open_regular(path, "data file")
@@ -231,9 +234,6 @@ def data_fingerprints(settings):
                     digest.update(piece)
             out[name] = digest.hexdigest()
     return out
-
-
-DATA_FLAGS = ("data", "val_data", "test_data")
 
 
 def with_moved_data(stored, given):
