@@ -73,6 +73,7 @@ def test_translate_text_and_score_file(trained_run, pairs_file):
                     "--beam-size", 2, "--max-len", 6, "--show", 2)
     assert result.exit_code == 0, result.output
     assert "30 pairs: exact match" in result.output and "BLEU-4" in result.output
+    assert "pairs translated: 30/30" in result.stderr  # progress: a beam search per pair
 
 
 def test_resume_continues_bit_for_bit(tmp_path, pairs_file):

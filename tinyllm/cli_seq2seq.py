@@ -14,6 +14,7 @@ from .cli_common import (count, fraction, no_cache_option, non_negative,
 from .config import TrainConfig
 from .decoding import translate_texts
 from .errors import TinyLLMError
+from .progress import Counting
 from .seq2seq import POSITIONS, Seq2SeqConfig
 from .seq2seq_data import read_pairs
 from .seq2seq_run import (EVAL_EXAMPLES, LABEL_SMOOTHING, SCHEDULE, SCHEDULES, SEQ2SEQ_RUN,
@@ -148,8 +149,11 @@ def translate_command(texts, checkpoint, data, beam_size, length_penalty, max_le
             click.echo(output)
     if data:
         pairs = read_pairs(data)
+        progress = Counting(len(pairs), "pairs translated")
         outputs = translate_texts(ckpt.params, ckpt.model_config, ckpt.tokenizer,
-                                  [p.source for p in pairs], [p.where for p in pairs], **args)
+                                  [p.source for p in pairs], [p.where for p in pairs], **args,
+                                  on_done=progress.update)
+        progress.close()
         references = [p.target for p in pairs]
         for pair, output in list(zip(pairs, outputs))[:show]:
             click.echo(f"{pair.source} -> {output}  (reference: {pair.target})")

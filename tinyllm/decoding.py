@@ -132,13 +132,15 @@ def default_max_len(block_size, sources):
 
 
 def translate_texts(params, config, tokenizer, texts, wheres=None, beam_size=1, alpha=0.6,
-                    max_len=None, chunk=256, use_cache=True):
+                    max_len=None, chunk=256, use_cache=True, on_done=None):
     """Translate source texts; greedy (batched) for beam_size 1, else beam search per text
     (on the key/value cache unless use_cache is False).
 
     `wheres` names each text in error messages (a text with an unknown character or one longer
-    than the context is reported, not truncated).
+    than the context is reported, not truncated). on_done(texts translated), if given, after each
+    text a beam search translates and each chunk greedy decoding does.
     """
+    on_done = on_done or (lambda done: None)
     special = tokenizer.special_tokens
     wheres = wheres or [f"text {i + 1}" for i in range(len(texts))]
     sources = [encode_source(tokenizer, t, config.block_size, w) for t, w in zip(texts, wheres)]
@@ -146,15 +148,18 @@ def translate_texts(params, config, tokenizer, texts, wheres=None, beam_size=1, 
         if not ids:
             raise TinyLLMError(f"{where}: the source is empty: nothing to translate")
     max_len = max_len or default_max_len(config.block_size, sources)
+    ids = []
     if beam_size > 1:
-        ids = [beam_search(params, config, s, special[BOS], special[EOS], max_len, beam_size, alpha,
-                           use_cache) for s in sources]
+        for s in sources:
+            ids.append(beam_search(params, config, s, special[BOS], special[EOS], max_len,
+                                   beam_size, alpha, use_cache))
+            on_done(len(ids))
     else:
-        ids = []
         for start in range(0, len(sources), chunk):
             part = sources[start:start + chunk]
             src, src_valid = make_arrays(part, [[]] * len(part), special)[:2]
             ids += greedy_decode(params, config, src, src_valid, special[BOS], special[EOS], max_len,
                                  use_cache)
+            on_done(len(ids))
     hidden = set(special.values())  # <pad>/<bos> never belong in an output text
     return [tokenizer.decode([i for i in row if i not in hidden]) for row in ids]
