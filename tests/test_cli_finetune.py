@@ -344,6 +344,8 @@ def test_classify_trains_on_case_copies_of_the_training_texts_only(base, tsv, tm
     assert report["case_copies"] == 2 * n and report["examples"]["train"] == 3 * n
     assert report["windowed_texts"] == 1 and report["fallback_characters"] == 30  # not 3 and 90
     assert f"{n} train (+ {2 * n} case copies)" in result.output
+    scored = n + len(val) + len(test)  # the accuracies are of the records: copies not scored
+    assert result.stderr.count(f"texts scored: {scored}/{scored}") == 2  # before and after
     seen.clear()
     result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--out",
                   str(tmp_path / "none"), "--no-case-copies"] + FAST)

@@ -276,6 +276,10 @@ class Windows:
     def n_texts(self):
         return len(self.first)
 
+    def head(self, n):
+        """The first n texts (a training split's records, without the case copies after them)."""
+        return Windows(self.ids, self.valid, self.first[:n], self.count[:n])
+
     def batch(self, texts):
         """(ids, valid, assign) for the texts at indices `texts` (B,): their windows stacked
         (W_b, T'), cut to the longest real window among them, and assign (B, W_b), the averaging

@@ -549,15 +549,29 @@ def accuracy(params, config, windows, y, on_batch=None):
     return float((pred == y).mean()) if len(y) else 0.0, pred
 
 
-def classify_report(params, config, labels, sets):
-    """Accuracy per split, and the test split's confusion matrix and per-class precision/recall."""
-    accs, pred = {}, None
+def classify_report(params, config, labels, sets, on_batch=None):
+    """Accuracy per split, and the test split's confusion matrix and per-class precision/recall;
+    on_batch(texts scored so far, over all splits), if given, as the scoring goes."""
+    accs, pred, scored = {}, None, 0
     for name, (windows, y) in sets.items():
-        accs[name], p = accuracy(params, config, windows, y)
+        counted = (lambda done, before=scored: on_batch(before + done)) if on_batch else None
+        accs[name], p = accuracy(params, config, windows, y, on_batch=counted)
+        scored += len(y)
         if name == "test":
             pred = p
     matrix = confusion_matrix(sets["test"][1], pred, len(labels))
     return accs, matrix, per_class_stats(matrix, labels)
+
+
+def scored_with_progress(params, config, labels, sets, n_read):
+    """classify_report on the records read (a training split's case copies are trained on, not
+    scored), with a line on stderr of how many texts are scored: minutes for a large file."""
+    windows, y = sets["train"]
+    sets = {**sets, "train": (windows.head(n_read), y[:n_read])}
+    progress = Counting(sum(len(y) for _, y in sets.values()), "texts scored")
+    report = classify_report(params, config, labels, sets, on_batch=progress.update)
+    progress.close()
+    return report
 
 
 def per_class_stats(matrix, labels):
@@ -666,7 +680,8 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
             " word in the training split (the data repeats records); a text trained on flatters"
             " the accuracy measured on it (--dedupe drops repeats)")
     # 5. score before
-    before = ckpt.meta["before"] if resume else classify_report(params, config, labels, sets)[0]
+    before = (ckpt.meta["before"] if resume
+              else scored_with_progress(params, config, labels, sets, n_read)[0])
     log("accuracy before fine-tuning: " + format_accuracies(before))
     # 6. train
     start_out_dir(out, resume, force)
@@ -693,7 +708,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     seconds = time.perf_counter() - t0
     finish_with_best(out, params, state, paths, save_full, best)
     # 7. score after and report
-    after, matrix, per_class = classify_report(params, config, labels, sets)
+    after, matrix, per_class = scored_with_progress(params, config, labels, sets, n_read)
     report = {"task": "classify", "labels": labels, "arch": config.arch, "pooling": config.pooling,
               "freeze": s.freeze, "lora_rank": config.lora_rank,
               "base": s.checkpoint, "random_init": bool(s.random_init or s.checkpoint is None),
