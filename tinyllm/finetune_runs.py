@@ -201,7 +201,8 @@ def settings_from_run(ckpt, cls, max_iters, out_dir):
     except TypeError:
         raise TinyLLMError("--resume: the run's config.json has a \"finetune\" setting of the"
                            " wrong type") from None
-    return replace(settings, max_iters=max_iters) if max_iters else settings
+    # a new total in steps replaces the run's --epochs, which would otherwise set it again
+    return replace(settings, max_iters=max_iters, epochs=None) if max_iters else settings
 
 
 DATA_FLAGS = ("data", "val_data", "test_data")  # the settings that name a run's data files
@@ -686,8 +687,8 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     # 6. train
     start_out_dir(out, resume, force)
     tc = make_train_config(s, len(train))
-    if resume:
-        tc = replace(ckpt.train_config, max_iters=s.max_iters)
+    if resume:  # the run's own config, to the total its --epochs or --max-iters set
+        tc = replace(ckpt.train_config, max_iters=tc.max_iters)
     check_step_memory(config, tc, s.max_windows)
     paths = trainable_paths(params, s.freeze, config.n_layer)
     log_trainable(params, paths, f"LoRA rank {config.lora_rank}: adapters and head"
@@ -977,8 +978,8 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     # 6. train
     start_out_dir(out, resume, force)
     tc = make_train_config(s, len(arrays["train"][0]))
-    if resume:
-        tc = replace(ckpt.train_config, max_iters=s.max_iters)
+    if resume:  # as for classification
+        tc = replace(ckpt.train_config, max_iters=tc.max_iters)
     check_step_memory(config, tc, 1)
     flat = flatten(params)
     paths = [p for p in flat if p.startswith("lora.")] if "lora" in params else list(flat)

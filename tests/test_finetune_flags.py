@@ -1,0 +1,66 @@
+"""Flags of `tinyllm finetune classify|instruct` and `tinyllm classify` in combination: each
+is used, refused in one line, or noted, never dropped unseen."""
+
+import json
+import os
+
+import numpy as onp
+import pytest
+from click.testing import CliRunner
+
+from tinyllm.checkpoint import save_checkpoint
+from tinyllm.cli import main
+from tinyllm.config import GPTConfig, TrainConfig
+from tinyllm.models import init_gpt
+from tinyllm.optim import adamw_init
+from tinyllm.tokenizers import CharTokenizer
+from tinyllm.train import SPECIAL_TOKENS
+
+TINY = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=16, bias=False)
+FAST = ["--eval-interval", "2", "--batch-size", "4", "--no-case-copies"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny 'pretrained' checkpoint: random weights, a char tokenizer, two blocks."""
+    out = str(tmp_path_factory.mktemp("base"))
+    tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz0123456789 ", special_tokens=SPECIAL_TOKENS)
+    config = GPTConfig(**{**TINY.__dict__, "vocab_size": tok.vocab_size})
+    rng = onp.random.default_rng(0)
+    params = init_gpt(config, rng)
+    save_checkpoint(out, params, adamw_init(params), rng.bit_generator.state, config, TrainConfig(),
+                    tok, 0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def csv_file(tmp_path_factory):
+    """20 labelled rows with a header, label first."""
+    path = tmp_path_factory.mktemp("data") / "spam.csv"
+    rows = ["label,text"] + [f"{'spam' if i % 2 else 'ham'},message {i} {'buy' * (i % 2)}"
+                             for i in range(20)]
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def report(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)
+
+
+def test_resume_of_an_epochs_run_keeps_the_total_its_epochs_set(base, csv_file, tmp_path):
+    out = tmp_path / "run"
+    done = run("finetune", "classify", "--checkpoint", base, "--data", csv_file, "--out", out,
+               "--epochs", "1", *FAST)  # 14 training rows / batch 4: 4 steps
+    assert done.exit_code == 0, done.output
+    assert report(out)["iterations"] == 4
+    again = run("finetune", "classify", "--out", out, "--resume")
+    assert again.exit_code == 0, again.output
+    assert report(out)["iterations"] == 4  # not --max-iters' default of 300
+    longer = run("finetune", "classify", "--out", out, "--resume", "--max-iters", "6")
+    assert longer.exit_code == 0, longer.output
+    assert report(out)["iterations"] == 6  # a new total in steps replaces the epochs
