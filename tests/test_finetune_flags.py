@@ -64,3 +64,17 @@ def test_resume_of_an_epochs_run_keeps_the_total_its_epochs_set(base, csv_file, 
     longer = run("finetune", "classify", "--out", out, "--resume", "--max-iters", "6")
     assert longer.exit_code == 0, longer.output
     assert report(out)["iterations"] == 6  # a new total in steps replaces the epochs
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--freeze", "all-but-3"], "--freeze all-but-3: the model has 2 blocks"),
+    (["--freeze", "all-but-x"], "--freeze must be none, all or all-but-N, got 'all-but-x'"),
+    (["--freeze", "all", "--lora-rank", "2"], "--freeze all does nothing with --lora-rank"),
+])
+def test_a_freeze_that_cannot_apply_is_refused_before_the_base_model_is_scored(
+        base, csv_file, tmp_path, flags, message):
+    result = run("finetune", "classify", "--checkpoint", base, "--data", csv_file,
+                 "--out", tmp_path / "run", *FAST, *flags)
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1 and last.startswith("Error: ") and message in last, result.output
+    assert "accuracy before" not in result.output

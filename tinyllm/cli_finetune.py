@@ -86,11 +86,14 @@ def _given(name):
 
 
 def check_lora_flags(flags, resume):
-    """--lora-alpha scales the adapters that only --lora-rank makes: refuse it alone rather than
-    train the weights themselves with the flag dropped unseen."""
+    """--lora-alpha scales the adapters that only --lora-rank makes, and with adapters only they
+    and the head train, whatever --freeze says: refuse a flag that would be dropped unseen."""
     if not resume and _given("lora_alpha") and not flags["lora_rank"]:
         raise TinyLLMError("--lora-alpha scales LoRA adapters, and without --lora-rank R there are"
                            " none: give --lora-rank too, or leave --lora-alpha out")
+    if not resume and flags.get("freeze", "none") != "none" and flags["lora_rank"]:
+        raise TinyLLMError(f"--freeze {flags['freeze']} does nothing with --lora-rank: only the"
+                           " adapters and the head train; leave out one of the two")
 
 
 def settings_from_flags(cls, flags):

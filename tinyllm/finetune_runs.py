@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple, Optional
@@ -167,6 +168,8 @@ class ClassifySettings(FinetuneSettings):
         super().validate()
         _check(self.max_windows > 0, "--max-windows must be positive", self.max_windows)
         _check(0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)", self.dropout)
+        _check(re.fullmatch(r"none|all|all-but-[0-9]+", self.freeze),  # N is checked with the model
+               "--freeze must be none, all or all-but-N", repr(self.freeze))
         return self
 
 
@@ -658,6 +661,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
         params, config, tokenizer = ckpt.params, ckpt.model_config, ckpt.tokenizer
     else:
         params, config, tokenizer = build_classifier(s, labels, log)
+    paths = trainable_paths(params, s.freeze, config.n_layer)
     # 4. encode
     sets, counts = {}, {"windowed": 0, "cut": 0, "fallback_characters": 0}
     files = {"train": s.data, "val": s.val_data or s.data, "test": s.test_data or s.data}
@@ -690,7 +694,6 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     if resume:  # the run's own config, to the total its --epochs or --max-iters set
         tc = replace(ckpt.train_config, max_iters=tc.max_iters)
     check_step_memory(config, tc, s.max_windows)
-    paths = trainable_paths(params, s.freeze, config.n_layer)
     log_trainable(params, paths, f"LoRA rank {config.lora_rank}: adapters and head"
                   if config.lora_rank else f"--freeze {s.freeze}", log)
     extra = {"labels": labels, "finetune": {"task": "classify", **stored_settings(s)},
