@@ -78,3 +78,29 @@ def test_a_freeze_that_cannot_apply_is_refused_before_the_base_model_is_scored(
     last = result.output.strip().splitlines()[-1]
     assert result.exit_code == 1 and last.startswith("Error: ") and message in last, result.output
     assert "accuracy before" not in result.output
+
+
+@pytest.mark.parametrize("command", ["classify", "instruct"])
+def test_epochs_and_max_iters_together_are_refused(base, tmp_path, command):
+    result = run("finetune", command, "--checkpoint", base, "--out", tmp_path / "run",
+                 "--epochs", "1", "--max-iters", "50")
+    assert result.exit_code == 1, result.output
+    assert "Error: --epochs sets the number of steps, so --max-iters would do nothing" in \
+        result.output
+
+
+def test_classify_refuses_column_flags_with_a_text_argument(base, csv_file, tmp_path):
+    out = tmp_path / "run"
+    assert run("finetune", "classify", "--checkpoint", base, "--data", csv_file, "--out", out,
+               "--max-iters", "2", *FAST).exit_code == 0
+    result = run("classify", "--checkpoint", out, "--text-column", "body", "buy now")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --text-column and --label-column choose the columns")
+
+
+def test_a_header_read_by_column_positions_is_not_a_class(base, csv_file, tmp_path):
+    out = tmp_path / "run"
+    result = run("finetune", "classify", "--checkpoint", base, "--data", csv_file, "--out", out,
+                 "--text-column", "1", "--label-column", "0", "--max-iters", "2", *FAST)
+    assert result.exit_code == 0, result.output
+    assert report(out)["labels"] == ["ham", "spam"]  # not "label" too
