@@ -104,3 +104,25 @@ def test_a_header_read_by_column_positions_is_not_a_class(base, csv_file, tmp_pa
                  "--text-column", "1", "--label-column", "0", "--max-iters", "2", *FAST)
     assert result.exit_code == 0, result.output
     assert report(out)["labels"] == ["ham", "spam"]  # not "label" too
+
+
+def test_a_class_the_random_split_leaves_out_of_training_is_named(base, tmp_path):
+    path = tmp_path / "rare.csv"
+    path.write_text("label,text\n" + "".join(f"ham,hello {i}\n" for i in range(20))
+                    + "spam,buy now\n")
+    result = run("finetune", "classify", "--checkpoint", base, "--data", path, "--seed", "4",
+                 "--out", tmp_path / "run", *FAST)  # seed 4 puts the one spam in val or test
+    assert result.exit_code == 1 and result.output.strip().splitlines()[-1] == (
+        f"Error: {path}: the 1 record(s) of class 'spam' all fell in the validation or test"
+        " split, so none is trained on: give more of them, or --val-data and --test-data")
+
+
+def test_dedupe_emptying_a_given_test_file_names_it(base, csv_file, tmp_path):
+    small = tmp_path / "val.csv"
+    small.write_text("label,text\nham,hello there\n")
+    result = run("finetune", "classify", "--checkpoint", base, "--data", csv_file, "--dedupe",
+                 "--val-data", small, "--test-data", csv_file, "--out", tmp_path / "run", *FAST)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: {csv_file}: --dedupe dropped all 20 record(s): each text is also in an earlier"
+        " file")

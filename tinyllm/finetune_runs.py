@@ -497,10 +497,27 @@ def load_classification_splits(s):
             (val, in_val), (test, in_test) = (without_repeats(val, train),
                                               without_repeats(test, train + val))
             dropped += in_val + in_test
+            for path, kept, gone in ((s.val_data, val, in_val), (s.test_data, test, in_test)):
+                if not kept:
+                    raise TinyLLMError(f"{path}: --dedupe dropped all {gone} record(s): each"
+                                       " text is also in an earlier file")
     else:
         train, val, test = split_three(examples, SPLIT_CLASSIFY, s.seed)
+        _check_every_class_trains(s.data, train, val + test)
     _check_splits(s.data, train, val, test)
     return ClassificationSplits(train, val, test, dropped)
+
+
+def _check_every_class_trains(data, train, held_out):
+    """A random split can leave a rare class out of training: name it, rather than call the
+    data single-class or the class unknown to the model."""
+    missing = sorted({label for _, label in held_out} - {label for _, label in train})
+    if missing:
+        n = sum(label == missing[0] for _, label in held_out)
+        raise TinyLLMError(f"{data or 'the data'}: the {n} record(s) of class"
+                           f" {shown_label(missing[0])} all fell in the validation or test split,"
+                           " so none is trained on: give more of them, or --val-data and"
+                           " --test-data")
 
 
 def encode_classification(tokenizer, examples, labels, block_size, max_windows, where,
