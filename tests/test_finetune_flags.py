@@ -126,3 +126,20 @@ def test_dedupe_emptying_a_given_test_file_names_it(base, csv_file, tmp_path):
     assert result.output.strip().splitlines()[-1] == (
         f"Error: {csv_file}: --dedupe dropped all 20 record(s): each text is also in an earlier"
         " file")
+
+
+def test_a_forced_run_stopped_early_leaves_no_report_of_the_run_it_replaced(
+        base, csv_file, tmp_path, monkeypatch):
+    from tinyllm import train
+
+    out = tmp_path / "run"
+    args = ["finetune", "classify", "--checkpoint", base, "--data", csv_file, "--out", out,
+            "--max-iters", "4", *FAST]
+    assert run(*args).exit_code == 0 and (out / "metrics.json").exists()
+
+    def ctrl_c(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "adamw_step", ctrl_c)
+    assert run(*args, "--force").exit_code == 130
+    assert not (out / "metrics.json").exists()  # the old run's report is not this run's

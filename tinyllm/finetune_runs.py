@@ -24,6 +24,7 @@ A fine-tuning run directory is a checkpoint (see tinyllm/checkpoint.py) plus:
     metrics.json      the final report: {"format": "tinyllm-finetune-metrics", "version": 1,
                       "task": "classify" | "instruct", ...} (see `classify_report` / `run_instruct`)
     responses.jsonl   (instruct) one line per test record: instruction, input, reference, response
+                      (these two are written at the end: a run still training has neither)
 Its config.json has kind "classifier" (model fields of ClassifierConfig, "labels": the class
 names in id order) or, for instruction tuning, "gpt" (or "gpt-lora" with adapters), plus
 "finetune": the settings, "data_files_sha256": the sha256 of each data file, "best_iter" (the
@@ -73,6 +74,7 @@ METRICS_VERSION = 1
 EOT = SPECIAL_TOKENS[0]
 EVAL_TRAIN_EXAMPLES = 256  # the train loss at an evaluation is measured on this many examples
 BEST_FILE = "best.npz"
+REPORT_FILES = ("metrics.json", "responses.jsonl")  # written when a run finishes
 
 
 # ----------------------------------------------------------------------------- settings
@@ -337,6 +339,15 @@ def check_step_memory(config, tc, windows_per_text):
     check_memory(gpt_step_bytes(config, batch, gpt_param_count(config)),
                  f"a fine-tuning step with --batch-size {tc.batch_size} (context"
                  f" {config.block_size}, up to {windows_per_text} window(s) a text)")
+
+
+def start_finetune_dir(out_dir, resume, force):
+    """train.start_out_dir, and the report of an earlier run in out_dir removed (--force, or
+    --resume of a finished run): a run that stops before its end must not show another's."""
+    start_out_dir(out_dir, resume, force)
+    for name in REPORT_FILES:
+        if os.path.lexists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
 
 
 def write_report(out_dir, report):
@@ -706,7 +717,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
               else scored_with_progress(params, config, labels, sets, n_read)[0])
     log("accuracy before fine-tuning: " + format_accuracies(before))
     # 6. train
-    start_out_dir(out, resume, force)
+    start_finetune_dir(out, resume, force)
     tc = make_train_config(s, len(train))
     if resume:  # the run's own config, to the total its --epochs or --max-iters set
         tc = replace(ckpt.train_config, max_iters=tc.max_iters)
@@ -996,7 +1007,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     log(f"base model: exact match {100 * before['exact_match']:.1f}%, token F1"
         f" {100 * before['token_f1']:.1f}%")
     # 6. train
-    start_out_dir(out, resume, force)
+    start_finetune_dir(out, resume, force)
     tc = make_train_config(s, len(arrays["train"][0]))
     if resume:  # as for classification
         tc = replace(ckpt.train_config, max_iters=tc.max_iters)
