@@ -143,3 +143,18 @@ def test_a_forced_run_stopped_early_leaves_no_report_of_the_run_it_replaced(
     monkeypatch.setattr(train, "adamw_step", ctrl_c)
     assert run(*args, "--force").exit_code == 130
     assert not (out / "metrics.json").exists()  # the old run's report is not this run's
+
+
+def test_the_memory_check_counts_the_windows_the_texts_have(base, csv_file, tmp_path,
+                                                            monkeypatch):
+    """Short texts have one window each: a batch of them is not refused as if each had
+    --max-windows (8) of them (--batch-size 64 on 720 short comments asked for 30 GB)."""
+    from tinyllm import finetune_runs
+
+    checked = []
+    monkeypatch.setattr(finetune_runs, "check_memory", lambda size, what: checked.append(what))
+    result = run("finetune", "classify", "--checkpoint", base, "--data", csv_file,
+                 "--out", tmp_path / "run", "--max-iters", "2", *FAST)
+    assert result.exit_code == 0, result.output
+    assert checked == ["a fine-tuning step with --batch-size 4 (context 32, up to 1 window(s) a"
+                       " text)"]

@@ -721,7 +721,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     tc = make_train_config(s, len(train))
     if resume:  # the run's own config, to the total its --epochs or --max-iters set
         tc = replace(ckpt.train_config, max_iters=tc.max_iters)
-    check_step_memory(config, tc, s.max_windows)
+    check_step_memory(config, tc, int(sets["train"][0].count.max()))  # the most windows a text has
     log_trainable(params, paths, f"LoRA rank {config.lora_rank}: adapters and head"
                   if config.lora_rank else f"--freeze {s.freeze}", log)
     extra = {"labels": labels, "finetune": {"task": "classify", **stored_settings(s)},
