@@ -314,3 +314,9 @@ def test_columns_given_by_position_still_skip_a_header_row(tmp_path, name):
 def test_text_and_label_from_the_same_column_is_refused(tmp_path, name, content, columns):
     with pytest.raises(TinyLLMError, match="--text-column and --label-column name the same"):
         read_classification(write(tmp_path, name, content), **columns)
+
+
+def test_an_empty_column_name_is_refused_not_read_as_the_default(tmp_path):
+    path = write(tmp_path, "d.csv", "label,text\nham,hello\n")
+    with pytest.raises(TinyLLMError, match="--label-column is empty"):
+        read_classification(path, label_column="")

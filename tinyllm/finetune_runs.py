@@ -683,7 +683,8 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     n_read = len(train)
     if s.case_copies:
         train = with_case_copies(train)
-    labels = ckpt.meta["labels"] if resume else list(label_ids([label for _, label in train]))
+    labels = (ckpt.meta["labels"] if resume
+              else list(label_ids([label for _, label in train], s.data or "the embedded data")))
     # 3. model
     if resume:
         params, config, tokenizer = ckpt.params, ckpt.model_config, ckpt.tokenizer

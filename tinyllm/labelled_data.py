@@ -119,6 +119,9 @@ def _rows_csv(text, path):
 def read_classification(path, text_column=None, label_column=None):
     """Read (text, label) pairs from a .csv, .tsv, .jsonl or .json (an array) file; errors name
     file:line (or record)."""
+    for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
+        if column == "":  # an unset shell variable, say: not the default column, unseen
+            raise TinyLLMError(f"{flag} is empty: give a column name or position, or leave it out")
     text = _read_text(path)  # first: a missing file is "not found", whatever its name
     fmt = _format_of(path)
     if fmt in ("jsonl", "json"):
@@ -265,14 +268,15 @@ def _refuse_one_spread_object(text, path):
 # ----------------------------------------------------------------------------- labels, splits
 
 
-def label_ids(labels):
-    """Sorted distinct labels -> {label: id}; a single class is an error (nothing to learn).
+def label_ids(labels, where="the data"):
+    """Sorted distinct labels -> {label: id}; a single class is an error (nothing to learn) that
+    names `where`, the file the labels come from.
 
     Example: ["spam", "ham", "spam"] -> {"ham": 0, "spam": 1}.
     """
     names = sorted(set(labels))
     if len(names) < 2:
-        raise TinyLLMError(f"the data has a single class {names!r}: classification needs two or more")
+        raise TinyLLMError(f"{where} has a single class {names!r}: classification needs two or more")
     return {name: i for i, name in enumerate(names)}
 
 
