@@ -39,7 +39,8 @@ def training_options(settings_cls):
                      help="Use --checkpoint's architecture and tokenizer but random weights"
                           " (the from-scratch baseline)."),
         click.option("--lora-rank", default=d.lora_rank, callback=count,
-                     help="LoRA adapter rank; 0: no LoRA (train weights)."),
+                     help="LoRA adapter rank; 0: no LoRA (train weights). With R > 0 only the"
+                          " adapters (and a classifier's head) train."),
         click.option("--lora-alpha", default=None, type=float,
                      help="LoRA scale numerator (change = alpha/rank * A B).  [default: 2 * rank]"),
         click.option("--batch-size", default=d.batch_size, callback=positive,
@@ -144,7 +145,7 @@ def finetune():
                    f" {DEFAULT_POOLING['encoder']} for encoder]")
 @click.option("--freeze", default=ClassifySettings.freeze,
               help="What stays fixed: none (all trains), all (head only trains), all-but-N (the"
-                   " last N blocks, final norm and head train).")
+                   " last N blocks, final norm and head train; N at most the model's blocks).")
 @click.option("--balance", is_flag=True,
               help="Downsample larger classes to the size of the smallest.")
 @click.option("--dedupe", is_flag=True,
