@@ -187,7 +187,7 @@ def test_encoder_arch_and_lora(base, tsv, tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    ("label\ttext\npos\ta\npos\tb\npos\tc\n", "single class"),
+    ("label\ttext\npos\ta\npos\tb\npos\tc\n", "reviews.tsv has a single class"),
     ("label\ttext\npos\ta\n\t b\n", "reviews.tsv:3: empty label"),
 ])
 def test_classify_bad_data_is_one_line(base, tmp_path, content, message):

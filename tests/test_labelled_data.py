@@ -295,3 +295,28 @@ def test_a_header_name_matches_exactly_before_in_any_case(tmp_path):
     path = write(tmp_path, "d.csv", "Text,text,label\nA,a,x\nB,b,y\n")
     assert read_classification(path) == [("a", "x"), ("b", "y")]
     assert read_classification(path, text_column="Text") == [("A", "x"), ("B", "y")]
+
+
+@pytest.mark.parametrize("name", ["d.csv", "d.tsv"])
+def test_columns_given_by_position_still_skip_a_header_row(tmp_path, name):
+    sep = "," if name.endswith("csv") else "\t"
+    path = write(tmp_path, name, f"Label{sep}Text\nham{sep}hello\nspam{sep}buy\n")
+    # the header row is not a record labelled "Label"
+    assert read_classification(path, text_column="1", label_column="0") == [
+        ("hello", "ham"), ("buy", "spam")]
+
+
+@pytest.mark.parametrize("name,content,columns", [
+    ("d.csv", "label,text\nham,hello\n", {"text_column": "label", "label_column": "label"}),
+    ("d.csv", "ham,hello\n", {"text_column": "1"}),  # the label's default position is 1 too
+    ("d.jsonl", '{"text": "hi", "label": "x"}\n', {"text_column": "label"}),
+])
+def test_text_and_label_from_the_same_column_is_refused(tmp_path, name, content, columns):
+    with pytest.raises(TinyLLMError, match="--text-column and --label-column name the same"):
+        read_classification(write(tmp_path, name, content), **columns)
+
+
+def test_an_empty_column_name_is_refused_not_read_as_the_default(tmp_path):
+    path = write(tmp_path, "d.csv", "label,text\nham,hello\n")
+    with pytest.raises(TinyLLMError, match="--label-column is empty"):
+        read_classification(path, label_column="")

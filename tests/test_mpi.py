@@ -307,3 +307,27 @@ def test_a_command_that_does_not_train_over_mpi_is_refused_under_mpirun(monkeypa
     assert result.exit_code == 1
     assert result.output.strip() == output
     assert "mpi4py" not in sys.modules
+
+
+def test_scratch_left_by_a_killed_rank_is_removed_by_the_next_job(tmp_path, monkeypatch):
+    # After Ctrl-C rank 0 aborts the job, and MPI_Abort kills the other ranks before they can
+    # delete their scratch copies of the run: the next job's ranks delete those.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f"tinyllm-rank1-pid{dead.pid}-abc123"
+    running = tmp_path / f"tinyllm-rank1-pid{os.getpid()}-def456"
+    other = tmp_path / "tinyllm-rank1-xyz"  # not named by a process: not ours to judge
+    for path in (left, running, other):
+        (path / "run").mkdir(parents=True)
+
+    class Rank1:
+        is_root, rank = False, 1
+
+        def barrier(self):
+            pass
+
+    with distributed.rank_run_dir(str(tmp_path / "out"), False, Rank1()) as run_dir:
+        assert os.path.basename(os.path.dirname(run_dir)).startswith(
+            f"tinyllm-rank1-pid{os.getpid()}-")
+    assert not left.exists() and running.exists() and other.exists()

@@ -39,7 +39,8 @@ def training_options(settings_cls):
                      help="Use --checkpoint's architecture and tokenizer but random weights"
                           " (the from-scratch baseline)."),
         click.option("--lora-rank", default=d.lora_rank, callback=count,
-                     help="LoRA adapter rank; 0: no LoRA (train weights)."),
+                     help="LoRA adapter rank; 0: no LoRA (train weights). With R > 0 only the"
+                          " adapters (and a classifier's head) train."),
         click.option("--lora-alpha", default=None, type=float,
                      help="LoRA scale numerator (change = alpha/rank * A B).  [default: 2 * rank]"),
         click.option("--batch-size", default=d.batch_size, callback=positive,
@@ -50,7 +51,7 @@ def training_options(settings_cls):
         click.option("--max-iters", default=d.max_iters, callback=step_count,
                      help="Most optimizer steps (with --resume: the new total)."),
         click.option("--epochs", default=None, callback=positive, type=float,
-                     help="Passes over the training split; overrides --max-iters.  [default: off]"),
+                     help="Passes over the training split, instead of --max-iters.  [default: off]"),
         click.option("--lr", default=d.lr, callback=positive,
                      help="Peak learning rate (cosine decay to lr/10)."),
         click.option("--warmup-iters", default=d.warmup_iters, callback=non_negative,
@@ -85,12 +86,19 @@ def _given(name):
     return click.get_current_context().get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
 
 
-def check_lora_flags(flags, resume):
-    """--lora-alpha scales the adapters that only --lora-rank makes: refuse it alone rather than
-    train the weights themselves with the flag dropped unseen."""
+def check_flag_combinations(flags, resume):
+    """Refuse a flag that another would make do nothing, rather than drop it unseen: --lora-alpha
+    scales the adapters only --lora-rank makes, --epochs sets the steps --max-iters would, and
+    with adapters only they and the head train, whatever --freeze says."""
     if not resume and _given("lora_alpha") and not flags["lora_rank"]:
         raise TinyLLMError("--lora-alpha scales LoRA adapters, and without --lora-rank R there are"
                            " none: give --lora-rank too, or leave --lora-alpha out")
+    if not resume and _given("epochs") and _given("max_iters"):
+        raise TinyLLMError("--epochs sets the number of steps, so --max-iters would do nothing:"
+                           " give one of the two")
+    if not resume and flags.get("freeze", "none") != "none" and flags["lora_rank"]:
+        raise TinyLLMError(f"--freeze {flags['freeze']} does nothing with --lora-rank: only the"
+                           " adapters and the head train; leave out one of the two")
 
 
 def settings_from_flags(cls, flags):
@@ -137,7 +145,7 @@ def finetune():
                    f" {DEFAULT_POOLING['encoder']} for encoder]")
 @click.option("--freeze", default=ClassifySettings.freeze,
               help="What stays fixed: none (all trains), all (head only trains), all-but-N (the"
-                   " last N blocks, final norm and head train).")
+                   " last N blocks, final norm and head train; N at most the model's blocks).")
 @click.option("--balance", is_flag=True,
               help="Downsample larger classes to the size of the smallest.")
 @click.option("--dedupe", is_flag=True,
@@ -170,7 +178,7 @@ def finetune_classify(out, resume, force, **flags):
     """
     if resume:
         note_flags_resume_ignores({"out", "resume", "max_iters", *DATA_FLAGS})
-    check_lora_flags(flags, resume)
+    check_flag_combinations(flags, resume)
     report = run_on_every_rank(run_classify, out, settings_from_flags(ClassifySettings, flags),
                                resume, force, flags["max_iters"] if _given("max_iters") else None)
     click.echo("accuracy after fine-tuning:  " + format_accuracies(report["accuracy_after"]))
@@ -210,7 +218,7 @@ def finetune_instruct(out, resume, force, no_cache, **flags):
     """
     if resume:
         note_flags_resume_ignores({"out", "resume", "max_iters", "no_cache", *DATA_FLAGS})
-    check_lora_flags(flags, resume)
+    check_flag_combinations(flags, resume)
     report = run_on_every_rank(run_instruct, out, settings_from_flags(InstructSettings, flags),
                                resume, force, flags["max_iters"] if _given("max_iters") else None,
                                use_cache=not no_cache)
@@ -243,6 +251,9 @@ def classify(checkpoint, data, text_column, label_column, text):
     params, config, tokenizer, labels, max_windows = load_classifier(checkpoint)
     if (text is None) == (data is None):
         raise TinyLLMError("give either a TEXT argument or --data FILE")
+    if text is not None and (text_column or label_column):
+        raise TinyLLMError("--text-column and --label-column choose the columns of --data FILE;"
+                           " a TEXT argument has none")
     if text is not None:
         probs = classify_texts(params, config, tokenizer, [text], max_windows)[0]
         click.echo(labels[int(probs.argmax())])

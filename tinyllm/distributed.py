@@ -43,6 +43,7 @@ process (its environment says so); a plain `tinyllm pretrain` never imports it.
 import contextlib
 import functools
 import os
+import re
 import shutil
 import signal
 import sys
@@ -254,6 +255,9 @@ def _silence_output():
     os.close(devnull)
 
 
+SCRATCH_PREFIX = "tinyllm-rank"  # a scratch directory is SCRATCH_PREFIX + "{rank}-pid{pid}-..."
+
+
 @contextlib.contextmanager
 def rank_run_dir(out_dir, resume, group):
     """The run directory this rank works in: --out on rank 0; on the others a scratch directory
@@ -263,7 +267,8 @@ def rank_run_dir(out_dir, resume, group):
         group.barrier()  # the others have copied --out
         yield out_dir
         return
-    scratch = tempfile.mkdtemp(prefix=f"tinyllm-rank{group.rank}-")
+    remove_scratch_of_ended_jobs()
+    scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{group.rank}-pid{os.getpid()}-")
     try:
         run_dir = os.path.join(scratch, "run")
         if resume:
@@ -272,6 +277,28 @@ def rank_run_dir(out_dir, resume, group):
         yield run_dir
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def remove_scratch_of_ended_jobs():
+    """Delete the scratch directories whose rank has ended without deleting its own: after
+    Ctrl-C, rank 0 saves and aborts the job, and MPI_Abort kills the others where they wait.
+    The process id in a directory's name tells whether its rank still runs."""
+    temp = tempfile.gettempdir()
+    for name in os.listdir(temp):
+        match = re.fullmatch(rf"{SCRATCH_PREFIX}[0-9]+-pid([0-9]+)-\w+", name)
+        if match and not _process_exists(int(match.group(1))):
+            shutil.rmtree(os.path.join(temp, name), ignore_errors=True)
+
+
+def _process_exists(pid):
+    """Whether process `pid` runs (signal 0 sends nothing; it only checks)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it runs, as another user
+    return True
 
 
 def _launcher_number(names, environ, default):

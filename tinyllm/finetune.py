@@ -209,7 +209,10 @@ def trainable_paths(params, freeze, n_layer):
         keep = ("cls_head.",)
     elif freeze.startswith("all-but-") and freeze[8:].isdigit():
         n = int(freeze[8:])
-        keep = ("cls_head.", "ln_f.") + tuple(f"h.{i}." for i in range(max(0, n_layer - n), n_layer))
+        if n > n_layer:
+            raise TinyLLMError(f"--freeze {freeze}: the model has {n_layer} blocks, so N is at"
+                               f" most {n_layer} (all-but-{n_layer} keeps only the embeddings fixed)")
+        keep = ("cls_head.", "ln_f.") + tuple(f"h.{i}." for i in range(n_layer - n, n_layer))
     else:
         raise TinyLLMError(f"--freeze must be none, all or all-but-N, got {freeze!r}")
     return [p for p in paths if p.startswith(keep)]

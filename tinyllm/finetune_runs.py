@@ -24,6 +24,7 @@ A fine-tuning run directory is a checkpoint (see tinyllm/checkpoint.py) plus:
     metrics.json      the final report: {"format": "tinyllm-finetune-metrics", "version": 1,
                       "task": "classify" | "instruct", ...} (see `classify_report` / `run_instruct`)
     responses.jsonl   (instruct) one line per test record: instruction, input, reference, response
+                      (these two are written at the end: a run still training has neither)
 Its config.json has kind "classifier" (model fields of ClassifierConfig, "labels": the class
 names in id order) or, for instruction tuning, "gpt" (or "gpt-lora" with adapters), plus
 "finetune": the settings, "data_files_sha256": the sha256 of each data file, "best_iter" (the
@@ -36,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple, Optional
@@ -72,6 +74,7 @@ METRICS_VERSION = 1
 EOT = SPECIAL_TOKENS[0]
 EVAL_TRAIN_EXAMPLES = 256  # the train loss at an evaluation is measured on this many examples
 BEST_FILE = "best.npz"
+REPORT_FILES = ("metrics.json", "responses.jsonl")  # written when a run finishes
 
 
 # ----------------------------------------------------------------------------- settings
@@ -167,6 +170,8 @@ class ClassifySettings(FinetuneSettings):
         super().validate()
         _check(self.max_windows > 0, "--max-windows must be positive", self.max_windows)
         _check(0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)", self.dropout)
+        _check(re.fullmatch(r"none|all|all-but-[0-9]+", self.freeze),  # N is checked with the model
+               "--freeze must be none, all or all-but-N", repr(self.freeze))
         return self
 
 
@@ -201,7 +206,8 @@ def settings_from_run(ckpt, cls, max_iters, out_dir):
     except TypeError:
         raise TinyLLMError("--resume: the run's config.json has a \"finetune\" setting of the"
                            " wrong type") from None
-    return replace(settings, max_iters=max_iters) if max_iters else settings
+    # a new total in steps replaces the run's --epochs, which would otherwise set it again
+    return replace(settings, max_iters=max_iters, epochs=None) if max_iters else settings
 
 
 DATA_FLAGS = ("data", "val_data", "test_data")  # the settings that name a run's data files
@@ -333,6 +339,15 @@ def check_step_memory(config, tc, windows_per_text):
     check_memory(gpt_step_bytes(config, batch, gpt_param_count(config)),
                  f"a fine-tuning step with --batch-size {tc.batch_size} (context"
                  f" {config.block_size}, up to {windows_per_text} window(s) a text)")
+
+
+def start_finetune_dir(out_dir, resume, force):
+    """train.start_out_dir, and the report of an earlier run in out_dir removed (--force, or
+    --resume of a finished run): a run that stops before its end must not show another's."""
+    start_out_dir(out_dir, resume, force)
+    for name in REPORT_FILES:
+        if os.path.lexists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
 
 
 def write_report(out_dir, report):
@@ -493,10 +508,27 @@ def load_classification_splits(s):
             (val, in_val), (test, in_test) = (without_repeats(val, train),
                                               without_repeats(test, train + val))
             dropped += in_val + in_test
+            for path, kept, gone in ((s.val_data, val, in_val), (s.test_data, test, in_test)):
+                if not kept:
+                    raise TinyLLMError(f"{path}: --dedupe dropped all {gone} record(s): each"
+                                       " text is also in an earlier file")
     else:
         train, val, test = split_three(examples, SPLIT_CLASSIFY, s.seed)
+        _check_every_class_trains(s.data, train, val + test)
     _check_splits(s.data, train, val, test)
     return ClassificationSplits(train, val, test, dropped)
+
+
+def _check_every_class_trains(data, train, held_out):
+    """A random split can leave a rare class out of training: name it, rather than call the
+    data single-class or the class unknown to the model."""
+    missing = sorted({label for _, label in held_out} - {label for _, label in train})
+    if missing:
+        n = sum(label == missing[0] for _, label in held_out)
+        raise TinyLLMError(f"{data or 'the data'}: the {n} record(s) of class"
+                           f" {shown_label(missing[0])} all fell in the validation or test split,"
+                           " so none is trained on: give more of them, or --val-data and"
+                           " --test-data")
 
 
 def encode_classification(tokenizer, examples, labels, block_size, max_windows, where,
@@ -651,12 +683,14 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     n_read = len(train)
     if s.case_copies:
         train = with_case_copies(train)
-    labels = ckpt.meta["labels"] if resume else list(label_ids([label for _, label in train]))
+    labels = (ckpt.meta["labels"] if resume
+              else list(label_ids([label for _, label in train], s.data or "the embedded data")))
     # 3. model
     if resume:
         params, config, tokenizer = ckpt.params, ckpt.model_config, ckpt.tokenizer
     else:
         params, config, tokenizer = build_classifier(s, labels, log)
+    paths = trainable_paths(params, s.freeze, config.n_layer)
     # 4. encode
     sets, counts = {}, {"windowed": 0, "cut": 0, "fallback_characters": 0}
     files = {"train": s.data, "val": s.val_data or s.data, "test": s.test_data or s.data}
@@ -684,12 +718,11 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
               else scored_with_progress(params, config, labels, sets, n_read)[0])
     log("accuracy before fine-tuning: " + format_accuracies(before))
     # 6. train
-    start_out_dir(out, resume, force)
+    start_finetune_dir(out, resume, force)
     tc = make_train_config(s, len(train))
-    if resume:
-        tc = replace(ckpt.train_config, max_iters=s.max_iters)
-    check_step_memory(config, tc, s.max_windows)
-    paths = trainable_paths(params, s.freeze, config.n_layer)
+    if resume:  # the run's own config, to the total its --epochs or --max-iters set
+        tc = replace(ckpt.train_config, max_iters=tc.max_iters)
+    check_step_memory(config, tc, int(sets["train"][0].count.max()))  # the most windows a text has
     log_trainable(params, paths, f"LoRA rank {config.lora_rank}: adapters and head"
                   if config.lora_rank else f"--freeze {s.freeze}", log)
     extra = {"labels": labels, "finetune": {"task": "classify", **stored_settings(s)},
@@ -975,10 +1008,10 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     log(f"base model: exact match {100 * before['exact_match']:.1f}%, token F1"
         f" {100 * before['token_f1']:.1f}%")
     # 6. train
-    start_out_dir(out, resume, force)
+    start_finetune_dir(out, resume, force)
     tc = make_train_config(s, len(arrays["train"][0]))
-    if resume:
-        tc = replace(ckpt.train_config, max_iters=s.max_iters)
+    if resume:  # as for classification
+        tc = replace(ckpt.train_config, max_iters=tc.max_iters)
     check_step_memory(config, tc, 1)
     flat = flatten(params)
     paths = [p for p in flat if p.startswith("lora.")] if "lora" in params else list(flat)

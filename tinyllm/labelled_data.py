@@ -10,9 +10,10 @@ Classification files (one example per line, `text` and `label`; labels are arbit
     .jsonl  one JSON object per line: {"text": "...", "label": "..."}
     .json   a JSON array of such objects (or JSONL under that name)
 A CSV/TSV header is optional. If the first row contains the --text-column and --label-column
-names (in any case: "Text" is "text") it is a header; otherwise the file has no header, and the
-columns are given by position (`--text-column 0 --label-column 1` is the default meaning for a
-headerless file: text first).
+names (in any case: "Text" is "text"; for a column given by position, its default name "text"
+or "label") it is a header; otherwise the file has no header, and the columns are given by
+position (`--text-column 0 --label-column 1` is the default meaning for a headerless file: text
+first).
 
 Instruction files: a JSON array, or JSONL, of records {"instruction": ..., "input": ...,
 "output": ...} (the Alpaca layout; "input" may be absent or empty, meaning none).
@@ -118,20 +119,30 @@ def _rows_csv(text, path):
 def read_classification(path, text_column=None, label_column=None):
     """Read (text, label) pairs from a .csv, .tsv, .jsonl or .json (an array) file; errors name
     file:line (or record)."""
+    for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
+        if column == "":  # an unset shell variable, say: not the default column, unseen
+            raise TinyLLMError(f"{flag} is empty: give a column name or position, or leave it out")
     text = _read_text(path)  # first: a missing file is "not found", whatever its name
     fmt = _format_of(path)
     if fmt in ("jsonl", "json"):
+        if (text_column or "text") == (label_column or "label"):
+            raise TinyLLMError(f"{path}: --text-column and --label-column name the same field")
         return [(_str_field(rec, text_column or "text", path, n),
                  _str_field(rec, label_column or "label", path, n))
                 for n, rec in _json_records(text, path)]
     rows = list(_rows_tsv(text) if fmt == "tsv" else _rows_csv(text, path))
     first = [f.strip() for f in rows[0][1]]
-    names = (text_column or "text", label_column or "label")
+    # a column given by position still finds a header by its default name: "label,text" with
+    # --text-column 1 --label-column 0 is a header, not a record labelled "label"
+    names = tuple(default if column is None or str(column).isdigit() else column
+                  for column, default in ((text_column, "text"), (label_column, "label")))
     has_header = all(_header_index(first, n) is not None for n in names) or (
         any(c is not None and not str(c).isdigit() for c in (text_column, label_column)))
     header = first if has_header else None
     ti = _column(header, text_column or ("text" if header else None), path, 0)
     li = _column(header, label_column or ("label" if header else None), path, 1)
+    if ti == li:
+        raise TinyLLMError(f"{path}: --text-column and --label-column name the same column ({ti})")
     examples = []
     for number, fields in rows[1:] if has_header else rows:
         if max(ti, li) >= len(fields):
@@ -257,14 +268,15 @@ def _refuse_one_spread_object(text, path):
 # ----------------------------------------------------------------------------- labels, splits
 
 
-def label_ids(labels):
-    """Sorted distinct labels -> {label: id}; a single class is an error (nothing to learn).
+def label_ids(labels, where="the data"):
+    """Sorted distinct labels -> {label: id}; a single class is an error (nothing to learn) that
+    names `where`, the file the labels come from.
 
     Example: ["spam", "ham", "spam"] -> {"ham": 0, "spam": 1}.
     """
     names = sorted(set(labels))
     if len(names) < 2:
-        raise TinyLLMError(f"the data has a single class {names!r}: classification needs two or more")
+        raise TinyLLMError(f"{where} has a single class {names!r}: classification needs two or more")
     return {name: i for i, name in enumerate(names)}
 
 

@@ -1,0 +1,160 @@
+"""Flags of `tinyllm finetune classify|instruct` and `tinyllm classify` in combination: each
+is used, refused in one line, or noted, never dropped unseen."""
+
+import json
+import os
+
+import numpy as onp
+import pytest
+from click.testing import CliRunner
+
+from tinyllm.checkpoint import save_checkpoint
+from tinyllm.cli import main
+from tinyllm.config import GPTConfig, TrainConfig
+from tinyllm.models import init_gpt
+from tinyllm.optim import adamw_init
+from tinyllm.tokenizers import CharTokenizer
+from tinyllm.train import SPECIAL_TOKENS
+
+TINY = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=16, bias=False)
+FAST = ["--eval-interval", "2", "--batch-size", "4", "--no-case-copies"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny 'pretrained' checkpoint: random weights, a char tokenizer, two blocks."""
+    out = str(tmp_path_factory.mktemp("base"))
+    tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz0123456789 ", special_tokens=SPECIAL_TOKENS)
+    config = GPTConfig(**{**TINY.__dict__, "vocab_size": tok.vocab_size})
+    rng = onp.random.default_rng(0)
+    params = init_gpt(config, rng)
+    save_checkpoint(out, params, adamw_init(params), rng.bit_generator.state, config, TrainConfig(),
+                    tok, 0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def csv_file(tmp_path_factory):
+    """20 labelled rows with a header, label first."""
+    path = tmp_path_factory.mktemp("data") / "spam.csv"
+    rows = ["label,text"] + [f"{'spam' if i % 2 else 'ham'},message {i} {'buy' * (i % 2)}"
+                             for i in range(20)]
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def report(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)
+
+
+def test_resume_of_an_epochs_run_keeps_the_total_its_epochs_set(base, csv_file, tmp_path):
+    out = tmp_path / "run"
+    done = run("finetune", "classify", "--checkpoint", base, "--data", csv_file, "--out", out,
+               "--epochs", "1", *FAST)  # 14 training rows / batch 4: 4 steps
+    assert done.exit_code == 0, done.output
+    assert report(out)["iterations"] == 4
+    again = run("finetune", "classify", "--out", out, "--resume")
+    assert again.exit_code == 0, again.output
+    assert report(out)["iterations"] == 4  # not --max-iters' default of 300
+    longer = run("finetune", "classify", "--out", out, "--resume", "--max-iters", "6")
+    assert longer.exit_code == 0, longer.output
+    assert report(out)["iterations"] == 6  # a new total in steps replaces the epochs
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--freeze", "all-but-3"], "--freeze all-but-3: the model has 2 blocks"),
+    (["--freeze", "all-but-x"], "--freeze must be none, all or all-but-N, got 'all-but-x'"),
+    (["--freeze", "all", "--lora-rank", "2"], "--freeze all does nothing with --lora-rank"),
+])
+def test_a_freeze_that_cannot_apply_is_refused_before_the_base_model_is_scored(
+        base, csv_file, tmp_path, flags, message):
+    result = run("finetune", "classify", "--checkpoint", base, "--data", csv_file,
+                 "--out", tmp_path / "run", *FAST, *flags)
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1 and last.startswith("Error: ") and message in last, result.output
+    assert "accuracy before" not in result.output
+
+
+@pytest.mark.parametrize("command", ["classify", "instruct"])
+def test_epochs_and_max_iters_together_are_refused(base, tmp_path, command):
+    result = run("finetune", command, "--checkpoint", base, "--out", tmp_path / "run",
+                 "--epochs", "1", "--max-iters", "50")
+    assert result.exit_code == 1, result.output
+    assert "Error: --epochs sets the number of steps, so --max-iters would do nothing" in \
+        result.output
+
+
+def test_classify_refuses_column_flags_with_a_text_argument(base, csv_file, tmp_path):
+    out = tmp_path / "run"
+    assert run("finetune", "classify", "--checkpoint", base, "--data", csv_file, "--out", out,
+               "--max-iters", "2", *FAST).exit_code == 0
+    result = run("classify", "--checkpoint", out, "--text-column", "body", "buy now")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --text-column and --label-column choose the columns")
+
+
+def test_a_header_read_by_column_positions_is_not_a_class(base, csv_file, tmp_path):
+    out = tmp_path / "run"
+    result = run("finetune", "classify", "--checkpoint", base, "--data", csv_file, "--out", out,
+                 "--text-column", "1", "--label-column", "0", "--max-iters", "2", *FAST)
+    assert result.exit_code == 0, result.output
+    assert report(out)["labels"] == ["ham", "spam"]  # not "label" too
+
+
+def test_a_class_the_random_split_leaves_out_of_training_is_named(base, tmp_path):
+    path = tmp_path / "rare.csv"
+    path.write_text("label,text\n" + "".join(f"ham,hello {i}\n" for i in range(20))
+                    + "spam,buy now\n")
+    result = run("finetune", "classify", "--checkpoint", base, "--data", path, "--seed", "4",
+                 "--out", tmp_path / "run", *FAST)  # seed 4 puts the one spam in val or test
+    assert result.exit_code == 1 and result.output.strip().splitlines()[-1] == (
+        f"Error: {path}: the 1 record(s) of class 'spam' all fell in the validation or test"
+        " split, so none is trained on: give more of them, or --val-data and --test-data")
+
+
+def test_dedupe_emptying_a_given_test_file_names_it(base, csv_file, tmp_path):
+    small = tmp_path / "val.csv"
+    small.write_text("label,text\nham,hello there\n")
+    result = run("finetune", "classify", "--checkpoint", base, "--data", csv_file, "--dedupe",
+                 "--val-data", small, "--test-data", csv_file, "--out", tmp_path / "run", *FAST)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: {csv_file}: --dedupe dropped all 20 record(s): each text is also in an earlier"
+        " file")
+
+
+def test_a_forced_run_stopped_early_leaves_no_report_of_the_run_it_replaced(
+        base, csv_file, tmp_path, monkeypatch):
+    from tinyllm import train
+
+    out = tmp_path / "run"
+    args = ["finetune", "classify", "--checkpoint", base, "--data", csv_file, "--out", out,
+            "--max-iters", "4", *FAST]
+    assert run(*args).exit_code == 0 and (out / "metrics.json").exists()
+
+    def ctrl_c(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "adamw_step", ctrl_c)
+    assert run(*args, "--force").exit_code == 130
+    assert not (out / "metrics.json").exists()  # the old run's report is not this run's
+
+
+def test_the_memory_check_counts_the_windows_the_texts_have(base, csv_file, tmp_path,
+                                                            monkeypatch):
+    """Short texts have one window each: a batch of them is not refused as if each had
+    --max-windows (8) of them (--batch-size 64 on 720 short comments asked for 30 GB)."""
+    from tinyllm import finetune_runs
+
+    checked = []
+    monkeypatch.setattr(finetune_runs, "check_memory", lambda size, what: checked.append(what))
+    result = run("finetune", "classify", "--checkpoint", base, "--data", csv_file,
+                 "--out", tmp_path / "run", "--max-iters", "2", *FAST)
+    assert result.exit_code == 0, result.output
+    assert checked == ["a fine-tuning step with --batch-size 4 (context 32, up to 1 window(s) a"
+                       " text)"]
