@@ -11,8 +11,12 @@ import pytest
 from hypothesis import settings
 
 
-from tinyllm.config import GPTConfig
+from tinyllm.checkpoint import save_checkpoint
+from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.models import init_gpt
+from tinyllm.optim import adamw_init
+from tinyllm.tokenizers import CharTokenizer
+from tinyllm.train import SPECIAL_TOKENS
 
 # No per-example deadline for any Hypothesis test: a busy machine (CI shares its cores) can make
 # one example slow, and a deadline would then fail a test whose maths is right.
@@ -39,6 +43,24 @@ def make_params():
         return init_gpt(config, onp.random.default_rng(seed), dtype=dtype)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def save_char_base():
+    """Builder: save_char_base(out, alphabet, config) writes a tiny 'pretrained' run to `out`
+    (random weights of `config`, a char tokenizer of `alphabet` with <|endoftext|>, the vocabulary
+    size set from it) and returns `out`: the base the fine-tuning tests start from."""
+
+    def save(out, alphabet, config):
+        tokenizer = CharTokenizer.train(alphabet, special_tokens=SPECIAL_TOKENS)
+        config = GPTConfig(**{**config.__dict__, "vocab_size": tokenizer.vocab_size})
+        rng = onp.random.default_rng(0)
+        params = init_gpt(config, rng)
+        save_checkpoint(out, params, adamw_init(params), rng.bit_generator.state, config,
+                        TrainConfig(), tokenizer, 0)
+        return out
+
+    return save
 
 
 @pytest.fixture

@@ -8,13 +8,9 @@ import numpy as onp
 import pytest
 from click.testing import CliRunner
 
-from tinyllm.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
+from tinyllm.checkpoint import checkpoint_paths, load_checkpoint
 from tinyllm.cli import main
-from tinyllm.config import GPTConfig, TrainConfig
-from tinyllm.models import init_gpt
-from tinyllm.optim import adamw_init
-from tinyllm.tokenizers import CharTokenizer
-from tinyllm.train import SPECIAL_TOKENS
+from tinyllm.config import GPTConfig
 
 TINY = GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=16, bias=False)
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 :\n"
@@ -22,16 +18,9 @@ FAST = ["--max-iters", "4", "--eval-interval", "2", "--batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, save_char_base):
     """A tiny 'pretrained' checkpoint (random weights, a char tokenizer with <|endoftext|>)."""
-    out = str(tmp_path_factory.mktemp("base"))
-    tok = CharTokenizer.train(ALPHABET, special_tokens=SPECIAL_TOKENS)
-    config = GPTConfig(**{**TINY.__dict__, "vocab_size": tok.vocab_size})
-    rng = onp.random.default_rng(0)
-    params = init_gpt(config, rng)
-    save_checkpoint(out, params, adamw_init(params), rng.bit_generator.state, config, TrainConfig(),
-                    tok, 0)
-    return out
+    return save_char_base(str(tmp_path_factory.mktemp("base")), ALPHABET, TINY)
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyllm import finetune_runs
-from tinyllm.checkpoint import load_checkpoint, save_checkpoint
-from tinyllm.config import GPTConfig, TrainConfig
+from tinyllm.checkpoint import load_checkpoint
+from tinyllm.config import GPTConfig
 from tinyllm.errors import TinyLLMError
-from tinyllm.finetune import (ClassifierConfig, Windows, classifier_logits, fit_prompt,
+from tinyllm.finetune import (ClassifierConfig, classifier_logits, fit_prompt,
                               init_classifier, instruction_example, make_windows, pad_batch,
                               predict_proba, predict_windows, window_starts)
 from tinyllm.finetune_runs import (ClassifySettings, InstructSettings, classify_texts,
                                    encode_instructions, run_classify, run_instruct)
-from tinyllm.models import init_gpt
-from tinyllm.optim import adamw_init
 from tinyllm.tokenizers import CharTokenizer
 from tinyllm.train import SPECIAL_TOKENS
 
@@ -107,17 +105,10 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyzIR .:\n"  # the template needs I and R
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, save_char_base):
     """A tiny 'pretrained' checkpoint: random weights, a char tokenizer, a 16-token context."""
-    out = str(tmp_path_factory.mktemp("base"))
-    tok = CharTokenizer.train(ALPHABET, special_tokens=SPECIAL_TOKENS)
-    config = GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16,
-                       bias=False)
-    rng = onp.random.default_rng(0)
-    params = init_gpt(config, rng)
-    save_checkpoint(out, params, adamw_init(params), rng.bit_generator.state, config,
-                    TrainConfig(), tok, 0)
-    return out
+    config = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16, bias=False)
+    return save_char_base(str(tmp_path_factory.mktemp("base")), ALPHABET, config)
 
 
 def write_tsv(path, rows):
