@@ -71,6 +71,15 @@ def test_empty_and_missing_task_files(tmp_path):
         fs.read_task(str(tmp_path / "nope.jsonl"))
 
 
+def test_a_task_file_too_large_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    path = tmp_path / "big.jsonl"
+    path.write_text('{"input": "a", "output": "b"}\n' * 4, encoding="utf-8")
+    monkeypatch.setattr(fs, "MAX_TASK_BYTES", 100)
+    monkeypatch.setattr(fs, "read_fd", lambda *a: pytest.fail("read before its size was checked"))
+    with pytest.raises(TinyLLMError, match="big.jsonl' is 120 bytes, more than 100"):
+        fs.read_task(str(path))
+
+
 def test_a_task_file_with_a_byte_order_mark_crlf_and_u2028_in_a_string(tmp_path):
     # a Windows editor's BOM and line ends; U+2028 is a character of a JSON string, not a line end
     path = tmp_path / "t.jsonl"

@@ -73,7 +73,7 @@ from .checkpoint import load_checkpoint
 from .data import load_corpus, train_val_split
 from .errors import TinyLLMError
 from .fewshot_template import build_prompt
-from .fileio import atomic_write_json, decode_utf8, split_lines
+from .fileio import atomic_write_json, decode_utf8, open_regular, read_fd, split_lines
 from .generate import greedy_batch
 from .models import gpt_forward
 from .ops import log_softmax
@@ -84,6 +84,7 @@ RESULTS_VERSION = 1
 SHOTS = "0,1,2,4,8"  # the k evaluated by default: doublings show the curve at a few points
 ICL_WINDOWS = 200  # context windows averaged for the ICL score (its standard error is reported)
 HEADER_KEYS = {"instruction", "choices"}
+MAX_TASK_BYTES = 64 << 20  # a task file larger than this is not one: refused before it is read
 Z_95 = 1.959963984540054  # the standard normal quantile for a two-sided 95% interval
 
 
@@ -166,9 +167,11 @@ def read_task(path):
     """Read and parse a task file (see the module docstring)."""
     if not os.path.isfile(path):
         raise TinyLLMError(f"task file {path!r} not found")
-    with open(path, "rb") as f:
-        text = decode_utf8(f.read(), path)
-    return parse_task(split_lines(text), path)
+    fd, size = open_regular(path, "task file")
+    if size > MAX_TASK_BYTES:
+        os.close(fd)
+        raise TinyLLMError(f"task file {path!r} is {size:,} bytes, more than {MAX_TASK_BYTES:,}")
+    return parse_task(split_lines(decode_utf8(read_fd(fd, size, "task file", path), path)), path)
 
 
 def task_files(paths):
