@@ -598,8 +598,8 @@ def classify_report(params, config, labels, sets, on_batch=None):
 def scored_with_progress(params, config, labels, sets, n_read):
     """classify_report on the records read (a training split's case copies are trained on, not
     scored), with a line on stderr of how many texts are scored: minutes for a large file."""
-    windows, y = sets["train"]
-    sets = {**sets, "train": (windows.head(n_read), y[:n_read])}
+    train_windows, train_y = sets["train"]
+    sets = {**sets, "train": (train_windows.head(n_read), train_y[:n_read])}
     progress = Counting(sum(len(y) for _, y in sets.values()), "texts scored")
     report = classify_report(params, config, labels, sets, on_batch=progress.update)
     progress.close()
