@@ -37,6 +37,7 @@ def seq2seq():
 @click.option("--data", default=None, metavar="PAIRS|NAME",
               help="Pairs to learn: a TSV file (source<TAB>target, split on the first tab) or"
                    " JSONL ({\"source\", \"target\"} per line); every 10th pair is held out."
+                   " With --resume: where the run's own pairs are now, if moved."
                    "  [default: dates, an embedded task: dates in six formats -> YYYY-MM-DD]")
 @click.option("--n-layer", default=MODEL.n_layer, callback=positive,
               help="Encoder blocks, and as many decoder blocks.")
@@ -104,7 +105,8 @@ def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_em
                                eval_iters=eval_iters, seed=seed).validate()
     check_training_options(label_smoothing, schedule)
     if resume:
-        note_flags_resume_ignores({"out", "resume", "max_iters", "eval_examples", "no_cache"})
+        note_flags_resume_ignores({"out", "resume", "max_iters", "eval_examples", "no_cache",
+                                   "data"})
     source = click.get_current_context().get_parameter_source("max_iters")
     new_total = max_iters if resume and source is not ParameterSource.DEFAULT else None
     result = train_seq2seq(model_config, train_config, out, data=data,

@@ -1,0 +1,40 @@
+"""`tinyllm seq2seq` as a new user drives it on their own pairs: resuming a run whose file moved
+or whose total is already passed."""
+
+import json
+
+from test_cli_seq2seq import TINY, assert_user_error, invoke
+
+
+def pairs(tmp_path, name="pairs.tsv", n=20):
+    path = tmp_path / name
+    path.write_text("".join(f"{i}\t{'x' * (i % 5 + 1)}\n" for i in range(n)), encoding="utf-8")
+    return path
+
+
+def train(data, out, *flags):
+    result = invoke("seq2seq", "train", "--data", data, "--out", out, *TINY, *flags)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_resume_reads_a_moved_pairs_file_given_with_data(tmp_path):
+    path, out = pairs(tmp_path), tmp_path / "run"
+    train(path, out, "--max-iters", 2, "--eval-interval", 2)
+    moved = path.rename(tmp_path / "moved.tsv")
+    assert_user_error(invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 3),
+                      str(path), "is gone", "--resume --data FILE")
+    result = invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 3, "--data", moved)
+    assert result.exit_code == 0 and "not used" not in result.stderr, result.output
+    assert json.loads((out / "config.json").read_text())["data"] == str(moved)
+    other = pairs(tmp_path, "other.tsv", n=21)
+    assert_user_error(invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 4,
+                             "--data", other), "has changed")
+
+
+def test_resume_below_the_steps_done_is_refused(tmp_path):
+    path, out = pairs(tmp_path), tmp_path / "run"
+    train(path, out, "--max-iters", 4, "--eval-interval", 2)
+    assert_user_error(invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 2),
+                      "--max-iters 2", "4 steps")
+
