@@ -1,5 +1,5 @@
 """`tinyllm seq2seq` as a new user drives it on their own pairs: resuming a run whose file moved
-or whose total is already passed."""
+or whose total is already passed, and flags that would do nothing in the combination given."""
 
 import json
 
@@ -38,3 +38,14 @@ def test_resume_below_the_steps_done_is_refused(tmp_path):
     assert_user_error(invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 2),
                       "--max-iters 2", "4 steps")
 
+
+def test_flags_that_would_do_nothing_are_refused(tmp_path):
+    path, out = pairs(tmp_path), tmp_path / "run"
+    noam = ["seq2seq", "train", "--data", path, "--out", out, *TINY, "--max-iters", 1,
+            "--schedule", "noam"]
+    assert_user_error(invoke(*noam, "--lr", 0.01), "--lr", "--schedule noam")
+    assert_user_error(invoke(*noam, "--min-lr", 0), "--min-lr", "--schedule noam")
+    assert not out.exists()
+    translate = ["seq2seq", "translate", "--checkpoint", out, "one"]
+    assert_user_error(invoke(*translate, "--length-penalty", 1.0), "--length-penalty", "--beam-size")
+    assert_user_error(invoke(*translate, "--show", 3), "--show", "--data")
