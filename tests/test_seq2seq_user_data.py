@@ -49,3 +49,18 @@ def test_flags_that_would_do_nothing_are_refused(tmp_path):
     translate = ["seq2seq", "translate", "--checkpoint", out, "one"]
     assert_user_error(invoke(*translate, "--length-penalty", 1.0), "--length-penalty", "--beam-size")
     assert_user_error(invoke(*translate, "--show", 3), "--show", "--data")
+
+
+def test_held_out_translations_may_be_as_long_as_the_longest_target(tmp_path, monkeypatch):
+    # translate's default stops at twice the source plus 50 tokens: 52 for these 1-character
+    # sources, so a perfect model would score 0% on 70-character targets
+    from tinyllm import seq2seq_run
+
+    asked = []
+    monkeypatch.setattr(seq2seq_run, "translate_texts",
+                        lambda params, config, tok, texts, *args, **kw:
+                        asked.append(kw["max_len"]) or ["z" * 70] * len(texts))
+    path = tmp_path / "long.tsv"
+    path.write_text("".join(f"{i}\t{'z' * 70}\n" for i in range(10)), encoding="utf-8")
+    result = train(path, tmp_path / "run", "--block-size", 80, "--max-iters", 1)
+    assert asked == [70] and "held-out exact match: 100.0%" in result.output

@@ -76,8 +76,8 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
 
     With resume=True the model, tokenizer, data and training settings come from the checkpoint;
     only `max_iters` may change, and `data` may name where the run's pairs are now. Ends with
-    greedy decoding of up to `eval_examples` held-out pairs (on the key/value cache unless
-    use_cache is False). Returns a summary dict.
+    greedy decoding of up to `eval_examples` held-out pairs, each up to the longest target (on
+    the key/value cache unless use_cache is False). Returns a summary dict.
     """
     prepare_out_dir(out_dir, resume, force)
     if resume:
@@ -131,8 +131,10 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
                        lr_fn=learning_rate_schedule(schedule, model_config.n_embd, tc))
     seconds = time.perf_counter() - t0
     scored = held_pairs[:eval_examples]
+    longest_target = arrays["val"][2].shape[1] - 1  # (N, T): room for every target and its <eos>
     outputs = translate_texts(state.params, model_config, tokenizer, [p.source for p in scored],
-                              [p.where for p in scored], use_cache=use_cache)
+                              [p.where for p in scored], max_len=longest_target,
+                              use_cache=use_cache)
     return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
             "seconds": seconds, "final": read_metrics(out_dir)[-1], "held_out": len(scored),
             "exact_match": exact_match(outputs, [p.target for p in scored]),
