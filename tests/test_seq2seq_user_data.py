@@ -64,3 +64,13 @@ def test_held_out_translations_may_be_as_long_as_the_longest_target(tmp_path, mo
     path.write_text("".join(f"{i}\t{'z' * 70}\n" for i in range(10)), encoding="utf-8")
     result = train(path, tmp_path / "run", "--block-size", 80, "--max-iters", 1)
     assert asked == [70] and "held-out exact match: 100.0%" in result.output
+
+
+def test_a_header_row_is_not_a_pair(tmp_path):
+    from tinyllm.seq2seq_data import read_pairs
+
+    path = tmp_path / "header.tsv"
+    path.write_text("\ufeffSource\tTarget\r\n1\tone\r\nsource\ttarget\r\n", encoding="utf-8")
+    assert [(p.source, p.target, p.where) for p in read_pairs(str(path))] == [
+        ("1", "one", f"{path} line 2"), ("source", "target", f"{path} line 3")]  # only the first
+
