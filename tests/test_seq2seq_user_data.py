@@ -74,3 +74,9 @@ def test_a_header_row_is_not_a_pair(tmp_path):
     assert [(p.source, p.target, p.where) for p in read_pairs(str(path))] == [
         ("1", "one", f"{path} line 2"), ("source", "target", f"{path} line 3")]  # only the first
 
+
+def test_held_out_pairs_that_are_also_training_pairs_are_noted(tmp_path):
+    path = tmp_path / "dups.tsv"
+    path.write_text("a\tb\n" * 10 + "".join(f"{i}\t{i}\n" for i in range(10)), encoding="utf-8")
+    result = train(path, tmp_path / "run", "--max-iters", 1)
+    assert "note: 1 of the 2 held-out pairs are also training pairs" in result.output

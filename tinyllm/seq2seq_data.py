@@ -158,6 +158,13 @@ def split_pairs(pairs, every=HELD_OUT_EVERY):
     return train, held
 
 
+def repeated_pairs(train, held):
+    """How many held-out pairs are also training pairs (a file with duplicate lines), whose
+    scores measure memory, not translation. Example: train [a->b, c->d], held [a->b] -> 1."""
+    learned = {(p.source, p.target) for p in train}
+    return sum((p.source, p.target) in learned for p in held)
+
+
 def pairs_text(pairs):
     """All the text of the pairs, for training a tokenizer over both sides (and fingerprinting
     the data). Nothing is added between them, so no character enters the vocabulary that the

@@ -19,7 +19,7 @@ from .errors import TinyLLMError
 from .models import count_params
 from .seq2seq import init_seq2seq, seq2seq_loss
 from .seq2seq_data import (EMBEDDED_TASKS, SEQ2SEQ_SPECIAL_TOKENS, encode_pairs, get_pair_batch,
-                           load_pairs, make_arrays, pairs_text)
+                           load_pairs, make_arrays, pairs_text, repeated_pairs)
 from .tokenizers import CharTokenizer
 from .train import (check_memory, check_resumed_total, gpt_param_count, gpt_step_bytes,
                     prepare_out_dir, read_metrics, same_fingerprint, start_out_dir, starting_state,
@@ -109,6 +109,10 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
     log(f"data: {data or 'dates (embedded task)'}, {len(train_pairs):,} training and"
         f" {len(held_pairs):,} held-out pairs (vocab {tokenizer.vocab_size});"
         f" model: {count_params(state.params):,} parameters")
+    repeated = repeated_pairs(train_pairs, held_pairs)
+    if repeated:
+        log(f"note: {repeated:,} of the {len(held_pairs):,} held-out pairs are also training pairs:"
+            " the held-out figures count them, learned by heart")
 
     def loss_fn(params, batch, rng):
         return seq2seq_loss(params, batch, model_config, label_smoothing, rng)
