@@ -47,7 +47,8 @@ def test_flags_that_would_do_nothing_are_refused(tmp_path):
     assert_user_error(invoke(*noam, "--min-lr", 0), "--min-lr", "--schedule noam")
     assert not out.exists()
     translate = ["seq2seq", "translate", "--checkpoint", out, "one"]
-    assert_user_error(invoke(*translate, "--length-penalty", 1.0), "--length-penalty", "--beam-size")
+    assert_user_error(invoke(*translate, "--length-penalty", 1.0),
+                      "--length-penalty", "--beam-size")
     assert_user_error(invoke(*translate, "--show", 3), "--show", "--data")
 
 
