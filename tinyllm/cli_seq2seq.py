@@ -25,6 +25,12 @@ MODEL = Seq2SeqConfig()
 TRAIN = SEQ2SEQ_TRAIN
 
 
+
+def _given(name):
+    """Whether the flag `name` was set by the user rather than left at its default."""
+    return click.get_current_context().get_parameter_source(name) is not ParameterSource.DEFAULT
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -37,6 +43,7 @@ def seq2seq():
 @click.option("--data", default=None, metavar="PAIRS|NAME",
               help="Pairs to learn: a TSV file (source<TAB>target, split on the first tab) or"
                    " JSONL ({\"source\", \"target\"} per line); every 10th pair is held out."
+                   " With --resume: where the run's own pairs are now, if moved."
                    "  [default: dates, an embedded task: dates in six formats -> YYYY-MM-DD]")
 @click.option("--n-layer", default=MODEL.n_layer, callback=positive,
               help="Encoder blocks, and as many decoder blocks.")
@@ -45,7 +52,8 @@ def seq2seq():
 @click.option("--n-embd", default=MODEL.n_embd, callback=positive,
               help="Model width d_model; must be divisible by --n-head.")
 @click.option("--block-size", default=MODEL.block_size, callback=positive,
-              help="Longest source or target in tokens (characters); longer pairs are an error.")
+              help="Longest source in tokens (characters); a target may have one fewer (its <bos>"
+                   " or <eos> takes the place). Longer pairs are an error.")
 @click.option("--positions", type=click.Choice([p for p in POSITIONS if p != "none"]),
               default=MODEL.positions,
               help="Position encodings: the paper's fixed sinusoids, or learned as in GPT.")
@@ -58,8 +66,8 @@ def seq2seq():
               help="Spread this much target probability over the vocabulary (the paper: 0.1).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=SCHEDULE,
               help="cosine: linear warm-up to --lr, cosine decay to --min-lr; noam: the paper's"
-                   " d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), which ignores --lr and"
-                   " --min-lr and peaks at (d_model * warmup)^-0.5: for d_model 64 give it"
+                   " d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), with no --lr or --min-lr,"
+                   " which peaks at (d_model * warmup)^-0.5: for d_model 64 give it"
                    " --warmup-iters 1000 (peak 0.004).")
 @click.option("--batch-size", default=TRAIN.batch_size, callback=positive, help="Pairs per step.")
 @click.option("--max-iters", default=TRAIN.max_iters, callback=step_count,
@@ -104,9 +112,12 @@ def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_em
                                eval_iters=eval_iters, seed=seed).validate()
     check_training_options(label_smoothing, schedule)
     if resume:
-        note_flags_resume_ignores({"out", "resume", "max_iters", "eval_examples", "no_cache"})
-    source = click.get_current_context().get_parameter_source("max_iters")
-    new_total = max_iters if resume and source is not ParameterSource.DEFAULT else None
+        note_flags_resume_ignores({"out", "resume", "max_iters", "eval_examples", "no_cache",
+                                   "data"})
+    elif schedule == "noam" and (_given("lr") or _given("min_lr")):
+        raise TinyLLMError("--lr and --min-lr do nothing with --schedule noam: its rate follows"
+                           " from --n-embd and --warmup-iters alone")
+    new_total = max_iters if resume and _given("max_iters") else None
     result = train_seq2seq(model_config, train_config, out, data=data,
                            label_smoothing=label_smoothing, schedule=schedule, resume=resume,
                            force=force, max_iters=new_total, eval_examples=eval_examples,
@@ -130,7 +141,8 @@ def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_em
 @click.option("--beam-size", default=1, callback=positive,
               help="Beam width; 1 is greedy decoding.")
 @click.option("--length-penalty", default=0.6, callback=non_negative,
-              help="Beam search length penalty alpha in ((5 + n) / 6)^alpha (0: none).")
+              help="Beam search length penalty alpha in ((5 + n) / 6)^alpha (0: none); only with"
+                   " --beam-size 2 or more.")
 @click.option("--max-len", default=None, type=int, callback=positive,
               help="Most tokens to generate.  [default: the model's block size - 1, at most"
                    " twice the longest source plus 50]")
@@ -141,6 +153,10 @@ def translate_command(texts, checkpoint, data, beam_size, length_penalty, max_le
     """Translate TEXTS (one output line each), or score a PAIRS file with --data."""
     if not texts and not data:
         raise TinyLLMError("give a text to translate, or --data PAIRS to score a file")
+    if beam_size == 1 and _given("length_penalty"):
+        raise TinyLLMError("--length-penalty is for beam search: give --beam-size 2 or more")
+    if not data and _given("show"):
+        raise TinyLLMError("--show is for --data: every TEXT given is translated and printed")
     ckpt = load_checkpoint(checkpoint, kind="seq2seq")
     args = dict(beam_size=beam_size, alpha=length_penalty, max_len=max_len, use_cache=not no_cache)
     if texts:

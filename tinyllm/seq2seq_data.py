@@ -4,7 +4,8 @@ A PAIRS file is either
 - TSV: one pair per line, `source<TAB>target`, split on the FIRST tab only (a target may hold
   tabs; quotes are ordinary characters: no csv module, which would strip or pair them), or
 - JSONL (a name ending in .jsonl or .json): one object per line, {"source": "...", "target": "..."}.
-Blank lines are skipped. A line without a tab, an empty side, or bad JSON is an error that names
+Blank lines are skipped, and so is a TSV file's first line if it is the header `source<TAB>target`
+(in any case). A line without a tab, an empty side, or bad JSON is an error that names
 the file and line.
 
 Held-out pairs: every 10th pair (lines 10, 20, ... of the pairs read) is held out for validation
@@ -57,6 +58,8 @@ def read_pairs(path, min_pairs=1):
         if not line.strip():
             continue
         where = f"{path} line {number}"
+        if not jsonl and not pairs and line.strip().casefold() == "source\ttarget":
+            continue  # a header row, as a spreadsheet exports one: not a pair to learn
         if jsonl and not pairs and line.lstrip().startswith("["):
             raise TinyLLMError(f"{where}: a JSON array; a PAIRS file in JSON holds one object"
                                " {\"source\": ..., \"target\": ...} per line (JSONL)")
@@ -153,6 +156,13 @@ def split_pairs(pairs, every=HELD_OUT_EVERY):
     if not held:  # fewer than `every` pairs: hold out the last one
         return pairs[:-1], pairs[-1:]
     return train, held
+
+
+def repeated_pairs(train, held):
+    """How many held-out pairs are also training pairs (a file with duplicate lines), whose
+    scores measure memory, not translation. Example: train [a->b, c->d], held [a->b] -> 1."""
+    learned = {(p.source, p.target) for p in train}
+    return sum((p.source, p.target) in learned for p in held)
 
 
 def pairs_text(pairs):

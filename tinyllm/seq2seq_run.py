@@ -7,6 +7,7 @@ its "data_sha256". The tokenizer is a char tokenizer over both sides with the sp
 <pad>, <bos> and <eos>.
 """
 
+import os
 import time
 from dataclasses import replace
 
@@ -18,11 +19,11 @@ from .errors import TinyLLMError
 from .models import count_params
 from .seq2seq import init_seq2seq, seq2seq_loss
 from .seq2seq_data import (EMBEDDED_TASKS, SEQ2SEQ_SPECIAL_TOKENS, encode_pairs, get_pair_batch,
-                           load_pairs, make_arrays, pairs_text)
+                           load_pairs, make_arrays, pairs_text, repeated_pairs)
 from .tokenizers import CharTokenizer
-from .train import (check_memory, gpt_param_count, gpt_step_bytes, prepare_out_dir, read_metrics,
-                    same_fingerprint, start_out_dir, starting_state, stored_data_name,
-                    text_fingerprint, train_loop)
+from .train import (check_memory, check_resumed_total, gpt_param_count, gpt_step_bytes,
+                    prepare_out_dir, read_metrics, same_fingerprint, start_out_dir, starting_state,
+                    stored_data_name, text_fingerprint, train_loop)
 
 SCHEDULES = ("cosine", "noam")
 SEQ2SEQ_RUN = "runs/seq2seq"  # where `tinyllm seq2seq train` keeps its run by default
@@ -74,13 +75,16 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
     """Train an encoder-decoder on PAIRS (a file or the embedded task) with checkpoints in out_dir.
 
     With resume=True the model, tokenizer, data and training settings come from the checkpoint;
-    only `max_iters` may change. Ends with greedy decoding of up to `eval_examples` held-out
-    pairs (on the key/value cache unless use_cache is False). Returns a summary dict.
+    only `max_iters` may change, and `data` may name where the run's pairs are now. Ends with
+    greedy decoding of up to `eval_examples` held-out pairs, each up to the longest target (on
+    the key/value cache unless use_cache is False). Returns a summary dict.
     """
     prepare_out_dir(out_dir, resume, force)
     if resume:
         ckpt = load_checkpoint(out_dir, with_optimizer=True, kind="seq2seq")
-        model_config, tokenizer, data = ckpt.model_config, ckpt.tokenizer, ckpt.meta.get("data")
+        check_resumed_total(max_iters, ckpt.iter, out_dir)
+        model_config, tokenizer = ckpt.model_config, ckpt.tokenizer
+        data = data or stored_pairs(ckpt.meta, out_dir)  # --data: the same pairs, moved
         label_smoothing, schedule = ckpt.meta["label_smoothing"], ckpt.meta["schedule"]
         tc = replace(ckpt.train_config, max_iters=max_iters or ckpt.train_config.max_iters)
     tc.validate()
@@ -105,6 +109,10 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
     log(f"data: {data or 'dates (embedded task)'}, {len(train_pairs):,} training and"
         f" {len(held_pairs):,} held-out pairs (vocab {tokenizer.vocab_size});"
         f" model: {count_params(state.params):,} parameters")
+    repeated = repeated_pairs(train_pairs, held_pairs)
+    if repeated:
+        log(f"note: {repeated:,} of the {len(held_pairs):,} held-out pairs are also training pairs:"
+            " the held-out figures count them, learned by heart")
 
     def loss_fn(params, batch, rng):
         return seq2seq_loss(params, batch, model_config, label_smoothing, rng)
@@ -127,12 +135,23 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
                        lr_fn=learning_rate_schedule(schedule, model_config.n_embd, tc))
     seconds = time.perf_counter() - t0
     scored = held_pairs[:eval_examples]
+    longest_target = arrays["val"][2].shape[1] - 1  # (N, T): room for every target and its <eos>
     outputs = translate_texts(state.params, model_config, tokenizer, [p.source for p in scored],
-                              [p.where for p in scored], use_cache=use_cache)
+                              [p.where for p in scored], max_len=longest_target,
+                              use_cache=use_cache)
     return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
             "seconds": seconds, "final": read_metrics(out_dir)[-1], "held_out": len(scored),
             "exact_match": exact_match(outputs, [p.target for p in scored]),
             "examples": list(zip(scored[:5], outputs[:5]))}
+
+
+def stored_pairs(meta, out_dir):
+    """The PAIRS file a resumed run reads again (None: the embedded task), if it is still there."""
+    data = meta.get("data")
+    if data and data not in EMBEDDED_TASKS and not os.path.exists(data):
+        raise TinyLLMError(f"the pairs file {data!r} of the run in {out_dir} is gone (moved?):"
+                           " give it again with --resume --data FILE")
+    return data
 
 
 def check_training_options(label_smoothing, schedule):
