@@ -64,7 +64,27 @@ def test_held_out_translations_may_be_as_long_as_the_longest_target(tmp_path, mo
     path = tmp_path / "long.tsv"
     path.write_text("".join(f"{i}\t{'z' * 70}\n" for i in range(10)), encoding="utf-8")
     result = train(path, tmp_path / "run", "--block-size", 80, "--max-iters", 1)
-    assert asked == [70] and "held-out exact match: 100.0%" in result.output
+    assert asked == [71] and "held-out exact match: 100.0%" in result.output  # one token more:
+    # an output that has not stopped after 70 tokens must not be cut into a match
+
+
+def test_held_out_outputs_that_do_not_stop_are_not_cut_into_matches(tmp_path, monkeypatch):
+    from tinyllm import decoding, seq2seq_run
+
+    # a "model" that emits the target and goes on: cut at the target's length it would match
+    real = seq2seq_run.translate_texts
+
+    def never_stops(params, config, tokenizer, texts, *args, **kw):
+        z = tokenizer.encode("z")[0]
+        monkeypatch.setattr(decoding, "greedy_decode", lambda params, config, src, src_valid,
+                            bos, eos, max_len, use_cache: [[z] * max_len for _ in src])
+        return real(params, config, tokenizer, texts, *args, **kw)
+
+    monkeypatch.setattr(seq2seq_run, "translate_texts", never_stops)
+    path = tmp_path / "pairs.tsv"
+    path.write_text("".join(f"{i}\t{'z' * 5}\n" for i in range(10)), encoding="utf-8")
+    result = train(path, tmp_path / "run", "--max-iters", 1)
+    assert "held-out exact match: 0.0%" in result.output
 
 
 def test_a_header_row_is_not_a_pair(tmp_path):

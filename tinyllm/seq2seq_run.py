@@ -135,10 +135,11 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
                        lr_fn=learning_rate_schedule(schedule, model_config.n_embd, tc))
     seconds = time.perf_counter() - t0
     scored = held_pairs[:eval_examples]
-    longest_target = arrays["val"][2].shape[1] - 1  # (N, T): room for every target and its <eos>
+    # Room for the longest target and one token more: an output that has not stopped by then is
+    # longer than every target, so cutting it there never turns a miss into an exact match.
+    room = arrays["val"][2].shape[1]  # (N, T): T is the longest target with its <eos>
     outputs = translate_texts(state.params, model_config, tokenizer, [p.source for p in scored],
-                              [p.where for p in scored], max_len=longest_target,
-                              use_cache=use_cache)
+                              [p.where for p in scored], max_len=room, use_cache=use_cache)
     return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
             "seconds": seconds, "final": read_metrics(out_dir)[-1], "held_out": len(scored),
             "exact_match": exact_match(outputs, [p.target for p in scored]),
