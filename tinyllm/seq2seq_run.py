@@ -76,8 +76,8 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
 
     With resume=True the model, tokenizer, data and training settings come from the checkpoint;
     only `max_iters` may change, and `data` may name where the run's pairs are now. Ends with
-    greedy decoding of up to `eval_examples` held-out pairs, each up to the longest target (on
-    the key/value cache unless use_cache is False). Returns a summary dict.
+    greedy decoding of up to `eval_examples` held-out pairs, each up to the longest target and a
+    token more (on the key/value cache unless use_cache is False). Returns a summary dict.
     """
     prepare_out_dir(out_dir, resume, force)
     if resume:
