@@ -7,9 +7,8 @@ Every user-fixable problem surfaces as a `TinyLLMError` and is printed as one li
 import importlib.metadata
 
 import click
-from click.core import ParameterSource
 
-from .cli_common import (count, fraction, no_cache_option, non_negative,
+from .cli_common import (count, flag_given, fraction, no_cache_option, non_negative,
                          note_flags_resume_ignores, positive, probability_mass, random_seed,
                          step_count, user_errors)
 from .cli_encoder import embed, fill
@@ -159,9 +158,8 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
                                grad_clip=grad_clip, eval_interval=eval_interval,
                                eval_iters=eval_iters, seed=seed, grad_accum=grad_accum).validate()
     # --resume keeps the run's own --max-iters unless this command line sets one
-    source = click.get_current_context().get_parameter_source("max_iters")
-    new_total = max_iters if resume and source is not ParameterSource.DEFAULT else None
-    if resume and click.get_current_context().get_parameter_source("objective") is ParameterSource.DEFAULT:
+    new_total = max_iters if resume and flag_given("max_iters") else None
+    if resume and not flag_given("objective"):
         objective = None  # the run's own
     result = run_pretrain(model_config, train_config, out, data=data,
                           tokenizer_kind=tokenizer_kind, vocab_size=vocab_size, resume=resume,
@@ -248,7 +246,6 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed
 
 def _check_prompt_flags(prompt, examples, stop_text, instruction, input_text):
     """Refuse flags that the chosen kind of prompt would ignore, rather than drop them unseen."""
-    source = click.get_current_context().get_parameter_source("shots")
     if instruction is not None:
         ignored = [flag for flag, given in (("--prompt", prompt), ("--examples", examples),
                                             ("--stop", stop_text is not None)) if given]
@@ -258,7 +255,7 @@ def _check_prompt_flags(prompt, examples, stop_text, instruction, input_text):
                                " <|endoftext|>")
     elif input_text:
         raise TinyLLMError("--input goes with --instruction (the input of an instruction)")
-    if source is not ParameterSource.DEFAULT and examples is None:
+    if flag_given("shots") and examples is None:
         raise TinyLLMError("--shots counts the demonstrations taken from --examples; give"
                            " --examples FILE too")
 

@@ -132,6 +132,13 @@ def random_seed(ctx, param, value):
 # ----------------------------------------------------------------------------- --resume
 
 
+def flag_given(name):
+    """Whether the flag `name` of the running command was set by the user, not left at its
+    default: a flag given and not used must be refused or noted, never dropped unseen."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source is not click.core.ParameterSource.DEFAULT
+
+
 def note_flags_resume_ignores(still_used):
     """With --resume a run keeps the settings it began with: name on stderr each flag given on
     the command line that therefore does nothing, so that a changed --lr or --data is not

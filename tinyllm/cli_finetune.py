@@ -10,7 +10,7 @@ from dataclasses import fields
 import click
 
 from . import distributed
-from .cli_common import (count, fraction, no_cache_option, non_negative,
+from .cli_common import (count, flag_given, fraction, no_cache_option, non_negative,
                          note_flags_resume_ignores, positive, random_seed, step_count, user_errors)
 from .distributed import abort_on_error
 from .errors import TinyLLMError
@@ -82,18 +82,14 @@ def training_options(settings_cls):
     return decorate
 
 
-def _given(name):
-    return click.get_current_context().get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
-
-
 def check_flag_combinations(flags, resume):
     """Refuse a flag that another would make do nothing, rather than drop it unseen: --lora-alpha
     scales the adapters only --lora-rank makes, --epochs sets the steps --max-iters would, and
     with adapters only they and the head train, whatever --freeze says."""
-    if not resume and _given("lora_alpha") and not flags["lora_rank"]:
+    if not resume and flag_given("lora_alpha") and not flags["lora_rank"]:
         raise TinyLLMError("--lora-alpha scales LoRA adapters, and without --lora-rank R there are"
                            " none: give --lora-rank too, or leave --lora-alpha out")
-    if not resume and _given("epochs") and _given("max_iters"):
+    if not resume and flag_given("epochs") and flag_given("max_iters"):
         raise TinyLLMError("--epochs sets the number of steps, so --max-iters would do nothing:"
                            " give one of the two")
     if not resume and flags.get("freeze", "none") != "none" and flags["lora_rank"]:
@@ -180,7 +176,7 @@ def finetune_classify(out, resume, force, **flags):
         note_flags_resume_ignores({"out", "resume", "max_iters", *DATA_FLAGS})
     check_flag_combinations(flags, resume)
     report = run_on_every_rank(run_classify, out, settings_from_flags(ClassifySettings, flags),
-                               resume, force, flags["max_iters"] if _given("max_iters") else None)
+                               resume, force, flags["max_iters"] if flag_given("max_iters") else None)
     click.echo("accuracy after fine-tuning:  " + format_accuracies(report["accuracy_after"]))
     click.echo("test confusion matrix (rows: true, columns: predicted):")
     click.echo(format_confusion(report["test_confusion_matrix"], report["labels"]))
@@ -220,7 +216,7 @@ def finetune_instruct(out, resume, force, no_cache, **flags):
         note_flags_resume_ignores({"out", "resume", "max_iters", "no_cache", *DATA_FLAGS})
     check_flag_combinations(flags, resume)
     report = run_on_every_rank(run_instruct, out, settings_from_flags(InstructSettings, flags),
-                               resume, force, flags["max_iters"] if _given("max_iters") else None,
+                               resume, force, flags["max_iters"] if flag_given("max_iters") else None,
                                use_cache=not no_cache)
     b, a = report["test_before"], report["test_after"]
     click.echo(f"test exact match: {100 * b['exact_match']:.1f}% -> {100 * a['exact_match']:.1f}%;"

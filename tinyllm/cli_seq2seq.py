@@ -5,11 +5,10 @@ Thin Click commands over the library: `seq2seq_run.train_seq2seq` (a training ru
 """
 
 import click
-from click.core import ParameterSource
 
 from .bleu import corpus_bleu, exact_match
 from .checkpoint import load_checkpoint
-from .cli_common import (count, fraction, no_cache_option, non_negative,
+from .cli_common import (count, flag_given, fraction, no_cache_option, non_negative,
                          note_flags_resume_ignores, positive, random_seed, step_count, user_errors)
 from .config import TrainConfig
 from .decoding import translate_texts
@@ -24,11 +23,6 @@ from .seq2seq_run import (EVAL_EXAMPLES, LABEL_SMOOTHING, SCHEDULE, SCHEDULES, S
 MODEL = Seq2SeqConfig()
 TRAIN = SEQ2SEQ_TRAIN
 
-
-
-def _given(name):
-    """Whether the flag `name` was set by the user rather than left at its default."""
-    return click.get_current_context().get_parameter_source(name) is not ParameterSource.DEFAULT
 
 
 # ----------------------------------------------------------------------------- commands
@@ -114,10 +108,10 @@ def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_em
     if resume:
         note_flags_resume_ignores({"out", "resume", "max_iters", "eval_examples", "no_cache",
                                    "data"})
-    elif schedule == "noam" and (_given("lr") or _given("min_lr")):
+    elif schedule == "noam" and (flag_given("lr") or flag_given("min_lr")):
         raise TinyLLMError("--lr and --min-lr do nothing with --schedule noam: its rate follows"
                            " from --n-embd and --warmup-iters alone")
-    new_total = max_iters if resume and _given("max_iters") else None
+    new_total = max_iters if resume and flag_given("max_iters") else None
     result = train_seq2seq(model_config, train_config, out, data=data,
                            label_smoothing=label_smoothing, schedule=schedule, resume=resume,
                            force=force, max_iters=new_total, eval_examples=eval_examples,
@@ -153,9 +147,9 @@ def translate_command(texts, checkpoint, data, beam_size, length_penalty, max_le
     """Translate TEXTS (one output line each), or score a PAIRS file with --data."""
     if not texts and not data:
         raise TinyLLMError("give a text to translate, or --data PAIRS to score a file")
-    if beam_size == 1 and _given("length_penalty"):
+    if beam_size == 1 and flag_given("length_penalty"):
         raise TinyLLMError("--length-penalty is for beam search: give --beam-size 2 or more")
-    if not data and _given("show"):
+    if not data and flag_given("show"):
         raise TinyLLMError("--show is for --data: every TEXT given is translated and printed")
     ckpt = load_checkpoint(checkpoint, kind="seq2seq")
     args = dict(beam_size=beam_size, alpha=length_penalty, max_len=max_len, use_cache=not no_cache)
