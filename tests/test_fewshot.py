@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyllm import fewshot as fs
+from tinyllm import fileio
 from tinyllm.checkpoint import save_checkpoint
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
@@ -75,7 +76,8 @@ def test_a_task_file_too_large_is_refused_before_it_is_read(tmp_path, monkeypatc
     path = tmp_path / "big.jsonl"
     path.write_text('{"input": "a", "output": "b"}\n' * 4, encoding="utf-8")
     monkeypatch.setattr(fs, "MAX_TASK_BYTES", 100)
-    monkeypatch.setattr(fs, "read_fd", lambda *a: pytest.fail("read before its size was checked"))
+    monkeypatch.setattr(fileio, "read_fd",
+                        lambda *a: pytest.fail("read before its size was checked"))
     with pytest.raises(TinyLLMError, match="big.jsonl' is 120 bytes, more than 100"):
         fs.read_task(str(path))
 

@@ -20,7 +20,7 @@ import numpy as onp
 
 from .checkpoint import load_checkpoint
 from .errors import TinyLLMError
-from .fileio import atomic_write_bytes, decode_utf8, open_regular, read_fd, split_lines
+from .fileio import atomic_write_bytes, decode_utf8, read_bounded, split_lines
 from .finetune import make_windows, pool
 from .lora import merge_lora
 from .models import bidirectional_hidden, gpt_hidden
@@ -107,11 +107,7 @@ def read_lines(path):
     is an error naming it."""
     if not os.path.exists(path):
         raise TinyLLMError(f"--data {path!r} not found")
-    fd, size = open_regular(path, "data file")
-    if size > MAX_LINES_BYTES:
-        os.close(fd)
-        raise TinyLLMError(f"--data {path!r} is {size:,} bytes, more than {MAX_LINES_BYTES:,}")
-    text = decode_utf8(read_fd(fd, size, "data file", path), path)
+    text = decode_utf8(read_bounded(path, MAX_LINES_BYTES, "data file"), path)
     lines = split_lines(text)  # so that vector i is line i as an editor counts them
     for number, line in enumerate(lines, 1):
         if not line.strip():

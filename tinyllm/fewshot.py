@@ -73,7 +73,7 @@ from .checkpoint import load_checkpoint
 from .data import load_corpus, train_val_split
 from .errors import TinyLLMError
 from .fewshot_template import build_prompt
-from .fileio import atomic_write_json, decode_utf8, open_regular, read_fd, split_lines
+from .fileio import atomic_write_json, decode_utf8, read_bounded, split_lines
 from .generate import greedy_batch
 from .models import gpt_forward
 from .ops import log_softmax
@@ -167,11 +167,8 @@ def read_task(path):
     """Read and parse a task file (see the module docstring)."""
     if not os.path.isfile(path):
         raise TinyLLMError(f"task file {path!r} not found")
-    fd, size = open_regular(path, "task file")
-    if size > MAX_TASK_BYTES:
-        os.close(fd)
-        raise TinyLLMError(f"task file {path!r} is {size:,} bytes, more than {MAX_TASK_BYTES:,}")
-    return parse_task(split_lines(decode_utf8(read_fd(fd, size, "task file", path), path)), path)
+    data = read_bounded(path, MAX_TASK_BYTES, "task file")
+    return parse_task(split_lines(decode_utf8(data, path)), path)
 
 
 def task_files(paths):

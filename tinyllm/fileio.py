@@ -254,11 +254,16 @@ def split_lines(text):
 def read_run_file(run_dir, name, max_bytes, what):
     """The bytes of the file `name` inside `run_dir`, read as untrusted input (module docstring)."""
     check_plain_name(name, f"{run_dir}/config.json")
-    path = os.path.join(run_dir, name)
-    fd, size = open_regular(path, what, follow_symlinks=False)
+    return read_bounded(os.path.join(run_dir, name), max_bytes, what, follow_symlinks=False)
+
+
+def read_bounded(path, max_bytes, what, follow_symlinks=True):
+    """The bytes of a regular file of at most `max_bytes`, its size checked before a byte is read
+    (a FIFO, a device or a file too large for what it claims to be is a one-line error)."""
+    fd, size = open_regular(path, what, follow_symlinks=follow_symlinks)
     if size > max_bytes:
         os.close(fd)
-        raise TinyLLMError(f"{what} {path} is {size:,} bytes, more than the {max_bytes:,} it can be")
+        raise TinyLLMError(f"{what} {path!r} is {size:,} bytes, more than {max_bytes:,}")
     return read_fd(fd, size, what, path)
 
 
