@@ -361,3 +361,10 @@ def test_a_label_list_in_a_message_stays_short():
                                                 "d.csv (val)")
         assert "is not one the model was trained on" in str(err.value)
         assert len(str(err.value)) < 600
+
+
+def test_windows_longest_first_worked_example():
+    # lengths 2, 5, 3 and a 12-token text whose first window (8 tokens) is its longest
+    windows, _, _ = make_windows([[1, 2], [1, 2, 3, 4, 5], [1, 2, 3], list(range(12))], 8, 8)
+    assert list(windows.longest_first()) == [3, 1, 2, 0]
+    assert list(windows.head(2).longest_first()) == [1, 0]

@@ -53,8 +53,8 @@ def embed_texts(params, config, tokenizer, texts, bidirectional, batch_size=32,
     """One vector per text: (N, C) float32, and the number of texts cut after max_windows;
     on_batch(texts done), if given, after each batch.
 
-    The texts go through longest first, as in finetune.predict_windows: a batch is cut to its
-    longest window, so sorted batches pad little. The rows come back in the texts' order."""
+    The texts go through longest first (`Windows.longest_first`), as in classification; the rows
+    come back in the texts' own order."""
     seqs = []
     for number, text in enumerate(texts, 1):
         if not text:
@@ -65,7 +65,7 @@ def embed_texts(params, config, tokenizer, texts, bidirectional, batch_size=32,
             raise TinyLLMError(f"text {number}: {err}") from None
     windows, _, cut = make_windows(seqs, config.block_size, max_windows)
     vectors = onp.zeros((windows.n_texts, config.n_embd), onp.float32)
-    longest_first = onp.argsort(-windows.valid[windows.first].sum(axis=1), kind="stable")
+    longest_first = windows.longest_first()
     for start in range(0, windows.n_texts, batch_size):
         texts_here = longest_first[start:start + batch_size]
         ids, valid, assign = windows.batch(texts_here)  # (W, T), (W, T), (B, W)
