@@ -65,8 +65,8 @@ from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init
 from .progress import Counting
 from .train import (SPECIAL_TOKENS, Committed, check_memory, check_resumed_total, check_same_ranks,
-                    gpt_param_count, gpt_step_bytes, prepare_out_dir, read_metrics, start_out_dir,
-                    train_loop, truncate_metrics)
+                    check_still_there, gpt_param_count, gpt_step_bytes, prepare_out_dir,
+                    read_metrics, start_out_dir, train_loop, truncate_metrics)
 from .tree import flatten, unflatten
 
 METRICS_FORMAT = "tinyllm-finetune-metrics"
@@ -250,14 +250,11 @@ def with_moved_data(stored, given):
     return replace(stored, **moved)
 
 
-def check_data_unchanged(ckpt, settings):
+def check_data_unchanged(ckpt, settings, out_dir):
     """--resume trains on the data the run began with, or not at all."""
     for name in DATA_FLAGS:
-        path = getattr(settings, name)
-        if path and not os.path.lexists(path):
-            flag = "--" + name.replace("_", "-")
-            raise TinyLLMError(f"--resume: the run's {flag} file {path!r} is gone (moved or"
-                               f" renamed?): give it again with --resume {flag} FILE")
+        if getattr(settings, name):
+            check_still_there(getattr(settings, name), out_dir, "--" + name.replace("_", "-"))
     if ckpt.meta.get("data_files_sha256", {}) != data_fingerprints(settings):
         raise TinyLLMError(f"--resume: the data file(s) of this run changed since it began"
                            f" ({settings.data}); start a new run instead")
@@ -678,7 +675,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     # 2. data (a resumed run's files are checked against their sha256 before they are parsed)
     if resume:
         s = with_moved_data(s, settings)
-        check_data_unchanged(ckpt, s)
+        check_data_unchanged(ckpt, s, out)
     train, val, test, dropped = load_classification_splits(s)
     n_read = len(train)
     if s.case_copies:
@@ -975,7 +972,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     # 2. data (a resumed run's files are checked against their sha256 before they are parsed)
     if resume:
         s = with_moved_data(s, settings)
-        check_data_unchanged(ckpt, s)
+        check_data_unchanged(ckpt, s, out)
     train, val, test = instruct_splits(s)
     # 3. model
     if resume:

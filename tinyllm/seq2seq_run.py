@@ -7,7 +7,6 @@ its "data_sha256". The tokenizer is a char tokenizer over both sides with the sp
 <pad>, <bos> and <eos>.
 """
 
-import os
 import time
 from dataclasses import replace
 
@@ -21,9 +20,9 @@ from .seq2seq import init_seq2seq, seq2seq_loss
 from .seq2seq_data import (EMBEDDED_TASKS, SEQ2SEQ_SPECIAL_TOKENS, encode_pairs, get_pair_batch,
                            load_pairs, make_arrays, pairs_text, repeated_pairs)
 from .tokenizers import CharTokenizer
-from .train import (check_memory, check_resumed_total, gpt_param_count, gpt_step_bytes,
-                    prepare_out_dir, read_metrics, same_fingerprint, start_out_dir, starting_state,
-                    stored_data_name, text_fingerprint, train_loop)
+from .train import (check_memory, check_resumed_total, check_still_there, gpt_param_count,
+                    gpt_step_bytes, prepare_out_dir, read_metrics, same_fingerprint, start_out_dir,
+                    starting_state, stored_data_name, text_fingerprint, train_loop)
 
 SCHEDULES = ("cosine", "noam")
 SEQ2SEQ_RUN = "runs/seq2seq"  # where `tinyllm seq2seq train` keeps its run by default
@@ -149,9 +148,8 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
 def stored_pairs(meta, out_dir):
     """The PAIRS file a resumed run reads again (None: the embedded task), if it is still there."""
     data = meta.get("data")
-    if data and data not in EMBEDDED_TASKS and not os.path.exists(data):
-        raise TinyLLMError(f"the pairs file {data!r} of the run in {out_dir} is gone (moved?):"
-                           " give it again with --resume --data FILE")
+    if data and data not in EMBEDDED_TASKS:
+        check_still_there(data, out_dir)
     return data
 
 

@@ -489,10 +489,8 @@ def run_corpus(meta, run_dir, data=None):
         data = meta.get("data") or "pydoc"  # runs made before the default had a stored name
     if not from_run or data in EMBEDDED_CORPORA:
         text = load_corpus(data)
-    elif not os.path.exists(data):
-        raise TinyLLMError(f"the data file {data!r} of the run in {run_dir} is gone (moved, or"
-                           " it was a pipe): give it again with --resume --data FILE")
     else:
+        check_still_there(data, run_dir)  # a pipe, read once, is gone too
         text = read_text_file(data, allow_pipe=False)
     if not same_fingerprint(meta.get("data_sha256"), text):
         raise TinyLLMError(f"the data {data!r} of the run in {run_dir} has changed since the run"
@@ -776,6 +774,14 @@ def merges_progress(log, every_seconds=5.0):
             log(f"tokenizer: {done:,} of {total:,} merges learned")
 
     return progress
+
+
+def check_still_there(path, run_dir, flag="--data"):
+    """A data file a run stored, which --resume reads again, must still be where it was; if not,
+    the error names the flag that says where it is now (`--resume --data FILE`)."""
+    if not os.path.exists(path):
+        raise TinyLLMError(f"--resume: the {flag} file {path!r} of the run in {run_dir} is gone"
+                           f" (moved or renamed?): give it again with --resume {flag} FILE")
 
 
 def check_resumed_total(max_iters, done, out_dir):
