@@ -1,7 +1,8 @@
-"""A dependency-free progress bar for the training loop, on stderr.
+"""Dependency-free progress on stderr: the training loop's bar (`Progress`), and a count for
+other long jobs, such as scoring or embedding a large file (`Counting`).
 
-On a terminal it redraws one line in place; elsewhere (a log file, CI, a test) it prints a plain
-line every `every` updates so the output stays readable.
+On a terminal each redraws one line in place; elsewhere (a log file, CI, a test) it prints a
+plain line every `every` updates so the output stays readable.
 """
 
 import sys
@@ -37,8 +38,11 @@ class Progress:
         bar = "#" * filled + "." * (self.width - filled)
         rate = (time.perf_counter() - self.t0) / max(1, done - self.start)
         eta = format_seconds(rate * (self.total - done))
-        line = (f"iter {done}/{self.total} [{bar}] loss {loss:.4f} | {ms_per_iter:.0f} ms/it"
-                f" | {tokens_per_s:,.0f} tok/s | eta {eta}")
+        self._show(f"iter {done}/{self.total} [{bar}] loss {loss:.4f} | {ms_per_iter:.0f} ms/it"
+                   f" | {tokens_per_s:,.0f} tok/s | eta {eta}")
+
+    def _show(self, line):
+        """Redraw the line in place on a terminal; elsewhere print it as a line of its own."""
         self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
         self.stream.flush()
 
@@ -53,19 +57,16 @@ class Progress:
             self.stream.flush()
 
 
-class Counting:
+class Counting(Progress):
     """`done/total` of a long job that is not training (scoring a file's texts, embedding its
     lines), with the time left: call `update(done)` as the work goes; `close()` at the end.
 
     Example line: "texts scored: 1,024/6,000 | 8s | eta 39s"."""
 
     def __init__(self, total, what, stream=None, every=None):
-        self.total, self.what = total, what
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.every = every or max(1, total // 10)
+        super().__init__(total, stream=stream, every=every)
+        self.what = what
         self.last = 0  # `done` of the last line written
-        self.t0 = time.perf_counter()
 
     def update(self, done):
         if not self.tty and done - self.last < self.every and done != self.total:
@@ -73,11 +74,4 @@ class Counting:
         self.last = done
         elapsed = time.perf_counter() - self.t0
         eta = format_seconds(elapsed / max(1, done) * (self.total - done))
-        line = f"{self.what}: {done:,}/{self.total:,} | {format_seconds(elapsed)} | eta {eta}"
-        self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
-        self.stream.flush()
-
-    def close(self):
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        self._show(f"{self.what}: {done:,}/{self.total:,} | {format_seconds(elapsed)} | eta {eta}")
