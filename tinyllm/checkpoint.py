@@ -414,8 +414,6 @@ def _model_config(config_cls, data, where):
     # every whole number of a model config is a size: at most what a flag may ask for
     config = from_dict(config_cls, check_field_types(config_cls, data, where, most=MAX_SIZE),
                        where=where)
-    if isinstance(config, LoRAGPTConfig) and config.lora_rank < 1:  # merging divides by it
-        raise TinyLLMError(f"{where}: a LoRA model needs a \"lora_rank\" of at least 1")
     try:
         return config.validate()
     except TinyLLMError as err:

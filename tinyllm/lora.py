@@ -85,6 +85,14 @@ class LoRAGPTConfig(GPTConfig):
     lora_rank: int = 4  # r: the adapters' inner size
     lora_alpha: float = 8.0  # the change is scaled by alpha / r
 
+    def validate(self):
+        """GPTConfig's checks, and a rank of at least 1 (merging the adapters divides by it)."""
+        super().validate()
+        if self.lora_rank < 1:
+            raise TinyLLMError(f"lora_rank (--lora-rank) must be at least 1 for a LoRA model,"
+                               f" got {self.lora_rank}")
+        return self
+
     def gpt(self):
         """The underlying GPTConfig."""
         return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)})
