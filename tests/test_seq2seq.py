@@ -20,7 +20,7 @@ from tinyllm.seq2seq import (Seq2SeqConfig, decoder_forward, encoder_forward, in
                              seq2seq_forward, seq2seq_loss, sinusoidal_positions)
 from tinyllm.seq2seq_run import noam_lr
 from tinyllm.seq2seq_data import (SEQ2SEQ_SPECIAL_TOKENS, Pair, dates_task, make_arrays,
-                                  read_pairs, split_pairs)
+                                  read_pairs, readable_pairs, split_pairs)
 from tinyllm.tokenizers import CharTokenizer
 
 TINY = Seq2SeqConfig(vocab_size=13, block_size=10, n_layer=2, n_head=2, n_embd=16)
@@ -261,6 +261,17 @@ def test_bad_jsonl_names_line(tmp_path):
     path.write_text('{"source": "a", "target": "b"}\n{"source": "a"}\n')
     with pytest.raises(TinyLLMError, match="line 2"):
         read_pairs(str(path))
+
+
+def test_readable_pairs_worked_example():
+    tok = CharTokenizer.train("abc", SEQ2SEQ_SPECIAL_TOKENS)
+    pairs = [Pair("ab", "é", "f line 1"), Pair("aé", "b", "f line 2"),
+             Pair("abca", "b", "f line 3")]
+    readable, reasons = readable_pairs(tok, pairs, block_size=3)
+    assert readable == pairs[:1]  # an unknown character in a target is no reason: it is not read
+    assert reasons[0].startswith("f line 2: text has character 'é' at position 1")
+    assert reasons[1] == ("f line 3: the source has 4 tokens, more than the context of 3"
+                          " (--block-size)")
 
 
 def test_split_holds_out_every_tenth():

@@ -188,6 +188,34 @@ def encode_source(tokenizer, text, block_size, where, side="source"):
     return ids
 
 
+def encoding_problem(tokenizer, text, block_size, where, side="source"):
+    """Why `text` cannot be read as `side` ids within block_size tokens (encode_source's one-line
+    reason, naming `where`), or None if it can."""
+    try:
+        encode_source(tokenizer, text, block_size, where, side)
+    except TinyLLMError as err:
+        return str(err)
+    return None
+
+
+def readable_pairs(tokenizer, pairs, block_size):
+    """Pairs whose source a model can read, and the reason for each one whose source it cannot
+    (a character its tokenizer never saw, or more tokens than its context) -> (pairs, reasons).
+
+    Scoring a file leaves those pairs out and counts them, so one odd line does not stop the
+    scoring of thousands. Example: a model that knows 'a' to 'z', pairs [("ab", ...) on line 1,
+    ("aé", ...) on line 2] -> ([the line 1 pair], ["FILE line 2: text has character 'é' ..."]).
+    """
+    readable, reasons = [], []
+    for pair in pairs:
+        reason = encoding_problem(tokenizer, pair.source, block_size, pair.where)
+        if reason:
+            reasons.append(reason)
+        else:
+            readable.append(pair)
+    return readable, reasons
+
+
 def encode_pairs(tokenizer, pairs, block_size):
     """Pairs -> (source ids list, target ids list); a target needs room for <bos>/<eos>."""
     sources, targets = [], []
