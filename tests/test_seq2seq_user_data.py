@@ -3,6 +3,8 @@ or whose total is already passed, and flags that would do nothing in the combina
 
 import json
 
+import pytest
+
 from test_cli_seq2seq import TINY, assert_user_error, invoke
 
 
@@ -101,3 +103,48 @@ def test_held_out_pairs_that_are_also_training_pairs_are_noted(tmp_path):
     path.write_text("a\tb\n" * 10 + "".join(f"{i}\t{i}\n" for i in range(10)), encoding="utf-8")
     result = train(path, tmp_path / "run", "--max-iters", 1)
     assert "note: 1 of the 2 held-out pairs are also training pairs" in result.output
+
+
+@pytest.fixture(scope="module")
+def long_targets_run(tmp_path_factory):
+    """One-character sources, 70-character targets, a context of 80: a run that is all room."""
+    tmp = tmp_path_factory.mktemp("long")
+    path = tmp / "long.tsv"
+    path.write_text("".join(f"{i}\t{'z' * 70}\n" for i in range(10)), encoding="utf-8")
+    train(path, tmp / "run", "--block-size", 80, "--max-iters", 1)
+    return path, tmp / "run"
+
+
+def decoding_emits(monkeypatch, length):
+    """Make greedy decoding emit `length` z's and then <eos> (cut by max_len, as the loop is)."""
+    from tinyllm import decoding
+
+    monkeypatch.setattr(decoding, "greedy_decode", lambda params, config, src, src_valid, bos,
+                        eos, max_len, use_cache: [[config.vocab_size - 4] * min(length, max_len)
+                                                  for _ in src])  # 'z': the last character
+
+
+def test_scoring_leaves_room_for_the_longest_reference(long_targets_run, monkeypatch):
+    # translate's default stops at twice the source plus 50 tokens: 52 for these 1-character
+    # sources, which would cut a perfect model's 70-character outputs into misses
+    path, out = long_targets_run
+    decoding_emits(monkeypatch, 70)
+    result = invoke("seq2seq", "translate", "--checkpoint", out, "--data", path)
+    assert result.exit_code == 0, result.output
+    assert "10 pairs: exact match 100.0%" in result.output and "note" not in result.output
+
+
+def test_translations_cut_at_the_length_limit_are_counted(long_targets_run, monkeypatch):
+    path, out = long_targets_run
+    decoding_emits(monkeypatch, 1000)  # a model that never stops
+    result = invoke("seq2seq", "translate", "--checkpoint", out, "--data", path)
+    assert result.exit_code == 0, result.output
+    assert ("note: 10 translations reached the length limit of 71 tokens without <eos> and are"
+            " cut there (longer than every target: they cannot match)") in result.output
+    assert "10 pairs: exact match 0.0%" in result.output
+    result = invoke("seq2seq", "translate", "--checkpoint", out, "--data", path, "--max-len", 70)
+    assert "note: 10 translations reached the length limit of 70 tokens" in result.output
+    assert "(--max-len 70)" in result.output and "exact match 100.0%" in result.output
+    result = invoke("seq2seq", "translate", "--checkpoint", out, "--data", path, "--max-len", 500)
+    assert "limit of 79 tokens" in result.output
+    assert "the context, --block-size 80, allows no more" in result.output

@@ -1,12 +1,12 @@
 """`tinyllm seq2seq train` and `tinyllm seq2seq translate`: the encoder-decoder end to end.
 
 Thin Click commands over the library: `seq2seq_run.train_seq2seq` (a training run),
-`decoding.translate_texts` (greedy or beam search) and `bleu` (exact match, corpus BLEU-4).
+`decoding.translate_texts` (greedy or beam search) and `seq2seq_run.score_pairs` (exact match
+and corpus BLEU-4 of a PAIRS file).
 """
 
 import click
 
-from .bleu import corpus_bleu, exact_match
 from .checkpoint import load_checkpoint
 from .cli_common import (count, flag_given, fraction, no_cache_option, non_negative,
                          note_flags_resume_ignores, positive, random_seed, step_count, user_errors)
@@ -15,9 +15,9 @@ from .decoding import translate_texts
 from .errors import TinyLLMError
 from .progress import Counting
 from .seq2seq import POSITIONS, Seq2SeqConfig
-from .seq2seq_data import read_pairs
+from .seq2seq_data import read_pairs, readable_pairs
 from .seq2seq_run import (EVAL_EXAMPLES, LABEL_SMOOTHING, SCHEDULE, SCHEDULES, SEQ2SEQ_RUN,
-                          SEQ2SEQ_TRAIN, check_training_options, train_seq2seq)
+                          SEQ2SEQ_TRAIN, check_training_options, score_pairs, train_seq2seq)
 
 # The defaults of `tinyllm seq2seq train` are the model config's and the run module's own.
 MODEL = Seq2SeqConfig()
@@ -130,15 +130,19 @@ def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_em
               help="Run directory written by `tinyllm seq2seq train`.")
 @click.option("--data", default=None, type=click.Path(dir_okay=False),
               help="Score a PAIRS file (TSV or JSONL): translate every source, print exact match"
-                   " and corpus BLEU-4 against the targets.  [default: none: translate TEXTS]")
+                   " and corpus BLEU-4 against the targets. A pair whose source the model cannot"
+                   " read (a character it never saw, longer than the context) is left out and"
+                   " counted.  [default: none: translate TEXTS]")
 @click.option("--beam-size", default=1, callback=positive,
               help="Beam width; 1 is greedy decoding.")
 @click.option("--length-penalty", default=0.6, callback=non_negative,
               help="Beam search length penalty alpha in ((5 + n) / 6)^alpha (0: none); only with"
                    " --beam-size 2 or more.")
 @click.option("--max-len", default=None, type=int, callback=positive,
-              help="Most tokens to generate.  [default: the model's block size - 1, at most"
-                   " twice the longest source plus 50]")
+              help="Most tokens to generate, at most the model's block size - 1; with --data,"
+                   " translations that reach it are counted.  [default: twice the longest"
+                   " source plus 50, or with --data the longest target plus 1 if more; within"
+                   " the context]")
 @click.option("--show", default=5, callback=count, help="With --data: how many translations to print.")
 @no_cache_option
 @user_errors
@@ -157,17 +161,44 @@ def translate_command(texts, checkpoint, data, beam_size, length_penalty, max_le
                                       **args):
             click.echo(output)
     if data:
-        pairs = read_pairs(data)
-        progress = Counting(len(pairs), "pairs translated")
-        outputs = translate_texts(ckpt.params, ckpt.model_config, ckpt.tokenizer,
-                                  [p.source for p in pairs], [p.where for p in pairs], **args,
-                                  on_done=progress.update)
-        progress.close()
-        references = [p.target for p in pairs]
-        for pair, output in list(zip(pairs, outputs))[:show]:
-            click.echo(f"{pair.source} -> {output}  (reference: {pair.target})")
-        bleu = f"BLEU-4 {corpus_bleu(outputs, references):.1f}"
-        if not any(len(text.split()) >= 4 for text in references):
-            bleu += " (no reference has 4 words, so BLEU-4 is 0 by definition: use exact match)"
-        click.echo(f"{len(pairs)} pairs: exact match {100 * exact_match(outputs, references):.1f}%,"
-                   f" {bleu}")
+        score_file(ckpt, data, show, args)
+
+
+def score_file(ckpt, data, show, args):
+    """translate --data: score the pairs the model can read, and say what was left out or cut."""
+    pairs = read_pairs(data)
+    readable, unreadable = readable_pairs(ckpt.tokenizer, pairs, ckpt.model_config.block_size)
+    if not readable:
+        raise TinyLLMError(f"{data}: this model can read none of its {len(pairs):,} sources"
+                           f" (first: {unreadable[0]})")
+    progress = Counting(len(readable), "pairs translated")
+    score = score_pairs(ckpt.params, ckpt.model_config, ckpt.tokenizer, readable,
+                        **args, on_done=progress.update)
+    progress.close()
+    for pair, output in list(zip(readable, score["outputs"]))[:show]:
+        click.echo(f"{pair.source} -> {output}  (reference: {pair.target})")
+    if unreadable:
+        click.echo(f"note: {len(unreadable):,} of the {len(pairs):,} pairs are left out of the"
+                   f" score: the model cannot read their source (first: {unreadable[0]})")
+    if score["unwritable"]:
+        click.echo(f"note: {len(score['unwritable']):,} scored pairs have a target the model cannot"
+                   f" write, so they count as misses (first: {score['unwritable'][0]})")
+    if score["cut"]:
+        click.echo(f"note: {score['cut']:,} translations reached the length limit of"
+                   f" {score['max_len']} tokens without <eos> and are cut there"
+                   f" ({limit_reason(args['max_len'], score['max_len'], ckpt.model_config)})")
+    references = [p.target for p in readable]
+    bleu = f"BLEU-4 {score['bleu']:.1f}"
+    if not any(len(text.split()) >= 4 for text in references):
+        bleu += " (no reference has 4 words, so BLEU-4 is 0 by definition: use exact match)"
+    scored = f"{len(readable):,}" + (f" of {len(pairs):,}" if unreadable else "")
+    click.echo(f"{scored} pairs: exact match {100 * score['exact_match']:.1f}%, {bleu}")
+
+
+def limit_reason(max_len, limit, config):
+    """Why translations stop at `limit` tokens: --max-len, the context, or the default's room."""
+    if max_len and max_len <= limit:
+        return f"--max-len {max_len}"
+    if limit == config.block_size - 1:
+        return f"the context, --block-size {config.block_size}, allows no more"
+    return "longer than every target: they cannot match"

@@ -1,4 +1,5 @@
-"""Training an encoder-decoder: what `tinyllm seq2seq train` does (the model is tinyllm/seq2seq.py).
+"""Training an encoder-decoder: what `tinyllm seq2seq train` does (the model is tinyllm/seq2seq.py),
+and scoring one on a PAIRS file (`tinyllm seq2seq translate --data`).
 
 A run directory is a standard tinyllm checkpoint (see tinyllm/checkpoint.py) with "kind": "seq2seq",
 "model": the Seq2SeqConfig fields, and three more fields in config.json: "label_smoothing",
@@ -10,15 +11,15 @@ its "data_sha256". The tokenizer is a char tokenizer over both sides with the sp
 import time
 from dataclasses import replace
 
-from .bleu import exact_match
+from .bleu import corpus_bleu, exact_match
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .decoding import translate_texts
+from .decoding import default_max_len, translate_texts
 from .errors import TinyLLMError
 from .models import count_params
 from .seq2seq import init_seq2seq, seq2seq_loss
-from .seq2seq_data import (EMBEDDED_TASKS, SEQ2SEQ_SPECIAL_TOKENS, encode_pairs, get_pair_batch,
-                           load_pairs, make_arrays, pairs_text, repeated_pairs)
+from .seq2seq_data import (EMBEDDED_TASKS, SEQ2SEQ_SPECIAL_TOKENS, encode_pairs, encoding_problem,
+                           get_pair_batch, load_pairs, make_arrays, pairs_text, repeated_pairs)
 from .tokenizers import CharTokenizer
 from .train import (check_memory, check_resumed_total, check_still_there, gpt_param_count,
                     gpt_step_bytes, prepare_out_dir, read_metrics, same_fingerprint, start_out_dir,
@@ -143,6 +144,54 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
             "seconds": seconds, "final": read_metrics(out_dir)[-1], "held_out": len(scored),
             "exact_match": exact_match(outputs, [p.target for p in scored]),
             "examples": list(zip(scored[:5], outputs[:5]))}
+
+
+# ----------------------------------------------------------------------------- scoring a PAIRS file
+
+
+def score_pairs(params, config, tokenizer, pairs, max_len=None, **search):
+    """Translate the sources of `pairs` (all readable: see seq2seq_data.readable_pairs) and score
+    the outputs against the targets -> dict with "outputs", "exact_match" (0..1), "bleu" (0..100),
+    "max_len" (the length limit used), "cut" (how many outputs reached it without <eos>) and
+    "unwritable" (the reason for each target no output can equal: a character the tokenizer never
+    saw, or more tokens than the decoder's context). `search`: translate_texts's beam_size,
+    alpha, use_cache and on_done. Without max_len, `room_to_score`'s limit.
+    """
+    room = config.block_size - 1  # a target shares the decoder's context with its <bos>
+    # exact match ignores outer whitespace: a target is unwritable only if its stripped text is too
+    problems = [encoding_problem(tokenizer, p.target.strip(), room, p.where, "target")
+                for p in pairs]
+    writable = [p.target for p, problem in zip(pairs, problems) if not problem]
+    max_len = min(max_len or room_to_score(tokenizer, config, pairs, writable), room)
+    outputs = translate_texts(params, config, tokenizer, [p.source for p in pairs],
+                              [p.where for p in pairs], max_len=max_len, **search)
+    references = [p.target for p in pairs]
+    return {"outputs": outputs, "exact_match": exact_match(outputs, references),
+            "bleu": corpus_bleu(outputs, references), "max_len": max_len,
+            # an output that stopped at <eos> is shorter than the limit: <eos> took a step (one
+            # with a <pad> or <bos> inside, which decoding drops from the text, is counted short)
+            "cut": sum(len(tokenizer.encode(o)) >= max_len for o in outputs),
+            "unwritable": [problem for problem in problems if problem]}
+
+
+def room_to_score(tokenizer, config, pairs, writable):
+    """The default length limit for scoring pairs: as far as `translate` lets any text run, or the
+    longest writable target and one token more if that is longer (within the context). So the
+    limit never cuts an output that could still equal its target, nor one that has not yet passed
+    every target. Example: sources of 1 token, a target of 70 -> max(2 * 1 + 50, 71) = 71."""
+    sources = [tokenizer.encode(p.source) for p in pairs]
+    longest = max((target_length(tokenizer, t) for t in writable), default=0)
+    return min(max(default_max_len(config.block_size, sources), longest + 1), config.block_size - 1)
+
+
+def target_length(tokenizer, target):
+    """Tokens in `target` as the model would write it: with its outer whitespace if the tokenizer
+    knows those characters, else without (exact match ignores them). Example: " eno" -> 4 if the
+    tokenizer knows ' ', else 3."""
+    try:
+        return len(tokenizer.encode(target))
+    except TinyLLMError:
+        return len(tokenizer.encode(target.strip()))
 
 
 def stored_pairs(meta, out_dir):
