@@ -64,6 +64,13 @@ def test_classify_end_to_end(base, tsv, tmp_path):
     whole = run(["classify", "--checkpoint", out, "--data", tsv])
     assert whole.exit_code == 0 and "61 examples" in whole.output and "accuracy" in whole.output
     assert "texts scored: 61/61" in whole.stderr  # progress, on stderr
+    # a header of other names, columns by position: "category" is not a class the model knows
+    named = tmp_path / "named.csv"
+    named.write_text("category,comment\npos,good film\nneg,bad film\n", encoding="utf-8")
+    scored = run(["classify", "--checkpoint", out, "--data", str(named), "--text-column", "1",
+                  "--label-column", "0"])
+    assert scored.exit_code == 0 and "2 examples" in scored.stdout, scored.output
+    assert f"note: {named}:1: read as the header, not a record" in scored.stderr
 
     resumed = run(["finetune", "classify", "--out", out, "--resume", "--max-iters", "6",
                    "--freeze", "all"])
@@ -120,6 +127,26 @@ def test_dedupe_drops_repeats_before_the_split_and_across_given_files(base, tsv,
     report = json.load(open(os.path.join(out, "metrics.json")))
     assert report["repeats_dropped"] == 3
     assert (report["examples"]["val"], report["examples"]["test"]) == (1, 1)
+
+
+def test_val_and_test_files_with_a_header_of_other_names_lose_no_record(tmp_path):
+    """Read by position, a --val-data or --test-data file's header row is the row whose label
+    is no class of the training file; no record of a file without one is dropped."""
+    from tinyllm.finetune_runs import ClassifySettings, load_classification_splits
+
+    files = {"train.csv": "category,comment\n" + "".join(f"{'ab'[i % 2]},text {i}\n"
+                                                          for i in range(10)),
+             "val.csv": "category,comment\na,v1\nb,v2\n", "test.csv": "b,t1\na,t2\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    notes = []
+    splits = load_classification_splits(ClassifySettings(
+        data=str(tmp_path / "train.csv"), val_data=str(tmp_path / "val.csv"),
+        test_data=str(tmp_path / "test.csv"), text_column="1", label_column="0"), notes.append)
+    assert [len(part) for part in splits[:3]] == [10, 2, 2]
+    assert splits.val == [("v1", "a"), ("v2", "b")] and splits.test == [("t1", "b"), ("t2", "a")]
+    assert [note.split(": read as")[0] for note in notes] == [
+        f"note: {tmp_path / name}:1" for name in ("train.csv", "val.csv")]
 
 
 def test_resume_reads_a_moved_data_file_from_where_data_says(base, tsv, tmp_path):

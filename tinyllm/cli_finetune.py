@@ -257,7 +257,7 @@ def classify(checkpoint, data, text_column, label_column, text):
             click.echo(f"  {label}: {p:.3f}")
         return
     scored = score_file(params, config, tokenizer, labels, data, text_column, label_column,
-                        max_windows)
+                        max_windows, log=lambda note: click.echo(note, err=True))
     notes = ", ".join(f"{scored[k]} {k}" for k in ("windowed", "cut") if scored[k])
     click.echo(f"{scored['examples']} examples{f' ({notes})' if notes else ''}:"
                f" accuracy {100 * scored['accuracy']:.1f}%")

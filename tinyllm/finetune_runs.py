@@ -485,12 +485,13 @@ class ClassificationSplits(NamedTuple):
     repeats_dropped: int  # records --dedupe dropped (0 without it)
 
 
-def load_classification_splits(s):
-    """Train, val and test lists of (text, label), from files or the embedded default.
+def load_classification_splits(s, log=print):
+    """Train, val and test lists of (text, label), from files or the embedded default; `log`
+    is told of a header found by its labels (labelled_data.first_row_is_header).
 
     With --dedupe, repeats go before the split: a text is kept once in --data, and a text of
     --val-data or --test-data already in an earlier file is dropped from it."""
-    examples = (read_classification(s.data, s.text_column, s.label_column) if s.data
+    examples = (read_classification(s.data, s.text_column, s.label_column, log=log) if s.data
                 else default_classification_data())
     dropped = 0
     if s.dedupe:
@@ -498,9 +499,9 @@ def load_classification_splits(s):
     if s.balance:
         examples = balance(examples, s.seed)
     if s.val_data:
-        train = examples
-        val = read_classification(s.val_data, s.text_column, s.label_column)
-        test = read_classification(s.test_data, s.text_column, s.label_column)
+        train, classes = examples, {label for _, label in examples}
+        val, test = (read_classification(path, s.text_column, s.label_column, classes, log)
+                     for path in (s.val_data, s.test_data))
         if s.dedupe:
             (val, in_val), (test, in_test) = (without_repeats(val, train),
                                               without_repeats(test, train + val))
@@ -676,7 +677,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     if resume:
         s = with_moved_data(s, settings)
         check_data_unchanged(ckpt, s, out)
-    train, val, test, dropped = load_classification_splits(s)
+    train, val, test, dropped = load_classification_splits(s, log)
     n_read = len(train)
     if s.case_copies:
         train = with_case_copies(train)
@@ -827,10 +828,11 @@ def classify_texts(params, config, tokenizer, texts, max_windows=ClassifySetting
 
 
 def score_file(params, config, tokenizer, labels, data, text_column, label_column, max_windows,
-               stream=None):
+               stream=None, log=print):
     """`tinyllm classify --data FILE`: accuracy, confusion matrix and counts of a labelled file;
-    how many texts are scored so far goes to `stream` (default stderr)."""
-    examples = read_classification(data, text_column, label_column)
+    how many texts are scored so far goes to `stream` (default stderr), a note on the file's
+    header to `log`."""
+    examples = read_classification(data, text_column, label_column, set(labels), log)
     windows, y, counts = encode_classification(tokenizer, examples, labels, config.block_size,
                                                max_windows, data)
     progress = Counting(len(y), "texts scored", stream)

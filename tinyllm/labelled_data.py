@@ -9,11 +9,19 @@ Classification files (one example per line, `text` and `label`; labels are arbit
             would silently join lines that contain a double quote and lose rows
     .jsonl  one JSON object per line: {"text": "...", "label": "..."}
     .json   a JSON array of such objects (or JSONL under that name)
-A CSV/TSV header is optional. If the first row contains the --text-column and --label-column
-names (in any case: "Text" is "text"; for a column given by position, its default name "text"
-or "label") it is a header; otherwise the file has no header, and the columns are given by
-position (`--text-column 0 --label-column 1` is the default meaning for a headerless file: text
-first).
+A CSV/TSV header is optional. The first row is the header when (`first_row_is_header`, the one
+place this rule lives):
+    1. a column is given by name (`--text-column review`): the row must hold that name;
+    2. it holds the names "text" and "label" (in any case: "Text" is "text"); or
+    3. read by position, its label cannot be a class while every other row's can: it is not one
+       of the classes trained on and every other row's label is (a --val-data or --test-data
+       file, `tinyllm classify --data`), or, in a training file, no other row has that label
+       while every other row's label is on two rows or more ("category,comment" above rows
+       labelled spam and ham).
+Otherwise the file has no header, and the columns are given by position (`--text-column 0
+--label-column 1` is the default meaning for a headerless file: text first). A header found by
+rule 3 is said in a one-line note; a first record it takes for a header is kept by putting a
+header row that names the columns "text" and "label" above it.
 
 Instruction files: a JSON array, or JSONL, of records {"instruction": ..., "input": ...,
 "output": ...} (the Alpaca layout; "input" may be absent or empty, meaning none).
@@ -29,6 +37,7 @@ import os
 import random
 import re
 import sysconfig
+from collections import Counter
 
 import numpy as onp
 
@@ -116,9 +125,11 @@ def _rows_csv(text, path):
         csv.field_size_limit(limit)
 
 
-def read_classification(path, text_column=None, label_column=None):
+def read_classification(path, text_column=None, label_column=None, classes=None, log=print):
     """Read (text, label) pairs from a .csv, .tsv, .jsonl or .json (an array) file; errors name
-    file:line (or record)."""
+    file:line (or record). `classes`: the labels a model was (or will be) trained on, when they
+    are known, which tells a CSV/TSV header apart from a record (see `first_row_is_header`);
+    `log` is told when a header is found that way."""
     for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
         if column == "":  # an unset shell variable, say: not the default column, unseen
             raise TinyLLMError(f"{flag} is empty: give a column name or position, or leave it out")
@@ -131,32 +142,68 @@ def read_classification(path, text_column=None, label_column=None):
                  _str_field(rec, label_column or "label", path, n))
                 for n, rec in _json_records(text, path)]
     rows = list(_rows_tsv(text) if fmt == "tsv" else _rows_csv(text, path))
-    first = [f.strip() for f in rows[0][1]]
-    # a column given by position still finds a header by its default name: "label,text" with
-    # --text-column 1 --label-column 0 is a header, not a record labelled "label"
-    names = tuple(default if column is None or str(column).isdigit() else column
-                  for column, default in ((text_column, "text"), (label_column, "label")))
-    has_header = all(_header_index(first, n) is not None for n in names) or (
-        any(c is not None and not str(c).isdigit() for c in (text_column, label_column)))
-    header = first if has_header else None
+    has_header, note = first_row_is_header(rows, text_column, label_column, classes)
+    if note:
+        log(f"note: {path}:{rows[0][0]}: read as the header, not a record: {note}; if it is a"
+            " record, put a header row naming the columns text and label above it")
+    header = [f.strip() for f in rows[0][1]] if has_header else None
     ti = _column(header, text_column or ("text" if header else None), path, 0)
     li = _column(header, label_column or ("label" if header else None), path, 1)
     if ti == li:
         raise TinyLLMError(f"{path}: --text-column and --label-column name the same column ({ti})")
-    examples = []
-    for number, fields in rows[1:] if has_header else rows:
-        if max(ti, li) >= len(fields):
-            raise TinyLLMError(f"{path}:{number}: missing column {max(ti, li)} (this line has"
-                               f" {len(fields)} field{'s' * (len(fields) != 1)})")
-        label = fields[li].strip()
-        if not label:
-            raise TinyLLMError(f"{path}:{number}: empty label")
-        if not fields[ti].strip():  # named here: once shuffled into a split it cannot be found
-            raise TinyLLMError(f"{path}:{number}: empty text")
-        examples.append((fields[ti], label))
+    examples = [_row_example(fields, ti, li, path, number)
+                for number, fields in (rows[1:] if has_header else rows)]
     if not examples:
         raise TinyLLMError(f"{path}: no examples after the header")
     return examples
+
+
+def _row_example(fields, ti, li, path, number):
+    """(text, label) of one CSV/TSV row; a missing column or an empty field names its line."""
+    if max(ti, li) >= len(fields):
+        raise TinyLLMError(f"{path}:{number}: missing column {max(ti, li)} (this line has"
+                           f" {len(fields)} field{'s' * (len(fields) != 1)})")
+    label = fields[li].strip()
+    if not label:
+        raise TinyLLMError(f"{path}:{number}: empty label")
+    if not fields[ti].strip():  # named here: once shuffled into a split it cannot be found
+        raise TinyLLMError(f"{path}:{number}: empty text")
+    return fields[ti], label
+
+
+def _by_position(column):
+    """Is a --text-column/--label-column value a position (or left out), not a name?"""
+    return column is None or str(column).isdigit()
+
+
+def first_row_is_header(rows, text_column, label_column, classes=None):
+    """(is the first of `rows` a header?, why, when only its labels tell): the rule of the module
+    docstring. `rows` are (line number, fields) as the CSV/TSV readers give them.
+
+    Examples, label in column 0 given by position: "category,comment" above rows labelled spam,
+    ham, spam, ham -> (True, "its label 'category' is on no other row, ..."); "spam,buy now" above
+    ham, spam, ham -> (False, None): its class is on another row, so it is a record.
+    """
+    first = [f.strip() for f in rows[0][1]]
+    if not (_by_position(text_column) and _by_position(label_column)):
+        return True, None  # rule 1: a column named is looked up in the header
+    if all(_header_index(first, name) is not None for name in ("text", "label")):
+        return True, None  # rule 2
+    li = int(label_column or 1)
+    labels = [fields[li].strip() if li < len(fields) else None for _, fields in rows]
+    if len(labels) < 2 or None in labels or not labels[0]:
+        return False, None  # a row without the column, or without a label, is an error later
+    head, others = labels[0], labels[1:]
+    if classes is not None:  # rule 3, the classes known
+        if head not in classes and all(label in classes for label in others):
+            return True, (f"its label {head!r} is not one of the {len(classes)} classes trained"
+                          " on, and every other row's is")
+        return False, None
+    counts = Counter(others)  # rule 3, a training file
+    if head not in counts and min(counts.values()) >= 2:
+        return True, (f"its label {head!r} is on no other row, while every other row's label is"
+                      " on two rows or more")
+    return False, None
 
 
 def _parse_json(text, path, line=None):
