@@ -338,7 +338,8 @@ def test_a_header_of_other_names_is_found_by_its_label_on_no_other_row(tmp_path,
                      " if it is a record, put a header row naming the columns text and label"
                      " above it"]
     # a header that names the columns text and label keeps a first record of a class of one
-    path = write(tmp_path, name, f"label{sep}text\nodd{sep}one of a kind\n" + SPAM_HAM.replace(",", sep))
+    rows = f"label{sep}text\nodd{sep}one of a kind\n" + SPAM_HAM.replace(",", sep)
+    path = write(tmp_path, name, rows)
     assert read_classification(path, "1", "0", log=notes.append)[0] == ("one of a kind", "odd")
 
 
@@ -348,7 +349,8 @@ def test_a_first_row_whose_class_is_on_another_row_is_a_record(tmp_path):
     assert read_classification(path, "1", "0", log=notes.append) == RECORDS
     # many classes, two texts each: every label repeats, so no row is a header
     many = "".join(f"class{i % 40},text {i}\n" for i in range(80))
-    assert len(read_classification(write(tmp_path, "m.csv", many), "1", "0", log=notes.append)) == 80
+    path = write(tmp_path, "m.csv", many)
+    assert len(read_classification(path, "1", "0", log=notes.append)) == 80
     # a class of one text first, and another class of one text later: not a header either
     path = write(tmp_path, "d.csv", "odd,one\n" + SPAM_HAM + "rare,two\n")
     assert len(read_classification(path, "1", "0", log=notes.append)) == 6

@@ -116,6 +116,15 @@ def run_on_every_rank(runner, out, settings, resume, force, max_iters, **options
         return runner(run_dir, settings, force=force or not world.is_root, world=world, **kwargs)
 
 
+def training_time(report):
+    """This part's training time, and a resumed run's over all its parts: "12 s (40 s in all)"."""
+    part, total = report["train_seconds_this_part"], report["train_seconds"]
+    if total is None:
+        return (f"{part:.0f} s (the run's time before --resume is unknown: the tinyllm that"
+                " trained it did not keep it)")
+    return f"{part:.0f} s" + (f" ({total:.0f} s in all, over every --resume)" if total != part else "")
+
+
 @click.group()
 def finetune():
     """Fine-tune a pretrained model on labelled data: classify or instruct."""
@@ -183,7 +192,7 @@ def finetune_classify(out, resume, force, **flags):
     for label, stats in report["test_per_class"].items():
         click.echo(f"  {label}: precision {100 * stats['precision']:.1f}%, recall"
                    f" {100 * stats['recall']:.1f}% ({stats['support']} examples)")
-    click.echo(f"done in {report['train_seconds']:.0f} s; metrics in {os.path.join(out, 'metrics.json')}")
+    click.echo(f"done in {training_time(report)}; metrics in {os.path.join(out, 'metrics.json')}")
 
 
 @finetune.command("instruct")
@@ -224,7 +233,7 @@ def finetune_instruct(out, resume, force, no_cache, **flags):
     if report["val_loss_before"] is not None:
         click.echo(f"validation loss on the responses: {report['val_loss_before']:.4f} (base) ->"
                    f" {report['best_val_loss']:.4f} (iteration {report['best_iter']})")
-    click.echo(f"done in {report['train_seconds']:.0f} s; responses in"
+    click.echo(f"done in {training_time(report)}; responses in"
                f" {os.path.join(out, 'responses.jsonl')}, metrics in {os.path.join(out, 'metrics.json')}")
 
 

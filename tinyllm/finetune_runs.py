@@ -374,6 +374,31 @@ class BestWeights:
     evals_since: int = 0
 
 
+class TrainingClock:
+    """Seconds of training over all the parts of a run (a run resumed after Ctrl-C or with a
+    larger --max-iters has several): what its checkpoint says the earlier parts took
+    (config.json "train_seconds") plus this part's, from when the clock is made until stop().
+
+    A checkpoint from before tinyllm kept the time has no "train_seconds": the total is then
+    unknown (None), and stays so in the checkpoints the run saves; this part's time is known."""
+
+    def __init__(self, resumed=None):
+        earlier = 0.0 if resumed is None else resumed.meta.get("train_seconds")
+        self.earlier = float(earlier) if _is_finite(earlier) and earlier >= 0 else None
+        self.start, self.end = time.perf_counter(), None
+
+    def stop(self):
+        self.end = time.perf_counter()
+
+    def part(self):
+        """Seconds of this part, rounded to 0.1."""
+        return round((self.end or time.perf_counter()) - self.start, 1)
+
+    def total(self):
+        """Seconds of all the parts, rounded to 0.1; None if an earlier part's are unknown."""
+        return None if self.earlier is None else round(self.earlier + self.part(), 1)
+
+
 def padded_opt_state(opt_state, frozen):
     """AdamW state for the whole tree: zero moments for frozen arrays, so the checkpoint's optimizer
     file has every parameter (as checkpoint.load_checkpoint expects)."""
@@ -391,7 +416,7 @@ def trim_opt_state(opt_state, paths):
 def resumed_best(out_dir, ckpt, trainable):
     """BestWeights of a resumed run, from its metrics.jsonl (already cut at the checkpoint) and
     best.npz. The checkpoint itself is the best when its evaluation was the best one."""
-    records = [r for r in read_metrics(out_dir) if _is_loss(r.get("val_loss"))]
+    records = [r for r in read_metrics(out_dir) if _is_finite(r.get("val_loss"))]
     if not records:
         return BestWeights()
     top = min(records, key=lambda r: r["val_loss"])
@@ -408,8 +433,9 @@ def resumed_best(out_dir, ckpt, trainable):
     return BestWeights(top["iter"], top["val_loss"], unflatten(best), since)
 
 
-def _is_loss(value):
-    """A validation loss as metrics.jsonl holds one (a file from elsewhere may hold anything)."""
+def _is_finite(value):
+    """A finite number, as metrics.jsonl and config.json hold a loss or a time (a file from
+    elsewhere may hold anything)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -703,14 +729,12 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     log(f"data: {s.data or 'embedded docstring sentences by subject'}: {n_read} train{copies},"
         f" {len(val)} val, {len(test)} test; classes {shown_labels(labels)}")
     report_counts(counts, config.block_size, s.max_windows, log)
-    repeats = {name: texts_also_in(train[:n_read], split) for name, split in (("val", val),
-                                                                               ("test", test))}
+    repeats = {name: texts_also_in(train, split) for name, split in (("val", val),
+                                                                      ("test", test))}
     if dropped:
         log(f"--dedupe: dropped {dropped} record(s) whose text an earlier record has")
-    if repeats["val"] or repeats["test"]:
-        log(f"note: {repeats['test']} test and {repeats['val']} val text(s) also occur word for"
-            " word in the training split (the data repeats records); a text trained on flatters"
-            " the accuracy measured on it (--dedupe drops repeats)")
+    note_repeats(repeats, {name: texts_also_in(train[:n_read], split) for name, split
+                           in (("val", val), ("test", test))}, log)
     # 5. score before
     before = (ckpt.meta["before"] if resume
               else scored_with_progress(params, config, labels, sets, n_read)[0])
@@ -729,29 +753,31 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     def save_full(full, opt_state, st, best_iter, weights_iter):
         save_checkpoint(out, full, opt_state, st.rng_state, config, tc, tokenizer, st.iteration,
                         extra={**extra, "best_iter": best_iter, "weights_iter": weights_iter,
-                               "last_eval_iter": st.last_eval_iter}, kind="classifier")
+                               "last_eval_iter": st.last_eval_iter,
+                               "train_seconds": clock.total()}, kind="classifier")
 
     loss_fn, sample = classification_loss_and_batches(sets, config, tc.batch_size)
-    t0 = time.perf_counter()
+    clock = TrainingClock(ckpt)
     params, best, state = train_keeping_best(
         out, params, paths, tc, loss_fn, sample, classification_evaluator(sets, config, loss_fn, world),
         save_full, ckpt, tc.batch_size * sets["train"][0].ids.shape[1], s.patience, log, world)
-    seconds = time.perf_counter() - t0
+    clock.stop()
     finish_with_best(out, params, state, paths, save_full, best)
     # 7. score after and report
     after, matrix, per_class = scored_with_progress(params, config, labels, sets, n_read)
     report = {"task": "classify", "labels": labels, "arch": config.arch, "pooling": config.pooling,
               "freeze": s.freeze, "lora_rank": config.lora_rank,
               "base": s.checkpoint, "random_init": bool(s.random_init or s.checkpoint is None),
-              "examples": {k: int(len(v[1])) for k, v in sets.items()},
-              "case_copies": len(train) - n_read,
+              "examples": {"train": n_read, "val": len(val), "test": len(test)},
+              "train_case_copies": len(train) - n_read,
               "accuracy_before": before, "accuracy_after": after,
               "test_confusion_matrix": matrix.tolist(), "test_per_class": per_class,
               "windowed_texts": counts["windowed"], "cut_texts": counts["cut"],
               "fallback_characters": counts["fallback_characters"],
               "texts_also_in_train": repeats, "repeats_dropped": dropped,
               "iterations": state.iteration, "best_iter": best.iteration,
-              "best_val_loss": best.val_loss, "train_seconds": round(seconds, 1)}
+              "best_val_loss": best.val_loss, "train_seconds": clock.total(),
+              "train_seconds_this_part": clock.part()}
     write_report(out, report)
     log(f"best validation loss {best.val_loss:.4f} at iteration {best.iteration}: those weights"
         " are the run's result")
@@ -761,11 +787,25 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
 def texts_also_in(train, split):
     """How many texts of `split` occur word for word in `train`, both lists of (text, label).
 
-    A file that repeats a record can put its copies on both sides of a split. Example:
-    [("hi", "a"), ("yo", "b")], [("hi", "a"), ("hey", "a")] -> 1.
+    A file that repeats a record can put its copies on both sides of a split, and a training
+    text's case copy can be a validation or test text. Example: [("hi", "a"), ("yo", "b")],
+    [("hi", "a"), ("hey", "a")] -> 1.
     """
     seen = {text for text, _ in train}
     return sum(text in seen for text, _ in split)
+
+
+def note_repeats(trained, in_records, log):
+    """Say how many val and test texts were trained on word for word: `trained` counts them
+    among all the training texts, case copies included, `in_records` among the file's records."""
+    if not (trained["val"] or trained["test"]):
+        return
+    copies = sum(trained.values()) - sum(in_records.values())
+    log(f"note: {trained['test']} test and {trained['val']} val text(s) also occur word for word"
+        " among the training texts" + (f" ({copies} only as the upper- or lower-case copy of a"
+                                       " training text)" if copies else "")
+        + "; a text trained on flatters the accuracy measured on it (--dedupe drops repeated"
+        " records" + ("; --no-case-copies the copies)" if copies else ")"))
 
 
 def report_counts(counts, block_size, max_windows, log):
@@ -889,6 +929,15 @@ def score_responses(params, config, tokenizer, records, max_new_tokens, use_cach
     return rows, {"exact_match": round(em, 4), "token_f1": round(f1, 4)}
 
 
+def prompts_also_in(train, split):
+    """How many records of `split` have the instruction and input of a record of `train`, word
+    for word (the response trained on may differ). Example: train [{"instruction": "add",
+    "input": "3 4", ...}], split [the same prompt, {"instruction": "add", "input": "4 3", ...}]
+    -> 1."""
+    seen = {(r["instruction"], r["input"]) for r in train}
+    return sum((r["instruction"], r["input"]) in seen for r in split)
+
+
 def instruct_splits(s):
     """(train, val, test) instruction records, from files or the embedded tasks."""
     records = read_instructions(s.data) if s.data else default_instruction_data()
@@ -997,6 +1046,12 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
             log(f"note: {fallback} character(s) in {name} fell back to {UNK_TOKEN}")
     log(f"data: {s.data or 'embedded tasks (reverse the words, uppercase, sort the words, add)'}:"
         f" {len(train)} train, {len(val)} val, {len(test)} test records")
+    repeats = {name: prompts_also_in(train, split) for name, split in (("val", val),
+                                                                        ("test", test))}
+    if repeats["val"] or repeats["test"]:
+        log(f"note: {repeats['test']} test and {repeats['val']} val record(s) have the instruction"
+            " and input of a training record, word for word; a prompt trained on flatters the"
+            " exact match and token F1 measured on it")
     # 5. score before
     if resume:
         before = ckpt.meta["before"]
@@ -1023,14 +1078,15 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     def save_full(full, opt_state, st, best_iter, weights_iter):
         save_checkpoint(out, full, opt_state, st.rng_state, config, tc, tokenizer, st.iteration,
                         extra={**extra, "best_iter": best_iter, "weights_iter": weights_iter,
-                               "last_eval_iter": st.last_eval_iter}, kind=kind)
+                               "last_eval_iter": st.last_eval_iter,
+                               "train_seconds": clock.total()}, kind=kind)
 
     loss_fn, sample = instruct_loss_and_batches(arrays, config, tc.batch_size)
-    t0 = time.perf_counter()
+    clock = TrainingClock(ckpt)
     params, best, state = train_keeping_best(
         out, params, paths, tc, loss_fn, sample, instruct_evaluator(arrays, loss_fn, world), save_full,
         ckpt, tc.batch_size * arrays["train"][0].shape[1], s.patience, log, world)
-    seconds = time.perf_counter() - t0
+    clock.stop()
     finish_with_best(out, params, state, paths, save_full, best)
     # 7. score after and report
     log(f"generating responses for {len(test)} test records ...")
@@ -1042,10 +1098,12 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     report = {"task": "instruct", "base": s.checkpoint, "lora_rank": s.lora_rank,
               "include_prompt": s.include_prompt,
               "records": {"train": len(train), "val": len(val), "test": len(test)},
-              "shortened_records": shortened, "test_before": before, "test_after": after,
+              "shortened_records": shortened, "prompts_also_in_train": repeats,
+              "test_before": before, "test_after": after,
               "val_loss_before": metrics[0]["val_loss"] if metrics else None,
               "best_val_loss": best.val_loss, "best_iter": best.iteration,
-              "iterations": state.iteration, "train_seconds": round(seconds, 1)}
+              "iterations": state.iteration, "train_seconds": clock.total(),
+              "train_seconds_this_part": clock.part()}
     write_report(out, report)
     return report
 
