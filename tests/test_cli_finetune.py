@@ -158,6 +158,19 @@ def test_val_and_test_files_with_a_header_of_other_names_lose_no_record(tmp_path
         f"note: {tmp_path / name}:1" for name in ("train.csv", "val.csv")]
 
 
+def test_balance_counts_the_records_it_drops(base, tmp_path):
+    data = tmp_path / "skewed.tsv"
+    data.write_text("label\ttext\n" + "".join(f"pos\tgood {i}\n" for i in range(30))
+                    + "".join(f"neg\tbad {i}\n" for i in range(20)), encoding="utf-8")
+    out = tmp_path / "run"
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", str(data), "--out",
+                  str(out), "--balance"] + FAST)
+    assert result.exit_code == 0, result.output
+    assert "--balance: dropped 10 record(s) of the larger classes" in result.output
+    report = json.load(open(out / "metrics.json"))
+    assert report["balance_dropped"] == 10 and sum(report["examples"].values()) == 40
+
+
 def test_resume_reads_a_moved_data_file_from_where_data_says(base, tsv, tmp_path):
     data = tmp_path / "reviews.tsv"
     data.write_bytes(open(tsv, "rb").read())

@@ -20,6 +20,7 @@ from tinyllm.finetune import (ClassifierConfig, classifier_logits, fit_prompt,
                               predict_proba, predict_windows, window_starts)
 from tinyllm.finetune_runs import (ClassifySettings, InstructSettings, classify_texts,
                                    encode_instructions, run_classify, run_instruct)
+from tinyllm.labelled_data import UNK_TOKEN
 from tinyllm.tokenizers import CharTokenizer
 from tinyllm.train import SPECIAL_TOKENS
 
@@ -252,6 +253,16 @@ def test_long_instruction_records_are_shortened_and_counted_never_skipped():
     assert tok.decode(x[0].tolist()).endswith("Response: ok") and len(row) == 3
 
 
+def test_test_prompts_cut_for_generation_are_counted():
+    tok = CharTokenizer.train(ALPHABET + "IRnpstuoe", special_tokens=(*SPECIAL_TOKENS, UNK_TOKEN))
+    records = [{"instruction": "say it", "input": "a" * 40 + "é", "output": "ok"},
+               {"instruction": "say", "input": "", "output": "fine"}]
+    prompts, limits, shortened, fallback = finetune_runs.generation_prompts(tok, records, 4, 32)
+    assert limits == [4, 4] and [len(p) for p in prompts] == [28, len("Instruction: say\nResponse: ")]
+    assert tok.decode(prompts[0]).endswith("a<|unk|>\nResponse: ")  # the end of the prompt kept
+    assert (shortened, fallback) == (1, 1)
+
+
 def test_a_response_longer_than_the_context_is_one_line():
     tok = CharTokenizer.train(ALPHABET + "IRnpstuoe", special_tokens=SPECIAL_TOKENS)
     records = [{"instruction": "say", "input": "", "output": "o" * 40}]
@@ -324,7 +335,7 @@ def test_instruct_report_has_the_base_validation_loss(base, instructions, tmp_pa
     assert report["best_val_loss"] <= report["val_loss_before"]
     # Every prompt ("Instruction: copy\n...Response: ") is longer than the 16-token context.
     records = report["records"]
-    assert report["shortened_records"] == {"train": records["train"], "val": records["val"]}
+    assert report["shortened_records"] == records  # test prompts too, to leave room to respond
     assert len(open(os.path.join(out, "responses.jsonl")).readlines()) == report["records"]["test"]
 
 

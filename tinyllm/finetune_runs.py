@@ -509,6 +509,7 @@ class ClassificationSplits(NamedTuple):
     val: list
     test: list
     repeats_dropped: int  # records --dedupe dropped (0 without it)
+    balance_dropped: int = 0  # records --balance dropped from the larger classes
 
 
 def load_classification_splits(s, log=print):
@@ -522,6 +523,7 @@ def load_classification_splits(s, log=print):
     dropped = 0
     if s.dedupe:
         examples, dropped = without_repeats(examples)
+    read = len(examples)
     if s.balance:
         examples = balance(examples, s.seed)
     if s.val_data:
@@ -540,7 +542,7 @@ def load_classification_splits(s, log=print):
         train, val, test = split_three(examples, SPLIT_CLASSIFY, s.seed)
         _check_every_class_trains(s.data, train, val + test)
     _check_splits(s.data, train, val, test)
-    return ClassificationSplits(train, val, test, dropped)
+    return ClassificationSplits(train, val, test, dropped, read - len(examples))
 
 
 def _check_every_class_trains(data, train, held_out):
@@ -703,7 +705,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     if resume:
         s = with_moved_data(s, settings)
         check_data_unchanged(ckpt, s, out)
-    train, val, test, dropped = load_classification_splits(s, log)
+    train, val, test, dropped, balanced = load_classification_splits(s, log)
     n_read = len(train)
     if s.case_copies:
         train = with_case_copies(train)
@@ -733,6 +735,9 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
                                                                       ("test", test))}
     if dropped:
         log(f"--dedupe: dropped {dropped} record(s) whose text an earlier record has")
+    if balanced:
+        log(f"--balance: dropped {balanced} record(s) of the larger classes, to keep as many of"
+            " each class as the smallest has")
     note_repeats(repeats, {name: texts_also_in(train[:n_read], split) for name, split
                            in (("val", val), ("test", test))}, log)
     # 5. score before
@@ -775,6 +780,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
               "windowed_texts": counts["windowed"], "cut_texts": counts["cut"],
               "fallback_characters": counts["fallback_characters"],
               "texts_also_in_train": repeats, "repeats_dropped": dropped,
+              "balance_dropped": balanced,
               "iterations": state.iteration, "best_iter": best.iteration,
               "best_val_loss": best.val_loss, "train_seconds": clock.total(),
               "train_seconds_this_part": clock.part()}
@@ -910,17 +916,30 @@ def encode_instructions(tokenizer, records, block_size, include_prompt, where):
     return (x, y, m), shortened, fallback
 
 
+def generation_prompts(tokenizer, records, max_new_tokens, block_size):
+    """(prompts, limits, shortened, fallback) for greedy responses to records. A response may
+    take `max_new_tokens`, at most the reference's length plus a margin (a longer one is wrong
+    anyway) and the context less one token; a prompt keeps its last tokens so that it and the
+    response fit the context. `shortened` counts the prompts so cut, `fallback` their characters
+    read as the unknown token."""
+    prompts, limits, shortened, fallback = [], [], 0, 0
+    for record in records:
+        ids, missing = encode_with_fallback(tokenizer, format_prompt(record))
+        reference = encode_with_fallback(tokenizer, record["output"])[0]
+        limits.append(min(max_new_tokens, len(reference) + 8, block_size - 1))
+        prompts.append(ids[-(block_size - limits[-1]):])
+        shortened += len(prompts[-1]) < len(ids)
+        fallback += missing
+    return prompts, limits, shortened, fallback
+
+
 def score_responses(params, config, tokenizer, records, max_new_tokens, use_cache=True):
     """Greedy responses to records (decoded as one batch), with mean exact match and token F1.
 
-    A prompt keeps its last tokens so that it and the response fit the context. `use_cache=False`
-    decodes without the key/value cache (same responses, slower)."""
+    Prompts as `generation_prompts` makes them. `use_cache=False` decodes without the key/value
+    cache (same responses, slower)."""
     eot = tokenizer.special_tokens[EOT]
-    # A response longer than the reference plus a margin is wrong anyway: stop there.
-    limits = [min(max_new_tokens, len(encode_with_fallback(tokenizer, r["output"])[0]) + 8,
-                  config.block_size - 1) for r in records]
-    prompts = [encode_with_fallback(tokenizer, format_prompt(r))[0][-(config.block_size - limit):]
-               for r, limit in zip(records, limits)]
+    prompts, limits = generation_prompts(tokenizer, records, max_new_tokens, config.block_size)[:2]
     responses = greedy_batch(params, config, prompts, limits, eot, use_cache=use_cache)
     rows = [{"instruction": r["instruction"], "input": r["input"], "reference": r["output"],
              "response": tokenizer.decode(new)} for r, new in zip(records, responses)]
@@ -1044,6 +1063,13 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
                 " response")
         if fallback:
             log(f"note: {fallback} character(s) in {name} fell back to {UNK_TOKEN}")
+    _, _, shortened["test"], fallback = generation_prompts(tokenizer, test, s.max_new_tokens,
+                                                           config.block_size)
+    if shortened["test"]:
+        log(f"note: {shortened['test']} test record(s) kept the end of their prompt, to leave"
+            f" room for the response in the context ({config.block_size} tokens)")
+    if fallback:
+        log(f"note: {fallback} character(s) in test prompts fell back to {UNK_TOKEN}")
     log(f"data: {s.data or 'embedded tasks (reverse the words, uppercase, sort the words, add)'}:"
         f" {len(train)} train, {len(val)} val, {len(test)} test records")
     repeats = {name: prompts_also_in(train, split) for name, split in (("val", val),
