@@ -59,11 +59,13 @@ def test_classify_end_to_end(base, tsv, tmp_path):
     assert ckpt.tokenizer.vocab_size == load_checkpoint(base).tokenizer.vocab_size + 1  # <|unk|>
 
     one = run(["classify", "--checkpoint", out, "good film é"])
-    assert one.exit_code == 0 and one.output.split("\n")[0] in ("neg", "pos")
-    probs = [float(line.split(": ")[1]) for line in one.output.strip().split("\n")[1:]]
+    assert one.exit_code == 0 and one.stdout.split("\n")[0] in ("neg", "pos")
+    probs = [float(line.split(": ")[1]) for line in one.stdout.strip().split("\n")[1:]]
     assert len(probs) == 2 and sum(probs) == pytest.approx(1.0, abs=2e-3)
+    assert one.stderr == "note: 1 character(s) the model never saw were read as <|unk|>\n"
     whole = run(["classify", "--checkpoint", out, "--data", tsv])
-    assert whole.exit_code == 0 and "61 examples" in whole.output and "accuracy" in whole.output
+    assert whole.exit_code == 0 and "accuracy" in whole.output
+    assert "61 examples (1 windowed, 30 character(s) read as <|unk|>)" in whole.stdout
     assert "texts scored: 61/61" in whole.stderr  # progress, on stderr
     # a header of other names, columns by position: "category" is not a class the model knows
     named = tmp_path / "named.csv"

@@ -140,6 +140,10 @@ def test_a_cue_past_the_first_context_decides_after_training(base, tmp_path):
     probs = classify_texts(params, config, tok, [start + " x", start + " z"])
     assert [labels[i] for i in probs.argmax(axis=1)] == ["spam", "ham"]
     assert len(tok.encode(start)) > config.block_size  # the cue really is past the first window
+    notes = []  # a text cut after --max-windows is said, not read short unseen
+    classify_texts(params, config, tok, [start + " x", "x"], max_windows=1, log=notes.append)
+    assert notes == ["note: 1 text(s) longer than 1 windows of 16 tokens (the run's --max-windows)"
+                     " were read up to there only"]
 
 
 def test_every_text_too_long_even_for_windows_is_one_line(base, tmp_path):

@@ -18,6 +18,7 @@ from .finetune import DEFAULT_POOLING, POOLINGS
 from .finetune_runs import (DATA_FLAGS, ClassifySettings, InstructSettings, classify_texts,
                             format_accuracies, format_confusion, load_classifier, run_classify,
                             run_instruct, score_file)
+from .labelled_data import UNK_TOKEN
 from .train import prepare_out_dir
 
 
@@ -260,7 +261,8 @@ def classify(checkpoint, data, text_column, label_column, text):
         raise TinyLLMError("--text-column and --label-column choose the columns of --data FILE;"
                            " a TEXT argument has none")
     if text is not None:
-        probs = classify_texts(params, config, tokenizer, [text], max_windows)[0]
+        probs = classify_texts(params, config, tokenizer, [text], max_windows,
+                               log=lambda note: click.echo(note, err=True))[0]
         click.echo(labels[int(probs.argmax())])
         for label, p in sorted(zip(labels, probs), key=lambda lp: -lp[1]):
             click.echo(f"  {label}: {p:.3f}")
@@ -268,6 +270,9 @@ def classify(checkpoint, data, text_column, label_column, text):
     scored = score_file(params, config, tokenizer, labels, data, text_column, label_column,
                         max_windows, log=lambda note: click.echo(note, err=True))
     notes = ", ".join(f"{scored[k]} {k}" for k in ("windowed", "cut") if scored[k])
+    if scored["fallback_characters"]:
+        notes += (", " if notes else "") + (f"{scored['fallback_characters']} character(s) read"
+                                            f" as {UNK_TOKEN}")
     click.echo(f"{scored['examples']} examples{f' ({notes})' if notes else ''}:"
                f" accuracy {100 * scored['accuracy']:.1f}%")
     click.echo(format_confusion(scored["confusion_matrix"], labels))

@@ -864,12 +864,19 @@ def load_classifier(checkpoint):
     return ckpt.params, ckpt.model_config, ckpt.tokenizer, labels, max_windows
 
 
-def classify_texts(params, config, tokenizer, texts, max_windows=ClassifySettings.max_windows):
-    """Class probabilities (N, K) for texts; longer ones are read as windows, as in training."""
-    seqs, _ = encode_all(tokenizer, texts)
+def classify_texts(params, config, tokenizer, texts, max_windows=ClassifySettings.max_windows,
+                   log=print):
+    """Class probabilities (N, K) for texts; longer ones are read as windows, as in training.
+    `log` is told of characters read as the unknown token and of texts cut after max_windows."""
+    seqs, fallback = encode_all(tokenizer, texts)
     if any(not s for s in seqs):
         raise TinyLLMError("cannot classify an empty text")
-    windows, _, _ = make_windows(seqs, config.block_size, max_windows)
+    windows, _, cut = make_windows(seqs, config.block_size, max_windows)
+    if fallback:
+        log(f"note: {fallback} character(s) the model never saw were read as {UNK_TOKEN}")
+    if cut:
+        log(f"note: {cut} text(s) longer than {max_windows} windows of {config.block_size} tokens"
+            " (the run's --max-windows) were read up to there only")
     return predict_windows(params, windows, config)
 
 
