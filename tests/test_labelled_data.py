@@ -385,3 +385,20 @@ def test_no_record_is_taken_for_a_header_when_its_class_can_be_a_class(tmp_path_
     notes = []
     read = read_classification(str(path), "1", "0", set(labels) if known else None, notes.append)
     assert read == [(text, label) for label, text in rows] and notes == []
+
+
+def test_a_tsv_header_of_three_columns_is_split_into_three(tmp_path):
+    # split on its first tab only, "label\ttext" was one column: the header was read as a
+    # record and every label was "label-and-text"; the text, last, keeps its own tabs
+    path = write(tmp_path, "d.tsv", "id\tlabel\ttext\n1\tspam\tbuy now\n2\tham\thi\tthere\n")
+    expected = [("buy now", "spam"), ("hi\tthere", "ham")]
+    assert read_classification(path) == expected
+    assert read_classification(path, text_column="text", label_column="label") == expected
+    assert read_classification(path, text_column="2", label_column="1") == expected
+    path = write(tmp_path, "n.tsv", "1\tspam\tbuy now\n2\tspam\thi\tthere\n3\tham\tx\n4\tham\ty\n")
+    assert read_classification(path, "2", "1")[1] == ("hi\tthere", "spam")  # no header: by position
+
+
+def test_a_file_of_blank_rows_is_one_line(tmp_path):
+    with pytest.raises(TinyLLMError, match=r"d\.csv: no records: every line is blank"):
+        read_classification(write(tmp_path, "d.csv", ",\n , \n"))

@@ -5,8 +5,10 @@ Classification files (one example per line, `text` and `label`; labels are arbit
     .csv    comma-separated, read with Python's csv module (quoted fields may contain commas
             and line ends; a double quote inside one is written twice, and a lone one is an
             error naming its line rather than a field that swallows the rows after it)
-    .tsv    tab-separated, split on the FIRST tab only and never unquoted: csv's default quoting
-            would silently join lines that contain a double quote and lose rows
+    .tsv    tab-separated, each line split into as many fields as the header has columns (two
+            without a header, or as many as the columns given by position need), the last field
+            keeping any further tabs; never unquoted: csv's default quoting would silently join
+            lines that contain a double quote and lose rows
     .jsonl  one JSON object per line: {"text": "...", "label": "..."}
     .json   a JSON array of such objects (or JSONL under that name)
 A CSV/TSV header is optional. The first row is the header when (`first_row_is_header`, the one
@@ -93,14 +95,26 @@ def _column(header, name, path, default_index):
     raise TinyLLMError(f"{path}:1: no column named {name!r} (columns: {have})")
 
 
-def _rows_tsv(text):
-    """(line number, fields) for each non-blank line, split on the first tab only.
+def _rows_tsv(text, width=2):
+    """(line number, fields) for each non-blank line, split on its first `width` - 1 tabs only:
+    the last field keeps any further tabs (a text there may hold them), and quotes are kept.
 
-    Example: 'ham\\tSay "hi", ok' -> ['ham', 'Say "hi", ok'] (quotes are kept as they are).
+    Example: 'ham\\tSay "hi", ok\\tbye' -> ['ham', 'Say "hi", ok\\tbye'] (width 2).
     """
     for number, line in enumerate(split_lines(text), start=1):
         if line.strip():
-            yield number, line.split("\t", 1)
+            yield number, line.split("\t", width - 1)
+
+
+def _tsv_width(text, text_column, label_column):
+    """How many fields each line of a TSV text is split into: as many as its header has columns
+    (rules 1 and 2 of the module docstring), or, without one, as the columns given by position
+    need. Example: a header "id\\tlabel\\ttext" -> 3; no header, --text-column 2 -> 3; none -> 2."""
+    first = next((line for line in split_lines(text) if line.strip()), "")
+    names = [f.strip() for f in first.split("\t")]
+    if _named_header(names, text_column, label_column):
+        return len(names)
+    return max(int(text_column or 0), int(label_column or 1)) + 1
 
 
 def _rows_csv(text, path):
@@ -141,7 +155,10 @@ def read_classification(path, text_column=None, label_column=None, classes=None,
         return [(_str_field(rec, text_column or "text", path, n),
                  _str_field(rec, label_column or "label", path, n))
                 for n, rec in _json_records(text, path)]
-    rows = list(_rows_tsv(text) if fmt == "tsv" else _rows_csv(text, path))
+    rows = list(_rows_tsv(text, _tsv_width(text, text_column, label_column)) if fmt == "tsv"
+                else _rows_csv(text, path))
+    if not rows:
+        raise TinyLLMError(f"{path}: no records: every line is blank")
     has_header, note = first_row_is_header(rows, text_column, label_column, classes)
     if note:
         log(f"note: {path}:{rows[0][0]}: read as the header, not a record: {note}; if it is a"
@@ -176,6 +193,14 @@ def _by_position(column):
     return column is None or str(column).isdigit()
 
 
+def _named_header(first, text_column, label_column):
+    """Rules 1 and 2 of the module docstring: a column given by name (looked up in the header),
+    or a first row (its fields stripped) that names the columns "text" and "label"."""
+    if not (_by_position(text_column) and _by_position(label_column)):
+        return True
+    return all(_header_index(first, name) is not None for name in ("text", "label"))
+
+
 def first_row_is_header(rows, text_column, label_column, classes=None):
     """(is the first of `rows` a header?, why, when only its labels tell): the rule of the module
     docstring. `rows` are (line number, fields) as the CSV/TSV readers give them.
@@ -184,11 +209,8 @@ def first_row_is_header(rows, text_column, label_column, classes=None):
     ham, spam, ham -> (True, "its label 'category' is on no other row, ..."); "spam,buy now" above
     ham, spam, ham -> (False, None): its class is on another row, so it is a record.
     """
-    first = [f.strip() for f in rows[0][1]]
-    if not (_by_position(text_column) and _by_position(label_column)):
-        return True, None  # rule 1: a column named is looked up in the header
-    if all(_header_index(first, name) is not None for name in ("text", "label")):
-        return True, None  # rule 2
+    if _named_header([f.strip() for f in rows[0][1]], text_column, label_column):
+        return True, None
     li = int(label_column or 1)
     labels = [fields[li].strip() if li < len(fields) else None for _, fields in rows]
     if len(labels) < 2 or None in labels or not labels[0]:
