@@ -383,3 +383,17 @@ def test_windows_longest_first_worked_example():
     windows, _, _ = make_windows([[1, 2], [1, 2, 3, 4, 5], [1, 2, 3], list(range(12))], 8, 8)
     assert list(windows.longest_first()) == [3, 1, 2, 0]
     assert list(windows.head(2).longest_first()) == [1, 0]
+
+
+@pytest.mark.parametrize("stored,earlier", [(12.5, 12.5), (0, 0.0), (None, None), ("12", None),
+                                            (True, None), (float("nan"), None), (-1, None)])
+def test_a_resumed_runs_earlier_training_time_is_a_number_or_unknown(stored, earlier):
+    """config.json is untrusted: its "train_seconds" counts only as a finite time >= 0."""
+    from types import SimpleNamespace
+
+    meta = {} if stored is None else {"train_seconds": stored}
+    clock = finetune_runs.TrainingClock(SimpleNamespace(meta=meta))
+    assert clock.earlier == earlier
+    clock.stop()
+    assert clock.total() == (None if earlier is None else round(earlier + clock.part(), 1))
+    assert finetune_runs.TrainingClock().earlier == 0.0  # a new run
