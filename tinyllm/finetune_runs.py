@@ -28,8 +28,9 @@ A fine-tuning run directory is a checkpoint (see tinyllm/checkpoint.py) plus:
 Its config.json has kind "classifier" (model fields of ClassifierConfig, "labels": the class
 names in id order) or, for instruction tuning, "gpt" (or "gpt-lora" with adapters), plus
 "finetune": the settings, "data_files_sha256": the sha256 of each data file, "best_iter" (the
-evaluation with the lowest validation loss so far) and "weights_iter" (the step whose weights
-model.npz holds: the last step while training, best_iter once the run is finished).
+evaluation with the lowest validation loss so far), "weights_iter" (the step whose weights
+model.npz holds: the last step while training, best_iter once the run is finished) and
+"train_seconds" (the training time over every part of a resumed run: see TrainingClock).
 """
 
 import dataclasses
@@ -523,7 +524,7 @@ def load_classification_splits(s, log=print):
     dropped = 0
     if s.dedupe:
         examples, dropped = without_repeats(examples)
-    read = len(examples)
+    before_balance = len(examples)
     if s.balance:
         examples = balance(examples, s.seed)
     if s.val_data:
@@ -542,7 +543,7 @@ def load_classification_splits(s, log=print):
         train, val, test = split_three(examples, SPLIT_CLASSIFY, s.seed)
         _check_every_class_trains(s.data, train, val + test)
     _check_splits(s.data, train, val, test)
-    return ClassificationSplits(train, val, test, dropped, read - len(examples))
+    return ClassificationSplits(train, val, test, dropped, before_balance - len(examples))
 
 
 def _check_every_class_trains(data, train, held_out):
