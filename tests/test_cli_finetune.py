@@ -3,6 +3,7 @@
 
 import json
 import os
+import types
 
 import numpy as onp
 import pytest
@@ -58,12 +59,21 @@ def test_classify_end_to_end(base, tsv, tmp_path):
     assert ckpt.tokenizer.vocab_size == load_checkpoint(base).tokenizer.vocab_size + 1  # <|unk|>
 
     one = run(["classify", "--checkpoint", out, "good film é"])
-    assert one.exit_code == 0 and one.output.split("\n")[0] in ("neg", "pos")
-    probs = [float(line.split(": ")[1]) for line in one.output.strip().split("\n")[1:]]
+    assert one.exit_code == 0 and one.stdout.split("\n")[0] in ("neg", "pos")
+    probs = [float(line.split(": ")[1]) for line in one.stdout.strip().split("\n")[1:]]
     assert len(probs) == 2 and sum(probs) == pytest.approx(1.0, abs=2e-3)
+    assert one.stderr == "note: 1 character(s) the model never saw were read as <|unk|>\n"
     whole = run(["classify", "--checkpoint", out, "--data", tsv])
-    assert whole.exit_code == 0 and "61 examples" in whole.output and "accuracy" in whole.output
+    assert whole.exit_code == 0 and "accuracy" in whole.output
+    assert "61 examples (1 windowed, 30 character(s) read as <|unk|>)" in whole.stdout
     assert "texts scored: 61/61" in whole.stderr  # progress, on stderr
+    # a header of other names, columns by position: "category" is not a class the model knows
+    named = tmp_path / "named.csv"
+    named.write_text("category,comment\npos,good film\nneg,bad film\n", encoding="utf-8")
+    scored = run(["classify", "--checkpoint", out, "--data", str(named), "--text-column", "1",
+                  "--label-column", "0"])
+    assert scored.exit_code == 0 and "2 examples" in scored.stdout, scored.output
+    assert f"note: {named}:1: read as the header, not a record" in scored.stderr
 
     resumed = run(["finetune", "classify", "--out", out, "--resume", "--max-iters", "6",
                    "--freeze", "all"])
@@ -76,19 +86,27 @@ def test_classify_end_to_end(base, tsv, tmp_path):
 
 
 def test_texts_repeated_across_splits_are_counted(base, tsv, tmp_path):
-    # the val file repeats one training text and the test file two, one of them with another
-    # label and one with other case (not the same text); the rest are new
+    # the val file repeats one training text and the test file three: one with another label,
+    # and one in other case, which is the upper-case copy of a training text, trained on as
+    # it is; without case copies it is not a training text
     val = tmp_path / "val.tsv"
     val.write_text("label\ttext\npos\tgood film number 3\nneg\tnew text\n", encoding="utf-8")
     test = tmp_path / "test.tsv"
     test.write_text("label\ttext\npos\tgood film number 4\npos\tbad film number 5 é\n"
                     "neg\tGOOD FILM NUMBER 6\nneg\tsomething else\n", encoding="utf-8")
     out = str(tmp_path / "run")
-    result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--val-data",
-                  str(val), "--test-data", str(test), "--out", out] + FAST)
+    args = ["finetune", "classify", "--checkpoint", base, "--data", tsv, "--val-data", str(val),
+            "--test-data", str(test), "--out", out] + FAST
+    result = run(args)
     assert result.exit_code == 0, result.output
-    note = "note: 2 test and 1 val text(s) also occur word for word in the training"
-    assert note in result.output
+    assert ("note: 3 test and 1 val text(s) also occur word for word among the training texts"
+            " (1 only as the upper- or lower-case copy of a training text)") in result.output
+    report = json.load(open(os.path.join(out, "metrics.json")))
+    assert report["texts_also_in_train"] == {"val": 1, "test": 3}
+    result = run(args + ["--force", "--no-case-copies"])
+    assert result.exit_code == 0, result.output
+    assert "note: 2 test and 1 val text(s) also occur word for word among the training texts;" \
+        in result.output
     report = json.load(open(os.path.join(out, "metrics.json")))
     assert report["texts_also_in_train"] == {"val": 1, "test": 2}
 
@@ -107,7 +125,7 @@ def test_dedupe_drops_repeats_before_the_split_and_across_given_files(base, tsv,
     assert "--dedupe: dropped 61 record(s)" in result.output and "also occur" not in result.output
     report = json.load(open(os.path.join(out, "metrics.json")))
     assert report["repeats_dropped"] == 61
-    assert sum(report["examples"].values()) - report["case_copies"] == 61
+    assert sum(report["examples"].values()) == 61
     assert report["texts_also_in_train"] == {"val": 0, "test": 0}
     # given files: a val text in training goes, a test text in training or val goes
     val, test = tmp_path / "val.tsv", tmp_path / "test.tsv"
@@ -120,6 +138,39 @@ def test_dedupe_drops_repeats_before_the_split_and_across_given_files(base, tsv,
     report = json.load(open(os.path.join(out, "metrics.json")))
     assert report["repeats_dropped"] == 3
     assert (report["examples"]["val"], report["examples"]["test"]) == (1, 1)
+
+
+def test_val_and_test_files_with_a_header_of_other_names_lose_no_record(tmp_path):
+    """Read by position, a --val-data or --test-data file's header row is the row whose label
+    is no class of the training file; no record of a file without one is dropped."""
+    from tinyllm.finetune_runs import ClassifySettings, load_classification_splits
+
+    files = {"train.csv": "category,comment\n" + "".join(f"{'ab'[i % 2]},text {i}\n"
+                                                          for i in range(10)),
+             "val.csv": "category,comment\na,v1\nb,v2\n", "test.csv": "b,t1\na,t2\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    notes = []
+    splits = load_classification_splits(ClassifySettings(
+        data=str(tmp_path / "train.csv"), val_data=str(tmp_path / "val.csv"),
+        test_data=str(tmp_path / "test.csv"), text_column="1", label_column="0"), notes.append)
+    assert [len(part) for part in splits[:3]] == [10, 2, 2]
+    assert splits.val == [("v1", "a"), ("v2", "b")] and splits.test == [("t1", "b"), ("t2", "a")]
+    assert [note.split(": read as")[0] for note in notes] == [
+        f"note: {tmp_path / name}:1" for name in ("train.csv", "val.csv")]
+
+
+def test_balance_counts_the_records_it_drops(base, tmp_path):
+    data = tmp_path / "skewed.tsv"
+    data.write_text("label\ttext\n" + "".join(f"pos\tgood {i}\n" for i in range(30))
+                    + "".join(f"neg\tbad {i}\n" for i in range(20)), encoding="utf-8")
+    out = tmp_path / "run"
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", str(data), "--out",
+                  str(out), "--balance"] + FAST)
+    assert result.exit_code == 0, result.output
+    assert "--balance: dropped 10 record(s) of the larger classes" in result.output
+    report = json.load(open(out / "metrics.json"))
+    assert report["balance_dropped"] == 10 and sum(report["examples"].values()) == 40
 
 
 def test_resume_reads_a_moved_data_file_from_where_data_says(base, tsv, tmp_path):
@@ -237,6 +288,25 @@ def test_instruct_end_to_end_and_generate(base, instructions, tmp_path):
     assert plain.exit_code == 0 and plain.output.startswith("ab"), plain.output
 
 
+def test_instruct_counts_val_and_test_prompts_also_in_train(base, instructions, tmp_path):
+    # the val file repeats one training prompt; the test file two, one with another response
+    records = [json.loads(line) for line in open(instructions, encoding="utf-8")]
+    new = {"instruction": "reverse", "input": "zzz", "output": "zzz"}
+    val, test = tmp_path / "val.jsonl", tmp_path / "test.jsonl"
+    val.write_text("\n".join(json.dumps(r) for r in (records[0], new)) + "\n", encoding="utf-8")
+    test.write_text("\n".join(json.dumps(r) for r in (
+        records[1], {**records[2], "output": "other"}, {**new, "input": "yyy"})) + "\n",
+        encoding="utf-8")
+    out = str(tmp_path / "run")
+    result = run(["finetune", "instruct", "--checkpoint", base, "--data", instructions,
+                  "--val-data", str(val), "--test-data", str(test), "--out", out] + FAST)
+    assert result.exit_code == 0, result.output
+    assert ("note: 2 test and 1 val record(s) have the instruction and input of a training"
+            " record, word for word") in result.output
+    report = json.load(open(os.path.join(out, "metrics.json")))
+    assert report["prompts_also_in_train"] == {"val": 1, "test": 2}
+
+
 def test_instruct_bad_record(base, tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"instruction": "a", "output": "b"}\n{"input": "x", "output": "y"}\n')
@@ -270,7 +340,8 @@ def test_epochs_set_the_number_of_steps(base, tsv, tmp_path):
     result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--out", out,
                   "--epochs", "1", "--batch-size", "4", "--eval-interval", "100"])
     assert result.exit_code == 0, result.output
-    n_train = json.load(open(os.path.join(out, "metrics.json")))["examples"]["train"]
+    report = json.load(open(os.path.join(out, "metrics.json")))
+    n_train = report["examples"]["train"] + report["train_case_copies"]  # the texts trained on
     assert load_checkpoint(out, kind="classifier").iter == -(-n_train // 4)  # ceil(n / batch)
 
 
@@ -330,7 +401,7 @@ def test_classify_trains_on_case_copies_of_the_training_texts_only(base, tsv, tm
     assert train[n:] == [t.upper() for t in train[:n]] + [t.lower() for t in train[:n]]
     assert not any(t.isupper() for t in val + test)  # "good film number 3", as in the file
     report = json.load(open(out / "metrics.json"))
-    assert report["case_copies"] == 2 * n and report["examples"]["train"] == 3 * n
+    assert report["train_case_copies"] == 2 * n and report["examples"]["train"] == n
     assert report["windowed_texts"] == 1 and report["fallback_characters"] == 30  # not 3 and 90
     assert f"{n} train (+ {2 * n} case copies)" in result.output
     scored = n + len(val) + len(test)  # the accuracies are of the records: copies not scored
@@ -341,7 +412,7 @@ def test_classify_trains_on_case_copies_of_the_training_texts_only(base, tsv, tm
     assert result.exit_code == 0, result.output
     assert len(seen[f"{tsv} (train)"]) == n
     report = json.load(open(tmp_path / "none" / "metrics.json"))
-    assert report["case_copies"] == 0 and report["examples"]["train"] == n
+    assert report["train_case_copies"] == 0 and report["examples"]["train"] == n
 
 
 def test_resuming_a_run_from_before_case_copies_and_dedupe_trains_without_them(base, tsv,
@@ -356,5 +427,47 @@ def test_resuming_a_run_from_before_case_copies_and_dedupe_trains_without_them(b
     result = run(["finetune", "classify", "--out", str(out), "--resume", "--max-iters", "6"])
     assert result.exit_code == 0, result.output
     assert "case copies" not in result.output
-    assert json.load(open(out / "metrics.json"))["case_copies"] == 0
+    assert json.load(open(out / "metrics.json"))["train_case_copies"] == 0
     assert json.load(open(out / "metrics.json"))["repeats_dropped"] == 0
+
+
+@pytest.mark.parametrize("task,kind", [("classify", "classifier"), ("instruct", "gpt")])
+def test_train_seconds_add_up_over_every_resume(base, tsv, instructions, tmp_path, monkeypatch,
+                                                task, kind):
+    """metrics.json's train_seconds is the training time of the whole run, over a Ctrl-C and
+    --resume (kept in the checkpoint); a run from before it was kept resumes with it unknown."""
+    import tinyllm.finetune_runs as runs
+    from tinyllm import train
+
+    now, real_step, calls = [0.0], train.adamw_step, []
+    monkeypatch.setattr(runs, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def ten_seconds_a_step(*a, **kw):
+        calls.append(1)
+        if len(calls) == 4:  # Ctrl-C in the 4th step: 3 steps, 30 s, are saved
+            raise KeyboardInterrupt
+        now[0] += 10
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(train, "adamw_step", ten_seconds_a_step)
+    out = tmp_path / "run"
+    data = tsv if task == "classify" else instructions
+    result = run(["finetune", task, "--checkpoint", base, "--data", data, "--out", str(out),
+                  "--max-iters", "6", "--eval-interval", "2", "--batch-size", "4"])
+    assert result.exit_code == 130 and load_checkpoint(str(out), kind=kind).iter == 3
+    assert json.loads((out / "config.json").read_text())["train_seconds"] == 30
+    resumed = run(["finetune", task, "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    report = json.load(open(out / "metrics.json"))
+    assert (report["train_seconds"], report["train_seconds_this_part"]) == (60, 30)
+    assert "done in 30 s (60 s in all, over every --resume)" in resumed.output
+
+    meta = json.loads((out / "config.json").read_text())
+    del meta["train_seconds"]  # as a run made before tinyllm kept it
+    (out / "config.json").write_text(json.dumps(meta), encoding="utf-8")
+    resumed = run(["finetune", task, "--out", str(out), "--resume", "--max-iters", "8"])
+    assert resumed.exit_code == 0, resumed.output
+    report = json.load(open(out / "metrics.json"))
+    assert (report["train_seconds"], report["train_seconds_this_part"]) == (None, 20)
+    assert "done in 20 s (the run's time before --resume is unknown" in resumed.output
+    assert json.loads((out / "config.json").read_text())["train_seconds"] is None

@@ -20,6 +20,7 @@ from tinyllm.finetune import (ClassifierConfig, classifier_logits, fit_prompt,
                               predict_proba, predict_windows, window_starts)
 from tinyllm.finetune_runs import (ClassifySettings, InstructSettings, classify_texts,
                                    encode_instructions, run_classify, run_instruct)
+from tinyllm.labelled_data import UNK_TOKEN
 from tinyllm.tokenizers import CharTokenizer
 from tinyllm.train import SPECIAL_TOKENS
 
@@ -139,6 +140,10 @@ def test_a_cue_past_the_first_context_decides_after_training(base, tmp_path):
     probs = classify_texts(params, config, tok, [start + " x", start + " z"])
     assert [labels[i] for i in probs.argmax(axis=1)] == ["spam", "ham"]
     assert len(tok.encode(start)) > config.block_size  # the cue really is past the first window
+    notes = []  # a text cut after --max-windows is said, not read short unseen
+    classify_texts(params, config, tok, [start + " x", "x"], max_windows=1, log=notes.append)
+    assert notes == ["note: 1 text(s) longer than 1 windows of 16 tokens (the run's --max-windows)"
+                     " were read up to there only"]
 
 
 def test_every_text_too_long_even_for_windows_is_one_line(base, tmp_path):
@@ -252,6 +257,16 @@ def test_long_instruction_records_are_shortened_and_counted_never_skipped():
     assert tok.decode(x[0].tolist()).endswith("Response: ok") and len(row) == 3
 
 
+def test_test_prompts_cut_for_generation_are_counted():
+    tok = CharTokenizer.train(ALPHABET + "IRnpstuoe", special_tokens=(*SPECIAL_TOKENS, UNK_TOKEN))
+    records = [{"instruction": "say it", "input": "a" * 40 + "é", "output": "ok"},
+               {"instruction": "say", "input": "", "output": "fine"}]
+    prompts, limits, shortened, fallback = finetune_runs.generation_prompts(tok, records, 4, 32)
+    assert limits == [4, 4] and [len(p) for p in prompts] == [28, len("Instruction: say\nResponse: ")]
+    assert tok.decode(prompts[0]).endswith("a<|unk|>\nResponse: ")  # the end of the prompt kept
+    assert (shortened, fallback) == (1, 1)
+
+
 def test_a_response_longer_than_the_context_is_one_line():
     tok = CharTokenizer.train(ALPHABET + "IRnpstuoe", special_tokens=SPECIAL_TOKENS)
     records = [{"instruction": "say", "input": "", "output": "o" * 40}]
@@ -324,7 +339,7 @@ def test_instruct_report_has_the_base_validation_loss(base, instructions, tmp_pa
     assert report["best_val_loss"] <= report["val_loss_before"]
     # Every prompt ("Instruction: copy\n...Response: ") is longer than the 16-token context.
     records = report["records"]
-    assert report["shortened_records"] == {"train": records["train"], "val": records["val"]}
+    assert report["shortened_records"] == records  # test prompts too, to leave room to respond
     assert len(open(os.path.join(out, "responses.jsonl")).readlines()) == report["records"]["test"]
 
 
@@ -368,3 +383,17 @@ def test_windows_longest_first_worked_example():
     windows, _, _ = make_windows([[1, 2], [1, 2, 3, 4, 5], [1, 2, 3], list(range(12))], 8, 8)
     assert list(windows.longest_first()) == [3, 1, 2, 0]
     assert list(windows.head(2).longest_first()) == [1, 0]
+
+
+@pytest.mark.parametrize("stored,earlier", [(12.5, 12.5), (0, 0.0), (None, None), ("12", None),
+                                            (True, None), (float("nan"), None), (-1, None)])
+def test_a_resumed_runs_earlier_training_time_is_a_number_or_unknown(stored, earlier):
+    """config.json is untrusted: its "train_seconds" counts only as a finite time >= 0."""
+    from types import SimpleNamespace
+
+    meta = {} if stored is None else {"train_seconds": stored}
+    clock = finetune_runs.TrainingClock(SimpleNamespace(meta=meta))
+    assert clock.earlier == earlier
+    clock.stop()
+    assert clock.total() == (None if earlier is None else round(earlier + clock.part(), 1))
+    assert finetune_runs.TrainingClock().earlier == 0.0  # a new run

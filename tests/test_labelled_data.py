@@ -1,6 +1,7 @@
 """Tests for tinyllm/labelled_data.py: readers and their file:line errors, splits, balancing,
 the char fallback and the embedded data sets."""
 
+import csv
 import json
 import os
 import sysconfig
@@ -320,3 +321,84 @@ def test_an_empty_column_name_is_refused_not_read_as_the_default(tmp_path):
     path = write(tmp_path, "d.csv", "label,text\nham,hello\n")
     with pytest.raises(TinyLLMError, match="--label-column is empty"):
         read_classification(path, label_column="")
+
+
+SPAM_HAM = "spam,buy now\nham,hi there\nspam,cheap pills\nham,see you\n"
+RECORDS = [("buy now", "spam"), ("hi there", "ham"), ("cheap pills", "spam"), ("see you", "ham")]
+
+
+@pytest.mark.parametrize("name,sep", [("d.csv", ","), ("d.tsv", "\t")])
+def test_a_header_of_other_names_is_found_by_its_label_on_no_other_row(tmp_path, name, sep):
+    # "category" on no other row, spam and ham on two each: a header, not a class of one text
+    path = write(tmp_path, name, f"category{sep}comment\n" + SPAM_HAM.replace(",", sep))
+    notes = []
+    assert read_classification(path, "1", "0", log=notes.append) == RECORDS
+    assert notes == [f"note: {path}:1: read as the header, not a record: its label 'category' is"
+                     " on no other row, while every other row's label is on two rows or more;"
+                     " if it is a record, put a header row naming the columns text and label"
+                     " above it"]
+    # a header that names the columns text and label keeps a first record of a class of one
+    rows = f"label{sep}text\nodd{sep}one of a kind\n" + SPAM_HAM.replace(",", sep)
+    path = write(tmp_path, name, rows)
+    assert read_classification(path, "1", "0", log=notes.append)[0] == ("one of a kind", "odd")
+
+
+def test_a_first_row_whose_class_is_on_another_row_is_a_record(tmp_path):
+    notes = []
+    path = write(tmp_path, "d.csv", SPAM_HAM)
+    assert read_classification(path, "1", "0", log=notes.append) == RECORDS
+    # many classes, two texts each: every label repeats, so no row is a header
+    many = "".join(f"class{i % 40},text {i}\n" for i in range(80))
+    path = write(tmp_path, "m.csv", many)
+    assert len(read_classification(path, "1", "0", log=notes.append)) == 80
+    # a class of one text first, and another class of one text later: not a header either
+    path = write(tmp_path, "d.csv", "odd,one\n" + SPAM_HAM + "rare,two\n")
+    assert len(read_classification(path, "1", "0", log=notes.append)) == 6
+    assert notes == []
+
+
+def test_with_the_classes_known_a_header_is_a_row_whose_label_is_none_of_them(tmp_path):
+    # a small test file: ham on one row only, yet "category" is no class the model knows
+    notes = []
+    path = write(tmp_path, "t.csv", "category,comment\nham,x\nspam,y\nspam,z\n")
+    assert read_classification(path, "1", "0", {"ham", "spam"}, notes.append) == [
+        ("x", "ham"), ("y", "spam"), ("z", "spam")]
+    assert "its label 'category' is not one of the 2 classes trained on" in notes[0]
+    path = write(tmp_path, "t.csv", "ham,x\nspam,y\n")  # a first record of a class known
+    assert len(read_classification(path, "1", "0", {"ham", "spam"}, notes.append)) == 2
+    path = write(tmp_path, "t.csv", "maybe,x\nperhaps,y\nspam,z\n")  # other rows unknown too
+    assert len(read_classification(path, "1", "0", {"ham", "spam"}, notes.append)) == 3
+    assert len(notes) == 1
+
+
+@given(st.lists(st.sampled_from(["ham", "spam", "eggs", "a,b", "x y"]), min_size=1, max_size=30),
+       st.booleans())
+def test_no_record_is_taken_for_a_header_when_its_class_can_be_a_class(tmp_path_factory, labels,
+                                                                       known):
+    """A headerless file loses no record: each class is on two rows or more (a training file),
+    or each label is a known class (a file scored by a model)."""
+    labels = labels if known else labels + labels  # every class at least twice
+    rows = [[label, f"text {i}"] for i, label in enumerate(labels)]
+    path = tmp_path_factory.mktemp("h") / "d.csv"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows(rows)
+    notes = []
+    read = read_classification(str(path), "1", "0", set(labels) if known else None, notes.append)
+    assert read == [(text, label) for label, text in rows] and notes == []
+
+
+def test_a_tsv_header_of_three_columns_is_split_into_three(tmp_path):
+    # split on its first tab only, "label\ttext" was one column: the header was read as a
+    # record and every label was "label-and-text"; the text, last, keeps its own tabs
+    path = write(tmp_path, "d.tsv", "id\tlabel\ttext\n1\tspam\tbuy now\n2\tham\thi\tthere\n")
+    expected = [("buy now", "spam"), ("hi\tthere", "ham")]
+    assert read_classification(path) == expected
+    assert read_classification(path, text_column="text", label_column="label") == expected
+    assert read_classification(path, text_column="2", label_column="1") == expected
+    path = write(tmp_path, "n.tsv", "1\tspam\tbuy now\n2\tspam\thi\tthere\n3\tham\tx\n4\tham\ty\n")
+    assert read_classification(path, "2", "1")[1] == ("hi\tthere", "spam")  # no header: by position
+
+
+def test_a_file_of_blank_rows_is_one_line(tmp_path):
+    with pytest.raises(TinyLLMError, match=r"d\.csv: no records: every line is blank"):
+        read_classification(write(tmp_path, "d.csv", ",\n , \n"))

@@ -18,6 +18,7 @@ from .finetune import DEFAULT_POOLING, POOLINGS
 from .finetune_runs import (DATA_FLAGS, ClassifySettings, InstructSettings, classify_texts,
                             format_accuracies, format_confusion, load_classifier, run_classify,
                             run_instruct, score_file)
+from .labelled_data import UNK_TOKEN
 from .train import prepare_out_dir
 
 
@@ -116,6 +117,15 @@ def run_on_every_rank(runner, out, settings, resume, force, max_iters, **options
         return runner(run_dir, settings, force=force or not world.is_root, world=world, **kwargs)
 
 
+def training_time(report):
+    """This part's training time, and a resumed run's over all its parts: "12 s (40 s in all)"."""
+    part, total = report["train_seconds_this_part"], report["train_seconds"]
+    if total is None:
+        return (f"{part:.0f} s (the run's time before --resume is unknown: the tinyllm that"
+                " trained it did not keep it)")
+    return f"{part:.0f} s" + (f" ({total:.0f} s in all, over every --resume)" if total != part else "")
+
+
 @click.group()
 def finetune():
     """Fine-tune a pretrained model on labelled data: classify or instruct."""
@@ -183,7 +193,7 @@ def finetune_classify(out, resume, force, **flags):
     for label, stats in report["test_per_class"].items():
         click.echo(f"  {label}: precision {100 * stats['precision']:.1f}%, recall"
                    f" {100 * stats['recall']:.1f}% ({stats['support']} examples)")
-    click.echo(f"done in {report['train_seconds']:.0f} s; metrics in {os.path.join(out, 'metrics.json')}")
+    click.echo(f"done in {training_time(report)}; metrics in {os.path.join(out, 'metrics.json')}")
 
 
 @finetune.command("instruct")
@@ -224,7 +234,7 @@ def finetune_instruct(out, resume, force, no_cache, **flags):
     if report["val_loss_before"] is not None:
         click.echo(f"validation loss on the responses: {report['val_loss_before']:.4f} (base) ->"
                    f" {report['best_val_loss']:.4f} (iteration {report['best_iter']})")
-    click.echo(f"done in {report['train_seconds']:.0f} s; responses in"
+    click.echo(f"done in {training_time(report)}; responses in"
                f" {os.path.join(out, 'responses.jsonl')}, metrics in {os.path.join(out, 'metrics.json')}")
 
 
@@ -251,14 +261,18 @@ def classify(checkpoint, data, text_column, label_column, text):
         raise TinyLLMError("--text-column and --label-column choose the columns of --data FILE;"
                            " a TEXT argument has none")
     if text is not None:
-        probs = classify_texts(params, config, tokenizer, [text], max_windows)[0]
+        probs = classify_texts(params, config, tokenizer, [text], max_windows,
+                               log=lambda note: click.echo(note, err=True))[0]
         click.echo(labels[int(probs.argmax())])
         for label, p in sorted(zip(labels, probs), key=lambda lp: -lp[1]):
             click.echo(f"  {label}: {p:.3f}")
         return
     scored = score_file(params, config, tokenizer, labels, data, text_column, label_column,
-                        max_windows)
+                        max_windows, log=lambda note: click.echo(note, err=True))
     notes = ", ".join(f"{scored[k]} {k}" for k in ("windowed", "cut") if scored[k])
+    if scored["fallback_characters"]:
+        notes += (", " if notes else "") + (f"{scored['fallback_characters']} character(s) read"
+                                            f" as {UNK_TOKEN}")
     click.echo(f"{scored['examples']} examples{f' ({notes})' if notes else ''}:"
                f" accuracy {100 * scored['accuracy']:.1f}%")
     click.echo(format_confusion(scored["confusion_matrix"], labels))

@@ -28,8 +28,9 @@ A fine-tuning run directory is a checkpoint (see tinyllm/checkpoint.py) plus:
 Its config.json has kind "classifier" (model fields of ClassifierConfig, "labels": the class
 names in id order) or, for instruction tuning, "gpt" (or "gpt-lora" with adapters), plus
 "finetune": the settings, "data_files_sha256": the sha256 of each data file, "best_iter" (the
-evaluation with the lowest validation loss so far) and "weights_iter" (the step whose weights
-model.npz holds: the last step while training, best_iter once the run is finished).
+evaluation with the lowest validation loss so far), "weights_iter" (the step whose weights
+model.npz holds: the last step while training, best_iter once the run is finished) and
+"train_seconds" (the training time over every part of a resumed run: see TrainingClock).
 """
 
 import dataclasses
@@ -374,6 +375,31 @@ class BestWeights:
     evals_since: int = 0
 
 
+class TrainingClock:
+    """Seconds of training over all the parts of a run (a run resumed after Ctrl-C or with a
+    larger --max-iters has several): what its checkpoint says the earlier parts took
+    (config.json "train_seconds") plus this part's, from when the clock is made until stop().
+
+    A checkpoint from before tinyllm kept the time has no "train_seconds": the total is then
+    unknown (None), and stays so in the checkpoints the run saves; this part's time is known."""
+
+    def __init__(self, resumed=None):
+        earlier = 0.0 if resumed is None else resumed.meta.get("train_seconds")
+        self.earlier = float(earlier) if _is_finite(earlier) and earlier >= 0 else None
+        self.start, self.end = time.perf_counter(), None
+
+    def stop(self):
+        self.end = time.perf_counter()
+
+    def part(self):
+        """Seconds of this part, rounded to 0.1."""
+        return round((self.end or time.perf_counter()) - self.start, 1)
+
+    def total(self):
+        """Seconds of all the parts, rounded to 0.1; None if an earlier part's are unknown."""
+        return None if self.earlier is None else round(self.earlier + self.part(), 1)
+
+
 def padded_opt_state(opt_state, frozen):
     """AdamW state for the whole tree: zero moments for frozen arrays, so the checkpoint's optimizer
     file has every parameter (as checkpoint.load_checkpoint expects)."""
@@ -391,7 +417,7 @@ def trim_opt_state(opt_state, paths):
 def resumed_best(out_dir, ckpt, trainable):
     """BestWeights of a resumed run, from its metrics.jsonl (already cut at the checkpoint) and
     best.npz. The checkpoint itself is the best when its evaluation was the best one."""
-    records = [r for r in read_metrics(out_dir) if _is_loss(r.get("val_loss"))]
+    records = [r for r in read_metrics(out_dir) if _is_finite(r.get("val_loss"))]
     if not records:
         return BestWeights()
     top = min(records, key=lambda r: r["val_loss"])
@@ -408,8 +434,9 @@ def resumed_best(out_dir, ckpt, trainable):
     return BestWeights(top["iter"], top["val_loss"], unflatten(best), since)
 
 
-def _is_loss(value):
-    """A validation loss as metrics.jsonl holds one (a file from elsewhere may hold anything)."""
+def _is_finite(value):
+    """A finite number, as metrics.jsonl and config.json hold a loss or a time (a file from
+    elsewhere may hold anything)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -483,24 +510,27 @@ class ClassificationSplits(NamedTuple):
     val: list
     test: list
     repeats_dropped: int  # records --dedupe dropped (0 without it)
+    balance_dropped: int = 0  # records --balance dropped from the larger classes
 
 
-def load_classification_splits(s):
-    """Train, val and test lists of (text, label), from files or the embedded default.
+def load_classification_splits(s, log=print):
+    """Train, val and test lists of (text, label), from files or the embedded default; `log`
+    is told of a header found by its labels (labelled_data.first_row_is_header).
 
     With --dedupe, repeats go before the split: a text is kept once in --data, and a text of
     --val-data or --test-data already in an earlier file is dropped from it."""
-    examples = (read_classification(s.data, s.text_column, s.label_column) if s.data
+    examples = (read_classification(s.data, s.text_column, s.label_column, log=log) if s.data
                 else default_classification_data())
     dropped = 0
     if s.dedupe:
         examples, dropped = without_repeats(examples)
+    before_balance = len(examples)
     if s.balance:
         examples = balance(examples, s.seed)
     if s.val_data:
-        train = examples
-        val = read_classification(s.val_data, s.text_column, s.label_column)
-        test = read_classification(s.test_data, s.text_column, s.label_column)
+        train, classes = examples, {label for _, label in examples}
+        val, test = (read_classification(path, s.text_column, s.label_column, classes, log)
+                     for path in (s.val_data, s.test_data))
         if s.dedupe:
             (val, in_val), (test, in_test) = (without_repeats(val, train),
                                               without_repeats(test, train + val))
@@ -513,7 +543,7 @@ def load_classification_splits(s):
         train, val, test = split_three(examples, SPLIT_CLASSIFY, s.seed)
         _check_every_class_trains(s.data, train, val + test)
     _check_splits(s.data, train, val, test)
-    return ClassificationSplits(train, val, test, dropped)
+    return ClassificationSplits(train, val, test, dropped, before_balance - len(examples))
 
 
 def _check_every_class_trains(data, train, held_out):
@@ -676,7 +706,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     if resume:
         s = with_moved_data(s, settings)
         check_data_unchanged(ckpt, s, out)
-    train, val, test, dropped = load_classification_splits(s)
+    train, val, test, dropped, balanced = load_classification_splits(s, log)
     n_read = len(train)
     if s.case_copies:
         train = with_case_copies(train)
@@ -702,14 +732,15 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     log(f"data: {s.data or 'embedded docstring sentences by subject'}: {n_read} train{copies},"
         f" {len(val)} val, {len(test)} test; classes {shown_labels(labels)}")
     report_counts(counts, config.block_size, s.max_windows, log)
-    repeats = {name: texts_also_in(train[:n_read], split) for name, split in (("val", val),
-                                                                               ("test", test))}
+    repeats = {name: texts_also_in(train, split) for name, split in (("val", val),
+                                                                      ("test", test))}
     if dropped:
         log(f"--dedupe: dropped {dropped} record(s) whose text an earlier record has")
-    if repeats["val"] or repeats["test"]:
-        log(f"note: {repeats['test']} test and {repeats['val']} val text(s) also occur word for"
-            " word in the training split (the data repeats records); a text trained on flatters"
-            " the accuracy measured on it (--dedupe drops repeats)")
+    if balanced:
+        log(f"--balance: dropped {balanced} record(s) of the larger classes, to keep as many of"
+            " each class as the smallest has")
+    note_repeats(repeats, {name: texts_also_in(train[:n_read], split) for name, split
+                           in (("val", val), ("test", test))}, log)
     # 5. score before
     before = (ckpt.meta["before"] if resume
               else scored_with_progress(params, config, labels, sets, n_read)[0])
@@ -728,29 +759,32 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     def save_full(full, opt_state, st, best_iter, weights_iter):
         save_checkpoint(out, full, opt_state, st.rng_state, config, tc, tokenizer, st.iteration,
                         extra={**extra, "best_iter": best_iter, "weights_iter": weights_iter,
-                               "last_eval_iter": st.last_eval_iter}, kind="classifier")
+                               "last_eval_iter": st.last_eval_iter,
+                               "train_seconds": clock.total()}, kind="classifier")
 
     loss_fn, sample = classification_loss_and_batches(sets, config, tc.batch_size)
-    t0 = time.perf_counter()
+    clock = TrainingClock(ckpt)
     params, best, state = train_keeping_best(
         out, params, paths, tc, loss_fn, sample, classification_evaluator(sets, config, loss_fn, world),
         save_full, ckpt, tc.batch_size * sets["train"][0].ids.shape[1], s.patience, log, world)
-    seconds = time.perf_counter() - t0
+    clock.stop()
     finish_with_best(out, params, state, paths, save_full, best)
     # 7. score after and report
     after, matrix, per_class = scored_with_progress(params, config, labels, sets, n_read)
     report = {"task": "classify", "labels": labels, "arch": config.arch, "pooling": config.pooling,
               "freeze": s.freeze, "lora_rank": config.lora_rank,
               "base": s.checkpoint, "random_init": bool(s.random_init or s.checkpoint is None),
-              "examples": {k: int(len(v[1])) for k, v in sets.items()},
-              "case_copies": len(train) - n_read,
+              "examples": {"train": n_read, "val": len(val), "test": len(test)},
+              "train_case_copies": len(train) - n_read,
               "accuracy_before": before, "accuracy_after": after,
               "test_confusion_matrix": matrix.tolist(), "test_per_class": per_class,
               "windowed_texts": counts["windowed"], "cut_texts": counts["cut"],
               "fallback_characters": counts["fallback_characters"],
               "texts_also_in_train": repeats, "repeats_dropped": dropped,
+              "balance_dropped": balanced,
               "iterations": state.iteration, "best_iter": best.iteration,
-              "best_val_loss": best.val_loss, "train_seconds": round(seconds, 1)}
+              "best_val_loss": best.val_loss, "train_seconds": clock.total(),
+              "train_seconds_this_part": clock.part()}
     write_report(out, report)
     log(f"best validation loss {best.val_loss:.4f} at iteration {best.iteration}: those weights"
         " are the run's result")
@@ -760,11 +794,25 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
 def texts_also_in(train, split):
     """How many texts of `split` occur word for word in `train`, both lists of (text, label).
 
-    A file that repeats a record can put its copies on both sides of a split. Example:
-    [("hi", "a"), ("yo", "b")], [("hi", "a"), ("hey", "a")] -> 1.
+    A file that repeats a record can put its copies on both sides of a split, and a training
+    text's case copy can be a validation or test text. Example: [("hi", "a"), ("yo", "b")],
+    [("hi", "a"), ("hey", "a")] -> 1.
     """
     seen = {text for text, _ in train}
     return sum(text in seen for text, _ in split)
+
+
+def note_repeats(trained, in_records, log):
+    """Say how many val and test texts were trained on word for word: `trained` counts them
+    among all the training texts, case copies included, `in_records` among the file's records."""
+    if not (trained["val"] or trained["test"]):
+        return
+    copies = sum(trained.values()) - sum(in_records.values())
+    log(f"note: {trained['test']} test and {trained['val']} val text(s) also occur word for word"
+        " among the training texts" + (f" ({copies} only as the upper- or lower-case copy of a"
+                                       " training text)" if copies else "")
+        + "; a text trained on flatters the accuracy measured on it (--dedupe drops repeated"
+        " records" + ("; --no-case-copies the copies)" if copies else ")"))
 
 
 def report_counts(counts, block_size, max_windows, log):
@@ -817,20 +865,28 @@ def load_classifier(checkpoint):
     return ckpt.params, ckpt.model_config, ckpt.tokenizer, labels, max_windows
 
 
-def classify_texts(params, config, tokenizer, texts, max_windows=ClassifySettings.max_windows):
-    """Class probabilities (N, K) for texts; longer ones are read as windows, as in training."""
-    seqs, _ = encode_all(tokenizer, texts)
+def classify_texts(params, config, tokenizer, texts, max_windows=ClassifySettings.max_windows,
+                   log=print):
+    """Class probabilities (N, K) for texts; longer ones are read as windows, as in training.
+    `log` is told of characters read as the unknown token and of texts cut after max_windows."""
+    seqs, fallback = encode_all(tokenizer, texts)
     if any(not s for s in seqs):
         raise TinyLLMError("cannot classify an empty text")
-    windows, _, _ = make_windows(seqs, config.block_size, max_windows)
+    windows, _, cut = make_windows(seqs, config.block_size, max_windows)
+    if fallback:
+        log(f"note: {fallback} character(s) the model never saw were read as {UNK_TOKEN}")
+    if cut:
+        log(f"note: {cut} text(s) longer than {max_windows} windows of {config.block_size} tokens"
+            " (the run's --max-windows) were read up to there only")
     return predict_windows(params, windows, config)
 
 
 def score_file(params, config, tokenizer, labels, data, text_column, label_column, max_windows,
-               stream=None):
+               stream=None, log=print):
     """`tinyllm classify --data FILE`: accuracy, confusion matrix and counts of a labelled file;
-    how many texts are scored so far goes to `stream` (default stderr)."""
-    examples = read_classification(data, text_column, label_column)
+    how many texts are scored so far goes to `stream` (default stderr), a note on the file's
+    header to `log`."""
+    examples = read_classification(data, text_column, label_column, set(labels), log)
     windows, y, counts = encode_classification(tokenizer, examples, labels, config.block_size,
                                                max_windows, data)
     progress = Counting(len(y), "texts scored", stream)
@@ -868,23 +924,45 @@ def encode_instructions(tokenizer, records, block_size, include_prompt, where):
     return (x, y, m), shortened, fallback
 
 
+def generation_prompts(tokenizer, records, max_new_tokens, block_size):
+    """(prompts, limits, shortened, fallback) for greedy responses to records. A response may
+    take `max_new_tokens`, at most the reference's length plus a margin (a longer one is wrong
+    anyway) and the context less one token; a prompt keeps its last tokens so that it and the
+    response fit the context. `shortened` counts the prompts so cut, `fallback` their characters
+    read as the unknown token."""
+    prompts, limits, shortened, fallback = [], [], 0, 0
+    for record in records:
+        ids, missing = encode_with_fallback(tokenizer, format_prompt(record))
+        reference = encode_with_fallback(tokenizer, record["output"])[0]
+        limits.append(min(max_new_tokens, len(reference) + 8, block_size - 1))
+        prompts.append(ids[-(block_size - limits[-1]):])
+        shortened += len(prompts[-1]) < len(ids)
+        fallback += missing
+    return prompts, limits, shortened, fallback
+
+
 def score_responses(params, config, tokenizer, records, max_new_tokens, use_cache=True):
     """Greedy responses to records (decoded as one batch), with mean exact match and token F1.
 
-    A prompt keeps its last tokens so that it and the response fit the context. `use_cache=False`
-    decodes without the key/value cache (same responses, slower)."""
+    Prompts as `generation_prompts` makes them. `use_cache=False` decodes without the key/value
+    cache (same responses, slower)."""
     eot = tokenizer.special_tokens[EOT]
-    # A response longer than the reference plus a margin is wrong anyway: stop there.
-    limits = [min(max_new_tokens, len(encode_with_fallback(tokenizer, r["output"])[0]) + 8,
-                  config.block_size - 1) for r in records]
-    prompts = [encode_with_fallback(tokenizer, format_prompt(r))[0][-(config.block_size - limit):]
-               for r, limit in zip(records, limits)]
+    prompts, limits = generation_prompts(tokenizer, records, max_new_tokens, config.block_size)[:2]
     responses = greedy_batch(params, config, prompts, limits, eot, use_cache=use_cache)
     rows = [{"instruction": r["instruction"], "input": r["input"], "reference": r["output"],
              "response": tokenizer.decode(new)} for r, new in zip(records, responses)]
     em = exact_match([r["response"] for r in rows], [r["reference"] for r in rows])
     f1 = sum(token_f1(r["response"], r["reference"]) for r in rows) / max(1, len(rows))
     return rows, {"exact_match": round(em, 4), "token_f1": round(f1, 4)}
+
+
+def prompts_also_in(train, split):
+    """How many records of `split` have the instruction and input of a record of `train`, word
+    for word (the response trained on may differ). Example: train [{"instruction": "add",
+    "input": "3 4", ...}], split [the same prompt, {"instruction": "add", "input": "4 3", ...}]
+    -> 1."""
+    seen = {(r["instruction"], r["input"]) for r in train}
+    return sum((r["instruction"], r["input"]) in seen for r in split)
 
 
 def instruct_splits(s):
@@ -993,8 +1071,21 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
                 " response")
         if fallback:
             log(f"note: {fallback} character(s) in {name} fell back to {UNK_TOKEN}")
+    _, _, shortened["test"], fallback = generation_prompts(tokenizer, test, s.max_new_tokens,
+                                                           config.block_size)
+    if shortened["test"]:
+        log(f"note: {shortened['test']} test record(s) kept the end of their prompt, to leave"
+            f" room for the response in the context ({config.block_size} tokens)")
+    if fallback:
+        log(f"note: {fallback} character(s) in test prompts fell back to {UNK_TOKEN}")
     log(f"data: {s.data or 'embedded tasks (reverse the words, uppercase, sort the words, add)'}:"
         f" {len(train)} train, {len(val)} val, {len(test)} test records")
+    repeats = {name: prompts_also_in(train, split) for name, split in (("val", val),
+                                                                        ("test", test))}
+    if repeats["val"] or repeats["test"]:
+        log(f"note: {repeats['test']} test and {repeats['val']} val record(s) have the instruction"
+            " and input of a training record, word for word; a prompt trained on flatters the"
+            " exact match and token F1 measured on it")
     # 5. score before
     if resume:
         before = ckpt.meta["before"]
@@ -1021,14 +1112,15 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     def save_full(full, opt_state, st, best_iter, weights_iter):
         save_checkpoint(out, full, opt_state, st.rng_state, config, tc, tokenizer, st.iteration,
                         extra={**extra, "best_iter": best_iter, "weights_iter": weights_iter,
-                               "last_eval_iter": st.last_eval_iter}, kind=kind)
+                               "last_eval_iter": st.last_eval_iter,
+                               "train_seconds": clock.total()}, kind=kind)
 
     loss_fn, sample = instruct_loss_and_batches(arrays, config, tc.batch_size)
-    t0 = time.perf_counter()
+    clock = TrainingClock(ckpt)
     params, best, state = train_keeping_best(
         out, params, paths, tc, loss_fn, sample, instruct_evaluator(arrays, loss_fn, world), save_full,
         ckpt, tc.batch_size * arrays["train"][0].shape[1], s.patience, log, world)
-    seconds = time.perf_counter() - t0
+    clock.stop()
     finish_with_best(out, params, state, paths, save_full, best)
     # 7. score after and report
     log(f"generating responses for {len(test)} test records ...")
@@ -1040,10 +1132,12 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     report = {"task": "instruct", "base": s.checkpoint, "lora_rank": s.lora_rank,
               "include_prompt": s.include_prompt,
               "records": {"train": len(train), "val": len(val), "test": len(test)},
-              "shortened_records": shortened, "test_before": before, "test_after": after,
+              "shortened_records": shortened, "prompts_also_in_train": repeats,
+              "test_before": before, "test_after": after,
               "val_loss_before": metrics[0]["val_loss"] if metrics else None,
               "best_val_loss": best.val_loss, "best_iter": best.iteration,
-              "iterations": state.iteration, "train_seconds": round(seconds, 1)}
+              "iterations": state.iteration, "train_seconds": clock.total(),
+              "train_seconds_this_part": clock.part()}
     write_report(out, report)
     return report
 

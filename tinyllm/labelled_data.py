@@ -5,15 +5,25 @@ Classification files (one example per line, `text` and `label`; labels are arbit
     .csv    comma-separated, read with Python's csv module (quoted fields may contain commas
             and line ends; a double quote inside one is written twice, and a lone one is an
             error naming its line rather than a field that swallows the rows after it)
-    .tsv    tab-separated, split on the FIRST tab only and never unquoted: csv's default quoting
-            would silently join lines that contain a double quote and lose rows
+    .tsv    tab-separated, each line split into as many fields as the header has columns (two
+            without a header, or as many as the columns given by position need), the last field
+            keeping any further tabs; never unquoted: csv's default quoting would silently join
+            lines that contain a double quote and lose rows
     .jsonl  one JSON object per line: {"text": "...", "label": "..."}
     .json   a JSON array of such objects (or JSONL under that name)
-A CSV/TSV header is optional. If the first row contains the --text-column and --label-column
-names (in any case: "Text" is "text"; for a column given by position, its default name "text"
-or "label") it is a header; otherwise the file has no header, and the columns are given by
-position (`--text-column 0 --label-column 1` is the default meaning for a headerless file: text
-first).
+A CSV/TSV header is optional. The first row is the header when (`first_row_is_header`, the one
+place this rule lives):
+    1. a column is given by name (`--text-column review`): the row must hold that name;
+    2. it holds the names "text" and "label" (in any case: "Text" is "text"); or
+    3. read by position, its label cannot be a class while every other row's can: it is not one
+       of the classes trained on and every other row's label is (a --val-data or --test-data
+       file, `tinyllm classify --data`), or, in a training file, no other row has that label
+       while every other row's label is on two rows or more ("category,comment" above rows
+       labelled spam and ham).
+Otherwise the file has no header, and the columns are given by position (`--text-column 0
+--label-column 1` is the default meaning for a headerless file: text first). A header found by
+rule 3 is said in a one-line note; a first record it takes for a header is kept by putting a
+header row that names the columns "text" and "label" above it.
 
 Instruction files: a JSON array, or JSONL, of records {"instruction": ..., "input": ...,
 "output": ...} (the Alpaca layout; "input" may be absent or empty, meaning none).
@@ -29,6 +39,7 @@ import os
 import random
 import re
 import sysconfig
+from collections import Counter
 
 import numpy as onp
 
@@ -84,14 +95,26 @@ def _column(header, name, path, default_index):
     raise TinyLLMError(f"{path}:1: no column named {name!r} (columns: {have})")
 
 
-def _rows_tsv(text):
-    """(line number, fields) for each non-blank line, split on the first tab only.
+def _rows_tsv(text, width=2):
+    """(line number, fields) for each non-blank line, split on its first `width` - 1 tabs only:
+    the last field keeps any further tabs (a text there may hold them), and quotes are kept.
 
-    Example: 'ham\\tSay "hi", ok' -> ['ham', 'Say "hi", ok'] (quotes are kept as they are).
+    Example: 'ham\\tSay "hi", ok\\tbye' -> ['ham', 'Say "hi", ok\\tbye'] (width 2).
     """
     for number, line in enumerate(split_lines(text), start=1):
         if line.strip():
-            yield number, line.split("\t", 1)
+            yield number, line.split("\t", width - 1)
+
+
+def _tsv_width(text, text_column, label_column):
+    """How many fields each line of a TSV text is split into: as many as its header has columns
+    (rules 1 and 2 of the module docstring), or, without one, as the columns given by position
+    need. Example: a header "id\\tlabel\\ttext" -> 3; no header, --text-column 2 -> 3; none -> 2."""
+    first = next((line for line in split_lines(text) if line.strip()), "")
+    names = [f.strip() for f in first.split("\t")]
+    if _named_header(names, text_column, label_column):
+        return len(names)
+    return max(int(text_column or 0), int(label_column or 1)) + 1
 
 
 def _rows_csv(text, path):
@@ -116,9 +139,11 @@ def _rows_csv(text, path):
         csv.field_size_limit(limit)
 
 
-def read_classification(path, text_column=None, label_column=None):
+def read_classification(path, text_column=None, label_column=None, classes=None, log=print):
     """Read (text, label) pairs from a .csv, .tsv, .jsonl or .json (an array) file; errors name
-    file:line (or record)."""
+    file:line (or record). `classes`: the labels a model was (or will be) trained on, when they
+    are known, which tells a CSV/TSV header apart from a record (see `first_row_is_header`);
+    `log` is told when a header is found that way."""
     for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
         if column == "":  # an unset shell variable, say: not the default column, unseen
             raise TinyLLMError(f"{flag} is empty: give a column name or position, or leave it out")
@@ -130,33 +155,77 @@ def read_classification(path, text_column=None, label_column=None):
         return [(_str_field(rec, text_column or "text", path, n),
                  _str_field(rec, label_column or "label", path, n))
                 for n, rec in _json_records(text, path)]
-    rows = list(_rows_tsv(text) if fmt == "tsv" else _rows_csv(text, path))
-    first = [f.strip() for f in rows[0][1]]
-    # a column given by position still finds a header by its default name: "label,text" with
-    # --text-column 1 --label-column 0 is a header, not a record labelled "label"
-    names = tuple(default if column is None or str(column).isdigit() else column
-                  for column, default in ((text_column, "text"), (label_column, "label")))
-    has_header = all(_header_index(first, n) is not None for n in names) or (
-        any(c is not None and not str(c).isdigit() for c in (text_column, label_column)))
-    header = first if has_header else None
+    rows = list(_rows_tsv(text, _tsv_width(text, text_column, label_column)) if fmt == "tsv"
+                else _rows_csv(text, path))
+    if not rows:
+        raise TinyLLMError(f"{path}: no records: every line is blank")
+    has_header, note = first_row_is_header(rows, text_column, label_column, classes)
+    if note:
+        log(f"note: {path}:{rows[0][0]}: read as the header, not a record: {note}; if it is a"
+            " record, put a header row naming the columns text and label above it")
+    header = [f.strip() for f in rows[0][1]] if has_header else None
     ti = _column(header, text_column or ("text" if header else None), path, 0)
     li = _column(header, label_column or ("label" if header else None), path, 1)
     if ti == li:
         raise TinyLLMError(f"{path}: --text-column and --label-column name the same column ({ti})")
-    examples = []
-    for number, fields in rows[1:] if has_header else rows:
-        if max(ti, li) >= len(fields):
-            raise TinyLLMError(f"{path}:{number}: missing column {max(ti, li)} (this line has"
-                               f" {len(fields)} field{'s' * (len(fields) != 1)})")
-        label = fields[li].strip()
-        if not label:
-            raise TinyLLMError(f"{path}:{number}: empty label")
-        if not fields[ti].strip():  # named here: once shuffled into a split it cannot be found
-            raise TinyLLMError(f"{path}:{number}: empty text")
-        examples.append((fields[ti], label))
+    examples = [_row_example(fields, ti, li, path, number)
+                for number, fields in (rows[1:] if has_header else rows)]
     if not examples:
         raise TinyLLMError(f"{path}: no examples after the header")
     return examples
+
+
+def _row_example(fields, ti, li, path, number):
+    """(text, label) of one CSV/TSV row; a missing column or an empty field names its line."""
+    if max(ti, li) >= len(fields):
+        raise TinyLLMError(f"{path}:{number}: missing column {max(ti, li)} (this line has"
+                           f" {len(fields)} field{'s' * (len(fields) != 1)})")
+    label = fields[li].strip()
+    if not label:
+        raise TinyLLMError(f"{path}:{number}: empty label")
+    if not fields[ti].strip():  # named here: once shuffled into a split it cannot be found
+        raise TinyLLMError(f"{path}:{number}: empty text")
+    return fields[ti], label
+
+
+def _by_position(column):
+    """Is a --text-column/--label-column value a position (or left out), not a name?"""
+    return column is None or str(column).isdigit()
+
+
+def _named_header(first, text_column, label_column):
+    """Rules 1 and 2 of the module docstring: a column given by name (looked up in the header),
+    or a first row (its fields stripped) that names the columns "text" and "label"."""
+    if not (_by_position(text_column) and _by_position(label_column)):
+        return True
+    return all(_header_index(first, name) is not None for name in ("text", "label"))
+
+
+def first_row_is_header(rows, text_column, label_column, classes=None):
+    """(is the first of `rows` a header?, why, when only its labels tell): the rule of the module
+    docstring. `rows` are (line number, fields) as the CSV/TSV readers give them.
+
+    Examples, label in column 0 given by position: "category,comment" above rows labelled spam,
+    ham, spam, ham -> (True, "its label 'category' is on no other row, ..."); "spam,buy now" above
+    ham, spam, ham -> (False, None): its class is on another row, so it is a record.
+    """
+    if _named_header([f.strip() for f in rows[0][1]], text_column, label_column):
+        return True, None
+    li = int(label_column or 1)
+    labels = [fields[li].strip() if li < len(fields) else None for _, fields in rows]
+    if len(labels) < 2 or None in labels or not labels[0]:
+        return False, None  # a row without the column, or without a label, is an error later
+    head, others = labels[0], labels[1:]
+    if classes is not None:  # rule 3, the classes known
+        if head not in classes and all(label in classes for label in others):
+            return True, (f"its label {head!r} is not one of the {len(classes)} classes trained"
+                          " on, and every other row's is")
+        return False, None
+    counts = Counter(others)  # rule 3, a training file
+    if head not in counts and min(counts.values()) >= 2:
+        return True, (f"its label {head!r} is on no other row, while every other row's label is"
+                      " on two rows or more")
+    return False, None
 
 
 def _parse_json(text, path, line=None):
