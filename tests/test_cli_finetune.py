@@ -47,7 +47,8 @@ def test_classify_end_to_end(base, tsv, tmp_path):
     assert result.exit_code == 0, result.output
     assert "overlapping windows" in result.output and "<|unk|>" in result.output
     report = json.load(open(os.path.join(out, "metrics.json")))
-    assert report["format"] == "tinyllm-finetune-metrics" and report["labels"] == ["neg", "pos"]
+    assert report["format"] == "tinyllm-finetune-metrics" and report["version"] == 2
+    assert report["labels"] == ["neg", "pos"]
     assert set(report["accuracy_before"]) == set(report["accuracy_after"]) == {"train", "val", "test"}
     assert onp.sum(report["test_confusion_matrix"]) == report["examples"]["test"] == 12
     assert report["windowed_texts"] == 1 and report["cut_texts"] == 0

@@ -21,7 +21,7 @@ A fine-tuning run directory is a checkpoint (see tinyllm/checkpoint.py) plus:
     best.npz          while training: the weights of the best evaluation so far (parameter
                       arrays and "_iter", as model.npz); at the end they become the checkpoint's
                       weights and the file is removed
-    metrics.json      the final report: {"format": "tinyllm-finetune-metrics", "version": 1,
+    metrics.json      the final report: {"format": "tinyllm-finetune-metrics", "version": 2,
                       "task": "classify" | "instruct", ...} (see `classify_report` / `run_instruct`)
     responses.jsonl   (instruct) one line per test record: instruction, input, reference, response
                       (these two are written at the end: a run still training has neither)
@@ -71,7 +71,9 @@ from .train import (SPECIAL_TOKENS, Committed, check_memory, check_resumed_total
 from .tree import flatten, unflatten
 
 METRICS_FORMAT = "tinyllm-finetune-metrics"
-METRICS_VERSION = 1
+METRICS_VERSION = 2  # 2: "examples" counts records read (1 counted the training split's case
+# copies too), "train_case_copies" and "train_seconds_this_part" are new, "train_seconds" spans
+# every --resume
 EOT = SPECIAL_TOKENS[0]
 EVAL_TRAIN_EXAMPLES = 256  # the train loss at an evaluation is measured on this many examples
 BEST_FILE = "best.npz"
