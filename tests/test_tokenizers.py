@@ -1,6 +1,8 @@
 """Tests for tinyllm/tokenizers.py: worked examples, round-trip properties, files and their errors."""
 
 import json
+import random
+import sys
 from collections import Counter
 
 import numpy as onp
@@ -8,19 +10,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tinyllm import tokenizers
 from tinyllm.errors import TinyLLMError
 from tinyllm.tokenizers import (
     BPETokenizer,
     CharTokenizer,
+    LinkedSymbols,
     apply_merge,
     best_pair,
     build_pair_index,
     encode_chunk,
+    encode_chunk_reference,
     get_pair_counts,
     learn_merges,
     learn_merges_reference,
     load_tokenizer,
     merge_pair,
+    pop_best_pair,
     split_into_chunks,
     train_tokenizer,
 )
@@ -78,20 +84,54 @@ def test_chunks_join_back_to_the_text(text):
     assert "".join(split_into_chunks(text)) == text
 
 
+def test_linked_symbols_worked_example():
+    symbols = LinkedSymbols([b"abc", b"d"])
+    assert (symbols.ids, symbols.next_of, symbols.prev_of) == (
+        [97, 98, 99, 100], [1, 2, -1, -1], [-1, 0, 1, -1])
+    assert symbols.pair_at(1) == (98, 99)
+    assert symbols.pair_at(2) is None and symbols.pair_at(-1) is None  # a chunk's end; no position
+    assert symbols.merge_at(0, 256) == (-1, 2)
+    assert (symbols.ids, symbols.next_of[0], symbols.prev_of[2]) == ([256, None, 99, 100], 2, 0)
+    assert symbols.pair_at(0) == (256, 99) and symbols.pair_at(1) is None
+    assert symbols.remaining() == [256, 99, 100]
+
+
 def test_build_pair_index_and_apply_merge_worked_example():
-    words, counts = [[1, 2, 3], [1, 2]], [5, 2]
-    pair_counts, where = build_pair_index(words, counts)
-    assert pair_counts == {(1, 2): 7, (2, 3): 5}
-    assert where == {(1, 2): {0, 1}, (2, 3): {0}}
-    apply_merge(words, counts, pair_counts, where, (1, 2), 4)
-    assert words == [[4, 3], [4]]
-    assert pair_counts == {(4, 3): 5}
+    symbols, weight = LinkedSymbols([b"abc", b"ab"]), [5, 5, 5, 2, 2]
+    pair_counts, where = build_pair_index(symbols, weight)
+    assert pair_counts == {(97, 98): 7, (98, 99): 5}
+    assert where == {(97, 98): {0, 3}, (98, 99): {1}}
+    changed = apply_merge(symbols, weight, pair_counts, where, (97, 98), 256)
+    assert symbols.remaining() == [256, 99, 256]
+    assert pair_counts == {(256, 99): 5}
+    assert changed == {(97, 98), (98, 99), (256, 99)}
 
 
-def test_encode_chunk_worked_example():
+def test_apply_merge_overlapping_pairs_like_merge_pair():
+    # "aaaa" holds "aa" at 0, 1 and 2; left to right that is two merges, and "aaa" is one.
+    for text, want in ((b"aaaa", [256, 256]), (b"aaa", [256, 97])):
+        symbols = LinkedSymbols([text])
+        pair_counts, where = build_pair_index(symbols, [1] * len(text))
+        apply_merge(symbols, [1] * len(text), pair_counts, where, (97, 97), 256)
+        assert symbols.remaining() == want == merge_pair(list(text), (97, 97), 256)
+        assert pair_counts == get_pair_counts(want)
+
+
+def test_pop_best_pair_skips_old_counts_and_breaks_ties_by_smallest_pair():
+    heap = [(-3, (1, 2)), (-2, (1, 2)), (-2, (0, 5))]
+    pair_counts = {(1, 2): 2, (0, 5): 2}
+    assert pop_best_pair(heap, pair_counts) == (0, 5)  # (1, 2) no longer has 3
+    del pair_counts[(0, 5)]
+    assert pop_best_pair(heap, pair_counts) == (1, 2)
+    assert pop_best_pair(heap, pair_counts) is None
+
+
+@pytest.mark.parametrize("encode", [encode_chunk, encode_chunk_reference])
+def test_encode_chunk_worked_example(encode):
     ranks = {(97, 97): 0, (97, 98): 1, (256, 257): 2}
-    assert encode_chunk(b"aaab", ranks) == [258]
-    assert encode_chunk(b"ba", ranks) == [98, 97]  # no learned pair: bytes stay as they are
+    assert encode(b"aaab", ranks) == [258]
+    assert encode(b"ba", ranks) == [98, 97]  # no learned pair: bytes stay as they are
+    assert encode(b"", ranks) == [] and encode(b"a", ranks) == [97]
 
 
 def test_reference_trainer_worked_example():
@@ -99,11 +139,105 @@ def test_reference_trainer_worked_example():
     assert learn_merges_reference({"ab": 2, " ab": 1}, 5) == [(97, 98), (32, 256)]  # stops early
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.text(alphabet="ab cé!\n", max_size=80), st.integers(0, 25))
+def repeated_runs(alphabet, max_repeat):
+    """Texts made of short pieces each repeated many times, e.g. "ab" * 40 + "é" + "a" * 97.
+
+    They make long chunks whose merges chain ("aa", then "aaaa", ...) and overlap ("aaa" holds
+    one "aa" merge, not two): where a fast form is most likely to part from the plain one.
+    """
+    piece = st.text(alphabet=alphabet, min_size=1, max_size=3)
+    return st.lists(st.tuples(piece, st.integers(1, max_repeat)), max_size=6).map(
+        lambda parts: "".join(text * n for text, n in parts))
+
+
+def texts(alphabet, max_repeat):
+    """Random texts over `alphabet`, some plain and some made of long repeated runs."""
+    return st.one_of(st.text(alphabet=alphabet, max_size=80), repeated_runs(alphabet, max_repeat))
+
+
+@settings(max_examples=150, deadline=None)
+@given(texts("ab cé!\n", 60), st.integers(0, 40))
 def test_incremental_training_matches_the_reference_trainer(text, n_merges):
     chunk_counts = Counter(split_into_chunks(text))
     assert learn_merges(chunk_counts, n_merges) == learn_merges_reference(chunk_counts, n_merges)
+
+
+@settings(max_examples=150, deadline=None)
+@given(train_text=texts("ab cé!\n", 40), text=texts("abc é!\n", 200), n_merges=st.integers(0, 40))
+def test_fast_encoding_equals_the_reference_encoding(train_text, text, n_merges):
+    tok = BPETokenizer(learn_merges(Counter(split_into_chunks(train_text)), n_merges))
+    ranks = {pair: rank for rank, pair in enumerate(tok.merges)}
+    want = [i for chunk in split_into_chunks(text)
+            for i in encode_chunk_reference(chunk.encode("utf-8"), ranks)]
+    assert tok.encode(text) == want
+
+
+@st.composite
+def any_merges(draw, alphabet=(97, 98, 99), max_merges=30):
+    """Merges not learned from a text but drawn at random, as a file could hold them: merge i
+    joins any two ids made before it (bytes of `alphabet` or earlier merges), repeats allowed."""
+    merges = []
+    for i in range(draw(st.integers(0, max_merges))):
+        known = st.sampled_from([*alphabet, *range(256, 256 + i)])
+        merges.append((draw(known), draw(known)))
+    return merges
+
+
+@settings(max_examples=150, deadline=None)
+@given(merges=any_merges(), text=texts("abc", 200))
+def test_fast_encoding_equals_the_reference_for_any_merges(merges, text):
+    ranks = {pair: rank for rank, pair in enumerate(merges)}  # a repeated pair keeps its last rank
+    chunk = text.encode("utf-8")
+    assert encode_chunk(chunk, ranks) == encode_chunk_reference(chunk, ranks)
+
+
+def lines_run(fn, *args):
+    """How many lines of tinyllm/tokenizers.py the call fn(*args) runs.
+
+    A count of work that, unlike a time, is the same on every machine, so a test can bound it.
+    """
+    count = 0
+
+    def trace(frame, event, arg):
+        nonlocal count
+        if frame.f_code.co_filename != tokenizers.__file__:
+            return None  # do not trace inside other modules
+        count += event == "line"
+        return trace
+
+    old_trace = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        fn(*args)
+    finally:
+        sys.settrace(old_trace)
+    return count
+
+
+def long_word(seed, n=2000):
+    """n random letters of "abcd": one long run without a space (as in a DNA file, or text in a
+    language written without spaces), so the pre-split leaves it a single chunk."""
+    rng = random.Random(seed)
+    return "".join(rng.choice("abcd") for _ in range(n))
+
+
+def test_training_on_one_long_word_is_not_quadratic():
+    # The chunk-by-chunk trainer rescanned the whole word for each of the 300 merges: about
+    # 1,000 lines a byte here. Touching only the places each merge changes takes about 60.
+    word = long_word(seed=0)
+    assert lines_run(learn_merges, {word: 1}, 300) < 150 * len(word)
+
+
+def test_encoding_one_long_word_is_not_quadratic():
+    # The plain encoder rescans the word once for each merge it applies: about 300 lines a byte
+    # here, where finding each merge's places from an index takes about 25.
+    merges = learn_merges({long_word(seed=0): 1}, 300)
+    ranks = {pair: rank for rank, pair in enumerate(merges)}
+    chunk = long_word(seed=1).encode("utf-8")
+    ids = encode_chunk(chunk, ranks)
+    assert ids == encode_chunk_reference(chunk, ranks)
+    assert len(ids) < len(chunk) / 2  # many merges apply, all over the word
+    assert lines_run(encode_chunk, chunk, ranks) < 60 * len(chunk)
 
 
 # ---------------------------------------------------------------------------------------------

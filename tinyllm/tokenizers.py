@@ -23,11 +23,11 @@ How BPE training works here
    cross a chunk boundary, so a token never glues the end of one word to the start of the next.
 2. Count the distinct chunks. Natural text repeats words a lot, so 1 MB of text has only a few
    ten thousand distinct chunks; we merge over those, weighting each by its count.
-3. Keep a table of pair counts and, for each pair, the chunks that contain it. After a merge only
-   the chunks that held the merged pair are recounted (an incremental update), instead of
-   recounting the whole text for each of the hundreds of merges. `learn_merges_reference` is the
-   plain algorithm that does recount everything before each merge: read it first; a test shows
-   the two learn the same merges.
+3. Keep a table of pair counts and, for each pair, the places where it occurs. A merge then
+   updates only the counts beside each place it merges (an incremental update), instead of
+   recounting the whole text for each of the hundreds of merges, and a heap gives the most
+   frequent pair. `learn_merges_reference` is the plain algorithm that does recount everything
+   before each merge: read it first; a test shows the two learn the same merges.
 4. Ties: when several pairs share the highest count, the pair with the smallest ids wins
    (compared as tuples, first id then second). So training is reproducible: the same text and
    settings always give the same merges, whatever order Python's dicts happen to be in.
@@ -36,11 +36,15 @@ How BPE training works here
 
 Encoding applies the learned merges to each chunk in the order they were learned, and remembers
 the ids of each distinct chunk, so a word that appears a thousand times is encoded once.
+`encode_chunk_reference` is the plain form: merge the lowest-ranked pair everywhere, rescan, repeat.
 
-Cost: training and encoding take time proportional to the length of the distinct chunks times
-the number of merges. Natural text has short chunks (1 MB trains to 512 tokens in about a
-second), but a text that is one enormous chunk (say 200 kB of letters with no space or
-punctuation) is slow: tens of seconds, because that one chunk is rescanned for every merge.
+Cost: a chunk of n bytes costs about n log n to train on or to encode, however long it is. The
+symbols sit in a linked list, so a merge touches only its neighbours, and a heap gives the next
+pair to merge (`LinkedSymbols`, `encode_chunk`, `learn_merges`). The plain forms rescan a chunk
+for every merge, n times the number of merges: that is fine for words, but one long run of
+letters (a DNA sequence, English with its spaces stripped, a language written without spaces)
+is a single chunk, and 100 kB of it took half a minute to encode and minutes to train on.
+`benchmarks/bench_tokenizer.py` times both forms.
 
 File format
 -----------
@@ -75,10 +79,11 @@ chosen by the file, and more than `MAX_VOCAB_SIZE` ids, merges that would build 
 than `MAX_TOKEN_BYTES`, or more than `MAX_TABLE_BYTES` of tokens in all, are refused.
 """
 
+import heapq
 import numbers
 import os
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 
 from tinyllm.errors import TinyLLMError
 from tinyllm.fileio import atomic_write_json, open_regular, parse_json, read_fd
@@ -286,43 +291,6 @@ def best_pair(pair_counts):
     return min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
 
 
-def build_pair_index(words, counts):
-    """Weighted pair counts over distinct chunks, and which chunks hold each pair.
-
-    `words[w]` is chunk w as a list of ids and `counts[w]` how often it occurs in the text.
-    Example: words=[[1, 2, 3], [1, 2]], counts=[5, 2]
-      -> pair_counts={(1, 2): 7, (2, 3): 5}, where={(1, 2): {0, 1}, (2, 3): {0}}
-    """
-    pair_counts, where = Counter(), {}
-    for w, (word, count) in enumerate(zip(words, counts)):
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] += count
-            where.setdefault(pair, set()).add(w)
-    return pair_counts, where
-
-
-def apply_merge(words, counts, pair_counts, where, pair, new_id):
-    """Merge `pair` into `new_id` in every chunk that holds it, updating the counts in place.
-
-    Only those chunks are recounted: their old pairs are subtracted and their new pairs added.
-    `where` may list a chunk that no longer holds a pair (we do not prune it); merging such a
-    chunk changes nothing, and the subtract-then-add leaves the counts as they were.
-    Example: words=[[1, 2, 3]], counts=[5], pair=(1, 2), new_id=4
-      -> words=[[4, 3]], pair_counts={(4, 3): 5} ((1, 2) and (2, 3) drop to zero and are removed)
-    """
-    for w in sorted(where.pop(pair)):  # sorted only so the work is done in a fixed order
-        old_word, count = words[w], counts[w]
-        new_word = merge_pair(old_word, pair, new_id)
-        for old_pair in zip(old_word, old_word[1:]):
-            pair_counts[old_pair] -= count
-        for new_pair in zip(new_word, new_word[1:]):
-            pair_counts[new_pair] += count
-            where.setdefault(new_pair, set()).add(w)
-        words[w] = new_word
-    for p in [p for p, n in pair_counts.items() if n <= 0]:
-        del pair_counts[p]  # a pair that no longer occurs must not be chosen as the best pair
-
-
 def learn_merges_reference(chunk_counts, n_merges):
     """BPE training written plainly: before each merge, recount every pair of every chunk.
 
@@ -345,30 +313,12 @@ def learn_merges_reference(chunk_counts, n_merges):
     return merges
 
 
-def learn_merges(chunk_counts, n_merges, progress=None):
-    """Learn up to `n_merges` merges from {chunk: count}; merge i creates id 256 + i.
+def encode_chunk_reference(chunk_bytes, ranks):
+    """Encoding written plainly: merge the lowest-ranked pair present, everywhere, and repeat.
 
-    Stops early when no adjacent pair is left. Calls progress(done, n_merges) after each merge.
-    Example (one chunk "aaabdaaabac", a=97 b=98 c=99 d=100), n_merges=3
-      -> [(97, 97), (97, 98), (256, 257)]   (worked out step by step in the tests)
-    """
-    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
-    counts = list(chunk_counts.values())
-    pair_counts, where = build_pair_index(words, counts)
-    merges = []
-    while len(merges) < n_merges and pair_counts:
-        pair = best_pair(pair_counts)
-        apply_merge(words, counts, pair_counts, where, pair, N_BYTES + len(merges))
-        merges.append(pair)
-        if progress is not None:
-            progress(len(merges), n_merges)
-    return merges
-
-
-def encode_chunk(chunk_bytes, ranks):
-    """Apply merges to one chunk in the order they were learned; `ranks` maps pair -> merge index.
-
-    At each step the pair with the lowest rank present is merged, which replays training.
+    `ranks` maps pair -> merge index. Merging the lowest rank first replays training, which
+    applied merge 0 to the whole text, then merge 1, and so on. The same ids as `encode_chunk`
+    (a test checks it), but each round rescans the whole chunk: too slow for a long chunk.
     Example: chunk_bytes=b"aaab", ranks={(97, 97): 0, (97, 98): 1, (256, 257): 2}
       [97, 97, 97, 98] -> (97, 97) first: [256, 97, 98] -> (97, 98): [256, 257] -> [258]
     """
@@ -379,6 +329,196 @@ def encode_chunk(chunk_bytes, ranks):
             break  # no pair in this chunk was ever merged
         ids = merge_pair(ids, pair, N_BYTES + ranks[pair])
     return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# BPE fast forms: symbols in a linked list, the next pair to merge from a heap
+#
+# The plain forms above rescan a whole chunk for every merge they make, so a chunk of n bytes
+# costs about n times the number of merges. Natural text has short chunks and does not notice,
+# but one long run of letters (a DNA sequence, a language written without spaces) is one chunk:
+# 100 kB of English letters with no space took 30 s to encode and 3.5 minutes to train on.
+# The forms below touch only the symbols around each merge, so a chunk costs about n log n.
+
+
+class LinkedSymbols:
+    """The symbols of one or more chunks in a doubly linked list: two neighbours merge in O(1).
+
+    Position i keeps its index for life. `ids[i]` is its symbol (None once it was merged into the
+    symbol before it); `next_of[i]` and `prev_of[i]` are the positions of its neighbours in its
+    chunk (-1 at a chunk's ends, so merges never cross chunks).
+    Example: chunks [b"abc", b"d"] -> ids=[97, 98, 99, 100], next_of=[1, 2, -1, -1],
+      prev_of=[-1, 0, 1, -1]; then merge_at(0, 256) -> ids=[256, None, 99, 100],
+      next_of[0]=2, prev_of[2]=0, and returns (-1, 2), the new symbol's neighbours
+    """
+
+    def __init__(self, chunks):
+        """`chunks`: byte strings (or lists of byte values), laid out one after the other."""
+        self.ids, self.next_of, self.prev_of = [], [], []
+        for chunk in chunks:
+            if not chunk:
+                continue
+            start, end = len(self.ids), len(self.ids) + len(chunk)
+            self.ids.extend(chunk)
+            self.next_of.extend([*range(start + 1, end), -1])
+            self.prev_of.extend([-1, *range(start, end - 1)])
+
+    def pair_at(self, i):
+        """(symbol at i, symbol after it), or None if i is -1, merged away, or ends its chunk."""
+        if i < 0 or self.ids[i] is None or self.next_of[i] < 0:
+            return None
+        return self.ids[i], self.ids[self.next_of[i]]
+
+    def merge_at(self, i, new_id):
+        """Put `new_id` for the symbol at i and the one after it; return its neighbours (h, k)."""
+        j = self.next_of[i]
+        k = self.next_of[j]
+        self.ids[i], self.ids[j] = new_id, None
+        self.next_of[i] = k
+        if k >= 0:
+            self.prev_of[k] = i
+        return self.prev_of[i], k
+
+    def remaining(self):
+        """The symbols left, in order (for a single chunk: its ids)."""
+        return [symbol for symbol in self.ids if symbol is not None]
+
+
+def encode_chunk(chunk_bytes, ranks):
+    """Apply merges to one chunk as `encode_chunk_reference` does (the same ids) in n log n time.
+
+    `ranks` maps pair -> merge index. As in the reference, the lowest-ranked pair present is
+    merged everywhere, left to right, then the next; but its places come from an index instead
+    of a rescan: for each rank, the positions where a pair of that rank starts, and a heap of
+    the ranks listed. A merge makes two new pairs with the new symbol's neighbours; those that
+    have a rank are listed. Their ranks are above the merge just made (a merge only joins ids
+    made before it), so each rank leaves the heap once, after every lower one, as in training.
+    A listed position can be out of date (a merge beside it took one of its symbols): it is
+    skipped when the pair now there has another rank. Each merge removes a symbol and lists at
+    most two positions, and each list is sorted once: n log n in all, whatever the chunk.
+    Example: chunk_bytes=b"aaab", ranks={(97, 97): 0, (97, 98): 1, (256, 257): 2}
+      ids [97, 97, 97, 98]; positions by rank {0: [0, 1], 1: [2]}; heap of ranks [0, 1]
+      rank 0 at 0: merge -> [256, _, 97, 98]; its new pair (256, 97) has no rank
+      rank 0 at 1: position 1 was merged away: skip
+      rank 1 at 2: merge -> [256, _, 257, _]; its new pair (256, 257) is listed: {2: [0]}
+      rank 2 at 0: merge -> [258]
+    """
+    symbols = LinkedSymbols([chunk_bytes])
+    where = defaultdict(list)  # rank -> positions where a pair of that rank starts
+    for i, pair in enumerate(zip(chunk_bytes, chunk_bytes[1:])):
+        if pair in ranks:
+            where[ranks[pair]].append(i)
+    heap = list(where)  # the ranks still to merge, lowest first
+    heapq.heapify(heap)
+    while heap:
+        rank = heapq.heappop(heap)
+        for i in sorted(where.pop(rank)):  # left to right
+            if ranks.get(symbols.pair_at(i)) != rank:
+                continue  # out of date: an earlier merge changed the pair at position i
+            h, k = symbols.merge_at(i, N_BYTES + rank)
+            for left in (h, i):  # the new pairs (h, i) and (i, k)
+                new_rank = ranks.get(symbols.pair_at(left))
+                if new_rank is not None:
+                    if new_rank not in where:
+                        heapq.heappush(heap, new_rank)
+                    where[new_rank].append(left)
+    return symbols.remaining()
+
+
+def build_pair_index(symbols, weight):
+    """Weighted count of each adjacent pair, and the positions where each pair starts.
+
+    `weight[i]` is how often the chunk holding position i occurs in the text.
+    Example: chunks [b"abc", b"ab"] occurring 5 and 2 times (weight=[5, 5, 5, 2, 2])
+      -> pair_counts={(97, 98): 7, (98, 99): 5}, where={(97, 98): {0, 3}, (98, 99): {1}}
+    """
+    pair_counts, where = Counter(), defaultdict(set)
+    for i, count in enumerate(weight):
+        pair = symbols.pair_at(i)
+        if pair is not None:
+            pair_counts[pair] += count
+            where[pair].add(i)
+    return pair_counts, where
+
+
+def apply_merge(symbols, weight, pair_counts, where, pair, new_id):
+    """Merge `pair` into `new_id` everywhere, updating counts in place; return the pairs changed.
+
+    Occurrences are merged left to right, as `merge_pair` does. A merge at i, with neighbours h
+    and k, turns the pairs (h, a) (a, b) (b, k) into (h, new) (new, k): three counts go down by
+    the chunk's weight, two go up. A position is not taken out of `where` when its pair changes,
+    so `where[pair]` may list positions that no longer hold the pair; they are checked and
+    skipped. Pairs whose count reaches zero are removed.
+    Example: chunks [b"abc", b"ab"] occurring 5 and 2 times, pair=(97, 98), new_id=256
+      -> chunks [256, 99] and [256]; pair_counts={(256, 99): 5};
+      changed={(97, 98), (98, 99), (256, 99)}
+    """
+    changed = set()
+    for i in sorted(where.pop(pair)):  # positions in order: left to right in each chunk
+        if symbols.pair_at(i) != pair:
+            continue  # out of date, or taken by the merge just before it ("aaa": only one "aa")
+        old_pairs = (symbols.pair_at(symbols.prev_of[i]), pair, symbols.pair_at(symbols.next_of[i]))
+        h, k = symbols.merge_at(i, new_id)
+        for old in old_pairs:
+            if old is not None:
+                pair_counts[old] -= weight[i]
+                changed.add(old)
+        for left in (h, i):  # the new pairs (h, i) and (i, k)
+            new = symbols.pair_at(left)
+            if new is not None:
+                pair_counts[new] += weight[i]
+                where[new].add(left)
+                changed.add(new)
+    for p in changed:
+        if pair_counts[p] <= 0:
+            del pair_counts[p]  # a pair that no longer occurs must not be chosen as the best pair
+    return changed
+
+
+def pop_best_pair(heap, pair_counts):
+    """Pop the pair to merge next (as `best_pair` chooses it) from a heap of (-count, pair).
+
+    The heap may hold old counts of a pair: an entry counts only if it still matches
+    `pair_counts`. Returns None when no pair is left.
+    Example: heap [(-3, (1, 2)), (-2, (1, 2)), (-2, (0, 5))], pair_counts {(1, 2): 2, (0, 5): 2}
+      -> (-3, (1, 2)) is out of date; (-2, (0, 5)) is next: (0, 5), the smaller of the tie
+    """
+    while heap:
+        negative_count, pair = heapq.heappop(heap)
+        if pair_counts.get(pair) == -negative_count:
+            return pair
+    return None
+
+
+def learn_merges(chunk_counts, n_merges, progress=None):
+    """Learn up to `n_merges` merges from {chunk: count}; merge i creates id 256 + i.
+
+    The same merges as `learn_merges_reference`, in about N log N time for N bytes of distinct
+    chunks however long each chunk is: the symbols of all chunks sit in one linked list, a merge
+    updates only the pair counts next to each place it merges (`apply_merge`), and a heap of
+    (-count, pair) gives the most frequent pair, ties going to the smallest pair.
+    Stops early when no adjacent pair is left. Calls progress(done, n_merges) after each merge.
+    Example (one chunk "aaabdaaabac", a=97 b=98 c=99 d=100), n_merges=3
+      -> [(97, 97), (97, 98), (256, 257)]   (worked out step by step in the tests)
+    """
+    chunks = [chunk.encode("utf-8") for chunk in chunk_counts]
+    weight = [count for chunk, count in zip(chunks, chunk_counts.values()) for _ in chunk]
+    symbols = LinkedSymbols(chunks)
+    pair_counts, where = build_pair_index(symbols, weight)
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    merges = []
+    while len(merges) < n_merges:
+        pair = pop_best_pair(heap, pair_counts)
+        if pair is None:
+            break  # every chunk is a single token: nothing left to merge
+        for p in apply_merge(symbols, weight, pair_counts, where, pair, N_BYTES + len(merges)):
+            if p in pair_counts:
+                heapq.heappush(heap, (-pair_counts[p], p))  # its new count; old entries go stale
+        merges.append(pair)
+        if progress is not None:
+            progress(len(merges), n_merges)
+    return merges
 
 
 def token_bytes_table(merges):
