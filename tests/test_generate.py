@@ -105,6 +105,14 @@ def test_next_token_distribution_applies_temperature_then_filters():
     onp.testing.assert_allclose(next_token_distribution(logits, top_p=0.6), [0, 0, 1])
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-320, 5e-324])
+def test_a_tiny_temperature_is_greedy_not_nan(temperature):
+    """5 / 1e-320 overflows to inf, and inf - inf in softmax was NaN: a traceback from numpy."""
+    logits = onp.array([1.0, 5.0, -3.0, 5.0 - 1e-9])
+    onp.testing.assert_array_equal(next_token_distribution(logits, temperature), [0, 1, 0, 0])
+    assert sample_token(logits, onp.random.default_rng(0), temperature) == 1
+
+
 def test_sample_token_follows_the_distribution():
     logits = onp.log(onp.array([0.25, 0.75, 1e-12]))
     rng = onp.random.default_rng(0)

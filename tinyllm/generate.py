@@ -58,8 +58,14 @@ def top_p_filter(probs, p):
 
 
 def next_token_distribution(logits, temperature=1.0, top_k=None, top_p=None):
-    """Logits (V,) -> probabilities (V,) after temperature, top-k and top-p. Temperature > 0."""
-    logits = top_k_filter(logits.astype(onp.float64) / temperature, top_k)
+    """Logits (V,) -> probabilities (V,) after temperature, top-k and top-p. Temperature > 0.
+
+    The largest logit is subtracted before dividing (softmax does not change): a temperature so
+    small that a logit / temperature overflows then sends the others to -inf, never to inf - inf.
+    """
+    logits = logits.astype(onp.float64)
+    with onp.errstate(over="ignore"):  # -inf is the intended result of that overflow
+        logits = top_k_filter((logits - logits.max()) / temperature, top_k)
     return top_p_filter(softmax(logits), top_p)
 
 
