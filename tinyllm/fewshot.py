@@ -90,12 +90,14 @@ Z_95 = 1.959963984540054  # the standard normal quantile for a two-sided 95% int
 
 @dataclass(frozen=True)
 class Task:
-    """A parsed task file: records are dicts {"input", "output", "line"} (line: 1-based)."""
+    """A parsed task file: records are dicts {"input", "output", "line"} (line: 1-based);
+    header_line is the header's line, if there is a header."""
 
     path: str
     instruction: str
     choices: tuple
     records: tuple
+    header_line: int = None
 
 
 # ----------------------------------------------------------------------------- task files
@@ -129,9 +131,9 @@ def parse_task(lines, path="<task>"):
     """Task from the lines of a task file; TinyLLMError naming the file and line for bad input.
 
     Example: ['{"choices": ["x", "y"]}', '{"input": "a", "output": "x"}']
-        -> Task(path, None, ("x", "y"), ({"input": "a", "output": "x", "line": 2},))
+        -> Task(path, None, ("x", "y"), ({"input": "a", "output": "x", "line": 2},), 1)
     """
-    instruction, choices, records = None, None, []
+    instruction, choices, records, header_line = None, None, [], None
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
@@ -146,6 +148,7 @@ def parse_task(lines, path="<task>"):
             raise TinyLLMError(f"{path}, line {number}: expected a JSON object, got {raw.strip()[:40]}")
         if "input" not in obj and not records and instruction is None and choices is None:
             instruction, choices = _parse_header(obj, path, number)
+            header_line = number
             continue
         if set(obj) - {"input", "output"}:
             extra = sorted(set(obj) - {"input", "output"})[0]
@@ -160,7 +163,7 @@ def parse_task(lines, path="<task>"):
     if not records:
         raise TinyLLMError(f"{path}: the task file has no records"
                            ' (one JSON object per line: {"input": ..., "output": ...})')
-    return Task(path, instruction, choices, tuple(records))
+    return Task(path, instruction, choices, tuple(records), header_line)
 
 
 def read_task(path):
@@ -212,7 +215,7 @@ def examples_prompt(path, shots, prompt, tokenizer):
     for record in task.records[:shots]:
         encode_for(tokenizer, record["input"] + record["output"], task, record)
     if task.instruction:
-        encode_for(tokenizer, task.instruction, task, {"line": 1})
+        encode_for(tokenizer, task.instruction, task, {"line": task.header_line})
     return build_prompt(task.instruction, task.records[:shots], prompt)
 
 
@@ -244,6 +247,17 @@ def encode_for(tokenizer, text, task, record):
         return tokenizer.encode(text)
     except TinyLLMError as err:
         raise TinyLLMError(f"{task.path}, line {record['line']}: {err}") from None
+
+
+def check_encodable(tokenizer, task):
+    """Every text of the task encodes, or an error naming the line it is on: a prompt shows
+    other records as demonstrations, so its error would name the query's line instead."""
+    header = {"line": task.header_line}
+    for text in ([task.instruction] if task.instruction else []) + list(task.choices or ()):
+        encode_for(tokenizer, text, task, header)
+    for record in task.records:
+        encode_for(tokenizer, record["input"], task, record)
+        encode_for(tokenizer, record["output"], task, record)
 
 
 def check_fits(n_tokens, block_size, task, record, k):
@@ -311,6 +325,7 @@ def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0
     The queries are a random sample of n_queries records (all when None), the same for every k.
     """
     check_enough_records(task, max(shots))
+    check_encodable(tokenizer, task)
     rng = onp.random.default_rng(seed)
     n = len(task.records)
     queries = [int(i) for i in rng.permutation(n)[:n_queries or n]]
