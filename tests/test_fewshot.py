@@ -354,6 +354,16 @@ def test_fewshot_command_bad_input_is_one_line(run_dir, tmp_path):
                                                        "--task", few, "--shots", "0,8"))
 
 
+def test_an_out_file_in_a_missing_directory_is_refused_before_the_scoring(run_dir, tmp_path):
+    """Not after the whole run, by the name of a temporary file the user never gave."""
+    task = write_task(tmp_path / "task.jsonl")
+    out = tmp_path / "no" / "results.json"
+    result = invoke("fewshot", "--checkpoint", run_dir, "--task", task, "--shots", "0",
+                    "--icl-windows", 0, "--out", out)
+    assert f"--out {out}: the directory" in one_error_line(result)
+    assert "records," not in result.output  # no task was scored
+
+
 def test_generate_with_examples_puts_demonstrations_first(run_dir, tmp_path):
     task = write_task(tmp_path / "task.jsonl", {"instruction": "add 1"})
     result = invoke("generate", "--checkpoint", run_dir, "--examples", task, "--shots", 2,

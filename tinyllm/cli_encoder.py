@@ -6,6 +6,8 @@ for the likeliest tokens at each [MASK] of a text; `embed` turns lines of text i
 library calls.
 """
 
+import os
+
 import click
 
 from .cli_common import positive, user_errors
@@ -66,8 +68,15 @@ def embed(checkpoint, data, out, query, k):
                            " or both")
     if query is not None and not query.strip():
         raise TinyLLMError("--query is empty")
+    if out is not None:
+        check_out_directory(out)
     lines = read_lines(data)
     params, config, tokenizer, bidirectional = load_embedder(checkpoint)
+    if query is not None:  # before the slow part, and named as the flag it is
+        try:
+            tokenizer.encode(query)
+        except TinyLLMError as err:
+            raise TinyLLMError(f"--query: {err}") from None
     progress = Counting(len(lines), "lines embedded")
     try:
         vectors, cut = embed_texts(params, config, tokenizer, lines, bidirectional,
@@ -87,6 +96,13 @@ def embed(checkpoint, data, out, query, k):
         order, scores = nearest(vectors, query_vector, k)
         for i, score in zip(order, scores):
             click.echo(f"{score:.3f}  line {i + 1}: {shortened(lines[i])}")
+
+
+def check_out_directory(path, flag="--out"):
+    """Refuse an output file whose directory does not exist before the work, not after it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise TinyLLMError(f"{flag} {path}: the directory {directory} does not exist")
 
 
 def shortened(line, most=SHOWN_CHARACTERS):
