@@ -374,3 +374,16 @@ def test_generate_with_examples_puts_demonstrations_first(run_dir, tmp_path):
     error = one_error_line(invoke("generate", "--checkpoint", run_dir, "--examples", task,
                                   "--shots", 99))
     assert "task.jsonl" in error and "--shots 99" in error
+
+
+def test_generate_refuses_examples_that_overflow_the_context(run_dir, tmp_path):
+    """The model would read only the prompt's end: fewer demonstrations than --shots said."""
+    task = write_task(tmp_path / "task.jsonl", {"instruction": "add 1"},
+                      [{"input": "abcdabcd", "output": "0123"}] * 3)
+    fits = invoke("generate", "--checkpoint", run_dir, "--examples", task, "--shots", 2,
+                  "--prompt", "a", "--max-new-tokens", 1)  # 6 + 2 x 13 + 1 = 33 tokens: too many
+    error = one_error_line(fits)
+    assert "task.jsonl: the 2-shot prompt is 33 tokens" in error and "context of 32" in error
+    one = invoke("generate", "--checkpoint", run_dir, "--examples", task, "--shots", 1,
+                 "--prompt", "a", "--max-new-tokens", 1)  # 20 tokens
+    assert one.exit_code == 0, one.output

@@ -2,10 +2,12 @@
 
 import numpy as onp
 import pytest
+from click.testing import CliRunner
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from tinyllm.cli import main
 from tinyllm.config import GPTConfig
 from tinyllm.errors import TinyLLMError
 from tinyllm.generate import (
@@ -237,3 +239,32 @@ def test_batched_greedy_decoding_equals_one_at_a_time(tiny_config, params32):
         want = generate_ids(params32, tiny_config, prompt, min(limit, 8 - len(prompt)),
                             onp.random.default_rng(0), temperature=0, stop=lambda ids: ids[-1] == eot)
         assert got == [i for i in want if i != eot]
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, save_char_base):
+    """A saved char-level base (random weights) with a newline and <|endoftext|>, context 8."""
+    config = GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=16)
+    return save_char_base(tmp_path_factory.mktemp("gen"), ALPHABET + "\n", config)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["generate", *[str(a) for a in args]])
+
+
+def test_an_empty_stop_text_is_refused_not_ignored(run_dir):
+    result = invoke("--checkpoint", run_dir, "--stop", "", "--max-new-tokens", 3)
+    assert result.exit_code == 1 and "Error: --stop is empty" in result.output, result.output
+
+
+def test_a_prompt_longer_than_the_context_is_noted(run_dir):
+    """The model reads only the last 8 of its 21 tokens: said on stderr, not silently."""
+    result = invoke("--checkpoint", run_dir, "--prompt", "abcdefghij abcdefghij", "--seed", 1,
+                    "--max-new-tokens", 3)
+    assert result.exit_code == 0, result.output
+    assert "note: --prompt is 21 tokens, more than the model's context of 8" in result.stderr
+    fits = invoke("--checkpoint", run_dir, "--prompt", "abcdefgh", "--max-new-tokens", 3)
+    assert fits.exit_code == 0 and "note" not in fits.stderr, fits.output

@@ -232,11 +232,11 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed
         return
     params, config, tokenizer = load_generator(checkpoint)  # a GPT, LoRA adapters merged if any
     if prompt:
-        _check_prompt(tokenizer, prompt)
+        _check_prompt(tokenizer, prompt, None if examples else config.block_size)
     if examples:  # few-shot prompting by hand: demonstrations first, in the fewshot template
         from .fewshot import examples_prompt
 
-        prompt = examples_prompt(examples, shots, prompt, tokenizer)
+        prompt = examples_prompt(examples, shots, prompt, tokenizer, config.block_size)
         stop_text = stop_text or "\n"
     text = generate_text(params, config, tokenizer, prompt,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -255,16 +255,24 @@ def _check_prompt_flags(prompt, examples, stop_text, instruction, input_text):
                                " <|endoftext|>")
     elif input_text:
         raise TinyLLMError("--input goes with --instruction (the input of an instruction)")
+    if stop_text == "":
+        raise TinyLLMError("--stop is empty: give the text to stop before (in bash, $'\\n' is a"
+                           " newline)")
     if flag_given("shots") and examples is None:
         raise TinyLLMError("--shots counts the demonstrations taken from --examples; give"
                            " --examples FILE too")
 
 
-def _check_prompt(tokenizer, prompt):
+def _check_prompt(tokenizer, prompt, block_size=None):
+    """--prompt must encode; one longer than block_size (if given) is noted on stderr, since the
+    model reads only its end."""
     try:
-        tokenizer.encode(prompt)
+        n_tokens = len(tokenizer.encode(prompt))
     except TinyLLMError as err:
         raise TinyLLMError(f"--prompt: {err}") from None
+    if block_size is not None and n_tokens > block_size:
+        click.echo(f"note: --prompt is {n_tokens:,} tokens, more than the model's context of"
+                   f" {block_size}: the model reads only its last {block_size}", err=True)
 
 
 # The commands of the later stages live in their own modules.

@@ -200,11 +200,13 @@ def task_lines(header, records):
 # ----------------------------------------------------------------------------- prompts
 
 
-def examples_prompt(path, shots, prompt, tokenizer):
+def examples_prompt(path, shots, prompt, tokenizer, block_size):
     """`tinyllm generate --examples FILE --shots K`: K demonstrations, then the user's prompt.
 
     The demonstrations are the task file's first K records, in the fewshot template, so a person
     can try by hand exactly the prompts `tinyllm fewshot` measures: `prompt` is the query input.
+    A prompt that leaves no room for an answer in the context (block_size tokens) is an error,
+    as in `tinyllm fewshot`: the model would read only its end, so fewer demonstrations than K.
     """
     if shots < 0:
         raise TinyLLMError(f"--shots must be >= 0, got {shots}")
@@ -216,7 +218,13 @@ def examples_prompt(path, shots, prompt, tokenizer):
         encode_for(tokenizer, record["input"] + record["output"], task, record)
     if task.instruction:
         encode_for(tokenizer, task.instruction, task, {"line": task.header_line})
-    return build_prompt(task.instruction, task.records[:shots], prompt)
+    text = build_prompt(task.instruction, task.records[:shots], prompt)
+    n_tokens = len(tokenizer.encode(text))
+    if n_tokens >= block_size:
+        raise TinyLLMError(f"{task.path}: the {shots}-shot prompt is {n_tokens:,} tokens, and the"
+                           f" model's context of {block_size} must hold it and the answer: use"
+                           " fewer --shots or a shorter --prompt")
+    return text
 
 
 def demo_orders(n_records, queries, rng):
