@@ -218,7 +218,8 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
 @user_errors
 def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_text,
              examples, shots, instruction, input_text, no_cache):
-    """Continue a prompt with a pretrained model and print prompt plus completion."""
+    """Continue a prompt with a pretrained model and print prompt plus completion (as it is
+    made: Ctrl-C stops it, keeping what is printed)."""
     from .finetune_runs import load_generator
     from .generate import generate_text
 
@@ -238,10 +239,12 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed
 
         prompt = examples_prompt(examples, shots, prompt, tokenizer, config.block_size)
         stop_text = stop_text or "\n"
-    text = generate_text(params, config, tokenizer, prompt,
-                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, seed=seed, stop_text=stop_text, use_cache=not no_cache)
-    click.echo(prompt + text)
+    click.echo(prompt, nl=False)  # then the completion as it comes: Ctrl-C keeps what is shown
+    generate_text(params, config, tokenizer, prompt, max_new_tokens=max_new_tokens,
+                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                  stop_text=stop_text, use_cache=not no_cache,
+                  on_text=lambda piece: click.echo(piece, nl=False))
+    click.echo()
 
 
 def _check_prompt_flags(prompt, examples, stop_text, instruction, input_text):
