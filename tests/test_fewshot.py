@@ -320,6 +320,35 @@ def test_fewshot_command_prints_a_row_per_task(run_dir, tmp_path):
     assert "pooled over 2 task(s):" in result.output and "shots  accuracy" in result.output
 
 
+def test_fewshot_shows_how_many_queries_are_scored(run_dir, tmp_path):
+    """Each k scored every query before a line was printed: minutes of silence on a large task."""
+    first = write_task(tmp_path / "first.jsonl", {"choices": ["0", "1", "2"]})
+    second = write_task(tmp_path / "second.jsonl", None, RECORDS[:5])
+    updates, lines = [], []
+
+    class Shown:
+        def __init__(self, total):
+            self.total = total
+
+        def update(self, done):
+            updates.append((done, self.total))
+
+        def message(self, line):
+            lines.append(line)
+
+        def close(self):
+            updates.append("closed")
+
+    fs.run_fewshot(str(run_dir), [str(first), str(second)], [0, 2], n_queries=8, icl_windows=0,
+                   progress=Shown)
+    total = 2 * (8 + 5)  # 8 queries of the first task, all 5 of the second, at two k each
+    assert updates == [(done, total) for done in range(1, total + 1)] + ["closed"]
+    assert lines[0].startswith(str(first)) and len(lines) == 6  # a line per task and per k
+    result = invoke("fewshot", "--checkpoint", run_dir, "--task", second, "--shots", "0,1",
+                    "--icl-windows", 0)
+    assert result.exit_code == 0 and "queries scored: 10/10" in result.stderr, result.output
+
+
 def test_a_task_directory_means_its_jsonl_files(tmp_path):
     folder = tmp_path / "tasks"
     folder.mkdir()

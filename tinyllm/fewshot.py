@@ -62,6 +62,7 @@ where a row is {"k", "correct", "n", "accuracy", "ci95": [low, high], "chance"} 
 and the ICL score is described at `icl_score`.
 """
 
+import itertools
 import json
 import math
 import os
@@ -327,10 +328,11 @@ def chance_level(task):
 
 
 def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0, log=None,
-                  use_cache=True):
+                  use_cache=True, on_query=None):
     """Accuracy of the model on `task` for each k in `shots`: a list of per-k result dicts.
 
     The queries are a random sample of n_queries records (all when None), the same for every k.
+    on_query(), if given, is called after each query is scored (len(shots) times per query).
     """
     check_enough_records(task, max(shots))
     check_encodable(tokenizer, task)
@@ -353,6 +355,8 @@ def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0
             prompt = build_prompt(task.instruction, demos, task.records[q]["input"])
             correct += score_query(params, config, tokenizer, task, prompt, task.records[q], k,
                                    use_cache=use_cache)
+            if on_query:
+                on_query()
         results.append(accuracy_row(k, correct, len(queries), chance_level(task)))
         if log:
             log(format_row(results[-1]))
@@ -512,12 +516,14 @@ def format_icl(icl):
 
 
 def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=None,
-                icl_windows=ICL_WINDOWS, log=None, use_cache=True):
+                icl_windows=ICL_WINDOWS, log=None, use_cache=True, progress=None):
     """What `tinyllm fewshot` does: score a checkpoint on task files for each k in `shots`.
 
     Every task file is read and checked before the model is loaded (the slow part comes last).
     Returns the results file's content (see the module docstring); `write_results` saves it.
     `use_cache=False` decodes greedy answers without the key/value cache (same answers).
+    `progress(total)`, if given, makes a `progress.Counting` (or alike) of the queries to score:
+    it is updated after each, and the log lines go through its `message` so as not to garble it.
     """
     log = log or (lambda line: None)
     if icl_windows < 0:
@@ -526,13 +532,20 @@ def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=
     for task in tasks:
         check_enough_records(task, max(shots))
     ckpt = load_checkpoint(checkpoint)
+    total = len(shots) * sum(min(n_queries or len(t.records), len(t.records)) for t in tasks)
+    shown = progress(total) if progress else None
+    say = shown.message if shown else log
+    scored = itertools.count(1)
+    on_query = (lambda: shown.update(next(scored))) if shown else None
     per_task = []
     for task in tasks:
-        log(f"{task.path}: {len(task.records)} records,"
+        say(f"{task.path}: {len(task.records)} records,"
             f" {'choices (log-likelihood)' if task.choices else 'exact match (greedy)'}")
         per_task.append(evaluate_task(ckpt.params, ckpt.model_config, ckpt.tokenizer, task,
-                                      shots, n_queries, seed, log=lambda line: log("  " + line),
-                                      use_cache=use_cache))
+                                      shots, n_queries, seed, log=lambda line: say("  " + line),
+                                      use_cache=use_cache, on_query=on_query))
+    if shown:
+        shown.close()
     icl = None
     if icl_windows:
         ids, source = heldout_ids(ckpt, icl_data)
