@@ -132,6 +132,16 @@ def test_embed_shows_its_progress_and_shortens_a_long_neighbour(clm_run, tmp_pat
     assert hit.endswith("... (1,999 characters)") and len(hit) < 400
 
 
+def test_the_note_on_cut_lines_says_where_they_were_cut(clm_run, tmp_path):
+    """'longer than the context were cut' was wrong: a line of two windows is read whole."""
+    path = tmp_path / "lines.txt"
+    path.write_text("a" * 20 + "\n" + "a" * 72 + "\n" + "a" * 73 + "\n", encoding="utf-8")
+    result = invoke("embed", "--checkpoint", clm_run[0], "--data", path, "--query", "a")
+    assert result.exit_code == 0, result.output  # context 16, windows 8 apart: 7 x 8 + 16 = 72
+    assert ("note: 1 line(s) longer than 72 tokens (8 windows of the 16-token context) were cut:"
+            " their vectors are of their first 72 tokens") in result.stderr
+
+
 @pytest.mark.parametrize("content, args, words", [
     ("one\n\nthree\n", ["--out", "{tmp}/v.npy"], ["lines.txt:2", "empty line"]),
     ("one\n", [], ["--out", "--query"]),

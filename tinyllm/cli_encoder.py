@@ -61,7 +61,8 @@ def embed(checkpoint, data, out, query, k):
     """Turn each line of --data into a vector: the mean of the model's final hidden states over
     its tokens. Write them with --out, or print the lines nearest to --query, or both.
     """
-    from .embed import embed_texts, load_embedder, nearest, read_lines, save_vectors
+    from .embed import (MAX_WINDOWS, embed_texts, load_embedder, most_tokens_read, nearest,
+                        read_lines, save_vectors)
 
     if out is None and query is None:
         raise TinyLLMError("give --out FILE to write the vectors, --query TEXT to search them,"
@@ -87,7 +88,10 @@ def embed(checkpoint, data, out, query, k):
     what = "bidirectional encoder" if bidirectional else "causal decoder"
     click.echo(f"{len(lines)} lines -> vectors of {vectors.shape[1]} numbers ({what})", err=True)
     if cut:
-        click.echo(f"note: {cut} line(s) longer than the context were cut", err=True)
+        most = most_tokens_read(config.block_size)
+        click.echo(f"note: {cut} line(s) longer than {most:,} tokens ({MAX_WINDOWS} windows of"
+                   f" the {config.block_size}-token context) were cut: their vectors are of their"
+                   f" first {most:,} tokens", err=True)
     if out is not None:
         save_vectors(out, vectors)
         click.echo(f"vectors written to {out}", err=True)
