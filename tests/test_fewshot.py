@@ -349,6 +349,18 @@ def test_fewshot_shows_how_many_queries_are_scored(run_dir, tmp_path):
     assert result.exit_code == 0 and "queries scored: 10/10" in result.stderr, result.output
 
 
+@pytest.mark.parametrize("text, words", [("a0\n", "--icl-data"), ("a0Z\n" * 20, "'Z'")])
+def test_bad_icl_data_is_refused_before_the_scoring(run_dir, tmp_path, text, words):
+    """A held-out text too short for the ICL score, or with a character the model never saw,
+    was found only after every task had been scored."""
+    task = write_task(tmp_path / "task.jsonl")
+    (tmp_path / "heldout.txt").write_text(text, encoding="utf-8")
+    result = invoke("fewshot", "--checkpoint", run_dir, "--task", task, "--shots", "0",
+                    "--icl-data", tmp_path / "heldout.txt")
+    error = one_error_line(result)
+    assert "heldout.txt" in error and words in error and "records," not in result.output
+
+
 def test_a_task_directory_means_its_jsonl_files(tmp_path):
     folder = tmp_path / "tasks"
     folder.mkdir()

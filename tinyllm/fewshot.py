@@ -532,6 +532,13 @@ def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=
     for task in tasks:
         check_enough_records(task, max(shots))
     ckpt = load_checkpoint(checkpoint)
+    if icl_windows:  # read before the slow part: a bad or short --icl-data is said at once
+        heldout, source = heldout_ids(ckpt, icl_data)
+        if len(heldout) < ckpt.model_config.block_size + 1:
+            raise TinyLLMError(f"{'--icl-data ' if icl_data else ''}{source}: {len(heldout):,}"
+                               " tokens, too few for the in-context learning score (it needs"
+                               f" {ckpt.model_config.block_size + 1}): give a longer text, or"
+                               " --icl-windows 0 to skip it")
     total = len(shots) * sum(min(n_queries or len(t.records), len(t.records)) for t in tasks)
     shown = progress(total) if progress else None
     say = shown.message if shown else log
@@ -548,8 +555,7 @@ def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=
         shown.close()
     icl = None
     if icl_windows:
-        ids, source = heldout_ids(ckpt, icl_data)
-        icl = {"data": source, **icl_score(ckpt.params, ckpt.model_config, onp.asarray(ids),
+        icl = {"data": source, **icl_score(ckpt.params, ckpt.model_config, onp.asarray(heldout),
                                            icl_windows, seed)}
     return {
         "format": RESULTS_FORMAT, "version": RESULTS_VERSION,
