@@ -132,11 +132,23 @@ def test_embed_shows_its_progress_and_shortens_a_long_neighbour(clm_run, tmp_pat
     assert hit.endswith("... (1,999 characters)") and len(hit) < 400
 
 
+def test_the_note_on_cut_lines_says_where_they_were_cut(clm_run, tmp_path):
+    """'longer than the context were cut' was wrong: a line of two windows is read whole."""
+    path = tmp_path / "lines.txt"
+    path.write_text("a" * 20 + "\n" + "a" * 72 + "\n" + "a" * 73 + "\n", encoding="utf-8")
+    result = invoke("embed", "--checkpoint", clm_run[0], "--data", path, "--query", "a")
+    assert result.exit_code == 0, result.output  # context 16, windows 8 apart: 7 x 8 + 16 = 72
+    assert ("note: 1 line(s) longer than 72 tokens (8 windows of the 16-token context) were cut:"
+            " their vectors are of their first 72 tokens") in result.stderr
+
+
 @pytest.mark.parametrize("content, args, words", [
     ("one\n\nthree\n", ["--out", "{tmp}/v.npy"], ["lines.txt:2", "empty line"]),
     ("one\n", [], ["--out", "--query"]),
     ("one\n", ["--query", "  "], ["--query is empty"]),
     ("caf\u00e9\n", ["--out", "{tmp}/v.npy"], ["lines.txt", "text 1", "never saw"]),
+    ("one\n", ["--query", "caf\u00e9"], ["--query: ", "'\u00e9'", "never saw"]),
+    ("one\n", ["--out", "{tmp}/no/v.npy"], ["--out", "no/v.npy", "does not exist"]),
 ])
 def test_embed_bad_input_is_one_line(clm_run, tmp_path, content, args, words):
     path = tmp_path / "lines.txt"
@@ -148,6 +160,14 @@ def test_embed_bad_input_is_one_line(clm_run, tmp_path, content, args, words):
     assert len(errors) == 1, result.output
     for word in words:
         assert word in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("args", [["--query", "caf\u00e9"], ["--out", "{tmp}/no/v.npy"]])
+def test_a_bad_query_or_out_is_refused_before_any_line_is_embedded(clm_run, tmp_path, args):
+    """Not after minutes of embedding a large file."""
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = invoke("embed", "--checkpoint", clm_run[0], "--data", clm_run[1], *args)
+    assert result.exit_code == 1 and "lines embedded" not in result.output, result.output
 
 
 def test_vector_i_is_line_i_as_an_editor_counts_lines(tmp_path):

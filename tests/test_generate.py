@@ -2,13 +2,17 @@
 
 import numpy as onp
 import pytest
+from click.testing import CliRunner
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from tinyllm.cli import main
 from tinyllm.config import GPTConfig
 from tinyllm.errors import TinyLLMError
+from tinyllm import generate
 from tinyllm.generate import (
+    TextStream,
     generate_ids,
     generate_text,
     greedy_batch,
@@ -18,7 +22,7 @@ from tinyllm.generate import (
     top_p_filter,
 )
 from tinyllm.models import gpt_forward, init_gpt
-from tinyllm.tokenizers import CharTokenizer
+from tinyllm.tokenizers import BPETokenizer, CharTokenizer
 from tinyllm.tree import tree_map
 
 EOT = "<|endoftext|>"
@@ -105,6 +109,14 @@ def test_next_token_distribution_applies_temperature_then_filters():
     onp.testing.assert_allclose(next_token_distribution(logits, top_p=0.6), [0, 0, 1])
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-320, 5e-324])
+def test_a_tiny_temperature_is_greedy_not_nan(temperature):
+    """5 / 1e-320 overflows to inf, and inf - inf in softmax was NaN: a traceback from numpy."""
+    logits = onp.array([1.0, 5.0, -3.0, 5.0 - 1e-9])
+    onp.testing.assert_array_equal(next_token_distribution(logits, temperature), [0, 1, 0, 0])
+    assert sample_token(logits, onp.random.default_rng(0), temperature) == 1
+
+
 def test_sample_token_follows_the_distribution():
     logits = onp.log(onp.array([0.25, 0.75, 1e-12]))
     rng = onp.random.default_rng(0)
@@ -173,6 +185,63 @@ def test_stop_text_cuts_the_output_before_it(model):
     assert stop not in got
 
 
+class CountingDecodes:
+    """A tokenizer that records how many ids each decode call is given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.sizes = tokenizer, []
+        self.special_tokens, self.encode = tokenizer.special_tokens, tokenizer.encode
+
+    def decode(self, ids):
+        self.sizes.append(len(ids))
+        return self.tokenizer.decode(ids)
+
+
+def test_a_stop_text_that_never_comes_costs_the_same_at_every_step(model):
+    """Each step decoded all the new text to look for the stop text: 1 + 2 + ... + n tokens,
+    hours at --max-new-tokens 100000. Now a step decodes its own token (a character that BPE
+    split over tokens, a few)."""
+    params, config, tokenizer = model
+    counting = CountingDecodes(tokenizer)
+    text = generate_text(params, config, counting, "abc", 300, seed=0, stop_text="zz")
+    assert len(text) == 300 and max(counting.sizes) == 1
+
+
+BPE = BPETokenizer.train("caf\u00e9 \u2603 snow\n\n" * 20, 262)
+STOP_TEXTS = st.sampled_from(["", "\n", "\n\n", "\u00e9", " \u2603", "ow\n", "\ufffd"])
+
+
+@settings(max_examples=200)
+@given(ids=st.lists(st.integers(0, BPE.vocab_size - 1), max_size=30), stop=STOP_TEXTS)
+def test_the_streamed_pieces_are_the_text_cut_before_the_stop_text(ids, stop):
+    """Whatever the tokens (bytes that split a character among them too), the pieces passed on
+    add up to the completion, which is the decoded text cut before the first stop text; a piece
+    never ends in the U+FFFD of a character still unfinished."""
+    pieces = []
+    stream = TextStream(BPE, stop, pieces.append)
+    for n, token in enumerate(ids, 1):
+        if stream.add(token):
+            break
+    full = BPE.decode(ids[:n] if ids else [])
+    want = full[:full.index(stop)] if stop and stop in full else full
+    if not (stop and stop in full):  # it ran to the end: the last step may have ended anywhere
+        assert stream.finish() == "".join(pieces) == want
+    else:
+        assert stream.finish() == "".join(pieces) == want and stream.stopped
+    assert all(piece for piece in pieces)
+
+
+def test_a_character_split_over_tokens_is_passed_on_whole():
+    snowman = list("\u2603".encode("utf-8"))  # three byte tokens
+    pieces = []
+    stream = TextStream(BPE, None, pieces.append)
+    seen = []
+    for token in snowman + [ord("a")]:
+        assert not stream.add(token)
+        seen.append(list(pieces))
+    assert seen == [[], [], ["\u2603"], ["\u2603", "a"]] and stream.finish() == "\u2603a"
+
+
 def test_generation_ends_at_end_of_text_without_printing_it():
     tokenizer = CharTokenizer.train("ab", special_tokens=[EOT])  # ids: a=0, b=1, EOT=2
     config = GPTConfig(vocab_size=3, block_size=4, n_layer=1, n_head=1, n_embd=4,
@@ -229,3 +298,50 @@ def test_batched_greedy_decoding_equals_one_at_a_time(tiny_config, params32):
         want = generate_ids(params32, tiny_config, prompt, min(limit, 8 - len(prompt)),
                             onp.random.default_rng(0), temperature=0, stop=lambda ids: ids[-1] == eot)
         assert got == [i for i in want if i != eot]
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, save_char_base):
+    """A saved char-level base (random weights) with a newline and <|endoftext|>, context 8."""
+    config = GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=16)
+    return save_char_base(tmp_path_factory.mktemp("gen"), ALPHABET + "\n", config)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["generate", *[str(a) for a in args]])
+
+
+def test_an_empty_stop_text_is_refused_not_ignored(run_dir):
+    result = invoke("--checkpoint", run_dir, "--stop", "", "--max-new-tokens", 3)
+    assert result.exit_code == 1 and "Error: --stop is empty" in result.output, result.output
+
+
+def test_a_prompt_longer_than_the_context_is_noted(run_dir):
+    """The model reads only the last 8 of its 21 tokens: said on stderr, not silently."""
+    result = invoke("--checkpoint", run_dir, "--prompt", "abcdefghij abcdefghij", "--seed", 1,
+                    "--max-new-tokens", 3)
+    assert result.exit_code == 0, result.output
+    assert "note: --prompt is 21 tokens, more than the model's context of 8" in result.stderr
+    fits = invoke("--checkpoint", run_dir, "--prompt", "abcdefgh", "--max-new-tokens", 3)
+    assert fits.exit_code == 0 and "note" not in fits.stderr, fits.output
+
+
+def test_ctrl_c_keeps_the_text_printed_so_far(run_dir, monkeypatch):
+    """The completion is printed as it is made: Ctrl-C after 20 tokens leaves them on stdout
+    (the whole text was printed at the end, so an interrupt lost all of it), exit code 130."""
+    drawn = []
+
+    def interrupted_after_20(logits, rng, *args):
+        if len(drawn) == 20:
+            raise KeyboardInterrupt
+        drawn.append(int(onp.argmax(logits)))
+        return drawn[-1]
+
+    monkeypatch.setattr(generate, "sample_token", interrupted_after_20)
+    result = invoke("--checkpoint", run_dir, "--prompt", "abc", "--max-new-tokens", 100)
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    tokenizer = CharTokenizer.train(ALPHABET + "\n", special_tokens=[EOT])
+    assert result.stdout == "abc" + tokenizer.decode(drawn)

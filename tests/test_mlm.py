@@ -182,6 +182,22 @@ def test_encode_with_masks_worked_examples():
         encode_with_masks(CharTokenizer.train("abc"), "a[MASK]")
 
 
+@pytest.mark.parametrize("text, position", [("ab [MASK] cd", 11), ("[MASK]a[MASK]d", 13),
+                                             ("d", 0)])
+def test_an_unknown_character_is_named_at_its_position_in_the_whole_text(text, position):
+    """Not at its position in the piece between two masks (" cd" would say 2)."""
+    with pytest.raises(TinyLLMError, match=f"'d' at position {position} "):
+        encode_with_masks(char_tokenizer(), text + "[MASK]" * (text == "d"))
+
+
+def test_a_byte_that_is_not_utf8_is_named_at_its_position_in_the_whole_text():
+    from tinyllm.tokenizers import BPETokenizer
+
+    tok = BPETokenizer.train(TEXT, 300, special_tokens=("<|endoftext|>", MASK_TOKEN))
+    with pytest.raises(TinyLLMError, match="byte 0xff at position 9,"):
+        encode_with_masks(tok, "a [MASK] \udcff")  # how Python reads byte 0xff of argv
+
+
 def test_bpe_puts_the_space_before_a_mask_into_the_masked_token():
     from tinyllm.tokenizers import BPETokenizer
 

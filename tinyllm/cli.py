@@ -218,7 +218,8 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
 @user_errors
 def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_text,
              examples, shots, instruction, input_text, no_cache):
-    """Continue a prompt with a pretrained model and print prompt plus completion."""
+    """Continue a prompt with a pretrained model and print prompt plus completion (as it is
+    made: Ctrl-C stops it, keeping what is printed)."""
     from .finetune_runs import load_generator
     from .generate import generate_text
 
@@ -232,16 +233,18 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed
         return
     params, config, tokenizer = load_generator(checkpoint)  # a GPT, LoRA adapters merged if any
     if prompt:
-        _check_prompt(tokenizer, prompt)
+        _check_prompt(tokenizer, prompt, None if examples else config.block_size)
     if examples:  # few-shot prompting by hand: demonstrations first, in the fewshot template
         from .fewshot import examples_prompt
 
-        prompt = examples_prompt(examples, shots, prompt, tokenizer)
+        prompt = examples_prompt(examples, shots, prompt, tokenizer, config.block_size)
         stop_text = stop_text or "\n"
-    text = generate_text(params, config, tokenizer, prompt,
-                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, seed=seed, stop_text=stop_text, use_cache=not no_cache)
-    click.echo(prompt + text)
+    click.echo(prompt, nl=False)  # then the completion as it comes: Ctrl-C keeps what is shown
+    generate_text(params, config, tokenizer, prompt, max_new_tokens=max_new_tokens,
+                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                  stop_text=stop_text, use_cache=not no_cache,
+                  on_text=lambda piece: click.echo(piece, nl=False))
+    click.echo()
 
 
 def _check_prompt_flags(prompt, examples, stop_text, instruction, input_text):
@@ -255,16 +258,24 @@ def _check_prompt_flags(prompt, examples, stop_text, instruction, input_text):
                                " <|endoftext|>")
     elif input_text:
         raise TinyLLMError("--input goes with --instruction (the input of an instruction)")
+    if stop_text == "":
+        raise TinyLLMError("--stop is empty: give the text to stop before (in bash, $'\\n' is a"
+                           " newline)")
     if flag_given("shots") and examples is None:
         raise TinyLLMError("--shots counts the demonstrations taken from --examples; give"
                            " --examples FILE too")
 
 
-def _check_prompt(tokenizer, prompt):
+def _check_prompt(tokenizer, prompt, block_size=None):
+    """--prompt must encode; one longer than block_size (if given) is noted on stderr, since the
+    model reads only its end."""
     try:
-        tokenizer.encode(prompt)
+        n_tokens = len(tokenizer.encode(prompt))
     except TinyLLMError as err:
         raise TinyLLMError(f"--prompt: {err}") from None
+    if block_size is not None and n_tokens > block_size:
+        click.echo(f"note: --prompt is {n_tokens:,} tokens, more than the model's context of"
+                   f" {block_size}: the model reads only its last {block_size}", err=True)
 
 
 # The commands of the later stages live in their own modules.

@@ -6,6 +6,8 @@ for the likeliest tokens at each [MASK] of a text; `embed` turns lines of text i
 library calls.
 """
 
+import os
+
 import click
 
 from .cli_common import positive, user_errors
@@ -59,15 +61,23 @@ def embed(checkpoint, data, out, query, k):
     """Turn each line of --data into a vector: the mean of the model's final hidden states over
     its tokens. Write them with --out, or print the lines nearest to --query, or both.
     """
-    from .embed import embed_texts, load_embedder, nearest, read_lines, save_vectors
+    from .embed import (MAX_WINDOWS, embed_texts, load_embedder, most_tokens_read, nearest,
+                        read_lines, save_vectors)
 
     if out is None and query is None:
         raise TinyLLMError("give --out FILE to write the vectors, --query TEXT to search them,"
                            " or both")
     if query is not None and not query.strip():
         raise TinyLLMError("--query is empty")
+    if out is not None:
+        check_out_directory(out)
     lines = read_lines(data)
     params, config, tokenizer, bidirectional = load_embedder(checkpoint)
+    if query is not None:  # before the slow part, and named as the flag it is
+        try:
+            tokenizer.encode(query)
+        except TinyLLMError as err:
+            raise TinyLLMError(f"--query: {err}") from None
     progress = Counting(len(lines), "lines embedded")
     try:
         vectors, cut = embed_texts(params, config, tokenizer, lines, bidirectional,
@@ -78,7 +88,10 @@ def embed(checkpoint, data, out, query, k):
     what = "bidirectional encoder" if bidirectional else "causal decoder"
     click.echo(f"{len(lines)} lines -> vectors of {vectors.shape[1]} numbers ({what})", err=True)
     if cut:
-        click.echo(f"note: {cut} line(s) longer than the context were cut", err=True)
+        most = most_tokens_read(config.block_size)
+        click.echo(f"note: {cut} line(s) longer than {most:,} tokens ({MAX_WINDOWS} windows of"
+                   f" the {config.block_size}-token context) were cut: their vectors are of their"
+                   f" first {most:,} tokens", err=True)
     if out is not None:
         save_vectors(out, vectors)
         click.echo(f"vectors written to {out}", err=True)
@@ -87,6 +100,13 @@ def embed(checkpoint, data, out, query, k):
         order, scores = nearest(vectors, query_vector, k)
         for i, score in zip(order, scores):
             click.echo(f"{score:.3f}  line {i + 1}: {shortened(lines[i])}")
+
+
+def check_out_directory(path, flag="--out"):
+    """Refuse an output file whose directory does not exist before the work, not after it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise TinyLLMError(f"{flag} {path}: the directory {directory} does not exist")
 
 
 def shortened(line, most=SHOWN_CHARACTERS):

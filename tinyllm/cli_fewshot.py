@@ -7,8 +7,10 @@ and the results file; this module only maps flags onto `fewshot.run_fewshot`.
 import click
 
 from .cli_common import count, no_cache_option, positive, random_seed, user_errors
+from .cli_encoder import check_out_directory
 from .config import DEFAULT_RUN
 from .fewshot import ICL_WINDOWS, SHOTS
+from .progress import Counting
 
 
 @click.command()
@@ -51,9 +53,13 @@ def fewshot(checkpoint, task_paths, shots, queries, seed, out, icl_data, icl_win
 
         require_matplotlib()
         plot_format = picture_format(plot_path)
+        check_out_directory(plot_path, "--plot")
+    if out:
+        check_out_directory(out)
     results = run_fewshot(checkpoint, task_paths, parse_shots(shots), queries, seed, icl_data,
                           icl_windows, log=lambda line: click.echo(line, err=True),
-                          use_cache=not no_cache)
+                          use_cache=not no_cache,
+                          progress=lambda total: Counting(total, "queries scored"))
     click.echo("\n".join(format_task_table(results["tasks"])))
     click.echo(f"\npooled over {len(results['tasks'])} task(s):")
     click.echo("\n".join(format_table(results["pooled"])))

@@ -21,7 +21,7 @@ import numpy as onp
 from .checkpoint import load_checkpoint
 from .errors import TinyLLMError
 from .fileio import atomic_write_bytes, decode_utf8, read_bounded, split_lines
-from .finetune import make_windows, pool
+from .finetune import WINDOW_STRIDE, make_windows, pool
 from .lora import merge_lora
 from .models import bidirectional_hidden, gpt_hidden
 
@@ -37,6 +37,12 @@ def load_embedder(checkpoint):
     if hasattr(config, "lora_rank"):
         params, config = merge_lora(params, config.lora_alpha, config.lora_rank), config.gpt()
     return params, config, ckpt.tokenizer, ckpt.meta["kind"] == "mlm"
+
+
+def most_tokens_read(block_size, max_windows=MAX_WINDOWS):
+    """The tokens of a text that its windows cover: the rest of a longer text is cut.
+    Example: block 32 (windows half a block apart), 8 windows -> 7 x 16 + 32 = 144."""
+    return (max_windows - 1) * max(1, int(block_size * WINDOW_STRIDE)) + block_size
 
 
 def window_vectors(params, config, ids, valid, bidirectional):

@@ -62,6 +62,7 @@ where a row is {"k", "correct", "n", "accuracy", "ci95": [low, high], "chance"} 
 and the ICL score is described at `icl_score`.
 """
 
+import itertools
 import json
 import math
 import os
@@ -90,12 +91,14 @@ Z_95 = 1.959963984540054  # the standard normal quantile for a two-sided 95% int
 
 @dataclass(frozen=True)
 class Task:
-    """A parsed task file: records are dicts {"input", "output", "line"} (line: 1-based)."""
+    """A parsed task file: records are dicts {"input", "output", "line"} (line: 1-based);
+    header_line is the header's line, if there is a header."""
 
     path: str
     instruction: str
     choices: tuple
     records: tuple
+    header_line: int = None
 
 
 # ----------------------------------------------------------------------------- task files
@@ -129,9 +132,9 @@ def parse_task(lines, path="<task>"):
     """Task from the lines of a task file; TinyLLMError naming the file and line for bad input.
 
     Example: ['{"choices": ["x", "y"]}', '{"input": "a", "output": "x"}']
-        -> Task(path, None, ("x", "y"), ({"input": "a", "output": "x", "line": 2},))
+        -> Task(path, None, ("x", "y"), ({"input": "a", "output": "x", "line": 2},), 1)
     """
-    instruction, choices, records = None, None, []
+    instruction, choices, records, header_line = None, None, [], None
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
@@ -146,6 +149,7 @@ def parse_task(lines, path="<task>"):
             raise TinyLLMError(f"{path}, line {number}: expected a JSON object, got {raw.strip()[:40]}")
         if "input" not in obj and not records and instruction is None and choices is None:
             instruction, choices = _parse_header(obj, path, number)
+            header_line = number
             continue
         if set(obj) - {"input", "output"}:
             extra = sorted(set(obj) - {"input", "output"})[0]
@@ -160,7 +164,7 @@ def parse_task(lines, path="<task>"):
     if not records:
         raise TinyLLMError(f"{path}: the task file has no records"
                            ' (one JSON object per line: {"input": ..., "output": ...})')
-    return Task(path, instruction, choices, tuple(records))
+    return Task(path, instruction, choices, tuple(records), header_line)
 
 
 def read_task(path):
@@ -197,11 +201,13 @@ def task_lines(header, records):
 # ----------------------------------------------------------------------------- prompts
 
 
-def examples_prompt(path, shots, prompt, tokenizer):
+def examples_prompt(path, shots, prompt, tokenizer, block_size):
     """`tinyllm generate --examples FILE --shots K`: K demonstrations, then the user's prompt.
 
     The demonstrations are the task file's first K records, in the fewshot template, so a person
     can try by hand exactly the prompts `tinyllm fewshot` measures: `prompt` is the query input.
+    A prompt that leaves no room for an answer in the context (block_size tokens) is an error,
+    as in `tinyllm fewshot`: the model would read only its end, so fewer demonstrations than K.
     """
     if shots < 0:
         raise TinyLLMError(f"--shots must be >= 0, got {shots}")
@@ -212,8 +218,14 @@ def examples_prompt(path, shots, prompt, tokenizer):
     for record in task.records[:shots]:
         encode_for(tokenizer, record["input"] + record["output"], task, record)
     if task.instruction:
-        encode_for(tokenizer, task.instruction, task, {"line": 1})
-    return build_prompt(task.instruction, task.records[:shots], prompt)
+        encode_for(tokenizer, task.instruction, task, {"line": task.header_line})
+    text = build_prompt(task.instruction, task.records[:shots], prompt)
+    n_tokens = len(tokenizer.encode(text))
+    if n_tokens >= block_size:
+        raise TinyLLMError(f"{task.path}: the {shots}-shot prompt is {n_tokens:,} tokens, and the"
+                           f" model's context of {block_size} must hold it and the answer: use"
+                           " fewer --shots or a shorter --prompt")
+    return text
 
 
 def demo_orders(n_records, queries, rng):
@@ -244,6 +256,17 @@ def encode_for(tokenizer, text, task, record):
         return tokenizer.encode(text)
     except TinyLLMError as err:
         raise TinyLLMError(f"{task.path}, line {record['line']}: {err}") from None
+
+
+def check_encodable(tokenizer, task):
+    """Every text of the task encodes, or an error naming the line it is on: a prompt shows
+    other records as demonstrations, so its error would name the query's line instead."""
+    header = {"line": task.header_line}
+    for text in ([task.instruction] if task.instruction else []) + list(task.choices or ()):
+        encode_for(tokenizer, text, task, header)
+    for record in task.records:
+        encode_for(tokenizer, record["input"], task, record)
+        encode_for(tokenizer, record["output"], task, record)
 
 
 def check_fits(n_tokens, block_size, task, record, k):
@@ -305,12 +328,14 @@ def chance_level(task):
 
 
 def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0, log=None,
-                  use_cache=True):
+                  use_cache=True, on_query=None):
     """Accuracy of the model on `task` for each k in `shots`: a list of per-k result dicts.
 
     The queries are a random sample of n_queries records (all when None), the same for every k.
+    on_query(), if given, is called after each query is scored (len(shots) times per query).
     """
     check_enough_records(task, max(shots))
+    check_encodable(tokenizer, task)
     rng = onp.random.default_rng(seed)
     n = len(task.records)
     queries = [int(i) for i in rng.permutation(n)[:n_queries or n]]
@@ -330,6 +355,8 @@ def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0
             prompt = build_prompt(task.instruction, demos, task.records[q]["input"])
             correct += score_query(params, config, tokenizer, task, prompt, task.records[q], k,
                                    use_cache=use_cache)
+            if on_query:
+                on_query()
         results.append(accuracy_row(k, correct, len(queries), chance_level(task)))
         if log:
             log(format_row(results[-1]))
@@ -489,12 +516,14 @@ def format_icl(icl):
 
 
 def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=None,
-                icl_windows=ICL_WINDOWS, log=None, use_cache=True):
+                icl_windows=ICL_WINDOWS, log=None, use_cache=True, progress=None):
     """What `tinyllm fewshot` does: score a checkpoint on task files for each k in `shots`.
 
     Every task file is read and checked before the model is loaded (the slow part comes last).
     Returns the results file's content (see the module docstring); `write_results` saves it.
     `use_cache=False` decodes greedy answers without the key/value cache (same answers).
+    `progress(total)`, if given, makes a `progress.Counting` (or alike) of the queries to score:
+    it is updated after each, and the log lines go through its `message` so as not to garble it.
     """
     log = log or (lambda line: None)
     if icl_windows < 0:
@@ -503,17 +532,30 @@ def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=
     for task in tasks:
         check_enough_records(task, max(shots))
     ckpt = load_checkpoint(checkpoint)
+    if icl_windows:  # read before the slow part: a bad or short --icl-data is said at once
+        heldout, source = heldout_ids(ckpt, icl_data)
+        if len(heldout) < ckpt.model_config.block_size + 1:
+            raise TinyLLMError(f"{'--icl-data ' if icl_data else ''}{source}: {len(heldout):,}"
+                               " tokens, too few for the in-context learning score (it needs"
+                               f" {ckpt.model_config.block_size + 1}): give a longer text, or"
+                               " --icl-windows 0 to skip it")
+    total = len(shots) * sum(min(n_queries or len(t.records), len(t.records)) for t in tasks)
+    shown = progress(total) if progress else None
+    say = shown.message if shown else log
+    scored = itertools.count(1)
+    on_query = (lambda: shown.update(next(scored))) if shown else None
     per_task = []
     for task in tasks:
-        log(f"{task.path}: {len(task.records)} records,"
+        say(f"{task.path}: {len(task.records)} records,"
             f" {'choices (log-likelihood)' if task.choices else 'exact match (greedy)'}")
         per_task.append(evaluate_task(ckpt.params, ckpt.model_config, ckpt.tokenizer, task,
-                                      shots, n_queries, seed, log=lambda line: log("  " + line),
-                                      use_cache=use_cache))
+                                      shots, n_queries, seed, log=lambda line: say("  " + line),
+                                      use_cache=use_cache, on_query=on_query))
+    if shown:
+        shown.close()
     icl = None
     if icl_windows:
-        ids, source = heldout_ids(ckpt, icl_data)
-        icl = {"data": source, **icl_score(ckpt.params, ckpt.model_config, onp.asarray(ids),
+        icl = {"data": source, **icl_score(ckpt.params, ckpt.model_config, onp.asarray(heldout),
                                            icl_windows, seed)}
     return {
         "format": RESULTS_FORMAT, "version": RESULTS_VERSION,

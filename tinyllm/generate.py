@@ -58,8 +58,14 @@ def top_p_filter(probs, p):
 
 
 def next_token_distribution(logits, temperature=1.0, top_k=None, top_p=None):
-    """Logits (V,) -> probabilities (V,) after temperature, top-k and top-p. Temperature > 0."""
-    logits = top_k_filter(logits.astype(onp.float64) / temperature, top_k)
+    """Logits (V,) -> probabilities (V,) after temperature, top-k and top-p. Temperature > 0.
+
+    The largest logit is subtracted before dividing (softmax does not change): a temperature so
+    small that a logit / temperature overflows then sends the others to -inf, never to inf - inf.
+    """
+    logits = logits.astype(onp.float64)
+    with onp.errstate(over="ignore"):  # -inf is the intended result of that overflow
+        logits = top_k_filter((logits - logits.max()) / temperature, top_k)
     return top_p_filter(softmax(logits), top_p)
 
 
@@ -101,31 +107,93 @@ def last_logits(params, config, window):
 
 def generate_text(params, config, tokenizer, prompt, max_new_tokens=MAX_NEW_TOKENS,
                   temperature=1.0, top_k=None, top_p=None, seed=None, stop_text=None,
-                  use_cache=True):
+                  use_cache=True, on_text=None):
     """Complete `prompt` with the model; returns the completion (without the prompt).
 
     Generation ends at max_new_tokens, at the end-of-text token, or just before `stop_text`,
     whichever comes first. An empty prompt starts from a newline (or end-of-text).
     `use_cache=False` generates without the key/value cache (same tokens, slower).
+    `on_text(piece)`, if given, gets the completion as it is made, each piece final (see
+    `TextStream`): the pieces add up to the text returned.
     """
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     eot = tokenizer.special_tokens.get("<|endoftext|>")
     ids = tokenizer.encode(prompt) if prompt else _start_ids(tokenizer, eot)
+    stream = TextStream(tokenizer, stop_text, on_text)
 
     def stop(new):
         if eot is not None and new[-1] == eot:
-            return True
-        return bool(stop_text) and stop_text in tokenizer.decode(new)
+            return True  # end of text, which is not part of it
+        return stream.add(new[-1])
 
     rng = onp.random.default_rng(seed)
-    new = generate_ids(params, config, ids, max_new_tokens, rng, temperature, top_k, top_p, stop,
-                       use_cache)
-    if eot is not None and new and new[-1] == eot:
-        new = new[:-1]
-    text = tokenizer.decode(new)
-    if stop_text and stop_text in text:
-        text = text[: text.index(stop_text)]
-    return text
+    generate_ids(params, config, ids, max_new_tokens, rng, temperature, top_k, top_p, stop,
+                 use_cache)
+    return stream.finish()
+
+
+class TextStream:
+    """The text of new tokens as they come, each character passed on once and final, and the
+    stop text looked for in the new text only, so that a step costs the same at token 100,000
+    as at token 10 (decoding all the text so far at every step made a long run quadratic).
+
+    Two things hold a character back. It may be unfinished: byte-level BPE can split a
+    character's UTF-8 bytes over tokens, and a text that ends in the middle of one decodes to a
+    last U+FFFD that the next token may complete (the characters before it never change). And it
+    may be the start of the stop text, which the next tokens may finish.
+    Example, stop text "\n\n": "ab\n" passes on "ab" and holds "\n"; then "\nc" stops, and the
+    completion is "ab".
+    """
+
+    def __init__(self, tokenizer, stop_text=None, on_text=None):
+        self.tokenizer, self.stop_text = tokenizer, stop_text or ""
+        self.on_text = on_text or (lambda piece: None)
+        self.pending = []  # ids since the decoded text last ended on a whole character
+        self.used = 0  # characters of decode(pending) already taken
+        self.held = ""  # taken text that may be the start of the stop text
+        self.parts = []  # the text passed on so far
+        self.stopped = False
+
+    def add(self, token):
+        """Take the next token; True once the stop text has appeared (the text ends before it)."""
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        whole = not text.endswith("\ufffd")  # else the last character may still be unfinished
+        settled = text if whole else text[:-1]
+        self._take(settled[self.used:])
+        self.pending, self.used = ([], 0) if whole else (self.pending, len(settled))
+        return self.stopped
+
+    def finish(self):
+        """Generation has ended: what was held back is final. Returns the whole completion."""
+        if not self.stopped:
+            self._take(self.tokenizer.decode(self.pending)[self.used:])
+            self._pass_on(self.held)
+        return "".join(self.parts)
+
+    def _take(self, piece):
+        held = self.held + piece
+        if self.stop_text and self.stop_text in held:
+            self._pass_on(held[:held.index(self.stop_text)])
+            self.held, self.stopped = "", True
+            return
+        keep = _stop_prefix_at_end(held, self.stop_text)
+        self._pass_on(held[:len(held) - keep])
+        self.held = held[len(held) - keep:]
+
+    def _pass_on(self, piece):
+        if piece:
+            self.parts.append(piece)
+            self.on_text(piece)
+
+
+def _stop_prefix_at_end(text, stop):
+    """Length of the longest end of `text` that begins `stop` (0 if none). Example: "ab\n",
+    "\n\n" -> 1; "abc", "cat" -> 1; "abc", "x" -> 0."""
+    for start in range(max(0, len(text) - len(stop) + 1), len(text)):
+        if stop.startswith(text[start:]):
+            return len(text) - start
+    return 0
 
 
 def _start_ids(tokenizer, eot):

@@ -173,6 +173,7 @@ def encode_with_masks(tokenizer, text):
     pieces = text.split(MASK_TEXT)
     if len(pieces) == 1:
         raise TinyLLMError(f"the text has no {MASK_TEXT}: write {MASK_TEXT} where a token is missing")
+    _check_encodes(tokenizer, text)
     ids = []
     for i, piece in enumerate(pieces):
         if i < len(pieces) - 1 and tokenizer.kind == "bpe" and piece.endswith(" "):
@@ -181,6 +182,14 @@ def encode_with_masks(tokenizer, text):
         if i < len(pieces) - 1:
             ids.append(mask_id)
     return ids
+
+
+def _check_encodes(tokenizer, text):
+    """The tokenizer's error for a character it cannot encode, with its position in the whole
+    text: the pieces between masks are encoded one by one, and each would count from 0. Each
+    [MASK] stands in as as many characters that the tokenizer knows, so positions stay."""
+    known = tokenizer.decode([0])  # one character: the char tokenizer's first, or BPE's byte 0
+    tokenizer.encode(text.replace(MASK_TEXT, known * len(MASK_TEXT)))
 
 
 def filled_text(tokenizer, text, tokens):
