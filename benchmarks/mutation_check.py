@@ -4,7 +4,7 @@ which ones the suite catches.
     python benchmarks/mutation_check.py                 # every mutant, about 5 to 15 minutes
     python benchmarks/mutation_check.py --list          # the mutants, without running anything
     python benchmarks/mutation_check.py --check         # does every mutant's pattern still apply?
-    python benchmarks/mutation_check.py --only beam-length-penalty-multiplies --only bpe-leftmost-pair
+    python benchmarks/mutation_check.py --only bpe-latest-rank-first   # one mutant (repeatable)
 
 The working tree is never touched: the tree (tinyllm/, tests/, examples/, ...) is copied once into
 a temporary directory, and each mutant edits that copy, runs `python -m pytest -x -q` there, and
@@ -63,10 +63,10 @@ MUTANTS = [
     Mutant("train-step-ignores-weight-decay", "tinyllm/train.py",
            "tc.weight_decay, grad_scale=", "grad_scale=",
            "train_step uses AdamW's default decay, not the configured one"),
-    Mutant("bpe-leftmost-pair", "tinyllm/tokenizers.py",
-           'pair = min(zip(ids, ids[1:]), key=lambda p: ranks.get(p, float("inf")))',
-           "pair = next((p for p in zip(ids, ids[1:]) if p in ranks), None)",
-           "BPE encoding merges the leftmost known pair, not the lowest-ranked one"),
+    Mutant("bpe-latest-rank-first", "tinyllm/tokenizers.py",
+           "rank = heapq.heappop(heap)",
+           "rank = heap.pop()",
+           "BPE encoding merges the rank listed last, not the lowest-ranked pair present"),
     Mutant("lora-instruct-trains-with-alpha", "tinyllm/finetune_runs.py",
            "scale = config.lora_alpha / config.lora_rank if",
            "scale = config.lora_alpha if",

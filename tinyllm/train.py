@@ -762,8 +762,8 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
 def merges_progress(log, every_seconds=5.0):
     """A progress(done, total) callback for BPE training that logs a line every few seconds.
 
-    1 MB of prose learns its merges in about 4 s, but a text whose words are very long (DNA,
-    say: one run of letters is one chunk, rescanned for every merge) takes minutes.
+    The embedded corpus (1.8 MB) learns its 1,791 merges in about 2 s; a 1 MB run of letters
+    without a space (DNA, say: one chunk) in about 13 s.
     """
     last = time.perf_counter()
 
