@@ -12,6 +12,8 @@ from tinyllm.data import (
     MIN_PARAGRAPH_CHARS,
     file_docstrings,
     prose_paragraphs,
+    stdlib_python_files,
+    walk_statements,
     pydoc_corpus,
     python_docs_corpus,
     stdlib_docstrings_corpus,
@@ -164,6 +166,52 @@ def test_file_docstrings_reads_without_importing(tmp_path):
     assert file_docstrings(str(source)) == ["Module doc.", "Class doc.", "Method doc."]
     (tmp_path / "bad.py").write_text("def (:\n", encoding="utf-8")
     assert file_docstrings(str(tmp_path / "bad.py")) == []
+
+
+NESTED_DEFINITIONS = '''\
+class A:
+    def f(self): pass
+    class B: pass
+if X:
+    def g(): pass
+else:
+    async def h(): pass
+try:
+    def i(): pass
+except E:
+    def j(): pass
+finally:
+    class C: pass
+with open(p) as f:
+    def k(): pass
+for x in y:
+    def l(): return lambda: (m for m in [1])
+match v:
+    case 1:
+        def n(): pass
+'''
+
+
+def test_walk_statements_finds_the_definitions_ast_walk_finds_in_its_order():
+    # it skips expressions; no statement can be inside one, so nothing else changes
+    import ast
+    import sysconfig
+
+    def definitions(nodes):
+        return [n for n in nodes if isinstance(n, (ast.ClassDef, ast.FunctionDef,
+                                                   ast.AsyncFunctionDef, ast.Module))]
+
+    trees = [ast.parse(NESTED_DEFINITIONS)]
+    for path in stdlib_python_files(sysconfig.get_paths()["stdlib"])[::40]:
+        try:
+            with open(path, encoding="utf-8") as f:
+                trees.append(ast.parse(f.read()))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            pass
+    for tree in trees:
+        assert definitions(walk_statements(tree)) == definitions(ast.walk(tree))
+    names = [getattr(n, "name", "") for n in definitions(walk_statements(trees[0]))]
+    assert sorted(names) == ["", "A", "B", "C", "f", "g", "h", "i", "j", "k", "l", "n"]
 
 
 def test_a_file_named_like_an_embedded_corpus_wins(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ gives T inputs and T targets, each target being the token that follows its input
 """
 
 import ast
+import collections
 import functools
 import os
 import select
@@ -82,9 +83,24 @@ def file_docstrings(path):
     except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
         return []  # a file this Python cannot parse (a template, a Python 2 leftover): skip it
     kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-    nodes = sorted((n for n in ast.walk(tree) if isinstance(n, kinds)),
+    nodes = sorted((n for n in walk_statements(tree) if isinstance(n, kinds)),
                    key=lambda n: getattr(n, "lineno", 0))
     return [doc for doc in (ast.get_docstring(n) for n in nodes) if doc]
+
+
+def walk_statements(tree):
+    """The nodes of `tree` in `ast.walk`'s order (breadth first), without expressions.
+
+    No statement can sit inside an expression (a lambda's body is an expression), so every
+    module, class and function node is found, and in the same order; expressions are most of a
+    tree, and skipping them halves the time `file_docstrings` takes over the standard library.
+    """
+    todo = collections.deque([tree])
+    while todo:
+        node = todo.popleft()
+        todo.extend(child for child in ast.iter_child_nodes(node)
+                    if not isinstance(child, ast.expr))
+        yield node
 
 
 def module_name(path, root):
