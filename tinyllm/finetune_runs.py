@@ -1155,11 +1155,14 @@ def load_generator(checkpoint):
 
 def generate_instruction(checkpoint, instruction, input_text="", max_new_tokens=200,
                          temperature=0.0, top_k=None, top_p=None, seed=None, use_cache=True,
-                         log=print):
+                         log=print, on_text=None):
     """The fine-tuning prompt for an instruction (and input) plus the model's response, which
-    ends at the end-of-text token (`tinyllm generate --instruction`). Characters a char model
-    never saw are read as its unknown token, and `log` is told how many."""
-    from .generate import check_sampling_args, generate_ids
+    ends at the end-of-text token (`tinyllm generate --instruction`). `on_text(piece)`, if
+    given, gets the prompt and then the response as it is made, each piece final (see
+    generate.TextStream): the pieces add up to the text returned. Characters a char model
+    never saw are read as its unknown token, and `log` is told how many; it is told too when
+    the response fills the context before it ends."""
+    from .generate import check_sampling_args, complete_ids
 
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     if not instruction.strip():
@@ -1173,7 +1176,13 @@ def generate_instruction(checkpoint, instruction, input_text="", max_new_tokens=
     if len(ids) >= config.block_size:
         raise TinyLLMError(f"--instruction/--input: the prompt has {len(ids)} tokens, the model's"
                            f" context is {config.block_size}")
-    limit = min(max_new_tokens, config.block_size - len(ids))  # the template must stay in view
-    new = generate_ids(params, config, ids, limit, onp.random.default_rng(seed), temperature,
-                       top_k, top_p, stop=lambda out: out[-1] == eot, use_cache=use_cache)
-    return prompt + tokenizer.decode([i for i in new if i != eot])
+    room = config.block_size - len(ids)  # the template must stay in view: no sliding
+    emit = on_text or (lambda piece: None)
+    emit(prompt)
+    response, new = complete_ids(params, config, tokenizer, ids, min(max_new_tokens, room),
+                                 onp.random.default_rng(seed), temperature, top_k, top_p,
+                                 use_cache=use_cache, on_text=emit)
+    if room < max_new_tokens and len(new) == room and new[-1] != eot:
+        log(f"note: the response filled the model's context ({config.block_size} tokens) after"
+            f" {room} tokens, before {EOT}: it is cut there")
+    return prompt + response
