@@ -349,6 +349,23 @@ def test_fewshot_shows_how_many_queries_are_scored(run_dir, tmp_path):
     assert result.exit_code == 0 and "queries scored: 10/10" in result.stderr, result.output
 
 
+def test_more_queries_than_a_task_has_records_is_said(run_dir, tmp_path):
+    """--queries 8 on a task of 5 records scores 5 queries: said in one line naming the task
+    (it was used quietly), not refused, since pooled tasks may differ in size."""
+    big = write_task(tmp_path / "big.jsonl")  # 10 records
+    small = write_task(tmp_path / "small.jsonl", None, RECORDS[:5])
+    result = invoke("fewshot", "--checkpoint", run_dir, "--task", big, "--task", small,
+                    "--shots", "0", "--queries", 8, "--icl-windows", 0)
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: --queries 8 is more than the records of 1 task(s), so all of their"
+                     f" records are queries: {small} (5)"]
+    assert "queries scored: 13/13" in result.stderr  # 8 of the big task, all 5 of the small
+    enough = invoke("fewshot", "--checkpoint", run_dir, "--task", big, "--shots", "0",
+                    "--queries", 8, "--icl-windows", 0)
+    assert enough.exit_code == 0 and "note:" not in enough.stderr, enough.output
+
+
 @pytest.mark.parametrize("text, words", [("a0\n", "--icl-data"), ("a0Z\n" * 20, "'Z'")])
 def test_bad_icl_data_is_refused_before_the_scoring(run_dir, tmp_path, text, words):
     """A held-out text too short for the ICL score, or with a character the model never saw,

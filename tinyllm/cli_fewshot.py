@@ -22,7 +22,8 @@ from .progress import Counting
 @click.option("--shots", default=SHOTS,
               help="Comma-separated numbers of demonstrations k to evaluate.")
 @click.option("--queries", default=None, type=int, callback=positive,
-              help="Queries per task, sampled from its records.  [default: all records]")
+              help="Queries per task, sampled from its records; a task with fewer records uses"
+                   " all of them (a note names it).  [default: all records]")
 @click.option("--seed", default=0, callback=random_seed, help="Seed for choosing queries and demonstrations.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Write the results as JSON to this file (atomically).  [default: none]")

@@ -331,7 +331,8 @@ def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0
                   use_cache=True, on_query=None):
     """Accuracy of the model on `task` for each k in `shots`: a list of per-k result dicts.
 
-    The queries are a random sample of n_queries records (all when None), the same for every k.
+    The queries are a random sample of n_queries records (all when None or more than the
+    records), the same for every k.
     on_query(), if given, is called after each query is scored (len(shots) times per query).
     """
     check_enough_records(task, max(shots))
@@ -531,6 +532,11 @@ def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=
     tasks = [read_task(p) for p in task_files(task_paths)]
     for task in tasks:
         check_enough_records(task, max(shots))
+    short = [t for t in tasks if n_queries and n_queries > len(t.records)]
+    if short:  # not refused: pooled tasks may differ in size, and each row gives its n
+        log(f"note: --queries {n_queries} is more than the records of {len(short)} task(s), so"
+            " all of their records are queries: " + ", ".join(f"{t.path} ({len(t.records)})"
+                                                             for t in short))
     ckpt = load_checkpoint(checkpoint)
     if icl_windows:  # read before the slow part: a bad or short --icl-data is said at once
         heldout, source = heldout_ids(ckpt, icl_data)
