@@ -15,7 +15,8 @@ from .progress import Counting
 
 @click.command()
 @click.option("--checkpoint", default=DEFAULT_RUN, type=click.Path(file_okay=False),
-              help="Run directory written by `tinyllm pretrain`.")
+              help="Run directory written by `tinyllm pretrain`, or by `tinyllm finetune"
+                   " instruct` (LoRA adapters merged).")
 @click.option("--task", "task_paths", multiple=True, required=True, type=click.Path(),
               help="JSONL task file (see `tinyllm/fewshot.py`), or a directory of them; repeat"
                    " to pool several tasks.")
@@ -28,7 +29,8 @@ from .progress import Counting
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Write the results as JSON to this file (atomically).  [default: none]")
 @click.option("--icl-data", default=None, metavar="FILE|NAME",
-              help="Held-out text for the in-context learning score."
+              help="Held-out text for the in-context learning score; needed for a fine-tuning"
+                   " run, which keeps no pretraining text."
                    "  [default: the validation split of the checkpoint's corpus]")
 @click.option("--icl-windows", default=ICL_WINDOWS, callback=count,
               help="Context windows averaged for the in-context learning score (0: skip it).")

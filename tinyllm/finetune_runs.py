@@ -61,7 +61,7 @@ from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
                             encode_with_fallback, label_ids, read_classification,
                             read_instructions, split_three, with_case_copies, with_unknown_token,
                             without_repeats)
-from .lora import LoRAGPTConfig, apply_lora, init_lora, merge_lora
+from .lora import LoRAGPTConfig, apply_lora, init_lora, merge_lora, merged_gpt
 from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init
 from .progress import Counting
@@ -284,9 +284,7 @@ def load_base(settings, log, kinds=("gpt", "gpt-lora")):
         ckpt = load_checkpoint(settings.checkpoint, kind=kinds)
     except TinyLLMError as err:
         raise TinyLLMError(f"--checkpoint: {err} (expected a run of `tinyllm pretrain`)") from None
-    config = ckpt.model_config
-    params = merge_lora(ckpt.params, getattr(config, "lora_alpha", 0), getattr(config, "lora_rank", 1))
-    config = config.gpt() if hasattr(config, "gpt") else config
+    params, config = merged_gpt(ckpt.params, ckpt.model_config)  # a LoRA run: adapters merged
     if settings.random_init:
         params = init_gpt(config, rng)
     what = "random init, same architecture" if settings.random_init else "pretrained"
@@ -1147,10 +1145,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
 def load_generator(checkpoint):
     """(params, GPTConfig, tokenizer) of a pretrained or instruction-tuned run, adapters merged."""
     ckpt = load_checkpoint(checkpoint, kind=("gpt", "gpt-lora"))
-    config = ckpt.model_config
-    if hasattr(config, "lora_rank"):
-        return merge_lora(ckpt.params, config.lora_alpha, config.lora_rank), config.gpt(), ckpt.tokenizer
-    return ckpt.params, config, ckpt.tokenizer
+    return (*merged_gpt(ckpt.params, ckpt.model_config), ckpt.tokenizer)
 
 
 def generate_instruction(checkpoint, instruction, input_text="", max_new_tokens=200,
