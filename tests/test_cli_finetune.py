@@ -393,14 +393,19 @@ def test_too_little_data_is_one_line(base, tmp_path):
     assert result.exit_code == 1 and "too few examples" in result.output
 
 
-def test_epochs_set_the_number_of_steps(base, tsv, tmp_path):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_an_epoch_is_as_many_examples_as_the_records_read(base, tsv, tmp_path, accum):
+    """Not the records and their two case copies (an "epoch" was three passes over the
+    records), and over every --grad-accum micro-batch (with 2, one was two passes)."""
     out = str(tmp_path / "ep")
     result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--out", out,
-                  "--epochs", "1", "--batch-size", "4", "--eval-interval", "100"])
+                  "--epochs", "1", "--batch-size", "4", "--grad-accum", str(accum),
+                  "--eval-interval", "100", "--patience", "0"])
     assert result.exit_code == 0, result.output
     report = json.load(open(os.path.join(out, "metrics.json")))
-    n_train = report["examples"]["train"] + report["train_case_copies"]  # the texts trained on
-    assert load_checkpoint(out, kind="classifier").iter == -(-n_train // 4)  # ceil(n / batch)
+    n_train = report["examples"]["train"]  # 42 records, 84 case copies drawn from as well
+    assert report["train_case_copies"] == 2 * n_train
+    assert report["iterations"] == -(-n_train // (4 * accum))  # ceil(n / examples a step)
 
 
 def test_instruct_ctrl_c_then_resume_matches_an_uninterrupted_run(base, instructions, tmp_path,

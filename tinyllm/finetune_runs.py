@@ -100,7 +100,9 @@ class FinetuneSettings:
     lora_alpha: Optional[float] = None  # adapter scale numerator; None: 2 * lora_rank
     batch_size: int = 16
     max_iters: int = 300
-    epochs: Optional[float] = None  # passes over the training split; replaces max_iters
+    epochs: Optional[float] = None  # replaces max_iters: an epoch is as many examples as the
+    # training split has records (a classifier draws them from the records and their case
+    # copies), whatever --batch-size, --grad-accum and the number of MPI ranks
     lr: float = 3e-4
     warmup_iters: int = 20
     weight_decay: float = 0.01
@@ -318,16 +320,27 @@ def encode_all(tokenizer, texts):
     return out, fallback
 
 
-def make_train_config(settings, n_train):
-    """The TrainConfig of a run; --epochs turns into steps over the training split."""
+def make_train_config(settings, n_records, ranks=1):
+    """The TrainConfig of a run. --epochs turns into steps: an epoch is as many examples as the
+    training split has records (`n_records`; case copies are drawn from, not counted), and a
+    step takes batch_size examples for each of grad_accum micro-batches on each of `ranks`
+    processes. Example: 1 epoch of 42 records, batch 4, grad_accum 2, one rank -> 6 steps."""
     max_iters = settings.max_iters
     if settings.epochs is not None:
-        max_iters = max(1, math.ceil(settings.epochs * n_train / settings.batch_size))
+        per_step = settings.batch_size * settings.grad_accum * ranks
+        max_iters = max(1, math.ceil(settings.epochs * n_records / per_step))
     return TrainConfig(batch_size=settings.batch_size, max_iters=max_iters, lr=settings.lr,
                        min_lr=settings.lr / 10, warmup_iters=settings.warmup_iters,
                        weight_decay=settings.weight_decay,
                        eval_interval=min(settings.eval_interval, max_iters), eval_iters=1,
                        seed=settings.seed, grad_accum=settings.grad_accum).validate()
+
+
+def resumed_train_config(ckpt, tc, max_iters):
+    """A resumed run's own TrainConfig, to the new total --max-iters gives (in `tc`), or else to
+    the total the run began with, as its checkpoint holds it: not one worked out again from
+    --epochs, which a run begun before an epoch counted only the records read would change."""
+    return replace(ckpt.train_config, max_iters=tc.max_iters) if max_iters else ckpt.train_config
 
 
 def check_step_memory(config, tc, windows_per_text):
@@ -747,9 +760,9 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     log("accuracy before fine-tuning: " + format_accuracies(before))
     # 6. train
     start_finetune_dir(out, resume, force)
-    tc = make_train_config(s, len(train))
-    if resume:  # the run's own config, to the total its --epochs or --max-iters set
-        tc = replace(ckpt.train_config, max_iters=tc.max_iters)
+    tc = make_train_config(s, n_read, world.size)  # an epoch: the records read, not the copies
+    if resume:
+        tc = resumed_train_config(ckpt, tc, max_iters)
     check_step_memory(config, tc, int(sets["train"][0].count.max()))  # the most windows a text has
     log_trainable(params, paths, f"LoRA rank {config.lora_rank}: adapters and head"
                   if config.lora_rank else f"--freeze {s.freeze}", log)
@@ -1097,9 +1110,9 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
         f" {100 * before['token_f1']:.1f}%")
     # 6. train
     start_finetune_dir(out, resume, force)
-    tc = make_train_config(s, len(arrays["train"][0]))
-    if resume:  # as for classification
-        tc = replace(ckpt.train_config, max_iters=tc.max_iters)
+    tc = make_train_config(s, len(arrays["train"][0]), world.size)
+    if resume:
+        tc = resumed_train_config(ckpt, tc, max_iters)
     check_step_memory(config, tc, 1)
     flat = flatten(params)
     paths = [p for p in flat if p.startswith("lora.")] if "lora" in params else list(flat)
