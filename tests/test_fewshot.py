@@ -440,6 +440,17 @@ def test_a_task_directory_means_its_jsonl_files(tmp_path):
         fs.task_files([str(empty)])
 
 
+def test_a_task_given_twice_is_refused_not_pooled_twice(tmp_path):
+    """Its queries were counted twice in the pooled rows, which narrowed the interval."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    task = write_task(folder / "a.jsonl")
+    again = tmp_path / "tasks" / ".." / "tasks" / "a.jsonl"
+    for paths in ([task, task], [folder, task], [task, again]):
+        with pytest.raises(TinyLLMError, match=r"the same task file as .*a\.jsonl, given twice"):
+            fs.task_files([str(p) for p in paths])
+
+
 def one_error_line(result):
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]

@@ -180,6 +180,7 @@ def task_files(paths):
     """Task file paths, with each directory among them replaced by its *.jsonl files, sorted.
 
     Example: ["a.jsonl", "heldout/"] -> ["a.jsonl", "heldout/h0.jsonl", "heldout/h1.jsonl"].
+    A file named twice (say, by itself and by its directory) is an error.
     """
     files = []
     for path in paths:
@@ -190,6 +191,13 @@ def task_files(paths):
             files += found
         else:
             files.append(path)
+    seen = {}
+    for path in files:  # a task scored twice would count its queries twice in the pooled rows
+        if os.path.realpath(path) in seen:
+            raise TinyLLMError(f"--task {path}: the same task file as"
+                               f" {seen[os.path.realpath(path)]}, given twice (each task is"
+                               " scored once)")
+        seen[os.path.realpath(path)] = path
     return files
 
 
@@ -497,9 +505,9 @@ def heldout_ids(ckpt, data=None):
     Returns (ids, description).
     """
     if data is None and "finetune" in ckpt.meta:
-        raise TinyLLMError("the checkpoint is a fine-tuning run, which keeps no record of the text"
-                           " its base was pretrained on: give --icl-data FILE|NAME for the in-context"
-                           " learning score, or --icl-windows 0 to skip it")
+        raise TinyLLMError("the checkpoint is a fine-tuning run, which keeps no record of the"
+                           " text its base was pretrained on: give --icl-data FILE|NAME for the"
+                           " in-context learning score, or --icl-windows 0 to skip it")
     if data is None:
         data = ckpt.meta.get("data") or "pydoc"  # runs that stored no name trained on pydoc
         text = run_corpus(ckpt.meta, "the checkpoint")  # a file is read only if its sha256 matches
