@@ -289,6 +289,63 @@ def test_instruct_end_to_end_and_generate(base, instructions, tmp_path):
     assert plain.exit_code == 0 and plain.output.startswith("ab"), plain.output
 
 
+PROMPT = "Instruction: reverse\nInput: abc\nResponse: "  # 42 characters: 6 left of 48
+
+
+def tokens_of(base, text):
+    return load_checkpoint(base).tokenizer.encode(text)
+
+
+def sampling(monkeypatch, tokens):
+    """generate.sample_token draws `tokens` in turn; None in them stands for Ctrl-C."""
+    from tinyllm import generate
+
+    queue = list(tokens)
+
+    def next_token(*args):
+        token = queue.pop(0)
+        if token is None:
+            raise KeyboardInterrupt
+        return token
+
+    monkeypatch.setattr(generate, "sample_token", next_token)
+
+
+def test_generate_instruction_streams_the_response_and_ctrl_c_keeps_it(base, monkeypatch):
+    """The prompt and then the response are printed as they are made: Ctrl-C after "cb" leaves
+    them on stdout with exit code 130 (the whole text was printed at the end, so an interrupt
+    lost all of it)."""
+    sampling(monkeypatch, tokens_of(base, "cb") + [None])
+    result = run(["generate", "--checkpoint", base, "--instruction", "reverse", "--input", "abc"])
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert result.stdout == PROMPT + "cb"
+
+
+def test_generate_instruction_prints_what_it_printed_before(base, monkeypatch):
+    """The same output as before the streaming: prompt, response up to <|endoftext|>, newline."""
+    eot = load_checkpoint(base).tokenizer.special_tokens["<|endoftext|>"]
+    sampling(monkeypatch, tokens_of(base, "cba") + [eot])
+    result = run(["generate", "--checkpoint", base, "--instruction", "reverse", "--input", "abc"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == PROMPT + "cba\n" and result.stderr == ""
+
+
+def test_generate_instruction_says_when_the_context_cut_the_response(base, monkeypatch):
+    """The prompt stays in view, so the response can have only the 6 tokens the context has
+    left: a response cut there, before <|endoftext|>, is said on stderr, not left to look
+    finished."""
+    sampling(monkeypatch, tokens_of(base, "c" * 20))
+    result = run(["generate", "--checkpoint", base, "--instruction", "reverse", "--input", "abc"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == PROMPT + "c" * 6 + "\n"
+    assert result.stderr == ("note: the response filled the model's context (48 tokens) after 6"
+                             " tokens, before <|endoftext|>: it is cut there\n")
+    sampling(monkeypatch, tokens_of(base, "c" * 20))  # --max-new-tokens cut it: as asked
+    result = run(["generate", "--checkpoint", base, "--instruction", "reverse", "--input", "abc",
+                  "--max-new-tokens", "5"])
+    assert result.stdout == PROMPT + "c" * 5 + "\n" and result.stderr == ""
+
+
 def test_instruct_counts_val_and_test_prompts_also_in_train(base, instructions, tmp_path):
     # the val file repeats one training prompt; the test file two, one with another response
     records = [json.loads(line) for line in open(instructions, encoding="utf-8")]
@@ -336,14 +393,19 @@ def test_too_little_data_is_one_line(base, tmp_path):
     assert result.exit_code == 1 and "too few examples" in result.output
 
 
-def test_epochs_set_the_number_of_steps(base, tsv, tmp_path):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_an_epoch_is_as_many_examples_as_the_records_read(base, tsv, tmp_path, accum):
+    """Not the records and their two case copies (an "epoch" was three passes over the
+    records), and over every --grad-accum micro-batch (with 2, one was two passes)."""
     out = str(tmp_path / "ep")
     result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--out", out,
-                  "--epochs", "1", "--batch-size", "4", "--eval-interval", "100"])
+                  "--epochs", "1", "--batch-size", "4", "--grad-accum", str(accum),
+                  "--eval-interval", "100", "--patience", "0"])
     assert result.exit_code == 0, result.output
     report = json.load(open(os.path.join(out, "metrics.json")))
-    n_train = report["examples"]["train"] + report["train_case_copies"]  # the texts trained on
-    assert load_checkpoint(out, kind="classifier").iter == -(-n_train // 4)  # ceil(n / batch)
+    n_train = report["examples"]["train"]  # 42 records, 84 case copies drawn from as well
+    assert report["train_case_copies"] == 2 * n_train
+    assert report["iterations"] == -(-n_train // (4 * accum))  # ceil(n / examples a step)
 
 
 def test_instruct_ctrl_c_then_resume_matches_an_uninterrupted_run(base, instructions, tmp_path,

@@ -349,6 +349,71 @@ def test_fewshot_shows_how_many_queries_are_scored(run_dir, tmp_path):
     assert result.exit_code == 0 and "queries scored: 10/10" in result.stderr, result.output
 
 
+def test_more_queries_than_a_task_has_records_is_said(run_dir, tmp_path):
+    """--queries 8 on a task of 5 records scores 5 queries: said in one line naming the task
+    (it was used quietly), not refused, since pooled tasks may differ in size."""
+    big = write_task(tmp_path / "big.jsonl")  # 10 records
+    small = write_task(tmp_path / "small.jsonl", None, RECORDS[:5])
+    result = invoke("fewshot", "--checkpoint", run_dir, "--task", big, "--task", small,
+                    "--shots", "0", "--queries", 8, "--icl-windows", 0)
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: --queries 8 is more than the records of 1 task(s), so all of their"
+                     f" records are queries: {small} (5)"]
+    assert "queries scored: 13/13" in result.stderr  # 8 of the big task, all 5 of the small
+    enough = invoke("fewshot", "--checkpoint", run_dir, "--task", big, "--shots", "0",
+                    "--queries", 8, "--icl-windows", 0)
+    assert enough.exit_code == 0 and "note:" not in enough.stderr, enough.output
+
+
+def test_a_lora_instruction_run_is_scored_with_its_adapters_merged(params, tmp_path):
+    """`generate` and `embed` accept a LoRA run (kind gpt-lora) by merging its adapters; fewshot
+    refused it. Its scores equal those of a plain run holding the merged weights."""
+    from tinyllm.lora import LoRAGPTConfig, init_lora, merge_lora
+
+    config = LoRAGPTConfig(**CONFIG.__dict__, lora_rank=2, lora_alpha=4.0)
+    adapters = init_lora(params, 2, onp.random.default_rng(1))
+    for entry in adapters["h"]:  # B = 0 would change nothing: give the adapters a real effect
+        for layer in (*entry["attn"].values(), *entry["mlp"].values()):
+            layer["b"] = onp.random.default_rng(2).standard_normal(layer["b"].shape).astype("f4")
+    adapted = {**params, "lora": adapters}
+    runs = {"lora": (tmp_path / "lora", adapted, config, "gpt-lora"),
+            "merged": (tmp_path / "merged", merge_lora(adapted, 4.0, 2), CONFIG, "gpt")}
+    task = write_task(tmp_path / "task.jsonl", {"choices": ["0", "1", "2"]})
+    (tmp_path / "heldout.txt").write_text("a0\nb1\nc2 d3\n" * 20, encoding="utf-8")
+    scores = {}
+    for name, (out, weights, cfg, kind) in runs.items():
+        save_checkpoint(str(out), weights, adamw_init(weights),
+                        onp.random.default_rng(0).bit_generator.state, cfg, TrainConfig(),
+                        TOKENIZER, 0, extra={"finetune": {"task": "instruct"}}, kind=kind)
+        result = invoke("fewshot", "--checkpoint", out, "--task", task, "--shots", "0,2",
+                        "--icl-data", tmp_path / "heldout.txt", "--icl-windows", 4,
+                        "--out", tmp_path / f"{name}.json")
+        assert result.exit_code == 0, result.output
+        saved = json.loads((tmp_path / f"{name}.json").read_text())
+        scores[name] = saved["pooled"], saved["icl_score"]  # the losses show any weight change
+    assert scores["lora"] == scores["merged"]
+    unmerged = fs.icl_score(params, CONFIG, TOKENIZER.encode("a0\nb1\nc2 d3\n" * 20), 4)
+    assert unmerged["early_loss"] != scores["lora"][1]["early_loss"]  # the adapters count
+
+
+def test_a_fine_tuning_run_asks_for_icl_data_rather_than_blame_a_changed_corpus(params,
+                                                                              tmp_path):
+    """A fine-tuning run keeps no pretraining text: the ICL score was refused as "the data
+    'pydoc' of the run ... has changed", which it had not. Now it says what to give."""
+    out = tmp_path / "instruct"
+    save_checkpoint(str(out), params, adamw_init(params),
+                    onp.random.default_rng(0).bit_generator.state, CONFIG, TrainConfig(),
+                    TOKENIZER, 0, extra={"finetune": {"task": "instruct"}})
+    task = write_task(tmp_path / "task.jsonl")
+    error = one_error_line(invoke("fewshot", "--checkpoint", out, "--task", task, "--shots", "0"))
+    assert "fine-tuning run" in error and "--icl-data" in error and "changed" not in error
+    (tmp_path / "heldout.txt").write_text("a0\nb1\n" * 30, encoding="utf-8")
+    given = invoke("fewshot", "--checkpoint", out, "--task", task, "--shots", "0",
+                   "--icl-data", tmp_path / "heldout.txt", "--icl-windows", 4)
+    assert given.exit_code == 0 and "in-context learning score" in given.stdout, given.output
+
+
 @pytest.mark.parametrize("text, words", [("a0\n", "--icl-data"), ("a0Z\n" * 20, "'Z'")])
 def test_bad_icl_data_is_refused_before_the_scoring(run_dir, tmp_path, text, words):
     """A held-out text too short for the ICL score, or with a character the model never saw,
@@ -373,6 +438,17 @@ def test_a_task_directory_means_its_jsonl_files(tmp_path):
     empty.mkdir()
     with pytest.raises(TinyLLMError, match="no .jsonl task files"):
         fs.task_files([str(empty)])
+
+
+def test_a_task_given_twice_is_refused_not_pooled_twice(tmp_path):
+    """Its queries were counted twice in the pooled rows, which narrowed the interval."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    task = write_task(folder / "a.jsonl")
+    again = tmp_path / "tasks" / ".." / "tasks" / "a.jsonl"
+    for paths in ([task, task], [folder, task], [task, again]):
+        with pytest.raises(TinyLLMError, match=r"the same task file as .*a\.jsonl, given twice"):
+            fs.task_files([str(p) for p in paths])
 
 
 def one_error_line(result):

@@ -179,3 +179,14 @@ def test_classifier_loss_stays_float32():
         config = ClassifierConfig(**{**CFG.__dict__, "pooling": pooling})
         loss = classifier_loss(make(config), ids, valid, onp.array([0, 1], onp.int32), config)
         assert onp.asarray(loss).dtype == onp.float32
+
+
+@pytest.mark.parametrize("epochs,accum,ranks,steps", [
+    (1, 1, 1, 11), (1, 2, 1, 6), (1, 2, 2, 3), (2.5, 1, 1, 27), (0.01, 1, 1, 1)])
+def test_an_epoch_is_the_records_over_the_examples_a_step_takes(epochs, accum, ranks, steps):
+    """42 records, batch 4: a step takes 4 examples on each of grad_accum micro-batches on each
+    MPI rank, and --epochs E is ceil(E * 42 / that) steps (at least one)."""
+    from tinyllm.finetune_runs import ClassifySettings, make_train_config
+
+    settings = ClassifySettings(epochs=epochs, batch_size=4, grad_accum=accum)
+    assert make_train_config(settings, 42, ranks).max_iters == steps

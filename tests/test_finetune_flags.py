@@ -54,6 +54,21 @@ def test_resume_of_an_epochs_run_keeps_the_total_its_epochs_set(base, csv_file, 
     assert report(out)["iterations"] == 6  # a new total in steps replaces the epochs
 
 
+def test_resume_keeps_the_total_an_epochs_run_began_with(base, csv_file, tmp_path):
+    """A run begun while an epoch still counted the case copies has a total that --epochs now
+    works out smaller: --resume keeps the total in its checkpoint, not a new one."""
+    out = tmp_path / "run"
+    done = run("finetune", "classify", "--checkpoint", base, "--data", csv_file, "--out", out,
+               "--epochs", "1", "--patience", "0", *FAST)  # 14 records / batch 4: 4 steps
+    assert done.exit_code == 0 and report(out)["iterations"] == 4, done.output
+    meta = json.loads((out / "config.json").read_text())
+    meta["train"]["max_iters"] = 6  # as its epoch of records and copies would have set it
+    (out / "config.json").write_text(json.dumps(meta))
+    again = run("finetune", "classify", "--out", out, "--resume")
+    assert again.exit_code == 0, again.output
+    assert report(out)["iterations"] == 6
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--freeze", "all-but-3"], "--freeze all-but-3: the model has 2 blocks"),
     (["--freeze", "all-but-x"], "--freeze must be none, all or all-but-N, got 'all-but-x'"),

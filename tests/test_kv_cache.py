@@ -433,7 +433,7 @@ def test_fewshot_and_instruction_runs_pass_use_cache_down(monkeypatch, tmp_path)
     task = tmp_path / "t.jsonl"
     task.write_text('{"input": "a", "output": "b"}\n{"input": "c", "output": "d"}\n')
     params, config, tokenizer = tiny_generator()
-    monkeypatch.setattr(fewshot, "load_checkpoint", lambda path: SimpleNamespace(
+    monkeypatch.setattr(fewshot, "load_checkpoint", lambda path, **kwargs: SimpleNamespace(
         params=params, model_config=config, tokenizer=tokenizer, iter=0))
     seen = []
     real_evaluate = fewshot.evaluate_task

@@ -71,3 +71,17 @@ def test_merge_equals_adapted_forward():
     plain = classifier_logits({k: v for k, v in params.items() if k != "lora"}, ids, valid,
                               merged_config)
     assert not onp.allclose(adapted, plain, atol=1e-4)  # the adapters do change the output
+
+
+def test_merged_gpt_folds_a_lora_model_into_a_plain_gpt(tiny_config, params32):
+    """What every command that runs a LoRA run's GPT loads: adapters merged, LoRA fields gone."""
+    from tinyllm.config import GPTConfig
+    from tinyllm.lora import LoRAGPTConfig, merged_gpt
+
+    assert merged_gpt(params32, tiny_config) == (params32, tiny_config)  # a plain GPT: as it is
+    config = LoRAGPTConfig(**tiny_config.__dict__, lora_rank=2, lora_alpha=4.0)
+    adapted = {**params32, "lora": init_lora(params32, 2, onp.random.default_rng(1))}
+    params, plain = merged_gpt(adapted, config)
+    assert type(plain) is GPTConfig and plain == tiny_config and "lora" not in params
+    onp.testing.assert_array_equal(params["h"][0]["mlp"]["c_fc"]["w"],
+                                   merge_lora(adapted, 4.0, 2)["h"][0]["mlp"]["c_fc"]["w"])

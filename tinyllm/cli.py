@@ -227,9 +227,13 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed
     if instruction is not None:  # instruction-tuned model: its template, stop at end-of-text
         from .finetune_runs import generate_instruction
 
-        click.echo(generate_instruction(checkpoint, instruction, input_text, max_new_tokens,
-                                        temperature, top_k, top_p, seed, use_cache=not no_cache,
-                                        log=lambda line: click.echo(line, err=True)))
+        notes = []  # said on stderr once the response's line has ended
+        generate_instruction(checkpoint, instruction, input_text, max_new_tokens, temperature,
+                             top_k, top_p, seed, use_cache=not no_cache, log=notes.append,
+                             on_text=lambda piece: click.echo(piece, nl=False))
+        click.echo()
+        for note in notes:
+            click.echo(note, err=True)
         return
     params, config, tokenizer = load_generator(checkpoint)  # a GPT, LoRA adapters merged if any
     if prompt:

@@ -15,19 +15,22 @@ from .progress import Counting
 
 @click.command()
 @click.option("--checkpoint", default=DEFAULT_RUN, type=click.Path(file_okay=False),
-              help="Run directory written by `tinyllm pretrain`.")
+              help="Run directory written by `tinyllm pretrain`, or by `tinyllm finetune"
+                   " instruct` (LoRA adapters merged).")
 @click.option("--task", "task_paths", multiple=True, required=True, type=click.Path(),
               help="JSONL task file (see `tinyllm/fewshot.py`), or a directory of them; repeat"
                    " to pool several tasks.")
 @click.option("--shots", default=SHOTS,
               help="Comma-separated numbers of demonstrations k to evaluate.")
 @click.option("--queries", default=None, type=int, callback=positive,
-              help="Queries per task, sampled from its records.  [default: all records]")
+              help="Queries per task, sampled from its records; a task with fewer records uses"
+                   " all of them (a note names it).  [default: all records]")
 @click.option("--seed", default=0, callback=random_seed, help="Seed for choosing queries and demonstrations.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="Write the results as JSON to this file (atomically).  [default: none]")
 @click.option("--icl-data", default=None, metavar="FILE|NAME",
-              help="Held-out text for the in-context learning score."
+              help="Held-out text for the in-context learning score; needed for a fine-tuning"
+                   " run, which keeps no pretraining text."
                    "  [default: the validation split of the checkpoint's corpus]")
 @click.option("--icl-windows", default=ICL_WINDOWS, callback=count,
               help="Context windows averaged for the in-context learning score (0: skip it).")

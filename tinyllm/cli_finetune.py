@@ -52,7 +52,11 @@ def training_options(settings_cls):
         click.option("--max-iters", default=d.max_iters, callback=step_count,
                      help="Most optimizer steps (with --resume: the new total)."),
         click.option("--epochs", default=None, callback=positive, type=float,
-                     help="Passes over the training split, instead of --max-iters.  [default: off]"),
+                     help="Passes over the training split, instead of --max-iters: an epoch is"
+                          " as many examples as the split has records read (`finetune classify`"
+                          " draws them from the records and their case copies), over all"
+                          " --grad-accum micro-batches and MPI ranks; rounded up to whole steps."
+                          "  [default: off]"),
         click.option("--lr", default=d.lr, callback=positive,
                      help="Peak learning rate (cosine decay to lr/10)."),
         click.option("--warmup-iters", default=d.warmup_iters, callback=non_negative,

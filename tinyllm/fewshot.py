@@ -76,6 +76,7 @@ from .errors import TinyLLMError
 from .fewshot_template import build_prompt
 from .fileio import atomic_write_json, decode_utf8, read_bounded, split_lines
 from .generate import greedy_batch
+from .lora import merged_gpt
 from .models import gpt_forward
 from .ops import log_softmax
 from .train import run_corpus
@@ -179,6 +180,7 @@ def task_files(paths):
     """Task file paths, with each directory among them replaced by its *.jsonl files, sorted.
 
     Example: ["a.jsonl", "heldout/"] -> ["a.jsonl", "heldout/h0.jsonl", "heldout/h1.jsonl"].
+    A file named twice (say, by itself and by its directory) is an error.
     """
     files = []
     for path in paths:
@@ -189,6 +191,13 @@ def task_files(paths):
             files += found
         else:
             files.append(path)
+    seen = {}
+    for path in files:  # a task scored twice would count its queries twice in the pooled rows
+        if os.path.realpath(path) in seen:
+            raise TinyLLMError(f"--task {path}: the same task file as"
+                               f" {seen[os.path.realpath(path)]}, given twice (each task is"
+                               " scored once)")
+        seen[os.path.realpath(path)] = path
     return files
 
 
@@ -331,7 +340,8 @@ def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0
                   use_cache=True, on_query=None):
     """Accuracy of the model on `task` for each k in `shots`: a list of per-k result dicts.
 
-    The queries are a random sample of n_queries records (all when None), the same for every k.
+    The queries are a random sample of n_queries records (all when None or more than the
+    records), the same for every k.
     on_query(), if given, is called after each query is scored (len(shots) times per query).
     """
     check_enough_records(task, max(shots))
@@ -494,6 +504,10 @@ def heldout_ids(ckpt, data=None):
     held out. A file or corpus named by `data` (--icl-data) is used whole.
     Returns (ids, description).
     """
+    if data is None and "finetune" in ckpt.meta:
+        raise TinyLLMError("the checkpoint is a fine-tuning run, which keeps no record of the"
+                           " text its base was pretrained on: give --icl-data FILE|NAME for the"
+                           " in-context learning score, or --icl-windows 0 to skip it")
     if data is None:
         data = ckpt.meta.get("data") or "pydoc"  # runs that stored no name trained on pydoc
         text = run_corpus(ckpt.meta, "the checkpoint")  # a file is read only if its sha256 matches
@@ -531,13 +545,19 @@ def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=
     tasks = [read_task(p) for p in task_files(task_paths)]
     for task in tasks:
         check_enough_records(task, max(shots))
-    ckpt = load_checkpoint(checkpoint)
+    short = [t for t in tasks if n_queries and n_queries > len(t.records)]
+    if short:  # not refused: pooled tasks may differ in size, and each row gives its n
+        log(f"note: --queries {n_queries} is more than the records of {len(short)} task(s), so"
+            " all of their records are queries: " + ", ".join(f"{t.path} ({len(t.records)})"
+                                                             for t in short))
+    ckpt = load_checkpoint(checkpoint, kind=("gpt", "gpt-lora"))
+    params, config = merged_gpt(ckpt.params, ckpt.model_config)  # LoRA adapters merged, if any
     if icl_windows:  # read before the slow part: a bad or short --icl-data is said at once
         heldout, source = heldout_ids(ckpt, icl_data)
-        if len(heldout) < ckpt.model_config.block_size + 1:
+        if len(heldout) < config.block_size + 1:
             raise TinyLLMError(f"{'--icl-data ' if icl_data else ''}{source}: {len(heldout):,}"
                                " tokens, too few for the in-context learning score (it needs"
-                               f" {ckpt.model_config.block_size + 1}): give a longer text, or"
+                               f" {config.block_size + 1}): give a longer text, or"
                                " --icl-windows 0 to skip it")
     total = len(shots) * sum(min(n_queries or len(t.records), len(t.records)) for t in tasks)
     shown = progress(total) if progress else None
@@ -548,15 +568,15 @@ def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=
     for task in tasks:
         say(f"{task.path}: {len(task.records)} records,"
             f" {'choices (log-likelihood)' if task.choices else 'exact match (greedy)'}")
-        per_task.append(evaluate_task(ckpt.params, ckpt.model_config, ckpt.tokenizer, task,
+        per_task.append(evaluate_task(params, config, ckpt.tokenizer, task,
                                       shots, n_queries, seed, log=lambda line: say("  " + line),
                                       use_cache=use_cache, on_query=on_query))
     if shown:
         shown.close()
     icl = None
     if icl_windows:
-        icl = {"data": source, **icl_score(ckpt.params, ckpt.model_config, onp.asarray(heldout),
-                                           icl_windows, seed)}
+        icl = {"data": source, **icl_score(params, config, onp.asarray(heldout), icl_windows,
+                                           seed)}
     return {
         "format": RESULTS_FORMAT, "version": RESULTS_VERSION,
         "checkpoint": os.path.abspath(checkpoint), "iter": ckpt.iter, "seed": seed,

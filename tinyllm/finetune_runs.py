@@ -61,7 +61,7 @@ from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
                             encode_with_fallback, label_ids, read_classification,
                             read_instructions, split_three, with_case_copies, with_unknown_token,
                             without_repeats)
-from .lora import LoRAGPTConfig, apply_lora, init_lora, merge_lora
+from .lora import LoRAGPTConfig, apply_lora, init_lora, merge_lora, merged_gpt
 from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init
 from .progress import Counting
@@ -100,7 +100,9 @@ class FinetuneSettings:
     lora_alpha: Optional[float] = None  # adapter scale numerator; None: 2 * lora_rank
     batch_size: int = 16
     max_iters: int = 300
-    epochs: Optional[float] = None  # passes over the training split; replaces max_iters
+    epochs: Optional[float] = None  # replaces max_iters: an epoch is as many examples as the
+    # training split has records (a classifier draws them from the records and their case
+    # copies), whatever --batch-size, --grad-accum and the number of MPI ranks
     lr: float = 3e-4
     warmup_iters: int = 20
     weight_decay: float = 0.01
@@ -284,9 +286,7 @@ def load_base(settings, log, kinds=("gpt", "gpt-lora")):
         ckpt = load_checkpoint(settings.checkpoint, kind=kinds)
     except TinyLLMError as err:
         raise TinyLLMError(f"--checkpoint: {err} (expected a run of `tinyllm pretrain`)") from None
-    config = ckpt.model_config
-    params = merge_lora(ckpt.params, getattr(config, "lora_alpha", 0), getattr(config, "lora_rank", 1))
-    config = config.gpt() if hasattr(config, "gpt") else config
+    params, config = merged_gpt(ckpt.params, ckpt.model_config)  # a LoRA run: adapters merged
     if settings.random_init:
         params = init_gpt(config, rng)
     what = "random init, same architecture" if settings.random_init else "pretrained"
@@ -320,16 +320,27 @@ def encode_all(tokenizer, texts):
     return out, fallback
 
 
-def make_train_config(settings, n_train):
-    """The TrainConfig of a run; --epochs turns into steps over the training split."""
+def make_train_config(settings, n_records, ranks=1):
+    """The TrainConfig of a run. --epochs turns into steps: an epoch is as many examples as the
+    training split has records (`n_records`; case copies are drawn from, not counted), and a
+    step takes batch_size examples for each of grad_accum micro-batches on each of `ranks`
+    processes. Example: 1 epoch of 42 records, batch 4, grad_accum 2, one rank -> 6 steps."""
     max_iters = settings.max_iters
     if settings.epochs is not None:
-        max_iters = max(1, math.ceil(settings.epochs * n_train / settings.batch_size))
+        per_step = settings.batch_size * settings.grad_accum * ranks
+        max_iters = max(1, math.ceil(settings.epochs * n_records / per_step))
     return TrainConfig(batch_size=settings.batch_size, max_iters=max_iters, lr=settings.lr,
                        min_lr=settings.lr / 10, warmup_iters=settings.warmup_iters,
                        weight_decay=settings.weight_decay,
                        eval_interval=min(settings.eval_interval, max_iters), eval_iters=1,
                        seed=settings.seed, grad_accum=settings.grad_accum).validate()
+
+
+def resumed_train_config(ckpt, tc, max_iters):
+    """A resumed run's own TrainConfig, to the new total --max-iters gives (in `tc`), or else to
+    the total the run began with, as its checkpoint holds it: not one worked out again from
+    --epochs, which a run begun before an epoch counted only the records read would change."""
+    return replace(ckpt.train_config, max_iters=tc.max_iters) if max_iters else ckpt.train_config
 
 
 def check_step_memory(config, tc, windows_per_text):
@@ -749,9 +760,9 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     log("accuracy before fine-tuning: " + format_accuracies(before))
     # 6. train
     start_finetune_dir(out, resume, force)
-    tc = make_train_config(s, len(train))
-    if resume:  # the run's own config, to the total its --epochs or --max-iters set
-        tc = replace(ckpt.train_config, max_iters=tc.max_iters)
+    tc = make_train_config(s, n_read, world.size)  # an epoch: the records read, not the copies
+    if resume:
+        tc = resumed_train_config(ckpt, tc, max_iters)
     check_step_memory(config, tc, int(sets["train"][0].count.max()))  # the most windows a text has
     log_trainable(params, paths, f"LoRA rank {config.lora_rank}: adapters and head"
                   if config.lora_rank else f"--freeze {s.freeze}", log)
@@ -1099,9 +1110,9 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
         f" {100 * before['token_f1']:.1f}%")
     # 6. train
     start_finetune_dir(out, resume, force)
-    tc = make_train_config(s, len(arrays["train"][0]))
-    if resume:  # as for classification
-        tc = replace(ckpt.train_config, max_iters=tc.max_iters)
+    tc = make_train_config(s, len(arrays["train"][0]), world.size)
+    if resume:
+        tc = resumed_train_config(ckpt, tc, max_iters)
     check_step_memory(config, tc, 1)
     flat = flatten(params)
     paths = [p for p in flat if p.startswith("lora.")] if "lora" in params else list(flat)
@@ -1147,19 +1158,19 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
 def load_generator(checkpoint):
     """(params, GPTConfig, tokenizer) of a pretrained or instruction-tuned run, adapters merged."""
     ckpt = load_checkpoint(checkpoint, kind=("gpt", "gpt-lora"))
-    config = ckpt.model_config
-    if hasattr(config, "lora_rank"):
-        return merge_lora(ckpt.params, config.lora_alpha, config.lora_rank), config.gpt(), ckpt.tokenizer
-    return ckpt.params, config, ckpt.tokenizer
+    return (*merged_gpt(ckpt.params, ckpt.model_config), ckpt.tokenizer)
 
 
 def generate_instruction(checkpoint, instruction, input_text="", max_new_tokens=200,
                          temperature=0.0, top_k=None, top_p=None, seed=None, use_cache=True,
-                         log=print):
+                         log=print, on_text=None):
     """The fine-tuning prompt for an instruction (and input) plus the model's response, which
-    ends at the end-of-text token (`tinyllm generate --instruction`). Characters a char model
-    never saw are read as its unknown token, and `log` is told how many."""
-    from .generate import check_sampling_args, generate_ids
+    ends at the end-of-text token (`tinyllm generate --instruction`). `on_text(piece)`, if
+    given, gets the prompt and then the response as it is made, each piece final (see
+    generate.TextStream): the pieces add up to the text returned. Characters a char model
+    never saw are read as its unknown token, and `log` is told how many; it is told too when
+    the response fills the context before it ends."""
+    from .generate import check_sampling_args, complete_ids
 
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     if not instruction.strip():
@@ -1173,7 +1184,13 @@ def generate_instruction(checkpoint, instruction, input_text="", max_new_tokens=
     if len(ids) >= config.block_size:
         raise TinyLLMError(f"--instruction/--input: the prompt has {len(ids)} tokens, the model's"
                            f" context is {config.block_size}")
-    limit = min(max_new_tokens, config.block_size - len(ids))  # the template must stay in view
-    new = generate_ids(params, config, ids, limit, onp.random.default_rng(seed), temperature,
-                       top_k, top_p, stop=lambda out: out[-1] == eot, use_cache=use_cache)
-    return prompt + tokenizer.decode([i for i in new if i != eot])
+    room = config.block_size - len(ids)  # the template must stay in view: no sliding
+    emit = on_text or (lambda piece: None)
+    emit(prompt)
+    response, new = complete_ids(params, config, tokenizer, ids, min(max_new_tokens, room),
+                                 onp.random.default_rng(seed), temperature, top_k, top_p,
+                                 use_cache=use_cache, on_text=emit)
+    if room < max_new_tokens and len(new) == room and new[-1] != eot:
+        log(f"note: the response filled the model's context ({config.block_size} tokens) after"
+            f" {room} tokens, before {EOT}: it is cut there")
+    return prompt + response

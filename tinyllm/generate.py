@@ -119,6 +119,18 @@ def generate_text(params, config, tokenizer, prompt, max_new_tokens=MAX_NEW_TOKE
     check_sampling_args(temperature, top_k, top_p, max_new_tokens)
     eot = tokenizer.special_tokens.get("<|endoftext|>")
     ids = tokenizer.encode(prompt) if prompt else _start_ids(tokenizer, eot)
+    return complete_ids(params, config, tokenizer, ids, max_new_tokens,
+                        onp.random.default_rng(seed), temperature, top_k, top_p, stop_text,
+                        use_cache, on_text)[0]
+
+
+def complete_ids(params, config, tokenizer, ids, max_new_tokens, rng, temperature=1.0,
+                 top_k=None, top_p=None, stop_text=None, use_cache=True, on_text=None):
+    """(text, new ids): the completion of the token ids `ids`, its text passed to `on_text` as
+    it is made (see `TextStream`). It ends at max_new_tokens, at the end-of-text token (not
+    part of the text), or just before `stop_text`. `generate_text` and `tinyllm generate
+    --instruction` both use it."""
+    eot = tokenizer.special_tokens.get("<|endoftext|>")
     stream = TextStream(tokenizer, stop_text, on_text)
 
     def stop(new):
@@ -126,10 +138,9 @@ def generate_text(params, config, tokenizer, prompt, max_new_tokens=MAX_NEW_TOKE
             return True  # end of text, which is not part of it
         return stream.add(new[-1])
 
-    rng = onp.random.default_rng(seed)
-    generate_ids(params, config, ids, max_new_tokens, rng, temperature, top_k, top_p, stop,
-                 use_cache)
-    return stream.finish()
+    new = generate_ids(params, config, ids, max_new_tokens, rng, temperature, top_k, top_p,
+                       stop, use_cache)
+    return stream.finish(), new
 
 
 class TextStream:

@@ -71,6 +71,14 @@ def merge_lora(params, alpha, rank):
     return apply_lora(params, alpha / rank)
 
 
+def merged_gpt(params, config):
+    """(params, GPTConfig) of a GPT to run: a LoRA model's adapters folded into its weights and
+    its config without the LoRA fields; a plain GPT as it is."""
+    if not isinstance(config, LoRAGPTConfig):
+        return params, config
+    return merge_lora(params, config.lora_alpha, config.lora_rank), config.gpt()
+
+
 def count_lora(params):
     """Number of adapter parameters in a tree (0 without LoRA)."""
     if "lora" not in params:
