@@ -2,11 +2,13 @@
 
 import numpy as onp
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tinyllm.data import (
     check_long_enough,
+    encode_corpus,
+    encode_in_pieces,
     get_batch,
     load_corpus,
     MIN_PARAGRAPH_CHARS,
@@ -18,9 +20,11 @@ from tinyllm.data import (
     python_docs_corpus,
     stdlib_docstrings_corpus,
     read_text_file,
+    text_pieces,
     train_val_split,
 )
 from tinyllm.errors import TinyLLMError
+from tinyllm.tokenizers import BPETokenizer, CharTokenizer
 
 # ----------------------------------------------------------------------------- split
 
@@ -38,6 +42,59 @@ def test_split_keeps_every_token_once_in_order(n):
     train, val = train_val_split(ids)
     assert len(train) == int(n * 0.9)
     onp.testing.assert_array_equal(onp.concatenate([train, val]), ids)
+
+
+# ----------------------------------------------------------------------------- encoding in pieces
+
+# letters (one with an accent), digits, symbols, an apostrophe, spaces, tabs and line ends: every
+# alternative of BPE's pre-split, and whitespace runs that take a space from the word after them
+PIECE_ALPHABET = "ab\u00e9 12.,'\t\nsd"
+BPE = BPETokenizer.train("ab\u00e9 ab  12 .. 'sd a\tb\n\n  ab   ab\t\t ab \n ab    ab" * 3, 300)
+CHAR = CharTokenizer.train(PIECE_ALPHABET)
+
+
+def test_text_pieces_worked_example():
+    assert list(text_pieces("ab cd  ef\ngh", 3)) == ["ab cd", "  ef", "\ngh"]
+    assert list(text_pieces("abcdefgh", 3)) == ["abcdefgh"]  # no space to cut before
+    assert list(text_pieces("", 3)) == [""]
+
+
+# texts of words and runs of whitespace, where a cut in the wrong place changes BPE's chunks
+piece_texts = st.one_of(
+    st.text(alphabet=PIECE_ALPHABET, max_size=80),
+    st.lists(st.sampled_from(["ab", "\u00e9", "12", "..", "'sd", " ", "  ", "\t", "\n"]),
+             max_size=30).map("".join))
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=piece_texts, size=st.integers(1, 12))
+@example(text="a   b", size=2)  # cut before the second space: "a " + "  b" is not "a" "  " " b"
+def test_text_encoded_in_pieces_is_the_text_encoded_whole(text, size):
+    """For both tokenizers, whatever the piece size: so pretraining on a text and embedding a
+    line give the same ids with progress shown as without it."""
+    pieces = list(text_pieces(text, size))
+    assert "".join(pieces) == text and all(len(p) >= size for p in pieces[:-1])
+    for tokenizer in (CHAR, BPE):
+        joined = [i for ids, _ in encode_in_pieces(tokenizer, text, size) for i in ids]
+        assert joined == tokenizer.encode(text)
+        whole = onp.asarray(tokenizer.encode(text), dtype=onp.int32)
+        got = encode_corpus(tokenizer, text, size=size)
+        assert got.dtype == onp.int32 and onp.array_equal(got, whole)
+
+
+def test_encode_corpus_reports_its_progress_in_characters():
+    seen = []
+    encode_corpus(CHAR, "ab ab ab ab", lambda done, total: seen.append((done, total)), size=2)
+    assert seen == [(2, 11), (5, 11), (8, 11), (11, 11)]  # cut before each " ab"
+
+
+def test_an_error_in_a_later_piece_names_its_place_in_the_whole_text():
+    text = "ab " * 10 + "abz"
+    with pytest.raises(TinyLLMError) as whole:
+        CHAR.encode(text)
+    with pytest.raises(TinyLLMError) as pieces:
+        encode_corpus(CHAR, text, size=4)
+    assert str(pieces.value) == str(whole.value) and "position 32" in str(whole.value)
 
 
 # ----------------------------------------------------------------------------- batches

@@ -1,10 +1,12 @@
 """Tests of greedy and beam-search decoding (tinyllm/decoding.py)."""
 
 import numpy as onp
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinyllm.decoding import _strip, beam_search, greedy_decode, length_penalty, translate_texts
+from tinyllm.decoding import (Output, Translation, _strip, beam_search, greedy_decode,
+                              length_penalty, translate, translate_texts)
 from tinyllm.seq2seq import Seq2SeqConfig, init_seq2seq
 from tinyllm.seq2seq_data import SEQ2SEQ_SPECIAL_TOKENS, make_arrays
 from tinyllm.tokenizers import CharTokenizer
@@ -24,6 +26,7 @@ def random_params(seed):
 def test_worked_helpers():
     assert length_penalty(7, 1.0) == 2.0 and length_penalty(3, 0.0) == 1.0
     assert _strip([5, 6, EOS, EOS], EOS) == [5, 6] and _strip([5, 6], EOS) == [5, 6]
+    assert not _strip([5, 6, EOS, EOS], EOS).cut and _strip([5, 6], EOS).cut
 
 
 @settings(max_examples=25, deadline=None)
@@ -47,22 +50,35 @@ def test_batched_greedy_equals_one_at_a_time(seed, lengths):
         assert greedy_decode(params, CONFIG, onp.asarray([source]), None, BOS, EOS, 7)[0] == out
 
 
-def eos_loving_params():
-    """A model whose output is <eos> first, whatever the input: the final norm's output is a
-    constant (gain 0, shift e_0) and the untied head maps e_0 to a large <eos> logit."""
+def token_loving_params(token=EOS):
+    """A model whose output is `token` at every step, whatever the input: the final norm's output
+    is a constant (gain 0, shift e_0) and the untied head maps e_0 to a large `token` logit."""
     config = Seq2SeqConfig(vocab_size=9, block_size=8, n_layer=1, n_head=2, n_embd=16,
                            tie_weights=False)
     params = init_seq2seq(config, onp.random.default_rng(0))
     params["dec_ln_f"]["g"][:] = 0.0
     params["dec_ln_f"]["b"][:] = onp.eye(16)[0]
-    params["lm_head"]["w"][0, EOS] = 10.0
+    params["lm_head"]["w"][0, token] = 10.0
     return params, config
 
 
 def test_decoding_stops_at_eos():
-    params, config = eos_loving_params()
-    assert greedy_decode(params, config, onp.asarray([[3, 4]]), None, BOS, EOS, 7) == [[]]
-    assert beam_search(params, config, [3, 4], BOS, EOS, 7, beam_size=3) == []
+    params, config = token_loving_params(EOS)
+    greedy = greedy_decode(params, config, onp.asarray([[3, 4]]), None, BOS, EOS, 7)
+    beam = beam_search(params, config, [3, 4], BOS, EOS, 7, beam_size=3)
+    assert greedy == [[]] and beam == []
+    assert not greedy[0].cut and not beam.cut
+
+
+@pytest.mark.parametrize("token", [PAD, BOS, 5])
+def test_an_output_without_eos_is_reported_cut_at_the_length_limit(token):
+    """Whatever the tokens, <pad> and <bos> too (which the text of a translation drops)."""
+    params, config = token_loving_params(token)
+    greedy = greedy_decode(params, config, onp.asarray([[3, 4], [5, 0]]),
+                           onp.asarray([[1, 1], [1, 0]]), BOS, EOS, 6)
+    beam = beam_search(params, config, [3, 4], BOS, EOS, 6, beam_size=3)
+    for out in greedy + [beam]:
+        assert out == [token] * 6 and out.cut
 
 
 @settings(max_examples=10, deadline=None)
@@ -97,14 +113,29 @@ def test_translate_texts_is_the_search_it_names_decoded(seed, k, texts):
         assert len(out) <= 5 and not any(name in out for name in SEQ2SEQ_SPECIAL_TOKENS)
 
 
+def test_translate_says_which_translations_were_cut():
+    tok = TEXT_TOKENIZER
+    special = tok.special_tokens
+    for token, want in ((special["<eos>"], Translation("", False)),
+                        (special["<pad>"], Translation("", True)),
+                        (tok.encode("c")[0], Translation("ccccc", True))):
+        params, config = token_loving_params(token)
+        for k in (1, 2):
+            assert translate(params, config, tok, ["ab", "fed"], beam_size=k, max_len=5) == \
+                [want, want]
+            assert translate_texts(params, config, tok, ["ab"], beam_size=k, max_len=5) == \
+                [want.text]
+
+
 def test_without_max_len_a_translation_stops_at_twice_its_source_plus_50(monkeypatch):
     """A model that never says <eos> must not decode a huge context's every step."""
     from tinyllm import decoding
 
     asked = []
-    monkeypatch.setattr(decoding, "greedy_decode",
-                        lambda *args, **kw: asked.append(args[6]) or [[5]] * len(args[2]))
-    monkeypatch.setattr(decoding, "beam_search", lambda *args, **kw: asked.append(args[5]) or [5])
+    monkeypatch.setattr(decoding, "greedy_decode", lambda *args, **kw: asked.append(args[6])
+                        or [Output([5], cut=False)] * len(args[2]))
+    monkeypatch.setattr(decoding, "beam_search",
+                        lambda *args, **kw: asked.append(args[5]) or Output([5], cut=False))
     tok = TEXT_TOKENIZER
     for block_size, beam, max_len, want in [(1 << 20, 1, None, 2 * 4 + 50),
                                             (1 << 20, 3, None, 2 * 4 + 50),

@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig
-from tinyllm.embed import (cosine_similarity, embed_texts, nearest, nearest_neighbour_agreement,
-                           read_lines, window_vectors)
+from tinyllm import embed
+from tinyllm.embed import (cosine_similarity, embed_sequences, embed_texts, encode_texts,
+                           most_tokens_read, nearest, nearest_neighbour_agreement, read_lines,
+                           window_vectors)
 from tinyllm.errors import TinyLLMError
 from tinyllm.models import init_gpt
 from tinyllm.tokenizers import CharTokenizer
@@ -68,6 +70,37 @@ def test_a_text_longer_than_the_context_is_the_mean_of_its_windows():
     want = window_vectors(PARAMS, CONFIG, windows, onp.ones(windows.shape), True).mean(axis=0)
     onp.testing.assert_allclose(got[0], want, rtol=1e-5)
     assert cut == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(lengths=st.lists(st.integers(1, 60), min_size=1, max_size=5), max_windows=st.integers(1, 4),
+       piece=st.integers(1, 20), seed=st.integers(0, 1000))
+def test_texts_encoded_in_pieces_and_cut_short_give_the_same_vectors(lengths, max_windows, piece,
+                                                                      seed):
+    """encode_texts keeps at most the tokens the windows read and one more: the vectors and the
+    count of cut texts are those of the texts encoded whole."""
+    rng = onp.random.default_rng(seed)
+    texts = ["".join(rng.choice(list("abcdefgh "), n)) for n in lengths]
+    keep = most_tokens_read(CONFIG.block_size, max_windows)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(embed, "PIECE_CHARACTERS", piece)
+        seqs = encode_texts(TOKENIZER, texts, keep)
+    whole = [TOKENIZER.encode(t) for t in texts]
+    assert seqs == [ids[:keep + 1] for ids in whole]
+    got, cut = embed_sequences(PARAMS, CONFIG, seqs, True, max_windows=max_windows)
+    want, want_cut = embed_sequences(PARAMS, CONFIG, whole, True, max_windows=max_windows)
+    onp.testing.assert_array_equal(got, want)
+    assert cut == want_cut == sum(len(ids) > keep for ids in whole)
+
+
+def test_encoding_reports_its_progress_in_characters_as_it_goes(monkeypatch):
+    monkeypatch.setattr(embed, "PIECE_CHARACTERS", 10)
+    seen = []
+    encode_texts(TOKENIZER, ["abc " * 10, "ab", "abcdefgh " * 3], 1000, seen.append)
+    assert seen == sorted(seen) and len(seen) >= 6 and seen[-1] == 40 + 2 + 27
+    seen.clear()
+    encode_texts(TOKENIZER, ["ab"] * 25, 1000, seen.append)  # many short lines: every 10 characters
+    assert seen == [10, 20, 30, 40, 50, 50]
 
 
 def test_cosine_and_nearest_worked_example():
@@ -130,6 +163,21 @@ def test_embed_shows_its_progress_and_shortens_a_long_neighbour(clm_run, tmp_pat
     assert "lines embedded: 3/3" in result.stderr
     hit = next(line for line in result.output.splitlines() if " line 2: " in line)
     assert hit.endswith("... (1,999 characters)") and len(hit) < 400
+
+
+def test_embed_shows_the_progress_of_encoding_from_the_start(clm_run, tmp_path, monkeypatch):
+    """A file of one huge line (or millions of short ones) takes minutes to encode: the count of
+    characters encoded moves as it goes, before any line is embedded."""
+    monkeypatch.setattr(embed, "PIECE_CHARACTERS", 100)
+    path = tmp_path / "lines.txt"
+    long_line = ("The quick brown fox " * 100).strip()  # 1,999 characters
+    path.write_text(f"Pack my box\n{long_line}\n", encoding="utf-8")
+    result = invoke("embed", "--checkpoint", clm_run[0], "--data", path, "--out", tmp_path / "v")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    counts = [i for i, line in enumerate(lines) if line.startswith("characters encoded: ")]
+    assert len(counts) >= 5 and lines[counts[-1]].startswith("characters encoded: 2,010/2,010")
+    assert counts[-1] < next(i for i, line in enumerate(lines) if line.startswith("lines embedded"))
 
 
 def test_the_note_on_cut_lines_says_where_they_were_cut(clm_run, tmp_path):

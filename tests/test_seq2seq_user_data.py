@@ -3,6 +3,7 @@ or whose total is already passed, and flags that would do nothing in the combina
 
 import json
 
+import numpy as onp
 import pytest
 
 from test_cli_seq2seq import TINY, assert_user_error, invoke
@@ -79,7 +80,8 @@ def test_held_out_outputs_that_do_not_stop_are_not_cut_into_matches(tmp_path, mo
     def never_stops(params, config, tokenizer, texts, *args, **kw):
         z = tokenizer.encode("z")[0]
         monkeypatch.setattr(decoding, "greedy_decode", lambda params, config, src, src_valid,
-                            bos, eos, max_len, use_cache: [[z] * max_len for _ in src])
+                            bos, eos, max_len, use_cache: [decoding.Output([z] * max_len, cut=True)
+                                                           for _ in src])
         return real(params, config, tokenizer, texts, *args, **kw)
 
     monkeypatch.setattr(seq2seq_run, "translate_texts", never_stops)
@@ -119,9 +121,11 @@ def decoding_emits(monkeypatch, length):
     """Make greedy decoding emit `length` z's and then <eos> (cut by max_len, as the loop is)."""
     from tinyllm import decoding
 
-    monkeypatch.setattr(decoding, "greedy_decode", lambda params, config, src, src_valid, bos,
-                        eos, max_len, use_cache: [[config.vocab_size - 4] * min(length, max_len)
-                                                  for _ in src])  # 'z': the last character
+    def emit(params, config, src, src_valid, bos, eos, max_len, use_cache):
+        z = config.vocab_size - 4  # 'z': the last character
+        return [decoding.Output([z] * min(length, max_len), cut=length >= max_len) for _ in src]
+
+    monkeypatch.setattr(decoding, "greedy_decode", emit)
 
 
 def test_scoring_leaves_room_for_the_longest_reference(long_targets_run, monkeypatch):
@@ -148,3 +152,36 @@ def test_translations_cut_at_the_length_limit_are_counted(long_targets_run, monk
     result = invoke("seq2seq", "translate", "--checkpoint", out, "--data", path, "--max-len", 500)
     assert "limit of 79 tokens" in result.output
     assert "the context, --block-size 80, allows no more" in result.output
+
+
+
+def decoder_always_says(monkeypatch, token, eos):
+    """Make the decoder's likeliest next token always `token` (an id) and `eos` the least likely;
+    the greedy and beam search loops run as they are."""
+    from tinyllm import decoding
+
+    def next_log_probs_fn(params, config, memory, src_valid, use_cache):
+        def next_log_probs(prefixes, parents=None):
+            logp = onp.full((len(prefixes), config.vocab_size), -30.0)  # (R, V)
+            logp[:, eos], logp[:, token] = -60.0, 0.0
+            return logp
+
+        return next_log_probs
+
+    monkeypatch.setattr(decoding, "next_log_probs_fn", next_log_probs_fn)
+
+
+@pytest.mark.parametrize("beam", ["1", "2"])
+def test_cut_translations_of_pad_tokens_are_counted(long_targets_run, monkeypatch, beam):
+    """A barely trained model may emit <pad> until the length limit: decoding drops <pad> from
+    the text, so the (empty) text cannot show the cut; the decoder reports it."""
+    from tinyllm.checkpoint import load_checkpoint
+
+    path, out = long_targets_run
+    special = load_checkpoint(str(out), kind="seq2seq").tokenizer.special_tokens
+    decoder_always_says(monkeypatch, special["<pad>"], special["<eos>"])
+    result = invoke("seq2seq", "translate", "--checkpoint", out, "--data", path,
+                    "--beam-size", beam)
+    assert result.exit_code == 0, result.output
+    assert "note: 10 translations reached the length limit of 71 tokens" in result.output
+    assert "10 pairs: exact match 0.0%" in result.output

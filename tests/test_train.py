@@ -4,6 +4,7 @@ run-directory safety and data checks. Every run is a 1-layer, 16-channel model o
 import json
 import os
 from dataclasses import replace
+from types import SimpleNamespace
 
 import autograd.numpy as anp
 import numpy as onp
@@ -16,7 +17,9 @@ from tinyllm.errors import TinyLLMError
 from tinyllm.optim import adamw_init, lr_at
 from tinyllm.train import (
     Committed,
+    TrainingClock,
     TrainingInterrupted,
+    earlier_train_seconds,
     pretrain,
     read_metrics,
     train_loop,
@@ -193,6 +196,48 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(tmp_path, data, monkeyp
     b = load_checkpoint(str(tmp_path / "whole"), with_optimizer=True)
     assert_trees_equal(a.opt_state, b.opt_state)
     assert a.rng_state == b.rng_state
+
+
+def test_the_training_clock_adds_this_part_to_the_earlier_ones(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    clock = TrainingClock(30.0)
+    now[0] += 12.34
+    assert (clock.part(), clock.total()) == (12.3, 42.3)
+    clock.stop()
+    now[0] += 5.0  # after stop() the clock does not run on
+    assert (clock.part(), clock.total()) == (12.3, 42.3)
+    assert TrainingClock(None).total() is None  # earlier parts of unknown length
+
+
+@pytest.mark.parametrize("stored, want", [
+    (30, 30.0), (2.5, 2.5), (0, 0.0),
+    (None, None),  # a checkpoint from before tinyllm kept the time
+    (-1, None), ("30", None), (True, None), (float("inf"), None), (float("nan"), None),
+    (10**400, None),  # json reads a 400-digit number as an int that no float can hold
+])
+def test_the_earlier_training_time_counts_only_a_time(stored, want):
+    """config.json is untrusted: only a finite number >= 0 is a time."""
+    meta = {"iter": 3} if stored is None else {"iter": 3, "train_seconds": stored}
+    assert earlier_train_seconds(meta) == want
+
+
+def test_a_resumed_run_keeps_its_training_time_over_every_part(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(TrainingClock, "part", lambda clock: 7.0)  # each part takes 7 s
+    out = tmp_path / "run"
+    config = out / "config.json"
+    first = run(out, data, replace(TRAIN, max_iters=3))
+    assert (first["seconds"], first["train_seconds"]) == (7.0, 7.0)
+    assert json.loads(config.read_text())["train_seconds"] == 7.0
+    second = run(out, None, resume=True, max_iters=6)
+    assert (second["seconds"], second["train_seconds"]) == (7.0, 14.0)
+    assert json.loads(config.read_text())["train_seconds"] == 14.0
+    meta = json.loads(config.read_text())
+    del meta["train_seconds"]  # as a run saved before tinyllm kept the time
+    config.write_text(json.dumps(meta), encoding="utf-8")
+    third = run(out, None, resume=True, max_iters=9)
+    assert third["train_seconds"] is None and third["final"]["iter"] == 9
+    assert json.loads(config.read_text())["train_seconds"] is None  # and it stays unknown
 
 
 def test_resume_drops_metrics_past_the_checkpoint(tmp_path, data):

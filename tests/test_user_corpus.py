@@ -1,9 +1,12 @@
 """A new user's own text through `tinyllm pretrain`, `generate` and `finetune instruct`: what
 they see while it works, and one-line errors for what cannot work."""
 
+import json
 import os
+import re
 from dataclasses import replace
 
+import numpy as onp
 import pytest
 from click.testing import CliRunner
 
@@ -12,7 +15,8 @@ from tinyllm.checkpoint import load_checkpoint
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.errors import TinyLLMError
-from tinyllm.train import merges_progress, pretrain
+from tinyllm.tokenizers import train_tokenizer
+from tinyllm.train import encoding_progress, merges_progress, pretrain
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n"
@@ -50,6 +54,39 @@ def test_bpe_training_says_what_it_does_and_how_far_it_got(tmp_path, data, monke
     assert "tokenizer: 13 of 13 merges learned" in lines
 
 
+def test_encoding_progress_logs_the_characters_encoded():
+    lines = []
+    progress = encoding_progress(lines.append, every_seconds=0.0)
+    progress(1_048_576, 3_000_000)
+    assert lines == ["tokenizer: 1,048,576 of 3,000,000 characters encoded"]
+    quiet = encoding_progress(lines.append)  # the default: nothing before 5 s have passed
+    quiet(10, 20)
+    assert len(lines) == 1
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_encoding_the_text_shows_progress_and_gives_the_same_ids(tmp_path, data, monkeypatch,
+                                                                 kind):
+    """100 MB of text takes a minute to encode: the user must see it working. Shown or not,
+    the progress changes no id."""
+    quiet = pretrain(MODEL, TRAIN, str(tmp_path / "quiet"), data=data, tokenizer_kind=kind,
+                     vocab_size=270, log=lambda line: None)
+    monkeypatch.setattr(train, "encoding_progress",
+                        lambda log: encoding_progress(log, every_seconds=0.0))
+    real = train.encode_corpus
+    monkeypatch.setattr(train, "encode_corpus",
+                        lambda tok, text, progress: real(tok, text, progress, size=100))
+    lines = []
+    shown = pretrain(MODEL, TRAIN, str(tmp_path / "shown"), data=data, tokenizer_kind=kind,
+                     vocab_size=270, log=lines.append)
+    counts = [line for line in lines if line.endswith("characters encoded")]
+    assert len(counts) > 10
+    assert counts[-1] == f"tokenizer: {len(TEXT):,} of {len(TEXT):,} characters encoded"
+    whole = onp.asarray(train_tokenizer(kind, TEXT, 270, train.SPECIAL_TOKENS).encode(TEXT))
+    for result in (quiet, shown):
+        assert onp.array_equal(result["val_ids"], whole[int(0.9 * len(whole)):])
+
+
 # ----------------------------------------------------------------------------- resume
 
 
@@ -64,6 +101,30 @@ def test_resume_reads_a_moved_corpus_from_where_data_says(tmp_path, data):
                       log=lambda line: None)
     assert result["final"]["iter"] == 4
     assert load_checkpoint(out).meta["data"] == str(moved)  # the next resume finds it there
+
+
+def test_done_gives_the_training_time_over_every_resume(tmp_path, data):
+    out = tmp_path / "run"
+    config = out / "config.json"
+    tiny = ["--tokenizer", "char", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+            "--block-size", "16", "--batch-size", "4", "--eval-iters", "1", "--sample-tokens", "0"]
+    result = CliRunner().invoke(main, ["pretrain", "--data", data, "--out", str(out),
+                                       "--max-iters", "2", *tiny])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"done: iteration 2, .*, \d+ s; checkpoint in", result.output)
+    meta = json.loads(config.read_text())
+    config.write_text(json.dumps({**meta, "train_seconds": 1000}), encoding="utf-8")
+    resume = ["pretrain", "--out", str(out), "--resume", "--max-iters"]
+    result = CliRunner().invoke(main, [*resume, "4"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"done: iteration 4, .*, \d+ s \(10\d\d s in all, over every --resume\);",
+                     result.output), result.output
+    meta = json.loads(config.read_text())
+    del meta["train_seconds"]  # as a run saved before tinyllm kept the time
+    config.write_text(json.dumps(meta), encoding="utf-8")
+    result = CliRunner().invoke(main, [*resume, "6"])
+    assert result.exit_code == 0, result.output
+    assert "s (the run's time before --resume is unknown" in result.output
 
 
 def test_resume_data_must_be_the_runs_own_text(tmp_path, data):

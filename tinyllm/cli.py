@@ -13,7 +13,7 @@ from .cli_common import (count, flag_given, fraction, no_cache_option, non_negat
                          step_count, user_errors)
 from .cli_encoder import embed, fill
 from .cli_fewshot import fewshot
-from .cli_finetune import classify, finetune
+from .cli_finetune import classify, finetune, training_time
 from .cli_plot import attention, plot
 from .cli_seq2seq import seq2seq
 from . import distributed
@@ -168,8 +168,13 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
     if not world.is_root:
         return  # rank 0 reports and samples
     final = result["final"]
+    # this part's time and, after a --resume, the run's over every part (unknown for a run begun
+    # by a tinyllm that did not keep it), said as the fine-tuning commands say it; a summary
+    # without "train_seconds" is of one part
+    seconds = {"train_seconds_this_part": result["seconds"],
+               "train_seconds": result.get("train_seconds", result["seconds"])}
     click.echo(f"done: iteration {final['iter']}, train loss {final['train_loss']:.4f},"
-               f" val loss {final['val_loss']:.4f}, {result['seconds']:.0f} s; checkpoint in {out}")
+               f" val loss {final['val_loss']:.4f}, {training_time(seconds)}; checkpoint in {out}")
     if sample_tokens and result.get("objective") == "mlm":
         from .mlm import masked_accuracy
 

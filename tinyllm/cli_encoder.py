@@ -61,8 +61,8 @@ def embed(checkpoint, data, out, query, k):
     """Turn each line of --data into a vector: the mean of the model's final hidden states over
     its tokens. Write them with --out, or print the lines nearest to --query, or both.
     """
-    from .embed import (MAX_WINDOWS, embed_texts, load_embedder, most_tokens_read, nearest,
-                        read_lines, save_vectors)
+    from .embed import (MAX_WINDOWS, embed_sequences, embed_texts, encode_texts, load_embedder,
+                        most_tokens_read, nearest, read_lines, save_vectors)
 
     if out is None and query is None:
         raise TinyLLMError("give --out FILE to write the vectors, --query TEXT to search them,"
@@ -78,12 +78,14 @@ def embed(checkpoint, data, out, query, k):
             tokenizer.encode(query)
         except TinyLLMError as err:
             raise TinyLLMError(f"--query: {err}") from None
-    progress = Counting(len(lines), "lines embedded")
+    encoding = Counting(sum(len(line) for line in lines), "characters encoded")
     try:
-        vectors, cut = embed_texts(params, config, tokenizer, lines, bidirectional,
-                                   on_batch=progress.update)
+        seqs = encode_texts(tokenizer, lines, most_tokens_read(config.block_size), encoding.update)
     except TinyLLMError as err:
         raise TinyLLMError(f"{data}: {err}") from None
+    encoding.close()
+    progress = Counting(len(lines), "lines embedded")
+    vectors, cut = embed_sequences(params, config, seqs, bidirectional, on_batch=progress.update)
     progress.close()
     what = "bidirectional encoder" if bidirectional else "causal decoder"
     click.echo(f"{len(lines)} lines -> vectors of {vectors.shape[1]} numbers ({what})", err=True)

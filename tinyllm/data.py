@@ -9,6 +9,7 @@ import ast
 import collections
 import functools
 import os
+import re
 import select
 import stat
 import sysconfig
@@ -258,6 +259,55 @@ def load_corpus(name_or_path):
         names = ", ".join(sorted(EMBEDDED_CORPORA))
         raise TinyLLMError(f"data file {name_or_path!r} not found (embedded corpora: {names})")
     return read_text_file(name_or_path)
+
+
+PIECE_CHARACTERS = 1 << 20  # characters encoded at a time where progress is shown (BPE: < 1 s)
+_CUT = re.compile(r"(?<=\S)\s")  # whitespace after a non-space: BPE's pre-split cuts there
+
+
+def text_pieces(text, size=PIECE_CHARACTERS):
+    """`text` cut into pieces of at least `size` characters (the last may be shorter), each cut
+    just before a whitespace character that follows a non-space, so that the pieces encode one by
+    one to the ids of the whole text. A char tokenizer may be cut anywhere; BPE's pre-split
+    (tokenizers.SPLIT_PATTERN) always cuts there, as a run of letters, digits or symbols takes a
+    space only at its start, and a run of whitespace takes no non-space. Where no such place
+    follows, the rest of the text is one piece.
+
+    Example: size 3: "ab cd  ef\ngh" -> ["ab cd", "  ef", "\ngh"].
+    """
+    start = 0
+    while len(text) - start > size:
+        cut = _CUT.search(text, start + size)
+        if cut is None:
+            break
+        yield text[start:cut.start()]
+        start = cut.start()
+    yield text[start:]
+
+
+def encode_in_pieces(tokenizer, text, size=PIECE_CHARACTERS):
+    """Yield (ids, characters) for each of `text_pieces(text, size)`: the ids of the pieces,
+    joined, are tokenizer.encode(text), so a caller can show progress as it goes, or keep only the
+    ids it needs. An error names its position in the whole text, as encode(text) does."""
+    for piece in text_pieces(text, size):
+        try:
+            ids = tokenizer.encode(piece)
+        except TinyLLMError:
+            tokenizer.encode(text)  # raises the same error, at its position in the whole text
+            raise
+        yield ids, len(piece)
+
+
+def encode_corpus(tokenizer, text, progress=None, size=PIECE_CHARACTERS):
+    """tokenizer.encode(text) as an int32 array, made a piece at a time (`encode_in_pieces`),
+    with progress(characters encoded, characters in all), if given, after each piece."""
+    parts, done = [], 0
+    for ids, characters in encode_in_pieces(tokenizer, text, size):
+        parts.append(onp.asarray(ids, dtype=onp.int32))
+        done += characters
+        if progress:
+            progress(done, len(text))
+    return onp.concatenate(parts)
 
 
 def train_val_split(ids, train_fraction=0.9):

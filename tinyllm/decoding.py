@@ -17,7 +17,13 @@ Beam search (as used by the paper, section 6.1, with beam 4 and length penalty 0
 finished hypotheses are compared by score = log p / lp(length), where the length penalty of
 Wu et al. (2016) is lp(n) = ((5 + n) / 6) ^ alpha: alpha = 0 compares raw log-probabilities
 (which favour short outputs), larger alpha favours longer ones.
+
+Each search reports, per output, how it stopped: at <eos>, or cut at the length limit
+(`Output.cut`). The text alone cannot tell: decoding drops <pad> and <bos> from it, and a barely
+trained model may emit them, so a cut output can come out shorter than the limit.
 """
+
+from typing import NamedTuple
 
 import numpy as onp
 
@@ -26,6 +32,23 @@ from .kv_cache import DecoderCache
 from .ops import log_softmax
 from .seq2seq import decoder_forward, encoder_forward
 from .seq2seq_data import BOS, EOS, encode_source, make_arrays
+
+
+class Output(list):
+    """The token ids of one decoded output (no <bos>/<eos>), and `cut`: True if it reached the
+    length limit without <eos>. It is the list of ids itself, so a caller that wants only the
+    ids (or compares them) uses it as one."""
+
+    def __init__(self, ids, cut):
+        super().__init__(ids)
+        self.cut = cut
+
+
+class Translation(NamedTuple):
+    """One translated text, and whether it was cut at the length limit (see `Output`)."""
+
+    text: str
+    cut: bool
 
 
 def _next_log_probs(params, config, memory, src_valid, prefixes):
@@ -52,10 +75,11 @@ def next_log_probs_fn(params, config, memory, src_valid, use_cache):
 
 
 def greedy_decode(params, config, src, src_valid, bos, eos, max_len, use_cache=True):
-    """Greedy search for a batch: src (B, S), src_valid (B, S) -> B lists of ids (no bos/eos).
+    """Greedy search for a batch: src (B, S), src_valid (B, S) -> B Outputs (ids, no bos/eos).
 
     At each step every unfinished row takes its single likeliest token; a row is finished once
-    it emits <eos>, and all stop after `max_len` tokens (at most block_size - 1).
+    it emits <eos>, and all stop after `max_len` tokens (at most block_size - 1): a row that has
+    not emitted <eos> by then is cut.
     """
     max_len = min(max_len, config.block_size - 1)
     memory = encoder_forward(params, src, config, src_valid)  # (B, S, C)
@@ -73,9 +97,10 @@ def greedy_decode(params, config, src, src_valid, bos, eos, max_len, use_cache=T
 
 
 def _strip(ids, eos):
-    """Ids up to (not including) the first <eos>. Example: [5, 6, eos, eos] -> [5, 6]."""
+    """The Output of ids up to (not including) the first <eos>; cut if there is none.
+    Example: [5, 6, eos, eos] -> [5, 6], not cut; [5, 6] -> [5, 6], cut."""
     ids = [int(i) for i in ids]
-    return ids[: ids.index(eos)] if eos in ids else ids
+    return Output(ids[: ids.index(eos)], cut=False) if eos in ids else Output(ids, cut=True)
 
 
 def length_penalty(length, alpha):
@@ -85,12 +110,12 @@ def length_penalty(length, alpha):
 
 def beam_search(params, config, src_ids, bos, eos, max_len, beam_size=4, alpha=0.6,
                 use_cache=True):
-    """Beam search for one source (list of ids) -> the best target ids (no bos/eos).
+    """Beam search for one source (list of ids) -> the best target's Output (ids, no bos/eos).
 
     Each step extends every live prefix by every token, keeps the 2k best extensions by total
     log-probability (k = beam_size), sets those among the best k that end in <eos> aside as
     finished, and keeps the best k others alive. It stops when k hypotheses have finished or
-    after max_len tokens, and returns the finished one (or, if none finished, the live one)
+    after max_len tokens, and returns the finished one (or, if none finished, the live one: cut)
     with the best length-penalised score. With k = 1 this is greedy search.
     """
     max_len = min(max_len, config.block_size - 1)
@@ -120,7 +145,8 @@ def beam_search(params, config, src_ids, bos, eos, max_len, beam_size=4, alpha=0
         if len(finished) >= beam_size or not alive:
             break
     pool = finished or alive
-    return max(pool, key=lambda h: h[1] / length_penalty(len(h[0]) + 1, alpha))[0]
+    best = max(pool, key=lambda h: h[1] / length_penalty(len(h[0]) + 1, alpha))[0]
+    return Output(best, cut=not finished)
 
 
 def default_max_len(block_size, sources):
@@ -131,10 +157,10 @@ def default_max_len(block_size, sources):
     return min(block_size - 1, 2 * max((len(s) for s in sources), default=0) + 50)
 
 
-def translate_texts(params, config, tokenizer, texts, wheres=None, beam_size=1, alpha=0.6,
-                    max_len=None, chunk=256, use_cache=True, on_done=None):
-    """Translate source texts; greedy (batched) for beam_size 1, else beam search per text
-    (on the key/value cache unless use_cache is False).
+def translate(params, config, tokenizer, texts, wheres=None, beam_size=1, alpha=0.6,
+              max_len=None, chunk=256, use_cache=True, on_done=None):
+    """Translate source texts -> a Translation (text, cut) per text; greedy (batched) for
+    beam_size 1, else beam search per text (on the key/value cache unless use_cache is False).
 
     `wheres` names each text in error messages (a text with an unknown character or one longer
     than the context is reported, not truncated). on_done(texts translated), if given, after each
@@ -148,18 +174,25 @@ def translate_texts(params, config, tokenizer, texts, wheres=None, beam_size=1, 
         if not ids:
             raise TinyLLMError(f"{where}: the source is empty: nothing to translate")
     max_len = max_len or default_max_len(config.block_size, sources)
-    ids = []
+    outputs = []
     if beam_size > 1:
         for s in sources:
-            ids.append(beam_search(params, config, s, special[BOS], special[EOS], max_len,
-                                   beam_size, alpha, use_cache))
-            on_done(len(ids))
+            outputs.append(beam_search(params, config, s, special[BOS], special[EOS], max_len,
+                                       beam_size, alpha, use_cache))
+            on_done(len(outputs))
     else:
         for start in range(0, len(sources), chunk):
             part = sources[start:start + chunk]
             src, src_valid = make_arrays(part, [[]] * len(part), special)[:2]
-            ids += greedy_decode(params, config, src, src_valid, special[BOS], special[EOS], max_len,
-                                 use_cache)
-            on_done(len(ids))
+            outputs += greedy_decode(params, config, src, src_valid, special[BOS], special[EOS],
+                                     max_len, use_cache)
+            on_done(len(outputs))
     hidden = set(special.values())  # <pad>/<bos> never belong in an output text
-    return [tokenizer.decode([i for i in row if i not in hidden]) for row in ids]
+    return [Translation(tokenizer.decode([i for i in out if i not in hidden]), out.cut)
+            for out in outputs]
+
+
+def translate_texts(params, config, tokenizer, texts, wheres=None, **search):
+    """The texts of `translate` alone, for callers that do not count cut outputs. `search`:
+    translate's beam_size, alpha, max_len, chunk, use_cache and on_done."""
+    return [t.text for t in translate(params, config, tokenizer, texts, wheres, **search)]

@@ -19,6 +19,7 @@ import os
 import numpy as onp
 
 from .checkpoint import load_checkpoint
+from .data import PIECE_CHARACTERS, encode_in_pieces
 from .errors import TinyLLMError
 from .fileio import atomic_write_bytes, decode_utf8, read_bounded, split_lines
 from .finetune import WINDOW_STRIDE, make_windows, pool
@@ -57,18 +58,47 @@ def window_vectors(params, config, ids, valid, bidirectional):
 def embed_texts(params, config, tokenizer, texts, bidirectional, batch_size=32,
                 max_windows=MAX_WINDOWS, on_batch=None):
     """One vector per text: (N, C) float32, and the number of texts cut after max_windows;
-    on_batch(texts done), if given, after each batch.
+    on_batch(texts done), if given, after each batch. It is `encode_texts`, then
+    `embed_sequences`: `tinyllm embed` calls the two itself, to show the progress of each."""
+    seqs = encode_texts(tokenizer, texts, most_tokens_read(config.block_size, max_windows))
+    return embed_sequences(params, config, seqs, bidirectional, batch_size, max_windows, on_batch)
 
-    The texts go through longest first (`Windows.longest_first`), as in classification; the rows
-    come back in the texts' own order."""
-    seqs = []
+
+def encode_texts(tokenizer, texts, keep, on_encoded=None):
+    """The token ids of each text, no more than its first keep + 1: the windows read `keep`
+    (`most_tokens_read`) and the one more tells `make_windows` that the text is cut, so a line of
+    a million tokens keeps no more than that (the windows and the vectors are the same).
+
+    A text is encoded a piece at a time (`data.encode_in_pieces`: the same ids as a whole), so
+    on_encoded(characters encoded), if given, is called about every PIECE_CHARACTERS characters
+    and at the end, whether the file is one huge line or millions of short ones."""
+    seqs, done, shown = [], 0, 0
     for number, text in enumerate(texts, 1):
         if not text:
             raise TinyLLMError(f"text {number} is empty: there is nothing to embed")
+        ids = []
         try:
-            seqs.append(tokenizer.encode(text))
+            for piece_ids, characters in encode_in_pieces(tokenizer, text, PIECE_CHARACTERS):
+                ids += piece_ids[:keep + 1 - len(ids)]
+                done += characters
+                if on_encoded and done - shown >= PIECE_CHARACTERS:
+                    on_encoded(done)
+                    shown = done
         except TinyLLMError as err:
             raise TinyLLMError(f"text {number}: {err}") from None
+        seqs.append(ids)
+    if on_encoded:
+        on_encoded(done)
+    return seqs
+
+
+def embed_sequences(params, config, seqs, bidirectional, batch_size=32, max_windows=MAX_WINDOWS,
+                    on_batch=None):
+    """One vector per token list: (N, C) float32, and the number of lists cut after max_windows;
+    on_batch(lists done), if given, after each batch.
+
+    The lists go through longest first (`Windows.longest_first`), as in classification; the rows
+    come back in the lists' own order."""
     windows, _, cut = make_windows(seqs, config.block_size, max_windows)
     vectors = onp.zeros((windows.n_texts, config.n_embd), onp.float32)
     longest_first = windows.longest_first()

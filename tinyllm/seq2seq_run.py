@@ -14,7 +14,7 @@ from dataclasses import replace
 from .bleu import corpus_bleu, exact_match
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .decoding import default_max_len, translate_texts
+from .decoding import default_max_len, translate, translate_texts
 from .errors import TinyLLMError
 from .models import count_params
 from .seq2seq import init_seq2seq, seq2seq_loss
@@ -154,7 +154,7 @@ def score_pairs(params, config, tokenizer, pairs, max_len=None, **search):
     the outputs against the targets -> dict with "outputs", "exact_match" (0..1), "bleu" (0..100),
     "max_len" (the length limit used), "cut" (how many outputs reached it without <eos>) and
     "unwritable" (the reason for each target no output can equal: a character the tokenizer never
-    saw, or more tokens than the decoder's context). `search`: translate_texts's beam_size,
+    saw, or more tokens than the decoder's context). `search`: decoding.translate's beam_size,
     alpha, use_cache and on_done. Without max_len, `room_to_score`'s limit.
     """
     room = config.block_size - 1  # a target shares the decoder's context with its <bos>
@@ -163,14 +163,13 @@ def score_pairs(params, config, tokenizer, pairs, max_len=None, **search):
                 for p in pairs]
     writable = [p.target for p, problem in zip(pairs, problems) if not problem]
     max_len = min(max_len or room_to_score(tokenizer, config, pairs, writable), room)
-    outputs = translate_texts(params, config, tokenizer, [p.source for p in pairs],
-                              [p.where for p in pairs], max_len=max_len, **search)
+    translations = translate(params, config, tokenizer, [p.source for p in pairs],
+                             [p.where for p in pairs], max_len=max_len, **search)
+    outputs = [t.text for t in translations]
     references = [p.target for p in pairs]
     return {"outputs": outputs, "exact_match": exact_match(outputs, references),
             "bleu": corpus_bleu(outputs, references), "max_len": max_len,
-            # an output that stopped at <eos> is shorter than the limit: <eos> took a step (one
-            # with a <pad> or <bos> inside, which decoding drops from the text, is counted short)
-            "cut": sum(len(tokenizer.encode(o)) >= max_len for o in outputs),
+            "cut": sum(t.cut for t in translations),
             "unwritable": [problem for problem in problems if problem]}
 
 

@@ -53,8 +53,8 @@ from .checkpoint import (first_non_finite, load_checkpoint, remove_leftovers, sa
                          stored_ranks)
 from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER
 from .distributed import SINGLE_PROCESS, micro_batch_rng, pack, rank_micro_batches, unpack
-from .data import (DEFAULT_CORPUS, EMBEDDED_CORPORA, check_long_enough, get_batch, load_corpus,
-                   read_text_file, train_val_split)
+from .data import (DEFAULT_CORPUS, EMBEDDED_CORPORA, check_long_enough, encode_corpus, get_batch,
+                   load_corpus, read_text_file, train_val_split)
 from .errors import TinyLLMError
 from .fileio import TMP_PREFIX, atomic_write_text, available_memory, open_regular, read_fd
 from .mlm import MASK_RATE, mlm_loss_and_batches
@@ -636,6 +636,40 @@ def check_memory(needed, what):
                            f" has {free / 1e9:,.1f} GB free")
 
 
+class TrainingClock:
+    """Seconds of training over every part of a run (a run resumed after Ctrl-C or with a larger
+    --max-iters has several): `earlier`, what the parts before this one took (0 for a new run,
+    None if unknown), plus this part's, from when the clock is made until stop()."""
+
+    def __init__(self, earlier):
+        self.earlier = earlier
+        self.start, self.end = time.perf_counter(), None
+
+    def stop(self):
+        self.end = time.perf_counter()
+
+    def part(self):
+        """Seconds of this part, rounded to 0.1."""
+        return round((self.end or time.perf_counter()) - self.start, 1)
+
+    def total(self):
+        """Seconds of every part, rounded to 0.1; None if the earlier parts' are unknown."""
+        return None if self.earlier is None else round(self.earlier + self.part(), 1)
+
+
+def earlier_train_seconds(meta):
+    """What a resumed run's parts so far took: its config.json "train_seconds"; None if that is
+    missing (a checkpoint from before tinyllm kept it) or is no time (the file is untrusted)."""
+    seconds = meta.get("train_seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        return None
+    try:
+        seconds = float(seconds)
+    except OverflowError:  # an integer of hundreds of digits
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
 def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENIZER,
              vocab_size=DEFAULT_BPE_VOCAB_SIZE, resume=False, force=False, max_iters=None,
              log=print, special_tokens=SPECIAL_TOKENS, world=SINGLE_PROCESS, fast=True,
@@ -648,12 +682,14 @@ def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENI
     settings come from the checkpoint; only `max_iters` may be changed (an `objective` given must be
     the run's), and `data` may say where the run's own text is now (its sha256 is checked);
     `mask_rate` is the share of positions an MLM step predicts (None: mlm.MASK_RATE, 15%; a
-    resumed run keeps its own). Returns a summary dict. The run directory is locked for the
-    whole call. Over MPI (`world`, see tinyllm/distributed.py) rank 0 alone reads the data and the
-    run directory and sends the others what they need; the whole job trains one model, and only rank
-    0 writes. `fast` takes the hand-written forward and backward of tinyllm/fast.py where it applies
-    (dropout 0, either objective); False, or dropout on, differentiates the reference model with
-    autograd. Both give the same losses up to float32 rounding.
+    resumed run keeps its own). Returns a summary dict ("seconds": this call's training time,
+    "train_seconds": the run's over every part, None if a checkpoint from before tinyllm kept it
+    was resumed). The run directory is locked for the whole call. Over MPI (`world`, see
+    tinyllm/distributed.py) rank 0 alone reads the data and the run directory and sends the others
+    what they need; the whole job trains one model, and only rank 0 writes. `fast` takes the
+    hand-written forward and backward of tinyllm/fast.py where it applies (dropout 0, either
+    objective); False, or dropout on, differentiates the reference model with autograd. Both give
+    the same losses up to float32 rounding.
     """
     log = log if world.is_root else _skip
     world.from_root(lambda: prepare_out_dir(out_dir, resume, force))
@@ -689,20 +725,22 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
 
     def save(s):
         save_checkpoint(out_dir, s.params, s.opt_state, s.rng_state, model_config, tc, tokenizer,
-                        s.iteration, extra={**extra, "last_eval_iter": s.last_eval_iter},
+                        s.iteration, extra={**extra, "train_seconds": clock.total(),
+                                            "last_eval_iter": s.last_eval_iter},
                         kind=OBJECTIVES[objective])
 
-    t0 = time.perf_counter()
+    clock = TrainingClock(extra["train_seconds"])
     use_fast = fast and fast_path.supports(model_config)  # else autograd on the reference model
     fast_grads = fast_path.gpt_value_and_grad(model_config, objective) if use_fast else None
     fast_step = fast_path.gpt_train_step(model_config, objective) if use_fast else None
     state = train_loop(state, tc, loss_fn, sample, save, out_dir,
                        tc.batch_size * model_config.block_size, world=world,
                        value_and_grad=fast_grads, step_fn=fast_step)
+    clock.stop()
     final = world.from_root(lambda: read_metrics(out_dir)[-1])
     return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
-            "seconds": time.perf_counter() - t0, "final": final, "objective": objective,
-            "val_ids": splits["val"]}
+            "seconds": clock.part(), "train_seconds": clock.total(), "final": final,
+            "objective": objective, "val_ids": splits["val"]}
 
 
 def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume,
@@ -739,7 +777,7 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
                  f"a step of this model (--n-layer {model_config.n_layer}, --n-embd"
                  f" {model_config.n_embd}, vocabulary {model_config.vocab_size}) with --batch-size"
                  f" {tc.batch_size} and --block-size {model_config.block_size}")
-    ids = onp.asarray(tokenizer.encode(text), dtype=onp.int32)
+    ids = encode_corpus(tokenizer, text, encoding_progress(log))
     splits = dict(zip(("train", "val"), train_val_split(ids)))
     for name, split_ids in splits.items():
         check_long_enough(split_ids, model_config.block_size,
@@ -753,7 +791,8 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
         f" model: {count_params(state.params):,} parameters"
         + (f"; {ranks} MPI ranks" if ranks > 1 else ""))
     extra = {"data": stored_data_name(data), "data_sha256": text_fingerprint(text),
-             "ranks": ranks}
+             "ranks": ranks,  # and the time of the parts before this one (each save adds its own)
+             "train_seconds": earlier_train_seconds(ckpt.meta) if resume else 0.0}
     if objective == "mlm":
         extra["mask_rate"] = mask_rate or MASK_RATE
     return model_config, tc, tokenizer, splits, state, extra, objective
@@ -765,13 +804,26 @@ def merges_progress(log, every_seconds=5.0):
     The embedded corpus (1.8 MB) learns its 1,791 merges in about 2 s; a 1 MB run of letters
     without a space (DNA, say: one chunk) in about 13 s.
     """
+    return tokenizer_progress(log, "merges learned", every_seconds)
+
+
+def encoding_progress(log, every_seconds=5.0):
+    """A progress(done, total) callback for encoding the corpus (`data.encode_corpus`) that logs
+    a line every few seconds. The embedded corpus (1.8 MB) encodes in about 0.7 s with BPE and
+    0.15 s with the char tokenizer, so 100 MB of text takes about a minute, or 10 s."""
+    return tokenizer_progress(log, "characters encoded", every_seconds)
+
+
+def tokenizer_progress(log, what, every_seconds):
+    """progress(done, total) that logs "tokenizer: {done} of {total} {what}" once `every_seconds`
+    have passed since it was made or last logged: nothing for a job quicker than that."""
     last = time.perf_counter()
 
     def progress(done, total):
         nonlocal last
         if time.perf_counter() - last >= every_seconds:
             last = time.perf_counter()
-            log(f"tokenizer: {done:,} of {total:,} merges learned")
+            log(f"tokenizer: {done:,} of {total:,} {what}")
 
     return progress
 
