@@ -386,14 +386,15 @@ def test_windows_longest_first_worked_example():
 
 
 @pytest.mark.parametrize("stored,earlier", [(12.5, 12.5), (0, 0.0), (None, None), ("12", None),
-                                            (True, None), (float("nan"), None), (-1, None)])
+                                            (True, None), (float("nan"), None), (-1, None),
+                                            (10 ** 400, None)])
 def test_a_resumed_runs_earlier_training_time_is_a_number_or_unknown(stored, earlier):
     """config.json is untrusted: its "train_seconds" counts only as a finite time >= 0."""
     from types import SimpleNamespace
 
     meta = {} if stored is None else {"train_seconds": stored}
-    clock = finetune_runs.TrainingClock(SimpleNamespace(meta=meta))
+    clock = finetune_runs.run_clock(SimpleNamespace(meta=meta))
     assert clock.earlier == earlier
     clock.stop()
     assert clock.total() == (None if earlier is None else round(earlier + clock.part(), 1))
-    assert finetune_runs.TrainingClock().earlier == 0.0  # a new run
+    assert finetune_runs.run_clock().earlier == 0.0  # a new run

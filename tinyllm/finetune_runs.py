@@ -30,7 +30,7 @@ names in id order) or, for instruction tuning, "gpt" (or "gpt-lora" with adapter
 "finetune": the settings, "data_files_sha256": the sha256 of each data file, "best_iter" (the
 evaluation with the lowest validation loss so far), "weights_iter" (the step whose weights
 model.npz holds: the last step while training, best_iter once the run is finished) and
-"train_seconds" (the training time over every part of a resumed run: see TrainingClock).
+"train_seconds" (the training time over every part of a resumed run: see run_clock).
 """
 
 import dataclasses
@@ -65,9 +65,10 @@ from .lora import LoRAGPTConfig, apply_lora, init_lora, merge_lora, merged_gpt
 from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init
 from .progress import Counting
-from .train import (SPECIAL_TOKENS, Committed, check_memory, check_resumed_total, check_same_ranks,
-                    check_still_there, gpt_param_count, gpt_step_bytes, prepare_out_dir,
-                    read_metrics, start_out_dir, train_loop, truncate_metrics)
+from .train import (SPECIAL_TOKENS, Committed, TrainingClock, check_memory, check_resumed_total,
+                    check_same_ranks, check_still_there, earlier_train_seconds, gpt_param_count,
+                    gpt_step_bytes, prepare_out_dir, read_metrics, start_out_dir, train_loop,
+                    truncate_metrics)
 from .tree import flatten, unflatten
 
 METRICS_FORMAT = "tinyllm-finetune-metrics"
@@ -388,29 +389,12 @@ class BestWeights:
     evals_since: int = 0
 
 
-class TrainingClock:
-    """Seconds of training over all the parts of a run (a run resumed after Ctrl-C or with a
-    larger --max-iters has several): what its checkpoint says the earlier parts took
-    (config.json "train_seconds") plus this part's, from when the clock is made until stop().
-
-    A checkpoint from before tinyllm kept the time has no "train_seconds": the total is then
-    unknown (None), and stays so in the checkpoints the run saves; this part's time is known."""
-
-    def __init__(self, resumed=None):
-        earlier = 0.0 if resumed is None else resumed.meta.get("train_seconds")
-        self.earlier = float(earlier) if _is_finite(earlier) and earlier >= 0 else None
-        self.start, self.end = time.perf_counter(), None
-
-    def stop(self):
-        self.end = time.perf_counter()
-
-    def part(self):
-        """Seconds of this part, rounded to 0.1."""
-        return round((self.end or time.perf_counter()) - self.start, 1)
-
-    def total(self):
-        """Seconds of all the parts, rounded to 0.1; None if an earlier part's are unknown."""
-        return None if self.earlier is None else round(self.earlier + self.part(), 1)
+def run_clock(resumed=None):
+    """The TrainingClock of a fine-tuning run: from 0 for a new run; for a resumed one, from what
+    its checkpoint says the earlier parts took (config.json "train_seconds"), or unknown (None)
+    for a checkpoint from before tinyllm kept it, which stays unknown in the checkpoints the run
+    saves; this part's time is known either way."""
+    return TrainingClock(0.0 if resumed is None else earlier_train_seconds(resumed.meta))
 
 
 def padded_opt_state(opt_state, frozen):
@@ -776,7 +760,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
                                "train_seconds": clock.total()}, kind="classifier")
 
     loss_fn, sample = classification_loss_and_batches(sets, config, tc.batch_size)
-    clock = TrainingClock(ckpt)
+    clock = run_clock(ckpt)
     params, best, state = train_keeping_best(
         out, params, paths, tc, loss_fn, sample, classification_evaluator(sets, config, loss_fn, world),
         save_full, ckpt, tc.batch_size * sets["train"][0].ids.shape[1], s.patience, log, world)
@@ -1129,7 +1113,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
                                "train_seconds": clock.total()}, kind=kind)
 
     loss_fn, sample = instruct_loss_and_batches(arrays, config, tc.batch_size)
-    clock = TrainingClock(ckpt)
+    clock = run_clock(ckpt)
     params, best, state = train_keeping_best(
         out, params, paths, tc, loss_fn, sample, instruct_evaluator(arrays, loss_fn, world), save_full,
         ckpt, tc.batch_size * arrays["train"][0].shape[1], s.patience, log, world)
