@@ -499,11 +499,10 @@ def test_train_seconds_add_up_over_every_resume(base, tsv, instructions, tmp_pat
                                                 task, kind):
     """metrics.json's train_seconds is the training time of the whole run, over a Ctrl-C and
     --resume (kept in the checkpoint); a run from before it was kept resumes with it unknown."""
-    import tinyllm.finetune_runs as runs
     from tinyllm import train
 
     now, real_step, calls = [0.0], train.adamw_step, []
-    monkeypatch.setattr(runs, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
 
     def ten_seconds_a_step(*a, **kw):
         calls.append(1)
