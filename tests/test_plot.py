@@ -254,6 +254,18 @@ def test_a_picture_is_never_written_under_another_format_s_suffix(runs, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", ["config.json", "notes.txt"])
+def test_a_picture_never_overwrites_a_file_of_another_kind(runs, tmp_path, name):
+    # before, any suffix but a picture format's was written as PNG: `--out runs/x/config.json`
+    # replaced the run's settings with an image
+    out = tmp_path / name
+    out.write_text("keep me", encoding="utf-8")
+    for args in (["plot", runs / "pretrain"],
+                 ["attention", "--checkpoint", runs / "pretrain", "--prompt", "cat"]):
+        assert_user_error(invoke(*args, "--out", out), name, "PNG or SVG", ".png or .svg")
+    assert out.read_text(encoding="utf-8") == "keep me"
+
+
 def test_fewshot_chart_from_rows(tmp_path):
     rows = [{"k": 0, "accuracy": 0.1, "ci95": [0.05, 0.2], "n": 50, "chance": 0.25},
             {"k": 4, "accuracy": 0.9, "ci95": [0.8, 0.95], "n": 50, "chance": 0.25}]

@@ -13,7 +13,7 @@ FORMAT_HELP = "File format.  [default: from the suffix of --out, else png]"
 @click.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", default="loss.png", type=click.Path(dir_okay=False),
-              help="Picture file to write (atomically).")
+              help="Picture file to write (atomically), named .png, .svg or with no suffix.")
 @click.option("--format", "fmt", type=click.Choice(["png", "svg"]), default=None, help=FORMAT_HELP)
 @user_errors
 def plot(run_dirs, out, fmt):
@@ -49,7 +49,7 @@ def plot(run_dirs, out, fmt):
               help="seq2seq runs only: the target text the decoder reads after <bos>."
                    "  [default: the model's greedy translation of --prompt]")
 @click.option("--out", default="attention.png", type=click.Path(dir_okay=False),
-              help="Picture file to write (atomically).")
+              help="Picture file to write (atomically), named .png, .svg or with no suffix.")
 @click.option("--format", "fmt", type=click.Choice(["png", "svg"]), default=None, help=FORMAT_HELP)
 @user_errors
 def attention(checkpoint, prompt, layer, head, part, target, out, fmt):

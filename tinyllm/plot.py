@@ -26,8 +26,6 @@ from .fileio import atomic_write_bytes
 # copy, "tinyllm[plot]" would install whatever the package index calls tinyllm (not this project).
 INSTALL_HINT = "pip install matplotlib"
 FORMATS = ("png", "svg")
-# Suffixes of other picture formats: a file named so must not silently hold a PNG.
-OTHER_PICTURE_SUFFIXES = {"pdf", "ps", "eps", "jpg", "jpeg", "tif", "tiff", "gif", "webp", "bmp"}
 LR_CURVE_POINTS = 2000  # most points of the computed learning-rate curve
 DPI = 100  # pixels per inch: a figure of (w, h) inches is exactly (100 w, 100 h) pixels
 
@@ -45,10 +43,11 @@ def picture_format(out, fmt=None):
     """The file format of a picture: `fmt` if given, else from the suffix of `out` (PNG by default).
 
     Example: ("loss.svg", None) -> "svg"; ("loss", None) -> "png"; ("a.png", "svg") -> error,
-    since a .png file holding SVG would mislead whoever opens it; ("a.pdf", None) -> error too.
+    since a .png file holding SVG would mislead whoever opens it; ("a.pdf", None) -> error too,
+    and so is any other suffix: a picture written over runs/x/config.json would destroy the run.
     """
     suffix = os.path.splitext(out)[1].lower().lstrip(".")
-    if suffix in OTHER_PICTURE_SUFFIXES:
+    if suffix and suffix not in FORMATS:
         raise TinyLLMError(f"{out}: tinyllm draws PNG or SVG pictures, not .{suffix}: name the"
                            " file .png or .svg")
     if fmt is None:
