@@ -153,6 +153,25 @@ def test_the_lr_panel_falls_back_to_the_logged_points(runs, tmp_path):
     assert plot.read_run(str(run))["lr_curve"] is None
 
 
+def test_a_run_directory_s_impossible_figures_are_no_traceback(tmp_path):
+    # before, a 400-digit step or loss, and timings whose product overflows, ended in OverflowError
+    run = tmp_path / "crafted"
+    run.mkdir()
+    records = [{"iter": 0, "train_loss": 10**400, "val_loss": 2.0, "lr": 1e-3,
+                "ms_per_iter": 1e308, "tokens_per_s": 1e308},
+               {"iter": 4, "train_loss": 1.5, "val_loss": 1.9, "lr": 1e-3},
+               {"iter": 10**400, "train_loss": 1.0, "val_loss": 1.0, "lr": 1e-3},
+               {"iter": -3, "train_loss": 1.0, "val_loss": 1.0, "lr": 1e-3}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = invoke("plot", run, "--out", tmp_path / "x.png")
+    assert result.exit_code == 0, result.output
+    assert "at step 4" in result.stdout
+    assert "2 record(s) of metrics.jsonl left out" in result.stderr
+    series = plot.read_run(str(run), log=lambda note: None)
+    assert series["iter"] == [0.0, 4.0] and series["tokens_per_iter"] is None
+    assert series["train_loss"][0] != series["train_loss"][0]  # NaN, drawn as a gap
+
+
 def test_plot_errors(runs, tmp_path):
     (tmp_path / "empty").mkdir()
     assert_user_error(invoke("plot", tmp_path / "empty", "--out", tmp_path / "x.png"),

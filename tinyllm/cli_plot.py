@@ -27,7 +27,8 @@ def plot(run_dirs, out, fmt):
 
     require_matplotlib()
     fmt = picture_format(out, fmt)
-    runs = {run_dir: read_run(run_dir) for run_dir in run_dirs}
+    note = lambda text: click.echo(text, err=True)  # noqa: E731
+    runs = {run_dir: read_run(run_dir, log=note) for run_dir in run_dirs}
     path = draw_loss_curves(runs, out, fmt)
     last = ", ".join(f"{d} at step {int(s['iter'][-1])}" for d, s in runs.items())
     click.echo(f"loss curves ({last}) written to {path}")

@@ -89,18 +89,25 @@ def new_figure(width, height):
 # ----------------------------------------------------------------------------- loss curves
 
 
-def read_run(run_dir):
+def read_run(run_dir, log=print):
     """The evaluations of a run directory as a dict of lists: iter, train_loss, val_loss, lr,
     and tokens_per_iter (None when it cannot be told).
 
     Works on a run that is still training: a last line being written (no newline yet, or cut
-    mid-number) is skipped. A missing figure, or null (a non-finite value), becomes NaN.
+    mid-number) is skipped. A missing figure, or null (a non-finite value), becomes NaN. A run
+    directory is untrusted: a record whose step no run can reach (below 0 or above MAX_STEPS)
+    is left out, and `log` is told how many.
     """
+    from .config import MAX_STEPS
     from .train import read_metrics
 
     if not os.path.isdir(run_dir):
         raise TinyLLMError(f"run directory {run_dir} not found")
-    records = [r for r in read_metrics(run_dir) if isinstance(r, dict) and _is_number(r.get("iter"))]
+    logged = [r for r in read_metrics(run_dir) if isinstance(r, dict) and _is_number(r.get("iter"))]
+    records = [r for r in logged if 0 <= r["iter"] <= MAX_STEPS]
+    if len(records) < len(logged):
+        log(f"note: {run_dir}: {len(logged) - len(records)} record(s) of metrics.jsonl left out:"
+            f" their step is not from 0 to {MAX_STEPS:,}")
     if not records:
         raise TinyLLMError(f"{run_dir} has no evaluations in metrics.jsonl: not a tinyllm run"
                            " directory, or no evaluation written yet")
@@ -117,7 +124,11 @@ def _is_number(x):
 
 
 def _number(x):
-    return float(x) if _is_number(x) else math.nan
+    """x as a float; NaN if it is not a number, or an integer too large for a float."""
+    try:
+        return float(x) if _is_number(x) else math.nan
+    except OverflowError:
+        return math.nan
 
 
 def tokens_per_iter(records):
@@ -126,7 +137,8 @@ def tokens_per_iter(records):
     metrics.jsonl stores ms_per_iter and tokens_per_s, whose product is tokens per step (a
     whole number, batch x context). ms_per_iter is rounded to 0.01, so we take the slowest
     record (the smallest relative rounding error) and round the product. Example:
-    ms_per_iter 52.3, tokens_per_s 14684.5 -> 768.0 -> 768. None if no record timed a step.
+    ms_per_iter 52.3, tokens_per_s 14684.5 -> 768.0 -> 768. None if no record timed a step
+    (or the product is not a number of tokens: a run's files may hold anything).
     """
     timed = [(r["ms_per_iter"], r["tokens_per_s"]) for r in records
              if _is_number(r.get("ms_per_iter")) and _is_number(r.get("tokens_per_s"))
@@ -134,7 +146,8 @@ def tokens_per_iter(records):
     if not timed:
         return None
     ms, rate = max(timed)
-    return round(ms * rate / 1000.0)
+    tokens = ms * rate / 1000.0
+    return round(tokens) if math.isfinite(tokens) and tokens >= 1 else None  # else: not timings
 
 
 def lr_by_step(run_dir, series):
