@@ -190,3 +190,31 @@ def test_an_epoch_is_the_records_over_the_examples_a_step_takes(epochs, accum, r
 
     settings = ClassifySettings(epochs=epochs, batch_size=4, grad_accum=accum)
     assert make_train_config(settings, 42, ranks).max_iters == steps
+
+
+def test_an_instruct_run_counts_the_characters_read_as_unk_in_each_split(tmp_path, save_char_base):
+    # before, metrics.json of an instruct run kept no count of them (a classify run's did)
+    import json
+
+    from tinyllm.config import GPTConfig
+    from tinyllm.finetune_runs import InstructSettings, run_instruct
+
+    alphabet = "abcdefghijklmnopqrstuvwxyzIR :\n"  # the template's letters, no accents
+    base = save_char_base(str(tmp_path / "base"), alphabet,
+                          GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=16))
+    files = {}
+    for name, n, text in (("train", 8, "é"), ("val", 2, "ü"), ("test", 2, "ñ")):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"instruction": "copy", "input": "a" + text,
+                                                   "output": text}) + "\n" for _ in range(n)),
+                               encoding="utf-8")
+    settings = InstructSettings(checkpoint=base, data=str(files["train"]),
+                                val_data=str(files["val"]), test_data=str(files["test"]),
+                                max_iters=1, eval_interval=1, batch_size=2, max_new_tokens=2)
+    notes = []
+    report = run_instruct(str(tmp_path / "run"), settings, log=notes.append)
+    # train and val: input and output (2 a record); test: the prompt only (1 a record)
+    assert report["fallback_characters"] == {"train": 16, "val": 4, "test": 2}
+    stored = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))
+    assert stored["fallback_characters"] == report["fallback_characters"]
+    assert "note: 16 character(s) in train fell back to <|unk|>" in notes

@@ -1056,25 +1056,25 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
         params, config, tokenizer = build_instruct_model(s, log)
     gpt_config = config.gpt() if hasattr(config, "gpt") else config
     # 4. encode
-    arrays, shortened = {}, {}
+    arrays, shortened, fallback = {}, {}, {}
     for name, split in (("train", train), ("val", val)):
         source = (s.val_data if name == "val" else None) or s.data
-        arrays[name], shortened[name], fallback = encode_instructions(
+        arrays[name], shortened[name], fallback[name] = encode_instructions(
             tokenizer, split, config.block_size, s.include_prompt,
             source or f"the embedded tasks ({name})")
         if shortened[name]:
             log(f"note: {shortened[name]} {name} record(s) longer than the context"
                 f" ({config.block_size} tokens) kept the end of their prompt and all of their"
                 " response")
-        if fallback:
-            log(f"note: {fallback} character(s) in {name} fell back to {UNK_TOKEN}")
-    _, _, shortened["test"], fallback = generation_prompts(tokenizer, test, s.max_new_tokens,
-                                                           config.block_size)
+        if fallback[name]:
+            log(f"note: {fallback[name]} character(s) in {name} fell back to {UNK_TOKEN}")
+    _, _, shortened["test"], fallback["test"] = generation_prompts(
+        tokenizer, test, s.max_new_tokens, config.block_size)
     if shortened["test"]:
         log(f"note: {shortened['test']} test record(s) kept the end of their prompt, to leave"
             f" room for the response in the context ({config.block_size} tokens)")
-    if fallback:
-        log(f"note: {fallback} character(s) in test prompts fell back to {UNK_TOKEN}")
+    if fallback["test"]:
+        log(f"note: {fallback['test']} character(s) in test prompts fell back to {UNK_TOKEN}")
     log(f"data: {s.data or 'embedded tasks (reverse the words, uppercase, sort the words, add)'}:"
         f" {len(train)} train, {len(val)} val, {len(test)} test records")
     repeats = {name: prompts_also_in(train, split) for name, split in (("val", val),
@@ -1129,7 +1129,8 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     report = {"task": "instruct", "base": s.checkpoint, "lora_rank": s.lora_rank,
               "include_prompt": s.include_prompt,
               "records": {"train": len(train), "val": len(val), "test": len(test)},
-              "shortened_records": shortened, "prompts_also_in_train": repeats,
+              "shortened_records": shortened, "fallback_characters": fallback,
+              "prompts_also_in_train": repeats,
               "test_before": before, "test_after": after,
               "val_loss_before": metrics[0]["val_loss"] if metrics else None,
               "best_val_loss": best.val_loss, "best_iter": best.iteration,
