@@ -108,6 +108,25 @@ def test_plot_a_run_still_training(runs, tmp_path):
     assert series["iter"] == [0.0, 2.0] and series["tokens_per_iter"] == 4 * 16
 
 
+@pytest.mark.parametrize("evaluations", [1, 2])
+def test_a_run_of_few_steps_shows_each_point_on_whole_steps(runs, tmp_path, evaluations):
+    # before, one evaluation (a run just started) left the learning-rate panel empty, and the
+    # step axis read -0.04 ... 0.04, or 0.25, 0.5 ... for a run of 2 steps
+    run = tmp_path / "few"
+    run.mkdir()
+    lines = (runs / "pretrain" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:evaluations]) + "\n", encoding="utf-8")
+    (run / "config.json").write_bytes((runs / "pretrain" / "config.json").read_bytes())
+    fig = plot.loss_figure({"few": plot.read_run(str(run))})
+    fig.draw_without_rendering()
+    lr_ax = fig.axes[1]
+    if evaluations == 1:
+        assert lr_ax.lines[0].get_marker() not in (None, "None", "")  # a line of one point: a dot
+    low, high = lr_ax.get_xlim()
+    shown = [t for t in lr_ax.get_xticks() if low <= t <= high]
+    assert shown and all(t == int(t) and t >= 0 for t in shown), shown
+
+
 def test_tokens_per_iter_from_the_logged_timings(runs):
     records = [json.loads(line) for line in (runs / "pretrain" / "metrics.jsonl").open()]
     assert plot.tokens_per_iter(records) == 4 * 16  # batch 4 x context 16

@@ -189,13 +189,20 @@ def schedule_of(meta):
 
 
 def draw_loss_curves(runs, out, fmt="png"):
+    """Draw `loss_figure(runs)` to `out` as `fmt`; returns the path written."""
+    return save_figure(loss_figure(runs), out, fmt)
+
+
+def loss_figure(runs):
     """Train and validation loss against step, one colour per run, the learning rate below.
 
     `runs` maps a label (the run directory) to `read_run`'s dict. Train loss is solid,
     validation loss dashed, a dot at each evaluation. When every run reads the same number of
-    tokens per step, a second axis on top counts tokens seen. Returns the path written.
+    tokens per step, a second axis on top counts tokens seen.
     """
     require_matplotlib()
+    from matplotlib.ticker import MaxNLocator
+
     fig = new_figure(7.0, 5.0)
     loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     for i, (label, s) in enumerate(runs.items()):
@@ -204,12 +211,15 @@ def draw_loss_curves(runs, out, fmt="png"):
                      label=f"{label} (train)")
         loss_ax.plot(s["iter"], s["val_loss"], color=colour, marker=".", linestyle="--",
                      label=f"{label} (val)")
-        lr_ax.plot(*(s["lr_curve"] or (s["iter"], s["lr"])), color=colour)
+        steps, rates = s["lr_curve"] or (s["iter"], s["lr"])
+        # a line through one point draws nothing: a run with one evaluation gets a dot
+        lr_ax.plot(steps, rates, color=colour, marker="." if len(steps) == 1 else None)
     loss_ax.set_ylabel("loss (nats per token)")
     loss_ax.grid(alpha=0.3)
     loss_ax.legend(fontsize="small")
     lr_ax.set_ylabel("learning rate")
     lr_ax.set_xlabel("step")
+    lr_ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # no step 0.25
     lr_ax.grid(alpha=0.3)
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     per_step = {s["tokens_per_iter"] for s in runs.values()}
@@ -217,7 +227,7 @@ def draw_loss_curves(runs, out, fmt="png"):
         n = per_step.pop()
         top = loss_ax.secondary_xaxis("top", functions=(lambda it: it * n, lambda t: t / n))
         top.set_xlabel(f"tokens seen ({n:,} per step)")
-    return save_figure(fig, out, fmt)
+    return fig
 
 
 # ----------------------------------------------------------------------------- attention
