@@ -7,6 +7,7 @@ import struct
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
@@ -228,6 +229,28 @@ def test_attention_all_heads_or_one(runs, tmp_path):
     assert result.exit_code == 0, result.output
     assert png_size(one) == pixels(plot.attention_figure_size(1, 11, 11))
     assert png_size(one)[0] < png_size(out)[0]
+
+
+def assert_nothing_cut_off(fig):
+    """Every title, label and colour bar of a rendered figure lies inside the picture."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)  # the renderer savefig draws a PNG with
+    canvas.draw()
+    inside = fig.get_tightbbox(canvas.get_renderer())  # inches
+    assert inside.x0 >= 0 and inside.y0 >= 0, inside
+    assert inside.x1 <= fig.get_figwidth() and inside.y1 <= fig.get_figheight(), inside
+
+
+@pytest.mark.parametrize("target", ["2023-07-14", "1" * 63])
+def test_a_long_title_over_one_narrow_panel_is_wrapped_not_cut(target):
+    # before, the title of one head's panel ran past both edges, and pushed the colour bar's
+    # label off the right edge
+    labels = ["<bos>"] + list(target[:10])
+    weights = np.full((len(labels), len(labels)), 1.0 / len(labels))
+    fig = plot.attention_figure([("layer 0, head 0", weights)], labels, labels,
+                                title=f"decoder self-attention of a seq2seq model, target {target!r}")
+    assert_nothing_cut_off(fig)
 
 
 @pytest.mark.parametrize("part, queries, keys", [("encoder", 3, 3), ("decoder", 4, 4),

@@ -18,6 +18,7 @@ what an attention map is lives in tinyllm/attention_maps.py.
 import io
 import math
 import os
+import textwrap
 
 from .errors import TinyLLMError
 from .fileio import atomic_write_bytes
@@ -234,6 +235,7 @@ def loss_figure(runs):
 
 
 PANEL_COLUMNS = 4  # heads side by side before wrapping to a new row
+TITLE_CHARS_PER_INCH = 8  # of 11-point text: a digit is 0.1 inch wide, most capitals 0.11
 
 
 def attention_figure_size(n_panels, n_queries, n_keys):
@@ -250,6 +252,11 @@ def attention_figure_size(n_panels, n_queries, n_keys):
 
 
 def draw_attention(panels, query_labels, key_labels, out, fmt="png", title=None, marks=None):
+    """Draw `attention_figure` to `out` as `fmt`; returns the path written."""
+    return save_figure(attention_figure(panels, query_labels, key_labels, title, marks), out, fmt)
+
+
+def attention_figure(panels, query_labels, key_labels, title=None, marks=None):
     """Heatmaps of attention weights, one panel per head, tokens as axis labels.
 
     `panels` is a list of (title, weights (Tq, Tk)); row i of a panel is where query token i
@@ -276,9 +283,10 @@ def draw_attention(panels, query_labels, key_labels, out, fmt="png", title=None,
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     fig.colorbar(image, ax=list(axes[:len(panels)]), shrink=0.6, label="attention weight")
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return save_figure(fig, out, fmt)
+    if title:  # wrapped to the figure's width: one panel of a few tokens is narrow
+        fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * TITLE_CHARS_PER_INCH)),
+                     fontsize=11)
+    return fig
 
 
 def _outline(q, k):
