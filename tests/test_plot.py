@@ -233,11 +233,7 @@ def test_attention_all_heads_or_one(runs, tmp_path):
 
 def assert_nothing_cut_off(fig):
     """Every title, label and colour bar of a rendered figure lies inside the picture."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)  # the renderer savefig draws a PNG with
-    canvas.draw()
-    inside = fig.get_tightbbox(canvas.get_renderer())  # inches
+    inside = fig.get_tightbbox(rendered(fig))  # inches
     assert inside.x0 >= 0 and inside.y0 >= 0, inside
     assert inside.x1 <= fig.get_figwidth() and inside.y1 <= fig.get_figheight(), inside
 
@@ -251,6 +247,33 @@ def test_a_long_title_over_one_narrow_panel_is_wrapped_not_cut(target):
     fig = plot.attention_figure([("layer 0, head 0", weights)], labels, labels,
                                 title=f"decoder self-attention of a seq2seq model, target {target!r}")
     assert_nothing_cut_off(fig)
+
+
+def rendered(fig):
+    """A renderer that has drawn `fig` as savefig does for a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+@pytest.mark.parametrize("n", [11, 60, 121, 256])
+def test_the_token_labels_of_a_long_prompt_do_not_overlap(n):
+    # before, every token got a label, and from about 70 tokens on they overlapped
+    labels = ["\u2423word"] * n
+    weights = np.full((n, n), 1.0 / n)
+    fig = plot.attention_figure([("layer 0, head 0", weights)], labels, labels)
+    renderer = rendered(fig)
+    ax = fig.axes[0]
+    rows = sorted((t.get_window_extent(renderer) for t in ax.get_yticklabels()), key=lambda b: b.y0)
+    columns = sorted((t.get_window_extent(renderer) for t in ax.get_xticklabels()),
+                     key=lambda b: b.x0)
+    assert all(a.y1 <= b.y0 for a, b in zip(rows, rows[1:]))
+    assert all(a.x1 <= b.x0 for a, b in zip(columns, columns[1:]))
+    every = plot.label_every(n, n, 7 if n > 24 else 9)
+    assert len(rows) == len(range(0, n, every)) and (every == 1) == (n <= 60)
+    assert ("labelled" in ax.get_xlabel()) == (every > 1)
 
 
 @pytest.mark.parametrize("part, queries, keys", [("encoder", 3, 3), ("decoder", 4, 4),

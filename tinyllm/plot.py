@@ -246,9 +246,23 @@ def attention_figure_size(n_panels, n_queries, n_keys):
     """
     cols = min(n_panels, PANEL_COLUMNS)
     rows = math.ceil(n_panels / cols)
-    scale = min(1.0, 8.0 / (0.16 * max(n_queries, n_keys)))  # long inputs: smaller cells
-    side = lambda n: max(2.0, 0.16 * n * scale) + 0.9  # noqa: E731
+    cell = cell_inches(n_queries, n_keys)
+    side = lambda n: max(2.0, cell * n) + 0.9  # noqa: E731
     return cols * side(n_keys) + 0.9, rows * side(n_queries) + 0.4  # colour bar, suptitle
+
+
+def cell_inches(n_queries, n_keys):
+    """The side of a heatmap cell: 0.16 inch, less for long inputs (a panel stays within 8)."""
+    return 0.16 * min(1.0, 8.0 / (0.16 * max(n_queries, n_keys)))
+
+
+def label_every(n_queries, n_keys, font):
+    """Label every k-th token: k = 1 while a cell is as tall as a line of `font`-point text
+    (cells shrink above 50 tokens, and from about 70 labels of every token would overlap).
+    Example: 121 tokens, 7-point labels (0.117 inch a line), cells of 8 / 121 = 0.066 inch ->
+    every 2nd token."""
+    line = font * 1.2 / 72  # inches
+    return max(1, math.ceil(line / cell_inches(n_queries, n_keys)))
 
 
 def draw_attention(panels, query_labels, key_labels, out, fmt="png", title=None, marks=None):
@@ -270,13 +284,15 @@ def attention_figure(panels, query_labels, key_labels, title=None, marks=None):
     font = 7 if max(n_q, n_k) > 24 else 9
     # characters read best upright; longer BPE tokens need turning to fit under their column
     turn = 90 if max(len(label) for label in key_labels) > 2 else 0
+    every = label_every(n_q, n_k, font)
+    which = "" if every == 1 else f"; every {every}{_ordinal(every)} token labelled"
     for ax, (name, weights) in zip(axes, panels):
         image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(name, fontsize=10)
-        ax.set_xticks(range(n_k), key_labels, rotation=turn, fontsize=font)
-        ax.set_yticks(range(n_q), query_labels, fontsize=font)
+        ax.set_xticks(range(0, n_k, every), key_labels[::every], rotation=turn, fontsize=font)
+        ax.set_yticks(range(0, n_q, every), query_labels[::every], fontsize=font)
         ax.tick_params(length=0, pad=1)
-        ax.set_xlabel("key (attended to)", fontsize=8)
+        ax.set_xlabel(f"key (attended to{which})", fontsize=8)
         ax.set_ylabel("query", fontsize=8)
         for q, k in marks or ():
             ax.add_patch(_outline(q, k))
@@ -287,6 +303,13 @@ def attention_figure(panels, query_labels, key_labels, title=None, marks=None):
         fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * TITLE_CHARS_PER_INCH)),
                      fontsize=11)
     return fig
+
+
+def _ordinal(n):
+    """The suffix of an ordinal number: 2 -> "nd", 3 -> "rd", 4 -> "th", 11 -> "th"."""
+    if n % 100 in (11, 12, 13):
+        return "th"
+    return {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
 
 
 def _outline(q, k):
