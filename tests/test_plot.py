@@ -90,7 +90,8 @@ def test_plot_as_svg(runs, tmp_path):
     root = ET.fromstring(out.read_bytes())
     assert root.tag.endswith("svg") and root.get("width") == "504pt"  # 7 inches
     svg = out.read_text(encoding="utf-8")
-    assert str(runs / "pretrain") in svg and str(runs / "seq2seq") in svg  # a label per run
+    for label in plot.legend_labels([str(runs / "pretrain"), str(runs / "seq2seq")]):
+        assert label.lstrip("\u2026") in svg  # a label per run
     forced = invoke("plot", runs / "pretrain", "--out", tmp_path / "loss", "--format", "svg")
     assert forced.exit_code == 0 and (tmp_path / "loss").read_bytes().startswith(b"<?xml")
 
@@ -126,6 +127,23 @@ def test_a_run_of_few_steps_shows_each_point_on_whole_steps(runs, tmp_path, eval
     low, high = lr_ax.get_xlim()
     shown = [t for t in lr_ax.get_xticks() if low <= t <= high]
     assert shown and all(t == int(t) and t >= 0 for t in shown), shown
+
+
+def test_long_run_directories_leave_the_curves_in_view(runs):
+    # before, the legend held each path whole: two long ones made it as wide as the plot,
+    # over the curves
+    series = plot.read_run(str(runs / "pretrain"))
+    names = ["/home/someone/experiments/2024-05-01/pretrain-char-lr1e-3-batch8-context32",
+             "/home/someone/experiments/2024-05-01/pretrain-char-lr3e-4-batch8-context32", "s2s"]
+    fig = plot.loss_figure({name: series for name in names})
+    renderer = rendered(fig)
+    loss_ax = fig.axes[0]
+    legend = loss_ax.get_legend()
+    assert legend.get_window_extent(renderer).width < 0.5 * loss_ax.get_window_extent(renderer).width
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert texts[0] == "\u2026" + names[0][-(plot.LEGEND_CHARS - 1):] + " (train)"
+    assert texts[2] != texts[0] and texts[4] == "s2s (train)"
+    assert plot.legend_labels(["a/" + "x" * 40, "b/" + "x" * 40]) == ["a/" + "x" * 40, "b/" + "x" * 40]
 
 
 def test_tokens_per_iter_from_the_logged_timings(runs):

@@ -27,6 +27,7 @@ from .fileio import atomic_write_bytes
 # copy, "tinyllm[plot]" would install whatever the package index calls tinyllm (not this project).
 INSTALL_HINT = "pip install matplotlib"
 FORMATS = ("png", "svg")
+LEGEND_CHARS = 32  # longest run label in a loss picture's legend: the curves stay in view
 LR_CURVE_POINTS = 2000  # most points of the computed learning-rate curve
 DPI = 100  # pixels per inch: a figure of (w, h) inches is exactly (100 w, 100 h) pixels
 
@@ -206,7 +207,7 @@ def loss_figure(runs):
 
     fig = new_figure(7.0, 5.0)
     loss_ax, lr_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
-    for i, (label, s) in enumerate(runs.items()):
+    for i, (label, s) in enumerate(zip(legend_labels(runs), runs.values())):
         colour = f"C{i % 10}"
         loss_ax.plot(s["iter"], s["train_loss"], color=colour, marker=".",
                      label=f"{label} (train)")
@@ -229,6 +230,18 @@ def loss_figure(runs):
         top = loss_ax.secondary_xaxis("top", functions=(lambda it: it * n, lambda t: t / n))
         top.set_xlabel(f"tokens seen ({n:,} per step)")
     return fig
+
+
+def legend_labels(run_dirs):
+    """Run directories as legend labels: as given, or if longer than LEGEND_CHARS, "…" and
+    their end (the part of a path that tells runs apart), so that the legend leaves the curves
+    in view; as given after all when two would read the same.
+
+    Example: "/home/me/experiments/2024/lr-3e-4-batch-16-context-256" -> "…/2024/lr-3e-4-batch-16-
+    context-256" cut to LEGEND_CHARS characters; "runs/a" -> "runs/a".
+    """
+    short = [d if len(d) <= LEGEND_CHARS else "\u2026" + d[-(LEGEND_CHARS - 1):] for d in run_dirs]
+    return short if len(set(short)) == len(short) else list(run_dirs)
 
 
 # ----------------------------------------------------------------------------- attention
