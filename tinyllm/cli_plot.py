@@ -19,9 +19,10 @@ FORMAT_HELP = "File format.  [default: from the suffix of --out, else png]"
 def plot(run_dirs, out, fmt):
     """Draw train and validation loss against step for one or more run directories.
 
-    One colour per run (labelled with its directory; a long one by its end), validation dashed, the learning rate in a
-    panel below, tokens seen on the top axis when every run reads the same number of tokens per
-    step. Works on pretraining, fine-tuning and seq2seq runs, and on a run that is still training.
+    One colour per run (labelled with its directory; a long one by its end), validation dashed,
+    the learning rate in a panel below, tokens seen on the top axis when every run reads the same
+    number of tokens per step. Works on pretraining, fine-tuning and seq2seq runs, and on a run
+    that is still training.
     """
     from .plot import draw_loss_curves, picture_format, read_run, require_matplotlib
 
