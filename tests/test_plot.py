@@ -139,11 +139,13 @@ def test_long_run_directories_leave_the_curves_in_view(runs):
     renderer = rendered(fig)
     loss_ax = fig.axes[0]
     legend = loss_ax.get_legend()
-    assert legend.get_window_extent(renderer).width < 0.5 * loss_ax.get_window_extent(renderer).width
+    width = loss_ax.get_window_extent(renderer).width
+    assert legend.get_window_extent(renderer).width < 0.5 * width
     texts = [t.get_text() for t in legend.get_texts()]
     assert texts[0] == "\u2026" + names[0][-(plot.LEGEND_CHARS - 1):] + " (train)"
     assert texts[2] != texts[0] and texts[4] == "s2s (train)"
-    assert plot.legend_labels(["a/" + "x" * 40, "b/" + "x" * 40]) == ["a/" + "x" * 40, "b/" + "x" * 40]
+    alike = ["a/" + "x" * 40, "b/" + "x" * 40]  # the same end: shown whole
+    assert plot.legend_labels(alike) == alike
 
 
 def test_tokens_per_iter_from_the_logged_timings(runs):
@@ -262,8 +264,8 @@ def test_a_long_title_over_one_narrow_panel_is_wrapped_not_cut(target):
     # label off the right edge
     labels = ["<bos>"] + list(target[:10])
     weights = np.full((len(labels), len(labels)), 1.0 / len(labels))
-    fig = plot.attention_figure([("layer 0, head 0", weights)], labels, labels,
-                                title=f"decoder self-attention of a seq2seq model, target {target!r}")
+    title = f"decoder self-attention of a seq2seq model, target {target!r}"
+    fig = plot.attention_figure([("layer 0, head 0", weights)], labels, labels, title=title)
     assert_nothing_cut_off(fig)
 
 
