@@ -213,3 +213,20 @@ def test_lora_adapters_are_merged_before_the_maps_are_taken(tmp_path, gpt):
     onp.testing.assert_allclose(maps.weights, merged, **F32)
     plain = {k: v for k, v in params.items() if k != "lora"}
     assert not onp.allclose(maps.weights, am.gpt_attention(plain, base, tok.encode("abc ab")))
+
+
+def test_a_model_with_an_unknown_token_reads_unseen_characters_as_it(tmp_path, gpt):
+    # before, a char model fine-tuned with <|unk|> (as `finetune instruct` and `classify` make it)
+    # refused a prompt with a character it never saw, which `generate` reads as <|unk|>
+    from tinyllm.labelled_data import UNK_TOKEN
+
+    config, params = gpt
+    tok = CharTokenizer.train("abcdefghi ", special_tokens=(UNK_TOKEN,))  # 10 chars + unk = 11
+    save_checkpoint(str(tmp_path), params, adamw_init(params), {}, config, TrainConfig(), tok, 0)
+    maps = am.checkpoint_attention(str(tmp_path), "abé é")
+    assert maps.unknown == 2 and maps.query_labels == ["a", "b", UNK_TOKEN, "\u2423", UNK_TOKEN]
+    a, b, space, unk = tok.encode("a")[0], tok.encode("b")[0], tok.encode(" ")[0], 10
+    onp.testing.assert_allclose(maps.weights,
+                                am.gpt_attention(params, config, [a, b, unk, space, unk]), **F32)
+    with pytest.raises(TinyLLMError, match="--prompt has 9 tokens"):
+        am.checkpoint_attention(str(tmp_path), "ééééééééé")

@@ -317,6 +317,30 @@ def test_attention_of_an_encoder_classifier(runs, tmp_path):
     assert png_size(out) == pixels(plot.attention_figure_size(2, 7, 7))
 
 
+def test_attention_says_how_many_characters_it_read_as_unk(tmp_path):
+    # a char model fine-tuned on text it had not seen has <|unk|>: `attention` reads an unseen
+    # character as it, and says so on stderr as `generate` does
+    import numpy as onp
+
+    from tinyllm.checkpoint import save_checkpoint
+    from tinyllm.config import GPTConfig, TrainConfig
+    from tinyllm.labelled_data import UNK_TOKEN
+    from tinyllm.models import init_gpt
+    from tinyllm.optim import adamw_init
+    from tinyllm.tokenizers import CharTokenizer
+
+    tok = CharTokenizer.train("abc ", special_tokens=(UNK_TOKEN,))
+    config = GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    params = init_gpt(config, onp.random.default_rng(0))
+    save_checkpoint(str(tmp_path / "run"), params, adamw_init(params), {}, config, TrainConfig(),
+                    tok, 0)
+    result = invoke("attention", "--checkpoint", tmp_path / "run", "--prompt", "ab\u00e9\u00e9",
+                    "--out", tmp_path / "a.png")
+    assert result.exit_code == 0, result.output
+    assert "2 heads of 4 x 4 tokens" in result.stdout
+    assert result.stderr == "note: 2 character(s) the model never saw were read as <|unk|>\n"
+
+
 def test_attention_errors(runs, tmp_path):
     out = tmp_path / "a.png"
     base = ["attention", "--checkpoint", runs / "pretrain", "--out", out]

@@ -221,6 +221,7 @@ class AttentionMaps:
     query_labels: list  # Tq axis labels
     key_labels: list  # Tk axis labels
     what: str  # e.g. "causal self-attention of a gpt model"
+    unknown: int = 0  # characters read as the unknown token (a fine-tuned char model has one)
 
 
 def checkpoint_attention(ckpt_dir, prompt, part=None, target=None):
@@ -242,11 +243,11 @@ def checkpoint_attention(ckpt_dir, prompt, part=None, target=None):
         raise TinyLLMError(f"--part and --target apply to seq2seq runs; {ckpt_dir} holds a"
                            f" {ckpt.meta['kind']!r} model")
     params, config, causal = _gpt_shaped(ckpt)
-    ids = _encode(ckpt.tokenizer, prompt, config.block_size, "--prompt")
+    ids, unknown = _encode_with_fallback(ckpt.tokenizer, prompt, config.block_size, "--prompt")
     labels = token_labels(ckpt.tokenizer, ids)
     what = "causal self-attention" if causal else "bidirectional self-attention"
     return AttentionMaps(gpt_attention(params, config, ids, causal), labels, labels,
-                         f"{what} of a {ckpt.meta['kind']} model")
+                         f"{what} of a {ckpt.meta['kind']} model", unknown)
 
 
 def _gpt_shaped(ckpt):
@@ -260,16 +261,33 @@ def _gpt_shaped(ckpt):
     return params, (config.gpt() if hasattr(config, "gpt") else config), causal
 
 
+def _encode_with_fallback(tokenizer, text, block_size, flag):
+    """(ids, characters read as the unknown token): a char model fine-tuned on text it had not
+    seen has that token, and reads those characters so (as `generate` and `classify` do);
+    any other model's tokenizer encodes as `_encode` does."""
+    from .labelled_data import UNK_TOKEN, encode_with_fallback
+
+    if UNK_TOKEN not in tokenizer.special_tokens:
+        return _encode(tokenizer, text, block_size, flag), 0
+    ids, unknown = encode_with_fallback(tokenizer, text)
+    _check_fits(ids, block_size, flag)
+    return ids, unknown
+
+
 def _encode(tokenizer, text, block_size, flag):
     """Text -> ids, or a one-line error naming `flag` (unknown character, longer than context)."""
     try:
         ids = tokenizer.encode(text)
     except TinyLLMError as err:
         raise TinyLLMError(f"{flag}: {err}") from None
+    _check_fits(ids, block_size, flag)
+    return ids
+
+
+def _check_fits(ids, block_size, flag):
     if len(ids) > block_size:
         raise TinyLLMError(f"{flag} has {len(ids)} tokens, more than the model's context of"
                            f" {block_size}")
-    return ids
 
 
 def _seq2seq_maps(ckpt, prompt, part, target):

@@ -65,6 +65,9 @@ def attention(checkpoint, prompt, layer, head, part, target, out, fmt):
     require_matplotlib()
     fmt = picture_format(out, fmt)
     maps = checkpoint_attention(checkpoint, prompt, part, target)
+    if maps.unknown:
+        click.echo(f"note: {maps.unknown} character(s) the model never saw were read as <|unk|>",
+                   err=True)
     panels = select_heads(maps.weights, layer, head)
     path = draw_attention(panels, maps.query_labels, maps.key_labels, out, fmt, title=maps.what)
     heads = "1 head" if len(panels) == 1 else f"{len(panels)} heads"
