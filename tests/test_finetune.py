@@ -218,3 +218,30 @@ def test_an_instruct_run_counts_the_characters_read_as_unk_in_each_split(tmp_pat
     stored = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))
     assert stored["fallback_characters"] == report["fallback_characters"]
     assert "note: 16 character(s) in train fell back to <|unk|>" in notes
+
+
+def test_an_instruct_run_counts_the_test_references_a_response_cannot_reach(tmp_path,
+                                                                           save_char_base):
+    # before, a reference longer than --max-new-tokens let its response be cut short unsaid, and
+    # its exact match could only be 0
+    import json
+
+    from tinyllm.config import GPTConfig
+    from tinyllm.finetune_runs import InstructSettings, run_instruct
+
+    base = save_char_base(str(tmp_path / "base"), "abcdefghijklmnopqrstuvwxyzIR :\n",
+                          GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=16))
+    files = {}
+    for name, outputs in (("train", ["ab"] * 8), ("val", ["ab"] * 2), ("test", ["ab", "abcdefg"])):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"instruction": "say", "output": out}) + "\n"
+                                       for out in outputs), encoding="utf-8")
+    settings = InstructSettings(checkpoint=base, data=str(files["train"]),
+                                val_data=str(files["val"]), test_data=str(files["test"]),
+                                max_iters=1, eval_interval=1, batch_size=2, max_new_tokens=4)
+    notes = []
+    report = run_instruct(str(tmp_path / "run"), settings, log=notes.append)
+    assert report["test_references_cut"] == 1  # "abcdefg": 7 tokens, a response at most 4
+    assert any(n.startswith("note: 1 test record(s) have a reference longer") for n in notes)
+    rows = (tmp_path / "run" / "responses.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 2 and len(json.loads(rows[1])["response"]) <= 4

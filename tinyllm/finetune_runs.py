@@ -938,6 +938,14 @@ def generation_prompts(tokenizer, records, max_new_tokens, block_size):
     return prompts, limits, shortened, fallback
 
 
+def references_cut(tokenizer, records, limits):
+    """How many records' references have more tokens than their response may (`limits`, from
+    `generation_prompts`): --max-new-tokens or the context cuts such a response before it could
+    match. Example: references of 3 and 70 tokens, limits 11 and 64 -> 1."""
+    return sum(len(encode_with_fallback(tokenizer, r["output"])[0]) > limit
+               for r, limit in zip(records, limits))
+
+
 def score_responses(params, config, tokenizer, records, max_new_tokens, use_cache=True):
     """Greedy responses to records (decoded as one batch), with mean exact match and token F1.
 
@@ -1068,11 +1076,16 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
                 " response")
         if fallback[name]:
             log(f"note: {fallback[name]} character(s) in {name} fell back to {UNK_TOKEN}")
-    _, _, shortened["test"], fallback["test"] = generation_prompts(
+    _, limits, shortened["test"], fallback["test"] = generation_prompts(
         tokenizer, test, s.max_new_tokens, config.block_size)
     if shortened["test"]:
         log(f"note: {shortened['test']} test record(s) kept the end of their prompt, to leave"
             f" room for the response in the context ({config.block_size} tokens)")
+    cut = references_cut(tokenizer, test, limits)
+    if cut:
+        log(f"note: {cut} test record(s) have a reference longer than a response may be"
+            f" (--max-new-tokens {s.max_new_tokens}, context {config.block_size} tokens): their"
+            " responses are cut there, and cannot match exactly")
     if fallback["test"]:
         log(f"note: {fallback['test']} character(s) in test prompts fell back to {UNK_TOKEN}")
     log(f"data: {s.data or 'embedded tasks (reverse the words, uppercase, sort the words, add)'}:"
@@ -1130,6 +1143,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
               "include_prompt": s.include_prompt,
               "records": {"train": len(train), "val": len(val), "test": len(test)},
               "shortened_records": shortened, "fallback_characters": fallback,
+              "test_references_cut": cut,
               "prompts_also_in_train": repeats,
               "test_before": before, "test_after": after,
               "val_loss_before": metrics[0]["val_loss"] if metrics else None,
