@@ -148,6 +148,15 @@ def test_long_run_directories_leave_the_curves_in_view(runs):
     assert plot.legend_labels(alike) == alike
 
 
+@pytest.mark.parametrize("kinds, unit", [(["pretrain", "seq2seq"], "nats per token"),
+                                         (["classify"], "nats per example"),
+                                         (["pretrain", "classify"], "per example for a classifier")])
+def test_the_loss_axis_names_what_the_loss_is_per(runs, kinds, unit):
+    # before, a classifier's loss (one cross-entropy per example) was said to be per token
+    fig = plot.loss_figure({kind: plot.read_run(str(runs / kind)) for kind in kinds})
+    assert unit in fig.axes[0].get_ylabel()
+
+
 def test_tokens_per_iter_from_the_logged_timings(runs):
     records = [json.loads(line) for line in (runs / "pretrain" / "metrics.jsonl").open()]
     assert plot.tokens_per_iter(records) == 4 * 16  # batch 4 x context 16

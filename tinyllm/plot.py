@@ -92,8 +92,9 @@ def new_figure(width, height):
 
 
 def read_run(run_dir, log=print):
-    """The evaluations of a run directory as a dict of lists: iter, train_loss, val_loss, lr,
-    and tokens_per_iter (None when it cannot be told).
+    """The evaluations of a run directory as a dict of lists: iter, train_loss, val_loss, lr;
+    and tokens_per_iter (None when it cannot be told), lr_curve (see `lr_by_step`) and
+    loss_per ("example" for a classifier, whose loss is per example, else "token").
 
     Works on a run that is still training: a last line being written (no newline yet, or cut
     mid-number) is skipped. A missing figure, or null (a non-finite value), becomes NaN. A run
@@ -118,7 +119,18 @@ def read_run(run_dir, log=print):
               for key in ("iter", "train_loss", "val_loss", "lr")}
     series["tokens_per_iter"] = tokens_per_iter(records)
     series["lr_curve"] = lr_by_step(run_dir, series)
+    series["loss_per"] = "example" if _kind(run_dir) == "classifier" else "token"
     return series
+
+
+def _kind(run_dir):
+    """The model kind config.json names ("gpt", "classifier", ...), or None if it cannot say."""
+    from .checkpoint import read_meta
+
+    try:
+        return read_meta(run_dir).get("kind")
+    except TinyLLMError:
+        return None
 
 
 def _is_number(x):
@@ -216,7 +228,10 @@ def loss_figure(runs):
         steps, rates = s["lr_curve"] or (s["iter"], s["lr"])
         # a line through one point draws nothing: a run with one evaluation gets a dot
         lr_ax.plot(steps, rates, color=colour, marker="." if len(steps) == 1 else None)
-    loss_ax.set_ylabel("loss (nats per token)")
+    # a classifier's loss is one cross-entropy per example; every other run's is per token
+    per = {s["loss_per"] for s in runs.values()}
+    loss_ax.set_ylabel(f"loss (nats per {per.pop()})" if len(per) == 1
+                       else "loss (nats per token; per example for a classifier)")
     loss_ax.grid(alpha=0.3)
     loss_ax.legend(fontsize="small")
     lr_ax.set_ylabel("learning rate")
