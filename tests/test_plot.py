@@ -157,6 +157,21 @@ def test_the_loss_axis_names_what_the_loss_is_per(runs, kinds, unit):
     assert unit in fig.axes[0].get_ylabel()
 
 
+def test_dollar_signs_are_drawn_as_they_are(runs, tmp_path):
+    # before, matplotlib read "$...$" in a run directory, a token or a title as TeX maths:
+    # "r$a$" showed as an italic a, and "$\\foo$" stopped the drawing with a traceback
+    run = tmp_path / "x$\\foo$"
+    run.mkdir()
+    (run / "metrics.jsonl").write_bytes((runs / "pretrain" / "metrics.jsonl").read_bytes())
+    result = invoke("plot", run, "--out", tmp_path / "loss.png")
+    assert result.exit_code == 0, result.output
+    labels = ["$", "x", "$\\foo$"]
+    fig = plot.attention_figure([("layer 0, head 0", np.eye(3))], labels, labels,
+                                title="decoder self-attention, target '$\\alpha$'")
+    rendered(fig)  # no parse error
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["\\$", "x", "\\$\\foo\\$"]
+
+
 def test_tokens_per_iter_from_the_logged_timings(runs):
     records = [json.loads(line) for line in (runs / "pretrain" / "metrics.jsonl").open()]
     assert plot.tokens_per_iter(records) == 4 * 16  # batch 4 x context 16

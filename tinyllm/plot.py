@@ -81,6 +81,14 @@ def save_figure(fig, out, fmt):
     return out
 
 
+def literal(text):
+    r"""Text to draw as it is: matplotlib reads what stands between two $ as TeX maths, so a
+    run directory or a token "$x$" would show as an italic x, and "$oo$" stop the drawing
+    with a parse error. An escaped dollar, \$, is drawn as $. Example: "$5 or $6" -> "\$5 or \$6".
+    """
+    return text.replace("$", r"\$")
+
+
 def new_figure(width, height):
     """A matplotlib Figure of width x height inches with constrained layout (exact size kept)."""
     from matplotlib.figure import Figure
@@ -222,9 +230,9 @@ def loss_figure(runs):
     for i, (label, s) in enumerate(zip(legend_labels(runs), runs.values())):
         colour = f"C{i % 10}"
         loss_ax.plot(s["iter"], s["train_loss"], color=colour, marker=".",
-                     label=f"{label} (train)")
+                     label=f"{literal(label)} (train)")
         loss_ax.plot(s["iter"], s["val_loss"], color=colour, marker=".", linestyle="--",
-                     label=f"{label} (val)")
+                     label=f"{literal(label)} (val)")
         steps, rates = s["lr_curve"] or (s["iter"], s["lr"])
         # a line through one point draws nothing: a run with one evaluation gets a dot
         lr_ax.plot(steps, rates, color=colour, marker="." if len(steps) == 1 else None)
@@ -317,8 +325,10 @@ def attention_figure(panels, query_labels, key_labels, title=None, marks=None):
     for ax, (name, weights) in zip(axes, panels):
         image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(name, fontsize=10)
-        ax.set_xticks(range(0, n_k, every), key_labels[::every], rotation=turn, fontsize=font)
-        ax.set_yticks(range(0, n_q, every), query_labels[::every], fontsize=font)
+        ax.set_xticks(range(0, n_k, every), [literal(t) for t in key_labels[::every]],
+                      rotation=turn, fontsize=font)
+        ax.set_yticks(range(0, n_q, every), [literal(t) for t in query_labels[::every]],
+                      fontsize=font)
         ax.tick_params(length=0, pad=1)
         ax.set_xlabel(f"key (attended to{which})", fontsize=8)
         ax.set_ylabel("query", fontsize=8)
@@ -328,7 +338,7 @@ def attention_figure(panels, query_labels, key_labels, title=None, marks=None):
         ax.set_visible(False)
     fig.colorbar(image, ax=list(axes[:len(panels)]), shrink=0.6, label="attention weight")
     if title:  # wrapped to the figure's width: one panel of a few tokens is narrow
-        fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * TITLE_CHARS_PER_INCH)),
+        fig.suptitle(textwrap.fill(literal(title), int(fig.get_figwidth() * TITLE_CHARS_PER_INCH)),
                      fontsize=11)
     return fig
 
@@ -368,5 +378,6 @@ def draw_fewshot(rows, out, fmt="png", title=None):
     ax.set_ylim(0.0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="upper left")
-    ax.set_title(title or f"few-shot accuracy ({rows[0]['n']} queries per k)", fontsize=10)
+    ax.set_title(literal(title) if title else f"few-shot accuracy ({rows[0]['n']} queries per k)",
+                 fontsize=10)
     return save_figure(fig, out, fmt)
