@@ -337,7 +337,7 @@ def test_attention_of_an_encoder_classifier(runs, tmp_path):
     result = invoke("attention", "--checkpoint", runs / "classify", "--prompt", "the cat",
                     "--out", out)
     assert result.exit_code == 0, result.output
-    assert "bidirectional self-attention of a classifier model" in result.output
+    assert "bidirectional self-attention of a classifier" in result.output
     assert png_size(out) == pixels(plot.attention_figure_size(2, 7, 7))
 
 

@@ -32,10 +32,12 @@ from .ops import attention_weights, causal_mask, layer_norm, linear
 from .seq2seq import cross_decoder_block, embed_tokens, target_table
 
 PARTS = ("encoder", "decoder", "cross")  # the three attentions of a seq2seq model
+# a checkpoint kind as a picture's title names it (after "of a")
+KIND_NAMES = {"gpt": "GPT", "gpt-lora": "GPT with LoRA adapters", "mlm": "masked-token encoder",
+              "classifier": "classifier"}
 
 
 # ----------------------------------------------------------------------------- per-head weights
-
 
 def self_attention_weights(x, c_attn, n_head, mask=None):
     """Weights of a self-attention layer: x (1, T, C) after its layer norm -> (H, T, T)."""
@@ -220,7 +222,7 @@ class AttentionMaps:
     weights: onp.ndarray  # (L, H, Tq, Tk)
     query_labels: list  # Tq axis labels
     key_labels: list  # Tk axis labels
-    what: str  # e.g. "causal self-attention of a gpt model"
+    what: str  # e.g. "causal self-attention of a GPT"
     unknown: int = 0  # characters read as the unknown token (a fine-tuned char model has one)
 
 
@@ -247,7 +249,7 @@ def checkpoint_attention(ckpt_dir, prompt, part=None, target=None):
     labels = token_labels(ckpt.tokenizer, ids)
     what = "causal self-attention" if causal else "bidirectional self-attention"
     return AttentionMaps(gpt_attention(params, config, ids, causal), labels, labels,
-                         f"{what} of a {ckpt.meta['kind']} model", unknown)
+                         f"{what} of a {KIND_NAMES[ckpt.meta['kind']]}", unknown)
 
 
 def _gpt_shaped(ckpt):
