@@ -1,4 +1,6 @@
-"""Every repository file that the README, a docstring or a help text names exists.
+"""What the README names exists: every repository file (also those a docstring or a help text
+names), every `--flag` (on the command it is written after), and every name it quotes from the
+code (`module.function`, a metrics key).
 
 The rule for what counts as a repository path: a name that starts with one of the repository's
 top-level folders (tinyllm/, tests/, examples/, benchmarks/), which must exist there (a `*`
@@ -14,7 +16,10 @@ import glob
 import os
 import re
 
+import click
 import pytest
+
+from tinyllm.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH = re.compile(r"(?<![\w/.-])((?:tinyllm|tests|examples|benchmarks)/[\w*./-]*\w"
@@ -75,3 +80,194 @@ def test_the_readme_names_every_module_example_and_benchmark(folder):
             continue
         assert any(fnmatch.fnmatch(name, pattern) for pattern in mapped), \
             f"README.md does not mention {name}"
+
+
+# ----------------------------------------------------------------------------- flags
+# Every `--flag` the README names must exist: after `tinyllm CMD` (or `python examples/X.py`,
+# `python benchmarks/X.py`) on the same line of code, as a flag of that command; anywhere else,
+# as a flag of some command or script (or of mpirun, which the MPI section names).
+
+MPIRUN_FLAGS = {"--allow-run-as-root", "--hostfile"}
+EVERY_COMMAND_FLAGS = {"--help", "--version"}  # Click's own
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+FENCED = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
+
+
+def click_flags():
+    """{("pretrain",): {"--data", ...}, ("finetune", "classify"): {...}, ...}: each command's flags."""
+    def walk(group, path):
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                yield from walk(command, path + (name,))
+            else:
+                yield path + (name,), {opt for param in command.params
+                                       for opt in param.opts + param.secondary_opts
+                                       if opt.startswith("--")}
+    return dict(walk(main, ()))
+
+
+def script_flags(name):
+    """The long flags of a script's argparse parser, read from its source (nothing is run)."""
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    flags = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "add_argument"):
+            names = [a.value for a in node.args if isinstance(a, ast.Constant)
+                     and isinstance(a.value, str) and a.value.startswith("--")]
+            flags.update(names)
+            if any(isinstance(k.value, ast.Attribute) and k.value.attr == "BooleanOptionalAction"
+                   for k in node.keywords if k.arg == "action"):
+                flags.update("--no-" + n[2:] for n in names)
+    return flags
+
+
+def code_lines(text):
+    """Each line of the README's code: fenced blocks (with `\\` continuations joined, and a
+    comment as a line of its own) and inline code spans."""
+    for block in FENCED.findall(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            yield from re.split(r"(?:^|\s)#", line, maxsplit=1)
+    yield from re.findall(r"`([^`\n]+)`", FENCED.sub("", text))
+
+
+def tinyllm_commands(words, commands):
+    """The commands that the words after "tinyllm" name (a `|` gives alternatives).
+    Example: ["finetune", "classify|instruct", "--lr"] -> [("finetune", "classify"),
+    ("finetune", "instruct")]; ["runs/x"] -> []."""
+    path = ()
+    for word in words:
+        names = word.split("|")
+        if not any(p[:len(path) + 1] == path + (names[0],) for p in commands):
+            break
+        path, alternatives = path + (names[0],), names
+    return [path[:-1] + (name,) for name in alternatives] if path else []
+
+
+def flags_by_command(line, commands):
+    """(command, flag) for each flag of a line of code; command is a tinyllm command path, a
+    script's path, or None when no command comes before the flag.
+    Example: "tinyllm fewshot --task T | x --y" -> [(("fewshot",), "--task"), (None, "--y")]."""
+    found, current, words = [], [], line.split()
+    for i, word in enumerate(words):
+        if word == "tinyllm":
+            current = tinyllm_commands(words[i + 1:], commands)
+        elif re.fullmatch(r"(examples|benchmarks)/\w+\.py", word) and i and "python" in words[i - 1]:
+            current = [word]
+        elif word in ("|", "&&", ";", ">", "2>"):
+            current = []
+        found += [(command, flag) for flag in FLAG.findall(word) for command in current or [None]]
+    return found
+
+
+def readme_flag_errors(text):
+    commands = click_flags()
+    scripts = {name: script_flags(name) for folder in ("examples", "benchmarks")
+               for name in (os.path.relpath(p, ROOT) for p in
+                            sorted(glob.glob(os.path.join(ROOT, folder, "*.py"))))}
+    anywhere = set().union(*commands.values(), *scripts.values(), MPIRUN_FLAGS,
+                           EVERY_COMMAND_FLAGS)
+    errors = set()
+    for line in code_lines(text):
+        for command, flag in flags_by_command(line, commands):
+            if command is None:
+                known, name = anywhere, "any command"
+            elif isinstance(command, tuple):
+                known, name = commands.get(command, set()), "tinyllm " + " ".join(command)
+            else:
+                known, name = scripts.get(command, set()), command
+            if flag not in known | EVERY_COMMAND_FLAGS:
+                errors.add(f"{flag} is not a flag of {name} (in: {line.strip()})")
+    prose = re.sub(r"`[^`\n]+`", "", FENCED.sub("", text))
+    for flag in set(FLAG.findall(prose)) - anywhere:
+        errors.add(f"{flag} (in the README's prose) is not a flag of any command")
+    return sorted(errors)
+
+
+def test_the_flag_rule_on_examples():
+    commands = click_flags()
+    assert tinyllm_commands(["finetune", "classify|instruct", "--lr"], commands) == [
+        ("finetune", "classify"), ("finetune", "instruct")]
+    assert tinyllm_commands(["plot", "runs/x"], commands) == [("plot",)]
+    assert tinyllm_commands(["runs/x"], commands) == []
+    assert flags_by_command("tinyllm fewshot --task T --shots 0,1 | x --y", commands) == [
+        (("fewshot",), "--task"), (("fewshot",), "--shots"), (None, "--y")]
+    assert flags_by_command("tinyllm finetune classify|instruct --lr 1", commands) == [
+        (("finetune", "classify"), "--lr"), (("finetune", "instruct"), "--lr")]
+    assert flags_by_command("python examples/mlm_vs_clm.py --mlm runs/mlm", commands) == [
+        ("examples/mlm_vs_clm.py", "--mlm")]
+    assert readme_flag_errors("`tinyllm generate --max-iters 5`") == [
+        "--max-iters is not a flag of tinyllm generate (in: tinyllm generate --max-iters 5)"]
+    assert readme_flag_errors("```\ntinyllm pretrain \\\n    --eval-iters 5  # or --resume\n```") == []
+    assert readme_flag_errors("```\ntinyllm plot runs/x  # --no-such\n```") == [
+        "--no-such is not a flag of any command (in: --no-such)"]
+    assert readme_flag_errors("then `--no-such-flag`, or --no-such") == [
+        "--no-such (in the README's prose) is not a flag of any command",
+        "--no-such-flag is not a flag of any command (in: --no-such-flag)"]
+
+
+def test_every_flag_the_readme_names_exists():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        errors = readme_flag_errors(f.read())
+    assert not errors, "the README names flags the commands do not have:\n" + "\n".join(errors)
+
+
+# ----------------------------------------------------------------------------- names
+# A name the README quotes from the code must be in it: `module.function` in that module, and a
+# key or function name (`windowed_texts`, `"best_iter"`, `split_lines`) somewhere in the source.
+
+def source_text():
+    texts = []
+    for folder in ("tinyllm", "examples", "benchmarks"):
+        for path in sorted(glob.glob(os.path.join(ROOT, folder, "*.py"))):
+            with open(path, encoding="utf-8") as f:
+                texts.append(f.read())
+    return "\n".join(texts)
+
+
+def defines(module, name):
+    """Whether tinyllm/<module>.py defines `name` at its top level (def, class or assignment)."""
+    with open(os.path.join(ROOT, "tinyllm", module + ".py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
+            return True
+        targets = node.targets if isinstance(node, ast.Assign) else (
+            [node.target] if isinstance(node, ast.AnnAssign) else [])
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            return True
+    return False
+
+
+FILE_TYPES = {"py", "json", "jsonl", "npz", "png", "svg", "md", "toml", "txt", "csv", "tsv"}
+
+
+def readme_name_errors(text, source):
+    modules = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "tinyllm", "*.py"))}
+    errors = set()
+    for span in re.findall(r"`([^`\n]+)`", FENCED.sub("", text)):
+        for module, name in re.findall(r"(?<![\w./])([a-z_0-9]+)\.([A-Za-z_]\w*)\b(?![./])", span):
+            if module in modules and name not in FILE_TYPES and not defines(module, name):
+                errors.add(f"{module}.{name} is not defined in tinyllm/{module}.py")
+        quoted = re.fullmatch(r'"([A-Za-z_]\w*)"(?::.*)?|([a-z]\w*_\w*)', span)
+        name = quoted and (quoted.group(1) or quoted.group(2))
+        if name and not re.search(rf"\b{name}\b", source):
+            errors.add(f"{name} is not in tinyllm's, the examples' or the benchmarks' code")
+    return sorted(errors)
+
+
+def test_the_name_rule_on_examples():
+    source = "def split_lines(): return {'best_iter': 1}"
+    assert readme_name_errors("`split_lines`, `\"best_iter\"` and `fast.gpt_loss_and_grads_in_halves`,"
+                              " read `tinyllm/ops.py`", source) == []
+    assert readme_name_errors("`best_iters`, `\"ranks\": 2` and `ops.no_such_op`", source) == [
+        "best_iters is not in tinyllm's, the examples' or the benchmarks' code",
+        "ops.no_such_op is not defined in tinyllm/ops.py",
+        "ranks is not in tinyllm's, the examples' or the benchmarks' code"]
+
+
+def test_every_code_name_the_readme_quotes_exists():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        errors = readme_name_errors(f.read(), source_text())
+    assert not errors, "the README quotes names the code does not have:\n" + "\n".join(errors)
