@@ -15,6 +15,7 @@ import fnmatch
 import glob
 import os
 import re
+import runpy
 
 import click
 import pytest
@@ -94,7 +95,7 @@ FENCED = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 
 
 def click_flags():
-    """{("pretrain",): {"--data", ...}, ("finetune", "classify"): {...}, ...}: each command's flags."""
+    """Each command's long flags: {("pretrain",): {"--data", ...}, ("seq2seq", "train"): ...}."""
     def walk(group, path):
         for name, command in group.commands.items():
             if isinstance(command, click.Group):
@@ -153,7 +154,7 @@ def flags_by_command(line, commands):
     for i, word in enumerate(words):
         if word == "tinyllm":
             current = tinyllm_commands(words[i + 1:], commands)
-        elif re.fullmatch(r"(examples|benchmarks)/\w+\.py", word) and i and "python" in words[i - 1]:
+        elif re.fullmatch(r"(examples|benchmarks)/\w+\.py", word) and "python" in words[i - 1:i]:
             current = [word]
         elif word in ("|", "&&", ";", ">", "2>"):
             current = []
@@ -199,7 +200,8 @@ def test_the_flag_rule_on_examples():
         ("examples/mlm_vs_clm.py", "--mlm")]
     assert readme_flag_errors("`tinyllm generate --max-iters 5`") == [
         "--max-iters is not a flag of tinyllm generate (in: tinyllm generate --max-iters 5)"]
-    assert readme_flag_errors("```\ntinyllm pretrain \\\n    --eval-iters 5  # or --resume\n```") == []
+    code = "```\ntinyllm pretrain \\\n    --eval-iters 5  # or --resume\n```"
+    assert readme_flag_errors(code) == []
     assert readme_flag_errors("```\ntinyllm plot runs/x  # --no-such\n```") == [
         "--no-such is not a flag of any command (in: --no-such)"]
     assert readme_flag_errors("then `--no-such-flag`, or --no-such") == [
@@ -259,8 +261,8 @@ def readme_name_errors(text, source):
 
 def test_the_name_rule_on_examples():
     source = "def split_lines(): return {'best_iter': 1}"
-    assert readme_name_errors("`split_lines`, `\"best_iter\"` and `fast.gpt_loss_and_grads_in_halves`,"
-                              " read `tinyllm/ops.py`", source) == []
+    text = "`split_lines`, `\"best_iter\"`, `fast.gpt_loss_and_grads_in_halves`, `tinyllm/ops.py`"
+    assert readme_name_errors(text, source) == []
     assert readme_name_errors("`best_iters`, `\"ranks\": 2` and `ops.no_such_op`", source) == [
         "best_iters is not in tinyllm's, the examples' or the benchmarks' code",
         "ops.no_such_op is not defined in tinyllm/ops.py",
@@ -271,3 +273,28 @@ def test_every_code_name_the_readme_quotes_exists():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         errors = readme_name_errors(f.read(), source_text())
     assert not errors, "the README quotes names the code does not have:\n" + "\n".join(errors)
+
+
+# ----------------------------------------------------------------------------- examples' --help
+
+def example_help(name, monkeypatch, capsys):
+    """What `python examples/<name> --help` prints, run in this process."""
+    monkeypatch.setattr("sys.argv", [name, "--help"])
+    with pytest.raises(SystemExit):
+        runpy.run_path(os.path.join(ROOT, "examples", name), run_name="__main__")
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(os.path.basename(p) for p in
+                                        glob.glob(os.path.join(ROOT, "examples", "*.py"))))
+def test_an_examples_help_opens_with_a_whole_sentence(name, monkeypatch, capsys):
+    text = example_help(name, monkeypatch, capsys)
+    description = text.split("\n\n")[1]  # after the usage lines, before the options
+    assert description.rstrip().endswith("."), f"{name} --help: {description!r}"
+
+
+def test_pretrain_and_sample_names_the_corpus_it_trains_on(monkeypatch, capsys):
+    from tinyllm.data import DEFAULT_CORPUS
+
+    text = " ".join(example_help("pretrain_and_sample.py", monkeypatch, capsys).split())
+    assert f"default: embedded {DEFAULT_CORPUS}" in text
