@@ -92,6 +92,7 @@ MPIRUN_FLAGS = {"--allow-run-as-root", "--hostfile"}
 EVERY_COMMAND_FLAGS = {"--help", "--version"}  # Click's own
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 FENCED = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
+INLINE = re.compile(r"`([^`]+)`")  # a span may go on over a line break
 
 
 def click_flags():
@@ -130,7 +131,7 @@ def code_lines(text):
     for block in FENCED.findall(text):
         for line in block.replace("\\\n", " ").splitlines():
             yield from re.split(r"(?:^|\s)#", line, maxsplit=1)
-    yield from re.findall(r"`([^`\n]+)`", FENCED.sub("", text))
+    yield from INLINE.findall(FENCED.sub("", text))
 
 
 def tinyllm_commands(words, commands):
@@ -180,7 +181,7 @@ def readme_flag_errors(text):
                 known, name = scripts.get(command, set()), command
             if flag not in known | EVERY_COMMAND_FLAGS:
                 errors.add(f"{flag} is not a flag of {name} (in: {line.strip()})")
-    prose = re.sub(r"`[^`\n]+`", "", FENCED.sub("", text))
+    prose = INLINE.sub("", FENCED.sub("", text))
     for flag in set(FLAG.findall(prose)) - anywhere:
         errors.add(f"{flag} (in the README's prose) is not a flag of any command")
     return sorted(errors)
@@ -198,8 +199,8 @@ def test_the_flag_rule_on_examples():
         (("finetune", "classify"), "--lr"), (("finetune", "instruct"), "--lr")]
     assert flags_by_command("python examples/mlm_vs_clm.py --mlm runs/mlm", commands) == [
         ("examples/mlm_vs_clm.py", "--mlm")]
-    assert readme_flag_errors("`tinyllm generate --max-iters 5`") == [
-        "--max-iters is not a flag of tinyllm generate (in: tinyllm generate --max-iters 5)"]
+    assert readme_flag_errors("`tinyllm generate\n--max-iters 5`") == [
+        "--max-iters is not a flag of tinyllm generate (in: tinyllm generate\n--max-iters 5)"]
     code = "```\ntinyllm pretrain \\\n    --eval-iters 5  # or --resume\n```"
     assert readme_flag_errors(code) == []
     assert readme_flag_errors("```\ntinyllm plot runs/x  # --no-such\n```") == [
@@ -248,7 +249,7 @@ FILE_TYPES = {"py", "json", "jsonl", "npz", "png", "svg", "md", "toml", "txt", "
 def readme_name_errors(text, source):
     modules = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "tinyllm", "*.py"))}
     errors = set()
-    for span in re.findall(r"`([^`\n]+)`", FENCED.sub("", text)):
+    for span in INLINE.findall(FENCED.sub("", text)):
         for module, name in re.findall(r"(?<![\w./])([a-z_0-9]+)\.([A-Za-z_]\w*)\b(?![./])", span):
             if module in modules and name not in FILE_TYPES and not defines(module, name):
                 errors.add(f"{module}.{name} is not defined in tinyllm/{module}.py")
