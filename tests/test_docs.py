@@ -216,6 +216,47 @@ def test_every_flag_the_readme_names_exists():
     assert not errors, "the README names flags the commands do not have:\n" + "\n".join(errors)
 
 
+# The defaults the README states in words, each tied to the flag it describes: a changed default
+# or a reworded phrase fails here, so the two are changed together.
+STATED_DEFAULTS = [
+    ("a 2048-token vocabulary", "pretrain", {"--vocab-size": 2048}),
+    ("It has 4 layers, 4 heads and 128 channels, trains for 1000 steps of 8 x 256 tokens",
+     "pretrain", {"--n-layer": 4, "--n-head": 4, "--n-embd": 128, "--max-iters": 1000,
+                  "--batch-size": 8, "--block-size": 256}),
+    ("no biases (`--no-bias`, as `GPTConfig` now), BPE tokens, 4 layers of 128 channels, a context"
+     " of 256 and lr 1e-3", "pretrain", {"--bias": False, "--tokenizer": "bpe", "--lr": 1e-3}),
+    ("with its default seed 1337", "pretrain", {"--seed": 1337}),
+    ("`--mask-rate` changes the 15%", "pretrain", {"--mask-rate": 0.15}),
+    ("At most `--max-windows` (8) windows", "finetune classify", {"--max-windows": 8}),
+    ("The defaults (300 steps at most, learning rate 5e-4, evaluation every 25 steps, patience 4,"
+     " dropout 0.1 in the body, no freezing", "finetune classify",
+     {"--max-iters": 300, "--lr": 5e-4, "--eval-interval": 25, "--patience": 4, "--dropout": 0.1,
+      "--freeze": "none"}),
+    ("**87.0%** after 1500 steps", "finetune instruct", {"--max-iters": 1500}),
+    ("(`--label-smoothing`, 0.1 as in the paper)", "seq2seq train", {"--label-smoothing": 0.1}),
+    ("100.0% exact match on 500 held-out dates after 1500 steps", "seq2seq train",
+     {"--eval-examples": 500, "--max-iters": 1500}),
+]
+
+
+def default_of(command, flag):
+    """The default of a tinyllm command's flag. Example: ("pretrain", "--seed") -> 1337."""
+    group = main
+    for name in command.split():
+        group = group.commands[name]
+    return next(param.default for param in group.params if flag in param.opts)
+
+
+@pytest.mark.parametrize("phrase, command, defaults", STATED_DEFAULTS,
+                         ids=[phrase[:40] for phrase, _, _ in STATED_DEFAULTS])
+def test_a_default_the_readme_states_is_the_flags_default(phrase, command, defaults):
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = " ".join(f.read().split())
+    assert phrase in readme, f"README.md no longer says {phrase!r}: update STATED_DEFAULTS"
+    for flag, value in defaults.items():
+        assert default_of(command, flag) == value, f"tinyllm {command} {flag}"
+
+
 # ----------------------------------------------------------------------------- names
 # A name the README quotes from the code must be in it: `module.function` in that module, and a
 # key or function name (`windowed_texts`, `"best_iter"`, `split_lines`) somewhere in the source.
