@@ -88,7 +88,7 @@ def heldout_tasks(n_tasks, with_choices, save_dir=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-iters", type=int, default=3000)
     parser.add_argument("--out", default=None, help="keep the run here (default: a temp dir)")
     parser.add_argument("--tasks", type=int, default=12, help="held-out tasks to pool")

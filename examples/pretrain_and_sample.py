@@ -23,12 +23,12 @@ from tinyllm.train import pretrain  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=None, help="text file (default: the embedded pydoc corpus)")
+    parser.add_argument("--data", default=None, help="text file (default: embedded python-docs)")
     parser.add_argument("--max-iters", type=int, default=800)
     args = parser.parse_args()
     tune_malloc()
 
-    # The default model of `tinyllm pretrain` (0.8M parameters with a char tokenizer), trained
+    # The default model of `tinyllm pretrain` (1.1M parameters, byte-level BPE tokens), trained
     # for fewer steps, evaluated less often.
     model = GPTConfig()
     train = replace(TrainConfig(), max_iters=args.max_iters, eval_interval=200, eval_iters=10)
