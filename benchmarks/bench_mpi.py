@@ -1,7 +1,7 @@
 """Data-parallel pretraining over MPI on one machine: tokens per second for N = 1 and N = 2 ranks.
 
 Runs nanoGPT's char-level Shakespeare recipe (4 layers, 4 heads, 128 channels, block 64, batch
-12 per rank; the embedded pydoc text when the Shakespeare file is absent) three ways, one after
+12 per rank; on the embedded pydoc text unless --data names another) three ways, one after
 the other, each as its own `tinyllm pretrain` process tree:
 
     N = 1, one BLAS thread          OPENBLAS_NUM_THREADS=1 tinyllm pretrain ...
@@ -28,7 +28,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")
 RECIPE = ["--tokenizer", "char", "--block-size", "64", "--n-layer", "4", "--n-head", "4",
           "--n-embd", "128", "--dropout", "0", "--batch-size", "12", "--lr", "1e-3",
           "--min-lr", "1e-4", "--warmup-iters", "100", "--eval-iters", "2", "--sample-tokens", "0"]
@@ -85,16 +84,15 @@ def allreduce_seconds(n_floats, ranks=2):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=None,
-                        help="text file (default: ../shared/data/tinyshakespeare.txt if present,"
-                             " else the embedded pydoc corpus)")
+    parser.add_argument("--data", default="pydoc",
+                        help="text file, or an embedded corpus's name (default: pydoc)")
     parser.add_argument("--max-iters", type=int, default=100, help="steps per run (default 100)")
     parser.add_argument("--repeats", type=int, default=2, help="rounds; the best is kept (default 2)")
     args = parser.parse_args()
     sys.path.insert(0, ROOT)
     if mpirun() is None:
         sys.exit('no mpirun: pip install ".[mpi]" (mpi4py and mpich)')
-    data = args.data or (SHAKESPEARE if os.path.exists(SHAKESPEARE) else "pydoc")
+    data = args.data
     print(f"data: {data}; {args.max_iters} steps of batch 12 x block 64 per rank;"
           f" load average before: {os.getloadavg()[0]:.2f}")
     rows = {}

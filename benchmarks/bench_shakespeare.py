@@ -20,8 +20,9 @@ Quality (--parity): each side trains 2000 iterations for each of the seeds 1337,
 measures the validation loss at iteration 2000 over 100 batches (the same batches on both
 sides); printed: each loss, each side's mean and spread, and the difference of the means.
 
-    python benchmarks/bench_shakespeare.py --torch-python /path/to/torch-venv/bin/python
-    python benchmarks/bench_shakespeare.py --torch-python ... --parity
+    python benchmarks/bench_shakespeare.py --data tinyshakespeare.txt \
+        --torch-python /path/to/torch-venv/bin/python
+    python benchmarks/bench_shakespeare.py --data tinyshakespeare.txt --torch-python ... --parity
 """
 
 import argparse
@@ -36,7 +37,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
-DEFAULT_DATA = os.path.join(HERE, "..", "..", "shared", "data", "tinyshakespeare.txt")
 TORCH_SCRIPT = os.path.join(HERE, "torch_reference.py")
 RECIPE = {"block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128, "batch_size": 12}
 
@@ -186,9 +186,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=DEFAULT_DATA,
-                    help="the tiny Shakespeare text (default: the shared data folder beside the"
-                         " checkout)")
+    ap.add_argument("--data", required=True,
+                    help="the tiny Shakespeare text (about 1.1 MB, not shipped with tinyllm)")
     ap.add_argument("--torch-python", default=None,
                     help="Python of an environment with torch, to run the PyTorch side"
                          " (default: none, tinyllm only)")
