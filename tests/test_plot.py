@@ -324,12 +324,19 @@ def test_the_token_labels_of_a_long_prompt_do_not_overlap(n):
                                                  ("cross", 4, 3)])
 def test_attention_of_a_seq2seq_run(runs, tmp_path, part, queries, keys):
     out = tmp_path / f"{part}.svg"
-    result = invoke("attention", "--checkpoint", runs / "seq2seq", "--prompt", "cat",
-                    "--target", "tac", "--part", part, "--out", out)
+    target = [] if part == "encoder" else ["--target", "tac"]  # the encoder reads the source alone
+    result = invoke("attention", "--checkpoint", runs / "seq2seq", "--prompt", "cat", *target,
+                    "--part", part, "--out", out)
     assert result.exit_code == 0, result.output
     assert f"2 heads of {queries} x {keys} tokens" in result.output
+    assert ("target 'tac'" in result.output) == (part != "encoder")
+    assert "target" not in result.output or part != "encoder"  # none decoded for its title
     assert ET.fromstring(out.read_bytes()).tag.endswith("svg")
     assert "&lt;bos&gt;" in out.read_text(encoding="utf-8") or part == "encoder"
+    if part == "encoder":
+        refused = invoke("attention", "--checkpoint", runs / "seq2seq", "--prompt", "cat",
+                         "--target", "tac", "--part", part, "--out", out)
+        assert refused.exit_code == 1 and "--target applies to --part decoder" in refused.output
 
 
 def test_attention_of_an_encoder_classifier(runs, tmp_path):

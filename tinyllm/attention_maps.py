@@ -299,9 +299,14 @@ def _seq2seq_maps(ckpt, prompt, part, target):
 
     if part not in PARTS:
         raise TinyLLMError(f"--part must be one of {', '.join(PARTS)}, got {part!r}")
+    if part == "encoder" and target is not None:
+        raise TinyLLMError("--target applies to --part decoder and cross: the encoder reads the"
+                           " source alone")
     params, config, tokenizer = ckpt.params, ckpt.model_config, ckpt.tokenizer
     src = _encode(tokenizer, prompt, config.block_size, "--prompt")
-    if target is None:
+    if part == "encoder":  # no target to decode: the encoder's weights do not depend on one
+        target = ""
+    elif target is None:
         target = translate_texts(params, config, tokenizer, [prompt], ["--prompt"])[0]
     tgt_in = [tokenizer.special_tokens[BOS]] + _encode(tokenizer, target, config.block_size - 1,
                                                        "--target")
@@ -311,7 +316,8 @@ def _seq2seq_maps(ckpt, prompt, part, target):
                      "cross": (tgt_labels, src_labels)}[part]
     what = {"encoder": "encoder self-attention", "decoder": "decoder self-attention",
             "cross": "cross-attention"}[part]
-    return AttentionMaps(maps, queries, keys, f"{what} of a seq2seq model, target {target!r}")
+    of_target = "" if part == "encoder" else f", target {target!r}"
+    return AttentionMaps(maps, queries, keys, f"{what} of a seq2seq model{of_target}")
 
 
 def select_heads(maps, layer=None, head=None):

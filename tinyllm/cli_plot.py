@@ -48,8 +48,8 @@ def plot(run_dirs, out, fmt):
               help="seq2seq runs only: encoder self-attention, decoder self-attention or"
                    " cross-attention.  [default: cross]")
 @click.option("--target", default=None,
-              help="seq2seq runs only: the target text the decoder reads after <bos>."
-                   "  [default: the model's greedy translation of --prompt]")
+              help="seq2seq runs, --part decoder or cross: the target text the decoder reads"
+                   " after <bos>.  [default: the model's greedy translation of --prompt]")
 @click.option("--out", default="attention.png", type=click.Path(dir_okay=False),
               help="Picture file to write (atomically), named .png, .svg or with no suffix.")
 @click.option("--format", "fmt", type=click.Choice(["png", "svg"]), default=None, help=FORMAT_HELP)
