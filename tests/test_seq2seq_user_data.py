@@ -2,6 +2,7 @@
 or whose total is already passed, and flags that would do nothing in the combination given."""
 
 import json
+import re
 
 import numpy as onp
 import pytest
@@ -40,6 +41,24 @@ def test_resume_below_the_steps_done_is_refused(tmp_path):
     train(path, out, "--max-iters", 4, "--eval-interval", 2)
     assert_user_error(invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 2),
                       "--max-iters 2", "4 steps")
+
+
+def test_done_gives_the_training_time_over_every_resume(tmp_path):
+    path, out, config = pairs(tmp_path), tmp_path / "run", tmp_path / "run" / "config.json"
+    train(path, out, "--max-iters", 2, "--eval-interval", 2)
+    assert json.loads(config.read_text())["train_seconds"] >= 0
+    meta = json.loads(config.read_text())
+    config.write_text(json.dumps({**meta, "train_seconds": 1000}), encoding="utf-8")
+    result = invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 3)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"done: iteration 3, .*, \d+ s \(10\d\d s in all, over every --resume\);",
+                     result.output), result.output
+    meta = json.loads(config.read_text())
+    del meta["train_seconds"]  # a run saved before tinyllm kept the time
+    config.write_text(json.dumps(meta), encoding="utf-8")
+    result = invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 4)
+    assert result.exit_code == 0, result.output
+    assert "s (the run's time before --resume is unknown" in result.output
 
 
 def test_flags_that_would_do_nothing_are_refused(tmp_path):

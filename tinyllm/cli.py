@@ -10,10 +10,10 @@ import click
 
 from .cli_common import (count, flag_given, fraction, no_cache_option, non_negative,
                          note_flags_resume_ignores, positive, probability_mass, random_seed,
-                         step_count, user_errors)
+                         step_count, training_time, user_errors)
 from .cli_encoder import embed, fill
 from .cli_fewshot import fewshot
-from .cli_finetune import classify, finetune, training_time
+from .cli_finetune import classify, finetune
 from .cli_plot import attention, plot
 from .cli_seq2seq import seq2seq
 from . import distributed

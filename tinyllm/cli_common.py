@@ -157,6 +157,18 @@ def _flag_name(param, value):
     return param.secondary_opts[0] if param.secondary_opts and value is False else param.opts[0]
 
 
+# ----------------------------------------------------------------------------- reports
+
+
+def training_time(report):
+    """This part's training time, and a resumed run's over all its parts: "12 s (40 s in all)"."""
+    part, total = report["train_seconds_this_part"], report["train_seconds"]
+    if total is None:
+        return (f"{part:.0f} s (the run's time before --resume is unknown: the tinyllm that"
+                " trained it did not keep it)")
+    return f"{part:.0f} s" + (f" ({total:.0f} s in all, over every --resume)" if total != part else "")
+
+
 # ----------------------------------------------------------------------------- shared options
 
 

@@ -11,7 +11,8 @@ import click
 
 from . import distributed
 from .cli_common import (count, flag_given, fraction, no_cache_option, non_negative,
-                         note_flags_resume_ignores, positive, random_seed, step_count, user_errors)
+                         note_flags_resume_ignores, positive, random_seed, step_count,
+                         training_time, user_errors)
 from .distributed import abort_on_error
 from .errors import TinyLLMError
 from .finetune import DEFAULT_POOLING, POOLINGS
@@ -119,15 +120,6 @@ def run_on_every_rank(runner, out, settings, resume, force, max_iters, **options
     world.from_root(lambda: prepare_out_dir(out, resume, force))  # its errors stop every rank
     with distributed.rank_run_dir(out, resume, world) as run_dir:
         return runner(run_dir, settings, force=force or not world.is_root, world=world, **kwargs)
-
-
-def training_time(report):
-    """This part's training time, and a resumed run's over all its parts: "12 s (40 s in all)"."""
-    part, total = report["train_seconds_this_part"], report["train_seconds"]
-    if total is None:
-        return (f"{part:.0f} s (the run's time before --resume is unknown: the tinyllm that"
-                " trained it did not keep it)")
-    return f"{part:.0f} s" + (f" ({total:.0f} s in all, over every --resume)" if total != part else "")
 
 
 @click.group()

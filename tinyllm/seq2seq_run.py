@@ -8,7 +8,6 @@ its "data_sha256". The tokenizer is a char tokenizer over both sides with the sp
 <pad>, <bos> and <eos>.
 """
 
-import time
 from dataclasses import replace
 
 from .bleu import corpus_bleu, exact_match
@@ -21,9 +20,10 @@ from .seq2seq import init_seq2seq, seq2seq_loss
 from .seq2seq_data import (EMBEDDED_TASKS, SEQ2SEQ_SPECIAL_TOKENS, encode_pairs, encoding_problem,
                            get_pair_batch, load_pairs, make_arrays, pairs_text, repeated_pairs)
 from .tokenizers import CharTokenizer
-from .train import (check_memory, check_resumed_total, check_still_there, gpt_param_count,
-                    gpt_step_bytes, prepare_out_dir, read_metrics, same_fingerprint, start_out_dir,
-                    starting_state, stored_data_name, text_fingerprint, train_loop)
+from .train import (TrainingClock, check_memory, check_resumed_total, check_still_there,
+                    earlier_train_seconds, gpt_param_count, gpt_step_bytes, prepare_out_dir,
+                    read_metrics, same_fingerprint, start_out_dir, starting_state,
+                    stored_data_name, text_fingerprint, train_loop)
 
 SCHEDULES = ("cosine", "noam")
 SEQ2SEQ_RUN = "runs/seq2seq"  # where `tinyllm seq2seq train` keeps its run by default
@@ -126,14 +126,15 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
 
     def save(s):
         save_checkpoint(out_dir, s.params, s.opt_state, s.rng_state, model_config, tc, tokenizer,
-                        s.iteration, extra={**extra, "last_eval_iter": s.last_eval_iter},
+                        s.iteration, extra={**extra, "train_seconds": clock.total(),
+                                            "last_eval_iter": s.last_eval_iter},
                         kind="seq2seq")
 
-    t0 = time.perf_counter()
+    clock = TrainingClock(earlier_train_seconds(ckpt.meta) if resume else 0.0)
     tokens = tc.batch_size * (arrays["train"][0].shape[1] + arrays["train"][2].shape[1])
     state = train_loop(state, tc, loss_fn, sample, save, out_dir, tokens,
                        lr_fn=learning_rate_schedule(schedule, model_config.n_embd, tc))
-    seconds = time.perf_counter() - t0
+    clock.stop()
     scored = held_pairs[:eval_examples]
     # Room for the longest target and one token more: an output that has not stopped by then is
     # longer than every target, so cutting it there never turns a miss into an exact match.
@@ -141,7 +142,8 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
     outputs = translate_texts(state.params, model_config, tokenizer, [p.source for p in scored],
                               [p.where for p in scored], max_len=room, use_cache=use_cache)
     return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
-            "seconds": seconds, "final": read_metrics(out_dir)[-1], "held_out": len(scored),
+            "seconds": clock.part(), "train_seconds": clock.total(),
+            "final": read_metrics(out_dir)[-1], "held_out": len(scored),
             "exact_match": exact_match(outputs, [p.target for p in scored]),
             "examples": list(zip(scored[:5], outputs[:5]))}
 
