@@ -230,6 +230,12 @@ def main():
     parser.add_argument("--out", default="/tmp/tinyllm-fault-trials")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # started in the background of a script (`cmd &`), which ignores SIGINT: the runs would
+        # inherit that, and tinyllm keeps a signal ignored that it was started with, so every
+        # Ctrl-C trial would see the run go on. The runs are to get Ctrl-C as a user sends it.
+        print("note: SIGINT was ignored (a background job?); restored for the runs")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     os.makedirs(args.out, exist_ok=True)
     rng = random.Random(args.seed)
     reference, duration = reference_run(args.out)
