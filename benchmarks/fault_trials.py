@@ -234,7 +234,7 @@ def main():
         # started in the background of a script (`cmd &`), which ignores SIGINT: the runs would
         # inherit that, and tinyllm keeps a signal ignored that it was started with, so every
         # Ctrl-C trial would see the run go on. The runs are to get Ctrl-C as a user sends it.
-        print("note: SIGINT was ignored (a background job?); restored for the runs")
+        print("note: SIGINT was ignored (a background job?); restored for the runs", flush=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     os.makedirs(args.out, exist_ok=True)
     rng = random.Random(args.seed)
