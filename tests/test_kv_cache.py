@@ -337,7 +337,8 @@ def test_every_generating_command_passes_no_cache_down(monkeypatch, tmp_path):
                          "generate_instruction") == [True, False]
     params, config, tokenizer = tiny_generator()
     monkeypatch.setattr(train, "pretrain", lambda *args, **kwargs: {
-        "final": {"iter": 1, "train_loss": 1.0, "val_loss": 1.0}, "seconds": 0.0, "objective": "clm",
+        "final": {"iter": 1, "train_loss": 1.0, "val_loss": 1.0}, "seconds": 0.0,
+        "train_seconds": 0.0, "objective": "clm",
         "params": params, "model_config": config, "tokenizer": tokenizer})
     assert cli_use_cache(monkeypatch, ["pretrain", "--out", str(tmp_path / "p")], generate,
                          "generate_text") == [True, False]

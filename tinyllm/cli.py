@@ -168,13 +168,9 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
     if not world.is_root:
         return  # rank 0 reports and samples
     final = result["final"]
-    # this part's time and, after a --resume, the run's over every part (unknown for a run begun
-    # by a tinyllm that did not keep it), said as the fine-tuning commands say it; a summary
-    # without "train_seconds" is of one part
-    seconds = {"train_seconds_this_part": result["seconds"],
-               "train_seconds": result.get("train_seconds", result["seconds"])}
+    seconds = training_time(result["seconds"], result["train_seconds"])
     click.echo(f"done: iteration {final['iter']}, train loss {final['train_loss']:.4f},"
-               f" val loss {final['val_loss']:.4f}, {training_time(seconds)}; checkpoint in {out}")
+               f" val loss {final['val_loss']:.4f}, {seconds}; checkpoint in {out}")
     if sample_tokens and result.get("objective") == "mlm":
         from .mlm import masked_accuracy
 

@@ -160,9 +160,9 @@ def _flag_name(param, value):
 # ----------------------------------------------------------------------------- reports
 
 
-def training_time(report):
-    """This part's training time, and a resumed run's over all its parts: "12 s (40 s in all)"."""
-    part, total = report["train_seconds_this_part"], report["train_seconds"]
+def training_time(part, total):
+    """This part's training time, and a resumed run's over all its parts (None: unknown), in
+    words: (12, 40) -> "12 s (40 s in all, over every --resume)"; (12, 12) -> "12 s"."""
     if total is None:
         return (f"{part:.0f} s (the run's time before --resume is unknown: the tinyllm that"
                 " trained it did not keep it)")

@@ -189,7 +189,8 @@ def finetune_classify(out, resume, force, **flags):
     for label, stats in report["test_per_class"].items():
         click.echo(f"  {label}: precision {100 * stats['precision']:.1f}%, recall"
                    f" {100 * stats['recall']:.1f}% ({stats['support']} examples)")
-    click.echo(f"done in {training_time(report)}; metrics in {os.path.join(out, 'metrics.json')}")
+    seconds = training_time(report["train_seconds_this_part"], report["train_seconds"])
+    click.echo(f"done in {seconds}; metrics in {os.path.join(out, 'metrics.json')}")
 
 
 @finetune.command("instruct")
@@ -230,7 +231,8 @@ def finetune_instruct(out, resume, force, no_cache, **flags):
     if report["val_loss_before"] is not None:
         click.echo(f"validation loss on the responses: {report['val_loss_before']:.4f} (base) ->"
                    f" {report['best_val_loss']:.4f} (iteration {report['best_iter']})")
-    click.echo(f"done in {training_time(report)}; responses in"
+    seconds = training_time(report["train_seconds_this_part"], report["train_seconds"])
+    click.echo(f"done in {seconds}; responses in"
                f" {os.path.join(out, 'responses.jsonl')}, metrics in {os.path.join(out, 'metrics.json')}")
 
 

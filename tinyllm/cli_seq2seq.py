@@ -117,11 +117,11 @@ def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_em
                            force=force, max_iters=new_total, eval_examples=eval_examples,
                            log=click.echo, use_cache=not no_cache)
     final = result["final"]
-    seconds = {"train_seconds_this_part": result["seconds"], "train_seconds": result["train_seconds"]}
+    seconds = training_time(result["seconds"], result["train_seconds"])
     for pair, output in result["examples"]:
         click.echo(f"  {pair.source!r} -> {output!r} (reference {pair.target!r})")
     click.echo(f"done: iteration {final['iter']}, train loss {final['train_loss']:.4f},"
-               f" val loss {final['val_loss']:.4f}, {training_time(seconds)}; checkpoint in {out}")
+               f" val loss {final['val_loss']:.4f}, {seconds}; checkpoint in {out}")
     click.echo(f"held-out exact match: {100 * result['exact_match']:.1f}% of"
                f" {result['held_out']} pairs (greedy)")
 
