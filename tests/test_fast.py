@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from dataclasses import replace
+from unittest import mock
 
 import autograd
 import numpy as onp
@@ -42,6 +43,9 @@ shapes = st.fixed_dictionaries({
     "seed": st.integers(0, 2**16), "vocab": st.integers(2, 13), "n_layer": st.integers(1, 2),
     "n_head": st.integers(1, 3), "head_size": st.integers(1, 5), "block": st.integers(1, 9),
     "batch": st.integers(1, 3), "bias": st.booleans(), "tie": st.booleans(),
+    # query rows per block of causal attention (fast.ATTENTION_BLOCK, 64 in use): small here, so
+    # that contexts of a few tokens are split into blocks, evenly or not, or are one block
+    "attention_block": st.integers(1, 10),
 })
 
 
@@ -54,7 +58,10 @@ def test_loss_and_every_gradient_equal_autograd_on_the_reference_in_float64(s):
     ids = rng.integers(0, s["vocab"], (s["batch"], t))
     targets = rng.integers(0, s["vocab"], (s["batch"], t))
     want_loss, want = reference_loss_and_grads(params, ids, targets, config)
-    loss, grads = fast.gpt_loss_and_grads(params, ids, targets, config)
+    with mock.patch.object(fast, "ATTENTION_BLOCK", s["attention_block"]):
+        loss, grads = fast.gpt_loss_and_grads(params, ids, targets, config)
+        assert fast.gpt_loss_and_grads(params, ids, targets, config, backward=False) == (loss,
+                                                                                         None)
     assert abs(loss - float(want_loss)) < 1e-10
     want, got = flatten(want), flatten(grads)
     assert list(got) == list(want)  # the same tree, in the same order
@@ -159,13 +166,14 @@ TINY = ["--tokenizer", "char", "--n-layer", "1", "--n-embd", "16", "--n-head", "
 @pytest.fixture
 def counted_fast_path(monkeypatch):
     """Records the batch rows each call to the fast path's loss and gradients gets (a step on
-    two cores makes two calls, each with half of the batch)."""
-    calls = []
+    two cores makes two calls, each with half of the batch), for training steps ("step") and
+    evaluations (forward only, "eval") apart."""
+    calls = {"step": [], "eval": []}
     real = fast.gpt_loss_and_grads
 
-    def counting(params, ids, *args, **kwargs):
-        calls.append(ids.shape[0])
-        return real(params, ids, *args, **kwargs)
+    def counting(params, ids, *args, backward=True, **kwargs):
+        calls["step" if backward else "eval"].append(ids.shape[0])
+        return real(params, ids, *args, backward=backward, **kwargs)
 
     monkeypatch.setattr(fast, "gpt_loss_and_grads", counting)
     return calls
@@ -185,16 +193,19 @@ def pretrain_losses(tmp_path, name, *flags):
 def test_pretrain_trains_on_the_fast_path_and_no_fast_on_the_reference(tmp_path,
                                                                        counted_fast_path):
     fast_losses = pretrain_losses(tmp_path, "fast")
-    assert sum(counted_fast_path) == 4 * 4  # every row of the 4 steps' batches of 4
+    assert sum(counted_fast_path["step"]) == 4 * 4  # every row of the 4 steps' batches of 4
+    # evaluations at steps 0, 2 and 4, each of one batch of 4 from each split, forward only
+    assert sum(counted_fast_path["eval"]) == 3 * 2 * 4
     reference_losses = pretrain_losses(tmp_path, "reference", "--no-fast")
-    assert sum(counted_fast_path) == 4 * 4  # no more calls
+    assert sum(counted_fast_path["step"]) == 4 * 4  # no more calls
+    assert sum(counted_fast_path["eval"]) == 3 * 2 * 4
     assert onp.allclose(fast_losses, reference_losses, rtol=1e-4)  # same training, up to rounding
     assert fast_losses[-1][0] < fast_losses[0][0]  # and it trained
 
 
 def test_dropout_takes_the_reference_path(tmp_path, counted_fast_path):
     pretrain_losses(tmp_path, "dropout", "--dropout", "0.1")
-    assert not counted_fast_path
+    assert counted_fast_path == {"step": [], "eval": []}
 
 
 def plain_softmax(s, mask):
@@ -228,7 +239,9 @@ def test_a_batch_in_two_halves_equals_autograd_on_the_whole_batch(s, batch):
     t = int(rng.integers(1, s["block"] + 1))
     ids, targets = rng.integers(0, s["vocab"], (batch, t)), rng.integers(0, s["vocab"], (batch, t))
     want_loss, want = reference_loss_and_grads(params, ids, targets, config)
-    loss, grads = fast.gpt_loss_and_grads_in_halves(params, ids, targets, config)
+    with mock.patch.object(fast, "ATTENTION_BLOCK", s["attention_block"]):
+        loss, grads = fast.gpt_loss_and_grads_in_halves(params, ids, targets, config)
+        assert fast.gpt_loss(config)(params, (ids, targets), None) == loss
     assert abs(loss - float(want_loss)) < 1e-10
     want, got = flatten(want), flatten(grads)
     assert list(got) == list(want)
@@ -335,9 +348,9 @@ def test_training_steps_run_in_halves_with_the_same_numbers_on_one_core_or_two(m
     seen = []
     real = fast.gpt_loss_and_grads
 
-    def recording(p, ids, *a):
+    def recording(p, ids, *a, **kw):
         seen.append((ids.shape[0], threading.get_ident()))
-        return real(p, ids, *a)
+        return real(p, ids, *a, **kw)
 
     monkeypatch.setattr(fast, "gpt_loss_and_grads", recording)
     results = []
@@ -428,16 +441,18 @@ def test_pretrain_objective_mlm_trains_on_the_fast_path_and_no_fast_on_the_refer
     seen = []
     real = fast.gpt_loss_and_grads
 
-    def recording(params, ids, targets, config, causal=True, counted=None):
+    def recording(params, ids, targets, config, causal=True, counted=None, backward=True):
         seen.append((ids.shape, causal, None if counted is None else counted.shape,
-                     config.distance_bias,
+                     config.distance_bias, backward,
                      None if counted is None else bool((ids[counted] != targets[counted]).any())))
-        return real(params, ids, targets, config, causal, counted)
+        return real(params, ids, targets, config, causal, counted, backward=backward)
 
     monkeypatch.setattr(fast, "gpt_loss_and_grads", recording)
     fast_losses = pretrain_losses(tmp_path, "fast", "--objective", "mlm")
-    assert [record[:4] for record in seen] == [
-        ((2, 16), False, (2, 16), True)] * 8  # 4 steps of two halves of the batch of 4
+    steps = [record[:4] for record in seen if record[4]]
+    assert steps == [((2, 16), False, (2, 16), True)] * 8  # 4 steps of two halves of 4 rows
+    evals = [record[:4] for record in seen if not record[4]]  # steps 0, 2, 4; two splits each
+    assert evals == [((2, 16), False, (2, 16), True)] * (3 * 2 * 2)
     assert any(masked for *_, masked in seen)  # the inputs are the corrupted ids, the targets not
     seen.clear()
     reference_losses = pretrain_losses(tmp_path, "reference", "--objective", "mlm", "--no-fast")

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tinyllm import fast
 from tinyllm.checkpoint import load_checkpoint
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
@@ -409,9 +410,17 @@ def real_scores(mask):
 
 
 def test_mlm_runs_record_the_distance_bias_and_pass_it_to_every_encoder_command(
-        mlm_run, tmp_path, data_file, encoder_masks):
+        mlm_run, tmp_path, data_file, encoder_masks, monkeypatch):
     """pretrain --objective mlm stores it; fill, embed and classify from the run apply it in
     every block; --no-distance-bias and --arch encoder on causal weights do not."""
+    fast_configs = []  # the model settings pretraining's steps and evaluations hand the fast path
+    real = fast.gpt_loss_and_grads
+
+    def recording(params, ids, targets, config, *args, **kwargs):
+        fast_configs.append(config.distance_bias)
+        return real(params, ids, targets, config, *args, **kwargs)
+
+    monkeypatch.setattr(fast, "gpt_loss_and_grads", recording)
     out = mlm_run[0]
     assert json.loads((out / "config.json").read_text(encoding="utf-8"))["model"][
         "distance_bias"] is True
@@ -442,8 +451,8 @@ def test_mlm_runs_record_the_distance_bias_and_pass_it_to_every_encoder_command(
     assert result.exit_code == 0, result.output
     assert json.loads((off / "config.json").read_text(encoding="utf-8"))["model"][
         "distance_bias"] is False
-    assert encoder_masks and all(m is None for m in encoder_masks)  # its evaluations
-    encoder_masks.clear()
+    assert fast_configs and not any(fast_configs)  # its steps and evaluations
+    assert encoder_masks == []  # (which take the fast path, not the reference model)
     assert invoke("fill", "--checkpoint", off, "The qu[MASK]ck fox").exit_code == 0
     assert encoder_masks == [None]
 

@@ -14,7 +14,7 @@ autograd VJPs bring in.
 What it covers: the mean next-token cross-entropy of `models.gpt_loss` (no loss mask), and the
 masked-token loss of `mlm.mlm_loss` (the same blocks run bidirectionally, the loss at the
 chosen positions only), with or without biases, with a tied or an untied LM head, and dropout 0
-(`supports(config)`). Anything else (dropout, loss masks, LoRA, classifiers, fine-tuning the
+(`supports(config)`); pretraining's evaluations use its forward pass alone (`gpt_loss`). Anything else (dropout, loss masks, LoRA, classifiers, fine-tuning the
 encoder) takes the reference path through autograd. `tests/test_fast.py` checks that the loss
 and every gradient equal autograd's on the reference model, over random shapes, in float64 to
 1e-10 and in float32 to its rounding, and that whole training steps (the flat-buffer AdamW at
@@ -26,9 +26,11 @@ matmuls (which use both cores); only attention works on (B, H, T, D).
 
 Speed rules followed throughout (see ops.py for the measurements behind them): constants are
 Python floats (a numpy float64 scalar would promote float32 arrays to float64), elementwise work
-is done in place where the input is no longer needed, and `on_two_cores` splits the elementwise
+is done in place where the input is no longer needed, `on_two_cores` splits the elementwise
 passes over the attention weights, the MLP activations and AdamW's buffers between the two
-cores.
+cores, and causal attention computes only the blocks of its score matrix that the mask does not
+zero (`query_blocks`: 10 of 16 at the default context of 256 tokens; the default run's training
+steps are 13% faster for it on a 2-core machine).
 
 Two cores: a training step runs the two halves of its batch at once, each on one core with
 one BLAS thread (`gpt_loss_and_grads_in_halves`), where the BLAS library allows it and runs
@@ -46,6 +48,9 @@ import numpy as onp
 from .ops import LN_EPS, MASK_VALUE, distance_bias, gelu_rows, on_two_cores, run_both
 from .optim import ADAM_EPS, clip_scale, decays
 from .tree import flatten, tree_map, unflatten
+
+
+ATTENTION_BLOCK = 64  # query rows per block of causal attention (`query_blocks`)
 
 
 def supports(config):
@@ -147,20 +152,21 @@ def gelu_forward(h):
 
 
 def softmax_rows(s, mask):
-    """s <- softmax(s + mask) along the last axis, in place; s (B, H, T, T), mask additive, (T, T)
-    or, with a distance bias, (H, T, T).
+    """s <- softmax(s + mask) along the last axis, in place; s (B, H, R, K), the scores of R
+    query rows over K keys (a block of `query_blocks`), and mask additive, (R, K) or, with a
+    distance bias, (H, R, K).
 
     Softmax is unchanged by subtracting a constant from a row, and subtracting at least the
     row's maximum keeps exp() from overflowing. The row maxima cost more than the rest of
-    the softmax together here (a reduction over rows of 64), so the whole tensor's maximum is
+    the softmax together here (a reduction over short rows), so the whole block's maximum is
     subtracted instead: one cheap reduction, folded into the mask. It is only at fault if
     some row's scores all lie far below it; then exp() underflows that row towards 0, which
     the row sums show (< 1e-20, while e^-46 still keeps float32's precision), and the
     softmax is recomputed with each row's own maximum.
     """
-    e = onp.add(s, mask - s.max())  # (..., T, T); the top score becomes 0
+    e = onp.add(s, mask - s.max())  # (..., R, K); the top score becomes 0
     onp.exp(e, out=e)
-    total = onp.einsum("...ij->...i", e)[..., None]  # (..., T, 1) row sums
+    total = onp.einsum("...ij->...i", e)[..., None]  # (..., R, 1) row sums
     if total.min() < 1e-20:  # some row underflowed: shift each row by its own maximum
         onp.add(s, mask, out=e)
         e -= e.max(axis=-1, keepdims=True)
@@ -169,20 +175,42 @@ def softmax_rows(s, mask):
     onp.divide(e, total, out=s)
 
 
-def _attention_rows(q, k, v, mask, p, y):
-    """For a block of the batch: p = softmax(q k^T + mask) (q is pre-scaled), y = p v.
+def query_blocks(t, causal):
+    """[(rows, keys)]: the query rows of attention taken together, and how many keys they see.
+
+    Causal attention lets query i see keys 0..i only, so its scores above the diagonal are
+    masked to exactly 0 and computing them is wasted work. The rows are therefore taken in
+    blocks of ATTENTION_BLOCK, each with the keys up to its last row: only the blocks of the
+    score matrix on or below the diagonal are computed. At T = 256 that is 10 of 16 blocks,
+    5/8 of the attention's products and exponentials; at T <= ATTENTION_BLOCK it is one
+    block, the whole matrix. Without the causal mask every row sees every key: one block.
+    Example: t=150, causal -> [(rows 0:64, 64 keys), (64:128, 128), (128:150, 150)].
+    """
+    if not causal:
+        return [(slice(0, t), t)]
+    return [(slice(start, min(start + ATTENTION_BLOCK, t)), min(start + ATTENTION_BLOCK, t))
+            for start in range(0, t, ATTENTION_BLOCK)]
+
+
+def _attention_rows(q, k, v, mask, p, y, blocks):
+    """For a block of the batch: p = softmax(q k^T + mask) (q is pre-scaled), y = p v, computed
+    for each (rows, keys) of `blocks` (`query_blocks`); the entries of p right of a block's
+    keys are never written, and nothing reads them.
 
     k, v and y may be strided views (a head's rows are C apart in the (N, 3C) projection);
     the matmuls read and write them in place, with no copy.
     """
-    onp.matmul(q, onp.swapaxes(k, -1, -2), out=p)  # (B, H, T, D) @ (B, H, D, T) -> (B, H, T, T)
-    softmax_rows(p, mask)
-    onp.matmul(p, v, out=y)  # (B, H, T, T) @ (B, H, T, D) -> (B, H, T, D)
+    for rows, keys in blocks:
+        scores = p[..., rows, :keys]  # (B, H, R, K) view
+        onp.matmul(q[..., rows, :], onp.swapaxes(k[..., :keys, :], -1, -2), out=scores)
+        softmax_rows(scores, mask[..., rows, :keys])
+        onp.matmul(scores, v[..., :keys, :], out=y[..., rows, :])  # (B, H, R, K) @ (B, H, K, D)
 
 
-def attention_forward(qkv, b, t, n_head, mask):
+def attention_forward(qkv, b, t, n_head, mask, causal):
     """Multi-head attention from the fused projection qkv (N, 3C) -> (N, C); `mask` is additive,
-    causal (T, T), a distance bias (H, T, T) or zeros.
+    causal (T, T), a distance bias (H, T, T) or zeros, and `causal` says which (the causal
+    mask's blocks above the diagonal are skipped: `query_blocks`).
 
     q is scaled by 1/sqrt(D) before the scores are taken (the same scores, one pass over the
     smaller tensor); k and v are read where they lie in qkv, and each head writes its output
@@ -196,11 +224,12 @@ def attention_forward(qkv, b, t, n_head, mask):
     k, v = heads[1], heads[2]  # (B, H, T, D) views
     p = onp.empty((b, n_head, t, t), dtype=qkv.dtype)
     y = onp.empty((b, t, n_head, d), dtype=qkv.dtype)  # (B, T, H, D) is (N, C) in memory
-    on_two_cores(_attention_rows, q, k, v, mask, p, y.transpose(0, 2, 1, 3))
-    return y.reshape(b * t, c), (q, k, v, p)
+    blocks = query_blocks(t, causal)
+    on_two_cores(_attention_rows, q, k, v, mask, p, y.transpose(0, 2, 1, 3), blocks)
+    return y.reshape(b * t, c), (q, k, v, p, blocks)
 
 
-def _attention_backward_rows(q, k, v, p, dy, dq, dk, dv):
+def _attention_backward_rows(q, k, v, p, dy, dq, dk, dv, blocks):
     """The backward of `_attention_rows` for a block of the batch, into dq, dk, dv.
 
     y = P v:                  dv = P^T dy,  dP = dy v^T
@@ -208,14 +237,24 @@ def _attention_backward_rows(q, k, v, p, dy, dq, dk, dv):
                               of a softmax row is diag(P) - P P^T)
     S = q k^T (q pre-scaled): dq = dS k (then times 1/sqrt(D) for the unscaled q), dk = dS^T q.
     The mask is a constant: it has no gradient, and P = 0 where it hid a key, so dS = 0 there.
+    dS and dq are computed block by block of query rows, as the forward pass did; dk and dv
+    by the same blocks taken as key columns, each from the query rows that see it (those
+    from the block's first row on), so they too read only what the forward pass wrote.
     """
-    onp.matmul(onp.swapaxes(p, -1, -2), dy, out=dv)  # (B, H, T, T) @ (B, H, T, D)
-    ds = dy @ onp.swapaxes(v, -1, -2)  # dP: (B, H, T, D) @ (B, H, D, T) -> (B, H, T, T)
-    ds -= onp.einsum("...ij,...ij->...i", ds, p)[..., None]
-    ds *= p
-    onp.matmul(ds, k, out=dq)
+    ds = onp.empty_like(p)  # (B, H, T, T), written where p was
+    for rows, keys in blocks:
+        probs, d_scores = p[..., rows, :keys], ds[..., rows, :keys]  # (B, H, R, K) views
+        onp.matmul(dy[..., rows, :], onp.swapaxes(v[..., :keys, :], -1, -2), out=d_scores)  # dP
+        d_scores -= onp.einsum("...ij,...ij->...i", d_scores, probs)[..., None]
+        d_scores *= probs
+        onp.matmul(d_scores, k[..., :keys, :], out=dq[..., rows, :])
     dq *= 1.0 / math.sqrt(q.shape[-1])
-    onp.matmul(onp.swapaxes(ds, -1, -2), q, out=dk)
+    for cols, _ in blocks:
+        seen_by = slice(cols.start, None)  # the query rows that see these keys
+        onp.matmul(onp.swapaxes(p[..., seen_by, cols], -1, -2), dy[..., seen_by, :],
+                   out=dv[..., cols, :])
+        onp.matmul(onp.swapaxes(ds[..., seen_by, cols], -1, -2), q[..., seen_by, :],
+                   out=dk[..., cols, :])
 
 
 def attention_backward(dy, cache):
@@ -223,24 +262,24 @@ def attention_backward(dy, cache):
 
     dq, dk and dv are written straight into their channels of dqkv, as strided views.
     """
-    q, k, v, p = cache
+    q, k, v, p, blocks = cache
     b, n_head, t, d = q.shape
     dyh = dy.reshape(b, t, n_head, d).transpose(0, 2, 1, 3)  # (B, H, T, D) view
     dqkv = onp.empty((b, t, 3, n_head, d), dtype=dy.dtype)  # (N, 3C) in memory
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)  # 3 x (B, H, T, D) views
-    on_two_cores(_attention_backward_rows, q, k, v, p, dyh, dq, dk, dv)
+    on_two_cores(_attention_backward_rows, q, k, v, p, dyh, dq, dk, dv, blocks)
     return dqkv.reshape(b * t, 3 * n_head * d)
 
 
 # ----------------------------------------------------------------------------- one block
 
 
-def block_forward(x, block, n_head, b, t, mask):
+def block_forward(x, block, n_head, b, t, mask, causal):
     """One pre-LN GPT block, as `blocks.gpt_block`: x (N, C) -> (N, C), and its cache."""
     attn, mlp = block["attn"], block["mlp"]
     a1, ln_1 = layer_norm_forward(x, **block["ln_1"])  # (N, C)
     qkv = linear_forward(a1, **attn["c_attn"])  # (N, 3C)
-    att, att_cache = attention_forward(qkv, b, t, n_head, mask)  # (N, C)
+    att, att_cache = attention_forward(qkv, b, t, n_head, mask, causal)  # (N, C)
     x1 = linear_forward(att, **attn["c_proj"])
     x1 += x  # residual: x + attention(ln_1(x))
     a2, ln_2 = layer_norm_forward(x1, **block["ln_2"])  # (N, C)
@@ -311,7 +350,7 @@ def cross_entropy_forward_backward(logits, targets):
 # ----------------------------------------------------------------------------- the whole model
 
 
-def gpt_loss_and_grads(params, ids, targets, config, causal=True, counted=None):
+def gpt_loss_and_grads(params, ids, targets, config, causal=True, counted=None, backward=True):
     """`models.gpt_loss` (no mask, no dropout) and its gradient: (loss, grads tree like params).
 
     ids and targets (B, T) of integers. The forward pass keeps each block's cache; the backward
@@ -319,7 +358,8 @@ def gpt_loss_and_grads(params, ids, targets, config, causal=True, counted=None):
     causal=False lets every position attend to the whole sequence (`models.bidirectional_hidden`)
     and counted (B, T) of bools marks the positions whose cross-entropy counts: the loss is the
     mean over them, and only their hidden states go through the output layer (the other rows
-    of dlogits would be zero). counted=None counts every position.
+    of dlogits would be zero). counted=None counts every position. backward=False returns
+    (loss, None) after the forward pass: the loss alone, for evaluation.
     """
     b, t = ids.shape
     n, c = b * t, config.n_embd
@@ -334,24 +374,27 @@ def gpt_loss_and_grads(params, ids, targets, config, causal=True, counted=None):
         mask = onp.zeros((t, t), dtype=wte.dtype)  # nothing hidden
     caches = []
     for block in params["h"]:
-        x, cache = block_forward(x, block, config.n_head, b, t, mask)
+        x, cache = block_forward(x, block, config.n_head, b, t, mask, causal)
         caches.append(cache)
     af, ln_f = layer_norm_forward(x, **params["ln_f"])  # (N, C)
     head = params["lm_head"]["w"] if "lm_head" in params else wte.T  # (C, V)
     targets_flat = onp.asarray(targets).reshape(n)
-    grads = {}
     if counted is None:
-        logits = af @ head  # (N, C) @ (C, V) -> (N, V)
-        loss, dlogits = cross_entropy_forward_backward(logits, targets_flat)
-        dx = dlogits @ head.T  # (N, V) @ (V, C) -> (N, C)
-        dhead = af.T @ dlogits  # (C, N) @ (N, V) -> (C, V)
+        picked, picked_targets = af, targets_flat  # (N, C), (N,)
     else:
         rows = onp.flatnonzero(counted)  # (M,) the counted positions, b * T + t
-        picked = af[rows]  # (M, C)
-        loss, dlogits = cross_entropy_forward_backward(picked @ head, targets_flat[rows])
+        picked, picked_targets = af[rows], targets_flat[rows]  # (M, C), (M,)
+    loss, dlogits = cross_entropy_forward_backward(picked @ head, picked_targets)  # (M, V)
+    if not backward:
+        return loss, None
+    dpicked = dlogits @ head.T  # (M, V) @ (V, C) -> (M, C)
+    dhead = picked.T @ dlogits  # (C, M) @ (M, V) -> (C, V)
+    if counted is None:
+        dx = dpicked
+    else:
         dx = onp.zeros_like(af)  # positions that do not count send no gradient back
-        dx[rows] = dlogits @ head.T  # (M, V) @ (V, C) -> (M, C)
-        dhead = picked.T @ dlogits  # (C, M) @ (M, V) -> (C, V)
+        dx[rows] = dpicked
+    grads = {}
     dx, grads["ln_f"] = _norm_grads(dx, ln_f, params["ln_f"])
     block_grads = [None] * len(caches)
     for i in reversed(range(len(caches))):
@@ -393,7 +436,8 @@ def _like(params, grads):
     return grads
 
 
-def gpt_loss_and_grads_in_halves(params, ids, targets, config, causal=True, counted=None):
+def gpt_loss_and_grads_in_halves(params, ids, targets, config, causal=True, counted=None,
+                                 backward=True):
     """`gpt_loss_and_grads` of the whole batch, computed as two halves, at once on two cores.
 
     The loss is a mean over the counted positions, so with n_a of them in the first rows of the
@@ -414,15 +458,19 @@ def gpt_loss_and_grads_in_halves(params, ids, targets, config, causal=True, coun
     else:
         n_a, n_b = int(counted[:half].sum()), int(counted[half:].sum())
     if n_a == 0 or n_b == 0:
-        return gpt_loss_and_grads(params, ids, targets, config, causal, counted)
+        return gpt_loss_and_grads(params, ids, targets, config, causal, counted,
+                                  backward=backward)
 
     def part(rows):
         return lambda: gpt_loss_and_grads(params, ids[rows], targets[rows], config, causal,
-                                          None if counted is None else counted[rows])
+                                          None if counted is None else counted[rows],
+                                          backward=backward)
 
     (loss_a, grads_a), (loss_b, grads_b) = run_both(part(slice(None, half)),
                                                     part(slice(half, None)))
     w_a, w_b = n_a / (n_a + n_b), n_b / (n_a + n_b)
+    if not backward:
+        return w_a * loss_a + w_b * loss_b, None
     return w_a * loss_a + w_b * loss_b, _weighted_sum(grads_a, w_a, grads_b, w_b)
 
 
@@ -437,18 +485,20 @@ def _weighted_sum(a, w_a, b, w_b):
     return tree_map(leaf, a, b)
 
 
-def batch_loss_and_grads(config, objective="clm"):
+def batch_loss_and_grads(config, objective="clm", backward=True):
     """loss_and_grads(params, batch) -> (loss, grads) for a training batch of `objective`:
     "clm", batch (ids, targets); "mlm" (tinyllm/mlm.py), batch (corrupted ids, original ids,
-    chosen (B, T) bools), run bidirectionally with the loss at the chosen positions only."""
+    chosen (B, T) bools), run bidirectionally with the loss at the chosen positions only.
+    backward=False gives (loss, None), from the forward pass alone."""
     if not supports(config):
         raise ValueError("the fast path needs dropout 0; use the reference path")
     if objective == "clm":
-        return lambda params, batch: gpt_loss_and_grads_in_halves(params, batch[0], batch[1],
-                                                                   config)
+        return lambda params, batch: gpt_loss_and_grads_in_halves(
+            params, batch[0], batch[1], config, backward=backward)
     if objective == "mlm":
         return lambda params, batch: gpt_loss_and_grads_in_halves(
-            params, batch[0], batch[1], config, causal=False, counted=batch[2])
+            params, batch[0], batch[1], config, causal=False, counted=batch[2],
+            backward=backward)
     raise ValueError(f"no fast path for the objective {objective!r}")
 
 
@@ -461,6 +511,19 @@ def gpt_value_and_grad(config, objective="clm"):
         return loss_and_grads(params, batch)
 
     return value_and_grad
+
+
+def gpt_loss(config, objective="clm"):
+    """A `loss_fn(params, batch, rng) -> loss` on this path, the forward pass alone, for the
+    training loop's evaluations: the loss of `models.gpt_loss` (or `mlm.mlm_loss`) to float
+    rounding, in about a third of the time of the reference forward pass on a 2-core machine
+    (two halves at once, causal blocks skipped). rng is unused (no dropout)."""
+    loss_only = batch_loss_and_grads(config, objective, backward=False)
+
+    def loss_fn(params, batch, rng):
+        return loss_only(params, batch)[0]
+
+    return loss_fn
 
 
 # ----------------------------------------------------------------------------- the optimizer step
