@@ -1,7 +1,8 @@
 """Where the time of one training step goes, on the reference path and on the fast path.
 
 At nanoGPT's CPU recipe size (vocabulary 65, 4 layers, 4 heads, 128 channels, block 64, batch
-12, no biases), on one fixed batch, for each path:
+12, no biases), or with --model default at the size plain `tinyllm pretrain` trains (vocabulary
+2048, block 256, batch 8, the rest the same), on one fixed batch, for each path:
 
 - step in the loop: `train.train_loop` itself, per step (batch sampling, the finite check,
   the progress bar and the committed state included; evaluation and saving stubbed out);
@@ -22,7 +23,7 @@ At nanoGPT's CPU recipe size (vocabulary 65, 4 layers, 4 heads, 128 channels, bl
 Each figure is the median over --repeats blocks of --steps calls, in wall-clock and in CPU time
 (CPU time is steadier on a busy machine; with 2 BLAS threads it counts both cores).
 
-    python benchmarks/profile_step.py [--repeats 7] [--steps 10]
+    python benchmarks/profile_step.py [--repeats 7] [--steps 10] [--model default]
     OPENBLAS_NUM_THREADS=1 python benchmarks/profile_step.py    # one core
 """
 
@@ -48,9 +49,13 @@ from tinyllm.optim import adamw_init, adamw_step, global_norm  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
 from tinyllm.train import Committed, flat_value_and_grad, train_loop, train_step  # noqa: E402
 
-RECIPE = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False)
+MODELS = {  # --model: (the model, its training batch)
+    "recipe": (GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128,
+                         bias=False), TrainConfig(batch_size=12)),
+    "default": (GPTConfig(vocab_size=2048, block_size=256, n_layer=4, n_head=4, n_embd=128,
+                          bias=False), TrainConfig(batch_size=8)),
+}
 TINY = GPTConfig(vocab_size=65, block_size=2, n_layer=4, n_head=4, n_embd=8, bias=False)
-TC = TrainConfig(batch_size=12)
 
 
 def timed(fn, repeats, steps):
@@ -66,8 +71,9 @@ def timed(fn, repeats, steps):
     return statistics.median(wall), statistics.median(cpu)
 
 
-def matmul_replay(config, b):
-    """A function running every matmul of one training step of `config` at batch b, alone."""
+def matmul_replay(config, b, blocked):
+    """A function running every matmul of one training step of `config` at batch b, alone;
+    blocked: causal attention in blocks of query rows, as the fast path takes it (else whole)."""
     rng = onp.random.default_rng(0)
     t, c, h, v = config.block_size, config.n_embd, config.n_head, config.vocab_size
     n, d = b * t, c // h
@@ -75,28 +81,34 @@ def matmul_replay(config, b):
     linears = [(c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)] * config.n_layer + [(c, v)]
     operands = [(rand(n, i), rand(i, o), rand(n, o)) for i, o in linears]
     q, k, p = rand(b, h, t, d), rand(b, h, t, d), rand(b, h, t, t)
+    blocks = fast.query_blocks(t, causal=True) if blocked else [(slice(0, t), t)]
 
     def run():
         for x, w, dy in operands:  # forward, then the two gradients
             x @ w
             dy @ w.T
             x.T @ dy
-        for _ in range(config.n_layer):  # scores, weights x values; four products back
-            q @ onp.swapaxes(k, -1, -2)
-            p @ k
-            onp.swapaxes(p, -1, -2) @ q
-            q @ onp.swapaxes(k, -1, -2)
-            p @ k
-            onp.swapaxes(p, -1, -2) @ q
+        for _ in range(config.n_layer):
+            for rows, keys in blocks:  # scores, weights x values; dP and dq back
+                scores = p[..., rows, :keys]
+                q[..., rows, :] @ onp.swapaxes(k[..., :keys, :], -1, -2)
+                scores @ k[..., :keys, :]
+                q[..., rows, :] @ onp.swapaxes(k[..., :keys, :], -1, -2)
+                scores @ k[..., :keys, :]
+            for cols, _ in blocks:  # dv and dk, from the query rows that see the keys
+                seen_by = slice(cols.start, None)
+                onp.swapaxes(p[..., seen_by, cols], -1, -2) @ q[..., seen_by, :]
+                onp.swapaxes(p[..., seen_by, cols], -1, -2) @ q[..., seen_by, :]
 
     return run
 
 
-def loop_per_step(step_fn, params, batch, steps):
+def loop_per_step(step_fn, params, batch, steps, tc_batch):
     """Wall and CPU ms per step of train_loop running `steps` steps (no evaluation or saving)."""
     state = Committed(params, adamw_init(params), onp.random.default_rng(0).bit_generator.state,
                       0, -1)
-    tc = TrainConfig(batch_size=TC.batch_size, max_iters=steps, eval_interval=steps, eval_iters=1)
+    tc = TrainConfig(batch_size=tc_batch.batch_size, max_iters=steps, eval_interval=steps,
+                     eval_iters=1)
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(io.StringIO()):
         w0, c0 = time.perf_counter(), time.process_time()
         train_loop(state, tc, None, lambda split, rng: batch, lambda s: None, out, 768,
@@ -108,15 +120,17 @@ def loop_per_step(step_fn, params, batch, steps):
 
 def profile(path, args):
     """The table rows of one path: [(what, (wall ms, CPU ms))]."""
+    model, tc_batch = MODELS[args.model]
     rng = onp.random.default_rng(0)
-    params, tiny_params = init_gpt(RECIPE, rng), init_gpt(TINY, rng)
-    batch = tuple(rng.integers(0, 65, (TC.batch_size, 64)).astype(onp.int32) for _ in range(2))
+    params, tiny_params = init_gpt(model, rng), init_gpt(TINY, rng)
+    batch = tuple(rng.integers(0, model.vocab_size, (tc_batch.batch_size, model.block_size))
+                  .astype(onp.int32) for _ in range(2))
     tiny_batch = tuple(rng.integers(0, 65, (1, 2)).astype(onp.int32) for _ in range(2))
     if path == "fast":
-        vg, tiny_vg = fast.gpt_value_and_grad(RECIPE), fast.gpt_value_and_grad(TINY)
-        step_fn = fast.gpt_train_step(RECIPE)
+        vg, tiny_vg = fast.gpt_value_and_grad(model), fast.gpt_value_and_grad(TINY)
+        step_fn = fast.gpt_train_step(model)
     else:
-        vg = flat_value_and_grad(lambda p, b, r: gpt_loss(p, b[0], b[1], RECIPE, r))
+        vg = flat_value_and_grad(lambda p, b, r: gpt_loss(p, b[0], b[1], model, r))
         tiny_vg = flat_value_and_grad(lambda p, b, r: gpt_loss(p, b[0], b[1], TINY, r))
         step_fn = lambda *a: train_step(vg, *a)  # noqa: E731
     opt_state = adamw_init(params)
@@ -137,18 +151,19 @@ def profile(path, args):
     state = [params, opt_state]
 
     def one_step():
-        state[0], state[1], _, _ = step_fn(state[0], state[1], batch, 1e-3, TC, None)
+        state[0], state[1], _, _ = step_fn(state[0], state[1], batch, 1e-3, tc_batch, None)
 
     r, s = args.repeats, args.steps
-    in_loop = loop_per_step(step_fn, params, batch, r * s)
+    in_loop = loop_per_step(step_fn, params, batch, r * s, tc_batch)
     alone = timed(one_step, r, s)
     fwd_bwd = timed(lambda: vg(params, batch, None), r, s)
     if path == "fast":  # as the fast path runs them: two halves of the batch at once
-        half = TC.batch_size // 2
-        replays = matmul_replay(RECIPE, half), matmul_replay(RECIPE, TC.batch_size - half)
+        half = tc_batch.batch_size // 2
+        replays = (matmul_replay(model, half, True),
+                   matmul_replay(model, tc_batch.batch_size - half, True))
         matmuls = timed(lambda: run_both(*replays), r, s)
     else:
-        matmuls = timed(matmul_replay(RECIPE, TC.batch_size), r, s)
+        matmuls = timed(matmul_replay(model, tc_batch.batch_size, False), r, s)
     bookkeeping = timed(lambda: tiny_vg(tiny_params, tiny_batch, None), r, s)
     elementwise = tuple(f - m - k for f, m, k in zip(fwd_bwd, matmuls, bookkeeping))
     opt = timed(optimizer, r, s)
@@ -167,12 +182,15 @@ def main():
     ap.add_argument("--steps", type=int, default=10, help="calls per block (default 10)")
     ap.add_argument("--path", choices=("both", "reference", "fast"), default="both",
                     help="which path to profile (default both)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="recipe",
+                    help="nanoGPT's CPU recipe, or the model plain `tinyllm pretrain` trains "
+                         "(default recipe)")
     args = ap.parse_args()
     tune_malloc()  # as `tinyllm pretrain` does
     paths = ["reference", "fast"] if args.path == "both" else [args.path]
     results = {path: profile(path, args) for path in paths}
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "default")
-    print(f"ms per step, median, OPENBLAS_NUM_THREADS={threads}: wall / CPU")
+    print(f"ms per step, median, model {args.model}, OPENBLAS_NUM_THREADS={threads}: wall / CPU")
     print(f"{'':28s}" + "".join(f"{path:>20s}" for path in paths))
     for i, (what, _) in enumerate(results[paths[0]]):
         cells = "".join(f"{results[p][i][1][0]:10.1f} /{results[p][i][1][1]:6.1f}  " for p in paths)
