@@ -230,6 +230,8 @@ def test_encoder_arch_and_lora(base, tsv, tmp_path):
 @pytest.mark.parametrize("content,message", [
     ("label\ttext\npos\ta\npos\tb\npos\tc\n", "reviews.tsv has a single class"),
     ("label\ttext\npos\ta\n\t b\n", "reviews.tsv:3: empty label"),
+    ("label\ttext\npos\ta\n\t b\nneg\tc\nneg\t\n", "reviews.tsv:3: empty label (and 1 more bad"
+     " record: "),  # every bad record, in one line
 ])
 def test_classify_bad_data_is_one_line(base, tmp_path, content, message):
     path = tmp_path / "reviews.tsv"
@@ -238,6 +240,8 @@ def test_classify_bad_data_is_one_line(base, tmp_path, content, message):
                   str(tmp_path / "r")] + FAST)
     assert result.exit_code == 1 and message in result.output
     assert "Traceback" not in result.output and len(result.output.strip().split("\n")) == 1
+    if "more bad" in message:
+        assert result.output.rstrip().endswith("reviews.tsv:5: empty text)")
 
 
 def test_not_a_pretrained_checkpoint(tmp_path, tsv):

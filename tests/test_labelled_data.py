@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tinyllm.data import file_docstrings, prose_paragraphs, stdlib_python_files
-from tinyllm.errors import TinyLLMError
+from tinyllm.errors import RecordErrors, TinyLLMError
 from tinyllm.labelled_data import (SUBJECT_MODULES, UNK_TOKEN, balance,
                                    default_classification_data, default_instruction_data,
                                    encode_with_fallback, first_sentence, label_ids,
@@ -402,3 +402,58 @@ def test_a_tsv_header_of_three_columns_is_split_into_three(tmp_path):
 def test_a_file_of_blank_rows_is_one_line(tmp_path):
     with pytest.raises(TinyLLMError, match=r"d\.csv: no records: every line is blank"):
         read_classification(write(tmp_path, "d.csv", ",\n , \n"))
+
+
+# ----------------------------------------------------------------------------- every bad record at once
+
+
+def raised(error_type, call, *args, **kwargs):
+    with pytest.raises(error_type) as err:
+        call(*args, **kwargs)
+    return str(err.value)
+
+
+def test_record_errors_give_the_first_in_full_the_next_three_and_a_count():
+    def gather(messages):
+        errors = RecordErrors()
+        for message in messages:
+            with errors.gathered():
+                raise TinyLLMError(message)
+        with errors.gathered():
+            pass  # a good record adds nothing
+        errors.raise_any()
+
+    gather([])  # nothing gathered: nothing raised
+    assert raised(TinyLLMError, gather, ["f:1: a"]) == "f:1: a"
+    assert raised(TinyLLMError, gather, ["f:1: a", "f:2: b"]) == "f:1: a (and 1 more bad record: f:2: b)"
+    assert raised(TinyLLMError, gather, [f"f:{n}: x" for n in range(1, 7)]) == (
+        "f:1: x (and 5 more bad records: f:2: x; f:3: x; f:4: x; 2 more)")
+    with pytest.raises(ValueError):  # any other error is a bug, not a bad record: not kept
+        with RecordErrors().gathered():
+            raise ValueError("no")
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("d.csv", "text,label\nhi,x\n,y\nho,\nlonely\nok,x\n",
+     "d.csv:3: empty text (and 2 more bad records: d.csv:4: empty label; d.csv:5: missing column 1"
+     " (this line has 1 field))"),
+    ("d.tsv", "hi\tx\n\ty\nho\t \n",
+     "d.tsv:2: empty text (and 1 more bad record: d.tsv:3: empty label)"),
+    ("d.jsonl", '{"text": "a", "label": "x"}\nnot json\n[1]\n{"text": "b"}\n',
+     "d.jsonl:2: malformed JSON (Expecting value) (and 2 more bad records: d.jsonl:3: expected a"
+     " JSON object, got list; d.jsonl:4: record has no 'label')"),
+    ("d.json", '[{"text": "a", "label": "x"},\n 3,\n {"text": "", "label": "y"}]',
+     "d.json:2: expected a JSON object, got int (and 1 more bad record: d.json:3: empty 'text')"),
+])
+def test_every_bad_record_of_a_classification_file_is_named_in_one_error(tmp_path, name, text,
+                                                                          message):
+    assert raised(TinyLLMError, read_classification, write(tmp_path, name, text)) == (
+        message.replace(name, str(tmp_path / name)))
+
+
+def test_every_bad_record_of_an_instruction_file_is_named_in_one_error(tmp_path):
+    path = write(tmp_path, "b.jsonl", '{"instruction": "a", "output": "b"}\n{"output": "c"}\n'
+                 'not json\n{"instruction": "d", "output": "e"}\n{"instruction": "f"}\n')
+    assert raised(TinyLLMError, read_instructions, path) == (
+        f"{path}:2: record has no 'instruction' (and 2 more bad records: {path}:3: malformed JSON"
+        f" (Expecting value); {path}:5: record has no 'output')")

@@ -297,3 +297,13 @@ def test_dates_task_is_reproducible_and_held_out_dates_are_unseen():
         seen_styles.add(styles.index(pair.source))
     assert seen_styles == set(range(6))
     assert all(len(p.target) == 10 and p.target[4] == "-" for p in held)
+
+
+def test_every_bad_line_of_a_pairs_file_is_named_in_one_error(tmp_path):
+    path = tmp_path / "bad.tsv"
+    path.write_text("source\ttarget\na\tb\nno tab\n\n\tb\nc\td\n", encoding="utf-8")
+    with pytest.raises(TinyLLMError) as err:
+        read_pairs(str(path))
+    assert str(err.value) == (
+        f"{path} line 3: no tab between source and target (expected source<TAB>target)"
+        f" (and 1 more bad record: {path} line 5: the source is empty)")

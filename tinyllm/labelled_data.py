@@ -45,7 +45,7 @@ import numpy as onp
 
 from .data import (file_docstrings, module_name, prose_paragraphs, stdlib_docstrings_corpus,
                    read_text_file, stdlib_functions, stdlib_python_files)
-from .errors import TinyLLMError
+from .errors import RecordErrors, TinyLLMError
 from .fileio import split_lines
 
 UNK_TOKEN = "<|unk|>"  # the char tokenizer's fallback token, added at fine-tuning time
@@ -152,9 +152,13 @@ def read_classification(path, text_column=None, label_column=None, classes=None,
     if fmt in ("jsonl", "json"):
         if (text_column or "text") == (label_column or "label"):
             raise TinyLLMError(f"{path}: --text-column and --label-column name the same field")
-        return [(_str_field(rec, text_column or "text", path, n),
-                 _str_field(rec, label_column or "label", path, n))
-                for n, rec in _json_records(text, path)]
+        errors, examples = RecordErrors(), []
+        for n, rec in _json_records(text, path, errors):
+            with errors.gathered():
+                examples.append((_str_field(rec, text_column or "text", path, n),
+                                 _str_field(rec, label_column or "label", path, n)))
+        errors.raise_any()
+        return examples
     rows = list(_rows_tsv(text, _tsv_width(text, text_column, label_column)) if fmt == "tsv"
                 else _rows_csv(text, path))
     if not rows:
@@ -168,8 +172,11 @@ def read_classification(path, text_column=None, label_column=None, classes=None,
     li = _column(header, label_column or ("label" if header else None), path, 1)
     if ti == li:
         raise TinyLLMError(f"{path}: --text-column and --label-column name the same column ({ti})")
-    examples = [_row_example(fields, ti, li, path, number)
-                for number, fields in (rows[1:] if has_header else rows)]
+    errors, examples = RecordErrors(), []
+    for number, fields in rows[1:] if has_header else rows:
+        with errors.gathered():
+            examples.append(_row_example(fields, ti, li, path, number))
+    errors.raise_any()
     if not examples:
         raise TinyLLMError(f"{path}: no examples after the header")
     return examples
@@ -240,29 +247,28 @@ def _parse_json(text, path, line=None):
         raise TinyLLMError(f"{where}: JSON nested too deeply to be a record") from None
 
 
-def _jsonl_records(text, path):
-    """(line number, dict) for each non-blank line of a JSONL text."""
-    for number, line in enumerate(split_lines(text), start=1):
-        if not line.strip():
-            continue
-        record = _parse_json(line, path, number)
-        if not isinstance(record, dict):
-            raise TinyLLMError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        yield number, record
-
-
-def _json_records(text, path):
+def _json_records(text, path, errors):
     """(line number, dict) for each record of a JSON array of objects or of a JSONL text: the two
-    layouts data sets are exported in. The number is the line the record starts on."""
-    if not text.lstrip().startswith("["):
+    layouts data sets are exported in, in file order. The number is the line the record starts
+    on. A JSONL line that is not a JSON object, or an array item that is not one, goes to
+    `errors` (a RecordErrors) and is passed over; an array that is not valid JSON is an error
+    at once."""
+    array = text.lstrip().startswith("[")
+    if array:
+        numbered = _json_array_records(text, path)  # (line, value): parsed already
+    else:
         _refuse_one_spread_object(text, path)
-        return list(_jsonl_records(text, path))
-    numbered = _json_array_records(text, path)
-    for number, rec in numbered:
-        if not isinstance(rec, dict):
-            raise TinyLLMError(f"{path}:{number}: expected a JSON object, got"
-                               f" {type(rec).__name__}")
-    return numbered
+        numbered = ((number, line) for number, line in enumerate(split_lines(text), start=1)
+                    if line.strip())
+    for number, item in numbered:
+        record = None
+        with errors.gathered():
+            record = item if array else _parse_json(item, path, number)
+            if not isinstance(record, dict):
+                raise TinyLLMError(f"{path}:{number}: expected a JSON object, got"
+                                   f" {type(record).__name__}")
+        if isinstance(record, dict):
+            yield number, record
 
 
 def _str_field(record, key, path, number, required=True):
@@ -307,12 +313,13 @@ def read_instructions(path):
     fmt = _format_of(path)
     if fmt not in ("jsonl", "json") and not text.lstrip().startswith("["):
         raise TinyLLMError(f"{path}: instruction data must be a JSON array or JSONL")
-    numbered = _json_records(text, path)
-    records = []
-    for number, rec in numbered:
-        records.append({"instruction": _str_field(rec, "instruction", path, number),
-                        "input": _str_field(rec, "input", path, number, required=False),
-                        "output": _str_field(rec, "output", path, number), "line": number})
+    errors, records = RecordErrors(), []
+    for number, rec in _json_records(text, path, errors):
+        with errors.gathered():
+            records.append({"instruction": _str_field(rec, "instruction", path, number),
+                            "input": _str_field(rec, "input", path, number, required=False),
+                            "output": _str_field(rec, "output", path, number), "line": number})
+    errors.raise_any()
     if not records:
         raise TinyLLMError(f"{path}: no records")
     return records

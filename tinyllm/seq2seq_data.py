@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as onp
 
 from .data import read_text_file
-from .errors import TinyLLMError
+from .errors import RecordErrors, TinyLLMError
 from .fileio import split_lines
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -53,24 +53,33 @@ def read_pairs(path, min_pairs=1):
     """
     text = read_text_file(path).removeprefix("\ufeff")
     jsonl = path.lower().endswith((".jsonl", ".json"))
-    pairs = []
+    pairs, errors, first = [], RecordErrors(), True
     for number, line in enumerate(split_lines(text), start=1):
         if not line.strip():
             continue
         where = f"{path} line {number}"
-        if not jsonl and not pairs and line.strip().casefold() == "source\ttarget":
+        if not jsonl and first and line.strip().casefold() == "source\ttarget":
+            first = False
             continue  # a header row, as a spreadsheet exports one: not a pair to learn
-        if jsonl and not pairs and line.lstrip().startswith("["):
+        if jsonl and first and line.lstrip().startswith("["):
             raise TinyLLMError(f"{where}: a JSON array; a PAIRS file in JSON holds one object"
                                " {\"source\": ..., \"target\": ...} per line (JSONL)")
-        source, target = _parse_json_line(line, where) if jsonl else _parse_tsv_line(line, where)
-        if not source.strip() or not target.strip():
-            side = "source" if not source.strip() else "target"
-            raise TinyLLMError(f"{where}: the {side} is empty")
-        pairs.append(Pair(source, target, where))
+        first = False
+        with errors.gathered():  # a bad line is reported with the others, at the end
+            pairs.append(_pair(line, where, jsonl))
+    errors.raise_any()
     if len(pairs) < min_pairs:
         raise TinyLLMError(f"{path}: has {len(pairs)} pairs, need at least {min_pairs}")
     return pairs
+
+
+def _pair(line, where, jsonl):
+    """The Pair one line of a PAIRS file holds, or a one-line error naming the line."""
+    source, target = _parse_json_line(line, where) if jsonl else _parse_tsv_line(line, where)
+    if not source.strip() or not target.strip():
+        side = "source" if not source.strip() else "target"
+        raise TinyLLMError(f"{where}: the {side} is empty")
+    return Pair(source, target, where)
 
 
 def _parse_tsv_line(line, where):
