@@ -64,6 +64,17 @@ def test_bad_lines_name_the_file_and_line(lines, line_no, words):
         fs.parse_task(lines, "t.jsonl")
 
 
+def test_every_bad_line_of_a_task_file_is_named_in_one_error():
+    lines = ['{"choices": ["0", "1"]}', '{"input": "a", "output": "0"}', "{oops", "",
+             '{"input": "b", "output": "5"}', '{"input": "c", "output": "1"}']
+    with pytest.raises(TinyLLMError) as err:
+        fs.parse_task(lines, "t.jsonl")
+    assert str(err.value) == (
+        "t.jsonl, line 3: not valid JSON (Expecting property name enclosed in double quotes)"
+        " (and 1 more bad record: t.jsonl, line 5: output '5' is not one of the header's"
+        " 'choices')")
+
+
 def test_empty_and_missing_task_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n", encoding="utf-8")
     with pytest.raises(TinyLLMError, match="empty.jsonl: the task file has no records"):

@@ -72,7 +72,7 @@ import numpy as onp
 
 from .checkpoint import load_checkpoint
 from .data import load_corpus, train_val_split
-from .errors import TinyLLMError
+from .errors import RecordErrors, TinyLLMError
 from .fewshot_template import build_prompt
 from .fileio import atomic_write_json, decode_utf8, read_bounded, split_lines
 from .generate import greedy_batch
@@ -113,6 +113,30 @@ def _text_field(obj, key, path, line):
     return value
 
 
+def _task_object(raw, path, number):
+    """The JSON object on one line of a task file, or a one-line error naming the line."""
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise TinyLLMError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise TinyLLMError(f"{path}, line {number}: JSON nested too deeply to be a"
+                           " record") from None
+    if not isinstance(obj, dict):
+        raise TinyLLMError(f"{path}, line {number}: expected a JSON object, got {raw.strip()[:40]}")
+    return obj
+
+
+def _task_record(obj, path, number):
+    """{"input", "output", "line"} of a record line's object; its keys and fields checked."""
+    if set(obj) - {"input", "output"}:
+        extra = sorted(set(obj) - {"input", "output"})[0]
+        raise TinyLLMError(f"{path}, line {number}: unexpected key {extra!r} (a record has"
+                           " 'input' and 'output'; a header may only be the first line)")
+    return {"input": _text_field(obj, "input", path, number),
+            "output": _text_field(obj, "output", path, number), "line": number}
+
+
 def _parse_header(obj, path, line):
     unknown = set(obj) - HEADER_KEYS
     if unknown:
@@ -136,32 +160,23 @@ def parse_task(lines, path="<task>"):
         -> Task(path, None, ("x", "y"), ({"input": "a", "output": "x", "line": 2},), 1)
     """
     instruction, choices, records, header_line = None, None, [], None
+    errors, first = RecordErrors(), True
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise TinyLLMError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-        except RecursionError:
-            raise TinyLLMError(f"{path}, line {number}: JSON nested too deeply to be a"
-                               " record") from None
-        if not isinstance(obj, dict):
-            raise TinyLLMError(f"{path}, line {number}: expected a JSON object, got {raw.strip()[:40]}")
-        if "input" not in obj and not records and instruction is None and choices is None:
-            instruction, choices = _parse_header(obj, path, number)
-            header_line = number
-            continue
-        if set(obj) - {"input", "output"}:
-            extra = sorted(set(obj) - {"input", "output"})[0]
-            raise TinyLLMError(f"{path}, line {number}: unexpected key {extra!r} (a record has"
-                               " 'input' and 'output'; a header may only be the first line)")
-        record = {"input": _text_field(obj, "input", path, number),
-                  "output": _text_field(obj, "output", path, number), "line": number}
-        if choices is not None and record["output"] not in choices:
-            raise TinyLLMError(f"{path}, line {number}: output {record['output']!r} is not one of"
-                               " the header's 'choices'")
-        records.append(record)
+        with errors.gathered():  # a bad line is reported with the others, at the end
+            obj = _task_object(raw, path, number)
+            if first and "input" not in obj:  # the header: only ever the first line
+                instruction, choices = _parse_header(obj, path, number)
+                header_line = number
+            else:
+                record = _task_record(obj, path, number)
+                if choices is not None and record["output"] not in choices:
+                    raise TinyLLMError(f"{path}, line {number}: output {record['output']!r} is"
+                                       " not one of the header's 'choices'")
+                records.append(record)
+        first = False
+    errors.raise_any()
     if not records:
         raise TinyLLMError(f"{path}: the task file has no records"
                            ' (one JSON object per line: {"input": ..., "output": ...})')
