@@ -196,6 +196,52 @@ def test_choices_pick_the_likeliest_answer(params):
         assert got == int(out == best)
 
 
+def alone_choice(params, task, prompt):
+    """The choice a prompt scores highest, from one unpadded forward pass per candidate."""
+    prompt_ids = TOKENIZER.encode(prompt)
+    totals = []
+    for c in task.choices:
+        answer = TOKENIZER.encode(c + "\n")
+        logp = fs.log_probs(params, CONFIG, onp.asarray([prompt_ids + answer]))[0]
+        totals.append(sum(logp[len(prompt_ids) - 1 + j, t] for j, t in enumerate(answer)))
+    return task.choices[int(onp.argmax(totals))]
+
+
+def alone_line(params, prompt, limit):
+    """The greedy line a prompt gets by sampling at temperature 0, alone, to `limit` tokens."""
+    ids = generate_ids(params, CONFIG, TOKENIZER.encode(prompt), limit, onp.random.default_rng(0),
+                       temperature=0)
+    newline = TOKENIZER.encode("\n")[0]
+    return TOKENIZER.decode(ids[:ids.index(newline)] if newline in ids else ids)
+
+
+@pytest.mark.parametrize("choices", [("0", "1", "2", "3"), None])
+def test_queries_scored_in_groups_get_the_answers_each_gets_alone(params, monkeypatch, choices):
+    """Prompts of different lengths, grouped by 3 (the last group short): each query is right
+    exactly when its output is the answer the model gives that prompt alone (for exact match:
+    its greedy line, to as many tokens as the scoring lets it run)."""
+    monkeypatch.setattr(fs, "QUERY_BATCH", 3)
+    params = dict(params, wte=params["wte"].copy())
+    params["wte"][TOKENIZER.encode("\n")[0]] *= 8  # the model ends some lines early
+    task = fs.parse_task(fs.task_lines(choices and {"choices": list(choices)}, RECORDS), "t")
+    prompts = [fs.build_prompt(None, RECORDS[:k], x) for k, x in enumerate("abcdabc")]
+    if choices:  # every other query's output is the model's own choice, the others another
+        answers = [alone_choice(params, task, p) for p in prompts]
+        outputs = [a if i % 2 == 0 else ("2" if a != "2" else "1") for i, a in enumerate(answers)]
+        want = [1, 0, 1, 0, 1, 0, 1]
+    else:  # the model's own line where it ends one early, else the start of its longer line
+        lines = [alone_line(params, p, 20) for p in prompts]
+        outputs = [line if 0 < len(line) < 8 else (line[:3] or "0") for line in lines]
+        want = [int(alone_line(params, p, min(CONFIG.block_size - len(p), len(out) + 9)) == out)
+                for p, out in zip(prompts, outputs)]
+        assert 0 < sum(want) < len(want)  # some right, some wrong
+    records = [{"input": "x", "output": out, "line": i + 1} for i, out in enumerate(outputs)]
+    calls = []
+    scores = fs.score_queries(params, CONFIG, TOKENIZER, task, prompts, records, 4,
+                              on_query=lambda: calls.append(1))
+    assert scores == want and len(calls) == 7
+
+
 def test_prompt_longer_than_the_context_names_file_and_line(params):
     long_records = [{"input": "abcdefgh", "output": "0123"} for _ in range(6)]
     task = fs.parse_task(fs.task_lines(None, long_records), "long.jsonl")

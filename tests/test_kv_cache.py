@@ -386,7 +386,7 @@ def test_the_library_passes_use_cache_down_to_the_decoding_loops(monkeypatch):
                                                 task.records[0], 0, **k)) == \
         ["greedy_batch_cached", "_greedy_chunk"]
     assert runs(lambda **k: fewshot.evaluate_task(params, config, tokenizer, task, [0], **k)) == \
-        ["greedy_batch_cached"] * 2 + ["_greedy_chunk"] * 2
+        ["greedy_batch_cached", "_greedy_chunk"]  # both queries decoded in one batch
     records = [{"instruction": "say", "input": "", "output": "ab"}]
     tokenizer_eot = CharTokenizer.train("abcdINRstrucionpyse:\n ", ("<|endoftext|>",))
     config_eot = GPTConfig(vocab_size=tokenizer_eot.vocab_size, block_size=32, n_layer=1,

@@ -236,11 +236,11 @@ def test_fewshot_never_shows_a_query_its_own_record(n, shots, seed):
     task = fs.parse_task(['{"instruction": "map"}', *lines], "distinct.jsonl")
     seen = []
 
-    def spy(params, config, tokenizer, task_, prompt, record, k, use_cache=True):
-        seen.append((prompt, record, k))
-        return 1
+    def spy(params, config, tokenizer, task_, prompts, records, k, use_cache=True, on_query=None):
+        seen.extend((prompt, record, k) for prompt, record in zip(prompts, records))
+        return [1] * len(prompts)
 
-    with mock.patch.object(fs, "score_query", spy):
+    with mock.patch.object(fs, "score_queries", spy):
         fs.evaluate_task(None, GPTConfig(block_size=64), FEWSHOT_TOKENIZER, task, shots, seed=seed)
     assert len(seen) == n * len(shots)
     for prompt, record, k in seen:

@@ -86,6 +86,7 @@ RESULTS_VERSION = 1
 SHOTS = "0,1,2,4,8"  # the k evaluated by default: doublings show the curve at a few points
 ICL_WINDOWS = 200  # context windows averaged for the ICL score (its standard error is reported)
 HEADER_KEYS = {"instruction", "choices"}
+QUERY_BATCH = 16  # queries scored together: their prompts (or candidates) in one padded batch
 MAX_TASK_BYTES = 64 << 20  # a task file larger than this is not one: refused before it is read
 Z_95 = 1.959963984540054  # the standard normal quantile for a two-sided 95% interval
 
@@ -306,42 +307,88 @@ def log_probs(params, config, ids):
     return log_softmax(onp.asarray(gpt_forward(params, ids, config), dtype=onp.float64))
 
 
-def answer_logprobs(params, config, prompt_ids, answers_ids):
-    """Summed log p(answer | prompt) for each candidate answer, in one padded batch -> (K,).
+def sequence_logprobs(params, config, pairs):
+    """Summed log p(answer | prompt) for each (prompt ids, answer ids) pair, in one padded
+    batch -> (N,).
 
     Sequences are right-padded: the model is causal, so padding after an answer cannot change
-    the logits that score it. Example: prompt "ax\\nb", answers ["x\\n", "y\\n"] -> [-0.1, -2.4].
+    the logits that score it. Only the rows that predict an answer token are turned into
+    log-probabilities (in float64, for exact sums).
+    Example: pairs [("ax\nb", "x\n"), ("ax\nb", "y\n")] (as ids) -> [-0.1, -2.4].
     """
-    seqs = [prompt_ids + a for a in answers_ids]
-    width = max(len(s) for s in seqs)
-    ids = onp.zeros((len(seqs), width), dtype=onp.int32)  # (K, T), padded with id 0
+    seqs = [prompt + answer for prompt, answer in pairs]
+    ids = onp.zeros((len(seqs), max(len(s) for s in seqs)), dtype=onp.int32)  # (N, T), pad 0
     for row, s in enumerate(seqs):
         ids[row, :len(s)] = s
-    logp = log_probs(params, config, ids)  # (K, T, V)
-    start = len(prompt_ids)
-    return onp.array([sum(logp[row, start - 1 + j, tok] for j, tok in enumerate(a))
-                      for row, a in enumerate(answers_ids)])  # (K,): logits at t predict t + 1
+    logits = onp.asarray(gpt_forward(params, ids, config))  # (N, T, V)
+    rows, positions, targets = [], [], []  # one entry per answer token
+    for row, (prompt, answer) in enumerate(pairs):
+        for j, token in enumerate(answer):  # the logits at position t predict token t + 1
+            rows.append(row)
+            positions.append(len(prompt) - 1 + j)
+            targets.append(token)
+    logp = log_softmax(onp.asarray(logits[rows, positions], dtype=onp.float64))  # (M, V)
+    per_token = logp[onp.arange(len(targets)), targets]  # (M,)
+    return onp.bincount(rows, weights=per_token, minlength=len(pairs))  # summed by pair
+
+
+def answer_logprobs(params, config, prompt_ids, answers_ids):
+    """Summed log p(answer | prompt) for each candidate answer of one prompt -> (K,)."""
+    return sequence_logprobs(params, config, [(prompt_ids, a) for a in answers_ids])
 
 
 def score_query(params, config, tokenizer, task, prompt, record, k, use_cache=True):
     """1 if the model answers this prompt with the record's output, else 0 (see module docstring).
 
     `use_cache=False` decodes the greedy answer without the key/value cache (same answer)."""
-    newline = encode_for(tokenizer, "\n", task, record)
-    prompt_ids = encode_for(tokenizer, prompt, task, record)
-    answer_ids = encode_for(tokenizer, record["output"], task, record) + newline
-    check_fits(len(prompt_ids) + len(answer_ids), config.block_size, task, record, k)
+    return score_queries(params, config, tokenizer, task, [prompt], [record], k, use_cache)[0]
+
+
+def score_queries(params, config, tokenizer, task, prompts, records, k, use_cache=True,
+                  on_query=None):
+    """`score_query` for many prompts at once -> [1 or 0] for each, QUERY_BATCH at a time.
+
+    A group's greedy answers are decoded together (`greedy_batch`: one forward pass per new
+    token for the whole group), and a choice task's candidates for every query of a group are
+    scored in one padded batch: the same answers as one query at a time, in a fraction of the
+    forward passes. on_query(), if given, is called once per query as its group finishes.
+    """
+    scores = []
+    for start in range(0, len(prompts), QUERY_BATCH):
+        group = list(zip(prompts[start:start + QUERY_BATCH], records[start:start + QUERY_BATCH]))
+        scores += _score_group(params, config, tokenizer, task, group, k, use_cache)
+        for _ in group if on_query else ():
+            on_query()
+    return scores
+
+
+def _score_group(params, config, tokenizer, task, group, k, use_cache):
+    """[1 or 0] for each (prompt, record) of a group; see `score_queries`."""
+    encoded = []  # (prompt ids, answer ids) per query, the answer ending with a newline
+    for prompt, record in group:
+        newline = encode_for(tokenizer, "\n", task, record)
+        prompt_ids = encode_for(tokenizer, prompt, task, record)
+        answer_ids = encode_for(tokenizer, record["output"], task, record) + newline
+        check_fits(len(prompt_ids) + len(answer_ids), config.block_size, task, record, k)
+        encoded.append((prompt_ids, answer_ids))
     if task.choices:
-        candidates = [encode_for(tokenizer, c, task, record) + newline for c in task.choices]
-        for c in candidates:
-            check_fits(len(prompt_ids) + len(c), config.block_size, task, record, k)
-        best = task.choices[int(onp.argmax(answer_logprobs(params, config, prompt_ids, candidates)))]
-        return int(best == record["output"])
-    room = config.block_size - len(prompt_ids)  # generate no further than the context reaches
-    limit = min(room, len(answer_ids) + 8)  # a longer answer is wrong anyway
-    new = greedy_batch(params, config, [prompt_ids], [limit], newline[-1],
-                       use_cache=use_cache)[0]  # to the line's end
-    return int(new == answer_ids[:-1])
+        pairs = []
+        for (prompt_ids, _), (_, record) in zip(encoded, group):
+            newline = encode_for(tokenizer, "\n", task, record)
+            for c in task.choices:
+                candidate = encode_for(tokenizer, c, task, record) + newline
+                check_fits(len(prompt_ids) + len(candidate), config.block_size, task, record, k)
+                pairs.append((prompt_ids, candidate))
+        logps = sequence_logprobs(params, config, pairs).reshape(len(group), len(task.choices))
+        return [int(task.choices[int(onp.argmax(row))] == record["output"])
+                for row, (_, record) in zip(logps, group)]
+    prompts = [prompt_ids for prompt_ids, _ in encoded]
+    # generate no further than the context reaches; a longer answer than the output is wrong
+    limits = [min(config.block_size - len(p), len(a) + 8) for p, a in encoded]
+    newline = encode_for(tokenizer, "\n", task, group[0][1])[-1]
+    answers = greedy_batch(params, config, prompts, limits, newline, batch_size=QUERY_BATCH,
+                           use_cache=use_cache)  # each to its line's end
+    return [int(new == answer_ids[:-1]) for new, (_, answer_ids) in zip(answers, encoded)]
 
 
 def chance_level(task):
@@ -357,7 +404,7 @@ def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0
 
     The queries are a random sample of n_queries records (all when None or more than the
     records), the same for every k.
-    on_query(), if given, is called after each query is scored (len(shots) times per query).
+    on_query(), if given, is called once per query scored (len(shots) times per query).
     """
     check_enough_records(task, max(shots))
     check_encodable(tokenizer, task)
@@ -374,14 +421,11 @@ def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0
                    config.block_size, task, record, max(shots))
     results = []
     for k in shots:
-        correct = 0
-        for q, order in zip(queries, orders):
-            demos = [task.records[i] for i in order[:k]]
-            prompt = build_prompt(task.instruction, demos, task.records[q]["input"])
-            correct += score_query(params, config, tokenizer, task, prompt, task.records[q], k,
-                                   use_cache=use_cache)
-            if on_query:
-                on_query()
+        prompts = [build_prompt(task.instruction, [task.records[i] for i in order[:k]],
+                                task.records[q]["input"]) for q, order in zip(queries, orders)]
+        correct = sum(score_queries(params, config, tokenizer, task, prompts,
+                                    [task.records[q] for q in queries], k, use_cache=use_cache,
+                                    on_query=on_query))
         results.append(accuracy_row(k, correct, len(queries), chance_level(task)))
         if log:
             log(format_row(results[-1]))
