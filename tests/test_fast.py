@@ -70,6 +70,15 @@ def test_loss_and_every_gradient_equal_autograd_on_the_reference_in_float64(s):
         assert onp.allclose(got[name], want[name], rtol=1e-8, atol=1e-11), name
 
 
+def test_query_blocks_worked_example():
+    """The docstring's example: causal rows in blocks of 64, each with the keys up to its last
+    row; without the causal mask, one block of every row and key."""
+    assert fast.query_blocks(150, causal=True) == [
+        (slice(0, 64), 64), (slice(64, 128), 128), (slice(128, 150), 150)]
+    assert fast.query_blocks(64, causal=True) == [(slice(0, 64), 64)]
+    assert fast.query_blocks(150, causal=False) == [(slice(0, 150), 150)]
+
+
 def test_a_model_big_enough_to_be_split_over_two_cores_equals_autograd():
     """Layer norms, attention, GELU and AdamW split their rows over two cores above 32k
     elements (ops.on_two_cores); at this size every one of them is split."""

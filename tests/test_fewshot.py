@@ -216,11 +216,10 @@ def alone_line(params, prompt, limit):
 
 
 @pytest.mark.parametrize("choices", [("0", "1", "2", "3"), None])
-def test_queries_scored_in_groups_get_the_answers_each_gets_alone(params, monkeypatch, choices):
+def test_queries_scored_in_groups_get_the_answers_each_gets_alone(params, choices):
     """Prompts of different lengths, grouped by 3 (the last group short): each query is right
     exactly when its output is the answer the model gives that prompt alone (for exact match:
     its greedy line, to as many tokens as the scoring lets it run)."""
-    monkeypatch.setattr(fs, "QUERY_BATCH", 3)
     params = dict(params, wte=params["wte"].copy())
     params["wte"][TOKENIZER.encode("\n")[0]] *= 8  # the model ends some lines early
     task = fs.parse_task(fs.task_lines(choices and {"choices": list(choices)}, RECORDS), "t")
@@ -238,7 +237,7 @@ def test_queries_scored_in_groups_get_the_answers_each_gets_alone(params, monkey
     records = [{"input": "x", "output": out, "line": i + 1} for i, out in enumerate(outputs)]
     calls = []
     scores = fs.score_queries(params, CONFIG, TOKENIZER, task, prompts, records, 4,
-                              on_query=lambda: calls.append(1))
+                              on_query=lambda: calls.append(1), batch_size=3)
     assert scores == want and len(calls) == 7
 
 

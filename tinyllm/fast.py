@@ -207,10 +207,10 @@ def _attention_rows(q, k, v, mask, p, y, blocks):
         onp.matmul(scores, v[..., :keys, :], out=y[..., rows, :])  # (B, H, R, K) @ (B, H, K, D)
 
 
-def attention_forward(qkv, b, t, n_head, mask, causal):
+def attention_forward(qkv, b, t, n_head, mask, blocks):
     """Multi-head attention from the fused projection qkv (N, 3C) -> (N, C); `mask` is additive,
-    causal (T, T), a distance bias (H, T, T) or zeros, and `causal` says which (the causal
-    mask's blocks above the diagonal are skipped: `query_blocks`).
+    causal (T, T), a distance bias (H, T, T) or zeros, and `blocks` the (rows, keys) to compute
+    (`query_blocks`: for the causal mask, its blocks above the diagonal are skipped).
 
     q is scaled by 1/sqrt(D) before the scores are taken (the same scores, one pass over the
     smaller tensor); k and v are read where they lie in qkv, and each head writes its output
@@ -224,7 +224,6 @@ def attention_forward(qkv, b, t, n_head, mask, causal):
     k, v = heads[1], heads[2]  # (B, H, T, D) views
     p = onp.empty((b, n_head, t, t), dtype=qkv.dtype)
     y = onp.empty((b, t, n_head, d), dtype=qkv.dtype)  # (B, T, H, D) is (N, C) in memory
-    blocks = query_blocks(t, causal)
     on_two_cores(_attention_rows, q, k, v, mask, p, y.transpose(0, 2, 1, 3), blocks)
     return y.reshape(b * t, c), (q, k, v, p, blocks)
 
@@ -274,12 +273,12 @@ def attention_backward(dy, cache):
 # ----------------------------------------------------------------------------- one block
 
 
-def block_forward(x, block, n_head, b, t, mask, causal):
+def block_forward(x, block, n_head, b, t, mask, blocks):
     """One pre-LN GPT block, as `blocks.gpt_block`: x (N, C) -> (N, C), and its cache."""
     attn, mlp = block["attn"], block["mlp"]
     a1, ln_1 = layer_norm_forward(x, **block["ln_1"])  # (N, C)
     qkv = linear_forward(a1, **attn["c_attn"])  # (N, 3C)
-    att, att_cache = attention_forward(qkv, b, t, n_head, mask, causal)  # (N, C)
+    att, att_cache = attention_forward(qkv, b, t, n_head, mask, blocks)  # (N, C)
     x1 = linear_forward(att, **attn["c_proj"])
     x1 += x  # residual: x + attention(ln_1(x))
     a2, ln_2 = layer_norm_forward(x1, **block["ln_2"])  # (N, C)
@@ -372,9 +371,10 @@ def gpt_loss_and_grads(params, ids, targets, config, causal=True, counted=None, 
         mask = distance_bias(config.n_head, t, wte.dtype)  # (H, T, T), as models.encoder_mask
     else:
         mask = onp.zeros((t, t), dtype=wte.dtype)  # nothing hidden
+    blocks = query_blocks(t, causal)  # the same (rows, keys) for every layer
     caches = []
     for block in params["h"]:
-        x, cache = block_forward(x, block, config.n_head, b, t, mask, causal)
+        x, cache = block_forward(x, block, config.n_head, b, t, mask, blocks)
         caches.append(cache)
     af, ln_f = layer_norm_forward(x, **params["ln_f"])  # (N, C)
     head = params["lm_head"]["w"] if "lm_head" in params else wte.T  # (C, V)

@@ -345,8 +345,8 @@ def score_query(params, config, tokenizer, task, prompt, record, k, use_cache=Tr
 
 
 def score_queries(params, config, tokenizer, task, prompts, records, k, use_cache=True,
-                  on_query=None):
-    """`score_query` for many prompts at once -> [1 or 0] for each, QUERY_BATCH at a time.
+                  on_query=None, batch_size=QUERY_BATCH):
+    """`score_query` for many prompts at once -> [1 or 0] for each, batch_size at a time.
 
     A group's greedy answers are decoded together (`greedy_batch`: one forward pass per new
     token for the whole group), and a choice task's candidates for every query of a group are
@@ -354,8 +354,8 @@ def score_queries(params, config, tokenizer, task, prompts, records, k, use_cach
     forward passes. on_query(), if given, is called once per query as its group finishes.
     """
     scores = []
-    for start in range(0, len(prompts), QUERY_BATCH):
-        group = list(zip(prompts[start:start + QUERY_BATCH], records[start:start + QUERY_BATCH]))
+    for start in range(0, len(prompts), batch_size):
+        group = list(zip(prompts[start:start + batch_size], records[start:start + batch_size]))
         scores += _score_group(params, config, tokenizer, task, group, k, use_cache)
         for _ in group if on_query else ():
             on_query()
@@ -386,7 +386,7 @@ def _score_group(params, config, tokenizer, task, group, k, use_cache):
     # generate no further than the context reaches; a longer answer than the output is wrong
     limits = [min(config.block_size - len(p), len(a) + 8) for p, a in encoded]
     newline = encode_for(tokenizer, "\n", task, group[0][1])[-1]
-    answers = greedy_batch(params, config, prompts, limits, newline, batch_size=QUERY_BATCH,
+    answers = greedy_batch(params, config, prompts, limits, newline, batch_size=len(group),
                            use_cache=use_cache)  # each to its line's end
     return [int(new == answer_ids[:-1]) for new, (_, answer_ids) in zip(answers, encoded)]
 
