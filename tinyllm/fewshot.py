@@ -42,6 +42,9 @@ Scoring:
 - without: greedy decoding up to the end of the line, compared with the output by exact match.
   Chance = 1 / (number of distinct outputs in the task): the accuracy of a guesser that knows
   which answers occur but not which input gets which.
+Queries are scored QUERY_BATCH at a time (`score_queries`): their prompts, right-padded in one
+batch, get the answers each gets alone (the model is causal: padding after a row cannot change
+its logits), for one forward pass per new token of the whole group.
 
 The Wilson interval treats queries as independent draws. They are not quite: greedy zero-shot
 answers depend only on the input, so a task with 4 distinct inputs gives 4 independent answers
