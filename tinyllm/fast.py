@@ -375,7 +375,8 @@ def gpt_loss_and_grads(params, ids, targets, config, causal=True, counted=None, 
     caches = []
     for block in params["h"]:
         x, cache = block_forward(x, block, config.n_head, b, t, mask, blocks)
-        caches.append(cache)
+        if backward:  # an evaluation keeps no layer's cache: one layer's arrays at a time
+            caches.append(cache)
     af, ln_f = layer_norm_forward(x, **params["ln_f"])  # (N, C)
     head = params["lm_head"]["w"] if "lm_head" in params else wte.T  # (C, V)
     targets_flat = onp.asarray(targets).reshape(n)
