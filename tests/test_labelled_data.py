@@ -404,7 +404,7 @@ def test_a_file_of_blank_rows_is_one_line(tmp_path):
         read_classification(write(tmp_path, "d.csv", ",\n , \n"))
 
 
-# ----------------------------------------------------------------------------- every bad record at once
+# ----------------------------------------------------------------------------- all bad records at once
 
 
 def raised(error_type, call, *args, **kwargs):
@@ -425,7 +425,8 @@ def test_record_errors_give_the_first_in_full_the_next_three_and_a_count():
 
     gather([])  # nothing gathered: nothing raised
     assert raised(TinyLLMError, gather, ["f:1: a"]) == "f:1: a"
-    assert raised(TinyLLMError, gather, ["f:1: a", "f:2: b"]) == "f:1: a (and 1 more bad record: f:2: b)"
+    assert raised(TinyLLMError, gather, ["f:1: a", "f:2: b"]) == (
+        "f:1: a (and 1 more bad record: f:2: b)")
     assert raised(TinyLLMError, gather, [f"f:{n}: x" for n in range(1, 7)]) == (
         "f:1: x (and 5 more bad records: f:2: x; f:3: x; f:4: x; 2 more)")
     with pytest.raises(ValueError):  # any other error is a bug, not a bad record: not kept

@@ -14,8 +14,9 @@ autograd VJPs bring in.
 What it covers: the mean next-token cross-entropy of `models.gpt_loss` (no loss mask), and the
 masked-token loss of `mlm.mlm_loss` (the same blocks run bidirectionally, the loss at the
 chosen positions only), with or without biases, with a tied or an untied LM head, and dropout 0
-(`supports(config)`); pretraining's evaluations use its forward pass alone (`gpt_loss`). Anything else (dropout, loss masks, LoRA, classifiers, fine-tuning the
-encoder) takes the reference path through autograd. `tests/test_fast.py` checks that the loss
+(`supports(config)`); pretraining's evaluations use its forward pass alone (`gpt_loss`).
+Anything else (dropout, loss masks, LoRA, classifiers, fine-tuning the encoder) takes the
+reference path through autograd. `tests/test_fast.py` checks that the loss
 and every gradient equal autograd's on the reference model, over random shapes, in float64 to
 1e-10 and in float32 to its rounding, and that whole training steps (the flat-buffer AdamW at
 the end of this module) equal `train.train_step`'s.
@@ -30,7 +31,7 @@ is done in place where the input is no longer needed, `on_two_cores` splits the 
 passes over the attention weights, the MLP activations and AdamW's buffers between the two
 cores, and causal attention computes only the blocks of its score matrix that the mask does not
 zero (`query_blocks`: 10 of 16 at the default context of 256 tokens; the default run's training
-steps are 13% faster for it on a 2-core machine).
+steps take about 9% less time for it on a 2-core machine).
 
 Two cores: a training step runs the two halves of its batch at once, each on one core with
 one BLAS thread (`gpt_loss_and_grads_in_halves`), where the BLAS library allows it and runs
