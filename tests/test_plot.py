@@ -110,6 +110,20 @@ def test_plot_a_run_still_training(runs, tmp_path):
     assert series["iter"] == [0.0, 2.0] and series["tokens_per_iter"] == 4 * 16
 
 
+def test_a_step_logged_twice_is_drawn_once_from_its_last_record(tmp_path):
+    # before, two metrics.jsonl files joined by hand drew a curve that doubled back
+    run = tmp_path / "joined"
+    run.mkdir()
+    records = [(0, 4.0), (2, 3.0), (0, 5.0), (2, 2.5), (4, 2.0)]
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"iter": it, "train_loss": loss, "val_loss": loss + 0.1, "lr": 1e-3}) + "\n"
+        for it, loss in records), encoding="utf-8")
+    notes = []
+    series = plot.read_run(str(run), log=notes.append)
+    assert series["iter"] == [0, 2, 4] and series["train_loss"] == [5.0, 2.5, 2.0]
+    assert len(notes) == 1 and "2 record(s) of metrics.jsonl repeat an earlier step" in notes[0]
+
+
 @pytest.mark.parametrize("evaluations", [1, 2])
 def test_a_run_of_few_steps_shows_each_point_on_whole_steps(runs, tmp_path, evaluations):
     # before, one evaluation (a run just started) left the learning-rate panel empty, and the

@@ -107,7 +107,8 @@ def read_run(run_dir, log=print):
     Works on a run that is still training: a last line being written (no newline yet, or cut
     mid-number) is skipped. A missing figure, or null (a non-finite value), becomes NaN. A run
     directory is untrusted: a record whose step no run can reach (below 0 or above MAX_STEPS)
-    is left out, and `log` is told how many.
+    is left out, and `log` is told how many. A step logged twice (metrics.jsonl files joined by
+    hand) is drawn once, from its last record, so the curve does not double back; `log` is told.
     """
     from .config import MAX_STEPS
     from .train import read_metrics
@@ -122,7 +123,13 @@ def read_run(run_dir, log=print):
     if not records:
         raise TinyLLMError(f"{run_dir} has no evaluations in metrics.jsonl: not a tinyllm run"
                            " directory, or no evaluation written yet")
-    records.sort(key=lambda r: r["iter"])
+    latest = {}  # step -> its record; a step logged twice (files joined by hand): the later
+    for r in records:
+        latest[r["iter"]] = r
+    if len(latest) < len(records):
+        log(f"note: {run_dir}: {len(records) - len(latest)} record(s) of metrics.jsonl repeat an"
+            " earlier step; each step is drawn from its last record")
+    records = sorted(latest.values(), key=lambda r: r["iter"])
     series = {key: [_number(r.get(key)) for r in records]
               for key in ("iter", "train_loss", "val_loss", "lr")}
     series["tokens_per_iter"] = tokens_per_iter(records)
