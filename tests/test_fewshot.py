@@ -241,6 +241,24 @@ def test_queries_scored_in_groups_get_the_answers_each_gets_alone(params, choice
     assert scores == want and len(calls) == 7
 
 
+def test_a_choice_task_runs_no_more_sequences_a_pass_than_the_group_has_queries(params,
+                                                                                monkeypatch):
+    """Memory must not grow with the number of choices: 3 queries of 4 choices are 12
+    sequences, run 3 at a time (that the scores are right when the candidates are split so is
+    `test_queries_scored_in_groups_get_the_answers_each_gets_alone`)."""
+    task = fs.parse_task(fs.task_lines({"choices": ["0", "1", "2", "3"]}, RECORDS), "t")
+    prompts = [fs.build_prompt(None, RECORDS[:k], "a") for k in range(3)]
+    sizes, real = [], fs.sequence_logprobs
+
+    def counting(params_, config, pairs):
+        sizes.append(len(pairs))
+        return real(params_, config, pairs)
+
+    monkeypatch.setattr(fs, "sequence_logprobs", counting)
+    fs.score_queries(params, CONFIG, TOKENIZER, task, prompts, task.records[:3], 2, batch_size=3)
+    assert sizes == [3, 3, 3, 3]
+
+
 def test_prompt_longer_than_the_context_names_file_and_line(params):
     long_records = [{"input": "abcdefgh", "output": "0123"} for _ in range(6)]
     task = fs.parse_task(fs.task_lines(None, long_records), "long.jsonl")

@@ -353,8 +353,9 @@ def score_queries(params, config, tokenizer, task, prompts, records, k, use_cach
 
     A group's greedy answers are decoded together (`greedy_batch`: one forward pass per new
     token for the whole group), and a choice task's candidates for every query of a group are
-    scored in one padded batch: the same answers as one query at a time, in a fraction of the
-    forward passes. on_query(), if given, is called once per query as its group finishes.
+    scored in padded batches of batch_size sequences (so that memory does not grow with the
+    number of choices): the same answers as one query at a time, in a fraction of the forward
+    passes. on_query(), if given, is called once per query as its group finishes.
     """
     scores = []
     for start in range(0, len(prompts), batch_size):
@@ -382,7 +383,9 @@ def _score_group(params, config, tokenizer, task, group, k, use_cache):
                 candidate = encode_for(tokenizer, c, task, record) + newline
                 check_fits(len(prompt_ids) + len(candidate), config.block_size, task, record, k)
                 pairs.append((prompt_ids, candidate))
-        logps = sequence_logprobs(params, config, pairs).reshape(len(group), len(task.choices))
+        logps = onp.concatenate([  # as many sequences a pass as the group has queries
+            sequence_logprobs(params, config, pairs[start:start + len(group)])
+            for start in range(0, len(pairs), len(group))]).reshape(len(group), len(task.choices))
         return [int(task.choices[int(onp.argmax(row))] == record["output"])
                 for row, (_, record) in zip(logps, group)]
     prompts = [prompt_ids for prompt_ids, _ in encoded]
