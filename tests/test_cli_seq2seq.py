@@ -161,14 +161,20 @@ def test_translate_errors(trained_run, tmp_path):
                       "not found")
 
 
+def translate_file(out, path, text):
+    """`seq2seq translate --data` on a file holding `text`, which must succeed."""
+    path.write_text(text, encoding="utf-8")
+    result = invoke("seq2seq", "translate", "--checkpoint", out, "--data", path)
+    assert result.exit_code == 0, result.output
+    return result
+
+
 def test_pairs_the_model_cannot_read_are_left_out_and_counted(trained_run, tmp_path):
     # one unseen character (or one source longer than the context) in a file of thousands
     # would otherwise stop the scoring of all of them
     out, _ = trained_run
     path = tmp_path / "held.tsv"
-    path.write_text("one\teno\n\nZero\torez\ntwo\towt\n" + "o" * 17 + "\tx\n", encoding="utf-8")
-    result = invoke("seq2seq", "translate", "--checkpoint", out, "--data", path)
-    assert result.exit_code == 0, result.output
+    result = translate_file(out, path, "one\teno\n\nZero\torez\ntwo\towt\n" + "o" * 17 + "\tx\n")
     assert (f"note: 2 of the 4 pairs are left out of the score: the model cannot read their"
             f" source (first: {path} line 3: text has character 'Z'") in result.output
     assert "2 of 4 pairs: exact match" in result.output
@@ -182,9 +188,7 @@ def test_targets_the_model_cannot_write_count_as_misses(trained_run, tmp_path):
     out, _ = trained_run
     path = tmp_path / "held.tsv"
     # an unseen space around a target is no obstacle: exact match ignores outer whitespace
-    path.write_text("one\teno\u00a0\ntwo\tOWT\nsix\t" + "x" * 16 + "\n", encoding="utf-8")
-    result = invoke("seq2seq", "translate", "--checkpoint", out, "--data", path)
-    assert result.exit_code == 0, result.output
+    result = translate_file(out, path, "one\teno\u00a0\ntwo\tOWT\nsix\t" + "x" * 16 + "\n")
     assert (f"note: 2 scored pairs have a target the model cannot write, so they count as misses"
             f" (first: {path} line 2: text has character 'O'") in result.output
     assert "3 pairs: exact match" in result.output

@@ -250,7 +250,7 @@ def test_a_batch_in_two_halves_equals_autograd_on_the_whole_batch(s, batch):
     want_loss, want = reference_loss_and_grads(params, ids, targets, config)
     with mock.patch.object(fast, "ATTENTION_BLOCK", s["attention_block"]):
         loss, grads = fast.gpt_loss_and_grads_in_halves(params, ids, targets, config)
-        assert fast.gpt_loss(config)(params, (ids, targets), None) == loss
+        assert fast.gpt_loss_fn(config)(params, (ids, targets), None) == loss
     assert abs(loss - float(want_loss)) < 1e-10
     want, got = flatten(want), flatten(grads)
     assert list(got) == list(want)

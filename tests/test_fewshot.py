@@ -143,11 +143,11 @@ def test_parse_shots():
 # ----------------------------------------------------------------------------- scoring
 
 
-def test_answer_logprobs_match_unpadded_forward_passes(params):
+def test_sequence_logprobs_match_unpadded_forward_passes(params):
     """Right padding in the batch must not change any answer's log-likelihood (causality)."""
     prompt = TOKENIZER.encode("a0\nb")
     answers = [TOKENIZER.encode(a + "\n") for a in ("1", "12", "0123")]
-    got = fs.answer_logprobs(params, CONFIG, prompt, answers)
+    got = fs.sequence_logprobs(params, CONFIG, [(prompt, a) for a in answers])
     for value, answer in zip(got, answers):
         seq = onp.asarray(prompt + answer, dtype=onp.int32)[None, :]
         logp = fs.log_probs(params, CONFIG, seq)[0]
@@ -187,8 +187,9 @@ def test_exact_match_compares_the_whole_greedy_line(params, monkeypatch):
 def test_choices_pick_the_likeliest_answer(params):
     task = fs.parse_task(fs.task_lines({"choices": ["0", "1", "2"]}, RECORDS), "t")
     prompt = fs.build_prompt(None, RECORDS[:2], "c")
-    logps = fs.answer_logprobs(params, CONFIG, TOKENIZER.encode(prompt),
-                               [TOKENIZER.encode(c + "\n") for c in "012"])
+    prompt_ids = TOKENIZER.encode(prompt)
+    logps = fs.sequence_logprobs(params, CONFIG,
+                                 [(prompt_ids, TOKENIZER.encode(c + "\n")) for c in "012"])
     best = "012"[int(onp.argmax(logps))]
     for out in "012":
         got = fs.score_query(params, CONFIG, TOKENIZER, task, prompt,

@@ -14,7 +14,7 @@ autograd VJPs bring in.
 What it covers: the mean next-token cross-entropy of `models.gpt_loss` (no loss mask), and the
 masked-token loss of `mlm.mlm_loss` (the same blocks run bidirectionally, the loss at the
 chosen positions only), with or without biases, with a tied or an untied LM head, and dropout 0
-(`supports(config)`); pretraining's evaluations use its forward pass alone (`gpt_loss`).
+(`supports(config)`); pretraining's evaluations use its forward pass alone (`gpt_loss_fn`).
 Anything else (dropout, loss masks, LoRA, classifiers, fine-tuning the encoder) takes the
 reference path through autograd. `tests/test_fast.py` checks that the loss
 and every gradient equal autograd's on the reference model, over random shapes, in float64 to
@@ -515,7 +515,7 @@ def gpt_value_and_grad(config, objective="clm"):
     return value_and_grad
 
 
-def gpt_loss(config, objective="clm"):
+def gpt_loss_fn(config, objective="clm"):
     """A `loss_fn(params, batch, rng) -> loss` on this path, the forward pass alone, for the
     training loop's evaluations: the loss of `models.gpt_loss` (or `mlm.mlm_loss`) to float
     rounding, in about a third of the time of the reference forward pass on a 2-core machine

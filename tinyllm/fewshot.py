@@ -335,11 +335,6 @@ def sequence_logprobs(params, config, pairs):
     return onp.bincount(rows, weights=per_token, minlength=len(pairs))  # summed by pair
 
 
-def answer_logprobs(params, config, prompt_ids, answers_ids):
-    """Summed log p(answer | prompt) for each candidate answer of one prompt -> (K,)."""
-    return sequence_logprobs(params, config, [(prompt_ids, a) for a in answers_ids])
-
-
 def score_query(params, config, tokenizer, task, prompt, record, k, use_cache=True):
     """1 if the model answers this prompt with the record's output, else 0 (see module docstring).
 
@@ -368,31 +363,30 @@ def score_queries(params, config, tokenizer, task, prompts, records, k, use_cach
 
 def _score_group(params, config, tokenizer, task, group, k, use_cache):
     """[1 or 0] for each (prompt, record) of a group; see `score_queries`."""
-    encoded = []  # (prompt ids, answer ids) per query, the answer ending with a newline
+    newline = encode_for(tokenizer, "\n", task, group[0][1])  # every answer ends with it
+    encoded = []  # (prompt ids, answer ids) per query
     for prompt, record in group:
-        newline = encode_for(tokenizer, "\n", task, record)
         prompt_ids = encode_for(tokenizer, prompt, task, record)
         answer_ids = encode_for(tokenizer, record["output"], task, record) + newline
         check_fits(len(prompt_ids) + len(answer_ids), config.block_size, task, record, k)
         encoded.append((prompt_ids, answer_ids))
     if task.choices:
-        pairs = []
+        header = {"line": task.header_line}  # the choices are on the header's line
+        candidates = [encode_for(tokenizer, c, task, header) + newline for c in task.choices]
+        pairs = []  # (prompt ids, candidate ids), the candidates of each query in turn
         for (prompt_ids, _), (_, record) in zip(encoded, group):
-            newline = encode_for(tokenizer, "\n", task, record)
-            for c in task.choices:
-                candidate = encode_for(tokenizer, c, task, record) + newline
+            for candidate in candidates:
                 check_fits(len(prompt_ids) + len(candidate), config.block_size, task, record, k)
                 pairs.append((prompt_ids, candidate))
         logps = onp.concatenate([  # as many sequences a pass as the group has queries
             sequence_logprobs(params, config, pairs[start:start + len(group)])
-            for start in range(0, len(pairs), len(group))]).reshape(len(group), len(task.choices))
+            for start in range(0, len(pairs), len(group))]).reshape(len(group), len(candidates))
         return [int(task.choices[int(onp.argmax(row))] == record["output"])
                 for row, (_, record) in zip(logps, group)]
     prompts = [prompt_ids for prompt_ids, _ in encoded]
     # generate no further than the context reaches; a longer answer than the output is wrong
     limits = [min(config.block_size - len(p), len(a) + 8) for p, a in encoded]
-    newline = encode_for(tokenizer, "\n", task, group[0][1])[-1]
-    answers = greedy_batch(params, config, prompts, limits, newline, batch_size=len(group),
+    answers = greedy_batch(params, config, prompts, limits, newline[-1], batch_size=len(group),
                            use_cache=use_cache)  # each to its line's end
     return [int(new == answer_ids[:-1]) for new, (_, answer_ids) in zip(answers, encoded)]
 

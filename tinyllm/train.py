@@ -734,7 +734,7 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
     fast_grads = fast_path.gpt_value_and_grad(model_config, objective) if use_fast else None
     fast_step = fast_path.gpt_train_step(model_config, objective) if use_fast else None
     if use_fast:  # evaluations too: the forward pass alone, on the fast path
-        loss_fn = fast_path.gpt_loss(model_config, objective)
+        loss_fn = fast_path.gpt_loss_fn(model_config, objective)
     state = train_loop(state, tc, loss_fn, sample, save, out_dir,
                        tc.batch_size * model_config.block_size, world=world,
                        value_and_grad=fast_grads, step_fn=fast_step)
