@@ -49,6 +49,7 @@ from .tree import flatten, unflatten
 POOLINGS = ("last", "mean", "max", "meanmax", "first")
 WINDOW_STRIDE = 0.5  # windows of one text start half a context apart: every token is read twice,
 # once in the second half of a window (with at least half a context before it), except near the ends
+GROUP_OVERHEAD = 64  # tokens: what one more forward and backward pass costs, beside its rows
 ARCHS = ("decoder", "encoder")
 DEFAULT_POOLING = {"decoder": "last", "encoder": "meanmax"}  # by arch, when none is asked for
 
@@ -248,6 +249,38 @@ def pad_batch(sequences, length, pad_id=0):
     return ids, valid
 
 
+def length_groups(lengths, overhead=GROUP_OVERHEAD):
+    """The rows of one batch split into groups of similar length: a list of index arrays into
+    `lengths`, each sorted shortest first, the groups in order of length.
+
+    Each group is padded only to its own longest row, so a batch of real messages, most short
+    and a few long, no longer pads every row to its longest: on 720 YouTube comments a random
+    batch of 16 has 56 real tokens a row on average and 210 in its longest. A group costs its
+    rows times its longest length, plus `overhead` tokens for the pass itself (the Python and
+    the op calls of one more forward and backward); the split of least total cost is found by
+    dynamic programming over the sorted rows. The batch stays the same set of rows: the loss
+    of the groups, weighted by their share of the batch, is the batch's loss.
+
+    Example: lengths [3, 100, 4, 98], overhead 10 -> [[0, 2], [3, 1]]: 10 + 2 * 4 and
+    10 + 2 * 100 (228 tokens), against 10 + 4 * 100 (410) as one group.
+    """
+    order = onp.argsort(lengths, kind="stable")
+    sorted_lengths = onp.asarray(lengths)[order]
+    n = len(order)
+    best = [0.0] + [onp.inf] * n  # best[j]: least cost of the first j sorted rows
+    cut = [0] * (n + 1)  # cut[j]: where the last group of that best split starts
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + overhead + (j - i) * sorted_lengths[j - 1]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
 def window_starts(n, block_size, stride):
     """Start positions of the windows of `block_size` tokens that cover n tokens, `stride` apart,
     the last one ending exactly at the end.
@@ -283,6 +316,10 @@ class Windows:
         takes texts in this order: a batch is cut to its longest window, so one long text among
         short ones would make every row pay for its length; sorted, each batch pads little."""
         return onp.argsort(-self.valid[self.first].sum(axis=1), kind="stable")
+
+    def lengths(self, texts):
+        """The real tokens of the longest window of each text at indices `texts` (its first)."""
+        return self.valid[self.first[texts]].sum(axis=1).astype(onp.int64)
 
     def head(self, n):
         """The first n texts (a training split's records, without the case copies after them)."""

@@ -53,8 +53,8 @@ from .errors import TinyLLMError
 from .fileio import atomic_save_npz, atomic_write_json, atomic_write_text, open_regular
 from .finetune import (DEFAULT_POOLING, ClassifierConfig, classifier_from_gpt, classifier_loss,
                        confusion_matrix, fit_prompt, format_prompt, instruction_example,
-                       make_windows, merge_params, precision_recall, predict_windows, split_params,
-                       token_f1, trainable_paths)
+                       length_groups, make_windows, merge_params, precision_recall,
+                       predict_windows, split_params, token_f1, trainable_paths)
 from .generate import greedy_batch
 from .labelled_data import (SPLIT_CLASSIFY, SPLIT_INSTRUCT, UNK_TOKEN, balance,
                             default_classification_data, default_instruction_data,
@@ -653,32 +653,46 @@ def build_classifier(s, labels, log):
 
 
 def classification_loss_and_batches(sets, config, batch_size):
-    """The loss of a batch, and sample(split, rng) drawing batch_size random texts of a split."""
+    """The loss of a batch, and sample(split, rng) drawing batch_size random texts of a split.
+
+    A batch is a list of groups (ids, valid, assign, y), its texts split by length
+    (`finetune.length_groups`), each group padded only to its own longest window; the loss is
+    the mean over all the batch's texts."""
 
     def loss_fn(p, batch, rng):
-        ids, valid, assign, y = batch
-        return classifier_loss(p, ids, valid, y, config, rng, assign)
+        n = sum(len(y) for *_, y in batch)
+        return sum(classifier_loss(p, ids, valid, y, config, rng, assign) * (len(y) / n)
+                   for ids, valid, assign, y in batch)
 
     def sample(split, rng):
         windows, y = sets[split]
         texts = rng.integers(0, len(y), size=batch_size)  # (B,)
-        return (*windows.batch(texts), y[texts])
+        return batch_groups(windows, y, texts)
 
     return loss_fn, sample
 
 
+def batch_groups(windows, y, texts):
+    """The texts at indices `texts` as a batch for `classification_loss_and_batches`' loss: a
+    list of (ids, valid, assign, y) groups of similar length."""
+    return [(*windows.batch(texts[group]), y[texts[group]])
+            for group in length_groups(windows.lengths(texts))]
+
+
 def classification_evaluator(sets, config, loss_fn, world=SINGLE_PROCESS):
     """evaluate(params) -> {"train", "val"}: the mean loss over the whole validation split and
-    over the first EVAL_TRAIN_EXAMPLES training texts, in batches of 64, without dropout. Over
-    MPI each rank takes every world.size-th batch and the sums are added across ranks."""
+    over the first EVAL_TRAIN_EXAMPLES training texts, in batches of 64 (longest texts first),
+    without dropout. Over MPI each rank takes every world.size-th batch and the sums are added
+    across ranks."""
 
     def mean_loss(params, split, limit):
         windows, y = sets[split]
         n = min(len(y), limit)
+        by_length = onp.argsort(-windows.lengths(onp.arange(n)), kind="stable")  # longest first
         total = 0.0
         for start in range(world.rank * 64, n, world.size * 64):
-            texts = onp.arange(start, min(start + 64, n))
-            total += float(loss_fn(params, (*windows.batch(texts), y[texts]), None)) * len(texts)
+            texts = by_length[start:start + 64]  # a batch of similar lengths pads little
+            total += float(loss_fn(params, batch_groups(windows, y, texts), None)) * len(texts)
         return world.sum_floats(total)[0] / n
 
     return lambda params: {"train": mean_loss(params, "train", EVAL_TRAIN_EXAMPLES),
@@ -997,34 +1011,56 @@ def build_instruct_model(s, log):
 
 def instruct_loss_and_batches(arrays, config, batch_size):
     """The masked next-token loss of a batch (adapters applied at alpha / rank), and
-    sample(split, rng) drawing batch_size random rows of a split."""
+    sample(split, rng) drawing batch_size random rows of a split.
+
+    A batch is a list of groups (x, y, m), its rows split by length (`finetune.length_groups`),
+    each group cut to its own longest row; the loss is the mean over all the batch's counted
+    tokens, as one padded batch would give."""
     gpt_config = config.gpt() if hasattr(config, "gpt") else config
     scale = config.lora_alpha / config.lora_rank if hasattr(config, "lora_rank") else 0.0
 
     def loss_fn(p, batch, rng):
         if "lora" in p:
             p = apply_lora(p, scale)
-        return gpt_loss(p, batch[0], batch[1], gpt_config, rng, mask=batch[2])
+        counted = sum(float(m.sum()) for _, _, m in batch)
+        return sum(gpt_loss(p, x, y, gpt_config, rng, mask=m) * (float(m.sum()) / counted)
+                   for x, y, m in batch)
 
     def sample(split, rng):
         rows = rng.integers(0, len(arrays[split][0]), size=batch_size)  # (B,)
-        return tuple(a[rows] for a in arrays[split])
+        return row_groups(arrays[split], rows)
 
     return loss_fn, sample
 
 
+def row_lengths(mask):
+    """The length of each instruction row (B, T): up to its last counted target (the
+    end-of-text token), past which there is only padding."""
+    return mask.shape[1] - onp.argmax(mask[:, ::-1] > 0, axis=1)
+
+
+def row_groups(split_arrays, rows):
+    """Rows `rows` of a split's (x, y, m) as a batch for `instruct_loss_and_batches`' loss: a
+    list of (x, y, m) groups of similar length, each cut to its longest row."""
+    lengths = row_lengths(split_arrays[2][rows])
+    return [tuple(a[rows[group], :lengths[group].max()] for a in split_arrays)
+            for group in length_groups(lengths)]
+
+
 def instruct_evaluator(arrays, loss_fn, world=SINGLE_PROCESS):
     """evaluate(params) -> {"train", "val"}: the masked loss over the whole validation split and
-    the first EVAL_TRAIN_EXAMPLES training rows, per response token. Over MPI each rank takes
-    every world.size-th batch and the sums are added across ranks."""
+    the first EVAL_TRAIN_EXAMPLES training rows, per response token, in batches of 64 (longest
+    rows first). Over MPI each rank takes every world.size-th batch and the sums are added
+    across ranks."""
 
     def mean_loss(params, split, limit):
-        x, y, m = (a[:limit] for a in arrays[split])
+        head = tuple(a[:limit] for a in arrays[split])
+        by_length = onp.argsort(-row_lengths(head[2]), kind="stable")  # longest first
         total, weight = 0.0, 0.0
-        for start in range(world.rank * 64, len(x), world.size * 64):
-            part = slice(start, start + 64)
-            w = float(m[part].sum())
-            total += float(loss_fn(params, (x[part], y[part], m[part]), None)) * w
+        for start in range(world.rank * 64, len(by_length), world.size * 64):
+            rows = by_length[start:start + 64]  # a batch of similar lengths pads little
+            w = float(head[2][rows].sum())
+            total += float(loss_fn(params, row_groups(head, rows), None)) * w
             weight += w
         total, weight = world.sum_floats(total, weight)
         return total / max(weight, 1.0)
