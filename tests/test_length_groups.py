@@ -13,8 +13,8 @@ from tinyllm import finetune_runs
 from tinyllm.finetune_runs import (batch_groups, classification_evaluator,
                                    classification_loss_and_batches, instruct_evaluator,
                                    instruct_loss_and_batches, row_groups)
-from tinyllm.models import gpt_loss, init_gpt
 from tinyllm.config import GPTConfig
+from tinyllm.models import gpt_loss, init_gpt
 from tinyllm.train import flat_value_and_grad
 from tinyllm.tree import flatten
 
@@ -162,3 +162,9 @@ def test_the_instruction_evaluation_is_the_loss_per_response_token_over_the_spli
     x, y, m = arrays["val"]
     whole = float(gpt_loss(params, x, y, GPT, None, mask=m))
     assert instruct_evaluator(arrays, loss_fn)(params)["val"] == pytest.approx(whole, rel=1e-5)
+
+
+def test_the_progress_counts_a_batchs_real_tokens_not_its_padding():
+    windows, _, _ = make_windows([[1, 2], [3, 4, 5, 6], [7] * 10], 8, max_windows=8)
+    # texts of 2, 4 and 10 tokens; the last is read as windows of 8 and 8 (starts 0 and 2)
+    assert finetune_runs.real_tokens_per_batch(windows, 3) == round(3 * (2 + 4 + 16) / 3)

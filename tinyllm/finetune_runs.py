@@ -672,6 +672,12 @@ def classification_loss_and_batches(sets, config, batch_size):
     return loss_fn, sample
 
 
+def real_tokens_per_batch(windows, batch_size):
+    """The tokens a batch of `batch_size` texts holds on average, padding not counted (the
+    progress line's tok/s is of these)."""
+    return round(batch_size * float(windows.valid.sum()) / windows.n_texts)
+
+
 def batch_groups(windows, y, texts):
     """The texts at indices `texts` as a batch for `classification_loss_and_batches`' loss: a
     list of (ids, valid, assign, y) groups of similar length."""
@@ -777,7 +783,8 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     clock = run_clock(ckpt)
     params, best, state = train_keeping_best(
         out, params, paths, tc, loss_fn, sample, classification_evaluator(sets, config, loss_fn, world),
-        save_full, ckpt, tc.batch_size * sets["train"][0].ids.shape[1], s.patience, log, world)
+        save_full, ckpt, real_tokens_per_batch(sets["train"][0], tc.batch_size), s.patience, log,
+        world)
     clock.stop()
     finish_with_best(out, params, state, paths, save_full, best)
     # 7. score after and report
@@ -1165,7 +1172,8 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     clock = run_clock(ckpt)
     params, best, state = train_keeping_best(
         out, params, paths, tc, loss_fn, sample, instruct_evaluator(arrays, loss_fn, world), save_full,
-        ckpt, tc.batch_size * arrays["train"][0].shape[1], s.patience, log, world)
+        ckpt, round(tc.batch_size * row_lengths(arrays["train"][2]).mean()), s.patience, log,
+        world)
     clock.stop()
     finish_with_best(out, params, state, paths, save_full, best)
     # 7. score after and report
