@@ -21,9 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tinyllm import finetune_runs  # noqa: E402
-from tinyllm.finetune import length_groups  # noqa: E402
-from tinyllm.finetune_runs import (ClassifySettings, build_classifier,  # noqa: E402
+from tinyllm.finetune_runs import (ClassifySettings, batch_groups, build_classifier,  # noqa: E402
                                    classification_loss_and_batches, encode_classification,
                                    load_classification_splits)
 from tinyllm.labelled_data import label_ids, with_case_copies  # noqa: E402
@@ -57,9 +55,8 @@ def main():
           f" {np.mean([l.max() for l in lengths]):.0f} in the longest text of a batch")
 
     def timed(one_group):
-        finetune_runs.length_groups = ((lambda lengths: [np.argsort(lengths, kind="stable")])
-                                       if one_group else length_groups)
-        batches = [finetune_runs.batch_groups(windows, y, t) for t in texts]
+        batches = [[(*windows.batch(t), y[t])] if one_group else batch_groups(windows, y, t)
+                   for t in texts]
         rng = np.random.default_rng(1)
         start = time.perf_counter()
         for batch in batches:
@@ -70,7 +67,6 @@ def main():
     for _ in range(args.repeats):
         times["split by length"].append(timed(one_group=False))
         times["one padded batch"].append(timed(one_group=True))
-    finetune_runs.length_groups = length_groups
     for name, values in times.items():
         print(f"{name:>17}: {statistics.median(values):7.1f} ms a step (median of"
               f" {', '.join(f'{v:.1f}' for v in values)})")
