@@ -1041,8 +1041,10 @@ def instruct_loss_and_batches(arrays, config, batch_size):
 
 
 def row_lengths(mask):
-    """The length of each instruction row (B, T): up to its last counted target (the
-    end-of-text token), past which there is only padding."""
+    """The length of each instruction row, from its loss mask (B, T) -> (B,): up to its last
+    counted target (the end-of-text token), past which there is only padding.
+
+    Example: mask [[0, 1, 1, 0], [1, 0, 0, 0]] -> [3, 1]."""
     return mask.shape[1] - onp.argmax(mask[:, ::-1] > 0, axis=1)
 
 
