@@ -316,7 +316,7 @@ class Windows:
         """The text indices, longest first (a text's first window is its longest). Inference
         takes texts in this order: a batch is cut to its longest window, so one long text among
         short ones would make every row pay for its length; sorted, each batch pads little."""
-        return onp.argsort(-self.valid[self.first].sum(axis=1), kind="stable")
+        return onp.argsort(-self.lengths(onp.arange(self.n_texts)), kind="stable")
 
     def lengths(self, texts):
         """The real tokens of the longest window of each text at indices `texts` (its first)."""

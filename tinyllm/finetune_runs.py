@@ -694,7 +694,7 @@ def classification_evaluator(sets, config, loss_fn, world=SINGLE_PROCESS):
     def mean_loss(params, split, limit):
         windows, y = sets[split]
         n = min(len(y), limit)
-        by_length = onp.argsort(-windows.lengths(onp.arange(n)), kind="stable")  # longest first
+        by_length = windows.head(n).longest_first()
         total = 0.0
         for start in range(world.rank * 64, n, world.size * 64):
             texts = by_length[start:start + 64]  # a batch of similar lengths pads little
@@ -1029,9 +1029,9 @@ def instruct_loss_and_batches(arrays, config, batch_size):
     def loss_fn(p, batch, rng):
         if "lora" in p:
             p = apply_lora(p, scale)
-        counted = sum(float(m.sum()) for _, _, m in batch)
-        return sum(gpt_loss(p, x, y, gpt_config, rng, mask=m) * (float(m.sum()) / counted)
-                   for x, y, m in batch)
+        counts = [float(m.sum()) for _, _, m in batch]  # counted targets of each group
+        return sum(gpt_loss(p, x, y, gpt_config, rng, mask=m) * (count / sum(counts))
+                   for (x, y, m), count in zip(batch, counts))
 
     def sample(split, rng):
         rows = rng.integers(0, len(arrays[split][0]), size=batch_size)  # (B,)
