@@ -1030,7 +1030,8 @@ def instruct_loss_and_batches(arrays, config, batch_size):
         if "lora" in p:
             p = apply_lora(p, scale)
         counts = [float(m.sum()) for _, _, m in batch]  # counted targets of each group
-        return sum(gpt_loss(p, x, y, gpt_config, rng, mask=m) * (count / sum(counts))
+        total = sum(counts)
+        return sum(gpt_loss(p, x, y, gpt_config, rng, mask=m) * (count / total)
                    for (x, y, m), count in zip(batch, counts))
 
     def sample(split, rng):
