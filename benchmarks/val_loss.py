@@ -49,7 +49,8 @@ def run_corpus(run, data):
         sys.exit(f"{run}: pretrained on a file, {meta.get('data')!r}: pass it as --data")
     text = load_corpus(data or meta["data"])
     if hashlib.sha256(text.encode("utf-8")).hexdigest() != meta["data_sha256"]:
-        sys.exit(f"{run}: its corpus {meta['data']!r} is not the text it was trained on")
+        sys.exit(f"{run}: {data or meta['data']!r} is not the text it was trained on"
+                 " (its sha256 differs from config.json's)")
     return text
 
 
