@@ -1,11 +1,11 @@
 """The next-token loss of causal pretraining runs over their whole validation split.
 
-`tinyllm pretrain` logs a validation loss over `--eval-iters` random batches (10 x 8 windows at
-the defaults): a few hundred windows drawn with repeats, and other ones at every evaluation, so
-two runs' logged figures differ by a few hundredths by the draw alone. To compare runs (another
-number of steps, another learning rate) this script reads every token of the split once instead:
-the last 10% of the corpus's tokens, as pretraining splits them, cut into consecutive windows of
-the run's context, the loss averaged over all of them.
+`tinyllm pretrain` logs a validation loss over `--eval-iters` random batches (at the defaults 10
+batches of 8 windows at random offsets: 80 windows, where the split holds 208), other ones at
+every evaluation, so two runs' logged figures differ by a few hundredths by the draw alone. To
+compare runs (another number of steps, another learning rate) this script reads every token of
+the split once instead: the last 10% of the corpus's tokens, as pretraining splits them, cut into
+consecutive windows of the run's context, the loss averaged over all of them.
 
     python benchmarks/val_loss.py runs/pretrain [RUN ...]
 
@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from tinyllm.checkpoint import load_checkpoint  # noqa: E402
 from tinyllm.data import EMBEDDED_CORPORA, encode_corpus, load_corpus, train_val_split  # noqa: E402
+from tinyllm.errors import TinyLLMError  # noqa: E402
 from tinyllm.models import gpt_loss  # noqa: E402
 
 GROUP = 16  # windows per forward pass
@@ -56,7 +57,10 @@ def run_corpus(run, data):
 
 def split_loss(run, data=None):
     """(windows, mean loss over them) for the run's whole validation split."""
-    ckpt = load_checkpoint(run)
+    try:
+        ckpt = load_checkpoint(run)  # a causal run only: an MLM run is refused
+    except TinyLLMError as e:
+        sys.exit(f"{run}: {e}")
     _, val = train_val_split(encode_corpus(ckpt.tokenizer, run_corpus(run, data)))
     x, y = validation_windows(val, ckpt.model_config.block_size)
     total = 0.0
