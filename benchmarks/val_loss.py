@@ -9,14 +9,12 @@ consecutive windows of the run's context, the loss averaged over all of them.
 
     python benchmarks/val_loss.py runs/pretrain [RUN ...]
 
-Each run's corpus is the embedded one its config.json names, or the file given by --data for a
-run pretrained on a file (a path inside config.json is never opened); either must have the
-sha256 recorded there. It prints one line per run.
+Each run's corpus is read again as `--resume` reads it (`train.run_corpus`): the embedded corpus
+or the file its config.json names, or the file given by --data, used only if its sha256 is the
+one recorded there. It prints one line per run.
 """
 
 import argparse
-import hashlib
-import json
 import os
 import sys
 
@@ -25,9 +23,10 @@ import numpy as onp
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tinyllm.checkpoint import load_checkpoint  # noqa: E402
-from tinyllm.data import EMBEDDED_CORPORA, encode_corpus, load_corpus, train_val_split  # noqa: E402
+from tinyllm.data import encode_corpus, train_val_split  # noqa: E402
 from tinyllm.errors import TinyLLMError  # noqa: E402
 from tinyllm.models import gpt_loss  # noqa: E402
+from tinyllm.train import run_corpus  # noqa: E402
 
 GROUP = 16  # windows per forward pass
 
@@ -41,27 +40,14 @@ def validation_windows(ids, block_size):
     return x, y
 
 
-def run_corpus(run, data):
-    """The text the run was pretrained on (`data`, or the embedded corpus its config.json
-    names), checked against the sha256 its config.json keeps."""
-    with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
-        meta = json.load(f)
-    if data is None and meta.get("data") not in EMBEDDED_CORPORA:
-        sys.exit(f"{run}: pretrained on a file, {meta.get('data')!r}: pass it as --data")
-    text = load_corpus(data or meta["data"])
-    if hashlib.sha256(text.encode("utf-8")).hexdigest() != meta["data_sha256"]:
-        sys.exit(f"{run}: {data or meta['data']!r} is not the text it was trained on"
-                 " (its sha256 differs from config.json's)")
-    return text
-
-
 def split_loss(run, data=None):
     """(windows, mean loss over them) for the run's whole validation split."""
     try:
         ckpt = load_checkpoint(run)  # a causal run only: an MLM run is refused
+        text = run_corpus(ckpt.meta, run, data)  # checked against the run's sha256
     except TinyLLMError as e:
         sys.exit(f"{run}: {e}")
-    _, val = train_val_split(encode_corpus(ckpt.tokenizer, run_corpus(run, data)))
+    _, val = train_val_split(encode_corpus(ckpt.tokenizer, text))
     x, y = validation_windows(val, ckpt.model_config.block_size)
     total = 0.0
     for start in range(0, len(x), GROUP):
@@ -73,7 +59,8 @@ def split_loss(run, data=None):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories of causal `tinyllm pretrain`")
-    parser.add_argument("--data", help="the text file the runs were pretrained on, if not embedded")
+    parser.add_argument("--data", help="the text the runs were pretrained on, read from here"
+                        " instead of from the place config.json names")
     args = parser.parse_args()
     for run in args.runs:
         windows, loss = split_loss(run, args.data)
