@@ -9,9 +9,12 @@ import numpy as onp
 import pytest
 from click.testing import CliRunner
 
+from tinyllm import finetune_runs
 from tinyllm.checkpoint import checkpoint_paths, load_checkpoint
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig
+from tinyllm.finetune import confusion_matrix
+from tinyllm.finetune_runs import format_confusion
 
 TINY = GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=16, bias=False)
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 :\n"
@@ -172,6 +175,102 @@ def test_balance_counts_the_records_it_drops(base, tmp_path):
     assert "--balance: dropped 10 record(s) of the larger classes" in result.output
     report = json.load(open(out / "metrics.json"))
     assert report["balance_dropped"] == 10 and sum(report["examples"].values()) == 40
+
+
+def finetuned(base, data, out, *flags):
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", data, "--out", str(out),
+                  *flags] + FAST)
+    assert result.exit_code == 0, result.output
+    return str(out)
+
+
+def shown_probs(output):
+    """{label: probability} from the lines `  label: p` that `tinyllm classify TEXT` prints."""
+    return {line.split(": ")[0].strip(): float(line.split(": ")[1])
+            for line in output.strip().split("\n")[1:]}
+
+
+def test_split_seed_gives_runs_one_split_and_classify_averages_them(base, tsv, tmp_path):
+    runs = [finetuned(base, tsv, tmp_path / f"run-{seed}", "--seed", str(seed), "--split-seed",
+                      "7") for seed in (1, 2)]
+    seven = finetuned(base, tsv, tmp_path / "seven", "--seed", "7")
+    one = finetuned(base, tsv, tmp_path / "one", "--seed", "1")
+    quiet = lambda note: None  # noqa: E731
+    tests = [finetune_runs.run_split(r, "test", quiet)[0] for r in (*runs, seven, one)]
+    assert tests[0] == tests[1] == tests[2] != tests[3]  # --split-seed 7 is --seed 7's split
+    assert len(tests[0]) == json.load(open(os.path.join(runs[0], "metrics.json")))[
+        "examples"]["test"]
+    members = finetune_runs.load_classifiers(runs)
+    texts = [text for text, _ in tests[0]]
+    each = [finetune_runs.classify_texts(m.params, m.config, m.tokenizer, texts, log=quiet)
+            for m in members]
+    assert not onp.allclose(each[0], each[1], atol=1e-3)  # different heads: the mean is news
+
+    # --split test remakes each run's own test split: its scores are the run's report
+    for r in runs:
+        report = json.load(open(os.path.join(r, "metrics.json")))
+        scored = run(["classify", "--checkpoint", r, "--split", "test"])
+        assert scored.exit_code == 0, scored.output
+        assert f"{len(texts)} examples of {tsv} (test)" in scored.stdout
+        assert f"accuracy {100 * report['accuracy_after']['test']:.1f}%" in scored.stdout
+        assert format_confusion(report["test_confusion_matrix"], report["labels"]) in scored.stdout
+    # two runs: each text gets the mean of their probabilities
+    mean = (each[0] + each[1]) / 2
+    pred, y = mean.argmax(axis=1), [members[0].labels.index(label) for _, label in tests[0]]
+    both = run(["classify", "--checkpoint", runs[0], "--checkpoint", runs[1], "--split", "test"])
+    assert both.exit_code == 0, both.output
+    assert f"accuracy {100 * onp.mean(pred == y):.1f}%, the mean of 2 runs" in both.stdout
+    assert format_confusion(confusion_matrix(y, pred, 2), members[0].labels) in both.stdout
+    text = run(["classify", "--checkpoint", runs[0], "--checkpoint", runs[1], texts[0]])
+    alone = [shown_probs(run(["classify", "--checkpoint", r, texts[0]]).stdout) for r in runs]
+    assert text.exit_code == 0
+    for label, p in shown_probs(text.stdout).items():
+        assert p == pytest.approx((alone[0][label] + alone[1][label]) / 2, abs=1.5e-3)
+        assert p == pytest.approx(mean[0, members[0].labels.index(label)], abs=1e-3)
+
+    # runs of another split, or other classes, are not averaged; a TEXT is not a split
+    mixed = run(["classify", "--checkpoint", runs[0], "--checkpoint", one, "--split", "test"])
+    assert mixed.exit_code == 1 and f"the run in {one} was fine-tuned on another test" in mixed.output
+    other = tmp_path / "other.tsv"
+    other.write_text("label\ttext\n" + "".join(f"{'ab'[i % 2]}\tword {i}\n" for i in range(30)),
+                     encoding="utf-8")
+    ab = finetuned(base, str(other), tmp_path / "ab")
+    classes = run(["classify", "--checkpoint", runs[0], "--checkpoint", ab, "good film"])
+    assert classes.exit_code == 1 and f"{ab}: its classes ('a', 'b') are not those of" in \
+        classes.output
+    both_ways = run(["classify", "--checkpoint", runs[0], "--split", "test", "good film"])
+    assert both_ways.exit_code == 1 and "give one of a TEXT argument" in both_ways.output
+
+
+def test_split_reads_the_runs_data_only_if_its_sha256_matches(base, tsv, tmp_path):
+    data = tmp_path / "reviews.tsv"
+    data.write_bytes(open(tsv, "rb").read())
+    out = finetuned(base, str(data), tmp_path / "run")
+    secret = tmp_path / "secret.tsv"
+    secret.write_text("label\ttext\npos\tthe secret words\nneg\tmore secret words\n" * 9,
+                      encoding="utf-8")
+    config = os.path.join(out, "config.json")
+    meta = json.load(open(config))
+    meta["finetune"]["data"] = str(secret)  # a run directory that names another file
+    json.dump(meta, open(config, "w"))
+    named = run(["classify", "--checkpoint", out, "--split", "test"])
+    assert named.exit_code == 1 and "changed since it was fine-tuned" in named.output
+    assert "secret words" not in named.output
+    data.write_text("label\ttext\npos\tgood\nneg\tbad\n" * 9, encoding="utf-8")
+    meta["finetune"]["data"] = str(data)
+    json.dump(meta, open(config, "w"))
+    changed = run(["classify", "--checkpoint", out, "--split", "val"])
+    assert changed.exit_code == 1 and "changed since it was fine-tuned" in changed.output
+    data.unlink()
+    gone = run(["classify", "--checkpoint", out, "--split", "val"])
+    assert gone.exit_code == 1 and "is gone (moved or renamed?)" in gone.output
+
+
+def test_split_seed_with_given_val_and_test_files_is_refused(base, tsv, tmp_path):
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--val-data", tsv,
+                  "--test-data", tsv, "--split-seed", "3", "--out", str(tmp_path / "r")] + FAST)
+    assert result.exit_code == 1 and "with --val-data and --test-data there is none" in \
+        result.output
 
 
 def test_resume_reads_a_moved_data_file_from_where_data_says(base, tsv, tmp_path):

@@ -17,10 +17,11 @@ BAD_VALUES = ["nan", "inf", "-inf", "-1", "0", "5000000", "100000000", "99999999
 ZERO_OK = {"--min-lr", "--warmup-iters", "--weight-decay", "--grad-clip", "--dropout",
            "--label-smoothing", "--sample-tokens", "--max-new-tokens", "--temperature", "--shots",
            "--icl-windows", "--lora-rank", "--length-penalty", "--show", "--layer", "--head",
-           "--seed", "--patience"}
+           "--seed", "--split-seed", "--patience"}
 # Flags that rightly take large values (step counts, rates and decays have no memory cost).
 LARGE_OK = {"--max-iters", "--eval-interval", "--warmup-iters", "--weight-decay", "--grad-clip",
-            "--temperature", "--length-penalty", "--lr", "--min-lr", "--seed", "--epochs"}
+            "--temperature", "--length-penalty", "--lr", "--min-lr", "--seed", "--split-seed",
+            "--epochs"}
 LEAD_OWNED = {"--lora-alpha"}  # fine-tuning-run settings checked by tinyllm/finetune_runs.py
 
 
@@ -77,7 +78,7 @@ def expected_refusal(flag, kind, value):
             return True
         if kind == "float":
             return False
-        limit = 1 << 63 if flag == "--seed" else 1 << 31
+        limit = 1 << 63 if flag in ("--seed", "--split-seed") else 1 << 31
         return number >= limit
     return False
 

@@ -16,9 +16,9 @@ from .cli_common import (count, flag_given, fraction, no_cache_option, non_negat
 from .distributed import abort_on_error
 from .errors import TinyLLMError
 from .finetune import DEFAULT_POOLING, POOLINGS
-from .finetune_runs import (DATA_FLAGS, ClassifySettings, InstructSettings, classify_texts,
-                            format_accuracies, format_confusion, load_classifier, run_classify,
-                            run_instruct, score_file)
+from .finetune_runs import (DATA_FLAGS, ClassifySettings, InstructSettings, averaged_probs,
+                            format_accuracies, format_confusion, load_classifiers, run_classify,
+                            run_instruct, score_file, score_run_split)
 from .labelled_data import UNK_TOKEN
 from .train import prepare_out_dir
 
@@ -72,7 +72,13 @@ def training_options(settings_cls):
                           " never stop early). The weights of the best evaluation are the run's"
                           " result either way."),
         click.option("--seed", default=d.seed, callback=random_seed,
-                     help="Seed for the split, initialisation and batches."),
+                     help="Seed for initialisation and batches, and for the random split unless"
+                          " --split-seed is given."),
+        click.option("--split-seed", default=None, type=int, callback=random_seed,
+                     help="Seed for the random split alone: runs with the same --split-seed and"
+                          " different --seed train on the same records, and `tinyllm classify"
+                          " --checkpoint A --checkpoint B --split test` averages them."
+                          "  [default: --seed]"),
         click.option("--resume", is_flag=True,
                      help="Continue the run in --out with its own settings (only --max-iters may"
                           " change; --data, --val-data or --test-data may say where a file of"
@@ -90,14 +96,19 @@ def training_options(settings_cls):
 
 def check_flag_combinations(flags, resume):
     """Refuse a flag that another would make do nothing, rather than drop it unseen: --lora-alpha
-    scales the adapters only --lora-rank makes, --epochs sets the steps --max-iters would, and
-    with adapters only they and the head train, whatever --freeze says."""
+    scales the adapters only --lora-rank makes, --epochs sets the steps --max-iters would,
+    --split-seed seeds a random split that --val-data and --test-data replace (only --balance
+    would still use it), and with adapters only they and the head train, whatever --freeze
+    says."""
     if not resume and flag_given("lora_alpha") and not flags["lora_rank"]:
         raise TinyLLMError("--lora-alpha scales LoRA adapters, and without --lora-rank R there are"
                            " none: give --lora-rank too, or leave --lora-alpha out")
     if not resume and flag_given("epochs") and flag_given("max_iters"):
         raise TinyLLMError("--epochs sets the number of steps, so --max-iters would do nothing:"
                            " give one of the two")
+    if not resume and flag_given("split_seed") and flags["val_data"] and not flags.get("balance"):
+        raise TinyLLMError("--split-seed seeds the random split, and with --val-data and"
+                           " --test-data there is none: leave --split-seed out")
     if not resume and flags.get("freeze", "none") != "none" and flags["lora_rank"]:
         raise TinyLLMError(f"--freeze {flags['freeze']} does nothing with --lora-rank: only the"
                            " adapters and the head train; leave out one of the two")
@@ -237,40 +248,55 @@ def finetune_instruct(out, resume, force, no_cache, **flags):
 
 
 @click.command("classify")
-@click.option("--checkpoint", default="runs/classify", type=click.Path(file_okay=False),
-              help="Run directory written by `tinyllm finetune classify`.")
+@click.option("--checkpoint", "checkpoints", default=("runs/classify",), multiple=True,
+              type=click.Path(file_okay=False),
+              help="Run directory written by `tinyllm finetune classify`. Give it several times"
+                   " to average the class probabilities of several runs (an ensemble; they must"
+                   " have the same classes).")
 @click.option("--data", default=None, type=click.Path(dir_okay=False),
               help="Score a whole labelled file (.csv/.tsv/.jsonl/.json) and print its accuracy."
                    "  [default: none: classify TEXT]")
+@click.option("--split", type=click.Choice(["val", "test"]), default=None,
+              help="Score the validation or test split the run was fine-tuned with, made again"
+                   " from its data file (which must be unchanged: its sha256 is checked). Runs"
+                   " scored together must share it: the same data and `finetune classify"
+                   " --split-seed`.  [default: none]")
 @click.option("--text-column", default=None,
               help="As for `finetune classify`.  [default: 'text', or column 0 without a header]")
 @click.option("--label-column", default=None,
               help="As for `finetune classify`.  [default: 'label', or column 1]")
 @click.argument("text", required=False)
 @user_errors
-def classify(checkpoint, data, text_column, label_column, text):
-    """Classify TEXT (prints the label and class probabilities), or score --data FILE.
+def classify(checkpoints, data, split, text_column, label_column, text):
+    """Classify TEXT (prints the label and class probabilities), or score --data FILE or a run's
+    own --split.
 
-    Texts longer than the context are read as windows, as in fine-tuning."""
-    params, config, tokenizer, labels, max_windows = load_classifier(checkpoint)
-    if (text is None) == (data is None):
-        raise TinyLLMError("give either a TEXT argument or --data FILE")
-    if text is not None and (text_column or label_column):
+    Texts longer than the context are read as windows, as in fine-tuning. With several
+    --checkpoint runs, each text gets the mean of their class probabilities."""
+    if sum(x is not None for x in (text, data, split)) != 1:
+        raise TinyLLMError("give one of a TEXT argument, --data FILE or --split val|test")
+    if (text is not None or split) and (text_column or label_column):
         raise TinyLLMError("--text-column and --label-column choose the columns of --data FILE;"
-                           " a TEXT argument has none")
+                           f" {'a TEXT argument' if text is not None else '--split'} has none")
+    members = load_classifiers(checkpoints)
+    labels = members[0].labels
+    notes = lambda note: click.echo(note, err=True)  # noqa: E731
     if text is not None:
-        probs = classify_texts(params, config, tokenizer, [text], max_windows,
-                               log=lambda note: click.echo(note, err=True))[0]
+        probs = averaged_probs(members, [text], log=notes)[0]
         click.echo(labels[int(probs.argmax())])
         for label, p in sorted(zip(labels, probs), key=lambda lp: -lp[1]):
             click.echo(f"  {label}: {p:.3f}")
         return
-    scored = score_file(params, config, tokenizer, labels, data, text_column, label_column,
-                        max_windows, log=lambda note: click.echo(note, err=True))
-    notes = ", ".join(f"{scored[k]} {k}" for k in ("windowed", "cut") if scored[k])
+    if split:
+        scored = score_run_split(checkpoints, members, split, log=notes)
+    else:
+        scored = score_file(members, data, text_column, label_column, log=notes)
+    counted = ", ".join(f"{scored[k]} {k}" for k in ("windowed", "cut") if scored[k])
     if scored["fallback_characters"]:
-        notes += (", " if notes else "") + (f"{scored['fallback_characters']} character(s) read"
-                                            f" as {UNK_TOKEN}")
-    click.echo(f"{scored['examples']} examples{f' ({notes})' if notes else ''}:"
-               f" accuracy {100 * scored['accuracy']:.1f}%")
+        counted += (", " if counted else "") + (f"{scored['fallback_characters']} character(s)"
+                                                f" read as {UNK_TOKEN}")
+    where = f" of {scored['where']}" if split else ""
+    runs = f", the mean of {len(members)} runs" if len(members) > 1 else ""
+    click.echo(f"{scored['examples']} examples{where}{f' ({counted})' if counted else ''}:"
+               f" accuracy {100 * scored['accuracy']:.1f}%{runs}")
     click.echo(format_confusion(scored["confusion_matrix"], labels))

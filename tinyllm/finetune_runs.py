@@ -110,6 +110,9 @@ class FinetuneSettings:
     eval_interval: int = 25
     patience: int = 4  # stop after this many evaluations without a better val loss; 0: never
     seed: int = 1337
+    split_seed: Optional[int] = None  # the random split's seed; None: seed. Runs with one
+    # split_seed and different seeds are trained on the same records, so that their
+    # predictions can be averaged and scored on the same test split (`tinyllm classify`)
     grad_accum: int = 1  # micro-batches of batch_size per step (see TrainConfig.grad_accum)
 
     def validate(self):
@@ -127,12 +130,19 @@ class FinetuneSettings:
         for name in ("warmup_iters", "patience", "seed"):
             _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must not be negative",
                    getattr(self, name))
+        if self.split_seed is not None:
+            _check(self.split_seed >= 0, "--split-seed must not be negative", self.split_seed)
         _check(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number", self.lr)
         _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
                "--weight-decay must be a number >= 0", self.weight_decay)
         if bool(self.val_data) != bool(self.test_data):
             raise TinyLLMError("give both --val-data and --test-data, or neither (random split)")
         return self
+
+    @property
+    def data_seed(self):
+        """The seed of the random split (and of --balance): split_seed, or else seed."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     @property
     def adapter_alpha(self):
@@ -201,19 +211,26 @@ class InstructSettings(FinetuneSettings):
 def settings_from_run(ckpt, cls, max_iters, out_dir):
     """The settings a run was started with (config.json "finetune"), --max-iters replaced."""
     check_resumed_total(max_iters, ckpt.iter, out_dir)
-    stored = ckpt.meta.get("finetune")
+    settings = run_settings(ckpt.meta, cls, "--resume")
+    # a new total in steps replaces the run's --epochs, which would otherwise set it again
+    return replace(settings, max_iters=max_iters, epochs=None) if max_iters else settings
+
+
+def run_settings(meta, cls, flag):
+    """The settings a run was started with, from its config.json `meta`; an error starts with
+    `flag`, the option that read them."""
+    stored = meta.get("finetune")
     names = {f.name for f in fields(cls)}
     if not isinstance(stored, dict) or not set(stored) <= names | {"task"}:
-        raise TinyLLMError(f"--resume: the run's config.json has no valid {cls.__name__} settings")
+        raise TinyLLMError(f"{flag}: the run's config.json has no valid {cls.__name__} settings")
     stored = {**cls.BEFORE_THEY_EXISTED, **stored}  # a run made before a setting did without it
     settings = cls(**{k: v for k, v in stored.items() if k in names})
     try:
         settings.validate()  # a hand-edited value of the wrong type is named, not a traceback
     except TypeError:
-        raise TinyLLMError("--resume: the run's config.json has a \"finetune\" setting of the"
+        raise TinyLLMError(f"{flag}: the run's config.json has a \"finetune\" setting of the"
                            " wrong type") from None
-    # a new total in steps replaces the run's --epochs, which would otherwise set it again
-    return replace(settings, max_iters=max_iters, epochs=None) if max_iters else settings
+    return settings
 
 
 DATA_FLAGS = ("data", "val_data", "test_data")  # the settings that name a run's data files
@@ -523,7 +540,7 @@ def load_classification_splits(s, log=print):
         examples, dropped = without_repeats(examples)
     before_balance = len(examples)
     if s.balance:
-        examples = balance(examples, s.seed)
+        examples = balance(examples, s.data_seed)
     if s.val_data:
         train, classes = examples, {label for _, label in examples}
         val, test = (read_classification(path, s.text_column, s.label_column, classes, log)
@@ -537,7 +554,7 @@ def load_classification_splits(s, log=print):
                     raise TinyLLMError(f"{path}: --dedupe dropped all {gone} record(s): each"
                                        " text is also in an earlier file")
     else:
-        train, val, test = split_three(examples, SPLIT_CLASSIFY, s.seed)
+        train, val, test = split_three(examples, SPLIT_CLASSIFY, s.data_seed)
         _check_every_class_trains(s.data, train, val + test)
     _check_splits(s.data, train, val, test)
     return ClassificationSplits(train, val, test, dropped, before_balance - len(examples))
@@ -870,9 +887,18 @@ def format_confusion(matrix, labels):
 # ----------------------------------------------------------------------------- classify (use)
 
 
+class Classifier(NamedTuple):
+    """A fine-tuned classifier, as `load_classifier` reads it from its run directory."""
+    params: dict
+    config: ClassifierConfig
+    tokenizer: object
+    labels: list  # class names in id order
+    max_windows: int  # the --max-windows it was trained with
+
+
 def load_classifier(checkpoint):
-    """(params, config, tokenizer, labels, max_windows) of a fine-tuned classifier run directory;
-    max_windows is the --max-windows it was trained with (the default for older runs)."""
+    """The `Classifier` of a fine-tuned run directory; its max_windows is the --max-windows it
+    was trained with (the default for runs made before the flag)."""
     ckpt = load_checkpoint(checkpoint, kind="classifier")
     labels = ckpt.meta.get("labels")
     if not isinstance(labels, list) or len(labels) != ckpt.model_config.n_classes:
@@ -880,7 +906,19 @@ def load_classifier(checkpoint):
     max_windows = (ckpt.meta.get("finetune") or {}).get("max_windows")
     if not (isinstance(max_windows, int) and max_windows > 0):
         max_windows = ClassifySettings.max_windows
-    return ckpt.params, ckpt.model_config, ckpt.tokenizer, labels, max_windows
+    return Classifier(ckpt.params, ckpt.model_config, ckpt.tokenizer, labels, max_windows)
+
+
+def load_classifiers(checkpoints):
+    """[Classifier] of one or more run directories. Runs whose class probabilities are averaged
+    must have the same classes in the same order; their tokenizers and sizes may differ."""
+    members = [load_classifier(c) for c in checkpoints]
+    for checkpoint, member in zip(checkpoints[1:], members[1:]):
+        if member.labels != members[0].labels:
+            raise TinyLLMError(f"{checkpoint}: its classes ({shown_labels(member.labels)}) are not"
+                               f" those of {checkpoints[0]} ({shown_labels(members[0].labels)}) in"
+                               " the same order, so their probabilities cannot be averaged")
+    return members
 
 
 def classify_texts(params, config, tokenizer, texts, max_windows=ClassifySettings.max_windows,
@@ -899,19 +937,79 @@ def classify_texts(params, config, tokenizer, texts, max_windows=ClassifySetting
     return predict_windows(params, windows, config)
 
 
-def score_file(params, config, tokenizer, labels, data, text_column, label_column, max_windows,
-               stream=None, log=print):
-    """`tinyllm classify --data FILE`: accuracy, confusion matrix and counts of a labelled file;
-    how many texts are scored so far goes to `stream` (default stderr), a note on the file's
-    header to `log`."""
-    examples = read_classification(data, text_column, label_column, set(labels), log)
-    windows, y, counts = encode_classification(tokenizer, examples, labels, config.block_size,
-                                               max_windows, data)
-    progress = Counting(len(y), "texts scored", stream)
-    acc, pred = accuracy(params, config, windows, y, on_batch=progress.update)
+def averaged_probs(members, texts, log=print):
+    """Class probabilities (N, K) of texts: the mean of the members' (`classify_texts`); a note
+    that several members make (the same characters unknown to each) goes to `log` once."""
+    notes = []
+    probs = sum(classify_texts(m.params, m.config, m.tokenizer, texts, m.max_windows,
+                               notes.append) for m in members) / len(members)
+    for note in dict.fromkeys(notes):
+        log(note)
+    return probs
+
+
+def score_examples(members, examples, where, stream=None):
+    """Accuracy, confusion matrix and counts of (text, label) examples, each predicted as the
+    class of highest mean probability over the members (one run: its own prediction). The
+    counts ("windowed", "cut", "fallback_characters") are the most of any one member, whose
+    tokenizer and context may differ from the others'. How many texts are scored so far goes to
+    `stream` (default stderr)."""
+    labels = members[0].labels
+    progress = Counting(len(examples) * len(members), "texts scored", stream)
+    total, counts = 0.0, {}
+    for i, m in enumerate(members):
+        windows, y, n = encode_classification(m.tokenizer, examples, labels, m.config.block_size,
+                                              m.max_windows, where)
+        done_before = i * len(examples)
+        total = total + predict_windows(
+            m.params, windows, m.config,
+            on_batch=lambda done, before=done_before: progress.update(before + done))
+        counts = {k: max(counts.get(k, 0), n[k]) for k in n}
     progress.close()
-    return {"examples": len(y), "accuracy": acc,
+    pred = total.argmax(axis=1)
+    return {"examples": len(y), "accuracy": float((pred == y).mean()),
             "confusion_matrix": confusion_matrix(y, pred, len(labels)), **counts}
+
+
+def score_file(members, data, text_column, label_column, stream=None, log=print):
+    """`tinyllm classify --data FILE`: `score_examples` on a labelled file; a note on the
+    file's header goes to `log`."""
+    examples = read_classification(data, text_column, label_column, set(members[0].labels), log)
+    return score_examples(members, examples, data, stream)
+
+
+def run_split(checkpoint, which, log=print):
+    """(records, where): the (text, label) records of the validation or test split (`which`) a
+    fine-tuned classifier was trained with, made again from its data as `finetune classify` made
+    them (its settings: files, columns, --split-seed, --dedupe, --balance). The files a run names
+    are read only if their sha256 is the run's (config.json "data_files_sha256"), so a run
+    directory cannot make this read and show another file."""
+    meta = read_meta(checkpoint)
+    s = run_settings(meta, ClassifySettings, "--split")
+    for name in DATA_FLAGS:
+        path = getattr(s, name)
+        if path and not os.path.isfile(path):
+            raise TinyLLMError(f"--split: the --{name.replace('_', '-')} file {path!r} that the run"
+                               f" in {checkpoint} was fine-tuned on is gone (moved or renamed?)")
+    if meta.get("data_files_sha256", {}) != data_fingerprints(s):
+        raise TinyLLMError(f"--split: the data file(s) of the run in {checkpoint} changed since it"
+                           f" was fine-tuned ({s.data}), so its split cannot be made again")
+    splits = load_classification_splits(s, log)
+    file = s.test_data if which == "test" else s.val_data
+    where = f"{file or s.data or 'the embedded data'} ({which})"
+    return getattr(splits, which), where
+
+
+def score_run_split(checkpoints, members, which, stream=None, log=print):
+    """`tinyllm classify --split val|test`: `score_examples` on the runs' own split, which must
+    be the same records for every run (fine-tuned on the same data with the same --split-seed)."""
+    records, where = run_split(checkpoints[0], which, log)
+    for checkpoint in checkpoints[1:]:
+        if run_split(checkpoint, which, lambda note: None)[0] != records:
+            raise TinyLLMError(f"--split {which}: the run in {checkpoint} was fine-tuned on another"
+                               f" {which} split than the run in {checkpoints[0]}; runs scored"
+                               " together need the same data and --split-seed")
+    return {**score_examples(members, records, where, stream), "where": where}
 
 
 # ----------------------------------------------------------------------------- instruction
@@ -997,7 +1095,7 @@ def instruct_splits(s):
     if s.val_data:
         splits = records, read_instructions(s.val_data), read_instructions(s.test_data)
     else:
-        splits = split_three(records, SPLIT_INSTRUCT, s.seed)
+        splits = split_three(records, SPLIT_INSTRUCT, s.data_seed)
     _check_splits(s.data, *splits)
     return splits
 
