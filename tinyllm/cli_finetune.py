@@ -184,10 +184,10 @@ def finetune_classify(out, resume, force, **flags):
 
     Without --data it uses the embedded set (standard-library docstring sentences labelled by
     subject: internet, files, concurrency, numbers). Without --val-data/--test-data the data is
-    split 70/10/20 with --seed. Texts longer than the context are read whole, as overlapping
-    windows. The validation loss is measured on the whole validation split at every evaluation;
-    the best evaluation's weights are kept. Reports accuracy before and after, a confusion matrix
-    and per-class precision/recall, written to OUT/metrics.json.
+    split 70/10/20 with --split-seed (default: --seed). Texts longer than the context are read
+    whole, as overlapping windows. The validation loss is measured on the whole validation split
+    at every evaluation; the best evaluation's weights are kept. Reports accuracy before and
+    after, a confusion matrix and per-class precision/recall, written to OUT/metrics.json.
     """
     if resume:
         note_flags_resume_ignores({"out", "resume", "max_iters", *DATA_FLAGS})
