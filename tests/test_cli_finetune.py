@@ -362,6 +362,20 @@ def instructions(tmp_path_factory):
     return str(path)
 
 
+def test_instruct_tests_on_the_split_of_split_seed(base, instructions, tmp_path):
+    tested = {}
+    for seed, split_seed in ((1, 7), (2, 7), (7, None), (1, None)):
+        out = tmp_path / f"run-{seed}-{split_seed}"
+        result = run(["finetune", "instruct", "--checkpoint", base, "--data", instructions,
+                      "--out", str(out), "--seed", str(seed)]
+                     + (["--split-seed", str(split_seed)] if split_seed is not None else [])
+                     + FAST)
+        assert result.exit_code == 0, result.output
+        tested[seed, split_seed] = [json.loads(line)["input"]
+                                    for line in open(out / "responses.jsonl")]
+    assert tested[1, 7] == tested[2, 7] == tested[7, None] != tested[1, None]
+
+
 def test_instruct_end_to_end_and_generate(base, instructions, tmp_path):
     out = str(tmp_path / "inst")
     result = run(["finetune", "instruct", "--checkpoint", base, "--data", instructions, "--out", out]

@@ -76,9 +76,10 @@ def training_options(settings_cls):
                           " --split-seed is given."),
         click.option("--split-seed", default=None, type=int, callback=random_seed,
                      help="Seed for the random split alone: runs with the same --split-seed and"
-                          " different --seed train on the same records, and `tinyllm classify"
-                          " --checkpoint A --checkpoint B --split test` averages them."
-                          "  [default: --seed]"),
+                          " different --seed train and test on the same records"
+                          + (", and `tinyllm classify --checkpoint A --checkpoint B --split test`"
+                             " averages them" if settings_cls is ClassifySettings else "")
+                          + ".  [default: --seed]"),
         click.option("--resume", is_flag=True,
                      help="Continue the run in --out with its own settings (only --max-iters may"
                           " change; --data, --val-data or --test-data may say where a file of"
