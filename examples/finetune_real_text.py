@@ -10,7 +10,10 @@ prints each test accuracy and the two means: what pretraining is worth on that f
 standard error of the per-seed differences (a single run on a small test split moves by a few
 points with the seed, so more seeds give a firmer figure). For scale it also prints a multinomial
 naive Bayes over lower-cased words (add-one smoothing), trained on the same train and validation
-texts and scored on the same test texts of each seed's split.
+texts and scored on the same test texts of each seed's split. With --runs N, each seed S gets N
+runs (`--seed S`, S + 1000, ..., all with `--split-seed S`), and its accuracy is that of their
+class probabilities averaged on the split's test texts (`tinyllm classify --split test` with N
+checkpoints), next to the first run's alone.
 
 instruct: writes an Alpaca-layout file of 1,000 ordinary instructions made from Python's own
 documentation (`labelled_data.python_docs_instructions`: what a function does, the first or last
@@ -32,8 +35,8 @@ from collections import Counter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tinyllm.finetune_runs import (ClassifySettings, InstructSettings, run_classify,  # noqa: E402
-                                   run_instruct)
+from tinyllm.finetune_runs import (ClassifySettings, InstructSettings,  # noqa: E402
+                                   load_classifiers, run_classify, run_instruct, score_run_split)
 from tinyllm.finetune_runs import load_classification_splits  # noqa: E402
 from tinyllm.labelled_data import python_docs_instructions  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
@@ -83,16 +86,29 @@ def classify(args, out):
     for name, random_init in (("pretrained", False), ("random init", True)):
         accs = accuracies[name] = []
         for seed in args.seeds:
-            settings = ClassifySettings(checkpoint=args.base, data=args.data, seed=seed,
-                                        random_init=random_init)
-            report = run_classify(os.path.join(out, f"{name.split()[0]}-{seed}"), settings,
-                                  force=True, log=quiet)
-            accs.append(report["accuracy_after"]["test"])
-            print(f"{name:>12}, seed {seed}: test accuracy {accs[-1]:.3f} (best step"
-                  f" {report['best_iter']}, {report['train_seconds']:.0f} s)")
+            runs = []
+            for r in range(args.runs):
+                settings = ClassifySettings(checkpoint=args.base, data=args.data,
+                                            seed=seed + 1000 * r, split_seed=seed,
+                                            random_init=random_init)
+                runs.append(os.path.join(out, f"{name.split()[0]}-{seed}-{r}"))
+                report = run_classify(runs[-1], settings, force=True, log=quiet)
+                print(f"{name:>12}, seed {seed + 1000 * r}: test accuracy"
+                      f" {report['accuracy_after']['test']:.3f} (best step"
+                      f" {report['best_iter']}, {report['train_seconds']:.0f} s)")
+                if r == 0:
+                    accs.append(report["accuracy_after"]["test"])
+            if args.runs > 1:
+                with open(os.devnull, "w") as nowhere:
+                    accs[-1] = score_run_split(runs, load_classifiers(runs), "test",
+                                               stream=nowhere, log=quiet)["accuracy"]
+                print(f"{name:>12}, seed {seed}: {args.runs} runs averaged: test accuracy"
+                      f" {accs[-1]:.3f}")
         means[name] = sum(accs) / len(accs)
+    averaged = f", {args.runs} runs averaged on each" if args.runs > 1 else ""
     for name, mean in means.items():
-        print(f"{name:>12}: mean test accuracy {mean:.3f} over seeds {args.seeds}")
+        print(f"{name:>12}: mean test accuracy {mean:.3f} over seeds {args.seeds}"
+              + (averaged if name != "naive Bayes" else ""))
     gap, error = paired_gap(accuracies["pretrained"], accuracies["random init"])
     spread = "" if error is None else (f" (standard error {100 * error:.1f} over"
                                        f" {len(args.seeds)} seeds)")
@@ -127,10 +143,14 @@ def main():
     parser.add_argument("--base", required=True, help="run directory of `tinyllm pretrain`")
     parser.add_argument("--data", help="labelled file for classify")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--runs", type=int, default=1,
+                        help="classify: runs averaged on each seed's split (default: 1)")
     parser.add_argument("--out", default=None, help="where to keep the runs (default: a temp dir)")
     args = parser.parse_args()
     if args.task == "classify" and not args.data:
         parser.error("classify needs --data FILE")
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1, got {args.runs}")
     tune_malloc()
     out = args.out or tempfile.mkdtemp(prefix="tinyllm-real-")
     os.makedirs(out, exist_ok=True)
