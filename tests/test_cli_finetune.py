@@ -264,6 +264,9 @@ def test_split_reads_the_runs_data_only_if_its_sha256_matches(base, tsv, tmp_pat
     data.unlink()
     gone = run(["classify", "--checkpoint", out, "--split", "val"])
     assert gone.exit_code == 1 and "is gone (moved or renamed?)" in gone.output
+    os.mkfifo(data)  # a FIFO in its place is not read (reading one blocks until a writer comes)
+    fifo = run(["classify", "--checkpoint", out, "--split", "val"])
+    assert fifo.exit_code == 1 and "was fine-tuned on is not a regular file" in fifo.output
 
 
 def test_split_seed_with_given_val_and_test_files_is_refused(base, tsv, tmp_path):

@@ -988,9 +988,10 @@ def run_split(checkpoint, which, log=print):
     s = run_settings(meta, ClassifySettings, "--split")
     for name in DATA_FLAGS:
         path = getattr(s, name)
-        if path and not os.path.isfile(path):
+        if path and not os.path.isfile(path):  # never opened: a FIFO would block a read
+            what = "is not a regular file" if os.path.exists(path) else "is gone (moved or renamed?)"
             raise TinyLLMError(f"--split: the --{name.replace('_', '-')} file {path!r} that the run"
-                               f" in {checkpoint} was fine-tuned on is gone (moved or renamed?)")
+                               f" in {checkpoint} was fine-tuned on {what}")
     if meta.get("data_files_sha256", {}) != data_fingerprints(s):
         raise TinyLLMError(f"--split: the data file(s) of the run in {checkpoint} changed since it"
                            f" was fine-tuned ({s.data}), so its split cannot be made again")
