@@ -230,7 +230,8 @@ def test_split_seed_gives_runs_one_split_and_classify_averages_them(base, tsv, t
 
     # runs of another split, or other classes, are not averaged; a TEXT is not a split
     mixed = run(["classify", "--checkpoint", runs[0], "--checkpoint", one, "--split", "test"])
-    assert mixed.exit_code == 1 and f"the run in {one} was fine-tuned on another test" in mixed.output
+    assert mixed.exit_code == 1
+    assert f"the run in {one} was fine-tuned on another test split" in mixed.output
     other = tmp_path / "other.tsv"
     other.write_text("label\ttext\n" + "".join(f"{'ab'[i % 2]}\tword {i}\n" for i in range(30)),
                      encoding="utf-8")

@@ -989,7 +989,8 @@ def run_split(checkpoint, which, log=print):
     for name in DATA_FLAGS:
         path = getattr(s, name)
         if path and not os.path.isfile(path):  # never opened: a FIFO would block a read
-            what = "is not a regular file" if os.path.exists(path) else "is gone (moved or renamed?)"
+            what = ("is not a regular file" if os.path.exists(path)
+                    else "is gone (moved or renamed?)")
             raise TinyLLMError(f"--split: the --{name.replace('_', '-')} file {path!r} that the run"
                                f" in {checkpoint} was fine-tuned on {what}")
     if meta.get("data_files_sha256", {}) != data_fingerprints(s):
