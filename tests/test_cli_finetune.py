@@ -214,6 +214,9 @@ def test_split_seed_gives_runs_one_split_and_classify_averages_them(base, tsv, t
         assert f"{len(texts)} examples of {tsv} (test)" in scored.stdout
         assert f"accuracy {100 * report['accuracy_after']['test']:.1f}%" in scored.stdout
         assert format_confusion(report["test_confusion_matrix"], report["labels"]) in scored.stdout
+        for label, stats in report["test_per_class"].items():
+            assert (f"  {label}: precision {100 * stats['precision']:.1f}%, recall"
+                    f" {100 * stats['recall']:.1f}% ({stats['support']} examples)") in scored.stdout
     # two runs: each text gets the mean of their probabilities
     mean = (each[0] + each[1]) / 2
     pred, y = mean.argmax(axis=1), [members[0].labels.index(label) for _, label in tests[0]]

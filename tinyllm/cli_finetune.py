@@ -17,8 +17,8 @@ from .distributed import abort_on_error
 from .errors import TinyLLMError
 from .finetune import DEFAULT_POOLING, POOLINGS
 from .finetune_runs import (DATA_FLAGS, ClassifySettings, InstructSettings, averaged_probs,
-                            format_accuracies, format_confusion, load_classifiers, run_classify,
-                            run_instruct, score_file, score_run_split)
+                            format_accuracies, format_confusion, load_classifiers, per_class_stats,
+                            run_classify, run_instruct, score_file, score_run_split)
 from .labelled_data import UNK_TOKEN
 from .train import prepare_out_dir
 
@@ -198,11 +198,16 @@ def finetune_classify(out, resume, force, **flags):
     click.echo("accuracy after fine-tuning:  " + format_accuracies(report["accuracy_after"]))
     click.echo("test confusion matrix (rows: true, columns: predicted):")
     click.echo(format_confusion(report["test_confusion_matrix"], report["labels"]))
-    for label, stats in report["test_per_class"].items():
-        click.echo(f"  {label}: precision {100 * stats['precision']:.1f}%, recall"
-                   f" {100 * stats['recall']:.1f}% ({stats['support']} examples)")
+    echo_per_class(report["test_per_class"])
     seconds = training_time(report["train_seconds_this_part"], report["train_seconds"])
     click.echo(f"done in {seconds}; metrics in {os.path.join(out, 'metrics.json')}")
+
+
+def echo_per_class(per_class):
+    """One line per class: precision, recall and support (finetune_runs.per_class_stats)."""
+    for label, stats in per_class.items():
+        click.echo(f"  {label}: precision {100 * stats['precision']:.1f}%, recall"
+                   f" {100 * stats['recall']:.1f}% ({stats['support']} examples)")
 
 
 @finetune.command("instruct")
@@ -300,4 +305,6 @@ def classify(checkpoints, data, split, text_column, label_column, text):
     runs = f", the mean of {len(members)} runs" if len(members) > 1 else ""
     click.echo(f"{scored['examples']} examples{where}{f' ({counted})' if counted else ''}:"
                f" accuracy {100 * scored['accuracy']:.1f}%{runs}")
+    click.echo("confusion matrix (rows: true, columns: predicted):")
     click.echo(format_confusion(scored["confusion_matrix"], labels))
+    echo_per_class(per_class_stats(scored["confusion_matrix"], labels))
