@@ -981,9 +981,9 @@ def score_file(members, data, text_column, label_column, stream=None, log=print)
 def run_split(checkpoint, which, log=print):
     """(records, where): the (text, label) records of the validation or test split (`which`) a
     fine-tuned classifier was trained with, made again from its data as `finetune classify` made
-    them (its settings: files, columns, --split-seed, --dedupe, --balance). The files a run names
-    are read only if their sha256 is the run's (config.json "data_files_sha256"), so a run
-    directory cannot make this read and show another file."""
+    them (its settings: files, columns, --split-seed, --dedupe, --balance). A file the run names
+    is hashed (if it is a regular file) and parsed only if its sha256 is the run's (config.json
+    "data_files_sha256"), so a run directory cannot make this show another file's text."""
     meta = read_meta(checkpoint)
     s = run_settings(meta, ClassifySettings, "--split")
     for name in DATA_FLAGS:
