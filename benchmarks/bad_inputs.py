@@ -12,8 +12,9 @@ has it, to see every file the command opens) with a 60 s limit, and counts:
 
 A crafted run directory starts as a real 2-step run, then one thing is changed. Opens outside a
 run that are by design are reported apart: a file the user named on the command line, and the
-data file a run names (an absolute path), which `pretrain --resume` and `fewshot` read to
-compare its sha256 with the stored one; its contents are never used or shown when they differ.
+data file a run names (an absolute path), which `pretrain --resume`, `fewshot` and `classify
+--split` read to compare its sha256 with the stored one; its contents are never used or shown
+when they differ.
 
 Prints one line per case and a summary; exits 1 if a case gave a traceback, hung, or opened a
 planted file other than by design.
@@ -63,6 +64,21 @@ def make_run(root, name="run"):
     out = os.path.join(root, name)
     shutil.rmtree(out, ignore_errors=True)
     code, output, _ = run(["pretrain", "--data", data, "--out", out, *TINY], root)
+    assert code == 0, output
+    return out
+
+
+def make_classifier(root):
+    """A 2-step `finetune classify` run on a tiny labelled file, from a fresh `make_run`."""
+    base = make_run(root)
+    data = os.path.join(root, "labelled.tsv")
+    with open(data, "w", encoding="utf-8") as f:
+        f.write("label\ttext\n" + "".join(f"{'ab'[i % 2]}\tthe quick fox {i}\n" for i in range(40)))
+    out = os.path.join(root, "classifier")
+    shutil.rmtree(out, ignore_errors=True)
+    code, output, _ = run(["finetune", "classify", "--checkpoint", base, "--data", data, "--out",
+                           out, "--max-iters", "2", "--eval-interval", "1", "--batch-size", "4"],
+                          root)
     assert code == 0, output
     return out
 
@@ -176,6 +192,22 @@ def cases(root):
                                                 task_file(root), "--shots", "0")), True
     yield "data /dev/zero (pretrain --resume)", crafted(
         lambda o: edit(o, data="/dev/zero"), ("pretrain", "--out", run_dir, "--resume")), False
+
+    def split_with_data(path):
+        """`classify --split test` on a fine-tuned run whose stored --data is `path()`."""
+        def setup():
+            out = make_classifier(root)
+            config = os.path.join(out, "config.json")
+            meta = json.load(open(config, encoding="utf-8"))
+            meta["finetune"]["data"] = path()
+            json.dump(meta, open(config, "w", encoding="utf-8"))
+            return ["classify", "--checkpoint", out, "--split", "test"]
+        return setup
+
+    yield "data /etc/passwd (classify --split)", split_with_data(lambda: "/etc/passwd"), True
+    yield "data secret (classify --split)", split_with_data(lambda: secret), True
+    yield "data /dev/zero (classify --split)", split_with_data(lambda: "/dev/zero"), False
+    yield "data FIFO (classify --split)", split_with_data(lambda: fifo(root)), False
 
 
 def link_out(path, outside):
