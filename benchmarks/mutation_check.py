@@ -151,6 +151,18 @@ MUTANTS = [
            "queries = [int(i) for i in rng.permutation(n)[:n_queries or n]]",
            "queries = [int(i) for i in rng.permutation(n)[:n_queries or n]][:max(1, n // 2)]",
            "few-shot evaluation scores only half of the queries it was asked for"),
+    Mutant("split-ignores-split-seed", "tinyllm/finetune_runs.py",
+           "return self.seed if self.split_seed is None else self.split_seed",
+           "return self.seed",
+           "--split-seed does nothing: runs of other --seeds are split (and scored) apart"),
+    Mutant("ensemble-reads-the-first-run-only", "tinyllm/finetune_runs.py",
+           "notes.append) for m in members) / len(members)",
+           "notes.append) for m in members[:1])",
+           "tinyllm classify with several --checkpoints prints the first run's probabilities"),
+    Mutant("split-parsed-before-its-sha256-check", "tinyllm/finetune_runs.py",
+           'if meta.get("data_files_sha256", {}) != data_fingerprints(s):',
+           "if False:",
+           "classify --split parses whatever file a run directory names, unchecked"),
 ]
 
 
