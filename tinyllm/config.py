@@ -63,7 +63,7 @@ class TrainConfig:
     """How to train: batch, schedule, optimizer and bookkeeping."""
 
     batch_size: int = 8  # sequences per step; B * T = 2048 tokens per step at block 256
-    max_iters: int = 1000  # optimizer steps: 2.5 to 4.5 min in all at the default size on 2 cores
+    max_iters: int = 750  # optimizer steps: under 4 min in all at the default size on 2 cores
     lr: float = 1e-3  # peak learning rate; tiny models tolerate a large one
     min_lr: float = 1e-4  # cosine decay floor, lr / 10 (Chinchilla's rule of thumb)
     warmup_iters: int = 100  # linear warm-up: Adam's moment estimates are noisy in the first steps
