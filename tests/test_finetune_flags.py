@@ -161,3 +161,31 @@ def test_the_memory_check_counts_the_windows_the_texts_have(base, csv_file, tmp_
     assert result.exit_code == 0, result.output
     assert checked == ["a fine-tuning step with --batch-size 4 (context 32, up to 1 window(s) a"
                        " text)"]
+
+
+@pytest.mark.parametrize("command,threads", [("classify", 1), ("instruct", 2)])
+def test_classification_trains_on_one_blas_thread_and_gives_the_count_back(
+        base, csv_file, tmp_path, monkeypatch, command, threads):
+    """A classification run's float rounding, and so its result, must not depend on how many
+    BLAS threads the machine gives numpy: every training step runs with one, and the count is
+    restored. Instruction fine-tuning keeps the machine's threads (faster on its longer rows)."""
+    from tinyllm import finetune_runs, system
+
+    count = [2]  # a stand-in for OpenBLAS's setting, two threads to start with
+    monkeypatch.setattr(system, "blas_threads",
+                        lambda: (lambda: count[0], lambda n: count.__setitem__(0, n)))
+    seen, real_loop = [], finetune_runs.train_loop
+
+    def loop(state, tc, step_loss, *args, **kwargs):
+        def counted(*step_args):
+            seen.append(count[0])
+            return step_loss(*step_args)
+        return real_loop(state, tc, counted, *args, **kwargs)
+
+    monkeypatch.setattr(finetune_runs, "train_loop", loop)
+    data = ["--data", csv_file] if command == "classify" else []
+    done = run("finetune", command, "--checkpoint", base, *data, "--out", tmp_path / "run",
+               "--max-iters", "2", "--eval-interval", "2", "--batch-size", "4")
+    assert done.exit_code == 0, done.output
+    assert seen and set(seen) == {threads}
+    assert count[0] == 2

@@ -65,6 +65,7 @@ from .lora import LoRAGPTConfig, apply_lora, init_lora, merge_lora, merged_gpt
 from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init
 from .progress import Counting
+from .system import one_blas_thread
 from .train import (SPECIAL_TOKENS, Committed, TrainingClock, check_memory, check_resumed_total,
                     check_same_ranks, check_still_there, earlier_train_seconds, gpt_param_count,
                     gpt_step_bytes, prepare_out_dir, read_metrics, start_out_dir, train_loop,
@@ -798,10 +799,15 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
 
     loss_fn, sample = classification_loss_and_batches(sets, config, tc.batch_size)
     clock = run_clock(ckpt)
-    params, best, state = train_keeping_best(
-        out, params, paths, tc, loss_fn, sample, classification_evaluator(sets, config, loss_fn, world),
-        save_full, ckpt, real_tokens_per_batch(sets["train"][0], tc.batch_size), s.patience, log,
-        world)
+    # One BLAS thread: a classification step's products are small, and a second thread made it
+    # no faster (96 s either way for 300 steps on 720 YouTube comments, 2 cores), while with it
+    # the float rounding, and so after 300 steps the run's result, depended on the thread count.
+    # (Instruction records are longer, and there two threads are 10-15% faster.)
+    with one_blas_thread():
+        params, best, state = train_keeping_best(
+            out, params, paths, tc, loss_fn, sample,
+            classification_evaluator(sets, config, loss_fn, world), save_full, ckpt,
+            real_tokens_per_batch(sets["train"][0], tc.batch_size), s.patience, log, world)
     clock.stop()
     finish_with_best(out, params, state, paths, save_full, best)
     # 7. score after and report
