@@ -11,6 +11,7 @@ import pytest
 from hypothesis import settings
 
 
+from tinyllm import ops, system
 from tinyllm.checkpoint import save_checkpoint
 from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.models import init_gpt
@@ -94,3 +95,20 @@ def signal_handlers_put_back():
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
+
+
+@pytest.fixture
+def blas_calls(monkeypatch):
+    """A stand-in for OpenBLAS's thread count (one setting for the process, 2 to start with):
+    records each call to its setter, so a test can see what `run_both` or a fine-tuning run ran
+    with. Two cores are allowed even when the suite itself runs under OPENBLAS_NUM_THREADS=1
+    (read at import)."""
+    count, calls = [2], []
+    monkeypatch.setattr(ops, "ONE_CORE", False)
+
+    def set_(n):
+        calls.append(n)
+        count[0] = n
+
+    monkeypatch.setattr(system, "blas_threads", lambda: (lambda: count[0], set_))
+    return calls, count

@@ -258,22 +258,6 @@ def test_a_batch_in_two_halves_equals_autograd_on_the_whole_batch(s, batch):
         assert onp.allclose(got[name], want[name], rtol=1e-8, atol=1e-11), name
 
 
-@pytest.fixture
-def blas_calls(monkeypatch):
-    """A stand-in for OpenBLAS's thread count (one setting for the process, 2 to start with):
-    records each call to its setter, so a test can see what `run_both` ran with. Two cores are
-    allowed even when the suite itself runs under OPENBLAS_NUM_THREADS=1 (read at import)."""
-    count, calls = [2], []
-    monkeypatch.setattr(ops, "ONE_CORE", False)
-
-    def set_(n):
-        calls.append(n)
-        count[0] = n
-
-    monkeypatch.setattr(system, "blas_threads", lambda: (lambda: count[0], set_))
-    return calls, count
-
-
 def record(seen, count, name):
     seen.append((name, threading.get_ident(), count[0], ops._ON_ONE_CORE.active))
     return name

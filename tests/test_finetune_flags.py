@@ -164,15 +164,13 @@ def test_the_memory_check_counts_the_windows_the_texts_have(base, csv_file, tmp_
 
 
 @pytest.mark.parametrize("command", ["classify", "instruct"])
-def test_fine_tuning_trains_on_one_blas_thread_and_gives_the_count_back(base, csv_file, tmp_path,
-                                                                       monkeypatch, command):
+def test_fine_tuning_trains_on_one_blas_thread_and_gives_the_count_back(
+        base, csv_file, tmp_path, monkeypatch, blas_calls, command):
     """Fine-tuning's float rounding, and so its result, must not depend on how many BLAS threads
     the machine gives numpy: every training step runs with one, and the count is restored."""
-    from tinyllm import finetune_runs, system
+    from tinyllm import finetune_runs
 
-    count = [2]  # a stand-in for OpenBLAS's setting, two threads to start with
-    monkeypatch.setattr(system, "blas_threads",
-                        lambda: (lambda: count[0], lambda n: count.__setitem__(0, n)))
+    _, count = blas_calls  # a stand-in for OpenBLAS's setting, two threads to start with
     seen, real_loop = [], finetune_runs.train_loop
 
     def loop(state, tc, step_loss, *args, **kwargs):
