@@ -501,11 +501,8 @@ def train_keeping_best(out_dir, params, paths, tc, loss_fn, sample, evaluate, sa
             f" in {patience} evaluations): nothing more to train")
     else:
         # One BLAS thread, so that the float rounding, and after hundreds of steps the result,
-        # does not depend on the machine's thread count (with two, a YouTube run of random
-        # initialisation ended at 0.910 instead of 0.931, and the embedded instruction tasks at
-        # 87.5% instead of 85.0%). A classification step's products are small: 300 steps on 720
-        # comments took 96 s either way on 2 cores. Instruction rows are longer, and there 100
-        # steps take 43 s instead of 37 s: the price of the same result everywhere.
+        # is the same on any machine's thread count (the README gives runs that ended elsewhere
+        # on two). Classification steps were no slower so; instruction steps some 15% slower.
         with one_blas_thread():
             state = train_loop(state, tc, step_loss, sample, save, out_dir, tokens_per_iter,
                                evaluate=lambda p: evaluate(merge_params(p, frozen)),
