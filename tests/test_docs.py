@@ -1,9 +1,9 @@
-"""What the README names exists: every repository file (also those a docstring or a help text
-names), every `--flag` (on the command it is written after), and every name it quotes from the
-code (`module.function`, a metrics key).
+"""What the README and docs/experiments.md name exists: every repository file (also those a
+docstring or a help text names), every `--flag` (on the command it is written after), and every
+name they quote from the code (`module.function`, a metrics key).
 
 The rule for what counts as a repository path: a name that starts with one of the repository's
-top-level folders (tinyllm/, tests/, examples/, benchmarks/), which must exist there (a `*`
+top-level folders (tinyllm/, tests/, examples/, benchmarks/, docs/), which must exist there (a `*`
 must match at least one file), or a bare file name ending in .py, .md or .toml, which must be
 some file of the repository. Anything else is a user's file in an example and is not checked:
 run directories (runs/pretrain, OUT/metrics.json) and data a user supplies (my.txt,
@@ -23,7 +23,7 @@ import pytest
 from tinyllm.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PATH = re.compile(r"(?<![\w/.-])((?:tinyllm|tests|examples|benchmarks)/[\w*./-]*\w"
+PATH = re.compile(r"(?<![\w/.-])((?:tinyllm|tests|examples|benchmarks|docs)/[\w*./-]*\w"
                   r"|[\w-]+\.(?:py|md|toml))(?![\w/])")
 
 
@@ -38,11 +38,21 @@ def exists(name):
     return bool(glob.glob(os.path.join(ROOT, "**", name), recursive=True))
 
 
+# The documents a user reads: the README, and the measurements behind its defaults.
+DOCS = ["README.md"] + sorted(os.path.relpath(path, ROOT)
+                              for path in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+
+
+def read(name):
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        return f.read()
+
+
 def texts():
-    """(where, text) for the README, every string in the package, examples and benchmarks
+    """(where, text) for the documents, every string in the package, examples and benchmarks
     (docstrings, help texts, messages), and the docstrings of the tests."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        yield "README.md", f.read()
+    for name in DOCS:
+        yield name, read(name)
     for folder in ("tinyllm", "examples", "benchmarks", "tests"):
         for path in sorted(glob.glob(os.path.join(ROOT, folder, "*.py"))):
             with open(path, encoding="utf-8") as f:
@@ -210,10 +220,10 @@ def test_the_flag_rule_on_examples():
         "--no-such-flag is not a flag of any command (in: --no-such-flag)"]
 
 
-def test_every_flag_the_readme_names_exists():
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        errors = readme_flag_errors(f.read())
-    assert not errors, "the README names flags the commands do not have:\n" + "\n".join(errors)
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_flag_the_documents_name_exists(doc):
+    errors = readme_flag_errors(read(doc))
+    assert not errors, f"{doc} names flags the commands do not have:\n" + "\n".join(errors)
 
 
 # The defaults the README states in words, each tied to the flag it describes: a changed default
@@ -311,10 +321,10 @@ def test_the_name_rule_on_examples():
         "ranks is not in tinyllm's, the examples' or the benchmarks' code"]
 
 
-def test_every_code_name_the_readme_quotes_exists():
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        errors = readme_name_errors(f.read(), source_text())
-    assert not errors, "the README quotes names the code does not have:\n" + "\n".join(errors)
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_code_name_the_documents_quote_exists(doc):
+    errors = readme_name_errors(read(doc), source_text())
+    assert not errors, f"{doc} quotes names the code does not have:\n" + "\n".join(errors)
 
 
 # ----------------------------------------------------------------------------- examples' --help

@@ -74,8 +74,8 @@ def main(ctx):
               help="With --objective mlm: the encoder's attention subtracts slope * |i - j| from"
                    " the score of token i for token j (slope 1, 1/2, 1/4, ... by head; a"
                    " symmetric ALiBi), so it reads a masked token's neighbours from the first"
-                   " step. Without it the encoder stayed on the unigram plateau here (see the"
-                   " README).  [default: on with --objective mlm]")
+                   " step. Without it the encoder stayed on the unigram plateau here (see"
+                   " docs/experiments.md).  [default: on with --objective mlm]")
 @click.option("--tokenizer", "tokenizer_kind", type=click.Choice(["char", "bpe"]),
               default=DEFAULT_TOKENIZER,
               help="char: one token per character; bpe: byte-level BPE trained on the data.")

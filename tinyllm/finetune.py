@@ -19,7 +19,7 @@ states (B, T, C) are pooled into one vector per sequence:
 With `arch="encoder"` the same parameter tree runs as a bidirectional encoder
 (models.bidirectional_hidden), padding hidden by an attention mask. DEFAULT_POOLING is "last" for
 the decoder and "meanmax" for the encoder (on 720 YouTube comments it beat "mean" and "max" from
-an MLM base; see the README).
+an MLM base; see docs/experiments.md).
 
 Texts longer than the context are read whole, as overlapping windows of block_size tokens whose
 starts are WINDOW_STRIDE * block_size apart (the last window ends at the text's last token). Each

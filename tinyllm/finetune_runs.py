@@ -158,7 +158,7 @@ def _check(ok, message, value):
 
 @dataclass(frozen=True)
 class ClassifySettings(FinetuneSettings):
-    """`tinyllm finetune classify`: defaults chosen on real short texts (see the README)."""
+    """`tinyllm finetune classify`: defaults chosen on real short texts (docs/experiments.md)."""
 
     BEFORE_THEY_EXISTED = {"case_copies": False, "dedupe": False}
 
@@ -177,7 +177,7 @@ class ClassifySettings(FinetuneSettings):
     dropout: float = 0.1  # dropout in the body while fine-tuning, as BERT fine-tunes: a few
     # hundred examples are learned by heart in 100 steps without it
     max_iters: int = 300
-    lr: float = 5e-4  # on real short messages (see the README): 1e-3 sometimes overshot at once,
+    lr: float = 5e-4  # on real short messages (docs/experiments.md): 1e-3 sometimes overshot,
     # and early stopping then kept a model 25 steps old (0.736 test accuracy on one of six
     # seeds); 5e-4 did not, and tied or beat 1e-3 on the other five; 3e-4 learned too slowly
     warmup_iters: int = 20
