@@ -66,6 +66,14 @@ def test_a_json_array_of_records(tmp_path):  # the layout many data sets are exp
     ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", \n', {}, r"d.jsonl:2: malformed JSON"),
     ("d.jsonl", '{"text": "a"}\n', {}, r"d.jsonl:1: record has no 'label'"),
     ("d.txt", "a\tb\n", {}, r"unknown data format"),
+    ("d.csv", "label;text\nspam;hi there\n", {},  # a spreadsheet's "CSV" in many languages
+     r"d.csv:1: missing column 1 \(this line has 1 field\); it holds ';' and no comma: save it"
+     r" with commas \(or with tabs, as .tsv\)"),
+    ("d.csv", "label\ttext\nspam\thi there\n", {},
+     r"d.csv:1: missing column 1 \(this line has 1 field\); it holds tabs and no comma: name a"
+     r" tab-separated file .tsv"),
+    ("d.csv", 'label,text\nspam,hi\n"ham; hi, there"\n', {},  # a comma: no word of separators
+     r"d.csv:3: missing column 1 \(this line has 1 field\)$"),
 ])
 def test_bad_classification_files_name_file_and_line(tmp_path, name, text, kwargs, message):
     with pytest.raises(TinyLLMError, match=message):

@@ -186,13 +186,30 @@ def _row_example(fields, ti, li, path, number):
     """(text, label) of one CSV/TSV row; a missing column or an empty field names its line."""
     if max(ti, li) >= len(fields):
         raise TinyLLMError(f"{path}:{number}: missing column {max(ti, li)} (this line has"
-                           f" {len(fields)} field{'s' * (len(fields) != 1)})")
+                           f" {len(fields)} field{'s' * (len(fields) != 1)})"
+                           + _separator_hint(path, fields))
     label = fields[li].strip()
     if not label:
         raise TinyLLMError(f"{path}:{number}: empty label")
     if not fields[ti].strip():  # named here: once shuffled into a split it cannot be found
         raise TinyLLMError(f"{path}:{number}: empty text")
     return fields[ti], label
+
+
+def _separator_hint(path, fields):
+    """Why a .csv line may have come out as one field: spreadsheets in many languages save
+    "CSV" separated by semicolons, and some tools by tabs. "" when nothing suggests it.
+
+    Example: ("d.csv", ["spam;Check out my channel"]) -> "; it holds ';' and no comma: save
+    it with commas (or with tabs, as .tsv)"; ("d.csv", ['spam, "hi"']) -> "" (a comma: the row
+    is short for another reason)."""
+    if len(fields) != 1 or _format_of(path) != "csv" or "," in fields[0]:
+        return ""
+    if "\t" in fields[0]:
+        return "; it holds tabs and no comma: name a tab-separated file .tsv"
+    if ";" in fields[0]:
+        return "; it holds ';' and no comma: save it with commas (or with tabs, as .tsv)"
+    return ""
 
 
 def _by_position(column):
