@@ -758,15 +758,8 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
         params, config, tokenizer = build_classifier(s, labels, log)
     paths = trainable_paths(params, s.freeze, config.n_layer)
     # 4. encode
-    sets, counts = {}, {"windowed": 0, "cut": 0, "fallback_characters": 0}
-    files = {"train": s.data, "val": s.val_data or s.data, "test": s.test_data or s.data}
-    for name, split in (("train", train), ("val", val), ("test", test)):
-        where = f"{files[name] or 'the embedded data'} ({name})"
-        windows, y, n = encode_classification(tokenizer, split, labels, config.block_size,
-                                              s.max_windows, where,
-                                              counted=n_read if name == "train" else None)
-        sets[name] = (windows, y)
-        counts = {k: counts[k] + n[k] for k in counts}
+    sets, counts = encode_classify_splits(s, tokenizer, labels, config.block_size,
+                                          {"train": train, "val": val, "test": test}, n_read)
     copies = f" (+ {len(train) - n_read} case copies)" if s.case_copies else ""
     log(f"data: {s.data or 'embedded docstring sentences by subject'}: {n_read} train{copies},"
         f" {len(val)} val, {len(test)} test; classes {shown_labels(labels)}")
@@ -829,6 +822,23 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     log(f"best validation loss {best.val_loss:.4f} at iteration {best.iteration}: those weights"
         " are the run's result")
     return report
+
+
+def encode_classify_splits(s, tokenizer, labels, block_size, splits, n_read):
+    """(sets, counts) of a classification run: each split of `splits` ({"train": [(text,
+    label)], "val": ..., "test": ...}) as context windows and label ids (`encode_classification`),
+    and the texts windowed and cut and the characters read as the unknown token, summed over the
+    splits. Of the training split only the first n_read records, the file's own, are counted:
+    the case copies after them are trained on, not counted."""
+    sets, counts = {}, {"windowed": 0, "cut": 0, "fallback_characters": 0}
+    files = {"train": s.data, "val": s.val_data or s.data, "test": s.test_data or s.data}
+    for name, split in splits.items():
+        where = f"{files[name] or 'the embedded data'} ({name})"
+        windows, y, n = encode_classification(tokenizer, split, labels, block_size, s.max_windows,
+                                              where, counted=n_read if name == "train" else None)
+        sets[name] = (windows, y)
+        counts = {k: counts[k] + n[k] for k in counts}
+    return sets, counts
 
 
 def texts_also_in(train, split):
@@ -1215,30 +1225,8 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
         params, config, tokenizer = build_instruct_model(s, log)
     gpt_config = config.gpt() if hasattr(config, "gpt") else config
     # 4. encode
-    arrays, shortened, fallback = {}, {}, {}
-    for name, split in (("train", train), ("val", val)):
-        source = (s.val_data if name == "val" else None) or s.data
-        arrays[name], shortened[name], fallback[name] = encode_instructions(
-            tokenizer, split, config.block_size, s.include_prompt,
-            source or f"the embedded tasks ({name})")
-        if shortened[name]:
-            log(f"note: {shortened[name]} {name} record(s) longer than the context"
-                f" ({config.block_size} tokens) kept the end of their prompt and all of their"
-                " response")
-        if fallback[name]:
-            log(f"note: {fallback[name]} character(s) in {name} fell back to {UNK_TOKEN}")
-    _, limits, shortened["test"], fallback["test"] = generation_prompts(
-        tokenizer, test, s.max_new_tokens, config.block_size)
-    if shortened["test"]:
-        log(f"note: {shortened['test']} test record(s) kept the end of their prompt, to leave"
-            f" room for the response in the context ({config.block_size} tokens)")
-    cut = references_cut(tokenizer, test, limits)
-    if cut:
-        log(f"note: {cut} test record(s) have a reference longer than a response may be"
-            f" (--max-new-tokens {s.max_new_tokens}, context {config.block_size} tokens): their"
-            " responses are cut there, and cannot match exactly")
-    if fallback["test"]:
-        log(f"note: {fallback['test']} character(s) in test prompts fell back to {UNK_TOKEN}")
+    arrays, shortened, fallback, cut = encode_instruct_splits(s, tokenizer, config.block_size,
+                                                              train, val, test, log)
     log(f"data: {s.data or 'embedded tasks (reverse the words, uppercase, sort the words, add)'}:"
         f" {len(train)} train, {len(val)} val, {len(test)} test records")
     repeats = {name: prompts_also_in(train, split) for name, split in (("val", val),
@@ -1304,6 +1292,38 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
               "train_seconds_this_part": clock.part()}
     write_report(out, report)
     return report
+
+
+def encode_instruct_splits(s, tokenizer, block_size, train, val, test, log):
+    """(arrays, shortened, fallback, cut) of an instruction run's splits: the training and
+    validation records as batches (`encode_instructions`), the records of each split shortened
+    to fit the context and the characters read as the unknown token (by split), and how many
+    test references are longer than a response may be; each count is said in a note."""
+    arrays, shortened, fallback = {}, {}, {}
+    for name, split in (("train", train), ("val", val)):
+        source = (s.val_data if name == "val" else None) or s.data
+        arrays[name], shortened[name], fallback[name] = encode_instructions(
+            tokenizer, split, block_size, s.include_prompt,
+            source or f"the embedded tasks ({name})")
+        if shortened[name]:
+            log(f"note: {shortened[name]} {name} record(s) longer than the context"
+                f" ({block_size} tokens) kept the end of their prompt and all of their"
+                " response")
+        if fallback[name]:
+            log(f"note: {fallback[name]} character(s) in {name} fell back to {UNK_TOKEN}")
+    _, limits, shortened["test"], fallback["test"] = generation_prompts(
+        tokenizer, test, s.max_new_tokens, block_size)
+    if shortened["test"]:
+        log(f"note: {shortened['test']} test record(s) kept the end of their prompt, to leave"
+            f" room for the response in the context ({block_size} tokens)")
+    cut = references_cut(tokenizer, test, limits)
+    if cut:
+        log(f"note: {cut} test record(s) have a reference longer than a response may be"
+            f" (--max-new-tokens {s.max_new_tokens}, context {block_size} tokens): their"
+            " responses are cut there, and cannot match exactly")
+    if fallback["test"]:
+        log(f"note: {fallback['test']} character(s) in test prompts fell back to {UNK_TOKEN}")
+    return arrays, shortened, fallback, cut
 
 
 def load_generator(checkpoint):
