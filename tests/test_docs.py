@@ -82,9 +82,7 @@ def test_every_named_repository_path_exists():
 
 @pytest.mark.parametrize("folder", ["tinyllm", "examples", "benchmarks"])
 def test_the_readme_names_every_module_example_and_benchmark(folder):
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    mapped = {name for name in named_paths(readme) if name.startswith(folder + "/")}
+    mapped = {name for name in named_paths(read("README.md")) if name.startswith(folder + "/")}
     for path in sorted(glob.glob(os.path.join(ROOT, folder, "*.py"))):
         name = os.path.relpath(path, ROOT)
         if os.path.basename(name) == "__init__.py":
@@ -260,8 +258,7 @@ def default_of(command, flag):
 @pytest.mark.parametrize("phrase, command, defaults", STATED_DEFAULTS,
                          ids=[phrase[:40] for phrase, _, _ in STATED_DEFAULTS])
 def test_a_default_the_readme_states_is_the_flags_default(phrase, command, defaults):
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        readme = " ".join(f.read().split())
+    readme = " ".join(read("README.md").split())
     assert phrase in readme, f"README.md no longer says {phrase!r}: update STATED_DEFAULTS"
     for flag, value in defaults.items():
         assert default_of(command, flag) == value, f"tinyllm {command} {flag}"

@@ -136,8 +136,8 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
     """Pretrain a GPT on raw text by next-token prediction (or an encoder by masked tokens).
 
     With no flags it trains a 1.1M-parameter model with a byte-level BPE tokenizer (2048 tokens)
-    and a 256-token context on the embedded default corpus for 750 steps (under 4 minutes on 2
-    CPU cores: 3.5 to 4 on a 2.45 GHz EPYC), then prints a sample.
+    and a 256-token context on the embedded default corpus for 750 steps (3.5 to 3.8 minutes
+    on 2 cores of a 2.45 GHz AMD EPYC), then prints a sample.
     """
     from .generate import generate_text
     from .train import pretrain as run_pretrain

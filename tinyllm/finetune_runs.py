@@ -502,7 +502,7 @@ def train_keeping_best(out_dir, params, paths, tc, loss_fn, sample, evaluate, sa
     else:
         # One BLAS thread, so that the float rounding, and after hundreds of steps the result,
         # is the same on any machine's thread count (the README gives runs that ended elsewhere
-        # on two). Classification steps were no slower so; instruction steps some 15% slower.
+        # on two). It costs classification nothing and instruction steps about 15%.
         with one_blas_thread():
             state = train_loop(state, tc, step_loss, sample, save, out_dir, tokens_per_iter,
                                evaluate=lambda p: evaluate(merge_params(p, frozen)),
