@@ -41,7 +41,7 @@ TARGET_SPEEDUP = 5.0
 def load_model(checkpoint, seed):
     """(params, config): a pretrained run's, or random weights for the default GPTConfig."""
     if checkpoint:
-        from tinyllm.finetune_runs import load_generator
+        from tinyllm.instruct_run import load_generator
 
         params, config, _ = load_generator(checkpoint)
         return params, config

@@ -21,9 +21,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tinyllm.finetune_runs import (ClassifySettings, batch_groups, build_classifier,  # noqa: E402
-                                   classification_loss_and_batches, encode_classification,
-                                   load_classification_splits)
+from tinyllm.classify_run import (ClassifySettings, batch_groups, build_classifier,  # noqa: E402
+                                  classification_loss_and_batches, encode_classification,
+                                  load_classification_splits)
 from tinyllm.labelled_data import label_ids, with_case_copies  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
 from tinyllm.train import flat_value_and_grad  # noqa: E402

@@ -2,7 +2,7 @@
 
 A yardstick for fine-tuning on a labelled file of yours: what a linear classifier over TF-IDF
 features gets on the same train and test texts as `tinyllm finetune classify --seed S`: the splits
-come from the function that command uses (`finetune_runs.load_classification_splits`: 70/10/20 by
+come from the function that command uses (`classify_run.load_classification_splits`: 70/10/20 by
 the seed, or --val-data and --test-data as given; --dedupe and --balance first if asked). The
 linear models train on the training split only, as the transformer does, and are scored on the
 test split. Four models, each a scikit-learn pipeline:
@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tinyllm.errors import TinyLLMError  # noqa: E402
-from tinyllm.finetune_runs import ClassifySettings, load_classification_splits  # noqa: E402
+from tinyllm.classify_run import ClassifySettings, load_classification_splits  # noqa: E402
 
 
 def models():

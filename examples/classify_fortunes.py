@@ -18,7 +18,7 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tinyllm.finetune_runs import ClassifySettings, run_classify  # noqa: E402
+from tinyllm.classify_run import ClassifySettings, run_classify  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
 
 FORTUNES = "/usr/share/games/fortunes"

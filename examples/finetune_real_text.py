@@ -35,9 +35,9 @@ from collections import Counter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tinyllm.finetune_runs import (ClassifySettings, InstructSettings,  # noqa: E402
-                                   load_classifiers, run_classify, run_instruct, score_run_split)
-from tinyllm.finetune_runs import load_classification_splits  # noqa: E402
+from tinyllm.classify_run import (ClassifySettings, load_classification_splits,  # noqa: E402
+                                  load_classifiers, run_classify, score_run_split)
+from tinyllm.instruct_run import InstructSettings, run_instruct  # noqa: E402
 from tinyllm.labelled_data import python_docs_instructions  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
 

@@ -19,8 +19,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tinyllm.finetune_runs import (ClassifySettings, InstructSettings, run_classify,  # noqa: E402
-                                   run_instruct)
+from tinyllm.classify_run import ClassifySettings, run_classify  # noqa: E402
+from tinyllm.instruct_run import InstructSettings, run_instruct  # noqa: E402
 from tinyllm.config import GPTConfig, TrainConfig  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
 from tinyllm.train import pretrain  # noqa: E402

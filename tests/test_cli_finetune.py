@@ -9,12 +9,12 @@ import numpy as onp
 import pytest
 from click.testing import CliRunner
 
-from tinyllm import finetune_runs
+from tinyllm import classify_run
 from tinyllm.checkpoint import checkpoint_paths, load_checkpoint
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig
 from tinyllm.finetune import confusion_matrix
-from tinyllm.finetune_runs import format_confusion
+from tinyllm.classify_run import format_confusion
 
 TINY = GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=16, bias=False)
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 :\n"
@@ -147,7 +147,7 @@ def test_dedupe_drops_repeats_before_the_split_and_across_given_files(base, tsv,
 def test_val_and_test_files_with_a_header_of_other_names_lose_no_record(tmp_path):
     """Read by position, a --val-data or --test-data file's header row is the row whose label
     is no class of the training file; no record of a file without one is dropped."""
-    from tinyllm.finetune_runs import ClassifySettings, load_classification_splits
+    from tinyllm.classify_run import ClassifySettings, load_classification_splits
 
     files = {"train.csv": "category,comment\n" + "".join(f"{'ab'[i % 2]},text {i}\n"
                                                           for i in range(10)),
@@ -196,13 +196,13 @@ def test_split_seed_gives_runs_one_split_and_classify_averages_them(base, tsv, t
     seven = finetuned(base, tsv, tmp_path / "seven", "--seed", "7")
     one = finetuned(base, tsv, tmp_path / "one", "--seed", "1")
     quiet = lambda note: None  # noqa: E731
-    tests = [finetune_runs.run_split(r, "test", quiet)[0] for r in (*runs, seven, one)]
+    tests = [classify_run.run_split(r, "test", quiet)[0] for r in (*runs, seven, one)]
     assert tests[0] == tests[1] == tests[2] != tests[3]  # --split-seed 7 is --seed 7's split
     assert len(tests[0]) == json.load(open(os.path.join(runs[0], "metrics.json")))[
         "examples"]["test"]
-    members = finetune_runs.load_classifiers(runs)
+    members = classify_run.load_classifiers(runs)
     texts = [text for text, _ in tests[0]]
-    each = [finetune_runs.classify_texts(m.params, m.config, m.tokenizer, texts, log=quiet)
+    each = [classify_run.classify_texts(m.params, m.config, m.tokenizer, texts, log=quiet)
             for m in members]
     assert not onp.allclose(each[0], each[1], atol=1e-3)  # different heads: the mean is news
 
@@ -574,7 +574,7 @@ def test_classify_trains_on_case_copies_of_the_training_texts_only(base, tsv, tm
                                                                    monkeypatch):
     """Each training text is also trained on in upper and in lower case; validation and test
     texts are not copied, and the counts in metrics.json are of the file's records."""
-    import tinyllm.finetune_runs as runs
+    import tinyllm.classify_run as runs
 
     seen, real = {}, runs.encode_classification
     monkeypatch.setattr(runs, "encode_classification", lambda tok, examples, *a, **kw: (

@@ -186,7 +186,8 @@ def test_classifier_loss_stays_float32():
 def test_an_epoch_is_the_records_over_the_examples_a_step_takes(epochs, accum, ranks, steps):
     """42 records, batch 4: a step takes 4 examples on each of grad_accum micro-batches on each
     MPI rank, and --epochs E is ceil(E * 42 / that) steps (at least one)."""
-    from tinyllm.finetune_runs import ClassifySettings, make_train_config
+    from tinyllm.classify_run import ClassifySettings
+    from tinyllm.finetune_runs import make_train_config
 
     settings = ClassifySettings(epochs=epochs, batch_size=4, grad_accum=accum)
     assert make_train_config(settings, 42, ranks).max_iters == steps
@@ -197,7 +198,7 @@ def test_an_instruct_run_counts_the_characters_read_as_unk_in_each_split(tmp_pat
     import json
 
     from tinyllm.config import GPTConfig
-    from tinyllm.finetune_runs import InstructSettings, run_instruct
+    from tinyllm.instruct_run import InstructSettings, run_instruct
 
     alphabet = "abcdefghijklmnopqrstuvwxyzIR :\n"  # the template's letters, no accents
     base = save_char_base(str(tmp_path / "base"), alphabet,
@@ -227,7 +228,7 @@ def test_an_instruct_run_counts_the_test_references_a_response_cannot_reach(tmp_
     import json
 
     from tinyllm.config import GPTConfig
-    from tinyllm.finetune_runs import InstructSettings, run_instruct
+    from tinyllm.instruct_run import InstructSettings, run_instruct
 
     base = save_char_base(str(tmp_path / "base"), "abcdefghijklmnopqrstuvwxyzIR :\n",
                           GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=16))

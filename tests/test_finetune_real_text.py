@@ -11,15 +11,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinyllm import finetune_runs
+from tinyllm import classify_run, finetune_runs, instruct_run
 from tinyllm.checkpoint import load_checkpoint
 from tinyllm.config import GPTConfig
 from tinyllm.errors import TinyLLMError
 from tinyllm.finetune import (ClassifierConfig, classifier_logits, fit_prompt,
                               init_classifier, instruction_example, make_windows, pad_batch,
                               predict_proba, predict_windows, window_starts)
-from tinyllm.finetune_runs import (ClassifySettings, InstructSettings, classify_texts,
-                                   encode_instructions, run_classify, run_instruct)
+from tinyllm.classify_run import ClassifySettings, classify_texts, run_classify
+from tinyllm.instruct_run import InstructSettings, encode_instructions, run_instruct
 from tinyllm.labelled_data import UNK_TOKEN
 from tinyllm.tokenizers import CharTokenizer
 from tinyllm.train import SPECIAL_TOKENS
@@ -134,7 +134,7 @@ def test_a_cue_past_the_first_context_decides_after_training(base, tmp_path):
     report = run_classify(str(tmp_path / "run"), settings, log=lambda *a: None)
     assert report["windowed_texts"] == 160 and report["cut_texts"] == 0
     assert report["accuracy_after"]["test"] >= 0.9
-    params, config, tok, labels, max_windows = finetune_runs.load_classifier(str(tmp_path / "run"))
+    params, config, tok, labels, max_windows = classify_run.load_classifier(str(tmp_path / "run"))
     assert max_windows == settings.max_windows
     start = "the same long start abc"
     probs = classify_texts(params, config, tok, [start + " x", start + " z"])
@@ -167,8 +167,8 @@ def test_empty_texts_are_counted_among_the_records_read_not_their_case_copies():
     records = [("ab", "x"), ("", "y"), ("c", "x")]
     examples = records + [(t.upper(), y) for t, y in records] + [(t.lower(), y) for t, y in records]
     with pytest.raises(TinyLLMError, match=r"1 example\(s\) have empty text \(the first is example 2\)"):
-        finetune_runs.encode_classification(tok, examples, ["x", "y"], 8, 2, "d.csv (train)",
-                                             counted=len(records))
+        classify_run.encode_classification(tok, examples, ["x", "y"], 8, 2, "d.csv (train)",
+                                            counted=len(records))
 
 
 def test_best_weights_are_the_result_and_early_stopping_says_when(base, tmp_path, monkeypatch):
@@ -177,13 +177,13 @@ def test_best_weights_are_the_result_and_early_stopping_says_when(base, tmp_path
     data = write_tsv(tmp_path / "d.tsv", [("ab"[i % 2], f"text {'ab'[i % 2]} {i}")
                                            for i in range(60)])
     losses = iter([0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
-    real = finetune_runs.classification_evaluator
+    real = classify_run.classification_evaluator
 
     def rising(sets, config, loss_fn, *world):
         inner = real(sets, config, loss_fn, *world)
         return lambda params: {"train": inner(params)["train"], "val": next(losses)}
 
-    monkeypatch.setattr(finetune_runs, "classification_evaluator", rising)
+    monkeypatch.setattr(classify_run, "classification_evaluator", rising)
     kept = {}
     real_save = finetune_runs.atomic_save_npz
 
@@ -261,7 +261,7 @@ def test_test_prompts_cut_for_generation_are_counted():
     tok = CharTokenizer.train(ALPHABET + "IRnpstuoe", special_tokens=(*SPECIAL_TOKENS, UNK_TOKEN))
     records = [{"instruction": "say it", "input": "a" * 40 + "é", "output": "ok"},
                {"instruction": "say", "input": "", "output": "fine"}]
-    prompts, limits, shortened, fallback = finetune_runs.generation_prompts(tok, records, 4, 32)
+    prompts, limits, shortened, fallback = instruct_run.generation_prompts(tok, records, 4, 32)
     assert limits == [4, 4] and [len(p) for p in prompts] == [28, len("Instruction: say\nResponse: ")]
     assert tok.decode(prompts[0]).endswith("a<|unk|>\nResponse: ")  # the end of the prompt kept
     assert (shortened, fallback) == (1, 1)
@@ -290,13 +290,13 @@ def instructions(tmp_path):
 def test_instruction_loss_gets_the_response_mask(base, instructions, tmp_path, monkeypatch):
     """What the runner passes down: the loss sees the response-only mask built for each row."""
     seen = []
-    real = finetune_runs.gpt_loss
+    real = instruct_run.gpt_loss
 
     def spy(params, ids, targets, config, rng=None, mask=None):
         seen.append((ids, mask))
         return real(params, ids, targets, config, rng, mask=mask)
 
-    monkeypatch.setattr(finetune_runs, "gpt_loss", spy)
+    monkeypatch.setattr(instruct_run, "gpt_loss", spy)
     out = str(tmp_path / "r")
     run_instruct(out, InstructSettings(checkpoint=base, data=instructions, max_iters=2,
                                        eval_interval=2, max_new_tokens=4), log=lambda *a: None)
@@ -313,13 +313,13 @@ def test_lora_instruction_tuning_trains_at_alpha_over_rank(base, instructions, t
                                                            monkeypatch):
     """The adapters are applied in training at the scale generation merges them with."""
     scales = []
-    real = finetune_runs.apply_lora
+    real = instruct_run.apply_lora
 
     def spy(params, scale):
         scales.append(scale)
         return real(params, scale)
 
-    monkeypatch.setattr(finetune_runs, "apply_lora", spy)
+    monkeypatch.setattr(instruct_run, "apply_lora", spy)
     out = str(tmp_path / "r")
     run_instruct(out, InstructSettings(checkpoint=base, data=instructions, max_iters=2,
                                        eval_interval=2, lora_rank=4, lora_alpha=2.0,
@@ -365,15 +365,15 @@ def test_resume_names_a_setting_of_the_wrong_type(base, tmp_path):
 
 
 def test_a_label_list_in_a_message_stays_short():
-    assert finetune_runs.shown_labels(["ham", "spam"]) == "'ham', 'spam'"
+    assert classify_run.shown_labels(["ham", "spam"]) == "'ham', 'spam'"
     many = [f"comment {i}" for i in range(300)]  # the text column read as labels by mistake
-    assert finetune_runs.shown_labels(many, most=2) == "'comment 0', 'comment 1', ... (300 classes)"
-    assert finetune_runs.shown_label("x" * 100, width=10) == "'xxxxxxx...'"
+    assert classify_run.shown_labels(many, most=2) == "'comment 0', 'comment 1', ... (300 classes)"
+    assert classify_run.shown_label("x" * 100, width=10) == "'xxxxxxx...'"
     tok = CharTokenizer.train("abc", special_tokens=SPECIAL_TOKENS)
     for label in ("new", "a long comment " * 20):
         with pytest.raises(TinyLLMError) as err:
-            finetune_runs.encode_classification(tok, [("a", label)], [m * 20 for m in many], 8, 2,
-                                                "d.csv (val)")
+            classify_run.encode_classification(tok, [("a", label)], [m * 20 for m in many], 8, 2,
+                                               "d.csv (val)")
         assert "is not one the model was trained on" in str(err.value)
         assert len(str(err.value)) < 600
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinyllm import (cli_finetune, cli_seq2seq, decoding, fewshot, finetune_runs, generate,
+from tinyllm import (cli_finetune, cli_seq2seq, decoding, fewshot, generate, instruct_run,
                      kv_cache, seq2seq_run, train)
 from tinyllm.checkpoint import save_checkpoint
 from tinyllm.cli import main
@@ -330,10 +330,10 @@ def tiny_generator():
 
 def test_every_generating_command_passes_no_cache_down(monkeypatch, tmp_path):
     """The cache is the default (use_cache=True) and --no-cache turns it off, for each command."""
-    monkeypatch.setattr(finetune_runs, "load_generator", lambda checkpoint: tiny_generator())
+    monkeypatch.setattr(instruct_run, "load_generator", lambda checkpoint: tiny_generator())
     assert cli_use_cache(monkeypatch, ["generate", "--prompt", "ab"], generate,
                          "generate_text") == [True, False]
-    assert cli_use_cache(monkeypatch, ["generate", "--instruction", "x"], finetune_runs,
+    assert cli_use_cache(monkeypatch, ["generate", "--instruction", "x"], instruct_run,
                          "generate_instruction") == [True, False]
     params, config, tokenizer = tiny_generator()
     monkeypatch.setattr(train, "pretrain", lambda *args, **kwargs: {
@@ -392,13 +392,13 @@ def test_the_library_passes_use_cache_down_to_the_decoding_loops(monkeypatch):
     config_eot = GPTConfig(vocab_size=tokenizer_eot.vocab_size, block_size=32, n_layer=1,
                            n_head=1, n_embd=8)
     params_eot = init_gpt(config_eot, rng(0))
-    assert runs(lambda **k: finetune_runs.score_responses(params_eot, config_eot, tokenizer_eot,
-                                                          records, 4, **k)) == \
+    assert runs(lambda **k: instruct_run.score_responses(params_eot, config_eot, tokenizer_eot,
+                                                         records, 4, **k)) == \
         ["greedy_batch_cached", "_greedy_chunk"]
-    monkeypatch.setattr(finetune_runs, "load_generator",
+    monkeypatch.setattr(instruct_run, "load_generator",
                         lambda checkpoint: (params_eot, config_eot, tokenizer_eot))
-    assert runs(lambda **k: finetune_runs.generate_instruction("run", "say", max_new_tokens=3,
-                                                               **k)) == ["GPTCache"]
+    assert runs(lambda **k: instruct_run.generate_instruction("run", "say", max_new_tokens=3,
+                                                              **k)) == ["GPTCache"]
 
 
 def test_seq2seq_translation_and_training_pass_use_cache_down(monkeypatch, tmp_path):
@@ -455,13 +455,13 @@ def test_fewshot_and_instruction_runs_pass_use_cache_down(monkeypatch, tmp_path)
     data.write_text("".join(json.dumps({"instruction": "say", "input": "", "output": "ab"}) + "\n"
                             for _ in range(20)))
     seen.clear()
-    real_score = finetune_runs.score_responses
-    monkeypatch.setattr(finetune_runs, "score_responses", lambda *a: seen.append(a[-1])
+    real_score = instruct_run.score_responses
+    monkeypatch.setattr(instruct_run, "score_responses", lambda *a: seen.append(a[-1])
                         or real_score(*a))
-    settings = finetune_runs.InstructSettings(checkpoint=base, data=str(data), max_iters=1,
-                                              eval_interval=1, max_new_tokens=2)
+    settings = instruct_run.InstructSettings(checkpoint=base, data=str(data), max_iters=1,
+                                             eval_interval=1, max_new_tokens=2)
     for run, kwargs in (("a", {}), ("b", {"use_cache": False})):
-        finetune_runs.run_instruct(str(tmp_path / run), settings, log=lambda *a: None, **kwargs)
+        instruct_run.run_instruct(str(tmp_path / run), settings, log=lambda *a: None, **kwargs)
     assert seen == [True, True, False, False]  # the base model's responses, then the tuned one's
 
 

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 
 from tinyllm.finetune import (ClassifierConfig, init_classifier, instruction_example,
                               length_groups, make_windows)
-from tinyllm import finetune_runs
-from tinyllm.finetune_runs import (batch_groups, classification_evaluator,
-                                   classification_loss_and_batches, instruct_evaluator,
-                                   instruct_loss_and_batches, row_groups)
+from tinyllm import classify_run, instruct_run
+from tinyllm.classify_run import (batch_groups, classification_evaluator,
+                                  classification_loss_and_batches)
+from tinyllm.instruct_run import instruct_evaluator, instruct_loss_and_batches, row_groups
 from tinyllm.config import GPTConfig
 from tinyllm.models import gpt_loss, init_gpt
 from tinyllm.train import flat_value_and_grad
@@ -23,8 +23,9 @@ from tinyllm.tree import flatten
 def small_overhead(monkeypatch):
     """Groups even for the few-token rows of these tests (the default overhead, 64 tokens,
     would keep them in one)."""
-    monkeypatch.setattr(finetune_runs, "length_groups",
-                        lambda lengths: length_groups(lengths, overhead=2))
+    for run_module in (classify_run, instruct_run):
+        monkeypatch.setattr(run_module, "length_groups",
+                            lambda lengths: length_groups(lengths, overhead=2))
 
 
 def group_cost(lengths, groups, overhead):
@@ -167,4 +168,4 @@ def test_the_instruction_evaluation_is_the_loss_per_response_token_over_the_spli
 def test_the_progress_counts_a_batchs_real_tokens_not_its_padding():
     windows, _, _ = make_windows([[1, 2], [3, 4, 5, 6], [7] * 10], 8, max_windows=8)
     # texts of 2, 4 and 10 tokens; the last is read as windows of 8 and 8 (starts 0 and 2)
-    assert finetune_runs.real_tokens_per_batch(windows, 3) == round(3 * (2 + 4 + 16) / 3)
+    assert classify_run.real_tokens_per_batch(windows, 3) == round(3 * (2 + 4 + 16) / 3)

@@ -221,12 +221,12 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed
              examples, shots, instruction, input_text, no_cache):
     """Continue a prompt with a pretrained model and print prompt plus completion (as it is
     made: Ctrl-C stops it, keeping what is printed)."""
-    from .finetune_runs import load_generator
+    from .instruct_run import load_generator
     from .generate import generate_text
 
     _check_prompt_flags(prompt, examples, stop_text, instruction, input_text)
     if instruction is not None:  # instruction-tuned model: its template, stop at end-of-text
-        from .finetune_runs import generate_instruction
+        from .instruct_run import generate_instruction
 
         notes = []  # said on stderr once the response's line has ended
         generate_instruction(checkpoint, instruction, input_text, max_new_tokens, temperature,

@@ -1,5 +1,6 @@
 """`tinyllm finetune classify|instruct` and `tinyllm classify`: Click commands that map flags onto
-the settings dataclasses of tinyllm/finetune_runs.py and call its runners.
+the settings dataclasses of tinyllm/classify_run.py and tinyllm/instruct_run.py and call their
+runners.
 
 Every default comes from the dataclass field (ClassifySettings, InstructSettings).
 """
@@ -16,9 +17,11 @@ from .cli_common import (count, flag_given, fraction, no_cache_option, non_negat
 from .distributed import abort_on_error
 from .errors import TinyLLMError
 from .finetune import DEFAULT_POOLING, POOLINGS
-from .finetune_runs import (DATA_FLAGS, ClassifySettings, InstructSettings, averaged_probs,
-                            format_accuracies, format_confusion, load_classifiers, per_class_stats,
-                            run_classify, run_instruct, score_file, score_run_split)
+from .classify_run import (ClassifySettings, averaged_probs, format_accuracies, format_confusion,
+                           load_classifiers, per_class_stats, run_classify, score_file,
+                           score_run_split)
+from .finetune_runs import DATA_FLAGS
+from .instruct_run import InstructSettings, run_instruct
 from .labelled_data import UNK_TOKEN
 from .train import prepare_out_dir
 
@@ -204,7 +207,7 @@ def finetune_classify(out, resume, force, **flags):
 
 
 def echo_per_class(per_class):
-    """One line per class: precision, recall and support (finetune_runs.per_class_stats)."""
+    """One line per class: precision, recall and support (classify_run.per_class_stats)."""
     for label, stats in per_class.items():
         click.echo(f"  {label}: precision {100 * stats['precision']:.1f}%, recall"
                    f" {100 * stats['recall']:.1f}% ({stats['support']} examples)")
