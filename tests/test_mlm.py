@@ -215,6 +215,16 @@ def test_filled_text_puts_the_tokens_back_where_the_masks_were():
     assert filled_text(char_tokenizer(), "a [MASK]c", ["b"]) == "a bc"  # char: spaces stay
 
 
+def test_filled_text_keeps_a_space_that_ends_the_token_before_a_mask():
+    """Only a space of the text goes into a masked token: one that ends a predicted token (BPE
+    has tokens such as "\\n  ") stays, and "[MASK][MASK]" printed "\\n x" for "\\n  " and "x"."""
+    from tinyllm.tokenizers import BPETokenizer
+
+    bpe = BPETokenizer.train(TEXT, 300, special_tokens=("<|endoftext|>", MASK_TOKEN))
+    assert filled_text(bpe, "[MASK][MASK]", ["\n  ", "x"]) == "\n  x"
+    assert filled_text(bpe, "a [MASK] [MASK]!", [" b ", " c"]) == "a b  c!"
+
+
 def test_fill_gives_top_k_probabilities_per_mask(make_params):
     tok = char_tokenizer()
     config = GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=8)

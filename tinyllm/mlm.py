@@ -194,14 +194,17 @@ def _check_encodes(tokenizer, text):
 
 def filled_text(tokenizer, text, tokens):
     """`text` with its [MASK]s replaced by `tokens` in order, undoing what encode_with_masks did
-    to a space before a mask (BPE). Example: "The [MASK] fox", [" red"] -> "The red fox"."""
+    to a space before a mask (BPE). Example: "The [MASK] fox", [" red"] -> "The red fox".
+
+    The space dropped is the text's, never the end of a token before it: "[MASK][MASK]" with
+    tokens ["\\n  ", "x"] -> "\\n  x"."""
     pieces = text.split(MASK_TEXT)
-    out = pieces[0]
-    for token, piece in zip(tokens, pieces[1:]):
-        if tokenizer.kind == "bpe" and out.endswith(" "):
-            out = out[:-1]  # that space went into the masked token
-        out += token + piece
-    return out
+    out = ""
+    for piece, token in zip(pieces, tokens):
+        if tokenizer.kind == "bpe" and piece.endswith(" "):
+            piece = piece[:-1]  # that space went into the masked token
+        out += piece + token
+    return out + pieces[-1]
 
 
 def fill_masks(params, config, tokenizer, text, top_k=5):
