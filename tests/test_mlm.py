@@ -4,6 +4,7 @@ kind, resume, and the commands that refuse an MLM model or start from one."""
 
 import json
 import math
+import re
 import shutil
 from dataclasses import replace
 
@@ -223,6 +224,16 @@ def test_filled_text_keeps_a_space_that_ends_the_token_before_a_mask():
     bpe = BPETokenizer.train(TEXT, 300, special_tokens=("<|endoftext|>", MASK_TOKEN))
     assert filled_text(bpe, "[MASK][MASK]", ["\n  ", "x"]) == "\n  x"
     assert filled_text(bpe, "a [MASK] [MASK]!", [" b ", " c"]) == "a b  c!"
+
+
+@pytest.mark.parametrize("text, written, position", [
+    ("a [mask] b", "[mask]", 2), ("a [MASK] b [Mask]", "[Mask]", 11), ("<|mask|> a", "<|mask|>", 0),
+])
+def test_a_mask_written_another_way_is_refused_not_read_as_text(text, written, position):
+    """"[mask]" beside a "[MASK]" was encoded as six characters of text, and filled nothing."""
+    with pytest.raises(TinyLLMError, match=f"'{re.escape(written)}' at position {position} is read"
+                                           r" as text, not as a mask: write the mask as \[MASK\]"):
+        encode_with_masks(char_tokenizer(), text)
 
 
 def test_fill_gives_top_k_probabilities_per_mask(make_params):

@@ -21,6 +21,8 @@ vocabulary: the (B T, C) @ (C, V) product is the largest matmul of a step.
 Shapes: B batch, T time, C channels, V vocabulary, N chosen positions in a batch.
 """
 
+import re
+
 import autograd.numpy as np
 import numpy as onp
 
@@ -160,6 +162,7 @@ def masked_accuracy(params, config, tokenizer, ids, n_batches=20, batch_size=8, 
 
 
 MASK_TEXT = "[MASK]"  # what a user types in `tinyllm fill`
+MASK_SPELLINGS = re.compile(r"\[mask\]|" + re.escape(MASK_TOKEN), re.IGNORECASE)  # mistyped masks
 
 
 def encode_with_masks(tokenizer, text):
@@ -170,6 +173,7 @@ def encode_with_masks(tokenizer, text):
     Example (char tokenizer, where a mask is one character): "a[MASK]c" -> [id(a), mask, id(c)].
     """
     mask_id, _ = mask_id_of(tokenizer)
+    _check_mask_spelling(text)
     pieces = text.split(MASK_TEXT)
     if len(pieces) == 1:
         raise TinyLLMError(f"the text has no {MASK_TEXT}: write {MASK_TEXT} where a token is missing")
@@ -182,6 +186,15 @@ def encode_with_masks(tokenizer, text):
         if i < len(pieces) - 1:
             ids.append(mask_id)
     return ids
+
+
+def _check_mask_spelling(text):
+    """Refuse a mask written another way ("[mask]", "[Mask]", the token's name "<|mask|>"): it
+    would be read as plain text, so the model would fill only the other masks, or none."""
+    for written in MASK_SPELLINGS.finditer(text):
+        if written.group() != MASK_TEXT:
+            raise TinyLLMError(f"{written.group()!r} at position {written.start()} is read as"
+                               f" text, not as a mask: write the mask as {MASK_TEXT}")
 
 
 def _check_encodes(tokenizer, text):
