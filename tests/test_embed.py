@@ -190,6 +190,18 @@ def test_the_note_on_cut_lines_says_where_they_were_cut(clm_run, tmp_path):
             " their vectors are of their first 72 tokens") in result.stderr
 
 
+def test_a_query_longer_than_the_windows_is_noted_as_cut(clm_run, tmp_path):
+    """A query is read as windows too; one past the last window was cut without a word."""
+    path = tmp_path / "lines.txt"
+    path.write_text("a\n", encoding="utf-8")
+    result = invoke("embed", "--checkpoint", clm_run[0], "--data", path, "--query", "a" * 72)
+    assert result.exit_code == 0 and "--query" not in result.stderr, result.output
+    result = invoke("embed", "--checkpoint", clm_run[0], "--data", path, "--query", "a" * 73)
+    assert result.exit_code == 0, result.output  # context 16, windows 8 apart: 7 x 8 + 16 = 72
+    assert ("note: --query is longer than 72 tokens: its vector is of its first 72 tokens"
+            in result.stderr)
+
+
 @pytest.mark.parametrize("content, args, words", [
     ("one\n\nthree\n", ["--out", "{tmp}/v.npy"], ["lines.txt:2", "empty line"]),
     ("one\n", [], ["--out", "--query"]),

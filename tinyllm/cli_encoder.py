@@ -98,8 +98,12 @@ def embed(checkpoint, data, out, query, k):
         save_vectors(out, vectors)
         click.echo(f"vectors written to {out}", err=True)
     if query is not None:
-        query_vector = embed_texts(params, config, tokenizer, [query], bidirectional)[0][0]
-        order, scores = nearest(vectors, query_vector, k)
+        query_vectors, query_cut = embed_texts(params, config, tokenizer, [query], bidirectional)
+        if query_cut:
+            most = most_tokens_read(config.block_size)
+            click.echo(f"note: --query is longer than {most:,} tokens: its vector is of its first"
+                       f" {most:,} tokens", err=True)
+        order, scores = nearest(vectors, query_vectors[0], k)
         for i, score in zip(order, scores):
             click.echo(f"{score:.3f}  line {i + 1}: {shortened(lines[i])}")
 
