@@ -93,6 +93,22 @@ def test_texts_encoded_in_pieces_and_cut_short_give_the_same_vectors(lengths, ma
     assert cut == want_cut == sum(len(ids) > keep for ids in whole)
 
 
+def test_a_repeated_text_is_embedded_once_and_its_copies_tie_in_line_order():
+    """Copies in batches of different padding got vectors a rounding error apart, so `nearest`
+    put line 4 before line 1 for the same text, both at 1.000."""
+    config = replace(CONFIG, distance_bias=True)
+    params = init_gpt(config, onp.random.default_rng(1), dtype="float32")
+    texts = ["abcdefgh abc", "abc", "hgf", "abc"] * 3  # batches of 2, padded to different widths
+    done = []
+    got, _ = embed_sequences(params, config, [TOKENIZER.encode(t) for t in texts], True,
+                             batch_size=2, on_batch=done.append)
+    for i, text in enumerate(texts):
+        assert (got[i] == got[texts.index(text)]).all(), i  # bit for bit
+    order, _ = nearest(got, got[1], k=6)
+    assert list(order) == [1, 3, 5, 7, 9, 11]
+    assert done == [9, 12]  # in lines, copies included: 3 + 6, then 3
+
+
 def test_encoding_reports_its_progress_in_characters_as_it_goes(monkeypatch):
     monkeypatch.setattr(embed, "PIECE_CHARACTERS", 10)
     seen = []
