@@ -248,6 +248,26 @@ def test_fill_gives_top_k_probabilities_per_mask(make_params):
         fill_masks(params, config, tok, "abcabcab[MASK]")
 
 
+def test_fill_predicts_at_each_mask_position_from_the_whole_text(make_params):
+    """Against an independent reference: the softmax of every position's logits (the encoder's
+    final states times the tied embedding), read at the masks, with the mask token left out."""
+    tok = char_tokenizer()  # a=1 b=2 c=3 ' '=0, <|mask|>=5
+    config = GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    params = make_params(config, dtype="float64", seed=3)
+    out = fill_masks(params, config, tok, "[MASK]ab[MASK] c[MASK]", top_k=tok.vocab_size)
+    ids = onp.asarray([[5, 1, 2, 5, 0, 3, 5]])
+    logits = bidirectional_hidden(params, ids, config)[0] @ lm_head_weight(params)  # (T, V)
+    logits[:, 5] = -onp.inf
+    probs = onp.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)  # (T, V)
+    assert len(out) == 3
+    for options, position in zip(out, (0, 3, 6)):
+        id_of = {tok.decode([i]): i for i in range(tok.vocab_size)}
+        got = {id_of[text]: p for text, p in options}
+        want = {i: probs[position, i] for i in range(tok.vocab_size) if i != 5}
+        assert got == pytest.approx(want, rel=1e-9)
+
+
 def test_fill_never_offers_the_mask_token(make_params):
     tok = char_tokenizer()
     config = GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=8)
