@@ -238,6 +238,17 @@ def test_embed_bad_input_is_one_line(clm_run, tmp_path, content, args, words):
         assert word in errors[0], errors[0]
 
 
+def test_out_may_not_be_the_data_file(clm_run, tmp_path):
+    """`--data lines.txt --out lines.txt` replaced the user's lines by the vectors."""
+    path = tmp_path / "lines.txt"
+    path.write_text("one\ntwo\n", encoding="utf-8")
+    (tmp_path / "link.txt").symlink_to(path)
+    for out in (path, tmp_path / "link.txt", tmp_path / "." / "lines.txt"):
+        result = invoke("embed", "--checkpoint", clm_run[0], "--data", path, "--out", out)
+        assert result.exit_code == 1 and "is the --data file" in result.output, result.output
+    assert path.read_text(encoding="utf-8") == "one\ntwo\n"
+
+
 @pytest.mark.parametrize("args", [["--query", "caf\u00e9"], ["--out", "{tmp}/no/v.npy"]])
 def test_a_bad_query_or_out_is_refused_before_any_line_is_embedded(clm_run, tmp_path, args):
     """Not after minutes of embedding a large file."""

@@ -71,6 +71,8 @@ def embed(checkpoint, data, out, query, k):
         raise TinyLLMError("--query is empty")
     if out is not None:
         check_out_directory(out)
+        if os.path.exists(out) and os.path.exists(data) and os.path.samefile(out, data):
+            raise TinyLLMError(f"--out {out} is the --data file: the vectors would replace its lines")
     lines = read_lines(data)
     params, config, tokenizer, bidirectional = load_embedder(checkpoint)
     if query is not None:  # before the slow part, and named as the flag it is
