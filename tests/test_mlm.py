@@ -360,7 +360,8 @@ def test_fill_refuses_a_causal_checkpoint(tmp_path, data_file):
     out = tmp_path / "clm"
     assert invoke("pretrain", "--data", data_file, "--out", out, *TINY, "--max-iters", 1,
                   "--sample-tokens", 0).exit_code == 0
-    assert_one_line_error(invoke("fill", "--checkpoint", out, "a [MASK]"), "'gpt'", "'mlm'")
+    assert_one_line_error(invoke("fill", "--checkpoint", out, "a [MASK]"), "'gpt' model",
+                          "fill needs a masked language model", "--objective mlm")
 
 
 def test_masked_accuracy_reports_the_most_frequent_token_baseline(mlm_run):

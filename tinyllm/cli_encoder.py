@@ -32,9 +32,13 @@ def fill(text, checkpoint, top_k):
     With a BPE model one space before [MASK] belongs to the masked token (BPE tokens start with
     their space), so "The [MASK] statement" asks for a word between the two.
     """
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, read_meta
     from .mlm import fill_masks, filled_text
 
+    kind = read_meta(checkpoint)["kind"]
+    if kind != "mlm":  # say what fill needs, not only what it found
+        raise TinyLLMError(f"{checkpoint!r} holds a {kind!r} model: fill needs a masked language"
+                           " model (tinyllm pretrain --objective mlm)")
     ckpt = load_checkpoint(checkpoint, kind="mlm")
     predictions = fill_masks(ckpt.params, ckpt.model_config, ckpt.tokenizer, text, top_k)
     for number, options in enumerate(predictions, 1):
