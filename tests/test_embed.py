@@ -238,6 +238,17 @@ def test_embed_bad_input_is_one_line(clm_run, tmp_path, content, args, words):
         assert word in errors[0], errors[0]
 
 
+def test_a_file_of_one_line_gives_that_line_s_vector(clm_run, tmp_path):
+    """A one-line file without a final line end; the count said "1 lines"."""
+    path = tmp_path / "one.txt"
+    path.write_bytes(b"Pack my box")
+    result = invoke("embed", "--checkpoint", clm_run[0], "--data", path, "--out", tmp_path / "v.npy")
+    assert result.exit_code == 0 and "1 line -> vectors of 16 numbers" in result.stderr, result.output
+    params, config, tokenizer, bidirectional = embed.load_embedder(str(clm_run[0]))
+    want, _ = embed_texts(params, config, tokenizer, ["Pack my box"], bidirectional)
+    onp.testing.assert_array_equal(onp.load(tmp_path / "v.npy", allow_pickle=False), want)
+
+
 def test_out_may_not_be_the_data_file(clm_run, tmp_path):
     """`--data lines.txt --out lines.txt` replaced the user's lines by the vectors."""
     path = tmp_path / "lines.txt"

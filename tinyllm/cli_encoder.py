@@ -94,7 +94,8 @@ def embed(checkpoint, data, out, query, k):
     vectors, cut = embed_sequences(params, config, seqs, bidirectional, on_batch=progress.update)
     progress.close()
     what = "bidirectional encoder" if bidirectional else "causal decoder"
-    click.echo(f"{len(lines)} lines -> vectors of {vectors.shape[1]} numbers ({what})", err=True)
+    counted = f"{len(lines)} line" + "s" * (len(lines) != 1)
+    click.echo(f"{counted} -> vectors of {vectors.shape[1]} numbers ({what})", err=True)
     if cut:
         most = most_tokens_read(config.block_size)
         click.echo(f"note: {cut} line(s) longer than {most:,} tokens ({MAX_WINDOWS} windows of"
