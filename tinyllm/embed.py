@@ -14,6 +14,7 @@ the same vector (a test shows it).
 Shapes: N texts, W windows, T time, C channels.
 """
 
+import io
 import os
 
 import numpy as onp
@@ -165,8 +166,6 @@ def read_lines(path):
 def save_vectors(path, vectors):
     """Write (N, C) float32 vectors as a .npy file, atomically (numpy.load(path) reads it back,
     no pickle needed; row i is line i of the data)."""
-    import io
-
     buffer = io.BytesIO()
     onp.save(buffer, onp.asarray(vectors, dtype=onp.float32), allow_pickle=False)
     try:
