@@ -93,6 +93,22 @@ def test_texts_encoded_in_pieces_and_cut_short_give_the_same_vectors(lengths, ma
     assert cut == want_cut == sum(len(ids) > keep for ids in whole)
 
 
+def test_a_repeated_text_is_embedded_once_and_its_copies_tie_in_line_order():
+    """Copies in batches of different padding got vectors a rounding error apart, so `nearest`
+    put line 4 before line 1 for the same text, both at 1.000."""
+    config = replace(CONFIG, distance_bias=True)
+    params = init_gpt(config, onp.random.default_rng(1), dtype="float32")
+    texts = ["abcdefgh abc", "abc", "hgf", "abc"] * 3  # batches of 2, padded to different widths
+    done = []
+    got, _ = embed_sequences(params, config, [TOKENIZER.encode(t) for t in texts], True,
+                             batch_size=2, on_batch=done.append)
+    for i, text in enumerate(texts):
+        assert (got[i] == got[texts.index(text)]).all(), i  # bit for bit
+    order, _ = nearest(got, got[1], k=6)
+    assert list(order) == [1, 3, 5, 7, 9, 11]
+    assert done == [9, 12]  # in lines, copies included: 3 + 6, then 3
+
+
 def test_encoding_reports_its_progress_in_characters_as_it_goes(monkeypatch):
     monkeypatch.setattr(embed, "PIECE_CHARACTERS", 10)
     seen = []
@@ -190,6 +206,18 @@ def test_the_note_on_cut_lines_says_where_they_were_cut(clm_run, tmp_path):
             " their vectors are of their first 72 tokens") in result.stderr
 
 
+def test_a_query_longer_than_the_windows_is_noted_as_cut(clm_run, tmp_path):
+    """A query is read as windows too; one past the last window was cut without a word."""
+    path = tmp_path / "lines.txt"
+    path.write_text("a\n", encoding="utf-8")
+    result = invoke("embed", "--checkpoint", clm_run[0], "--data", path, "--query", "a" * 72)
+    assert result.exit_code == 0 and "--query" not in result.stderr, result.output
+    result = invoke("embed", "--checkpoint", clm_run[0], "--data", path, "--query", "a" * 73)
+    assert result.exit_code == 0, result.output  # context 16, windows 8 apart: 7 x 8 + 16 = 72
+    assert ("note: --query is longer than 72 tokens: its vector is of its first 72 tokens"
+            in result.stderr)
+
+
 @pytest.mark.parametrize("content, args, words", [
     ("one\n\nthree\n", ["--out", "{tmp}/v.npy"], ["lines.txt:2", "empty line"]),
     ("one\n", [], ["--out", "--query"]),
@@ -208,6 +236,28 @@ def test_embed_bad_input_is_one_line(clm_run, tmp_path, content, args, words):
     assert len(errors) == 1, result.output
     for word in words:
         assert word in errors[0], errors[0]
+
+
+def test_a_file_of_one_line_gives_that_line_s_vector(clm_run, tmp_path):
+    """A one-line file without a final line end; the count said "1 lines"."""
+    path = tmp_path / "one.txt"
+    path.write_bytes(b"Pack my box")
+    result = invoke("embed", "--checkpoint", clm_run[0], "--data", path, "--out", tmp_path / "v.npy")
+    assert result.exit_code == 0 and "1 line -> vectors of 16 numbers" in result.stderr, result.output
+    params, config, tokenizer, bidirectional = embed.load_embedder(str(clm_run[0]))
+    want, _ = embed_texts(params, config, tokenizer, ["Pack my box"], bidirectional)
+    onp.testing.assert_array_equal(onp.load(tmp_path / "v.npy", allow_pickle=False), want)
+
+
+def test_out_may_not_be_the_data_file(clm_run, tmp_path):
+    """`--data lines.txt --out lines.txt` replaced the user's lines by the vectors."""
+    path = tmp_path / "lines.txt"
+    path.write_text("one\ntwo\n", encoding="utf-8")
+    (tmp_path / "link.txt").symlink_to(path)
+    for out in (path, tmp_path / "link.txt", tmp_path / "." / "lines.txt"):
+        result = invoke("embed", "--checkpoint", clm_run[0], "--data", path, "--out", out)
+        assert result.exit_code == 1 and "is the --data file" in result.output, result.output
+    assert path.read_text(encoding="utf-8") == "one\ntwo\n"
 
 
 @pytest.mark.parametrize("args", [["--query", "caf\u00e9"], ["--out", "{tmp}/no/v.npy"]])

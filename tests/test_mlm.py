@@ -4,6 +4,7 @@ kind, resume, and the commands that refuse an MLM model or start from one."""
 
 import json
 import math
+import re
 import shutil
 from dataclasses import replace
 
@@ -215,6 +216,26 @@ def test_filled_text_puts_the_tokens_back_where_the_masks_were():
     assert filled_text(char_tokenizer(), "a [MASK]c", ["b"]) == "a bc"  # char: spaces stay
 
 
+def test_filled_text_keeps_a_space_that_ends_the_token_before_a_mask():
+    """Only a space of the text goes into a masked token: one that ends a predicted token (BPE
+    has tokens such as "\\n  ") stays, and "[MASK][MASK]" printed "\\n x" for "\\n  " and "x"."""
+    from tinyllm.tokenizers import BPETokenizer
+
+    bpe = BPETokenizer.train(TEXT, 300, special_tokens=("<|endoftext|>", MASK_TOKEN))
+    assert filled_text(bpe, "[MASK][MASK]", ["\n  ", "x"]) == "\n  x"
+    assert filled_text(bpe, "a [MASK] [MASK]!", [" b ", " c"]) == "a b  c!"
+
+
+@pytest.mark.parametrize("text, written, position", [
+    ("a [mask] b", "[mask]", 2), ("a [MASK] b [Mask]", "[Mask]", 11), ("<|mask|> a", "<|mask|>", 0),
+])
+def test_a_mask_written_another_way_is_refused_not_read_as_text(text, written, position):
+    """"[mask]" beside a "[MASK]" was encoded as six characters of text, and filled nothing."""
+    with pytest.raises(TinyLLMError, match=f"'{re.escape(written)}' at position {position} is read"
+                                           r" as text, not as a mask: write the mask as \[MASK\]"):
+        encode_with_masks(char_tokenizer(), text)
+
+
 def test_fill_gives_top_k_probabilities_per_mask(make_params):
     tok = char_tokenizer()
     config = GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=8)
@@ -225,6 +246,26 @@ def test_fill_gives_top_k_probabilities_per_mask(make_params):
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
     with pytest.raises(TinyLLMError, match="context"):
         fill_masks(params, config, tok, "abcabcab[MASK]")
+
+
+def test_fill_predicts_at_each_mask_position_from_the_whole_text(make_params):
+    """Against an independent reference: the softmax of every position's logits (the encoder's
+    final states times the tied embedding), read at the masks, with the mask token left out."""
+    tok = char_tokenizer()  # a=1 b=2 c=3 ' '=0, <|mask|>=5
+    config = GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    params = make_params(config, dtype="float64", seed=3)
+    out = fill_masks(params, config, tok, "[MASK]ab[MASK] c[MASK]", top_k=tok.vocab_size)
+    ids = onp.asarray([[5, 1, 2, 5, 0, 3, 5]])
+    logits = bidirectional_hidden(params, ids, config)[0] @ lm_head_weight(params)  # (T, V)
+    logits[:, 5] = -onp.inf
+    probs = onp.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)  # (T, V)
+    assert len(out) == 3
+    for options, position in zip(out, (0, 3, 6)):
+        id_of = {tok.decode([i]): i for i in range(tok.vocab_size)}
+        got = {id_of[text]: p for text, p in options}
+        want = {i: probs[position, i] for i in range(tok.vocab_size) if i != 5}
+        assert got == pytest.approx(want, rel=1e-9)
 
 
 def test_fill_never_offers_the_mask_token(make_params):
@@ -319,7 +360,8 @@ def test_fill_refuses_a_causal_checkpoint(tmp_path, data_file):
     out = tmp_path / "clm"
     assert invoke("pretrain", "--data", data_file, "--out", out, *TINY, "--max-iters", 1,
                   "--sample-tokens", 0).exit_code == 0
-    assert_one_line_error(invoke("fill", "--checkpoint", out, "a [MASK]"), "'gpt'", "'mlm'")
+    assert_one_line_error(invoke("fill", "--checkpoint", out, "a [MASK]"), "'gpt' model",
+                          "fill needs a masked language model", "--objective mlm")
 
 
 def test_masked_accuracy_reports_the_most_frequent_token_baseline(mlm_run):

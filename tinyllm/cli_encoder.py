@@ -32,9 +32,13 @@ def fill(text, checkpoint, top_k):
     With a BPE model one space before [MASK] belongs to the masked token (BPE tokens start with
     their space), so "The [MASK] statement" asks for a word between the two.
     """
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, read_meta
     from .mlm import fill_masks, filled_text
 
+    kind = read_meta(checkpoint)["kind"]
+    if kind != "mlm":  # say what fill needs, not only what it found
+        raise TinyLLMError(f"{checkpoint!r} holds a {kind!r} model: fill needs a masked language"
+                           " model (tinyllm pretrain --objective mlm)")
     ckpt = load_checkpoint(checkpoint, kind="mlm")
     predictions = fill_masks(ckpt.params, ckpt.model_config, ckpt.tokenizer, text, top_k)
     for number, options in enumerate(predictions, 1):
@@ -61,9 +65,23 @@ def embed(checkpoint, data, out, query, k):
     """Turn each line of --data into a vector: the mean of the model's final hidden states over
     its tokens. Write them with --out, or print the lines nearest to --query, or both.
     """
-    from .embed import (MAX_WINDOWS, embed_sequences, embed_texts, encode_texts, load_embedder,
-                        most_tokens_read, nearest, read_lines, save_vectors)
+    from .embed import load_embedder, read_lines, save_vectors
 
+    check_embed_flags(data, out, query)
+    lines = read_lines(data)
+    model = load_embedder(checkpoint)  # (params, config, tokenizer, bidirectional?)
+    if query is not None:
+        check_query_encodes(model, query)
+    vectors = embed_lines(model, lines, data)
+    if out is not None:
+        save_vectors(out, vectors)
+        click.echo(f"vectors written to {out}", err=True)
+    if query is not None:
+        print_nearest(model, vectors, lines, query, k)
+
+
+def check_embed_flags(data, out, query):
+    """Refuse flags that cannot work before any line is read: not after minutes of embedding."""
     if out is None and query is None:
         raise TinyLLMError("give --out FILE to write the vectors, --query TEXT to search them,"
                            " or both")
@@ -71,16 +89,30 @@ def embed(checkpoint, data, out, query, k):
         raise TinyLLMError("--query is empty")
     if out is not None:
         check_out_directory(out)
-    lines = read_lines(data)
-    params, config, tokenizer, bidirectional = load_embedder(checkpoint)
-    if query is not None:  # before the slow part, and named as the flag it is
-        try:
-            tokenizer.encode(query)
-        except TinyLLMError as err:
-            raise TinyLLMError(f"--query: {err}") from None
+        if os.path.exists(out) and os.path.exists(data) and os.path.samefile(out, data):
+            raise TinyLLMError(f"--out {out} is the --data file: the vectors would replace its lines")
+
+
+def check_query_encodes(model, query):
+    """The tokenizer's error for a character of --query it cannot encode, named as the flag it
+    is, before the slow part."""
+    _, _, tokenizer, _ = model
+    try:
+        tokenizer.encode(query)
+    except TinyLLMError as err:
+        raise TinyLLMError(f"--query: {err}") from None
+
+
+def embed_lines(model, lines, data):
+    """The lines' vectors (N, C), with the progress of encoding and of embedding on stderr, and a
+    note counting the lines cut after the last window."""
+    from .embed import MAX_WINDOWS, embed_sequences, encode_texts, most_tokens_read
+
+    params, config, tokenizer, bidirectional = model
+    most = most_tokens_read(config.block_size)
     encoding = Counting(sum(len(line) for line in lines), "characters encoded")
     try:
-        seqs = encode_texts(tokenizer, lines, most_tokens_read(config.block_size), encoding.update)
+        seqs = encode_texts(tokenizer, lines, most, encoding.update)
     except TinyLLMError as err:
         raise TinyLLMError(f"{data}: {err}") from None
     encoding.close()
@@ -88,20 +120,28 @@ def embed(checkpoint, data, out, query, k):
     vectors, cut = embed_sequences(params, config, seqs, bidirectional, on_batch=progress.update)
     progress.close()
     what = "bidirectional encoder" if bidirectional else "causal decoder"
-    click.echo(f"{len(lines)} lines -> vectors of {vectors.shape[1]} numbers ({what})", err=True)
+    counted = f"{len(lines)} line" + "s" * (len(lines) != 1)
+    click.echo(f"{counted} -> vectors of {vectors.shape[1]} numbers ({what})", err=True)
     if cut:
-        most = most_tokens_read(config.block_size)
         click.echo(f"note: {cut} line(s) longer than {most:,} tokens ({MAX_WINDOWS} windows of"
                    f" the {config.block_size}-token context) were cut: their vectors are of their"
                    f" first {most:,} tokens", err=True)
-    if out is not None:
-        save_vectors(out, vectors)
-        click.echo(f"vectors written to {out}", err=True)
-    if query is not None:
-        query_vector = embed_texts(params, config, tokenizer, [query], bidirectional)[0][0]
-        order, scores = nearest(vectors, query_vector, k)
-        for i, score in zip(order, scores):
-            click.echo(f"{score:.3f}  line {i + 1}: {shortened(lines[i])}")
+    return vectors
+
+
+def print_nearest(model, vectors, lines, query, k):
+    """Print the k lines whose vectors are nearest to the query's (cosine), best first."""
+    from .embed import embed_texts, most_tokens_read, nearest
+
+    params, config, tokenizer, bidirectional = model
+    query_vectors, cut = embed_texts(params, config, tokenizer, [query], bidirectional)
+    if cut:
+        most = most_tokens_read(config.block_size)
+        click.echo(f"note: --query is longer than {most:,} tokens: its vector is of its first"
+                   f" {most:,} tokens", err=True)
+    order, scores = nearest(vectors, query_vectors[0], k)
+    for i, score in zip(order, scores):
+        click.echo(f"{score:.3f}  line {i + 1}: {shortened(lines[i])}")
 
 
 def check_out_directory(path, flag="--out"):

@@ -14,6 +14,7 @@ the same vector (a test shows it).
 Shapes: N texts, W windows, T time, C channels.
 """
 
+import io
 import os
 
 import numpy as onp
@@ -97,18 +98,27 @@ def embed_sequences(params, config, seqs, bidirectional, batch_size=32, max_wind
     """One vector per token list: (N, C) float32, and the number of lists cut after max_windows;
     on_batch(lists done), if given, after each batch.
 
-    The lists go through longest first (`Windows.longest_first`), as in classification; the rows
+    A list that occurs more than once (a repeated line) is embedded once, so its copies get the
+    same vector bit for bit and tie in `nearest`, which keeps them in line order. The distinct
+    lists go through longest first (`Windows.longest_first`), as in classification; the rows
     come back in the lists' own order."""
-    windows, _, cut = make_windows(seqs, config.block_size, max_windows)
-    vectors = onp.zeros((windows.n_texts, config.n_embd), onp.float32)
+    row_of = {}  # token tuple -> its row among the N' distinct lists
+    rows = onp.asarray([row_of.setdefault(tuple(seq), len(row_of)) for seq in seqs])  # (N,)
+    copies = onp.bincount(rows, minlength=len(row_of))  # (N',) how often each list occurs
+    windows, _, _ = make_windows(list(row_of), config.block_size, max_windows)
+    vectors = onp.zeros((windows.n_texts, config.n_embd), onp.float32)  # (N', C)
     longest_first = windows.longest_first()
+    done = 0
     for start in range(0, windows.n_texts, batch_size):
         texts_here = longest_first[start:start + batch_size]
         ids, valid, assign = windows.batch(texts_here)  # (W, T), (W, T), (B, W)
         vectors[texts_here] = assign @ window_vectors(params, config, ids, valid, bidirectional)
+        done += int(copies[texts_here].sum())
         if on_batch:
-            on_batch(start + len(texts_here))
-    return vectors, cut
+            on_batch(done)
+    most = most_tokens_read(config.block_size, max_windows)
+    cut = sum(len(seq) > most for seq in seqs)  # past the last window: as make_windows counts
+    return vectors[rows], cut  # (N', C) -> (N, C)
 
 
 def cosine_similarity(vectors, query):
@@ -156,8 +166,6 @@ def read_lines(path):
 def save_vectors(path, vectors):
     """Write (N, C) float32 vectors as a .npy file, atomically (numpy.load(path) reads it back,
     no pickle needed; row i is line i of the data)."""
-    import io
-
     buffer = io.BytesIO()
     onp.save(buffer, onp.asarray(vectors, dtype=onp.float32), allow_pickle=False)
     try:

@@ -21,6 +21,8 @@ vocabulary: the (B T, C) @ (C, V) product is the largest matmul of a step.
 Shapes: B batch, T time, C channels, V vocabulary, N chosen positions in a batch.
 """
 
+import re
+
 import autograd.numpy as np
 import numpy as onp
 
@@ -160,6 +162,7 @@ def masked_accuracy(params, config, tokenizer, ids, n_batches=20, batch_size=8, 
 
 
 MASK_TEXT = "[MASK]"  # what a user types in `tinyllm fill`
+MASK_SPELLINGS = re.compile(r"\[mask\]|" + re.escape(MASK_TOKEN), re.IGNORECASE)  # mistyped masks
 
 
 def encode_with_masks(tokenizer, text):
@@ -170,6 +173,7 @@ def encode_with_masks(tokenizer, text):
     Example (char tokenizer, where a mask is one character): "a[MASK]c" -> [id(a), mask, id(c)].
     """
     mask_id, _ = mask_id_of(tokenizer)
+    _check_mask_spelling(text)
     pieces = text.split(MASK_TEXT)
     if len(pieces) == 1:
         raise TinyLLMError(f"the text has no {MASK_TEXT}: write {MASK_TEXT} where a token is missing")
@@ -184,6 +188,15 @@ def encode_with_masks(tokenizer, text):
     return ids
 
 
+def _check_mask_spelling(text):
+    """Refuse a mask written another way ("[mask]", "[Mask]", the token's name "<|mask|>"): it
+    would be read as plain text, so the model would fill only the other masks, or none."""
+    for written in MASK_SPELLINGS.finditer(text):
+        if written.group() != MASK_TEXT:
+            raise TinyLLMError(f"{written.group()!r} at position {written.start()} is read as"
+                               f" text, not as a mask: write the mask as {MASK_TEXT}")
+
+
 def _check_encodes(tokenizer, text):
     """The tokenizer's error for a character it cannot encode, with its position in the whole
     text: the pieces between masks are encoded one by one, and each would count from 0. Each
@@ -194,14 +207,17 @@ def _check_encodes(tokenizer, text):
 
 def filled_text(tokenizer, text, tokens):
     """`text` with its [MASK]s replaced by `tokens` in order, undoing what encode_with_masks did
-    to a space before a mask (BPE). Example: "The [MASK] fox", [" red"] -> "The red fox"."""
+    to a space before a mask (BPE). Example: "The [MASK] fox", [" red"] -> "The red fox".
+
+    The space dropped is the text's, never the end of a token before it: "[MASK][MASK]" with
+    tokens ["\\n  ", "x"] -> "\\n  x"."""
     pieces = text.split(MASK_TEXT)
-    out = pieces[0]
-    for token, piece in zip(tokens, pieces[1:]):
-        if tokenizer.kind == "bpe" and out.endswith(" "):
-            out = out[:-1]  # that space went into the masked token
-        out += token + piece
-    return out
+    out = ""
+    for piece, token in zip(pieces, tokens):
+        if tokenizer.kind == "bpe" and piece.endswith(" "):
+            piece = piece[:-1]  # that space went into the masked token
+        out += piece + token
+    return out + pieces[-1]
 
 
 def fill_masks(params, config, tokenizer, text, top_k=5):
