@@ -2,6 +2,7 @@
 `generate --examples` commands: task files and their errors, the template, demonstration
 sampling, both scoring rules, Wilson intervals, the ICL score, results JSON."""
 
+import dataclasses
 import json
 import math
 
@@ -20,7 +21,7 @@ from tinyllm.errors import TinyLLMError
 from tinyllm.generate import generate_ids, greedy_batch
 from tinyllm.models import gpt_forward, gpt_loss, init_gpt
 from tinyllm.optim import adamw_init
-from tinyllm.tokenizers import CharTokenizer
+from tinyllm.tokenizers import BPETokenizer, CharTokenizer
 
 ALPHABET = "abcdefgh0123 \n"
 TOKENIZER = CharTokenizer.train(ALPHABET)
@@ -182,6 +183,26 @@ def test_exact_match_compares_the_whole_greedy_line(params, monkeypatch):
                                   {"input": "a", "output": out, "line": 1}, 0)
               for out in ("12", "1", "123", "21")}
     assert scores == {"12": 1, "1": 0, "123": 0, "21": 0}
+
+
+# A byte-level BPE whose merges are a blank line ("\n\n", id 256) and "ab" (id 257).
+BPE = BPETokenizer([(10, 10), (97, 98)])
+BPE_CONFIG = GPTConfig(vocab_size=BPE.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
+
+
+def test_a_prompt_that_overflows_only_when_scored_is_refused_before_the_scoring(monkeypatch):
+    """Every query's longest prompt is checked against the context before any is scored, in the
+    tokens the scoring uses: the prompt and each answer encoded apart. (Encoded as one text,
+    "...a" + "b" merged into fewer tokens, so the check passed and the error came only after
+    the smaller k had been scored.)"""
+    monkeypatch.setattr(fs, "greedy_batch", lambda *args, **kwargs: pytest.fail("scored"))
+    records = [{"input": "a", "output": "b"}] * 3
+    task = fs.parse_task(fs.task_lines(None, records), "t.jsonl")
+    # 2-shot: "ab\nab\na" is 5 tokens, "b\n" 2 more = 7; "ab\nab\nab\n" as one text is 6
+    config = dataclasses.replace(BPE_CONFIG, block_size=6)
+    with pytest.raises(TinyLLMError, match=r"t.jsonl, line \d: the 2-shot prompt plus its answer"
+                                           r" is 7 tokens"):
+        fs.evaluate_task(None, config, BPE, task, [0, 2], seed=0)
 
 
 def test_choices_pick_the_likeliest_answer(params):

@@ -363,32 +363,38 @@ def score_queries(params, config, tokenizer, task, prompts, records, k, use_cach
 
 def _score_group(params, config, tokenizer, task, group, k, use_cache):
     """[1 or 0] for each (prompt, record) of a group; see `score_queries`."""
-    newline = encode_for(tokenizer, "\n", task, group[0][1])  # every answer ends with it
-    encoded = []  # (prompt ids, answer ids) per query
-    for prompt, record in group:
-        prompt_ids = encode_for(tokenizer, prompt, task, record)
-        answer_ids = encode_for(tokenizer, record["output"], task, record) + newline
-        check_fits(len(prompt_ids) + len(answer_ids), config.block_size, task, record, k)
-        encoded.append((prompt_ids, answer_ids))
+    encoded = [encode_query(tokenizer, task, prompt, record, k, config.block_size)
+               for prompt, record in group]  # (prompt ids, [answer ids]) per query
     if task.choices:
-        header = {"line": task.header_line}  # the choices are on the header's line
-        candidates = [encode_for(tokenizer, c, task, header) + newline for c in task.choices]
-        pairs = []  # (prompt ids, candidate ids), the candidates of each query in turn
-        for (prompt_ids, _), (_, record) in zip(encoded, group):
-            for candidate in candidates:
-                check_fits(len(prompt_ids) + len(candidate), config.block_size, task, record, k)
-                pairs.append((prompt_ids, candidate))
+        pairs = [(prompt_ids, candidate) for prompt_ids, candidates in encoded
+                 for candidate in candidates]  # the candidates of each query in turn
         logps = onp.concatenate([  # as many sequences a pass as the group has queries
             sequence_logprobs(params, config, pairs[start:start + len(group)])
-            for start in range(0, len(pairs), len(group))]).reshape(len(group), len(candidates))
+            for start in range(0, len(pairs), len(group))]).reshape(len(group), -1)
         return [int(task.choices[int(onp.argmax(row))] == record["output"])
                 for row, (_, record) in zip(logps, group)]
-    prompts = [prompt_ids for prompt_ids, _ in encoded]
     # generate no further than the context reaches; a longer answer than the output is wrong
-    limits = [min(config.block_size - len(p), len(a) + 8) for p, a in encoded]
-    answers = greedy_batch(params, config, prompts, limits, newline[-1], batch_size=len(group),
-                           use_cache=use_cache)  # each to its line's end
-    return [int(new == answer_ids[:-1]) for new, (_, answer_ids) in zip(answers, encoded)]
+    limits = [min(config.block_size - len(p), len(answer) + 8) for p, (answer,) in encoded]
+    newline = encode_for(tokenizer, "\n", task, group[0][1])[-1]
+    greedy = greedy_batch(params, config, [p for p, _ in encoded], limits, newline,
+                          batch_size=len(group), use_cache=use_cache)  # each to its line's end
+    return [int(new == answer[:-1]) for new, (_, (answer,)) in zip(greedy, encoded)]
+
+
+def encode_query(tokenizer, task, prompt, record, k, block_size):
+    """(prompt ids, [answer ids]) of one query: the answers to score after the prompt are the
+    task's choices, or the record's output, each with the closing newline, and each encoded
+    apart from the prompt, as they are scored. An error names the record's line if the prompt
+    and its longest answer do not fit the context."""
+    newline = encode_for(tokenizer, "\n", task, record)
+    if task.choices:
+        header = {"line": task.header_line}  # the choices are on the header's line
+        answers = [encode_for(tokenizer, c, task, header) + newline for c in task.choices]
+    else:
+        answers = [encode_for(tokenizer, record["output"], task, record) + newline]
+    prompt_ids = encode_for(tokenizer, prompt, task, record)
+    check_fits(len(prompt_ids) + max(len(a) for a in answers), block_size, task, record, k)
+    return prompt_ids, answers
 
 
 def chance_level(task):
@@ -416,9 +422,7 @@ def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0
         record = task.records[q]
         prompt = build_prompt(task.instruction, [task.records[i] for i in order[:max(shots)]],
                               record["input"])
-        answer = max([record["output"], *(task.choices or ())], key=len)
-        check_fits(len(encode_for(tokenizer, prompt + answer + "\n", task, record)),
-                   config.block_size, task, record, max(shots))
+        encode_query(tokenizer, task, prompt, record, max(shots), config.block_size)
     results = []
     for k in shots:
         prompts = [build_prompt(task.instruction, [task.records[i] for i in order[:k]],
