@@ -185,9 +185,37 @@ def test_exact_match_compares_the_whole_greedy_line(params, monkeypatch):
     assert scores == {"12": 1, "1": 0, "123": 0, "21": 0}
 
 
-# A byte-level BPE whose merges are a blank line ("\n\n", id 256) and "ab" (id 257).
+# A byte-level BPE whose merges are a blank line ("\n\n", id 256) and "ab" (id 257): the kind
+# of tokens a model pretrained on prose has, which a greedy answer can end or be spelled with.
+BLANK_LINE, AB = 256, 257
 BPE = BPETokenizer([(10, 10), (97, 98)])
 BPE_CONFIG = GPTConfig(vocab_size=BPE.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
+
+
+@pytest.mark.parametrize("greedy, context, right", [
+    ([AB, 10], 16, 1),  # the answer's own tokens, then the newline
+    ([AB, BLANK_LINE], 16, 1),  # the line ends in a blank-line token, not in id 10
+    ([97, 98, 10, 99], 16, 1),  # "ab" spelled "a", "b"
+    ([97, 98, BLANK_LINE, 99], 16, 1),
+    ([97, 98, 32, 10], 16, 0),  # "ab " is another line
+    ([97, 98, 98, 10], 16, 0),
+    ([AB, 10], 6, 1),  # the context (6 tokens) holds the prompt (4) and the answer (2)
+    ([97, 98, 10], 6, 0),  # there it ends at "ab", with no room for the newline: no answer
+])
+def test_exact_match_compares_the_text_of_the_greedy_line(monkeypatch, greedy, context, right):
+    """The greedy line is right when its text is the output, however the model spelled it in
+    tokens and whichever token carries its newline (comparing token ids scored a model that
+    ends its line with a blank-line token wrong)."""
+    def fake_greedy_batch(params, config, prompts, limits, stop_id, **kwargs):
+        new = greedy[:limits[0]]  # what greedy_batch returns: to the stop id, without it
+        return [new[:new.index(stop_id)] if stop_id in new else new]
+
+    monkeypatch.setattr(fs, "greedy_batch", fake_greedy_batch)
+    records = [{"input": "c", "output": "ab"}, {"input": "d", "output": "ab"}]
+    task = fs.parse_task(fs.task_lines(None, records), "t")
+    config = dataclasses.replace(BPE_CONFIG, block_size=context)
+    prompt = fs.build_prompt(None, task.records[1:], "c")  # "dab\nc": 4 tokens, d ab \n c
+    assert fs.score_query(None, config, BPE, task, prompt, task.records[0], 1) == right
 
 
 def test_a_prompt_that_overflows_only_when_scored_is_refused_before_the_scoring(monkeypatch):

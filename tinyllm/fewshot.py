@@ -39,7 +39,8 @@ Scoring:
 - with "choices": the answer whose text plus the closing newline has the highest
   log-likelihood (summed over its tokens) after the prompt. The newline makes "1" and "12" two
   complete answers rather than one being a prefix of the other. Chance = 1 / len(choices).
-- without: greedy decoding up to the end of the line, compared with the output by exact match.
+- without: greedy decoding up to the end of the line, whose text must equal the output (as text,
+  not token ids: a model may spell the answer in other tokens, or end it with a blank-line token).
   Chance = 1 / (number of distinct outputs in the task): the accuracy of a guesser that knows
   which answers occur but not which input gets which.
 Queries are scored QUERY_BATCH at a time (`score_queries`): their prompts, right-padded in one
@@ -373,12 +374,14 @@ def _score_group(params, config, tokenizer, task, group, k, use_cache):
             for start in range(0, len(pairs), len(group))]).reshape(len(group), -1)
         return [int(task.choices[int(onp.argmax(row))] == record["output"])
                 for row, (_, record) in zip(logps, group)]
-    # generate no further than the context reaches; a longer answer than the output is wrong
+    # a right answer is its tokens and a newline; a few tokens more let a model that spells the
+    # answer in other tokens end its line too (a longer line is wrong however it goes on)
     limits = [min(config.block_size - len(p), len(answer) + 8) for p, (answer,) in encoded]
     newline = encode_for(tokenizer, "\n", task, group[0][1])[-1]
     greedy = greedy_batch(params, config, [p for p, _ in encoded], limits, newline,
                           batch_size=len(group), use_cache=use_cache)  # each to its line's end
-    return [int(new == answer[:-1]) for new, (_, (answer,)) in zip(greedy, encoded)]
+    return [int(greedy_line(tokenizer, new, limit) == record["output"])
+            for new, limit, (_, record) in zip(greedy, limits, group)]
 
 
 def encode_query(tokenizer, task, prompt, record, k, block_size):
@@ -395,6 +398,19 @@ def encode_query(tokenizer, task, prompt, record, k, block_size):
     prompt_ids = encode_for(tokenizer, prompt, task, record)
     check_fits(len(prompt_ids) + max(len(a) for a in answers), block_size, task, record, k)
     return prompt_ids, answers
+
+
+def greedy_line(tokenizer, new, limit):
+    """The text of a greedy answer's line, or None if it did not end within `limit` tokens.
+
+    `new` is what greedy_batch gave: the tokens up to the newline token (without it), or
+    `limit` tokens when none came. The line is compared as text, not as token ids: a model may
+    spell the answer in other tokens, or end it with a token that holds more than the newline
+    (a blank line "\n\n" is one token in a BPE trained on prose).
+    Example: the tokens "a", "b", "\n\n" with limit 3 -> "ab"; "a", "b" cut at limit 2 -> None.
+    """
+    text = tokenizer.decode(new) + ("\n" if len(new) < limit else "")
+    return text[:text.index("\n")] if "\n" in text else None
 
 
 def chance_level(task):
