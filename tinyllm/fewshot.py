@@ -33,7 +33,10 @@ must learn to split; the single-symbol tasks of the generated corpus have no suc
 Demonstrations for a query are drawn at random from the task's *other* records (never the query
 itself). Each query gets one random order of the other records, and its k-shot prompt uses the
 first k of them: the 4 demonstrations are part of the 8, so the curve over k compares like with
-like rather than adding fresh noise at each k.
+like rather than adding fresh noise at each k. A line repeated in the task file is another
+record, so a query may be shown its copy: the held-out tasks repeat each input on purpose (the
+model must find it in the prompt); in a task of distinct questions, a duplicate gives its
+answer away.
 
 Scoring:
 - with "choices": the answer whose text plus the closing newline has the highest
