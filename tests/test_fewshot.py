@@ -595,6 +595,21 @@ def test_fewshot_command_bad_input_is_one_line(run_dir, tmp_path):
                                                        "--task", few, "--shots", "0,8"))
 
 
+@pytest.mark.parametrize("bad_record, words", [
+    ({"input": "abcdefgh" * 4, "output": "0"}, "longer than the model's context of 32"),
+    ({"input": "Z", "output": "0"}, "'Z'"),
+])
+def test_a_bad_second_task_is_refused_before_the_first_is_scored(run_dir, tmp_path, monkeypatch,
+                                                                  bad_record, words):
+    """Every task's texts and prompts are checked before any task is scored, not after the first
+    task's slow part."""
+    monkeypatch.setattr(fs, "greedy_batch", lambda *args, **kwargs: pytest.fail("scored"))
+    good = write_task(tmp_path / "a.jsonl")
+    bad = write_task(tmp_path / "b.jsonl", None, RECORDS[:4] + [bad_record])
+    with pytest.raises(TinyLLMError, match=r"b.jsonl, line \d: .*" + words):
+        fs.run_fewshot(str(run_dir), [str(good), str(bad)], [0, 2], icl_windows=0)
+
+
 def test_an_out_file_in_a_missing_directory_is_refused_before_the_scoring(run_dir, tmp_path):
     """Not after the whole run, by the name of a temporary file the user never gave."""
     task = write_task(tmp_path / "task.jsonl")

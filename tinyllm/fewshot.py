@@ -423,29 +423,45 @@ def chance_level(task):
     return 1.0 / len({r["output"] for r in task.records})
 
 
+def query_plan(task, n_queries=None, seed=0):
+    """(queries, orders): the indices of the records asked, a random sample of n_queries (all
+    when None or more than the records), and for each its order of the other records (its
+    k-shot prompt shows the first k). The same seed gives the same plan, so the check before
+    the scoring sees the very prompts the scoring asks."""
+    rng = onp.random.default_rng(seed)
+    n = len(task.records)
+    queries = [int(i) for i in rng.permutation(n)[:n_queries or n]]
+    return queries, demo_orders(n, queries, rng)
+
+
+def query_prompt(task, query, order, k):
+    """The k-shot prompt of record `query`, its demonstrations the first k of `order`."""
+    return build_prompt(task.instruction, [task.records[i] for i in order[:k]],
+                        task.records[query]["input"])
+
+
+def check_task(tokenizer, block_size, task, shots, n_queries=None, seed=0):
+    """Every text of the task encodes, and every query's longest prompt fits the context with
+    its answer, or an error naming the line: what can fail, checked before the slow part."""
+    check_enough_records(task, max(shots))
+    check_encodable(tokenizer, task)
+    for q, order in zip(*query_plan(task, n_queries, seed)):
+        encode_query(tokenizer, task, query_prompt(task, q, order, max(shots)), task.records[q],
+                     max(shots), block_size)
+
+
 def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0, log=None,
                   use_cache=True, on_query=None):
     """Accuracy of the model on `task` for each k in `shots`: a list of per-k result dicts.
 
-    The queries are a random sample of n_queries records (all when None or more than the
-    records), the same for every k.
+    The queries (`query_plan`) are the same for every k.
     on_query(), if given, is called once per query scored (len(shots) times per query).
     """
-    check_enough_records(task, max(shots))
-    check_encodable(tokenizer, task)
-    rng = onp.random.default_rng(seed)
-    n = len(task.records)
-    queries = [int(i) for i in rng.permutation(n)[:n_queries or n]]
-    orders = demo_orders(n, queries, rng)
-    for q, order in zip(queries, orders):  # the longest prompts first: fail before the slow part
-        record = task.records[q]
-        prompt = build_prompt(task.instruction, [task.records[i] for i in order[:max(shots)]],
-                              record["input"])
-        encode_query(tokenizer, task, prompt, record, max(shots), config.block_size)
+    check_task(tokenizer, config.block_size, task, shots, n_queries, seed)
+    queries, orders = query_plan(task, n_queries, seed)
     results = []
     for k in shots:
-        prompts = [build_prompt(task.instruction, [task.records[i] for i in order[:k]],
-                                task.records[q]["input"]) for q, order in zip(queries, orders)]
+        prompts = [query_prompt(task, q, order, k) for q, order in zip(queries, orders)]
         correct = sum(score_queries(params, config, tokenizer, task, prompts,
                                     [task.records[q] for q in queries], k, use_cache=use_cache,
                                     on_query=on_query))
@@ -615,7 +631,8 @@ def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=
                 icl_windows=ICL_WINDOWS, log=None, use_cache=True, progress=None):
     """What `tinyllm fewshot` does: score a checkpoint on task files for each k in `shots`.
 
-    Every task file is read and checked before the model is loaded (the slow part comes last).
+    Every task file is read and checked before the model is loaded, and every task's texts and
+    prompts against its tokenizer and context before any task is scored (the slow part).
     Returns the results file's content (see the module docstring); `write_results` saves it.
     `use_cache=False` decodes greedy answers without the key/value cache (same answers).
     `progress(total)`, if given, makes a `progress.Counting` (or alike) of the queries to score:
@@ -641,6 +658,8 @@ def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=
                                " tokens, too few for the in-context learning score (it needs"
                                f" {config.block_size + 1}): give a longer text, or"
                                " --icl-windows 0 to skip it")
+    for task in tasks:  # every task's texts and prompts, before any is scored
+        check_task(ckpt.tokenizer, config.block_size, task, shots, n_queries, seed)
     total = len(shots) * sum(min(n_queries or len(t.records), len(t.records)) for t in tasks)
     shown = progress(total) if progress else None
     say = shown.message if shown else log
