@@ -2,6 +2,7 @@
 `generate --examples` commands: task files and their errors, the template, demonstration
 sampling, both scoring rules, Wilson intervals, the ICL score, results JSON."""
 
+import dataclasses
 import json
 import math
 
@@ -20,7 +21,7 @@ from tinyllm.errors import TinyLLMError
 from tinyllm.generate import generate_ids, greedy_batch
 from tinyllm.models import gpt_forward, gpt_loss, init_gpt
 from tinyllm.optim import adamw_init
-from tinyllm.tokenizers import CharTokenizer
+from tinyllm.tokenizers import BPETokenizer, CharTokenizer
 
 ALPHABET = "abcdefgh0123 \n"
 TOKENIZER = CharTokenizer.train(ALPHABET)
@@ -182,6 +183,54 @@ def test_exact_match_compares_the_whole_greedy_line(params, monkeypatch):
                                   {"input": "a", "output": out, "line": 1}, 0)
               for out in ("12", "1", "123", "21")}
     assert scores == {"12": 1, "1": 0, "123": 0, "21": 0}
+
+
+# A byte-level BPE whose merges are a blank line ("\n\n", id 256) and "ab" (id 257): the kind
+# of tokens a model pretrained on prose has, which a greedy answer can end or be spelled with.
+BLANK_LINE, AB = 256, 257
+BPE = BPETokenizer([(10, 10), (97, 98)])
+BPE_CONFIG = GPTConfig(vocab_size=BPE.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
+
+
+@pytest.mark.parametrize("greedy, context, right", [
+    ([AB, 10], 16, 1),  # the answer's own tokens, then the newline
+    ([AB, BLANK_LINE], 16, 1),  # the line ends in a blank-line token, not in id 10
+    ([97, 98, 10, 99], 16, 1),  # "ab" spelled "a", "b"
+    ([97, 98, BLANK_LINE, 99], 16, 1),
+    ([97, 98, 32, 10], 16, 0),  # "ab " is another line
+    ([97, 98, 98, 10], 16, 0),
+    ([AB, 10], 6, 1),  # the context (6 tokens) holds the prompt (4) and the answer (2)
+    ([97, 98, 10], 6, 0),  # there it ends at "ab", with no room for the newline: no answer
+])
+def test_exact_match_compares_the_text_of_the_greedy_line(monkeypatch, greedy, context, right):
+    """The greedy line is right when its text is the output, however the model spelled it in
+    tokens and whichever token carries its newline (comparing token ids scored a model that
+    ends its line with a blank-line token wrong)."""
+    def fake_greedy_batch(params, config, prompts, limits, stop_id, **kwargs):
+        new = greedy[:limits[0]]  # what greedy_batch returns: to the stop id, without it
+        return [new[:new.index(stop_id)] if stop_id in new else new]
+
+    monkeypatch.setattr(fs, "greedy_batch", fake_greedy_batch)
+    records = [{"input": "c", "output": "ab"}, {"input": "d", "output": "ab"}]
+    task = fs.parse_task(fs.task_lines(None, records), "t")
+    config = dataclasses.replace(BPE_CONFIG, block_size=context)
+    prompt = fs.build_prompt(None, task.records[1:], "c")  # "dab\nc": 4 tokens, d ab \n c
+    assert fs.score_query(None, config, BPE, task, prompt, task.records[0], 1) == right
+
+
+def test_a_prompt_that_overflows_only_when_scored_is_refused_before_the_scoring(monkeypatch):
+    """Every query's longest prompt is checked against the context before any is scored, in the
+    tokens the scoring uses: the prompt and each answer encoded apart. (Encoded as one text,
+    "...a" + "b" merged into fewer tokens, so the check passed and the error came only after
+    the smaller k had been scored.)"""
+    monkeypatch.setattr(fs, "greedy_batch", lambda *args, **kwargs: pytest.fail("scored"))
+    records = [{"input": "a", "output": "b"}] * 3
+    task = fs.parse_task(fs.task_lines(None, records), "t.jsonl")
+    # 2-shot: "ab\nab\na" is 5 tokens, "b\n" 2 more = 7; "ab\nab\nab\n" as one text is 6
+    config = dataclasses.replace(BPE_CONFIG, block_size=6)
+    with pytest.raises(TinyLLMError, match=r"t.jsonl, line \d: the 2-shot prompt plus its answer"
+                                           r" is 7 tokens"):
+        fs.evaluate_task(None, config, BPE, task, [0, 2], seed=0)
 
 
 def test_choices_pick_the_likeliest_answer(params):
@@ -544,6 +593,21 @@ def test_fewshot_command_bad_input_is_one_line(run_dir, tmp_path):
     few = write_task(tmp_path / "few.jsonl", None, RECORDS[:3])
     assert "fewer than k + 1" in one_error_line(invoke("fewshot", "--checkpoint", run_dir,
                                                        "--task", few, "--shots", "0,8"))
+
+
+@pytest.mark.parametrize("bad_record, words", [
+    ({"input": "abcdefgh" * 4, "output": "0"}, "longer than the model's context of 32"),
+    ({"input": "Z", "output": "0"}, "'Z'"),
+])
+def test_a_bad_second_task_is_refused_before_the_first_is_scored(run_dir, tmp_path, monkeypatch,
+                                                                  bad_record, words):
+    """Every task's texts and prompts are checked before any task is scored, not after the first
+    task's slow part."""
+    monkeypatch.setattr(fs, "greedy_batch", lambda *args, **kwargs: pytest.fail("scored"))
+    good = write_task(tmp_path / "a.jsonl")
+    bad = write_task(tmp_path / "b.jsonl", None, RECORDS[:4] + [bad_record])
+    with pytest.raises(TinyLLMError, match=r"b.jsonl, line \d: .*" + words):
+        fs.run_fewshot(str(run_dir), [str(good), str(bad)], [0, 2], icl_windows=0)
 
 
 def test_an_out_file_in_a_missing_directory_is_refused_before_the_scoring(run_dir, tmp_path):

@@ -268,6 +268,7 @@ def test_empty_prompt_starts_from_a_newline():
 
 @pytest.mark.parametrize("kwargs, flag", [
     (dict(temperature=-0.1), "--temperature"),
+    (dict(temperature=float("nan")), "--temperature"),  # NaN < 0 is False: it passed the check
     (dict(top_k=0), "--top-k"),
     (dict(top_p=0.0), "--top-p"),
     (dict(top_p=1.5), "--top-p"),

@@ -33,13 +33,17 @@ must learn to split; the single-symbol tasks of the generated corpus have no suc
 Demonstrations for a query are drawn at random from the task's *other* records (never the query
 itself). Each query gets one random order of the other records, and its k-shot prompt uses the
 first k of them: the 4 demonstrations are part of the 8, so the curve over k compares like with
-like rather than adding fresh noise at each k.
+like rather than adding fresh noise at each k. A line repeated in the task file is another
+record, so a query may be shown its copy: the held-out tasks repeat each input on purpose (the
+model must find it in the prompt); in a task of distinct questions, a duplicate gives its
+answer away.
 
 Scoring:
 - with "choices": the answer whose text plus the closing newline has the highest
   log-likelihood (summed over its tokens) after the prompt. The newline makes "1" and "12" two
   complete answers rather than one being a prefix of the other. Chance = 1 / len(choices).
-- without: greedy decoding up to the end of the line, compared with the output by exact match.
+- without: greedy decoding up to the end of the line, whose text must equal the output (as text,
+  not token ids: a model may spell the answer in other tokens, or end it with a blank-line token).
   Chance = 1 / (number of distinct outputs in the task): the accuracy of a guesser that knows
   which answers occur but not which input gets which.
 Queries are scored QUERY_BATCH at a time (`score_queries`): their prompts, right-padded in one
@@ -363,32 +367,53 @@ def score_queries(params, config, tokenizer, task, prompts, records, k, use_cach
 
 def _score_group(params, config, tokenizer, task, group, k, use_cache):
     """[1 or 0] for each (prompt, record) of a group; see `score_queries`."""
-    newline = encode_for(tokenizer, "\n", task, group[0][1])  # every answer ends with it
-    encoded = []  # (prompt ids, answer ids) per query
-    for prompt, record in group:
-        prompt_ids = encode_for(tokenizer, prompt, task, record)
-        answer_ids = encode_for(tokenizer, record["output"], task, record) + newline
-        check_fits(len(prompt_ids) + len(answer_ids), config.block_size, task, record, k)
-        encoded.append((prompt_ids, answer_ids))
+    encoded = [encode_query(tokenizer, task, prompt, record, k, config.block_size)
+               for prompt, record in group]  # (prompt ids, [answer ids]) per query
     if task.choices:
-        header = {"line": task.header_line}  # the choices are on the header's line
-        candidates = [encode_for(tokenizer, c, task, header) + newline for c in task.choices]
-        pairs = []  # (prompt ids, candidate ids), the candidates of each query in turn
-        for (prompt_ids, _), (_, record) in zip(encoded, group):
-            for candidate in candidates:
-                check_fits(len(prompt_ids) + len(candidate), config.block_size, task, record, k)
-                pairs.append((prompt_ids, candidate))
+        pairs = [(prompt_ids, candidate) for prompt_ids, candidates in encoded
+                 for candidate in candidates]  # the candidates of each query in turn
         logps = onp.concatenate([  # as many sequences a pass as the group has queries
             sequence_logprobs(params, config, pairs[start:start + len(group)])
-            for start in range(0, len(pairs), len(group))]).reshape(len(group), len(candidates))
+            for start in range(0, len(pairs), len(group))]).reshape(len(group), -1)
         return [int(task.choices[int(onp.argmax(row))] == record["output"])
                 for row, (_, record) in zip(logps, group)]
-    prompts = [prompt_ids for prompt_ids, _ in encoded]
-    # generate no further than the context reaches; a longer answer than the output is wrong
-    limits = [min(config.block_size - len(p), len(a) + 8) for p, a in encoded]
-    answers = greedy_batch(params, config, prompts, limits, newline[-1], batch_size=len(group),
-                           use_cache=use_cache)  # each to its line's end
-    return [int(new == answer_ids[:-1]) for new, (_, answer_ids) in zip(answers, encoded)]
+    # a right answer is its tokens and a newline; a few tokens more let a model that spells the
+    # answer in other tokens end its line too (a longer line is wrong however it goes on)
+    limits = [min(config.block_size - len(p), len(answer) + 8) for p, (answer,) in encoded]
+    newline = encode_for(tokenizer, "\n", task, group[0][1])[-1]
+    greedy = greedy_batch(params, config, [p for p, _ in encoded], limits, newline,
+                          batch_size=len(group), use_cache=use_cache)  # each to its line's end
+    return [int(greedy_line(tokenizer, new, limit) == record["output"])
+            for new, limit, (_, record) in zip(greedy, limits, group)]
+
+
+def encode_query(tokenizer, task, prompt, record, k, block_size):
+    """(prompt ids, [answer ids]) of one query: the answers to score after the prompt are the
+    task's choices, or the record's output, each with the closing newline, and each encoded
+    apart from the prompt, as they are scored. An error names the record's line if the prompt
+    and its longest answer do not fit the context."""
+    newline = encode_for(tokenizer, "\n", task, record)
+    if task.choices:
+        header = {"line": task.header_line}  # the choices are on the header's line
+        answers = [encode_for(tokenizer, c, task, header) + newline for c in task.choices]
+    else:
+        answers = [encode_for(tokenizer, record["output"], task, record) + newline]
+    prompt_ids = encode_for(tokenizer, prompt, task, record)
+    check_fits(len(prompt_ids) + max(len(a) for a in answers), block_size, task, record, k)
+    return prompt_ids, answers
+
+
+def greedy_line(tokenizer, new, limit):
+    """The text of a greedy answer's line, or None if it did not end within `limit` tokens.
+
+    `new` is what greedy_batch gave: the tokens up to the newline token (without it), or
+    `limit` tokens when none came. The line is compared as text, not as token ids: a model may
+    spell the answer in other tokens, or end it with a token that holds more than the newline
+    (a blank line "\n\n" is one token in a BPE trained on prose).
+    Example: the tokens "a", "b", "\n\n" with limit 3 -> "ab"; "a", "b" cut at limit 2 -> None.
+    """
+    text = tokenizer.decode(new) + ("\n" if len(new) < limit else "")
+    return text[:text.index("\n")] if "\n" in text else None
 
 
 def chance_level(task):
@@ -398,31 +423,45 @@ def chance_level(task):
     return 1.0 / len({r["output"] for r in task.records})
 
 
+def query_plan(task, n_queries=None, seed=0):
+    """(queries, orders): the indices of the records asked, a random sample of n_queries (all
+    when None or more than the records), and for each its order of the other records (its
+    k-shot prompt shows the first k). The same seed gives the same plan, so the check before
+    the scoring sees the very prompts the scoring asks."""
+    rng = onp.random.default_rng(seed)
+    n = len(task.records)
+    queries = [int(i) for i in rng.permutation(n)[:n_queries or n]]
+    return queries, demo_orders(n, queries, rng)
+
+
+def query_prompt(task, query, order, k):
+    """The k-shot prompt of record `query`, its demonstrations the first k of `order`."""
+    return build_prompt(task.instruction, [task.records[i] for i in order[:k]],
+                        task.records[query]["input"])
+
+
+def check_task(tokenizer, block_size, task, shots, n_queries=None, seed=0):
+    """Every text of the task encodes, and every query's longest prompt fits the context with
+    its answer, or an error naming the line: what can fail, checked before the slow part."""
+    check_enough_records(task, max(shots))
+    check_encodable(tokenizer, task)
+    for q, order in zip(*query_plan(task, n_queries, seed)):
+        encode_query(tokenizer, task, query_prompt(task, q, order, max(shots)), task.records[q],
+                     max(shots), block_size)
+
+
 def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0, log=None,
                   use_cache=True, on_query=None):
     """Accuracy of the model on `task` for each k in `shots`: a list of per-k result dicts.
 
-    The queries are a random sample of n_queries records (all when None or more than the
-    records), the same for every k.
+    The queries (`query_plan`) are the same for every k.
     on_query(), if given, is called once per query scored (len(shots) times per query).
     """
-    check_enough_records(task, max(shots))
-    check_encodable(tokenizer, task)
-    rng = onp.random.default_rng(seed)
-    n = len(task.records)
-    queries = [int(i) for i in rng.permutation(n)[:n_queries or n]]
-    orders = demo_orders(n, queries, rng)
-    for q, order in zip(queries, orders):  # the longest prompts first: fail before the slow part
-        record = task.records[q]
-        prompt = build_prompt(task.instruction, [task.records[i] for i in order[:max(shots)]],
-                              record["input"])
-        answer = max([record["output"], *(task.choices or ())], key=len)
-        check_fits(len(encode_for(tokenizer, prompt + answer + "\n", task, record)),
-                   config.block_size, task, record, max(shots))
+    check_task(tokenizer, config.block_size, task, shots, n_queries, seed)
+    queries, orders = query_plan(task, n_queries, seed)
     results = []
     for k in shots:
-        prompts = [build_prompt(task.instruction, [task.records[i] for i in order[:k]],
-                                task.records[q]["input"]) for q, order in zip(queries, orders)]
+        prompts = [query_prompt(task, q, order, k) for q, order in zip(queries, orders)]
         correct = sum(score_queries(params, config, tokenizer, task, prompts,
                                     [task.records[q] for q in queries], k, use_cache=use_cache,
                                     on_query=on_query))
@@ -592,7 +631,8 @@ def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=
                 icl_windows=ICL_WINDOWS, log=None, use_cache=True, progress=None):
     """What `tinyllm fewshot` does: score a checkpoint on task files for each k in `shots`.
 
-    Every task file is read and checked before the model is loaded (the slow part comes last).
+    Every task file is read and checked before the model is loaded, and every task's texts and
+    prompts against its tokenizer and context before any task is scored (the slow part).
     Returns the results file's content (see the module docstring); `write_results` saves it.
     `use_cache=False` decodes greedy answers without the key/value cache (same answers).
     `progress(total)`, if given, makes a `progress.Counting` (or alike) of the queries to score:
@@ -618,6 +658,8 @@ def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=
                                " tokens, too few for the in-context learning score (it needs"
                                f" {config.block_size + 1}): give a longer text, or"
                                " --icl-windows 0 to skip it")
+    for task in tasks:  # every task's texts and prompts, before any is scored
+        check_task(ckpt.tokenizer, config.block_size, task, shots, n_queries, seed)
     total = len(shots) * sum(min(n_queries or len(t.records), len(t.records)) for t in tasks)
     shown = progress(total) if progress else None
     say = shown.message if shown else log

@@ -218,7 +218,7 @@ def _start_ids(tokenizer, eot):
 
 def check_sampling_args(temperature, top_k, top_p, max_new_tokens):
     """One-line errors for sampling settings that make no sense."""
-    if temperature < 0:
+    if not temperature >= 0:  # written so that NaN fails it too
         raise TinyLLMError(f"--temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise TinyLLMError(f"--top-k must be at least 1, got {top_k}")
