@@ -263,6 +263,21 @@ def test_bad_jsonl_names_line(tmp_path):
         read_pairs(str(path))
 
 
+@pytest.mark.parametrize("line, words", [
+    ('{"source": "a\\ud800", "target": "b"}', ["line 2", "source", "unpaired surrogate"]),
+    ('{"source": "a", "target": "\\udfff"}', ["line 2", "target", "unpaired surrogate"]),
+    ("[" * 100_000 + "]" * 100_000, ["line 2", "nested too deeply"]),
+])
+def test_jsonl_lines_python_cannot_take_are_one_line_errors(tmp_path, line, words):
+    # a lone surrogate escape passes json.loads and then broke the sha256 of the data (and the
+    # tokenizer); nesting past the stack raised RecursionError: both were tracebacks
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"source": "a", "target": "b"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(TinyLLMError) as err:
+        read_pairs(str(path))
+    assert all(word in str(err.value) for word in [str(path), *words]), str(err.value)
+
+
 def test_readable_pairs_worked_example():
     tok = CharTokenizer.train("abc", SEQ2SEQ_SPECIAL_TOKENS)
     pairs = [Pair("ab", "é", "f line 1"), Pair("aé", "b", "f line 2"),

@@ -91,14 +91,30 @@ def _parse_tsv_line(line, where):
 
 
 def _parse_json_line(line, where):
+    """'{"source": "a", "target": "b"}' -> ('a', 'b'), or a one-line error naming the line."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise TinyLLMError(f"{where}: not valid JSON ({err.msg})") from None
+    except RecursionError:  # [[[[...]]]] nested deeper than Python's stack
+        raise TinyLLMError(f"{where}: JSON nested too deeply to be a pair") from None
     if not isinstance(record, dict) or not all(
             isinstance(record.get(key), str) for key in ("source", "target")):
         raise TinyLLMError(f"{where}: expected an object with string fields \"source\" and \"target\"")
+    for key in ("source", "target"):
+        if not _utf8_encodable(record[key]):
+            raise TinyLLMError(f"{where}: the {key} holds an unpaired surrogate escape (such as"
+                               " \\ud800), which is no character: UTF-8 text cannot hold it")
     return record["source"], record["target"]
+
+
+def _utf8_encodable(text):
+    """False for a string holding a lone surrogate, as json.loads makes of "\\ud800"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- the embedded task
