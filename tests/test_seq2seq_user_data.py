@@ -2,6 +2,7 @@
 or whose total is already passed, and flags that would do nothing in the combination given."""
 
 import json
+import os
 import re
 
 import numpy as onp
@@ -204,3 +205,53 @@ def test_cut_translations_of_pad_tokens_are_counted(long_targets_run, monkeypatc
     assert result.exit_code == 0, result.output
     assert "note: 10 translations reached the length limit of 71 tokens" in result.output
     assert "10 pairs: exact match 0.0%" in result.output
+
+
+def stored_data(out, value):
+    """Make the run in `out` say its pairs are at `value`, as a run directory from elsewhere may."""
+    config = out / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "data": value}),
+                      encoding="utf-8")
+
+
+def test_a_stored_path_is_read_only_as_a_regular_file_and_only_as_the_run_s_pairs(tmp_path):
+    # the path in config.json is untrusted: a FIFO was opened and waited on for 10 s, and any
+    # other file was parsed as pairs, its line numbers and faults shown before the sha256 check
+    path, out = pairs(tmp_path), tmp_path / "run"
+    train(path, out, "--max-iters", 2, "--eval-interval", 2)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    stored_data(out, str(fifo))
+    assert_user_error(invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 3),
+                      str(fifo), "not a regular file")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0\n\tkey\n", encoding="utf-8")
+    stored_data(out, str(secret))
+    result = invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 3)
+    assert_user_error(result, str(secret), "has changed since the run began")
+    assert "line" not in result.output and "tab" not in result.output, result.output
+
+
+def test_a_stored_task_name_is_never_read_as_a_file(tmp_path, monkeypatch):
+    from tinyllm import seq2seq_data
+
+    train_pairs, held = seq2seq_data.dates_task()
+    monkeypatch.setitem(seq2seq_data.EMBEDDED_TASKS, "dates", lambda: (train_pairs[:50], held[:5]))
+    out = tmp_path / "run"
+    train("dates", out, "--block-size", 32, "--max-iters", 1)
+    assert json.loads((out / "config.json").read_text())["data"] == "dates"
+    monkeypatch.chdir(tmp_path)
+    pairs(tmp_path, name="dates")  # a file that happens to bear the task's name
+    result = invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 2)
+    assert result.exit_code == 0 and "data: dates" in result.output, result.output
+
+
+def test_text_moved_across_the_tab_is_a_change_of_data(tmp_path):
+    # the stored sha256 was of the sides run together: "ab<TAB>c" and "a<TAB>bc" had the same
+    path, out = tmp_path / "pairs.tsv", tmp_path / "run"
+    lines = [f"{i}\t{'x' * (i % 5 + 1)}\n" for i in range(20)]
+    path.write_text("".join(lines), encoding="utf-8")
+    train(path, out, "--max-iters", 2, "--eval-interval", 2)
+    path.write_text("".join([lines[0], "1x\tx\n", *lines[2:]]), encoding="utf-8")  # "1<TAB>xx"
+    assert_user_error(invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 3),
+                      "has changed")

@@ -46,12 +46,20 @@ class Pair:
 # ----------------------------------------------------------------------------- reading files
 
 
-def read_pairs(path, min_pairs=1):
+def read_pairs(path, min_pairs=1, allow_pipe=True):
     """Read a TSV or JSONL PAIRS file (see the module docstring) -> list of Pair.
+
+    allow_pipe=False reads only a regular file: for a path stored in a run directory.
+    """
+    return parse_pairs(read_text_file(path, allow_pipe=allow_pipe), path, min_pairs)
+
+
+def parse_pairs(text, path, min_pairs=1):
+    """The pairs of the text of the PAIRS file `path` (its name tells TSV from JSONL).
 
     A byte-order mark (Windows editors write one) is dropped: it is no part of the first source.
     """
-    text = read_text_file(path).removeprefix("\ufeff")
+    text = text.removeprefix("\ufeff")
     jsonl = path.lower().endswith((".jsonl", ".json"))
     pairs, errors, first = [], RecordErrors(), True
     for number, line in enumerate(split_lines(text), start=1):
