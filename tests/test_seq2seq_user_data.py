@@ -8,6 +8,8 @@ import re
 import numpy as onp
 import pytest
 
+from tinyllm.errors import TinyLLMError
+
 from test_cli_seq2seq import TINY, assert_user_error, invoke
 
 
@@ -255,3 +257,33 @@ def test_text_moved_across_the_tab_is_a_change_of_data(tmp_path):
     path.write_text("".join([lines[0], "1x\tx\n", *lines[2:]]), encoding="utf-8")  # "1<TAB>xx"
     assert_user_error(invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 3),
                       "has changed")
+
+
+def test_a_beam_too_wide_for_memory_is_refused_before_decoding(long_targets_run, monkeypatch):
+    # --beam-size 1,048,576 passed the option's bound and ran until numpy's MemoryError (a
+    # traceback) or the swap: each hypothesis holds a key/value cache of the whole context
+    from tinyllm import decoding, seq2seq_run, train as train_module
+
+    path, out = long_targets_run
+    monkeypatch.setattr(train_module, "available_memory", lambda: 10**9)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("beam search began")
+
+    monkeypatch.setattr(decoding, "beam_search", must_not_run)
+    for args in (["1"], ["--data", path]):
+        result = invoke("seq2seq", "translate", "--checkpoint", out, *args, "--beam-size", 1048576)
+        assert_user_error(result, "beam search with --beam-size 1,048,576", "GB of memory")
+    # the estimate: 1 layer x (keys, values) x 80 positions x 16 channels x 4 bytes, twice,
+    # plus three float64 scores over the 14 tokens, per hypothesis
+    monkeypatch.setattr(train_module, "available_memory", lambda: 4 * (20480 + 336))
+    seq2seq_run.check_beam_memory(load_run_config(out), 4, 4)
+    with pytest.raises(TinyLLMError, match="--beam-size 5"):
+        seq2seq_run.check_beam_memory(load_run_config(out), 5, 4)
+
+
+def load_run_config(out):
+    from tinyllm.checkpoint import load_checkpoint
+
+    return load_checkpoint(str(out), kind="seq2seq").model_config
+

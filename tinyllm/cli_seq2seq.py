@@ -18,7 +18,8 @@ from .progress import Counting
 from .seq2seq import POSITIONS, Seq2SeqConfig
 from .seq2seq_data import read_pairs, readable_pairs
 from .seq2seq_run import (EVAL_EXAMPLES, LABEL_SMOOTHING, SCHEDULE, SCHEDULES, SEQ2SEQ_RUN,
-                          SEQ2SEQ_TRAIN, check_training_options, score_pairs, train_seq2seq)
+                          SEQ2SEQ_TRAIN, check_beam_memory, check_training_options, score_pairs,
+                          train_seq2seq)
 
 # The defaults of `tinyllm seq2seq train` are the model config's and the run module's own.
 MODEL = Seq2SeqConfig()
@@ -157,6 +158,8 @@ def translate_command(texts, checkpoint, data, beam_size, length_penalty, max_le
     if not data and flag_given("show"):
         raise TinyLLMError("--show is for --data: every TEXT given is translated and printed")
     ckpt = load_checkpoint(checkpoint, kind="seq2seq")
+    if beam_size > 1:
+        check_beam_memory(ckpt.model_config, beam_size, ckpt.params["src_wte"].dtype.itemsize)
     args = dict(beam_size=beam_size, alpha=length_penalty, max_len=max_len, use_cache=not no_cache)
     if texts:
         for output in translate_texts(ckpt.params, ckpt.model_config, ckpt.tokenizer, list(texts),
