@@ -287,3 +287,12 @@ def load_run_config(out):
 
     return load_checkpoint(str(out), kind="seq2seq").model_config
 
+
+@pytest.mark.parametrize("alpha", ["10.5", "1e308"])
+def test_a_length_penalty_past_any_use_is_refused(long_targets_run, alpha):
+    # ((5 + n) / 6)^alpha overflowed a float in beam search: an OverflowError traceback
+    path, out = long_targets_run
+    result = invoke("seq2seq", "translate", "--checkpoint", out, "1", "--beam-size", 2,
+                    "--length-penalty", alpha)
+    assert result.exit_code == 2 and "Invalid value for '--length-penalty'" in result.output
+    assert "must be at most 10" in result.output and "Traceback" not in result.output
