@@ -227,6 +227,7 @@ def test_jsonl_pairs(tmp_path):
     ("a\tb\nno tab here\n", ["line 2", "no tab"]),
     ("a\tb\n\tb\n", ["line 2", "source is empty"]),
     ("a\t \n", ["line 1", "target is empty"]),
+    ("source,target\nOpen,Ouvrir\n", ["line 1", "no tab", "TSV or JSONL, not CSV"]),
 ])
 def test_bad_tsv_lines_name_file_and_line(tmp_path, content, words):
     path = tmp_path / "bad.tsv"

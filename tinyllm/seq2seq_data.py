@@ -93,7 +93,9 @@ def _pair(line, where, jsonl):
 def _parse_tsv_line(line, where):
     """'a<TAB>b<TAB>c' -> ('a', 'b<TAB>c'): split on the first tab only."""
     if "\t" not in line:
-        raise TinyLLMError(f"{where}: no tab between source and target (expected source<TAB>target)")
+        hint = "; a PAIRS file is TSV or JSONL, not CSV" if "," in line else ""
+        raise TinyLLMError(f"{where}: no tab between source and target (expected source<TAB>target"
+                           f"{hint})")
     source, target = line.split("\t", 1)
     return source, target
 
