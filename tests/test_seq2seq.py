@@ -227,6 +227,7 @@ def test_jsonl_pairs(tmp_path):
     ("a\tb\nno tab here\n", ["line 2", "no tab"]),
     ("a\tb\n\tb\n", ["line 2", "source is empty"]),
     ("a\t \n", ["line 1", "target is empty"]),
+    ("source,target\nOpen,Ouvrir\n", ["line 1", "no tab", "TSV or JSONL, not CSV"]),
 ])
 def test_bad_tsv_lines_name_file_and_line(tmp_path, content, words):
     path = tmp_path / "bad.tsv"
@@ -261,6 +262,21 @@ def test_bad_jsonl_names_line(tmp_path):
     path.write_text('{"source": "a", "target": "b"}\n{"source": "a"}\n')
     with pytest.raises(TinyLLMError, match="line 2"):
         read_pairs(str(path))
+
+
+@pytest.mark.parametrize("line, words", [
+    ('{"source": "a\\ud800", "target": "b"}', ["line 2", "source", "unpaired surrogate"]),
+    ('{"source": "a", "target": "\\udfff"}', ["line 2", "target", "unpaired surrogate"]),
+    ("[" * 100_000 + "]" * 100_000, ["line 2", "nested too deeply"]),
+])
+def test_jsonl_lines_python_cannot_take_are_one_line_errors(tmp_path, line, words):
+    # a lone surrogate escape passes json.loads and then broke the sha256 of the data (and the
+    # tokenizer); nesting past the stack raised RecursionError: both were tracebacks
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"source": "a", "target": "b"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(TinyLLMError) as err:
+        read_pairs(str(path))
+    assert all(word in str(err.value) for word in [str(path), *words]), str(err.value)
 
 
 def test_readable_pairs_worked_example():

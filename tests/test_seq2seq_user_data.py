@@ -2,10 +2,13 @@
 or whose total is already passed, and flags that would do nothing in the combination given."""
 
 import json
+import os
 import re
 
 import numpy as onp
 import pytest
+
+from tinyllm.errors import TinyLLMError
 
 from test_cli_seq2seq import TINY, assert_user_error, invoke
 
@@ -204,3 +207,92 @@ def test_cut_translations_of_pad_tokens_are_counted(long_targets_run, monkeypatc
     assert result.exit_code == 0, result.output
     assert "note: 10 translations reached the length limit of 71 tokens" in result.output
     assert "10 pairs: exact match 0.0%" in result.output
+
+
+def stored_data(out, value):
+    """Make the run in `out` say its pairs are at `value`, as a run directory from elsewhere may."""
+    config = out / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "data": value}),
+                      encoding="utf-8")
+
+
+def test_a_stored_path_is_read_only_as_a_regular_file_and_only_as_the_run_s_pairs(tmp_path):
+    # the path in config.json is untrusted: a FIFO was opened and waited on for 10 s, and any
+    # other file was parsed as pairs, its line numbers and faults shown before the sha256 check
+    path, out = pairs(tmp_path), tmp_path / "run"
+    train(path, out, "--max-iters", 2, "--eval-interval", 2)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    stored_data(out, str(fifo))
+    assert_user_error(invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 3),
+                      str(fifo), "not a regular file")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0\n\tkey\n", encoding="utf-8")
+    stored_data(out, str(secret))
+    result = invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 3)
+    assert_user_error(result, str(secret), "has changed since the run began")
+    assert "line" not in result.output and "tab" not in result.output, result.output
+
+
+def test_a_stored_task_name_is_never_read_as_a_file(tmp_path, monkeypatch):
+    from tinyllm import seq2seq_data
+
+    train_pairs, held = seq2seq_data.dates_task()
+    monkeypatch.setitem(seq2seq_data.EMBEDDED_TASKS, "dates", lambda: (train_pairs[:50], held[:5]))
+    out = tmp_path / "run"
+    train("dates", out, "--block-size", 32, "--max-iters", 1)
+    assert json.loads((out / "config.json").read_text())["data"] == "dates"
+    monkeypatch.chdir(tmp_path)
+    pairs(tmp_path, name="dates")  # a file that happens to bear the task's name
+    result = invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 2)
+    assert result.exit_code == 0 and "data: dates" in result.output, result.output
+
+
+def test_text_moved_across_the_tab_is_a_change_of_data(tmp_path):
+    # the stored sha256 was of the sides run together: "ab<TAB>c" and "a<TAB>bc" had the same
+    path, out = tmp_path / "pairs.tsv", tmp_path / "run"
+    lines = [f"{i}\t{'x' * (i % 5 + 1)}\n" for i in range(20)]
+    path.write_text("".join(lines), encoding="utf-8")
+    train(path, out, "--max-iters", 2, "--eval-interval", 2)
+    path.write_text("".join([lines[0], "1x\tx\n", *lines[2:]]), encoding="utf-8")  # "1<TAB>xx"
+    assert_user_error(invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 3),
+                      "has changed")
+
+
+def test_a_beam_too_wide_for_memory_is_refused_before_decoding(long_targets_run, monkeypatch):
+    # --beam-size 1,048,576 passed the option's bound and ran until numpy's MemoryError (a
+    # traceback) or the swap: each hypothesis holds a key/value cache of the whole context
+    from tinyllm import decoding, seq2seq_run, train as train_module
+
+    path, out = long_targets_run
+    monkeypatch.setattr(train_module, "available_memory", lambda: 10**9)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("beam search began")
+
+    monkeypatch.setattr(decoding, "beam_search", must_not_run)
+    for args in (["1"], ["--data", path]):
+        result = invoke("seq2seq", "translate", "--checkpoint", out, *args, "--beam-size", 1048576)
+        assert_user_error(result, "beam search with --beam-size 1,048,576", "GB of memory")
+    # the estimate: 1 layer x (keys, values) x 80 positions x 16 channels x 4 bytes, twice,
+    # plus three float64 scores over the 14 tokens, per hypothesis
+    monkeypatch.setattr(train_module, "available_memory", lambda: 4 * (20480 + 336))
+    seq2seq_run.check_beam_memory(load_run_config(out), 4, 4)
+    with pytest.raises(TinyLLMError, match="--beam-size 5"):
+        seq2seq_run.check_beam_memory(load_run_config(out), 5, 4)
+
+
+def load_run_config(out):
+    from tinyllm.checkpoint import load_checkpoint
+
+    return load_checkpoint(str(out), kind="seq2seq").model_config
+
+
+@pytest.mark.parametrize("alpha", ["10.5", "1e308"])
+def test_a_length_penalty_past_any_use_is_refused(long_targets_run, alpha):
+    # ((5 + n) / 6)^alpha overflowed a float in beam search: an OverflowError traceback
+    path, out = long_targets_run
+    result = invoke("seq2seq", "translate", "--checkpoint", out, "1", "--beam-size", 2,
+                    "--length-penalty", alpha)
+    assert result.exit_code == 2 and "Invalid value for '--length-penalty'" in result.output
+    assert "must be at most 10" in result.output and "Traceback" not in result.output

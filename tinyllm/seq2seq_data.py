@@ -46,12 +46,20 @@ class Pair:
 # ----------------------------------------------------------------------------- reading files
 
 
-def read_pairs(path, min_pairs=1):
+def read_pairs(path, min_pairs=1, allow_pipe=True):
     """Read a TSV or JSONL PAIRS file (see the module docstring) -> list of Pair.
+
+    allow_pipe=False reads only a regular file: for a path stored in a run directory.
+    """
+    return parse_pairs(read_text_file(path, allow_pipe=allow_pipe), path, min_pairs)
+
+
+def parse_pairs(text, path, min_pairs=1):
+    """The pairs of the text of the PAIRS file `path` (its name tells TSV from JSONL).
 
     A byte-order mark (Windows editors write one) is dropped: it is no part of the first source.
     """
-    text = read_text_file(path).removeprefix("\ufeff")
+    text = text.removeprefix("\ufeff")
     jsonl = path.lower().endswith((".jsonl", ".json"))
     pairs, errors, first = [], RecordErrors(), True
     for number, line in enumerate(split_lines(text), start=1):
@@ -85,20 +93,38 @@ def _pair(line, where, jsonl):
 def _parse_tsv_line(line, where):
     """'a<TAB>b<TAB>c' -> ('a', 'b<TAB>c'): split on the first tab only."""
     if "\t" not in line:
-        raise TinyLLMError(f"{where}: no tab between source and target (expected source<TAB>target)")
+        hint = "; a PAIRS file is TSV or JSONL, not CSV" if "," in line else ""
+        raise TinyLLMError(f"{where}: no tab between source and target (expected source<TAB>target"
+                           f"{hint})")
     source, target = line.split("\t", 1)
     return source, target
 
 
 def _parse_json_line(line, where):
+    """'{"source": "a", "target": "b"}' -> ('a', 'b'), or a one-line error naming the line."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise TinyLLMError(f"{where}: not valid JSON ({err.msg})") from None
+    except RecursionError:  # [[[[...]]]] nested deeper than Python's stack
+        raise TinyLLMError(f"{where}: JSON nested too deeply to be a pair") from None
     if not isinstance(record, dict) or not all(
             isinstance(record.get(key), str) for key in ("source", "target")):
         raise TinyLLMError(f"{where}: expected an object with string fields \"source\" and \"target\"")
+    for key in ("source", "target"):
+        if not _utf8_encodable(record[key]):
+            raise TinyLLMError(f"{where}: the {key} holds an unpaired surrogate escape (such as"
+                               " \\ud800), which is no character: UTF-8 text cannot hold it")
     return record["source"], record["target"]
+
+
+def _utf8_encodable(text):
+    """False for a string holding a lone surrogate, as json.loads makes of "\\ud800"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- the embedded task

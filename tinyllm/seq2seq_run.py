@@ -4,21 +4,24 @@ and scoring one on a PAIRS file (`tinyllm seq2seq translate --data`).
 A run directory is a standard tinyllm checkpoint (see tinyllm/checkpoint.py) with "kind": "seq2seq",
 "model": the Seq2SeqConfig fields, and three more fields in config.json: "label_smoothing",
 "schedule" ("cosine" or "noam") and "data" (the PAIRS path, or null for the embedded task) with
-its "data_sha256". The tokenizer is a char tokenizer over both sides with the special tokens
-<pad>, <bos> and <eos>.
+its "data_sha256" (of the pairs written as JSON, [["source", "target"], ...]). The tokenizer is
+a char tokenizer over both sides with the special tokens <pad>, <bos> and <eos>.
 """
 
+import json
 from dataclasses import replace
 
 from .bleu import corpus_bleu, exact_match
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .data import read_text_file
 from .decoding import default_max_len, translate, translate_texts
 from .errors import TinyLLMError
 from .models import count_params
 from .seq2seq import init_seq2seq, seq2seq_loss
-from .seq2seq_data import (EMBEDDED_TASKS, SEQ2SEQ_SPECIAL_TOKENS, encode_pairs, encoding_problem,
-                           get_pair_batch, load_pairs, make_arrays, pairs_text, repeated_pairs)
+from .seq2seq_data import (DEFAULT_TASK, EMBEDDED_TASKS, SEQ2SEQ_SPECIAL_TOKENS, encode_pairs,
+                           encoding_problem, get_pair_batch, load_pairs, make_arrays, pairs_text,
+                           parse_pairs, repeated_pairs, split_pairs)
 from .tokenizers import CharTokenizer
 from .train import (TrainingClock, check_memory, check_resumed_total, check_still_there,
                     earlier_train_seconds, gpt_param_count, gpt_step_bytes, prepare_out_dir,
@@ -84,18 +87,18 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
         ckpt = load_checkpoint(out_dir, with_optimizer=True, kind="seq2seq")
         check_resumed_total(max_iters, ckpt.iter, out_dir)
         model_config, tokenizer = ckpt.model_config, ckpt.tokenizer
-        data = data or stored_pairs(ckpt.meta, out_dir)  # --data: the same pairs, moved
         label_smoothing, schedule = ckpt.meta["label_smoothing"], ckpt.meta["schedule"]
         tc = replace(ckpt.train_config, max_iters=max_iters or ckpt.train_config.max_iters)
     tc.validate()
     check_training_options(label_smoothing, schedule)
-    train_pairs, held_pairs = load_pairs(data)
-    text = pairs_text(train_pairs + held_pairs)
-    fingerprint = text_fingerprint(text)
-    if resume and not any(same_fingerprint(ckpt.meta.get("data_sha256"), t)
-                          for t in (text, "\ufeff" + text)):  # a run begun when a BOM was kept
-        raise TinyLLMError(f"--resume: the data {data!r} has changed since the run began")
+    if resume:  # --data: where the run's own pairs are now, if they moved
+        train_pairs, held_pairs = resumed_pairs(ckpt.meta, out_dir, data)
+        data = data or ckpt.meta.get("data")
+    else:
+        train_pairs, held_pairs = load_pairs(data)
+    fingerprint = text_fingerprint(fingerprinted_text(train_pairs + held_pairs))
     if not resume:
+        text = pairs_text(train_pairs + held_pairs)
         tokenizer = CharTokenizer.train(text, SEQ2SEQ_SPECIAL_TOKENS)
         model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
     model_config.validate()
@@ -175,6 +178,20 @@ def score_pairs(params, config, tokenizer, pairs, max_len=None, **search):
             "unwritable": [problem for problem in problems if problem]}
 
 
+def check_beam_memory(config, beam_size, itemsize):
+    """Refuse a --beam-size whose hypotheses cannot fit in free memory (a one-line error, where
+    numpy would stop with a MemoryError deep in the search, or the machine would swap).
+
+    Each hypothesis holds its decoder key/value cache, n_layer x (keys, values) x block_size x
+    n_embd numbers, copied when the beam is reordered (so twice), and each step scores it over the
+    vocabulary in float64 (log-probabilities, totals, sort indices: three arrays). Example: the
+    default model (2 layers, context 64, width 64, vocab 40) in float32 -> 132,032 bytes each.
+    """
+    cache = 2 * config.n_layer * 2 * config.block_size * config.n_embd * itemsize
+    scores = 3 * config.vocab_size * 8
+    check_memory(beam_size * (cache + scores), f"beam search with --beam-size {beam_size:,}")
+
+
 def room_to_score(tokenizer, config, pairs, writable):
     """The default length limit for scoring pairs: as far as `translate` lets any text run, or the
     longest writable target and one token more if that is longer (within the context). So the
@@ -195,12 +212,46 @@ def target_length(tokenizer, target):
         return len(tokenizer.encode(target.strip()))
 
 
-def stored_pairs(meta, out_dir):
-    """The PAIRS file a resumed run reads again (None: the embedded task), if it is still there."""
-    data = meta.get("data")
-    if data and data not in EMBEDDED_TASKS:
-        check_still_there(data, out_dir)
-    return data
+def resumed_pairs(meta, out_dir, data=None):
+    """The (train, held-out) pairs of the run in out_dir, returned only if they are the pairs it
+    began with (their sha256 matches). `data` (--resume --data FILE) says where they are now.
+
+    Without it, the path stored in the run directory is read, and that path is untrusted: it is
+    read only as a regular file (never a FIFO), and a file that no longer reads as pairs is
+    reported as changed, without a word of what its lines hold.
+    """
+    stored = meta.get("data")
+    changed = TinyLLMError(f"--resume: the data {data or stored or DEFAULT_TASK!r} of the run in"
+                           f" {out_dir} has changed since the run began (its sha256 differs)")
+    if data is not None:
+        pairs = load_pairs(data)
+    elif stored is None or stored in EMBEDDED_TASKS:  # a name, never a file of that name
+        pairs = EMBEDDED_TASKS[stored or DEFAULT_TASK]()
+    else:
+        check_still_there(stored, out_dir)
+        text = read_text_file(stored, allow_pipe=False)
+        try:
+            pairs = split_pairs(parse_pairs(text, stored, min_pairs=2))
+        except TinyLLMError:
+            raise changed from None
+    if not same_pairs(meta.get("data_sha256"), pairs[0] + pairs[1]):
+        raise changed
+    return pairs
+
+
+def fingerprinted_text(pairs):
+    """The text whose sha256 a run stores to know its pairs again: the pairs as JSON, each side
+    apart, so that text moved across the tab ("ab<TAB>c" -> "a<TAB>bc") changes it.
+    Example: [Pair("ab", "c", ...)] -> '[["ab", "c"]]'."""
+    return json.dumps([[p.source, p.target] for p in pairs])
+
+
+def same_pairs(stored, pairs):
+    """Do `pairs` have the stored fingerprint? Runs begun before fingerprinted_text stored the
+    sha256 of pairs_text, the sides run together, some with a byte-order mark kept in front."""
+    joined = pairs_text(pairs)
+    return any(same_fingerprint(stored, text)
+               for text in (fingerprinted_text(pairs), joined, "\ufeff" + joined))
 
 
 def check_training_options(label_smoothing, schedule):
