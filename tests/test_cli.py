@@ -324,6 +324,16 @@ def test_generate_from_a_missing_checkpoint(tmp_path):
                       "not found")
 
 
+def test_out_of_memory_is_one_line_not_a_traceback(trained_run, monkeypatch):
+    def too_big(*args, **kwargs):
+        raise MemoryError("Unable to allocate 64.0 GiB for an array")
+
+    monkeypatch.setattr("tinyllm.instruct_run.load_generator", too_big)
+    result = invoke("generate", "--checkpoint", trained_run[0], "--prompt", "The")
+    assert_user_error(result, "out of memory", "--batch-size")
+    assert result.exit_code == 1
+
+
 def test_generate_from_a_truncated_model(run_copy):
     path = checkpoint_paths(str(run_copy))["model"]
     with open(path, "r+b") as f:

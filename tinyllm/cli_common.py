@@ -29,6 +29,11 @@ def user_errors(command):
         except OSError as err:  # the file system said no: a full disk, a read-only mount, ...
             where = f"{err.filename}: " if err.filename else ""
             raise click.ClickException(f"{where}{err.strerror or err}") from None
+        except MemoryError:  # an array numpy could not allocate; a training run keeps its last
+            # checkpoint, as after any stop, and the estimate the big cases are checked by first
+            # (train.check_memory) cannot foresee every array
+            raise click.ClickException("out of memory: try a smaller --batch-size, a smaller model"
+                                       " or context, or a smaller input") from None
         except TrainingInterrupted as stop:
             _ignore_further_interrupts()  # the checkpoint is saved: a second Ctrl-C changes nothing
             ctx = click.get_current_context(silent=True)
