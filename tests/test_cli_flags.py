@@ -19,9 +19,9 @@ ZERO_OK = {"--min-lr", "--warmup-iters", "--weight-decay", "--grad-clip", "--dro
            "--icl-windows", "--lora-rank", "--length-penalty", "--show", "--layer", "--head",
            "--seed", "--split-seed", "--patience"}
 # Flags that rightly take large values (step counts, rates and decays have no memory cost).
+# Not --length-penalty: past 10 its ((5 + n) / 6)^alpha overflows a float (MAX_LENGTH_PENALTY).
 LARGE_OK = {"--max-iters", "--eval-interval", "--warmup-iters", "--weight-decay", "--grad-clip",
-            "--temperature", "--length-penalty", "--lr", "--min-lr", "--seed", "--split-seed",
-            "--epochs"}
+            "--temperature", "--lr", "--min-lr", "--seed", "--split-seed", "--epochs"}
 LEAD_OWNED = {"--lora-alpha"}  # fine-tuning-run settings checked by tinyllm/finetune_runs.py
 
 
