@@ -296,3 +296,28 @@ def test_a_length_penalty_past_any_use_is_refused(long_targets_run, alpha):
                     "--length-penalty", alpha)
     assert result.exit_code == 2 and "Invalid value for '--length-penalty'" in result.output
     assert "must be at most 10" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("name, content, hint", [
+    ("pairs.txt", '{"source": "a", "target": "b"}\n', "a JSONL file must be named .jsonl"),
+    ("pairs.json", "a\tb\n", "a TSV file must not be named .jsonl or .json"),
+    ("pairs.csv", "a,b\n", "a PAIRS file is TSV or JSONL, not CSV"),
+])
+def test_a_file_in_the_other_format_is_named_as_such(tmp_path, name, content, hint):
+    # JSONL saved as pairs.txt was read as TSV and refused with "TSV or JSONL, not CSV" (its
+    # commas), which sent the user away from the format the file was in
+    path = tmp_path / name
+    path.write_text(content * 3, encoding="utf-8")
+    result = invoke("seq2seq", "train", "--data", path, "--out", tmp_path / "run", *TINY)
+    assert_user_error(result, f"{path} line 1", hint)
+
+
+def test_every_pair_too_long_for_the_context_is_counted_in_the_one_error(tmp_path):
+    # the first one alone was named: a user mended a file of thousands one line per run
+    path = tmp_path / "long.tsv"
+    path.write_text("".join(f"{i}\t{'x' * (20 if i % 7 == 3 else 3)}\n" for i in range(30)),
+                    encoding="utf-8")
+    result = invoke("seq2seq", "train", "--data", path, "--out", tmp_path / "run", *TINY)
+    assert_user_error(result, f"{path} line 4: the target has 20 tokens", "and 3 more bad records",
+                      f"{path} line 11", f"{path} line 18", f"{path} line 25")
+    assert not (tmp_path / "run").exists()

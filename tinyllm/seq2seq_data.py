@@ -93,7 +93,10 @@ def _pair(line, where, jsonl):
 def _parse_tsv_line(line, where):
     """'a<TAB>b<TAB>c' -> ('a', 'b<TAB>c'): split on the first tab only."""
     if "\t" not in line:
-        hint = "; a PAIRS file is TSV or JSONL, not CSV" if "," in line else ""
+        if line.lstrip().startswith("{"):  # JSONL under another name: the name tells them apart
+            hint = "; a JSONL file must be named .jsonl or .json to be read as JSONL"
+        else:
+            hint = "; a PAIRS file is TSV or JSONL, not CSV" if "," in line else ""
         raise TinyLLMError(f"{where}: no tab between source and target (expected source<TAB>target"
                            f"{hint})")
     source, target = line.split("\t", 1)
@@ -105,7 +108,8 @@ def _parse_json_line(line, where):
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise TinyLLMError(f"{where}: not valid JSON ({err.msg})") from None
+        hint = "; a TSV file must not be named .jsonl or .json" if "\t" in line else ""
+        raise TinyLLMError(f"{where}: not valid JSON ({err.msg}{hint})") from None
     except RecursionError:  # [[[[...]]]] nested deeper than Python's stack
         raise TinyLLMError(f"{where}: JSON nested too deeply to be a pair") from None
     if not isinstance(record, dict) or not all(
@@ -252,12 +256,17 @@ def readable_pairs(tokenizer, pairs, block_size):
 
 
 def encode_pairs(tokenizer, pairs, block_size):
-    """Pairs -> (source ids list, target ids list); a target needs room for <bos>/<eos>."""
-    sources, targets = [], []
+    """Pairs -> (source ids list, target ids list); a target needs room for <bos>/<eos>.
+    Every pair too long for the context is counted in the one error (RecordErrors)."""
+    sources, targets, errors = [], [], RecordErrors()
     for pair in pairs:
-        sources.append(encode_source(tokenizer, pair.source, block_size, pair.where))
-        # the target shares the context with its <bos> (decoder input) or <eos> (output)
-        targets.append(encode_source(tokenizer, pair.target, block_size - 1, pair.where, "target"))
+        with errors.gathered():
+            source = encode_source(tokenizer, pair.source, block_size, pair.where)
+            # the target shares the context with its <bos> (decoder input) or <eos> (output)
+            target = encode_source(tokenizer, pair.target, block_size - 1, pair.where, "target")
+            sources.append(source)
+            targets.append(target)
+    errors.raise_any()
     return sources, targets
 
 

@@ -265,8 +265,10 @@ def check_training_options(label_smoothing, schedule):
 
 def split_arrays(tokenizer, block_size, train_pairs, held_pairs):
     """Encode both splits and pad them to the same lengths: {"train": arrays, "val": arrays}."""
-    encoded = {"train": encode_pairs(tokenizer, train_pairs, block_size),
-               "val": encode_pairs(tokenizer, held_pairs, block_size)}
+    # both splits at once, so that one error counts every pair too long for the context
+    src_ids, tgt_ids = encode_pairs(tokenizer, train_pairs + held_pairs, block_size)
+    n = len(train_pairs)
+    encoded = {"train": (src_ids[:n], tgt_ids[:n]), "val": (src_ids[n:], tgt_ids[n:])}
     src_len = max(len(s) for sources, _ in encoded.values() for s in sources)
     tgt_len = max(len(t) for _, targets in encoded.values() for t in targets) + 1
     return {split: make_arrays(src, tgt, tokenizer.special_tokens, src_len, tgt_len)
