@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from tinyllm.decoding import (Output, Translation, _strip, beam_search, greedy_decode,
                               length_penalty, translate, translate_texts)
+from tinyllm.errors import TinyLLMError
 from tinyllm.seq2seq import Seq2SeqConfig, init_seq2seq
 from tinyllm.seq2seq_data import SEQ2SEQ_SPECIAL_TOKENS, make_arrays
 from tinyllm.tokenizers import CharTokenizer
@@ -60,6 +61,13 @@ def token_loving_params(token=EOS):
     params["dec_ln_f"]["b"][:] = onp.eye(16)[0]
     params["lm_head"]["w"][0, token] = 10.0
     return params, config
+
+
+@pytest.mark.parametrize("beam_size", [0, -1, 2.0])
+def test_beam_search_refuses_a_width_below_one(beam_size):
+    # beam 0 kept no hypothesis and ended in max() of an empty list (a ValueError traceback)
+    with pytest.raises(TinyLLMError, match="--beam-size must be a whole number of 1 or more"):
+        beam_search(random_params(0), CONFIG, [3, 4], BOS, EOS, 7, beam_size=beam_size)
 
 
 def test_decoding_stops_at_eos():

@@ -262,30 +262,30 @@ def test_text_moved_across_the_tab_is_a_change_of_data(tmp_path):
 def test_a_beam_too_wide_for_memory_is_refused_before_decoding(long_targets_run, monkeypatch):
     # --beam-size 1,048,576 passed the option's bound and ran until numpy's MemoryError (a
     # traceback) or the swap: each hypothesis holds a key/value cache of the whole context
-    from tinyllm import decoding, seq2seq_run, train as train_module
+    from tinyllm import decoding
+    from tinyllm.checkpoint import load_checkpoint
 
     path, out = long_targets_run
-    monkeypatch.setattr(train_module, "available_memory", lambda: 10**9)
+    monkeypatch.setattr(decoding, "available_memory", lambda: 10**9)
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("beam search began")
 
-    monkeypatch.setattr(decoding, "beam_search", must_not_run)
+    monkeypatch.setattr(decoding, "encoder_forward", must_not_run)
     for args in (["1"], ["--data", path]):
         result = invoke("seq2seq", "translate", "--checkpoint", out, *args, "--beam-size", 1048576)
         assert_user_error(result, "beam search with --beam-size 1,048,576", "GB of memory")
+    # the library's own entry point meets the same check: translate a text, as a script would
+    ckpt = load_checkpoint(str(out), kind="seq2seq")
+    with pytest.raises(TinyLLMError, match="--beam-size 1,048,576 needs about"):
+        decoding.translate(ckpt.params, ckpt.model_config, ckpt.tokenizer, ["1"],
+                           beam_size=1048576)
     # the estimate: 1 layer x (keys, values) x 80 positions x 16 channels x 4 bytes, twice,
     # plus three float64 scores over the 14 tokens, per hypothesis
-    monkeypatch.setattr(train_module, "available_memory", lambda: 4 * (20480 + 336))
-    seq2seq_run.check_beam_memory(load_run_config(out), 4, 4)
+    monkeypatch.setattr(decoding, "available_memory", lambda: 4 * (20480 + 336))
+    decoding.check_beam_search(ckpt.params, ckpt.model_config, 4, 0.6)
     with pytest.raises(TinyLLMError, match="--beam-size 5"):
-        seq2seq_run.check_beam_memory(load_run_config(out), 5, 4)
-
-
-def load_run_config(out):
-    from tinyllm.checkpoint import load_checkpoint
-
-    return load_checkpoint(str(out), kind="seq2seq").model_config
+        decoding.check_beam_search(ckpt.params, ckpt.model_config, 5, 0.6)
 
 
 @pytest.mark.parametrize("alpha", ["10.5", "1e308"])
@@ -295,7 +295,23 @@ def test_a_length_penalty_past_any_use_is_refused(long_targets_run, alpha):
     result = invoke("seq2seq", "translate", "--checkpoint", out, "1", "--beam-size", 2,
                     "--length-penalty", alpha)
     assert result.exit_code == 2 and "Invalid value for '--length-penalty'" in result.output
-    assert "must be at most 10" in result.output and "Traceback" not in result.output
+    assert "must be from 0 to 10" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("alpha", [1000.0, 10.5, -1.0, float("nan"), float("inf"), "0.6", True])
+def test_the_library_refuses_a_length_penalty_past_any_use(long_targets_run, alpha):
+    # the CLI capped --length-penalty at 10, but decoding.translate (and beam_search) took any
+    # alpha from a script: 1000 ended in an OverflowError traceback, a string in a TypeError
+    from tinyllm import decoding
+    from tinyllm.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(str(long_targets_run[1]), kind="seq2seq")
+    with pytest.raises(TinyLLMError, match="--length-penalty must be from 0 to 10"):
+        decoding.translate(ckpt.params, ckpt.model_config, ckpt.tokenizer, ["1"], beam_size=2,
+                           alpha=alpha, max_len=8)
+    outputs = decoding.translate(ckpt.params, ckpt.model_config, ckpt.tokenizer, ["1"],
+                                 beam_size=2, alpha=10.0, max_len=8)  # the bound itself is fine
+    assert len(outputs) == 1
 
 
 @pytest.mark.parametrize("name, content, hint", [

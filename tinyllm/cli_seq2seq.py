@@ -12,30 +12,25 @@ from .cli_common import (count, flag_given, fraction, no_cache_option, non_negat
                          note_flags_resume_ignores, positive, random_seed, step_count,
                          training_time, user_errors)
 from .config import TrainConfig
-from .decoding import translate_texts
+from .decoding import MAX_LENGTH_PENALTY, length_penalty_problem, translate_texts
 from .errors import TinyLLMError
 from .progress import Counting
 from .seq2seq import POSITIONS, Seq2SeqConfig
 from .seq2seq_data import read_pairs, readable_pairs
 from .seq2seq_run import (EVAL_EXAMPLES, LABEL_SMOOTHING, SCHEDULE, SCHEDULES, SEQ2SEQ_RUN,
-                          SEQ2SEQ_TRAIN, check_beam_memory, check_training_options, score_pairs,
-                          train_seq2seq)
+                          SEQ2SEQ_TRAIN, check_training_options, score_pairs, train_seq2seq)
 
 # The defaults of `tinyllm seq2seq train` are the model config's and the run module's own.
 MODEL = Seq2SeqConfig()
 TRAIN = SEQ2SEQ_TRAIN
-# Wu et al. (2016) tune alpha in [0, 1]; far above, ((5 + n) / 6)^alpha overflows a float (at
-# alpha 1000, a length of 8) and beam search stopped with an OverflowError. 10 keeps it
-# finite for any output a context of MAX_SIZE tokens allows.
-MAX_LENGTH_PENALTY = 10.0
 
 
 def length_penalty_alpha(ctx, param, value):
-    """--length-penalty: a number from 0 to MAX_LENGTH_PENALTY."""
+    """--length-penalty: a number from 0 to decoding.MAX_LENGTH_PENALTY (decoding's own check)."""
     value = non_negative(ctx, param, value)
-    if value > MAX_LENGTH_PENALTY:
-        raise click.BadParameter(f"must be at most {MAX_LENGTH_PENALTY:g} (the paper: 0.6),"
-                                 f" got {value:g}")
+    problem = length_penalty_problem(value)
+    if problem:
+        raise click.BadParameter(problem)
     return value
 
 
@@ -170,9 +165,7 @@ def translate_command(texts, checkpoint, data, beam_size, length_penalty, max_le
         raise TinyLLMError("--length-penalty is for beam search: give --beam-size 2 or more")
     if not data and flag_given("show"):
         raise TinyLLMError("--show is for --data: every TEXT given is translated and printed")
-    ckpt = load_checkpoint(checkpoint, kind="seq2seq")
-    if beam_size > 1:
-        check_beam_memory(ckpt.model_config, beam_size, ckpt.params["src_wte"].dtype.itemsize)
+    ckpt = load_checkpoint(checkpoint, kind="seq2seq")  # beam search checks its own memory
     args = dict(beam_size=beam_size, alpha=length_penalty, max_len=max_len, use_cache=not no_cache)
     if texts:
         for output in translate_texts(ckpt.params, ckpt.model_config, ckpt.tokenizer, list(texts),

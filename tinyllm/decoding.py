@@ -23,15 +23,22 @@ Each search reports, per output, how it stopped: at <eos>, or cut at the length 
 trained model may emit them, so a cut output can come out shorter than the limit.
 """
 
+import numbers
 from typing import NamedTuple
 
 import numpy as onp
 
 from .errors import TinyLLMError
+from .fileio import available_memory
 from .kv_cache import DecoderCache
 from .ops import log_softmax
 from .seq2seq import decoder_forward, encoder_forward
 from .seq2seq_data import BOS, EOS, encode_source, make_arrays
+
+# Wu et al. (2016) tune alpha in [0, 1]; far above, ((5 + n) / 6)^alpha overflows a float (at
+# alpha 1000, a length of 8) and beam search stopped with an OverflowError. 10 keeps it
+# finite for any output a context of config.MAX_SIZE tokens allows.
+MAX_LENGTH_PENALTY = 10.0
 
 
 class Output(list):
@@ -104,8 +111,43 @@ def _strip(ids, eos):
 
 
 def length_penalty(length, alpha):
-    """Wu et al. (2016): ((5 + length) / 6) ^ alpha. Example: length 7, alpha 1 -> 2.0."""
+    """Wu et al. (2016): ((5 + length) / 6) ^ alpha. Example: length 7, alpha 1 -> 2.0.
+    Finite for alpha up to MAX_LENGTH_PENALTY (beam_search refuses more)."""
     return ((5.0 + length) / 6.0) ** alpha
+
+
+def length_penalty_problem(alpha):
+    """Why `alpha` cannot be a length penalty (a number from 0 to MAX_LENGTH_PENALTY), or None.
+    Example: 0.6 -> None; 1000 -> "must be from 0 to 10 (the paper: 0.6), got 1000"."""
+    number = isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
+    if not number or not 0.0 <= alpha <= MAX_LENGTH_PENALTY:
+        return f"must be from 0 to {MAX_LENGTH_PENALTY:g} (the paper: 0.6), got {alpha!r}"
+    return None
+
+
+def check_beam_search(params, config, beam_size, alpha):
+    """One-line errors for a beam search that cannot run: a width below 1, a length penalty
+    outside 0..MAX_LENGTH_PENALTY, or hypotheses that cannot fit in free memory (where numpy
+    would stop with a MemoryError deep in the search, or the machine would swap).
+
+    Each hypothesis holds its decoder key/value cache, n_layer x (keys, values) x block_size x
+    n_embd numbers, copied when the beam is reordered (so twice), and each step scores it over the
+    vocabulary in float64 (log-probabilities, totals, sort indices: three arrays). Example: the
+    default model (2 layers, context 64, width 64, vocab 40) in float32 -> 132,032 bytes each.
+    """
+    if not isinstance(beam_size, numbers.Integral) or beam_size < 1:
+        raise TinyLLMError(f"--beam-size must be a whole number of 1 or more, got {beam_size!r}")
+    problem = length_penalty_problem(alpha)
+    if problem:
+        raise TinyLLMError(f"--length-penalty {problem}")
+    itemsize = onp.asarray(params["src_wte"]).dtype.itemsize
+    cache = 2 * config.n_layer * 2 * config.block_size * config.n_embd * itemsize
+    scores = 3 * config.vocab_size * 8
+    needed, free = beam_size * (cache + scores), available_memory()
+    if needed > free:
+        raise TinyLLMError(f"beam search with --beam-size {beam_size:,} needs about"
+                           f" {needed / 1e9:,.1f} GB of memory and this machine has"
+                           f" {free / 1e9:,.1f} GB free")
 
 
 def beam_search(params, config, src_ids, bos, eos, max_len, beam_size=4, alpha=0.6,
@@ -118,6 +160,7 @@ def beam_search(params, config, src_ids, bos, eos, max_len, beam_size=4, alpha=0
     after max_len tokens, and returns the finished one (or, if none finished, the live one: cut)
     with the best length-penalised score. With k = 1 this is greedy search.
     """
+    check_beam_search(params, config, beam_size, alpha)
     max_len = min(max_len, config.block_size - 1)
     src = onp.asarray([src_ids], dtype=onp.int32)  # (1, S)
     memory = encoder_forward(params, src, config)  # (1, S, C)

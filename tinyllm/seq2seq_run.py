@@ -178,20 +178,6 @@ def score_pairs(params, config, tokenizer, pairs, max_len=None, **search):
             "unwritable": [problem for problem in problems if problem]}
 
 
-def check_beam_memory(config, beam_size, itemsize):
-    """Refuse a --beam-size whose hypotheses cannot fit in free memory (a one-line error, where
-    numpy would stop with a MemoryError deep in the search, or the machine would swap).
-
-    Each hypothesis holds its decoder key/value cache, n_layer x (keys, values) x block_size x
-    n_embd numbers, copied when the beam is reordered (so twice), and each step scores it over the
-    vocabulary in float64 (log-probabilities, totals, sort indices: three arrays). Example: the
-    default model (2 layers, context 64, width 64, vocab 40) in float32 -> 132,032 bytes each.
-    """
-    cache = 2 * config.n_layer * 2 * config.block_size * config.n_embd * itemsize
-    scores = 3 * config.vocab_size * 8
-    check_memory(beam_size * (cache + scores), f"beam search with --beam-size {beam_size:,}")
-
-
 def room_to_score(tokenizer, config, pairs, writable):
     """The default length limit for scoring pairs: as far as `translate` lets any text run, or the
     longest writable target and one token more if that is longer (within the context). So the
