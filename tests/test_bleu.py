@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinyllm.bleu import clipped_matches, corpus_bleu, exact_match, ngrams
+from tinyllm.bleu import bleu_can_score, clipped_matches, corpus_bleu, exact_match, ngrams
 
 
 def test_ngrams_worked_example():
@@ -48,6 +48,12 @@ def test_identical_corpus_scores_100_if_it_has_a_4gram_else_0(texts):
     to count; a corpus of texts all shorter than 4 words has none, and BLEU-4 is then 0."""
     has_4gram = any(len(t.split()) >= 4 for t in texts)
     assert corpus_bleu(texts, texts) == pytest.approx(100.0 if has_4gram else 0.0)
+    assert bleu_can_score(texts) == has_4gram
+
+
+def test_bleu_can_score_only_with_a_reference_of_four_words():
+    assert not bleu_can_score(["2023-07-14", "a b c"]) and not bleu_can_score([])
+    assert bleu_can_score(["2023-07-14", "the cat sat down"])
 
 
 def test_exact_match():

@@ -64,6 +64,46 @@ def test_train_reports_held_out_exact_match(trained_run):
     assert meta["schedule"] == "cosine" and meta["model"]["positions"] == "sinusoidal"
 
 
+def test_train_writes_its_final_scores_to_metrics_json(trained_run):
+    out, result = trained_run
+    report = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert (report["format"], report["version"]) == ("tinyllm-seq2seq-metrics", 1)
+    assert report["held_out_pairs"] == 3 and report["iterations"] == 6
+    assert report["decoding"] == "greedy" and 0 <= report["cut"] <= 3
+    assert report["max_len"] == 7  # the longest target ("sevens"/'seven"', 6) and a token more
+    assert report["train_seconds"] >= 0 and report["train_seconds_this_part"] >= 0
+    # the report holds what the command printed
+    assert (f"held-out exact match: {100 * report['exact_match']:.1f}% of 3 pairs (greedy),"
+            f" BLEU-4 {report['bleu']:.1f} (no reference has 4 words") in result.output
+    assert "checkpoint and metrics.json in" in result.output
+
+
+def test_force_and_resume_remove_an_earlier_report_first(tmp_path, pairs_file, monkeypatch):
+    # a run that stops before its end must not leave the report of the run before it
+    from tinyllm import seq2seq_run
+    from tinyllm.errors import TinyLLMError
+
+    out = tmp_path / "run"
+    args = ["seq2seq", "train", "--data", pairs_file, "--out", out, *TINY, "--eval-interval", 2]
+    assert invoke(*args, "--max-iters", 2).exit_code == 0
+    assert json.loads((out / "metrics.json").read_text())["iterations"] == 2
+
+    def stops(*args, **kwargs):
+        raise TinyLLMError("stopped in training")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(seq2seq_run, "train_loop", stops)
+        assert_user_error(invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 4),
+                          "stopped in training")
+        assert not (out / "metrics.json").exists()
+    assert invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 4).exit_code == 0
+    assert json.loads((out / "metrics.json").read_text())["iterations"] == 4
+    with monkeypatch.context() as patch:
+        patch.setattr(seq2seq_run, "train_loop", stops)
+        assert_user_error(invoke(*args, "--max-iters", 2, "--force"), "stopped in training")
+        assert not (out / "metrics.json").exists()
+
+
 def test_translate_text_and_score_file(trained_run, pairs_file):
     out, _ = trained_run
     result = invoke("seq2seq", "translate", "--checkpoint", out, "one", "two")

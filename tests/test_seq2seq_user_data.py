@@ -82,10 +82,12 @@ def test_held_out_translations_may_be_as_long_as_the_longest_target(tmp_path, mo
     # sources, so a perfect model would score 0% on 70-character targets
     from tinyllm import seq2seq_run
 
+    from tinyllm.decoding import Translation
+
     asked = []
-    monkeypatch.setattr(seq2seq_run, "translate_texts",
+    monkeypatch.setattr(seq2seq_run, "translate",
                         lambda params, config, tok, texts, *args, **kw:
-                        asked.append(kw["max_len"]) or ["z" * 70] * len(texts))
+                        asked.append(kw["max_len"]) or [Translation("z" * 70, False)] * len(texts))
     path = tmp_path / "long.tsv"
     path.write_text("".join(f"{i}\t{'z' * 70}\n" for i in range(10)), encoding="utf-8")
     result = train(path, tmp_path / "run", "--block-size", 80, "--max-iters", 1)
@@ -97,7 +99,7 @@ def test_held_out_outputs_that_do_not_stop_are_not_cut_into_matches(tmp_path, mo
     from tinyllm import decoding, seq2seq_run
 
     # a "model" that emits the target and goes on: cut at the target's length it would match
-    real = seq2seq_run.translate_texts
+    real = seq2seq_run.translate
 
     def never_stops(params, config, tokenizer, texts, *args, **kw):
         z = tokenizer.encode("z")[0]
@@ -106,11 +108,16 @@ def test_held_out_outputs_that_do_not_stop_are_not_cut_into_matches(tmp_path, mo
                                                            for _ in src])
         return real(params, config, tokenizer, texts, *args, **kw)
 
-    monkeypatch.setattr(seq2seq_run, "translate_texts", never_stops)
+    monkeypatch.setattr(seq2seq_run, "translate", never_stops)
     path = tmp_path / "pairs.tsv"
     path.write_text("".join(f"{i}\t{'z' * 5}\n" for i in range(10)), encoding="utf-8")
     result = train(path, tmp_path / "run", "--max-iters", 1)
     assert "held-out exact match: 0.0%" in result.output
+    # and the cut translation is counted, in the output and in the report
+    assert ("note: 1 held-out translations reached the length limit of 6 tokens without <eos>"
+            in result.output)
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))
+    assert (report["cut"], report["max_len"], report["held_out_pairs"]) == (1, 6, 1)
 
 
 def test_a_header_row_is_not_a_pair(tmp_path):
@@ -312,6 +319,35 @@ def test_the_library_refuses_a_length_penalty_past_any_use(long_targets_run, alp
     outputs = decoding.translate(ckpt.params, ckpt.model_config, ckpt.tokenizer, ["1"],
                                  beam_size=2, alpha=10.0, max_len=8)  # the bound itself is fine
     assert len(outputs) == 1
+
+
+def test_line_breaks_in_pairs_and_outputs_are_printed_as_backslash_n(tmp_path, monkeypatch):
+    # JSONL pairs may hold line breaks, and a model trained on them writes them: printed as they
+    # were, one translation took two lines of `translate` output and of the --show listing
+    from tinyllm import decoding
+
+    path, out = tmp_path / "lines.jsonl", tmp_path / "run"
+    path.write_text("".join(json.dumps({"source": f"a{i}\nb", "target": f"b\r\na{i}"}) + "\n"
+                            for i in range(10)), encoding="utf-8")
+    train(path, out, "--max-iters", 1)
+    ids = []
+
+    def emit(params, config, src, src_valid, bos, eos, max_len, use_cache):
+        return [decoding.Output(ids, cut=False) for _ in src]
+
+    monkeypatch.setattr(decoding, "greedy_decode", emit)
+    from tinyllm.checkpoint import load_checkpoint
+
+    ids[:] = load_checkpoint(str(out), kind="seq2seq").tokenizer.encode("b\r\na1")
+    result = invoke("seq2seq", "translate", "--checkpoint", out, "a1\nb", "a2\nb")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "b\\r\\na1\nb\\r\\na1\n"  # one line per text
+    result = invoke("seq2seq", "translate", "--checkpoint", out, "--data", path, "--show", 2)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "a0\\nb -> b\\r\\na1  (reference: b\\r\\na0)", "a1\\nb -> b\\r\\na1  (reference: b\\r\\na1)",
+        "10 pairs: exact match 10.0%, BLEU-4 0.0 (no reference has 4 words, so BLEU-4 is 0 by"
+        " definition: use exact match)"]
 
 
 @pytest.mark.parametrize("name, content, hint", [

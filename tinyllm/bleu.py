@@ -49,6 +49,12 @@ def corpus_bleu(candidates, references, max_n=4):
     return 100.0 * brevity * math.exp(log_p)
 
 
+def bleu_can_score(references, max_n=4):
+    """Can BLEU-max_n be above 0 against these references? Only if one has max_n words: without a
+    reference 4-gram, p_4 is 0. Example: ["2023-07-14"] -> False; ["the cat sat down"] -> True."""
+    return any(len(text.split()) >= max_n for text in references)
+
+
 def exact_match(candidates, references):
     """Fraction (0..1) of candidates equal to their reference after stripping outer whitespace.
 

@@ -130,9 +130,13 @@ def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_em
     for pair, output in result["examples"]:
         click.echo(f"  {pair.source!r} -> {output!r} (reference {pair.target!r})")
     click.echo(f"done: iteration {final['iter']}, train loss {final['train_loss']:.4f},"
-               f" val loss {final['val_loss']:.4f}, {seconds}; checkpoint in {out}")
+               f" val loss {final['val_loss']:.4f}, {seconds}; checkpoint and metrics.json"
+               f" in {out}")
+    if result["cut"]:
+        click.echo(f"note: {result['cut']:,} held-out translations reached the length limit of"
+                   f" {result['max_len']} tokens without <eos> and are cut there")
     click.echo(f"held-out exact match: {100 * result['exact_match']:.1f}% of"
-               f" {result['held_out']} pairs (greedy)")
+               f" {result['held_out_pairs']} pairs (greedy), {bleu_text(result)}")
 
 
 @seq2seq.command("translate")
@@ -154,11 +158,18 @@ def train_command(data, n_layer, n_head, n_embd, block_size, positions, share_em
                    " translations that reach it are counted.  [default: twice the longest"
                    " source plus 50, or with --data the longest target plus 1 if more; within"
                    " the context]")
-@click.option("--show", default=5, callback=count, help="With --data: how many translations to print.")
+@click.option("--show", default=5, callback=count,
+              help="With --data: how many translations to print, one line each (source ->"
+                   " output, reference; line breaks in them as \\n).")
 @no_cache_option
 @user_errors
 def translate_command(texts, checkpoint, data, beam_size, length_penalty, max_len, show, no_cache):
-    """Translate TEXTS (one output line each), or score a PAIRS file with --data."""
+    """Translate TEXTS (one output line each), or score a PAIRS file with --data.
+
+    Pairs from a JSONL file may hold line breaks, and so may what a model trained on them writes:
+    a line break inside an output is printed as \\n (a carriage return as \\r), so that each
+    output stays on its own line.
+    """
     if not texts and not data:
         raise TinyLLMError("give a text to translate, or --data PAIRS to score a file")
     if beam_size == 1 and flag_given("length_penalty"):
@@ -170,7 +181,7 @@ def translate_command(texts, checkpoint, data, beam_size, length_penalty, max_le
     if texts:
         for output in translate_texts(ckpt.params, ckpt.model_config, ckpt.tokenizer, list(texts),
                                       **args):
-            click.echo(output)
+            click.echo(one_line(output))
     if data:
         score_file(ckpt, data, show, args)
 
@@ -187,7 +198,8 @@ def score_file(ckpt, data, show, args):
                         **args, on_done=progress.update)
     progress.close()
     for pair, output in list(zip(readable, score["outputs"]))[:show]:
-        click.echo(f"{pair.source} -> {output}  (reference: {pair.target})")
+        click.echo(f"{one_line(pair.source)} -> {one_line(output)}"
+                   f"  (reference: {one_line(pair.target)})")
     if unreadable:
         click.echo(f"note: {len(unreadable):,} of the {len(pairs):,} pairs are left out of the"
                    f" score: the model cannot read their source (first: {unreadable[0]})")
@@ -198,12 +210,23 @@ def score_file(ckpt, data, show, args):
         click.echo(f"note: {score['cut']:,} translations reached the length limit of"
                    f" {score['max_len']} tokens without <eos> and are cut there"
                    f" ({limit_reason(args['max_len'], score['max_len'], ckpt.model_config)})")
-    references = [p.target for p in readable]
-    bleu = f"BLEU-4 {score['bleu']:.1f}"
-    if not any(len(text.split()) >= 4 for text in references):
-        bleu += " (no reference has 4 words, so BLEU-4 is 0 by definition: use exact match)"
     scored = f"{len(readable):,}" + (f" of {len(pairs):,}" if unreadable else "")
-    click.echo(f"{scored} pairs: exact match {100 * score['exact_match']:.1f}%, {bleu}")
+    click.echo(f"{scored} pairs: exact match {100 * score['exact_match']:.1f}%, {bleu_text(score)}")
+
+
+def bleu_text(score):
+    """The BLEU-4 of a score_pairs dict as text, saying why it is 0 when no reference has 4
+    words. Example: "BLEU-4 12.3"."""
+    if score["bleu_can_score"]:
+        return f"BLEU-4 {score['bleu']:.1f}"
+    return (f"BLEU-4 {score['bleu']:.1f} (no reference has 4 words, so BLEU-4 is 0 by"
+            " definition: use exact match)")
+
+
+def one_line(text):
+    """`text` with its line breaks written out, as tinyllm's readers count them ("\\n", "\\r"),
+    so that it prints on one line. Example: "a\\nb" -> "a\\\\nb" (a backslash and an n)."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def limit_reason(max_len, limit, config):

@@ -6,17 +6,26 @@ A run directory is a standard tinyllm checkpoint (see tinyllm/checkpoint.py) wit
 "schedule" ("cosine" or "noam") and "data" (the PAIRS path, or null for the embedded task) with
 its "data_sha256" (of the pairs written as JSON, [["source", "target"], ...]). The tokenizer is
 a char tokenizer over both sides with the special tokens <pad>, <bos> and <eos>.
+
+When the run finishes, it adds metrics.json, its final report (`held_out_report`):
+    {"format": "tinyllm-seq2seq-metrics", "version": 1, "held_out_pairs": N, "exact_match": 0..1,
+     "bleu": 0..100, "max_len": the length limit, "cut": outputs that reached it without <eos>,
+     "decoding": "greedy", "iterations": steps, "train_seconds": over every --resume (null if
+     unknown), "train_seconds_this_part": ...}
+--force and --resume remove the report first, so a run that stops early never shows an older one.
 """
 
 import json
+import os
 from dataclasses import replace
 
-from .bleu import corpus_bleu, exact_match
+from .bleu import bleu_can_score, corpus_bleu, exact_match
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import read_text_file
-from .decoding import default_max_len, translate, translate_texts
+from .decoding import default_max_len, translate
 from .errors import TinyLLMError
+from .fileio import atomic_write_json
 from .models import count_params
 from .seq2seq import init_seq2seq, seq2seq_loss
 from .seq2seq_data import (DEFAULT_TASK, EMBEDDED_TASKS, SEQ2SEQ_SPECIAL_TOKENS, encode_pairs,
@@ -43,6 +52,9 @@ SEQ2SEQ_TRAIN = TrainConfig(
 LABEL_SMOOTHING = 0.1  # the paper's epsilon (section 5.4)
 SCHEDULE = "cosine"  # warm-up plus cosine, as in pretraining; "noam" is the paper's
 EVAL_EXAMPLES = 500  # held-out pairs decoded at the end of a run for its exact match
+REPORT_FILE = "metrics.json"  # the final report, written when a run finishes
+METRICS_FORMAT = "tinyllm-seq2seq-metrics"
+METRICS_VERSION = 1
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -80,7 +92,8 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
     With resume=True the model, tokenizer, data and training settings come from the checkpoint;
     only `max_iters` may change, and `data` may name where the run's pairs are now. Ends with
     greedy decoding of up to `eval_examples` held-out pairs, each up to the longest target and a
-    token more (on the key/value cache unless use_cache is False). Returns a summary dict.
+    token more (on the key/value cache unless use_cache is False), scored and written to
+    out_dir/metrics.json. Returns a summary dict: the report's fields and more.
     """
     prepare_out_dir(out_dir, resume, force)
     if resume:
@@ -106,6 +119,8 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
                  f"an encoder-decoder step with --batch-size {tc.batch_size}")  # two stacks
     arrays = split_arrays(tokenizer, model_config.block_size, train_pairs, held_pairs)
     start_out_dir(out_dir, resume, force)
+    if resume or force:
+        remove_report(out_dir)
 
     state = starting_state(out_dir, tc, lambda rng: init_seq2seq(model_config, rng),
                            ckpt if resume else None, log)
@@ -142,13 +157,40 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
     # Room for the longest target and one token more: an output that has not stopped by then is
     # longer than every target, so cutting it there never turns a miss into an exact match.
     room = arrays["val"][2].shape[1]  # (N, T): T is the longest target with its <eos>
-    outputs = translate_texts(state.params, model_config, tokenizer, [p.source for p in scored],
-                              [p.where for p in scored], max_len=room, use_cache=use_cache)
-    return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
-            "seconds": clock.part(), "train_seconds": clock.total(),
-            "final": read_metrics(out_dir)[-1], "held_out": len(scored),
-            "exact_match": exact_match(outputs, [p.target for p in scored]),
-            "examples": list(zip(scored[:5], outputs[:5]))}
+    score = score_pairs(state.params, model_config, tokenizer, scored, max_len=room,
+                        use_cache=use_cache)
+    report = held_out_report(score, len(scored), state.iteration, clock)
+    write_report(out_dir, report)
+    return {**report, "bleu_can_score": score["bleu_can_score"], "params": state.params,
+            "model_config": model_config, "tokenizer": tokenizer, "seconds": clock.part(),
+            "final": read_metrics(out_dir)[-1],
+            "examples": list(zip(scored[:5], score["outputs"][:5]))}
+
+
+# ----------------------------------------------------------------------------- the final report
+
+
+def held_out_report(score, n_pairs, iterations, clock):
+    """The fields of metrics.json (see the module docstring) from score_pairs' `score` of the
+    `n_pairs` held-out pairs, the steps done and the run's TrainingClock."""
+    return {"held_out_pairs": n_pairs, "exact_match": score["exact_match"],
+            "bleu": score["bleu"], "max_len": score["max_len"], "cut": score["cut"],
+            "decoding": "greedy", "iterations": iterations, "train_seconds": clock.total(),
+            "train_seconds_this_part": clock.part()}
+
+
+def write_report(out_dir, report):
+    """out_dir/metrics.json: versioned, indented, written atomically."""
+    atomic_write_json(os.path.join(out_dir, REPORT_FILE),
+                      {"format": METRICS_FORMAT, "version": METRICS_VERSION, **report})
+
+
+def remove_report(out_dir):
+    """Remove the report of an earlier run in out_dir (--force, or --resume of a finished run):
+    a run that stops before its end must not show another's."""
+    path = os.path.join(out_dir, REPORT_FILE)
+    if os.path.lexists(path):
+        os.remove(path)
 
 
 # ----------------------------------------------------------------------------- scoring a PAIRS file
@@ -157,6 +199,7 @@ def train_seq2seq(model_config, tc, out_dir, data=None, label_smoothing=LABEL_SM
 def score_pairs(params, config, tokenizer, pairs, max_len=None, **search):
     """Translate the sources of `pairs` (all readable: see seq2seq_data.readable_pairs) and score
     the outputs against the targets -> dict with "outputs", "exact_match" (0..1), "bleu" (0..100),
+    "bleu_can_score" (False if no target has 4 words: BLEU-4 is then 0 whatever the outputs),
     "max_len" (the length limit used), "cut" (how many outputs reached it without <eos>) and
     "unwritable" (the reason for each target no output can equal: a character the tokenizer never
     saw, or more tokens than the decoder's context). `search`: decoding.translate's beam_size,
@@ -173,7 +216,8 @@ def score_pairs(params, config, tokenizer, pairs, max_len=None, **search):
     outputs = [t.text for t in translations]
     references = [p.target for p in pairs]
     return {"outputs": outputs, "exact_match": exact_match(outputs, references),
-            "bleu": corpus_bleu(outputs, references), "max_len": max_len,
+            "bleu": corpus_bleu(outputs, references),
+            "bleu_can_score": bleu_can_score(references), "max_len": max_len,
             "cut": sum(t.cut for t in translations),
             "unwritable": [problem for problem in problems if problem]}
 
