@@ -419,7 +419,7 @@ def test_seq2seq_translation_and_training_pass_use_cache_down(monkeypatch, tmp_p
                                  use_cache=False)
         assert not made
     seen = []
-    spy_on(monkeypatch, seq2seq_run, "translate_texts", seen)
+    spy_on(monkeypatch, seq2seq_run, "translate", seen)
     small = Seq2SeqConfig(block_size=32, n_layer=1, n_embd=8)  # the embedded dates fit
     one_step = TrainConfig(batch_size=2, max_iters=1, eval_interval=1, eval_iters=1)
     for run, kwargs in (("a", {}), ("b", {"use_cache": False})):
