@@ -10,6 +10,7 @@ from tinyllm.data import (
     encode_corpus,
     encode_in_pieces,
     get_batch,
+    get_windows,
     load_corpus,
     MIN_PARAGRAPH_CHARS,
     file_docstrings,
@@ -145,6 +146,14 @@ def test_every_start_position_can_be_drawn():
     ids = onp.arange(12, dtype=onp.int32)
     x, _ = get_batch(ids, 2000, 4, onp.random.default_rng(0))
     assert set(x[:, 0].tolist()) == set(range(12 - 4))  # starts 0..7: the last window ends at 11
+
+
+def test_windows_without_targets_are_the_next_token_windows_and_fit_an_exact_text():
+    ids = onp.arange(12, dtype=onp.int32)
+    x, _ = get_batch(ids, 50, 4, onp.random.default_rng(0))
+    onp.testing.assert_array_equal(get_windows(ids, 50, 4, onp.random.default_rng(0)), x)
+    only = get_windows(ids[:4], 3, 4, onp.random.default_rng(0))  # no next token: one window
+    onp.testing.assert_array_equal(only, [[0, 1, 2, 3]] * 3)
 
 
 # ----------------------------------------------------------------------------- files
@@ -289,3 +298,6 @@ def test_check_long_enough():
     message = str(err.value)
     assert "the val split of x.txt has 8 tokens" in message and "block_size + 1 = 9" in message
     assert "--block-size" in message and "\n" not in message
+    check_long_enough(onp.arange(8), 8, "the val split", next_token=False)  # masked: fine
+    with pytest.raises(TinyLLMError, match=r"has 7 tokens, fewer than block_size = 8"):
+        check_long_enough(onp.arange(7), 8, "the val split", next_token=False)

@@ -321,6 +321,19 @@ def test_mlm_resume_continues_bit_for_bit(tmp_path, data_file):
     onp.testing.assert_array_equal(whole["params"]["wte"], resumed["params"]["wte"])
 
 
+def test_mlm_needs_windows_of_block_size_tokens_not_one_more(tmp_path):
+    # a masked window is its own target: a validation split of exactly block_size tokens is
+    # enough, where next-token prediction needs one token more
+    text = tmp_path / "160.txt"
+    text.write_text(("abcdefgh" * 20)[:160], encoding="utf-8")  # splits of 144 and 16 tokens
+    args = ["pretrain", "--data", text, *TINY, "--max-iters", 2, "--eval-interval", 2]
+    result = invoke(*args, "--objective", "mlm", "--out", tmp_path / "mlm")
+    assert result.exit_code == 0, result.output
+    assert "masked-token accuracy on the validation split" in result.output
+    result = invoke(*args, "--out", tmp_path / "clm")
+    assert_one_line_error(result, "val split", "has 16 tokens, fewer than block_size + 1 = 17")
+
+
 def test_resume_refuses_another_objective(mlm_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(mlm_run[0], out)

@@ -783,7 +783,8 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
     splits = dict(zip(("train", "val"), train_val_split(ids)))
     for name, split_ids in splits.items():
         check_long_enough(split_ids, model_config.block_size,
-                          f"the {name} split of {data or DEFAULT_CORPUS}", tokenizer.kind)
+                          f"the {name} split of {data or DEFAULT_CORPUS}", tokenizer.kind,
+                          next_token=objective == "clm")
     start_out_dir(out_dir, resume, force)
 
     state = starting_state(out_dir, tc, lambda rng: init_gpt(model_config, rng),
