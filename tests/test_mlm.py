@@ -421,6 +421,19 @@ def test_mask_rate_is_stored_and_kept_by_resume(tmp_path, data_file, monkeypatch
 # ============================================================================ the distance bias
 
 
+@pytest.mark.parametrize("stored", ['"x"', "true", "7", "-1", "0"])
+def test_a_mask_rate_in_config_json_that_is_no_rate_is_a_one_line_error(mlm_run, tmp_path, stored):
+    # config.json is untrusted: a string crashed with a traceback, 7 or -1 trained on, and 0
+    # became 15% without a word
+    out = tmp_path / "run"
+    shutil.copytree(mlm_run[0], out)
+    meta = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    meta["mask_rate"] = json.loads(stored)
+    (out / "config.json").write_text(json.dumps(meta), encoding="utf-8")
+    result = invoke("pretrain", "--out", out, "--resume", "--max-iters", 8, "--sample-tokens", 0)
+    assert_one_line_error(result, "config.json", "mask_rate", "between 0 and 1")
+
+
 def test_distance_bias_worked_example():
     bias = distance_bias(2, 3, "float64")  # (H, T, T): slopes 1 and 1/2
     onp.testing.assert_array_equal(bias[0], [[0, -1, -2], [-1, 0, -1], [-2, -1, 0]])

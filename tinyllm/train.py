@@ -755,7 +755,7 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
     if resume:
         ckpt = load_checkpoint(out_dir, with_optimizer=True, kind=tuple(OBJECTIVES.values()))
         objective = resumed_objective(ckpt.meta["kind"], objective, out_dir)
-        mask_rate = ckpt.meta.get("mask_rate", MASK_RATE)  # runs before the flag: 15%
+        mask_rate = stored_mask_rate(ckpt.meta, out_dir)
         check_same_ranks(ckpt.meta, ranks, out_dir)
         model_config, tokenizer = ckpt.model_config, ckpt.tokenizer
         check_resumed_total(max_iters, ckpt.iter, out_dir)
@@ -797,7 +797,7 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
              "ranks": ranks,  # and the time of the parts before this one (each save adds its own)
              "train_seconds": earlier_train_seconds(ckpt.meta) if resume else 0.0}
     if objective == "mlm":
-        extra["mask_rate"] = mask_rate or MASK_RATE
+        extra["mask_rate"] = MASK_RATE if mask_rate is None else mask_rate
     return model_config, tc, tokenizer, splits, state, extra, objective
 
 
@@ -854,6 +854,16 @@ def resumed_objective(kind, objective, out_dir):
         raise TinyLLMError(f"--resume: the run in {out_dir} was pretrained with --objective"
                            f" {stored}, not {objective}")
     return stored
+
+
+def stored_mask_rate(meta, out_dir):
+    """An MLM run's "mask_rate" (MLM runs made before the flag have none: 15%), read from an
+    untrusted config.json, so it must be a number strictly between 0 and 1."""
+    rate = meta.get("mask_rate", MASK_RATE)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < 1:
+        raise TinyLLMError(f"{os.path.join(out_dir, 'config.json')}: \"mask_rate\" must be a"
+                           " number between 0 and 1")
+    return float(rate)
 
 
 def check_same_ranks(meta, ranks, out_dir):
