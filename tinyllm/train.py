@@ -249,13 +249,33 @@ def read_metrics(out_dir):
 
 
 def truncate_metrics(out_dir, iteration):
-    """Keep only records up to `iteration`, so a resumed run does not log a step twice."""
+    """Keep only records up to `iteration`, so a resumed run does not log a step twice.
+    Returns the records kept."""
     kept = [r for r in read_metrics(out_dir) if r["iter"] <= iteration]
     path = os.path.join(out_dir, "metrics.jsonl")
     try:
         atomic_write_text(path, "".join(json.dumps(finite_or_none(r)) + "\n" for r in kept))
     except OSError as err:
         raise TinyLLMError(f"cannot write {path}: {err.strerror}") from None
+    return kept
+
+
+def logged_eval_iter(meta, records):
+    """The step of a checkpoint's last evaluation if `records` (metrics.jsonl) still hold its
+    line, with both losses; else -1, so that the loop evaluates and logs that step again if it
+    is one to evaluate. A run resumed at its end thus always has its final line, even if the
+    file lost it (deleted, or cut by hand)."""
+    last = meta.get("last_eval_iter", -1)
+    for r in records:
+        if r["iter"] == last and all(isinstance(r.get(k), (int, float, type(None)))
+                                     and k in r for k in ("train_loss", "val_loss")):
+            return last
+    return -1
+
+
+def final_record(out_dir, iteration):
+    """The metrics line of the evaluation at `iteration`, a run's last step."""
+    return [r for r in read_metrics(out_dir) if r["iter"] == iteration][-1]
 
 
 # ----------------------------------------------------------------------------- signals
@@ -600,10 +620,10 @@ def starting_state(out_dir, tc, init_fn, ckpt=None, log=print):
     """The state a run starts from: the checkpoint's when resuming (its later metrics dropped),
     else fresh parameters `init_fn(rng)` from a Generator seeded by tc.seed and fresh AdamW."""
     if ckpt is not None:
-        truncate_metrics(out_dir, ckpt.iter)
+        kept = truncate_metrics(out_dir, ckpt.iter)
         log(f"resuming {out_dir} at iteration {ckpt.iter} of {tc.max_iters}")
         return Committed(ckpt.params, ckpt.opt_state, ckpt.rng_state, ckpt.iter,
-                         ckpt.meta.get("last_eval_iter", -1), on_disk=True)
+                         logged_eval_iter(ckpt.meta, kept), on_disk=True)
     rng = onp.random.default_rng(tc.seed)
     params = init_fn(rng)
     return Committed(params, adamw_init(params), rng.bit_generator.state, 0, -1)
@@ -739,7 +759,7 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
                        tc.batch_size * model_config.block_size, world=world,
                        value_and_grad=fast_grads, step_fn=fast_step)
     clock.stop()
-    final = world.from_root(lambda: read_metrics(out_dir)[-1])
+    final = world.from_root(lambda: final_record(out_dir, state.iteration))
     return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
             "seconds": clock.part(), "train_seconds": clock.total(), "final": final,
             "objective": objective, "val_ids": splits["val"]}
