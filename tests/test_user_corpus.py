@@ -103,6 +103,24 @@ def test_resume_reads_a_moved_corpus_from_where_data_says(tmp_path, data):
     assert load_checkpoint(out).meta["data"] == str(moved)  # the next resume finds it there
 
 
+def test_resume_of_a_run_read_from_a_pipe_says_to_give_its_text_again(tmp_path, data):
+    # `--data /dev/stdin` stores that path; resuming read whatever stdin was then, and said only
+    # "is not a regular file"
+    out = str(tmp_path / "run")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    pretrain(MODEL, TRAIN, out, data=data, tokenizer_kind="char", log=lambda line: None)
+    config = os.path.join(out, "config.json")
+    meta = json.loads(open(config, encoding="utf-8").read())
+    open(config, "w", encoding="utf-8").write(json.dumps({**meta, "data": str(fifo)}))
+    with pytest.raises(TinyLLMError, match=r"not a regular file \(a pipe, read once\?\): give"
+                                           r" its text again with --resume --data FILE"):
+        pretrain(MODEL, TRAIN, out, resume=True, max_iters=4, log=lambda line: None)
+    result = pretrain(MODEL, TRAIN, out, data=data, resume=True, max_iters=4,
+                      log=lambda line: None)
+    assert result["final"]["iter"] == 4
+
+
 def test_done_gives_the_training_time_over_every_resume(tmp_path, data):
     out = tmp_path / "run"
     config = out / "config.json"

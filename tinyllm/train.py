@@ -510,7 +510,7 @@ def run_corpus(meta, run_dir, data=None):
     if not from_run or data in EMBEDDED_CORPORA:
         text = load_corpus(data)
     else:
-        check_still_there(data, run_dir)  # a pipe, read once, is gone too
+        check_still_there(data, run_dir)  # and a regular file: a pipe was read once
         text = read_text_file(data, allow_pipe=False)
     if not same_fingerprint(meta.get("data_sha256"), text):
         raise TinyLLMError(f"the data {data!r} of the run in {run_dir} has changed since the run"
@@ -852,11 +852,16 @@ def tokenizer_progress(log, what, every_seconds):
 
 
 def check_still_there(path, run_dir, flag="--data"):
-    """A data file a run stored, which --resume reads again, must still be where it was; if not,
-    the error names the flag that says where it is now (`--resume --data FILE`)."""
+    """A data file a run stored, which --resume reads again, must still be where it was, and be
+    a regular file (a pipe, `--data /dev/stdin` or `<(zcat ...)`, was read once); if not, the
+    error names the flag that says where its text is now (`--resume --data FILE`)."""
     if not os.path.exists(path):
         raise TinyLLMError(f"--resume: the {flag} file {path!r} of the run in {run_dir} is gone"
                            f" (moved or renamed?): give it again with --resume {flag} FILE")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # stat opens nothing: a FIFO cannot block it
+        raise TinyLLMError(f"--resume: the {flag} file {path!r} of the run in {run_dir} is not a"
+                           f" regular file (a pipe, read once?): give its text again with"
+                           f" --resume {flag} FILE")
 
 
 def check_resumed_total(max_iters, done, out_dir):
