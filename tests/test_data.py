@@ -169,8 +169,10 @@ def test_read_text_file_reads_utf8(tmp_path):
 @pytest.mark.parametrize("name, content, words", [
     ("missing.txt", None, "not found"),
     ("empty.txt", b"", "empty"),
-    ("blank.txt", b"  \n\n ", "empty"),
+    ("blank.txt", b"  \n\n ", "empty (only whitespace)"),
     ("binary.bin", b"abc\x00\x01\x02def", "binary"),
+    ("notepad.txt", "héllo\r\n".encode("utf-16"), "is UTF-16 text"),  # not "binary"
+    ("big-endian.txt", "héllo\n".encode("utf-16-be") + b"\n\x00", "binary"),  # no mark
     ("latin1.txt", "café crème".encode("latin-1"), "not UTF-8"),
 ])
 @pytest.mark.parametrize("reader", [read_text_file, load_corpus])

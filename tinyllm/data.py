@@ -177,6 +177,7 @@ EMBEDDED_CORPORA = {"python-docs": python_docs_corpus, "pydoc": pydoc_corpus,
 
 MAX_TEXT_BYTES = 1 << 30  # 1 GiB of text: far more than a CPU trains on in a day
 BYTES_PER_CHARACTER = 16  # memory to hold and tokenize one character (text, id list, id array)
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # little- and big-endian
 PIPE_WAIT_SECONDS = 10.0  # how long a FIFO may stay without a writer before it is an error
 
 
@@ -209,7 +210,10 @@ def read_text_file(path, allow_pipe=True):
         os.close(fd)
         raise TinyLLMError(f"data file {path!r} is not a regular file")
     if not raw.strip():
-        raise TinyLLMError(f"data file {path!r} is empty")
+        raise TinyLLMError(f"data file {path!r} is empty" + (" (only whitespace)" if raw else ""))
+    if raw.startswith(UTF16_BOMS):  # Windows Notepad's "Unicode": every ASCII character has a NUL
+        raise TinyLLMError(f"data file {path!r} is UTF-16 text (it starts with a UTF-16 byte-order"
+                           " mark): save it as UTF-8")
     if b"\x00" in raw:
         raise TinyLLMError(f"data file {path!r} looks binary (it contains NUL bytes), not text")
     return decode_utf8(raw, path, drop_bom=False)  # the text as it is: its sha256 names the run
