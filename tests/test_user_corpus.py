@@ -54,6 +54,17 @@ def test_bpe_training_says_what_it_does_and_how_far_it_got(tmp_path, data, monke
     assert "tokenizer: 13 of 13 merges learned" in lines
 
 
+def test_a_vocabulary_smaller_than_asked_is_said(tmp_path, data):
+    # TEXT has few distinct words: its merges run out long before 5,000 ids
+    lines = []
+    result = pretrain(MODEL, TRAIN, str(tmp_path / "run"), data=data, tokenizer_kind="bpe",
+                      vocab_size=5000, log=lines.append)
+    size = result["tokenizer"].vocab_size
+    assert size < 5000
+    assert (f"tokenizer: the text has no pair of tokens left to merge after {size - 257:,} merges:"
+            f" its vocabulary is {size:,}, not the 5,000 of --vocab-size") in lines
+
+
 def test_encoding_progress_logs_the_characters_encoded():
     lines = []
     progress = encoding_progress(lines.append, every_seconds=0.0)

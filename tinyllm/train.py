@@ -793,6 +793,10 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
             log(f"tokenizer: learning BPE merges from {len(text):,} characters ...")
         tokenizer = train_tokenizer(tokenizer_kind, text, vocab_size, special_tokens=special_tokens,
                                     progress=merges_progress(log))
+        if tokenizer.kind == "bpe" and tokenizer.vocab_size < vocab_size:
+            log(f"tokenizer: the text has no pair of tokens left to merge after"
+                f" {len(tokenizer.merges):,} merges: its vocabulary is {tokenizer.vocab_size:,},"
+                f" not the {vocab_size:,} of --vocab-size")
         model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
     model_config.validate()
     check_memory(gpt_step_bytes(model_config, tc, gpt_param_count(model_config)),
