@@ -10,6 +10,7 @@ from tinyllm.data import (
     encode_corpus,
     encode_in_pieces,
     get_batch,
+    get_windows,
     load_corpus,
     MIN_PARAGRAPH_CHARS,
     file_docstrings,
@@ -147,6 +148,14 @@ def test_every_start_position_can_be_drawn():
     assert set(x[:, 0].tolist()) == set(range(12 - 4))  # starts 0..7: the last window ends at 11
 
 
+def test_windows_without_targets_are_the_next_token_windows_and_fit_an_exact_text():
+    ids = onp.arange(12, dtype=onp.int32)
+    x, _ = get_batch(ids, 50, 4, onp.random.default_rng(0))
+    onp.testing.assert_array_equal(get_windows(ids, 50, 4, onp.random.default_rng(0)), x)
+    only = get_windows(ids[:4], 3, 4, onp.random.default_rng(0))  # no next token: one window
+    onp.testing.assert_array_equal(only, [[0, 1, 2, 3]] * 3)
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -160,8 +169,10 @@ def test_read_text_file_reads_utf8(tmp_path):
 @pytest.mark.parametrize("name, content, words", [
     ("missing.txt", None, "not found"),
     ("empty.txt", b"", "empty"),
-    ("blank.txt", b"  \n\n ", "empty"),
+    ("blank.txt", b"  \n\n ", "empty (only whitespace)"),
     ("binary.bin", b"abc\x00\x01\x02def", "binary"),
+    ("notepad.txt", "héllo\r\n".encode("utf-16"), "is UTF-16 text"),  # not "binary"
+    ("big-endian.txt", "héllo\n".encode("utf-16-be") + b"\n\x00", "binary"),  # no mark
     ("latin1.txt", "café crème".encode("latin-1"), "not UTF-8"),
 ])
 @pytest.mark.parametrize("reader", [read_text_file, load_corpus])
@@ -289,3 +300,6 @@ def test_check_long_enough():
     message = str(err.value)
     assert "the val split of x.txt has 8 tokens" in message and "block_size + 1 = 9" in message
     assert "--block-size" in message and "\n" not in message
+    check_long_enough(onp.arange(8), 8, "the val split", next_token=False)  # masked: fine
+    with pytest.raises(TinyLLMError, match=r"has 7 tokens, fewer than block_size = 8"):
+        check_long_enough(onp.arange(7), 8, "the val split", next_token=False)

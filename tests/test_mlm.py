@@ -321,6 +321,19 @@ def test_mlm_resume_continues_bit_for_bit(tmp_path, data_file):
     onp.testing.assert_array_equal(whole["params"]["wte"], resumed["params"]["wte"])
 
 
+def test_mlm_needs_windows_of_block_size_tokens_not_one_more(tmp_path):
+    # a masked window is its own target: a validation split of exactly block_size tokens is
+    # enough, where next-token prediction needs one token more
+    text = tmp_path / "160.txt"
+    text.write_text(("abcdefgh" * 20)[:160], encoding="utf-8")  # splits of 144 and 16 tokens
+    args = ["pretrain", "--data", text, *TINY, "--max-iters", 2, "--eval-interval", 2]
+    result = invoke(*args, "--objective", "mlm", "--out", tmp_path / "mlm")
+    assert result.exit_code == 0, result.output
+    assert "masked-token accuracy on the validation split" in result.output
+    result = invoke(*args, "--out", tmp_path / "clm")
+    assert_one_line_error(result, "val split", "has 16 tokens, fewer than block_size + 1 = 17")
+
+
 def test_resume_refuses_another_objective(mlm_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(mlm_run[0], out)
@@ -406,6 +419,19 @@ def test_mask_rate_is_stored_and_kept_by_resume(tmp_path, data_file, monkeypatch
 
 
 # ============================================================================ the distance bias
+
+
+@pytest.mark.parametrize("stored", ['"x"', "true", "7", "-1", "0"])
+def test_a_mask_rate_in_config_json_that_is_no_rate_is_a_one_line_error(mlm_run, tmp_path, stored):
+    # config.json is untrusted: a string crashed with a traceback, 7 or -1 trained on, and 0
+    # became 15% without a word
+    out = tmp_path / "run"
+    shutil.copytree(mlm_run[0], out)
+    meta = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    meta["mask_rate"] = json.loads(stored)
+    (out / "config.json").write_text(json.dumps(meta), encoding="utf-8")
+    result = invoke("pretrain", "--out", out, "--resume", "--max-iters", 8, "--sample-tokens", 0)
+    assert_one_line_error(result, "config.json", "mask_rate", "between 0 and 1")
 
 
 def test_distance_bias_worked_example():

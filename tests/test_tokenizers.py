@@ -162,6 +162,26 @@ def test_incremental_training_matches_the_reference_trainer(text, n_merges):
     assert learn_merges(chunk_counts, n_merges) == learn_merges_reference(chunk_counts, n_merges)
 
 
+@settings(max_examples=100, deadline=None)
+@given(texts("ab cé!\n", 60), st.integers(0, 40), st.integers(2, 6))
+def test_a_token_longer_than_the_limit_is_never_learned(text, n_merges, max_token_bytes):
+    chunk_counts = Counter(split_into_chunks(text))
+    merges = learn_merges(chunk_counts, n_merges, max_token_bytes=max_token_bytes)
+    assert merges == learn_merges_reference(chunk_counts, n_merges, max_token_bytes)
+    assert max(map(len, tokenizers.token_bytes_table(merges))) <= max_token_bytes
+
+
+def test_a_long_run_of_one_character_trains_a_tokenizer_that_loads(tmp_path):
+    # 100,000 newlines in a row (a file of many empty lines) are one chunk: unbounded, its merges
+    # built a 65,537-byte token, and the run's tokenizer.json was refused when read back
+    text = "a b\n" + "\n" * 100_000 + "c d\n"
+    tok = BPETokenizer.train(text, vocab_size=256 + 30)
+    assert max(map(len, tokenizers.token_bytes_table(tok.merges))) <= tokenizers.MAX_TOKEN_BYTES
+    tok.save(tmp_path / "tokenizer.json")
+    loaded = load_tokenizer(tmp_path / "tokenizer.json")
+    assert loaded.decode(loaded.encode(text)) == text
+
+
 @settings(max_examples=150, deadline=None)
 @given(train_text=texts("ab cé!\n", 40), text=texts("abc é!\n", 200), n_merges=st.integers(0, 40))
 def test_fast_encoding_equals_the_reference_encoding(train_text, text, n_merges):

@@ -252,6 +252,19 @@ def test_resume_drops_metrics_past_the_checkpoint(tmp_path, data):
     assert all(r["val_loss"] != 9.0 for r in records)
 
 
+@pytest.mark.parametrize("lost", ["", '{"iter": 3}\n'])
+def test_resuming_a_finished_run_whose_last_metrics_line_is_lost_logs_it_again(tmp_path, data,
+                                                                             lost):
+    # a deleted or hand-cut metrics.jsonl made `pretrain --resume` at the run's end fail with an
+    # IndexError (or a KeyError) instead of evaluating the checkpoint's step again
+    out = tmp_path / "run"
+    first = run(out, data, replace(TRAIN, max_iters=3))["final"]
+    (out / "metrics.jsonl").write_text(lost, encoding="utf-8")
+    again = run(out, None, resume=True)["final"]
+    assert again == {**first, "ms_per_iter": 0.0, "tokens_per_s": 0.0}  # the same evaluation
+    assert read_metrics(str(out))[-1] == again
+
+
 def test_resume_with_changed_data_is_refused(tmp_path, data):
     run(tmp_path / "run", data)
     before = snapshot(tmp_path / "run")

@@ -54,6 +54,17 @@ def test_bpe_training_says_what_it_does_and_how_far_it_got(tmp_path, data, monke
     assert "tokenizer: 13 of 13 merges learned" in lines
 
 
+def test_a_vocabulary_smaller_than_asked_is_said(tmp_path, data):
+    # TEXT has few distinct words: its merges run out long before 5,000 ids
+    lines = []
+    result = pretrain(MODEL, TRAIN, str(tmp_path / "run"), data=data, tokenizer_kind="bpe",
+                      vocab_size=5000, log=lines.append)
+    size = result["tokenizer"].vocab_size
+    assert size < 5000
+    assert (f"tokenizer: the text has no pair of tokens left to merge after {size - 257:,} merges:"
+            f" its vocabulary is {size:,}, not the 5,000 of --vocab-size") in lines
+
+
 def test_encoding_progress_logs_the_characters_encoded():
     lines = []
     progress = encoding_progress(lines.append, every_seconds=0.0)
@@ -101,6 +112,24 @@ def test_resume_reads_a_moved_corpus_from_where_data_says(tmp_path, data):
                       log=lambda line: None)
     assert result["final"]["iter"] == 4
     assert load_checkpoint(out).meta["data"] == str(moved)  # the next resume finds it there
+
+
+def test_resume_of_a_run_read_from_a_pipe_says_to_give_its_text_again(tmp_path, data):
+    # `--data /dev/stdin` stores that path; resuming read whatever stdin was then, and said only
+    # "is not a regular file"
+    out = str(tmp_path / "run")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    pretrain(MODEL, TRAIN, out, data=data, tokenizer_kind="char", log=lambda line: None)
+    config = os.path.join(out, "config.json")
+    meta = json.loads(open(config, encoding="utf-8").read())
+    open(config, "w", encoding="utf-8").write(json.dumps({**meta, "data": str(fifo)}))
+    with pytest.raises(TinyLLMError, match=r"not a regular file \(a pipe, read once\?\): give"
+                                           r" its text again with --resume --data FILE"):
+        pretrain(MODEL, TRAIN, out, resume=True, max_iters=4, log=lambda line: None)
+    result = pretrain(MODEL, TRAIN, out, data=data, resume=True, max_iters=4,
+                      log=lambda line: None)
+    assert result["final"]["iter"] == 4
 
 
 def test_done_gives_the_training_time_over_every_resume(tmp_path, data):

@@ -177,6 +177,7 @@ EMBEDDED_CORPORA = {"python-docs": python_docs_corpus, "pydoc": pydoc_corpus,
 
 MAX_TEXT_BYTES = 1 << 30  # 1 GiB of text: far more than a CPU trains on in a day
 BYTES_PER_CHARACTER = 16  # memory to hold and tokenize one character (text, id list, id array)
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # little- and big-endian
 PIPE_WAIT_SECONDS = 10.0  # how long a FIFO may stay without a writer before it is an error
 
 
@@ -209,7 +210,10 @@ def read_text_file(path, allow_pipe=True):
         os.close(fd)
         raise TinyLLMError(f"data file {path!r} is not a regular file")
     if not raw.strip():
-        raise TinyLLMError(f"data file {path!r} is empty")
+        raise TinyLLMError(f"data file {path!r} is empty" + (" (only whitespace)" if raw else ""))
+    if raw.startswith(UTF16_BOMS):  # Windows Notepad's "Unicode": every ASCII character has a NUL
+        raise TinyLLMError(f"data file {path!r} is UTF-16 text (it starts with a UTF-16 byte-order"
+                           " mark): save it as UTF-8")
     if b"\x00" in raw:
         raise TinyLLMError(f"data file {path!r} looks binary (it contains NUL bytes), not text")
     return decode_utf8(raw, path, drop_bom=False)  # the text as it is: its sha256 names the run
@@ -320,15 +324,19 @@ def train_val_split(ids, train_fraction=0.9):
     return ids[:cut], ids[cut:]
 
 
-def check_long_enough(ids, block_size, what, tokenizer_kind="char"):
-    """Raise TinyLLMError unless `ids` holds at least one window of block_size + 1 tokens."""
-    if len(ids) < block_size + 1:
+def check_long_enough(ids, block_size, what, tokenizer_kind="char", next_token=True):
+    """Raise TinyLLMError unless `ids` holds at least one window: block_size + 1 tokens for
+    next-token prediction (`get_batch`: the last input's target follows it), block_size for
+    masked-token prediction (the targets are the window's own tokens: `get_windows`)."""
+    window = block_size + 1 if next_token else block_size
+    if len(ids) < window:
         # BPE trained on a small text merges it into few tokens: 3,000 characters of Shakespeare
         # are 778 tokens with 2048 in the vocabulary, 2,023 with 300
         vocab = ", or a smaller --vocab-size (each BPE merge shortens the text)"
         raise TinyLLMError(
-            f"{what} has {len(ids)} tokens, fewer than block_size + 1 = {block_size + 1}:"
-            f" use more text or a smaller --block-size{vocab if tokenizer_kind == 'bpe' else ''}"
+            f"{what} has {len(ids)} tokens, fewer than block_size{' + 1' if next_token else ''}"
+            f" = {window}: use more text or a smaller --block-size"
+            f"{vocab if tokenizer_kind == 'bpe' else ''}"
         )
 
 
@@ -342,3 +350,14 @@ def get_batch(ids, batch_size, block_size, rng):
     x = ids[starts[:, None] + offsets]  # (B, 1) + (T,) -> (B, T) indices
     y = ids[starts[:, None] + offsets + 1]  # the same windows, shifted one to the right
     return x, y
+
+
+def get_windows(ids, batch_size, block_size, rng):
+    """Random windows without targets (masked-token prediction): ids (N,) -> x (B, T), int32.
+
+    The starts are drawn as `get_batch` draws them, so a seed gives both objectives the same
+    windows, and a text of exactly T tokens, which has no next token after its window, gives
+    its one window. Example: ids = [5, 9, 2], T = 3 -> x = [[5, 9, 2]].
+    """
+    starts = rng.integers(0, max(1, len(ids) - block_size), size=batch_size)  # (B,)
+    return ids[starts[:, None] + onp.arange(block_size)]  # (B, 1) + (T,) -> (B, T) indices

@@ -26,7 +26,7 @@ import re
 import autograd.numpy as np
 import numpy as onp
 
-from .data import get_batch
+from .data import get_windows
 from .errors import TinyLLMError
 from .models import bidirectional_hidden, lm_head_weight
 from .ops import cross_entropy, linear
@@ -115,11 +115,12 @@ def mlm_loss(params, inputs, targets, chosen, config, valid=None, rng=None):
 def mlm_loss_and_batches(splits, config, batch_size, tokenizer, rate=MASK_RATE):
     """loss_fn(params, batch, rng) and sample(split, rng) for train.train_loop: random windows of
     the corpus, corrupted afresh by the Generator of each draw (so resume and evaluation batches
-    are reproducible exactly like the causal ones); `rate` of each window's positions chosen."""
+    are reproducible exactly like the causal ones); `rate` of each window's positions chosen.
+    A window is block_size tokens, its own targets: no next token is needed after it."""
     mask_id, n_ordinary = mask_id_of(tokenizer)
 
     def sample(split, rng):
-        x, _ = get_batch(splits[split], batch_size, config.block_size, rng)  # (B, T)
+        x = get_windows(splits[split], batch_size, config.block_size, rng)  # (B, T)
         inputs, chosen = mask_tokens(x, onp.ones(x.shape), rng, mask_id, n_ordinary, rate)
         return inputs, x, chosen
 
@@ -146,7 +147,7 @@ def masked_accuracy(params, config, tokenizer, ids, n_batches=20, batch_size=8, 
     most_frequent = int(counts.argmax())
     right = baseline = total = 0
     for _ in range(n_batches):
-        x, _ = get_batch(ids, batch_size, config.block_size, rng)  # (B, T)
+        x = get_windows(ids, batch_size, config.block_size, rng)  # (B, T)
         inputs, chosen = mask_tokens(x, onp.ones(x.shape), rng, mask_id, n_ordinary)
         rows = onp.flatnonzero(chosen & (inputs == mask_id))  # (N,) the masked positions
         pred = onp.asarray(mlm_logits(params, inputs, rows, config)).argmax(axis=1)  # (N,)

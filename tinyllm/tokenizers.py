@@ -32,7 +32,9 @@ How BPE training works here
    (compared as tuples, first id then second). So training is reproducible: the same text and
    settings always give the same merges, whatever order Python's dicts happen to be in.
 5. If no pair is left to merge (a tiny text) training stops early, and the tokenizer has fewer
-   ids than the `vocab_size` asked for. `tok.vocab_size` always gives the true size.
+   ids than the `vocab_size` asked for. `tok.vocab_size` always gives the true size. A pair
+   whose token would be longer than `MAX_TOKEN_BYTES` is never merged, so every tokenizer
+   trained here loads back.
 
 Encoding applies the learned merges to each chunk in the order they were learned, and remembers
 the ids of each distinct chunk, so a word that appears a thousand times is encoded once.
@@ -291,24 +293,28 @@ def best_pair(pair_counts):
     return min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
 
 
-def learn_merges_reference(chunk_counts, n_merges):
+def learn_merges_reference(chunk_counts, n_merges, max_token_bytes=MAX_TOKEN_BYTES):
     """BPE training written plainly: before each merge, recount every pair of every chunk.
 
     The same merges as `learn_merges` (a test checks it), with none of its bookkeeping; too slow
-    for real text (every merge rescans every chunk), which is why `learn_merges` exists.
+    for real text (every merge rescans every chunk), which is why `learn_merges` exists. A pair
+    whose token would be longer than `max_token_bytes` is never merged (see `learn_merges`).
     Example: {"aaabdaaabac": 1}, n_merges=3 -> [(97, 97), (97, 98), (256, 257)]
     """
     words = {chunk: list(chunk.encode("utf-8")) for chunk in chunk_counts}
+    lengths = [1] * N_BYTES  # id -> bytes of its token
     merges = []
     for new_id in range(N_BYTES, N_BYTES + n_merges):
         totals = Counter()  # pair -> occurrences in the whole text
         for chunk, ids in words.items():
             for pair, n in get_pair_counts(ids).items():
-                totals[pair] += n * chunk_counts[chunk]
+                if lengths[pair[0]] + lengths[pair[1]] <= max_token_bytes:
+                    totals[pair] += n * chunk_counts[chunk]
         if not totals:
-            break  # every chunk is a single token: nothing left to merge
+            break  # every chunk is a single token (or too long a one): nothing left to merge
         pair = best_pair(totals)
         words = {chunk: merge_pair(ids, pair, new_id) for chunk, ids in words.items()}
+        lengths.append(lengths[pair[0]] + lengths[pair[1]])
         merges.append(pair)
     return merges
 
@@ -490,13 +496,16 @@ def pop_best_pair(heap, pair_counts):
     return None
 
 
-def learn_merges(chunk_counts, n_merges, progress=None):
+def learn_merges(chunk_counts, n_merges, progress=None, max_token_bytes=MAX_TOKEN_BYTES):
     """Learn up to `n_merges` merges from {chunk: count}; merge i creates id 256 + i.
 
     The same merges as `learn_merges_reference`, in about N log N time for N bytes of distinct
     chunks however long each chunk is: the symbols of all chunks sit in one linked list, a merge
     updates only the pair counts next to each place it merges (`apply_merge`), and a heap of
     (-count, pair) gives the most frequent pair, ties going to the smallest pair.
+    A pair whose token would be longer than `max_token_bytes` is never merged: a long run of one
+    character (100,000 newlines) would otherwise make a token that `load` refuses, and the
+    checkpoint holding it could not be read back.
     Stops early when no adjacent pair is left. Calls progress(done, n_merges) after each merge.
     Example (one chunk "aaabdaaabac", a=97 b=98 c=99 d=100), n_merges=3
       -> [(97, 97), (97, 98), (256, 257)]   (worked out step by step in the tests)
@@ -507,14 +516,19 @@ def learn_merges(chunk_counts, n_merges, progress=None):
     pair_counts, where = build_pair_index(symbols, weight)
     heap = [(-count, pair) for pair, count in pair_counts.items()]
     heapq.heapify(heap)
+    lengths = [1] * N_BYTES  # id -> bytes of its token
     merges = []
     while len(merges) < n_merges:
         pair = pop_best_pair(heap, pair_counts)
         if pair is None:
             break  # every chunk is a single token: nothing left to merge
+        if lengths[pair[0]] + lengths[pair[1]] > max_token_bytes:
+            del pair_counts[pair]  # never merged; a merge only makes pairs with its new id
+            continue
         for p in apply_merge(symbols, weight, pair_counts, where, pair, N_BYTES + len(merges)):
             if p in pair_counts:
                 heapq.heappush(heap, (-pair_counts[p], p))  # its new count; old entries go stale
+        lengths.append(lengths[pair[0]] + lengths[pair[1]])
         merges.append(pair)
         if progress is not None:
             progress(len(merges), n_merges)

@@ -249,13 +249,33 @@ def read_metrics(out_dir):
 
 
 def truncate_metrics(out_dir, iteration):
-    """Keep only records up to `iteration`, so a resumed run does not log a step twice."""
+    """Keep only records up to `iteration`, so a resumed run does not log a step twice.
+    Returns the records kept."""
     kept = [r for r in read_metrics(out_dir) if r["iter"] <= iteration]
     path = os.path.join(out_dir, "metrics.jsonl")
     try:
         atomic_write_text(path, "".join(json.dumps(finite_or_none(r)) + "\n" for r in kept))
     except OSError as err:
         raise TinyLLMError(f"cannot write {path}: {err.strerror}") from None
+    return kept
+
+
+def logged_eval_iter(meta, records):
+    """The step of a checkpoint's last evaluation if `records` (metrics.jsonl) still hold its
+    line, with both losses; else -1, so that the loop evaluates and logs that step again if it
+    is one to evaluate. A run resumed at its end thus always has its final line, even if the
+    file lost it (deleted, or cut by hand)."""
+    last = meta.get("last_eval_iter", -1)
+    for r in records:
+        if r["iter"] == last and all(isinstance(r.get(k), (int, float, type(None)))
+                                     and k in r for k in ("train_loss", "val_loss")):
+            return last
+    return -1
+
+
+def final_record(out_dir, iteration):
+    """The metrics line of the evaluation at `iteration`, a run's last step."""
+    return [r for r in read_metrics(out_dir) if r["iter"] == iteration][-1]
 
 
 # ----------------------------------------------------------------------------- signals
@@ -490,7 +510,7 @@ def run_corpus(meta, run_dir, data=None):
     if not from_run or data in EMBEDDED_CORPORA:
         text = load_corpus(data)
     else:
-        check_still_there(data, run_dir)  # a pipe, read once, is gone too
+        check_still_there(data, run_dir)  # and a regular file: a pipe was read once
         text = read_text_file(data, allow_pipe=False)
     if not same_fingerprint(meta.get("data_sha256"), text):
         raise TinyLLMError(f"the data {data!r} of the run in {run_dir} has changed since the run"
@@ -600,10 +620,10 @@ def starting_state(out_dir, tc, init_fn, ckpt=None, log=print):
     """The state a run starts from: the checkpoint's when resuming (its later metrics dropped),
     else fresh parameters `init_fn(rng)` from a Generator seeded by tc.seed and fresh AdamW."""
     if ckpt is not None:
-        truncate_metrics(out_dir, ckpt.iter)
+        kept = truncate_metrics(out_dir, ckpt.iter)
         log(f"resuming {out_dir} at iteration {ckpt.iter} of {tc.max_iters}")
         return Committed(ckpt.params, ckpt.opt_state, ckpt.rng_state, ckpt.iter,
-                         ckpt.meta.get("last_eval_iter", -1), on_disk=True)
+                         logged_eval_iter(ckpt.meta, kept), on_disk=True)
     rng = onp.random.default_rng(tc.seed)
     params = init_fn(rng)
     return Committed(params, adamw_init(params), rng.bit_generator.state, 0, -1)
@@ -739,7 +759,7 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
                        tc.batch_size * model_config.block_size, world=world,
                        value_and_grad=fast_grads, step_fn=fast_step)
     clock.stop()
-    final = world.from_root(lambda: read_metrics(out_dir)[-1])
+    final = world.from_root(lambda: final_record(out_dir, state.iteration))
     return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
             "seconds": clock.part(), "train_seconds": clock.total(), "final": final,
             "objective": objective, "val_ids": splits["val"]}
@@ -755,7 +775,7 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
     if resume:
         ckpt = load_checkpoint(out_dir, with_optimizer=True, kind=tuple(OBJECTIVES.values()))
         objective = resumed_objective(ckpt.meta["kind"], objective, out_dir)
-        mask_rate = ckpt.meta.get("mask_rate", MASK_RATE)  # runs before the flag: 15%
+        mask_rate = stored_mask_rate(ckpt.meta, out_dir)
         check_same_ranks(ckpt.meta, ranks, out_dir)
         model_config, tokenizer = ckpt.model_config, ckpt.tokenizer
         check_resumed_total(max_iters, ckpt.iter, out_dir)
@@ -773,6 +793,10 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
             log(f"tokenizer: learning BPE merges from {len(text):,} characters ...")
         tokenizer = train_tokenizer(tokenizer_kind, text, vocab_size, special_tokens=special_tokens,
                                     progress=merges_progress(log))
+        if tokenizer.kind == "bpe" and tokenizer.vocab_size < vocab_size:
+            log(f"tokenizer: the text has no pair of tokens left to merge after"
+                f" {len(tokenizer.merges):,} merges: its vocabulary is {tokenizer.vocab_size:,},"
+                f" not the {vocab_size:,} of --vocab-size")
         model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
     model_config.validate()
     check_memory(gpt_step_bytes(model_config, tc, gpt_param_count(model_config)),
@@ -783,7 +807,8 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
     splits = dict(zip(("train", "val"), train_val_split(ids)))
     for name, split_ids in splits.items():
         check_long_enough(split_ids, model_config.block_size,
-                          f"the {name} split of {data or DEFAULT_CORPUS}", tokenizer.kind)
+                          f"the {name} split of {data or DEFAULT_CORPUS}", tokenizer.kind,
+                          next_token=objective == "clm")
     start_out_dir(out_dir, resume, force)
 
     state = starting_state(out_dir, tc, lambda rng: init_gpt(model_config, rng),
@@ -796,7 +821,7 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
              "ranks": ranks,  # and the time of the parts before this one (each save adds its own)
              "train_seconds": earlier_train_seconds(ckpt.meta) if resume else 0.0}
     if objective == "mlm":
-        extra["mask_rate"] = mask_rate or MASK_RATE
+        extra["mask_rate"] = MASK_RATE if mask_rate is None else mask_rate
     return model_config, tc, tokenizer, splits, state, extra, objective
 
 
@@ -831,11 +856,16 @@ def tokenizer_progress(log, what, every_seconds):
 
 
 def check_still_there(path, run_dir, flag="--data"):
-    """A data file a run stored, which --resume reads again, must still be where it was; if not,
-    the error names the flag that says where it is now (`--resume --data FILE`)."""
+    """A data file a run stored, which --resume reads again, must still be where it was, and be
+    a regular file (a pipe, `--data /dev/stdin` or `<(zcat ...)`, was read once); if not, the
+    error names the flag that says where its text is now (`--resume --data FILE`)."""
     if not os.path.exists(path):
         raise TinyLLMError(f"--resume: the {flag} file {path!r} of the run in {run_dir} is gone"
                            f" (moved or renamed?): give it again with --resume {flag} FILE")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # stat opens nothing: a FIFO cannot block it
+        raise TinyLLMError(f"--resume: the {flag} file {path!r} of the run in {run_dir} is not a"
+                           f" regular file (a pipe, read once?): give its text again with"
+                           f" --resume {flag} FILE")
 
 
 def check_resumed_total(max_iters, done, out_dir):
@@ -853,6 +883,16 @@ def resumed_objective(kind, objective, out_dir):
         raise TinyLLMError(f"--resume: the run in {out_dir} was pretrained with --objective"
                            f" {stored}, not {objective}")
     return stored
+
+
+def stored_mask_rate(meta, out_dir):
+    """An MLM run's "mask_rate" (MLM runs made before the flag have none: 15%), read from an
+    untrusted config.json, so it must be a number strictly between 0 and 1."""
+    rate = meta.get("mask_rate", MASK_RATE)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < 1:
+        raise TinyLLMError(f"{os.path.join(out_dir, 'config.json')}: \"mask_rate\" must be a"
+                           " number between 0 and 1")
+    return float(rate)
 
 
 def check_same_ranks(meta, ranks, out_dir):
