@@ -2,6 +2,7 @@
 `python cli.py` launcher. Bad input must give a non-zero exit, one line naming the problem, no
 traceback, and leave an existing run's files byte for byte as they were."""
 
+import hashlib
 import json
 import os
 import re
@@ -84,12 +85,14 @@ def run_copy(trained_run, tmp_path):
 # ----------------------------------------------------------------------------- happy paths
 
 
-def test_pretrain_writes_the_run_directory(trained_run):
+def test_pretrain_writes_the_run_directory(trained_run, data_file):
     out, result = trained_run
     assert sorted(os.listdir(out)) == run_files(out)
     assert os.path.basename(checkpoint_paths(str(out))["model"]) == "model-000006.npz"
     meta = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert meta["iter"] == 6
+    assert meta["data_characters"] == len(TEXT) and meta["data"] == str(data_file)
+    assert meta["data_sha256"] == hashlib.sha256(TEXT.encode("utf-8")).hexdigest()
     assert meta["model"]["n_layer"] == 1 and meta["model"]["n_embd"] == 16
     assert meta["model"]["block_size"] == 16 and meta["train"]["eval_interval"] == 3
     assert metrics_iters(out) == [0, 3, 6]

@@ -8,8 +8,8 @@ A checkpoint is four files in the run directory:
                           "model_file": "model-000500.npz", "optim_file": "optim-000500.npz",
                           "tokenizer_file": "tokenizer.json", "model": {GPTConfig fields},
                           "train": {TrainConfig fields}, "data": "/abs/path/corpus.txt" or "pydoc",
-                          "data_sha256": "<64 hex digits>", "dtype": "float32",
-                          "last_eval_iter": 500, "ranks": 1}
+                          "data_sha256": "<64 hex digits>", "data_characters": 1756444,
+                          "dtype": "float32", "last_eval_iter": 500, "ranks": 1}
     model-000500.npz     one array per parameter, named by its dotted path ("wte", "h.0.attn.c_attn.w")
     optim-000500.npz     AdamW moments "m.<path>" and "v.<path>", "step", and "rng_state": the JSON of
                          the numpy Generator's state as UTF-8 bytes (uint8), so a resumed run draws
@@ -282,10 +282,11 @@ def _is_int(x):
 # written by the fine-tuning and seq2seq runs; checking them here gives every run one-line errors.
 FIELD_TYPES = (("iter", int), ("kind", str), ("model", dict), ("train", (dict, None)),
                ("last_eval_iter", (int, None)), ("dtype", (str, None)), ("data", (str, None)),
-               ("data_sha256", (str, None)), ("labels", (list, None)), ("finetune", (dict, None)),
-               ("before", (dict, None)), ("data_files_sha256", (dict, None)),
-               ("weights_iter", (int, None)), ("label_smoothing", (float, int, None)),
-               ("schedule", (str, None)), ("ranks", (int, None)))
+               ("data_sha256", (str, None)), ("data_characters", (int, None)),
+               ("labels", (list, None)), ("finetune", (dict, None)), ("before", (dict, None)),
+               ("data_files_sha256", (dict, None)), ("weights_iter", (int, None)),
+               ("label_smoothing", (float, int, None)), ("schedule", (str, None)),
+               ("ranks", (int, None)))
 
 
 def _check_field(meta, key, kinds, path):
