@@ -150,6 +150,16 @@ def test_resume_continues_to_a_larger_max_iters(run_copy):
     assert "note: --resume" not in result.output  # every flag given was used
 
 
+def test_resume_of_a_finished_run_whose_last_losses_are_null_says_unknown(run_copy):
+    path = run_copy / "metrics.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    last = {**json.loads(lines[-1]), "train_loss": None, "val_loss": None}  # NaN is kept as null
+    path.write_text("\n".join(lines[:-1] + [json.dumps(last)]) + "\n", encoding="utf-8")
+    result = invoke("pretrain", "--out", run_copy, "--resume", "--sample-tokens", 0)
+    assert result.exit_code == 0, result.output
+    assert "done: iteration 6, train loss unknown, val loss unknown" in result.output, result.output
+
+
 def test_resume_names_the_flags_it_does_not_use(run_copy, data_file):
     # the run keeps its own settings: a new --lr must not be dropped unseen (--data is used: it
     # says where the run's own text is now, see tests/test_user_corpus.py)

@@ -8,7 +8,7 @@ import importlib.metadata
 
 import click
 
-from .cli_common import (count, flag_given, fraction, no_cache_option, non_negative,
+from .cli_common import (count, flag_given, fraction, loss_text, no_cache_option, non_negative,
                          note_flags_resume_ignores, positive, probability_mass, random_seed,
                          step_count, training_time, user_errors)
 from .cli_encoder import embed, fill
@@ -169,8 +169,8 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
         return  # rank 0 reports and samples
     final = result["final"]
     seconds = training_time(result["seconds"], result["train_seconds"])
-    click.echo(f"done: iteration {final['iter']}, train loss {final['train_loss']:.4f},"
-               f" val loss {final['val_loss']:.4f}, {seconds}; checkpoint in {out}")
+    click.echo(f"done: iteration {final['iter']}, train loss {loss_text(final.get('train_loss'))},"
+               f" val loss {loss_text(final.get('val_loss'))}, {seconds}; checkpoint in {out}")
     if sample_tokens and result.get("objective") == "mlm":
         from .mlm import masked_accuracy
 

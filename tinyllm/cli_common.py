@@ -165,6 +165,14 @@ def _flag_name(param, value):
 # ----------------------------------------------------------------------------- reports
 
 
+def loss_text(value):
+    """A loss from metrics.jsonl for a report line: 1.23456 -> "1.2346"; anything that is not a
+    number (a run directory is untrusted, and may be edited by hand) -> "unknown"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.4f}"
+    return "unknown"
+
+
 def training_time(part, total):
     """This part's training time, and a resumed run's over all its parts (None: unknown), in
     words: (12, 40) -> "12 s (40 s in all, over every --resume)"; (12, 12) -> "12 s"."""
