@@ -281,6 +281,18 @@ def test_launcher_runs_from_the_checkout(args, expected):
     assert expected in proc.stdout and "Traceback" not in proc.stderr
 
 
+def test_pretrain_reads_standard_input_from_data_dash(tmp_path, data_file):
+    with open(data_file, "rb") as stdin:
+        proc = subprocess.run([sys.executable, "cli.py", "pretrain", "--data", "-", "--out",
+                               str(tmp_path / "run"), *TINY, "--max-iters", "2",
+                               "--sample-tokens", "0"], cwd=REPO, stdin=stdin,
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"data: /dev/stdin, {len(TEXT):,} characters" in proc.stdout
+    meta = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
+    assert meta["data_sha256"] == hashlib.sha256(TEXT.encode("utf-8")).hexdigest()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

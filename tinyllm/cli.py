@@ -37,6 +37,8 @@ def package_version():
     except importlib.metadata.PackageNotFoundError:
         return "unknown (run from a checkout that is not installed)"
 
+STDIN = "/dev/stdin"  # what --data - reads (Linux and macOS name standard input so)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(version=package_version(), prog_name="tinyllm")
@@ -59,7 +61,8 @@ def main(ctx):
 
 @main.command()
 @click.option("--data", default=None, metavar="FILE|NAME",
-              help="UTF-8 text file to train on, or the name of an embedded corpus: python-docs"
+              help="UTF-8 text file to train on ('-': standard input, read once), or the name of"
+                   " an embedded corpus: python-docs"
                    " (Python's pydoc topics and its standard library's docstrings), pydoc (the"
                    " topics alone), stdlib-docstrings, icl (generated in-context-learning"
                    " episodes).  [default: python-docs]")
@@ -161,6 +164,8 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
     new_total = max_iters if resume and flag_given("max_iters") else None
     if resume and not flag_given("objective"):
         objective = None  # the run's own
+    if data == "-":
+        data = STDIN  # read as the pipe (or file) it is; --resume then needs --data again
     result = run_pretrain(model_config, train_config, out, data=data,
                           tokenizer_kind=tokenizer_kind, vocab_size=vocab_size, resume=resume,
                           force=force, max_iters=new_total, log=click.echo, world=world, fast=fast,
