@@ -22,10 +22,10 @@ from .finetune import (DEFAULT_POOLING, ClassifierConfig, classifier_from_gpt, c
                        predict_windows, trainable_paths)
 from .finetune_runs import (DATA_FLAGS, EVAL_TRAIN_EXAMPLES, FinetuneSettings, add_unknown_token,
                             check_data_unchanged, check_flag, check_splits, check_step_memory,
-                            data_fingerprints, encode_all, finish_with_best, load_base,
-                            log_trainable, make_train_config, resumed_train_config, run_clock,
-                            run_settings, settings_from_run, start_finetune_dir, stored_settings,
-                            train_keeping_best, with_moved_data, write_report)
+                            data_fingerprints, encode_all, load_base, log_trainable,
+                            make_train_config, resumed_train_config, run_settings,
+                            settings_from_run, start_finetune_dir, stored_settings, train_run,
+                            with_moved_data, write_report)
 from .labelled_data import (SPLIT_CLASSIFY, UNK_TOKEN, balance, default_classification_data,
                             label_ids, read_classification, split_three, with_case_copies,
                             without_repeats)
@@ -337,21 +337,15 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     extra = {"labels": labels, "finetune": {"task": "classify", **stored_settings(s)},
              "data_files_sha256": data_fingerprints(s), "before": before, "ranks": world.size}
 
-    def save_full(full, opt_state, st, best_iter, weights_iter):
+    def save(full, opt_state, st, fields):
         save_checkpoint(out, full, opt_state, st.rng_state, config, tc, tokenizer, st.iteration,
-                        extra={**extra, "best_iter": best_iter, "weights_iter": weights_iter,
-                               "last_eval_iter": st.last_eval_iter,
-                               "train_seconds": clock.total()}, kind="classifier")
+                        extra={**extra, **fields}, kind="classifier")
 
     loss_fn, sample = classification_loss_and_batches(sets, config, tc.batch_size)
-    evaluate = classification_evaluator(sets, config, loss_fn, world)
-    tokens_per_iter = real_tokens_per_batch(sets["train"][0], tc.batch_size)
-    clock = run_clock(ckpt)
-    params, best, state = train_keeping_best(out, params, paths, tc, loss_fn, sample, evaluate,
-                                             save_full, ckpt, tokens_per_iter, s.patience, log,
-                                             world)
-    clock.stop()
-    finish_with_best(out, params, state, paths, save_full, best)
+    params, best, state, clock = train_run(
+        out, ckpt, params, paths, tc, loss_fn, sample,
+        classification_evaluator(sets, config, loss_fn, world),
+        real_tokens_per_batch(sets["train"][0], tc.batch_size), s.patience, log, world, save)
     # 7. score after and report
     after, matrix, per_class = scored_with_progress(params, config, labels, sets, n_read)
     report = {"task": "classify", "labels": labels, "arch": config.arch, "pooling": config.pooling,

@@ -12,7 +12,7 @@ named steps, which classify_run.run_classify and instruct_run.run_instruct each 
     6. train         train.train_loop on the trainable parameters, evaluating the whole
                      validation split; the best evaluation's weights are kept and the run stops
                      after `patience` evaluations without improvement (early stopping):
-                     `train_keeping_best`, here
+                     `train_run` and `train_keeping_best`, here
     7. score after   with the best weights, then the report
 
 This module holds what the two share: the settings both have, the base model, the training
@@ -456,6 +456,29 @@ def train_keeping_best(out_dir, params, paths, tc, loss_fn, sample, evaluate, sa
                                evaluate=lambda p: evaluate(merge_params(p, frozen)),
                                on_eval=on_eval, world=world)
     return merge_params(best.params or state.params, frozen), best, state
+
+
+def train_run(out_dir, ckpt, params, paths, tc, loss_fn, sample, evaluate, tokens_per_iter,
+              patience, log, world, save):
+    """Step 6 of a run: train with the best weights kept (`train_keeping_best`), timed over
+    every --resume (`run_clock`), then make the best weights the run's checkpoint.
+
+    save(params, opt_state, state, fields) writes a checkpoint whose config.json adds `fields`:
+    "best_iter", "weights_iter", "last_eval_iter" and "train_seconds".
+    Returns (the whole tree with the best weights, BestWeights, final Committed state, clock)."""
+    clock = run_clock(ckpt)
+
+    def save_full(full, opt_state, st, best_iter, weights_iter):
+        save(full, opt_state, st, {"best_iter": best_iter, "weights_iter": weights_iter,
+                                   "last_eval_iter": st.last_eval_iter,
+                                   "train_seconds": clock.total()})
+
+    params, best, state = train_keeping_best(out_dir, params, paths, tc, loss_fn, sample,
+                                             evaluate, save_full, ckpt, tokens_per_iter, patience,
+                                             log, world)
+    clock.stop()
+    finish_with_best(out_dir, params, state, paths, save_full, best)
+    return params, best, state, clock
 
 
 def finish_with_best(out_dir, whole_best, state, paths, save_full, best):

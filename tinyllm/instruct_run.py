@@ -21,10 +21,9 @@ from .fileio import atomic_write_text
 from .finetune import fit_prompt, format_prompt, instruction_example, length_groups, token_f1
 from .finetune_runs import (EOT, EVAL_TRAIN_EXAMPLES, FinetuneSettings, add_unknown_token,
                             check_data_unchanged, check_flag, check_splits, check_step_memory,
-                            data_fingerprints, finish_with_best, load_base, log_trainable,
-                            make_train_config, resumed_train_config, run_clock, settings_from_run,
-                            start_finetune_dir, stored_settings, train_keeping_best,
-                            with_moved_data, write_report)
+                            data_fingerprints, load_base, log_trainable, make_train_config,
+                            resumed_train_config, settings_from_run, start_finetune_dir,
+                            stored_settings, train_run, with_moved_data, write_report)
 from .generate import greedy_batch
 from .labelled_data import (SPLIT_INSTRUCT, UNK_TOKEN, default_instruction_data,
                             encode_with_fallback, read_instructions, split_three)
@@ -282,21 +281,15 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
              "data_files_sha256": data_fingerprints(s), "before": before, "ranks": world.size,
              "template": "Instruction: {instruction}\\nInput: {input}\\nResponse: "}
 
-    def save_full(full, opt_state, st, best_iter, weights_iter):
+    def save(full, opt_state, st, fields):
         save_checkpoint(out, full, opt_state, st.rng_state, config, tc, tokenizer, st.iteration,
-                        extra={**extra, "best_iter": best_iter, "weights_iter": weights_iter,
-                               "last_eval_iter": st.last_eval_iter,
-                               "train_seconds": clock.total()}, kind=kind)
+                        extra={**extra, **fields}, kind=kind)
 
     loss_fn, sample = instruct_loss_and_batches(arrays, config, tc.batch_size)
-    evaluate = instruct_evaluator(arrays, loss_fn, world)
-    tokens_per_iter = round(tc.batch_size * row_lengths(arrays["train"][2]).mean())
-    clock = run_clock(ckpt)
-    params, best, state = train_keeping_best(out, params, paths, tc, loss_fn, sample, evaluate,
-                                             save_full, ckpt, tokens_per_iter, s.patience, log,
-                                             world)
-    clock.stop()
-    finish_with_best(out, params, state, paths, save_full, best)
+    params, best, state, clock = train_run(
+        out, ckpt, params, paths, tc, loss_fn, sample, instruct_evaluator(arrays, loss_fn, world),
+        round(tc.batch_size * row_lengths(arrays["train"][2]).mean()), s.patience, log, world,
+        save)
     # 7. score after and report
     log(f"generating responses for {len(test)} test records ...")
     rows, after = score_responses(inference_params(params, config), gpt_config, tokenizer, test,
