@@ -492,6 +492,19 @@ def test_a_picture_never_overwrites_a_file_of_another_kind(runs, tmp_path, name)
     assert out.read_text(encoding="utf-8") == "keep me"
 
 
+def test_a_name_without_suffix_replaces_a_picture_only(runs, tmp_path):
+    # before, `--out README` or `--out ~/.bashrc` (no suffix, so PNG) replaced the file
+    keep = tmp_path / "README"
+    keep.write_text("keep me", encoding="utf-8")
+    assert_user_error(invoke("plot", runs / "pretrain", "--out", keep), "README",
+                      "holds no PNG or SVG picture")
+    assert keep.read_text(encoding="utf-8") == "keep me"
+    picture = tmp_path / "loss"
+    for fmt in ("png", "svg", "png"):  # a new name, then each kind of picture replaced
+        result = invoke("plot", runs / "pretrain", "--out", picture, "--format", fmt)
+        assert result.exit_code == 0, result.output
+
+
 def test_fewshot_chart_from_rows(tmp_path):
     rows = [{"k": 0, "accuracy": 0.1, "ci95": [0.05, 0.2], "n": 50, "chance": 0.25},
             {"k": 4, "accuracy": 0.9, "ci95": [0.8, 0.95], "n": 50, "chance": 0.25}]

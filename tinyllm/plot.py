@@ -48,11 +48,15 @@ def picture_format(out, fmt=None):
     Example: ("loss.svg", None) -> "svg"; ("loss", None) -> "png"; ("a.png", "svg") -> error,
     since a .png file holding SVG would mislead whoever opens it; ("a.pdf", None) -> error too,
     and so is any other suffix: a picture written over runs/x/config.json would destroy the run.
+    A name with no suffix (README, .bashrc) is refused when a file holds it that is no picture.
     """
     suffix = os.path.splitext(out)[1].lower().lstrip(".")
     if suffix and suffix not in FORMATS:
         raise TinyLLMError(f"{out}: tinyllm draws PNG or SVG pictures, not .{suffix}: name the"
                            " file .png or .svg")
+    if not suffix and os.path.lexists(out) and not holds_picture(out):
+        raise TinyLLMError(f"{out} exists and holds no PNG or SVG picture, which a picture"
+                           " would replace: name the file .png or .svg")
     if fmt is None:
         return suffix if suffix in FORMATS else "png"
     if fmt not in FORMATS:
@@ -60,6 +64,15 @@ def picture_format(out, fmt=None):
     if suffix in FORMATS and suffix != fmt:
         raise TinyLLMError(f"--out {out} ends in .{suffix} but --format is {fmt}")
     return fmt
+
+
+def holds_picture(path):
+    """Does `path` name a regular file that starts as a PNG or an SVG that tinyllm writes does?"""
+    if not os.path.isfile(path):  # a FIFO would block the read; a directory is no picture
+        return False
+    with open(path, "rb") as f:
+        start = f.read(8)
+    return start == b"\x89PNG\r\n\x1a\n" or start.startswith((b"<?xml", b"<svg"))
 
 
 def save_figure(fig, out, fmt):
