@@ -342,6 +342,20 @@ def test_attention_all_heads_or_one(runs, tmp_path):
     assert png_size(one)[0] < png_size(out)[0]
 
 
+def test_attention_of_more_heads_than_a_picture_holds_says_how_many_are_left_out(
+        runs, tmp_path, monkeypatch):
+    from tinyllm import attention_maps
+
+    monkeypatch.setattr(attention_maps, "MAX_PANELS", 1)  # the run has 2 heads a layer
+    out = tmp_path / "attn.png"
+    result = invoke("attention", "--checkpoint", runs / "pretrain", "--prompt", "cat", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "1 head of 3 x 3 tokens" in result.stdout
+    assert result.stderr.splitlines() == ["note: 1 of the layer's 2 heads left out: the first 1"
+                                          " are drawn; draw any one with --head N"]
+    assert png_size(out) == pixels(plot.attention_figure_size(1, 3, 3))
+
+
 def assert_nothing_cut_off(fig):
     """Every title, label and colour bar of a rendered figure lies inside the picture."""
     inside = fig.get_tightbbox(rendered(fig))  # inches
