@@ -250,6 +250,59 @@ def test_a_run_directory_s_impossible_figures_are_no_traceback(tmp_path):
     assert series["train_loss"][0] != series["train_loss"][0]  # NaN, drawn as a gap
 
 
+def test_lines_and_losses_left_out_of_the_picture_are_counted(tmp_path):
+    # before, a line that was not a record (cut short, a step of 40.5 or "40") and a loss that
+    # was not a finite number (null, NaN, "3.2") were left out of the picture unsaid
+    run = tmp_path / "edited"
+    run.mkdir()
+    lines = [{"iter": 0, "train_loss": 4.0, "val_loss": 4.1, "lr": 1e-3},
+             {"iter": 2, "train_loss": None, "val_loss": "3.2", "lr": 1e-3},
+             {"iter": 4, "train_loss": float("nan"), "val_loss": 3.0, "lr": 1e-3},
+             {"iter": 40.5, "train_loss": 2.0}, {"iter": "6", "train_loss": 2.0}, [6]]
+    text = "".join(json.dumps(r) + "\n" for r in lines) + "\n" + '{"iter": 6, "train_lo'
+    (run / "metrics.jsonl").write_text(text, encoding="utf-8")
+    notes = []
+    series = plot.read_run(str(run), log=notes.append)
+    assert series["iter"] == [0, 2, 4]
+    assert len(notes) == 2, notes
+    assert "4 line(s) of metrics.jsonl left out" in notes[0]
+    assert "3 loss value(s)" in notes[1] and "(the first at step 2)" in notes[1]
+    result = invoke("plot", run, "--out", tmp_path / "x.png")
+    assert result.exit_code == 0 and result.stderr.splitlines() == notes, result.output
+
+
+def test_a_400_digit_timing_or_setting_is_no_traceback(runs, tmp_path):
+    # before, a 400-digit ms_per_iter in metrics.jsonl, or warmup_iters in config.json, ended
+    # in OverflowError
+    run = tmp_path / "crafted"
+    run.mkdir()
+    records = [json.loads(line) for line in (runs / "pretrain" / "metrics.jsonl").open()]
+    records[1]["ms_per_iter"] = 10**400
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    meta = json.loads((runs / "pretrain" / "config.json").read_text())
+    meta["train"]["warmup_iters"] = 10**400
+    (run / "config.json").write_text(json.dumps(meta))
+    result = invoke("plot", run, "--out", tmp_path / "x.png")
+    assert result.exit_code == 0, result.output
+    series = plot.read_run(str(run))
+    assert series["tokens_per_iter"] == 4 * 16  # from the other records' timings
+    assert series["lr_curve"] is None  # the logged rates are drawn instead
+
+
+def test_a_run_that_logged_no_learning_rate_says_so(runs, tmp_path):
+    # before, its learning-rate panel was an empty scale from -0.05 to 0.05
+    run = tmp_path / "no-lr"
+    run.mkdir()
+    records = [json.loads(line) for line in (runs / "pretrain" / "metrics.jsonl").open()]
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in r.items() if k != "lr"}) + "\n" for r in records))
+    lr_ax = plot.loss_figure({"no-lr": plot.read_run(str(run))}).axes[1]
+    assert [t.get_text() for t in lr_ax.texts] == ["no learning rate in metrics.jsonl"]
+    assert not list(lr_ax.get_yticks())
+    lr_ax = plot.loss_figure({"pretrain": plot.read_run(str(runs / "pretrain"))}).axes[1]
+    assert not lr_ax.texts
+
+
 def test_plot_errors(runs, tmp_path):
     (tmp_path / "empty").mkdir()
     assert_user_error(invoke("plot", tmp_path / "empty", "--out", tmp_path / "x.png"),
@@ -287,6 +340,20 @@ def test_attention_all_heads_or_one(runs, tmp_path):
     assert result.exit_code == 0, result.output
     assert png_size(one) == pixels(plot.attention_figure_size(1, 11, 11))
     assert png_size(one)[0] < png_size(out)[0]
+
+
+def test_attention_of_more_heads_than_a_picture_holds_says_how_many_are_left_out(
+        runs, tmp_path, monkeypatch):
+    from tinyllm import attention_maps
+
+    monkeypatch.setattr(attention_maps, "MAX_PANELS", 1)  # the run has 2 heads a layer
+    out = tmp_path / "attn.png"
+    result = invoke("attention", "--checkpoint", runs / "pretrain", "--prompt", "cat", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "1 head of 3 x 3 tokens" in result.stdout
+    assert result.stderr.splitlines() == ["note: 1 of the layer's 2 heads left out: the first 1"
+                                          " are drawn; draw any one with --head N"]
+    assert png_size(out) == pixels(plot.attention_figure_size(1, 3, 3))
 
 
 def assert_nothing_cut_off(fig):
@@ -437,6 +504,19 @@ def test_a_picture_never_overwrites_a_file_of_another_kind(runs, tmp_path, name)
                  ["attention", "--checkpoint", runs / "pretrain", "--prompt", "cat"]):
         assert_user_error(invoke(*args, "--out", out), name, "PNG or SVG", ".png or .svg")
     assert out.read_text(encoding="utf-8") == "keep me"
+
+
+def test_a_name_without_suffix_replaces_a_picture_only(runs, tmp_path):
+    # before, `--out README` or `--out ~/.bashrc` (no suffix, so PNG) replaced the file
+    keep = tmp_path / "README"
+    keep.write_text("keep me", encoding="utf-8")
+    assert_user_error(invoke("plot", runs / "pretrain", "--out", keep), "README",
+                      "holds no PNG or SVG picture")
+    assert keep.read_text(encoding="utf-8") == "keep me"
+    picture = tmp_path / "loss"
+    for fmt in ("png", "svg", "png"):  # a new name, then each kind of picture replaced
+        result = invoke("plot", runs / "pretrain", "--out", picture, "--format", fmt)
+        assert result.exit_code == 0, result.output
 
 
 def test_fewshot_chart_from_rows(tmp_path):

@@ -320,8 +320,12 @@ def _seq2seq_maps(ckpt, prompt, part, target):
     return AttentionMaps(maps, queries, keys, f"{what} of a seq2seq model{of_target}")
 
 
+MAX_PANELS = 16  # heads in one picture (4 rows of 4): 64 panels of 256 tokens took 95 s to draw
+
+
 def select_heads(maps, layer=None, head=None):
-    """Panels [(title, weights (Tq, Tk))] of one layer (default: the last), all heads or one.
+    """Panels [(title, weights (Tq, Tk))] of one layer (default: the last): one head, or all of
+    them up to MAX_PANELS (the caller says how many were left out).
 
     Layers and heads count from 0; a one-line error names the range when either is outside it.
     """
@@ -333,5 +337,5 @@ def select_heads(maps, layer=None, head=None):
     if head is not None and not 0 <= head < n_head:
         raise TinyLLMError(f"--head {head} is out of range: each layer has {n_head}"
                            f" head{'s' * (n_head != 1)} (0 to {n_head - 1})")
-    heads = range(n_head) if head is None else [head]
+    heads = range(min(n_head, MAX_PANELS)) if head is None else [head]
     return [(f"layer {layer}, head {h}", maps[layer, h]) for h in heads]

@@ -4,6 +4,7 @@ attend to. Drawing needs the optional `plot` extra (matplotlib); see tinyllm/plo
 
 import click
 
+from .attention_maps import MAX_PANELS
 from .cli_common import count, user_errors
 from .config import DEFAULT_RUN
 
@@ -43,7 +44,8 @@ def plot(run_dirs, out, fmt):
 @click.option("--layer", default=None, callback=count, type=int,
               help="Layer to draw, counting from 0.  [default: the last layer]")
 @click.option("--head", default=None, callback=count, type=int,
-              help="Head to draw, counting from 0.  [default: every head of the layer]")
+              help="Head to draw, counting from 0.  [default: every head of the layer, up to"
+                   f" {MAX_PANELS}]")
 @click.option("--part", type=click.Choice(["encoder", "decoder", "cross"]), default=None,
               help="seq2seq runs only: encoder self-attention, decoder self-attention or"
                    " cross-attention.  [default: cross]")
@@ -69,6 +71,10 @@ def attention(checkpoint, prompt, layer, head, part, target, out, fmt):
         click.echo(f"note: {maps.unknown} character(s) the model never saw were read as <|unk|>",
                    err=True)
     panels = select_heads(maps.weights, layer, head)
+    n_head = maps.weights.shape[1]
+    if head is None and len(panels) < n_head:
+        click.echo(f"note: {n_head - len(panels)} of the layer's {n_head} heads left out: the"
+                   f" first {len(panels)} are drawn; draw any one with --head N", err=True)
     path = draw_attention(panels, maps.query_labels, maps.key_labels, out, fmt, title=maps.what)
     heads = "1 head" if len(panels) == 1 else f"{len(panels)} heads"
     click.echo(f"{maps.what}, {heads} of {len(maps.query_labels)} x"

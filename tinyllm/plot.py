@@ -16,6 +16,7 @@ what an attention map is lives in tinyllm/attention_maps.py.
 """
 
 import io
+import json
 import math
 import os
 import textwrap
@@ -47,11 +48,15 @@ def picture_format(out, fmt=None):
     Example: ("loss.svg", None) -> "svg"; ("loss", None) -> "png"; ("a.png", "svg") -> error,
     since a .png file holding SVG would mislead whoever opens it; ("a.pdf", None) -> error too,
     and so is any other suffix: a picture written over runs/x/config.json would destroy the run.
+    A name with no suffix (README, .bashrc) is refused when a file holds it that is no picture.
     """
     suffix = os.path.splitext(out)[1].lower().lstrip(".")
     if suffix and suffix not in FORMATS:
         raise TinyLLMError(f"{out}: tinyllm draws PNG or SVG pictures, not .{suffix}: name the"
                            " file .png or .svg")
+    if not suffix and os.path.lexists(out) and not holds_picture(out):
+        raise TinyLLMError(f"{out} exists and holds no PNG or SVG picture, which a picture"
+                           " would replace: name the file .png or .svg")
     if fmt is None:
         return suffix if suffix in FORMATS else "png"
     if fmt not in FORMATS:
@@ -59,6 +64,15 @@ def picture_format(out, fmt=None):
     if suffix in FORMATS and suffix != fmt:
         raise TinyLLMError(f"--out {out} ends in .{suffix} but --format is {fmt}")
     return fmt
+
+
+def holds_picture(path):
+    """Does `path` name a regular file that starts as a PNG or an SVG that tinyllm writes does?"""
+    if not os.path.isfile(path):  # a FIFO would block the read; a directory is no picture
+        return False
+    with open(path, "rb") as f:
+        start = f.read(8)
+    return start == b"\x89PNG\r\n\x1a\n" or start.startswith((b"<?xml", b"<svg"))
 
 
 def save_figure(fig, out, fmt):
@@ -104,18 +118,21 @@ def read_run(run_dir, log=print):
     and tokens_per_iter (None when it cannot be told), lr_curve (see `lr_by_step`) and
     loss_per ("example" for a classifier, whose loss is per example, else "token").
 
-    Works on a run that is still training: a last line being written (no newline yet, or cut
-    mid-number) is skipped. A missing figure, or null (a non-finite value), becomes NaN. A run
-    directory is untrusted: a record whose step no run can reach (below 0 or above MAX_STEPS)
-    is left out, and `log` is told how many. A step logged twice (metrics.jsonl files joined by
-    hand) is drawn once, from its last record, so the curve does not double back; `log` is told.
+    Works on a run that is still training. A run directory is untrusted, and nothing in it is
+    dropped unsaid: `log` is told how many lines of metrics.jsonl are not records (a last line
+    still being written, a line edited by hand), how many records have a step no run can reach
+    (below 0 or above MAX_STEPS) and how many losses are missing or not finite numbers (drawn
+    as gaps). A step logged twice (metrics.jsonl files joined by hand) is drawn once, from its
+    last record, so the curve does not double back; `log` is told.
     """
     from .config import MAX_STEPS
-    from .train import read_metrics
 
     if not os.path.isdir(run_dir):
         raise TinyLLMError(f"run directory {run_dir} not found")
-    logged = [r for r in read_metrics(run_dir) if isinstance(r, dict) and _is_number(r.get("iter"))]
+    logged, unread = read_metrics_lines(run_dir)
+    if unread:
+        log(f"note: {run_dir}: {unread} line(s) of metrics.jsonl left out: not a record of an"
+            " evaluation (a JSON object with a whole-number \"iter\"), or not finished yet")
     records = [r for r in logged if 0 <= r["iter"] <= MAX_STEPS]
     if len(records) < len(logged):
         log(f"note: {run_dir}: {len(logged) - len(records)} record(s) of metrics.jsonl left out:"
@@ -132,11 +149,50 @@ def read_run(run_dir, log=print):
     records = sorted(latest.values(), key=lambda r: r["iter"])
     series = {key: [_number(r.get(key)) for r in records]
               for key in ("iter", "train_loss", "val_loss", "lr")}
+    _note_gaps(run_dir, series, log)
     series["tokens_per_iter"] = tokens_per_iter(records)
     series["lr_curve"] = lr_by_step(run_dir, series)
     series["loss_per"] = "example" if _kind(run_dir) == "classifier" else "token"
     return series
 
+
+def read_metrics_lines(run_dir):
+    """(records, lines left out) of run_dir/metrics.jsonl. A record is a JSON object whose
+    "iter" is a whole number, as `train.read_metrics` reads them; that skips any other line
+    unsaid, so the picture reads the file itself to count them. Example: a file whose last
+    line is cut mid-number ('{"iter": 40, "train_lo') -> (the records before it, 1).
+    """
+    from .fileio import open_regular, read_fd
+    from .train import METRICS_MAX_BYTES
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.lexists(path):
+        return [], 0
+    fd, size = open_regular(path, "metrics file", follow_symlinks=False)
+    if size > METRICS_MAX_BYTES:
+        os.close(fd)
+        raise TinyLLMError(f"metrics file {path} is {size:,} bytes, more than a metrics file can be")
+    text = read_fd(fd, size, "metrics file", path).decode("utf-8", "replace")
+    records, unread = [], 0
+    for line in filter(str.strip, text.splitlines()):
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            record = None
+        if isinstance(record, dict) and _is_int(record.get("iter")):
+            records.append(record)
+        else:
+            unread += 1
+    return records, unread
+
+
+def _note_gaps(run_dir, series, log):
+    """Tell `log` how many losses are missing or not finite numbers: the curves have gaps."""
+    gaps = [it for key in ("train_loss", "val_loss")
+            for it, loss in zip(series["iter"], series[key]) if not math.isfinite(loss)]
+    if gaps:
+        log(f"note: {run_dir}: {len(gaps)} loss value(s) of metrics.jsonl are missing or not"
+            f" finite numbers (the first at step {int(min(gaps)):,}): the curves have gaps there")
 
 def _kind(run_dir):
     """The model kind config.json names ("gpt", "classifier", ...), or None if it cannot say."""
@@ -150,6 +206,10 @@ def _kind(run_dir):
 
 def _is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _number(x):
@@ -169,9 +229,8 @@ def tokens_per_iter(records):
     ms_per_iter 52.3, tokens_per_s 14684.5 -> 768.0 -> 768. None if no record timed a step
     (or the product is not a number of tokens: a run's files may hold anything).
     """
-    timed = [(r["ms_per_iter"], r["tokens_per_s"]) for r in records
-             if _is_number(r.get("ms_per_iter")) and _is_number(r.get("tokens_per_s"))
-             and r["ms_per_iter"] > 0 and r["tokens_per_s"] > 0]
+    timings = [(_number(r.get("ms_per_iter")), _number(r.get("tokens_per_s"))) for r in records]
+    timed = [(ms, rate) for ms, rate in timings if 0 < ms < math.inf and 0 < rate < math.inf]
     if not timed:
         return None
     ms, rate = max(timed)
@@ -201,8 +260,8 @@ def lr_by_step(run_dir, series):
         every = -(-last // LR_CURVE_POINTS) or 1  # a step per pixel or so, however long the run
         steps = sorted(set(range(0, last + 1, every)) | {last})
         return steps, [rate(it) for it in steps]
-    except (TinyLLMError, KeyError, TypeError, ValueError, ZeroDivisionError):
-        return None  # a config.json we cannot read: the logged points will do
+    except (TinyLLMError, KeyError, TypeError, ValueError, ArithmeticError):
+        return None  # a config.json we cannot read (or a 400-digit number): the logged points
 
 
 def schedule_of(meta):
@@ -249,6 +308,11 @@ def loss_figure(runs):
                        else "loss (nats per token; per example for a classifier)")
     loss_ax.grid(alpha=0.3)
     loss_ax.legend(fontsize="small")
+    if not any(s["lr_curve"] or any(map(math.isfinite, s["lr"])) for s in runs.values()):
+        # a hand-made or cut-down metrics.jsonl: say so rather than draw an empty scale
+        lr_ax.text(0.5, 0.5, "no learning rate in metrics.jsonl", ha="center", va="center",
+                   transform=lr_ax.transAxes, color="grey")
+        lr_ax.set_yticks([])
     lr_ax.set_ylabel("learning rate")
     lr_ax.set_xlabel("step")
     lr_ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # no step 0.25
