@@ -466,3 +466,18 @@ def test_every_bad_record_of_an_instruction_file_is_named_in_one_error(tmp_path)
     assert raised(TinyLLMError, read_instructions, path) == (
         f"{path}:2: record has no 'instruction' (and 2 more bad records: {path}:3: malformed JSON"
         f" (Expecting value); {path}:5: record has no 'output')")
+
+
+@pytest.mark.parametrize("name,sep", [("d.csv", ","), ("d.tsv", "\t")])
+def test_a_header_found_by_its_labels_keeps_the_default_columns(tmp_path, name, sep):
+    # "comment,category" above rows of text then label: a header by rule 3, and with no column
+    # given the text is column 0 and the label column 1, as for a file without a header (the
+    # columns were looked up by the names "text" and "label", which this header does not have)
+    rows = "".join(f"{text}{sep}{label}\n" for text, label in RECORDS)
+    path = write(tmp_path, name, f"comment{sep}category\n" + rows)
+    notes = []
+    assert read_classification(path, log=notes.append) == RECORDS
+    assert "read as the header" in notes[0]
+    path = write(tmp_path, name, f"comment{sep}category\n" + rows.replace("buy now", "odd one"))
+    assert read_classification(path, classes={"spam", "ham"}, log=notes.append) == [
+        ("odd one", "spam")] + RECORDS[1:]

@@ -22,8 +22,9 @@ place this rule lives):
        labelled spam and ham).
 Otherwise the file has no header, and the columns are given by position (`--text-column 0
 --label-column 1` is the default meaning for a headerless file: text first). A header found by
-rule 3 is said in a one-line note; a first record it takes for a header is kept by putting a
-header row that names the columns "text" and "label" above it.
+rule 3 is said in a one-line note, and its columns are still given by position (its names are
+not "text" and "label"); a first record it takes for a header is kept by putting a header row
+that names the columns "text" and "label" above it.
 
 Instruction files: a JSON array, or JSONL, of records {"instruction": ..., "input": ...,
 "output": ...} (the Alpaca layout; "input" may be absent or empty, meaning none).
@@ -168,8 +169,10 @@ def read_classification(path, text_column=None, label_column=None, classes=None,
         log(f"note: {path}:{rows[0][0]}: read as the header, not a record: {note}; if it is a"
             " record, put a header row naming the columns text and label above it")
     header = [f.strip() for f in rows[0][1]] if has_header else None
-    ti = _column(header, text_column or ("text" if header else None), path, 0)
-    li = _column(header, label_column or ("label" if header else None), path, 1)
+    named = has_header and not note  # a header found by its labels (rule 3) has other names:
+    # its columns stay positions, text 0 and label 1 unless given
+    ti = _column(header, text_column or ("text" if named else None), path, 0)
+    li = _column(header, label_column or ("label" if named else None), path, 1)
     if ti == li:
         raise TinyLLMError(f"{path}: --text-column and --label-column name the same column ({ti})")
     errors, examples = RecordErrors(), []
