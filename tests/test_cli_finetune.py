@@ -312,6 +312,28 @@ def test_an_unknown_label_is_named_with_the_file_it_is_in(base, tsv, tmp_path):
     assert result.exit_code == 1 and f"{val} (val): label 'maybe' is not one" in result.output
 
 
+def test_labels_that_differ_only_in_case_are_named(base, tsv, tmp_path):
+    # a hand-typed label column: "Pos" on a few rows, "pos" on the rest; each is its own class,
+    # and the run says so; a test file's "POS" is not a class, and the error names the one it
+    # is like
+    data = tmp_path / "mixed.tsv"
+    rows = open(tsv, encoding="utf-8").read().splitlines()
+    data.write_text("\n".join(rows[:-6] + ["Pos" + r[3:] for r in rows[-6:]]) + "\n",
+                    encoding="utf-8")
+    out = str(tmp_path / "run")
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", str(data), "--out",
+                  out] + FAST)
+    assert result.exit_code == 0, result.output
+    assert ("note: 1 group(s) of classes differ only in case or spacing ('Pos', 'pos'): each is"
+            " a class of its own") in result.output
+    scored = tmp_path / "scored.tsv"
+    scored.write_text("label\ttext\nPOS\tgood film\n", encoding="utf-8")
+    result = run(["classify", "--checkpoint", out, "--data", str(scored)])
+    assert result.exit_code == 1 and result.output.strip().endswith(
+        "label 'POS' is not one the model was trained on ('Pos', 'neg', 'pos'); it differs only"
+        " in case from 'Pos'")
+
+
 def test_classify_head_only_keeps_the_body(base, tsv, tmp_path):
     out = str(tmp_path / "run")
     result = run(["finetune", "classify", "--checkpoint", base, "--data", tsv, "--out", out,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tinyllm.data import file_docstrings, prose_paragraphs, stdlib_python_files
 from tinyllm.errors import RecordErrors, TinyLLMError
-from tinyllm.labelled_data import (SUBJECT_MODULES, UNK_TOKEN, balance,
+from tinyllm.labelled_data import (SUBJECT_MODULES, UNK_TOKEN, balance, case_variants,
                                    default_classification_data, default_instruction_data,
                                    encode_with_fallback, first_sentence, label_ids,
                                    read_classification, read_instructions, split_three,
@@ -481,3 +481,20 @@ def test_a_header_found_by_its_labels_keeps_the_default_columns(tmp_path, name, 
     path = write(tmp_path, name, f"comment{sep}category\n" + rows.replace("buy now", "odd one"))
     assert read_classification(path, classes={"spam", "ham"}, log=notes.append) == [
         ("odd one", "spam")] + RECORDS[1:]
+
+
+def test_case_variants_are_labels_alike_but_for_case_and_spacing():
+    assert case_variants(["spam", "Ham", "Spam", "ham", "eggs"]) == [["Ham", "ham"],
+                                                                    ["Spam", "spam"]]
+    assert case_variants(["not spam", "Not  Spam", "spam"]) == [["Not  Spam", "not spam"]]
+    assert case_variants(["0", "1", "10"]) == []
+
+
+@pytest.mark.parametrize("name,content", [
+    ("d.jsonl", '{"text": "a", "label": "spam "}\n{"text": "b", "label": " spam"}\n'),
+    ("d.json", '[{"text": "a", "label": "spam "}, {"text": "b", "label": " spam"}]'),
+    ("d.csv", "text,label\na,spam \nb, spam\n"),
+    ("d.tsv", "text\tlabel\na\tspam \nb\t spam\n")])
+def test_spaces_around_a_label_are_dropped_in_every_format(tmp_path, name, content):
+    # a JSONL label "spam " was a class apart from "spam", where a CSV one was not
+    assert read_classification(write(tmp_path, name, content)) == [("a", "spam"), ("b", "spam")]

@@ -26,9 +26,9 @@ from .finetune_runs import (DATA_FLAGS, EVAL_TRAIN_EXAMPLES, FinetuneSettings, a
                             make_train_config, resumed_train_config, run_settings,
                             settings_from_run, start_finetune_dir, stored_settings, train_run,
                             with_moved_data, write_report)
-from .labelled_data import (SPLIT_CLASSIFY, UNK_TOKEN, balance, default_classification_data,
-                            label_ids, read_classification, split_three, with_case_copies,
-                            without_repeats)
+from .labelled_data import (SPLIT_CLASSIFY, UNK_TOKEN, balance, case_variants,
+                            default_classification_data, label_ids, read_classification,
+                            split_three, with_case_copies, without_repeats)
 from .progress import Counting
 from .train import check_same_ranks, prepare_out_dir
 
@@ -135,8 +135,11 @@ def encode_classification(tokenizer, examples, labels, block_size, max_windows, 
     on, but the counts are of the records read."""
     unknown = sorted({label for _, label in examples} - set(labels))
     if unknown:
+        alike = [label for group in case_variants([unknown[0], *labels]) if unknown[0] in group
+                 for label in group if label != unknown[0]]
+        hint = f"; it differs only in case from {shown_label(alike[0])}" if alike else ""
         raise TinyLLMError(f"{where}: label {shown_label(unknown[0])} is not one the model was"
-                           f" trained on ({shown_labels(labels)})")
+                           f" trained on ({shown_labels(labels)}){hint}")
     counted = len(examples) if counted is None else counted
     texts = [text for text, _ in examples]
     seqs, fallback = encode_all(tokenizer, texts[:counted])
@@ -313,6 +316,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     log(f"data: {s.data or 'embedded docstring sentences by subject'}: {n_read} train{copies},"
         f" {len(val)} val, {len(test)} test; classes {shown_labels(labels)}")
     report_counts(counts, config.block_size, s.max_windows, log)
+    note_case_variants(labels, log)
     repeats = {name: texts_also_in(train, split) for name, split in (("val", val),
                                                                       ("test", test))}
     if dropped:
@@ -407,6 +411,16 @@ def note_repeats(trained, in_records, log):
                                        " training text)" if copies else "")
         + "; a text trained on flatters the accuracy measured on it (--dedupe drops repeated"
         " records" + ("; --no-case-copies the copies)" if copies else ")"))
+
+
+def note_case_variants(labels, log):
+    """Say which classes differ only in case: each is trained as a class of its own."""
+    groups = case_variants(labels)
+    if groups:
+        shown = "; ".join(", ".join(shown_label(label) for label in group) for group in groups)
+        log(f"note: {len(groups)} group(s) of classes differ only in case or spacing ({shown}):"
+            " each is a class of its own; if they are one class, write its label alike on every"
+            " row")
 
 
 def report_counts(counts, block_size, max_windows, log):

@@ -1,7 +1,8 @@
 """Labelled data for fine-tuning: file readers, splits, balancing, the embedded default data
 sets and the char-tokenizer fallback for characters the pretraining text never had.
 
-Classification files (one example per line, `text` and `label`; labels are arbitrary strings):
+Classification files (one example per line, `text` and `label`; labels are arbitrary strings,
+the spaces around one dropped in every format):
     .csv    comma-separated, read with Python's csv module (quoted fields may contain commas
             and line ends; a double quote inside one is written twice, and a lone one is an
             error naming its line rather than a field that swallows the rows after it)
@@ -157,7 +158,7 @@ def read_classification(path, text_column=None, label_column=None, classes=None,
         for n, rec in _json_records(text, path, errors):
             with errors.gathered():
                 examples.append((_str_field(rec, text_column or "text", path, n),
-                                 _str_field(rec, label_column or "label", path, n)))
+                                 _str_field(rec, label_column or "label", path, n).strip()))
         errors.raise_any()
         return examples
     rows = list(_rows_tsv(text, _tsv_width(text, text_column, label_column)) if fmt == "tsv"
@@ -374,6 +375,19 @@ def label_ids(labels, where="the data"):
     if len(names) < 2:
         raise TinyLLMError(f"{where} has a single class {names!r}: classification needs two or more")
     return {name: i for i, name in enumerate(names)}
+
+
+def case_variants(labels):
+    """The groups of distinct labels that differ only in case (or in their spaces inside), each
+    sorted, in the order of their first label: a spreadsheet typed by hand spells a class
+    "Spam" on some rows and "spam" on others, and each spelling would be a class of its own.
+
+    Example: ["spam", "Ham", "Spam", "ham", "eggs"] -> [["Ham", "ham"], ["Spam", "spam"]].
+    """
+    groups = {}
+    for label in sorted(set(labels)):
+        groups.setdefault(" ".join(label.casefold().split()), []).append(label)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 def split_three(items, fractions, seed):
