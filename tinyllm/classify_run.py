@@ -69,7 +69,6 @@ class ClassifySettings(FinetuneSettings):
         return self
 
 
-
 # ----------------------------------------------------------------------------- classification
 
 

@@ -398,7 +398,7 @@ def instruction_example(prompt_ids, response_ids, eot, length, include_prompt=Fa
     """
     tokens = list(prompt_ids) + list(response_ids) + [eot]
     if len(tokens) - 1 > length:
-        return None  # does not fit the context: the caller counts and skips it
+        return None  # does not fit the context (fit_prompt cuts a prompt so that it does)
     x = onp.zeros(length, onp.int32)
     y = onp.zeros(length, onp.int32)
     m = onp.zeros(length, onp.float32)

@@ -51,7 +51,6 @@ class InstructSettings(FinetuneSettings):
         return self
 
 
-
 # ----------------------------------------------------------------------------- instruction
 
 
