@@ -53,10 +53,18 @@ def build_tsv(classes, per_class, path, seed):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="pretrained run directory (tinyllm pretrain)")
-    parser.add_argument("--classes", nargs=2, default=["definitions", "people"])
-    parser.add_argument("--per-class", type=int, default=750)
-    parser.add_argument("--max-iters", type=int, default=ClassifySettings.max_iters)
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--classes", nargs=2, default=["definitions", "people"],
+                        help="two fortune files of /usr/share/games/fortunes, one class each "
+                             "(default: %(default)s)")
+    parser.add_argument("--per-class", type=int, default=750,
+                        help="fortunes drawn from each class (at most 160 characters each) "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-iters", type=int, default=ClassifySettings.max_iters,
+                        help="most fine-tuning steps (early stopping may end sooner) (default: "
+                             "%(default)s)")
+    parser.add_argument("--seed", type=int, default=1337,
+                        help="seed of the draw, the split and the fine-tuning run (default: "
+                             "%(default)s)")
     args = parser.parse_args()
     tune_malloc()
     work = tempfile.mkdtemp(prefix="tinyllm-fortunes-")

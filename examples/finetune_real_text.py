@@ -139,12 +139,15 @@ def instruct(args, out):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("task", choices=["classify", "instruct"])
+    parser.add_argument("task", choices=["classify", "instruct"],
+                        help="classify --data, or instruction-tune on a made Alpaca-layout file")
     parser.add_argument("--base", required=True, help="run directory of `tinyllm pretrain`")
     parser.add_argument("--data", help="labelled file for classify")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                        help="classify: one run (or --runs runs) from the base and one from"
+                             " random initialisation for each seed (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=1,
-                        help="classify: runs averaged on each seed's split (default: 1)")
+                        help="classify: runs averaged on each seed's split (default: %(default)s)")
     parser.add_argument("--out", default=None, help="where to keep the runs (default: a temp dir)")
     args = parser.parse_args()
     if args.task == "classify" and not args.data:

@@ -33,11 +33,17 @@ def quiet(message):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", default=None, help="pretrained run directory")
-    parser.add_argument("--pretrain-iters", type=int, default=TrainConfig().max_iters)
-    parser.add_argument("--task", choices=["classify", "instruct", "both"], default="both")
-    parser.add_argument("--classify-iters", type=int, default=ClassifySettings.max_iters)
-    parser.add_argument("--instruct-iters", type=int, default=InstructSettings.max_iters)
+    parser.add_argument("--base", default=None,
+                        help="pretrained run directory (default: pretrain one first)")
+    parser.add_argument("--pretrain-iters", type=int, default=TrainConfig().max_iters,
+                        help="steps of the base pretrained when --base is not given (default: "
+                             "%(default)s)")
+    parser.add_argument("--task", choices=["classify", "instruct", "both"], default="both",
+                        help="which embedded set to fine-tune on (default: %(default)s)")
+    parser.add_argument("--classify-iters", type=int, default=ClassifySettings.max_iters,
+                        help="most classification fine-tuning steps (default: %(default)s)")
+    parser.add_argument("--instruct-iters", type=int, default=InstructSettings.max_iters,
+                        help="most instruction fine-tuning steps (default: %(default)s)")
     parser.add_argument("--out", default=None, help="where to keep the runs (default: a temp dir)")
     args = parser.parse_args()
     tune_malloc()

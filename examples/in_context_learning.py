@@ -89,13 +89,19 @@ def heldout_tasks(n_tasks, with_choices, save_dir=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-iters", type=int, default=3000)
+    parser.add_argument("--max-iters", type=int, default=3000,
+                        help="pretraining steps on the in-context-learning corpus (default: "
+                             "%(default)s)")
     parser.add_argument("--out", default=None, help="keep the run here (default: a temp dir)")
-    parser.add_argument("--tasks", type=int, default=12, help="held-out tasks to pool")
-    parser.add_argument("--queries", type=int, default=15, help="queries per task")
-    parser.add_argument("--seed", type=int, default=1337, help="seed for weights and batches")
+    parser.add_argument("--tasks", type=int, default=12,
+                        help="held-out tasks to pool (default: %(default)s)")
+    parser.add_argument("--queries", type=int, default=15,
+                        help="queries per task (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=1337,
+                        help="seed for weights and batches (default: %(default)s)")
     parser.add_argument("--picture", default="induction_head.png",
-                        help="draw the best induction head here, PNG or .svg ('': skip)")
+                        help="draw the best induction head here, PNG or .svg ('': skip) (default: "
+                             "%(default)s)")
     args = parser.parse_args()
     tune_malloc()
     t0 = time.perf_counter()

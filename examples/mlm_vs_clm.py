@@ -70,12 +70,18 @@ def neighbours(run, data=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mlm", default="runs/mlm", help="MLM run (pretrain --objective mlm)")
-    parser.add_argument("--clm", default="runs/pretrain", help="causal run (pretrain)")
+    parser.add_argument("--mlm", default="runs/mlm",
+                        help="MLM run (pretrain --objective mlm) (default: %(default)s)")
+    parser.add_argument("--clm", default="runs/pretrain",
+                        help="causal run (pretrain) (default: %(default)s)")
     parser.add_argument("--data", default=None, help="a labelled file to classify as well")
-    parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--out", default="runs/mlm_vs_clm", help="where the fine-tuning runs go")
-    parser.add_argument("--parts", default="pretrain,accuracy,classify,embed")
+    parser.add_argument("--seeds", default="1,2,3",
+                        help="fine-tuning seeds, separated by commas (default: %(default)s)")
+    parser.add_argument("--out", default="runs/mlm_vs_clm",
+                        help="where the fine-tuning runs go (default: %(default)s)")
+    parser.add_argument("--parts", default="pretrain,accuracy,classify,embed",
+                        help="the figures to measure (the docstring's four), separated by commas "
+                             "(default: %(default)s)")
     args = parser.parse_args()
     tune_malloc()
     seeds, parts = [int(s) for s in args.seeds.split(",")], args.parts.split(",")

@@ -2,10 +2,10 @@
 
 This is what `tinyllm pretrain` does, spelled out: pick a corpus, train a tokenizer, make a
 model config, run the training loop, then sample. It builds the same model as `tinyllm pretrain`
-(the defaults in tinyllm/config.py) and trains it for fewer steps: 800, four fifths of the time
-of plain `tinyllm pretrain` (2 to 4 minutes on 2 CPU cores, by their speed).
+(the defaults in tinyllm/config.py) and trains it for fewer steps: 600, four fifths of the 750
+of plain `tinyllm pretrain` (about 3 minutes on 2 CPU cores).
 
-    python examples/pretrain_and_sample.py [--data FILE] [--max-iters 800]
+    python examples/pretrain_and_sample.py [--data FILE] [--max-iters 600]
 """
 
 import argparse
@@ -25,7 +25,8 @@ from tinyllm.train import pretrain  # noqa: E402
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="text file (default: embedded python-docs)")
-    parser.add_argument("--max-iters", type=int, default=800)
+    parser.add_argument("--max-iters", type=int, default=600,
+                        help="training steps (default: %(default)s)")
     args = parser.parse_args()
     tune_malloc()
 

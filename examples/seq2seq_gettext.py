@@ -74,8 +74,10 @@ def write_tsv(pairs, n, directory, seed=0):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pairs", type=int, default=3000, help="pairs to extract (default 3000)")
-    parser.add_argument("--max-iters", type=int, default=1500, help="training steps (default 1500)")
+    parser.add_argument("--pairs", type=int, default=3000,
+                        help="pairs to extract (default: %(default)s)")
+    parser.add_argument("--max-iters", type=int, default=1500,
+                        help="training steps (default: %(default)s)")
     args = parser.parse_args()
     tune_malloc()
     pairs = extract_pairs()
