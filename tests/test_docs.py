@@ -238,13 +238,24 @@ STATED_DEFAULTS = [
     ("At most `--max-windows` (8) windows", "finetune classify", {"--max-windows": 8}),
     ("The defaults (300 steps at most, learning rate 5e-4, evaluation every 25 steps, patience 4,"
      " dropout 0.1 in the body, no freezing", "finetune classify",
-     {"--max-iters": 300, "--lr": 5e-4, "--eval-interval": 25, "--patience": 4, "--dropout": 0.1,
+     {"--max-iters": 300, "--eval-interval": 25, "--patience": 4, "--dropout": 0.1,
       "--freeze": "none"}),
     ("**85.0%** after 1500 steps", "finetune instruct", {"--max-iters": 1500}),
     ("(`--label-smoothing`, 0.1 as in the paper)", "seq2seq train", {"--label-smoothing": 0.1}),
     ("100.0% exact match on 500 held-out dates after 1500 steps", "seq2seq train",
      {"--eval-examples": 500, "--max-iters": 1500}),
 ]
+
+
+def test_the_learning_rates_the_readme_states_are_those_each_base_gets():
+    """--lr and --warmup-iters of `finetune classify` default by the base's objective."""
+    from tinyllm.classify_run import LR_AND_WARMUP
+
+    readme = " ".join(read("README.md").split())
+    assert "The defaults (300 steps at most, learning rate 5e-4," in readme
+    assert ("from an MLM checkpoint the learning rate is 1e-3 with 50 warm-up steps instead of 20"
+            in readme)
+    assert LR_AND_WARMUP == {"clm": (5e-4, 20), "mlm": (1e-3, 50)}
 
 
 def default_of(command, flag):

@@ -189,7 +189,8 @@ def test_an_epoch_is_the_records_over_the_examples_a_step_takes(epochs, accum, r
     from tinyllm.classify_run import ClassifySettings
     from tinyllm.finetune_runs import make_train_config
 
-    settings = ClassifySettings(epochs=epochs, batch_size=4, grad_accum=accum)
+    settings = ClassifySettings(epochs=epochs, batch_size=4, grad_accum=accum, lr=5e-4,
+                                warmup_iters=20)
     assert make_train_config(settings, 42, ranks).max_iters == steps
 
 

@@ -385,6 +385,30 @@ def test_masked_accuracy_reports_the_most_frequent_token_baseline(mlm_run):
     assert 0.1 < acc["baseline"] < 0.3 and 0 <= acc["accuracy"] <= 1 and acc["positions"] > 0
 
 
+def test_the_learning_rate_and_warm_up_a_classify_run_trains_with_follow_its_base(
+        mlm_run, tmp_path, data_file):
+    """From an MLM checkpoint 1e-3 with 50 warm-up steps, from a causal one 5e-4 with 20, unless
+    the flags say otherwise: what the run stores is what its training loop was given."""
+    clm = tmp_path / "clm"
+    assert invoke("pretrain", "--data", data_file, "--out", clm, *TINY, "--max-iters", 1,
+                  "--sample-tokens", 0).exit_code == 0
+
+    def trained_with(base, name, *flags):
+        result = invoke("finetune", "classify", "--checkpoint", base, "--out", tmp_path / "ft" / name,
+                        "--max-iters", 1, *flags)
+        assert result.exit_code == 0, result.output
+        meta = json.loads((tmp_path / "ft" / name / "config.json").read_text(encoding="utf-8"))
+        stored = (meta["finetune"]["lr"], meta["finetune"]["warmup_iters"])
+        assert stored == (meta["train"]["lr"], meta["train"]["warmup_iters"])
+        return stored
+
+    assert trained_with(mlm_run[0], "mlm") == (1e-3, 50)
+    assert trained_with(clm, "clm") == (5e-4, 20)
+    assert trained_with(clm, "clm-encoder", "--arch", "encoder") == (5e-4, 20)  # a causal base
+    assert trained_with(mlm_run[0], "mlm-lr", "--lr", "2e-4") == (2e-4, 50)
+    assert trained_with(mlm_run[0], "mlm-warmup", "--warmup-iters", "0") == (1e-3, 0)
+
+
 def test_classify_from_an_mlm_checkpoint_runs_the_encoder(mlm_run, tmp_path):
     result = invoke("finetune", "classify", "--checkpoint", mlm_run[0], "--out", tmp_path / "c",
                     "--max-iters", 2, "--eval-interval", 1)

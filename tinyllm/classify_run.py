@@ -9,7 +9,7 @@ runs: one run, or several whose class probabilities are averaged.
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
 
 import numpy as onp
@@ -33,6 +33,15 @@ from .progress import Counting
 from .train import check_same_ranks, prepare_out_dir
 
 
+# The learning rate and warm-up steps when the flags leave them out, by what the base was
+# pretrained for (docs/experiments.md, over sixteen seeds on real short messages and on the
+# embedded set). A causal decoder at 1e-3 sometimes overshot, and early stopping then kept a
+# model 25 steps old (0.736 test accuracy on one of six seeds); 5e-4 did not, and 3e-4 learned
+# too slowly. An MLM encoder gained 1.0 and 1.8 points at 1e-3 with 50 warm-up steps, the
+# longer warm-up keeping its first steps from overshooting.
+LR_AND_WARMUP = {"clm": (5e-4, 20), "mlm": (1e-3, 50)}
+
+
 @dataclass(frozen=True)
 class ClassifySettings(FinetuneSettings):
     """`tinyllm finetune classify`: defaults chosen on real short texts (docs/experiments.md)."""
@@ -54,10 +63,8 @@ class ClassifySettings(FinetuneSettings):
     dropout: float = 0.1  # dropout in the body while fine-tuning, as BERT fine-tunes: a few
     # hundred examples are learned by heart in 100 steps without it
     max_iters: int = 300
-    lr: float = 5e-4  # on real short messages (docs/experiments.md): 1e-3 sometimes overshot,
-    # and early stopping then kept a model 25 steps old (0.736 test accuracy on one of six
-    # seeds); 5e-4 did not, and tied or beat 1e-3 on the other five; 3e-4 learned too slowly
-    warmup_iters: int = 20
+    lr: Optional[float] = None  # None: by the base's objective (LR_AND_WARMUP)
+    warmup_iters: Optional[int] = None  # None: likewise
     eval_interval: int = 25
 
     def validate(self):
@@ -210,12 +217,26 @@ def per_class_stats(matrix, labels):
                     "support": int(matrix[i].sum())} for i, label in enumerate(labels)}
 
 
+def base_objective(s):
+    """"mlm" for a base pretrained by masked tokens, else "clm" (no checkpoint: random init of
+    the default causal architecture)."""
+    return "mlm" if s.checkpoint and read_meta(s.checkpoint)["kind"] == "mlm" else "clm"
+
+
+def with_base_defaults(s):
+    """The settings with lr and warmup_iters, where None, set by the base's objective
+    (LR_AND_WARMUP). Example: an MLM checkpoint and lr=None -> lr=1e-3, warmup_iters=50."""
+    lr, warmup_iters = LR_AND_WARMUP[base_objective(s)]
+    return replace(s, lr=lr if s.lr is None else s.lr,
+                   warmup_iters=warmup_iters if s.warmup_iters is None else s.warmup_iters)
+
+
 def build_classifier(s, labels, log):
     """(params, ClassifierConfig, tokenizer): the base model with a fresh classification head."""
     gpt_params, gpt_config, tokenizer = load_base(s, log, kinds=("gpt", "gpt-lora", "mlm"))
     gpt_params, gpt_config, tokenizer = add_unknown_token(gpt_params, gpt_config, tokenizer)
-    arch = s.arch or ("encoder" if s.checkpoint and read_meta(s.checkpoint)["kind"] == "mlm"
-                      else "decoder")  # an MLM encoder was pretrained bidirectionally
+    # an MLM encoder was pretrained bidirectionally
+    arch = s.arch or ("encoder" if base_objective(s) == "mlm" else "decoder")
     config = ClassifierConfig(**{**gpt_config.__dict__, "dropout": s.dropout},
                               n_classes=len(labels),
                               pooling=s.pooling or DEFAULT_POOLING[arch],
@@ -307,6 +328,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
         params, config, tokenizer = ckpt.params, ckpt.model_config, ckpt.tokenizer
     else:
         params, config, tokenizer = build_classifier(s, labels, log)
+        s = with_base_defaults(s)  # the base is known good now; a resumed run kept its own
     paths = trainable_paths(params, s.freeze, config.n_layer)
     # 4. encode
     sets, counts = encode_classify_splits(s, tokenizer, labels, config.block_size,

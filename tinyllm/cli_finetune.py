@@ -11,15 +11,15 @@ from dataclasses import fields
 import click
 
 from . import distributed
+from .classify_run import (LR_AND_WARMUP, ClassifySettings, averaged_probs, format_accuracies,
+                           format_confusion, load_classifiers, per_class_stats, run_classify,
+                           score_file, score_run_split)
 from .cli_common import (count, flag_given, fraction, no_cache_option, non_negative,
                          note_flags_resume_ignores, positive, random_seed, step_count,
                          training_time, user_errors)
 from .distributed import abort_on_error
 from .errors import TinyLLMError
 from .finetune import DEFAULT_POOLING, POOLINGS
-from .classify_run import (ClassifySettings, averaged_probs, format_accuracies, format_confusion,
-                           load_classifiers, per_class_stats, run_classify, score_file,
-                           score_run_split)
 from .finetune_runs import DATA_FLAGS
 from .instruct_run import InstructSettings, run_instruct
 from .labelled_data import UNK_TOKEN
@@ -29,6 +29,16 @@ from .train import prepare_out_dir
 def training_options(settings_cls):
     """The training flags both fine-tuning commands share, with `settings_cls`'s defaults."""
     d = settings_cls()
+
+    def by_base(name):
+        """The default of a flag that the base's objective sets (classify_run.LR_AND_WARMUP)."""
+        if getattr(d, name) is not None:
+            return ""  # click shows the default
+        index = ("lr", "warmup_iters").index(name)
+        clm, mlm = (LR_AND_WARMUP[objective][index] for objective in ("clm", "mlm"))
+        return (f"  [default: {clm:g}; {mlm:g} from an MLM checkpoint (pretrain --objective mlm),"
+                " see docs/experiments.md]")
+
     options = [
         click.option("--data", default=None, type=click.Path(dir_okay=False),
                      help="Labelled data file (see the command's help).  [default: embedded set]"),
@@ -61,10 +71,10 @@ def training_options(settings_cls):
                           " draws them from the records and their case copies), over all"
                           " --grad-accum micro-batches and MPI ranks; rounded up to whole steps."
                           "  [default: off]"),
-        click.option("--lr", default=d.lr, callback=positive,
-                     help="Peak learning rate (cosine decay to lr/10)."),
-        click.option("--warmup-iters", default=d.warmup_iters, callback=non_negative,
-                     help="Steps of linear warm-up."),
+        click.option("--lr", default=d.lr, type=float, callback=positive,
+                     help="Peak learning rate (cosine decay to lr/10)." + by_base("lr")),
+        click.option("--warmup-iters", default=d.warmup_iters, type=int, callback=non_negative,
+                     help="Steps of linear warm-up." + by_base("warmup_iters")),
         click.option("--weight-decay", default=d.weight_decay, callback=non_negative,
                      help="AdamW decoupled weight decay."),
         click.option("--eval-interval", default=d.eval_interval, callback=step_count,

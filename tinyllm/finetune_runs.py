@@ -96,7 +96,7 @@ class FinetuneSettings:
     epochs: Optional[float] = None  # replaces max_iters: an epoch is as many examples as the
     # training split has records (a classifier draws them from the records and their case
     # copies), whatever --batch-size, --grad-accum and the number of MPI ranks
-    lr: float = 3e-4
+    lr: float = 3e-4  # a subclass may default it to None: set by the run from its base
     warmup_iters: int = 20
     weight_decay: float = 0.01
     eval_interval: int = 25
@@ -120,12 +120,14 @@ class FinetuneSettings:
             check_flag(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be positive",
                        getattr(self, name))
         for name in ("warmup_iters", "patience", "seed"):
-            check_flag(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must not be negative",
-                       getattr(self, name))
+            value = getattr(self, name)  # warmup_iters None: set by the run, as lr
+            check_flag(value is None or value >= 0,
+                       f"--{name.replace('_', '-')} must not be negative", value)
         if self.split_seed is not None:
             check_flag(self.split_seed >= 0, "--split-seed must not be negative", self.split_seed)
-        check_flag(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number",
-                   self.lr)
+        if self.lr is not None:  # None: set by the run (classify_run.with_base_defaults)
+            check_flag(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number",
+                       self.lr)
         check_flag(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
                    "--weight-decay must be a number >= 0", self.weight_decay)
         if bool(self.val_data) != bool(self.test_data):
