@@ -394,8 +394,8 @@ def test_the_learning_rate_and_warm_up_a_classify_run_trains_with_follow_its_bas
                   "--sample-tokens", 0).exit_code == 0
 
     def trained_with(base, name, *flags):
-        result = invoke("finetune", "classify", "--checkpoint", base, "--out", tmp_path / "ft" / name,
-                        "--max-iters", 1, *flags)
+        result = invoke("finetune", "classify", "--checkpoint", base,
+                        "--out", tmp_path / "ft" / name, "--max-iters", 1, *flags)
         assert result.exit_code == 0, result.output
         meta = json.loads((tmp_path / "ft" / name / "config.json").read_text(encoding="utf-8"))
         stored = (meta["finetune"]["lr"], meta["finetune"]["warmup_iters"])

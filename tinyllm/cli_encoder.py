@@ -90,7 +90,8 @@ def check_embed_flags(data, out, query):
     if out is not None:
         check_out_directory(out)
         if os.path.exists(out) and os.path.exists(data) and os.path.samefile(out, data):
-            raise TinyLLMError(f"--out {out} is the --data file: the vectors would replace its lines")
+            raise TinyLLMError(f"--out {out} is the --data file: the vectors would replace its"
+                               " lines")
 
 
 def check_query_encodes(model, query):

@@ -818,7 +818,8 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
         f" model: {count_params(state.params):,} parameters"
         + (f"; {ranks} MPI ranks" if ranks > 1 else ""))
     extra = {"data": stored_data_name(data), "data_sha256": text_fingerprint(text),
-             "data_characters": len(text), "ranks": ranks,  # and the time of the parts before this one (each save adds its own)
+             "data_characters": len(text), "ranks": ranks,
+             # and the time of the parts before this one (each save adds its own)
              "train_seconds": earlier_train_seconds(ckpt.meta) if resume else 0.0}
     if objective == "mlm":
         extra["mask_rate"] = MASK_RATE if mask_rate is None else mask_rate
