@@ -16,7 +16,6 @@ what an attention map is lives in tinyllm/attention_maps.py.
 """
 
 import io
-import json
 import math
 import os
 import textwrap
@@ -126,10 +125,11 @@ def read_run(run_dir, log=print):
     last record, so the curve does not double back; `log` is told.
     """
     from .config import MAX_STEPS
+    from .train import read_metrics_counted
 
     if not os.path.isdir(run_dir):
         raise TinyLLMError(f"run directory {run_dir} not found")
-    logged, unread = read_metrics_lines(run_dir)
+    logged, unread = read_metrics_counted(run_dir)
     if unread:
         log(f"note: {run_dir}: {unread} line(s) of metrics.jsonl left out: not a record of an"
             " evaluation (a JSON object with a whole-number \"iter\"), or not finished yet")
@@ -156,36 +156,6 @@ def read_run(run_dir, log=print):
     return series
 
 
-def read_metrics_lines(run_dir):
-    """(records, lines left out) of run_dir/metrics.jsonl. A record is a JSON object whose
-    "iter" is a whole number, as `train.read_metrics` reads them; that skips any other line
-    unsaid, so the picture reads the file itself to count them. Example: a file whose last
-    line is cut mid-number ('{"iter": 40, "train_lo') -> (the records before it, 1).
-    """
-    from .fileio import open_regular, read_fd
-    from .train import METRICS_MAX_BYTES
-
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.lexists(path):
-        return [], 0
-    fd, size = open_regular(path, "metrics file", follow_symlinks=False)
-    if size > METRICS_MAX_BYTES:
-        os.close(fd)
-        raise TinyLLMError(f"metrics file {path} is {size:,} bytes, more than a metrics file can be")
-    text = read_fd(fd, size, "metrics file", path).decode("utf-8", "replace")
-    records, unread = [], 0
-    for line in filter(str.strip, text.splitlines()):
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            record = None
-        if isinstance(record, dict) and _is_int(record.get("iter")):
-            records.append(record)
-        else:
-            unread += 1
-    return records, unread
-
-
 def _note_gaps(run_dir, series, log):
     """Tell `log` how many losses are missing or not finite numbers: the curves have gaps."""
     gaps = [it for key in ("train_loss", "val_loss")
@@ -206,10 +176,6 @@ def _kind(run_dir):
 
 def _is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _number(x):

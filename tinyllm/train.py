@@ -230,22 +230,34 @@ def append_metrics(out_dir, record):
 
 def read_metrics(out_dir):
     """The records of out_dir/metrics.jsonl (a torn line from a crash is skipped)."""
+    return read_metrics_counted(out_dir)[0]
+
+
+def read_metrics_counted(out_dir):
+    """(records, lines skipped) of out_dir/metrics.jsonl. A record is a JSON object whose "iter"
+    is a whole number; any other line but a blank one is skipped and counted: a torn last line
+    from a crash, or a line edited by hand. Example: a file whose last line is cut mid-number
+    ('{"iter": 40, "train_lo') -> (the records before it, 1)."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.lexists(path):
-        return []
+        return [], 0
     fd, size = open_regular(path, "metrics file", follow_symlinks=False)
     if size > METRICS_MAX_BYTES:
         os.close(fd)
         raise TinyLLMError(f"metrics file {path} is {size:,} bytes, more than a metrics file can be")
-    records = []
-    for line in read_fd(fd, size, "metrics file", path).decode("utf-8", "replace").splitlines():
+    text = read_fd(fd, size, "metrics file", path).decode("utf-8", "replace")
+    records, skipped = [], 0
+    for line in filter(str.strip, text.splitlines()):
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, RecursionError):
-            continue
-        if isinstance(record, dict) and isinstance(record.get("iter"), int):
+            record = None
+        iteration = record.get("iter") if isinstance(record, dict) else None
+        if isinstance(iteration, int) and not isinstance(iteration, bool):
             records.append(record)
-    return records
+        else:
+            skipped += 1
+    return records, skipped
 
 
 def truncate_metrics(out_dir, iteration):
