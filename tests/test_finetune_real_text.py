@@ -146,6 +146,13 @@ def test_a_cue_past_the_first_context_decides_after_training(base, tmp_path):
                      " were read up to there only"]
 
 
+def test_a_text_of_spaces_only_is_refused_as_in_a_training_file():
+    tok = CharTokenizer.train("ab \n\t", special_tokens=SPECIAL_TOKENS)
+    for texts in (["   "], ["ab", "\n\t "], [""]):
+        with pytest.raises(TinyLLMError, match="cannot classify an empty text"):
+            classify_texts(None, None, tok, texts)  # refused before the model is used
+
+
 def test_every_text_too_long_even_for_windows_is_one_line(base, tmp_path):
     data = write_tsv(tmp_path / "long.tsv", [(("a", "b")[i % 2], "word " * 40) for i in range(30)])
     with pytest.raises(TinyLLMError, match=r"long\.tsv.*every text is longer than 2 windows"):

@@ -512,9 +512,9 @@ def classify_texts(params, config, tokenizer, texts, max_windows=ClassifySetting
                    log=print):
     """Class probabilities (N, K) for texts; longer ones are read as windows, as in training.
     `log` is told of characters read as the unknown token and of texts cut after max_windows."""
+    if any(not text.strip() for text in texts):  # as a data file's empty text is refused
+        raise TinyLLMError("cannot classify an empty text (or one of spaces only)")
     seqs, fallback = encode_all(tokenizer, texts)
-    if any(not s for s in seqs):
-        raise TinyLLMError("cannot classify an empty text")
     windows, _, cut = make_windows(seqs, config.block_size, max_windows)
     if fallback:
         log(f"note: {fallback} character(s) the model never saw were read as {UNK_TOKEN}")
