@@ -171,6 +171,22 @@ def test_the_loss_axis_names_what_the_loss_is_per(runs, kinds, unit):
     assert unit in fig.axes[0].get_ylabel()
 
 
+def test_a_fine_tuning_run_marks_the_step_whose_weights_it_kept(runs):
+    series = plot.read_run(str(runs / "classify"))
+    meta = json.loads((runs / "classify" / "config.json").read_text(encoding="utf-8"))
+    assert series["best_iter"] == meta["best_iter"] in series["iter"]
+    stars = [line for line in plot.loss_figure({"c": series}).axes[0].get_lines()
+             if line.get_marker() == "*"]
+    assert len(stars) == 1 and f"weights kept: step {meta['best_iter']}" in stars[0].get_label()
+    at = series["iter"].index(meta["best_iter"])
+    assert list(stars[0].get_xdata()) == [meta["best_iter"]]
+    assert list(stars[0].get_ydata()) == [series["val_loss"][at]]
+    pretrain = plot.read_run(str(runs / "pretrain"))  # keeps its last weights: no star
+    assert pretrain["best_iter"] is None
+    assert not [line for line in plot.loss_figure({"p": pretrain}).axes[0].get_lines()
+                if line.get_marker() == "*"]
+
+
 def test_dollar_signs_are_drawn_as_they_are(runs, tmp_path):
     # before, matplotlib read "$...$" in a run directory, a token or a title as TeX maths:
     # "r$a$" showed as an italic a, and "$\\foo$" stopped the drawing with a traceback

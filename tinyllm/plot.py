@@ -153,7 +153,20 @@ def read_run(run_dir, log=print):
     series["tokens_per_iter"] = tokens_per_iter(records)
     series["lr_curve"] = lr_by_step(run_dir, series)
     series["loss_per"] = "example" if _kind(run_dir) == "classifier" else "token"
+    series["best_iter"] = best_step(run_dir, series["iter"])
     return series
+
+
+def best_step(run_dir, steps):
+    """The step whose weights a fine-tuning run kept (config.json "best_iter"), if it is one of
+    the evaluations drawn; else None (a pretraining run keeps its last weights)."""
+    from .checkpoint import read_meta
+
+    try:
+        best = read_meta(run_dir).get("best_iter")
+    except TinyLLMError:
+        return None
+    return best if _is_number(best) and best in steps else None
 
 
 def _note_gaps(run_dir, series, log):
@@ -251,7 +264,8 @@ def loss_figure(runs):
     """Train and validation loss against step, one colour per run, the learning rate below.
 
     `runs` maps a label (the run directory) to `read_run`'s dict. Train loss is solid,
-    validation loss dashed, a dot at each evaluation. When every run reads the same number of
+    validation loss dashed, a dot at each evaluation, and a star at the evaluation whose weights
+    a fine-tuning run kept (its lowest validation loss). When every run reads the same number of
     tokens per step, a second axis on top counts tokens seen.
     """
     require_matplotlib()
@@ -265,6 +279,11 @@ def loss_figure(runs):
                      label=f"{literal(label)} (train)")
         loss_ax.plot(s["iter"], s["val_loss"], color=colour, marker=".", linestyle="--",
                      label=f"{literal(label)} (val)")
+        if s.get("best_iter") is not None:  # early stopping kept the weights of this evaluation
+            best = s["iter"].index(s["best_iter"])
+            loss_ax.plot([s["best_iter"]], [s["val_loss"][best]], color=colour, marker="*",
+                         markersize=12, linestyle="none",
+                         label=f"{literal(label)} (weights kept: step {s['best_iter']:,})")
         steps, rates = s["lr_curve"] or (s["iter"], s["lr"])
         # a line through one point draws nothing: a run with one evaluation gets a dot
         lr_ax.plot(steps, rates, color=colour, marker="." if len(steps) == 1 else None)
@@ -412,7 +431,7 @@ def draw_fewshot(rows, out, fmt="png", title=None):
     ax.set_xticks(ks)
     ax.set_xlabel("demonstrations in the prompt (k)")
     ax.set_ylabel("accuracy")
-    ax.set_ylim(0.0, 1.02)
+    ax.set_ylim(-0.02, 1.02)  # a point at 0 whole, not half under the edge
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="upper left")
     ax.set_title(literal(title) if title else f"few-shot accuracy ({rows[0]['n']} queries per k)",
