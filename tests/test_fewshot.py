@@ -5,6 +5,7 @@ sampling, both scoring rules, Wilson intervals, the ICL score, results JSON."""
 import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as onp
 import pytest
@@ -593,6 +594,33 @@ def test_fewshot_command_bad_input_is_one_line(run_dir, tmp_path):
     few = write_task(tmp_path / "few.jsonl", None, RECORDS[:3])
     assert "fewer than k + 1" in one_error_line(invoke("fewshot", "--checkpoint", run_dir,
                                                        "--task", few, "--shots", "0,8"))
+
+
+def test_a_prompt_too_long_names_its_longest_demonstration():
+    task = SimpleNamespace(path="t.jsonl")
+    query = {"line": 2, "input": "ab", "output": "0"}
+    demos = [{"line": 5, "input": "a" * 30, "output": "1"}, {"line": 3, "input": "a", "output": "1"}]
+    with pytest.raises(TinyLLMError, match=r"t.jsonl, line 2: the 2-shot prompt .* 40 tokens, longer"
+                                           r" than the model's context of 32 \(its longest"
+                                           r" demonstration is line 5\)"):
+        fs.check_fits(40, 32, task, query, 2, demos)
+    long_query = {**query, "input": "a" * 40}  # the query itself is the longest: no more said
+    with pytest.raises(TinyLLMError) as err:
+        fs.check_fits(40, 32, task, long_query, 2, demos)
+    assert "demonstration" not in str(err.value)
+
+
+def test_check_task_gives_each_query_the_demonstrations_of_its_prompt(monkeypatch):
+    task = fs.parse_task([json.dumps(r) for r in RECORDS], "t.jsonl")
+    seen = []
+    monkeypatch.setattr(fs, "check_fits", lambda n, size, task, record, k, demos=(): seen.append(
+        (record["line"], [d["line"] for d in demos], k)))
+    fs.check_task(CharTokenizer.train("".join(r["input"] + r["output"] for r in RECORDS) + "\n:",
+                                      special_tokens=("<|endoftext|>",)), 999, task, [0, 2],
+                  seed=3)
+    queries, orders = fs.query_plan(task, None, 3)
+    assert seen == [(task.records[q]["line"], [task.records[i]["line"] for i in order[:2]], 2)
+                    for q, order in zip(queries, orders)]
 
 
 @pytest.mark.parametrize("bad_record, words", [

@@ -301,11 +301,16 @@ def check_encodable(tokenizer, task):
         encode_for(tokenizer, record["output"], task, record)
 
 
-def check_fits(n_tokens, block_size, task, record, k):
+def check_fits(n_tokens, block_size, task, record, k, demos=()):
+    """An error naming the query's line, and its longest demonstration's (the record that most
+    likely needs shortening), if the k-shot prompt and its answer overflow the context."""
     if n_tokens > block_size:
+        longest = max([record, *demos], key=lambda r: len(r["input"]) + len(r["output"]))
+        shown = (f" (its longest demonstration is line {longest['line']})"
+                 if longest is not record else "")
         raise TinyLLMError(
             f"{task.path}, line {record['line']}: the {k}-shot prompt plus its answer is"
-            f" {n_tokens} tokens, longer than the model's context of {block_size}:"
+            f" {n_tokens} tokens, longer than the model's context of {block_size}{shown}:"
             " use fewer --shots or shorter records")
 
 
@@ -387,11 +392,12 @@ def _score_group(params, config, tokenizer, task, group, k, use_cache):
             for new, limit, (_, record) in zip(greedy, limits, group)]
 
 
-def encode_query(tokenizer, task, prompt, record, k, block_size):
+def encode_query(tokenizer, task, prompt, record, k, block_size, demos=()):
     """(prompt ids, [answer ids]) of one query: the answers to score after the prompt are the
     task's choices, or the record's output, each with the closing newline, and each encoded
-    apart from the prompt, as they are scored. An error names the record's line if the prompt
-    and its longest answer do not fit the context."""
+    apart from the prompt, as they are scored. An error names the record's line, and the
+    longest of `demos` (the demonstrations in the prompt) if it is longer, when the prompt and
+    its longest answer do not fit the context."""
     newline = encode_for(tokenizer, "\n", task, record)
     if task.choices:
         header = {"line": task.header_line}  # the choices are on the header's line
@@ -399,7 +405,8 @@ def encode_query(tokenizer, task, prompt, record, k, block_size):
     else:
         answers = [encode_for(tokenizer, record["output"], task, record) + newline]
     prompt_ids = encode_for(tokenizer, prompt, task, record)
-    check_fits(len(prompt_ids) + max(len(a) for a in answers), block_size, task, record, k)
+    check_fits(len(prompt_ids) + max(len(a) for a in answers), block_size, task, record, k,
+               demos)
     return prompt_ids, answers
 
 
@@ -445,9 +452,10 @@ def check_task(tokenizer, block_size, task, shots, n_queries=None, seed=0):
     its answer, or an error naming the line: what can fail, checked before the slow part."""
     check_enough_records(task, max(shots))
     check_encodable(tokenizer, task)
+    k = max(shots)
     for q, order in zip(*query_plan(task, n_queries, seed)):
-        encode_query(tokenizer, task, query_prompt(task, q, order, max(shots)), task.records[q],
-                     max(shots), block_size)
+        encode_query(tokenizer, task, query_prompt(task, q, order, k), task.records[q], k,
+                     block_size, demos=[task.records[i] for i in order[:k]])
 
 
 def evaluate_task(params, config, tokenizer, task, shots, n_queries=None, seed=0, log=None,
