@@ -599,10 +599,11 @@ def test_fewshot_command_bad_input_is_one_line(run_dir, tmp_path):
 def test_a_prompt_too_long_names_its_longest_demonstration():
     task = SimpleNamespace(path="t.jsonl")
     query = {"line": 2, "input": "ab", "output": "0"}
-    demos = [{"line": 5, "input": "a" * 30, "output": "1"}, {"line": 3, "input": "a", "output": "1"}]
-    with pytest.raises(TinyLLMError, match=r"t.jsonl, line 2: the 2-shot prompt .* 40 tokens, longer"
-                                           r" than the model's context of 32 \(its longest"
-                                           r" demonstration is line 5\)"):
+    demos = [{"line": 5, "input": "a" * 30, "output": "1"},
+             {"line": 3, "input": "a", "output": "1"}]
+    with pytest.raises(TinyLLMError, match=r"t.jsonl, line 2: the 2-shot prompt .* 40 tokens,"
+                                           r" longer than the model's context of 32 \(its"
+                                           r" longest demonstration is line 5\)"):
         fs.check_fits(40, 32, task, query, 2, demos)
     long_query = {**query, "input": "a" * 40}  # the query itself is the longest: no more said
     with pytest.raises(TinyLLMError) as err:
