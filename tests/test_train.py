@@ -367,8 +367,11 @@ def test_truncate_and_read_metrics(tmp_path):
     path.write_text("".join(json.dumps({"iter": i}) + "\n" for i in (0, 3, 6)) + '{"iter": 9, "tr',
                     encoding="utf-8")
     assert [r["iter"] for r in read_metrics(str(tmp_path))] == [0, 3, 6]  # torn line skipped
-    truncate_metrics(str(tmp_path), 4)
+    notes = []
+    truncate_metrics(str(tmp_path), 4, notes.append)
     assert path.read_text(encoding="utf-8") == '{"iter": 0}\n{"iter": 3}\n'
+    assert notes == ["note: 1 line(s) of metrics.jsonl were no record of an evaluation (a line"
+                     " torn by a crash, or edited by hand) and were dropped"]
     assert read_metrics(str(tmp_path / "nowhere")) == []
 
 

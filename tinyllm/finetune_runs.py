@@ -417,7 +417,7 @@ def train_keeping_best(out_dir, params, paths, tc, loss_fn, sample, evaluate, sa
         opt_state = trim_opt_state(resume_ckpt.opt_state, paths)
         state = Committed(trainable, opt_state, resume_ckpt.rng_state, resume_ckpt.iter,
                           resume_ckpt.meta.get("last_eval_iter", -1))
-        truncate_metrics(out_dir, resume_ckpt.iter)
+        truncate_metrics(out_dir, resume_ckpt.iter, log)
         best = resumed_best(out_dir, resume_ckpt, trainable)
         log(f"resuming {out_dir} at iteration {resume_ckpt.iter} of {tc.max_iters}")
     else:

@@ -260,10 +260,15 @@ def read_metrics_counted(out_dir):
     return records, skipped
 
 
-def truncate_metrics(out_dir, iteration):
+def truncate_metrics(out_dir, iteration, log=None):
     """Keep only records up to `iteration`, so a resumed run does not log a step twice.
-    Returns the records kept."""
-    kept = [r for r in read_metrics(out_dir) if r["iter"] <= iteration]
+    Returns the records kept. Lines that are no record (a last line torn by a crash) go too,
+    and `log`, if given, is told how many."""
+    records, skipped = read_metrics_counted(out_dir)
+    kept = [r for r in records if r["iter"] <= iteration]
+    if skipped and log:
+        log(f"note: {skipped} line(s) of metrics.jsonl were no record of an evaluation (a line"
+            " torn by a crash, or edited by hand) and were dropped")
     path = os.path.join(out_dir, "metrics.jsonl")
     try:
         atomic_write_text(path, "".join(json.dumps(finite_or_none(r)) + "\n" for r in kept))
@@ -632,7 +637,7 @@ def starting_state(out_dir, tc, init_fn, ckpt=None, log=print):
     """The state a run starts from: the checkpoint's when resuming (its later metrics dropped),
     else fresh parameters `init_fn(rng)` from a Generator seeded by tc.seed and fresh AdamW."""
     if ckpt is not None:
-        kept = truncate_metrics(out_dir, ckpt.iter)
+        kept = truncate_metrics(out_dir, ckpt.iter, log)
         log(f"resuming {out_dir} at iteration {ckpt.iter} of {tc.max_iters}")
         return Committed(ckpt.params, ckpt.opt_state, ckpt.rng_state, ckpt.iter,
                          logged_eval_iter(ckpt.meta, kept), on_disk=True)
