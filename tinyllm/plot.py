@@ -151,21 +151,28 @@ def read_run(run_dir, log=print):
               for key in ("iter", "train_loss", "val_loss", "lr")}
     _note_gaps(run_dir, series, log)
     series["tokens_per_iter"] = tokens_per_iter(records)
-    series["lr_curve"] = lr_by_step(run_dir, series)
-    series["loss_per"] = "example" if _kind(run_dir) == "classifier" else "token"
-    series["best_iter"] = best_step(run_dir, series["iter"])
+    meta = _meta(run_dir)
+    series["lr_curve"] = lr_by_step(meta, series)
+    series["loss_per"] = "example" if meta.get("kind") == "classifier" else "token"
+    series["best_iter"] = best_step(meta, series["iter"])
     return series
 
 
-def best_step(run_dir, steps):
-    """The step whose weights a fine-tuning run kept (config.json "best_iter"), if it is one of
-    the evaluations drawn; else None (a pretraining run keeps its last weights)."""
+def _meta(run_dir):
+    """The run's config.json, read once for every figure drawn from it; {} if it cannot be read
+    (a run directory is untrusted, and a run's first checkpoint may not be written yet)."""
     from .checkpoint import read_meta
 
     try:
-        best = read_meta(run_dir).get("best_iter")
+        return read_meta(run_dir)
     except TinyLLMError:
-        return None
+        return {}
+
+
+def best_step(meta, steps):
+    """The step whose weights a fine-tuning run kept (config.json "best_iter"), if it is one of
+    the evaluations drawn; else None (a pretraining run keeps its last weights)."""
+    best = meta.get("best_iter")
     return best if _is_number(best) and best in steps else None
 
 
@@ -176,15 +183,6 @@ def _note_gaps(run_dir, series, log):
     if gaps:
         log(f"note: {run_dir}: {len(gaps)} loss value(s) of metrics.jsonl are missing or not"
             f" finite numbers (the first at step {int(min(gaps)):,}): the curves have gaps there")
-
-def _kind(run_dir):
-    """The model kind config.json names ("gpt", "classifier", ...), or None if it cannot say."""
-    from .checkpoint import read_meta
-
-    try:
-        return read_meta(run_dir).get("kind")
-    except TinyLLMError:
-        return None
 
 
 def _is_number(x):
@@ -217,9 +215,9 @@ def tokens_per_iter(records):
     return round(tokens) if math.isfinite(tokens) and tokens >= 1 else None  # else: not timings
 
 
-def lr_by_step(run_dir, series):
+def lr_by_step(meta, series):
     """(steps, rates): the learning rate up to the last evaluation, computed from the run's
-    config.json by the schedule it trained with, at every step (every few steps in a run of
+    config.json (`meta`) by the schedule it trained with, at every step (every few steps in a run of
     more than LR_CURVE_POINTS steps: a curve needs no more, and a run's files may claim any
     number of steps).
 
@@ -228,10 +226,8 @@ def lr_by_step(run_dir, series):
     with a new --max-iters, a config.json not yet written) this returns None and the logged
     points are joined instead.
     """
-    from .checkpoint import read_meta
-
     try:
-        rate = schedule_of(read_meta(run_dir))
+        rate = schedule_of(meta)
         logged = [(int(it), lr) for it, lr in zip(series["iter"], series["lr"]) if lr == lr]
         if not logged or any(not math.isclose(rate(it), lr, rel_tol=1e-6) for it, lr in logged):
             return None
