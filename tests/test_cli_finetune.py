@@ -531,6 +531,20 @@ def test_a_response_too_long_is_named_by_its_file_and_line(base, instructions, t
     assert result.output.strip().split("\n")[-1].startswith(f"Error: {path}:6: its response alone")
 
 
+def test_a_test_response_too_long_is_refused_before_training(base, instructions, tmp_path):
+    # its response could never be written whole: the same error as in training, not a count
+    path = tmp_path / "test.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n'
+                    + json.dumps({"instruction": "a", "output": "b" * 60}) + "\n")
+    out = tmp_path / "r"
+    result = run(["finetune", "instruct", "--checkpoint", base, "--data", instructions,
+                  "--val-data", instructions, "--test-data", str(path), "--out", str(out)]
+                 + FAST)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().split("\n")[-1].startswith(f"Error: {path}:2: its response alone")
+    assert "iter 0" not in result.output and not (out / "metrics.json").exists()
+
+
 def test_too_little_data_is_one_line(base, tmp_path):
     path = tmp_path / "two.tsv"
     path.write_text("label\ttext\na\tx\nb\ty\n", encoding="utf-8")

@@ -67,16 +67,33 @@ def encode_instructions(tokenizer, records, block_size, include_prompt, where):
         response, n2 = encode_with_fallback(tokenizer, record["output"])
         fallback += n1 + n2
         kept = fit_prompt(prompt, response, block_size)
-        if kept is None:  # a split is shuffled: only the file's line finds the record
-            place = f":{record['line']}" if "line" in record else f": record {number}"
-            raise TinyLLMError(f"{where}{place}: its response alone has"
-                               f" {len(response)} tokens, more than the context"
-                               f" ({block_size} tokens, with one for the prompt and one to end)")
+        if kept is None:
+            raise response_too_long(where, record, number, len(response), block_size)
         shortened += len(kept) < len(prompt)
         rows.append(instruction_example(kept, response, eot, block_size, include_prompt))
     longest = max(int(m.nonzero()[0].max()) + 1 for _, _, m in rows)  # trim shared padding
     x, y, m = (onp.stack([r[i][:longest] for r in rows]) for i in range(3))
     return (x, y, m), shortened, fallback
+
+
+def response_too_long(where, record, number, n_tokens, block_size):
+    """The error for a record whose response alone (with the end-of-text token and one prompt
+    token) does not fit the context, naming its line in `where` (the file), or its place
+    `number` in its split for a record read from no file (a split is shuffled: only the file's
+    line finds the record)."""
+    place = f":{record['line']}" if "line" in record else f": record {number}"
+    return TinyLLMError(f"{where}{place}: its response alone has {n_tokens} tokens, more than the"
+                        f" context ({block_size} tokens, with one for the prompt and one to end)")
+
+
+def check_responses_fit(tokenizer, records, block_size, where):
+    """Raise `response_too_long` for the first record whose response alone does not fit the
+    context: a test record's response is generated, not trained on, but one that cannot fit
+    could never be written whole, so it is refused as a training record's is, before training."""
+    for number, record in enumerate(records, 1):
+        response = encode_with_fallback(tokenizer, record["output"])[0]
+        if fit_prompt([], response, block_size) is None:
+            raise response_too_long(where, record, number, len(response), block_size)
 
 
 def generation_prompts(tokenizer, records, max_new_tokens, block_size):
@@ -328,6 +345,8 @@ def encode_instruct_splits(s, tokenizer, block_size, train, val, test, log):
                 " response")
         if fallback[name]:
             log(f"note: {fallback[name]} character(s) in {name} fell back to {UNK_TOKEN}")
+    check_responses_fit(tokenizer, test, block_size,
+                        s.test_data or s.data or "the embedded tasks (test)")
     _, limits, shortened["test"], fallback["test"] = generation_prompts(
         tokenizer, test, s.max_new_tokens, block_size)
     if shortened["test"]:
