@@ -471,25 +471,55 @@ def test_generate_instruction_prints_what_it_printed_before(base, monkeypatch):
     """The same output as before the streaming: prompt, response up to <|endoftext|>, newline."""
     eot = load_checkpoint(base).tokenizer.special_tokens["<|endoftext|>"]
     sampling(monkeypatch, tokens_of(base, "cba") + [eot])
-    result = run(["generate", "--checkpoint", base, "--instruction", "reverse", "--input", "abc"])
+    result = run(["generate", "--checkpoint", base, "--instruction", "reverse", "--input", "abc",
+                  "--max-new-tokens", "6"])  # (so that the whole prompt is read)
     assert result.exit_code == 0, result.output
     assert result.stdout == PROMPT + "cba\n" and result.stderr == ""
 
 
 def test_generate_instruction_says_when_the_context_cut_the_response(base, monkeypatch):
-    """The prompt stays in view, so the response can have only the 6 tokens the context has
-    left: a response cut there, before <|endoftext|>, is said on stderr, not left to look
-    finished."""
+    """The prompt (42 tokens) stays in view: the response can have only what the context (48)
+    has left. A response cut there, before <|endoftext|>, is said on stderr, not left to look
+    finished; one cut by --max-new-tokens is as asked."""
     sampling(monkeypatch, tokens_of(base, "c" * 20))
     result = run(["generate", "--checkpoint", base, "--instruction", "reverse", "--input", "abc"])
     assert result.exit_code == 0, result.output
-    assert result.stdout == PROMPT + "c" * 6 + "\n"
-    assert result.stderr == ("note: the response filled the model's context (48 tokens) after 6"
-                             " tokens, before <|endoftext|>: it is cut there\n")
-    sampling(monkeypatch, tokens_of(base, "c" * 20))  # --max-new-tokens cut it: as asked
+    assert result.stdout == PROMPT + "c" * 12 + "\n"  # 36 prompt tokens read: see the next test
+    assert result.stderr.endswith("note: the response filled the model's context (48 tokens)"
+                                  " after 12 tokens, before <|endoftext|>: it is cut there\n")
+    sampling(monkeypatch, tokens_of(base, "c" * 20))
     result = run(["generate", "--checkpoint", base, "--instruction", "reverse", "--input", "abc",
-                  "--max-new-tokens", "5"])
-    assert result.stdout == PROMPT + "c" * 5 + "\n" and result.stderr == ""
+                  "--max-new-tokens", "6"])
+    assert result.stdout == PROMPT + "c" * 6 + "\n" and result.stderr == ""
+
+
+def test_generate_instruction_reads_the_end_of_a_prompt_too_long_for_the_context(base,
+                                                                                monkeypatch):
+    """A prompt that leaves less than a quarter of the context (12 of 48 tokens) for the
+    response keeps its last 36 tokens, as fine-tuning keeps the end of a long prompt, and says
+    so; the whole prompt is still printed. Such a prompt was refused when it filled the context,
+    and left a response of a token or two when it nearly did."""
+    from tinyllm import generate
+
+    seen = {}
+
+    def complete_ids(params, config, tokenizer, ids, max_new_tokens, *args, on_text, **kwargs):
+        seen.update(ids=list(ids), max_new_tokens=max_new_tokens)
+        on_text("cba")
+        return "cba", tokens_of(base, "cba")
+
+    monkeypatch.setattr(generate, "complete_ids", complete_ids)
+    text = "abc" * 20  # 60 tokens: the prompt has 99
+    long_prompt = f"Instruction: reverse\nInput: {text}\nResponse: "
+    result = run(["generate", "--checkpoint", base, "--instruction", "reverse", "--input", text])
+    assert result.exit_code == 0, result.output
+    assert seen == {"ids": tokens_of(base, long_prompt)[-36:], "max_new_tokens": 12}
+    assert result.stdout == long_prompt + "cba\n"
+    assert result.stderr.startswith("note: the prompt has 99 tokens; the model reads its last 36")
+    result = run(["generate", "--checkpoint", base, "--instruction", "reverse", "--input", "abc",
+                  "--max-new-tokens", "6"])
+    assert seen == {"ids": tokens_of(base, PROMPT), "max_new_tokens": 6}  # 42 + 6: it fits
+    assert result.stderr == ""
 
 
 def test_instruct_counts_val_and_test_prompts_also_in_train(base, instructions, tmp_path):

@@ -217,7 +217,8 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
 @click.option("--instruction", default=None,
               help="For an instruction-tuned run (`tinyllm finetune instruct`): the prompt is this"
                    " instruction in the fine-tuning template, and the response ends at"
-                   " <|endoftext|>.  [default: none]")
+                   " <|endoftext|>. A prompt that would leave the response less than a quarter"
+                   " of the context is read from its end, with a note.  [default: none]")
 @click.option("--input", "input_text", default="",
               help="The input that goes with --instruction (empty: none).")
 @no_cache_option

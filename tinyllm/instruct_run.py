@@ -368,6 +368,16 @@ def load_generator(checkpoint):
     return (*merged_gpt(ckpt.params, ckpt.model_config), ckpt.tokenizer)
 
 
+def prompt_end(ids, block_size, max_new_tokens):
+    """The prompt's tokens the model reads: all of them if they leave room in the context for
+    min(max_new_tokens, block_size // 4) tokens of response (a sentence or two), else only their
+    end, as `fit_prompt` keeps the end of a long prompt in fine-tuning ("Response: " and the
+    nearest part of the input are there). Example: 300 ids, block_size 256, max_new_tokens 200
+    -> the last 192 (a response may take the other 64)."""
+    room = min(max_new_tokens, block_size // 4)
+    return ids if len(ids) <= block_size - room else ids[len(ids) - (block_size - room):]
+
+
 def generate_instruction(checkpoint, instruction, input_text="", max_new_tokens=200,
                          temperature=0.0, top_k=None, top_p=None, seed=None, use_cache=True,
                          log=print, on_text=None):
@@ -388,9 +398,12 @@ def generate_instruction(checkpoint, instruction, input_text="", max_new_tokens=
     ids, missing = encode_with_fallback(tokenizer, prompt)
     if missing:  # the prompt is echoed as typed: say what the model read instead
         log(f"note: {missing} character(s) the model never saw were read as {UNK_TOKEN}")
-    if len(ids) >= config.block_size:
-        raise TinyLLMError(f"--instruction/--input: the prompt has {len(ids)} tokens, the model's"
-                           f" context is {config.block_size}")
+    kept = prompt_end(ids, config.block_size, max_new_tokens)
+    if len(kept) < len(ids):
+        log(f"note: the prompt has {len(ids)} tokens; the model reads its last {len(kept)}, as"
+            f" fine-tuning kept the end of a long prompt, to leave room for the response in its"
+            f" context ({config.block_size} tokens)")
+    ids = kept
     room = config.block_size - len(ids)  # the template must stay in view: no sliding
     emit = on_text or (lambda piece: None)
     emit(prompt)
