@@ -72,7 +72,7 @@ def tinyllm_worker(args):
     from tinyllm.config import GPTConfig, TrainConfig
     from tinyllm.models import count_params
     from tinyllm.system import tune_malloc
-    from tinyllm.train import pretrain
+    from tinyllm.pretrain import pretrain
 
     tune_malloc()  # as `tinyllm pretrain` does
     peak = matmul_peak_gflops()

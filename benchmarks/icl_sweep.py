@@ -27,7 +27,7 @@ from tinyllm.checkpoint import load_checkpoint  # noqa: E402
 from tinyllm.config import GPTConfig, TrainConfig  # noqa: E402
 from tinyllm.icl_corpus import FAMILIES, heldout_task  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
-from tinyllm.train import pretrain  # noqa: E402
+from tinyllm.pretrain import pretrain  # noqa: E402
 
 SHOTS = [0, 1, 2, 4, 8]
 KEYPAD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "tasks",

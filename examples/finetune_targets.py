@@ -23,7 +23,7 @@ from tinyllm.classify_run import ClassifySettings, run_classify  # noqa: E402
 from tinyllm.instruct_run import InstructSettings, run_instruct  # noqa: E402
 from tinyllm.config import GPTConfig, TrainConfig  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
-from tinyllm.train import pretrain  # noqa: E402
+from tinyllm.pretrain import pretrain  # noqa: E402
 
 
 def quiet(message):

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from tinyllm.config import DEFAULT_TOKENIZER, GPTConfig, TrainConfig  # noqa: E402
 from tinyllm.generate import generate_text  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
-from tinyllm.train import pretrain  # noqa: E402
+from tinyllm.pretrain import pretrain  # noqa: E402
 
 
 def main():

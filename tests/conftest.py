@@ -17,7 +17,7 @@ from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.models import init_gpt
 from tinyllm.optim import adamw_init
 from tinyllm.tokenizers import CharTokenizer
-from tinyllm.train import SPECIAL_TOKENS
+from tinyllm.pretrain import SPECIAL_TOKENS
 
 # No per-example deadline for any Hypothesis test: a busy machine (CI shares its cores) can make
 # one example slow, and a deadline would then fail a test whose maths is right.

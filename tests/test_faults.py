@@ -23,7 +23,8 @@ from tinyllm.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoin
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.errors import TinyLLMError
-from tinyllm.train import TrainingInterrupted, pretrain, read_metrics
+from tinyllm.pretrain import pretrain
+from tinyllm.train import TrainingInterrupted, read_metrics
 from tinyllm.tree import flatten, tree_map
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

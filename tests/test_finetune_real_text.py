@@ -22,7 +22,7 @@ from tinyllm.classify_run import ClassifySettings, classify_texts, run_classify
 from tinyllm.instruct_run import InstructSettings, encode_instructions, run_instruct
 from tinyllm.labelled_data import UNK_TOKEN
 from tinyllm.tokenizers import CharTokenizer
-from tinyllm.train import SPECIAL_TOKENS
+from tinyllm.pretrain import SPECIAL_TOKENS
 
 CFG = ClassifierConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, n_classes=2,
                        bias=True)

@@ -13,6 +13,7 @@ from tinyllm.distributed import SINGLE_PROCESS, micro_batch_rng, pack, unpack, w
 from tinyllm.errors import TinyLLMError
 from tinyllm.models import gpt_loss, init_gpt
 from tinyllm.optim import adamw_init
+from tinyllm.pretrain import pretrain
 from tinyllm.train import accumulated_step, flat_value_and_grad, read_metrics
 from tinyllm.tree import flatten
 
@@ -113,7 +114,7 @@ RUN_MODEL = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, dropout=0.1)
 
 
 def run(out, data, tc):
-    return train.pretrain(RUN_MODEL, tc, str(out), data=data, tokenizer_kind="char",
+    return pretrain(RUN_MODEL, tc, str(out), data=data, tokenizer_kind="char",
                           log=lambda message: None)
 
 
@@ -144,7 +145,7 @@ def test_grad_accum_is_recorded_and_a_resumed_run_continues_bit_for_bit(tmp_path
     whole = replace(TINY_RUN, grad_accum=2)
     run(tmp_path / "whole", data, whole)
     run(tmp_path / "half", data, replace(whole, max_iters=2))
-    train.pretrain(RUN_MODEL, TINY_RUN, str(tmp_path / "half"), resume=True, max_iters=4,
+    pretrain(RUN_MODEL, TINY_RUN, str(tmp_path / "half"), resume=True, max_iters=4,
                    log=lambda message: None)
     assert curve(tmp_path / "half") == curve(tmp_path / "whole")
 

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyllm import (cli_finetune, cli_seq2seq, decoding, fewshot, generate, instruct_run,
-                     kv_cache, seq2seq_run, train)
+                     kv_cache, pretrain, seq2seq_run)
 from tinyllm.checkpoint import save_checkpoint
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
@@ -27,7 +27,7 @@ from tinyllm.models import gpt_hidden, init_gpt
 from tinyllm.optim import adamw_init
 from tinyllm.seq2seq import Seq2SeqConfig, encoder_forward, init_seq2seq
 from tinyllm.tokenizers import CharTokenizer
-from tinyllm.train import SPECIAL_TOKENS
+from tinyllm.pretrain import SPECIAL_TOKENS
 from tinyllm.tree import tree_map
 
 seeds = st.integers(0, 2**16)
@@ -336,7 +336,7 @@ def test_every_generating_command_passes_no_cache_down(monkeypatch, tmp_path):
     assert cli_use_cache(monkeypatch, ["generate", "--instruction", "x"], instruct_run,
                          "generate_instruction") == [True, False]
     params, config, tokenizer = tiny_generator()
-    monkeypatch.setattr(train, "pretrain", lambda *args, **kwargs: {
+    monkeypatch.setattr(pretrain, "pretrain", lambda *args, **kwargs: {
         "final": {"iter": 1, "train_loss": 1.0, "val_loss": 1.0}, "seconds": 0.0,
         "train_seconds": 0.0, "objective": "clm",
         "params": params, "model_config": config, "tokenizer": tokenizer})

@@ -27,7 +27,8 @@ from tinyllm.attention_maps import gpt_attention
 from tinyllm.models import bidirectional_hidden, lm_head_weight
 from tinyllm.ops import cross_entropy_reference, distance_bias
 from tinyllm.tokenizers import MASK_TOKEN, CharTokenizer
-from tinyllm.train import pretrain, read_metrics
+from tinyllm.pretrain import pretrain
+from tinyllm.train import read_metrics
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n"

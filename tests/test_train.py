@@ -1,5 +1,6 @@
-"""Tests for tinyllm/train.py: metrics, learning, resume (after a finished run and after Ctrl-C),
-run-directory safety and data checks. Every run is a 1-layer, 16-channel model on a small file."""
+"""Tests for tinyllm/train.py and the runs of tinyllm/pretrain.py: metrics, learning, resume (after
+a finished run and after Ctrl-C), run-directory safety and data checks. Every run is a 1-layer,
+16-channel model on a small file."""
 
 import json
 import os
@@ -15,12 +16,12 @@ from tinyllm.checkpoint import load_checkpoint
 from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.errors import TinyLLMError
 from tinyllm.optim import adamw_init, lr_at
+from tinyllm.pretrain import pretrain
 from tinyllm.train import (
     Committed,
     TrainingClock,
     TrainingInterrupted,
     earlier_train_seconds,
-    pretrain,
     read_metrics,
     train_loop,
     truncate_metrics,

@@ -10,13 +10,13 @@ import numpy as onp
 import pytest
 from click.testing import CliRunner
 
-from tinyllm import train
+from tinyllm import pretrain as pretrain_module
 from tinyllm.checkpoint import load_checkpoint
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.errors import TinyLLMError
 from tinyllm.tokenizers import train_tokenizer
-from tinyllm.train import encoding_progress, merges_progress, pretrain
+from tinyllm.pretrain import encoding_progress, merges_progress, pretrain
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n"
@@ -45,7 +45,7 @@ def test_merges_progress_logs_the_merges_done():
 
 def test_bpe_training_says_what_it_does_and_how_far_it_got(tmp_path, data, monkeypatch):
     # a text of long words learns its merges for minutes: the user must see it is working
-    monkeypatch.setattr(train, "merges_progress",
+    monkeypatch.setattr(pretrain_module, "merges_progress",
                         lambda log: merges_progress(log, every_seconds=0.0))
     lines = []
     pretrain(MODEL, TRAIN, str(tmp_path / "run"), data=data, tokenizer_kind="bpe",
@@ -82,10 +82,10 @@ def test_encoding_the_text_shows_progress_and_gives_the_same_ids(tmp_path, data,
     the progress changes no id."""
     quiet = pretrain(MODEL, TRAIN, str(tmp_path / "quiet"), data=data, tokenizer_kind=kind,
                      vocab_size=270, log=lambda line: None)
-    monkeypatch.setattr(train, "encoding_progress",
+    monkeypatch.setattr(pretrain_module, "encoding_progress",
                         lambda log: encoding_progress(log, every_seconds=0.0))
-    real = train.encode_corpus
-    monkeypatch.setattr(train, "encode_corpus",
+    real = pretrain_module.encode_corpus
+    monkeypatch.setattr(pretrain_module, "encode_corpus",
                         lambda tok, text, progress: real(tok, text, progress, size=100))
     lines = []
     shown = pretrain(MODEL, TRAIN, str(tmp_path / "shown"), data=data, tokenizer_kind=kind,
@@ -93,7 +93,7 @@ def test_encoding_the_text_shows_progress_and_gives_the_same_ids(tmp_path, data,
     counts = [line for line in lines if line.endswith("characters encoded")]
     assert len(counts) > 10
     assert counts[-1] == f"tokenizer: {len(TEXT):,} of {len(TEXT):,} characters encoded"
-    whole = onp.asarray(train_tokenizer(kind, TEXT, 270, train.SPECIAL_TOKENS).encode(TEXT))
+    whole = onp.asarray(train_tokenizer(kind, TEXT, 270, pretrain_module.SPECIAL_TOKENS).encode(TEXT))
     for result in (quiet, shown):
         assert onp.array_equal(result["val_ids"], whole[int(0.9 * len(whole)):])
 

@@ -143,7 +143,7 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
     on 2 cores of a 2.45 GHz AMD EPYC), then prints a sample.
     """
     from .generate import generate_text
-    from .train import pretrain as run_pretrain
+    from .pretrain import pretrain as run_pretrain
 
     world = distributed.world()  # one process unless started by mpirun with N > 1
     if resume:

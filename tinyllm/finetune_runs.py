@@ -57,10 +57,11 @@ from .labelled_data import encode_with_fallback, with_unknown_token
 from .lora import merged_gpt
 from .models import count_params, init_gpt
 from .optim import adamw_init
+from .pretrain import SPECIAL_TOKENS
 from .system import one_blas_thread
-from .train import (SPECIAL_TOKENS, Committed, TrainingClock, check_memory, check_resumed_total,
-                    check_still_there, earlier_train_seconds, gpt_param_count, gpt_step_bytes,
-                    read_metrics, start_out_dir, train_loop, truncate_metrics)
+from .train import (Committed, TrainingClock, check_memory, check_resumed_total, check_still_there,
+                    earlier_train_seconds, gpt_param_count, gpt_step_bytes, read_metrics,
+                    start_out_dir, train_loop, truncate_metrics)
 from .tree import flatten, unflatten
 
 METRICS_FORMAT = "tinyllm-finetune-metrics"

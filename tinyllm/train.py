@@ -1,8 +1,8 @@
 """The training loop: steps, evaluation, progress, metrics, checkpoints, resume and Ctrl-C.
 
 The loop is generic: it trains any `loss_fn(params, batch, rng) -> scalar` on batches drawn by
-`sample(split, rng)`, so pretraining and fine-tuning share it. `pretrain` below wires it up for
-next-token prediction on a text corpus.
+`sample(split, rng)`, so every run shares it: tinyllm/pretrain.py wires it up for next-token (or
+masked-token) prediction on a text corpus, and the fine-tuning and seq2seq runs for theirs.
 
 Reproducibility: everything random comes from one numpy Generator seeded by `--seed` (the
 initial weights, then each step's batch and dropout). Evaluation batches come from a separate
@@ -48,26 +48,14 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-from . import fast as fast_path
-from .checkpoint import (first_non_finite, load_checkpoint, remove_leftovers, save_checkpoint,
-                         stored_ranks)
-from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER
+from .checkpoint import first_non_finite, remove_leftovers, stored_ranks
 from .distributed import SINGLE_PROCESS, micro_batch_rng, pack, rank_micro_batches, unpack
-from .data import (DEFAULT_CORPUS, EMBEDDED_CORPORA, check_long_enough, encode_corpus, get_batch,
-                   load_corpus, read_text_file, train_val_split)
+from .data import DEFAULT_CORPUS, EMBEDDED_CORPORA, load_corpus, read_text_file
 from .errors import TinyLLMError
 from .fileio import TMP_PREFIX, atomic_write_text, available_memory, open_regular, read_fd
-from .mlm import MASK_RATE, mlm_loss_and_batches
-from .models import count_params, gpt_loss, init_gpt
 from .optim import adamw_init, adamw_step, clip_scale, global_norm, lr_at
 from .progress import Progress
-from .tokenizers import MASK_TOKEN, train_tokenizer
 from .tree import flatten, unflatten
-
-SPECIAL_TOKENS = ("<|endoftext|>",)  # reserved now so fine-tuning can end responses with it
-# Pretraining objectives -> the checkpoint kind that records them: next-token prediction makes a
-# causal GPT, masked-token prediction a bidirectional encoder with the same parameter tree.
-OBJECTIVES = {"clm": "gpt", "mlm": "mlm"}
 
 
 class TrainingInterrupted(Exception):
@@ -384,7 +372,7 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
     tokens_per_iter *= tc.grad_accum * world.size
     append = append_metrics
     if not world.is_root:
-        save, log, append = _skip, _skip, _skip
+        save, log, append = skip, skip, skip
     progress = Progress(tc.max_iters, start=state.iteration)
     log = log or progress.message
     step_seconds, steps_timed = 0.0, 0
@@ -430,7 +418,7 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
     return state
 
 
-def _skip(*args):
+def skip(*args):
     """What a rank other than 0 does instead of saving or printing."""
 
 
@@ -649,6 +637,14 @@ def starting_state(out_dir, tc, init_fn, ckpt=None, log=print):
 # ----------------------------------------------------------------------------- memory
 
 
+def gpt_param_count(config):
+    """Parameters of a GPT of this config, from its shape alone (an upper bound: biases counted)."""
+    c = config.n_embd
+    per_block = 12 * c * c + 13 * c  # attention 4 C^2, MLP 8 C^2, their biases, two layer norms
+    head = 0 if config.tie_weights else c * config.vocab_size
+    return config.vocab_size * c + config.block_size * c + config.n_layer * per_block + 2 * c + head
+
+
 def gpt_step_bytes(model_config, tc, n_params):
     """A rough upper estimate of the memory one training step and one evaluation need.
 
@@ -707,172 +703,6 @@ def earlier_train_seconds(meta):
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
-def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENIZER,
-             vocab_size=DEFAULT_BPE_VOCAB_SIZE, resume=False, force=False, max_iters=None,
-             log=print, special_tokens=SPECIAL_TOKENS, world=SINGLE_PROCESS, fast=True,
-             objective=None, mask_rate=None):
-    """Pretrain a GPT on a corpus (a file or an embedded name) and keep checkpoints in out_dir.
-
-    `objective` is "clm" (next-token prediction, the default) or "mlm" (the same blocks as a
-    bidirectional encoder, trained by masked-token prediction: tinyllm/mlm.py); the checkpoint's
-    kind records it ("gpt" or "mlm"). With resume=True the model, tokenizer, objective and training
-    settings come from the checkpoint; only `max_iters` may be changed (an `objective` given must be
-    the run's), and `data` may say where the run's own text is now (its sha256 is checked);
-    `mask_rate` is the share of positions an MLM step predicts (None: mlm.MASK_RATE, 15%; a
-    resumed run keeps its own). Returns a summary dict ("seconds": this call's training time,
-    "train_seconds": the run's over every part, None if a checkpoint from before tinyllm kept it
-    was resumed). The run directory is locked for the whole call. Over MPI (`world`, see
-    tinyllm/distributed.py) rank 0 alone reads the data and the run directory and sends the others
-    what they need; the whole job trains one model, and only rank 0 writes. `fast` takes the
-    hand-written forward and backward of tinyllm/fast.py where it applies (dropout 0, either
-    objective); False, or dropout on, differentiates the reference model with autograd. Both give
-    the same losses up to float32 rounding.
-    """
-    log = log if world.is_root else _skip
-    world.from_root(lambda: prepare_out_dir(out_dir, resume, force))
-    try:
-        return _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume,
-                         force, max_iters, log, special_tokens, world, fast, objective,
-                         mask_rate)
-    finally:
-        if world.is_root:
-            unlock_run_dir(out_dir)
-
-
-def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume, force,
-              max_iters, log, special_tokens, world, fast, objective, mask_rate):
-    if objective not in (None, *OBJECTIVES):
-        raise TinyLLMError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
-    if mask_rate is not None and not 0 < mask_rate < 1:
-        raise TinyLLMError(f"--mask-rate must be between 0 and 1, got {mask_rate}")
-    model_config, tc, tokenizer, splits, state, extra, objective = world.from_root(
-        lambda: _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_size,
-                                   resume, force, max_iters, log, special_tokens, world.size,
-                                   objective, mask_rate))
-
-    def loss_fn(params, batch, rng):
-        return gpt_loss(params, batch[0], batch[1], model_config, rng)
-
-    def sample(split, rng):
-        return get_batch(splits[split], tc.batch_size, model_config.block_size, rng)
-
-    if objective == "mlm":
-        loss_fn, sample = mlm_loss_and_batches(splits, model_config, tc.batch_size, tokenizer,
-                                               extra["mask_rate"])
-
-    def save(s):
-        save_checkpoint(out_dir, s.params, s.opt_state, s.rng_state, model_config, tc, tokenizer,
-                        s.iteration, extra={**extra, "train_seconds": clock.total(),
-                                            "last_eval_iter": s.last_eval_iter},
-                        kind=OBJECTIVES[objective])
-
-    clock = TrainingClock(extra["train_seconds"])
-    use_fast = fast and fast_path.supports(model_config)  # else autograd on the reference model
-    fast_grads = fast_path.gpt_value_and_grad(model_config, objective) if use_fast else None
-    fast_step = fast_path.gpt_train_step(model_config, objective) if use_fast else None
-    if use_fast:  # evaluations too: the forward pass alone, on the fast path
-        loss_fn = fast_path.gpt_loss_fn(model_config, objective)
-    state = train_loop(state, tc, loss_fn, sample, save, out_dir,
-                       tc.batch_size * model_config.block_size, world=world,
-                       value_and_grad=fast_grads, step_fn=fast_step)
-    clock.stop()
-    final = world.from_root(lambda: final_record(out_dir, state.iteration))
-    return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
-            "seconds": clock.part(), "train_seconds": clock.total(), "final": final,
-            "objective": objective, "val_ids": splits["val"]}
-
-
-def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume,
-                       force, max_iters, log, special_tokens, ranks=1, objective=None,
-                       mask_rate=None):
-    """Load (or resume) the data, tokenizer, settings and starting state of a pretraining run,
-    with every check made before the run directory is touched. Returns (model_config, tc,
-    tokenizer, splits, state, extra, objective): `extra` is what each checkpoint adds to
-    config.json (with an MLM run's "mask_rate"), `objective` the run's ("clm" or "mlm")."""
-    if resume:
-        ckpt = load_checkpoint(out_dir, with_optimizer=True, kind=tuple(OBJECTIVES.values()))
-        objective = resumed_objective(ckpt.meta["kind"], objective, out_dir)
-        mask_rate = stored_mask_rate(ckpt.meta, out_dir)
-        check_same_ranks(ckpt.meta, ranks, out_dir)
-        model_config, tokenizer = ckpt.model_config, ckpt.tokenizer
-        check_resumed_total(max_iters, ckpt.iter, out_dir)
-        tc = replace(ckpt.train_config, max_iters=max_iters or ckpt.train_config.max_iters)
-        tc.validate()
-        text = run_corpus(ckpt.meta, out_dir, data)  # checked against its sha256 before any use
-        data = data or ckpt.meta.get("data")
-    else:
-        tc.validate()
-        text = load_corpus(data)
-        objective = objective or "clm"
-        if objective == "mlm":
-            special_tokens = (*special_tokens, MASK_TOKEN)
-        if tokenizer_kind == "bpe":
-            log(f"tokenizer: learning BPE merges from {len(text):,} characters ...")
-        tokenizer = train_tokenizer(tokenizer_kind, text, vocab_size, special_tokens=special_tokens,
-                                    progress=merges_progress(log))
-        if tokenizer.kind == "bpe" and tokenizer.vocab_size < vocab_size:
-            log(f"tokenizer: the text has no pair of tokens left to merge after"
-                f" {len(tokenizer.merges):,} merges: its vocabulary is {tokenizer.vocab_size:,},"
-                f" not the {vocab_size:,} of --vocab-size")
-        model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
-    model_config.validate()
-    check_memory(gpt_step_bytes(model_config, tc, gpt_param_count(model_config)),
-                 f"a step of this model (--n-layer {model_config.n_layer}, --n-embd"
-                 f" {model_config.n_embd}, vocabulary {model_config.vocab_size}) with --batch-size"
-                 f" {tc.batch_size} and --block-size {model_config.block_size}")
-    ids = encode_corpus(tokenizer, text, encoding_progress(log))
-    splits = dict(zip(("train", "val"), train_val_split(ids)))
-    for name, split_ids in splits.items():
-        check_long_enough(split_ids, model_config.block_size,
-                          f"the {name} split of {data or DEFAULT_CORPUS}", tokenizer.kind,
-                          next_token=objective == "clm")
-    start_out_dir(out_dir, resume, force)
-
-    state = starting_state(out_dir, tc, lambda rng: init_gpt(model_config, rng),
-                           ckpt if resume else None, log)
-    log(f"data: {data or DEFAULT_CORPUS + ' (embedded default)'}, {len(text):,} characters ->"
-        f" {len(ids):,} {tokenizer.kind} tokens (vocab {tokenizer.vocab_size});"
-        f" model: {count_params(state.params):,} parameters"
-        + (f"; {ranks} MPI ranks" if ranks > 1 else ""))
-    extra = {"data": stored_data_name(data), "data_sha256": text_fingerprint(text),
-             "data_characters": len(text), "ranks": ranks,
-             # and the time of the parts before this one (each save adds its own)
-             "train_seconds": earlier_train_seconds(ckpt.meta) if resume else 0.0}
-    if objective == "mlm":
-        extra["mask_rate"] = MASK_RATE if mask_rate is None else mask_rate
-    return model_config, tc, tokenizer, splits, state, extra, objective
-
-
-def merges_progress(log, every_seconds=5.0):
-    """A progress(done, total) callback for BPE training that logs a line every few seconds.
-
-    The embedded corpus (1.8 MB) learns its 1,791 merges in about 2 s; a 1 MB run of letters
-    without a space (DNA, say: one chunk) in about 13 s.
-    """
-    return tokenizer_progress(log, "merges learned", every_seconds)
-
-
-def encoding_progress(log, every_seconds=5.0):
-    """A progress(done, total) callback for encoding the corpus (`data.encode_corpus`) that logs
-    a line every few seconds. The embedded corpus (1.8 MB) encodes in about 0.7 s with BPE and
-    0.15 s with the char tokenizer, so 100 MB of text takes about a minute, or 10 s."""
-    return tokenizer_progress(log, "characters encoded", every_seconds)
-
-
-def tokenizer_progress(log, what, every_seconds):
-    """progress(done, total) that logs "tokenizer: {done} of {total} {what}" once `every_seconds`
-    have passed since it was made or last logged: nothing for a job quicker than that."""
-    last = time.perf_counter()
-
-    def progress(done, total):
-        nonlocal last
-        if time.perf_counter() - last >= every_seconds:
-            last = time.perf_counter()
-            log(f"tokenizer: {done:,} of {total:,} {what}")
-
-    return progress
-
-
 def check_still_there(path, run_dir, flag="--data"):
     """A data file a run stored, which --resume reads again, must still be where it was, and be
     a regular file (a pipe, `--data /dev/stdin` or `<(zcat ...)`, was read once); if not, the
@@ -894,25 +724,6 @@ def check_resumed_total(max_iters, done, out_dir):
                            f" {out_dir!r} has already done: give a larger total, or leave it out")
 
 
-def resumed_objective(kind, objective, out_dir):
-    """The objective of the run being resumed; one given on the command line must match it."""
-    stored = {k: o for o, k in OBJECTIVES.items()}[kind]
-    if objective is not None and objective != stored:
-        raise TinyLLMError(f"--resume: the run in {out_dir} was pretrained with --objective"
-                           f" {stored}, not {objective}")
-    return stored
-
-
-def stored_mask_rate(meta, out_dir):
-    """An MLM run's "mask_rate" (MLM runs made before the flag have none: 15%), read from an
-    untrusted config.json, so it must be a number strictly between 0 and 1."""
-    rate = meta.get("mask_rate", MASK_RATE)
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < 1:
-        raise TinyLLMError(f"{os.path.join(out_dir, 'config.json')}: \"mask_rate\" must be a"
-                           " number between 0 and 1")
-    return float(rate)
-
-
 def check_same_ranks(meta, ranks, out_dir):
     """--resume needs the number of processes the run was trained with: each step's batches
     depend on it (see tinyllm/distributed.py)."""
@@ -921,11 +732,3 @@ def check_same_ranks(meta, ranks, out_dir):
         how = f"mpirun -n {stored} tinyllm ..." if stored > 1 else "one process (no mpirun)"
         raise TinyLLMError(f"--resume: the run in {out_dir} was trained on {stored} process(es)"
                            f" and this job has {ranks}: resume it with {how}")
-
-
-def gpt_param_count(config):
-    """Parameters of a GPT of this config, from its shape alone (an upper bound: biases counted)."""
-    c = config.n_embd
-    per_block = 12 * c * c + 13 * c  # attention 4 C^2, MLP 8 C^2, their biases, two layer norms
-    head = 0 if config.tie_weights else c * config.vocab_size
-    return config.vocab_size * c + config.block_size * c + config.n_layer * per_block + 2 * c + head
