@@ -9,7 +9,7 @@ consecutive windows of the run's context, the loss averaged over all of them.
 
     python benchmarks/val_loss.py runs/pretrain [RUN ...]
 
-Each run's corpus is read again as `--resume` reads it (`train.run_corpus`): the embedded corpus
+Each run's corpus is read again as `--resume` reads it (`rundir.run_corpus`): the embedded corpus
 or the file its config.json names, or the file given by --data, used only if its sha256 is the
 one recorded there. It prints one line per run.
 """
@@ -26,7 +26,7 @@ from tinyllm.checkpoint import load_checkpoint  # noqa: E402
 from tinyllm.data import encode_corpus, train_val_split  # noqa: E402
 from tinyllm.errors import TinyLLMError  # noqa: E402
 from tinyllm.models import gpt_loss  # noqa: E402
-from tinyllm.train import run_corpus  # noqa: E402
+from tinyllm.rundir import run_corpus  # noqa: E402
 
 GROUP = 16  # windows per forward pass
 

@@ -33,7 +33,8 @@ from tinyllm.classify_run import ClassifySettings, run_classify  # noqa: E402
 from tinyllm.labelled_data import default_classification_data, read_classification  # noqa: E402
 from tinyllm.mlm import masked_accuracy  # noqa: E402
 from tinyllm.system import tune_malloc  # noqa: E402
-from tinyllm.train import read_metrics, run_corpus  # noqa: E402
+from tinyllm.rundir import run_corpus  # noqa: E402
+from tinyllm.train import read_metrics  # noqa: E402
 
 
 def pretraining(run):

@@ -173,7 +173,7 @@ def test_a_run_begun_with_an_older_fingerprint_still_resumes(tmp_path, pairs_fil
     # older runs stored the sha256 of the sides run together (pairs_text), some with the BOM
     # kept at the start of the first source; new runs store it of the pairs as JSON
     from tinyllm.seq2seq_run import fingerprinted_text
-    from tinyllm.train import text_fingerprint
+    from tinyllm.rundir import text_fingerprint
 
     path = tmp_path / "bom.tsv"
     path.write_bytes(b"\xef\xbb\xbf" + pairs_file.read_bytes())

@@ -25,7 +25,7 @@ from tinyllm.errors import TinyLLMError
 from tinyllm.fileio import atomic_save_npz
 from tinyllm.optim import adamw_init
 from tinyllm.tokenizers import BPETokenizer, CharTokenizer
-from tinyllm.train import text_fingerprint
+from tinyllm.rundir import text_fingerprint
 
 TEXT = "the quick brown fox jumps over the lazy dog\n" * 20
 OPENED = []  # paths opened while RECORDING is on

@@ -30,7 +30,7 @@ from .labelled_data import (SPLIT_CLASSIFY, UNK_TOKEN, balance, case_variants,
                             default_classification_data, label_ids, read_classification,
                             split_three, with_case_copies, without_repeats)
 from .progress import Counting
-from .train import check_same_ranks, prepare_out_dir
+from .rundir import check_same_ranks, prepare_out_dir
 
 
 # The learning rate and warm-up steps when the flags leave them out, by what the base was

@@ -23,7 +23,7 @@ from .finetune import DEFAULT_POOLING, POOLINGS
 from .finetune_runs import DATA_FLAGS
 from .instruct_run import InstructSettings, run_instruct
 from .labelled_data import UNK_TOKEN
-from .train import prepare_out_dir
+from .rundir import prepare_out_dir
 
 
 def training_options(settings_cls):

@@ -86,7 +86,7 @@ from .generate import greedy_batch
 from .lora import merged_gpt
 from .models import gpt_forward
 from .ops import log_softmax
-from .train import run_corpus
+from .rundir import run_corpus
 
 RESULTS_FORMAT = "tinyllm-fewshot-results"
 RESULTS_VERSION = 1

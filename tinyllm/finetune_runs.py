@@ -58,10 +58,10 @@ from .lora import merged_gpt
 from .models import count_params, init_gpt
 from .optim import adamw_init
 from .pretrain import SPECIAL_TOKENS
+from .rundir import check_resumed_total, check_still_there, start_out_dir
 from .system import one_blas_thread
-from .train import (Committed, TrainingClock, check_memory, check_resumed_total, check_still_there,
-                    earlier_train_seconds, gpt_param_count, gpt_step_bytes, read_metrics,
-                    start_out_dir, train_loop, truncate_metrics)
+from .train import (Committed, TrainingClock, check_memory, earlier_train_seconds, gpt_param_count,
+                    gpt_step_bytes, read_metrics, train_loop, truncate_metrics)
 from .tree import flatten, unflatten
 
 METRICS_FORMAT = "tinyllm-finetune-metrics"
@@ -315,7 +315,7 @@ def check_step_memory(config, tc, windows_per_text):
 
 
 def start_finetune_dir(out_dir, resume, force):
-    """train.start_out_dir, and the report of an earlier run in out_dir removed (--force, or
+    """rundir.start_out_dir, and the report of an earlier run in out_dir removed (--force, or
     --resume of a finished run): a run that stops before its end must not show another's."""
     start_out_dir(out_dir, resume, force)
     for name in REPORT_FILES:

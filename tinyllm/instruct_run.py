@@ -29,7 +29,8 @@ from .labelled_data import (SPLIT_INSTRUCT, UNK_TOKEN, default_instruction_data,
                             encode_with_fallback, read_instructions, split_three)
 from .lora import LoRAGPTConfig, apply_lora, init_lora, merge_lora, merged_gpt
 from .models import gpt_loss
-from .train import check_same_ranks, prepare_out_dir, read_metrics
+from .rundir import check_same_ranks, prepare_out_dir
+from .train import read_metrics
 from .tree import flatten
 
 

@@ -3,9 +3,9 @@
 A run walks its steps in order (`_start_pretraining`): read the text (with --resume: the
 checkpoint's settings first, then the run's own text, checked against its sha256), learn the
 tokenizer, check that a step fits in memory, encode and split the text, and only then create and
-lock the run directory and take the starting state. `_pretrain` then hands next-token prediction
-(or masked-token prediction, tinyllm/mlm.py) to the generic loop of tinyllm/train.py, on the
-hand-written fast path of tinyllm/fast.py where it applies.
+lock the run directory and take the starting state (tinyllm/rundir.py). `_pretrain` then hands
+next-token prediction (or masked-token prediction, tinyllm/mlm.py) to the generic loop of
+tinyllm/train.py, on the hand-written fast path of tinyllm/fast.py where it applies.
 
 Besides that: the special tokens every pretrained tokenizer reserves (fine-tuning ends its
 responses with one), the checks that a resumed run keeps its own objective and mask rate, and
@@ -25,11 +25,12 @@ from .data import (DEFAULT_CORPUS, check_long_enough, encode_corpus, get_batch, 
 from .errors import TinyLLMError
 from .mlm import MASK_RATE, mlm_loss_and_batches
 from .models import count_params, gpt_loss, init_gpt
+from .rundir import (check_resumed_total, check_same_ranks, prepare_out_dir, run_corpus,
+                     start_out_dir, starting_state, stored_data_name, text_fingerprint,
+                     unlock_run_dir)
 from .tokenizers import MASK_TOKEN, train_tokenizer
-from .train import (TrainingClock, check_memory, check_resumed_total, check_same_ranks,
-                    earlier_train_seconds, final_record, gpt_param_count, gpt_step_bytes,
-                    prepare_out_dir, run_corpus, skip, start_out_dir, starting_state,
-                    stored_data_name, text_fingerprint, train_loop, unlock_run_dir)
+from .train import (TrainingClock, check_memory, earlier_train_seconds, final_record,
+                    gpt_param_count, gpt_step_bytes, skip, train_loop)
 
 SPECIAL_TOKENS = ("<|endoftext|>",)  # reserved now so fine-tuning can end responses with it
 # Pretraining objectives -> the checkpoint kind that records them: next-token prediction makes a

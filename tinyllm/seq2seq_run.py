@@ -27,15 +27,15 @@ from .decoding import default_max_len, translate
 from .errors import TinyLLMError
 from .fileio import atomic_write_json
 from .models import count_params
+from .rundir import (check_resumed_total, check_still_there, prepare_out_dir, same_fingerprint,
+                     start_out_dir, starting_state, stored_data_name, text_fingerprint)
 from .seq2seq import init_seq2seq, seq2seq_loss
 from .seq2seq_data import (DEFAULT_TASK, EMBEDDED_TASKS, SEQ2SEQ_SPECIAL_TOKENS, encode_pairs,
                            encoding_problem, get_pair_batch, load_pairs, make_arrays, pairs_text,
                            parse_pairs, repeated_pairs, split_pairs)
 from .tokenizers import CharTokenizer
-from .train import (TrainingClock, check_memory, check_resumed_total, check_still_there,
-                    earlier_train_seconds, gpt_param_count, gpt_step_bytes, prepare_out_dir,
-                    read_metrics, same_fingerprint, start_out_dir, starting_state,
-                    stored_data_name, text_fingerprint, train_loop)
+from .train import (TrainingClock, check_memory, earlier_train_seconds, gpt_param_count,
+                    gpt_step_bytes, read_metrics, train_loop)
 
 SCHEDULES = ("cosine", "noam")
 SEQ2SEQ_RUN = "runs/seq2seq"  # where `tinyllm seq2seq train` keeps its run by default

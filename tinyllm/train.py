@@ -22,20 +22,20 @@ checkpoint does not have yet, and `--resume` drops it (`truncate_metrics`) and e
 step again; so a resumed run never lacks a line and never has one twice. A non-finite figure is
 written as null (strict JSON).
 
-The run directory: one run writes to it at a time (an exclusive lock held for the whole run),
-and a run starts by removing what an interrupted save left behind.
+Around the loop: the state it runs on (`Committed`), the metrics file it writes, how a run's
+training time adds up over its resumed parts (`TrainingClock`), and the memory a step of a GPT
+needs (`check_memory`, refused before a run begins). What a run does before its loop, its run
+directory and the data it keeps, is tinyllm/rundir.py.
 """
 
 import contextlib
 import errno
 import functools
-import hashlib
 import json
 import math
 import os
 import signal
 import stat
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -43,17 +43,11 @@ from dataclasses import dataclass, replace
 import autograd
 import numpy as onp
 
-try:
-    import fcntl  # POSIX; on Windows runs are not locked
-except ImportError:  # pragma: no cover
-    fcntl = None
-
-from .checkpoint import first_non_finite, remove_leftovers, stored_ranks
+from .checkpoint import first_non_finite
 from .distributed import SINGLE_PROCESS, micro_batch_rng, pack, rank_micro_batches, unpack
-from .data import DEFAULT_CORPUS, EMBEDDED_CORPORA, load_corpus, read_text_file
 from .errors import TinyLLMError
-from .fileio import TMP_PREFIX, atomic_write_text, available_memory, open_regular, read_fd
-from .optim import adamw_init, adamw_step, clip_scale, global_norm, lr_at
+from .fileio import atomic_write_text, available_memory, open_regular, read_fd
+from .optim import adamw_step, clip_scale, global_norm, lr_at
 from .progress import Progress
 from .tree import flatten, unflatten
 
@@ -472,168 +466,6 @@ def _log_and_save(state, record, save, out_dir, log, append=append_metrics):
     return state, received
 
 
-# ----------------------------------------------------------------------------- the data a run keeps
-
-
-def text_fingerprint(text):
-    """The sha256 of the corpus (hex), stored in the checkpoint so --resume can check the data."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def same_fingerprint(stored, text):
-    """Does `text` have the stored fingerprint? Version-1 runs stored the first 16 hex digits."""
-    full = text_fingerprint(text)
-    return isinstance(stored, str) and len(stored) in (16, 64) and full.startswith(stored)
-
-
-def stored_data_name(data, embedded=EMBEDDED_CORPORA, default=DEFAULT_CORPUS):
-    """What a run records as its data: an embedded data set's name (`default` when None), or the
-    file's absolute path, so that --resume does not depend on the working directory.
-
-    `embedded` holds the names the run's loader knows (pretraining corpora by default; the
-    seq2seq run passes its tasks). Example: None -> "python-docs", "pydoc" -> "pydoc",
-    "my.txt" -> "/home/me/my.txt".
-    """
-    if data is None:
-        return default
-    if data in embedded and not os.path.exists(data):
-        return data
-    return os.path.abspath(data)
-
-
-def run_corpus(meta, run_dir, data=None):
-    """The text a run was trained on, read again and returned only if its sha256 matches.
-
-    The path comes from the run directory, so it is untrusted: it is read as a regular file of
-    bounded size (never a FIFO), and nothing of it is used or shown before the hash matches.
-    `data`, a path the user gives (`--resume --data FILE`), reads the same text from a new
-    place instead: a file that was moved, or a pipe (`--data <(zcat corpus.gz)`) read again.
-    """
-    from_run = data is None
-    if from_run:
-        data = meta.get("data") or "pydoc"  # runs made before the default had a stored name
-    if not from_run or data in EMBEDDED_CORPORA:
-        text = load_corpus(data)
-    else:
-        check_still_there(data, run_dir)  # and a regular file: a pipe was read once
-        text = read_text_file(data, allow_pipe=False)
-    if not same_fingerprint(meta.get("data_sha256"), text):
-        raise TinyLLMError(f"the data {data!r} of the run in {run_dir} has changed since the run"
-                           " began (its sha256 differs)")
-    return text
-
-
-# ----------------------------------------------------------------------------- the run directory
-
-_LOCKS = {}  # (device, inode) of a run directory -> the open descriptor that holds its lock
-
-
-def lock_run_dir(out_dir):
-    """Take an exclusive lock on the run directory, held until the run ends (or the process).
-
-    A second writer, in this process or another, is refused at once. The lock is on the
-    directory itself (flock), so it leaves no file behind and dies with the process.
-    """
-    if fcntl is None:  # pragma: no cover
-        return
-    fd = os.open(out_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
-    info = os.fstat(fd)
-    key = (info.st_dev, info.st_ino)
-    if key in _LOCKS:
-        os.close(fd)
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise TinyLLMError(f"another tinyllm run is writing to {out_dir}: wait for it to finish,"
-                           " or choose another --out") from None
-    _LOCKS[key] = fd
-
-
-def unlock_run_dir(out_dir):
-    """Release the lock lock_run_dir took (a no-op if this process does not hold it)."""
-    try:
-        info = os.stat(out_dir)
-    except OSError:
-        return
-    fd = _LOCKS.pop((info.st_dev, info.st_ino), None)
-    if fd is not None:
-        os.close(fd)  # closing the descriptor releases the flock
-
-
-def check_out_path(out_dir):
-    """One-line errors for an --out that cannot be a run directory, before any work is done."""
-    if not out_dir:
-        raise TinyLLMError("--out must not be empty")
-    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
-        kind = "FIFO" if stat.S_ISFIFO(os.stat(out_dir).st_mode) else "file, not a directory"
-        raise TinyLLMError(f"--out {out_dir!r} is a {kind}")
-    existing = os.path.abspath(out_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise TinyLLMError(f"--out {out_dir!r} cannot be created: {existing!r} is a file")
-    try:  # a real probe: os.access says yes to root on a directory it still cannot write
-        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise TinyLLMError(f"--out {out_dir!r} is not writable ({existing}: {err.strerror})") from None
-
-
-def _check_existing_run(out_dir, resume, force):
-    has_run = os.path.lexists(os.path.join(out_dir, "config.json"))
-    if resume and not has_run:
-        raise TinyLLMError(f"--resume: no checkpoint in {out_dir!r} to resume")
-    if has_run and not resume and not force:
-        raise TinyLLMError(
-            f"--out {out_dir!r} already holds a run: pass --resume to continue it or --force to"
-            " start over (which replaces it)"
-        )
-
-
-def prepare_out_dir(out_dir, resume, force):
-    """Check --out before any work: a usable path, and no run replaced by mistake. If the
-    directory exists, lock it and remove what an interrupted save left (see start_out_dir)."""
-    check_out_path(out_dir)
-    if os.path.isdir(out_dir):
-        lock_run_dir(out_dir)
-        _check_existing_run(out_dir, resume, force)
-        remove_leftovers(out_dir)
-    elif resume:
-        raise TinyLLMError(f"--resume: no checkpoint in {out_dir!r} to resume")
-
-
-def start_out_dir(out_dir, resume, force):
-    """Create out_dir, lock it, and with --force start the run afresh. Called only once the data
-    has been checked, so a bad --data or --block-size never costs an existing run its files."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as err:
-        raise TinyLLMError(f"cannot create --out {out_dir!r}: {err.strerror}") from None
-    lock_run_dir(out_dir)
-    _check_existing_run(out_dir, resume, force)  # again: another run may have finished meanwhile
-    if force and not resume:
-        for name in ("config.json", "metrics.jsonl"):  # config.json first: it commits the run
-            if os.path.lexists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
-    remove_leftovers(out_dir)
-
-
-def starting_state(out_dir, tc, init_fn, ckpt=None, log=print):
-    """The state a run starts from: the checkpoint's when resuming (its later metrics dropped),
-    else fresh parameters `init_fn(rng)` from a Generator seeded by tc.seed and fresh AdamW."""
-    if ckpt is not None:
-        kept = truncate_metrics(out_dir, ckpt.iter, log)
-        log(f"resuming {out_dir} at iteration {ckpt.iter} of {tc.max_iters}")
-        return Committed(ckpt.params, ckpt.opt_state, ckpt.rng_state, ckpt.iter,
-                         logged_eval_iter(ckpt.meta, kept), on_disk=True)
-    rng = onp.random.default_rng(tc.seed)
-    params = init_fn(rng)
-    return Committed(params, adamw_init(params), rng.bit_generator.state, 0, -1)
-
-
 # ----------------------------------------------------------------------------- memory
 
 
@@ -669,6 +501,9 @@ def check_memory(needed, what):
                            f" has {free / 1e9:,.1f} GB free")
 
 
+# ----------------------------------------------------------------------------- training time
+
+
 class TrainingClock:
     """Seconds of training over every part of a run (a run resumed after Ctrl-C or with a larger
     --max-iters has several): `earlier`, what the parts before this one took (0 for a new run,
@@ -701,34 +536,3 @@ def earlier_train_seconds(meta):
     except OverflowError:  # an integer of hundreds of digits
         return None
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
-def check_still_there(path, run_dir, flag="--data"):
-    """A data file a run stored, which --resume reads again, must still be where it was, and be
-    a regular file (a pipe, `--data /dev/stdin` or `<(zcat ...)`, was read once); if not, the
-    error names the flag that says where its text is now (`--resume --data FILE`)."""
-    if not os.path.exists(path):
-        raise TinyLLMError(f"--resume: the {flag} file {path!r} of the run in {run_dir} is gone"
-                           f" (moved or renamed?): give it again with --resume {flag} FILE")
-    if not stat.S_ISREG(os.stat(path).st_mode):  # stat opens nothing: a FIFO cannot block it
-        raise TinyLLMError(f"--resume: the {flag} file {path!r} of the run in {run_dir} is not a"
-                           f" regular file (a pipe, read once?): give its text again with"
-                           f" --resume {flag} FILE")
-
-
-def check_resumed_total(max_iters, done, out_dir):
-    """--max-iters given with --resume is the run's new total, so it must not be below the steps
-    the run has already done (that would train nothing and report the run as if it had)."""
-    if max_iters is not None and max_iters < done:
-        raise TinyLLMError(f"--max-iters {max_iters} is below the {done} steps the run in"
-                           f" {out_dir!r} has already done: give a larger total, or leave it out")
-
-
-def check_same_ranks(meta, ranks, out_dir):
-    """--resume needs the number of processes the run was trained with: each step's batches
-    depend on it (see tinyllm/distributed.py)."""
-    stored = stored_ranks(meta, out_dir)
-    if stored != ranks:
-        how = f"mpirun -n {stored} tinyllm ..." if stored > 1 else "one process (no mpirun)"
-        raise TinyLLMError(f"--resume: the run in {out_dir} was trained on {stored} process(es)"
-                           f" and this job has {ranks}: resume it with {how}")
