@@ -27,7 +27,7 @@ import numpy as onp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tinyllm.checkpoint import load_checkpoint  # noqa: E402
-from tinyllm.data import load_corpus, train_val_split  # noqa: E402
+from tinyllm.data import train_val_split  # noqa: E402
 from tinyllm.embed import embed_texts, load_embedder, nearest_neighbour_agreement  # noqa: E402
 from tinyllm.classify_run import ClassifySettings, run_classify  # noqa: E402
 from tinyllm.labelled_data import default_classification_data, read_classification  # noqa: E402

@@ -4,7 +4,6 @@ sampling, both scoring rules, Wilson intervals, the ICL score, results JSON."""
 
 import dataclasses
 import json
-import math
 from types import SimpleNamespace
 
 import numpy as onp
@@ -20,7 +19,7 @@ from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.errors import TinyLLMError
 from tinyllm.generate import generate_ids, greedy_batch
-from tinyllm.models import gpt_forward, gpt_loss, init_gpt
+from tinyllm.models import gpt_loss, init_gpt
 from tinyllm.optim import adamw_init
 from tinyllm.tokenizers import BPETokenizer, CharTokenizer
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from tinyllm.checkpoint import MODEL_KINDS, checkpoint_paths, load_checkpoint, save_checkpoint
 from tinyllm.cli import main
-from tinyllm.config import GPTConfig, TrainConfig
+from tinyllm.config import TrainConfig
 from tinyllm import tokenizers
 from tinyllm.errors import TinyLLMError
 from tinyllm.fileio import atomic_save_npz

@@ -116,7 +116,7 @@ def test_same_seed_same_run(tmp_path, data):
     a, b = run(tmp_path / "a", data), run(tmp_path / "b", data)
     assert curve(tmp_path / "a") == curve(tmp_path / "b")
     assert_trees_equal(a["params"], b["params"])
-    c = run(tmp_path / "c", data, replace(TRAIN, seed=6))
+    run(tmp_path / "c", data, replace(TRAIN, seed=6))
     assert curve(tmp_path / "c") != curve(tmp_path / "a")
 
 

@@ -408,7 +408,7 @@ def attention(q, k, v, mask=None, dropout_p=0.0, rng=None):
     The attention weights P are computed here, once, and handed to the primitive, whose VJP
     needs them. Dropout, when on, drops attention weights as in the paper and in GPT-2.
     """
-    qv, kv, vv = getval(q), getval(k), getval(v)
+    qv, kv = getval(q), getval(k)
     p = onp.empty(qv.shape[:-1] + (kv.shape[-2],), dtype=qv.dtype)  # (B, H, Tq, Tk)
     on_two_cores(_attention_weights_rows, qv, kv, mask, p)
     keep = None

@@ -81,15 +81,11 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
                                    resume, force, max_iters, log, special_tokens, world.size,
                                    objective, mask_rate))
 
-    def loss_fn(params, batch, rng):
-        return gpt_loss(params, batch[0], batch[1], model_config, rng)
-
-    def sample(split, rng):
-        return get_batch(splits[split], tc.batch_size, model_config.block_size, rng)
-
     if objective == "mlm":
         loss_fn, sample = mlm_loss_and_batches(splits, model_config, tc.batch_size, tokenizer,
                                                extra["mask_rate"])
+    else:
+        loss_fn, sample = next_token_loss_and_batches(splits, model_config, tc.batch_size)
 
     def save(s):
         save_checkpoint(out_dir, s.params, s.opt_state, s.rng_state, model_config, tc, tokenizer,
@@ -111,6 +107,20 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
     return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
             "seconds": clock.part(), "train_seconds": clock.total(), "final": final,
             "objective": objective, "val_ids": splits["val"]}
+
+
+def next_token_loss_and_batches(splits, model_config, batch_size):
+    """(loss_fn, sample) of causal pretraining: the next-token loss of a batch, and random
+    windows of a split's tokens with their next tokens (`data.get_batch`). The masked-token
+    objective's pair is `mlm.mlm_loss_and_batches`."""
+
+    def loss_fn(params, batch, rng):
+        return gpt_loss(params, batch[0], batch[1], model_config, rng)
+
+    def sample(split, rng):
+        return get_batch(splits[split], batch_size, model_config.block_size, rng)
+
+    return loss_fn, sample
 
 
 def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume,
