@@ -239,6 +239,62 @@ def test_fine_tuning_on_two_ranks_follows_one_process_with_grad_accum_2(tmp_path
     assert not left
 
 
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+LABELLED = "label\ttext\n" + "".join(f"pos\tgood box {i}\nneg\tbad jug {i}\n" for i in range(20))
+TUNE = ["finetune", "classify", "--data", "labelled.tsv", "--max-iters", "4", "--eval-interval",
+        "2", "--batch-size", "4", "--patience", "0"]
+# Run on rank r from the directory rank<r> of $RANK_DIRS, as if each rank were on its own
+# machine: a relative --data or --out names one path and, on each rank, its own file.
+IN_RANK_DIR = (
+    "import os, sys\n"
+    "from tinyllm import distributed\n"
+    "os.chdir(os.path.join(os.environ['RANK_DIRS'], f'rank{distributed.launched_rank()}'))\n"
+    "from tinyllm.cli import main\n"
+    "main()\n")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny pretrained run to fine-tune from."""
+    out = str(tmp_path_factory.mktemp("base") / "run")
+    data = tmp_path_factory.mktemp("text") / "data.txt"
+    data.write_text(TEXT, encoding="utf-8")
+    result = CliRunner().invoke(main, RUN + ["--data", str(data), "--out", out, "--max-iters", "1"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture
+def machines(tmp_path, monkeypatch):
+    """Two "machines" for IN_RANK_DIR: rank0/ and rank1/ under tmp_path, each with labelled.tsv."""
+    for rank in (0, 1):
+        (tmp_path / f"rank{rank}").mkdir()
+        (tmp_path / f"rank{rank}" / "labelled.tsv").write_text(LABELLED, encoding="utf-8")
+    monkeypatch.setenv("RANK_DIRS", str(tmp_path))
+    return tmp_path
+
+
+@needs_mpi
+def test_an_error_every_rank_meets_in_fine_tuning_is_rank_0s_one_line(machines, base):
+    # Every rank reads the data itself and meets the same error: rank 0's line alone, without
+    # another rank's copy of it or MPI_Abort's own line after it.
+    code, out, err = mpi_job(2, TUNE + ["--checkpoint", base, "--label-column", "nope",
+                                        "--out", str(machines / "run")], script=IN_RANK_DIR)
+    assert code == 1
+    assert err.strip() == "Error: labelled.tsv:1: no column named 'nope' (columns: label, text)"
+
+
+@needs_mpi
+def test_a_step_that_diverges_on_every_rank_is_rank_0s_one_line(tmp_path, data):
+    code, out, err = mpi_job(2, RUN + ["--data", data, "--out", str(tmp_path / "run"), "--lr",
+                                       "1e30", "--warmup-iters", "0", "--grad-clip", "0"])
+    assert code == 1
+    errors = [line for line in err.splitlines() if "Error" in line or "Abort" in line]
+    assert len(errors) == 1 and errors[0].startswith("Error: training diverged at iteration 1:")
+
+
 # ----------------------------------------------------------------------------- without MPI
 
 

@@ -31,10 +31,10 @@ pretraining rank 0 reads the data and the run directory and broadcasts what the 
 runs the other ranks in scratch copies of the run directory (`rank_run_dir`). Ctrl-C on mpirun
 reaches every rank; only rank 0 acts on it (it saves, then aborts the job).
 
-Errors: an error every rank meets at the same point (a bad flag, a bad --out, weights that
-differ) ends every rank in order, with rank 0's one line; an error only one rank meets (a crash,
-a full disk on rank 0) ends the whole job with MPI_Abort after its one line, so no rank is left
-waiting in an all-reduce for a rank that is gone.
+Errors: an error every rank meets at the same point (a bad flag, a bad --out or data file,
+weights that differ, a step that diverges) ends every rank in order, with rank 0's one line; an
+error only one rank meets (a crash, a full disk on rank 0) ends the whole job with MPI_Abort
+after its one line, so no rank is left waiting in an all-reduce for a rank that is gone.
 
 mpi4py is imported only when the job was launched by an MPI launcher with more than one
 process (its environment says so); a plain `tinyllm pretrain` never imports it.
@@ -64,7 +64,9 @@ SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
 INSTALL_HINT = "pip install mpi4py mpich"  # the mpi extra, named so (see plot.INSTALL_HINT)
 AGREE_SECONDS = 20.0  # how long ranks that fail before training wait for each other (a bad flag
-# fails on every rank within moments; a failure only one rank has then aborts the job)
+# or a bad data file fails on every rank within moments; a failure only one rank has then aborts)
+STEP_AGREE_SECONDS = 3.0  # the same in training, where each step's all-reduce keeps the ranks
+# within milliseconds of each other (a step that diverges fails on every rank at once)
 ABORT_PAUSE = 0.5  # seconds between a failing rank's one line and MPI_Abort (see `abort`)
 
 
@@ -160,7 +162,7 @@ class MPIGroup:
         self.comm, self.mpi = comm, mpi
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.is_root = self.rank == 0
-        self.in_step = False  # True from the first collective call on: ranks may be waiting
+        self.in_step = False  # True once training's collectives have begun (see abort_on_error)
 
     def allreduce_sum(self, buffer):
         """Sum a contiguous array over all ranks, in place: one Allreduce."""
@@ -178,7 +180,6 @@ class MPIGroup:
         A TinyLLMError on rank 0 is raised on every rank as an AllRanksError, so the job ends
         with rank 0's one line and no rank waits for a message that will never come.
         """
-        self.in_step = True
         if self.is_root:
             try:
                 value = fn()
@@ -216,7 +217,6 @@ class MPIGroup:
 
     def barrier(self):
         """Wait until every rank is here."""
-        self.in_step = True
         self.comm.Barrier()
 
     def abort(self, message, code=1):
@@ -369,9 +369,10 @@ def abort_on_error(command):
     """In an MPI job, end the whole job on an error that only this rank has: one line, then
     MPI_Abort, so no rank is left waiting forever. Errors all ranks share pass through (rank 0
     prints them, the others are silent): AllRanksError, and a TinyLLMError that every rank
-    meets before training (a bad flag: every rank runs the same checks on the same command
-    line), which the ranks confirm with a barrier of at most AGREE_SECONDS. Single-process runs
-    pass through untouched."""
+    meets at the same point (a bad flag or data file: every rank runs the same checks on the
+    same command line; a step that diverges), which the ranks confirm with a barrier of at most
+    AGREE_SECONDS before training and STEP_AGREE_SECONDS in it. Single-process runs pass
+    through untouched."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -383,9 +384,9 @@ def abort_on_error(command):
         except AllRanksError:
             raise  # every rank stops here; rank 0's message is the one shown
         except TinyLLMError:
-            if group.in_step or not group.all_failing(AGREE_SECONDS):
+            if not group.all_failing(STEP_AGREE_SECONDS if group.in_step else AGREE_SECONDS):
                 _abort_job(group)
-            raise  # a bad setting, seen by every rank: rank 0 prints it, the others exit quietly
+            raise  # seen by every rank: rank 0 prints it, the others exit quietly
         except BaseException:  # noqa: BLE001 - any other way out would hang the others
             _abort_job(group)
 
