@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as onp
 import pytest
@@ -293,6 +294,32 @@ def test_a_step_that_diverges_on_every_rank_is_rank_0s_one_line(tmp_path, data):
     assert code == 1
     errors = [line for line in err.splitlines() if "Error" in line or "Abort" in line]
     assert len(errors) == 1 and errors[0].startswith("Error: training diverged at iteration 1:")
+
+
+@needs_mpi
+def test_data_files_that_differ_between_ranks_are_refused(machines, base):
+    (machines / "rank1" / "labelled.tsv").write_text(LABELLED.replace("box 7", "box 8"))
+    code, out, err = mpi_job(2, TUNE + ["--checkpoint", base, "--out", str(machines / "run")],
+                             script=IN_RANK_DIR)
+    assert code == 1
+    assert err.strip() == (
+        "Error: --data is another file on rank 1 than on rank 0 (its sha256 differs): under"
+        " mpirun every rank reads the data files itself, so each machine needs the same file at"
+        " the same path")
+    assert not os.path.exists(machines / "run")
+
+
+@needs_mpi
+def test_a_data_file_missing_on_one_rank_is_one_line_at_once(machines, base):
+    # Rank 1 fails alone before training: it says so at once, not after waiting AGREE_SECONDS
+    # for the others to fail too.
+    (machines / "rank1" / "labelled.tsv").unlink()
+    start = time.monotonic()
+    code, out, err = mpi_job(2, TUNE + ["--checkpoint", base, "--out", str(machines / "run")],
+                             script=IN_RANK_DIR)
+    assert time.monotonic() - start < distributed.AGREE_SECONDS
+    assert code == 1
+    assert err.strip() == "Error: rank 1 of 2: data file labelled.tsv is missing"
 
 
 # ----------------------------------------------------------------------------- without MPI

@@ -20,7 +20,7 @@ from .cli_common import (count, flag_given, fraction, no_cache_option, non_negat
 from .distributed import abort_on_error
 from .errors import TinyLLMError
 from .finetune import DEFAULT_POOLING, POOLINGS
-from .finetune_runs import DATA_FLAGS
+from .finetune_runs import DATA_FLAGS, data_fingerprints
 from .instruct_run import InstructSettings, run_instruct
 from .labelled_data import UNK_TOKEN
 from .rundir import prepare_out_dir
@@ -143,6 +143,7 @@ def run_on_every_rank(runner, out, settings, resume, force, max_iters, **options
     if world.size == 1:
         return runner(out, settings, force=force, **kwargs)
     world.from_root(lambda: prepare_out_dir(out, resume, force))  # its errors stop every rank
+    distributed.check_same_data_files(world, lambda: data_fingerprints(settings))
     with distributed.rank_run_dir(out, resume, world) as run_dir:
         return runner(run_dir, settings, force=force or not world.is_root, world=world, **kwargs)
 

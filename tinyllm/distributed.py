@@ -148,6 +148,10 @@ class SingleProcess:
         """fn() computed on rank 0 and sent to every rank: here, just fn()."""
         return fn()
 
+    def gather(self, fn):
+        """[fn() of every rank]: here, [fn()]."""
+        return [fn()]
+
     def check_same_weights(self, params, iteration):
         """Raise if the ranks' weights differ: one rank cannot differ from itself."""
 
@@ -192,6 +196,20 @@ class MPIGroup:
         if kind == "error":
             raise AllRanksError(value)
         return value
+
+    def gather(self, fn):
+        """[fn() of rank 0, fn() of rank 1, ...] on every rank (mpi4py pickles them). A
+        TinyLLMError on any rank is raised on every rank as an AllRanksError (the first failing
+        rank's, named), so a rank that fails here never leaves the others waiting."""
+        try:
+            mine = ("ok", fn())
+        except TinyLLMError as err:
+            mine = ("error", str(err))
+        gathered = self.comm.allgather(mine)
+        for rank, (kind, value) in enumerate(gathered):
+            if kind == "error":
+                raise AllRanksError(value if rank == 0 else f"rank {rank} of {self.size}: {value}")
+        return [value for _, value in gathered]
 
     def check_same_weights(self, params, iteration):
         """Stop every rank if any rank's weights differ from rank 0's (digests gathered)."""
@@ -277,6 +295,22 @@ def rank_run_dir(out_dir, resume, group):
         yield run_dir
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def check_same_data_files(group, fingerprints):
+    """Refuse, on every rank, data files that are not the same on every rank: each rank reads
+    them itself (fine-tuning), and ranks that train on different records do not train one
+    model. `fingerprints()` gives this rank's {setting: sha256}, such as {"val_data": "9f2c.."}.
+    """
+    everyone = group.gather(fingerprints)
+    for rank, theirs in enumerate(everyone):
+        for name, digest in everyone[0].items():
+            if theirs.get(name) != digest:
+                flag = "--" + name.replace("_", "-")
+                raise AllRanksError(
+                    f"{flag} is another file on rank {rank} than on rank 0 (its sha256"
+                    " differs): under mpirun every rank reads the data files itself, so each"
+                    " machine needs the same file at the same path")
 
 
 def remove_scratch_of_ended_jobs():
