@@ -322,6 +322,28 @@ def test_a_data_file_missing_on_one_rank_is_one_line_at_once(machines, base):
     assert err.strip() == "Error: rank 1 of 2: data file labelled.tsv is missing"
 
 
+@needs_mpi
+def test_fine_tuning_resumes_with_its_run_directory_on_rank_0s_machine_alone(machines, base):
+    # --out "run" is relative: it exists only in rank0/, as on rank 0's machine; rank 0 sends
+    # its files. The resumed run ends where an uninterrupted one does.
+    whole = str(machines / "whole")
+    assert CliRunner().invoke(main, TUNE + ["--checkpoint", base, "--grad-accum", "2", "--data",
+                                            str(machines / "rank0" / "labelled.tsv"), "--out",
+                                            whole]).exit_code == 0
+    code, out, err = mpi_job(2, TUNE + ["--checkpoint", base, "--out", "run", "--max-iters", "2"],
+                             script=IN_RANK_DIR)
+    assert code == 0, err
+    assert not os.path.exists(machines / "rank1" / "run")
+    code, out, err = mpi_job(2, ["finetune", "classify", "--out", "run", "--resume",
+                                 "--max-iters", "4"], script=IN_RANK_DIR)
+    assert code == 0, err
+    assert "resuming run at iteration 2 of 4" in out
+    resumed = str(machines / "rank0" / "run")
+    assert [r["iter"] for r in records(resumed)] == [0, 2, 4]
+    for (it, train, val), (it1, train1, val1) in zip(losses(resumed), losses(whole)):
+        assert it == it1 and abs(train - train1) <= 1e-5 and abs(val - val1) <= 1e-5, it
+
+
 # ----------------------------------------------------------------------------- without MPI
 
 
@@ -407,8 +429,8 @@ def test_scratch_left_by_a_killed_rank_is_removed_by_the_next_job(tmp_path, monk
     class Rank1:
         is_root, rank = False, 1
 
-        def barrier(self):
-            pass
+        def from_root(self, fn):
+            return {}  # rank 0 sends no files: not resuming
 
     with distributed.rank_run_dir(str(tmp_path / "out"), False, Rank1()) as run_dir:
         assert os.path.basename(os.path.dirname(run_dir)).startswith(

@@ -55,6 +55,7 @@ import zlib
 import numpy as onp
 
 from .errors import TinyLLMError
+from .fileio import open_regular, read_fd
 from .tree import flatten
 
 MICRO_BATCH_TAG = 0x6D696372  # "micr": keeps micro-batch seeds apart from evaluation seeds
@@ -278,23 +279,38 @@ SCRATCH_PREFIX = "tinyllm-rank"  # a scratch directory is SCRATCH_PREFIX + "{ran
 
 @contextlib.contextmanager
 def rank_run_dir(out_dir, resume, group):
-    """The run directory this rank works in: --out on rank 0; on the others a scratch directory
-    (a copy of --out when resuming, taken before rank 0 changes anything), deleted at the end.
-    For runs whose code writes as it goes (fine-tuning): only rank 0's files are kept."""
+    """The run directory this rank works in: --out on rank 0; on the others a scratch directory,
+    deleted at the end. When resuming, rank 0 sends the files of --out (read before it changes
+    anything) and each other rank writes them into its scratch directory, so --out need exist
+    only on rank 0's machine. For runs whose code writes as it goes (fine-tuning): only rank
+    0's files are kept."""
+    files = group.from_root(lambda: run_dir_files(out_dir) if resume else {})
     if group.is_root:
-        group.barrier()  # the others have copied --out
         yield out_dir
         return
     remove_scratch_of_ended_jobs()
     scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{group.rank}-pid{os.getpid()}-")
     try:
         run_dir = os.path.join(scratch, "run")
-        if resume:
-            shutil.copytree(out_dir, run_dir)
-        group.barrier()
+        os.mkdir(run_dir)
+        for name, content in files.items():
+            with open(os.path.join(run_dir, name), "xb") as f:
+                f.write(content)
         yield run_dir
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_dir_files(out_dir):
+    """{name: bytes} of the plain files directly in a run directory (what a resumed run reads;
+    a symbolic link, a FIFO or a subdirectory is left out: the run refuses those itself)."""
+    files = {}
+    with os.scandir(out_dir) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                fd, size = open_regular(entry.path, "run file", follow_symlinks=False)
+                files[entry.name] = read_fd(fd, size, "run file", entry.path)
+    return files
 
 
 def check_same_data_files(group, fingerprints):
