@@ -159,6 +159,7 @@ def test_nan_constants_in_json_are_refused(run_dir, opened):
     ({"model_file": None}, ["model_file"]),
     ({"dtype": "object"}, ["dtype"]),
     ({"version": True}, ["version"]),
+    ({"version": 0}, ["version", "from 1"]),  # not "upgrade tinyllm": no tinyllm wrote it
     ({"labels": 5}, ["'labels'", "list"]),
     ({"labels": [1, 2]}, ["'labels'", "strings"]),
     ({"finetune": "x"}, ["'finetune'", "dict"]),
@@ -520,3 +521,34 @@ def test_validation_losses_that_are_not_numbers_are_passed_over(tmp_path):
     weights = {"_iter": onp.int64(2), "head.w": onp.ones((3, 2), "float32")}
     best = resumed_best(*_best_weights_run(tmp_path, metrics, weights))
     assert (best.iteration, best.val_loss) == (2, 0.5)
+
+
+# ----------------------------------------------------------------------------- what commands read
+
+
+@pytest.mark.parametrize("file, change", [
+    ("tokenizer", lambda t: t["chars"].__setitem__(0, "\ud800")),
+    ("tokenizer", lambda t: t["special_tokens"].update(
+        {"\udc80": t["special_tokens"].pop("<|endoftext|>")})),
+    ("config", lambda m: m.update(labels=["\ud800", "pos"])),
+])
+def test_lone_surrogates_are_refused(run_dir, opened, file, change):
+    """JSON can spell half a surrogate pair, which no UTF-8 text holds: such a token or label
+    loaded, then crashed `generate` printing it and every run saving it (UnicodeEncodeError)."""
+    path = str(run_dir / "config.json") if file == "config" else checkpoint_paths(str(run_dir))[file]
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    change(data)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)  # ensure_ascii: written as the escape \\ud800
+    assert "lone surrogate" in load_error(run_dir, opened)
+
+
+@pytest.mark.parametrize("version", [0, -1])
+def test_a_tokenizer_version_before_the_first_is_refused(run_dir, opened, version):
+    path = checkpoint_paths(str(run_dir))["tokenizer"]
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({**data, "version": version}, f)
+    assert "format version" in load_error(run_dir, opened)

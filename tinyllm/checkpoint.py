@@ -258,7 +258,10 @@ def read_meta(ckpt_dir):
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise TinyLLMError(f"{path} is not a tinyllm checkpoint config")
     version = meta.get("version")
-    if not _is_int(version) or version < 1 or version > FORMAT_VERSION:
+    if not _is_int(version) or version < 1:
+        raise TinyLLMError(f"{path}: \"version\" must be a whole number from 1, not"
+                           f" {version!r:.20}")
+    if version > FORMAT_VERSION:
         raise TinyLLMError(
             f"{path} has format version {version}; this tinyllm reads version"
             f" {FORMAT_VERSION} or older: upgrade tinyllm"
