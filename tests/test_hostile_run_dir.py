@@ -633,3 +633,13 @@ def test_resuming_an_instruction_run_whose_tokenizer_lost_its_end_token(tmp_path
         "before": {"exact_match": 0.0, "token_f1": 0.0}})
     result = invoke("finetune", "instruct", "--out", run, "--resume")
     assert result.exit_code == 1 and "no <|endoftext|> token" in result.output, result.output
+
+
+def test_weights_that_overflow_stop_generate_with_one_line(run_dir):
+    """Every weight finite, yet 3e38 overflows float32 in the forward pass: sampling from NaN
+    probabilities raised numpy's ValueError."""
+    rewrite_npz(checkpoint_paths(str(run_dir))["model"],
+                lambda a: a.__setitem__("wte", onp.full_like(a["wte"], 3e38)))
+    result = invoke("generate", "--checkpoint", run_dir, "--prompt", "the", "--seed", 0,
+                    "--max-new-tokens", 2)
+    assert result.exit_code == 1 and "not finite numbers" in result.output, result.output
