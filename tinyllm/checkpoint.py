@@ -23,12 +23,15 @@ is one the run did not use (GPTConfig.distance_bias, for one, is False).
 for runs made before it was recorded); `--resume` needs the same number. "train" holds
 "grad_accum", the micro-batches per step on each rank (1 when absent).
 
-Both .npz files also hold "_iter", the step they were saved at. config.json names the other
-three files; they are plain names inside the run directory (a name with a directory part, "..",
-or a symbolic link is refused when loading). Arrays load with `numpy.load(..., allow_pickle=False)`
+Both .npz files also hold "_iter", the step they were saved at. config.json names the other three
+files; they are plain names inside the run directory (a name with a directory part, "..", or a
+symbolic link is refused when loading). Arrays load with `numpy.load(..., allow_pickle=False)`
 after every array's header has been checked (names, shapes, dtypes, sizes), and every weight and
-moment must be finite. Version 1 (tinyllm before this protocol) had fixed names "model.npz" and
-"optim.npz" and no "model_file"/"optim_file"; it still loads, and the next save writes version 2.
+moment must be finite. What the commands read besides the arrays is checked too: a classifier's
+"labels" name its n_classes, a kind's tokenizer holds the special tokens KIND_SPECIAL_TOKENS names,
+and loading to resume needs "train", a fine-tuning run's "before" and the fields RESUME_FIELDS
+names. Version 1 (tinyllm before this protocol) had fixed names "model.npz" and "optim.npz" and no
+"model_file"/"optim_file"; it still loads, and the next save writes version 2.
 
 How a save commits (a crash at any moment leaves one complete checkpoint)
 --------------------------------------------------------------------------
