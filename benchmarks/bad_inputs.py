@@ -178,6 +178,15 @@ def cases(root):
                                                     tokenizer_field("pattern", "(a+)+$")(o),
                                                     tokenizer_field("merges", [])(o))), False
     yield "NaN weights", crafted(lambda o: nan_weights(npz(o, "model_file"))), False
+    yield "weights 3e38 (finite, overflow)", crafted(
+        lambda o: huge_weights(npz(o, "model_file"))), False
+    yield "special token a lone surrogate", crafted(lambda o: tokenizer_field(
+        "special_tokens", {"\udc80": max(json.load(open(os.path.join(
+            o, "tokenizer.json")))["special_tokens"].values())})(o)), False
+    yield "config.json without train (resume)", crafted(
+        lambda o: json.dump({k: v for k, v in edit(o).items() if k != "train"},
+                            open(os.path.join(o, "config.json"), "w")),
+        ("pretrain", "--out", run_dir, "--resume", "--max-iters", "4")), False
     yield "random-bytes model", crafted(lambda o: open(npz(o, "model_file"), "wb").write(
         os.urandom(4096))), False
     yield "optim step missing (resume)", crafted(lambda o: drop_array(npz(o, "optim_file"), "step"),
@@ -209,6 +218,17 @@ def cases(root):
     yield "data /dev/zero (classify --split)", split_with_data(lambda: "/dev/zero"), False
     yield "data FIFO (classify --split)", split_with_data(lambda: fifo(root)), False
 
+    def resume_classifier(**changes):
+        """`finetune classify --resume` of a fine-tuned run whose config.json has `changes`."""
+        def setup():
+            out = make_classifier(root)
+            edit(out, **changes)
+            return ["finetune", "classify", "--out", out, "--resume", "--max-iters", "3"]
+        return setup
+
+    yield "3 labels for 2 classes (resume)", resume_classifier(labels=["a", "b", "c"]), False
+    yield "before not numbers (resume)", resume_classifier(before={"test": "x"}), False
+
 
 def link_out(path, outside):
     """Move a run's file out of it and leave a symbolic link to it in its place."""
@@ -228,6 +248,15 @@ def nan_weights(path):
     with onp.load(path) as f:
         arrays = {k: f[k] for k in f.files}
     arrays["wte"][0, 0] = onp.nan
+    onp.savez(path, **arrays)
+
+
+def huge_weights(path):
+    """Every weight 3e38: finite, but the forward pass overflows float32."""
+    import numpy as onp
+    with onp.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["wte"] = onp.full_like(arrays["wte"], 3e38)
     onp.savez(path, **arrays)
 
 

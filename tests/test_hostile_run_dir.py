@@ -17,7 +17,8 @@ import numpy as onp
 import pytest
 from click.testing import CliRunner
 
-from tinyllm.checkpoint import MODEL_KINDS, checkpoint_paths, load_checkpoint, save_checkpoint
+from tinyllm.checkpoint import (KIND_SPECIAL_TOKENS, MODEL_KINDS, checkpoint_paths, load_checkpoint,
+                                save_checkpoint)
 from tinyllm.cli import main
 from tinyllm.config import TrainConfig
 from tinyllm import tokenizers
@@ -59,8 +60,15 @@ def outside(paths, run_dir):
             if p != run_dir and not p.startswith(allowed) and not p.startswith(project)]
 
 
-def make_run(run_dir, tokenizer=None, iteration=3, kind="gpt"):
-    tokenizer = tokenizer or CharTokenizer.train(TEXT, special_tokens=["<|endoftext|>"])
+# What the runs of a kind write into config.json besides the model (fine-tuning and seq2seq)
+KIND_FIELDS = {"classifier": {"labels": ["neg", "pos"], "finetune": {"task": "classify"},
+                              "before": {"train": 0.5, "val": 0.5, "test": 0.5}},
+               "seq2seq": {"label_smoothing": 0.1, "schedule": "cosine"}}
+
+
+def make_run(run_dir, tokenizer=None, iteration=3, kind="gpt", extra=None):
+    special_tokens = ["<|endoftext|>", *KIND_SPECIAL_TOKENS.get(kind, ())]
+    tokenizer = tokenizer or CharTokenizer.train(TEXT, special_tokens=special_tokens)
     config_cls, init_fn = MODEL_KINDS[kind]
     config = config_cls(vocab_size=tokenizer.vocab_size, block_size=8, n_layer=1, n_head=2,
                         n_embd=8)
@@ -68,7 +76,8 @@ def make_run(run_dir, tokenizer=None, iteration=3, kind="gpt"):
     save_checkpoint(str(run_dir), params, adamw_init(params),
                     onp.random.default_rng(1).bit_generator.state, config,
                     TrainConfig(max_iters=10), tokenizer, iteration,
-                    extra={"data": None, "last_eval_iter": iteration}, kind=kind)
+                    extra={"data": None, "last_eval_iter": iteration,
+                           **KIND_FIELDS.get(kind, {}), **(extra or {})}, kind=kind)
     return run_dir
 
 
@@ -159,6 +168,7 @@ def test_nan_constants_in_json_are_refused(run_dir, opened):
     ({"model_file": None}, ["model_file"]),
     ({"dtype": "object"}, ["dtype"]),
     ({"version": True}, ["version"]),
+    ({"version": 0}, ["version", "from 1"]),  # not "upgrade tinyllm": no tinyllm wrote it
     ({"labels": 5}, ["'labels'", "list"]),
     ({"labels": [1, 2]}, ["'labels'", "strings"]),
     ({"finetune": "x"}, ["'finetune'", "dict"]),
@@ -520,3 +530,116 @@ def test_validation_losses_that_are_not_numbers_are_passed_over(tmp_path):
     weights = {"_iter": onp.int64(2), "head.w": onp.ones((3, 2), "float32")}
     best = resumed_best(*_best_weights_run(tmp_path, metrics, weights))
     assert (best.iteration, best.val_loss) == (2, 0.5)
+
+
+# ----------------------------------------------------------------------------- what commands read
+
+
+@pytest.mark.parametrize("file, change", [
+    ("tokenizer", lambda t: t["chars"].__setitem__(0, "\ud800")),
+    ("tokenizer", lambda t: t["special_tokens"].update(
+        {"\udc80": t["special_tokens"].pop("<|endoftext|>")})),
+    ("config", lambda m: m.update(labels=["\ud800", "pos"])),
+])
+def test_lone_surrogates_are_refused(run_dir, opened, file, change):
+    """JSON can spell half a surrogate pair, which no UTF-8 text holds: such a token or label
+    loaded, then crashed `generate` printing it and every run saving it (UnicodeEncodeError)."""
+    path = str(run_dir / "config.json") if file == "config" else checkpoint_paths(str(run_dir))[file]
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    change(data)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)  # ensure_ascii: written as the escape \\ud800
+    assert "lone surrogate" in load_error(run_dir, opened)
+
+
+@pytest.mark.parametrize("version", [0, -1])
+def test_a_tokenizer_version_before_the_first_is_refused(run_dir, opened, version):
+    path = checkpoint_paths(str(run_dir))["tokenizer"]
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({**data, "version": version}, f)
+    assert "format version" in load_error(run_dir, opened)
+
+
+@pytest.mark.parametrize("kind, token", [("seq2seq", "<pad>"), ("seq2seq", "<eos>"),
+                                         ("mlm", "<|mask|>")])
+def test_a_tokenizer_without_the_special_tokens_of_its_kind_is_refused(tmp_path, opened, kind,
+                                                                       token):
+    """seq2seq translate, attention and --resume looked <pad> up and died with a KeyError."""
+    special_tokens = [t for t in ["<|endoftext|>", *KIND_SPECIAL_TOKENS[kind]] if t != token]
+    run = make_run(tmp_path / kind, CharTokenizer.train(TEXT, special_tokens), kind=kind)
+    assert token in load_error(run, opened, with_optimizer=False)
+
+
+@pytest.mark.parametrize("labels", [None, ["neg"], ["neg", "pos", "other"]])
+def test_a_classifiers_labels_must_name_its_classes(tmp_path, opened, labels):
+    """--resume read "labels" as they were: a KeyError without them, and with three labels for
+    two classes it trained on and saved a run that `tinyllm classify` then refused."""
+    run = make_run(tmp_path / "classifier", kind="classifier")
+    edit_config(run, labels=labels)
+    assert "'labels'" in load_error(run, opened)
+
+
+@pytest.mark.parametrize("kind, field", [("gpt", "train"), ("classifier", "before"),
+                                         ("seq2seq", "label_smoothing"), ("seq2seq", "schedule")])
+def test_a_field_resume_reads_back_must_be_there(tmp_path, opened, kind, field):
+    """Each was read as meta[field] by --resume: a KeyError (or, for "train", a TypeError)."""
+    run = make_run(tmp_path / kind, kind=kind)
+    meta = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    del meta[field]
+    (run / "config.json").write_text(json.dumps(meta), encoding="utf-8")
+    load_checkpoint(str(run), kind=None)  # using the model needs none of them
+    assert f"lacks the field {field!r}" in load_error(run, opened)
+
+
+@pytest.mark.parametrize("task, before", [("classify", {"test": "0.5"}),
+                                          ("classify", {"test": 2.0}),
+                                          ("instruct", {"exact_match": 0.5}),
+                                          ("instruct", {"exact_match": True, "token_f1": 0.5})])
+def test_the_base_models_scores_must_be_fractions(run_dir, opened, task, before):
+    """--resume prints them again: a string stopped it with a ValueError, a missing score with
+    a KeyError."""
+    edit_config(run_dir, finetune={"task": task}, before=before)
+    assert "'before'" in load_error(run_dir, opened, with_optimizer=False)
+
+
+@pytest.mark.parametrize("field, value", [("text_column", 5), ("label_column", [1]),
+                                          ("data", ["a"]), ("checkpoint", 5), ("balance", "yes"),
+                                          ("batch_size", 10**30)])
+def test_stored_fine_tuning_settings_of_the_wrong_type_are_named(field, value):
+    """A number for a column name stopped `classify --split` and --resume with AttributeError."""
+    from tinyllm.classify_run import ClassifySettings
+    from tinyllm.finetune_runs import run_settings
+
+    with pytest.raises(TinyLLMError, match=f"field {field!r}"):
+        run_settings({"finetune": {"task": "classify", field: value}}, ClassifySettings,
+                     "--resume")
+
+
+def test_resuming_an_instruction_run_whose_tokenizer_lost_its_end_token(tmp_path, opened):
+    """Fine-tuning ends each response with <|endoftext|>: --resume died with a KeyError."""
+    from tinyllm.finetune_runs import data_fingerprints, stored_settings
+    from tinyllm.instruct_run import InstructSettings
+
+    data = tmp_path / "instruct.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "say", "input": w, "output": w}) + "\n"
+                            for w in TEXT.split()), encoding="utf-8")
+    settings = InstructSettings(data=str(data))
+    run = make_run(tmp_path / "run", CharTokenizer.train(TEXT + "ISRpun:", ["<|other|>"]), extra={
+        "finetune": {"task": "instruct", **stored_settings(settings)},
+        "data_files_sha256": data_fingerprints(settings),
+        "before": {"exact_match": 0.0, "token_f1": 0.0}})
+    result = invoke("finetune", "instruct", "--out", run, "--resume")
+    assert result.exit_code == 1 and "no <|endoftext|> token" in result.output, result.output
+
+
+def test_weights_that_overflow_stop_generate_with_one_line(run_dir):
+    """Every weight finite, yet 3e38 overflows float32 in the forward pass: sampling from NaN
+    probabilities raised numpy's ValueError."""
+    rewrite_npz(checkpoint_paths(str(run_dir))["model"],
+                lambda a: a.__setitem__("wte", onp.full_like(a["wte"], 3e38)))
+    result = invoke("generate", "--checkpoint", run_dir, "--prompt", "the", "--seed", 0,
+                    "--max-new-tokens", 2)
+    assert result.exit_code == 1 and "not finite numbers" in result.output, result.output

@@ -23,12 +23,15 @@ is one the run did not use (GPTConfig.distance_bias, for one, is False).
 for runs made before it was recorded); `--resume` needs the same number. "train" holds
 "grad_accum", the micro-batches per step on each rank (1 when absent).
 
-Both .npz files also hold "_iter", the step they were saved at. config.json names the other
-three files; they are plain names inside the run directory (a name with a directory part, "..",
-or a symbolic link is refused when loading). Arrays load with `numpy.load(..., allow_pickle=False)`
+Both .npz files also hold "_iter", the step they were saved at. config.json names the other three
+files; they are plain names inside the run directory (a name with a directory part, "..", or a
+symbolic link is refused when loading). Arrays load with `numpy.load(..., allow_pickle=False)`
 after every array's header has been checked (names, shapes, dtypes, sizes), and every weight and
-moment must be finite. Version 1 (tinyllm before this protocol) had fixed names "model.npz" and
-"optim.npz" and no "model_file"/"optim_file"; it still loads, and the next save writes version 2.
+moment must be finite. What the commands read besides the arrays is checked too: a classifier's
+"labels" name its n_classes, a kind's tokenizer holds the special tokens KIND_SPECIAL_TOKENS names,
+and loading to resume needs "train", a fine-tuning run's "before" and the fields RESUME_FIELDS
+names. Version 1 (tinyllm before this protocol) had fixed names "model.npz" and "optim.npz" and no
+"model_file"/"optim_file"; it still loads, and the next save writes version 2.
 
 How a save commits (a crash at any moment leaves one complete checkpoint)
 --------------------------------------------------------------------------
@@ -51,6 +54,7 @@ import json
 import math
 import os
 import re
+import typing
 import zipfile
 from dataclasses import dataclass, fields
 
@@ -64,7 +68,8 @@ from .finetune import ClassifierConfig, init_classifier
 from .lora import LoRAGPTConfig, init_lora_gpt
 from .models import init_gpt
 from .seq2seq import Seq2SeqConfig, init_seq2seq
-from .tokenizers import load_tokenizer_bytes
+from .seq2seq_data import SEQ2SEQ_SPECIAL_TOKENS
+from .tokenizers import MASK_TOKEN, load_tokenizer_bytes
 from .tree import flatten, unflatten
 
 FORMAT = "tinyllm-checkpoint"
@@ -93,6 +98,13 @@ MODEL_KINDS = {
     "classifier": (ClassifierConfig, init_classifier),  # classification fine-tuning
     "seq2seq": (Seq2SeqConfig, init_seq2seq),  # the encoder-decoder
 }
+# The special tokens the commands look up in a kind's tokenizer (the kinds not named need none).
+KIND_SPECIAL_TOKENS = {"mlm": (MASK_TOKEN,), "seq2seq": SEQ2SEQ_SPECIAL_TOKENS}
+# What a resumed run reads back from config.json besides its weights: every run its training
+# settings ("train"), a fine-tuning run its base model's scores ("before"), and by kind:
+RESUME_FIELDS = {"classifier": ("labels",), "seq2seq": ("label_smoothing", "schedule")}
+# The scores "before" holds, by fine-tuning task (classify: one accuracy per split it has)
+BEFORE_SCORES = {"instruct": ("exact_match", "token_f1")}
 
 
 @dataclass
@@ -258,7 +270,10 @@ def read_meta(ckpt_dir):
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise TinyLLMError(f"{path} is not a tinyllm checkpoint config")
     version = meta.get("version")
-    if not _is_int(version) or version < 1 or version > FORMAT_VERSION:
+    if not _is_int(version) or version < 1:
+        raise TinyLLMError(f"{path}: \"version\" must be a whole number from 1, not"
+                           f" {version!r:.20}")
+    if version > FORMAT_VERSION:
         raise TinyLLMError(
             f"{path} has format version {version}; this tinyllm reads version"
             f" {FORMAT_VERSION} or older: upgrade tinyllm"
@@ -271,11 +286,29 @@ def read_meta(ckpt_dir):
         raise TinyLLMError(f"{path}: \"iter\" must not be negative, nor 2^63 or more")
     if meta.get("dtype", "float32") not in FLOAT_DTYPES:
         raise TinyLLMError(f"{path}: \"dtype\" must be one of {', '.join(FLOAT_DTYPES)}")
+    _check_before(meta, path)
     return meta
+
+
+def _check_before(meta, path):
+    """"before", a fine-tuning run's scores of its base model (printed again by --resume), must
+    be fractions from 0 to 1, holding every score its task reports."""
+    before = meta.get("before")
+    if before is None:
+        return
+    task = (meta.get("finetune") or {}).get("task")
+    if (not all(_is_number(v) and 0 <= v <= 1 for v in before.values())
+            or not set(BEFORE_SCORES.get(task, ())) <= set(before)):
+        raise TinyLLMError(f"{path}: field 'before' must hold the base model's scores, numbers"
+                           f" from 0 to 1 ({', '.join(BEFORE_SCORES.get(task, ('any',)))})")
 
 
 def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 # The type of every field config.json may have (None: optional, may be null). The last ones are
@@ -422,29 +455,42 @@ def _model_config(config_cls, data, where):
 
 
 def check_field_types(cls, data, where, most=INT64_END - 1, limits=None):
-    """Check a dict's values against dataclass `cls`'s field types (by each field's default); a
-    whole number must be from 0 to `most`, or to limits[name] where that names the field."""
+    """Check a dict's values against dataclass `cls`'s field types (by each field's default, or
+    for a default of None by its annotation, `Optional[str]`: a string or null); a whole number
+    must be from 0 to `most`, or to limits[name] where that names the field."""
     if not isinstance(data, dict):
         raise TinyLLMError(f"{where}: the {cls.__name__} settings must be a JSON object")
     for field in fields(cls):
         if field.name not in data:
             continue
-        value, default = data[field.name], field.default
-        if isinstance(default, bool):
+        value, kind = data[field.name], _field_type(cls, field)
+        if value is None and field.default is None:
+            ok = True
+        elif kind is bool:
             ok = isinstance(value, bool)
-        elif isinstance(default, int):  # a size, count, step or seed: never negative
+        elif kind is int:  # a size, count, step or seed: never negative
             ok = _is_int(value) and 0 <= value <= (limits or {}).get(field.name, most)
-        elif isinstance(default, float):
-            ok = (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-        elif isinstance(default, str):
+        elif kind is float:
+            ok = _is_number(value) and math.isfinite(value)
+        elif kind is str:
             ok = isinstance(value, str)
-        else:  # None or another default: a JSON scalar
+        else:  # any other default: a JSON scalar
             ok = value is None or isinstance(value, (str, bool)) or (
                 isinstance(value, (int, float)) and math.isfinite(value))
         if not ok:
             raise TinyLLMError(f"{where}: {cls.__name__} field {field.name!r} has the wrong type"
                                f" or is out of range ({type(value).__name__})")
     return data
+
+
+def _field_type(cls, field):
+    """bool, int, float or str: the type of a field's default, or for a default of None the one
+    type its annotation allows besides None (Optional[int] -> int); else None."""
+    if field.default is not None:
+        return type(field.default)
+    hinted = typing.get_args(typing.get_type_hints(cls).get(field.name))
+    named = [t for t in hinted if t is not type(None)]
+    return named[0] if len(named) == 1 else None
 
 
 def _check_model_size(model_config, arrays, path):
@@ -496,6 +542,7 @@ def load_checkpoint(ckpt_dir, with_optimizer=False, kind="gpt"):
         tokenizer_path)
     if getattr(model_config, "vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
         raise TinyLLMError(f"{ckpt_dir}: tokenizer and model disagree on the vocabulary size")
+    _check_run_fields(meta, model_config, tokenizer, where, resume=with_optimizer)
     ckpt = Checkpoint(params=params, model_config=model_config, tokenizer=tokenizer, meta=meta)
     if "train" in meta:
         ckpt.train_config = _train_config(meta["train"], where)
@@ -503,6 +550,24 @@ def load_checkpoint(ckpt_dir, with_optimizer=False, kind="gpt"):
         ckpt.opt_state, ckpt.rng_state = _load_optimizer(ckpt_dir, files["optim_file"], meta,
                                                          reference)
     return ckpt
+
+
+def _check_run_fields(meta, model_config, tokenizer, where, resume):
+    """What the commands read besides the weights: a classifier's class names, the special tokens
+    of the kind's tokenizer, and with `resume` (training continues) every field RESUME_FIELDS
+    names."""
+    kind = meta["kind"]
+    if kind == "classifier" and len(meta.get("labels") or []) != model_config.n_classes:
+        raise TinyLLMError(f"{where}: field 'labels' must name the model's"
+                           f" {model_config.n_classes} classes")
+    missing = [t for t in KIND_SPECIAL_TOKENS.get(kind, ()) if t not in tokenizer.special_tokens]
+    if missing:
+        raise TinyLLMError(f"{where}: its tokenizer lacks the special token {missing[0]}, which"
+                           f" a {kind!r} model needs")
+    needed = ("train", *RESUME_FIELDS.get(kind, ()), *(("before",) if "finetune" in meta else ()))
+    absent = [key for key in needed if meta.get(key) is None] if resume else []
+    if absent:
+        raise TinyLLMError(f"{where} lacks the field {absent[0]!r}, which --resume needs")
 
 
 def _train_config(data, where):

@@ -39,6 +39,7 @@ import numpy as onp
 from .errors import TinyLLMError
 
 TMP_PREFIX = ".tmp-"
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how JSON spells half a surrogate pair
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # no "/", no "..", no leading dot
 _fault_hits = {}  # fault spec -> times its point was reached in this process
 
@@ -268,9 +269,20 @@ def read_bounded(path, max_bytes, what, follow_symlinks=True):
 
 
 def parse_json(data, path):
-    """Strict JSON from bytes, with a one-line error that never quotes the file's contents."""
+    """Strict JSON from bytes, with a one-line error that never quotes the file's contents.
+
+    Every string must be text: JSON may spell a lone surrogate ("\\ud800"), which no UTF-8
+    text holds, and a label or token made of one would crash the command that prints or saves
+    it. Only a file that has such an escape is checked (by encoding what it holds).
+    """
     try:
-        return json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+        obj = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+        if SURROGATE_ESCAPE.search(data):
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return obj
+    except UnicodeEncodeError:
+        raise TinyLLMError(f"{path} holds a lone surrogate (a \\ud800-\\udfff escape), which is"
+                           " not text") from None
     except UnicodeDecodeError:
         raise TinyLLMError(f"{path} is not UTF-8 text") from None
     except json.JSONDecodeError as err:

@@ -47,7 +47,7 @@ from typing import Optional
 
 import numpy as onp
 
-from .checkpoint import check_arrays, load_checkpoint, read_npz
+from .checkpoint import check_arrays, check_field_types, load_checkpoint, read_npz
 from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, GPTConfig, TrainConfig
 from .distributed import SINGLE_PROCESS
 from .errors import TinyLLMError
@@ -168,6 +168,7 @@ def run_settings(meta, cls, flag):
     if not isinstance(stored, dict) or not set(stored) <= names | {"task"}:
         raise TinyLLMError(f"{flag}: the run's config.json has no valid {cls.__name__} settings")
     stored = {**cls.BEFORE_THEY_EXISTED, **stored}  # a run made before a setting did without it
+    check_field_types(cls, stored, f"{flag}: the run's config.json \"finetune\"")
     settings = cls(**{k: v for k, v in stored.items() if k in names})
     try:
         settings.validate()  # a hand-edited value of the wrong type is named, not a traceback

@@ -74,6 +74,9 @@ def sample_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     if temperature == 0:
         return int(onp.argmax(logits))
     probs = next_token_distribution(logits, temperature, top_k, top_p)
+    if not onp.isfinite(probs).all():  # finite weights can still overflow float32 on the way
+        raise TinyLLMError("the model's next-token scores are not finite numbers (its weights"
+                           " overflow): the checkpoint is corrupted or was altered")
     return int(rng.choice(len(probs), p=probs))
 
 

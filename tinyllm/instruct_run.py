@@ -157,12 +157,17 @@ def instruct_splits(s):
     return splits
 
 
+def check_end_token(tokenizer, flag):
+    """An instruction-tuned model ends each response with EOT, so its tokenizer must have it."""
+    if EOT not in tokenizer.special_tokens:
+        raise TinyLLMError(f"{flag}: its tokenizer has no {EOT} token to end responses (a"
+                           " model of an older tinyllm, or an altered tokenizer file)")
+
+
 def build_instruct_model(s, log):
     """(params, config, tokenizer): the base GPT, with fresh LoRA adapters if asked for."""
     params, gpt_config, tokenizer = load_base(s, log)
-    if EOT not in tokenizer.special_tokens:
-        raise TinyLLMError(f"--checkpoint: its tokenizer has no {EOT} token to end responses;"
-                           " pretrain with this version of tinyllm")
+    check_end_token(tokenizer, "--checkpoint")
     params, config, tokenizer = add_unknown_token(params, gpt_config, tokenizer)
     if s.lora_rank:
         config = LoRAGPTConfig(**config.__dict__, lora_rank=s.lora_rank, lora_alpha=s.adapter_alpha)
@@ -261,6 +266,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     # 3. model
     if resume:
         params, config, tokenizer = ckpt.params, ckpt.model_config, ckpt.tokenizer
+        check_end_token(tokenizer, "--resume")
     else:
         params, config, tokenizer = build_instruct_model(s, log)
     gpt_config = config.gpt() if hasattr(config, "gpt") else config

@@ -748,6 +748,8 @@ def _parse_tokenizer_bytes(data, path, expected_type=None):
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise TinyLLMError(f"{path} is not a tinyllm tokenizer file (its \"format\" is not \"{FORMAT_NAME}\")")
     version = _field(data, "version", int, path)
+    if version < 1:
+        raise TinyLLMError(f"tokenizer file {path} has format version {version} (the first is 1)")
     if version > FORMAT_VERSION:
         raise TinyLLMError(
             f"tokenizer file {path} has format version {version}; this tinyllm reads version "
