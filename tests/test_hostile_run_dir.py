@@ -171,6 +171,7 @@ def test_nan_constants_in_json_are_refused(run_dir, opened):
     ({"version": 0}, ["version", "from 1"]),  # not "upgrade tinyllm": no tinyllm wrote it
     ({"labels": 5}, ["'labels'", "list"]),
     ({"labels": [1, 2]}, ["'labels'", "strings"]),
+    ({"labels": ["neg", "\x1b[2Jpos"]}, ["'labels'", "control character"]),  # to the terminal
     ({"finetune": "x"}, ["'finetune'", "dict"]),
     ({"before": [1]}, ["'before'", "dict"]),
     ({"label_smoothing": "0.1"}, ["'label_smoothing'"]),

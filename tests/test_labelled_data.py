@@ -109,6 +109,14 @@ def test_single_class_is_an_error():
     assert label_ids(["spam", "ham", "spam"]) == {"ham": 0, "spam": 1}
 
 
+@pytest.mark.parametrize("bad", ["sp\x1b[2Jam", "spam\nham", "\x07"])
+def test_a_label_with_a_control_character_is_refused(bad):
+    # classify prints class names as they are: an escape sequence would reach the terminal
+    with pytest.raises(TinyLLMError, match=r"^x\.jsonl: the label .* holds a control character"):
+        label_ids(["ham", bad], "x.jsonl")
+    assert label_ids(["ham", "spam é ✓"], "x.jsonl") == {"ham": 0, "spam é ✓": 1}
+
+
 def test_instructions_json_array_and_jsonl(tmp_path):
     records = [{"instruction": "rev", "input": "ab", "output": "ba"}, {"instruction": "hi", "output": "yo"}]
     a = read_instructions(write(tmp_path, "a.json", json.dumps(records)))

@@ -65,6 +65,7 @@ from .errors import TinyLLMError
 from .fileio import (TMP_PREFIX, atomic_write_bytes, available_memory, check_plain_name,
                      fsync_directory, json_bytes, npz_bytes, parse_json, read_run_file)
 from .finetune import ClassifierConfig, init_classifier
+from .labelled_data import control_character
 from .lora import LoRAGPTConfig, init_lora_gpt
 from .models import init_gpt
 from .seq2seq import Seq2SeqConfig, init_seq2seq
@@ -282,6 +283,9 @@ def read_meta(ckpt_dir):
         _check_field(meta, key, kinds, path)
     if not all(isinstance(label, str) for label in meta.get("labels") or []):
         raise TinyLLMError(f"{path}: field 'labels' must be a list of strings")
+    if any(control_character(label) for label in meta.get("labels") or []):
+        raise TinyLLMError(f"{path}: field 'labels' holds a control character (a class name is"
+                           " printed as it is, and could send commands to the terminal)")
     if not 0 <= meta["iter"] < INT64_END:
         raise TinyLLMError(f"{path}: \"iter\" must not be negative, nor 2^63 or more")
     if meta.get("dtype", "float32") not in FLOAT_DTYPES:

@@ -41,6 +41,7 @@ import os
 import random
 import re
 import sysconfig
+import unicodedata
 from collections import Counter
 
 import numpy as onp
@@ -365,13 +366,28 @@ def _refuse_one_spread_object(text, path):
 # ----------------------------------------------------------------------------- labels, splits
 
 
+def control_character(text):
+    """The first control character in `text` (a newline, a tab, an escape...), or None. A class
+    name is printed as it is (`tinyllm classify` prints one per line), so one with an escape
+    sequence would reach the user's terminal as a command, and one with a newline would break
+    the one-line-per-class listing.
+
+    Example: "spam" -> None; "sp\x1b[2Jam" -> "\x1b".
+    """
+    return next((c for c in text if unicodedata.category(c) == "Cc"), None)
+
+
 def label_ids(labels, where="the data"):
-    """Sorted distinct labels -> {label: id}; a single class is an error (nothing to learn) that
-    names `where`, the file the labels come from.
+    """Sorted distinct labels -> {label: id}; a single class, or a class whose name holds a
+    control character, is an error that names `where`, the file the labels come from.
 
     Example: ["spam", "ham", "spam"] -> {"ham": 0, "spam": 1}.
     """
     names = sorted(set(labels))
+    bad = next((name for name in names if control_character(name)), None)
+    if bad is not None:
+        raise TinyLLMError(f"{where}: the label {bad!r} holds a control character"
+                           f" ({control_character(bad)!r}); class names are printed as they are")
     if len(names) < 2:
         raise TinyLLMError(f"{where} has a single class {names!r}: classification needs two or more")
     return {name: i for i, name in enumerate(names)}
