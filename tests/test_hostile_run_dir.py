@@ -644,3 +644,23 @@ def test_weights_that_overflow_stop_generate_with_one_line(run_dir):
     result = invoke("generate", "--checkpoint", run_dir, "--prompt", "the", "--seed", 0,
                     "--max-new-tokens", 2)
     assert result.exit_code == 1 and "not finite numbers" in result.output, result.output
+
+
+@pytest.mark.parametrize("kind, command", [
+    ("classifier", ["classify", "the cat"]),
+    ("mlm", ["fill", "a [MASK]"]),
+    ("mlm", ["embed", "--data", "LINES", "--query", "the cat"]),
+    ("gpt", ["embed", "--data", "LINES", "--query", "the cat"]),
+])
+def test_weights_that_overflow_stop_every_reading_command_with_one_line(tmp_path, kind, command):
+    """The same overflow as for generate: classify printed "nan" probabilities, fill ranked NaN
+    tokens and embed printed NaN similarities, each exit code 0."""
+    run = make_run(tmp_path / kind, kind=kind)
+    rewrite_npz(checkpoint_paths(str(run))["model"],
+                lambda a: a.__setitem__("wte", onp.full_like(a["wte"], 3e38)))
+    lines = tmp_path / "lines.txt"
+    lines.write_text("the cat\na dog\n", encoding="utf-8")
+    result = invoke(*[str(lines) if part == "LINES" else part for part in command],
+                    "--checkpoint", run)
+    assert result.exit_code == 1 and "not finite numbers" in result.output, result.output
+    assert "Traceback" not in result.output

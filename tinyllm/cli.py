@@ -7,6 +7,7 @@ Every user-fixable problem surfaces as a `TinyLLMError` and is printed as one li
 import importlib.metadata
 
 import click
+import numpy as onp
 
 from .cli_common import (count, flag_given, fraction, loss_text, no_cache_option, non_negative,
                          note_flags_resume_ignores, positive, probability_mass, random_seed,
@@ -53,6 +54,9 @@ def main(ctx):
     mlm (fill) and turn lines of text into vectors (embed). Run a command with --help for its flags.
     """
     tune_malloc()  # keep freed memory in the process: faster numpy steps (see tinyllm/system.py)
+    # numpy's overflow warnings would print code lines before the one-line error: a training
+    # step's loss and weights and a model's outputs are checked for NaN and infinity instead
+    onp.seterr(over="ignore", invalid="ignore")
     try:
         distributed.check_command_runs_here(ctx.invoked_subcommand)  # under mpirun -n N > 1
     except TinyLLMError as err:

@@ -25,7 +25,7 @@ from .errors import TinyLLMError
 from .fileio import atomic_write_bytes, decode_utf8, read_bounded, split_lines
 from .finetune import WINDOW_STRIDE, make_windows, pool
 from .lora import merge_lora
-from .models import bidirectional_hidden, gpt_hidden
+from .models import bidirectional_hidden, check_finite_outputs, gpt_hidden
 
 MAX_WINDOWS = 8  # most context windows read per text (as `finetune classify`); the rest is cut
 MAX_LINES_BYTES = 256 << 20  # a file of texts to embed larger than this is not one
@@ -113,6 +113,7 @@ def embed_sequences(params, config, seqs, bidirectional, batch_size=32, max_wind
         texts_here = longest_first[start:start + batch_size]
         ids, valid, assign = windows.batch(texts_here)  # (W, T), (W, T), (B, W)
         vectors[texts_here] = assign @ window_vectors(params, config, ids, valid, bidirectional)
+        check_finite_outputs(vectors[texts_here])
         done += int(copies[texts_here].sum())
         if on_batch:
             on_batch(done)

@@ -42,7 +42,7 @@ import numpy as onp
 from .config import GPTConfig
 from .errors import TinyLLMError
 from .lora import apply_lora, init_lora
-from .models import INIT_STD, bidirectional_hidden, gpt_hidden, init_gpt
+from .models import INIT_STD, bidirectional_hidden, check_finite_outputs, gpt_hidden, init_gpt
 from .ops import cross_entropy, linear, softmax
 from .tree import flatten, unflatten
 
@@ -185,6 +185,7 @@ def predict_windows(params, windows, config, batch_size=64, on_batch=None):
         ids, valid, assign = windows.batch(texts)
         logits = onp.asarray(classifier_logits(params, ids, valid, config, assign=assign))
         probs[texts] = softmax(logits, axis=1)  # (B, K)
+        check_finite_outputs(probs[texts])
         if on_batch:
             on_batch(start + len(texts))
     return probs

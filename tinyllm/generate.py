@@ -28,7 +28,7 @@ import numpy as onp
 
 from .errors import TinyLLMError
 from .kv_cache import GPTCache, greedy_batch_cached
-from .models import gpt_forward
+from .models import check_finite_outputs, gpt_forward
 from .ops import softmax
 
 MAX_NEW_TOKENS = 200  # a few lines of text: enough to judge a sample, quick on a CPU
@@ -74,9 +74,7 @@ def sample_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     if temperature == 0:
         return int(onp.argmax(logits))
     probs = next_token_distribution(logits, temperature, top_k, top_p)
-    if not onp.isfinite(probs).all():  # finite weights can still overflow float32 on the way
-        raise TinyLLMError("the model's next-token scores are not finite numbers (its weights"
-                           " overflow): the checkpoint is corrupted or was altered")
+    check_finite_outputs(probs)
     return int(rng.choice(len(probs), p=probs))
 
 

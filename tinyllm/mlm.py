@@ -28,7 +28,7 @@ import numpy as onp
 
 from .data import get_windows
 from .errors import TinyLLMError
-from .models import bidirectional_hidden, lm_head_weight
+from .models import bidirectional_hidden, check_finite_outputs, lm_head_weight
 from .ops import cross_entropy, linear
 from .tokenizers import MASK_TOKEN
 
@@ -236,6 +236,7 @@ def fill_masks(params, config, tokenizer, text, top_k=5):
     logits[:, mask_id] = -onp.inf  # probability 0, and left out below
     probs = onp.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)  # (M, V)
+    check_finite_outputs(probs)
     out = []
     for row in probs:
         best = [i for i in onp.argsort(-row, kind="stable") if i != mask_id][:top_k]

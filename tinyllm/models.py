@@ -84,6 +84,16 @@ def init_gpt(config, rng, dtype="float32"):
     return params
 
 
+def check_finite_outputs(values):
+    """Raise a one-line TinyLLMError if a model's outputs (probabilities, vectors) hold NaN or
+    infinity. Loading refuses weights that are not finite, but finite weights can still overflow
+    float32 on the way (an altered or corrupted checkpoint), and a NaN would otherwise be printed
+    as a probability, a ranking or a vector."""
+    if not onp.isfinite(values).all():
+        raise TinyLLMError("the model's outputs are not finite numbers (its weights overflow):"
+                           " the checkpoint is corrupted or was altered")
+
+
 def count_params(params):
     """Total number of scalars in a parameter tree."""
     return sum(int(onp.size(leaf)) for leaf in tree_leaves(params))
