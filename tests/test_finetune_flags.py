@@ -73,6 +73,7 @@ def test_resume_keeps_the_total_an_epochs_run_began_with(base, csv_file, tmp_pat
     (["--freeze", "all-but-3"], "--freeze all-but-3: the model has 2 blocks"),
     (["--freeze", "all-but-x"], "--freeze must be none, all or all-but-N, got 'all-but-x'"),
     (["--freeze", "all", "--lora-rank", "2"], "--freeze all does nothing with --lora-rank"),
+    (["--freeze", "none", "--lora-rank", "2"], "--freeze none does nothing with --lora-rank"),
 ])
 def test_a_freeze_that_cannot_apply_is_refused_before_the_base_model_is_scored(
         base, csv_file, tmp_path, flags, message):
@@ -186,3 +187,66 @@ def test_fine_tuning_trains_on_one_blas_thread_and_gives_the_count_back(
     assert done.exit_code == 0, done.output
     assert seen and set(seen) == {1}
     assert count[0] == 2
+
+
+def evaluated_steps(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line)["iter"] for line in f]
+
+
+def test_an_eval_interval_longer_than_the_run_is_kept_for_a_resume_to_more_steps(
+        base, csv_file, tmp_path):
+    """The last step is evaluated whatever the interval: the run keeps --eval-interval 5, so
+    that --resume to 12 steps evaluates every 5, not every 3 (the length of the first part)."""
+    out = tmp_path / "run"
+    done = run("finetune", "classify", "--checkpoint", base, "--data", csv_file, "--out", out,
+               "--max-iters", "3", "--patience", "0", *FAST, "--eval-interval", "5")
+    assert done.exit_code == 0, done.output
+    assert json.loads((out / "config.json").read_text())["train"]["eval_interval"] == 5
+    again = run("finetune", "classify", "--out", out, "--resume", "--max-iters", "12")
+    assert again.exit_code == 0, again.output
+    assert evaluated_steps(out) == [0, 3, 5, 10, 12]
+
+
+def test_a_run_saved_with_its_length_as_interval_resumes_with_its_own_interval(
+        base, csv_file, tmp_path):
+    """A run of 3 steps saved by a tinyllm that cut --eval-interval 5 to 3 (config.json "train")
+    evaluates every 5 steps once resumed to 12, as its settings ask."""
+    out = tmp_path / "run"
+    done = run("finetune", "classify", "--checkpoint", base, "--data", csv_file, "--out", out,
+               "--max-iters", "3", "--patience", "0", *FAST, "--eval-interval", "5")
+    assert done.exit_code == 0, done.output
+    meta = json.loads((out / "config.json").read_text())
+    meta["train"]["eval_interval"] = 3
+    (out / "config.json").write_text(json.dumps(meta))
+    again = run("finetune", "classify", "--out", out, "--resume", "--max-iters", "12")
+    assert again.exit_code == 0, again.output
+    assert evaluated_steps(out) == [0, 3, 5, 10, 12]
+
+
+def test_epochs_that_make_more_steps_than_a_run_may_take_are_refused_and_out_is_kept(
+        base, csv_file, tmp_path):
+    """A checkpoint holds at most 2^31 - 1 steps: a run past that trained, but nothing could
+    load it, not even `tinyllm classify`. The refusal comes before --force replaces a run."""
+    out = tmp_path / "run"
+    args = ["finetune", "classify", "--checkpoint", base, "--data", csv_file, "--out", out, *FAST]
+    assert run(*args, "--max-iters", "2").exit_code == 0
+    result = run(*args, "--epochs", "1e12", "--force")
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: --epochs 1e+12 of 14 records is 3,500,000,000,000 steps, more than the"
+        " 2,147,483,647 a run may take")
+    assert run("classify", "--checkpoint", out, "buy now").exit_code == 0  # the run before
+
+
+@pytest.mark.parametrize("steps,noted", [(3, True), (20, False)])
+def test_a_warm_up_longer_than_the_run_is_noted(base, csv_file, tmp_path, steps, noted):
+    """--lr is the peak of the schedule: a run shorter than its warm-up never reaches it."""
+    result = run("finetune", "classify", "--checkpoint", base, "--data", csv_file,
+                 "--out", tmp_path / "run", "--max-iters", steps, "--warmup-iters", "10",
+                 "--lr", "1e-3", "--patience", "0", *FAST, "--eval-interval", "100")
+    assert result.exit_code == 0, result.output
+    note = ("note: --warmup-iters 10 is more than the run's 3 steps: the learning rate only"
+            " rises, to 3/10 of --lr (0.0003), and never decays")
+    assert (note in result.output.splitlines()) == noted, result.output
+    assert ("note: --warmup-iters" in result.output) == noted

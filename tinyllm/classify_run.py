@@ -352,11 +352,11 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
               else scored_with_progress(params, config, labels, sets, n_read)[0])
     log("accuracy before fine-tuning: " + format_accuracies(before))
     # 6. train
-    start_finetune_dir(out, resume, force)
     tc = make_train_config(s, n_read, world.size)  # an epoch: the records read, not the copies
     if resume:
         tc = resumed_train_config(ckpt, tc, max_iters)
     check_step_memory(config, tc, int(sets["train"][0].count.max()))  # the most windows a text has
+    start_finetune_dir(out, resume, force)  # a refused step count or batch leaves --out as it was
     log_trainable(params, paths, f"LoRA rank {config.lora_rank}: adapters and head"
                   if config.lora_rank else f"--freeze {s.freeze}", log)
     extra = {"labels": labels, "finetune": {"task": "classify", **stored_settings(s)},

@@ -113,7 +113,7 @@ def check_flag_combinations(flags, resume):
     scales the adapters only --lora-rank makes, --epochs sets the steps --max-iters would,
     --split-seed seeds a random split that --val-data and --test-data replace (only --balance
     would still use it), and with adapters only they and the head train, whatever --freeze
-    says."""
+    says (--freeze none too: it would train every weight)."""
     if not resume and flag_given("lora_alpha") and not flags["lora_rank"]:
         raise TinyLLMError("--lora-alpha scales LoRA adapters, and without --lora-rank R there are"
                            " none: give --lora-rank too, or leave --lora-alpha out")
@@ -123,7 +123,7 @@ def check_flag_combinations(flags, resume):
     if not resume and flag_given("split_seed") and flags["val_data"] and not flags.get("balance"):
         raise TinyLLMError("--split-seed seeds the random split, and with --val-data and"
                            " --test-data there is none: leave --split-seed out")
-    if not resume and flags.get("freeze", "none") != "none" and flags["lora_rank"]:
+    if not resume and "freeze" in flags and flag_given("freeze") and flags["lora_rank"]:
         raise TinyLLMError(f"--freeze {flags['freeze']} does nothing with --lora-rank: only the"
                            " adapters and the head train; leave out one of the two")
 

@@ -48,7 +48,8 @@ from typing import Optional
 import numpy as onp
 
 from .checkpoint import check_arrays, check_field_types, load_checkpoint, read_npz
-from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, GPTConfig, TrainConfig
+from .config import (DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, MAX_STEPS, GPTConfig,
+                     TrainConfig)
 from .distributed import SINGLE_PROCESS
 from .errors import TinyLLMError
 from .fileio import atomic_save_npz, atomic_write_json, open_regular
@@ -292,18 +293,26 @@ def make_train_config(settings, n_records, ranks=1):
     if settings.epochs is not None:
         per_step = settings.batch_size * settings.grad_accum * ranks
         max_iters = max(1, math.ceil(settings.epochs * n_records / per_step))
+        if max_iters > MAX_STEPS:  # a checkpoint holds at most MAX_STEPS: none could load it
+            raise TinyLLMError(f"--epochs {settings.epochs:g} of {n_records} records is"
+                               f" {max_iters:,} steps, more than the {MAX_STEPS:,} a run may take")
+    # The loop evaluates at the last step whatever the interval, so an interval longer than the
+    # run is kept as given: a --resume to a larger --max-iters then evaluates as asked.
     return TrainConfig(batch_size=settings.batch_size, max_iters=max_iters, lr=settings.lr,
                        min_lr=settings.lr / 10, warmup_iters=settings.warmup_iters,
-                       weight_decay=settings.weight_decay,
-                       eval_interval=min(settings.eval_interval, max_iters), eval_iters=1,
-                       seed=settings.seed, grad_accum=settings.grad_accum).validate()
+                       weight_decay=settings.weight_decay, eval_interval=settings.eval_interval,
+                       eval_iters=1, seed=settings.seed, grad_accum=settings.grad_accum).validate()
 
 
 def resumed_train_config(ckpt, tc, max_iters):
     """A resumed run's own TrainConfig, to the new total --max-iters gives (in `tc`), or else to
     the total the run began with, as its checkpoint holds it: not one worked out again from
-    --epochs, which a run begun before an epoch counted only the records read would change."""
-    return replace(ckpt.train_config, max_iters=tc.max_iters) if max_iters else ckpt.train_config
+    --epochs, which a run begun before an epoch counted only the records read would change.
+    A new total takes the run's --eval-interval from `tc` too: a run saved before tinyllm kept
+    an interval longer than the run holds the run's length as its interval."""
+    if not max_iters:
+        return ckpt.train_config
+    return replace(ckpt.train_config, max_iters=tc.max_iters, eval_interval=tc.eval_interval)
 
 
 def check_step_memory(config, tc, windows_per_text):
@@ -471,6 +480,7 @@ def train_run(out_dir, ckpt, params, paths, tc, loss_fn, sample, evaluate, token
     "best_iter", "weights_iter", "last_eval_iter" and "train_seconds".
     Returns (the whole tree with the best weights, BestWeights, final Committed state, clock)."""
     clock = run_clock(ckpt)
+    note_unfinished_warmup(tc, log)
 
     def save_full(full, opt_state, st, best_iter, weights_iter):
         save(full, opt_state, st, {"best_iter": best_iter, "weights_iter": weights_iter,
@@ -483,6 +493,15 @@ def train_run(out_dir, ckpt, params, paths, tc, loss_fn, sample, evaluate, token
     clock.stop()
     finish_with_best(out_dir, params, state, paths, save_full, best)
     return params, best, state, clock
+
+
+def note_unfinished_warmup(tc, log):
+    """Say so when the warm-up is longer than the run: the learning rate then only rises, and
+    never reaches --lr (optim.lr_at). Example: 20 warm-up steps, 7 steps -> 7/20 of --lr."""
+    if tc.warmup_iters > tc.max_iters:
+        log(f"note: --warmup-iters {tc.warmup_iters} is more than the run's {tc.max_iters} steps:"
+            f" the learning rate only rises, to {tc.max_iters}/{tc.warmup_iters} of --lr"
+            f" ({tc.lr * tc.max_iters / tc.warmup_iters:.3g}), and never decays")
 
 
 def finish_with_best(out_dir, whole_best, state, paths, save_full, best):

@@ -291,11 +291,11 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     log(f"base model: exact match {100 * before['exact_match']:.1f}%, token F1"
         f" {100 * before['token_f1']:.1f}%")
     # 6. train
-    start_finetune_dir(out, resume, force)
     tc = make_train_config(s, len(arrays["train"][0]), world.size)
     if resume:
         tc = resumed_train_config(ckpt, tc, max_iters)
     check_step_memory(config, tc, 1)
+    start_finetune_dir(out, resume, force)  # a refused step count or batch leaves --out as it was
     flat = flatten(params)
     paths = [p for p in flat if p.startswith("lora.")] if "lora" in params else list(flat)
     log_trainable(params, paths, "LoRA adapters" if "lora" in params else "all weights", log)
