@@ -79,7 +79,7 @@ def training_options(settings_cls):
                      help="AdamW decoupled weight decay."),
         click.option("--eval-interval", default=d.eval_interval, callback=step_count,
                      help="Evaluate the loss on the whole validation split and save a checkpoint"
-                          " every this many steps."),
+                          " every this many steps, and at the last step."),
         click.option("--patience", default=d.patience, callback=count,
                      help="Stop after this many evaluations without a lower validation loss (0:"
                           " never stop early). The weights of the best evaluation are the run's"
@@ -246,9 +246,10 @@ def finetune_instruct(out, resume, force, no_cache, **flags):
 
     and the loss counts the response tokens only. A record longer than the context keeps the
     end of its prompt and all of its response (counted). Without --data it uses embedded tasks
-    (reverse the words, uppercase, sort the words, add). Split 85/5/10 with --seed; the best evaluation's
-    weights are kept; at the end the test responses go to OUT/responses.jsonl and exact match /
-    token F1 to OUT/metrics.json.
+    (reverse the words, uppercase, sort the words, add). Without --val-data/--test-data the data
+    is split 85/5/10 with --split-seed (default: --seed); the best evaluation's weights are kept;
+    at the end the test responses go to OUT/responses.jsonl and exact match / token F1 to
+    OUT/metrics.json.
     """
     if resume:
         note_flags_resume_ignores({"out", "resume", "max_iters", "no_cache", *DATA_FLAGS})
