@@ -239,6 +239,19 @@ def test_epochs_that_make_more_steps_than_a_run_may_take_are_refused_and_out_is_
     assert run("classify", "--checkpoint", out, "buy now").exit_code == 0  # the run before
 
 
+def test_instruct_refuses_too_many_epochs_before_force_replaces_a_run(base, tmp_path):
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "echo", "input": f"a{i}", "output": f"a{i}"})
+                            + "\n" for i in range(20)))
+    out = tmp_path / "run"
+    args = ["finetune", "instruct", "--checkpoint", base, "--data", data, "--out", out,
+            "--batch-size", "4", "--max-new-tokens", "2"]
+    assert run(*args, "--max-iters", "1").exit_code == 0
+    result = run(*args, "--epochs", "1e12", "--force")
+    assert result.exit_code == 1 and "Error: --epochs 1e+12 of 17 records is" in result.output
+    assert (out / "config.json").exists() and (out / "metrics.json").exists()
+
+
 @pytest.mark.parametrize("steps,noted", [(3, True), (20, False)])
 def test_a_warm_up_longer_than_the_run_is_noted(base, csv_file, tmp_path, steps, noted):
     """--lr is the peak of the schedule: a run shorter than its warm-up never reaches it."""
