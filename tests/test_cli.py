@@ -430,3 +430,11 @@ def test_pretrain_flag_defaults_are_the_config_defaults():
     assert defaults["tokenizer_kind"] == cfg.DEFAULT_TOKENIZER
     assert defaults["vocab_size"] == cfg.DEFAULT_BPE_VOCAB_SIZE
     assert defaults["out"] == cfg.DEFAULT_RUN
+
+
+def test_a_pretraining_warm_up_longer_than_the_run_is_noted(trained_run):
+    """The 6-step run has the default 100 warm-up steps: its learning rate never reaches --lr,
+    as the note says (the same note as fine-tuning's, from the loop they share)."""
+    _, result = trained_run
+    assert ("note: --warmup-iters 100 is more than the run's 6 steps: the learning rate only"
+            " rises, to 6/100 of --lr (6e-05), and never decays") in result.output.splitlines()

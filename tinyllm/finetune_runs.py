@@ -480,7 +480,6 @@ def train_run(out_dir, ckpt, params, paths, tc, loss_fn, sample, evaluate, token
     "best_iter", "weights_iter", "last_eval_iter" and "train_seconds".
     Returns (the whole tree with the best weights, BestWeights, final Committed state, clock)."""
     clock = run_clock(ckpt)
-    note_unfinished_warmup(tc, log)
 
     def save_full(full, opt_state, st, best_iter, weights_iter):
         save(full, opt_state, st, {"best_iter": best_iter, "weights_iter": weights_iter,
@@ -493,15 +492,6 @@ def train_run(out_dir, ckpt, params, paths, tc, loss_fn, sample, evaluate, token
     clock.stop()
     finish_with_best(out_dir, params, state, paths, save_full, best)
     return params, best, state, clock
-
-
-def note_unfinished_warmup(tc, log):
-    """Say so when the warm-up is longer than the run: the learning rate then only rises, and
-    never reaches --lr (optim.lr_at). Example: 20 warm-up steps, 7 steps -> 7/20 of --lr."""
-    if tc.warmup_iters > tc.max_iters:
-        log(f"note: --warmup-iters {tc.warmup_iters} is more than the run's {tc.max_iters} steps:"
-            f" the learning rate only rises, to {tc.max_iters}/{tc.warmup_iters} of --lr"
-            f" ({tc.lr * tc.max_iters / tc.warmup_iters:.3g}), and never decays")
 
 
 def finish_with_best(out_dir, whole_best, state, paths, save_full, best):

@@ -357,6 +357,7 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
         value_and_grad = flat_value_and_grad(loss_fn)
     if step_fn is None:
         step_fn = functools.partial(train_step, value_and_grad)
+    default_schedule = lr_fn is None
     if lr_fn is None:
         lr_fn = functools.partial(lr_at, lr=tc.lr, min_lr=tc.min_lr, warmup_iters=tc.warmup_iters,
                                   decay_iters=tc.max_iters)
@@ -369,6 +370,8 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
         save, log, append = skip, skip, skip
     progress = Progress(tc.max_iters, start=state.iteration)
     log = log or progress.message
+    if default_schedule and state.iteration < tc.max_iters:
+        note_unfinished_warmup(tc, log)
     step_seconds, steps_timed = 0.0, 0
     with sigterm_as_interrupt() if world.is_root else contextlib.nullcontext():
         try:
@@ -410,6 +413,15 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
                                       getattr(stop, "signum", signal.SIGINT)) from None
     progress.close()
     return state
+
+
+def note_unfinished_warmup(tc, log):
+    """Say so when the warm-up is longer than the run: the learning rate of the default schedule
+    (optim.lr_at) then only rises, and never reaches --lr, in pretraining as in fine-tuning. Example: 20 warm-up steps, 7 steps -> 7/20 of --lr."""
+    if tc.warmup_iters > tc.max_iters:
+        log(f"note: --warmup-iters {tc.warmup_iters} is more than the run's {tc.max_iters} steps:"
+            f" the learning rate only rises, to {tc.max_iters}/{tc.warmup_iters} of --lr"
+            f" ({tc.lr * tc.max_iters / tc.warmup_iters:.3g}), and never decays")
 
 
 def skip(*args):
