@@ -263,3 +263,20 @@ def test_a_warm_up_longer_than_the_run_is_noted(base, csv_file, tmp_path, steps,
             " rises, to 3/10 of --lr (0.0003), and never decays")
     assert (note in result.output.splitlines()) == noted, result.output
     assert ("note: --warmup-iters" in result.output) == noted
+
+
+def test_the_library_refuses_freeze_with_lora_as_the_cli_does():
+    # ClassifySettings is the library's way in: its check must not rest on the CLI's
+    from tinyllm.classify_run import ClassifySettings
+    from tinyllm.errors import TinyLLMError
+    with pytest.raises(TinyLLMError, match="--freeze all does nothing with --lora-rank"):
+        ClassifySettings(freeze="all", lora_rank=2).validate()
+    ClassifySettings(lora_rank=2).validate()  # --freeze's default, none, is no freezing at all
+    ClassifySettings(freeze="all").validate()
+
+
+def test_a_freeze_past_a_one_block_model_says_block():
+    from tinyllm.errors import TinyLLMError
+    from tinyllm.finetune import trainable_paths
+    with pytest.raises(TinyLLMError, match="the model has 1 block, so N is at most 1"):
+        trainable_paths({"h": [{}]}, "all-but-2", 1)

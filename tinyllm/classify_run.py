@@ -73,6 +73,9 @@ class ClassifySettings(FinetuneSettings):
         check_flag(0.0 <= self.dropout < 1.0, "--dropout must be in [0, 1)", self.dropout)
         check_flag(re.fullmatch(r"none|all|all-but-[0-9]+", self.freeze),  # N: with the model
                    "--freeze must be none, all or all-but-N", repr(self.freeze))
+        if self.lora_rank and self.freeze != "none":  # as the CLI says (check_flag_combinations)
+            raise TinyLLMError(f"--freeze {self.freeze} does nothing with --lora-rank: only the"
+                               " adapters and the head train; leave out one of the two")
         return self
 
 

@@ -212,7 +212,8 @@ def trainable_paths(params, freeze, n_layer):
     elif freeze.startswith("all-but-") and freeze[8:].isdigit():
         n = int(freeze[8:])
         if n > n_layer:
-            raise TinyLLMError(f"--freeze {freeze}: the model has {n_layer} blocks, so N is at"
+            blocks = "1 block" if n_layer == 1 else f"{n_layer} blocks"
+            raise TinyLLMError(f"--freeze {freeze}: the model has {blocks}, so N is at"
                                f" most {n_layer} (all-but-{n_layer} keeps only the embeddings fixed)")
         keep = ("cls_head.", "ln_f.") + tuple(f"h.{i}." for i in range(n_layer - n, n_layer))
     else:
