@@ -417,7 +417,8 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
 
 def note_unfinished_warmup(tc, log):
     """Say so when the warm-up is longer than the run: the learning rate of the default schedule
-    (optim.lr_at) then only rises, and never reaches --lr, in pretraining as in fine-tuning. Example: 20 warm-up steps, 7 steps -> 7/20 of --lr."""
+    (optim.lr_at) then only rises, and never reaches --lr, in pretraining as in fine-tuning.
+    Example: 20 warm-up steps, 7 steps -> 7/20 of --lr."""
     if tc.warmup_iters > tc.max_iters:
         log(f"note: --warmup-iters {tc.warmup_iters} is more than the run's {tc.max_iters} steps:"
             f" the learning rate only rises, to {tc.max_iters}/{tc.warmup_iters} of --lr"
