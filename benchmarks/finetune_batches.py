@@ -41,7 +41,7 @@ def main():
     settings = ClassifySettings(checkpoint=args.checkpoint, data=args.data, seed=1).validate()
     train = with_case_copies(load_classification_splits(settings, log=lambda m: None).train)
     labels = list(label_ids([label for _, label in train], args.data or "the embedded data"))
-    params, config, tokenizer = build_classifier(settings, labels, log=lambda m: None)
+    params, config, tokenizer, _ = build_classifier(settings, labels, log=lambda m: None)
     windows, y, _ = encode_classification(tokenizer, train, labels, config.block_size,
                                           settings.max_windows, "train")
     loss_fn, sample = classification_loss_and_batches({"train": (windows, y)}, config,

@@ -226,27 +226,29 @@ def base_objective(s):
     return "mlm" if s.checkpoint and read_meta(s.checkpoint)["kind"] == "mlm" else "clm"
 
 
-def with_base_defaults(s):
-    """The settings with lr and warmup_iters, where None, set by the base's objective
-    (LR_AND_WARMUP). Example: an MLM checkpoint and lr=None -> lr=1e-3, warmup_iters=50."""
-    lr, warmup_iters = LR_AND_WARMUP[base_objective(s)]
+def with_base_defaults(s, objective):
+    """The settings with lr and warmup_iters, where None, set by the base's objective ("clm" or
+    "mlm", LR_AND_WARMUP). Example: "mlm" and lr=None -> lr=1e-3, warmup_iters=50."""
+    lr, warmup_iters = LR_AND_WARMUP[objective]
     return replace(s, lr=lr if s.lr is None else s.lr,
                    warmup_iters=warmup_iters if s.warmup_iters is None else s.warmup_iters)
 
 
 def build_classifier(s, labels, log):
-    """(params, ClassifierConfig, tokenizer): the base model with a fresh classification head."""
+    """(params, ClassifierConfig, tokenizer, objective): the base model with a fresh
+    classification head, and what the base was pretrained for ("clm" or "mlm")."""
     gpt_params, gpt_config, tokenizer = load_base(s, log, kinds=("gpt", "gpt-lora", "mlm"))
     gpt_params, gpt_config, tokenizer = add_unknown_token(gpt_params, gpt_config, tokenizer)
+    objective = base_objective(s)  # after load_base, whose error names --checkpoint
     # an MLM encoder was pretrained bidirectionally
-    arch = s.arch or ("encoder" if base_objective(s) == "mlm" else "decoder")
+    arch = s.arch or ("encoder" if objective == "mlm" else "decoder")
     config = ClassifierConfig(**{**gpt_config.__dict__, "dropout": s.dropout},
                               n_classes=len(labels),
                               pooling=s.pooling or DEFAULT_POOLING[arch],
                               arch=arch, lora_rank=s.lora_rank,
                               lora_alpha=s.adapter_alpha).validate()
     params = classifier_from_gpt(gpt_params, config, onp.random.default_rng([s.seed, 2]))
-    return params, config, tokenizer
+    return params, config, tokenizer, objective
 
 
 def classification_loss_and_batches(sets, config, batch_size):
@@ -330,8 +332,8 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     if resume:
         params, config, tokenizer = ckpt.params, ckpt.model_config, ckpt.tokenizer
     else:
-        params, config, tokenizer = build_classifier(s, labels, log)
-        s = with_base_defaults(s)  # the base is known good now; a resumed run kept its own
+        params, config, tokenizer, objective = build_classifier(s, labels, log)
+        s = with_base_defaults(s, objective)  # a resumed run kept its own
     paths = trainable_paths(params, s.freeze, config.n_layer)
     # 4. encode
     sets, counts = encode_classify_splits(s, tokenizer, labels, config.block_size,
