@@ -89,6 +89,24 @@ def test_classify_end_to_end(base, tsv, tmp_path):
     assert below.exit_code == 1 and "--max-iters 5 is below the 6 steps" in below.output
 
 
+def test_a_label_first_file_without_extension_trains_and_scores_label_first(base, tmp_path):
+    # the layout of the public SMS spam collection: "ham<TAB>text", no header, no extension
+    data = tmp_path / "SMSSpamCollection"
+    data.write_text("".join(f"{'spam' if i % 3 else 'ham'}\tmessage number {i}\n"
+                            for i in range(40)), encoding="utf-8")
+    out = str(tmp_path / "run")
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", str(data), "--out", out]
+                 + FAST)
+    assert result.exit_code == 0, result.output
+    assert f"note: {data}: no .csv, .tsv, .jsonl or .json extension: read as TSV" in result.output
+    assert f"note: {data}: column 0 holds 2 distinct values in 40 rows" in result.output
+    report = json.load(open(os.path.join(out, "metrics.json")))
+    assert report["labels"] == ["ham", "spam"]
+    assert report["examples"] == {"train": 28, "val": 4, "test": 8}
+    scored = run(["classify", "--checkpoint", out, "--data", str(data)])
+    assert scored.exit_code == 0 and "40 examples" in scored.stdout, scored.output
+
+
 def test_texts_repeated_across_splits_are_counted(base, tsv, tmp_path):
     # the val file repeats one training text and the test file three: one with another label,
     # and one in other case, which is the upper-case copy of a training text, trained on as

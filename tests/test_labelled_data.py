@@ -39,6 +39,72 @@ def test_headerless_tsv_uses_positions(tmp_path):
     assert read_classification(path) == [("ham", "hello"), ("spam", "buy")]  # text first by default
 
 
+SMS = [("spam", "Win a prize now"), ("ham", "See you at six"), ("ham", "Call me later"),
+       ("spam", "Free cash, reply YES"), ("ham", "Dinner is ready"), ("spam", "You won a car"),
+       ("ham", "On my way home"), ("ham", "Thanks for the book")]
+
+
+def test_a_headerless_file_with_the_label_first_is_read_label_first(tmp_path):
+    # as the public SMS spam collection comes: "ham<TAB>text", no header, no extension
+    notes = []
+    path = write(tmp_path, "SMSSpamCollection", "".join(f"{l}\t{t}\n" for l, t in SMS))
+    assert read_classification(path, log=notes.append) == [(t, l) for l, t in SMS]
+    assert notes == [
+        f"note: {path}: no .csv, .tsv, .jsonl or .json extension: read as TSV, as its first line"
+        " holds a tab",
+        f"note: {path}: column 0 holds 2 distinct values in 8 rows and column 1 holds 8: read"
+        " column 0 as the label and column 1 as the text (give --text-column and --label-column"
+        " to choose)"]
+    # text first, as the default has it: read as it is, without a note
+    notes.clear()
+    path = write(tmp_path, "d.tsv", "".join(f"{t}\t{l}\n" for l, t in SMS))
+    assert read_classification(path, log=notes.append) == [(t, l) for l, t in SMS]
+    assert notes == []
+    # columns given by position are read as given, whatever they hold
+    path = write(tmp_path, "d.tsv", "".join(f"{l}\t{t}\n" for l, t in SMS))
+    assert read_classification(path, text_column="0", label_column="1") == list(SMS)
+    # too few rows to tell labels from texts: text first
+    path = write(tmp_path, "d.tsv", "".join(f"{l}\t{t}\n" for l, t in SMS[:4]))
+    assert read_classification(path) == list(SMS[:4])
+
+
+def test_a_csv_of_label_and_text_under_other_names_is_read_label_first(tmp_path):
+    # another public layout: columns "v1" (the label) and "v2" (the text), three empty ones
+    notes, records = [], [(l, f"{t}, once more") for l, t in SMS] + SMS
+    rows = "".join(f'{l},"{t}",,,\n' for l, t in records)
+    path = write(tmp_path, "spam.csv", "v1,v2,,,\n" + rows)
+    assert read_classification(path, log=notes.append) == [(t, l) for l, t in records]
+    assert [note.split(": ")[2] for note in notes] == [
+        "column 0 holds 3 distinct values in 17 rows and column 1 holds 17",
+        "read as the header, not a record"]
+
+
+def test_a_file_without_extension_is_read_by_its_first_line(tmp_path):
+    notes = []
+    path = write(tmp_path, "records", '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
+    assert read_classification(path, log=notes.append) == [("a", "x"), ("b", "y")]
+    assert notes == [f"note: {path}: no .csv, .tsv, .jsonl or .json extension: read as JSONL, as"
+                     " its first line starts with '{'"]
+    path = write(tmp_path, "d.txt", "label,text\nx,hello there\n")
+    assert read_classification(path, log=lambda m: None) == [("hello there", "x")]
+
+
+def test_bytes_that_read_as_windows_1252_get_a_command_that_converts_them(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes("label,text\nham,caf\u00e9 \u2019ok\u2019\n".encode("cp1252"))
+    with pytest.raises(TinyLLMError) as err:
+        read_classification(str(path))
+    assert str(err.value) == (
+        f"{path}:2: not UTF-8 text (byte 0xe9 at column 8); in Windows-1252 it is 'é': convert"
+        f" the file with `iconv -f cp1252 -t utf-8 {path} > {tmp_path / 'utf8-d.csv'}`, or save"
+        " it as UTF-8")
+    # a UTF-8 file with one damaged byte: converting it would garble its other letters
+    path.write_bytes("label,text\nham,caf\u00e9\n".encode("utf-8") + b"ham,bad \xe9\n")
+    with pytest.raises(TinyLLMError, match=r"d.csv:3: not UTF-8 text \(byte 0xe9 at column 9\);"
+                       r" save the file as UTF-8$"):
+        read_classification(str(path))
+
+
 def test_csv_with_named_columns_and_quoted_commas(tmp_path):
     path = write(tmp_path, "d.csv", 'id,body,cls\n1,"a, b",x\n2,c,y\n')
     assert read_classification(path, text_column="body", label_column="cls") == [
@@ -65,7 +131,7 @@ def test_a_json_array_of_records(tmp_path):  # the layout many data sets are exp
     ("d.csv", "label,text\nx,hi\ny,ho\nx, \ny,hey\n", {}, r"d.csv:4: empty text"),
     ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", \n', {}, r"d.jsonl:2: malformed JSON"),
     ("d.jsonl", '{"text": "a"}\n', {}, r"d.jsonl:1: record has no 'label'"),
-    ("d.txt", "a\tb\n", {}, r"unknown data format"),
+    ("d.xlsx", "a\tb\n", {}, r"d.xlsx: unknown data format '.xlsx'"),
     ("d.csv", "label;text\nspam;hi there\n", {},  # a spreadsheet's "CSV" in many languages
      r"d.csv:1: missing column 1 \(this line has 1 field\); it holds ';' and no comma: save it"
      r" with commas \(or with tabs, as .tsv\)"),

@@ -158,9 +158,11 @@ def finetune():
               help="Run directory (checkpoint, metrics.jsonl, metrics.json).")
 @click.option("--text-column", default=None,
               help="CSV/TSV column (header name or 0-based position) holding the text.  [default:"
-                   " 'text', or column 0 without a header]")
+                   " 'text'; without such a header column 0, or column 1 where column 0 holds"
+                   " few values repeated and column 1 many (the label first)]")
 @click.option("--label-column", default=None,
-              help="CSV/TSV column holding the label.  [default: 'label', or column 1]")
+              help="CSV/TSV column holding the label.  [default: 'label'; without such a header"
+                   " column 1, or column 0 where it holds the labels, as said above]")
 @click.option("--arch", type=click.Choice(["decoder", "encoder"]), default=ClassifySettings.arch,
               help="decoder: causal, as pretrained; encoder: the same weights run bidirectionally."
                    "  [default: encoder from an MLM checkpoint (pretrain --objective mlm), else"
@@ -195,7 +197,8 @@ def finetune():
 @user_errors
 @abort_on_error
 def finetune_classify(out, resume, force, **flags):
-    """Fine-tune a classifier on labelled texts (.csv, .tsv, .jsonl or a .json array).
+    """Fine-tune a classifier on labelled texts (.csv, .tsv, .jsonl or a .json array; a file with
+    no extension, or .txt, is read by its first line: a tab makes it TSV).
 
     Without --data it uses the embedded set (standard-library docstring sentences labelled by
     subject: internet, files, concurrency, numbers). Without --val-data/--test-data the data is
@@ -283,9 +286,11 @@ def finetune_instruct(out, resume, force, no_cache, **flags):
                    " scored together must share it: the same data and `finetune classify"
                    " --split-seed`.  [default: none]")
 @click.option("--text-column", default=None,
-              help="As for `finetune classify`.  [default: 'text', or column 0 without a header]")
+              help="As for `finetune classify`.  [default: 'text'; without such a header column"
+                   " 0, or 1 where column 0 holds the labels]")
 @click.option("--label-column", default=None,
-              help="As for `finetune classify`.  [default: 'label', or column 1]")
+              help="As for `finetune classify`.  [default: 'label'; without such a header column"
+                   " 1, or 0 where it holds the labels]")
 @click.argument("text", required=False)
 @user_errors
 def classify(checkpoints, data, split, text_column, label_column, text):

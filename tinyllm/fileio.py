@@ -30,6 +30,7 @@ import io
 import json
 import os
 import re
+import shlex
 import signal
 import stat
 import tempfile
@@ -232,8 +233,29 @@ def decode_utf8(data, path, drop_bom=True):
         line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
         column = err.start - max(before.rfind(b"\n"), before.rfind(b"\r"))
         raise TinyLLMError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at"
-                           f" column {column}); save the file as UTF-8") from None
+                           f" column {column}){_encoding_hint(data, err.start, path)}") from None
     return text[1:] if drop_bom and text.startswith("\ufeff") else text
+
+
+def _encoding_hint(data, start, path):
+    """What to do about bytes that are not UTF-8: save the file as UTF-8, and, where the bytes
+    read as Windows-1252 (Latin-1 with a few more letters, which older spreadsheets and many
+    public data sets are saved in) and no character of the file is UTF-8 beyond ASCII, the
+    character they would be and a command that converts it.
+
+    Example: b"caf\xe9", 3, "d.csv" -> "; in Windows-1252 it is 'é': convert the file with
+    `iconv -f cp1252 -t utf-8 d.csv > utf8-d.csv`, or save it as UTF-8"."""
+    if not data.decode("utf-8", errors="ignore").isascii():  # UTF-8 elsewhere: a damaged file
+        return "; save the file as UTF-8"
+    try:
+        data.decode("cp1252")
+    except UnicodeDecodeError:
+        return "; save the file as UTF-8"
+    char = data[start:start + 1].decode("cp1252")
+    folder, name = os.path.split(path)
+    return (f"; in Windows-1252 it is {char!r}: convert the file with `iconv -f cp1252 -t utf-8"
+            f" {shlex.quote(path)} > {shlex.quote(os.path.join(folder, 'utf8-' + name))}`, or"
+            " save it as UTF-8")
 
 
 def split_lines(text):

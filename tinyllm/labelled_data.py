@@ -12,7 +12,9 @@ the spaces around one dropped in every format):
             lines that contain a double quote and lose rows
     .jsonl  one JSON object per line: {"text": "...", "label": "..."}
     .json   a JSON array of such objects (or JSONL under that name)
-A CSV/TSV header is optional. The first row is the header when (`first_row_is_header`, the one
+A file with no extension, or .txt (as some public data sets come), is read by its first
+non-blank line (`_format_of`): "{" first makes it JSONL, "[" a JSON array, a tab TSV, anything
+else CSV; a note says which. A CSV/TSV header is optional. The first row is the header when (`first_row_is_header`, the one
 place this rule lives):
     1. a column is given by name (`--text-column review`): the row must hold that name;
     2. it holds the names "text" and "label" (in any case: "Text" is "text"); or
@@ -22,7 +24,10 @@ place this rule lives):
        while every other row's label is on two rows or more ("category,comment" above rows
        labelled spam and ham).
 Otherwise the file has no header, and the columns are given by position (`--text-column 0
---label-column 1` is the default meaning for a headerless file: text first). A header found by
+--label-column 1` is the default meaning for a headerless file: text first), unless neither is
+given and column 0 holds what labels look like while column 1 holds what texts look like
+(`columns_by_content`): then the label is column 0 and the text column 1, with a note, as in
+files that put the label first. A header found by
 rule 3 is said in a one-line note, and its columns are still given by position (its names are
 not "text" and "label"); a first record it takes for a header is kept by putting a header row
 that names the columns "text" and "label" above it.
@@ -66,10 +71,25 @@ def _read_text(path):
     return read_text_file(path, allow_pipe=False).removeprefix("\ufeff")
 
 
-def _format_of(path):
+def _format_of(path, text=None, log=None):
+    """"csv", "tsv", "jsonl" or "json", by the file's extension. A file with no extension, or
+    .txt, as some public data sets come (a tab-separated file named `SMSSpamCollection`, say),
+    is read by what its first non-blank line holds when its `text` is given: "{" first -> JSONL,
+    "[" -> a JSON array, a tab -> TSV, else CSV; `log` is told which. Without `text`, or with
+    another extension, an unknown format is an error."""
     ext = os.path.splitext(path)[1].lower()
     if ext in (".csv", ".tsv", ".jsonl", ".json"):
         return ext[1:]
+    if text is not None and ext in ("", ".txt"):
+        first = next((line for line in split_lines(text) if line.strip()), "").lstrip()
+        fmt, why = (("jsonl", "its first line starts with '{'") if first.startswith("{")
+                    else ("json", "it starts with '['") if first.startswith("[")
+                    else ("tsv", "its first line holds a tab") if "\t" in first
+                    else ("csv", "its first line holds no tab"))
+        if log is not None:
+            log(f"note: {path}: no .csv, .tsv, .jsonl or .json extension: read as {fmt.upper()},"
+                f" as {why}")
+        return fmt
     raise TinyLLMError(f"{path}: unknown data format {ext or '(no extension)'!r};"
                        " use .csv, .tsv, .jsonl or .json")
 
@@ -151,7 +171,7 @@ def read_classification(path, text_column=None, label_column=None, classes=None,
         if column == "":  # an unset shell variable, say: not the default column, unseen
             raise TinyLLMError(f"{flag} is empty: give a column name or position, or leave it out")
     text = _read_text(path)  # first: a missing file is "not found", whatever its name
-    fmt = _format_of(path)
+    fmt = _format_of(path, text, log)
     if fmt in ("jsonl", "json"):
         if (text_column or "text") == (label_column or "label"):
             raise TinyLLMError(f"{path}: --text-column and --label-column name the same field")
@@ -166,6 +186,9 @@ def read_classification(path, text_column=None, label_column=None, classes=None,
                 else _rows_csv(text, path))
     if not rows:
         raise TinyLLMError(f"{path}: no records: every line is blank")
+    if text_column is None and label_column is None and not _named_header(
+            [f.strip() for f in rows[0][1]], None, None):
+        text_column, label_column = columns_by_content(rows, path, log)
     has_header, note = first_row_is_header(rows, text_column, label_column, classes)
     if note:
         log(f"note: {path}:{rows[0][0]}: read as the header, not a record: {note}; if it is a"
@@ -208,13 +231,36 @@ def _separator_hint(path, fields):
     Example: ("d.csv", ["spam;Check out my channel"]) -> "; it holds ';' and no comma: save
     it with commas (or with tabs, as .tsv)"; ("d.csv", ['spam, "hi"']) -> "" (a comma: the row
     is short for another reason)."""
-    if len(fields) != 1 or _format_of(path) != "csv" or "," in fields[0]:
+    if len(fields) != 1 or os.path.splitext(path)[1].lower() != ".csv" or "," in fields[0]:
         return ""
     if "\t" in fields[0]:
         return "; it holds tabs and no comma: name a tab-separated file .tsv"
     if ";" in fields[0]:
         return "; it holds ';' and no comma: save it with commas (or with tabs, as .tsv)"
     return ""
+
+
+def columns_by_content(rows, path, log=print):
+    """(text column, label column) of a file read by position, its columns not named: text 0 and
+    label 1, unless column 0 holds what labels look like and column 1 what texts look like, as
+    in files that put the label first (`ham<TAB>Ok, see you at six`); `log` is told of a swap.
+
+    Labels look like few values, each on four rows or more on average: at most a quarter as many
+    distinct ones as rows. Texts look like values mostly their own: more distinct ones than half
+    the rows. Each is counted over every row, a header among them. Example: eight rows of "spam"
+    or "ham" and eight different texts -> ("1", "0"); two rows "ham<TAB>hello", "spam<TAB>buy"
+    -> (None, None), too few to tell, so text first."""
+    def distinct(i):
+        return len({fields[i].strip() for _, fields in rows if i < len(fields)})
+
+    n = len(rows)
+    labels_first = distinct(0) <= n / 4 and distinct(1) > n / 2
+    if not labels_first:
+        return None, None
+    log(f"note: {path}: column 0 holds {distinct(0):,} distinct values in {n:,} rows and column 1"
+        f" holds {distinct(1):,}: read column 0 as the label and column 1 as the text (give"
+        " --text-column and --label-column to choose)")
+    return "1", "0"
 
 
 def _by_position(column):
@@ -332,7 +378,7 @@ def read_instructions(path):
     "instruction", "input" ("" when absent) and "output", and "line": where the record starts
     in the file (1-based). Errors name file:line."""
     text = _read_text(path)  # first: a missing file is "not found", whatever its name
-    fmt = _format_of(path)
+    fmt = _format_of(path, text)
     if fmt not in ("jsonl", "json") and not text.lstrip().startswith("["):
         raise TinyLLMError(f"{path}: instruction data must be a JSON array or JSONL")
     errors, records = RecordErrors(), []
