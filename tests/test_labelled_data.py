@@ -79,6 +79,31 @@ def test_a_csv_of_label_and_text_under_other_names_is_read_label_first(tmp_path)
         "read as the header, not a record"]
 
 
+def test_a_label_column_of_mostly_single_values_is_refused_with_the_first_row(tmp_path):
+    # the columns of the public YouTube spam files: the text and the class are columns 3 and 4
+    rows = "".join(f"id{i},Person {i},2015-01-01,Comment {i},{i % 2}\n" for i in range(12))
+    path = write(tmp_path, "yt.csv", "COMMENT_ID,AUTHOR,DATE,CONTENT,CLASS\n" + rows)
+    with pytest.raises(TinyLLMError) as err:
+        read_classification(path)
+    assert str(err.value) == (
+        f"{path}: column 1 holds 13 different labels in 13 records, so most classes would have one"
+        " record: it is not a label column; choose the columns with --text-column and"
+        " --label-column (its first row: COMMENT_ID, AUTHOR, DATE, CONTENT, CLASS)")
+    assert read_classification(path, text_column="CONTENT", label_column="CLASS")[:2] == [
+        ("Comment 0", "0"), ("Comment 1", "1")]
+    with pytest.raises(TinyLLMError, match=r"yt.csv: column 1 \('AUTHOR'\) holds 12 different"):
+        read_classification(path, text_column="CONTENT", label_column="AUTHOR")
+    records = "".join(f'{{"text": "t", "label": "{i}"}}\n' for i in range(10))
+    jsonl = write(tmp_path, "d.jsonl", records)
+    with pytest.raises(TinyLLMError, match=r"d.jsonl: field 'label' holds 10 different labels"):
+        read_classification(jsonl)
+    # a file to score against known classes is not refused for it (each label is checked there)
+    assert len(read_classification(path, text_column="CONTENT", label_column="AUTHOR",
+                                   classes={f"Person {i}" for i in range(12)})) == 12
+    # nor is a small file
+    assert len(read_classification(write(tmp_path, "s.csv", "text,label\na,1\nb,2\nc,3\n"))) == 3
+
+
 def test_a_file_without_extension_is_read_by_its_first_line(tmp_path):
     notes = []
     path = write(tmp_path, "records", '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')

@@ -181,6 +181,8 @@ def read_classification(path, text_column=None, label_column=None, classes=None,
                 examples.append((_str_field(rec, text_column or "text", path, n),
                                  _str_field(rec, label_column or "label", path, n).strip()))
         errors.raise_any()
+        if classes is None:
+            _check_labels_repeat(examples, path, f"field {label_column or 'label'!r}")
         return examples
     rows = list(_rows_tsv(text, _tsv_width(text, text_column, label_column)) if fmt == "tsv"
                 else _rows_csv(text, path))
@@ -207,7 +209,27 @@ def read_classification(path, text_column=None, label_column=None, classes=None,
     errors.raise_any()
     if not examples:
         raise TinyLLMError(f"{path}: no examples after the header")
+    if classes is None:
+        where = f"column {li}" + (f" ({header[li]!r})" if header and li < len(header) else "")
+        first = "" if header else f" (its first row: {', '.join(f.strip() for f in rows[0][1])})"
+        _check_labels_repeat(examples, path, where, first)
     return examples
+
+
+def _check_labels_repeat(examples, path, where, first=""):
+    """Refuse a training file whose labels are mostly one of a kind (10 records or more, more
+    distinct labels than half of them): its label column holds texts or ids, not classes, and
+    the run would fail later with one class after another found in a single record.
+
+    Example: 350 records of a CSV whose column 1 is an author's name -> "d.csv: column 1 holds
+    342 different labels in 350 records: ... choose the columns with --text-column and
+    --label-column"."""
+    labels = {label for _, label in examples}
+    if len(examples) >= 10 and len(labels) > len(examples) / 2:
+        raise TinyLLMError(f"{path}: {where} holds {len(labels):,} different labels in"
+                           f" {len(examples):,} records, so most classes would have one record:"
+                           " it is not a label column; choose the columns with --text-column and"
+                           f" --label-column{first}")
 
 
 def _row_example(fields, ti, li, path, number):
