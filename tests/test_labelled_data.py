@@ -104,6 +104,17 @@ def test_a_label_column_of_mostly_single_values_is_refused_with_the_first_row(tm
     assert len(read_classification(write(tmp_path, "s.csv", "text,label\na,1\nb,2\nc,3\n"))) == 3
 
 
+def test_instruction_records_in_dollys_layout(tmp_path):
+    path = write(tmp_path, "d.jsonl",
+                 '{"instruction": "Sum", "context": "1 2", "response": "3", "category": "qa"}\n'
+                 '{"instruction": "Greet", "context": "", "response": "Hello"}\n'
+                 '{"instruction": "Name it", "input": "x", "output": "y"}\n')
+    assert [(r["instruction"], r["input"], r["output"]) for r in read_instructions(path)] == [
+        ("Sum", "1 2", "3"), ("Greet", "", "Hello"), ("Name it", "x", "y")]
+    with pytest.raises(TinyLLMError, match=r"d.jsonl:1: empty 'response'"):
+        read_instructions(write(tmp_path, "d.jsonl", '{"instruction": "a", "response": " "}\n'))
+
+
 def test_a_file_without_extension_is_read_by_its_first_line(tmp_path):
     notes = []
     path = write(tmp_path, "records", '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')

@@ -240,7 +240,8 @@ def echo_per_class(per_class):
 @abort_on_error
 def finetune_instruct(out, resume, force, no_cache, **flags):
     """Instruction-tune a model on records with instruction, optional input, and output
-    (a JSON array or JSONL, Alpaca layout). Each record becomes
+    (a JSON array or JSONL, Alpaca layout; Dolly's context and response are read as input and
+    output). Each record becomes
 
     \b
         Instruction: {instruction}

@@ -395,10 +395,22 @@ def _json_array_records(text, path):
 _ITEM_GAP = re.compile(r"[ \t\r\n]*,?[ \t\r\n]*")  # JSON whitespace and the comma between items
 
 
+# The fields an instruction record's input and output may be under: Alpaca's names first, then
+# those of the other common layout (Dolly's "context" and "response").
+INPUT_FIELDS = ("input", "context")
+OUTPUT_FIELDS = ("output", "response")
+
+
+def _first_field(record, names):
+    """The first of `names` that `record` has (the first name when it has none of them)."""
+    return next((name for name in names if name in record), names[0])
+
+
 def read_instructions(path):
     """Read instruction records from a JSON array or JSONL file: a list of dicts with string
     "instruction", "input" ("" when absent) and "output", and "line": where the record starts
-    in the file (1-based). Errors name file:line."""
+    in the file (1-based). A record may give its input as "context" and its output as
+    "response" (INPUT_FIELDS, OUTPUT_FIELDS), as Dolly's layout has them. Errors name file:line."""
     text = _read_text(path)  # first: a missing file is "not found", whatever its name
     fmt = _format_of(path, text)
     if fmt not in ("jsonl", "json") and not text.lstrip().startswith("["):
@@ -407,8 +419,11 @@ def read_instructions(path):
     for number, rec in _json_records(text, path, errors):
         with errors.gathered():
             records.append({"instruction": _str_field(rec, "instruction", path, number),
-                            "input": _str_field(rec, "input", path, number, required=False),
-                            "output": _str_field(rec, "output", path, number), "line": number})
+                            "input": _str_field(rec, _first_field(rec, INPUT_FIELDS), path,
+                                                number, required=False),
+                            "output": _str_field(rec, _first_field(rec, OUTPUT_FIELDS), path,
+                                                 number),
+                            "line": number})
     errors.raise_any()
     if not records:
         raise TinyLLMError(f"{path}: no records")
