@@ -284,6 +284,13 @@ def test_a_response_longer_than_the_context_is_one_line():
                {"instruction": "say", "input": "", "output": "o" * 40, "line": 9}]
     with pytest.raises(TinyLLMError, match=r"^t\.jsonl:9: its response alone has 40 tokens"):
         encode_instructions(tok, records, 32, False, "t.jsonl")
+    # every such record is counted, so that a large file is mended in one pass
+    records += [{"instruction": "say", "input": "", "output": "o" * n, "line": n} for n in (50, 60)]
+    for check in (lambda: encode_instructions(tok, records, 32, False, "t.jsonl"),
+                  lambda: instruct_run.check_responses_fit(tok, records, 32, "t.jsonl")):
+        with pytest.raises(TinyLLMError, match=r"^t\.jsonl:9: its response alone has 40 tokens.*"
+                           r" \(and 2 more bad records: t\.jsonl:50: .*; t\.jsonl:60: "):
+            check()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import numpy as onp
 from .bleu import exact_match
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import SINGLE_PROCESS
-from .errors import TinyLLMError
+from .errors import RecordErrors, TinyLLMError
 from .fileio import atomic_write_text
 from .finetune import fit_prompt, format_prompt, instruction_example, length_groups, token_f1
 from .finetune_runs import (EOT, EVAL_TRAIN_EXAMPLES, FinetuneSettings, add_unknown_token,
@@ -59,19 +59,23 @@ def encode_instructions(tokenizer, records, block_size, include_prompt, where):
     """Rows (x, y, m) stacked into arrays, the number of records whose prompt lost its start
     to fit the context, and the characters that fell back to the unknown token.
 
-    A record whose response alone (with the end-of-text token) does not fit is an error naming
-    its line in `where` (the file), or its place in `records` for a record read from no file."""
+    Records whose response alone (with the end-of-text token) does not fit are an error naming
+    the first few by their line in `where` (the file), or their place in `records` for records
+    read from no file, and counting the rest."""
     eot = tokenizer.special_tokens[EOT]
-    rows, shortened, fallback = [], 0, 0
+    rows, shortened, fallback, errors = [], 0, 0, RecordErrors()
     for number, record in enumerate(records, 1):
         prompt, n1 = encode_with_fallback(tokenizer, format_prompt(record))
         response, n2 = encode_with_fallback(tokenizer, record["output"])
         fallback += n1 + n2
         kept = fit_prompt(prompt, response, block_size)
-        if kept is None:
-            raise response_too_long(where, record, number, len(response), block_size)
-        shortened += len(kept) < len(prompt)
-        rows.append(instruction_example(kept, response, eot, block_size, include_prompt))
+        with errors.gathered():
+            if kept is None:
+                raise response_too_long(where, record, number, len(response), block_size)
+        if kept is not None:
+            shortened += len(kept) < len(prompt)
+            rows.append(instruction_example(kept, response, eot, block_size, include_prompt))
+    errors.raise_any()
     longest = max(int(m.nonzero()[0].max()) + 1 for _, _, m in rows)  # trim shared padding
     x, y, m = (onp.stack([r[i][:longest] for r in rows]) for i in range(3))
     return (x, y, m), shortened, fallback
@@ -88,13 +92,17 @@ def response_too_long(where, record, number, n_tokens, block_size):
 
 
 def check_responses_fit(tokenizer, records, block_size, where):
-    """Raise `response_too_long` for the first record whose response alone does not fit the
-    context: a test record's response is generated, not trained on, but one that cannot fit
-    could never be written whole, so it is refused as a training record's is, before training."""
+    """Raise `response_too_long` for the records whose response alone does not fit the context
+    (the first few named, the rest counted): a test record's response is generated, not trained
+    on, but one that cannot fit could never be written whole, so it is refused as a training
+    record's is, before training."""
+    errors = RecordErrors()
     for number, record in enumerate(records, 1):
         response = encode_with_fallback(tokenizer, record["output"])[0]
-        if fit_prompt([], response, block_size) is None:
-            raise response_too_long(where, record, number, len(response), block_size)
+        with errors.gathered():
+            if fit_prompt([], response, block_size) is None:
+                raise response_too_long(where, record, number, len(response), block_size)
+    errors.raise_any()
 
 
 def generation_prompts(tokenizer, records, max_new_tokens, block_size):
