@@ -66,6 +66,11 @@ def test_a_headerless_file_with_the_label_first_is_read_label_first(tmp_path):
     # too few rows to tell labels from texts: text first
     path = write(tmp_path, "d.tsv", "".join(f"{l}\t{t}\n" for l, t in SMS[:4]))
     assert read_classification(path) == list(SMS[:4])
+    # unless the classes are known (a file to score): then the column of classes is the label
+    notes.clear()
+    assert read_classification(path, classes={"ham", "spam"}, log=notes.append) == [
+        (t, l) for l, t in SMS[:4]]
+    assert notes[0].startswith(f"note: {path}: column 0 holds 2 distinct values in 4 rows")
 
 
 def test_a_csv_of_label_and_text_under_other_names_is_read_label_first(tmp_path):

@@ -190,7 +190,7 @@ def read_classification(path, text_column=None, label_column=None, classes=None,
         raise TinyLLMError(f"{path}: no records: every line is blank")
     if text_column is None and label_column is None and not _named_header(
             [f.strip() for f in rows[0][1]], None, None):
-        text_column, label_column = columns_by_content(rows, path, log)
+        text_column, label_column = columns_by_content(rows, path, log, classes)
     has_header, note = first_row_is_header(rows, text_column, label_column, classes)
     if note:
         log(f"note: {path}:{rows[0][0]}: read as the header, not a record: {note}; if it is a"
@@ -262,7 +262,7 @@ def _separator_hint(path, fields):
     return ""
 
 
-def columns_by_content(rows, path, log=print):
+def columns_by_content(rows, path, log=print, classes=None):
     """(text column, label column) of a file read by position, its columns not named: text 0 and
     label 1, unless column 0 holds what labels look like and column 1 what texts look like, as
     in files that put the label first (`ham<TAB>Ok, see you at six`); `log` is told of a swap.
@@ -271,12 +271,19 @@ def columns_by_content(rows, path, log=print):
     distinct ones as rows. Texts look like values mostly their own: more distinct ones than half
     the rows. Each is counted over every row, a header among them. Example: eight rows of "spam"
     or "ham" and eight different texts -> ("1", "0"); two rows "ham<TAB>hello", "spam<TAB>buy"
-    -> (None, None), too few to tell, so text first."""
+    -> (None, None), too few to tell, so text first. With the `classes` a model was trained on
+    known (a file to score), column 0 holds the labels when every row's value there but the
+    first (a header, perhaps) is one of them and column 1's are not: ("1", "0") for those two
+    rows and the classes {"ham", "spam"}."""
     def distinct(i):
         return len({fields[i].strip() for _, fields in rows if i < len(fields)})
 
+    def all_classes(i):
+        return all(i < len(fields) and fields[i].strip() in classes for _, fields in rows[1:])
+
     n = len(rows)
-    labels_first = distinct(0) <= n / 4 and distinct(1) > n / 2
+    labels_first = (distinct(0) <= n / 4 and distinct(1) > n / 2
+                    or classes is not None and n > 1 and all_classes(0) and not all_classes(1))
     if not labels_first:
         return None, None
     log(f"note: {path}: column 0 holds {distinct(0):,} distinct values in {n:,} rows and column 1"
