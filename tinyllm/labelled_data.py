@@ -14,7 +14,9 @@ the spaces around one dropped in every format):
     .json   a JSON array of such objects (or JSONL under that name)
 A file with no extension, or .txt (as some public data sets come), is read by its first
 non-blank line (`_format_of`): "{" first makes it JSONL, "[" a JSON array, a tab TSV, anything
-else CSV; a note says which. A CSV/TSV header is optional. The first row is the header when (`first_row_is_header`, the one
+else CSV; a note says which.
+
+A CSV/TSV header is optional. The first row is the header when (`first_row_is_header`, the one
 place this rule lives):
     1. a column is given by name (`--text-column review`): the row must hold that name;
     2. it holds the names "text" and "label" (in any case: "Text" is "text"); or
@@ -27,10 +29,11 @@ Otherwise the file has no header, and the columns are given by position (`--text
 --label-column 1` is the default meaning for a headerless file: text first), unless neither is
 given and column 0 holds what labels look like while column 1 holds what texts look like
 (`columns_by_content`): then the label is column 0 and the text column 1, with a note, as in
-files that put the label first. A header found by
-rule 3 is said in a one-line note, and its columns are still given by position (its names are
-not "text" and "label"); a first record it takes for a header is kept by putting a header row
-that names the columns "text" and "label" above it.
+files that put the label first. A header found by rule 3 is said in a one-line note, and its
+columns are still given by position (its names are not "text" and "label"); a first record it
+takes for a header is kept by putting a header row that names the columns "text" and "label"
+above it. A training file whose label column holds more distinct values than half its records
+(`_check_labels_repeat`) is refused: that column holds texts or ids, not classes.
 
 Instruction files: a JSON array, or JSONL, of records {"instruction": ..., "input": ...,
 "output": ...} (the Alpaca layout; "input" may be absent or empty, meaning none).
