@@ -423,6 +423,33 @@ def test_instruct_tests_on_the_split_of_split_seed(base, instructions, tmp_path)
     assert tested[1, 7] == tested[2, 7] == tested[7, None] != tested[1, None]
 
 
+def test_skip_long_leaves_out_and_counts_records_whose_response_cannot_fit(base, tmp_path):
+    # block 48: a response of 60 characters (a char model: 60 tokens) cannot fit
+    records = [{"instruction": "say", "input": f"{i}", "output": "ok"} for i in range(40)]
+    for i in (3, 17, 25):
+        records[i]["output"] = "o" * 60
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    out = str(tmp_path / "run")
+    refused = run(["finetune", "instruct", "--checkpoint", base, "--data", str(data), "--out", out]
+                  + FAST)
+    assert refused.exit_code == 1 and "its response alone has 60 tokens" in refused.output
+    assert refused.output.rstrip().endswith("; --skip-long leaves such records out")
+    result = run(["finetune", "instruct", "--checkpoint", base, "--data", str(data), "--out", out,
+                  "--skip-long"] + FAST)
+    assert result.exit_code == 0, result.output
+    report = json.load(open(os.path.join(out, "metrics.json")))
+    skipped = report["skipped_long_records"]
+    assert sum(skipped.values()) == 3 and sum(report["records"].values()) == 37
+    for name, n in skipped.items():
+        assert (f"left out {n} {name} record(s)" in result.output) == (n > 0)
+    rows = [json.loads(line) for line in open(os.path.join(out, "responses.jsonl"))]
+    assert len(rows) == report["records"]["test"] and all(r["reference"] == "ok" for r in rows)
+    assert load_checkpoint(out).meta["finetune"]["skip_long"] is True  # kept for --resume
+    resumed = run(["finetune", "instruct", "--out", out, "--resume", "--max-iters", "6"])
+    assert resumed.exit_code == 0, resumed.output
+
+
 def test_instruct_end_to_end_and_generate(base, instructions, tmp_path):
     out = str(tmp_path / "inst")
     result = run(["finetune", "instruct", "--checkpoint", base, "--data", instructions, "--out", out]

@@ -293,6 +293,17 @@ def test_a_response_longer_than_the_context_is_one_line():
             check()
 
 
+def test_skip_long_refuses_a_split_it_would_empty():
+    tok = CharTokenizer.train(ALPHABET + "IRnpstuoe", special_tokens=SPECIAL_TOKENS)
+    fits, long = ({"instruction": "say", "input": "", "output": o} for o in ("ok", "o" * 40))
+    kept, skipped = instruct_run.without_long_responses(tok, ([fits, long], [fits], [long, fits]),
+                                                        32, lambda m: None)
+    assert kept == ([fits], [fits], [fits]) and skipped == {"train": 1, "val": 0, "test": 1}
+    with pytest.raises(TinyLLMError, match=r"^--skip-long: every val record has a response longer"
+                       r" than the context \(32 tokens\)$"):
+        instruct_run.without_long_responses(tok, ([fits], [long], [fits]), 32, lambda m: None)
+
+
 @pytest.fixture
 def instructions(tmp_path):
     path = tmp_path / "i.jsonl"

@@ -232,6 +232,10 @@ def echo_per_class(per_class):
               help="Run directory (checkpoint, metrics.jsonl, responses.jsonl, metrics.json).")
 @click.option("--include-prompt", is_flag=True,
               help="Compute the loss on the prompt tokens too (default: response tokens only).")
+@click.option("--skip-long", is_flag=True,
+              help="Leave out the records whose response alone is longer than the context, and"
+                   " count them in a note and in metrics.json, instead of refusing the file"
+                   " (default: refused, naming them).")
 @click.option("--max-new-tokens", default=InstructSettings.max_new_tokens, callback=count,
               help="Most tokens per generated test response.")
 @training_options(InstructSettings)

@@ -39,6 +39,8 @@ class InstructSettings(FinetuneSettings):
     """`tinyllm finetune instruct`."""
 
     include_prompt: bool = False  # count the prompt tokens in the loss too
+    skip_long: bool = False  # leave out (and count) the records whose response alone is longer
+    # than the context, instead of refusing the file: public files have some
     max_new_tokens: int = 64  # most tokens of a generated test response
     max_iters: int = 1500
     lr: float = 1e-3
@@ -75,7 +77,7 @@ def encode_instructions(tokenizer, records, block_size, include_prompt, where):
         if kept is not None:
             shortened += len(kept) < len(prompt)
             rows.append(instruction_example(kept, response, eot, block_size, include_prompt))
-    errors.raise_any()
+    raise_long_responses(errors)
     longest = max(int(m.nonzero()[0].max()) + 1 for _, _, m in rows)  # trim shared padding
     x, y, m = (onp.stack([r[i][:longest] for r in rows]) for i in range(3))
     return (x, y, m), shortened, fallback
@@ -91,6 +93,15 @@ def response_too_long(where, record, number, n_tokens, block_size):
                         f" context ({block_size} tokens, with one for the prompt and one to end)")
 
 
+def raise_long_responses(errors):
+    """Raise the gathered `response_too_long` errors (a RecordErrors) as one line that ends by
+    saying how to train without those records."""
+    try:
+        errors.raise_any()
+    except TinyLLMError as error:
+        raise TinyLLMError(f"{error}; --skip-long leaves such records out") from None
+
+
 def check_responses_fit(tokenizer, records, block_size, where):
     """Raise `response_too_long` for the records whose response alone does not fit the context
     (the first few named, the rest counted): a test record's response is generated, not trained
@@ -102,7 +113,7 @@ def check_responses_fit(tokenizer, records, block_size, where):
         with errors.gathered():
             if fit_prompt([], response, block_size) is None:
                 raise response_too_long(where, record, number, len(response), block_size)
-    errors.raise_any()
+    raise_long_responses(errors)
 
 
 def generation_prompts(tokenizer, records, max_new_tokens, block_size):
@@ -279,6 +290,10 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
         params, config, tokenizer = build_instruct_model(s, log)
     gpt_config = config.gpt() if hasattr(config, "gpt") else config
     # 4. encode
+    skipped = {"train": 0, "val": 0, "test": 0}
+    if s.skip_long:
+        (train, val, test), skipped = without_long_responses(
+            tokenizer, (train, val, test), config.block_size, log)
     arrays, shortened, fallback, cut = encode_instruct_splits(s, tokenizer, config.block_size,
                                                               train, val, test, log)
     log(f"data: {s.data or 'embedded tasks (reverse the words, uppercase, sort the words, add)'}:"
@@ -331,7 +346,8 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
     report = {"task": "instruct", "base": s.checkpoint, "lora_rank": s.lora_rank,
               "include_prompt": s.include_prompt,
               "records": {"train": len(train), "val": len(val), "test": len(test)},
-              "shortened_records": shortened, "fallback_characters": fallback,
+              "shortened_records": shortened, "skipped_long_records": skipped,
+              "fallback_characters": fallback,
               "test_references_cut": cut,
               "prompts_also_in_train": repeats,
               "test_before": before, "test_after": after,
@@ -341,6 +357,26 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
               "train_seconds_this_part": clock.part()}
     write_report(out, report)
     return report
+
+
+def without_long_responses(tokenizer, splits, block_size, log):
+    """--skip-long: ((train, val, test) without the records whose response alone does not fit the
+    context, {split: how many were left out}), each count said in a note. A split left with no
+    record is an error. Example: a val split of 50 records, 2 of them with a 300-token response
+    and a 256-token context -> 48 val records, {"val": 2, ...}, and a note."""
+    kept, skipped = [], {}
+    for name, records in zip(("train", "val", "test"), splits):
+        fits = [r for r in records if fit_prompt(
+            [], encode_with_fallback(tokenizer, r["output"])[0], block_size) is not None]
+        kept.append(fits)
+        skipped[name] = len(records) - len(fits)
+        if not fits:
+            raise TinyLLMError(f"--skip-long: every {name} record has a response longer than the"
+                               f" context ({block_size} tokens)")
+        if skipped[name]:
+            log(f"note: --skip-long: left out {skipped[name]} {name} record(s) whose response"
+                f" alone is longer than the context ({block_size} tokens)")
+    return tuple(kept), skipped
 
 
 def encode_instruct_splits(s, tokenizer, block_size, train, val, test, log):
