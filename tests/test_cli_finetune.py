@@ -208,6 +208,33 @@ def shown_probs(output):
             for line in output.strip().split("\n")[1:]}
 
 
+def test_classify_lines_labels_each_line_as_classify_text_does(base, tsv, tmp_path):
+    runs = [finetuned(base, tsv, tmp_path / f"run-{seed}", "--seed", str(seed)) for seed in (1, 2)]
+    texts = ["good film number 3", "bad\tfilm é", "very good " * 10]  # a tab, an unknown, windows
+    lines = tmp_path / "new.txt"
+    lines.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    for checkpoints in (runs[:1], runs):
+        flags = [arg for run_dir in checkpoints for arg in ("--checkpoint", run_dir)]
+        result = run(["classify", *flags, "--lines", str(lines)])
+        assert result.exit_code == 0, result.output
+        rows = result.stdout.split("\n")
+        assert rows[0] == "label\tprobability\ttext" and rows[4:] == [""]
+        assert "texts labelled: " in result.stderr
+        assert "note: 2 character(s) the model never saw were read as <|unk|>" in result.stderr
+        for text, row in zip(texts, rows[1:4]):
+            label, p, shown = row.split("\t", 2)
+            alone = run(["classify", *flags, text])  # the same text given as TEXT
+            assert shown == text and label == alone.stdout.split("\n")[0]
+            assert float(p) == pytest.approx(shown_probs(alone.stdout)[label], abs=1.5e-3)
+    lines.write_text("one\n\nthree\n", encoding="utf-8")
+    empty = run(["classify", "--checkpoint", runs[0], "--lines", str(lines)])
+    assert empty.exit_code == 1 and f"{lines}:2: empty line (classify --lines reads one text" \
+        " per line)" in empty.output
+    refused = run(["classify", "--checkpoint", runs[0], "--lines", str(lines), "--label-column",
+                   "1"])
+    assert refused.exit_code == 1 and "--lines has none" in refused.output
+
+
 def test_split_seed_gives_runs_one_split_and_classify_averages_them(base, tsv, tmp_path):
     runs = [finetuned(base, tsv, tmp_path / f"run-{seed}", "--seed", str(seed), "--split-seed",
                       "7") for seed in (1, 2)]

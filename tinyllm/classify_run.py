@@ -514,9 +514,10 @@ def load_classifiers(checkpoints):
 
 
 def classify_texts(params, config, tokenizer, texts, max_windows=ClassifySettings.max_windows,
-                   log=print):
+                   log=print, on_batch=None):
     """Class probabilities (N, K) for texts; longer ones are read as windows, as in training.
-    `log` is told of characters read as the unknown token and of texts cut after max_windows."""
+    `log` is told of characters read as the unknown token and of texts cut after max_windows;
+    on_batch(texts done), if given, as the texts are read (`predict_windows`)."""
     if any(not text.strip() for text in texts):  # as a data file's empty text is refused
         raise TinyLLMError("cannot classify an empty text (or one of spaces only)")
     seqs, fallback = encode_all(tokenizer, texts)
@@ -526,7 +527,7 @@ def classify_texts(params, config, tokenizer, texts, max_windows=ClassifySetting
     if cut:
         log(f"note: {cut} text(s) longer than {max_windows} windows of {config.block_size} tokens"
             " (the run's --max-windows) were read up to there only")
-    return predict_windows(params, windows, config)
+    return predict_windows(params, windows, config, on_batch=on_batch)
 
 
 def averaged_probs(members, texts, log=print):
@@ -538,6 +539,25 @@ def averaged_probs(members, texts, log=print):
     for note in dict.fromkeys(notes):
         log(note)
     return probs
+
+
+def label_texts(members, texts, log=print, stream=None):
+    """`tinyllm classify --lines FILE`: (label, probability) of each text, the class of highest
+    mean probability over the members and that probability, with a count of the texts labelled
+    so far on `stream` (default stderr); notes go to `log` once. Example: one spam classifier
+    and ["Win a prize now"] -> [("spam", 0.97)]."""
+    labels = members[0].labels
+    progress = Counting(len(texts) * len(members), "texts labelled", stream)
+    notes, total = [], 0.0
+    for i, m in enumerate(members):
+        total = total + classify_texts(
+            m.params, m.config, m.tokenizer, texts, m.max_windows, notes.append,
+            on_batch=lambda done, before=i * len(texts): progress.update(before + done))
+    progress.close()
+    for note in dict.fromkeys(notes):
+        log(note)
+    probs = total / len(members)
+    return [(labels[k], float(probs[n, k])) for n, k in enumerate(probs.argmax(axis=1))]
 
 
 def score_examples(members, examples, where, stream=None):

@@ -12,12 +12,13 @@ import click
 
 from . import distributed
 from .classify_run import (LR_AND_WARMUP, ClassifySettings, averaged_probs, format_accuracies,
-                           format_confusion, load_classifiers, per_class_stats, run_classify,
-                           score_file, score_run_split)
+                           format_confusion, label_texts, load_classifiers, per_class_stats,
+                           run_classify, score_file, score_run_split)
 from .cli_common import (count, flag_given, fraction, no_cache_option, non_negative,
                          note_flags_resume_ignores, positive, random_seed, step_count,
                          training_time, user_errors)
 from .distributed import abort_on_error
+from .embed import read_lines
 from .errors import TinyLLMError
 from .finetune import DEFAULT_POOLING, POOLINGS
 from .finetune_runs import DATA_FLAGS, data_fingerprints
@@ -285,6 +286,10 @@ def finetune_instruct(out, resume, force, no_cache, **flags):
 @click.option("--data", default=None, type=click.Path(dir_okay=False),
               help="Score a whole labelled file (.csv/.tsv/.jsonl/.json) and print its accuracy."
                    "  [default: none: classify TEXT]")
+@click.option("--lines", default=None, type=click.Path(dir_okay=False),
+              help="Label each line of this UTF-8 file (one text per line, no labels): print a"
+                   " tab-separated row per line, the label, its probability and the text, below"
+                   " a header row.  [default: none]")
 @click.option("--split", type=click.Choice(["val", "test"]), default=None,
               help="Score the validation or test split the run was fine-tuned with, made again"
                    " from its data file (which must be unchanged: its sha256 is checked). Runs"
@@ -298,20 +303,29 @@ def finetune_instruct(out, resume, force, no_cache, **flags):
                    " 1, or 0 where it holds the labels]")
 @click.argument("text", required=False)
 @user_errors
-def classify(checkpoints, data, split, text_column, label_column, text):
-    """Classify TEXT (prints the label and class probabilities), or score --data FILE or a run's
-    own --split.
+def classify(checkpoints, data, lines, split, text_column, label_column, text):
+    """Classify TEXT (prints the label and class probabilities), label each line of --lines FILE,
+    or score --data FILE or a run's own --split.
 
     Texts longer than the context are read as windows, as in fine-tuning. With several
     --checkpoint runs, each text gets the mean of their class probabilities."""
-    if sum(x is not None for x in (text, data, split)) != 1:
-        raise TinyLLMError("give one of a TEXT argument, --data FILE or --split val|test")
-    if (text is not None or split) and (text_column or label_column):
+    if sum(x is not None for x in (text, data, lines, split)) != 1:
+        raise TinyLLMError("give one of a TEXT argument, --data FILE, --lines FILE or --split"
+                           " val|test")
+    if data is None and (text_column or label_column):
+        given = ("a TEXT argument" if text is not None else "--lines" if lines is not None
+                 else "--split")
         raise TinyLLMError("--text-column and --label-column choose the columns of --data FILE;"
-                           f" {'a TEXT argument' if text is not None else '--split'} has none")
+                           f" {given} has none")
+    texts = read_lines(lines, "--lines", "classify --lines") if lines is not None else None
     members = load_classifiers(checkpoints)
     labels = members[0].labels
     notes = lambda note: click.echo(note, err=True)  # noqa: E731
+    if texts is not None:
+        click.echo("label\tprobability\ttext")
+        for line, (label, p) in zip(texts, label_texts(members, texts, log=notes)):
+            click.echo(f"{label}\t{p:.3f}\t{line}")
+        return
     if text is not None:
         probs = averaged_probs(members, [text], log=notes)[0]
         click.echo(labels[int(probs.argmax())])

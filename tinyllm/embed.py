@@ -149,18 +149,18 @@ def nearest_neighbour_agreement(vectors, labels):
     return same, chance
 
 
-def read_lines(path):
+def read_lines(path, flag="--data", command="embed"):
     """The lines of a UTF-8 text file (a byte-order mark dropped), one text each; an empty line
-    is an error naming it."""
+    is an error naming it. `flag` and `command` name the option and the command in errors."""
     if not os.path.exists(path):
-        raise TinyLLMError(f"--data {path!r} not found")
+        raise TinyLLMError(f"{flag} {path!r} not found")
     text = decode_utf8(read_bounded(path, MAX_LINES_BYTES, "data file"), path)
     lines = split_lines(text)  # so that vector i is line i as an editor counts them
     for number, line in enumerate(lines, 1):
         if not line.strip():
-            raise TinyLLMError(f"{path}:{number}: empty line (embed reads one text per line)")
+            raise TinyLLMError(f"{path}:{number}: empty line ({command} reads one text per line)")
     if not lines:
-        raise TinyLLMError(f"--data {path!r} has no lines to embed")
+        raise TinyLLMError(f"{flag} {path!r} has no lines")
     return lines
 
 
