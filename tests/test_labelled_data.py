@@ -60,6 +60,12 @@ def test_a_headerless_file_with_the_label_first_is_read_label_first(tmp_path):
     path = write(tmp_path, "d.tsv", "".join(f"{t}\t{l}\n" for l, t in SMS))
     assert read_classification(path, log=notes.append) == [(t, l) for l, t in SMS]
     assert notes == []
+    # texts that repeat (80 rows, 40 texts: not more than half) are many against 2 labels
+    notes.clear()
+    repeated = [(SMS[i % 8][0], f"{SMS[i % 8][1]} {i % 20}") for i in range(80)]
+    path = write(tmp_path, "d.tsv", "".join(f"{l}\t{t}\n" for l, t in repeated))
+    assert read_classification(path, log=notes.append) == [(t, l) for l, t in repeated]
+    assert "column 0 holds 2 distinct values in 80 rows and column 1 holds 40" in notes[0]
     # columns given by position are read as given, whatever they hold
     path = write(tmp_path, "d.tsv", "".join(f"{l}\t{t}\n" for l, t in SMS))
     assert read_classification(path, text_column="0", label_column="1") == list(SMS)

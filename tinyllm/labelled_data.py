@@ -271,10 +271,11 @@ def columns_by_content(rows, path, log=print, classes=None):
     in files that put the label first (`ham<TAB>Ok, see you at six`); `log` is told of a swap.
 
     Labels look like few values, each on four rows or more on average: at most a quarter as many
-    distinct ones as rows. Texts look like values mostly their own: more distinct ones than half
-    the rows. Each is counted over every row, a header among them. Example: eight rows of "spam"
-    or "ham" and eight different texts -> ("1", "0"); two rows "ham<TAB>hello", "spam<TAB>buy"
-    -> (None, None), too few to tell, so text first. With the `classes` a model was trained on
+    distinct ones as rows. Texts look like many values: more distinct ones than half the rows,
+    or ten times as many as column 0 has (texts may repeat, as a file of messages repeats some).
+    Each is counted over every row, a header among them. Example: eight rows of "spam" or "ham"
+    and eight different texts -> ("1", "0"); two rows "ham<TAB>hello", "spam<TAB>buy" -> (None,
+    None), too few to tell, so text first. With the `classes` a model was trained on
     known (a file to score), column 0 holds the labels when every row's value there but the
     first (a header, perhaps) is one of them and column 1's are not: ("1", "0") for those two
     rows and the classes {"ham", "spam"}."""
@@ -285,9 +286,10 @@ def columns_by_content(rows, path, log=print, classes=None):
         return all(i < len(fields) and fields[i].strip() in classes for _, fields in rows[1:])
 
     n = len(rows)
-    labels_first = (distinct(0) <= n / 4 and distinct(1) > n / 2
-                    or classes is not None and n > 1 and all_classes(0) and not all_classes(1))
-    if not labels_first:
+    labels_by_count = distinct(0) <= n / 4 and (distinct(1) > n / 2
+                                                or distinct(1) >= 10 * distinct(0))
+    labels_by_class = classes is not None and n > 1 and all_classes(0) and not all_classes(1)
+    if not (labels_by_count or labels_by_class):
         return None, None
     log(f"note: {path}: column 0 holds {distinct(0):,} distinct values in {n:,} rows and column 1"
         f" holds {distinct(1):,}: read column 0 as the label and column 1 as the text (give"
