@@ -107,6 +107,25 @@ def test_a_label_first_file_without_extension_trains_and_scores_label_first(base
     assert scored.exit_code == 0 and "40 examples" in scored.stdout, scored.output
 
 
+def test_a_batch_larger_than_the_training_split_is_noted(base, tmp_path):
+    data = tmp_path / "small.csv"
+    data.write_text("text,label\n" + "".join(f"text {i},{'ab'[i % 2]}\n" for i in range(10)),
+                    encoding="utf-8")
+    noted = "note: --batch-size 64 is more than the 21 training texts: each batch draws texts"
+    for size, note in ((64, True), (21, False)):
+        result = run(["finetune", "classify", "--checkpoint", base, "--data", str(data), "--out",
+                      str(tmp_path / f"run-{size}"), "--max-iters", "2", "--batch-size", str(size)])
+        assert result.exit_code == 0, result.output
+        assert (noted.replace("64", str(size)) in result.output) == note  # 7 records, 14 copies
+    records = tmp_path / "small.jsonl"
+    records.write_text("".join(json.dumps({"instruction": "say", "input": str(i), "output": "ok"})
+                               + "\n" for i in range(20)), encoding="utf-8")
+    result = run(["finetune", "instruct", "--checkpoint", base, "--data", str(records), "--out",
+                  str(tmp_path / "inst"), "--max-iters", "2", "--batch-size", "64"])
+    assert result.exit_code == 0 and "--batch-size 64 is more than the 17 training texts" in \
+        result.output, result.output
+
+
 def test_texts_repeated_across_splits_are_counted(base, tsv, tmp_path):
     # the val file repeats one training text and the test file three: one with another label,
     # and one in other case, which is the upper-case copy of a training text, trained on as

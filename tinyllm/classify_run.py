@@ -23,9 +23,9 @@ from .finetune import (DEFAULT_POOLING, ClassifierConfig, classifier_from_gpt, c
 from .finetune_runs import (DATA_FLAGS, EVAL_TRAIN_EXAMPLES, FinetuneSettings, add_unknown_token,
                             check_data_unchanged, check_flag, check_splits, check_step_memory,
                             data_fingerprints, encode_all, load_base, log_trainable,
-                            make_train_config, resumed_train_config, run_settings,
-                            settings_from_run, start_finetune_dir, stored_settings, train_run,
-                            with_moved_data, write_report)
+                            make_train_config, note_batch_over_split, resumed_train_config,
+                            run_settings, settings_from_run, start_finetune_dir, stored_settings,
+                            train_run, with_moved_data, write_report)
 from .labelled_data import (SPLIT_CLASSIFY, UNK_TOKEN, balance, case_variants,
                             default_classification_data, label_ids, read_classification,
                             split_three, with_case_copies, without_repeats)
@@ -358,6 +358,7 @@ def run_classify(out, settings=None, resume=False, force=False, max_iters=None, 
     log("accuracy before fine-tuning: " + format_accuracies(before))
     # 6. train
     tc = make_train_config(s, n_read, world.size)  # an epoch: the records read, not the copies
+    note_batch_over_split(tc.batch_size, len(train), log)  # case copies are drawn from too
     if resume:
         tc = resumed_train_config(ckpt, tc, max_iters)
     check_step_memory(config, tc, int(sets["train"][0].count.max()))  # the most windows a text has

@@ -304,6 +304,15 @@ def make_train_config(settings, n_records, ranks=1):
                        eval_iters=1, seed=settings.seed, grad_accum=settings.grad_accum).validate()
 
 
+def note_batch_over_split(batch_size, n_texts, log):
+    """Say so when a batch holds more texts than the training split has: each batch draws its
+    texts at random, with replacement, so it repeats some in every step. Example: batch 16 of
+    10 texts -> "note: --batch-size 16 is more than the 10 training texts: ..."."""
+    if batch_size > n_texts:
+        log(f"note: --batch-size {batch_size} is more than the {n_texts} training texts: each"
+            " batch draws texts at random with replacement, so it repeats some every step")
+
+
 def resumed_train_config(ckpt, tc, max_iters):
     """A resumed run's own TrainConfig, to the new total --max-iters gives (in `tc`), or else to
     the total the run began with, as its checkpoint holds it: not one worked out again from

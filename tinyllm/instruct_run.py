@@ -22,8 +22,9 @@ from .finetune import fit_prompt, format_prompt, instruction_example, length_gro
 from .finetune_runs import (EOT, EVAL_TRAIN_EXAMPLES, FinetuneSettings, add_unknown_token,
                             check_data_unchanged, check_flag, check_splits, check_step_memory,
                             data_fingerprints, load_base, log_trainable, make_train_config,
-                            resumed_train_config, settings_from_run, start_finetune_dir,
-                            stored_settings, train_run, with_moved_data, write_report)
+                            note_batch_over_split, resumed_train_config, settings_from_run,
+                            start_finetune_dir, stored_settings, train_run, with_moved_data,
+                            write_report)
 from .generate import greedy_batch
 from .labelled_data import (SPLIT_INSTRUCT, UNK_TOKEN, default_instruction_data,
                             encode_with_fallback, read_instructions, split_three)
@@ -315,6 +316,7 @@ def run_instruct(out, settings=None, resume=False, force=False, max_iters=None, 
         f" {100 * before['token_f1']:.1f}%")
     # 6. train
     tc = make_train_config(s, len(arrays["train"][0]), world.size)
+    note_batch_over_split(tc.batch_size, len(arrays["train"][0]), log)
     if resume:
         tc = resumed_train_config(ckpt, tc, max_iters)
     check_step_memory(config, tc, 1)
