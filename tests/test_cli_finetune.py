@@ -245,6 +245,10 @@ def test_classify_lines_labels_each_line_as_classify_text_does(base, tsv, tmp_pa
             alone = run(["classify", *flags, text])  # the same text given as TEXT
             assert shown == text and label == alone.stdout.split("\n")[0]
             assert float(p) == pytest.approx(shown_probs(alone.stdout)[label], abs=1.5e-3)
+    # an escape sequence in the file reaches the terminal as letters
+    lines.write_text("good \x1b[2J film\n", encoding="utf-8")
+    shown = run(["classify", "--checkpoint", runs[0], "--lines", str(lines)])
+    assert shown.exit_code == 0 and shown.stdout.split("\n")[1].endswith("\tgood \\x1b[2J film")
     lines.write_text("one\n\nthree\n", encoding="utf-8")
     empty = run(["classify", "--checkpoint", runs[0], "--lines", str(lines)])
     assert empty.exit_code == 1 and f"{lines}:2: empty line (classify --lines reads one text" \

@@ -206,6 +206,13 @@ def test_the_note_on_cut_lines_says_where_they_were_cut(clm_run, tmp_path):
             " their vectors are of their first 72 tokens") in result.stderr
 
 
+def test_a_nearest_line_is_printed_with_its_control_characters_escaped():
+    from tinyllm.cli_encoder import shortened  # what `embed --query` prints of a line
+
+    assert shortened("a\x1b[2Jb\tc") == "a\\x1b[2Jb\tc"  # an escape sequence: clear the screen
+    assert shortened("\x07" * 200, most=3) == "\\x07\\x07\\x07... (200 characters)"
+
+
 def test_a_query_longer_than_the_windows_is_noted_as_cut(clm_run, tmp_path):
     """A query is read as windows too; one past the last window was cut without a word."""
     path = tmp_path / "lines.txt"

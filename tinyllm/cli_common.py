@@ -9,6 +9,7 @@ import functools
 import math
 import signal
 import sys
+import unicodedata
 
 import click
 
@@ -163,6 +164,14 @@ def _flag_name(param, value):
 
 
 # ----------------------------------------------------------------------------- reports
+
+
+def shown_text(text):
+    """A text from a user's file as printed to a terminal: each control character but the tab
+    written as its escape, so that an escape sequence in a file reaches the screen as letters,
+    not as a command. Example: "ok\x1b[2J" -> "ok\\x1b[2J" (printed: ok\x1b[2J)."""
+    return "".join(c if c == "\t" or unicodedata.category(c) != "Cc"
+                   else repr(c)[1:-1] for c in text)
 
 
 def loss_text(value):

@@ -10,7 +10,7 @@ import os
 
 import click
 
-from .cli_common import positive, user_errors
+from .cli_common import positive, shown_text, user_errors
 from .progress import Counting
 from .errors import TinyLLMError
 
@@ -154,4 +154,5 @@ def check_out_directory(path, flag="--out"):
 
 def shortened(line, most=SHOWN_CHARACTERS):
     """A line as printed: its first `most` characters, and how long it is if it is longer."""
-    return line if len(line) <= most else f"{line[:most]}... ({len(line):,} characters)"
+    line, length = shown_text(line[:most]), len(line)  # a control character as its escape
+    return line if length <= most else f"{line}... ({length:,} characters)"

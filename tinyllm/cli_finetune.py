@@ -15,7 +15,7 @@ from .classify_run import (LR_AND_WARMUP, ClassifySettings, averaged_probs, form
                            format_confusion, label_texts, load_classifiers, per_class_stats,
                            run_classify, score_file, score_run_split)
 from .cli_common import (count, flag_given, fraction, no_cache_option, non_negative,
-                         note_flags_resume_ignores, positive, random_seed, step_count,
+                         note_flags_resume_ignores, positive, random_seed, shown_text, step_count,
                          training_time, user_errors)
 from .distributed import abort_on_error
 from .embed import read_lines
@@ -324,7 +324,7 @@ def classify(checkpoints, data, lines, split, text_column, label_column, text):
     if texts is not None:
         click.echo("label\tprobability\ttext")
         for line, (label, p) in zip(texts, label_texts(members, texts, log=notes)):
-            click.echo(f"{label}\t{p:.3f}\t{line}")
+            click.echo(f"{label}\t{p:.3f}\t{shown_text(line)}")
         return
     if text is not None:
         probs = averaged_probs(members, [text], log=notes)[0]
