@@ -158,6 +158,18 @@ def test_csv_with_named_columns_and_quoted_commas(tmp_path):
         ("a, b", "x"), ("c", "y")]
 
 
+def test_a_record_without_the_field_names_the_fields_it_has(tmp_path):
+    path = write(tmp_path, "d.jsonl", '{"sentence": "a", "label": 1, "idx": 0}\n')
+    with pytest.raises(TinyLLMError, match=r"d.jsonl:1: record has no 'text' \(its fields:"
+                       r" 'sentence', 'label', 'idx'\)$"):
+        read_classification(path)
+    assert read_classification(path, text_column="sentence") == [("a", "1")]
+    many = {f"f{i}": i for i in range(10)} | {"x" * 50: 1}
+    path = write(tmp_path, "d.jsonl", json.dumps(many) + "\n")
+    with pytest.raises(TinyLLMError, match=r"its fields: 'f0', 'f1', .*, 'f7' and 3 more\)$"):
+        read_classification(path)
+
+
 def test_jsonl(tmp_path):
     path = write(tmp_path, "d.jsonl", '{"text": "a", "label": 1}\n\n{"text": "b", "label": "x"}\n')
     assert read_classification(path) == [("a", "1"), ("b", "x")]
@@ -177,7 +189,7 @@ def test_a_json_array_of_records(tmp_path):  # the layout many data sets are exp
     ("d.tsv", "text\tlabel\nhi\tx\n\ty\n", {}, r"d.tsv:3: empty text"),
     ("d.csv", "label,text\nx,hi\ny,ho\nx, \ny,hey\n", {}, r"d.csv:4: empty text"),
     ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", \n', {}, r"d.jsonl:2: malformed JSON"),
-    ("d.jsonl", '{"text": "a"}\n', {}, r"d.jsonl:1: record has no 'label'"),
+    ("d.jsonl", '{"text": "a"}\n', {}, r"d.jsonl:1: record has no 'label' \(its fields: 'text'\)"),
     ("d.xlsx", "a\tb\n", {}, r"d.xlsx: unknown data format '.xlsx'"),
     ("d.csv", "label;text\nspam;hi there\n", {},  # a spreadsheet's "CSV" in many languages
      r"d.csv:1: missing column 1 \(this line has 1 field\); it holds ';' and no comma: save it"
@@ -272,8 +284,9 @@ def test_one_json_object_over_several_lines_is_named_as_such(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ('{"instruction": "a", "output": "b"}\n{"output": "c"}\n', r"b.jsonl:2: record has no 'instruction'"),
-    ('{"instruction": "a"}\n', r"b.jsonl:1: record has no 'output'"),
+    ('{"instruction": "a", "output": "b"}\n{"output": "c"}\n',
+     r"b.jsonl:2: record has no 'instruction' \(its fields: 'output'\)"),
+    ('{"instruction": "a"}\n', r"b.jsonl:1: record has no 'output' \(its fields: 'instruction'\)"),
     ('{"instruction": "a", "output": "b"}\nnot json\n', r"b.jsonl:2: malformed JSON"),
     ('{"instruction": "a", "output": "b"}\n' + "[" * 100_000 + "]" * 100_000,
      r"b.jsonl:2: .*deeply"),
@@ -571,7 +584,7 @@ def test_record_errors_give_the_first_in_full_the_next_three_and_a_count():
      "d.tsv:2: empty text (and 1 more bad record: d.tsv:3: empty label)"),
     ("d.jsonl", '{"text": "a", "label": "x"}\nnot json\n[1]\n{"text": "b"}\n',
      "d.jsonl:2: malformed JSON (Expecting value) (and 2 more bad records: d.jsonl:3: expected a"
-     " JSON object, got list; d.jsonl:4: record has no 'label')"),
+     " JSON object, got list; d.jsonl:4: record has no 'label' (its fields: 'text'))"),
     ("d.json", '[{"text": "a", "label": "x"},\n 3,\n {"text": "", "label": "y"}]',
      "d.json:2: expected a JSON object, got int (and 1 more bad record: d.json:3: empty 'text')"),
 ])
@@ -585,8 +598,9 @@ def test_every_bad_record_of_an_instruction_file_is_named_in_one_error(tmp_path)
     path = write(tmp_path, "b.jsonl", '{"instruction": "a", "output": "b"}\n{"output": "c"}\n'
                  'not json\n{"instruction": "d", "output": "e"}\n{"instruction": "f"}\n')
     assert raised(TinyLLMError, read_instructions, path) == (
-        f"{path}:2: record has no 'instruction' (and 2 more bad records: {path}:3: malformed JSON"
-        f" (Expecting value); {path}:5: record has no 'output')")
+        f"{path}:2: record has no 'instruction' (its fields: 'output') (and 2 more bad records:"
+        f" {path}:3: malformed JSON (Expecting value); {path}:5: record has no 'output' (its"
+        " fields: 'instruction'))")
 
 
 @pytest.mark.parametrize("name,sep", [("d.csv", ","), ("d.tsv", "\t")])

@@ -373,13 +373,24 @@ def _json_records(text, path, errors):
             yield number, record
 
 
+def _fields_of(record, most=8):
+    """The field names a record has, as an error shows them, so that a file whose fields have
+    other names ("sentence" for the text) can be read with --text-column at once. Example:
+    {"sentence": "hi", "label": 1} -> " (its fields: 'sentence', 'label')"; {} -> ""."""
+    if not record:
+        return ""
+    names = [repr(name if len(name) <= 40 else name[:40] + "...") for name in list(record)[:most]]
+    more = f" and {len(record) - most} more" if len(record) > most else ""
+    return f" (its fields: {', '.join(names)}{more})"
+
+
 def _str_field(record, key, path, number, required=True):
     value = record.get(key)
     if value is None or (required and str(value).strip() == ""):
         if not required:
             return ""
-        raise TinyLLMError(f"{path}:{number}: record has no {key!r}" if value is None
-                           else f"{path}:{number}: empty {key!r}")
+        raise TinyLLMError(f"{path}:{number}: record has no {key!r}{_fields_of(record)}"
+                           if value is None else f"{path}:{number}: empty {key!r}")
     if isinstance(value, (dict, list)):
         raise TinyLLMError(f"{path}:{number}: {key!r} must be a string")
     # a number or true/false as the file spells it: str(True) would be Python's "True"
