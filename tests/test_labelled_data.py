@@ -99,7 +99,7 @@ def test_a_label_column_of_mostly_single_values_is_refused_with_the_first_row(tm
     assert str(err.value) == (
         f"{path}: column 1 holds 13 different labels in 13 records, so most classes would have one"
         " record: it is not a label column; choose the columns with --text-column and"
-        " --label-column (its first row: COMMENT_ID, AUTHOR, DATE, CONTENT, CLASS)")
+        " --label-column (its first row: 'COMMENT_ID', 'AUTHOR', 'DATE', 'CONTENT', 'CLASS')")
     assert read_classification(path, text_column="CONTENT", label_column="CLASS")[:2] == [
         ("Comment 0", "0"), ("Comment 1", "1")]
     with pytest.raises(TinyLLMError, match=r"yt.csv: column 1 \('AUTHOR'\) holds 12 different"):
@@ -111,6 +111,10 @@ def test_a_label_column_of_mostly_single_values_is_refused_with_the_first_row(tm
     # a file to score against known classes is not refused for it (each label is checked there)
     assert len(read_classification(path, text_column="CONTENT", label_column="AUTHOR",
                                    classes={f"Person {i}" for i in range(12)})) == 12
+    # the first row of an untrusted file is shown escaped and cut
+    rows = "".join(f"t{i}\x1b[2J,{i}\n" for i in range(12))
+    with pytest.raises(TinyLLMError, match=r"its first row: 't0\\x1b\[2J', '0'\)$"):
+        read_classification(write(tmp_path, "e.csv", rows))
     # nor is a small file
     assert len(read_classification(write(tmp_path, "s.csv", "text,label\na,1\nb,2\nc,3\n"))) == 3
 

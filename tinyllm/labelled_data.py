@@ -214,7 +214,7 @@ def read_classification(path, text_column=None, label_column=None, classes=None,
         raise TinyLLMError(f"{path}: no examples after the header")
     if classes is None:
         where = f"column {li}" + (f" ({header[li]!r})" if header and li < len(header) else "")
-        first = "" if header else f" (its first row: {', '.join(f.strip() for f in rows[0][1])})"
+        first = "" if header else f" (its first row: {_shown_fields(rows[0][1])})"
         _check_labels_repeat(examples, path, where, first)
     return examples
 
@@ -275,10 +275,10 @@ def columns_by_content(rows, path, log=print, classes=None):
     or ten times as many as column 0 has (texts may repeat, as a file of messages repeats some).
     Each is counted over every row, a header among them. Example: eight rows of "spam" or "ham"
     and eight different texts -> ("1", "0"); two rows "ham<TAB>hello", "spam<TAB>buy" -> (None,
-    None), too few to tell, so text first. With the `classes` a model was trained on
-    known (a file to score), column 0 holds the labels when every row's value there but the
-    first (a header, perhaps) is one of them and column 1's are not: ("1", "0") for those two
-    rows and the classes {"ham", "spam"}."""
+    None), too few to tell, so text first. With the `classes` a model was trained on known (a
+    file to score), column 0 holds the labels when every row's value there but the first (a
+    header, perhaps) is one of them and column 1's are not: ("1", "0") for those two rows and
+    the classes {"ham", "spam"}."""
     def distinct(i):
         return len({fields[i].strip() for _, fields in rows if i < len(fields)})
 
@@ -373,15 +373,20 @@ def _json_records(text, path, errors):
             yield number, record
 
 
-def _fields_of(record, most=8):
+def _shown_fields(names, most=8):
+    """Field or column names as an error shows them: quoted and escaped (a file is untrusted:
+    no escape sequence of its reaches the terminal), each cut at 40 characters, the first `most`
+    of them. Example: ["id", "text"] -> "'id', 'text'"."""
+    shown = [repr(name.strip() if len(name.strip()) <= 40 else name.strip()[:40] + "...")
+             for name in list(names)[:most]]
+    return ", ".join(shown) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _fields_of(record):
     """The field names a record has, as an error shows them, so that a file whose fields have
     other names ("sentence" for the text) can be read with --text-column at once. Example:
     {"sentence": "hi", "label": 1} -> " (its fields: 'sentence', 'label')"; {} -> ""."""
-    if not record:
-        return ""
-    names = [repr(name if len(name) <= 40 else name[:40] + "...") for name in list(record)[:most]]
-    more = f" and {len(record) - most} more" if len(record) > most else ""
-    return f" (its fields: {', '.join(names)}{more})"
+    return f" (its fields: {_shown_fields(record)})" if record else ""
 
 
 def _str_field(record, key, path, number, required=True):
