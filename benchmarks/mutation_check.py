@@ -156,8 +156,9 @@ MUTANTS = [
            "return self.seed",
            "--split-seed does nothing: runs of other --seeds are split (and scored) apart"),
     Mutant("ensemble-reads-the-first-run-only", "tinyllm/classify_run.py",
-           "notes.append) for m in members) / len(members)",
-           "notes.append) for m in members[:1])",
+           "    return total / len(members)",
+           "    return classify_texts(members[0].params, members[0].config, members[0].tokenizer,"
+           " texts, members[0].max_windows)",
            "tinyllm classify with several --checkpoints prints the first run's probabilities"),
     Mutant("split-parsed-before-its-sha256-check", "tinyllm/classify_run.py",
            'if meta.get("data_files_sha256", {}) != data_fingerprints(s):',

@@ -531,15 +531,19 @@ def classify_texts(params, config, tokenizer, texts, max_windows=ClassifySetting
     return predict_windows(params, windows, config, on_batch=on_batch)
 
 
-def averaged_probs(members, texts, log=print):
+def averaged_probs(members, texts, log=print, progress=None):
     """Class probabilities (N, K) of texts: the mean of the members' (`classify_texts`); a note
-    that several members make (the same characters unknown to each) goes to `log` once."""
-    notes = []
-    probs = sum(classify_texts(m.params, m.config, m.tokenizer, texts, m.max_windows,
-                               notes.append) for m in members) / len(members)
+    that several members make (the same characters unknown to each) goes to `log` once.
+    `progress` (a progress.Counting of N x members), if given, is told the texts read so far."""
+    notes, total = [], 0.0
+    for i, m in enumerate(members):
+        counted = None if progress is None else (
+            lambda done, before=i * len(texts): progress.update(before + done))
+        total = total + classify_texts(m.params, m.config, m.tokenizer, texts, m.max_windows,
+                                       notes.append, on_batch=counted)
     for note in dict.fromkeys(notes):
         log(note)
-    return probs
+    return total / len(members)
 
 
 def label_texts(members, texts, log=print, stream=None):
@@ -547,18 +551,11 @@ def label_texts(members, texts, log=print, stream=None):
     mean probability over the members and that probability, with a count of the texts labelled
     so far on `stream` (default stderr); notes go to `log` once. Example: one spam classifier
     and ["Win a prize now"] -> [("spam", 0.97)]."""
-    labels = members[0].labels
     progress = Counting(len(texts) * len(members), "texts labelled", stream)
-    notes, total = [], 0.0
-    for i, m in enumerate(members):
-        total = total + classify_texts(
-            m.params, m.config, m.tokenizer, texts, m.max_windows, notes.append,
-            on_batch=lambda done, before=i * len(texts): progress.update(before + done))
+    probs = averaged_probs(members, texts, log, progress)
     progress.close()
-    for note in dict.fromkeys(notes):
-        log(note)
-    probs = total / len(members)
-    return [(labels[k], float(probs[n, k])) for n, k in enumerate(probs.argmax(axis=1))]
+    return [(members[0].labels[k], float(probs[n, k]))
+            for n, k in enumerate(probs.argmax(axis=1))]
 
 
 def score_examples(members, examples, where, stream=None):

@@ -33,23 +33,29 @@ class RecordErrors:
         self.count = 0
         self.kept = []  # the first 1 + SHOWN messages
 
+    def add(self, error):
+        """Keep one error (a TinyLLMError found without raising it) and go on."""
+        self.count += 1
+        if len(self.kept) <= self.SHOWN:
+            self.kept.append(str(error))
+
     @contextlib.contextmanager
     def gathered(self):
         """A context manager that keeps a TinyLLMError raised inside it and goes on."""
         try:
             yield
         except TinyLLMError as error:
-            self.count += 1
-            if len(self.kept) <= self.SHOWN:
-                self.kept.append(str(error))
+            self.add(error)
 
-    def raise_any(self):
-        """Raise the gathered errors as one TinyLLMError, if there were any."""
+    def raise_any(self, hint=""):
+        """Raise the gathered errors as one TinyLLMError, if there were any, ending with `hint`
+        (what to do about them, "; --skip-long leaves such records out", say)."""
         if not self.count:
             return
         first, rest, more = self.kept[0], self.kept[1:], self.count - len(self.kept)
         if not rest:
-            raise TinyLLMError(first)
+            raise TinyLLMError(first + hint)
         others = self.count - 1
         listed = "; ".join(rest) + (f"; {more} more" if more else "")
-        raise TinyLLMError(f"{first} (and {others} more bad record{'s' * (others > 1)}: {listed})")
+        raise TinyLLMError(f"{first} (and {others} more bad record{'s' * (others > 1)}: {listed})"
+                           + hint)

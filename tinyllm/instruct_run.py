@@ -58,6 +58,10 @@ class InstructSettings(FinetuneSettings):
 # ----------------------------------------------------------------------------- instruction
 
 
+# How the error of `response_too_long` records ends: how to train without them
+SKIP_LONG_HINT = "; --skip-long leaves such records out"
+
+
 def encode_instructions(tokenizer, records, block_size, include_prompt, where):
     """Rows (x, y, m) stacked into arrays, the number of records whose prompt lost its start
     to fit the context, and the characters that fell back to the unknown token.
@@ -72,13 +76,12 @@ def encode_instructions(tokenizer, records, block_size, include_prompt, where):
         response, n2 = encode_with_fallback(tokenizer, record["output"])
         fallback += n1 + n2
         kept = fit_prompt(prompt, response, block_size)
-        with errors.gathered():
-            if kept is None:
-                raise response_too_long(where, record, number, len(response), block_size)
-        if kept is not None:
-            shortened += len(kept) < len(prompt)
-            rows.append(instruction_example(kept, response, eot, block_size, include_prompt))
-    raise_long_responses(errors)
+        if kept is None:
+            errors.add(response_too_long(where, record, number, len(response), block_size))
+            continue
+        shortened += len(kept) < len(prompt)
+        rows.append(instruction_example(kept, response, eot, block_size, include_prompt))
+    errors.raise_any(SKIP_LONG_HINT)
     longest = max(int(m.nonzero()[0].max()) + 1 for _, _, m in rows)  # trim shared padding
     x, y, m = (onp.stack([r[i][:longest] for r in rows]) for i in range(3))
     return (x, y, m), shortened, fallback
@@ -94,15 +97,6 @@ def response_too_long(where, record, number, n_tokens, block_size):
                         f" context ({block_size} tokens, with one for the prompt and one to end)")
 
 
-def raise_long_responses(errors):
-    """Raise the gathered `response_too_long` errors (a RecordErrors) as one line that ends by
-    saying how to train without those records."""
-    try:
-        errors.raise_any()
-    except TinyLLMError as error:
-        raise TinyLLMError(f"{error}; --skip-long leaves such records out") from None
-
-
 def check_responses_fit(tokenizer, records, block_size, where):
     """Raise `response_too_long` for the records whose response alone does not fit the context
     (the first few named, the rest counted): a test record's response is generated, not trained
@@ -111,10 +105,9 @@ def check_responses_fit(tokenizer, records, block_size, where):
     errors = RecordErrors()
     for number, record in enumerate(records, 1):
         response = encode_with_fallback(tokenizer, record["output"])[0]
-        with errors.gathered():
-            if fit_prompt([], response, block_size) is None:
-                raise response_too_long(where, record, number, len(response), block_size)
-    raise_long_responses(errors)
+        if fit_prompt([], response, block_size) is None:
+            errors.add(response_too_long(where, record, number, len(response), block_size))
+    errors.raise_any(SKIP_LONG_HINT)
 
 
 def generation_prompts(tokenizer, records, max_new_tokens, block_size):

@@ -285,15 +285,14 @@ def columns_by_content(rows, path, log=print, classes=None):
     def all_classes(i):
         return all(i < len(fields) and fields[i].strip() in classes for _, fields in rows[1:])
 
-    n = len(rows)
-    labels_by_count = distinct(0) <= n / 4 and (distinct(1) > n / 2
-                                                or distinct(1) >= 10 * distinct(0))
+    n, first, second = len(rows), distinct(0), distinct(1)
+    labels_by_count = first <= n / 4 and (second > n / 2 or second >= 10 * first)
     labels_by_class = classes is not None and n > 1 and all_classes(0) and not all_classes(1)
     if not (labels_by_count or labels_by_class):
         return None, None
-    log(f"note: {path}: column 0 holds {distinct(0):,} distinct values in {n:,} rows and column 1"
-        f" holds {distinct(1):,}: read column 0 as the label and column 1 as the text (give"
-        " --text-column and --label-column to choose)")
+    log(f"note: {path}: column 0 holds {first:,} distinct values in {n:,} rows and column 1 holds"
+        f" {second:,}: read column 0 as the label and column 1 as the text (give --text-column"
+        " and --label-column to choose)")
     return "1", "0"
 
 
