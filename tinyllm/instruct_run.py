@@ -97,16 +97,23 @@ def response_too_long(where, record, number, n_tokens, block_size):
                         f" context ({block_size} tokens, with one for the prompt and one to end)")
 
 
+def long_responses(tokenizer, records, block_size):
+    """{place in `records` (1-based): response tokens} of the records whose response alone does
+    not fit the context with one prompt token and the end-of-text token (`fit_prompt`).
+    Example: responses of 3 and 300 tokens, a 256-token context -> {2: 300}."""
+    responses = (encode_with_fallback(tokenizer, record["output"])[0] for record in records)
+    return {number: len(response) for number, response in enumerate(responses, 1)
+            if fit_prompt([], response, block_size) is None}
+
+
 def check_responses_fit(tokenizer, records, block_size, where):
     """Raise `response_too_long` for the records whose response alone does not fit the context
     (the first few named, the rest counted): a test record's response is generated, not trained
     on, but one that cannot fit could never be written whole, so it is refused as a training
     record's is, before training."""
     errors = RecordErrors()
-    for number, record in enumerate(records, 1):
-        response = encode_with_fallback(tokenizer, record["output"])[0]
-        if fit_prompt([], response, block_size) is None:
-            errors.add(response_too_long(where, record, number, len(response), block_size))
+    for number, n_tokens in long_responses(tokenizer, records, block_size).items():
+        errors.add(response_too_long(where, records[number - 1], number, n_tokens, block_size))
     errors.raise_any(SKIP_LONG_HINT)
 
 
@@ -361,8 +368,8 @@ def without_long_responses(tokenizer, splits, block_size, log):
     and a 256-token context -> 48 val records, {"val": 2, ...}, and a note."""
     kept, skipped = [], {}
     for name, records in zip(("train", "val", "test"), splits):
-        fits = [r for r in records if fit_prompt(
-            [], encode_with_fallback(tokenizer, r["output"])[0], block_size) is not None]
+        too_long = long_responses(tokenizer, records, block_size)
+        fits = [r for number, r in enumerate(records, 1) if number not in too_long]
         kept.append(fits)
         skipped[name] = len(records) - len(fits)
         if not fits:
