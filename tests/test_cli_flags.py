@@ -17,7 +17,7 @@ BAD_VALUES = ["nan", "inf", "-inf", "-1", "0", "5000000", "100000000", "99999999
 ZERO_OK = {"--min-lr", "--warmup-iters", "--weight-decay", "--grad-clip", "--dropout",
            "--label-smoothing", "--sample-tokens", "--max-new-tokens", "--temperature", "--shots",
            "--icl-windows", "--lora-rank", "--length-penalty", "--show", "--layer", "--head",
-           "--seed", "--split-seed", "--patience"}
+           "--seed", "--split-seed", "--patience", "--short-context", "--short-share"}
 # Flags that rightly take large values (step counts, rates and decays have no memory cost).
 # Not --length-penalty: past 10 its ((5 + n) / 6)^alpha overflows a float (MAX_LENGTH_PENALTY).
 LARGE_OK = {"--max-iters", "--eval-interval", "--warmup-iters", "--weight-decay", "--grad-clip",

@@ -158,7 +158,7 @@ def test_grad_accum_zero_is_refused():
 def test_rank_r_draws_what_one_process_draws_as_micro_batch_r():
     # The seed layout behind `mpirun -n 2` == `--grad-accum 2`: rank 1's micro-batch of a step
     # is micro-batch 1 of the single process; rank 0's comes from the run's own stream.
-    def sample(split, rng):
+    def sample(rng, it):  # a train_batch(rng, it): the same draw at any step
         return rng.integers(1 << 30, size=3)
 
     tc = TrainConfig(seed=9)

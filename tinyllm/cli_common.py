@@ -121,6 +121,13 @@ def fraction(ctx, param, value):
     return value
 
 
+def share(ctx, param, value):
+    """A share of a whole that may be none or all of it (of a run's steps): 0 <= s <= 1."""
+    if value is not None and not 0 <= _number(value) <= 1:
+        raise click.BadParameter(f"must be from 0 to 1, got {value}")
+    return value
+
+
 def probability_mass(ctx, param, value):
     """A share of the probability mass (top-p): 0 < p <= 1."""
     if value is not None and not 0 < _number(value) <= 1:

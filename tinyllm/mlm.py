@@ -113,14 +113,15 @@ def mlm_loss(params, inputs, targets, chosen, config, valid=None, rng=None):
 
 
 def mlm_loss_and_batches(splits, config, batch_size, tokenizer, rate=MASK_RATE):
-    """loss_fn(params, batch, rng) and sample(split, rng) for train.train_loop: random windows of
-    the corpus, corrupted afresh by the Generator of each draw (so resume and evaluation batches
-    are reproducible exactly like the causal ones); `rate` of each window's positions chosen.
-    A window is block_size tokens, its own targets: no next token is needed after it."""
+    """loss_fn(params, batch, rng) and sample(split, rng, rows=batch_size, length=block_size)
+    for train.train_loop: random windows of the corpus, corrupted afresh by the Generator of
+    each draw (so resume and evaluation batches are reproducible exactly like the causal ones);
+    `rate` of each window's positions chosen. A window is its own targets: no next token is
+    needed after it."""
     mask_id, n_ordinary = mask_id_of(tokenizer)
 
-    def sample(split, rng):
-        x = get_windows(splits[split], batch_size, config.block_size, rng)  # (B, T)
+    def sample(split, rng, rows=batch_size, length=config.block_size):
+        x = get_windows(splits[split], rows, length, rng)  # (B, T)
         inputs, chosen = mask_tokens(x, onp.ones(x.shape), rng, mask_id, n_ordinary, rate)
         return inputs, x, chosen
 

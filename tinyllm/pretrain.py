@@ -7,9 +7,12 @@ lock the run directory and take the starting state (tinyllm/rundir.py). `_pretra
 next-token prediction (or masked-token prediction, tinyllm/mlm.py) to the generic loop of
 tinyllm/train.py, on the hand-written fast path of tinyllm/fast.py where it applies.
 
-Besides that: the special tokens every pretrained tokenizer reserves (fine-tuning ends its
-responses with one), the checks that a resumed run keeps its own objective and mask rate, and
-the progress lines of learning BPE merges and encoding a large corpus.
+Causal pretraining is staged by default (Shortformer, Press, Smith and Lewis, 2021): its first
+steps read short windows, more of them a step, and its last steps whole ones (`short_stage`,
+`staged_batches`). Besides that: the special tokens every pretrained tokenizer reserves
+(fine-tuning ends its responses with one), the checks that a resumed run keeps its own
+objective, mask rate and stages, and the progress lines of learning BPE merges and encoding a
+large corpus.
 """
 
 import os
@@ -18,7 +21,8 @@ from dataclasses import replace
 
 from . import fast as fast_path
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER
+from .config import (DEFAULT_BPE_VOCAB_SIZE, DEFAULT_SHORT_CONTEXT, DEFAULT_SHORT_SHARE,
+                     DEFAULT_TOKENIZER, MAX_STEPS)
 from .distributed import SINGLE_PROCESS
 from .data import (DEFAULT_CORPUS, check_long_enough, encode_corpus, get_batch, load_corpus,
                    train_val_split)
@@ -41,7 +45,8 @@ OBJECTIVES = {"clm": "gpt", "mlm": "mlm"}
 def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENIZER,
              vocab_size=DEFAULT_BPE_VOCAB_SIZE, resume=False, force=False, max_iters=None,
              log=print, special_tokens=SPECIAL_TOKENS, world=SINGLE_PROCESS, fast=True,
-             objective=None, mask_rate=None):
+             objective=None, mask_rate=None, short_context=None,
+             short_share=DEFAULT_SHORT_SHARE):
     """Pretrain a GPT on a corpus (a file or an embedded name) and keep checkpoints in out_dir.
 
     `objective` is "clm" (next-token prediction, the default) or "mlm" (the same blocks as a
@@ -50,9 +55,11 @@ def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENI
     settings come from the checkpoint; only `max_iters` may be changed (an `objective` given must be
     the run's), and `data` may say where the run's own text is now (its sha256 is checked);
     `mask_rate` is the share of positions an MLM step predicts (None: mlm.MASK_RATE, 15%; a
-    resumed run keeps its own). Returns a summary dict ("seconds": this call's training time,
-    "train_seconds": the run's over every part, None if a checkpoint from before tinyllm kept it
-    was resumed). The run directory is locked for the whole call. Over MPI (`world`, see
+    resumed run keeps its own). The first `short_share` of the steps read windows of
+    `short_context` tokens (`short_stage`; None: config.DEFAULT_SHORT_CONTEXT for "clm", 0 for
+    "mlm"; 0: whole windows throughout; a resumed run keeps its own stages). Returns a summary
+    dict ("seconds": this call's training time, "train_seconds": the run's over every part, None
+    if a checkpoint from before tinyllm kept it was resumed). The run directory is locked for the whole call. Over MPI (`world`, see
     tinyllm/distributed.py) rank 0 alone reads the data and the run directory and sends the others
     what they need; the whole job trains one model, and only rank 0 writes. `fast` takes the
     hand-written forward and backward of tinyllm/fast.py where it applies (dropout 0, either
@@ -64,14 +71,14 @@ def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENI
     try:
         return _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume,
                          force, max_iters, log, special_tokens, world, fast, objective,
-                         mask_rate)
+                         mask_rate, (short_context, short_share))
     finally:
         if world.is_root:
             unlock_run_dir(out_dir)
 
 
 def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume, force,
-              max_iters, log, special_tokens, world, fast, objective, mask_rate):
+              max_iters, log, special_tokens, world, fast, objective, mask_rate, short):
     if objective not in (None, *OBJECTIVES):
         raise TinyLLMError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
     if mask_rate is not None and not 0 < mask_rate < 1:
@@ -79,13 +86,15 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
     model_config, tc, tokenizer, splits, state, extra, objective = world.from_root(
         lambda: _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_size,
                                    resume, force, max_iters, log, special_tokens, world.size,
-                                   objective, mask_rate))
+                                   objective, mask_rate, short))
 
     if objective == "mlm":
         loss_fn, sample = mlm_loss_and_batches(splits, model_config, tc.batch_size, tokenizer,
                                                extra["mask_rate"])
     else:
         loss_fn, sample = next_token_loss_and_batches(splits, model_config, tc.batch_size)
+    train_batch = staged_batches(sample, tc.batch_size, model_config.block_size,
+                                 extra["short_context"])
 
     def save(s):
         save_checkpoint(out_dir, s.params, s.opt_state, s.rng_state, model_config, tc, tokenizer,
@@ -101,7 +110,7 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
         loss_fn = fast_path.gpt_loss_fn(model_config, objective)
     state = train_loop(state, tc, loss_fn, sample, save, out_dir,
                        tc.batch_size * model_config.block_size, world=world,
-                       value_and_grad=fast_grads, step_fn=fast_step)
+                       value_and_grad=fast_grads, step_fn=fast_step, train_batch=train_batch)
     clock.stop()
     final = world.from_root(lambda: final_record(out_dir, state.iteration))
     return {"params": state.params, "model_config": model_config, "tokenizer": tokenizer,
@@ -111,29 +120,81 @@ def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resum
 
 def next_token_loss_and_batches(splits, model_config, batch_size):
     """(loss_fn, sample) of causal pretraining: the next-token loss of a batch, and random
-    windows of a split's tokens with their next tokens (`data.get_batch`). The masked-token
-    objective's pair is `mlm.mlm_loss_and_batches`."""
+    windows of a split's tokens with their next tokens (`data.get_batch`): `sample(split, rng,
+    rows=batch_size, length=block_size)`. The masked-token objective's pair is
+    `mlm.mlm_loss_and_batches`."""
 
     def loss_fn(params, batch, rng):
         return gpt_loss(params, batch[0], batch[1], model_config, rng)
 
-    def sample(split, rng):
-        return get_batch(splits[split], batch_size, model_config.block_size, rng)
+    def sample(split, rng, rows=batch_size, length=model_config.block_size):
+        return get_batch(splits[split], rows, length, rng)
 
     return loss_fn, sample
 
 
+# ----------------------------------------------------------------------------- staged training
+
+
+def short_stage(tokens, share, block_size, max_iters):
+    """The short stage of a new run, as config.json keeps it: {"tokens": T_s, "steps": S}, or
+    None when every step reads whole windows (tokens 0, or not shorter than the context).
+
+    Steps 0 to S - 1 read windows of T_s tokens, S = round(share * max_iters); the later ones,
+    and every evaluation, read whole ones (`staged_batches`). T_s must divide the context, so
+    that a short step holds as many tokens as a whole one. Example: tokens 64, share 0.8,
+    block_size 256, max_iters 1000 -> {"tokens": 64, "steps": 800}.
+    """
+    if not 0 <= share <= 1:
+        raise TinyLLMError(f"--short-share must be between 0 and 1, got {share}")
+    if tokens < 0:
+        raise TinyLLMError(f"--short-context must not be negative, got {tokens}")
+    steps = round(share * max_iters)
+    if tokens == 0 or tokens >= block_size or steps == 0:
+        return None
+    if block_size % tokens:
+        raise TinyLLMError(f"--short-context ({tokens}) must divide --block-size ({block_size}),"
+                           " so that a short step holds as many tokens as a whole one; 0 turns"
+                           " the short stage off")
+    return {"tokens": tokens, "steps": steps}
+
+
+def staged_batches(sample, batch_size, block_size, stage):
+    """train_batch(rng, it) for train.train_loop: the training batch of step `it`.
+
+    In the short stage (it < stage["steps"]) a batch is block_size / T_s times as many windows of
+    T_s tokens as a whole batch has rows, so every step trains on batch_size x block_size
+    tokens: the same tokens a step, each predicted from at most T_s - 1 tokens before it. The
+    later steps read whole windows and so train the positions past T_s; a model whose windows
+    were short throughout would meet those positions untrained. None for no stage: every batch
+    is `sample("train", rng)`. Example: batch 8, block 256, {"tokens": 64, "steps": 800} ->
+    steps 0-799 draw (32, 64) batches, steps 800 on (8, 256).
+    """
+    if stage is None:
+        return None
+    rows, tokens, steps = batch_size * block_size // stage["tokens"], stage["tokens"], stage["steps"]
+
+    def train_batch(rng, it):
+        if it < steps:
+            return sample("train", rng, rows, tokens)
+        return sample("train", rng)
+
+    return train_batch
+
+
 def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume,
                        force, max_iters, log, special_tokens, ranks=1, objective=None,
-                       mask_rate=None):
+                       mask_rate=None, short=(None, DEFAULT_SHORT_SHARE)):
     """Load (or resume) the data, tokenizer, settings and starting state of a pretraining run,
     with every check made before the run directory is touched. Returns (model_config, tc,
     tokenizer, splits, state, extra, objective): `extra` is what each checkpoint adds to
-    config.json (with an MLM run's "mask_rate"), `objective` the run's ("clm" or "mlm")."""
+    config.json (with "short_context", and an MLM run's "mask_rate"), `objective` the run's
+    ("clm" or "mlm"). `short` is (short_context, short_share) of `pretrain`."""
     if resume:
         ckpt = load_checkpoint(out_dir, with_optimizer=True, kind=tuple(OBJECTIVES.values()))
         objective = resumed_objective(ckpt.meta["kind"], objective, out_dir)
         mask_rate = stored_mask_rate(ckpt.meta, out_dir)
+        stage = stored_short_stage(ckpt.meta, out_dir, ckpt.model_config.block_size)
         check_same_ranks(ckpt.meta, ranks, out_dir)
         model_config, tokenizer = ckpt.model_config, ckpt.tokenizer
         check_resumed_total(max_iters, ckpt.iter, out_dir)
@@ -143,8 +204,12 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
         data = data or ckpt.meta.get("data")
     else:
         tc.validate()
-        text = load_corpus(data)
         objective = objective or "clm"
+        tokens, share = short
+        if tokens is None:
+            tokens = DEFAULT_SHORT_CONTEXT if objective == "clm" else 0
+        stage = short_stage(tokens, share, model_config.block_size, tc.max_iters)
+        text = load_corpus(data)
         if objective == "mlm":
             special_tokens = (*special_tokens, MASK_TOKEN)
         if tokenizer_kind == "bpe":
@@ -175,8 +240,12 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
         f" {len(ids):,} {tokenizer.kind} tokens (vocab {tokenizer.vocab_size});"
         f" model: {count_params(state.params):,} parameters"
         + (f"; {ranks} MPI ranks" if ranks > 1 else ""))
+    if stage is not None:
+        log(f"stages: steps 0 to {stage['steps'] - 1} read windows of {stage['tokens']} tokens"
+            f" ({tc.batch_size * model_config.block_size // stage['tokens']} a step), the later"
+            f" ones whole windows of {model_config.block_size} ({tc.batch_size} a step)")
     extra = {"data": stored_data_name(data), "data_sha256": text_fingerprint(text),
-             "data_characters": len(text), "ranks": ranks,
+             "data_characters": len(text), "ranks": ranks, "short_context": stage,
              # and the time of the parts before this one (each save adds its own)
              "train_seconds": earlier_train_seconds(ckpt.meta) if resume else 0.0}
     if objective == "mlm":
@@ -204,6 +273,24 @@ def stored_mask_rate(meta, out_dir):
         raise TinyLLMError(f"{os.path.join(out_dir, 'config.json')}: \"mask_rate\" must be a"
                            " number between 0 and 1")
     return float(rate)
+
+
+def stored_short_stage(meta, out_dir, block_size):
+    """A run's "short_context" (`short_stage`), read from an untrusted config.json: null, or
+    {"tokens": T_s, "steps": S} with T_s a divisor of the context below it and S a step count.
+    Runs made before the stages have none: whole windows throughout."""
+    stage = meta.get("short_context")
+    if stage is None:
+        return None
+    ok = (isinstance(stage, dict) and set(stage) == {"tokens", "steps"}
+          and all(type(stage[key]) is int for key in stage)
+          and 0 < stage["tokens"] < block_size and block_size % stage["tokens"] == 0
+          and 0 < stage["steps"] <= MAX_STEPS)
+    if not ok:
+        raise TinyLLMError(f"{os.path.join(out_dir, 'config.json')}: \"short_context\" must be"
+                           " null or {\"tokens\": a divisor of the context below it, \"steps\":"
+                           " a positive step count}")
+    return dict(stage)
 
 
 # ----------------------------------------------------------------------------- tokenizer progress

@@ -330,7 +330,7 @@ def _interrupt_for(received):
 
 def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=None, lr_fn=None,
                evaluate=None, on_eval=None, world=SINGLE_PROCESS, value_and_grad=None,
-               step_fn=None):
+               step_fn=None, train_batch=None):
     """Train from `state` (Committed) to tc.max_iters; evaluate, log and `save(state)` as we go.
 
     `sample(split, rng)` returns a batch for `loss_fn(params, batch, rng)`: a tuple of arrays
@@ -342,7 +342,9 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
     there (early stopping). `value_and_grad(params, batch, rng) -> (loss, grads)` replaces
     autograd's gradient of loss_fn when given (pretraining passes the hand-written fast path),
     and `step_fn(params, opt_state, batch, lr, tc, rng)` replaces `train_step` for a step of
-    one batch on one process (the fast path's AdamW over flat buffers).
+    one batch on one process (the fast path's AdamW over flat buffers). `train_batch(rng, it)`
+    gives the training batch of step `it` where it depends on the step (pretraining's short
+    stage, `pretrain.staged_batches`); the default is `sample("train", rng)`.
 
     `tokens_per_iter` is the tokens of one micro-batch. With tc.grad_accum = K > 1 or over MPI
     (`world`, see tinyllm/distributed.py) a step averages the gradients of K micro-batches on
@@ -357,6 +359,8 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
         value_and_grad = flat_value_and_grad(loss_fn)
     if step_fn is None:
         step_fn = functools.partial(train_step, value_and_grad)
+    if train_batch is None:
+        train_batch = functools.partial(_same_batch_every_step, sample)
     default_schedule = lr_fn is None
     if lr_fn is None:
         lr_fn = functools.partial(lr_at, lr=tc.lr, min_lr=tc.min_lr, warmup_iters=tc.warmup_iters,
@@ -392,12 +396,12 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
                     break
                 t0 = time.perf_counter()
                 if accumulate:
-                    micro = _micro_batches(sample, rng, tc, it, world.rank)
+                    micro = _micro_batches(train_batch, rng, tc, it, world.rank)
                     params, opt_state, loss, _ = accumulated_step(
                         value_and_grad, state.params, state.opt_state, micro, lr_fn(it), tc, world)
                 else:  # one batch on one process: the step as it has always been
                     params, opt_state, loss, _ = step_fn(
-                        state.params, state.opt_state, sample("train", rng), lr_fn(it), tc, rng)
+                        state.params, state.opt_state, train_batch(rng, it), lr_fn(it), tc, rng)
                 _check_finite_step(loss, params, it, out_dir)
                 state = Committed(params, opt_state, rng.bit_generator.state, it + 1,
                                   state.last_eval_iter)
@@ -429,11 +433,16 @@ def skip(*args):
     """What a rank other than 0 does instead of saving or printing."""
 
 
-def _micro_batches(sample, rng, tc, it, rank):
+def _same_batch_every_step(sample, rng, it):
+    """The training batch of any step: `sample("train", rng)` (train_loop's default)."""
+    return sample("train", rng)
+
+
+def _micro_batches(train_batch, rng, tc, it, rank):
     """This rank's (batch, Generator) pairs of step `it`, drawn by distributed.micro_batch_rng."""
     for j in rank_micro_batches(rank, tc.grad_accum):
         micro_rng = micro_batch_rng(rng, tc.seed, it, j)
-        yield sample("train", micro_rng), micro_rng
+        yield train_batch(micro_rng, it), micro_rng
 
 
 def _check_finite_step(loss, params, it, out_dir):
