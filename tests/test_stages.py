@@ -278,3 +278,29 @@ def test_a_run_from_before_the_stages_resumes_on_whole_windows(tmp_path, data):
     run(tmp_path / "run", None, resume=True, max_iters=10)
     assert load_checkpoint(str(tmp_path / "run")).iter == 10
     assert stage_of(tmp_path / "run") is None
+
+
+class Captured(Exception):
+    """Raised by a stand-in for the library's pretrain, to end the command once it is called."""
+
+
+@pytest.mark.parametrize("flags, max_iters, short_context", [
+    ([], 1000, None),  # the library resolves None: 64 for clm
+    (["--objective", "mlm"], 750, None),  # the masked objective keeps its measured recipe
+    (["--objective", "mlm", "--max-iters", "5"], 5, None),
+    (["--max-iters", "7", "--short-context", "32", "--short-share", "0.5"], 7, 32),
+])
+def test_the_command_passes_its_steps_and_stage_down(flags, max_iters, short_context, tmp_path,
+                                                     monkeypatch):
+    seen = {}
+
+    def fake_pretrain(model_config, tc, out, **kwargs):
+        seen.update(tc=tc, **kwargs)
+        raise Captured
+
+    monkeypatch.setattr(pretrain_module, "pretrain", fake_pretrain)
+    result = CliRunner().invoke(main, ["pretrain", "--out", str(tmp_path / "r"), *flags])
+    assert isinstance(result.exception, Captured), result.output
+    assert seen["tc"].max_iters == max_iters
+    assert seen["short_context"] == short_context
+    assert seen["short_share"] == (0.5 if "--short-share" in flags else DEFAULT_SHORT_SHARE)

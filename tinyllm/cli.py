@@ -19,8 +19,9 @@ from .cli_plot import attention, plot
 from .cli_seq2seq import seq2seq
 from . import distributed
 from .distributed import abort_on_error
-from .config import (DEFAULT_BPE_VOCAB_SIZE, DEFAULT_RUN, DEFAULT_SHORT_CONTEXT,
-                     DEFAULT_SHORT_SHARE, DEFAULT_TOKENIZER, GPTConfig, TrainConfig)
+from .config import (DEFAULT_BPE_VOCAB_SIZE, DEFAULT_MLM_MAX_ITERS, DEFAULT_RUN,
+                     DEFAULT_SHORT_CONTEXT, DEFAULT_SHORT_SHARE, DEFAULT_TOKENIZER, GPTConfig,
+                     TrainConfig)
 from .errors import TinyLLMError
 from .generate import MAX_NEW_TOKENS
 from .mlm import MASK_RATE
@@ -104,7 +105,9 @@ def main(ctx):
                    " times larger batch in the memory of one. Under `mpirun -n N`, each rank"
                    " does K (the step sees N x K micro-batches).")
 @click.option("--max-iters", default=TRAIN.max_iters, callback=step_count,
-              help="Optimizer steps in the whole run (with --resume: the new total).")
+              help="Optimizer steps in the whole run (with --resume: the new total). With"
+                   " --objective mlm the default is %d, on whole windows, the recipe its"
+                   " figures were measured with." % DEFAULT_MLM_MAX_ITERS)
 @click.option("--short-context", default=None, type=int, callback=count, metavar="TOKENS",
               help="Staged training (Shortformer): the first --short-share of the steps read"
                    " windows of this many tokens, --block-size / TOKENS times as many a step,"
@@ -171,6 +174,8 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
                              n_embd=n_embd, dropout=dropout, bias=bias,
                              distance_bias=objective == "mlm" and distance_bias is not False
                              ).validate()
+    if objective == "mlm" and not flag_given("max_iters"):
+        max_iters = DEFAULT_MLM_MAX_ITERS
     train_config = TrainConfig(batch_size=batch_size, max_iters=max_iters, lr=lr, min_lr=min_lr,
                                warmup_iters=warmup_iters, weight_decay=weight_decay,
                                grad_clip=grad_clip, eval_interval=eval_interval,

@@ -360,7 +360,7 @@ def train_loop(state, tc, loss_fn, sample, save, out_dir, tokens_per_iter, log=N
     if step_fn is None:
         step_fn = functools.partial(train_step, value_and_grad)
     if train_batch is None:
-        train_batch = functools.partial(_same_batch_every_step, sample)
+        train_batch = functools.partial(_batch_of_any_step, sample)
     default_schedule = lr_fn is None
     if lr_fn is None:
         lr_fn = functools.partial(lr_at, lr=tc.lr, min_lr=tc.min_lr, warmup_iters=tc.warmup_iters,
@@ -433,8 +433,9 @@ def skip(*args):
     """What a rank other than 0 does instead of saving or printing."""
 
 
-def _same_batch_every_step(sample, rng, it):
-    """The training batch of any step: `sample("train", rng)` (train_loop's default)."""
+def _batch_of_any_step(sample, rng, it):
+    """The training batch of step `it` where it does not depend on the step: `sample("train",
+    rng)` (train_loop's default)."""
     return sample("train", rng)
 
 
