@@ -62,9 +62,9 @@ def stage_of(run_dir):
 # ----------------------------------------------------------------------------- the schedule
 
 
-def test_the_default_stage_is_800_of_1000_steps_on_64_token_windows():
-    assert (DEFAULT_SHORT_CONTEXT, DEFAULT_SHORT_SHARE) == (64, 0.8)
-    assert short_stage(64, 0.8, 256, 1000) == {"tokens": 64, "steps": 800}
+def test_the_default_stage_is_720_of_900_steps_on_64_token_windows():
+    assert (DEFAULT_SHORT_CONTEXT, DEFAULT_SHORT_SHARE, TrainConfig().max_iters) == (64, 0.8, 900)
+    assert short_stage(64, 0.8, 256, 900) == {"tokens": 64, "steps": 720}
     assert short_stage(64, 0.8, 256, 7) == {"tokens": 64, "steps": 6}  # round(5.6)
 
 
@@ -285,7 +285,7 @@ class Captured(Exception):
 
 
 @pytest.mark.parametrize("flags, max_iters, short_context", [
-    ([], 1000, None),  # the library resolves None: 64 for clm
+    ([], 900, None),  # the library resolves None: 64 for clm
     (["--objective", "mlm"], 750, None),  # the masked objective keeps its measured recipe
     (["--objective", "mlm", "--max-iters", "5"], 5, None),
     (["--max-iters", "7", "--short-context", "32", "--short-share", "0.5"], 7, 32),

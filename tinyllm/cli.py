@@ -157,8 +157,8 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
     """Pretrain a GPT on raw text by next-token prediction (or an encoder by masked tokens).
 
     With no flags it trains a 1.1M-parameter model with a byte-level BPE tokenizer (2048 tokens)
-    and a 256-token context on the embedded default corpus for 1000 steps, the first 800 on
-    64-token windows (about 3 min 20 s on 2 cores of an Intel Xeon), then prints a sample.
+    and a 256-token context on the embedded default corpus for 900 steps, the first 720 on
+    64-token windows (about 3 minutes on 2 cores of an Intel Xeon), then prints a sample.
     """
     from .generate import generate_text
     from .pretrain import pretrain as run_pretrain

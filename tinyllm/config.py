@@ -63,8 +63,8 @@ class TrainConfig:
     """How to train: batch, schedule, optimizer and bookkeeping."""
 
     batch_size: int = 8  # sequences per step; B * T = 2048 tokens per step at block 256
-    max_iters: int = 1000  # optimizer steps: under 4 min in all at the default size on 2 cores,
-    # with the short windows of its first 800 steps (DEFAULT_SHORT_CONTEXT, below)
+    max_iters: int = 900  # optimizer steps: under 4 min in all at the default size on 2 cores,
+    # with the short windows of its first 720 steps (DEFAULT_SHORT_CONTEXT, below)
     lr: float = 1e-3  # peak learning rate; tiny models tolerate a large one
     min_lr: float = 1e-4  # cosine decay floor, lr / 10 (Chinchilla's rule of thumb)
     warmup_iters: int = 100  # linear warm-up: Adam's moment estimates are noisy in the first steps
@@ -102,9 +102,9 @@ DEFAULT_RUN = "runs/pretrain"  # the pretraining run that generate, fewshot and 
 # Staged training (Shortformer, Press, Smith and Lewis, 2021): the first steps of causal
 # pretraining read short windows, block_size / DEFAULT_SHORT_CONTEXT times as many a step, so a
 # step holds as many tokens; the last ones read whole windows and train the later positions.
-# Attention's cost grows with the window, so a 64-token step takes about two thirds of the time
-# of a 256-token one here: 1000 such steps take the time of 750 whole ones, and gave a lower
-# validation loss and a better start for fine-tuning (docs/experiments.md)
+# Attention's cost grows with the window, so a 64-token step takes about four fifths of the time
+# of a 256-token one here (benchmarks/window_cost.py): 900 staged steps take about the time of
+# 750 whole ones, and reach a lower validation loss (docs/experiments.md)
 DEFAULT_SHORT_CONTEXT = 64  # tokens a window in the short stage (0: whole windows throughout)
 DEFAULT_SHORT_SHARE = 0.8  # the share of the steps in the short stage
 # --objective mlm keeps the recipe its figures were measured with: 750 steps on whole windows,

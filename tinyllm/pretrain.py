@@ -143,7 +143,7 @@ def short_stage(tokens, share, block_size, max_iters):
     Steps 0 to S - 1 read windows of T_s tokens, S = round(share * max_iters); the later ones,
     and every evaluation, read whole ones (`staged_batches`). T_s must divide the context, so
     that a short step holds as many tokens as a whole one. Example: tokens 64, share 0.8,
-    block_size 256, max_iters 1000 -> {"tokens": 64, "steps": 800}.
+    block_size 256, max_iters 900 -> {"tokens": 64, "steps": 720}.
     """
     if not 0 <= share <= 1:
         raise TinyLLMError(f"--short-share must be between 0 and 1, got {share}")
@@ -167,8 +167,8 @@ def staged_batches(sample, batch_size, block_size, stage):
     tokens: the same tokens a step, each predicted from at most T_s - 1 tokens before it. The
     later steps read whole windows and so train the positions past T_s; a model whose windows
     were short throughout would meet those positions untrained. None for no stage: every batch
-    is `sample("train", rng)`. Example: batch 8, block 256, {"tokens": 64, "steps": 800} ->
-    steps 0-799 draw (32, 64) batches, steps 800 on (8, 256).
+    is `sample("train", rng)`. Example: batch 8, block 256, {"tokens": 64, "steps": 720} ->
+    steps 0-719 draw (32, 64) batches, steps 720 on (8, 256).
     """
     if stage is None:
         return None
