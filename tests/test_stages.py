@@ -99,8 +99,8 @@ def test_every_step_reads_the_same_tokens_and_short_steps_short_windows(sizes, b
     draw whole windows: batch x block tokens either way, each target the token after its input."""
     block, tokens = sizes
     ids = onp.arange(500, dtype=onp.int32)  # token i is i: a window's targets are its inputs + 1
-    _, sample = next_token_loss_and_batches({"train": ids, "val": ids}, replace(MODEL, block_size=block),
-                                            batch)
+    _, sample = next_token_loss_and_batches({"train": ids, "val": ids},
+                                            replace(MODEL, block_size=block), batch)
     stage = {"tokens": tokens, "steps": 10}
     x, y = staged_batches(sample, batch, block, stage)(onp.random.default_rng(seed), it)
     assert x.shape == ((batch * block // tokens, tokens) if it < 10 else (batch, block))

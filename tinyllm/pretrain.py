@@ -59,12 +59,12 @@ def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENI
     `short_context` tokens (`short_stage`; None: config.DEFAULT_SHORT_CONTEXT for "clm", 0 for
     "mlm"; 0: whole windows throughout; a resumed run keeps its own stages). Returns a summary
     dict ("seconds": this call's training time, "train_seconds": the run's over every part, None
-    if a checkpoint from before tinyllm kept it was resumed). The run directory is locked for the whole call. Over MPI (`world`, see
-    tinyllm/distributed.py) rank 0 alone reads the data and the run directory and sends the others
-    what they need; the whole job trains one model, and only rank 0 writes. `fast` takes the
-    hand-written forward and backward of tinyllm/fast.py where it applies (dropout 0, either
-    objective); False, or dropout on, differentiates the reference model with autograd. Both give
-    the same losses up to float32 rounding.
+    if a checkpoint from before tinyllm kept it was resumed). The run directory is locked for the
+    whole call. Over MPI (`world`, see tinyllm/distributed.py) rank 0 alone reads the data and
+    the run directory and sends the others what they need; the whole job trains one model, and
+    only rank 0 writes. `fast` takes the hand-written forward and backward of tinyllm/fast.py
+    where it applies (dropout 0, either objective); False, or dropout on, differentiates the
+    reference model with autograd. Both give the same losses up to float32 rounding.
     """
     log = log if world.is_root else skip
     world.from_root(lambda: prepare_out_dir(out_dir, resume, force))
@@ -172,7 +172,8 @@ def staged_batches(sample, batch_size, block_size, stage):
     """
     if stage is None:
         return None
-    rows, tokens, steps = batch_size * block_size // stage["tokens"], stage["tokens"], stage["steps"]
+    tokens, steps = stage["tokens"], stage["steps"]
+    rows = batch_size * block_size // tokens  # as many tokens a step as a whole batch
 
     def train_batch(rng, it):
         if it < steps:
