@@ -17,8 +17,8 @@ from tinyllm.checkpoint import load_checkpoint
 from tinyllm.cli import main
 from tinyllm.config import DEFAULT_SHORT_CONTEXT, DEFAULT_SHORT_SHARE, GPTConfig, TrainConfig
 from tinyllm.errors import TinyLLMError
-from tinyllm.pretrain import (next_token_loss_and_batches, pretrain, short_stage, staged_batches,
-                              stored_short_stage)
+from tinyllm.pretrain import (default_short_context, next_token_loss_and_batches, pretrain,
+                              short_stage, staged_batches, stored_short_stage)
 from tinyllm.train import TrainingInterrupted, read_metrics
 from tinyllm.tree import flatten
 
@@ -66,6 +66,23 @@ def test_the_default_stage_is_720_of_900_steps_on_64_token_windows():
     assert (DEFAULT_SHORT_CONTEXT, DEFAULT_SHORT_SHARE, TrainConfig().max_iters) == (64, 0.8, 900)
     assert short_stage(64, 0.8, 256, 900) == {"tokens": 64, "steps": 720}
     assert short_stage(64, 0.8, 256, 7) == {"tokens": 64, "steps": 6}  # round(5.6)
+
+
+@pytest.mark.parametrize("objective, block, want", [
+    ("clm", 256, 64), ("clm", 128, 64), ("clm", 512, 64),
+    ("clm", 64, 64),  # not shorter than the context: short_stage then makes no stage
+    ("clm", 96, 0), ("clm", 100, 0), ("clm", 16, 0),  # 64 does not divide it: whole windows
+    ("mlm", 256, 0),
+])
+def test_the_default_window_is_64_where_it_divides_the_context(objective, block, want):
+    assert default_short_context(objective, block) == want
+
+
+def test_a_context_that_64_does_not_divide_trains_without_a_flag(tmp_path, data):
+    """The in-context-learning example pretrains with a context of 96: no stage, no error."""
+    pretrain(replace(MODEL, block_size=96), TRAIN, str(tmp_path / "run"), data=data,
+             tokenizer_kind="char", log=quiet)
+    assert stage_of(tmp_path / "run") is None
 
 
 @pytest.mark.parametrize("tokens, share, block, steps", [

@@ -114,8 +114,8 @@ def main(ctx):
                    " so a step holds as many tokens in less time (attention's cost grows with"
                    " the window); the later steps read whole windows. Must divide"
                    " --block-size; 0, or --block-size or more: whole windows throughout. With"
-                   " --resume: the run's own.  [default: %d with --objective clm, 0 with mlm]"
-                   % DEFAULT_SHORT_CONTEXT)
+                   " --resume: the run's own.  [default: %d with --objective clm where it"
+                   " divides --block-size, else 0; 0 with mlm]" % DEFAULT_SHORT_CONTEXT)
 @click.option("--short-share", default=DEFAULT_SHORT_SHARE, callback=share,
               help="The share of the steps that read --short-context windows (from the first"
                    " step on). With --resume: the run's own.")
