@@ -133,8 +133,8 @@ def test_without_a_stage_the_loop_draws_its_batches_as_it_always_did():
 # ----------------------------------------------------------------------------- wiring
 
 
-def test_a_run_reads_short_windows_for_its_stage_and_whole_ones_after_and_in_evaluations(
-        tmp_path, data, monkeypatch):
+def record_batch_shapes(monkeypatch):
+    """The (windows, tokens) of every batch pretraining draws from now on, in order."""
     shapes = []
     real = pretrain_module.get_batch
 
@@ -143,6 +143,12 @@ def test_a_run_reads_short_windows_for_its_stage_and_whole_ones_after_and_in_eva
         return real(ids, batch_size, block_size, rng)
 
     monkeypatch.setattr(pretrain_module, "get_batch", get_batch)
+    return shapes
+
+
+def test_a_run_reads_short_windows_for_its_stage_and_whole_ones_after_and_in_evaluations(
+        tmp_path, data, monkeypatch):
+    shapes = record_batch_shapes(monkeypatch)
     run(tmp_path / "run", data, short_context=4, short_share=0.5)  # 4 of 8 steps
     assert stage_of(tmp_path / "run") == {"tokens": 4, "steps": 4}
     short, whole = (8, 4), (2, 16)
@@ -155,14 +161,7 @@ def test_a_run_reads_short_windows_for_its_stage_and_whole_ones_after_and_in_eva
 
 def test_with_gradient_accumulation_each_micro_batch_of_the_stage_is_short(tmp_path, data,
                                                                          monkeypatch):
-    shapes = []
-    real = pretrain_module.get_batch
-
-    def get_batch(ids, batch_size, block_size, rng):
-        shapes.append((batch_size, block_size))
-        return real(ids, batch_size, block_size, rng)
-
-    monkeypatch.setattr(pretrain_module, "get_batch", get_batch)
+    shapes = record_batch_shapes(monkeypatch)
     pretrain(MODEL, replace(TRAIN, grad_accum=2), str(tmp_path / "run"), data=data,
              tokenizer_kind="char", log=quiet, short_context=4, short_share=0.5)
     assert shapes.count((8, 4)) == 4 * 2  # 4 steps of the stage, 2 micro-batches each
