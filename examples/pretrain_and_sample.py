@@ -2,9 +2,8 @@
 
 This is what `tinyllm pretrain` does, spelled out: pick a corpus, train a tokenizer, make a
 model config, run the training loop, then sample. It builds the same model as `tinyllm pretrain`
-(the defaults in tinyllm/config.py) and trains it for fewer steps: 600, two thirds of the 900
-of plain `tinyllm pretrain`, in about two thirds of its time (the first 480 on short windows, as
-its first 720 are).
+(the defaults in tinyllm/config.py) and trains it for fewer steps: 600, four fifths of the 750
+of plain `tinyllm pretrain` (about 3 minutes on 2 CPU cores).
 
     python examples/pretrain_and_sample.py [--data FILE] [--max-iters 600]
 """

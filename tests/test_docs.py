@@ -228,10 +228,9 @@ def test_every_flag_the_documents_name_exists(doc):
 # or a reworded phrase fails here, so the two are changed together.
 STATED_DEFAULTS = [
     ("a 2048-token vocabulary", "pretrain", {"--vocab-size": 2048}),
-    ("It has 4 layers, 4 heads and 128 channels, trains for 900 steps of 8 x 256 tokens, the"
-     " first 720 on 64-token windows, 32 a step", "pretrain",
-     {"--n-layer": 4, "--n-head": 4, "--n-embd": 128, "--max-iters": 900, "--batch-size": 8,
-      "--block-size": 256, "--short-share": 0.8}),
+    ("It has 4 layers, 4 heads and 128 channels, trains for 750 steps of 8 x 256 tokens",
+     "pretrain", {"--n-layer": 4, "--n-head": 4, "--n-embd": 128, "--max-iters": 750,
+                  "--batch-size": 8, "--block-size": 256, "--short-context": 0}),
     ("no biases (`--no-bias`, as `GPTConfig` now), BPE tokens, 4 layers of 128 channels, a context"
      " of 256 and lr 1e-3", "pretrain", {"--bias": False, "--tokenizer": "bpe", "--lr": 1e-3}),
     ("with its default seed 1337", "pretrain", {"--seed": 1337}),
@@ -241,25 +240,11 @@ STATED_DEFAULTS = [
      " dropout 0.1 in the body, no freezing", "finetune classify",
      {"--max-iters": 300, "--eval-interval": 25, "--patience": 4, "--dropout": 0.1,
       "--freeze": "none"}),
-    ("**88.0%** after 1500 steps", "finetune instruct", {"--max-iters": 1500}),
+    ("**85.0%** after 1500 steps", "finetune instruct", {"--max-iters": 1500}),
     ("(`--label-smoothing`, 0.1 as in the paper)", "seq2seq train", {"--label-smoothing": 0.1}),
     ("100.0% exact match on 500 held-out dates after 1500 steps", "seq2seq train",
      {"--eval-examples": 500, "--max-iters": 1500}),
 ]
-
-
-def test_the_short_stage_the_readme_states_is_what_plain_pretrain_does():
-    """--short-context defaults by the objective (64 for clm), so STATED_DEFAULTS cannot read
-    it from the flag; the stage plain `tinyllm pretrain` computes is checked here instead."""
-    from tinyllm.config import DEFAULT_SHORT_CONTEXT, DEFAULT_SHORT_SHARE, GPTConfig, TrainConfig
-    from tinyllm.pretrain import short_stage
-
-    readme = " ".join(read("README.md").split())
-    assert "the first 720 on 64-token windows, 32 a step" in readme
-    stage = short_stage(DEFAULT_SHORT_CONTEXT, DEFAULT_SHORT_SHARE, GPTConfig().block_size,
-                        TrainConfig().max_iters)
-    assert stage == {"tokens": 64, "steps": 720}
-    assert TrainConfig().batch_size * GPTConfig().block_size // stage["tokens"] == 32
 
 
 def test_the_learning_rates_the_readme_states_are_those_each_base_gets():

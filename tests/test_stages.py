@@ -17,8 +17,8 @@ from tinyllm.checkpoint import load_checkpoint
 from tinyllm.cli import main
 from tinyllm.config import DEFAULT_SHORT_CONTEXT, DEFAULT_SHORT_SHARE, GPTConfig, TrainConfig
 from tinyllm.errors import TinyLLMError
-from tinyllm.pretrain import (default_short_context, next_token_loss_and_batches, pretrain,
-                              short_stage, staged_batches, stored_short_stage)
+from tinyllm.pretrain import (next_token_loss_and_batches, pretrain, short_stage, staged_batches,
+                              stored_short_stage)
 from tinyllm.train import TrainingInterrupted, read_metrics
 from tinyllm.tree import flatten
 
@@ -62,20 +62,11 @@ def stage_of(run_dir):
 # ----------------------------------------------------------------------------- the schedule
 
 
-def test_the_default_stage_is_720_of_900_steps_on_64_token_windows():
-    assert (DEFAULT_SHORT_CONTEXT, DEFAULT_SHORT_SHARE, TrainConfig().max_iters) == (64, 0.8, 900)
+def test_no_stage_by_default_and_720_of_900_steps_with_64_token_windows():
+    assert (DEFAULT_SHORT_CONTEXT, DEFAULT_SHORT_SHARE, TrainConfig().max_iters) == (0, 0.8, 750)
+    assert short_stage(DEFAULT_SHORT_CONTEXT, DEFAULT_SHORT_SHARE, 256, 750) is None
     assert short_stage(64, 0.8, 256, 900) == {"tokens": 64, "steps": 720}
     assert short_stage(64, 0.8, 256, 7) == {"tokens": 64, "steps": 6}  # round(5.6)
-
-
-@pytest.mark.parametrize("objective, block, want", [
-    ("clm", 256, 64), ("clm", 128, 64), ("clm", 512, 64),
-    ("clm", 64, 64),  # not shorter than the context: short_stage then makes no stage
-    ("clm", 96, 0), ("clm", 100, 0), ("clm", 16, 0),  # 64 does not divide it: whole windows
-    ("mlm", 256, 0),
-])
-def test_the_default_window_is_64_where_it_divides_the_context(objective, block, want):
-    assert default_short_context(objective, block) == want
 
 
 def test_a_context_that_64_does_not_divide_trains_without_a_flag(tmp_path, data):
@@ -203,7 +194,7 @@ def test_the_stage_changes_the_run(tmp_path, data):
     assert not same_weights(staged["params"], plain["params"])
 
 
-def test_the_masked_token_objective_reads_whole_windows_unless_asked(tmp_path, data):
+def test_the_masked_token_objective_is_staged_as_asked(tmp_path, data):
     run(tmp_path / "mlm", data, objective="mlm")
     assert stage_of(tmp_path / "mlm") is None
     run(tmp_path / "mlm4", data, objective="mlm", short_context=4)
@@ -215,12 +206,16 @@ TINY = ["--tokenizer", "char", "--n-layer", "1", "--n-embd", "16", "--n-head", "
         "--sample-tokens", "0"]
 
 
-def test_plain_pretrain_stages_64_token_windows_and_the_flags_reach_the_run(tmp_path):
+def test_plain_pretrain_reads_whole_windows_and_the_flags_reach_the_run(tmp_path):
     long_text = tmp_path / "long.txt"
     long_text.write_text(TEXT * 4, encoding="utf-8")
     runner = CliRunner()
     result = runner.invoke(main, ["pretrain", "--data", str(long_text), "--block-size", "128",
-                                  "--out", str(tmp_path / "a"), *TINY])
+                                  "--out", str(tmp_path / "plain"), *TINY])
+    assert result.exit_code == 0, result.output
+    assert stage_of(tmp_path / "plain") is None and "stages:" not in result.output
+    result = runner.invoke(main, ["pretrain", "--data", str(long_text), "--block-size", "128",
+                                  "--short-context", "64", "--out", str(tmp_path / "a"), *TINY])
     assert result.exit_code == 0, result.output
     assert stage_of(tmp_path / "a") == {"tokens": 64, "steps": 4}  # round(0.8 * 5)
     assert "steps 0 to 3 read windows of 64 tokens (4 a step)" in result.output
@@ -230,9 +225,10 @@ def test_plain_pretrain_stages_64_token_windows_and_the_flags_reach_the_run(tmp_
     assert result.exit_code == 0, result.output
     assert stage_of(tmp_path / "b") == {"tokens": 32, "steps": 2}
     result = runner.invoke(main, ["pretrain", "--data", str(long_text), "--block-size", "128",
-                                  "--objective", "mlm", "--out", str(tmp_path / "c"), *TINY])
+                                  "--objective", "mlm", "--short-context", "64",
+                                  "--out", str(tmp_path / "c"), *TINY])
     assert result.exit_code == 0, result.output
-    assert stage_of(tmp_path / "c") is None
+    assert stage_of(tmp_path / "c") == {"tokens": 64, "steps": 4}
 
 
 def test_a_bad_short_context_flag_is_one_line_naming_it(tmp_path, data):
@@ -301,9 +297,9 @@ class Captured(Exception):
 
 
 @pytest.mark.parametrize("flags, max_iters, short_context", [
-    ([], 900, None),  # the library resolves None: 64 for clm
-    (["--objective", "mlm"], 750, None),  # the masked objective keeps its measured recipe
-    (["--objective", "mlm", "--max-iters", "5"], 5, None),
+    ([], 750, 0),
+    (["--objective", "mlm"], 750, 0),
+    (["--objective", "mlm", "--short-context", "64", "--max-iters", "5"], 5, 64),
     (["--max-iters", "7", "--short-context", "32", "--short-share", "0.5"], 7, 32),
 ])
 def test_the_command_passes_its_steps_and_stage_down(flags, max_iters, short_context, tmp_path,

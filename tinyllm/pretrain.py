@@ -7,8 +7,8 @@ lock the run directory and take the starting state (tinyllm/rundir.py). `_pretra
 next-token prediction (or masked-token prediction, tinyllm/mlm.py) to the generic loop of
 tinyllm/train.py, on the hand-written fast path of tinyllm/fast.py where it applies.
 
-Causal pretraining is staged by default (Shortformer, Press, Smith and Lewis, 2021): its first
-steps read short windows, more of them a step, and its last steps whole ones (`short_stage`,
+Pretraining can be staged (Shortformer, Press, Smith and Lewis, 2021): its first steps read
+short windows, more of them a step, and its last steps whole ones (`short_stage`,
 `staged_batches`). Besides that: the special tokens every pretrained tokenizer reserves
 (fine-tuning ends its responses with one), the checks that a resumed run keeps its own
 objective, mask rate and stages, and the progress lines of learning BPE merges and encoding a
@@ -45,7 +45,7 @@ OBJECTIVES = {"clm": "gpt", "mlm": "mlm"}
 def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENIZER,
              vocab_size=DEFAULT_BPE_VOCAB_SIZE, resume=False, force=False, max_iters=None,
              log=print, special_tokens=SPECIAL_TOKENS, world=SINGLE_PROCESS, fast=True,
-             objective=None, mask_rate=None, short_context=None,
+             objective=None, mask_rate=None, short_context=DEFAULT_SHORT_CONTEXT,
              short_share=DEFAULT_SHORT_SHARE):
     """Pretrain a GPT on a corpus (a file or an embedded name) and keep checkpoints in out_dir.
 
@@ -56,8 +56,8 @@ def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENI
     the run's), and `data` may say where the run's own text is now (its sha256 is checked);
     `mask_rate` is the share of positions an MLM step predicts (None: mlm.MASK_RATE, 15%; a
     resumed run keeps its own). The first `short_share` of the steps read windows of
-    `short_context` tokens (`short_stage`; None: `default_short_context`, 64 for "clm" where it
-    divides the context; 0: whole windows throughout; a resumed run keeps its own stages). Returns a summary
+    `short_context` tokens (`short_stage`; 0, the default: whole windows throughout; a resumed
+    run keeps its own stages). Returns a summary
     dict ("seconds": this call's training time, "train_seconds": the run's over every part, None
     if a checkpoint from before tinyllm kept it was resumed). The run directory is locked for the
     whole call. Over MPI (`world`, see tinyllm/distributed.py) rank 0 alone reads the data and
@@ -159,16 +159,6 @@ def short_stage(tokens, share, block_size, max_iters):
     return {"tokens": tokens, "steps": steps}
 
 
-def default_short_context(objective, block_size):
-    """The short stage's window when none is given: config.DEFAULT_SHORT_CONTEXT (64) for the
-    causal objective where it divides the context, else 0 (whole windows throughout), so that a
-    --block-size of 96 or 100 needs no --short-context to train. The masked objective's figures
-    were measured on whole windows: 0. Examples: ("clm", 256) -> 64; ("clm", 96) -> 0."""
-    if objective == "clm" and block_size % DEFAULT_SHORT_CONTEXT == 0:
-        return DEFAULT_SHORT_CONTEXT
-    return 0
-
-
 def staged_batches(sample, batch_size, block_size, stage):
     """train_batch(rng, it) for train.train_loop: the training batch of step `it`.
 
@@ -195,7 +185,7 @@ def staged_batches(sample, batch_size, block_size, stage):
 
 def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume,
                        force, max_iters, log, special_tokens, ranks=1, objective=None,
-                       mask_rate=None, short=(None, DEFAULT_SHORT_SHARE)):
+                       mask_rate=None, short=(DEFAULT_SHORT_CONTEXT, DEFAULT_SHORT_SHARE)):
     """Load (or resume) the data, tokenizer, settings and starting state of a pretraining run,
     with every check made before the run directory is touched. Returns (model_config, tc,
     tokenizer, splits, state, extra, objective): `extra` is what each checkpoint adds to
@@ -216,10 +206,7 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
     else:
         tc.validate()
         objective = objective or "clm"
-        tokens, share = short
-        if tokens is None:
-            tokens = default_short_context(objective, model_config.block_size)
-        stage = short_stage(tokens, share, model_config.block_size, tc.max_iters)
+        stage = short_stage(*short, model_config.block_size, tc.max_iters)
         text = load_corpus(data)
         if objective == "mlm":
             special_tokens = (*special_tokens, MASK_TOKEN)
