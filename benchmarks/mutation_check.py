@@ -164,6 +164,14 @@ MUTANTS = [
            'if meta.get("data_files_sha256", {}) != data_fingerprints(s):',
            "if False:",
            "classify --split parses whatever file a run directory names, unchecked"),
+    # --- staged pretraining (--short-context), 2026-12-01
+    Mutant("short-stage-one-step-too-long", "tinyllm/pretrain.py",
+           "        if it < steps:", "        if it <= steps:",
+           "the short stage of --short-context runs one step past the steps config.json keeps"),
+    Mutant("resume-restages-from-the-flags", "tinyllm/pretrain.py",
+           "        stage = stored_short_stage(ckpt.meta, out_dir, ckpt.model_config.block_size)",
+           "        stage = short_stage(*short, ckpt.model_config.block_size, ckpt.iter + 1)",
+           "pretrain --resume takes the stage from this command's flags, not the run's own"),
 ]
 
 
