@@ -19,6 +19,10 @@ A checkpoint is four files in the run directory:
 A field missing from "model" or "train" takes its default: a field added after a run was made
 is one the run did not use (GPTConfig.distance_bias, for one, is False).
 
+A pretraining run's config.json also holds "short_context": null, or {"tokens": 64, "steps":
+720} when its first steps read shorter windows (`pretrain --short-context`; absent, as null, in
+runs made before it), and an MLM run's "mask_rate" (0.15 when absent). `--resume` keeps both.
+
 "ranks" is the number of MPI processes the run trains on (`mpirun -n N`; 1 without mpirun, and
 for runs made before it was recorded); `--resume` needs the same number. "train" holds
 "grad_accum", the micro-batches per step on each rank (1 when absent).

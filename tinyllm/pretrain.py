@@ -57,9 +57,9 @@ def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENI
     `mask_rate` is the share of positions an MLM step predicts (None: mlm.MASK_RATE, 15%; a
     resumed run keeps its own). The first `short_share` of the steps read windows of
     `short_context` tokens (`short_stage`; 0, the default: whole windows throughout; a resumed
-    run keeps its own stages). Returns a summary
-    dict ("seconds": this call's training time, "train_seconds": the run's over every part, None
-    if a checkpoint from before tinyllm kept it was resumed). The run directory is locked for the
+    run keeps its own stages). Returns a summary dict ("seconds": this call's training time,
+    "train_seconds": the run's over every part, None if a checkpoint from before tinyllm kept it
+    was resumed). The run directory is locked for the
     whole call. Over MPI (`world`, see tinyllm/distributed.py) rank 0 alone reads the data and
     the run directory and sends the others what they need; the whole job trains one model, and
     only rank 0 writes. `fast` takes the hand-written forward and backward of tinyllm/fast.py
@@ -159,6 +159,12 @@ def short_stage(tokens, share, block_size, max_iters):
     return {"tokens": tokens, "steps": steps}
 
 
+def short_rows(batch_size, block_size, stage):
+    """Windows a step of the short stage draws: as many tokens as a whole batch holds.
+    Example: batch 8, block 256, 64-token windows -> 32."""
+    return batch_size * block_size // stage["tokens"]
+
+
 def staged_batches(sample, batch_size, block_size, stage):
     """train_batch(rng, it) for train.train_loop: the training batch of step `it`.
 
@@ -173,7 +179,7 @@ def staged_batches(sample, batch_size, block_size, stage):
     if stage is None:
         return None
     tokens, steps = stage["tokens"], stage["steps"]
-    rows = batch_size * block_size // tokens  # as many tokens a step as a whole batch
+    rows = short_rows(batch_size, block_size, stage)
 
     def train_batch(rng, it):
         if it < steps:
@@ -240,7 +246,7 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
         + (f"; {ranks} MPI ranks" if ranks > 1 else ""))
     if stage is not None:
         log(f"stages: steps 0 to {stage['steps'] - 1} read windows of {stage['tokens']} tokens"
-            f" ({tc.batch_size * model_config.block_size // stage['tokens']} a step), the later"
+            f" ({short_rows(tc.batch_size, model_config.block_size, stage)} a step), the later"
             f" ones whole windows of {model_config.block_size} ({tc.batch_size} a step)")
     extra = {"data": stored_data_name(data), "data_sha256": text_fingerprint(text),
              "data_characters": len(text), "ranks": ranks, "short_context": stage,
