@@ -25,7 +25,7 @@ from tinyllm.mlm import (MASK_RATE, REPLACE_WITH_MASK, REPLACE_WITH_RANDOM, choo
                          mlm_logits, mlm_loss)
 from tinyllm.attention_maps import gpt_attention
 from tinyllm.models import bidirectional_hidden, lm_head_weight
-from tinyllm.ops import cross_entropy_reference, distance_bias
+from tinyllm.ops import DISTANCE_BIAS_FLOOR, cross_entropy_reference, distance_bias
 from tinyllm.tokenizers import MASK_TOKEN, CharTokenizer
 from tinyllm.pretrain import pretrain
 from tinyllm.train import read_metrics
@@ -463,6 +463,30 @@ def test_distance_bias_worked_example():
     bias = distance_bias(2, 3, "float64")  # (H, T, T): slopes 1 and 1/2
     onp.testing.assert_array_equal(bias[0], [[0, -1, -2], [-1, 0, -1], [-2, -1, 0]])
     onp.testing.assert_array_equal(bias[1], [[0, -0.5, -1], [-0.5, 0, -0.5], [-1, -0.5, 0]])
+
+
+def test_distance_bias_goes_no_lower_than_its_floor():
+    bias = distance_bias(2, 100, "float64")  # head 0 (slope 1) meets the floor 40 keys away
+    onp.testing.assert_array_equal(bias[0, 0, :41], -onp.arange(41.0))
+    onp.testing.assert_array_equal(bias[0, 0, 41:], DISTANCE_BIAS_FLOOR)
+    onp.testing.assert_array_equal(bias[1, 0, :81], -0.5 * onp.arange(81.0))
+    assert bias.min() == DISTANCE_BIAS_FLOOR == -40.0
+
+
+def test_a_biased_encoders_attention_weights_hold_no_subnormal_floats():
+    """Subnormal floats (below 1.2e-38 in float32) are computed dozens of times slower than
+    normal ones on Intel processors, and exp() of a score biased 255 below its row's top makes
+    them: the floor keeps every weight either normal or exactly 0. The scores here are those of
+    a trained encoder's size (q k^T / sqrt(D) of a few units)."""
+    b, t, n_head, d = 2, 256, 4, 8
+    rng = onp.random.default_rng(0)
+    qkv = rng.standard_normal((b * t, 3 * n_head * d)).astype("float32")
+    mask = distance_bias(n_head, t, "float32")
+    _, (_, _, _, weights, _) = fast.attention_forward(qkv, b, t, n_head, mask,
+                                                      fast.query_blocks(t, causal=False))
+    smallest_normal = onp.finfo("float32").tiny
+    assert not ((weights > 0) & (weights < smallest_normal)).any()
+    assert weights.min() > 0  # at the floor a key keeps a little weight, never exactly 0
 
 
 def test_with_no_query_or_key_weights_an_encoder_attends_by_the_distance_bias_alone(make_params):
