@@ -203,6 +203,13 @@ def test_a_json_array_of_records(tmp_path):  # the layout many data sets are exp
      r" tab-separated file .tsv"),
     ("d.csv", 'label,text\nspam,hi\n"ham; hi, there"\n', {},  # a comma: no word of separators
      r"d.csv:3: missing column 1 \(this line has 1 field\)$"),
+    ("d.txt", "label;text\nspam;hi there\n", {},  # no extension to go by: read as CSV
+     r"d.txt:1: missing column 1 \(this line has 1 field\); it holds ';' and no comma: save it"),
+    ("d.tsv", "label,text\nspam,hi there\n", {},
+     r"d.tsv:1: missing column 1 \(this line has 1 field\); it holds commas and no tab: name a"
+     r" comma-separated file .csv"),
+    ("d.tsv", "text\tlabel\nhi\tx\nlonely\n", {}, r"d.tsv:3: missing column 1 \(this line has 1"
+     r" field\)$"),  # no comma: no word of separators
 ])
 def test_bad_classification_files_name_file_and_line(tmp_path, name, text, kwargs, message):
     with pytest.raises(TinyLLMError, match=message):

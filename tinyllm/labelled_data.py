@@ -208,7 +208,7 @@ def read_classification(path, text_column=None, label_column=None, classes=None,
     errors, examples = RecordErrors(), []
     for number, fields in rows[1:] if has_header else rows:
         with errors.gathered():
-            examples.append(_row_example(fields, ti, li, path, number))
+            examples.append(_row_example(fields, ti, li, path, number, fmt))
     errors.raise_any()
     if not examples:
         raise TinyLLMError(f"{path}: no examples after the header")
@@ -235,12 +235,13 @@ def _check_labels_repeat(examples, path, where, first=""):
                            f" --label-column{first}")
 
 
-def _row_example(fields, ti, li, path, number):
-    """(text, label) of one CSV/TSV row; a missing column or an empty field names its line."""
+def _row_example(fields, ti, li, path, number, fmt):
+    """(text, label) of one row of a file read as `fmt` ("csv" or "tsv"); a missing column or an
+    empty field names its line."""
     if max(ti, li) >= len(fields):
         raise TinyLLMError(f"{path}:{number}: missing column {max(ti, li)} (this line has"
                            f" {len(fields)} field{'s' * (len(fields) != 1)})"
-                           + _separator_hint(path, fields))
+                           + _separator_hint(fmt, fields))
     label = fields[li].strip()
     if not label:
         raise TinyLLMError(f"{path}:{number}: empty label")
@@ -249,14 +250,21 @@ def _row_example(fields, ti, li, path, number):
     return fields[ti], label
 
 
-def _separator_hint(path, fields):
-    """Why a .csv line may have come out as one field: spreadsheets in many languages save
-    "CSV" separated by semicolons, and some tools by tabs. "" when nothing suggests it.
+def _separator_hint(fmt, fields):
+    """Why a line read as `fmt` ("csv" or "tsv") may have come out as one field: spreadsheets in
+    many languages save "CSV" separated by semicolons, some tools save tabs in a .csv, and a
+    comma-separated file may be named .tsv. "" when nothing suggests it.
 
-    Example: ("d.csv", ["spam;Check out my channel"]) -> "; it holds ';' and no comma: save
-    it with commas (or with tabs, as .tsv)"; ("d.csv", ['spam, "hi"']) -> "" (a comma: the row
-    is short for another reason)."""
-    if len(fields) != 1 or os.path.splitext(path)[1].lower() != ".csv" or "," in fields[0]:
+    Example: ("csv", ["spam;Check out my channel"]) -> "; it holds ';' and no comma: save it
+    with commas (or with tabs, as .tsv)"; ("csv", ['spam, "hi"']) -> "" (a comma: the row is
+    short for another reason); ("tsv", ["spam,hi"]) -> "; it holds commas and no tab: name a
+    comma-separated file .csv"."""
+    if len(fields) != 1:
+        return ""
+    if fmt == "tsv":
+        return "; it holds commas and no tab: name a comma-separated file .csv" if (
+            "," in fields[0] and "\t" not in fields[0]) else ""
+    if "," in fields[0]:
         return ""
     if "\t" in fields[0]:
         return "; it holds tabs and no comma: name a tab-separated file .tsv"
