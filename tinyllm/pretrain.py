@@ -17,7 +17,8 @@ large corpus.
 
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Optional
 
 from . import fast as fast_path
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -40,6 +41,25 @@ SPECIAL_TOKENS = ("<|endoftext|>",)  # reserved now so fine-tuning can end respo
 # Pretraining objectives -> the checkpoint kind that records them: next-token prediction makes a
 # causal GPT, masked-token prediction a bidirectional encoder with the same parameter tree.
 OBJECTIVES = {"clm": "gpt", "mlm": "mlm"}
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a call of `pretrain` asks of the run, besides the model and training settings: where
+    it lives, what it reads, and whether it starts or resumes (see `pretrain` for each field)."""
+
+    out_dir: str
+    data: Optional[str] = None  # a file, an embedded corpus's name, or None: DEFAULT_CORPUS
+    tokenizer_kind: str = DEFAULT_TOKENIZER
+    vocab_size: int = DEFAULT_BPE_VOCAB_SIZE
+    resume: bool = False
+    force: bool = False
+    max_iters: Optional[int] = None  # a resumed run's new total; None keeps its own
+    special_tokens: tuple = SPECIAL_TOKENS
+    objective: Optional[str] = None  # None: "clm", or a resumed run's own
+    mask_rate: Optional[float] = None  # None: mlm.MASK_RATE, or a resumed run's own
+    short_context: int = DEFAULT_SHORT_CONTEXT
+    short_share: float = DEFAULT_SHORT_SHARE
 
 
 def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENIZER,
@@ -67,26 +87,25 @@ def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENI
     reference model with autograd. Both give the same losses up to float32 rounding.
     """
     log = log if world.is_root else skip
+    request = RunRequest(out_dir, data, tokenizer_kind, vocab_size, resume, force, max_iters,
+                         special_tokens, objective, mask_rate, short_context, short_share)
     world.from_root(lambda: prepare_out_dir(out_dir, resume, force))
     try:
-        return _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume,
-                         force, max_iters, log, special_tokens, world, fast, objective,
-                         mask_rate, (short_context, short_share))
+        return _pretrain(model_config, tc, request, log, world, fast)
     finally:
         if world.is_root:
             unlock_run_dir(out_dir)
 
 
-def _pretrain(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume, force,
-              max_iters, log, special_tokens, world, fast, objective, mask_rate, short):
-    if objective not in (None, *OBJECTIVES):
-        raise TinyLLMError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
-    if mask_rate is not None and not 0 < mask_rate < 1:
-        raise TinyLLMError(f"--mask-rate must be between 0 and 1, got {mask_rate}")
+def _pretrain(model_config, tc, request, log, world, fast):
+    if request.objective not in (None, *OBJECTIVES):
+        raise TinyLLMError(f"--objective must be one of {', '.join(OBJECTIVES)}, not"
+                           f" {request.objective!r}")
+    if request.mask_rate is not None and not 0 < request.mask_rate < 1:
+        raise TinyLLMError(f"--mask-rate must be between 0 and 1, got {request.mask_rate}")
     model_config, tc, tokenizer, splits, state, extra, objective = world.from_root(
-        lambda: _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_size,
-                                   resume, force, max_iters, log, special_tokens, world.size,
-                                   objective, mask_rate, short))
+        lambda: _start_pretraining(model_config, tc, request, log, world.size))
+    out_dir = request.out_dir
 
     if objective == "mlm":
         loss_fn, sample = mlm_loss_and_batches(splits, model_config, tc.batch_size, tokenizer,
@@ -189,41 +208,41 @@ def staged_batches(sample, batch_size, block_size, stage):
     return train_batch
 
 
-def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_size, resume,
-                       force, max_iters, log, special_tokens, ranks=1, objective=None,
-                       mask_rate=None, short=(DEFAULT_SHORT_CONTEXT, DEFAULT_SHORT_SHARE)):
-    """Load (or resume) the data, tokenizer, settings and starting state of a pretraining run,
-    with every check made before the run directory is touched. Returns (model_config, tc,
-    tokenizer, splits, state, extra, objective): `extra` is what each checkpoint adds to
-    config.json (with "short_context", and an MLM run's "mask_rate"), `objective` the run's
-    ("clm" or "mlm"). `short` is (short_context, short_share) of `pretrain`."""
-    if resume:
+def _start_pretraining(model_config, tc, request, log, ranks=1):
+    """Load (or resume) the data, tokenizer, settings and starting state of a pretraining run
+    (`request`, a RunRequest), with every check made before the run directory is touched.
+    Returns (model_config, tc, tokenizer, splits, state, extra, objective): `extra` is what each
+    checkpoint adds to config.json (with "short_context", and an MLM run's "mask_rate"),
+    `objective` the run's ("clm" or "mlm")."""
+    out_dir, data, objective = request.out_dir, request.data, request.objective
+    if request.resume:
         ckpt = load_checkpoint(out_dir, with_optimizer=True, kind=tuple(OBJECTIVES.values()))
         objective = resumed_objective(ckpt.meta["kind"], objective, out_dir)
         mask_rate = stored_mask_rate(ckpt.meta, out_dir)
         stage = stored_short_stage(ckpt.meta, out_dir, ckpt.model_config.block_size)
         check_same_ranks(ckpt.meta, ranks, out_dir)
         model_config, tokenizer = ckpt.model_config, ckpt.tokenizer
-        check_resumed_total(max_iters, ckpt.iter, out_dir)
-        tc = replace(ckpt.train_config, max_iters=max_iters or ckpt.train_config.max_iters)
+        check_resumed_total(request.max_iters, ckpt.iter, out_dir)
+        tc = replace(ckpt.train_config, max_iters=request.max_iters or ckpt.train_config.max_iters)
         tc.validate()
         text = run_corpus(ckpt.meta, out_dir, data)  # checked against its sha256 before any use
         data = data or ckpt.meta.get("data")
     else:
         tc.validate()
-        objective = objective or "clm"
-        stage = short_stage(*short, model_config.block_size, tc.max_iters)
+        objective, mask_rate = objective or "clm", request.mask_rate
+        stage = short_stage(request.short_context, request.short_share, model_config.block_size,
+                            tc.max_iters)
         text = load_corpus(data)
-        if objective == "mlm":
-            special_tokens = (*special_tokens, MASK_TOKEN)
-        if tokenizer_kind == "bpe":
+        special_tokens = ((*request.special_tokens, MASK_TOKEN) if objective == "mlm"
+                          else request.special_tokens)
+        if request.tokenizer_kind == "bpe":
             log(f"tokenizer: learning BPE merges from {len(text):,} characters ...")
-        tokenizer = train_tokenizer(tokenizer_kind, text, vocab_size, special_tokens=special_tokens,
-                                    progress=merges_progress(log))
-        if tokenizer.kind == "bpe" and tokenizer.vocab_size < vocab_size:
+        tokenizer = train_tokenizer(request.tokenizer_kind, text, request.vocab_size,
+                                    special_tokens=special_tokens, progress=merges_progress(log))
+        if tokenizer.kind == "bpe" and tokenizer.vocab_size < request.vocab_size:
             log(f"tokenizer: the text has no pair of tokens left to merge after"
                 f" {len(tokenizer.merges):,} merges: its vocabulary is {tokenizer.vocab_size:,},"
-                f" not the {vocab_size:,} of --vocab-size")
+                f" not the {request.vocab_size:,} of --vocab-size")
         model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
     model_config.validate()
     check_memory(gpt_step_bytes(model_config, tc, gpt_param_count(model_config)),
@@ -236,10 +255,10 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
         check_long_enough(split_ids, model_config.block_size,
                           f"the {name} split of {data or DEFAULT_CORPUS}", tokenizer.kind,
                           next_token=objective == "clm")
-    start_out_dir(out_dir, resume, force)
+    start_out_dir(out_dir, request.resume, request.force)
 
     state = starting_state(out_dir, tc, lambda rng: init_gpt(model_config, rng),
-                           ckpt if resume else None, log)
+                           ckpt if request.resume else None, log)
     log(f"data: {data or DEFAULT_CORPUS + ' (embedded default)'}, {len(text):,} characters ->"
         f" {len(ids):,} {tokenizer.kind} tokens (vocab {tokenizer.vocab_size});"
         f" model: {count_params(state.params):,} parameters"
@@ -251,7 +270,7 @@ def _start_pretraining(model_config, tc, out_dir, data, tokenizer_kind, vocab_si
     extra = {"data": stored_data_name(data), "data_sha256": text_fingerprint(text),
              "data_characters": len(text), "ranks": ranks, "short_context": stage,
              # and the time of the parts before this one (each save adds its own)
-             "train_seconds": earlier_train_seconds(ckpt.meta) if resume else 0.0}
+             "train_seconds": earlier_train_seconds(ckpt.meta) if request.resume else 0.0}
     if objective == "mlm":
         extra["mask_rate"] = MASK_RATE if mask_rate is None else mask_rate
     return model_config, tc, tokenizer, splits, state, extra, objective
