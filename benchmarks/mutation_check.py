@@ -170,8 +170,14 @@ MUTANTS = [
            "the short stage of --short-context runs one step past the steps config.json keeps"),
     Mutant("resume-restages-from-the-flags", "tinyllm/pretrain.py",
            "        stage = stored_short_stage(ckpt.meta, out_dir, ckpt.model_config.block_size)",
-           "        stage = short_stage(*short, ckpt.model_config.block_size, ckpt.iter + 1)",
+           "        stage = short_stage(request.short_context, request.short_share,"
+           " ckpt.model_config.block_size, ckpt.iter + 1)",
            "pretrain --resume takes the stage from this command's flags, not the run's own"),
+    Mutant("distance-bias-without-floor", "tinyllm/ops.py",
+           "    bias = onp.maximum(-slopes[:, None, None] * offsets,"
+           " DISTANCE_BIAS_FLOOR)  # (H, T, T)",
+           "    bias = -slopes[:, None, None] * offsets  # (H, T, T)",
+           "the encoder's distance bias ramps to -255, and exp() makes slow subnormal floats"),
 ]
 
 
