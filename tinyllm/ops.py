@@ -375,7 +375,8 @@ def distance_bias(n_head, t, dtype="float32"):
     processors add and multiply dozens of times slower than normal ones: it made a masked
     pretraining step 1.4 times slower than a causal one there. A key held at the floor keeps
     at most e^-40 (4e-18) of the weight of the key with the top score, far below float32's
-    rounding of a sum (6e-8), so the attention's outputs and gradients do not change.
+    rounding of a sum (6e-8), so the attention's outputs and gradients change by float32
+    rounding at most: a 750-step masked pretraining run logs the same losses either way.
     """
     slopes = 0.5 ** onp.arange(n_head)  # (H,): 1, 1/2, 1/4, ...
     offsets = onp.abs(onp.arange(t)[:, None] - onp.arange(t)[None, :])  # (T, T): |i - j|
