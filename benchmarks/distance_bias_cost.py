@@ -11,8 +11,9 @@ ways on one fixed batch of random weights trained for nothing:
 
 Beside each: how many of the attention weights of the first layer are subnormal floats (below
 1.2e-38 in float32). exp() of a score far below its row's top makes them, and Intel processors
-compute with them dozens of times slower than with normal floats (AMD processors much less), so
-on an Intel machine the ramp without a floor makes the masked step the slowest of the four. The
+compute with them dozens of times slower than with normal floats, so on an Intel machine the ramp
+without a floor makes the masked step the slowest of the four (on the AMD EPYC the project was
+first measured on, a masked step without the floor took no longer than a causal one). The
 weights at the floor are so small that the step's loss and gradients come out the same.
 
     python benchmarks/distance_bias_cost.py [--repeats 5] [--checkpoint RUN]
