@@ -71,20 +71,20 @@ def pretrain(model_config, tc, out_dir, data=None, tokenizer_kind=DEFAULT_TOKENI
 
     `objective` is "clm" (next-token prediction, the default) or "mlm" (the same blocks as a
     bidirectional encoder, trained by masked-token prediction: tinyllm/mlm.py); the checkpoint's
-    kind records it ("gpt" or "mlm"). With resume=True the model, tokenizer, objective and training
-    settings come from the checkpoint; only `max_iters` may be changed (an `objective` given must be
-    the run's), and `data` may say where the run's own text is now (its sha256 is checked);
-    `mask_rate` is the share of positions an MLM step predicts (None: mlm.MASK_RATE, 15%; a
-    resumed run keeps its own). The first `short_share` of the steps read windows of
+    kind records it ("gpt" or "mlm"). With resume=True the model, tokenizer, objective and
+    training settings come from the checkpoint; only `max_iters` may be changed (an `objective`
+    given must be the run's), and `data` may say where the run's own text is now (its sha256 is
+    checked); `mask_rate` is the share of positions an MLM step predicts (None: mlm.MASK_RATE,
+    15%; a resumed run keeps its own). The first `short_share` of the steps read windows of
     `short_context` tokens (`short_stage`; 0, the default: whole windows throughout; a resumed
     run keeps its own stages). Returns a summary dict ("seconds": this call's training time,
     "train_seconds": the run's over every part, None if a checkpoint from before tinyllm kept it
-    was resumed). The run directory is locked for the
-    whole call. Over MPI (`world`, see tinyllm/distributed.py) rank 0 alone reads the data and
-    the run directory and sends the others what they need; the whole job trains one model, and
-    only rank 0 writes. `fast` takes the hand-written forward and backward of tinyllm/fast.py
-    where it applies (dropout 0, either objective); False, or dropout on, differentiates the
-    reference model with autograd. Both give the same losses up to float32 rounding.
+    was resumed). The run directory is locked for the whole call. Over MPI (`world`, see
+    tinyllm/distributed.py) rank 0 alone reads the data and the run directory and sends the
+    others what they need; the whole job trains one model, and only rank 0 writes. `fast` takes
+    the hand-written forward and backward of tinyllm/fast.py where it applies (dropout 0, either
+    objective); False, or dropout on, differentiates the reference model with autograd. Both
+    give the same losses up to float32 rounding.
     """
     log = log if world.is_root else skip
     request = RunRequest(out_dir, data, tokenizer_kind, vocab_size, resume, force, max_iters,
