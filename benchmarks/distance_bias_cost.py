@@ -39,6 +39,7 @@ from tinyllm.checkpoint import load_checkpoint  # noqa: E402
 from tinyllm.config import GPTConfig  # noqa: E402
 from tinyllm.mlm import choose_positions  # noqa: E402
 from tinyllm.models import init_gpt  # noqa: E402
+from tinyllm.system import tune_malloc  # noqa: E402
 
 
 def ramp_without_floor(n_head, t, dtype="float32"):
@@ -80,6 +81,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per way (median)")
     parser.add_argument("--checkpoint", default=None, help="an MLM run to time (default: random)")
     args = parser.parse_args()
+    tune_malloc()  # as `tinyllm pretrain` runs its steps
     if args.checkpoint:
         ckpt = load_checkpoint(args.checkpoint, kind=("mlm",))
         config, params = ckpt.model_config, ckpt.params
