@@ -12,11 +12,20 @@ test split. Four models, each a scikit-learn pipeline:
 - char-svm: the same features, a linear support-vector machine (C = 1);
 - word+char-svm: both feature sets side by side, a linear support-vector machine.
 
+With --tokens RUN, two more read each text as the tokens of RUN's own tokenizer (a pretrained
+run directory), the units the transformer fine-tuned from RUN reads:
+
+- token-lr: the tokens, logistic regression (C = 10): a bag of the transformer's own tokens;
+- token-pair-lr: the tokens and each pair of neighbouring tokens, logistic regression.
+
+If these beat the transformer fine-tuned on the same split, the tokens are not what it lacks.
+
 A dev-only script: scikit-learn is never a dependency of tinyllm. Run it in a separate virtual
 environment that has scikit-learn and tinyllm's own dependencies (numpy, autograd, click):
 
     python3 -m venv /tmp/sk && /tmp/sk/bin/pip install scikit-learn autograd click
     /tmp/sk/bin/python benchmarks/linear_baseline.py --data youtube-spam.csv --seeds 1 2 3
+    /tmp/sk/bin/python benchmarks/linear_baseline.py --data youtube-spam.csv --tokens runs/pretrain
 
 Prints each model's test accuracy per seed and the mean.
 """
@@ -29,12 +38,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from tinyllm.checkpoint import load_checkpoint  # noqa: E402
 from tinyllm.errors import TinyLLMError  # noqa: E402
 from tinyllm.classify_run import ClassifySettings, load_classification_splits  # noqa: E402
 
 
-def models():
-    """name -> a function making a fresh, untrained pipeline."""
+def models(tokenizer=None):
+    """name -> a function making a fresh, untrained pipeline; with a tinyllm `tokenizer`, the
+    token models too."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline, make_union
@@ -46,12 +57,24 @@ def models():
     def chars():
         return TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True)
 
-    return {
+    def tokens(pairs):
+        def analyzer(text):  # "ab c" -> ["17", "40", "17 40"]: token ids, then neighbour pairs
+            ids = [str(i) for i in tokenizer.encode(text)]
+            return ids + ([f"{a} {b}" for a, b in zip(ids, ids[1:])] if pairs else [])
+        return TfidfVectorizer(analyzer=analyzer, sublinear_tf=True)
+
+    pipelines = {
         "word-lr": lambda: make_pipeline(words(), LogisticRegression(C=10, max_iter=2000)),
         "char-lr": lambda: make_pipeline(chars(), LogisticRegression(C=10, max_iter=2000)),
         "char-svm": lambda: make_pipeline(chars(), LinearSVC(C=1)),
         "word+char-svm": lambda: make_pipeline(make_union(words(), chars()), LinearSVC(C=1)),
     }
+    if tokenizer is not None:
+        pipelines["token-lr"] = lambda: make_pipeline(
+            tokens(pairs=False), LogisticRegression(C=10, max_iter=2000))
+        pipelines["token-pair-lr"] = lambda: make_pipeline(
+            tokens(pairs=True), LogisticRegression(C=10, max_iter=2000))
+    return pipelines
 
 
 def main():
@@ -65,6 +88,8 @@ def main():
                         help="as in finetune classify (with --val-data)")
     parser.add_argument("--balance", action="store_true", help="as in finetune classify")
     parser.add_argument("--dedupe", action="store_true", help="as in finetune classify")
+    parser.add_argument("--tokens", default=None, metavar="RUN",
+                        help="a pretrained run directory: also fit models over its tokens")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
                         help="the --seed of each split to score (default: 1 2 3)")
     args = parser.parse_args()
@@ -76,10 +101,11 @@ def main():
                                         test_data=args.test_data, balance=args.balance,
                                         dedupe=args.dedupe, seed=seed)
             splits[seed] = load_classification_splits(settings.validate())
+        tokenizer = load_checkpoint(args.tokens, kind=None).tokenizer if args.tokens else None
     except TinyLLMError as error:
         sys.exit(f"Error: {error}")
     try:
-        pipelines = models()
+        pipelines = models(tokenizer)
     except ImportError:
         sys.exit("linear_baseline.py needs scikit-learn: run it in a separate virtual environment"
                  " that has it (see the top of this file)")
