@@ -6,8 +6,9 @@ Run from a checkout:  python benchmarks/bench_tokenizer.py  [--megabytes 1] [--v
 1. Ordinary text: train to 512 tokens on ~1 MB, then encode it. Prints the seconds and the
    compression ratio (UTF-8 bytes per token) against the targets for a 2-core CPU: training
    under 60 s, encoding under 10 s.
-2. Long words: the pre-split keeps a run of letters without a space as one chunk, however long.
-   With the tokenizer `tinyllm pretrain` trains by default (2048 ids, on the embedded corpus),
+2. Long words: a run of letters without a space is one chunk, up to the 1,024 characters at
+   which the pre-split cuts it (`tokenizers.cut_long`); the chunk encoders are called directly
+   here, on longer chunks, to show how their cost grows. With the tokenizer `tinyllm pretrain` trains by default (2048 ids, on the embedded corpus),
    encodes such words of each size in --sizes, and trains a tokenizer on one such word; each
    with the fast forms (`encode_chunk`, `learn_merges`) and, up to --reference-up-to bytes (they
    take minutes beyond), the plain forms (`encode_chunk_reference`, `learn_merges_reference`),
@@ -74,7 +75,8 @@ def ordinary_text(corpus, megabytes, vocab_size):
 
 
 def long_words(corpus, n_bytes):
-    """{name: one chunk of n_bytes}: runs of letters or symbols, which the pre-split keeps whole."""
+    """{name: one chunk of n_bytes}: runs of letters or symbols, which the pre-split would cut
+    into pieces of 1,024 characters; the chunk encoders take them whole."""
     letters = re.sub(r"[^A-Za-z]", "", corpus)
     rng = random.Random(0)
     return {"English, letters only": benchmark_text(n_bytes, letters),

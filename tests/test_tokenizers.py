@@ -182,6 +182,28 @@ def test_a_long_run_of_one_character_trains_a_tokenizer_that_loads(tmp_path):
     assert loaded.decode(loaded.encode(text)) == text
 
 
+def test_a_chunk_longer_than_the_limit_is_cut_into_pieces(monkeypatch):
+    monkeypatch.setattr(tokenizers, "MAX_CHUNK_CHARACTERS", 2)
+    assert split_into_chunks("abcde fg") == ["ab", "cd", "e", " f", "g"]
+    assert tokenizers.cut_long("ab") == ["ab"]
+
+
+def test_a_long_run_is_encoded_piece_by_piece_and_not_remembered():
+    # One line of letters with no space, 2.5 pieces long: its ids are those of its pieces, and
+    # the encoder's memo keeps none of them (it keeps words, not long runs)
+    tok = BPETokenizer.train("aaaa bbb ab " * 50 + "a" * 3000, vocab_size=256 + 20)
+    limit = tokenizers.MAX_CHUNK_CHARACTERS
+    run = "b" + "a" * (2 * limit + limit // 2)
+    pieces = [run[i:i + limit] for i in range(0, len(run), limit)]
+    by_pieces = [i for piece in pieces for i in tok.encode(piece)]
+    ranks = {pair: rank for rank, pair in enumerate(tok.merges)}
+    assert encode_chunk(run.encode("utf-8"), ranks) != by_pieces  # uncut, merges would cross
+    tok._chunk_cache.clear()
+    assert tok.encode(run) == by_pieces
+    assert max(map(len, tokenizers.token_bytes_table(tok.merges))) <= limit
+    assert all(len(chunk) <= 64 for chunk in tok._chunk_cache)
+
+
 @settings(max_examples=150, deadline=None)
 @given(train_text=texts("ab cé!\n", 40), text=texts("abc é!\n", 200), n_merges=st.integers(0, 40))
 def test_fast_encoding_equals_the_reference_encoding(train_text, text, n_merges):
@@ -236,7 +258,8 @@ def lines_run(fn, *args):
 
 def long_word(seed, n=2000):
     """n random letters of "abcd": one long run without a space (as in a DNA file, or text in a
-    language written without spaces), so the pre-split leaves it a single chunk."""
+    language written without spaces). The pre-split would cut it at 1,024 characters; these
+    tests give it to the chunk functions whole."""
     rng = random.Random(seed)
     return "".join(rng.choice("abcd") for _ in range(n))
 

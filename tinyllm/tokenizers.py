@@ -19,7 +19,8 @@ into its string.
 How BPE training works here
 ---------------------------
 1. Pre-split the text into chunks with `SPLIT_PATTERN` (runs of letters with an optional leading
-   space, runs of digits, runs of other symbols, whitespace, English contractions). Merges never
+   space, runs of digits, runs of other symbols, whitespace, English contractions), and cut a
+   chunk longer than `MAX_CHUNK_CHARACTERS` (1,024) into pieces of that length. Merges never
    cross a chunk boundary, so a token never glues the end of one word to the start of the next.
 2. Count the distinct chunks. Natural text repeats words a lot, so 1 MB of text has only a few
    ten thousand distinct chunks; we merge over those, weighting each by its count.
@@ -45,8 +46,10 @@ symbols sit in a linked list, so a merge touches only its neighbours, and a heap
 pair to merge (`LinkedSymbols`, `encode_chunk`, `learn_merges`). The plain forms rescan a chunk
 for every merge, n times the number of merges: that is fine for words, but one long run of
 letters (a DNA sequence, English with its spaces stripped, a language written without spaces)
-is a single chunk, and 100 kB of it took half a minute to encode and minutes to train on.
-`benchmarks/bench_tokenizer.py` times both forms.
+would be a single chunk, and 100 kB of it took half a minute to encode and minutes to train on.
+Such a run is now cut into pieces of 1,024 characters anyway, which bounds the memory an
+encoding takes (see `cut_long`); `benchmarks/bench_tokenizer.py` times both forms on longer
+chunks, given to them directly.
 
 File format
 -----------
@@ -117,7 +120,9 @@ MAX_FILE_BYTES = 64 << 20  # a 50k-token BPE file is about 2 MB
 MAX_TOKEN_BYTES = 1 << 16  # the longest token a loaded file may build
 MAX_TABLE_BYTES = 1 << 26  # all tokens of a loaded file together (50k real tokens: about 300 kB)
 MAX_VOCAB_SIZE = 1 << 20  # the most ids a loaded file may have (as `--vocab-size` allows)
+MAX_CHUNK_CHARACTERS = 1024  # a longer run of letters or symbols is cut into pieces (`cut_long`)
 _CHUNK_CACHE_LIMIT = 100_000  # distinct chunks remembered by `encode`; caps its memory
+_CACHED_CHUNK_CHARACTERS = 64  # only chunks this short are remembered: words, not long runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,11 +257,27 @@ class CharTokenizer:
 
 
 def split_into_chunks(text, pattern=SPLIT_PATTERN):
-    """Pre-split text into the chunks that BPE merges within (never across).
+    """Pre-split text into the chunks that BPE merges within (never across): the matches of
+    `pattern`, each cut into pieces of at most MAX_CHUNK_CHARACTERS (`cut_long`).
 
     Example: "Hello world's 42 cats!!\\n" -> ["Hello", " world", "'s", " 42", " cats", "!!", "\\n"]
     """
-    return re.findall(pattern, text)
+    return [piece for chunk in re.findall(pattern, text) for piece in cut_long(chunk)]
+
+
+def cut_long(chunk):
+    """[chunk] if it has at most MAX_CHUNK_CHARACTERS, else its pieces of that many characters.
+
+    Encoding a chunk holds about 100 bytes of Python objects for each of its bytes, so one line
+    of 10 million letters with no space took a gigabyte; cut into pieces, it takes what its
+    tokens take. No chunk of the default corpus is longer than 93 bytes, so the cut changes no
+    token of ordinary text, only runs of letters or symbols over 1,024 characters long (the
+    pieces of such a run never merge across a cut).
+    Example (with MAX_CHUNK_CHARACTERS = 2): "abcde" -> ["ab", "cd", "e"]
+    """
+    if len(chunk) <= MAX_CHUNK_CHARACTERS:
+        return [chunk]
+    return [chunk[i:i + MAX_CHUNK_CHARACTERS] for i in range(0, len(chunk), MAX_CHUNK_CHARACTERS)]
 
 
 def get_pair_counts(ids):
@@ -607,15 +628,21 @@ class BPETokenizer:
         """Text -> ids. Special-token names in `text` are encoded literally, as ordinary bytes."""
         _check_utf8_encodable(text)
         ids = []
-        for chunk in self._regex.findall(text):
-            chunk_ids = self._chunk_cache.get(chunk)
-            if chunk_ids is None:
-                chunk_ids = encode_chunk(chunk.encode("utf-8"), self._ranks)
+        for match in self._regex.findall(text):
+            for chunk in cut_long(match):
+                ids.extend(self._encode_chunk(chunk))
+        return ids
+
+    def _encode_chunk(self, chunk):
+        """The ids of one chunk, remembered if it is short (a word met again is not re-merged)."""
+        chunk_ids = self._chunk_cache.get(chunk)
+        if chunk_ids is None:
+            chunk_ids = encode_chunk(chunk.encode("utf-8"), self._ranks)
+            if len(chunk) <= _CACHED_CHUNK_CHARACTERS:
                 if len(self._chunk_cache) >= _CHUNK_CACHE_LIMIT:
                     self._chunk_cache.clear()  # crude but bounded; common chunks return quickly
                 self._chunk_cache[chunk] = chunk_ids
-            ids.extend(chunk_ids)
-        return ids
+        return chunk_ids
 
     def decode(self, ids):
         """Ids (any iterable of ints) -> text. Partial UTF-8 (a model may emit it) becomes U+FFFD."""
