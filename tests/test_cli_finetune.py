@@ -440,6 +440,23 @@ def test_classify_bad_data_is_one_line(base, tmp_path, content, message):
         assert result.output.rstrip().endswith("reviews.tsv:5: empty text)")
 
 
+@pytest.mark.parametrize("value,message", [
+    ('"sp\\ud800"', "holds a lone surrogate"),  # crashed saving config.json, half a run written
+    ("1" * 5000, "is a number of 5,000 digits"),  # a ValueError traceback
+    ("NaN", "is NaN, which is not a JSON number"),
+])
+def test_a_label_that_is_no_text_is_refused_before_the_run_directory_is_made(base, tmp_path,
+                                                                              value, message):
+    path = tmp_path / "d.jsonl"
+    rows = [f'{{"text": "film {i}", "label": "{"ab"[i % 2]}"}}' for i in range(20)]
+    path.write_text("\n".join(rows + ['{"text": "x", "label": %s}' % value]) + "\n")
+    out = tmp_path / "r"
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", str(path), "--out",
+                  str(out)] + FAST)
+    assert result.exit_code == 1 and f"d.jsonl:21: 'label' {message}" in result.output
+    assert len(result.output.strip().split("\n")) == 1 and not out.exists()
+
+
 def test_not_a_pretrained_checkpoint(tmp_path, tsv):
     (tmp_path / "empty").mkdir()
     result = run(["finetune", "classify", "--checkpoint", str(tmp_path / "empty"), "--data", tsv,

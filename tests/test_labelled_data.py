@@ -644,3 +644,56 @@ def test_case_variants_are_labels_alike_but_for_case_and_spacing():
 def test_spaces_around_a_label_are_dropped_in_every_format(tmp_path, name, content):
     # a JSONL label "spam " was a class apart from "spam", where a CSV one was not
     assert read_classification(write(tmp_path, name, content)) == [("a", "spam"), ("b", "spam")]
+
+
+LONG_NUMBER = "1" * 5000  # more digits than Python converts to an int (4,300 by default)
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": %s}\n' % LONG_NUMBER,
+     r"d\.jsonl:2: 'label' is a number of 5,000 digits"),
+    ("d.json", '[{"text": "a", "label": "x"},\n\n {"text": %s, "label": "y"}]' % LONG_NUMBER,
+     r"d\.json:3: 'text' is a number of 5,000 digits"),
+    ("d.jsonl", '%s\n' % LONG_NUMBER, r"d\.jsonl:1: expected a JSON object, got int"),
+    ("d.json", '[\n{"text": "a", "label": "x"},\n{"text": "b", "label": -%s}]' % LONG_NUMBER,
+     r"d\.json:3: 'label' is a number of 5,000 digits"),
+])
+def test_a_number_of_too_many_digits_is_an_error_naming_its_line(tmp_path, name, text, message):
+    with pytest.raises(TinyLLMError, match=message):
+        read_classification(write(tmp_path, name, text))
+    record = text.replace('"text"', '"instruction"').replace('"label"', '"output"')
+    with pytest.raises(TinyLLMError, match=message.replace("text", "instruction")
+                       .replace("label", "output")):
+        read_instructions(write(tmp_path, name, record))
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": "sp\\ud800"}\n',
+     r"d\.jsonl:2: 'label' holds a lone surrogate \(a \\udXXX escape"),
+    ("d.json", '[{"text": "a", "label": "x"},\n {"text": "\\udfffb", "label": "y"}]',
+     r"d\.json:2: 'text' holds a lone surrogate"),
+])
+def test_a_lone_surrogate_is_refused_with_its_line(tmp_path, name, text, message):
+    # no UTF-8 text holds one: saving the labels (config.json) or printing them would fail
+    with pytest.raises(TinyLLMError, match=message):
+        read_classification(write(tmp_path, name, text))
+    pair = '{"text": "smile \\ud83d\\ude00", "label": "x"}\n{"text": "b", "label": "y"}\n'
+    assert read_classification(write(tmp_path, "p.jsonl", pair))[0] == ("smile \U0001F600", "x")
+    record = '{"instruction": "a", "input": "\\ud800", "output": "b"}\n'
+    with pytest.raises(TinyLLMError, match=r"i\.jsonl:1: 'input' holds a lone surrogate"):
+        read_instructions(write(tmp_path, "i.jsonl", record))
+
+
+@pytest.mark.parametrize("value,message", [
+    ("NaN", "'label' is NaN, which is not a JSON number"),
+    ("Infinity", "'label' is Infinity, which is not a JSON number"),
+    ("-Infinity", "'label' is -Infinity, which is not a JSON number"),
+    ("1e400", r"'label' is a number beyond a float's range \(1e400\)"),
+])
+def test_nan_and_infinities_are_refused_with_their_line(tmp_path, value, message):
+    # Python's json reads them, but they are not JSON: a label "NaN" would be a class
+    text = '[{"text": "a", "label": "x"},\n {"text": "b", "label": %s}]' % value
+    with pytest.raises(TinyLLMError, match=r"d\.json:2: " + message):
+        read_classification(write(tmp_path, "d.json", text))
+    with pytest.raises(TinyLLMError, match=r"d\.jsonl:1: 'output' is"):
+        read_instructions(write(tmp_path, "d.jsonl", '{"instruction": "a", "output": %s}' % value))

@@ -45,12 +45,14 @@ Plain numpy only: nothing here is differentiated.
 import csv
 import io
 import json
+import math
 import os
 import random
 import re
 import sysconfig
 import unicodedata
 from collections import Counter
+from typing import NamedTuple
 
 import numpy as onp
 
@@ -344,11 +346,53 @@ def first_row_is_header(rows, text_column, label_column, classes=None):
     return False, None
 
 
+class _Unreadable(NamedTuple):
+    """What a record holds in place of a JSON value that is no text and no number: NaN or
+    Infinity (not JSON, though Python's json reads them), a number beyond a float's range, or an
+    integer of more digits than Python converts (sys.get_int_max_str_digits, 4,300 by default).
+    A JSON array is parsed whole before its records' lines are known, so the value is kept and
+    refused where a field is read (`_str_field`), naming the record's line."""
+    kind: str  # the Python type it would be: "float" or "int"
+    why: str  # what is wrong, as an error says it after the field's name
+
+
+def _json_constant(name):
+    """json.loads's parse_constant hook: NaN, Infinity and -Infinity."""
+    return _Unreadable("float", f"is {name}, which is not a JSON number")
+
+
+def _json_float(spelling):
+    """json.loads's parse_float hook: a float, or _Unreadable beyond a float's range (1e400)."""
+    value = float(spelling)
+    return value if math.isfinite(value) else _Unreadable(
+        "float", f"is a number beyond a float's range ({spelling[:20]})")
+
+
+def _json_int(spelling):
+    """json.loads's parse_int hook: an int, or _Unreadable when it has too many digits."""
+    try:
+        return int(spelling)
+    except ValueError:  # more digits than sys.get_int_max_str_digits allows
+        return _Unreadable("int", f"is a number of {len(spelling.lstrip('-')):,} digits, more"
+                                  " than can be read; quote it if it is text")
+
+
+# json.loads, with the values of `_Unreadable` kept as such rather than raising an error (a
+# ValueError without a line) or reading as the float nan or inf
+_DECODER = json.JSONDecoder(parse_constant=_json_constant, parse_float=_json_float,
+                            parse_int=_json_int)
+
+
+def _loads(text):
+    """A JSON text -> its value, read by _DECODER."""
+    return _DECODER.decode(text)
+
+
 def _parse_json(text, path, line=None):
     """json.loads with one-line errors naming the file and the line: `line` when `text` is one
     line of a JSONL file, else the line the parser stopped at."""
     try:
-        return json.loads(text)
+        return _loads(text)
     except json.JSONDecodeError as err:
         raise TinyLLMError(f"{path}:{line or err.lineno}: malformed JSON ({err.msg})") from None
     except RecursionError:
@@ -374,8 +418,8 @@ def _json_records(text, path, errors):
         with errors.gathered():
             record = item if array else _parse_json(item, path, number)
             if not isinstance(record, dict):
-                raise TinyLLMError(f"{path}:{number}: expected a JSON object, got"
-                                   f" {type(record).__name__}")
+                kind = record.kind if isinstance(record, _Unreadable) else type(record).__name__
+                raise TinyLLMError(f"{path}:{number}: expected a JSON object, got {kind}")
         if isinstance(record, dict):
             yield number, record
 
@@ -405,6 +449,13 @@ def _str_field(record, key, path, number, required=True):
                            if value is None else f"{path}:{number}: empty {key!r}")
     if isinstance(value, (dict, list)):
         raise TinyLLMError(f"{path}:{number}: {key!r} must be a string")
+    if isinstance(value, _Unreadable):
+        raise TinyLLMError(f"{path}:{number}: {key!r} {value.why}")
+    if isinstance(value, str) and _SURROGATE.search(value):
+        # JSON can spell half of a UTF-16 pair alone ("\ud800"): no UTF-8 text holds one, and
+        # saving or printing it would fail far from here
+        raise TinyLLMError(f"{path}:{number}: {key!r} holds a lone surrogate (a \\udXXX escape"
+                           " without its pair), which is not text")
     # a number or true/false as the file spells it: str(True) would be Python's "True"
     return value if isinstance(value, str) else json.dumps(value)
 
@@ -416,18 +467,19 @@ def _json_array_records(text, path):
     Example: '[\n {"a": 1},\n {"a": 2}\n]' -> [(2, {"a": 1}), (3, {"a": 2})].
     """
     items = _parse_json(text, path)
-    decoder, numbered = json.JSONDecoder(), []
+    numbered = []
     pos, line = text.index("[") + 1, 1 + text.count("\n", 0, text.index("["))
     for item in items:  # the text is valid JSON: walk it again to find where each item starts
         start = _ITEM_GAP.match(text, pos).end()
         line += text.count("\n", pos, start)
         numbered.append((line, item))
-        _, end = decoder.raw_decode(text, start)
+        _, end = _DECODER.raw_decode(text, start)
         line, pos = line + text.count("\n", start, end), end
     return numbered
 
 
 _ITEM_GAP = re.compile(r"[ \t\r\n]*,?[ \t\r\n]*")  # JSON whitespace and the comma between items
+_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins a pair: one left is alone
 
 
 # The fields an instruction record's input and output may be under: Alpaca's names first, then
@@ -471,7 +523,7 @@ def _refuse_one_spread_object(text, path):
     if "\n" not in text.strip() or not text.lstrip().startswith("{"):
         return
     try:
-        whole = json.loads(text)
+        whole = _loads(text)
     except (json.JSONDecodeError, RecursionError):
         return  # JSONL (several values) or broken: the line-by-line reader names the line
     if isinstance(whole, dict):
