@@ -457,6 +457,22 @@ def test_a_label_that_is_no_text_is_refused_before_the_run_directory_is_made(bas
     assert len(result.output.strip().split("\n")) == 1 and not out.exists()
 
 
+@pytest.mark.parametrize("empty", ["data", "val-data", "test-data", "classify"])
+def test_an_empty_data_file_is_named_as_such(base, tsv, tmp_path, empty):
+    # an empty --val-data was blamed on --data as too few to split; `classify --data` crashed
+    (tmp_path / "e.json").write_text("[]\n")
+    files = {"data": tsv, "val-data": tsv, "test-data": tsv, empty: str(tmp_path / "e.json")}
+    if empty == "classify":
+        out = finetuned(base, tsv, str(tmp_path / "r"))
+        result = run(["classify", "--checkpoint", out, "--data", files["classify"]])
+    else:
+        result = run(["finetune", "classify", "--checkpoint", base, "--out", str(tmp_path / "r")]
+                     + [arg for flag in ("data", "val-data", "test-data")
+                        for arg in (f"--{flag}", files[flag])] + FAST)
+    assert result.exit_code == 1 and result.output.strip().endswith("e.json: no records")
+    assert "Traceback" not in result.output and len(result.output.strip().split("\n")) == 1
+
+
 def test_not_a_pretrained_checkpoint(tmp_path, tsv):
     (tmp_path / "empty").mkdir()
     result = run(["finetune", "classify", "--checkpoint", str(tmp_path / "empty"), "--data", tsv,

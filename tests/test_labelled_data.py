@@ -697,3 +697,15 @@ def test_nan_and_infinities_are_refused_with_their_line(tmp_path, value, message
         read_classification(write(tmp_path, "d.json", text))
     with pytest.raises(TinyLLMError, match=r"d\.jsonl:1: 'output' is"):
         read_instructions(write(tmp_path, "d.jsonl", '{"instruction": "a", "output": %s}' % value))
+
+
+@pytest.mark.parametrize("text", ["[]", "[\n]\n"])
+def test_an_empty_json_array_is_no_records(tmp_path, text):
+    # it was read as no examples: a split error blaming --data, or a traceback when scored
+    path = write(tmp_path, "e.json", text)
+    with pytest.raises(TinyLLMError, match=r"^.*e\.json: no records$"):
+        read_classification(path)
+    with pytest.raises(TinyLLMError, match=r"^.*e\.json: no records$"):
+        read_classification(path, classes={"a", "b"})
+    with pytest.raises(TinyLLMError, match=r"^.*e\.json: no records$"):
+        read_instructions(path)

@@ -186,6 +186,8 @@ def read_classification(path, text_column=None, label_column=None, classes=None,
                 examples.append((_str_field(rec, text_column or "text", path, n),
                                  _str_field(rec, label_column or "label", path, n).strip()))
         errors.raise_any()
+        if not examples:  # "[]": named here, not taken for a split too small to make
+            raise TinyLLMError(f"{path}: no records")
         if classes is None:
             _check_labels_repeat(examples, path, f"field {label_column or 'label'!r}")
         return examples
