@@ -709,3 +709,20 @@ def test_an_empty_json_array_is_no_records(tmp_path, text):
         read_classification(path, classes={"a", "b"})
     with pytest.raises(TinyLLMError, match=r"^.*e\.json: no records$"):
         read_instructions(path)
+
+
+@pytest.mark.parametrize("name,text", [("d.csv", "text,label\nhi,a\nyo,b\n"),
+                                       ("d.tsv", "text\tlabel\nhi\ta\nyo\tb\n")])
+@pytest.mark.parametrize("flag", ["text_column", "label_column"])
+def test_only_ascii_digits_are_a_column_position_and_a_huge_one_is_refused(tmp_path, name, text,
+                                                                         flag):
+    # "²" passes str.isdigit() but int() refuses it: it is a name, and no column has it
+    path = write(tmp_path, name, text)
+    with pytest.raises(TinyLLMError, match=rf"d\.{name[-3:]}:1: no column named '²'"):
+        read_classification(path, **{flag: "²"})
+    shown = "--" + flag.replace("_", "-")
+    with pytest.raises(TinyLLMError, match=rf"^{shown} 1{{20}}\.\.\.: a column position of 5,000"
+                                           " digits; no file has that many columns"):
+        read_classification(path, **{flag: "1" * 5000})  # int() refuses over 4,300 digits
+    assert read_classification(path, text_column="0", label_column="1") == [("hi", "a"),
+                                                                           ("yo", "b")]

@@ -117,7 +117,7 @@ def _column(header, name, path, default_index):
     index = None if header is None else _header_index(header, name)
     if index is not None:
         return index
-    if str(name).isdigit():
+    if _by_position(name):
         return int(name)
     have = ", ".join(header) if header else "no header"
     raise TinyLLMError(f"{path}:1: no column named {name!r} (columns: {have})")
@@ -175,6 +175,10 @@ def read_classification(path, text_column=None, label_column=None, classes=None,
     for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
         if column == "":  # an unset shell variable, say: not the default column, unseen
             raise TinyLLMError(f"{flag} is empty: give a column name or position, or leave it out")
+        if column is not None and _DIGITS.fullmatch(str(column)) and len(str(column)) > 6:
+            shown = str(column) if len(str(column)) <= 20 else f"{str(column)[:20]}..."
+            raise TinyLLMError(f"{flag} {shown}: a column position of {len(str(column)):,} digits;"
+                               " no file has that many columns (positions count from 0)")
     text = _read_text(path)  # first: a missing file is "not found", whatever its name
     fmt = _format_of(path, text, log)
     if fmt in ("jsonl", "json"):
@@ -309,8 +313,12 @@ def columns_by_content(rows, path, log=print, classes=None):
 
 
 def _by_position(column):
-    """Is a --text-column/--label-column value a position (or left out), not a name?"""
-    return column is None or str(column).isdigit()
+    """Is a --text-column/--label-column value a position (or left out), not a name? A position
+    is ASCII digits only: "²" is a digit to str.isdigit() but no number int() reads."""
+    return column is None or bool(_DIGITS.fullmatch(str(column)))
+
+
+_DIGITS = re.compile("[0-9]+")  # ASCII only, as a position on the command line is typed
 
 
 def _named_header(first, text_column, label_column):
