@@ -726,3 +726,36 @@ def test_only_ascii_digits_are_a_column_position_and_a_huge_one_is_refused(tmp_p
         read_classification(path, **{flag: "1" * 5000})  # int() refuses over 4,300 digits
     assert read_classification(path, text_column="0", label_column="1") == [("hi", "a"),
                                                                            ("yo", "b")]
+
+
+def test_header_names_in_a_missing_column_error_are_shown_escaped(tmp_path):
+    # a header is untrusted: its escape sequences would clear the screen, retitle the terminal
+    path = write(tmp_path, "e.csv", "te\x1b[2J\x1b]0;pwned\x07xt,label\nhello,spam\nbye,ham\n")
+    with pytest.raises(TinyLLMError) as err:
+        read_classification(path, text_column="body")
+    assert str(err.value) == (f"{path}:1: no column named 'body' (columns:"
+                              " 'te\\x1b[2J\\x1b]0;pwned\\x07xt', 'label')")
+
+
+@pytest.mark.parametrize("name,header,message", [
+    ("d.csv", "text,category", "no column named 'label' (columns: 'text', 'category'); give"
+                               " --label-column"),
+    ("d.tsv", "Label\tcomment", "no column named 'text' (columns: 'Label', 'comment'); give"
+                                " --text-column"),
+])
+def test_a_header_naming_text_or_label_alone_is_a_header_missing_the_other(tmp_path, name,
+                                                                         header, message):
+    # it was read as a record of text "text", class "category" (or split badly)
+    sep = "\t" if name.endswith(".tsv") else ","
+    fields = [(f"message {i}", "ab"[i % 2]) for i in range(20)]
+    rows = "".join(sep.join(f if "text" in header else f[::-1]) + "\n" for f in fields)
+    path = write(tmp_path, name, f"{header}\n{rows}")
+    with pytest.raises(TinyLLMError) as err:
+        read_classification(path)
+    assert str(err.value) == f"{path}:1: {message}"
+    with pytest.raises(TinyLLMError, match="no column named"):
+        read_classification(path, classes={"a", "b"})
+    # with the other column named, the file is read
+    other = header.split(sep)[1]
+    given = {"label_column": other} if "text" in header else {"text_column": other}
+    assert len(read_classification(path, **given)) == 20

@@ -19,7 +19,9 @@ else CSV; a note says which.
 A CSV/TSV header is optional. The first row is the header when (`first_row_is_header`, the one
 place this rule lives):
     1. a column is given by name (`--text-column review`): the row must hold that name;
-    2. it holds the names "text" and "label" (in any case: "Text" is "text"); or
+    2. it holds the names "text" and "label" (in any case: "Text" is "text"), or, no column
+       given, one of them ("text,category": the missing column is then an error that lists the
+       header's columns, not a first record of text "text" and class "category"); or
     3. read by position, its label cannot be a class while every other row's can: it is not one
        of the classes trained on and every other row's label is (a --val-data or --test-data
        file, `tinyllm classify --data`), or, in a training file, no other row has that label
@@ -110,8 +112,11 @@ def _header_index(header, name):
     return folded.index(name.casefold()) if folded.count(name.casefold()) == 1 else None
 
 
-def _column(header, name, path, default_index):
-    """Index of column `name` (a header name, or a 0-based position given as digits)."""
+def _column(header, name, path, default_index, line=1, flag=None):
+    """Index of column `name` (a header name, or a 0-based position given as digits); an error
+    names the header's `line` and, when `flag` is given (the name was not), the flag that names
+    another column. The header's names are shown escaped: no escape sequence of a file's reaches
+    the terminal."""
     if name is None:
         return default_index
     index = None if header is None else _header_index(header, name)
@@ -119,8 +124,9 @@ def _column(header, name, path, default_index):
         return index
     if _by_position(name):
         return int(name)
-    have = ", ".join(header) if header else "no header"
-    raise TinyLLMError(f"{path}:1: no column named {name!r} (columns: {have})")
+    have = _shown_fields(header) if header else "no header"
+    raise TinyLLMError(f"{path}:{line}: no column named {name!r} (columns: {have})"
+                       + (f"; give {flag}" if flag else ""))
 
 
 def _rows_tsv(text, width=2):
@@ -209,8 +215,11 @@ def read_classification(path, text_column=None, label_column=None, classes=None,
     header = [f.strip() for f in rows[0][1]] if has_header else None
     named = has_header and not note  # a header found by its labels (rule 3) has other names:
     # its columns stay positions, text 0 and label 1 unless given
-    ti = _column(header, text_column or ("text" if named else None), path, 0)
-    li = _column(header, label_column or ("label" if named else None), path, 1)
+    line = rows[0][0]
+    ti = _column(header, text_column or ("text" if named else None), path, 0, line,
+                 None if text_column else "--text-column")
+    li = _column(header, label_column or ("label" if named else None), path, 1, line,
+                 None if label_column else "--label-column")
     if ti == li:
         raise TinyLLMError(f"{path}: --text-column and --label-column name the same column ({ti})")
     errors, examples = RecordErrors(), []
@@ -323,10 +332,13 @@ _DIGITS = re.compile("[0-9]+")  # ASCII only, as a position on the command line 
 
 def _named_header(first, text_column, label_column):
     """Rules 1 and 2 of the module docstring: a column given by name (looked up in the header),
-    or a first row (its fields stripped) that names the columns "text" and "label"."""
+    or a first row (its fields stripped) that names the columns "text" and "label", or, no
+    column given, one of the two (its other column is then missing: an error naming the
+    header's columns, rather than a first record of text "text" or of class "label")."""
     if not (_by_position(text_column) and _by_position(label_column)):
         return True
-    return all(_header_index(first, name) is not None for name in ("text", "label"))
+    named = [_header_index(first, name) is not None for name in ("text", "label")]
+    return any(named) if text_column is None and label_column is None else all(named)
 
 
 def first_row_is_header(rows, text_column, label_column, classes=None):
