@@ -851,3 +851,29 @@ def test_train_seconds_add_up_over_every_resume(base, tsv, instructions, tmp_pat
     assert (report["train_seconds"], report["train_seconds_this_part"]) == (None, 20)
     assert "done in 20 s (the run's time before --resume is unknown" in resumed.output
     assert json.loads((out / "config.json").read_text())["train_seconds"] is None
+
+
+def test_the_confusion_matrix_of_many_classes_is_not_printed(base, tmp_path):
+    # 600 classes of long names printed a K x K matrix of 55 MB; metrics.json keeps it whole
+    classes = [f"class {k} " + "x" * 60 for k in range(21)]
+    path = tmp_path / "many.tsv"
+    path.write_text("".join(f"film {k} {i}\t{name}\n" for k, name in enumerate(classes)
+                            for i in range(6)), encoding="utf-8")
+    out = str(tmp_path / "r")
+    result = run(["finetune", "classify", "--checkpoint", base, "--data", str(path), "--out", out]
+                 + FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert len(report["test_confusion_matrix"]) == 21
+    assert (f"test confusion matrix: not printed for 21 classes (more than 20); it is in"
+            f" {os.path.join(out, 'metrics.json')}") in result.output
+    scored = run(["classify", "--checkpoint", out, "--data", str(path)])
+    assert scored.exit_code == 0, scored.output
+    assert "confusion matrix: not printed for 21 classes (more than 20)\n" in scored.stdout
+    for output in (result.output, scored.stdout):  # one line per class, as with fewer classes
+        assert "x" * 60 + ": precision" in output and "rows: true" not in output
+        assert max(len(line) for line in output.split("\n")) < 1000  # a row was 1,500
+    # twenty classes or fewer: the matrix, names cut to 20 characters
+    assert format_confusion([[1, 0], [0, 1]], ["a" * 30, "b"]).split("\n") == [
+        " " * 22 + "a" * 20 + " " * 20 + "b", "a" * 20 + " " * 21 + "1" + " " * 20 + "0",
+        "b" + " " * 40 + "0" + " " * 20 + "1"]

@@ -468,9 +468,10 @@ def format_accuracies(accs):
     return ", ".join(f"{k} {100 * v:.1f}%" for k, v in accs.items())
 
 
-def format_confusion(matrix, labels):
-    """The confusion matrix as aligned text, rows = true class, columns = predicted."""
-    width = max(6, max(len(label) for label in labels) + 1)
+def format_confusion(matrix, labels, most_label_chars=20):
+    """The confusion matrix as aligned text, rows = true class, columns = predicted; a class
+    name is cut to `most_label_chars`, so that long ones do not make every column as wide."""
+    width = max(6, min(most_label_chars, max(len(label) for label in labels)) + 1)
     lines = [" " * width + "".join(f"{label[:width - 1]:>{width}}" for label in labels)]
     for label, row in zip(labels, matrix):
         lines.append(f"{label[:width - 1]:<{width}}" + "".join(f"{int(n):>{width}}" for n in row))

@@ -26,6 +26,8 @@ from .instruct_run import InstructSettings, run_instruct
 from .labelled_data import UNK_TOKEN
 from .rundir import prepare_out_dir
 
+MOST_CLASSES_SHOWN = 20  # a wider confusion matrix is not printed (see echo_confusion)
+
 
 def training_options(settings_cls):
     """The training flags both fine-tuning commands share, with `settings_cls`'s defaults."""
@@ -214,11 +216,24 @@ def finetune_classify(out, resume, force, **flags):
     report = run_on_every_rank(run_classify, out, settings_from_flags(ClassifySettings, flags),
                                resume, force, flags["max_iters"] if flag_given("max_iters") else None)
     click.echo("accuracy after fine-tuning:  " + format_accuracies(report["accuracy_after"]))
-    click.echo("test confusion matrix (rows: true, columns: predicted):")
-    click.echo(format_confusion(report["test_confusion_matrix"], report["labels"]))
+    echo_confusion("test confusion matrix", report["test_confusion_matrix"], report["labels"],
+                   os.path.join(out, "metrics.json"))
     echo_per_class(report["test_per_class"])
     seconds = training_time(report["train_seconds_this_part"], report["train_seconds"])
     click.echo(f"done in {seconds}; metrics in {os.path.join(out, 'metrics.json')}")
+
+
+def echo_confusion(heading, matrix, labels, kept_in=None):
+    """Print a confusion matrix below `heading`, or, past MOST_CLASSES_SHOWN classes, a line
+    that says where it is kept (`kept_in`, a file, if any): K x K counts of hundreds of classes
+    are megabytes that no terminal shows (600 classes of long names printed 55 MB)."""
+    if len(labels) > MOST_CLASSES_SHOWN:
+        kept = f"; it is in {kept_in}" if kept_in else ""
+        click.echo(f"{heading}: not printed for {len(labels)} classes (more than"
+                   f" {MOST_CLASSES_SHOWN}){kept}")
+        return
+    click.echo(f"{heading} (rows: true, columns: predicted):")
+    click.echo(format_confusion(matrix, labels))
 
 
 def echo_per_class(per_class):
@@ -344,6 +359,5 @@ def classify(checkpoints, data, lines, split, text_column, label_column, text):
     runs = f", the mean of {len(members)} runs" if len(members) > 1 else ""
     click.echo(f"{scored['examples']} examples{where}{f' ({counted})' if counted else ''}:"
                f" accuracy {100 * scored['accuracy']:.1f}%{runs}")
-    click.echo("confusion matrix (rows: true, columns: predicted):")
-    click.echo(format_confusion(scored["confusion_matrix"], labels))
+    echo_confusion("confusion matrix", scored["confusion_matrix"], labels)
     echo_per_class(per_class_stats(scored["confusion_matrix"], labels))
