@@ -1,5 +1,9 @@
 """Tests for tinyllm/data.py: reading corpora and their errors, the split, batches of windows."""
 
+import os
+import re
+import threading
+
 import numpy as onp
 import pytest
 from hypothesis import example, given, settings
@@ -24,7 +28,10 @@ from tinyllm.data import (
     text_pieces,
     train_val_split,
 )
+from tinyllm import data
+from tinyllm.embed import read_lines
 from tinyllm.errors import TinyLLMError
+from tinyllm.fileio import decode_utf8
 from tinyllm.tokenizers import BPETokenizer, CharTokenizer
 
 # ----------------------------------------------------------------------------- split
@@ -185,6 +192,60 @@ def test_bad_files_give_one_line_errors_naming_the_file(tmp_path, name, content,
     message = str(err.value)
     assert "\n" not in message
     assert name in message and words in message
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("notepad.txt", "héllo\r\nworld\r\n".encode("utf-16"), "is UTF-16 text"),
+    ("binary.txt", b"hello\nwo\x00rld\n", "looks binary (it contains NUL bytes)"),
+])
+def test_a_file_of_lines_is_refused_as_utf16_or_binary_as_a_corpus_is(tmp_path, name, content,
+                                                                      words):
+    # `embed --data` and `classify --lines` gave UTF-16 a Windows-1252 hint and read NUL bytes
+    path = tmp_path / name
+    path.write_bytes(content)
+    for reader in (read_text_file, read_lines):
+        with pytest.raises(TinyLLMError, match=rf"^data file '.*{name}' {re.escape(words)}"):
+            reader(str(path))
+
+
+def test_bytes_from_standard_input_get_a_hint_without_a_file_to_convert():
+    # `iconv ... /dev/stdin > /dev/utf8-stdin` cannot be run
+    with pytest.raises(TinyLLMError) as err:
+        decode_utf8(b"caf\xe9 au lait\n", "/dev/stdin")
+    assert str(err.value) == ("/dev/stdin:1: not UTF-8 text (byte 0xe9 at column 4); in"
+                              " Windows-1252 it is 'é': pipe it through `iconv -f cp1252 -t"
+                              " utf-8` first, or save it as UTF-8")
+
+
+def written_to_a_fifo(tmp_path, content):
+    """The path of a FIFO that a thread writes `content` into (then closes), and the thread."""
+    path = str(tmp_path / "pipe")
+    os.mkfifo(path)
+
+    def write():
+        with open(path, "wb") as f:
+            try:
+                f.write(content)
+            except BrokenPipeError:  # the reader stopped early: as it should for NUL bytes
+                pass
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    return path, writer
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x00" * 100_000, "looks binary"),  # `cat /dev/zero |`: refused at its first chunk
+    (b"a" * 100_000, r"is more than 0 MB: too large \(at most 0 MB"),  # not "is 1,074 MB: too
+    # large (at most 1,074 MB"
+])
+def test_a_pipe_of_nul_bytes_or_too_much_text_is_refused_as_it_comes(tmp_path, monkeypatch,
+                                                                       content, message):
+    monkeypatch.setattr(data, "MAX_TEXT_BYTES", 50_000)
+    path, writer = written_to_a_fifo(tmp_path, content)
+    with pytest.raises(TinyLLMError, match=message):
+        read_text_file(path)
+    writer.join(timeout=10)
 
 
 def test_a_byte_that_is_not_utf8_is_named_by_its_line(tmp_path):

@@ -211,22 +211,31 @@ def read_text_file(path, allow_pipe=True):
         raise TinyLLMError(f"data file {path!r} is not a regular file")
     if not raw.strip():
         raise TinyLLMError(f"data file {path!r} is empty" + (" (only whitespace)" if raw else ""))
+    check_not_binary(raw, path)
+    return decode_utf8(raw, path, drop_bom=False)  # the text as it is: its sha256 names the run
+
+
+def check_not_binary(raw, path):
+    """Refuse the bytes of a text file that are UTF-16 (they start with its byte-order mark) or
+    binary (they hold a NUL byte, which no UTF-8 text has), naming the file as such: every
+    reader of text files calls this before it decodes them."""
     if raw.startswith(UTF16_BOMS):  # Windows Notepad's "Unicode": every ASCII character has a NUL
         raise TinyLLMError(f"data file {path!r} is UTF-16 text (it starts with a UTF-16 byte-order"
                            " mark): save it as UTF-8")
     if b"\x00" in raw:
         raise TinyLLMError(f"data file {path!r} looks binary (it contains NUL bytes), not text")
-    return decode_utf8(raw, path, drop_bom=False)  # the text as it is: its sha256 names the run
 
 
-def _check_text_size(size, path, fd=None):
-    """Refuse a text too large to read or to tokenize in the memory this machine has free."""
+def _check_text_size(size, path, fd=None, so_far=False):
+    """Refuse a text too large to read or to tokenize in the memory this machine has free;
+    `so_far`: `size` is what a pipe has given until now, and more may follow."""
     needed, free = size * BYTES_PER_CHARACTER, available_memory()
     if size > MAX_TEXT_BYTES or needed > free:
         if fd is not None:
             os.close(fd)
         raise TinyLLMError(
-            f"data file {path!r} is {size / 1e6:,.0f} MB: too large (at most"
+            f"data file {path!r} is {'more than ' if so_far else ''}{size / 1e6:,.0f} MB: too"
+            f" large (at most"
             f" {MAX_TEXT_BYTES / 1e6:,.0f} MB, and tokenizing needs about {needed / 1e9:,.1f} GB"
             f" of the {free / 1e9:,.1f} GB of memory free)")
 
@@ -244,8 +253,10 @@ def _read_pipe(fd, path):
             chunk = os.read(fd, 1 << 20)
             if not chunk:
                 return b"".join(chunks)
+            if not chunks:  # `cat /dev/zero |` is refused now, not after a gigabyte of it
+                check_not_binary(chunk, path)
             total += len(chunk)
-            _check_text_size(total, path)
+            _check_text_size(total, path, so_far=True)
             chunks.append(chunk)
     except OSError as err:
         raise TinyLLMError(f"cannot read data file {path!r}: {err.strerror}") from None

@@ -20,7 +20,7 @@ import os
 import numpy as onp
 
 from .checkpoint import load_checkpoint
-from .data import PIECE_CHARACTERS, encode_in_pieces
+from .data import PIECE_CHARACTERS, check_not_binary, encode_in_pieces
 from .errors import TinyLLMError
 from .fileio import atomic_write_bytes, decode_utf8, read_bounded, split_lines
 from .finetune import WINDOW_STRIDE, make_windows, pool
@@ -151,10 +151,13 @@ def nearest_neighbour_agreement(vectors, labels):
 
 def read_lines(path, flag="--data", command="embed"):
     """The lines of a UTF-8 text file (a byte-order mark dropped), one text each; an empty line
-    is an error naming it. `flag` and `command` name the option and the command in errors."""
+    is an error naming it, and UTF-16 or binary bytes are refused as every text reader refuses
+    them. `flag` and `command` name the option and the command in errors."""
     if not os.path.exists(path):
         raise TinyLLMError(f"{flag} {path!r} not found")
-    text = decode_utf8(read_bounded(path, MAX_LINES_BYTES, "data file"), path)
+    raw = read_bounded(path, MAX_LINES_BYTES, "data file")
+    check_not_binary(raw, path)
+    text = decode_utf8(raw, path)
     lines = split_lines(text)  # so that vector i is line i as an editor counts them
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -241,7 +241,8 @@ def _encoding_hint(data, start, path):
     """What to do about bytes that are not UTF-8: save the file as UTF-8, and, where the bytes
     read as Windows-1252 (Latin-1 with a few more letters, which older spreadsheets and many
     public data sets are saved in) and no character of the file is UTF-8 beyond ASCII, the
-    character they would be and a command that converts it.
+    character they would be and a command that converts it (or, for standard input or a pipe,
+    which have no file to convert, the command to pipe it through).
 
     Example: b"caf\xe9", 3, "d.csv" -> "; in Windows-1252 it is 'é': convert the file with
     `iconv -f cp1252 -t utf-8 d.csv > utf8-d.csv`, or save it as UTF-8"."""
@@ -252,6 +253,9 @@ def _encoding_hint(data, start, path):
     except UnicodeDecodeError:
         return "; save the file as UTF-8"
     char = data[start:start + 1].decode("cp1252")
+    if path.startswith("/dev/") or not os.path.isfile(path):  # standard input, a pipe
+        return (f"; in Windows-1252 it is {char!r}: pipe it through `iconv -f cp1252 -t utf-8`"
+                " first, or save it as UTF-8")
     folder, name = os.path.split(path)
     return (f"; in Windows-1252 it is {char!r}: convert the file with `iconv -f cp1252 -t utf-8"
             f" {shlex.quote(path)} > {shlex.quote(os.path.join(folder, 'utf8-' + name))}`, or"
