@@ -171,6 +171,10 @@ def test_read_text_file_reads_utf8(tmp_path):
     path.write_text("héllo ✓\n", encoding="utf-8")
     assert read_text_file(str(path)) == "héllo ✓\n"
     assert load_corpus(str(path)) == "héllo ✓\n"
+    # a byte-order mark (Windows editors write one) is no text to pretrain on
+    path.write_bytes("\ufeffhéllo ✓\n".encode("utf-8"))
+    assert read_text_file(str(path)) == "héllo ✓\n"
+    assert load_corpus(str(path)) == "héllo ✓\n"
 
 
 @pytest.mark.parametrize("name, content, words", [

@@ -182,8 +182,8 @@ PIPE_WAIT_SECONDS = 10.0  # how long a FIFO may stay without a writer before it 
 
 
 def read_text_file(path, allow_pipe=True):
-    """Read a UTF-8 text file, with one-line errors for a missing, empty, binary, special or
-    too large file.
+    """Read a UTF-8 text file (a byte-order mark, which Windows editors write, dropped), with
+    one-line errors for a missing, empty, binary, special or too large file.
 
     A regular file's size is checked (against MAX_TEXT_BYTES and the free memory) before a byte
     is read. A FIFO or pipe (`--data <(zcat corpus.gz)`) is read as it comes, up to the same
@@ -212,7 +212,7 @@ def read_text_file(path, allow_pipe=True):
     if not raw.strip():
         raise TinyLLMError(f"data file {path!r} is empty" + (" (only whitespace)" if raw else ""))
     check_not_binary(raw, path)
-    return decode_utf8(raw, path, drop_bom=False)  # the text as it is: its sha256 names the run
+    return decode_utf8(raw, path)  # a byte-order mark dropped: it is no part of the text
 
 
 def check_not_binary(raw, path):

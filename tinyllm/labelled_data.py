@@ -75,7 +75,7 @@ def _read_text(path):
     """The text of a UTF-8 data file (a byte-order mark dropped), read as pretraining text is
     (data.read_text_file: its size bounded before it is read), with one-line errors. A pipe is
     refused: a fine-tuning run hashes its data files, to read them again on --resume."""
-    return read_text_file(path, allow_pipe=False).removeprefix("\ufeff")
+    return read_text_file(path, allow_pipe=False)
 
 
 def _format_of(path, text=None, log=None):
