@@ -759,3 +759,23 @@ def test_a_header_naming_text_or_label_alone_is_a_header_missing_the_other(tmp_p
     other = header.split(sep)[1]
     given = {"label_column": other} if "text" in header else {"text_column": other}
     assert len(read_classification(path, **given)) == 20
+
+
+@pytest.mark.parametrize("first,fmt", [("[URGENT] win a prize,spam", "CSV"),
+                                       ("{free} ringtones\tspam", "TSV")])
+def test_a_first_text_that_starts_with_a_bracket_is_not_taken_for_json(tmp_path, first, fmt):
+    # it was read as JSON and failed with "malformed JSON" at line 1
+    sep = "\t" if fmt == "TSV" else ","
+    rows = [first, f"spam again{sep}spam"] + [f"message {i}{sep}{'ab'[i % 2]}" for i in range(20)]
+    notes = []
+    path = write(tmp_path, "d.txt", "\n".join(rows) + "\n")
+    examples = read_classification(path, log=notes.append)
+    assert examples[0] == (first.split(sep)[0], "spam") and len(examples) == 22
+    assert notes[0] == (f"note: {path}: no .csv, .tsv, .jsonl or .json extension: read as {fmt},"
+                        f" as its first line holds {'a' if fmt == 'TSV' else 'no'} tab and,"
+                        f" though it starts with {first[0]!r}, is not JSON")
+    # JSON records are still read as JSON: a JSONL line, or an array over lines or on one
+    records = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(4)]
+    for text in ("".join(json.dumps(r) + "\n" for r in records), json.dumps(records, indent=2),
+                 json.dumps(records)):
+        assert len(read_classification(write(tmp_path, "j.txt", text))) == 4

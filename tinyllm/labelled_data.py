@@ -13,8 +13,9 @@ the spaces around one dropped in every format):
     .jsonl  one JSON object per line: {"text": "...", "label": "..."}
     .json   a JSON array of such objects (or JSONL under that name)
 A file with no extension, or .txt (as some public data sets come), is read by its first
-non-blank line (`_format_of`): "{" first makes it JSONL, "[" a JSON array, a tab TSV, anything
-else CSV; a note says which.
+non-blank line (`_format_of`): "{" first makes it JSONL, "[" a JSON array (when that line is
+JSON, or opens an array or object spread over lines: a first text "[URGENT] win" is no JSON), a
+tab TSV, anything else CSV; a note says which.
 
 A CSV/TSV header is optional. The first row is the header when (`first_row_is_header`, the one
 place this rule lives):
@@ -82,23 +83,45 @@ def _format_of(path, text=None, log=None):
     """"csv", "tsv", "jsonl" or "json", by the file's extension. A file with no extension, or
     .txt, as some public data sets come (a tab-separated file named `SMSSpamCollection`, say),
     is read by what its first non-blank line holds when its `text` is given: "{" first -> JSONL,
-    "[" -> a JSON array, a tab -> TSV, else CSV; `log` is told which. Without `text`, or with
-    another extension, an unknown format is an error."""
+    "[" -> a JSON array (either only if the line is JSON or opens it: `_opens_json`), a tab ->
+    TSV, else CSV; `log` is told which. Without `text`, or with another extension, an unknown
+    format is an error."""
     ext = os.path.splitext(path)[1].lower()
     if ext in (".csv", ".tsv", ".jsonl", ".json"):
         return ext[1:]
     if text is not None and ext in ("", ".txt"):
         first = next((line for line in split_lines(text) if line.strip()), "").lstrip()
-        fmt, why = (("jsonl", "its first line starts with '{'") if first.startswith("{")
-                    else ("json", "it starts with '['") if first.startswith("[")
+        json_like = _opens_json(first)
+        fmt, why = (("jsonl", "its first line starts with '{'") if json_like and first[0] == "{"
+                    else ("json", "it starts with '['") if json_like and first[0] == "["
                     else ("tsv", "its first line holds a tab") if "\t" in first
                     else ("csv", "its first line holds no tab"))
+        if first.startswith(("{", "[")) and not json_like:
+            why += f" and, though it starts with {first[0]!r}, is not JSON"
         if log is not None:
             log(f"note: {path}: no .csv, .tsv, .jsonl or .json extension: read as {fmt.upper()},"
                 f" as {why}")
         return fmt
     raise TinyLLMError(f"{path}: unknown data format {ext or '(no extension)'!r};"
                        " use .csv, .tsv, .jsonl or .json")
+
+
+def _opens_json(first):
+    """Does a file whose first non-blank line is `first` (its leading spaces stripped) hold JSON
+    records? Yes when that line is JSON or opens an array or object spread over lines ("[",
+    "{" or "[{..."); a first text that only starts with a bracket ("[URGENT] win,spam") is no.
+    """
+    if not first.startswith(("{", "[")):
+        return False
+    if first.rstrip() in ("{", "[") or re.match(r"\[\s*\{", first):
+        return True
+    try:
+        _loads(first)
+    except json.JSONDecodeError:
+        return False
+    except RecursionError:  # "[[[[...": JSON, too deep to be a record (an error says so)
+        return True
+    return True
 
 
 def _header_index(header, name):
@@ -522,7 +545,7 @@ def read_instructions(path):
     "response" (INPUT_FIELDS, OUTPUT_FIELDS), as Dolly's layout has them. Errors name file:line."""
     text = _read_text(path)  # first: a missing file is "not found", whatever its name
     fmt = _format_of(path, text)
-    if fmt not in ("jsonl", "json") and not text.lstrip().startswith("["):
+    if fmt not in ("jsonl", "json") and not text.lstrip().startswith(("[", "{")):
         raise TinyLLMError(f"{path}: instruction data must be a JSON array or JSONL")
     errors, records = RecordErrors(), []
     for number, rec in _json_records(text, path, errors):
