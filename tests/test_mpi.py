@@ -284,7 +284,7 @@ def test_an_error_every_rank_meets_in_fine_tuning_is_rank_0s_one_line(machines, 
     code, out, err = mpi_job(2, TUNE + ["--checkpoint", base, "--label-column", "nope",
                                         "--out", str(machines / "run")], script=IN_RANK_DIR)
     assert code == 1
-    assert err.strip() == "Error: labelled.tsv:1: no column named 'nope' (columns: label, text)"
+    assert err.strip() == "Error: labelled.tsv:1: no column named 'nope' (columns: 'label', 'text')"
 
 
 @needs_mpi

@@ -1,6 +1,7 @@
 """A new user's own text through `tinyllm pretrain`, `generate` and `finetune instruct`: what
 they see while it works, and one-line errors for what cannot work."""
 
+import hashlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from tinyllm.checkpoint import load_checkpoint
 from tinyllm.cli import main
 from tinyllm.config import GPTConfig, TrainConfig
 from tinyllm.errors import TinyLLMError
+from tinyllm.rundir import run_corpus
 from tinyllm.tokenizers import train_tokenizer
 from tinyllm.pretrain import encoding_progress, merges_progress, pretrain
 
@@ -164,6 +166,22 @@ def test_resume_data_must_be_the_runs_own_text(tmp_path, data):
     with pytest.raises(TinyLLMError, match="sha256"):
         pretrain(MODEL, TRAIN, out, data=str(other), resume=True, max_iters=4,
                  log=lambda line: None)
+
+
+def test_a_byte_order_mark_is_not_text_and_a_run_that_kept_it_still_resumes(tmp_path):
+    # The mark is dropped when the file is read, so the sha256 is the text's; a run made before
+    # 2026-12-01 trained on the mark and stored the sha256 of the file's bytes, mark and all:
+    # it resumes on the text it was trained on, mark included.
+    data = tmp_path / "marked.txt"
+    data.write_bytes(b"\xef\xbb\xbf" + TEXT.encode("utf-8"))
+    out = str(tmp_path / "run")
+    pretrain(MODEL, TRAIN, out, data=str(data), tokenizer_kind="char", log=lambda line: None)
+    meta = load_checkpoint(out).meta
+    assert meta["data_sha256"] == hashlib.sha256(TEXT.encode("utf-8")).hexdigest()
+    assert meta["data_characters"] == len(TEXT)
+    old = {**meta, "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest()}
+    assert run_corpus(old, out) == "\ufeff" + TEXT
+    assert run_corpus(meta, out) == TEXT
 
 
 # ----------------------------------------------------------------------------- LoRA flags

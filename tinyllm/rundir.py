@@ -154,6 +154,9 @@ def starting_state(out_dir, tc, init_fn, ckpt=None, log=print):
 # ----------------------------------------------------------------------------- the data a run keeps
 
 
+BYTE_ORDER_MARK = "\ufeff"  # dropped by read_text_file; kept in the text of runs made earlier
+
+
 def text_fingerprint(text):
     """The sha256 of the corpus (hex), stored in the checkpoint so --resume can check the data."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -196,6 +199,8 @@ def run_corpus(meta, run_dir, data=None):
     else:
         check_still_there(data, run_dir)  # and a regular file: a pipe was read once
         text = read_text_file(data, allow_pipe=False)
+    if same_fingerprint(meta.get("data_sha256"), BYTE_ORDER_MARK + text):
+        return BYTE_ORDER_MARK + text  # a run made before 2026-12-01 trained on a file's mark too
     if not same_fingerprint(meta.get("data_sha256"), text):
         raise TinyLLMError(f"the data {data!r} of the run in {run_dir} has changed since the run"
                            " began (its sha256 differs)")
