@@ -7,6 +7,7 @@ Every file opened is recorded with an audit hook (PEP 578: `open` and `os.open` 
 the Python installation's own files.
 """
 
+import hashlib
 import json
 import os
 import struct
@@ -634,6 +635,23 @@ def test_resuming_an_instruction_run_whose_tokenizer_lost_its_end_token(tmp_path
         "before": {"exact_match": 0.0, "token_f1": 0.0}})
     result = invoke("finetune", "instruct", "--out", run, "--resume")
     assert result.exit_code == 1 and "no <|endoftext|> token" in result.output, result.output
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"), reason="needs Linux's /proc")
+def test_a_stored_data_path_is_hashed_only_as_far_as_its_size_says(tmp_path, monkeypatch):
+    """/proc/self/pagemap says it holds 0 bytes and reads hundreds of gigabytes: a run that
+    names it as its data made `classify --split` hash for a quarter of an hour."""
+    from tinyllm import finetune_runs
+    from tinyllm.classify_run import ClassifySettings
+
+    empty = hashlib.sha256(b"").hexdigest()
+    assert finetune_runs.data_fingerprints(
+        ClassifySettings(data="/proc/self/pagemap")) == {"data": empty}
+    data = tmp_path / "labelled.csv"
+    data.write_text("text,label\n" + "a,b\n" * 100, encoding="utf-8")
+    monkeypatch.setattr(finetune_runs, "MAX_TEXT_BYTES", 100)
+    with pytest.raises(TinyLLMError, match="too large"):
+        finetune_runs.data_fingerprints(ClassifySettings(data=str(data)))
 
 
 def test_weights_that_overflow_stop_generate_with_one_line(run_dir):

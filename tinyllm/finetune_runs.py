@@ -50,6 +50,7 @@ import numpy as onp
 from .checkpoint import check_arrays, check_field_types, load_checkpoint, read_npz
 from .config import (DEFAULT_BPE_VOCAB_SIZE, DEFAULT_TOKENIZER, MAX_STEPS, GPTConfig,
                      TrainConfig)
+from .data import MAX_TEXT_BYTES
 from .distributed import SINGLE_PROCESS
 from .errors import TinyLLMError
 from .fileio import atomic_save_npz, atomic_write_json, open_regular
@@ -197,16 +198,26 @@ def data_fingerprints(settings):
     """{flag: sha256 of the file} for the data files of a run (the embedded sets have none).
 
     A path stored in a run directory is untrusted: only a regular file is read (never a FIFO or
-    a device), in 1 MiB pieces, so hashing needs no more memory than that."""
+    a device), at most MAX_TEXT_BYTES, the most any data file may hold, and only the bytes its
+    size says (a file like /proc/self/pagemap says 0 and reads hundreds of gigabytes), in 1 MiB
+    pieces, so hashing needs no more memory than that."""
     out = {}
     for name in DATA_FLAGS:
         path = getattr(settings, name)
         if path:
-            fd, _ = open_regular(path, "data file")
-            digest = hashlib.sha256()
+            fd, size = open_regular(path, "data file")
+            if size > MAX_TEXT_BYTES:
+                os.close(fd)
+                raise TinyLLMError(f"data file {path!r} is {size / 1e6:,.0f} MB: too large (at"
+                                   f" most {MAX_TEXT_BYTES / 1e6:,.0f} MB)")
+            digest, left = hashlib.sha256(), size
             with os.fdopen(fd, "rb") as f:
-                for piece in iter(lambda: f.read(1 << 20), b""):
+                while left > 0:
+                    piece = f.read(min(left, 1 << 20))
+                    if not piece:
+                        break
                     digest.update(piece)
+                    left -= len(piece)
             out[name] = digest.hexdigest()
     return out
 
