@@ -392,8 +392,8 @@ def test_labels_that_differ_only_in_case_are_named(base, tsv, tmp_path):
     result = run(["finetune", "classify", "--checkpoint", base, "--data", str(data), "--out",
                   out] + FAST)
     assert result.exit_code == 0, result.output
-    assert ("note: 1 group(s) of classes differ only in case or spacing ('Pos', 'pos'): each is"
-            " a class of its own") in result.output
+    assert ("note: 1 group(s) of classes differ only in case, spacing or invisible characters"
+            " ('Pos', 'pos'): each is a class of its own") in result.output
     scored = tmp_path / "scored.tsv"
     scored.write_text("label\ttext\nPOS\tgood film\n", encoding="utf-8")
     result = run(["classify", "--checkpoint", out, "--data", str(scored)])

@@ -634,6 +634,8 @@ def test_case_variants_are_labels_alike_but_for_case_and_spacing():
                                                                     ["Spam", "spam"]]
     assert case_variants(["not spam", "Not  Spam", "spam"]) == [["Not  Spam", "not spam"]]
     assert case_variants(["0", "1", "10"]) == []
+    # a zero-width space is a format character: invisible in a terminal, yet another class
+    assert case_variants(["spam", "spam\u200b", "ham"]) == [["spam", "spam\u200b"]]
 
 
 @pytest.mark.parametrize("name,content", [

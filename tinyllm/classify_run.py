@@ -441,11 +441,13 @@ def note_repeats(trained, in_records, log):
 
 
 def note_case_variants(labels, log):
-    """Say which classes differ only in case: each is trained as a class of its own."""
+    """Say which classes differ only in case, spacing or invisible characters: each is trained
+    as a class of its own."""
     groups = case_variants(labels)
     if groups:
         shown = "; ".join(", ".join(shown_label(label) for label in group) for group in groups)
-        log(f"note: {len(groups)} group(s) of classes differ only in case or spacing ({shown}):"
+        log(f"note: {len(groups)} group(s) of classes differ only in case, spacing or invisible"
+            f" characters ({shown}):"
             " each is a class of its own; if they are one class, write its label alike on every"
             " row")
 

@@ -609,15 +609,18 @@ def label_ids(labels, where="the data"):
 
 
 def case_variants(labels):
-    """The groups of distinct labels that differ only in case (or in their spaces inside), each
-    sorted, in the order of their first label: a spreadsheet typed by hand spells a class
-    "Spam" on some rows and "spam" on others, and each spelling would be a class of its own.
+    """The groups of distinct labels that differ only in case, in their spaces inside, or in
+    invisible format characters (a zero-width space pasted from a web page), each sorted, in
+    the order of their first label: a spreadsheet typed by hand spells a class "Spam" on some
+    rows and "spam" on others, and each spelling would be a class of its own.
 
-    Example: ["spam", "Ham", "Spam", "ham", "eggs"] -> [["Ham", "ham"], ["Spam", "spam"]].
+    Example: ["spam", "Ham", "Spam", "ham", "eggs", "eggs\u200b"] -> [["Ham", "ham"], ["Spam",
+    "spam"], ["eggs", "eggs\u200b"]].
     """
     groups = {}
     for label in sorted(set(labels)):
-        groups.setdefault(" ".join(label.casefold().split()), []).append(label)
+        visible = "".join(c for c in label if unicodedata.category(c) != "Cf")
+        groups.setdefault(" ".join(visible.casefold().split()), []).append(label)
     return [group for group in groups.values() if len(group) > 1]
 
 
