@@ -302,12 +302,23 @@ def test_a_version_1_run_loads_and_its_next_save_is_version_2(saved):
 
 def test_leftovers_are_removed_but_never_a_file_tinyllm_does_not_own(saved):
     run_dir, run = saved
-    for name in (".tmp-abc-model-000009.npz", "model-000004.npz", "optim-000004-2.npz",
-                 "notes.txt", "model.npz.bak"):
+    for name in (".tmp-k2x9_a0q-model-000009.npz", ".tmp-k2x9_a0q", "model-000004.npz",
+                 "optim-000004-2.npz", "notes.txt", "model.npz.bak", ".tmp-notes",
+                 ".tmp-k2x9_a0q-notes.txt"):
         (run_dir / name).write_bytes(b"x")
     remove_leftovers(str(run_dir))
-    assert sorted(os.listdir(run_dir)) == ["config.json", "model-000005.npz", "model.npz.bak",
-                                           "notes.txt", "optim-000005.npz", "tokenizer.json"]
+    assert sorted(os.listdir(run_dir)) == [".tmp-k2x9_a0q-notes.txt", ".tmp-notes", "config.json",
+                                           "model-000005.npz", "model.npz.bak", "notes.txt",
+                                           "optim-000005.npz", "tokenizer.json"]
+
+
+def test_nothing_is_removed_from_a_directory_without_config_json(tmp_path):
+    """It may be the user's: only rundir.start_out_dir decides what a new run clears there."""
+    for name in ("model-000001.npz", "optim-999999.npz", ".tmp-k2x9_a0q-config.json"):
+        (tmp_path / name).write_bytes(b"mine")
+    remove_leftovers(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [".tmp-k2x9_a0q-config.json", "model-000001.npz",
+                                            "optim-999999.npz"]
 
 
 def test_leftovers_stay_when_config_json_cannot_be_read(saved):

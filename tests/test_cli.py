@@ -331,6 +331,56 @@ def test_existing_run_without_resume_or_force_is_refused(run_copy, data_file):
     assert snapshot(run_copy) == before
 
 
+# Files a user may keep under the names a run writes, in a directory that holds no run.
+USERS_FILES = {"model-000001.npz": b"mine", "optim-999999.npz": b"mine",
+               "tokenizer.json": b'{"mine": 1}', "metrics.jsonl": b'{"my": "line"}\n'}
+
+
+@pytest.mark.parametrize("files", [
+    USERS_FILES,
+    {"tokenizer.json": b'{"mine": 1}'},  # alone: a first save writes it after model-000000.npz
+    {"metrics.jsonl": b'{"iter": 3, "val_loss": 1.0}\n'},  # a step a first save never logs
+    {"notes.txt": b"mine"},
+])
+def test_a_directory_holding_no_run_is_refused_and_left_alone(tmp_path, data_file, files):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    result = invoke("pretrain", "--data", data_file, "--out", out, *TINY, "--max-iters", 2,
+                    "--sample-tokens", 0)
+    assert_user_error(result, str(out), "no config.json", "new or empty directory", "--force")
+    assert snapshot(out) == files
+
+
+def test_force_in_a_directory_holding_no_run_removes_only_the_names_a_run_writes(tmp_path,
+                                                                              data_file):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name, data in {**USERS_FILES, "notes.txt": b"mine", ".tmp-notes": b"mine",
+                       "model-final.npz": b"mine"}.items():
+        (out / name).write_bytes(data)
+    result = invoke("pretrain", "--data", data_file, "--out", out, *TINY, "--max-iters", 2,
+                    "--eval-interval", 2, "--sample-tokens", 0, "--force")
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(out)) == sorted(run_files(out) + [".tmp-notes", "model-final.npz",
+                                                               "notes.txt"])
+    assert metrics_iters(out) == [0, 2]
+
+
+def test_what_a_crashed_first_save_left_is_cleared_without_force(tmp_path, data_file):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("model-000000.npz", "optim-000000.npz", ".tmp-a1b2c3d4-tokenizer.json"):
+        (out / name).write_bytes(b"half a save")
+    (out / "metrics.jsonl").write_text('{"iter": 0, "val_loss": 3.0}\n' * 2, encoding="utf-8")
+    result = invoke("pretrain", "--data", data_file, "--out", out, *TINY, "--max-iters", 2,
+                    "--eval-interval", 2, "--sample-tokens", 0)
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(out)) == run_files(out)
+    assert metrics_iters(out) == [0, 2]
+
+
 def test_resume_with_changed_data_is_refused(tmp_path, data_file):
     data = tmp_path / "data.txt"
     shutil.copy(data_file, data)

@@ -155,6 +155,22 @@ def test_full_disk_while_writing_the_tokenizer_of_the_first_save(tmp_path, data,
     assert sorted(os.listdir(out)) == ["metrics.jsonl"]  # nothing half-written is left
 
 
+@pytest.mark.parametrize("file", ["model-*", "optim-*", "tokenizer.json", "config.json"])
+def test_full_disk_at_the_first_save_says_nothing_was_saved_and_a_rerun_starts_clean(
+        tmp_path, data, whole, monkeypatch, file):
+    out = tmp_path / "run"
+    monkeypatch.setenv("TINYLLM_FAULT", f"enospc@writing:{file}#1")
+    with pytest.raises(TinyLLMError) as err:
+        pretrain(MODEL, TRAIN, str(out), data=data, log=quiet)
+    monkeypatch.delenv("TINYLLM_FAULT")
+    message = str(err.value)
+    assert "iteration 0" in message and "nothing was saved" in message
+    assert "previous checkpoint" not in message  # there is none
+    assert sorted(os.listdir(out)) == ["metrics.jsonl"]  # the evaluation logged before the save
+    final = flatten(pretrain(MODEL, TRAIN, str(out), data=data, log=quiet)["params"])
+    assert_same_run(out, final, whole)  # one line of iteration 0, not two
+
+
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 

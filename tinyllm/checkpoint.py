@@ -50,7 +50,7 @@ How a save commits (a crash at any moment leaves one complete checkpoint)
 Until step 2 the old config.json names the old, untouched files; after it, the new one names
 new, complete files. A kill leaves at most some unreferenced files, which the next run removes
 (`remove_leftovers`). A full disk in steps 1-2 removes what this save wrote and raises a one-line
-TinyLLMError; the previous checkpoint is intact.
+TinyLLMError; the previous checkpoint, if the run has one, is intact.
 """
 
 import io
@@ -83,6 +83,15 @@ FILE_FIELDS = ("model_file", "optim_file", "tokenizer_file")
 VERSION_1_FILES = {"model_file": "model.npz", "optim_file": "optim.npz",
                    "tokenizer_file": "tokenizer.json"}
 STAMPED_FILE = re.compile(r"(model|optim)-\d{6,}(-2)?\.npz|tokenizer-2\.json")
+# The names a run writes in its directory: config.json, the files it names (STAMPED_FILE, or
+# version 1's model.npz and optim.npz), metrics.jsonl, and a fine-tuning run's best.npz and
+# final report (metrics.json; for instruct also responses.jsonl). --force removes these and
+# their temporary files, and nothing else; a directory may hold the user's files too.
+RUN_FILES = ("config.json", "tokenizer.json", "model.npz", "optim.npz", "metrics.jsonl",
+             "best.npz", "metrics.json", "responses.jsonl")
+# fileio.atomic_write_bytes writes TARGET through ".tmp-" + the 8 random characters of
+# tempfile.mkstemp + "-TARGET"; rundir.check_out_path's probe has no "-TARGET".
+TEMP_FILE = re.compile(re.escape(TMP_PREFIX) + r"[a-z0-9_]{8}(?:-(.+))?")
 CONFIG_MAX_BYTES = 1 << 20  # a config.json is a few kB; a bigger one is not ours
 TOKENIZER_MAX_BYTES = 64 << 20  # a 50k-token BPE file is about 2 MB
 RNG_STATE_MAX_BYTES = 1 << 16
@@ -150,14 +159,15 @@ def save_checkpoint(out_dir, params, opt_state, rng_state, model_config, train_c
     optim["step"] = onp.array(opt_state["step"], dtype=onp.int64)
     optim["rng_state"] = onp.frombuffer(json.dumps(rng_state).encode("utf-8"), dtype=onp.uint8)
     os.makedirs(out_dir, exist_ok=True)
-    current = current_files(out_dir) or {}
+    first = not os.path.lexists(os.path.join(out_dir, "config.json"))  # the run's first save
+    current, written = current_files(out_dir) or {}, []
     try:
         # 1. the new files, complete and on disk, beside the old ones
         names = {"model_file": _write_new(out_dir, current, "model", iteration,
-                                          npz_bytes({**flat, **stamp})),
+                                          npz_bytes({**flat, **stamp}), written),
                  "optim_file": _write_new(out_dir, current, "optim", iteration,
-                                          npz_bytes({**optim, **stamp})),
-                 "tokenizer_file": _write_tokenizer(out_dir, current, tokenizer)}
+                                          npz_bytes({**optim, **stamp}), written),
+                 "tokenizer_file": _write_tokenizer(out_dir, current, tokenizer, written)}
         fsync_directory(out_dir)
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind, "iter": int(iteration),
                 **names, "model": to_dict(model_config), "train": to_dict(train_config),
@@ -165,27 +175,31 @@ def save_checkpoint(out_dir, params, opt_state, rng_state, model_config, train_c
         # 2. the switch: one atomic rename of config.json
         atomic_write_bytes(os.path.join(out_dir, "config.json"), json_bytes(meta))
     except OSError as err:
-        remove_leftovers(out_dir)  # what this save wrote; the previous checkpoint stays
+        _remove_unnamed(out_dir, written)  # what this save wrote; the previous checkpoint stays
         where = f" (writing {os.path.basename(err.filename)})" if err.filename else ""
+        kept = ("nothing was saved (the run had no checkpoint yet)" if first else
+                "the previous checkpoint is intact")
         raise TinyLLMError(f"could not save the checkpoint of iteration {iteration} in {out_dir}:"
-                           f" {err.strerror or err}{where}; the previous checkpoint is intact"
-                           ) from None
+                           f" {err.strerror or err}{where}; {kept}") from None
     # 3. the previous checkpoint's files are no longer named by config.json
     remove_leftovers(out_dir)
     return meta
 
 
-def _write_new(out_dir, current, stem, iteration, data):
-    """Write `data` under a step-stamped name the current checkpoint does not use; return the name."""
+def _write_new(out_dir, current, stem, iteration, data, written):
+    """Write `data` under a step-stamped name the current checkpoint does not use; return the
+    name, also added to `written`."""
     for name in (f"{stem}-{iteration:06d}.npz", f"{stem}-{iteration:06d}-2.npz"):
         if name not in current.values():
             atomic_write_bytes(os.path.join(out_dir, name), data)
+            written.append(name)
             return name
     raise AssertionError("the current checkpoint names one file per role")  # pragma: no cover
 
 
-def _write_tokenizer(out_dir, current, tokenizer):
-    """Keep the current tokenizer file if it holds the same bytes, else write a new one."""
+def _write_tokenizer(out_dir, current, tokenizer, written):
+    """Keep the current tokenizer file if it holds the same bytes, else write a new one (its
+    name added to `written`)."""
     data = json_bytes(tokenizer.to_dict())
     name = current.get("tokenizer_file")
     if name is not None:
@@ -197,6 +211,7 @@ def _write_tokenizer(out_dir, current, tokenizer):
     for name in ("tokenizer.json", "tokenizer-2.json"):
         if name not in current.values():
             atomic_write_bytes(os.path.join(out_dir, name), data)
+            written.append(name)
             return name
     raise AssertionError("the current checkpoint names one tokenizer")  # pragma: no cover
 
@@ -224,25 +239,47 @@ def checkpoint_paths(run_dir):
     return {key[:-len("_file")]: os.path.join(run_dir, name) for key, name in files.items()}
 
 
-def remove_leftovers(run_dir):
-    """Remove what an interrupted or superseded save left: temporary files, and checkpoint files
-    that config.json does not name. Never touches a file it does not own.
+def is_run_file(name):
+    """Is `name` a file a tinyllm run writes in its directory, or a temporary file of one?
 
+    Example: "model-000500.npz", "metrics.jsonl", ".tmp-k2x9_a0q-config.json" -> True;
+    "notes.txt", "model-final.npz", ".tmp-notes" -> False.
+    """
+    temp = TEMP_FILE.fullmatch(name)
+    if temp is not None:
+        return temp.group(1) is None or is_run_file(temp.group(1))
+    return name in RUN_FILES or STAMPED_FILE.fullmatch(name) is not None
+
+
+def _remove_unnamed(out_dir, names):
+    """Remove those of `names` that config.json does not name now (what a failed save wrote)."""
+    kept = (current_files(out_dir) or {}).values()
+    for name in names:
+        if name not in kept:
+            _unlink_file(os.path.join(out_dir, name))
+
+
+def remove_leftovers(run_dir):
+    """Remove what an interrupted or superseded save left in a run directory: temporary files,
+    and checkpoint files that config.json does not name. Never touches a file it does not own.
+
+    Only a directory with a config.json is a run: in any other, nothing is removed, as its
+    files may be the user's (rundir.start_out_dir decides what a new run may clear there).
     Step-stamped files ("model-000500.npz") are tinyllm's alone and go unless referenced. The
     version-1 names "model.npz" and "optim.npz" go only once a readable config.json names other
     files; with a config.json that cannot be read, only temporary files are removed.
     """
-    if not os.path.isdir(run_dir):
-        return
     has_config = os.path.lexists(os.path.join(run_dir, "config.json"))
+    if not os.path.isdir(run_dir) or not has_config:
+        return
     referenced = current_files(run_dir)
     for name in os.listdir(run_dir):
-        if name.startswith(TMP_PREFIX):
-            drop = True
-        elif has_config and referenced is None:
+        if TEMP_FILE.fullmatch(name):
+            drop = is_run_file(name)
+        elif referenced is None:
             drop = False
         elif STAMPED_FILE.fullmatch(name):
-            drop = name not in (referenced or {}).values()
+            drop = name not in referenced.values()
         elif name in ("model.npz", "optim.npz"):
             drop = referenced is not None and name not in referenced.values()
         else:

@@ -2,7 +2,10 @@
 
 A run directory (`--out`) holds one run: its checkpoint (tinyllm/checkpoint.py) and its metrics
 file (tinyllm/train.py). One run writes to it at a time (an exclusive lock held for the whole
-run), and a run starts by removing what an interrupted save left behind. Every check that can
+run), and a run starts by removing what an interrupted save left behind. A new run starts only
+in a new or empty directory, or one holding just what a failed first save left: any other
+directory without a config.json may hold the user's files, and only --force, which removes
+the files a run writes and nothing else (`is_run_file`), starts a run there. Every check that can
 refuse the run (`check_out_path`, `prepare_out_dir`) comes before any work, and the directory is
 created or emptied (`start_out_dir`) only once the data has been read and checked, so a bad flag
 never costs an existing run its files. `starting_state` is the state the loop starts from:
@@ -20,6 +23,7 @@ evaluation, and must change when that does.
 """
 
 import hashlib
+import json
 import os
 import stat
 import tempfile
@@ -31,10 +35,10 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-from .checkpoint import remove_leftovers, stored_ranks
+from .checkpoint import TEMP_FILE, is_run_file, remove_leftovers, stored_ranks
 from .data import DEFAULT_CORPUS, EMBEDDED_CORPORA, load_corpus, read_text_file
 from .errors import TinyLLMError
-from .fileio import TMP_PREFIX
+from .fileio import TMP_PREFIX, read_bounded, split_lines
 from .optim import adamw_init
 from .train import Committed, logged_eval_iter, truncate_metrics
 
@@ -108,6 +112,13 @@ def _check_existing_run(out_dir, resume, force):
             f"--out {out_dir!r} already holds a run: pass --resume to continue it or --force to"
             " start over (which replaces it)"
         )
+    if not has_run and not force and first_save_leftovers(out_dir) is None:
+        raise TinyLLMError(
+            f"--out {out_dir!r} is not empty and holds no tinyllm run (no config.json): choose a"
+            " new or empty directory, or pass --force to start the run there (it removes the"
+            " files a run writes, such as metrics.jsonl, tokenizer.json and model-*.npz, and"
+            " nothing else)"
+        )
 
 
 def prepare_out_dir(out_dir, resume, force):
@@ -123,8 +134,9 @@ def prepare_out_dir(out_dir, resume, force):
 
 
 def start_out_dir(out_dir, resume, force):
-    """Create out_dir, lock it, and with --force start the run afresh. Called only once the data
-    has been checked, so a bad --data or --block-size never costs an existing run its files."""
+    """Create out_dir, lock it, and start the run afresh: with --force, remove the files a run
+    writes; else clear what a failed first save left (`first_save_leftovers`). Called only once
+    the data has been checked, so a bad --data or --block-size never costs a run its files."""
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as err:
@@ -132,10 +144,69 @@ def start_out_dir(out_dir, resume, force):
     lock_run_dir(out_dir)
     _check_existing_run(out_dir, resume, force)  # again: another run may have finished meanwhile
     if force and not resume:
-        for name in ("config.json", "metrics.jsonl"):  # config.json first: it commits the run
-            if os.path.lexists(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
+        # config.json first: it commits the run, so a crash midway leaves no run half-removed
+        names = sorted(filter(is_run_file, os.listdir(out_dir)), key=lambda n: n != "config.json")
+    elif not resume:
+        names = first_save_leftovers(out_dir) or []  # checked above: all of out_dir
+    else:
+        names = []
+    for name in names:
+        _remove_file(os.path.join(out_dir, name))
     remove_leftovers(out_dir)
+
+
+# What the first save of a run writes, in this order, before config.json commits it
+# (save_checkpoint's step 1); train.py appends the evaluation's metrics.jsonl line before it.
+FIRST_SAVE_FILES = ("model-000000.npz", "optim-000000.npz", "tokenizer.json")
+FIRST_METRICS_MAX_BYTES = 1 << 16  # a few lines of iteration 0, each about 150 bytes
+
+
+def first_save_leftovers(out_dir):
+    """The entries of out_dir, a directory with no config.json, if every one of them is what
+    a first save that was killed or failed (a full disk) can leave; else None.
+
+    That is: metrics.jsonl holding only records of iteration 0, then a prefix of
+    FIRST_SAVE_FILES in their write order, and temporary files of those or of config.json, all
+    plain files. Removing them is safe: they hold nothing but a step-0 checkpoint that never
+    committed and its one evaluation, which the new run writes again. Anything else (the
+    user's tokenizer.json alone, a metrics.jsonl of other steps, a model-000001.npz) makes the
+    directory someone else's. A missing out_dir has no entries ([]).
+    """
+    try:
+        names = os.listdir(out_dir)
+    except FileNotFoundError:
+        return []
+    present = [name for name in FIRST_SAVE_FILES if name in names]
+    if present != list(FIRST_SAVE_FILES[:len(present)]):
+        return None
+    for name in names:
+        path = os.path.join(out_dir, name)
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        temp = TEMP_FILE.fullmatch(name)
+        if name in FIRST_SAVE_FILES or (temp is not None and temp.group(1) in (
+                None, "config.json", *FIRST_SAVE_FILES)):
+            continue
+        if name != "metrics.jsonl" or not _only_first_evaluation(path):
+            return None
+    return names
+
+
+def _only_first_evaluation(path):
+    """Does the metrics file at `path` hold only records of iteration 0 (or nothing)?"""
+    try:
+        text = read_bounded(path, FIRST_METRICS_MAX_BYTES, "metrics file", follow_symlinks=False)
+        records = [json.loads(line) for line in split_lines(text.decode("utf-8")) if line.strip()]
+    except (TinyLLMError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return all(isinstance(r, dict) and type(r.get("iter")) is int and r["iter"] == 0
+               for r in records)
+
+
+def _remove_file(path):
+    """Remove a file or symbolic link (a directory of the same name stays)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        os.remove(path)
 
 
 def starting_state(out_dir, tc, init_fn, ckpt=None, log=print):
