@@ -1,8 +1,11 @@
 """Tests for tinyllm/checkpoint.py and tinyllm/fileio.py: round trips, plain .npz files, errors."""
 
+import io
 import json
 import os
 import shutil
+import struct
+import zlib
 
 import numpy as onp
 import pytest
@@ -201,6 +204,48 @@ def test_truncated_npz(saved, role):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     message = load_error(run_dir)
     assert name in message and "truncated or corrupted" in message
+
+
+def npz_listing(member, local_name, names):
+    """The bytes of a zip holding the stored `member` once (under `local_name`) that its central
+    directory lists once for each of `names`, every entry pointing at that one copy."""
+    crc = zlib.crc32(member)
+    local = (struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, crc, len(member),
+                         len(member), len(local_name), 0) + local_name.encode() + member)
+    directory = b"".join(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, crc,
+                                     len(member), len(member), len(name), 0, 0, 0, 0, 0, 0)
+                         + name.encode() for name in names)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(names), len(names), len(directory),
+                      len(local), 0)
+    return local + directory + end
+
+
+def npy_bytes(array):
+    buffer = io.BytesIO()
+    onp.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_an_npz_listing_one_member_many_times_is_refused_before_loading(saved, monkeypatch):
+    """numpy would read the member once per listing: 5 MB of file, 80 GB of reading."""
+    run_dir, _ = saved
+    path = file_of(run_dir, "model")
+    path.write_bytes(npz_listing(npy_bytes(onp.zeros(4096, onp.float32)), "wte.npy",
+                                 ["wte.npy"] * 2000))
+    monkeypatch.setattr(onp, "load", None)  # refused before numpy reads any member
+    message = load_error(run_dir)
+    assert path.name in message and "'wte.npy' more than once" in message
+
+
+def test_an_npz_whose_members_overlap_is_refused_before_loading(saved, monkeypatch):
+    """Distinct names for one stored copy: together they claim more bytes than the file has."""
+    run_dir, _ = saved
+    path = file_of(run_dir, "model")
+    path.write_bytes(npz_listing(npy_bytes(onp.zeros(4096, onp.float32)), "a0.npy",
+                                 [f"a{i}.npy" for i in range(50)]))
+    monkeypatch.setattr(onp, "load", None)
+    message = load_error(run_dir)
+    assert path.name in message and "directory claims more bytes than the file has" in message
 
 
 @pytest.mark.parametrize("role", ["model", "optim"])

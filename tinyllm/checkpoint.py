@@ -420,6 +420,7 @@ def read_npz(run_dir, name):
         raise TinyLLMError(f"checkpoint file {path} is not an .npz archive (truncated or corrupted)")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            _check_directory(archive.infolist(), path, len(data))
             for info in archive.infolist():
                 _check_member(archive, info, path, len(data))
         with onp.load(io.BytesIO(data), allow_pickle=False) as arrays:
@@ -429,6 +430,24 @@ def read_npz(run_dir, name):
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
         raise TinyLLMError(f"checkpoint file {path} is truncated or corrupted"
                            f" ({type(err).__name__})") from None
+
+
+def _check_directory(infos, path, archive_bytes):
+    """The archive's directory lists each member once, and members that fit in the archive.
+
+    numpy loads every listed member, and the directory may list one member's data thousands of
+    times: a 5 MB file naming a 4 MB member 20,000 times made numpy read 80 GB. Members that
+    hold their own bytes cannot together declare more than the archive has.
+    """
+    seen = set()
+    for info in infos:
+        if info.filename in seen:
+            raise TinyLLMError(f"checkpoint file {path} lists the member {info.filename[:60]!r}"
+                               " more than once (corrupted or crafted)")
+        seen.add(info.filename)
+    if sum(info.compress_size for info in infos) > archive_bytes:
+        raise TinyLLMError(f"checkpoint file {path}: its directory claims more bytes than the"
+                           f" file has, for its {len(infos):,} members (corrupted or crafted)")
 
 
 def _check_member(archive, info, path, archive_bytes):
