@@ -381,6 +381,19 @@ def test_what_a_crashed_first_save_left_is_cleared_without_force(tmp_path, data_
     assert metrics_iters(out) == [0, 2]
 
 
+def test_a_stored_data_path_that_is_not_utf8_shows_nothing_of_the_file(run_copy, tmp_path):
+    """config.json names the data, so it may name anyone's file: before its sha256 matches,
+    the error says only that it is not the run's text (not the line and character at fault)."""
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"first line\npassword caf\xe9 4711\n")
+    meta = json.loads((run_copy / "config.json").read_text(encoding="utf-8"))
+    (run_copy / "config.json").write_text(json.dumps({**meta, "data": str(secret)}),
+                                          encoding="utf-8")
+    result = invoke("pretrain", "--out", run_copy, "--resume", "--max-iters", 8)
+    assert_user_error(result, str(secret), "cannot be read as the text", "--resume --data FILE")
+    assert not any(word in result.output for word in (":2", "0xe9", "é", "4711", "iconv"))
+
+
 def test_resume_with_changed_data_is_refused(tmp_path, data_file):
     data = tmp_path / "data.txt"
     shutil.copy(data_file, data)

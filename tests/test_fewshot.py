@@ -538,6 +538,25 @@ def test_a_fine_tuning_run_asks_for_icl_data_rather_than_blame_a_changed_corpus(
     assert given.exit_code == 0 and "in-context learning score" in given.stdout, given.output
 
 
+@pytest.mark.parametrize("secret", [b"a0\nb1 caf\xe9 pin 4711\n", None])  # not UTF-8, or gone
+def test_a_stored_data_file_that_cannot_be_read_is_one_line_naming_icl_data(params, tmp_path,
+                                                                           secret):
+    """The path comes from config.json: what is wrong inside the file (its line, byte, a
+    character) is not shown, and the way out is fewshot's own flag (fewshot has no --resume)."""
+    path = tmp_path / "secret.txt"
+    if secret is not None:
+        path.write_bytes(secret)
+    out = tmp_path / "run"
+    save_checkpoint(str(out), params, adamw_init(params),
+                    onp.random.default_rng(0).bit_generator.state, CONFIG, TrainConfig(),
+                    TOKENIZER, 0, extra={"data": str(path), "data_sha256": "0" * 64})
+    task = write_task(tmp_path / "task.jsonl")
+    error = one_error_line(invoke("fewshot", "--checkpoint", out, "--task", task, "--shots", "0"))
+    assert str(path) in error and str(out) in error and "--icl-data FILE" in error
+    assert "--resume" not in error and ":2" not in error and "0xe9" not in error
+    assert "é" not in error and "4711" not in error
+
+
 @pytest.mark.parametrize("text, words", [("a0\n", "--icl-data"), ("a0Z\n" * 20, "'Z'")])
 def test_bad_icl_data_is_refused_before_the_scoring(run_dir, tmp_path, text, words):
     """A held-out text too short for the ICL score, or with a character the model never saw,

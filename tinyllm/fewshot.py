@@ -603,12 +603,12 @@ def icl_score(params, config, ids, n_windows=ICL_WINDOWS, seed=0, batch=16):
             "n_windows": int(n_windows)}
 
 
-def heldout_ids(ckpt, data=None):
+def heldout_ids(ckpt, data=None, ckpt_dir="the checkpoint"):
     """Token ids of held-out text for the ICL score: `data`, or the checkpoint corpus's val split.
 
     Pretraining validates on the last 10% of its corpus and never trains on it, so that part is
-    held out. A file or corpus named by `data` (--icl-data) is used whole.
-    Returns (ids, description).
+    held out. A file or corpus named by `data` (--icl-data) is used whole. `ckpt_dir`, the
+    checkpoint's directory, is named in errors. Returns (ids, description).
     """
     if data is None and "finetune" in ckpt.meta:
         raise TinyLLMError("the checkpoint is a fine-tuning run, which keeps no record of the"
@@ -616,7 +616,8 @@ def heldout_ids(ckpt, data=None):
                            " in-context learning score, or --icl-windows 0 to skip it")
     if data is None:
         data = ckpt.meta.get("data") or "pydoc"  # runs that stored no name trained on pydoc
-        text = run_corpus(ckpt.meta, "the checkpoint")  # a file is read only if its sha256 matches
+        # a file is read only if its sha256 matches; one moved since is given with --icl-data
+        text = run_corpus(ckpt.meta, ckpt_dir, way_out="--icl-data FILE")
         return train_val_split(ckpt.tokenizer.encode(text))[1], f"{data} (validation split)"
     try:
         return ckpt.tokenizer.encode(load_corpus(data)), data
@@ -660,7 +661,7 @@ def run_fewshot(checkpoint, task_paths, shots, n_queries=None, seed=0, icl_data=
     ckpt = load_checkpoint(checkpoint, kind=("gpt", "gpt-lora"))
     params, config = merged_gpt(ckpt.params, ckpt.model_config)  # LoRA adapters merged, if any
     if icl_windows:  # read before the slow part: a bad or short --icl-data is said at once
-        heldout, source = heldout_ids(ckpt, icl_data)
+        heldout, source = heldout_ids(ckpt, icl_data, checkpoint)
         if len(heldout) < config.block_size + 1:
             raise TinyLLMError(f"{'--icl-data ' if icl_data else ''}{source}: {len(heldout):,}"
                                " tokens, too few for the in-context learning score (it needs"

@@ -254,13 +254,15 @@ def stored_data_name(data, embedded=EMBEDDED_CORPORA, default=DEFAULT_CORPUS):
     return os.path.abspath(data)
 
 
-def run_corpus(meta, run_dir, data=None):
+def run_corpus(meta, run_dir, data=None, way_out="--resume --data FILE"):
     """The text a run was trained on, read again and returned only if its sha256 matches.
 
     The path comes from the run directory, so it is untrusted: it is read as a regular file of
     bounded size (never a FIFO), and nothing of it is used or shown before the hash matches.
     `data`, a path the user gives (`--resume --data FILE`), reads the same text from a new
     place instead: a file that was moved, or a pipe (`--data <(zcat corpus.gz)`) read again.
+    `way_out` is how the caller's command is given the text instead, which the errors name
+    (`tinyllm fewshot` has no --resume; it passes "--icl-data FILE").
     """
     from_run = data is None
     if from_run:
@@ -268,27 +270,41 @@ def run_corpus(meta, run_dir, data=None):
     if not from_run or data in EMBEDDED_CORPORA:
         text = load_corpus(data)
     else:
-        check_still_there(data, run_dir)  # and a regular file: a pipe was read once
-        text = read_text_file(data, allow_pipe=False)
+        check_still_there(data, run_dir, way_out=way_out)  # and a regular file: a pipe was read once
+        text = _read_stored_text(data, run_dir, way_out)
     if same_fingerprint(meta.get("data_sha256"), BYTE_ORDER_MARK + text):
         return BYTE_ORDER_MARK + text  # a run made before 2026-12-01 trained on a file's mark too
     if not same_fingerprint(meta.get("data_sha256"), text):
+        hint = f"; if its text is elsewhere now, give it with {way_out}" if from_run else ""
         raise TinyLLMError(f"the data {data!r} of the run in {run_dir} has changed since the run"
-                           " began (its sha256 differs)")
+                           f" began (its sha256 differs){hint}")
     return text
 
 
-def check_still_there(path, run_dir, flag="--data"):
+def _read_stored_text(path, run_dir, way_out):
+    """read_text_file of a path the run directory names, with one generic error: read_text_file's
+    own (the line, byte and character that are not UTF-8, say) would show a file the run may
+    only name, such as another user's, before its hash says it is the run's data."""
+    try:
+        return read_text_file(path, allow_pipe=False)
+    except TinyLLMError:
+        raise TinyLLMError(f"the data file {path!r} of the run in {run_dir} cannot be read as the"
+                           f" text the run was trained on: if that text is elsewhere now, give"
+                           f" it with {way_out}") from None
+
+
+def check_still_there(path, run_dir, flag="--data", way_out=None):
     """A data file a run stored, which --resume reads again, must still be where it was, and be
     a regular file (a pipe, `--data /dev/stdin` or `<(zcat ...)`, was read once); if not, the
-    error names the flag that says where its text is now (`--resume --data FILE`)."""
+    error names `way_out`, how the command is given its text now (`--resume FLAG FILE` by
+    default)."""
+    way_out = way_out or f"--resume {flag} FILE"
     if not os.path.exists(path):
-        raise TinyLLMError(f"--resume: the {flag} file {path!r} of the run in {run_dir} is gone"
-                           f" (moved or renamed?): give it again with --resume {flag} FILE")
+        raise TinyLLMError(f"the {flag} file {path!r} of the run in {run_dir} is gone (moved or"
+                           f" renamed?): give it again with {way_out}")
     if not stat.S_ISREG(os.stat(path).st_mode):  # stat opens nothing: a FIFO cannot block it
-        raise TinyLLMError(f"--resume: the {flag} file {path!r} of the run in {run_dir} is not a"
-                           f" regular file (a pipe, read once?): give its text again with"
-                           f" --resume {flag} FILE")
+        raise TinyLLMError(f"the {flag} file {path!r} of the run in {run_dir} is not a regular"
+                           f" file (a pipe, read once?): give its text again with {way_out}")
 
 
 # ----------------------------------------------------------------------------- resuming
