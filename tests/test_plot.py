@@ -266,6 +266,73 @@ def test_a_run_directory_s_impossible_figures_are_no_traceback(tmp_path):
     assert series["train_loss"][0] != series["train_loss"][0]  # NaN, drawn as a gap
 
 
+@pytest.mark.parametrize("key", ["train_loss", "val_loss", "lr"])
+@pytest.mark.parametrize("value", [1e308, -1e308, 1.7e308])
+def test_a_finite_value_too_large_to_draw_is_a_gap_not_a_traceback(tmp_path, key, value):
+    # before, a loss or learning rate near the float limit (1e300 was drawn) ended in
+    # matplotlib's "ValueError: arange: cannot compute length" or an OverflowError
+    run = tmp_path / "crafted"
+    run.mkdir()
+    records = [{"iter": 0, "train_loss": 2.0, "val_loss": 2.1, "lr": 1e-3},
+               {"iter": 2, "train_loss": 1.0, "val_loss": 1.1, "lr": 1e-3}]
+    records[0][key] = value
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = invoke("plot", run, "--out", tmp_path / "x.png")
+    assert result.exit_code == 0, result.output
+    assert png_size(tmp_path / "x.png") == pixels((7.0, 5.0))
+    what = "learning rate(s)" if key == "lr" else "loss value(s)"
+    assert f"1 {what} of metrics.jsonl" in result.stderr and "1e+300" in result.stderr
+    series = plot.read_run(str(run), log=lambda note: None)
+    assert series[key][0] != series[key][0] and series[key][1] < 3  # NaN: a gap; then drawn
+
+
+def test_the_extremes_a_picture_can_show_are_drawn(tmp_path):
+    """The largest finite figures on every axis at once: losses and rates at +-LARGEST_DRAWN and
+    at the smallest float, the last step a run can reach, and the most tokens a step can read."""
+    from tinyllm.config import MAX_SIZE, MAX_STEPS
+
+    run = tmp_path / "extremes"
+    run.mkdir()
+    big, tiny = plot.LARGEST_DRAWN, 5e-324
+    records = [{"iter": 0, "train_loss": big, "val_loss": -big, "lr": tiny,
+                "ms_per_iter": MAX_SIZE * MAX_SIZE, "tokens_per_s": 1000.0},
+               {"iter": 1, "train_loss": tiny, "val_loss": -tiny, "lr": -big},
+               {"iter": MAX_STEPS, "train_loss": -big, "val_loss": tiny, "lr": big}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert plot.read_run(str(run))["tokens_per_iter"] == MAX_SIZE * MAX_SIZE
+    for fmt in ("png", "svg"):
+        result = invoke("plot", run, "--out", tmp_path / f"x.{fmt}")
+        assert result.exit_code == 0 and not result.stderr, result.output
+    # a step of more tokens no run reads; before, 1e300 of them at step MAX_STEPS overflowed
+    # the tokens-seen axis: "ValueError: Axis limits cannot be NaN or Inf"
+    for ms in (2 * MAX_SIZE * MAX_SIZE, 1e300):
+        records[0]["ms_per_iter"] = ms
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        assert plot.read_run(str(run))["tokens_per_iter"] is None
+        result = invoke("plot", run, "--out", tmp_path / "x.png")
+        assert result.exit_code == 0 and not result.stderr, result.output
+
+
+def test_a_schedule_peaking_past_what_can_be_drawn_falls_back_to_the_logged_rates(runs, tmp_path):
+    # before, a config.json whose schedule gives the logged rates back but overflows between
+    # two evaluations (a warm-up of 10**9 steps to 1e308) ended in an OverflowError
+    from tinyllm.optim import lr_at
+
+    run = tmp_path / "peak"
+    run.mkdir()
+    meta = json.loads((runs / "pretrain" / "config.json").read_text())
+    meta["train"].update(lr=1e308, min_lr=1e299, warmup_iters=10**9, max_iters=10**9 + 1)
+    (run / "config.json").write_text(json.dumps(meta))
+    rate = plot.schedule_of(meta)
+    assert rate(0) == lr_at(0, 1e308, 1e299, 10**9, 10**9 + 1) <= plot.LARGEST_DRAWN
+    records = [{"iter": it, "train_loss": 1.0, "val_loss": 1.0, "lr": rate(it)}
+               for it in (0, 2 * 10**9)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert plot.read_run(str(run))["lr_curve"] is None
+    result = invoke("plot", run, "--out", tmp_path / "x.png")
+    assert result.exit_code == 0 and not result.stderr, result.output
+
+
 def test_lines_and_losses_left_out_of_the_picture_are_counted(tmp_path):
     # before, a line that was not a record (cut short, a step of 40.5 or "40") and a loss that
     # was not a finite number (null, NaN, "3.2") were left out of the picture unsaid

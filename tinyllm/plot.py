@@ -30,6 +30,10 @@ FORMATS = ("png", "svg")
 LEGEND_CHARS = 32  # longest run label in a loss picture's legend: the curves stay in view
 LR_CURVE_POINTS = 2000  # most points of the computed learning-rate curve
 DPI = 100  # pixels per inch: a figure of (w, h) inches is exactly (100 w, 100 h) pixels
+# The largest loss or learning rate drawn: matplotlib's axis arithmetic (the span of the data,
+# its margins, tick steps of several times that) overflows a float near 1e308 and stops with a
+# traceback. No run's loss or rate comes within a hundred orders of this; beyond it is a gap.
+LARGEST_DRAWN = 1e300
 
 
 def require_matplotlib():
@@ -120,9 +124,10 @@ def read_run(run_dir, log=print):
     Works on a run that is still training. A run directory is untrusted, and nothing in it is
     dropped unsaid: `log` is told how many lines of metrics.jsonl are not records (a last line
     still being written, a line edited by hand), how many records have a step no run can reach
-    (below 0 or above MAX_STEPS) and how many losses are missing or not finite numbers (drawn
-    as gaps). A step logged twice (metrics.jsonl files joined by hand) is drawn once, from its
-    last record, so the curve does not double back; `log` is told.
+    (below 0 or above MAX_STEPS), how many losses are missing or not numbers a picture can show
+    (drawn as gaps: see `_drawable`) and how many learning rates are given but cannot be drawn.
+    A step logged twice (metrics.jsonl files joined by hand) is drawn once, from its last
+    record, so the curve does not double back; `log` is told.
     """
     from .config import MAX_STEPS
     from .train import read_metrics_counted
@@ -147,9 +152,10 @@ def read_run(run_dir, log=print):
         log(f"note: {run_dir}: {len(records) - len(latest)} record(s) of metrics.jsonl repeat an"
             " earlier step; each step is drawn from its last record")
     records = sorted(latest.values(), key=lambda r: r["iter"])
-    series = {key: [_number(r.get(key)) for r in records]
+    series = {key: [_drawable(r.get(key)) for r in records]
               for key in ("iter", "train_loss", "val_loss", "lr")}
     _note_gaps(run_dir, series, log)
+    _note_rates_left_out(run_dir, records, series["lr"], log)
     series["tokens_per_iter"] = tokens_per_iter(records)
     meta = _meta(run_dir)
     series["lr_curve"] = lr_by_step(meta, series)
@@ -177,12 +183,23 @@ def best_step(meta, steps):
 
 
 def _note_gaps(run_dir, series, log):
-    """Tell `log` how many losses are missing or not finite numbers: the curves have gaps."""
+    """Tell `log` how many losses are missing or not drawable numbers: the curves have gaps."""
     gaps = [it for key in ("train_loss", "val_loss")
             for it, loss in zip(series["iter"], series[key]) if not math.isfinite(loss)]
     if gaps:
-        log(f"note: {run_dir}: {len(gaps)} loss value(s) of metrics.jsonl are missing or not"
-            f" finite numbers (the first at step {int(min(gaps)):,}): the curves have gaps there")
+        log(f"note: {run_dir}: {len(gaps)} loss value(s) of metrics.jsonl are missing, not"
+            f" finite numbers or beyond \u00b1{LARGEST_DRAWN:g} (the first at step"
+            f" {int(min(gaps)):,}): the curves have gaps there")
+
+
+def _note_rates_left_out(run_dir, records, rates, log):
+    """Tell `log` how many learning rates metrics.jsonl gives that are not drawn. A record
+    with no "lr" at all is not counted: the panel says when no record has one."""
+    given = [lr for r, lr in zip(records, rates) if r.get("lr") is not None]
+    left_out = sum(1 for lr in given if math.isnan(lr))
+    if left_out:
+        log(f"note: {run_dir}: {left_out} learning rate(s) of metrics.jsonl left out: not finite"
+            f" numbers or beyond \u00b1{LARGEST_DRAWN:g}")
 
 
 def _is_number(x):
@@ -197,6 +214,13 @@ def _number(x):
         return math.nan
 
 
+def _drawable(x):
+    """x as a float if a picture can show it (a number from -LARGEST_DRAWN to LARGEST_DRAWN),
+    else NaN: a gap, like a missing value. Example: 3.2 -> 3.2; -1e308 -> NaN; "3.2" -> NaN."""
+    x = _number(x)
+    return x if abs(x) <= LARGEST_DRAWN else math.nan
+
+
 def tokens_per_iter(records):
     """Tokens one training step reads, recovered from the timings each evaluation logs.
 
@@ -204,15 +228,19 @@ def tokens_per_iter(records):
     whole number, batch x context). ms_per_iter is rounded to 0.01, so we take the slowest
     record (the smallest relative rounding error) and round the product. Example:
     ms_per_iter 52.3, tokens_per_s 14684.5 -> 768.0 -> 768. None if no record timed a step
-    (or the product is not a number of tokens: a run's files may hold anything).
+    (or the product is not a number of tokens: a run's files may hold anything, and a step
+    reads at most a batch of MAX_SIZE sequences of MAX_SIZE tokens).
     """
     timings = [(_number(r.get("ms_per_iter")), _number(r.get("tokens_per_s"))) for r in records]
     timed = [(ms, rate) for ms, rate in timings if 0 < ms < math.inf and 0 < rate < math.inf]
     if not timed:
         return None
+    from .config import MAX_SIZE
+
     ms, rate = max(timed)
     tokens = ms * rate / 1000.0
-    return round(tokens) if math.isfinite(tokens) and tokens >= 1 else None  # else: not timings
+    # else not timings; 1e300 tokens a step would also overflow the tokens-seen axis
+    return round(tokens) if 1 <= tokens <= MAX_SIZE * MAX_SIZE else None
 
 
 def lr_by_step(meta, series):
@@ -222,8 +250,9 @@ def lr_by_step(meta, series):
     number of steps).
 
     metrics.jsonl holds the rate only at evaluations, too sparse to show a warm-up. The
-    computed curve is used only if it gives every logged rate back; otherwise (a run resumed
-    with a new --max-iters, a config.json not yet written) this returns None and the logged
+    computed curve is used only if it gives every logged rate back and every rate on it can be
+    drawn; otherwise (a run resumed with a new --max-iters, a config.json not yet written, a
+    rate peaking beyond LARGEST_DRAWN between evaluations) this returns None and the logged
     points are joined instead.
     """
     try:
@@ -234,7 +263,8 @@ def lr_by_step(meta, series):
         last = int(series["iter"][-1])
         every = -(-last // LR_CURVE_POINTS) or 1  # a step per pixel or so, however long the run
         steps = sorted(set(range(0, last + 1, every)) | {last})
-        return steps, [rate(it) for it in steps]
+        rates = [rate(it) for it in steps]
+        return (steps, rates) if all(abs(r) <= LARGEST_DRAWN for r in rates) else None
     except (TinyLLMError, KeyError, TypeError, ValueError, ArithmeticError):
         return None  # a config.json we cannot read (or a 400-digit number): the logged points
 
