@@ -268,6 +268,18 @@ def test_iter_stamp_disagreeing_with_config_json(tmp_path, saved, role):
     assert name in message and "step 4" in message and "says 5" in message
 
 
+@pytest.mark.parametrize("stamp", [onp.array(5.0), onp.array([5]), None])
+def test_a_step_stamp_that_is_no_whole_number_is_said_so(saved, stamp):
+    """A float 5.0 was reported as 'from step 5 but config.json says 5'."""
+    run_dir, _ = saved
+    path = file_of(run_dir, "model")
+    arrays = dict(onp.load(path))
+    del arrays["_iter"]
+    atomic_save_npz(str(path), arrays if stamp is None else {**arrays, "_iter": stamp})
+    message = load_error(run_dir)
+    assert path.name in message and "not a whole number" in message and "says 5" not in message
+
+
 def test_params_of_the_wrong_shape(saved):
     run_dir, run = saved
     flat = flatten(run["params"])

@@ -475,13 +475,14 @@ def _check_member(archive, info, path, archive_bytes):
 
 
 def _check_stamp(arrays, path, iteration):
+    """Pop "_iter", the step the file was saved at, which must be the step config.json gives."""
     stamp = arrays.pop("_iter", None)
-    if stamp is None or stamp.shape != () or stamp.dtype.kind not in "iu" or int(stamp) != iteration:
-        shown = int(stamp) if stamp is not None and stamp.size == 1 else None
-        raise TinyLLMError(
-            f"{path} is from step {shown} but config.json says"
-            f" {iteration}: the checkpoint was interrupted while being saved"
-        )
+    if stamp is None or stamp.shape != () or stamp.dtype.kind not in "iu":
+        raise TinyLLMError(f"{path}: its step \"_iter\" is missing or not a whole number"
+                           " (corrupted or altered)")
+    if int(stamp) != iteration:
+        raise TinyLLMError(f"{path} is from step {int(stamp)} but config.json says {iteration}:"
+                           " the checkpoint was interrupted while being saved")
     return arrays
 
 
