@@ -1,5 +1,8 @@
 """Tests for tinyllm/generate.py: the filters, greedy decoding, seeds, long prompts, stop text."""
 
+import json
+import shutil
+
 import numpy as onp
 import pytest
 from click.testing import CliRunner
@@ -346,3 +349,18 @@ def test_ctrl_c_keeps_the_text_printed_so_far(run_dir, monkeypatch):
     assert result.exit_code == 130 and "interrupted" in result.stderr
     tokenizer = CharTokenizer.train(ALPHABET + "\n", special_tokens=[EOT])
     assert result.stdout == "abc" + tokenizer.decode(drawn)
+
+
+def test_a_run_whose_special_token_name_would_command_the_terminal_is_refused(run_dir, tmp_path):
+    # before, `generate` printed the name "\x1b]0;PWNED\x07\x1b[2J" raw each time it was sampled
+    crafted = tmp_path / "crafted"
+    shutil.copytree(run_dir, crafted)
+    path = crafted / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["special_tokens"] = {"\x1b]0;PWNED\x07\x1b[2J": data["special_tokens"][EOT]}
+    path.write_text(json.dumps(data), encoding="utf-8")
+    result = invoke("--checkpoint", crafted, "--prompt", "abc", "--max-new-tokens", 50,
+                    "--temperature", 2, "--seed", 1)
+    assert result.exit_code == 1 and "\x1b" not in result.output, repr(result.output)
+    assert result.output.count("\n") == 1 and "tokenizer.json" in result.output, result.output
+    assert "special token '\\x1b]0;PWNED\\x07\\x1b[2J'" in result.output

@@ -512,6 +512,46 @@ def test_bad_special_tokens_are_errors():
         BPETokenizer.train(CHAR_TEXT, 300, special_tokens=EOT)
 
 
+# One of each category a special-token name may not hold: Cc (an escape sequence, a newline,
+# DEL, NEL), Cf (a zero-width space, a right-to-left override), Zl and Zp.
+HIDDEN_IN_NAMES = ["\x1b]0;PWNED\x07\x1b[2J", "<|eot|>\n", "<|eot\x7f|>", "<|eot\x85|>",
+                   "<|e\u200bot|>", "\u202e<|eot|>", "<|eot\u2028|>", "<|eot|>\u2029"]
+
+
+@pytest.mark.parametrize("cls", [CharTokenizer, BPETokenizer])
+@pytest.mark.parametrize("name", HIDDEN_IN_NAMES)
+def test_a_special_token_name_with_a_control_or_format_character_is_refused(cls, name, tmp_path):
+    # before, a tokenizer file's name "\x1b]0;PWNED\x07..." loaded, and `tinyllm generate`
+    # printed it raw to the terminal each time the model sampled its id
+    data = trained(cls).to_dict()
+    data["special_tokens"] = {name: data["special_tokens"][EOT]}
+    path = tmp_path / "tok.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    for load in (load_tokenizer, cls.load):
+        with pytest.raises(TinyLLMError, match="a name may hold no control or format") as info:
+            load(path)
+        message = str(info.value)
+        assert str(path) in message and message.isprintable(), message
+    with pytest.raises(TinyLLMError, match="no control or format character"):
+        cls.train(SMALL_TEXT, *([] if cls is CharTokenizer else [300]), special_tokens=[name])
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_every_tokenizer_the_package_trains_loads_back(kind, tmp_path):
+    """The package's own special-token names, over a text whose characters include the control
+    characters a char tokenizer may learn (a tab, a newline, an escape, NUL) and a format one."""
+    from tinyllm.labelled_data import UNK_TOKEN
+    from tinyllm.pretrain import SPECIAL_TOKENS
+    from tinyllm.seq2seq_data import SEQ2SEQ_SPECIAL_TOKENS
+
+    names = [*SPECIAL_TOKENS, tokenizers.MASK_TOKEN, UNK_TOKEN, *SEQ2SEQ_SPECIAL_TOKENS]
+    text = SMALL_TEXT + "a\tb\r\nc\x1b[2Jd\x00e\u200bf\u2028"
+    tok = train_tokenizer(kind, text, 256 + 40 + len(names), special_tokens=names)
+    tok.save(tmp_path / "tok.json")
+    loaded = load_tokenizer(tmp_path / "tok.json")
+    assert list(loaded.special_tokens) == names and loaded.encode(text) == tok.encode(text)
+
+
 @pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_text_utf8_cannot_hold_is_named_for_what_it_is(kind):
     tok = train_tokenizer(kind, "hello world, hello there\n" * 20, 300)

@@ -78,7 +78,8 @@ masked language model (`tinyllm pretrain --objective mlm`) has one more special 
 `MASK_TOKEN` ("<|mask|>", after "<|endoftext|>"); it is an ordinary entry of "special_tokens", so
 the file format is unchanged and files without it load as before. `load` checks all of this and
 raises `TinyLLMError` naming the file for a missing file, broken JSON, a wrong "format", a
-"version" newer than `FORMAT_VERSION`, or a missing or ill-typed field. A tokenizer file is
+"version" newer than `FORMAT_VERSION`, a missing or ill-typed field, or a special-token name
+holding a control or format character (`NOT_IN_SPECIAL_NAMES`). A tokenizer file is
 untrusted data: only a regular file of at most `MAX_FILE_BYTES` is read, its regex cannot be
 chosen by the file, and more than `MAX_VOCAB_SIZE` ids, merges that would build tokens longer
 than `MAX_TOKEN_BYTES`, or more than `MAX_TABLE_BYTES` of tokens in all, are refused.
@@ -88,6 +89,7 @@ import heapq
 import numbers
 import os
 import re
+import unicodedata
 from collections import Counter, defaultdict
 
 from tinyllm.errors import TinyLLMError
@@ -123,6 +125,12 @@ MAX_VOCAB_SIZE = 1 << 20  # the most ids a loaded file may have (as `--vocab-siz
 MAX_CHUNK_CHARACTERS = 1024  # a longer run of letters or symbols is cut into pieces (`cut_long`)
 _CHUNK_CACHE_LIMIT = 100_000  # distinct chunks remembered by `encode`; caps its memory
 _CACHED_CHUNK_CHARACTERS = 64  # only chunks this short are remembered: words, not long runs
+# Unicode categories a special-token name may not hold: control characters (Cc), format
+# characters (Cf: zero-width spaces, bidirectional overrides) and the line and paragraph
+# separators (Zl, Zp). `decode` gives a name whole, and `tinyllm generate` prints it, so
+# "\x1b]0;title\x07" in a name would reach the terminal as a command, and an invisible
+# character would make a name read as another. The package's own names are plain ASCII.
+NOT_IN_SPECIAL_NAMES = ("Cc", "Cf", "Zl", "Zp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,10 +146,22 @@ def _check_special_tokens(special_tokens):
     for name in names:
         if not isinstance(name, str) or not name:
             raise TinyLLMError(f"special token {name!r} must be a non-empty string")
+        bad = _forbidden_character(name)
+        if bad is not None:  # repr() writes the character as its escape: the error line is safe
+            raise TinyLLMError(f"special token {name[:40]!r} holds the character {bad!r}: a"
+                               " name may hold no control or format character")
     duplicates = sorted(name for name, n in Counter(names).items() if n > 1)
     if duplicates:
         raise TinyLLMError(f"special token {duplicates[0]!r} is given more than once")
     return names
+
+
+def _forbidden_character(name):
+    r"""The first character of `name` in a category of NOT_IN_SPECIAL_NAMES, or None.
+
+    Example: "<|endoftext|>" -> None; "<|eot|>\x1b[2J" -> "\x1b"; "<|e\u200bot|>" -> "\u200b".
+    """
+    return next((c for c in name if unicodedata.category(c) in NOT_IN_SPECIAL_NAMES), None)
 
 
 def _special_token_ids(names, first_id):
@@ -745,6 +765,12 @@ def _read_special_tokens(data, first_id, path):
     special = _field(data, "special_tokens", dict, path)
     if "" in special:
         raise TinyLLMError(f"tokenizer file {path} has a special token with an empty name")
+    for name in special:  # checked here too, so that the error names the file
+        bad = _forbidden_character(name)
+        if bad is not None:
+            raise TinyLLMError(f"tokenizer file {path} has a special token {name[:40]!r} holding"
+                               f" the character {bad!r}: a name may hold no control or format"
+                               " character")
     by_id = sorted(special.items(), key=lambda item: item[1] if _is_int(item[1]) else -1)
     if [i for _, i in by_id] != list(range(first_id, first_id + len(by_id))):
         raise TinyLLMError(
