@@ -161,6 +161,15 @@ def test_nan_constants_in_json_are_refused(run_dir, opened):
     assert "NaN" in load_error(run_dir, opened)
 
 
+def test_a_number_of_thousands_of_digits_in_json_is_said_plainly(run_dir, opened):
+    # Python reads at most 4,300 digits and says "use sys.set_int_max_str_digits()"
+    text = (run_dir / "config.json").read_text(encoding="utf-8")
+    (run_dir / "config.json").write_text(text.replace('"iter": 3', '"iter": ' + "9" * 5000),
+                                         encoding="utf-8")
+    message = load_error(run_dir, opened)
+    assert "5,000 digits" in message and "sys." not in message, message
+
+
 @pytest.mark.parametrize("changes, words", [
     ({"iter": "3"}, ["'iter'", "int"]),
     ({"iter": -1}, ["iter", "negative"]),

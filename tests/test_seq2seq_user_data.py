@@ -39,6 +39,16 @@ def test_resume_reads_a_moved_pairs_file_given_with_data(tmp_path):
                              "--data", other), "has changed")
 
 
+def test_a_stored_pairs_path_that_is_not_utf8_shows_nothing_of_the_file(tmp_path):
+    # the path comes from the run directory: until its hash matches, the file may be anyone's
+    path, out = pairs(tmp_path), tmp_path / "run"
+    train(path, out, "--max-iters", 2, "--eval-interval", 2)
+    path.write_bytes(b"secret\tpassw\xf6rd\n")
+    result = invoke("seq2seq", "train", "--out", out, "--resume", "--max-iters", 3)
+    assert_user_error(result, str(path), "cannot be read as the text", "--resume --data FILE")
+    assert "passw" not in result.output and "0xf6" not in result.output and ":1" not in result.output
+
+
 def test_resume_below_the_steps_done_is_refused(tmp_path):
     path, out = pairs(tmp_path), tmp_path / "run"
     train(path, out, "--max-iters", 4, "--eval-interval", 2)

@@ -42,6 +42,7 @@ from .errors import TinyLLMError
 TMP_PREFIX = ".tmp-"
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how JSON spells half a surrogate pair
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # no "/", no "..", no leading dot
+MOST_DIGITS = 100  # the longest whole number a tinyllm JSON file may spell (a 128-bit state: 39)
 _fault_hits = {}  # fault spec -> times its point was reached in this process
 
 
@@ -302,7 +303,8 @@ def parse_json(data, path):
     it. Only a file that has such an escape is checked (by encoding what it holds).
     """
     try:
-        obj = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
+        obj = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant,
+                         parse_int=_whole_number)
         if SURROGATE_ESCAPE.search(data):
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
         return obj
@@ -318,6 +320,15 @@ def parse_json(data, path):
         raise TinyLLMError(f"{path} is nested too deeply to be a tinyllm file") from None
     except ValueError as err:
         raise TinyLLMError(f"{path}: {err}") from None
+
+
+def _whole_number(spelling):
+    """json's parse_int hook: no field of a tinyllm file needs more than a few digits, and
+    Python refuses to read more than 4,300, with advice about sys.set_int_max_str_digits."""
+    if len(spelling.lstrip("-")) > MOST_DIGITS:
+        raise ValueError(f"a whole number of {len(spelling.lstrip('-')):,} digits, more than any"
+                         " tinyllm file holds")
+    return int(spelling)
 
 
 def _refuse_constant(name):

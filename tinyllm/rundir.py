@@ -271,7 +271,7 @@ def run_corpus(meta, run_dir, data=None, way_out="--resume --data FILE"):
         text = load_corpus(data)
     else:
         check_still_there(data, run_dir, way_out=way_out)  # and a regular file: a pipe was read once
-        text = _read_stored_text(data, run_dir, way_out)
+        text = read_stored_text(data, run_dir, way_out)
     if same_fingerprint(meta.get("data_sha256"), BYTE_ORDER_MARK + text):
         return BYTE_ORDER_MARK + text  # a run made before 2026-12-01 trained on a file's mark too
     if not same_fingerprint(meta.get("data_sha256"), text):
@@ -281,7 +281,7 @@ def run_corpus(meta, run_dir, data=None, way_out="--resume --data FILE"):
     return text
 
 
-def _read_stored_text(path, run_dir, way_out):
+def read_stored_text(path, run_dir, way_out):
     """read_text_file of a path the run directory names, with one generic error: read_text_file's
     own (the line, byte and character that are not UTF-8, say) would show a file the run may
     only name, such as another user's, before its hash says it is the run's data."""

@@ -22,13 +22,13 @@ from dataclasses import replace
 from .bleu import bleu_can_score, corpus_bleu, exact_match
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import read_text_file
 from .decoding import default_max_len, translate
 from .errors import TinyLLMError
 from .fileio import atomic_write_json
 from .models import count_params
-from .rundir import (check_resumed_total, check_still_there, prepare_out_dir, same_fingerprint,
-                     start_out_dir, starting_state, stored_data_name, text_fingerprint)
+from .rundir import (check_resumed_total, check_still_there, prepare_out_dir, read_stored_text,
+                     same_fingerprint, start_out_dir, starting_state, stored_data_name,
+                     text_fingerprint)
 from .seq2seq import init_seq2seq, seq2seq_loss
 from .seq2seq_data import (DEFAULT_TASK, EMBEDDED_TASKS, SEQ2SEQ_SPECIAL_TOKENS, encode_pairs,
                            encoding_problem, get_pair_batch, load_pairs, make_arrays, pairs_text,
@@ -259,7 +259,7 @@ def resumed_pairs(meta, out_dir, data=None):
         pairs = EMBEDDED_TASKS[stored or DEFAULT_TASK]()
     else:
         check_still_there(stored, out_dir)
-        text = read_text_file(stored, allow_pipe=False)
+        text = read_stored_text(stored, out_dir, "--resume --data FILE")
         try:
             pairs = split_pairs(parse_pairs(text, stored, min_pairs=2))
         except TinyLLMError:
