@@ -364,3 +364,18 @@ def test_a_run_whose_special_token_name_would_command_the_terminal_is_refused(ru
     assert result.exit_code == 1 and "\x1b" not in result.output, repr(result.output)
     assert result.output.count("\n") == 1 and "tokenizer.json" in result.output, result.output
     assert "special token '\\x1b]0;PWNED\\x07\\x1b[2J'" in result.output
+
+
+def test_a_control_character_the_model_writes_is_printed_as_its_escape(run_dir, monkeypatch):
+    # A model learns the characters of its data: one trained on a file holding "\x1b[2J" can
+    # sample it, and printed raw it would clear the screen. Lines and tabs stay as they are.
+    written = "ok\x1b[2J\tdone\n"
+
+    def writes(*args, on_text=None, **kwargs):
+        on_text(written)
+        return written
+
+    monkeypatch.setattr(generate, "generate_text", writes)
+    result = invoke("--checkpoint", run_dir, "--prompt", "abc", "--max-new-tokens", 3)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "abcok\\x1b[2J\tdone\n\n"

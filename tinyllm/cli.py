@@ -11,7 +11,7 @@ import numpy as onp
 
 from .cli_common import (count, flag_given, fraction, loss_text, no_cache_option, non_negative,
                          note_flags_resume_ignores, positive, probability_mass, random_seed,
-                         share, step_count, training_time, user_errors)
+                         share, shown_generation, step_count, training_time, user_errors)
 from .cli_encoder import embed, fill
 from .cli_fewshot import fewshot
 from .cli_finetune import classify, finetune
@@ -204,7 +204,7 @@ def pretrain(data, objective, mask_rate, distance_bias, tokenizer_kind, vocab_si
         text = generate_text(result["params"], result["model_config"], result["tokenizer"], "",
                              max_new_tokens=sample_tokens, temperature=0.8, seed=seed,
                              use_cache=not no_cache)
-        click.echo(f"--- sample (temperature 0.8) ---\n{text}\n---")
+        click.echo(f"--- sample (temperature 0.8) ---\n{shown_generation(text)}\n---")
 
 
 @main.command()
@@ -253,7 +253,7 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed
         notes = []  # said on stderr once the response's line has ended
         generate_instruction(checkpoint, instruction, input_text, max_new_tokens, temperature,
                              top_k, top_p, seed, use_cache=not no_cache, log=notes.append,
-                             on_text=lambda piece: click.echo(piece, nl=False))
+                             on_text=lambda piece: click.echo(shown_generation(piece), nl=False))
         click.echo()
         for note in notes:
             click.echo(note, err=True)
@@ -266,11 +266,12 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed
 
         prompt = examples_prompt(examples, shots, prompt, tokenizer, config.block_size)
         stop_text = stop_text or "\n"
-    click.echo(prompt, nl=False)  # then the completion as it comes: Ctrl-C keeps what is shown
+    click.echo(shown_generation(prompt), nl=False)  # then the completion as it comes: Ctrl-C
+    # keeps what is shown
     generate_text(params, config, tokenizer, prompt, max_new_tokens=max_new_tokens,
                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                   stop_text=stop_text, use_cache=not no_cache,
-                  on_text=lambda piece: click.echo(piece, nl=False))
+                  on_text=lambda piece: click.echo(shown_generation(piece), nl=False))
     click.echo()
 
 

@@ -173,12 +173,19 @@ def _flag_name(param, value):
 # ----------------------------------------------------------------------------- reports
 
 
-def shown_text(text):
-    """A text from a user's file as printed to a terminal: each control character but the tab
-    written as its escape, so that an escape sequence in a file reaches the screen as letters,
-    not as a command. Example: "ok\x1b[2J" -> "ok\\x1b[2J" (printed: ok\x1b[2J)."""
-    return "".join(c if c == "\t" or unicodedata.category(c) != "Cc"
+def shown_text(text, keep="\t"):
+    """A text from a user's file as printed to a terminal: each control character but those in
+    `keep` written as its escape, so that an escape sequence in a file reaches the screen as
+    letters, not as a command. Example: "ok\x1b[2J" -> "ok\\x1b[2J" (printed: ok\x1b[2J)."""
+    return "".join(c if c in keep or unicodedata.category(c) != "Cc"
                    else repr(c)[1:-1] for c in text)
+
+
+def shown_generation(text):
+    """Text a model wrote, as printed: its lines and tabs as they are, any other control
+    character as its escape. A model learns the characters of its data, escape sequences
+    included, and a sampled one must not command the terminal."""
+    return shown_text(text, keep="\t\n")
 
 
 def loss_text(value):

@@ -10,7 +10,7 @@ import os
 
 import click
 
-from .cli_common import positive, shown_text, user_errors
+from .cli_common import positive, shown_generation, shown_text, user_errors
 from .progress import Counting
 from .errors import TinyLLMError
 
@@ -44,7 +44,8 @@ def fill(text, checkpoint, top_k):
     for number, options in enumerate(predictions, 1):
         shown = ", ".join(f"{token!r} {p:.3f}" for token, p in options)
         click.echo(f"[MASK] {number}: {shown}")
-    click.echo(filled_text(ckpt.tokenizer, text, [options[0][0] for options in predictions]))
+    click.echo(shown_generation(filled_text(ckpt.tokenizer, text,
+                                            [options[0][0] for options in predictions])))
 
 
 @click.command()
