@@ -183,6 +183,9 @@ def cases(root):
     yield "special token a lone surrogate", crafted(lambda o: tokenizer_field(
         "special_tokens", {"\udc80": max(json.load(open(os.path.join(
             o, "tokenizer.json")))["special_tokens"].values())})(o)), False
+    yield "special token an escape sequence", crafted(lambda o: tokenizer_field(
+        "special_tokens", {"\x1b]0;PWNED\x07\x1b[2J": max(json.load(open(os.path.join(
+            o, "tokenizer.json")))["special_tokens"].values())})(o)), False
     yield "config.json without train (resume)", crafted(
         lambda o: json.dump({k: v for k, v in edit(o).items() if k != "train"},
                             open(os.path.join(o, "config.json"), "w")),
@@ -199,6 +202,11 @@ def cases(root):
     yield "data /etc/passwd (fewshot)", crafted(
         lambda o: edit(o, data="/etc/passwd"), ("fewshot", "--checkpoint", run_dir, "--task",
                                                 task_file(root), "--shots", "0")), True
+    yield "data secret not UTF-8 (pretrain --resume)", crafted(
+        lambda o: (open(secret, "wb").write(b"TOP SECRET caf\xe9\n"), edit(o, data=secret)),
+        ("pretrain", "--out", run_dir, "--resume")), True
+    yield "--out a folder of the user's", lambda: users_folder(root) and [
+        "pretrain", "--data", data, "--out", users_folder(root), *TINY], False
     yield "data /dev/zero (pretrain --resume)", crafted(
         lambda o: edit(o, data="/dev/zero"), ("pretrain", "--out", run_dir, "--resume")), False
 
@@ -217,6 +225,8 @@ def cases(root):
     yield "data secret (classify --split)", split_with_data(lambda: secret), True
     yield "data /dev/zero (classify --split)", split_with_data(lambda: "/dev/zero"), False
     yield "data FIFO (classify --split)", split_with_data(lambda: fifo(root)), False
+    yield "data /proc/self/pagemap (classify --split)", split_with_data(
+        lambda: "/proc/self/pagemap"), False
 
     def resume_classifier(**changes):
         """`finetune classify --resume` of a fine-tuned run whose config.json has `changes`."""
@@ -234,6 +244,16 @@ def link_out(path, outside):
     """Move a run's file out of it and leave a symbolic link to it in its place."""
     shutil.move(path, outside)
     os.symlink(outside, path)
+
+
+def users_folder(root):
+    """A folder of the user's own files, named as a run's files are, with no config.json."""
+    path = os.path.join(root, "mine")
+    os.makedirs(path, exist_ok=True)
+    for name in ("model-000001.npz", "tokenizer.json", "metrics.jsonl", "notes.txt"):
+        with open(os.path.join(path, name), "w", encoding="utf-8") as f:
+            f.write("mine\n")
+    return path
 
 
 def fifo(root):
@@ -308,7 +328,7 @@ def main():
         leaked = "TOP SECRET" in output or "root:x:0" in output
         results.append(not leaked and "Traceback" not in output and code != "hang"
                        and (designed or not (touched or changed)))
-        print(f"{name:38s} exit {code!s:4s} {seconds:5.1f} s  opened outside: {touched or '-'}"
+        print(f"{name:44s} exit {code!s:4s} {seconds:5.1f} s  opened outside: {touched or '-'}"
               f"{'  CHANGED' if changed else ''}{'  LEAKED' if leaked else ''}  | {last[:110]}")
     n = len(results)
     print(f"\n{n} cases: {one_line} one-line errors (exit 1 or 2), {tracebacks} tracebacks,"
