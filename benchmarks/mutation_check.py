@@ -178,6 +178,18 @@ MUTANTS = [
            " DISTANCE_BIAS_FLOOR)  # (H, T, T)",
            "    bias = -slopes[:, None, None] * offsets  # (H, T, T)",
            "the encoder's distance bias ramps to -255, and exp() makes slow subnormal floats"),
+    Mutant("bpe-encodes-long-runs-whole", "tinyllm/tokenizers.py",
+           "            for chunk in cut_long(match):",
+           "            for chunk in [match]:",
+           "a line of millions of letters is one chunk: a gigabyte to encode"),
+    Mutant("stored-data-hashed-to-its-end", "tinyllm/finetune_runs.py",
+           "            digest, left = hashlib.sha256(), size",
+           "            digest, left = hashlib.sha256(), float(\"inf\")",
+           "a stored data path like /proc/self/pagemap is read for hundreds of gigabytes"),
+    Mutant("out-dir-of-the-users-files-used", "tinyllm/rundir.py",
+           "    if not has_run and not force and first_save_leftovers(out_dir) is None:",
+           "    if False:",
+           "a new run in a folder of the user's own files overwrites and deletes them"),
 ]
 
 

@@ -653,11 +653,16 @@ def test_a_stored_data_path_is_hashed_only_as_far_as_its_size_says(tmp_path, mon
     from tinyllm import finetune_runs
     from tinyllm.classify_run import ClassifySettings
 
+    data = tmp_path / "labelled.csv"
+    data.write_text("text,label\n" + "a,b\n" * 100, encoding="utf-8")
+    opened = finetune_runs.open_regular  # first a file that says it is 10 bytes: no hang if not
+    monkeypatch.setattr(finetune_runs, "open_regular", lambda *a: (opened(*a)[0], 10))
+    assert finetune_runs.data_fingerprints(ClassifySettings(data=str(data))) == {
+        "data": hashlib.sha256(b"text,label").hexdigest()}
+    monkeypatch.setattr(finetune_runs, "open_regular", opened)
     empty = hashlib.sha256(b"").hexdigest()
     assert finetune_runs.data_fingerprints(
         ClassifySettings(data="/proc/self/pagemap")) == {"data": empty}
-    data = tmp_path / "labelled.csv"
-    data.write_text("text,label\n" + "a,b\n" * 100, encoding="utf-8")
     monkeypatch.setattr(finetune_runs, "MAX_TEXT_BYTES", 100)
     with pytest.raises(TinyLLMError, match="too large"):
         finetune_runs.data_fingerprints(ClassifySettings(data=str(data)))
