@@ -182,6 +182,8 @@ def test_a_number_of_thousands_of_digits_in_json_is_said_plainly(run_dir, opened
     ({"labels": 5}, ["'labels'", "list"]),
     ({"labels": [1, 2]}, ["'labels'", "strings"]),
     ({"labels": ["neg", "\x1b[2Jpos"]}, ["'labels'", "control character"]),  # to the terminal
+    ({"labels": ["pos", "pos"]}, ["'labels'", "each class once"]),  # which one is predicted?
+    ({"labels": ["pos", " "]}, ["'labels'", "none of them empty"]),
     ({"finetune": "x"}, ["'finetune'", "dict"]),
     ({"before": [1]}, ["'before'", "dict"]),
     ({"label_smoothing": "0.1"}, ["'label_smoothing'"]),

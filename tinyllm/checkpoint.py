@@ -327,6 +327,10 @@ def read_meta(ckpt_dir):
     if any(control_character(label) for label in meta.get("labels") or []):
         raise TinyLLMError(f"{path}: field 'labels' holds a control character (a class name is"
                            " printed as it is, and could send commands to the terminal)")
+    labels = meta.get("labels") or []
+    if len(set(labels)) != len(labels) or not all(label.strip() for label in labels):
+        raise TinyLLMError(f"{path}: field 'labels' must name each class once, none of them"
+                           " empty (a data file's labels give distinct, non-empty names)")
     if not 0 <= meta["iter"] < INT64_END:
         raise TinyLLMError(f"{path}: \"iter\" must not be negative, nor 2^63 or more")
     if meta.get("dtype", "float32") not in FLOAT_DTYPES:
