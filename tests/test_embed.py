@@ -283,3 +283,5 @@ def test_vector_i_is_line_i_as_an_editor_counts_lines(tmp_path):
     path.write_bytes(b"one\ntw\xe9\n")
     with pytest.raises(TinyLLMError, match=r"lines\.txt:2: not UTF-8 text \(byte 0xe9 at column 3"):
         read_lines(str(path))
+    path.write_text("one\ntwo\n\n \n", encoding="utf-8")  # blank lines an editor left at the end
+    assert read_lines(str(path)) == ["one", "two"]

@@ -53,7 +53,7 @@ GOOD = {
                   '{"instruction": "Say{s}yo", "output": "yo"}', '{"instruction": "x"}'),
     "task.jsonl": ('{"input": "a", "output": "b"}', '{"input": "c{s}d", "output": "e"}', "{oops"),
     "pairs.tsv": ("one\ttwo", "th{s}ree\tfour", "five\t"),
-    "lines.txt": ("first", "second{s}text", ""),
+    "lines.txt": ("first", "second{s}text", "\nfourth"),  # blank, but not at the end
 }
 READERS = {"cls.tsv": read_classification, "cls.jsonl": read_classification,
            "ins.jsonl": read_instructions, "task.jsonl": read_task, "pairs.tsv": read_pairs,

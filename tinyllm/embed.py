@@ -151,14 +151,17 @@ def nearest_neighbour_agreement(vectors, labels):
 
 def read_lines(path, flag="--data", command="embed"):
     """The lines of a UTF-8 text file (a byte-order mark dropped), one text each; an empty line
-    is an error naming it, and UTF-16 or binary bytes are refused as every text reader refuses
-    them. `flag` and `command` name the option and the command in errors."""
+    is an error naming it, but for blank lines at the end, which editors leave and which are
+    dropped (line i is still the file's line i). UTF-16 or binary bytes are refused as every
+    text reader refuses them. `flag` and `command` name the option and the command in errors."""
     if not os.path.exists(path):
         raise TinyLLMError(f"{flag} {path!r} not found")
     raw = read_bounded(path, MAX_LINES_BYTES, "data file")
     check_not_binary(raw, path)
     text = decode_utf8(raw, path)
     lines = split_lines(text)  # so that vector i is line i as an editor counts them
+    while lines and not lines[-1].strip():
+        lines.pop()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             raise TinyLLMError(f"{path}:{number}: empty line ({command} reads one text per line)")
