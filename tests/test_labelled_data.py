@@ -701,6 +701,20 @@ def test_nan_and_infinities_are_refused_with_their_line(tmp_path, value, message
         read_instructions(write(tmp_path, "d.jsonl", '{"instruction": "a", "output": %s}' % value))
 
 
+def test_a_field_given_twice_in_a_record_is_refused_with_its_line(tmp_path):
+    # json keeps the last of a repeated key without a word: which text did the user mean?
+    text = '{"text": "a", "label": "x"}\n{"text": "b", "label": "y", "text": "c"}\n'
+    with pytest.raises(TinyLLMError, match=r"d\.jsonl:2: the record gives 'text' more than once"):
+        read_classification(write(tmp_path, "d.jsonl", text))
+    record = '{"instruction": "a", "output": "b", "output": "c"}'
+    with pytest.raises(TinyLLMError, match=r"d\.json:1: the record gives 'output' more than"):
+        read_instructions(write(tmp_path, "d.json", f"[{record}]"))
+    # a key repeated that no reader reads is left alone
+    assert read_classification(write(tmp_path, "e.jsonl", '{"text": "a", "label": "x", "id": 1,'
+                                     ' "id": 2}\n{"text": "b", "label": "y"}\n'),
+                               classes={"x", "y"}) == [("a", "x"), ("b", "y")]
+
+
 @pytest.mark.parametrize("text", ["[]", "[\n]\n"])
 def test_an_empty_json_array_is_no_records(tmp_path, text):
     # it was read as no examples: a split error blaming --data, or a traceback when scored

@@ -422,10 +422,21 @@ def _json_int(spelling):
                                   " than can be read; quote it if it is text")
 
 
+class _Record(dict):
+    """A JSON object, with the keys it spells more than once (`repeated`): json keeps the last
+    value of a repeated key without a word, and {"text": "a", "text": "b"} is more likely a
+    mistake than a choice. A field read that is repeated is refused (`_str_field`), with the
+    record's line, which the parser does not know."""
+
+    def __init__(self, pairs):
+        super().__init__(pairs)
+        self.repeated = {key for key, n in Counter(key for key, _ in pairs).items() if n > 1}
+
+
 # json.loads, with the values of `_Unreadable` kept as such rather than raising an error (a
-# ValueError without a line) or reading as the float nan or inf
+# ValueError without a line) or reading as the float nan or inf, and objects as `_Record`s
 _DECODER = json.JSONDecoder(parse_constant=_json_constant, parse_float=_json_float,
-                            parse_int=_json_int)
+                            parse_int=_json_int, object_pairs_hook=_Record)
 
 
 def _loads(text):
@@ -486,6 +497,8 @@ def _fields_of(record):
 
 
 def _str_field(record, key, path, number, required=True):
+    if key in getattr(record, "repeated", ()):
+        raise TinyLLMError(f"{path}:{number}: the record gives {key!r} more than once")
     value = record.get(key)
     if value is None or (required and str(value).strip() == ""):
         if not required:
