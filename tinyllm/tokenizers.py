@@ -278,11 +278,15 @@ class CharTokenizer:
 
 def split_into_chunks(text, pattern=SPLIT_PATTERN):
     """Pre-split text into the chunks that BPE merges within (never across): the matches of
-    `pattern`, each cut into pieces of at most MAX_CHUNK_CHARACTERS (`cut_long`).
+    `pattern` (a regex, as text or compiled), each cut into pieces of at most
+    MAX_CHUNK_CHARACTERS (`cut_long`). Training and encoding both split text here.
 
     Example: "Hello world's 42 cats!!\\n" -> ["Hello", " world", "'s", " 42", " cats", "!!", "\\n"]
     """
-    return [piece for chunk in re.findall(pattern, text) for piece in cut_long(chunk)]
+    chunks = re.findall(pattern, text)
+    if max(map(len, chunks), default=0) <= MAX_CHUNK_CHARACTERS:
+        return chunks  # ordinary text: no chunk to cut, and no list made per chunk
+    return [piece for chunk in chunks for piece in cut_long(chunk)]
 
 
 def cut_long(chunk):
@@ -648,21 +652,16 @@ class BPETokenizer:
         """Text -> ids. Special-token names in `text` are encoded literally, as ordinary bytes."""
         _check_utf8_encodable(text)
         ids = []
-        for match in self._regex.findall(text):
-            for chunk in cut_long(match):
-                ids.extend(self._encode_chunk(chunk))
+        for chunk in split_into_chunks(text, self._regex):
+            chunk_ids = self._chunk_cache.get(chunk)
+            if chunk_ids is None:
+                chunk_ids = encode_chunk(chunk.encode("utf-8"), self._ranks)
+                if len(chunk) <= _CACHED_CHUNK_CHARACTERS:  # a word, which will come again
+                    if len(self._chunk_cache) >= _CHUNK_CACHE_LIMIT:
+                        self._chunk_cache.clear()  # crude but bounded; common words come back
+                    self._chunk_cache[chunk] = chunk_ids
+            ids.extend(chunk_ids)
         return ids
-
-    def _encode_chunk(self, chunk):
-        """The ids of one chunk, remembered if it is short (a word met again is not re-merged)."""
-        chunk_ids = self._chunk_cache.get(chunk)
-        if chunk_ids is None:
-            chunk_ids = encode_chunk(chunk.encode("utf-8"), self._ranks)
-            if len(chunk) <= _CACHED_CHUNK_CHARACTERS:
-                if len(self._chunk_cache) >= _CHUNK_CACHE_LIMIT:
-                    self._chunk_cache.clear()  # crude but bounded; common chunks return quickly
-                self._chunk_cache[chunk] = chunk_ids
-        return chunk_ids
 
     def decode(self, ids):
         """Ids (any iterable of ints) -> text. Partial UTF-8 (a model may emit it) becomes U+FFFD."""
