@@ -256,7 +256,7 @@ def _remove_unnamed(out_dir, names):
     kept = (current_files(out_dir) or {}).values()
     for name in names:
         if name not in kept:
-            _unlink_file(os.path.join(out_dir, name))
+            remove_file(os.path.join(out_dir, name))
 
 
 def remove_leftovers(run_dir):
@@ -285,10 +285,10 @@ def remove_leftovers(run_dir):
         else:
             drop = False
         if drop:
-            _unlink_file(os.path.join(run_dir, name))
+            remove_file(os.path.join(run_dir, name))
 
 
-def _unlink_file(path):
+def remove_file(path):
     """Remove a file or symbolic link (never a directory); ignore one that is already gone."""
     try:
         if not os.path.isdir(path) or os.path.islink(path):

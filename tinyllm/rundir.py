@@ -23,7 +23,6 @@ evaluation, and must change when that does.
 """
 
 import hashlib
-import json
 import os
 import stat
 import tempfile
@@ -35,12 +34,12 @@ try:
 except ImportError:  # pragma: no cover
     fcntl = None
 
-from .checkpoint import TEMP_FILE, is_run_file, remove_leftovers, stored_ranks
+from .checkpoint import TEMP_FILE, is_run_file, remove_file, remove_leftovers, stored_ranks
 from .data import DEFAULT_CORPUS, EMBEDDED_CORPORA, load_corpus, read_text_file
 from .errors import TinyLLMError
-from .fileio import TMP_PREFIX, read_bounded, split_lines
+from .fileio import TMP_PREFIX
 from .optim import adamw_init
-from .train import Committed, logged_eval_iter, truncate_metrics
+from .train import Committed, logged_eval_iter, read_metrics_counted, truncate_metrics
 
 
 # ----------------------------------------------------------------------------- the run directory
@@ -151,7 +150,7 @@ def start_out_dir(out_dir, resume, force):
     else:
         names = []
     for name in names:
-        _remove_file(os.path.join(out_dir, name))
+        remove_file(os.path.join(out_dir, name))
     remove_leftovers(out_dir)
 
 
@@ -187,26 +186,21 @@ def first_save_leftovers(out_dir):
         if name in FIRST_SAVE_FILES or (temp is not None and temp.group(1) in (
                 None, "config.json", *FIRST_SAVE_FILES)):
             continue
-        if name != "metrics.jsonl" or not _only_first_evaluation(path):
+        if name != "metrics.jsonl" or not _only_first_evaluation(out_dir):
             return None
     return names
 
 
-def _only_first_evaluation(path):
-    """Does the metrics file at `path` hold only records of iteration 0 (or nothing)?"""
-    try:
-        text = read_bounded(path, FIRST_METRICS_MAX_BYTES, "metrics file", follow_symlinks=False)
-        records = [json.loads(line) for line in split_lines(text.decode("utf-8")) if line.strip()]
-    except (TinyLLMError, UnicodeDecodeError, ValueError, RecursionError):
+def _only_first_evaluation(out_dir):
+    """Does out_dir/metrics.jsonl hold only records of iteration 0 (or nothing), every line a
+    record? A larger file than a few such lines is not read at all."""
+    if os.lstat(os.path.join(out_dir, "metrics.jsonl")).st_size > FIRST_METRICS_MAX_BYTES:
         return False
-    return all(isinstance(r, dict) and type(r.get("iter")) is int and r["iter"] == 0
-               for r in records)
-
-
-def _remove_file(path):
-    """Remove a file or symbolic link (a directory of the same name stays)."""
-    if not os.path.isdir(path) or os.path.islink(path):
-        os.remove(path)
+    try:
+        records, skipped = read_metrics_counted(out_dir)
+    except TinyLLMError:
+        return False
+    return not skipped and all(r["iter"] == 0 for r in records)
 
 
 def starting_state(out_dir, tc, init_fn, ckpt=None, log=print):
