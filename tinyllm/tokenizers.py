@@ -762,14 +762,10 @@ def _field(data, key, kind, path):
 def _read_special_tokens(data, first_id, path):
     """Special-token names in id order, checking their ids run first_id, first_id + 1, ..."""
     special = _field(data, "special_tokens", dict, path)
-    if "" in special:
-        raise TinyLLMError(f"tokenizer file {path} has a special token with an empty name")
-    for name in special:  # checked here too, so that the error names the file
-        bad = _forbidden_character(name)
-        if bad is not None:
-            raise TinyLLMError(f"tokenizer file {path} has a special token {name[:40]!r} holding"
-                               f" the character {bad!r}: a name may hold no control or format"
-                               " character")
+    try:  # the names, held to the rules of a tokenizer made here; the error names the file
+        _check_special_tokens(list(special))
+    except TinyLLMError as err:
+        raise TinyLLMError(f"tokenizer file {path}: {err}") from None
     by_id = sorted(special.items(), key=lambda item: item[1] if _is_int(item[1]) else -1)
     if [i for _, i in by_id] != list(range(first_id, first_id + len(by_id))):
         raise TinyLLMError(
