@@ -174,7 +174,7 @@ def _flag_name(param, value):
 
 
 def shown_text(text, keep="\t"):
-    """A text from a user's file as printed to a terminal: each control character but those in
+    r"""A text from a user's file as printed to a terminal: each control character but those in
     `keep` written as its escape, so that an escape sequence in a file reaches the screen as
     letters, not as a command. Example: "ok\x1b[2J" -> "ok\\x1b[2J" (printed: ok\x1b[2J)."""
     return "".join(c if c in keep or unicodedata.category(c) != "Cc"

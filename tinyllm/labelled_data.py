@@ -595,7 +595,7 @@ def _refuse_one_spread_object(text, path):
 
 
 def control_character(text):
-    """The first control character in `text` (a newline, a tab, an escape...), or None. A class
+    r"""The first control character in `text` (a newline, a tab, an escape...), or None. A class
     name is printed as it is (`tinyllm classify` prints one per line), so one with an escape
     sequence would reach the user's terminal as a command, and one with a newline would break
     the one-line-per-class listing.
@@ -622,7 +622,7 @@ def label_ids(labels, where="the data"):
 
 
 def case_variants(labels):
-    """The groups of distinct labels that differ only in case, in their spaces inside, or in
+    r"""The groups of distinct labels that differ only in case, in their spaces inside, or in
     invisible format characters (a zero-width space pasted from a web page), each sorted, in
     the order of their first label: a spreadsheet typed by hand spells a class "Spam" on some
     rows and "spam" on others, and each spelling would be a class of its own.

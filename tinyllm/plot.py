@@ -100,7 +100,7 @@ def save_figure(fig, out, fmt):
 
 def literal(text):
     r"""Text to draw as it is: matplotlib reads what stands between two $ as TeX maths, so a
-    run directory or a token "$x$" would show as an italic x, and "$oo$" stop the drawing
+    run directory or a token "$x$" would show as an italic x, and "$\foo$" stop the drawing
     with a parse error. An escaped dollar, \$, is drawn as $. Example: "$5 or $6" -> "\$5 or \$6".
     """
     return text.replace("$", r"\$")
