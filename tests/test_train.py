@@ -18,6 +18,7 @@ from tinyllm.errors import TinyLLMError
 from tinyllm.optim import adamw_init, lr_at
 from tinyllm.pretrain import pretrain
 from tinyllm.train import (
+    LONG_EVALUATION,
     Committed,
     TrainingClock,
     TrainingInterrupted,
@@ -337,12 +338,12 @@ def test_validation_split_shorter_than_a_block_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- the generic loop
 
 
-def quadratic_loop(tmp_path, loss_fn, max_iters=40):
+def quadratic_loop(tmp_path, loss_fn, max_iters=40, eval_iters=1):
     """train_loop on a one-parameter problem: the loop is generic, not tied to GPTs."""
     params = {"w": onp.array([[3.0]], dtype="float32")}
     state = Committed(params, adamw_init(params), onp.random.default_rng(0).bit_generator.state,
                       0, -1)
-    tc = TrainConfig(max_iters=max_iters, eval_interval=10, eval_iters=1, lr=0.1, min_lr=0.1,
+    tc = TrainConfig(max_iters=max_iters, eval_interval=10, eval_iters=eval_iters, lr=0.1, min_lr=0.1,
                      warmup_iters=0, weight_decay=0.0, grad_clip=0.0)
     saved = []
     final = train_loop(state, tc, loss_fn, lambda split, rng: (onp.zeros(1),), saved.append, str(tmp_path), 1,
@@ -356,6 +357,18 @@ def test_train_loop_minimises_any_loss_and_saves_at_each_eval(tmp_path):
     assert abs(float(final.params["w"][0, 0]) - 1.0) < 0.3  # from 3 towards the minimum at 1
     assert [s.iteration for s in saved] == [0, 10, 20, 30, 40]
     assert [r["iter"] for r in read_metrics(str(tmp_path))] == [0, 10, 20, 30, 40]
+
+
+def test_a_long_evaluation_shows_its_progress_and_a_short_one_does_not(tmp_path, capsys):
+    quadratic_loop(tmp_path, lambda p, batch, rng: anp.sum((p["w"] - 1.0) ** 2), max_iters=10,
+                   eval_iters=LONG_EVALUATION + 1)  # a run's settings may ask for thousands
+    long = capsys.readouterr().err
+    assert f"evaluation at iteration 0, batches: {2 * LONG_EVALUATION + 2}/" in long
+    assert "evaluation at iteration 10, batches: " in long
+    (tmp_path / "short").mkdir()
+    quadratic_loop(tmp_path / "short", lambda p, batch, rng: anp.sum((p["w"] - 1.0) ** 2),
+                   max_iters=10, eval_iters=LONG_EVALUATION)
+    assert "evaluation at" not in capsys.readouterr().err
 
 
 def test_a_loss_that_becomes_nan_stops_with_a_user_error(tmp_path):

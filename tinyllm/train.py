@@ -48,7 +48,7 @@ from .distributed import SINGLE_PROCESS, micro_batch_rng, pack, rank_micro_batch
 from .errors import TinyLLMError
 from .fileio import atomic_write_text, available_memory, open_regular, read_fd
 from .optim import adamw_step, clip_scale, global_norm, lr_at
-from .progress import Progress
+from .progress import Counting, Progress
 from .tree import flatten, unflatten
 
 
@@ -83,13 +83,20 @@ class Committed:
 # ----------------------------------------------------------------------------- pure pieces
 
 
-def estimate_loss(loss_fn, params, sample, eval_iters, rng, group=4, world=SINGLE_PROCESS):
+# Batches a split beyond which an evaluation shows its own progress line (the default is 10, a
+# second or two; --eval-iters or a run's settings can ask for thousands, minutes with no step).
+LONG_EVALUATION = 50
+
+
+def estimate_loss(loss_fn, params, sample, eval_iters, rng, group=4, world=SINGLE_PROCESS,
+                  on_batches=None):
     """Mean loss over `eval_iters` batches of each split, without dropout: {"train": .., "val": ..}.
 
     Batches are evaluated `group` at a time, stacked into one larger batch: the same numbers
     from fewer, larger matmuls. Each group's loss is weighted by its number of batches. Over
     MPI every rank draws all the batches (the same ones), evaluates every world.size-th group
-    from its rank on, and the sums are added across ranks.
+    from its rank on, and the sums are added across ranks. `on_batches(done)`, if given, is told
+    how many of the 2 * eval_iters batches are done after each group.
     """
     totals = onp.zeros(2)  # (train, val) sums of loss x batches
     for i, split in enumerate(("train", "val")):
@@ -98,6 +105,8 @@ def estimate_loss(loss_fn, params, sample, eval_iters, rng, group=4, world=SINGL
             if number % world.size == world.rank:
                 chunk = batches[start:start + group]
                 totals[i] += float(loss_fn(params, stack_batches(chunk), None)) * len(chunk)
+            if on_batches is not None:
+                on_batches(i * eval_iters + min(start + group, eval_iters))
     totals = world.allreduce_sum(totals)
     return {"train": float(totals[0]) / eval_iters, "val": float(totals[1]) / eval_iters}
 
@@ -463,8 +472,14 @@ def _evaluate(state, tc, loss_fn, sample, ms_per_iter, tokens_per_iter, lr, eval
     if evaluate is not None:
         losses = evaluate(state.params)
     else:
+        counting = (Counting(2 * tc.eval_iters, f"evaluation at iteration {state.iteration},"
+                             " batches") if tc.eval_iters > LONG_EVALUATION and world.is_root
+                    else None)
         losses = estimate_loss(loss_fn, state.params, sample, tc.eval_iters,
-                               eval_rng(tc.seed, state.iteration), world=world)
+                               eval_rng(tc.seed, state.iteration), world=world,
+                               on_batches=counting and counting.update)
+        if counting:
+            counting.close()
     return {
         "iter": state.iteration,
         "train_loss": round(losses["train"], 6),
