@@ -245,16 +245,21 @@ def read_classification(path, text_column=None, label_column=None, classes=None,
                  None if label_column else "--label-column")
     if ti == li:
         raise TinyLLMError(f"{path}: --text-column and --label-column name the same column ({ti})")
-    errors, examples = RecordErrors(), []
-    for number, fields in rows[1:] if has_header else rows:
-        with errors.gathered():
-            examples.append(_row_example(fields, ti, li, path, number, fmt))
+    first_row = rows[0][1]
+    errors, examples, label_of = RecordErrors(), [], {}
+    for k, (number, fields) in enumerate(rows):
+        rows[k] = None  # each row's fields go as its example comes: a file of many short rows
+        # is held once, not twice (a list and a tuple a row cost some 40 bytes a byte of file)
+        if k or not has_header:
+            with errors.gathered():
+                text, label = _row_example(fields, ti, li, path, number, fmt)
+                examples.append((text, label_of.setdefault(label, label)))  # one string a class
     errors.raise_any()
     if not examples:
         raise TinyLLMError(f"{path}: no examples after the header")
     if classes is None:
         where = f"column {li}" + (f" ({header[li]!r})" if header and li < len(header) else "")
-        first = "" if header else f" (its first row: {_shown_fields(rows[0][1])})"
+        first = "" if header else f" (its first row: {_shown_fields(first_row)})"
         _check_labels_repeat(examples, path, where, first)
     return examples
 
