@@ -19,6 +19,7 @@ from tinyllm.optim import adamw_init, lr_at
 from tinyllm.pretrain import pretrain
 from tinyllm.train import (
     LONG_EVALUATION,
+    LONG_STEP,
     Committed,
     TrainingClock,
     TrainingInterrupted,
@@ -338,13 +339,13 @@ def test_validation_split_shorter_than_a_block_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- the generic loop
 
 
-def quadratic_loop(tmp_path, loss_fn, max_iters=40, eval_iters=1):
+def quadratic_loop(tmp_path, loss_fn, max_iters=40, eval_iters=1, grad_accum=1):
     """train_loop on a one-parameter problem: the loop is generic, not tied to GPTs."""
     params = {"w": onp.array([[3.0]], dtype="float32")}
     state = Committed(params, adamw_init(params), onp.random.default_rng(0).bit_generator.state,
                       0, -1)
     tc = TrainConfig(max_iters=max_iters, eval_interval=10, eval_iters=eval_iters, lr=0.1, min_lr=0.1,
-                     warmup_iters=0, weight_decay=0.0, grad_clip=0.0)
+                     warmup_iters=0, weight_decay=0.0, grad_clip=0.0, grad_accum=grad_accum)
     saved = []
     final = train_loop(state, tc, loss_fn, lambda split, rng: (onp.zeros(1),), saved.append, str(tmp_path), 1,
                        log=quiet)
@@ -369,6 +370,19 @@ def test_a_long_evaluation_shows_its_progress_and_a_short_one_does_not(tmp_path,
     quadratic_loop(tmp_path / "short", lambda p, batch, rng: anp.sum((p["w"] - 1.0) ** 2),
                    max_iters=10, eval_iters=LONG_EVALUATION)
     assert "evaluation at" not in capsys.readouterr().err
+
+
+def test_a_step_of_many_micro_batches_shows_its_progress_and_a_short_one_does_not(tmp_path,
+                                                                                    capsys):
+    quadratic_loop(tmp_path, lambda p, batch, rng: anp.sum((p["w"] - 1.0) ** 2), max_iters=2,
+                   grad_accum=LONG_STEP + 1)  # a run's settings may ask for a million
+    long = capsys.readouterr().err
+    assert f"iteration 1, micro-batches: {LONG_STEP + 1}/{LONG_STEP + 1}" in long
+    assert "iteration 2, micro-batches: " in long
+    (tmp_path / "short").mkdir()
+    quadratic_loop(tmp_path / "short", lambda p, batch, rng: anp.sum((p["w"] - 1.0) ** 2),
+                   max_iters=2, grad_accum=LONG_STEP)
+    assert "micro-batches" not in capsys.readouterr().err
 
 
 def test_a_loss_that_becomes_nan_stops_with_a_user_error(tmp_path):

@@ -86,6 +86,9 @@ class Committed:
 # Batches a split beyond which an evaluation shows its own progress line (the default is 10, a
 # second or two; --eval-iters or a run's settings can ask for thousands, minutes with no step).
 LONG_EVALUATION = 50
+# Micro-batches a step beyond which the step shows its own progress line (--grad-accum, or a
+# run's settings, can ask for a million: hours before the first step's line).
+LONG_STEP = 50
 
 
 def estimate_loss(loss_fn, params, sample, eval_iters, rng, group=4, world=SINGLE_PROCESS,
@@ -449,10 +452,17 @@ def _batch_of_any_step(sample, rng, it):
 
 
 def _micro_batches(train_batch, rng, tc, it, rank):
-    """This rank's (batch, Generator) pairs of step `it`, drawn by distributed.micro_batch_rng."""
-    for j in rank_micro_batches(rank, tc.grad_accum):
+    """This rank's (batch, Generator) pairs of step `it`, drawn by distributed.micro_batch_rng.
+    A step of more than LONG_STEP of them shows its own progress line on rank 0."""
+    counting = (Counting(tc.grad_accum, f"iteration {it + 1}, micro-batches")
+                if tc.grad_accum > LONG_STEP and rank == 0 else None)
+    for done, j in enumerate(rank_micro_batches(rank, tc.grad_accum), start=1):
         micro_rng = micro_batch_rng(rng, tc.seed, it, j)
         yield train_batch(micro_rng, it), micro_rng
+        if counting:
+            counting.update(done)
+    if counting:
+        counting.close()
 
 
 def _check_finite_step(loss, params, it, out_dir):
