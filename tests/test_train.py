@@ -360,29 +360,25 @@ def test_train_loop_minimises_any_loss_and_saves_at_each_eval(tmp_path):
     assert [r["iter"] for r in read_metrics(str(tmp_path))] == [0, 10, 20, 30, 40]
 
 
-def test_a_long_evaluation_shows_its_progress_and_a_short_one_does_not(tmp_path, capsys):
-    quadratic_loop(tmp_path, lambda p, batch, rng: anp.sum((p["w"] - 1.0) ** 2), max_iters=10,
-                   eval_iters=LONG_EVALUATION + 1)  # a run's settings may ask for thousands
-    long = capsys.readouterr().err
-    assert f"evaluation at iteration 0, batches: {2 * LONG_EVALUATION + 2}/" in long
-    assert "evaluation at iteration 10, batches: " in long
-    (tmp_path / "short").mkdir()
-    quadratic_loop(tmp_path / "short", lambda p, batch, rng: anp.sum((p["w"] - 1.0) ** 2),
-                   max_iters=10, eval_iters=LONG_EVALUATION)
-    assert "evaluation at" not in capsys.readouterr().err
+# (setting, its limit, what a line of its count starts with in the first and the last part):
+# a run's settings may ask for thousands of evaluation batches or a million micro-batches
+LONG_PARTS = [("eval_iters", LONG_EVALUATION, "evaluation at iteration 0, batches: ",
+               "evaluation at iteration 10, batches: "),
+              ("grad_accum", LONG_STEP, "iteration 1, micro-batches: ",
+               "iteration 10, micro-batches: ")]
 
 
-def test_a_step_of_many_micro_batches_shows_its_progress_and_a_short_one_does_not(tmp_path,
-                                                                                    capsys):
-    quadratic_loop(tmp_path, lambda p, batch, rng: anp.sum((p["w"] - 1.0) ** 2), max_iters=2,
-                   grad_accum=LONG_STEP + 1)  # a run's settings may ask for a million
+@pytest.mark.parametrize("setting, limit, first, last", LONG_PARTS)
+def test_a_long_evaluation_or_step_shows_its_progress_and_a_short_one_does_not(
+        tmp_path, capsys, setting, limit, first, last):
+    quadratic = lambda p, batch, rng: anp.sum((p["w"] - 1.0) ** 2)  # noqa: E731
+    quadratic_loop(tmp_path, quadratic, max_iters=10, **{setting: limit + 1})
     long = capsys.readouterr().err
-    assert f"iteration 1, micro-batches: {LONG_STEP + 1}/{LONG_STEP + 1}" in long
-    assert "iteration 2, micro-batches: " in long
+    total = 2 * (limit + 1) if setting == "eval_iters" else limit + 1  # both splits evaluated
+    assert f"{first}{total}/{total}" in long and last in long
     (tmp_path / "short").mkdir()
-    quadratic_loop(tmp_path / "short", lambda p, batch, rng: anp.sum((p["w"] - 1.0) ** 2),
-                   max_iters=2, grad_accum=LONG_STEP)
-    assert "micro-batches" not in capsys.readouterr().err
+    quadratic_loop(tmp_path / "short", quadratic, max_iters=10, **{setting: limit})
+    assert first not in capsys.readouterr().err
 
 
 def test_a_loss_that_becomes_nan_stops_with_a_user_error(tmp_path):
