@@ -487,7 +487,7 @@ def _evaluate(state, tc, loss_fn, sample, ms_per_iter, tokens_per_iter, lr, eval
                     else None)
         losses = estimate_loss(loss_fn, state.params, sample, tc.eval_iters,
                                eval_rng(tc.seed, state.iteration), world=world,
-                               on_batches=counting and counting.update)
+                               on_batches=counting.update if counting else None)
         if counting:
             counting.close()
     return {
