@@ -190,6 +190,12 @@ MUTANTS = [
            "    if not has_run and not force and first_save_leftovers(out_dir) is None:",
            "    if False:",
            "a new run in a folder of the user's own files overwrites and deletes them"),
+    Mutant("long-evaluation-silent", "tinyllm/train.py",
+           "on_batches=counting.update if counting else None)", "on_batches=None)",
+           "an evaluation of thousands of batches runs minutes with no line"),
+    Mutant("long-step-silent", "tinyllm/train.py",
+           "            counting.update(done)", "            pass",
+           "a step of a million micro-batches runs hours with no line"),
 ]
 
 
