@@ -191,10 +191,10 @@ MUTANTS = [
            "    if False:",
            "a new run in a folder of the user's own files overwrites and deletes them"),
     Mutant("long-evaluation-silent", "tinyllm/train.py",
-           "on_batches=counting.update if counting else None)", "on_batches=None)",
+           "on_batches=counting.update)", "on_batches=None)",
            "an evaluation of thousands of batches runs minutes with no line"),
     Mutant("long-step-silent", "tinyllm/train.py",
-           "            counting.update(done)", "            pass",
+           "        counting.update(done)", "        pass",
            "a step of a million micro-batches runs hours with no line"),
 ]
 

@@ -2,6 +2,8 @@
 
 import io
 
+import pytest
+
 from tinyllm.progress import Counting, Progress, format_seconds
 
 
@@ -35,6 +37,25 @@ def test_on_a_terminal_one_line_redrawn_in_place():
     text = stream.getvalue()
     assert text.count("\r") == 3 and text.endswith("\n") and text.count("\n") == 1
     assert "lines embedded: 3/3" in text
+
+
+@pytest.mark.parametrize("stream", [io.StringIO(), Terminal()])
+def test_a_count_done_before_its_after_seconds_writes_nothing_and_a_later_one_does(stream,
+                                                                                 monkeypatch):
+    clock = iter([0.0, 1.0, 2.0, 3.0, 9.0, 10.0, 11.0, 12.0])  # each start, each update
+    monkeypatch.setattr("tinyllm.progress.time.perf_counter", lambda: next(clock))
+    progress = Counting(5, "batches", stream, after_seconds=5.0)
+    for done in (1, 2, 3):
+        progress.update(done)
+    assert stream.getvalue() == ""  # 3 s: quiet
+    progress.update(4)  # 9 s: lines from here on
+    progress.update(5)
+    progress.close()
+    assert "batches: 5/5" in stream.getvalue() and stream.getvalue().endswith("\n")
+    quiet = Counting(5, "batches", stream=Terminal(), after_seconds=float("inf"))
+    quiet.update(5)
+    quiet.close()  # not even the newline that ends a redrawn line
+    assert quiet.stream.getvalue() == ""
 
 
 def test_the_training_bar_off_a_terminal():

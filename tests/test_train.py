@@ -18,8 +18,6 @@ from tinyllm.errors import TinyLLMError
 from tinyllm.optim import adamw_init, lr_at
 from tinyllm.pretrain import pretrain
 from tinyllm.train import (
-    LONG_EVALUATION,
-    LONG_STEP,
     Committed,
     TrainingClock,
     TrainingInterrupted,
@@ -360,24 +358,25 @@ def test_train_loop_minimises_any_loss_and_saves_at_each_eval(tmp_path):
     assert [r["iter"] for r in read_metrics(str(tmp_path))] == [0, 10, 20, 30, 40]
 
 
-# (setting, its limit, what a line of its count starts with in the first and the last part):
-# a run's settings may ask for thousands of evaluation batches or a million micro-batches
-LONG_PARTS = [("eval_iters", LONG_EVALUATION, "evaluation at iteration 0, batches: ",
+# (setting, a count of batches past the usual, what the count's line starts with in the first
+# and the last evaluation or step): a run's settings may ask for thousands of either
+LONG_PARTS = [("eval_iters", 60, "evaluation at iteration 0, batches: ",
                "evaluation at iteration 10, batches: "),
-              ("grad_accum", LONG_STEP, "iteration 1, micro-batches: ",
-               "iteration 10, micro-batches: ")]
+              ("grad_accum", 60, "iteration 1, micro-batches: ", "iteration 10, micro-batches: ")]
 
 
-@pytest.mark.parametrize("setting, limit, first, last", LONG_PARTS)
+@pytest.mark.parametrize("setting, n, first, last", LONG_PARTS)
 def test_a_long_evaluation_or_step_shows_its_progress_and_a_short_one_does_not(
-        tmp_path, capsys, setting, limit, first, last):
+        tmp_path, capsys, monkeypatch, setting, n, first, last):
     quadratic = lambda p, batch, rng: anp.sum((p["w"] - 1.0) ** 2)  # noqa: E731
-    quadratic_loop(tmp_path, quadratic, max_iters=10, **{setting: limit + 1})
+    monkeypatch.setattr(train, "QUIET_SECONDS", 0.0)  # every part counts as long
+    quadratic_loop(tmp_path, quadratic, max_iters=10, **{setting: n})
     long = capsys.readouterr().err
-    total = 2 * (limit + 1) if setting == "eval_iters" else limit + 1  # both splits evaluated
+    total = 2 * n if setting == "eval_iters" else n  # both splits are evaluated
     assert f"{first}{total}/{total}" in long and last in long
+    monkeypatch.setattr(train, "QUIET_SECONDS", 3600.0)  # none is
     (tmp_path / "short").mkdir()
-    quadratic_loop(tmp_path / "short", quadratic, max_iters=10, **{setting: limit})
+    quadratic_loop(tmp_path / "short", quadratic, max_iters=10, **{setting: n})
     assert first not in capsys.readouterr().err
 
 

@@ -61,17 +61,26 @@ class Counting(Progress):
     """`done/total` of a long job that is not training (scoring a file's texts, embedding its
     lines), with the time left: call `update(done)` as the work goes; `close()` at the end.
 
-    Example line: "texts scored: 1,024/6,000 | 8s | eta 39s"."""
+    Example line: "texts scored: 1,024/6,000 | 8s | eta 39s". With `after_seconds`, a job that
+    is done sooner than that says nothing at all (a part of training that is usually short)."""
 
-    def __init__(self, total, what, stream=None, every=None):
+    def __init__(self, total, what, stream=None, every=None, after_seconds=0.0):
         super().__init__(total, stream=stream, every=every)
         self.what = what
+        self.after_seconds = after_seconds
         self.last = 0  # `done` of the last line written
+        self.shown = False  # has any line been written?
 
     def update(self, done):
+        elapsed = time.perf_counter() - self.t0
+        if elapsed < self.after_seconds:
+            return
         if not self.tty and done - self.last < self.every and done != self.total:
             return
-        self.last = done
-        elapsed = time.perf_counter() - self.t0
+        self.last, self.shown = done, True
         eta = format_seconds(elapsed / max(1, done) * (self.total - done))
         self._show(f"{self.what}: {done:,}/{self.total:,} | {format_seconds(elapsed)} | eta {eta}")
+
+    def close(self):
+        if self.shown:
+            super().close()

@@ -83,12 +83,10 @@ class Committed:
 # ----------------------------------------------------------------------------- pure pieces
 
 
-# Batches a split beyond which an evaluation shows its own progress line (the default is 10, a
-# second or two; --eval-iters or a run's settings can ask for thousands, minutes with no step).
-LONG_EVALUATION = 50
-# Micro-batches a step beyond which the step shows its own progress line (--grad-accum, or a
-# run's settings, can ask for a million: hours before the first step's line).
-LONG_STEP = 50
+# An evaluation or a step that takes longer than this shows a count of its own batches as it
+# goes. Both are usually short, but --eval-iters or --grad-accum (or a run's settings) can ask
+# for thousands of batches, minutes or hours with no line.
+QUIET_SECONDS = 5.0
 
 
 def estimate_loss(loss_fn, params, sample, eval_iters, rng, group=4, world=SINGLE_PROCESS,
@@ -453,16 +451,19 @@ def _batch_of_any_step(sample, rng, it):
 
 def _micro_batches(train_batch, rng, tc, it, rank):
     """This rank's (batch, Generator) pairs of step `it`, drawn by distributed.micro_batch_rng.
-    A step of more than LONG_STEP of them shows its own progress line on rank 0."""
-    counting = (Counting(tc.grad_accum, f"iteration {it + 1}, micro-batches")
-                if tc.grad_accum > LONG_STEP and rank == 0 else None)
+    A step longer than QUIET_SECONDS shows a count of them on rank 0."""
+    counting = _quiet_counting(tc.grad_accum, f"iteration {it + 1}, micro-batches", rank == 0)
     for done, j in enumerate(rank_micro_batches(rank, tc.grad_accum), start=1):
         micro_rng = micro_batch_rng(rng, tc.seed, it, j)
         yield train_batch(micro_rng, it), micro_rng
-        if counting:
-            counting.update(done)
-    if counting:
-        counting.close()
+        counting.update(done)
+    counting.close()
+
+
+def _quiet_counting(total, what, shown):
+    """A Counting that says nothing unless its job outlasts QUIET_SECONDS (and `shown`: on rank 0
+    only, as only rank 0 logs)."""
+    return Counting(total, what, after_seconds=QUIET_SECONDS if shown else math.inf)
 
 
 def _check_finite_step(loss, params, it, out_dir):
@@ -482,14 +483,12 @@ def _evaluate(state, tc, loss_fn, sample, ms_per_iter, tokens_per_iter, lr, eval
     if evaluate is not None:
         losses = evaluate(state.params)
     else:
-        counting = (Counting(2 * tc.eval_iters, f"evaluation at iteration {state.iteration},"
-                             " batches") if tc.eval_iters > LONG_EVALUATION and world.is_root
-                    else None)
+        counting = _quiet_counting(2 * tc.eval_iters, f"evaluation at iteration"
+                                   f" {state.iteration}, batches", world.is_root)
         losses = estimate_loss(loss_fn, state.params, sample, tc.eval_iters,
                                eval_rng(tc.seed, state.iteration), world=world,
-                               on_batches=counting.update if counting else None)
-        if counting:
-            counting.close()
+                               on_batches=counting.update)
+        counting.close()
     return {
         "iter": state.iteration,
         "train_loss": round(losses["train"], 6),
